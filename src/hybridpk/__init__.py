@@ -1,0 +1,44 @@
+"""hybridpk: mechanistic population-PK models with a VAE residual.
+
+The public API is re-exported here and imported lazily, so that ``import hybridpk`` (and the CLI's
+``--version``/``--help``) stay fast: torch and pandas load only when a name that needs them is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("hybridpk")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0+unknown"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "read_nonmem": "hybridpk.data.dataset",
+    "Dataset": "hybridpk.data.dataset",
+    "EventBatch": "hybridpk.data.batch",
+    "bundled_dataset": "hybridpk.data.bundled",
+    "bundled_datasets": "hybridpk.data.bundled",
+    "HybridPKError": "hybridpk.errors",
+    "DatasetError": "hybridpk.errors",
+    "DatasetWarning": "hybridpk.errors",
+    "Violation": "hybridpk.errors",
+    "ModelError": "hybridpk.errors",
+    "SolverError": "hybridpk.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hybridpk' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,76 @@
+"""Command-line interface. Thin: parse, one library call, write files.
+
+Each sub-command lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``.
+Nothing heavy (torch, pandas) is imported until a command runs, so ``hybridpk --version`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import EXIT_BAD_INPUT, ManualFormatter, fail
+
+_COMMANDS = ("check", "demo")
+
+DESCRIPTION = """\
+hybridpk: mechanistic population-PK models with a VAE residual.
+
+Data are NONMEM-style CSV files (ID, TIME, DV, AMT, EVID, MDV, CMT, RATE, ADDL, II, SS, covariates).
+Every command reads files, calls one library function and writes files; run
+'hybridpk COMMAND --help' for the manual of a command.
+"""
+
+EPILOG = """\
+examples:
+  hybridpk check data.csv            validate a dataset and print a summary
+  hybridpk check theoph              the same, on a bundled example dataset
+  hybridpk demo                      the main demonstration on bundled data
+
+exit status: 0 success, 2 bad input (every problem is listed), 1 internal error.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib import import_module
+
+    parser = argparse.ArgumentParser(prog="hybridpk", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=ManualFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        import_module(f"hybridpk.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("--version", "-V"):
+        from importlib.metadata import version
+
+        print(f"hybridpk {version('hybridpk')}")
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from importlib.metadata import version
+
+        print(f"hybridpk {version('hybridpk')}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 0
+    from hybridpk.errors import HybridPKError
+
+    try:
+        return int(args.handler(args) or 0)
+    except HybridPKError as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except Exception as exc:  # an internal error: a bug, not the user's fault
+        if args.debug:
+            raise
+        return fail(f"internal error ({type(exc).__name__}: {exc}). This is a bug in hybridpk; rerun with "
+                    "--debug for the traceback and report it.", 1)

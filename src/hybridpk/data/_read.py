@@ -1,0 +1,106 @@
+"""Turn a CSV/whitespace NONMEM data file into a table of strings with file line numbers.
+
+We read the text ourselves (rather than through ``pandas.read_csv``) so that every record keeps the
+line number the user sees in an editor, and so that a file that is not a table fails with a message
+about the file instead of a parser traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DatasetError, Violation
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eEdD][+-]?\d+)?$")
+
+
+def _is_number(token: str) -> bool:
+    return bool(_NUMBER.match(token.strip()))
+
+
+def read_table(path: Path, separator: str | None = None, names: list[str] | None = None):
+    """Read ``path`` into (header, rows of str, file line numbers). Raises DatasetError on a non-table."""
+    source = str(path)
+    if not path.exists():
+        raise DatasetError(f"file {path} does not exist", source)
+    if path.is_dir():
+        raise DatasetError(f"{path} is a folder, not a data file", source)
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DatasetError("the file is empty; expected a NONMEM-style CSV with a header row "
+                           "(ID,TIME,DV,AMT,...) and one record per line", source)
+    if b"\x00" in raw[:4096]:
+        raise DatasetError("this is not a CSV file (it contains binary data); export the data as "
+                           "comma-separated text with a header row", source)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        try:
+            text = raw.decode("latin-1")
+        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+            raise DatasetError("this is not a text file; export the data as CSV", source) from None
+    return parse_text(text, source, separator, names)
+
+
+def parse_text(text: str, source: str, separator: str | None = None, names: list[str] | None = None):
+    lines = text.splitlines()
+    # data lines: not blank, not a comment (# or @ as NONMEM's IGNORE=# / IGNORE=@ header lines aside)
+    numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")]
+    if not numbered:
+        raise DatasetError("the file has no records (only blank or comment lines)", source)
+    first = numbered[0][1]
+    if separator is None:
+        if "," in first:
+            separator = ","
+        elif "\t" in first:
+            separator = "\t"
+        elif ";" in first:
+            separator = ";"
+        else:
+            separator = r"\s+"
+
+    def split(line: str) -> list[str]:
+        if separator in (r"\s+", " ", "whitespace"):
+            return line.split()
+        return next(csv.reader(io.StringIO(line), delimiter=separator))
+
+    header = [h.strip() for h in split(first)]
+    if names is not None:
+        header = list(names)
+        body = numbered
+    else:
+        if all(_is_number(h) for h in header if h):
+            raise DatasetError("the first record has no column names; add a header row (ID,TIME,DV,AMT,...) "
+                               "or pass names=[...]", source)
+        body = numbered[1:]
+    if len(header) < 2:
+        raise DatasetError(f"this does not look like a CSV file: the header {first[:60]!r} has a single field; "
+                           "expected comma-separated columns such as ID,TIME,DV,AMT", source)
+    if any(not h for h in header):
+        raise DatasetError(Violation((), "", "the header has an empty column name; name every column"), source)
+    if not body:
+        raise DatasetError("the file has a header but no records", source)
+    rows, linenos, bad = [], [], []
+    for lineno, line in body:
+        fields = [f.strip() for f in split(line)]
+        if len(fields) != len(header):
+            # tolerate a trailing separator
+            if len(fields) == len(header) + 1 and fields[-1] == "":
+                fields = fields[:-1]
+            else:
+                bad.append((lineno, len(fields)))
+                continue
+        rows.append(fields)
+        linenos.append(lineno)
+    if bad:
+        viol = [Violation((), "", f"line {ln} has {n} fields but the header has {len(header)}; "
+                          "check the separator and quoting") for ln, n in bad[:20]]
+        if len(bad) > 20:
+            viol.append(Violation((), "", f"... and {len(bad) - 20} more lines with the wrong number of fields"))
+        raise DatasetError(viol, source)
+    return header, rows, linenos

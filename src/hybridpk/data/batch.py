@@ -1,0 +1,185 @@
+"""Padded tensors of a whole population: what the solver and the networks consume.
+
+Layout (N subjects, R records, D dose events after ADDL expansion, C covariates); padding entries have
+``*_mask`` False and neutral values (time 0, amount 0) so that they contribute nothing and give no NaN
+gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+__all__ = ["EventBatch"]
+
+# dose-rate modes (NONMEM RATE semantics)
+BOLUS, RATE_GIVEN, DURATION_GIVEN, RATE_MODELLED, DURATION_MODELLED = 0, 1, 2, -1, -2
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """Population records and dose events as padded tensors.
+
+    Record tensors, shape (N, R): ``time`` (h), ``dv``, ``evid``, ``mdv``, ``cmt``, ``is_obs`` (EVID 0 and
+    MDV 0), ``record_mask`` (False on padding), ``row`` (0-based position in the Dataset, -1 on padding),
+    ``lloq`` (NaN when none), ``cens`` (1 below LLOQ, -1 above, 0 otherwise), ``dvid``.
+
+    Covariates: ``cov`` (N, R, C) at each record, ``cov_baseline`` (N, C) at the first record.
+
+    Dose tensors, shape (N, D), ADDL expanded: ``dose_time`` (h), ``dose_amt``, ``dose_cmt`` (0 = model
+    default), ``dose_rate`` (amount/h, as given), ``dose_duration`` (h, as given), ``dose_mode`` (0 bolus,
+    1 rate given, 2 duration given, -1 rate modelled, -2 duration modelled), ``dose_ss`` (0/1/2),
+    ``dose_ii`` (h), ``dose_reset`` (EVID 3/4), ``dose_mask``, ``dose_row``.
+    """
+
+    ids: tuple
+    covariate_names: tuple
+    time: object
+    dv: object
+    evid: object
+    mdv: object
+    cmt: object
+    is_obs: object
+    record_mask: object
+    row: object
+    lloq: object
+    cens: object
+    dvid: object
+    cov: object
+    cov_baseline: object
+    dose_time: object
+    dose_amt: object
+    dose_cmt: object
+    dose_rate: object
+    dose_duration: object
+    dose_mode: object
+    dose_ss: object
+    dose_ii: object
+    dose_reset: object
+    dose_mask: object
+    dose_row: object
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.ids)
+
+    def to(self, device=None, dtype=None) -> "EventBatch":
+        """Move every tensor to ``device``; float tensors also to ``dtype`` when given."""
+        import torch
+
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                if dtype is not None and v.is_floating_point():
+                    v = v.to(device=device, dtype=dtype)
+                else:
+                    v = v.to(device=device)
+            out[f.name] = v
+        return replace(self, **out)
+
+    def select(self, index) -> "EventBatch":
+        """The sub-batch of subjects at positions ``index`` (a list or 1-D tensor of ints)."""
+        import torch
+
+        idx = torch.as_tensor(index, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[idx.to(v.device)] if isinstance(v, torch.Tensor) else v
+        out["ids"] = tuple(self.ids[i] for i in idx.tolist())
+        return replace(self, **out)
+
+    @classmethod
+    def from_dataset(cls, ds, dtype=None, device=None, covariates=None) -> "EventBatch":
+        import torch
+
+        dtype = dtype or torch.float64
+        f = ds.to_dataframe()
+        ids = ds.ids
+        cov_names = tuple(ds.covariates if covariates is None else covariates)
+        pos = {k: i for i, k in enumerate(ids)}
+        subj = np.array([pos[k] for k in f["ID"]])
+        n = len(ids)
+        counts = np.bincount(subj, minlength=n)
+        r = int(counts.max())
+        # position of each record within its subject
+        starts = np.r_[0, np.cumsum(counts)[:-1]]
+        within = np.arange(len(f)) - starts[subj]
+
+        def rec(values, fill, np_dtype=float):
+            a = np.full((n, r), fill, dtype=np_dtype)
+            a[subj, within] = values
+            return a
+
+        col = lambda c, default: f[c].to_numpy(dtype=float) if c in f else np.full(len(f), default)  # noqa: E731
+        evid = f["EVID"].to_numpy()
+        mdv = f["MDV"].to_numpy()
+        is_obs = (evid == 0) & (mdv == 0)
+        lloq = col("LLOQ", np.nan)
+        if "CENS" in f:
+            cens = col("CENS", 0)
+            if "LLOQ" not in f:
+                lloq = np.where(cens == 1, f["DV"].to_numpy(dtype=float), np.nan)
+        elif "BLQ" in f:
+            cens = col("BLQ", 0)
+        elif "LLOQ" in f:
+            cens = np.where(f["DV"].to_numpy(dtype=float) < lloq, 1.0, 0.0)
+        else:
+            cens = np.zeros(len(f))
+        dv = f["DV"].to_numpy(dtype=float)
+        dv = np.where(np.isnan(dv), 0.0, dv)
+        c = len(cov_names)
+        cov = np.zeros((n, r, c))
+        for j, name in enumerate(cov_names):
+            cov[:, :, j] = rec(f[name].to_numpy(dtype=float), 0.0)
+        # padding repeats each subject's last covariate value (safe for log/power covariate models)
+        last = counts - 1
+        for i in range(n):
+            cov[i, counts[i]:, :] = cov[i, last[i], :]
+        t = lambda a, dt=dtype: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+
+        doses = ds.doses()
+        dsubj = np.array([pos[k] for k in doses["ID"]], dtype=int)
+        dcounts = np.bincount(dsubj, minlength=n)
+        dmax = max(int(dcounts.max()) if len(dcounts) else 0, 1)
+        dstarts = np.r_[0, np.cumsum(dcounts)[:-1]]
+        dwithin = np.arange(len(doses)) - dstarts[dsubj] if len(doses) else np.zeros(0, int)
+
+        def dose(values, fill=0.0, np_dtype=float):
+            a = np.full((n, dmax), fill, dtype=np_dtype)
+            if len(doses):
+                a[dsubj, dwithin] = values
+            return a
+
+        rate = doses["RATE"].to_numpy(dtype=float)
+        dur = doses["DUR"].to_numpy(dtype=float)
+        amt = doses["AMT"].to_numpy(dtype=float)
+        mode = np.where(rate > 0, RATE_GIVEN, np.where(rate == -1, RATE_MODELLED,
+                        np.where(rate == -2, np.where(dur > 0, DURATION_GIVEN, DURATION_MODELLED), BOLUS)))
+        duration = np.where(mode == RATE_GIVEN, amt / np.where(rate > 0, rate, 1.0), np.where(mode == DURATION_GIVEN,
+                                                                                                 dur, 0.0))
+        rate_eff = np.where(mode == DURATION_GIVEN, amt / np.where(dur > 0, dur, 1.0), np.maximum(rate, 0.0))
+        evid_d = doses["EVID"].to_numpy()
+        return cls(
+            ids=tuple(ids), covariate_names=cov_names,
+            time=t(rec(f["TIME"].to_numpy(dtype=float), 0.0)), dv=t(rec(dv, 0.0)),
+            evid=t(rec(evid, 0, np.int64), torch.long), mdv=t(rec(mdv, 1, np.int64), torch.long),
+            cmt=t(rec(col("CMT", 0).astype(np.int64), 0, np.int64), torch.long),
+            is_obs=t(rec(is_obs, False, bool), torch.bool),
+            record_mask=t(rec(np.ones(len(f), bool), False, bool), torch.bool),
+            row=t(rec(np.arange(len(f)), -1, np.int64), torch.long),
+            lloq=t(rec(lloq, np.nan)), cens=t(rec(cens.astype(np.int64), 0, np.int64), torch.long),
+            dvid=t(rec(col("DVID", 0).astype(np.int64), 0, np.int64), torch.long),
+            cov=t(cov), cov_baseline=t(cov[:, 0, :]),
+            dose_time=t(dose(doses["TIME"].to_numpy(dtype=float))), dose_amt=t(dose(amt)),
+            dose_cmt=t(dose(doses["CMT"].to_numpy().astype(np.int64), 0, np.int64), torch.long),
+            dose_rate=t(dose(rate_eff)), dose_duration=t(dose(duration)),
+            dose_mode=t(dose(mode.astype(np.int64), 0, np.int64), torch.long),
+            dose_ss=t(dose(doses["SS"].to_numpy().astype(np.int64), 0, np.int64), torch.long),
+            dose_ii=t(dose(doses["II"].to_numpy(dtype=float))),
+            dose_reset=t(dose(np.isin(evid_d, [3, 4]), False, bool), torch.bool),
+            dose_mask=t(dose(evid_d != 3, False, bool), torch.bool),
+            dose_row=t(dose(doses["ROW"].to_numpy().astype(np.int64) - 1, -1, np.int64), torch.long),
+        )

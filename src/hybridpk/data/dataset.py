@@ -1,0 +1,343 @@
+"""The single door through which data enter hybridpk: :func:`read_nonmem` -> immutable :class:`Dataset`."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DatasetError, DatasetWarning, Violation
+from . import _columns, _read
+from ._checks import Rows, check_records, convert
+
+__all__ = ["Dataset", "read_nonmem"]
+
+# fill values of optional roles when the column is absent (NONMEM defaults)
+_DEFAULTS = {"AMT": 0.0, "CMT": 0.0, "RATE": 0.0, "DUR": 0.0, "ADDL": 0.0, "II": 0.0, "SS": 0.0,
+             "LLOQ": np.nan, "BLQ": 0.0, "CENS": 0.0, "DVID": 0.0}
+
+
+def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=None) -> "Dataset":
+    """Read a NONMEM-style dataset and validate it.
+
+    Parameters
+    ----------
+    source : str, Path or pandas.DataFrame
+        A CSV (comma, tab, semicolon or whitespace separated; ``#`` lines are comments) with a header
+        row, or a DataFrame with the same columns.
+    columns : dict, str or Path, optional
+        Column sidecar (JSON/TOML file or dict) declaring roles, units and covariates. When omitted,
+        ``<stem>.datainfo``, ``<stem>.columns.json`` or ``<stem>.columns.toml`` next to the file is used
+        if present; otherwise standard names (ID, TIME, DV, AMT, EVID, MDV, CMT, RATE, DUR/D, ADDL, II,
+        SS, LLOQ, BLQ, CENS, DVID) are recognised case-insensitively.
+    covariates : list of str, optional
+        Columns used as covariates. Default: those declared in the sidecar, or else every numeric
+        column without a role. A covariate may not be missing (NaN) on any record.
+    names : list of str, optional
+        Column names for a file without a header row.
+    separator : str, optional
+        Field separator (default: detected from the first line).
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    DatasetError
+        Listing every problem found, each with its row numbers (1-based data rows, and file lines),
+        the column and what was expected.
+
+    Examples
+    --------
+    >>> from hybridpk import read_nonmem, bundled_dataset
+    >>> ds = read_nonmem(bundled_dataset("theoph"))
+    >>> ds.n_subjects, ds.n_observations, ds.n_doses
+    (12, 132, 12)
+    """
+    if isinstance(source, pd.DataFrame):
+        label = "<DataFrame>"
+        if source.shape[0] == 0:
+            raise DatasetError("the DataFrame has no rows", label)
+        raw = source.reset_index(drop=True).copy()
+        raw.columns = [str(c).strip() for c in raw.columns]
+        lines = None
+        sidecar, sidecar_path = _columns.load_sidecar(columns)
+        path = None
+    else:
+        path = Path(source)
+        label = str(path)
+        if columns is None and path.is_file():
+            columns = _columns.find_sidecar(path)
+        sidecar, sidecar_path = _columns.load_sidecar(columns)
+        sep = separator or (sidecar.get("separator") if sidecar else None)
+        header, body, lines = _read.read_table(path, sep, names)
+        raw = pd.DataFrame(body, columns=header, dtype=object)
+    spec = _columns.resolve_columns(list(raw.columns), sidecar, covariates, label)
+    return _build(raw, spec, lines, label, path, sidecar_path)
+
+
+def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path) -> "Dataset":
+    rows = Rows(len(raw), lines)
+    violations: list[Violation] = []
+    numeric, text_columns = convert(raw, spec, rows, violations)
+    role_names = dict(spec.roles)
+    has = set(role_names)
+    n = len(raw)
+    t: dict[str, np.ndarray] = {}
+    for role in _columns.ROLES:
+        if role in has and role_names[role] in numeric:
+            t[role] = numeric[role_names[role]].copy()
+        elif role in _DEFAULTS:
+            t[role] = np.full(n, _DEFAULTS[role])
+        else:
+            t[role] = np.full(n, np.nan)
+    # NONMEM reads '.' as 0 in numeric data items
+    for role in ("AMT", "RATE", "ADDL", "II", "SS", "CMT", "EVID", "MDV", "DUR", "BLQ", "CENS", "DVID"):
+        if role in has:
+            t[role] = np.where(np.isnan(t[role]), 0.0, t[role])
+    # infer EVID / MDV as NONMEM does
+    if "EVID" not in has:
+        mdv_given = t["MDV"] if "MDV" in has else np.zeros(n)
+        t["EVID"] = np.where(t["AMT"] > 0, 1.0, np.where(mdv_given == 1, 2.0, 0.0))
+    if "MDV" not in has:
+        t["MDV"] = np.where(t["EVID"] == 0, 0.0, 1.0)
+        # a missing DV on an observation row is an observation we cannot use: keep the row, flag the error
+    check_records(t, role_names, rows, has, violations)
+
+    # covariates: declared, or every numeric column without a role
+    if spec.covariates is not None:
+        cov_names = list(spec.covariates)
+    else:
+        taken = set(role_names.values()) | set(spec.ignored)
+        cov_names = [c for c in raw.columns if c not in taken and c in numeric]
+        if text_columns:
+            warnings.warn(f"{label}: column(s) {', '.join(text_columns)} hold text and are not used as "
+                          "covariates (declare them in a column sidecar, or encode them as numbers)",
+                          DatasetWarning, stacklevel=3)
+    for c in cov_names:
+        if c in numeric:
+            nan = np.isnan(numeric[c])
+            if nan.any():
+                violations.append(rows.violation(nan, c, "missing value (NaN) in a covariate that is used; fill it "
+                                                 "(e.g. carry the last value forward) or leave the column out "
+                                                 "of covariates"))
+    if violations:
+        raise DatasetError(violations, label)
+
+    frame = pd.DataFrame({role: t[role] for role in ("ID", "TIME", "DV", "AMT", "EVID", "MDV")})
+    for role in ("CMT", "RATE", "DUR", "ADDL", "II", "SS", "LLOQ", "BLQ", "CENS", "DVID"):
+        if role in has:
+            frame[role] = t[role]
+    for c in cov_names:
+        frame[c] = numeric[c]
+    others = [c for c in raw.columns if c not in set(role_names.values()) and c not in cov_names]
+    for c in others:
+        frame[c] = numeric[c] if c in numeric else raw[c].to_numpy()
+    for role in ("EVID", "MDV", "CMT", "ADDL", "SS", "BLQ", "CENS", "DVID"):
+        if role in frame:
+            frame[role] = frame[role].astype(np.int64)
+    if np.all(_int_like_all(frame["ID"])):
+        frame["ID"] = frame["ID"].astype(np.int64)
+    units = {}
+    for role, col in role_names.items():
+        if col in spec.units:
+            units[role] = spec.units[col]
+    for c in cov_names + others:
+        if c in spec.units:
+            units[c] = spec.units[c]
+    row_numbers = np.arange(1, len(frame) + 1)
+    line_numbers = np.asarray(lines) if lines is not None else None
+    return Dataset(_frame=frame, covariates=tuple(cov_names), categorical=tuple(c for c in spec.categorical
+                                                                                 if c in cov_names),
+                   units=MappingProxyType(units), source=label, roles_present=tuple(sorted(has)),
+                   other_columns=tuple(others), _row_numbers=row_numbers, _line_numbers=line_numbers)
+
+
+def _int_like_all(x: pd.Series) -> np.ndarray:
+    v = x.to_numpy(dtype=float)
+    return np.isfinite(v) & (v == np.round(v))
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A validated, immutable NONMEM-style dataset.
+
+    Columns use NONMEM names (ID, TIME in h, DV, AMT, EVID, MDV, CMT, RATE, DUR, ADDL, II, SS, LLOQ, BLQ,
+    CENS, DVID) followed by covariates; EVID and MDV are always present (inferred when the file had
+    none). Create one with :func:`read_nonmem`; convert with :meth:`to_dataframe` and :meth:`to_batch`.
+    """
+
+    _frame: pd.DataFrame = field(repr=False)
+    covariates: tuple = ()
+    categorical: tuple = ()
+    units: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    source: str = "<DataFrame>"
+    roles_present: tuple = ()
+    other_columns: tuple = ()
+    _row_numbers: np.ndarray | None = field(default=None, repr=False)
+    _line_numbers: np.ndarray | None = field(default=None, repr=False)
+
+    # ----------------------------------------------------------------- views
+    def to_dataframe(self) -> pd.DataFrame:
+        """A copy of the records as a DataFrame (NONMEM column names; ADDL kept, not expanded)."""
+        return self._frame.copy()
+
+    def __len__(self) -> int:
+        return len(self._frame)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Dataset):
+            return NotImplemented
+        return self.covariates == other.covariates and self._frame.equals(other._frame)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def ids(self) -> tuple:
+        """Subject IDs in file order."""
+        return tuple(pd.unique(self._frame["ID"]).tolist())
+
+    @property
+    def n_subjects(self) -> int:
+        return int(self._frame["ID"].nunique())
+
+    @property
+    def observation_mask(self) -> np.ndarray:
+        """True for records that are observations used in a likelihood (EVID=0, MDV=0)."""
+        f = self._frame
+        return ((f["EVID"] == 0) & (f["MDV"] == 0)).to_numpy()
+
+    @property
+    def n_observations(self) -> int:
+        return int(self.observation_mask.sum())
+
+    @property
+    def dose_mask(self) -> np.ndarray:
+        """True for dose records (EVID 1 or 4)."""
+        return self._frame["EVID"].isin([1, 4]).to_numpy()
+
+    @property
+    def n_dose_records(self) -> int:
+        return int(self.dose_mask.sum())
+
+    @property
+    def n_doses(self) -> int:
+        """Number of doses after expanding ADDL (each dose record counts 1 + ADDL)."""
+        f = self._frame[self.dose_mask]
+        addl = f["ADDL"].sum() if "ADDL" in f else 0
+        return int(len(f) + addl)
+
+    def row_label(self, index: int) -> str:
+        """How record ``index`` (0-based position) is named in messages: 'row R (file line L)'."""
+        label = f"row {int(self._row_numbers[index])}" if self._row_numbers is not None else f"row {index + 1}"
+        if self._line_numbers is not None:
+            label += f" (file line {int(self._line_numbers[index])})"
+        return label
+
+    def time_varying_covariates(self) -> tuple:
+        """Covariates whose value changes within at least one subject."""
+        f = self._frame
+        out = []
+        for c in self.covariates:
+            if (f.groupby("ID", sort=False)[c].nunique() > 1).any():
+                out.append(c)
+        return tuple(out)
+
+    def doses(self) -> pd.DataFrame:
+        """Dose events with ADDL expanded: one row per administration.
+
+        Columns ID, TIME (h), AMT, CMT, RATE, DUR, SS, II, EVID and ROW (1-based data row of the record it
+        came from). Reset-only records (EVID 3) appear with AMT 0 so a solver can honour them.
+        """
+        f = self._frame
+        sel = f["EVID"].isin([1, 3, 4]).to_numpy()
+        d = f.loc[sel].copy()
+        d["ROW"] = np.flatnonzero(sel) + 1
+        for col in ("CMT", "RATE", "DUR", "SS", "II", "ADDL"):
+            if col not in d:
+                d[col] = 0
+        addl = d["ADDL"].to_numpy().astype(int)
+        rep = np.repeat(np.arange(len(d)), addl + 1)
+        out = d.iloc[rep].reset_index(drop=True)
+        k = np.concatenate([np.arange(a + 1) for a in addl]) if len(addl) else np.zeros(0, int)
+        out["TIME"] = out["TIME"].to_numpy() + k * out["II"].to_numpy()
+        # additional doses are plain doses: no steady state, no reset
+        extra = k > 0
+        out.loc[extra, "SS"] = 0
+        out.loc[extra, "EVID"] = 1
+        out = out[["ID", "TIME", "AMT", "CMT", "RATE", "DUR", "SS", "II", "EVID", "ROW"]]
+        order = np.lexsort((out["TIME"].to_numpy(), _id_order(out["ID"], self.ids)))
+        return out.iloc[order].reset_index(drop=True)
+
+    def summary(self) -> dict:
+        """Counts a user checks first: subjects, observations, doses, routes, covariates, time span."""
+        f = self._frame
+        obs = self.observation_mask
+        dose = self.dose_mask
+        d = f[dose]
+        routes = {}
+        if len(d):
+            rate = d["RATE"] if "RATE" in d else pd.Series(0, index=d.index)
+            kind = np.where(rate != 0, "infusion", "bolus")
+            cmt = d["CMT"] if "CMT" in d else pd.Series(0, index=d.index)
+            for (c, k), n in pd.Series(list(zip(cmt, kind))).value_counts().sort_index().items():
+                routes[f"{'default CMT' if c == 0 else f'CMT {c}'} {k}"] = int(n)
+        ss = int((f["SS"] > 0).sum()) if "SS" in f else 0
+        per_subject = f[obs].groupby("ID", sort=False).size()
+        censored = 0
+        if "CENS" in f:
+            censored = int((f["CENS"][obs] != 0).sum())
+        elif "BLQ" in f:
+            censored = int((f["BLQ"][obs] != 0).sum())
+        elif "LLOQ" in f:
+            censored = int((f["DV"][obs] < f["LLOQ"][obs]).sum())
+        return {
+            "source": self.source,
+            "records": int(len(f)),
+            "subjects": self.n_subjects,
+            "observations": int(obs.sum()),
+            "observations_per_subject": (int(per_subject.min()) if len(per_subject) else 0,
+                                         int(per_subject.max()) if len(per_subject) else 0),
+            "censored_observations": censored,
+            "dose_records": int(dose.sum()),
+            "doses": self.n_doses,
+            "steady_state_doses": ss,
+            "reset_records": int(f["EVID"].isin([3, 4]).sum()),
+            "other_records": int((f["EVID"] == 2).sum() + ((f["EVID"] == 0) & (f["MDV"] == 1)).sum()),
+            "routes": routes,
+            "covariates": list(self.covariates),
+            "time_varying_covariates": list(self.time_varying_covariates()),
+            "time_span": (float(f["TIME"].min()), float(f["TIME"].max())),
+            "units": dict(self.units),
+        }
+
+    def to_batch(self, dtype=None, device=None, covariates=None):
+        """Padded tensors for the solver: see :class:`hybridpk.data.batch.EventBatch`."""
+        from .batch import EventBatch
+
+        return EventBatch.from_dataset(self, dtype=dtype, device=device, covariates=covariates)
+
+    def subset(self, ids) -> "Dataset":
+        """A Dataset with only the given subject IDs (in this dataset's order)."""
+        keep = self._frame["ID"].isin(list(ids)).to_numpy()
+        if not keep.any():
+            raise DatasetError(f"none of the IDs {list(ids)[:5]} is in the dataset", self.source)
+        return Dataset(_frame=self._frame[keep].reset_index(drop=True), covariates=self.covariates,
+                       categorical=self.categorical, units=self.units, source=self.source,
+                       roles_present=self.roles_present, other_columns=self.other_columns,
+                       _row_numbers=None if self._row_numbers is None else self._row_numbers[keep],
+                       _line_numbers=None if self._line_numbers is None else self._line_numbers[keep])
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.source!r}, subjects={self.n_subjects}, observations={self.n_observations}, "
+                f"doses={self.n_doses}, covariates={list(self.covariates)})")
+
+
+def _id_order(ids: pd.Series, order: tuple) -> np.ndarray:
+    pos = {k: i for i, k in enumerate(order)}
+    return np.array([pos[k] for k in ids], dtype=int)
