@@ -85,6 +85,9 @@ def parse_text(text: str, source: str, separator: str | None = None, names: list
         raise DatasetError(Violation((), "", "the header has an empty column name; name every column"), source)
     if not body:
         raise DatasetError("the file has a header but no records", source)
+    if not any(_is_number(tok) for ln in body[:50] for tok in split(ln[1])):
+        raise DatasetError("this does not look like a CSV data file: no record holds a number; expected "
+                           "comma-separated columns such as ID,TIME,DV,AMT with numeric values", source)
     rows, linenos, bad = [], [], []
     for lineno, line in body:
         fields = [f.strip() for f in split(line)]

@@ -128,6 +128,7 @@ class EventBatch:
             cens = np.where(f["DV"].to_numpy(dtype=float) < lloq, 1.0, 0.0)
         else:
             cens = np.zeros(len(f))
+        cens = np.where(is_obs, cens, 0.0)
         dv = f["DV"].to_numpy(dtype=float)
         dv = np.where(np.isnan(dv), 0.0, dv)
         c = len(cov_names)

@@ -1,0 +1,164 @@
+"""Dataset layer: reading real datasets, NONMEM conventions, conversions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hybridpk as hp
+from hybridpk.errors import DatasetError, DatasetWarning
+
+
+def test_theoph_counts(theoph_path):
+    ds = hp.read_nonmem(theoph_path)
+    assert (ds.n_subjects, ds.n_observations, ds.n_doses) == (12, 132, 12)
+    assert ds.covariates == ("WT",)
+    assert ds.units["WT"] == "kg" and ds.units["TIME"] == "h"
+    s = ds.summary()
+    assert s["time_span"] == (0.0, 24.65)
+
+
+def test_pheno_counts_whitespace_and_no_evid(pharmpy_examples):
+    ds = hp.read_nonmem(pharmpy_examples / "pheno.dta")  # pharmpy's .datainfo sidecar is picked up
+    assert (ds.n_subjects, ds.n_observations, ds.n_doses) == (59, 155, 589)
+    assert ds.covariates == ("WGT", "APGR")               # FA1/FA2 have no role in pheno.datainfo
+    assert ds.units["WGT"] == "kg"
+    f = ds.to_dataframe()
+    assert set(f.loc[f.AMT > 0, "EVID"]) == {1} and set(f.loc[f.AMT > 0, "MDV"]) == {1}
+    assert set(f.loc[f.AMT == 0, "EVID"]) == {0}
+
+
+def test_pheno_without_sidecar_treats_extra_numeric_columns_as_covariates(pharmpy_examples, tmp_path):
+    (tmp_path / "pheno.dta").write_text((pharmpy_examples / "pheno.dta").read_text())
+    ds = hp.read_nonmem(tmp_path / "pheno.dta")
+    assert ds.covariates == ("WGT", "APGR", "FA1", "FA2")
+    assert (ds.n_subjects, ds.n_observations, ds.n_doses) == (59, 155, 589)
+
+
+def test_moxo_steady_state_doses(pharmpy_examples):
+    ds = hp.read_nonmem(pharmpy_examples / "moxo.csv")
+    s = ds.summary()
+    assert (s["subjects"], s["observations"], s["dose_records"]) == (73, 1006, 142)
+    assert s["steady_state_doses"] == 69 and s["reset_records"] == 69
+    doses = ds.doses()
+    ss = doses[doses.SS == 1]
+    assert len(ss) == 69 and set(ss.II) == {12.0} and set(ss.EVID) == {4}
+    # the DV on moxo's EVID=4 rows is ignored (MDV inferred as 1), as NONMEM does
+    assert ds.n_observations == 1006
+
+
+def test_case_insensitive_names_and_inferred_evid():
+    df = pd.DataFrame({"id": [1, 1, 1], "time": [0, 1, 2], "dv": [0, 5.0, 4.0], "amt": [100, 0, 0]})
+    ds = hp.read_nonmem(df)
+    f = ds.to_dataframe()
+    assert list(f.columns[:6]) == ["ID", "TIME", "DV", "AMT", "EVID", "MDV"]
+    assert f.EVID.tolist() == [1, 0, 0] and f.MDV.tolist() == [1, 0, 0]
+
+
+def test_mdv_without_evid_makes_other_records():
+    df = pd.DataFrame({"ID": [1, 1, 1], "TIME": [0, 1, 2], "DV": [0, 0, 4.0], "AMT": [100, 0, 0],
+                       "MDV": [1, 1, 0]})
+    f = hp.read_nonmem(df).to_dataframe()
+    assert f.EVID.tolist() == [1, 2, 0]
+
+
+def test_addl_expansion_and_rate_duration():
+    df = pd.DataFrame({"ID": [1, 1, 2, 2], "TIME": [0, 30, 0, 5], "DV": [0, 3.0, 0, 2.0],
+                       "AMT": [1000, 0, 500, 0], "RATE": [500, 0, -2, 0], "DUR": [0, 0, 0.5, 0],
+                       "ADDL": [2, 0, 0, 0], "II": [12, 0, 0, 0], "EVID": [1, 0, 1, 0], "MDV": [1, 0, 1, 0]})
+    ds = hp.read_nonmem(df)
+    d = ds.doses()
+    assert d.TIME.tolist() == [0, 12, 24, 0] and ds.n_doses == 4
+    b = ds.to_batch()
+    assert b.dose_time.shape == (2, 3)
+    assert b.dose_duration[0, :3].tolist() == [2.0, 2.0, 2.0]
+    assert b.dose_rate[1, 0].item() == 1000.0 and b.dose_duration[1, 0].item() == 0.5
+    assert b.dose_mask.tolist() == [[True, True, True], [True, False, False]]
+    assert b.dose_amt[1, 1:].tolist() == [0.0, 0.0]
+
+
+def test_batch_padding_and_observations(theoph_path):
+    import torch
+
+    ds = hp.read_nonmem(theoph_path)
+    b = ds.to_batch()
+    assert b.time.shape == (12, 12) and b.time.dtype == torch.float64
+    assert int(b.is_obs.sum()) == 132 and int(b.record_mask.sum()) == 144
+    assert b.cov.shape == (12, 12, 1)
+    assert torch.allclose(b.cov_baseline[:, 0], torch.tensor(ds.to_dataframe().groupby("ID").WT.first().values))
+    # records map back to dataset rows
+    f = ds.to_dataframe()
+    rows = b.row[b.record_mask]
+    assert torch.equal(b.time[b.record_mask], torch.tensor(f.TIME.values[rows.numpy()]))
+    sub = b.select([2, 0])
+    assert sub.ids == (ds.ids[2], ds.ids[0]) and sub.time.shape == (2, 12)
+
+
+def test_censoring_roles():
+    df = pd.DataFrame({"ID": [1, 1, 1], "TIME": [0, 1, 2], "DV": [0, 5.0, 0.1], "AMT": [100, 0, 0],
+                       "LLOQ": [0.2, 0.2, 0.2]})
+    ds = hp.read_nonmem(df)
+    b = ds.to_batch()
+    assert b.cens[0].tolist() == [0, 0, 1]
+    assert ds.summary()["censored_observations"] == 1
+    df2 = df.drop(columns="LLOQ").assign(CENS=[0, 0, 1], DV=[0, 5.0, 0.2])
+    b2 = hp.read_nonmem(df2).to_batch()
+    assert b2.cens[0].tolist() == [0, 0, 1] and b2.lloq[0, 2].item() == 0.2
+
+
+def test_sidecar_json_and_toml(tmp_path):
+    csv = tmp_path / "study.csv"
+    csv.write_text("SUBJ,T,CONC,DOSE,BW,SITE\n1,0,.,100,70,A\n1,1,5,0,70,A\n")
+    side = {"columns": {"SUBJ": {"role": "id"}, "T": {"role": "idv", "unit": "h"},
+                        "CONC": {"role": "DV", "unit": "ug/L"}, "DOSE": {"role": "dose", "unit": "ug"},
+                        "BW": {"role": "covariate", "unit": "kg"}, "SITE": "ignore"}}
+    (tmp_path / "study.columns.json").write_text(json.dumps(side))
+    ds = hp.read_nonmem(csv)
+    assert ds.covariates == ("BW",) and ds.units["DV"] == "ug/L" and ds.units["BW"] == "kg"
+    assert ds.n_doses == 1 and ds.n_observations == 1
+    toml = tmp_path / "other.toml"
+    toml.write_text('[columns]\nSUBJ = "ID"\nT = "TIME"\nCONC = "DV"\nDOSE = "AMT"\nSITE = "ignore"\n'
+                    '[columns.BW]\nrole = "covariate"\nunit = "kg"\n')
+    ds2 = hp.read_nonmem(csv, columns=toml)
+    assert ds2 == ds
+
+
+def test_text_column_without_role_warns_and_is_kept():
+    df = pd.DataFrame({"ID": [1, 1], "TIME": [0, 1], "DV": [0, 5.0], "AMT": [100, 0], "SITE": ["A", "B"]})
+    with pytest.warns(DatasetWarning, match="SITE"):
+        ds = hp.read_nonmem(df)
+    assert ds.covariates == () and ds.to_dataframe().SITE.tolist() == ["A", "B"]
+
+
+def test_dataset_is_immutable(theoph_path):
+    ds = hp.read_nonmem(theoph_path)
+    f = ds.to_dataframe()
+    f.loc[0, "AMT"] = -1
+    assert ds.to_dataframe().loc[0, "AMT"] > 0
+    with pytest.raises(AttributeError):
+        ds.covariates = ()
+
+
+def test_round_trip_theoph(theoph_path):
+    ds = hp.read_nonmem(theoph_path)
+    assert hp.read_nonmem(ds.to_dataframe()) == ds
+
+
+def test_reset_allows_time_to_restart():
+    df = pd.DataFrame({"ID": [1, 1, 1, 1], "TIME": [0, 5, 0, 3], "DV": [0, 2.0, 0, 3.0],
+                       "AMT": [100, 0, 100, 0], "EVID": [1, 0, 4, 0], "MDV": [1, 0, 1, 0]})
+    ds = hp.read_nonmem(df)
+    assert ds.summary()["reset_records"] == 1
+
+
+def test_error_collects_all_violations():
+    df = pd.DataFrame({"ID": [1, 1, 1], "TIME": [0, 2, 1], "DV": [0, 1.0, 1.0], "AMT": [-5, 0, 0],
+                       "EVID": [1, 0, 7]})
+    with pytest.raises(DatasetError) as exc:
+        hp.read_nonmem(df)
+    cols = {v.column for v in exc.value.violations}
+    assert {"AMT", "EVID", "TIME"} <= cols
+    assert isinstance(exc.value, ValueError)
