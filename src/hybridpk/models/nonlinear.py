@@ -1,0 +1,179 @@
+"""Models without a closed form: Michaelis-Menten, transit absorption, TMDD, enterohepatic recirculation.
+
+Solved by the ODE path (:mod:`hybridpk.solve.ode`). Time in h, doses in mg, volumes in L, so
+concentrations are mg/L; the target (TMDD) is expressed in the same concentration unit as the drug.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ALAG, CL, KA, KM, VMAX, CompartmentModel, F, Parameter, Q, V, V2
+
+MTT = Parameter("MTT", "h", 1e-3, 100.0, "mean transit time through the transit chain", 1.5)
+NN = Parameter("NN", "-", 0.0, 100.0, "number of transit compartments (continuous, Savic 2007)", 3.0)
+KON = Parameter("KON", "L/mg/h", 1e-6, 1e4, "second-order binding rate constant drug-target", 0.5)
+KOFF = Parameter("KOFF", "1/h", 1e-6, 1e4, "dissociation rate constant of the complex", 0.05)
+KINT = Parameter("KINT", "1/h", 1e-6, 1e3, "internalisation (elimination) rate of the complex", 0.05)
+KSYN = Parameter("KSYN", "mg/L/h", 1e-8, 1e3, "zero-order synthesis rate of the target", 0.01)
+KDEG = Parameter("KDEG", "1/h", 1e-6, 1e3, "first-order degradation rate of the free target", 0.1)
+KSS = Parameter("KSS", "mg/L", 1e-8, 1e4, "quasi-steady-state constant (KOFF+KINT)/KON", 0.2)
+KGB = Parameter("KGB", "1/h", 0.0, 100.0, "transfer rate constant central -> gallbladder (biliary excretion)",
+                0.2)
+KEMPT = Parameter("KEMPT", "1/h", 0.0, 100.0, "gallbladder emptying rate constant into the gut during a meal",
+                  2.0)
+TMEAL = Parameter("TMEAL", "h", 0.0, 1e4, "time of the first meal (gallbladder emptying), from time 0", 4.0)
+MEALII = Parameter("MEALII", "h", 0.5, 1e4, "interval between meals", 6.0)
+TEMPT = Parameter("TEMPT", "h", 1e-3, 24.0, "duration of gallbladder emptying after each meal", 0.5)
+
+
+def _mm(p, c):
+    return p["VMAX"] * c / (p["KM"] + c)
+
+
+class OneCmtIVMM(CompartmentModel):
+    name = "1cmt_iv_mm"
+    description = "one compartment, IV, Michaelis-Menten elimination VMAX*C/(KM+C)"
+    parameters = (V, VMAX, KM, ALAG, F)
+    compartments = ("CENTRAL",)
+
+    def rhs(self, t, a, p, rate, ctx=None):
+        return torch.stack([-_mm(p, a[..., 0] / p["V"])], -1) + rate
+
+
+class OneCmtOralMM(CompartmentModel):
+    name = "1cmt_oral_mm"
+    description = "one compartment, first-order absorption, Michaelis-Menten elimination"
+    parameters = (V, VMAX, KM, KA, ALAG, F)
+    compartments = ("DEPOT", "CENTRAL")
+    obs_cmt = 2
+
+    def rhs(self, t, a, p, rate, ctx=None):
+        absorbed = p["KA"] * a[..., 0]
+        return torch.stack([-absorbed, absorbed - _mm(p, a[..., 1] / p["V"])], -1) + rate
+
+
+class OneCmtOralTransit(CompartmentModel):
+    """Savic et al. (2007) J Pharmacokinet Pharmacodyn 34:711: doses pass a chain of NN transit compartments
+    (mean transit time MTT) before first-order absorption KA; NN is continuous (analytical chain input)."""
+
+    name = "1cmt_oral_transit"
+    description = "one compartment, transit-compartment absorption (MTT, NN; Savic 2007), linear elimination"
+    parameters = (CL, V, KA, MTT, NN, F)
+    compartments = ("ABSORPTION", "CENTRAL")
+    obs_cmt = 2
+    lag = None
+    #: doses into the dose compartment enter through the transit chain, not as a jump
+    dose_as_input = True
+
+    def input_rate(self, t, dose_time, dose_amt, p):
+        """Rate (mg/h) into ABSORPTION at time t (N,) from doses (N, D) given at dose_time."""
+        ktr = (p["NN"] + 1.0) / p["MTT"]
+        s = t.unsqueeze(-1) - dose_time
+        pos = s > 0
+        s_safe = torch.where(pos, s, torch.ones_like(s))
+        nn = p["NN"].unsqueeze(-1)
+        lk = ktr.unsqueeze(-1)
+        log_rate = torch.log(lk) * (nn + 1) + nn * torch.log(s_safe) - lk * s_safe - torch.lgamma(nn + 1)
+        return (torch.where(pos, torch.exp(log_rate), torch.zeros_like(s)) * dose_amt).sum(-1)
+
+    def rhs(self, t, a, p, rate, ctx=None):
+        inp = self.input_rate(t, ctx.transit_time, ctx.transit_amt, p) if ctx is not None else 0.0
+        absorbed = p["KA"] * a[..., 0]
+        return torch.stack([inp - absorbed, absorbed - p["CL"] / p["V"] * a[..., 1]], -1) + rate
+
+
+class _TMDD(CompartmentModel):
+    obs_cmt = 1
+
+    def initial_state(self, p, like):
+        x = like.new_zeros(like.shape[0], self.n_states)
+        x[:, 2] = p["KSYN"] / p["KDEG"]
+        return x
+
+
+class TMDDFull(_TMDD):
+    """Mager & Jusko (2001) J Pharmacokinet Pharmacodyn 28:507, with a peripheral compartment."""
+
+    name = "tmdd_full"
+    description = "target-mediated drug disposition, full binding model (Mager-Jusko), 2 compartments, IV"
+    parameters = (CL, V, Q, V2, KON, KOFF, KINT, KSYN, KDEG, ALAG, F)
+    compartments = ("CENTRAL", "PERIPHERAL", "TARGET", "COMPLEX")
+
+    def rhs(self, t, a, p, rate, ctx=None):
+        v = p["V"]
+        c = a[..., 0] / v
+        r, rc = a[..., 2], a[..., 3]
+        bind = p["KON"] * c * r - p["KOFF"] * rc
+        dist = p["Q"] * c - p["Q"] / p["V2"] * a[..., 1]
+        return torch.stack([
+            -p["CL"] * c - bind * v - dist,
+            dist,
+            p["KSYN"] - p["KDEG"] * r - bind,
+            bind - p["KINT"] * rc,
+        ], -1) + rate
+
+
+class TMDDQSS(_TMDD):
+    """Quasi-steady-state TMDD (Gibiansky et al. 2008, J Pharmacokinet Pharmacodyn 35:573). State: total drug
+    amount in the central compartment, peripheral amount, total target concentration. Observed: free drug."""
+
+    name = "tmdd_qss"
+    description = "target-mediated drug disposition, quasi-steady-state approximation (KSS), 2 compartments, IV"
+    parameters = (CL, V, Q, V2, KSS, KINT, KSYN, KDEG, ALAG, F)
+    compartments = ("CENTRAL", "PERIPHERAL", "TARGET")
+
+    @staticmethod
+    def free(ctot, rtot, kss):
+        b = ctot - rtot - kss
+        return 0.5 * (b + torch.sqrt(b * b + 4.0 * kss * ctot))
+
+    def observe(self, a, p):
+        return self.free(a[..., 0] / p["V"], a[..., 2], p["KSS"])
+
+    def rhs(self, t, a, p, rate, ctx=None):
+        v = p["V"]
+        ctot = a[..., 0] / v
+        rtot = a[..., 2]
+        c = self.free(ctot, rtot, p["KSS"])
+        complex_ = ctot - c
+        dist = p["Q"] * c - p["Q"] / p["V2"] * a[..., 1]
+        return torch.stack([
+            -p["CL"] * c - p["KINT"] * complex_ * v - dist,
+            dist,
+            p["KSYN"] - p["KDEG"] * rtot - (p["KINT"] - p["KDEG"]) * complex_,
+        ], -1) + rate
+
+
+class OneCmtOralEHC(CompartmentModel):
+    """Enterohepatic recirculation: drug moves from the central compartment into the gallbladder (KGB) and
+    is released into the gut at meals (every MEALII h from TMEAL, for TEMPT h, rate KEMPT), where it is
+    reabsorbed (KA). Meal times are parameters; the solver treats meal starts/ends as discontinuities.
+    Gradients do not flow through the meal times themselves (TMEAL, MEALII, TEMPT)."""
+
+    name = "1cmt_oral_ehc"
+    description = "one compartment, first-order absorption, enterohepatic recirculation via a gallbladder"
+    parameters = (CL, V, KA, KGB, KEMPT, TMEAL, MEALII, TEMPT, ALAG, F)
+    compartments = ("GUT", "CENTRAL", "GALLBLADDER")
+    obs_cmt = 2
+
+    def emptying(self, t, p):
+        """1 while the gallbladder empties (within TEMPT h after a meal), else 0; t (N,) in h."""
+        since = t - p["TMEAL"]
+        phase = torch.remainder(since, p["MEALII"])
+        return ((since >= 0) & (phase < p["TEMPT"])).to(t.dtype)
+
+    def switch_times(self, p, t_end):
+        n_meals = int(torch.ceil(((t_end - p["TMEAL"]).clamp(min=0) / p["MEALII"]).max()).item()) + 1
+        k = torch.arange(n_meals, dtype=p["TMEAL"].dtype, device=p["TMEAL"].device)
+        starts = p["TMEAL"].unsqueeze(-1) + k * p["MEALII"].unsqueeze(-1)
+        return torch.cat([starts, starts + p["TEMPT"].unsqueeze(-1)], -1).detach()
+
+    def rhs(self, t, a, p, rate, ctx=None):
+        on = self.emptying(ctx.segment_mid if ctx is not None else t, p)
+        gut, central, gb = a[..., 0], a[..., 1], a[..., 2]
+        release = p["KEMPT"] * gb * on
+        absorbed = p["KA"] * gut
+        to_gb = p["KGB"] * central
+        return torch.stack([release - absorbed, absorbed - p["CL"] / p["V"] * central - to_gb,
+                            to_gb - release], -1) + rate

@@ -1,0 +1,117 @@
+"""Exact solution of linear mammillary models by superposition of analytic unit responses.
+
+The central concentration after a unit bolus into the central compartment is a sum of exponentials
+``sum_i c_i exp(-lambda_i t)``; ``lambda_i`` are the eigenvalues of the (symmetrisable) disposition
+matrix and ``c_i = prod_j (k_j1 - lambda_i) / (V prod_{m != i} (lambda_m - lambda_i))``. Infusions integrate
+it, first-order absorption convolves it with ``KA exp(-KA t)``, and a steady-state dose adds the geometric
+series of its past doses, ``exp(-lambda (s + II)) / (1 - exp(-lambda II))`` per exponential. Everything is
+vectorised over subjects x records x doses, with times since dose clamped at 0 (no NaN gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ModelError
+from ._events import applies, dose_events
+
+
+def disposition(v, k10, pairs):
+    """Decay rates (N, M) and coefficients (N, M) of the unit bolus response of the central concentration."""
+    if not pairs:
+        return k10.unsqueeze(-1), (1.0 / v).unsqueeze(-1)
+    if len(pairs) == 1:
+        k12, k21 = pairs[0]
+        a = k10 + k12 + k21
+        b = k10 * k21
+        root = torch.sqrt(torch.clamp(a * a - 4 * b, min=0.0))
+        l1 = 0.5 * (a + root)
+        l2 = b / l1                                     # stable small root
+        lam = torch.stack([l1, l2], -1)
+    else:
+        n = v.shape[0]
+        s = v.new_zeros(n, len(pairs) + 1, len(pairs) + 1)
+        s[:, 0, 0] = k10 + sum(k1j for k1j, _ in pairs)
+        for j, (k1j, kj1) in enumerate(pairs):
+            s[:, j + 1, j + 1] = kj1
+            off = torch.sqrt(k1j * kj1)
+            s[:, 0, j + 1] = -off
+            s[:, j + 1, 0] = -off
+        lam = torch.linalg.eigvalsh(s)                  # decay rates, ascending
+    m = lam.shape[-1]
+    coef = []
+    for i in range(m):
+        num = torch.ones_like(v)
+        for _, kj1 in pairs:
+            num = num * (kj1 - lam[:, i])
+        den = v.clone()
+        for k in range(m):
+            if k != i:
+                den = den * (lam[:, k] - lam[:, i])
+        coef.append(num / den)
+    return lam, torch.stack(coef, -1)
+
+
+def _safe_ka(ka, lam):
+    """KA nudged by 1e-7 relative where it (nearly) equals a disposition rate, avoiding 0/0 (N, M)."""
+    k = ka.unsqueeze(-1)
+    close = (k - lam).abs() < 1e-7 * k
+    return torch.where(close, k * (1 + 2e-7), k.expand_as(lam))
+
+
+def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
+    """Central concentration (N, R) at the batch's record times (or ``rec_time`` (N, R) with ``rec_key``)."""
+    v, k10, pairs, ka = model.mammillary(p)
+    ev = dose_events(model, p, batch)
+    central = model.obs_cmt - 1
+    depot = 0 if ka is not None else -1
+    other = ev.active & (ev.cmt != central) & (ev.cmt != depot)
+    if other.any():
+        raise ModelError(f"the closed form of {model.name} handles doses into the central compartment"
+                         + (" or the depot" if ka is not None else "") + "; use method='ode' for doses into "
+                         "peripheral compartments")
+    if rec_time is None:
+        rec_time, rec_key = batch.time, batch.row.to(batch.time.dtype)
+    on = applies(ev, rec_time, rec_key)                                   # (N, R, D)
+    s = rec_time.unsqueeze(2) - ev.time.unsqueeze(1)
+    s = torch.where(on, s, torch.zeros_like(s))
+    dur = ev.duration.unsqueeze(1)
+    infusion = (dur > 0).expand_as(s)
+    after_end = torch.where(infusion & (s > dur), s - dur, torch.zeros_like(s))
+    ss = (ev.ss > 0).unsqueeze(1).expand_as(s)
+    ii = torch.where(ev.ss > 0, ev.ii, torch.ones_like(ev.ii)).unsqueeze(1)
+
+    lam, coef = disposition(v, k10, pairs)
+
+    def e(mu, x):                       # mu (N, M) -> (N, 1, 1, M); x (N, R, D) -> (N, R, D, M)
+        return torch.exp(-mu[:, None, None, :] * x.unsqueeze(-1))
+
+    zero = torch.zeros_like(s)
+    x_ss_bolus = torch.where(ss, s + ii, zero)                          # past doses of an SS regimen
+    x_ss_inf = torch.where(ss, (s - dur + ii).clamp(min=0.0), zero)     # all complete, since dur <= II
+    ii_ss = torch.where(ss, ii.expand_as(s), zero)
+
+    def response(mu):
+        """Time functions (N, R, D, M) per unit amount (bolus) or unit rate (infusion), decay rates mu."""
+        m = mu[:, None, None, :]
+        bolus = e(mu, s)
+        infu = (e(mu, after_end) - e(mu, s)) / m
+        denom = 1.0 - e(mu, ii_ss)
+        geo = torch.where(ss.unsqueeze(-1), 1.0 / torch.where(ss.unsqueeze(-1), denom, torch.ones_like(denom)),
+                          torch.zeros_like(denom))
+        bol = bolus + e(mu, x_ss_bolus) * geo
+        inf = infu + (e(mu, x_ss_inf) - e(mu, x_ss_bolus)) / m * geo
+        return torch.where(infusion.unsqueeze(-1), inf, bol)
+
+    amount = torch.where(infusion, ev.rate.unsqueeze(1).expand_as(s), ev.amt.unsqueeze(1).expand_as(s))
+    amount = torch.where(on, amount, torch.zeros_like(amount))
+    r_lam = response(lam)                                               # (N, R, D, M)
+    into_central = (ev.cmt == central).unsqueeze(1).expand_as(s)
+    conc = torch.where(into_central, (r_lam * coef[:, None, None, :]).sum(-1), torch.zeros_like(s))
+    if ka is not None:
+        kas = _safe_ka(ka, lam)                                          # (N, M)
+        w = coef * kas / (kas - lam)
+        r_ka = torch.stack([response(kas[:, i:i + 1])[..., 0] for i in range(lam.shape[-1])], -1)
+        oral = ((r_lam - r_ka) * w[:, None, None, :]).sum(-1)
+        conc = conc + torch.where((ev.cmt == depot).unsqueeze(1).expand_as(s), oral, torch.zeros_like(s))
+    return (conc * amount).sum(-1)

@@ -1,0 +1,187 @@
+"""``simulate``: individual predictions for a whole population in one call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ModelError, SolverError
+from ..models import get_model
+from . import closed_form, ode
+
+__all__ = ["Prediction", "simulate", "as_parameters"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Result of :func:`simulate`.
+
+    Attributes
+    ----------
+    ipred : Tensor (N, R)  concentration (amount/L) at every record; NaN for failed subjects, 0 on padding
+    amounts : Tensor (N, R, S) or None  compartment amounts (ODE path, when asked)
+    ok : Tensor (N,) bool  False for subjects whose solve failed
+    failures : dict  subject ID -> reason
+    method : str  'closed_form' or 'ode'
+    """
+
+    ipred: torch.Tensor
+    amounts: torch.Tensor | None
+    ok: torch.Tensor
+    failures: dict
+    method: str
+
+    def to_dataframe(self, batch):
+        """ID, TIME, IPRED for every record (padding dropped), in dataset order."""
+        import pandas as pd
+
+        m = batch.record_mask
+        ids = np.repeat(np.array(batch.ids, dtype=object)[:, None], batch.time.shape[1], 1)[m.cpu().numpy()]
+        df = pd.DataFrame({"ID": ids, "TIME": batch.time[m].detach().cpu().numpy(),
+                           "IPRED": self.ipred[m].detach().cpu().numpy(), "ROW": batch.row[m].cpu().numpy()})
+        return df.sort_values("ROW").drop(columns="ROW").reset_index(drop=True)
+
+
+def as_parameters(model, params, batch) -> dict:
+    """Parameters as {name: tensor (N,)} in the batch's dtype/device, from a dict of scalars/arrays/tensors
+    or a DataFrame with one row per ID (column ID plus one column per parameter)."""
+    import pandas as pd
+
+    n = batch.n_subjects
+    dtype, device = batch.time.dtype, batch.time.device
+    if isinstance(params, pd.DataFrame):
+        cols = {c.upper(): c for c in params.columns}
+        if "ID" not in cols:
+            raise ModelError("the parameter table needs an ID column (one row per subject)")
+        table = params.set_index(cols["ID"])
+        dup = table.index[table.index.duplicated()].unique().tolist()
+        if dup:
+            raise ModelError(f"the parameter table has several rows for ID(s) {dup[:5]}")
+        missing = [i for i in batch.ids if i not in table.index]
+        if missing:
+            raise ModelError(f"the parameter table has no row for ID(s) {missing[:10]}")
+        table = table.loc[list(batch.ids)]
+        params = {c.upper(): table[c].to_numpy(dtype=float) for c in table.columns}
+    out = {}
+    names = set(model.parameter_names)
+    for k, v in params.items():
+        if k not in names:
+            continue
+        t = torch.as_tensor(v, dtype=dtype, device=device) if not isinstance(v, torch.Tensor) else v.to(device)
+        if t.dim() == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ModelError(f"parameter {k} has shape {tuple(t.shape)}; expected one value per subject ({n})")
+        out[k] = t
+    unknown = [k for k in params if k not in names]
+    model.check_parameters({**out, **{k: None for k in unknown}})
+    if "F" in names and "F" not in out:
+        out["F"] = torch.ones(n, dtype=dtype, device=device)
+    if "ALAG" in names and "ALAG" not in out:
+        out["ALAG"] = torch.zeros(n, dtype=dtype, device=device)
+    return out
+
+
+def _bad_parameters(model, p) -> dict[int, str]:
+    bad = {}
+    for spec in model.parameters:
+        v = p[spec.name].detach()
+        for i in torch.nonzero(~torch.isfinite(v)).flatten().tolist():
+            bad.setdefault(i, f"parameter {spec.name} is {v[i].item()}")
+        low = torch.nonzero(v < 0).flatten().tolist()
+        for i in low:
+            bad.setdefault(i, f"parameter {spec.name} = {v[i].item():g} is negative")
+    return bad
+
+
+def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, atol: float = 1e-10,
+             solver: str = "dopri5", throw: bool = True, return_amounts: bool = False) -> Prediction:
+    """Predict concentrations at every record of every subject.
+
+    Parameters
+    ----------
+    model : str or CompartmentModel  e.g. "2cmt_iv" (see ``hybridpk models``)
+    params : dict or DataFrame  individual parameters on the natural scale (units as listed by the model),
+        scalars (shared), arrays/tensors of shape (N,), or a table with ID and one column per parameter
+    batch : EventBatch  from ``Dataset.to_batch()``
+    method : "auto" (closed form for linear models, else ODE), "closed_form" or "ode"
+    rtol, atol : ODE tolerances (per subject, max norm); solver : torchdiffeq method (default dopri5)
+    throw : raise SolverError when any subject fails (default); if False, failed subjects get NaN and are
+        listed in ``Prediction.failures`` while the others are returned normally
+    return_amounts : also return compartment amounts (forces the ODE path)
+
+    Gradients flow to every parameter tensor that requires them, through either path.
+    """
+    model = get_model(model)
+    p = as_parameters(model, params, batch)
+    if method == "auto":
+        method = "closed_form" if (model.linear and not return_amounts) else "ode"
+    if method not in ("closed_form", "ode"):
+        raise ModelError(f"method must be 'auto', 'closed_form' or 'ode', not {method!r}")
+    if method == "closed_form" and not model.linear:
+        raise ModelError(f"model {model.name} is nonlinear and has no closed form; use method='ode'")
+    bad = _bad_parameters(model, p)
+    if bad:  # keep the batch healthy: solve failed subjects with typical values, report them
+        idx = torch.tensor(sorted(bad), device=batch.time.device)
+        fixed = {}
+        for spec in model.parameters:
+            v = p[spec.name].clone()
+            v[idx] = spec.typical if spec.name not in ("F", "ALAG") else (1.0 if spec.name == "F" else 0.0)
+            fixed[spec.name] = torch.where(torch.isin(torch.arange(len(v), device=v.device), idx), v.detach(),
+                                           p[spec.name])
+        p = fixed
+    failures = {batch.ids[i]: why for i, why in bad.items()}
+    amounts = None
+    if method == "closed_form":
+        ipred = closed_form.concentration(model, p, batch)
+    else:
+        try:
+            ipred, amounts = ode.solve(model, p, batch, rtol=rtol, atol=atol, method=solver,
+                                       return_amounts=return_amounts)
+        except (AssertionError, RuntimeError) as exc:
+            if batch.n_subjects == 1:
+                raise SolverError(f"ODE solve failed for subject {batch.ids[0]}: {exc}",
+                                  {batch.ids[0]: str(exc)}) from None
+            ipred, amounts, more = _one_by_one(model, p, batch, rtol, atol, solver, return_amounts)
+            failures.update(more)
+    ipred = ipred * batch.record_mask
+    ok = torch.ones(batch.n_subjects, dtype=torch.bool, device=batch.time.device)
+    nonfinite = ~torch.isfinite(ipred.detach()).all(1)
+    for i in torch.nonzero(nonfinite).flatten().tolist():
+        failures.setdefault(batch.ids[i], "the solution is not finite (NaN/inf); check the parameters")
+    if failures:
+        fail_idx = [batch.ids.index(k) for k in failures]
+        ok[fail_idx] = False
+        ipred = torch.where(ok.unsqueeze(-1), ipred, torch.full_like(ipred, float("nan")))
+        if throw:
+            listing = "; ".join(f"ID {k}: {v}" for k, v in list(failures.items())[:10])
+            raise SolverError(f"{len(failures)} of {batch.n_subjects} subjects failed: {listing}", failures)
+    return Prediction(ipred=ipred, amounts=amounts, ok=ok, failures=failures, method=method)
+
+
+def _one_by_one(model, p, batch, rtol, atol, solver, return_amounts):
+    """After a failed batched solve: solve each subject alone to find which ones fail, and why."""
+    n, r = batch.time.shape
+    ipred = torch.full((n, r), float("nan"), dtype=batch.time.dtype, device=batch.time.device)
+    amounts = None
+    failures = {}
+    rows_c, rows_a = [], []
+    for i in range(n):
+        sub = batch.select([i])
+        pi = {k: v[i:i + 1] for k, v in p.items()}
+        try:
+            c, a = ode.solve(model, pi, sub, rtol=rtol, atol=atol, method=solver, return_amounts=return_amounts)
+            rows_c.append(c[0])
+            rows_a.append(a[0] if a is not None else None)
+        except (AssertionError, RuntimeError) as exc:
+            failures[batch.ids[i]] = f"ODE solve failed ({exc}); the system may be stiff or the parameters extreme"
+            rows_c.append(ipred[i])
+            rows_a.append(None)
+    ipred = torch.stack(rows_c)
+    if return_amounts:
+        s = model.n_states
+        amounts = torch.stack([a if a is not None else torch.full((r, s), float("nan"), dtype=ipred.dtype)
+                               for a in rows_a])
+    return ipred, amounts, failures
