@@ -77,10 +77,10 @@ def dose_events(model, p: dict, batch) -> DoseEvents:
     rate = torch.where(rate_given, batch.dose_rate, torch.where(dur_given, amt / safe_dur, 0 * ones))
     ss = batch.dose_ss
     ii = batch.dose_ii
-    too_long = active & (ss > 0) & (duration > ii)
+    too_long = active & (ss > 0) & (duration + shift > ii)
     if too_long.any():
-        raise ModelError("a steady-state infusion lasts longer than its dosing interval II; this is not supported "
-                         f"(rows {_describe_rows(batch, too_long)})")
+        raise ModelError("a steady-state infusion lasts longer than its dosing interval II (duration + lag > II); "
+                         f"this is not supported (rows {_describe_rows(batch, too_long)})")
     key = batch.dose_row.to(time.dtype) - 0.5
     # resets: EVID 3/4 records and SS=1 doses restart the system at their (record) time
     reset_mask = batch.dose_reset | (active & (ss == 1))
@@ -109,3 +109,12 @@ def applies(ev: DoseEvents, rec_time, rec_key):
     after = (tr > td) | ((tr == td) & (kr > kd))
     before_cut = (tr < ev.cut_time.unsqueeze(1)) | ((tr == ev.cut_time.unsqueeze(1)) & (kr < ev.cut_key.unsqueeze(1)))
     return after & before_cut & ev.active.unsqueeze(1)
+
+
+def applies_ss(ev: DoseEvents, batch, rec_time, rec_key):
+    """(N, R, D) mask: record r comes after the (un-lagged) record of steady-state dose d, before any reset."""
+    td, kd = batch.dose_time.unsqueeze(1), ev.key.unsqueeze(1)
+    tr, kr = rec_time.unsqueeze(2), rec_key.unsqueeze(2)
+    after = (tr > td) | ((tr == td) & (kr > kd))
+    before_cut = (tr < ev.cut_time.unsqueeze(1)) | ((tr == ev.cut_time.unsqueeze(1)) & (kr < ev.cut_key.unsqueeze(1)))
+    return after & before_cut & (ev.active & (ev.ss > 0)).unsqueeze(1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelError
-from ._events import applies, dose_events
+from ._events import applies, applies_ss, dose_events
 
 
 def disposition(v, k10, pairs):
@@ -73,12 +73,13 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
     if rec_time is None:
         rec_time, rec_key = batch.time, batch.row.to(batch.time.dtype)
     on = applies(ev, rec_time, rec_key)                                   # (N, R, D)
-    s = rec_time.unsqueeze(2) - ev.time.unsqueeze(1)
-    s = torch.where(on, s, torch.zeros_like(s))
+    on_ss = applies_ss(ev, batch, rec_time, rec_key)                      # past doses of an SS regimen
+    s_raw = rec_time.unsqueeze(2) - ev.time.unsqueeze(1)
+    s = torch.where(on, s_raw, torch.zeros_like(s_raw))
     dur = ev.duration.unsqueeze(1)
     infusion = (dur > 0).expand_as(s)
     after_end = torch.where(infusion & (s > dur), s - dur, torch.zeros_like(s))
-    ss = (ev.ss > 0).unsqueeze(1).expand_as(s)
+    ss = on_ss
     ii = torch.where(ev.ss > 0, ev.ii, torch.ones_like(ev.ii)).unsqueeze(1)
 
     lam, coef = disposition(v, k10, pairs)
@@ -87,14 +88,16 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
         return torch.exp(-mu[:, None, None, :] * x.unsqueeze(-1))
 
     zero = torch.zeros_like(s)
-    x_ss_bolus = torch.where(ss, s + ii, zero)                          # past doses of an SS regimen
-    x_ss_inf = torch.where(ss, (s - dur + ii).clamp(min=0.0), zero)     # all complete, since dur <= II
+    # time since the k-th past dose is s + k II (s may be negative, down to -ALAG, before the lagged dose)
+    x_ss_bolus = torch.where(ss, s_raw + ii, zero)
+    x_ss_inf = torch.where(ss, (s_raw - dur + ii).clamp(min=0.0), zero)  # all complete: dur + ALAG <= II
     ii_ss = torch.where(ss, ii.expand_as(s), zero)
 
     def response(mu):
         """Time functions (N, R, D, M) per unit amount (bolus) or unit rate (infusion), decay rates mu."""
         m = mu[:, None, None, :]
-        bolus = e(mu, s)
+        now = on.unsqueeze(-1)
+        bolus = torch.where(now, e(mu, s), torch.zeros_like(m * s.unsqueeze(-1)))
         infu = (e(mu, after_end) - e(mu, s)) / m
         denom = 1.0 - e(mu, ii_ss)
         geo = torch.where(ss.unsqueeze(-1), 1.0 / torch.where(ss.unsqueeze(-1), denom, torch.ones_like(denom)),
@@ -104,7 +107,7 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
         return torch.where(infusion.unsqueeze(-1), inf, bol)
 
     amount = torch.where(infusion, ev.rate.unsqueeze(1).expand_as(s), ev.amt.unsqueeze(1).expand_as(s))
-    amount = torch.where(on, amount, torch.zeros_like(amount))
+    amount = torch.where(on | on_ss, amount, torch.zeros_like(amount))
     r_lam = response(lam)                                               # (N, R, D, M)
     into_central = (ev.cmt == central).unsqueeze(1).expand_as(s)
     conc = torch.where(into_central, (r_lam * coef[:, None, None, :]).sum(-1), torch.zeros_like(s))

@@ -19,7 +19,7 @@ from torchdiffeq import odeint
 from ._events import dose_events
 
 # event kinds
-RECORD, BOLUS, INF_START, INF_END, RESET, SWITCH = range(6)
+RECORD, BOLUS, INF_START, INF_END, RESET, SWITCH, SS_START = range(7)
 
 
 @dataclass
@@ -56,25 +56,35 @@ def _integrate(model, p, a, rate, t0, t1, ctx, rtol, atol, method, max_steps):
     return odeint(func, a, grid, rtol=rtol, atol=atol, method=method, options=options)[-1]
 
 
-def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol):
-    """Trough state before a dose of a regimen repeated every II forever (subjects ``sel``), by iterating
-    dose cycles until the state changes by less than 1e-10 relative (at most 2000 cycles)."""
-    n, s = x0.shape
-    onehot = torch.nn.functional.one_hot(cmt, s).to(x0.dtype)
-    x = x0
-    zero_t = torch.zeros(n, dtype=x0.dtype, device=x0.device)
-    selm = sel.to(x0.dtype).unsqueeze(-1)
+def _cycle(model, p, x, onehot, amt, rate, dur, length, sel, ctx, tol):
+    """One dose (bolus, or infusion for ``dur`` h) then integration to ``length`` h after it."""
+    n = x.shape[0]
+    zero_t = torch.zeros(n, dtype=x.dtype, device=x.device)
+    selm = sel.to(x.dtype).unsqueeze(-1)
     is_inf = dur > 0
+    x = x + onehot * torch.where(is_inf, 0 * amt, amt).unsqueeze(-1) * selm
+    r_on = onehot * torch.where(is_inf, rate, 0 * rate).unsqueeze(-1) * selm
+    t_mid = torch.where(sel & is_inf, torch.minimum(dur, length), zero_t)
+    x = _integrate(model, p, x, r_on, zero_t, t_mid, ctx, *tol)
+    return _integrate(model, p, x, torch.zeros_like(r_on), t_mid, torch.where(sel, length, zero_t), ctx, *tol)
+
+
+def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
+    """State at the (un-lagged) time of a steady-state dose record: the regimen has been given every II
+    forever, the last past dose ``II - lag`` h ago. The trough is found by iterating dose cycles until the
+    state changes by less than 1e-10 relative (at most 2000 cycles)."""
+    onehot = torch.nn.functional.one_hot(cmt, x0.shape[1]).to(x0.dtype)
+    x = x0
     for _ in range(2000):
         prev = x
-        x = x + onehot * torch.where(is_inf, 0 * amt, amt).unsqueeze(-1) * selm
-        r_on = onehot * torch.where(is_inf, rate, 0 * rate).unsqueeze(-1) * selm
-        t_mid = torch.where(sel & is_inf, dur, zero_t)
-        x = _integrate(model, p, x, r_on, zero_t, t_mid, ctx, *tol)
-        x = _integrate(model, p, x, torch.zeros_like(r_on), t_mid, torch.where(sel, ii, zero_t), ctx, *tol)
+        x = _cycle(model, p, x, onehot, amt, rate, dur, ii, sel, ctx, tol)
         change = ((x - prev).abs() / (x.abs() + tol[1])).max()
         if change < 1e-10:
             break
+    # trough (just before a lagged dose) -> state ``lag`` h earlier = ``II - lag`` h after the previous dose
+    if bool((lag[sel] > 0).any()):
+        before = _cycle(model, p, x, onehot, amt, rate, dur, ii - lag, sel, ctx, tol)
+        x = torch.where((sel & (lag > 0)).unsqueeze(-1), before, x)
     return x
 
 
@@ -100,12 +110,12 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dopri5", max_ste
         bol_on = bol_on & ~via_chain
     t_end = torch.where(batch.record_mask, batch.time, torch.full_like(batch.time, -float("inf"))).max(-1).values
     switch = model.switch_times(p, t_end)
-    parts_t = [batch.time, ev.time, ev.time, ev.time + ev.duration, ev.reset_time]
-    parts_k = [rec_key, ev.key, ev.key, ev.key, ev.reset_key]
-    parts_kind = [RECORD, BOLUS, INF_START, INF_END, RESET]
-    parts_on = [batch.record_mask, bol_on, inf_on, inf_on, ev.reset_mask]
-    parts_idx = [torch.arange(r, device=device), torch.arange(d, device=device), torch.arange(d, device=device),
-                 torch.arange(d, device=device), torch.arange(d, device=device)]
+    ss_on = ev.active & (ev.ss > 0)
+    parts_t = [batch.time, ev.time, ev.time, ev.time + ev.duration, ev.reset_time, batch.dose_time]
+    parts_k = [rec_key, ev.key, ev.key, ev.key, ev.reset_key, ev.key - 0.1]
+    parts_kind = [RECORD, BOLUS, INF_START, INF_END, RESET, SS_START]
+    parts_on = [batch.record_mask, bol_on, inf_on, inf_on, ev.reset_mask, ss_on]
+    parts_idx = [torch.arange(r, device=device)] + [torch.arange(d, device=device)] * 5
     if transit:  # the chain input is smooth but starts abruptly at each dose: make dose times boundaries
         parts_t.append(ev.time)
         parts_k.append(ev.key)
@@ -162,11 +172,12 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dopri5", max_ste
             alive = alive & ~m_reset.unsqueeze(-1)
         didx = idx.clamp(max=d - 1)
         oh = onehot[ar, didx]                                                   # (N, S)
-        is_dose = ok & ((kind == BOLUS) | (kind == INF_START))
-        ss_here = is_dose & (ev.ss[ar, didx] > 0)
+        ss_here = ok & (kind == SS_START)
         if ss_here.any():
+            lag = ev.time[ar, didx] - batch.dose_time[ar, didx]
             xss = _steady_state(model, p, x0, ev.cmt[ar, didx].clamp(min=0), ev.amt[ar, didx],
-                                ev.rate[ar, didx], ev.duration[ar, didx], ev.ii[ar, didx], ss_here, ctx, tol)
+                                ev.rate[ar, didx], ev.duration[ar, didx], ev.ii[ar, didx], ss_here, ctx, tol,
+                                lag)
             add2 = ss_here & (ev.ss[ar, didx] == 2)
             a = torch.where(add2.unsqueeze(-1), a + xss - x0, torch.where(ss_here.unsqueeze(-1), xss, a))
         m_bolus = ok & (kind == BOLUS)
