@@ -70,17 +70,41 @@ def _cycle(model, p, x, onehot, amt, rate, dur, length, sel, ctx, tol):
 
 
 def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
-    """State at the (un-lagged) time of a steady-state dose record: the regimen has been given every II
-    forever, the last past dose ``II - lag`` h ago. The trough is found by iterating dose cycles until the
-    state changes by less than 1e-10 relative (at most 2000 cycles)."""
-    onehot = torch.nn.functional.one_hot(cmt, x0.shape[1]).to(x0.dtype)
-    x = x0
-    for _ in range(2000):
-        prev = x
-        x = _cycle(model, p, x, onehot, amt, rate, dur, ii, sel, ctx, tol)
-        change = ((x - prev).abs() / (x.abs() + tol[1])).max()
-        if change < 1e-10:
-            break
+    """State at the (un-lagged) time of a steady-state dose record, for subjects ``sel``: the regimen has been
+    given every II forever, the last past dose ``II - lag`` h ago.
+
+    The trough is the fixed point x = Phi(x) of the dose-cycle map Phi, found by Newton's method with a
+    finite-difference Jacobian (exact in one step for linear models). The last Newton step is taken with the
+    iterate and the Jacobian detached, so its gradient is the implicit-function gradient
+    (I - J)^-1 dPhi/dtheta rather than a derivative of the iterations."""
+    n, s = x0.shape
+    onehot = torch.nn.functional.one_hot(cmt, s).to(x0.dtype)
+    eye = torch.eye(s, dtype=x0.dtype, device=x0.device).expand(n, s, s)
+    selm = sel.unsqueeze(-1).unsqueeze(-1)
+
+    def phi(x):
+        return _cycle(model, p, x, onehot, amt, rate, dur, ii, sel, ctx, tol)
+
+    def jacobian(x):
+        fx = phi(x)
+        cols = []
+        for j in range(s):
+            h = 1e-7 * (x[:, j].abs() + x.abs().amax(-1) + 1e-3)
+            xp = x.clone()
+            xp[:, j] = xp[:, j] + h
+            cols.append((phi(xp) - fx) / h.unsqueeze(-1))
+        return torch.where(selm, torch.stack(cols, -1), torch.zeros_like(eye)), fx
+
+    with torch.no_grad():
+        x = x0.detach()
+        for _ in range(30):
+            jac, fx = jacobian(x)
+            step = torch.linalg.solve(eye - jac, (x - fx).unsqueeze(-1)).squeeze(-1)
+            x = x - step
+            if (step.abs() / (x.abs() + tol[1])).max() < 1e-11:
+                break
+        jac, _ = jacobian(x)
+    x = x - torch.linalg.solve(eye - jac, (x - phi(x)).unsqueeze(-1)).squeeze(-1)
     # trough (just before a lagged dose) -> state ``lag`` h earlier = ``II - lag`` h after the previous dose
     if bool((lag[sel] > 0).any()):
         before = _cycle(model, p, x, onehot, amt, rate, dur, ii - lag, sel, ctx, tol)

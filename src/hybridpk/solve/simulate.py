@@ -69,7 +69,8 @@ def as_parameters(model, params, batch) -> dict:
     for k, v in params.items():
         if k not in names:
             continue
-        t = torch.as_tensor(v, dtype=dtype, device=device) if not isinstance(v, torch.Tensor) else v.to(device)
+        t = torch.tensor(np.asarray(v, dtype=float), dtype=dtype, device=device) if not isinstance(v, torch.Tensor) \
+            else v.to(device)
         if t.dim() == 0:
             t = t.expand(n)
         if t.shape != (n,):

@@ -1,0 +1,41 @@
+"""hybridpk models: list the model library with parameters and units."""
+
+from __future__ import annotations
+
+from ._common import ManualFormatter
+
+HELP = """\
+List the compartment models of the library, with their compartments (NONMEM CMT numbers), which
+compartment receives doses (CMT 0 in the data means that one) and which is observed, whether the
+exact closed-form solution is used, and each parameter with its unit, meaning, typical value and bounds.
+
+Units assume doses in mg and time in h (concentrations in mg/L). F and ALAG act on doses into the
+default dose compartment (NONMEM's F1/ALAG1) and default to 1 and 0.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("models", help="list the models and their parameters", description=HELP,
+                       epilog="examples:\n  hybridpk models\n  hybridpk models 2cmt_iv\n  hybridpk models --json\n",
+                       formatter_class=ManualFormatter)
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import json
+
+    from hybridpk.models import MODELS, get_model
+
+    models = [get_model(n) for n in args.names] if args.names else list(MODELS.values())
+    if args.json:
+        print(json.dumps({m.name: {"description": m.description, "compartments": list(m.compartments),
+                                   "dose_cmt": m.dose_cmt, "obs_cmt": m.obs_cmt, "closed_form": m.linear,
+                                   "parameters": {p.name: {"unit": p.unit, "description": p.description,
+                                                           "typical": p.typical, "lower": p.lower,
+                                                           "upper": p.upper} for p in m.parameters}}
+                          for m in models}, indent=2))
+    else:
+        print("\n\n".join(m.describe() for m in models))
+    return 0
