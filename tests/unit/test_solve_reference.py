@@ -84,16 +84,17 @@ def test_model_matches_scipy_reference(name):
     ds = dataset(model, regs)
     ref = reference_by_subject(name, regs, PARAMS[name])
     b = ds.to_batch()
-    paths = ["closed_form", "ode"] if model.linear else ["ode"]
+    # closed form (linear models), hybridpk's per-subject dp5, and torchdiffeq's dopri5
+    paths = ([("closed_form", None)] if model.linear else []) + [("ode", "dp5"), ("ode", "dopri5")]
     results = {}
-    for method in paths:
-        pred = simulate(model, PARAMS[name], b, method=method, rtol=1e-10, atol=1e-12)
+    for method, solver in paths:
+        pred = simulate(model, PARAMS[name], b, method=method, solver=solver or "dp5", rtol=1e-10, atol=1e-12)
         got = obs_matrix(pred, ds)
         for i, sid in enumerate(regs):
-            check_close(got[i], ref[sid], f"{name} {method} subject {sid}")
-        results[method] = got
-    if model.linear:
-        check_close(results["closed_form"].ravel(), results["ode"].ravel(), f"{name} closed form vs ODE")
+            check_close(got[i], ref[sid], f"{name} {method} {solver} subject {sid}")
+        results[(method, solver)] = got
+    for key in paths[1:]:
+        check_close(results[paths[0]].ravel(), results[key].ravel(), f"{name} {paths[0]} vs {key}")
 
 
 @pytest.mark.parametrize("name,infusion", [("1cmt_oral", False), ("2cmt_iv", True), ("2cmt_iv", False),

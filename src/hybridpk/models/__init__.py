@@ -40,6 +40,7 @@ def get_model(name: str | CompartmentModel) -> CompartmentModel:
 
 
 def list_models() -> list[str]:
+    """Names of every model in the library, in registration order."""
     return list(MODELS)
 
 

@@ -88,15 +88,17 @@ def dose_events(model, p: dict, batch) -> DoseEvents:
     reset_time = torch.where(reset_mask, batch.dose_time, inf)
     reset_key = torch.where(reset_mask, batch.dose_row.to(time.dtype) - 0.75, inf)
     # for each dose, the first reset strictly after it (in (time, key) order)
-    later = (reset_time.unsqueeze(1) > batch.dose_time.unsqueeze(2)) | (
-        (reset_time.unsqueeze(1) == batch.dose_time.unsqueeze(2)) & (reset_key.unsqueeze(1) > key.unsqueeze(2)))
-    later = later & reset_mask.unsqueeze(1)
-    cand_t = torch.where(later, reset_time.unsqueeze(1).expand_as(later), torch.full_like(later, float("inf"),
-                                                                                       dtype=time.dtype))
-    cut_time, arg = cand_t.min(-1)
-    cand_k = torch.where(later & (cand_t == cut_time.unsqueeze(-1)), reset_key.unsqueeze(1).expand_as(later),
-                         torch.full_like(later, float("inf"), dtype=time.dtype))
-    cut_key = cand_k.min(-1).values
+    if bool(reset_mask.any()):
+        later = (reset_time.unsqueeze(1) > batch.dose_time.unsqueeze(2)) | (
+            (reset_time.unsqueeze(1) == batch.dose_time.unsqueeze(2)) & (reset_key.unsqueeze(1) > key.unsqueeze(2)))
+        later = later & reset_mask.unsqueeze(1)
+        big = torch.full_like(later, float("inf"), dtype=time.dtype)
+        cand_t = torch.where(later, reset_time.unsqueeze(1).expand_as(later), big)
+        cut_time = cand_t.min(-1).values
+        cand_k = torch.where(later & (cand_t == cut_time.unsqueeze(-1)), reset_key.unsqueeze(1).expand_as(later), big)
+        cut_key = cand_k.min(-1).values
+    else:
+        cut_time = cut_key = inf
     return DoseEvents(time=time, amt=amt, cmt=idx, rate=rate, duration=duration, key=key, ss=ss, ii=ii,
                       cut_time=cut_time, cut_key=cut_key, reset_time=reset_time, reset_key=reset_key,
                       reset_mask=reset_mask, active=active, default_route=default)
@@ -107,8 +109,10 @@ def applies(ev: DoseEvents, rec_time, rec_key):
     td, kd = ev.time.unsqueeze(1), ev.key.unsqueeze(1)
     tr, kr = rec_time.unsqueeze(2), rec_key.unsqueeze(2)
     after = (tr > td) | ((tr == td) & (kr > kd))
-    before_cut = (tr < ev.cut_time.unsqueeze(1)) | ((tr == ev.cut_time.unsqueeze(1)) & (kr < ev.cut_key.unsqueeze(1)))
-    return after & before_cut & ev.active.unsqueeze(1)
+    if bool(ev.reset_mask.any()):
+        after = after & ((tr < ev.cut_time.unsqueeze(1)) | ((tr == ev.cut_time.unsqueeze(1))
+                                                             & (kr < ev.cut_key.unsqueeze(1))))
+    return after & ev.active.unsqueeze(1)
 
 
 def applies_ss(ev: DoseEvents, batch, rec_time, rec_key):

@@ -73,7 +73,8 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
     if rec_time is None:
         rec_time, rec_key = batch.time, batch.row.to(batch.time.dtype)
     on = applies(ev, rec_time, rec_key)                                   # (N, R, D)
-    on_ss = applies_ss(ev, batch, rec_time, rec_key)                      # past doses of an SS regimen
+    any_ss = bool((ev.active & (ev.ss > 0)).any())
+    on_ss = applies_ss(ev, batch, rec_time, rec_key) if any_ss else torch.zeros_like(on)  # past SS doses
     s_raw = rec_time.unsqueeze(2) - ev.time.unsqueeze(1)
     s = torch.where(on, s_raw, torch.zeros_like(s_raw))
     dur = ev.duration.unsqueeze(1)
@@ -93,18 +94,29 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
     x_ss_inf = torch.where(ss, (s_raw - dur + ii).clamp(min=0.0), zero)  # all complete: dur + ALAG <= II
     ii_ss = torch.where(ss, ii.expand_as(s), zero)
 
+    any_inf = bool(infusion.any())
+    any_bolus = bool((~infusion & on).any())
+
     def response(mu):
-        """Time functions (N, R, D, M) per unit amount (bolus) or unit rate (infusion), decay rates mu."""
+        """Time functions (N, R, D, M) per unit amount (bolus) or unit rate (infusion), decay rates mu.
+        Only the parts the batch needs are computed (no steady state, infusion or bolus: skipped)."""
         m = mu[:, None, None, :]
         now = on.unsqueeze(-1)
-        bolus = torch.where(now, e(mu, s), torch.zeros_like(m * s.unsqueeze(-1)))
-        infu = (e(mu, after_end) - e(mu, s)) / m
-        denom = 1.0 - e(mu, ii_ss)
-        geo = torch.where(ss.unsqueeze(-1), 1.0 / torch.where(ss.unsqueeze(-1), denom, torch.ones_like(denom)),
-                          torch.zeros_like(denom))
-        bol = bolus + e(mu, x_ss_bolus) * geo
-        inf = infu + (e(mu, x_ss_inf) - e(mu, x_ss_bolus)) / m * geo
-        return torch.where(infusion.unsqueeze(-1), inf, bol)
+        es = e(mu, s)
+        out = torch.where(now, es, torch.zeros_like(es)) if any_bolus else None
+        if any_ss:
+            denom = 1.0 - e(mu, ii_ss)
+            geo = torch.where(ss.unsqueeze(-1), 1.0 / torch.where(ss.unsqueeze(-1), denom, torch.ones_like(denom)),
+                              torch.zeros_like(denom))
+            e_ss = e(mu, x_ss_bolus)
+            if any_bolus:
+                out = out + e_ss * geo
+        if any_inf:
+            inf = (e(mu, after_end) - es) / m
+            if any_ss:
+                inf = inf + (e(mu, x_ss_inf) - e_ss) / m * geo
+            out = inf if out is None else torch.where(infusion.unsqueeze(-1), inf, out)
+        return out
 
     amount = torch.where(infusion, ev.rate.unsqueeze(1).expand_as(s), ev.amt.unsqueeze(1).expand_as(s))
     amount = torch.where(on | on_ss, amount, torch.zeros_like(amount))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torchdiffeq import odeint
 
+from ._dp5 import march
 from ._events import dose_events
 
 # event kinds
@@ -112,9 +113,13 @@ def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
     return x
 
 
-def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dopri5", max_steps=100_000,
+def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=100_000,
           return_amounts=False):
-    """Concentrations (N, R) at every record, and amounts (N, R, S) if asked, by event-to-event integration."""
+    """Concentrations (N, R) at every record, and amounts (N, R, S) if asked, by event-to-event integration.
+
+    ``method``: "dp5" (default: hybridpk's batched Dormand-Prince with per-subject steps, see ``_dp5``) or
+    any torchdiffeq method name ("dopri5", "bosh3", "rk4", ...), which integrates all subjects together in
+    local time between consecutive events."""
     ev = dose_events(model, p, batch)
     dtype, device = batch.time.dtype, batch.time.device
     n, r = batch.time.shape
@@ -169,31 +174,22 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dopri5", max_ste
     last = torch.where(valid, times, torch.full_like(times, -float("inf"))).max(1).values
     times = torch.where(valid, times, last.unsqueeze(-1))
 
-    # ---- march
-    a = model.initial_state(p, batch.time)
-    x0 = a
-    rate = torch.zeros_like(a)
-    alive = torch.zeros(n, d, dtype=torch.bool, device=device)
+    # ---- state and event actions (shared by both marchers)
+    st = _State(a=model.initial_state(p, batch.time), n=n, d=d, r=r, model=model, dtype=dtype, device=device,
+                return_amounts=return_amounts)
+    x0 = st.a
     onehot = torch.nn.functional.one_hot(ev.cmt.clamp(min=0), model.n_states).to(dtype)   # (N, D, S)
-    out_c = [None] * r
-    out_a = [None] * r
-    rec_c = torch.zeros(n, r, dtype=dtype, device=device)
-    rec_a = torch.zeros(n, r, model.n_states, dtype=dtype, device=device) if return_amounts else None
-    t_prev = times[:, 0]
-    tol = (rtol, atol, method, max_steps)
+    tol = (rtol, atol, "dopri5" if method == "dp5" else method, max_steps)
     ar = torch.arange(n, device=device)
-    del out_c, out_a
-    for j in range(n_events):
-        tj = times[:, j]
-        a = _integrate(model, p, a, rate, t_prev, tj, ctx, *tol)
-        t_prev = tj
-        kind, idx, ok = kinds[:, j], index[:, j], valid[:, j]
-        # resets (EVID 3/4, SS=1): back to the initial state, infusions stop
+
+    def apply_event(a, j, ok):
+        """Apply event j (N,) (column of the event table) for the subjects in ``ok``; returns amounts."""
+        kind, idx = kinds[ar, j], index[ar, j]
         m_reset = ok & (kind == RESET)
-        if m_reset.any():
+        if m_reset.any():   # EVID 3/4 and SS=1: back to the initial state, infusions stop
             a = torch.where(m_reset.unsqueeze(-1), x0, a)
-            rate = torch.where(m_reset.unsqueeze(-1), torch.zeros_like(rate), rate)
-            alive = alive & ~m_reset.unsqueeze(-1)
+            st.rate = torch.where(m_reset.unsqueeze(-1), torch.zeros_like(st.rate), st.rate)
+            st.alive = st.alive & ~m_reset.unsqueeze(-1)
         didx = idx.clamp(max=d - 1)
         oh = onehot[ar, didx]                                                   # (N, S)
         ss_here = ok & (kind == SS_START)
@@ -204,23 +200,50 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dopri5", max_ste
                                 lag)
             add2 = ss_here & (ev.ss[ar, didx] == 2)
             a = torch.where(add2.unsqueeze(-1), a + xss - x0, torch.where(ss_here.unsqueeze(-1), xss, a))
+        zero = torch.zeros(n, dtype=dtype, device=device)
         m_bolus = ok & (kind == BOLUS)
         if m_bolus.any():
-            a = a + oh * torch.where(m_bolus, ev.amt[ar, didx], torch.zeros_like(tj)).unsqueeze(-1)
+            a = a + oh * torch.where(m_bolus, ev.amt[ar, didx], zero).unsqueeze(-1)
         m_start = ok & (kind == INF_START)
         if m_start.any():
-            rate = rate + oh * torch.where(m_start, ev.rate[ar, didx], torch.zeros_like(tj)).unsqueeze(-1)
-            alive = alive | (torch.nn.functional.one_hot(didx, d).bool() & m_start.unsqueeze(-1))
+            st.rate = st.rate + oh * torch.where(m_start, ev.rate[ar, didx], zero).unsqueeze(-1)
+            st.alive = st.alive | (torch.nn.functional.one_hot(didx, d).bool() & m_start.unsqueeze(-1))
         m_end = ok & (kind == INF_END)
         if m_end.any():
-            still = alive[ar, didx] & m_end
-            rate = rate - oh * torch.where(still, ev.rate[ar, didx], torch.zeros_like(tj)).unsqueeze(-1)
-            alive = alive & ~(torch.nn.functional.one_hot(didx, d).bool() & still.unsqueeze(-1))
+            still = st.alive[ar, didx] & m_end
+            st.rate = st.rate - oh * torch.where(still, ev.rate[ar, didx], zero).unsqueeze(-1)
+            st.alive = st.alive & ~(torch.nn.functional.one_hot(didx, d).bool() & still.unsqueeze(-1))
         m_rec = ok & (kind == RECORD)
         if m_rec.any():
-            ridx = idx.clamp(max=r - 1)
-            sel = torch.nn.functional.one_hot(ridx, r).to(dtype) * m_rec.to(dtype).unsqueeze(-1)   # (N, R)
-            rec_c = rec_c + sel * model.observe(a, p).unsqueeze(-1)
+            sel = torch.nn.functional.one_hot(idx.clamp(max=r - 1), r).to(dtype) * m_rec.to(dtype).unsqueeze(-1)
+            st.rec_c = st.rec_c + sel * model.observe(a, p).unsqueeze(-1)
             if return_amounts:
-                rec_a = rec_a + sel.unsqueeze(-1) * a.unsqueeze(1)
-    return rec_c, rec_a
+                st.rec_a = st.rec_a + sel.unsqueeze(-1) * a.unsqueeze(1)
+        return a
+
+    if method == "dp5":
+        def f(t, y, mid):
+            ctx.segment_mid = mid
+            return model.rhs(t, y, p, st.rate, ctx)
+
+        march(f, st.a, times, valid.sum(1), apply_event, rtol, atol, max_steps)
+    else:  # torchdiffeq, all subjects in local time from their event j-1 to event j
+        a = st.a
+        t_prev = times[:, 0]
+        for j in range(n_events):
+            tj = times[:, j]
+            a = _integrate(model, p, a, st.rate, t_prev, tj, ctx, *tol)
+            t_prev = tj
+            a = apply_event(a, torch.full((n,), j, dtype=torch.long, device=device), valid[:, j])
+    return st.rec_c, st.rec_a
+
+
+class _State:
+    """Mutable solver state: input rates, live infusions, and the outputs collected at records."""
+
+    def __init__(self, a, n, d, r, model, dtype, device, return_amounts):
+        self.a = a
+        self.rate = torch.zeros_like(a)
+        self.alive = torch.zeros(n, d, dtype=torch.bool, device=device)
+        self.rec_c = torch.zeros(n, r, dtype=dtype, device=device)
+        self.rec_a = torch.zeros(n, r, model.n_states, dtype=dtype, device=device) if return_amounts else None

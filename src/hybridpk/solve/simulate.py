@@ -86,6 +86,9 @@ def as_parameters(model, params, batch) -> dict:
 
 
 def _bad_parameters(model, p) -> dict[int, str]:
+    values = torch.stack([p[spec.name].detach() for spec in model.parameters])
+    if bool((torch.isfinite(values) & (values >= 0)).all()):
+        return {}
     bad = {}
     for spec in model.parameters:
         v = p[spec.name].detach()
@@ -98,7 +101,7 @@ def _bad_parameters(model, p) -> dict[int, str]:
 
 
 def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, atol: float = 1e-10,
-             solver: str = "dopri5", throw: bool = True, return_amounts: bool = False) -> Prediction:
+             solver: str = "dp5", throw: bool = True, return_amounts: bool = False) -> Prediction:
     """Predict concentrations at every record of every subject.
 
     Parameters
@@ -108,7 +111,9 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
         scalars (shared), arrays/tensors of shape (N,), or a table with ID and one column per parameter
     batch : EventBatch  from ``Dataset.to_batch()``
     method : "auto" (closed form for linear models, else ODE), "closed_form" or "ode"
-    rtol, atol : ODE tolerances (per subject, max norm); solver : torchdiffeq method (default dopri5)
+    rtol, atol : ODE tolerances (per subject, max norm)
+    solver : "dp5" (default; batched Dormand-Prince 5(4) with per-subject step control and events) or a
+        torchdiffeq method ("dopri5", "bosh3", "rk4", ...: all subjects in local time between events)
     throw : raise SolverError when any subject fails (default); if False, failed subjects get NaN and are
         listed in ``Prediction.failures`` while the others are returned normally
     return_amounts : also return compartment amounts (forces the ODE path)
