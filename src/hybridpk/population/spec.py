@@ -1,0 +1,226 @@
+"""The statistical model: THETA (natural scale), log-normal ETA ~ N(0, OMEGA), covariates, residual error.
+
+A :class:`PopulationModel` joins a structural model (from :mod:`hybridpk.models`) with a function that
+turns (THETA, ETA, covariates) into individual parameters, as NONMEM's $PK does, and an error model.
+Build one with :func:`build_model` (named options) or from a NONMEM control stream
+(:mod:`hybridpk.population.nonmem`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import ModelError
+from ..models import get_model
+
+__all__ = ["Theta", "ErrorModel", "PopulationModel", "CovariateEffect", "build_model", "parse_covariate"]
+
+
+@dataclass(frozen=True)
+class Theta:
+    """A fixed effect on its natural scale, with NONMEM-style bounds (lower, upper) and optional FIX."""
+
+    name: str
+    init: float
+    lower: float = 0.0
+    upper: float = math.inf
+    fixed: bool = False
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class ErrorModel:
+    """Residual error: additive (SD in concentration units), proportional (SD as a fraction) or combined.
+
+    Var(DV | IPRED) = ADD^2 + (PROP * IPRED)^2; ``ltbs`` fits log(DV) with an additive error on the log scale.
+    """
+
+    kind: str = "proportional"
+    add: float = 0.5
+    prop: float = 0.1
+    ltbs: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("additive", "proportional", "combined"):
+            raise ModelError(f"error model must be additive, proportional or combined, not {self.kind!r}")
+
+    @property
+    def names(self) -> tuple:
+        return {"additive": ("ADD",), "proportional": ("PROP",), "combined": ("ADD", "PROP")}[self.kind]
+
+    def init_values(self) -> dict:
+        return {"ADD": self.add, "PROP": self.prop}
+
+    def variance(self, f, sd: dict):
+        """Residual variance (same shape as f) from SDs {"ADD": ..., "PROP": ...} (tensors)."""
+        v = torch.zeros_like(f)
+        if "ADD" in sd:
+            v = v + sd["ADD"] ** 2
+        if "PROP" in sd and not self.ltbs:
+            v = v + (sd["PROP"] * f) ** 2
+        return v
+
+
+@dataclass(frozen=True)
+class CovariateEffect:
+    """How a covariate acts on a typical value: power (COV/REF)^THETA, linear 1 + THETA (COV - REF),
+    categorical (1 + THETA)^(COV == level), or exponential exp(THETA (COV - REF)). ``exponent`` fixes
+    the power instead of estimating it."""
+
+    parameter: str
+    covariate: str
+    kind: str = "power"
+    reference: float | None = None
+    exponent: float | None = None
+    level: float = 1.0
+
+    @property
+    def theta_name(self) -> str:
+        return f"{self.parameter}_{self.covariate}"
+
+    def factor(self, value, theta):
+        ref = self.reference
+        if self.kind == "power":
+            e = theta if self.exponent is None else self.exponent
+            return (value / ref) ** e
+        if self.kind == "linear":
+            return 1.0 + theta * (value - ref)
+        if self.kind == "exponential":
+            return torch.exp(theta * (value - ref))
+        if self.kind == "categorical":
+            return torch.where(value == self.level, 1.0 + theta, torch.ones_like(value))
+        raise ModelError(f"unknown covariate effect {self.kind!r}")
+
+
+def parse_covariate(text: str, reference: dict | None = None) -> CovariateEffect:
+    """'CL~WT' (power, reference = median), 'CL~WT:power:70', 'CL~WT:power:70:0.75' (fixed exponent),
+    'CL~CRCL:linear:90', 'V~SEX:categorical:1' (effect when SEX == 1), 'CL~AGE:exponential:40'."""
+    try:
+        par, rest = text.split("~", 1)
+        parts = rest.split(":")
+        cov = parts[0].strip()
+        kind = parts[1].strip().lower() if len(parts) > 1 and parts[1].strip() else "power"
+        kind = {"pow": "power", "lin": "linear", "cat": "categorical", "exp": "exponential"}.get(kind, kind)
+        ref = float(parts[2]) if len(parts) > 2 and parts[2].strip() else None
+        expo = float(parts[3]) if len(parts) > 3 and parts[3].strip() else None
+    except (ValueError, IndexError):
+        raise ModelError(f"cannot read covariate effect {text!r}; write e.g. 'CL~WT', 'CL~WT:power:70:0.75', "
+                         "'CL~CRCL:linear:90' or 'V~SEX:categorical:1'") from None
+    if kind not in ("power", "linear", "categorical", "exponential"):
+        raise ModelError(f"covariate effect kind must be power, linear, categorical or exponential, not {kind!r}")
+    if kind == "categorical":
+        return CovariateEffect(par.strip().upper(), cov, kind, None, None, ref if ref is not None else 1.0)
+    if ref is None and reference is not None:
+        ref = reference.get(cov)
+    return CovariateEffect(par.strip().upper(), cov, kind, ref, expo)
+
+
+@dataclass(frozen=True)
+class PopulationModel:
+    """Structural model + THETA + OMEGA + error model + the $PK-like map to individual parameters.
+
+    ``individual(theta, eta, cov)`` gets ``theta`` {name: scalar tensor}, ``eta`` (N, K) and ``cov``
+    {covariate: (N,) tensor at baseline}, and returns {parameter: (N,) tensor} on the natural scale.
+    """
+
+    structural: object
+    thetas: tuple
+    etas: tuple
+    omega_init: tuple
+    error: ErrorModel
+    individual: Callable = field(repr=False)
+    covariates: tuple = ()
+    effects: tuple = ()
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def theta_names(self) -> tuple:
+        return tuple(t.name for t in self.thetas)
+
+    @property
+    def n_eta(self) -> int:
+        return len(self.etas)
+
+
+def build_model(model, *, iiv=None, covariates=(), error="proportional", initial: dict | None = None,
+                data=None, fixed: dict | None = None) -> PopulationModel:
+    """A population model from named options, as the CLI builds it.
+
+    Parameters
+    ----------
+    model : str  structural model name (``hybridpk models``)
+    iiv : list of str  parameters with log-normal IIV (default: every parameter except F, ALAG and, for
+        mechanistic models, those without one by convention); ETA names are ETA_<param>
+    covariates : list of str or CovariateEffect  e.g. ['CL~WT'] (see :func:`parse_covariate`)
+    error : 'additive', 'proportional' or 'combined'
+    initial : dict  initial typical values {param: value} (defaults: the model's typical values)
+    data : Dataset  used for covariate reference values (medians) when not given
+    fixed : dict  parameters fixed at a value (e.g. {"F": 1.0}); not estimated
+    """
+    sm = get_model(model)
+    fixed = dict(fixed or {})
+    est = [p for p in sm.parameters if p.name not in ("F", "ALAG") and p.name not in fixed]
+    initial = {k.upper(): v for k, v in (initial or {}).items()}
+    unknown = [k for k in list(initial) + list(iiv or []) if k not in sm.parameter_names]
+    if unknown:
+        raise ModelError(f"model {sm.name} has no parameter(s) {', '.join(unknown)}; it has "
+                         f"{', '.join(sm.parameter_names)}")
+    for k in initial:
+        if k in ("F", "ALAG") and k not in fixed:
+            est.append(next(p for p in sm.parameters if p.name == k))
+    iiv = [p.upper() for p in (iiv if iiv is not None else [p.name for p in est if p.name not in ("TMEAL",
+                                                                                                   "MEALII")])]
+    medians = {}
+    if data is not None:
+        df = data.to_dataframe()
+        first = df.groupby("ID", sort=False).first()
+        medians = {c: float(first[c].median()) for c in data.covariates}
+    effects = [c if isinstance(c, CovariateEffect) else parse_covariate(c, medians) for c in covariates]
+    for e in effects:
+        if e.parameter not in sm.parameter_names:
+            raise ModelError(f"covariate effect on {e.parameter}: model {sm.name} has no such parameter")
+        if data is not None and e.covariate not in data.covariates:
+            raise ModelError(f"covariate {e.covariate} is not a covariate of the dataset (it has "
+                             f"{', '.join(data.covariates) or 'none'})")
+        if e.kind != "categorical" and e.reference is None:
+            raise ModelError(f"covariate effect {e.parameter}~{e.covariate} needs a reference value")
+    thetas = [Theta(p.name, float(initial.get(p.name, p.typical)), lower=0.0 if p.lower >= 0 else -math.inf,
+                    unit=p.unit) for p in est]
+    for e in effects:
+        if e.kind == "power" and e.exponent is not None:
+            continue
+        init = {"power": 0.75 if e.parameter in ("CL", "Q", "Q3") else 1.0, "linear": 0.01, "categorical": 0.1,
+                "exponential": 0.01}[e.kind]
+        thetas.append(Theta(e.theta_name, init, lower=-0.99 if e.kind == "categorical" else -math.inf))
+    etas = tuple(f"ETA_{p}" for p in iiv)
+    est_names = [p.name for p in est]
+    missing_iiv = [p for p in iiv if p not in est_names]
+    if missing_iiv:
+        raise ModelError(f"IIV requested on {', '.join(missing_iiv)}, which is not estimated")
+    eta_index = {p: k for k, p in enumerate(iiv)}
+    cov_names = tuple(sorted({e.covariate for e in effects}))
+
+    def individual(theta, eta, cov):
+        n = eta.shape[0]
+        out = {}
+        for name in est_names:
+            v = theta[name].expand(n)
+            for e in effects:
+                if e.parameter == name:
+                    v = v * e.factor(cov[e.covariate], theta.get(e.theta_name))
+            if name in eta_index:
+                v = v * torch.exp(eta[:, eta_index[name]])
+            out[name] = v
+        for name, value in fixed.items():
+            out[name] = torch.full((n,), float(value), dtype=eta.dtype, device=eta.device)
+        return out
+
+    omega = tuple(0.09 for _ in etas)
+    kind = error if isinstance(error, str) else error.kind
+    err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
+    return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
+                           individual=individual, covariates=cov_names, effects=tuple(effects))
