@@ -11,7 +11,7 @@ import sys
 
 from ._common import EXIT_BAD_INPUT, ManualFormatter, fail
 
-_COMMANDS = ("check", "models", "simulate", "demo")
+_COMMANDS = ("check", "models", "simulate", "fit", "predict", "demo")
 
 DESCRIPTION = """\
 hybridpk: mechanistic population-PK models with a VAE residual.
@@ -27,6 +27,8 @@ examples:
   hybridpk check theoph              the same, on a bundled example dataset
   hybridpk models                    list the compartment models and their parameters
   hybridpk simulate theoph --model 1cmt_oral --params params.csv --out ipred.csv
+  hybridpk fit theoph --model 1cmt_oral --iiv KA,CL,V --error additive --out runs/theoph
+  hybridpk predict runs/theoph new.csv --out pred.csv
   hybridpk demo                      the main demonstration on bundled data
 
 exit status: 0 success, 2 bad input (every problem is listed), 1 internal error.

@@ -157,8 +157,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
             return math.inf, np.zeros_like(xv), eta
         if need_grad:
             (g,) = torch.autograd.grad(ofv, x)
-            return float(ofv), g.numpy(), eta
-        return float(ofv), None, eta
+            return float(ofv.detach()), g.numpy(), eta
+        return float(ofv.detach()), None, eta
 
     def fun(xv):
         ofv, g, eta = evaluate(xv)

@@ -30,6 +30,12 @@ class Problem:
 
     def __init__(self, pm, dataset, method="auto", rtol=1e-8, atol=1e-10):
         self.pm = pm
+        missing = [c for c in pm.covariates if c not in dataset.to_dataframe().columns]
+        if missing:
+            from ..errors import DatasetError
+
+            raise DatasetError(f"the model uses covariate(s) {', '.join(missing)}, which the dataset lacks "
+                               f"(it has {', '.join(dataset.covariates) or 'none'})", dataset.source)
         self.batch = dataset.to_batch(covariates=list(pm.covariates))
         b = self.batch
         self.cov = {c: b.cov_baseline[:, k] for k, c in enumerate(b.covariate_names)}

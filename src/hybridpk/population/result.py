@@ -72,17 +72,25 @@ class FitResult:
                 i += 1
             params[t.name] = {"estimate": est, "se": s, "rse": (100 * s / abs(est)) if s and est else None,
                               "fixed": t.fixed}
+        labels = getattr(pm, "labels", {}) or {}
         om = {}
+        omega_names = labels.get("omega_names") or list(pm.etas)
         for j, name in enumerate(pm.etas):
             var = float(omega[j, j])
             s = float(se[i + j]) if se is not None else None
-            om[name] = {"variance": var, "se": s, "cv_percent": 100 * math.sqrt(math.expm1(var))}
+            om[omega_names[j]] = {"variance": var, "se": s, "cv_percent": 100 * math.sqrt(math.expm1(var)),
+                                  "eta": name}
         i += pm.n_eta
         sig = {}
+        nm_sigma = labels.get("sigma_names")   # NONMEM imports: SIGMA is the variance of EPS
         for j, name in enumerate(pack.sigma_names):
             est = float(sd[name])
             s = float(se[i + j]) if se is not None else None
-            sig[name] = {"estimate": est, "se": s, "variance": est * est}
+            if nm_sigma:
+                sig[nm_sigma[name]] = {"estimate": est * est, "se": 2 * est * s if s is not None else None,
+                                       "sd": est, "type": name}
+            else:
+                sig[name] = {"estimate": est, "se": s, "variance": est * est}
         ids = list(dataset.ids)
         ind = pd.DataFrame({"ID": ids})
         for j, name in enumerate(pm.etas):
@@ -133,8 +141,8 @@ class FitResult:
         atomic_write_text(run / "predictions.csv", self.predictions.to_csv(index=False))
         model = {"format": "hybridpk-population-model", "version": 1, "spec": self.spec,
                  "theta": {k: v["estimate"] for k, v in self.parameters.items()},
-                 "omega": {k: v["variance"] for k, v in self.omega.items()},
-                 "sigma": {k: v["estimate"] for k, v in self.sigma.items()}}
+                 "omega": [v["variance"] for v in self.omega.values()],
+                 "sigma_sd": {v.get("type", k): v.get("sd", v["estimate"]) for k, v in self.sigma.items()}}
         atomic_write_text(run / "model.json", json.dumps(model, indent=2))
         atomic_write_text(run / "summary.json", json.dumps(self.summary(), indent=2, default=_json_default))
         return run

@@ -222,5 +222,23 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     omega = tuple(0.09 for _ in etas)
     kind = error if isinstance(error, str) else error.kind
     err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
+    spec = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "fixed": fixed,
+            "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
+                            "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
-                           individual=individual, covariates=cov_names, effects=tuple(effects))
+                           individual=individual, covariates=cov_names, effects=tuple(effects),
+                           labels={"spec": spec})
+
+
+def model_from_spec(spec: dict) -> PopulationModel:
+    """Rebuild a PopulationModel from the ``spec`` saved in a run's model.json (plain data)."""
+    kind = spec.get("kind")
+    if kind == "build":
+        effects = [CovariateEffect(**e) for e in spec.get("covariates", [])]
+        return build_model(spec["model"], iiv=spec["iiv"], covariates=effects, error=spec["error"],
+                           fixed=spec.get("fixed") or {})
+    if kind == "nonmem":
+        from .nonmem import read_control_stream
+
+        return read_control_stream(spec["control_stream"])[0]
+    raise ModelError(f"unknown model spec kind {kind!r} in model.json")

@@ -53,7 +53,9 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
     unknown = [k for k in list(typical) + list(omega) if k not in model.parameter_names]
     if unknown:
         raise ModelError(f"model {model.name} has no parameter(s) {', '.join(unknown)}")
-    rng = np.random.default_rng(seed)
+    # a stream of its own (not the design's), so that a design and a simulation made with the same seed
+    # do not draw the same random numbers (which would correlate ETAs with covariates or sampling times)
+    rng = np.random.default_rng([int(seed), 0x51])
     ids = design.ids
     n = len(ids)
     base = design.to_dataframe()
@@ -100,7 +102,7 @@ def make_design(n_subjects: int, doses: list[dict], times, *, covariates: dict |
     """
     from ..data.dataset import read_nonmem
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([int(seed), 0xDE])
     cov_values = {k: np.asarray(f(rng, n_subjects), dtype=float) for k, f in (covariates or {}).items()}
     rows = []
     for i in range(n_subjects):

@@ -1,0 +1,48 @@
+"""Predictions of a fitted population model for (new) patients: EBEs from their own data, then IPRED."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from .focei import Problem
+from .result import load_model_file
+from .spec import model_from_spec
+
+__all__ = ["load_fit", "predict_population"]
+
+
+def load_fit(run_dir):
+    """(PopulationModel, theta, omega, sd) from a run folder written by ``hybridpk fit`` (JSON only)."""
+    data = load_model_file(run_dir)
+    pm = model_from_spec(data["spec"])
+    theta = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in data["theta"].items()}
+    omega = torch.diag(torch.tensor(data["omega"], dtype=torch.float64)) if data["omega"] else \
+        torch.zeros(0, 0, dtype=torch.float64)
+    sd = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in data["sigma_sd"].items()}
+    return pm, theta, omega, sd
+
+
+def predict_population(run_dir, dataset) -> pd.DataFrame:
+    """ID, TIME, DV, MDV, PRED (ETA = 0), IPRED (ETAs estimated from each subject's observations; 0 for a
+    subject without observations) and the ETAs, for every record of ``dataset``."""
+    pm, theta, omega, sd = load_fit(run_dir)
+    prob = Problem(pm, dataset)
+    n, k = dataset.n_subjects, pm.n_eta
+    eta0 = torch.zeros(n, k, dtype=torch.float64)
+    eta = prob.ebe(theta, torch.linalg.inv(omega), sd, eta0) if k else eta0
+    with torch.no_grad():
+        pred = prob.predict(theta, eta0)
+        ipred = prob.predict(theta, eta)
+    b = prob.batch
+    m = b.record_mask
+    rows = b.row[m].numpy()
+    order = rows.argsort()
+    df = dataset.to_dataframe()
+    out = pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
+                        "MDV": df.MDV.to_numpy(), "PRED": pred[m].numpy()[order], "IPRED": ipred[m].numpy()[order]})
+    pos = {sid: i for i, sid in enumerate(dataset.ids)}
+    idx = [pos[s] for s in out.ID]
+    for j, name in enumerate(pm.etas):
+        out[name] = eta[idx, j].numpy()
+    return out
