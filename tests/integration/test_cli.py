@@ -63,6 +63,8 @@ def test_check_pheno_and_moxo_json(capsys, pharmpy_examples):
     assert (s["subjects"], s["observations"], s["doses"], s["steady_state_doses"]) == (73, 1006, 142, 69)
 
 
-def test_demo_runs(capsys):
-    assert main(["demo"]) == 0
-    assert "theoph" in capsys.readouterr().out
+def test_demo_runs(capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "theoph" in out and "nlmixr2" in out
+    assert (tmp_path / "demo" / "summary.json").is_file()
