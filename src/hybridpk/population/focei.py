@@ -50,7 +50,10 @@ class Problem:
     # ------------------------------------------------------------------ predictions
     def predict(self, theta, eta):
         p = self.pm.individual(theta, eta, self.cov)
-        f = simulate(self.pm.structural, p, self.batch, method=self.method, rtol=self.rtol, atol=self.atol).ipred
+        # throw=False: a trial point with impossible parameters gives NaN for those subjects (rejected by the
+        # line searches) instead of stopping the fit
+        f = simulate(self.pm.structural, p, self.batch, method=self.method, rtol=self.rtol, atol=self.atol,
+                     throw=False).ipred
         if self.pm.error.ltbs:
             f = torch.log(f.clamp(min=1e-30))
         return f
@@ -118,18 +121,20 @@ class Problem:
             with torch.no_grad():
                 hess = 2 * self.fo_hessian(theta, omega_inv, sd, eta)
                 step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+                big = step.abs().amax(-1, keepdim=True)
+                step = torch.where(big > 2.0, step * 2.0 / big, step)   # ETA moves of at most 2 per iteration
                 if float(step.abs().max()) < tol:
                     break
                 alpha = torch.ones(n, dtype=eta.dtype, device=eta.device)
                 cur = obj.detach()
+                start = eta
                 todo = torch.ones(n, dtype=torch.bool, device=eta.device)
-                for _ls in range(30):
-                    trial = eta - alpha.unsqueeze(-1) * step
+                for _ls in range(30):   # backtracking, per subject
+                    trial = start - alpha.unsqueeze(-1) * step
                     new = self.objective(theta, omega_inv, sd, trial)
-                    better = torch.isfinite(new) & (new <= cur + 1e-12)
-                    accept = todo & better
+                    accept = todo & torch.isfinite(new) & (new <= cur + 1e-12)
                     eta = torch.where(accept.unsqueeze(-1), trial, eta)
-                    todo = todo & ~better
+                    todo = todo & ~accept
                     if not bool(todo.any()):
                         break
                     alpha = torch.where(todo, alpha * 0.5, alpha)

@@ -1,0 +1,119 @@
+"""The prior of a precision-dosing problem: a published model spec (models/*.toml) or a fitted run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import HybridPKError, ModelError
+from ..population.spec import CovariateEffect, ErrorModel, PopulationModel, build_model
+
+__all__ = ["Prior", "load_prior", "model_specs"]
+
+
+def _models_dir() -> Path:
+    here = Path(__file__).resolve()
+    installed = here.parents[1] / "_models"
+    return installed if installed.is_dir() else here.parents[3] / "models"
+
+
+def model_specs() -> list[str]:
+    """Names of the published model specs shipped in ``models/``."""
+    d = _models_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A population model with fixed population values: what MAP estimation and dosing start from.
+
+    ``theta`` {name: value} natural scale, ``omega`` (K, K) ETA variances, ``sd`` residual SDs
+    {"ADD", "PROP"}, ``ranges`` {covariate: (low, high)} of the model's population, ``route`` of dosing.
+    """
+
+    name: str
+    pm: PopulationModel = field(repr=False)
+    theta: dict = field(repr=False)
+    omega: torch.Tensor = field(repr=False)
+    sd: dict = field(repr=False)
+    citation: str = ""
+    ranges: dict = field(default_factory=dict)
+    route: str = "infusion"
+    units: dict = field(default_factory=dict)
+
+
+def _from_toml(path: Path) -> Prior:
+    import tomllib
+
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HybridPKError(f"cannot read model spec {path}: {exc}") from None
+    try:
+        structure = spec["structure"]
+        typical = {k.upper(): float(v) for k, v in spec["typical"].items()}
+        iiv = {k.upper(): float(v) for k, v in spec.get("iiv", {}).items()}
+        err = spec.get("error", {})
+    except KeyError as exc:
+        raise ModelError(f"model spec {path.name} lacks {exc}") from None
+    effects, coef = [], {}
+    for c in spec.get("covariate", []):
+        e = CovariateEffect(c["parameter"].upper(), c["covariate"], c.get("kind", "power"), c.get("reference"),
+                            c.get("exponent"), float(c.get("level", 1.0)))
+        effects.append(e)
+        if "coefficient" in c:
+            coef[e.theta_name] = float(c["coefficient"])
+        elif e.kind != "power" or e.exponent is None:
+            raise ModelError(f"model spec {path.name}: covariate effect {e.parameter}~{e.covariate} needs "
+                             "'exponent' (power) or 'coefficient'")
+    # effects of the same covariate on one parameter with distinct coefficients need distinct theta names
+    names = [e.theta_name for e in effects]
+    if len(set(names)) != len(names):
+        raise ModelError(f"model spec {path.name}: two effects of one covariate on one parameter")
+    pm = build_model(structure, iiv=list(iiv), covariates=effects, error=ErrorModel(err.get("kind", "proportional"),
+                     add=float(err.get("add", 0.0)), prop=float(err.get("prop", 0.0))),
+                     initial=typical)
+    theta = {t.name: torch.tensor(typical.get(t.name, coef.get(t.name, t.init)), dtype=torch.float64)
+             for t in pm.thetas}
+    omega = torch.diag(torch.tensor([iiv[e.removeprefix("ETA_")] for e in pm.etas], dtype=torch.float64))
+    sd = {k: torch.tensor(float(err.get(k.lower(), 0.0)), dtype=torch.float64) for k in pm.error.names}
+    ranges = {k: (float(v[0]), float(v[1])) for k, v in spec.get("population", {}).items()}
+    return Prior(name=spec.get("name", path.stem), pm=pm, theta=theta, omega=omega, sd=sd,
+                 citation=spec.get("citation", ""), ranges=ranges, route=spec.get("route", "infusion"),
+                 units=dict(spec.get("units", {})))
+
+
+def _from_run(run: Path) -> Prior:
+    from ..population.predict import load_fit
+
+    pm, theta, omega, sd = load_fit(run)
+    ranges = {}
+    ind = run / "individual.csv"
+    if ind.is_file():
+        pass
+    return Prior(name=run.name, pm=pm, theta=theta, omega=omega, sd=sd, citation=f"hybridpk fit {run}",
+                 ranges=ranges, route="infusion")
+
+
+def load_prior(source) -> Prior:
+    """A Prior from a spec file (``models/NAME.toml``), a spec name (e.g. 'vancomycin_goti2018') or a run
+    folder written by ``hybridpk fit``."""
+    if isinstance(source, Prior):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        return _from_run(path)
+    if path.suffix == ".toml" and path.is_file():
+        return _from_toml(path)
+    candidate = _models_dir() / f"{path.stem}.toml"
+    if candidate.is_file():
+        return _from_toml(candidate)
+    raise HybridPKError(f"{source}: not a model spec, a spec name or a run folder; shipped specs: "
+                        f"{', '.join(model_specs())}")
+
+
+def _cv(var: float) -> float:
+    return 100 * math.sqrt(math.expm1(var))

@@ -1,0 +1,79 @@
+"""Clinical-honesty checks: warnings that travel with every estimate and recommendation, and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..errors import HybridPKError
+
+
+def check_patient(prior, df: pd.DataFrame) -> list[str]:
+    """Warnings about one patient's data; raises HybridPKError when the data cannot be used."""
+    warnings = []
+    if df["ID"].nunique() != 1:
+        raise HybridPKError(f"the patient file holds {df['ID'].nunique()} IDs; give one patient per file")
+    missing = [c for c in prior.pm.covariates if c not in df.columns]
+    if missing:
+        raise HybridPKError(f"model {prior.name} needs covariate(s) {', '.join(missing)} in the patient file")
+    doses = df[df.EVID.isin([1, 4])]
+    if doses.empty:
+        raise HybridPKError("the patient file has no dose record; the dosing history is needed")
+    first = df.iloc[0]
+    for c, (lo, hi) in prior.ranges.items():
+        if c in df.columns:
+            v = float(first[c])
+            if not lo <= v <= hi:
+                warnings.append(f"covariate {c} = {v:g} is outside the population the model was built on "
+                                f"({lo:g}-{hi:g}); predictions are extrapolations")
+    obs = df[(df.EVID == 0) & (df.MDV == 0)]
+    t0 = doses.TIME.min()
+    early = obs[(obs.TIME < t0) & (obs.DV > 0)]
+    if len(early):
+        warnings.append(f"{len(early)} level(s) measured before the first recorded dose are positive; is a dose "
+                        "missing from the history?")
+    if (obs.DV < 0).any():
+        raise HybridPKError("negative concentrations in DV; correct the levels")
+    if len(obs) == 0:
+        warnings.append("no drug levels: the estimate is the population (a priori) prediction from covariates")
+    elif len(obs) == 1:
+        warnings.append("a single drug level: the individual estimate leans heavily on the prior")
+    return warnings
+
+
+def check_levels(est, index: int = 0, z_limit: float = 4.0) -> list[str]:
+    """Implausible levels: observations that the prior predicts to be extremely unlikely."""
+    import torch
+
+    prob = est.problem
+    prior = est.prior
+    with torch.no_grad():
+        f0 = prob.predict(prior.theta, torch.zeros_like(est.eta))[index]
+    warnings = []
+    obs = prob.obs[index]
+    if not bool(obs.any()):
+        return warnings
+    y = prob.y[index][obs]
+    f = f0[obs]
+    # prior predictive SD (rough): residual SD plus ~the largest ETA SD in log space
+    sd_log = float(torch.sqrt(torch.diagonal(prior.omega).sum()))
+    ratio = torch.log(y.clamp(min=1e-6) / f.clamp(min=1e-6)).abs()
+    bad = ratio > z_limit * max(sd_log, 0.1) + 1.0
+    if bool(bad.any()):
+        warnings.append(f"{int(bad.sum())} level(s) are far outside what the model predicts for this patient "
+                        "(more than ~4 SD); check sampling times, units and the dosing history")
+    shr = est.shrinkage()[index]
+    high = [name for name, s in zip(prior.pm.etas, shr) if s > 0.8]
+    if high:
+        warnings.append(f"the levels barely inform {', '.join(high)} (posterior SD > 80% of prior SD); the "
+                        "estimate is close to the population value")
+    return warnings
+
+
+def check_dose(prior, dose: float, max_dose: float | None, interval: float) -> list[str]:
+    out = []
+    if max_dose is not None and dose >= max_dose:
+        out.append(f"the recommended dose is capped at the maximum dose {max_dose:g} mg")
+    if not np.isfinite(dose) or dose <= 0:
+        out.append("no positive dose reaches the target")
+    return out
