@@ -11,7 +11,7 @@ import sys
 
 from ._common import EXIT_BAD_INPUT, ManualFormatter, fail
 
-_COMMANDS = ("check", "models", "simulate", "fit", "predict", "demo")
+_COMMANDS = ("check", "models", "simulate", "fit", "predict", "dose", "demo")
 
 DESCRIPTION = """\
 hybridpk: mechanistic population-PK models with a VAE residual.
@@ -29,6 +29,8 @@ examples:
   hybridpk simulate theoph --model 1cmt_oral --params params.csv --out ipred.csv
   hybridpk fit theoph --model 1cmt_oral --iiv KA,CL,V --error additive --out runs/theoph
   hybridpk predict runs/theoph new.csv --out pred.csv
+  hybridpk dose vancomycin_goti2018 patient.csv --target auc24=400:600 --interval 12 --out rec.json
+  hybridpk map vancomycin_goti2018 patient.csv --plot forecast.png
   hybridpk demo                      the main demonstration on bundled data
 
 exit status: 0 success, 2 bad input (every problem is listed), 1 internal error.
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMANDS:
+    for name in _COMMANDS:   # the dose module also adds 'map'
         import_module(f"hybridpk.cli.{name}").add_parser(sub)
     return parser
 

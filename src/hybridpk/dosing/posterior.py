@@ -46,11 +46,7 @@ def map_estimate(prior, dataset) -> MAPEstimate:
     n, k = dataset.n_subjects, prior.pm.n_eta
     oinv = torch.linalg.inv(prior.omega)
     eta = prob.ebe(prior.theta, oinv, prior.sd, torch.zeros(n, k, dtype=torch.float64), tol=1e-10)
-    e = eta.clone().requires_grad_(True)
-    obj = prob.objective(prior.theta, oinv, prior.sd, e)
-    (grad,) = torch.autograd.grad(obj.sum(), e, create_graph=True)
-    hess = torch.stack([torch.autograd.grad(grad[:, j].sum(), e, retain_graph=True)[0] for j in range(k)], 1)
-    hess = 0.5 * (hess + hess.transpose(1, 2)).detach()
+    obj, _, hess = prob.exact_hessian(prior.theta, oinv, prior.sd, eta)
     ok = torch.linalg.cholesky_ex(hess).info == 0
     if not bool(ok.all()):
         fo = 2 * prob.fo_hessian(prior.theta, oinv, prior.sd, eta)
@@ -74,8 +70,7 @@ def posterior_samples(est: MAPEstimate, index: int = 0, n: int = 1000, seed: int
     chol = torch.linalg.cholesky(est.cov[index] * proposal_scale ** 2)
     z = torch.randn(m, k, generator=gen, dtype=torch.float64)
     df = 5.0
-    g = torch.distributions.Chi2(torch.tensor(df, dtype=torch.float64)).sample((m,)) if False else \
-        torch.from_numpy(np.random.default_rng(seed).chisquare(df, m))
+    g = torch.from_numpy(np.random.default_rng(seed).chisquare(df, m))
     t = z / torch.sqrt(g / df).unsqueeze(-1)
     draws = mean + t @ chol.T
     sub = prob.batch.select([index] * m)
@@ -116,7 +111,11 @@ def predict_samples(prior, batch, cov: dict, eta_samples):
 
 def to_inference_data(samples, prior, params: dict | None = None):
     """ArviZ InferenceData with the posterior draws (ETAs and individual parameters), one chain."""
-    import arviz as az
+    import warnings
+
+    with warnings.catch_warnings():   # arviz announces its 1.0 refactor on import
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
 
     post = {name: samples[:, j].numpy()[None, :] for j, name in enumerate(prior.pm.etas)}
     for k, v in (params or {}).items():

@@ -105,34 +105,44 @@ class Problem:
         return omega_inv + (w1 * gg + w2 * hh).sum(1)
 
     # ------------------------------------------------------------------ EBEs
+    def exact_hessian(self, theta, omega_inv, sd, eta):
+        """obj_i, its gradient (N, K) and exact Hessian (N, K, K) at eta (K double-backward passes)."""
+        e = eta.detach().clone().requires_grad_(True)
+        obj = self.objective(theta, omega_inv, sd, e)
+        (grad,) = torch.autograd.grad(obj.sum(), e, create_graph=True)
+        rows = [torch.autograd.grad(grad[:, j].sum(), e, retain_graph=True)[0] for j in range(eta.shape[1])]
+        hess = torch.stack(rows, 1).detach()
+        return obj.detach(), grad.detach(), 0.5 * (hess + hess.transpose(1, 2))
+
     def ebe(self, theta, omega_inv, sd, eta0, max_iter=100, tol=1e-9):
-        """Modes of obj_i by Gauss-Newton with an exact gradient and per-subject backtracking."""
+        """Modes of obj_i: Newton's method with the exact Hessian (the first-order Hessian where the exact one
+        is not positive definite), steps capped at 2 per ETA, per-subject backtracking."""
         theta = {k: v.detach() for k, v in theta.items()}
         omega_inv, sd = omega_inv.detach(), {k: v.detach() for k, v in sd.items()}
         eta = eta0.detach().clone()
         n, k = eta.shape
         if k == 0:
             return eta
-        obj = None
         for _ in range(max_iter):
-            e = eta.clone().requires_grad_(True)
-            obj = self.objective(theta, omega_inv, sd, e)
-            (grad,) = torch.autograd.grad(obj.sum(), e)
+            obj, grad, hess = self.exact_hessian(theta, omega_inv, sd, eta)
             with torch.no_grad():
-                hess = 2 * self.fo_hessian(theta, omega_inv, sd, eta)
+                pd_ok = torch.linalg.cholesky_ex(hess).info == 0
+                if not bool(pd_ok.all()):
+                    fo = 2 * self.fo_hessian(theta, omega_inv, sd, eta)
+                    hess = torch.where(pd_ok[:, None, None], hess, fo)
                 step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
                 big = step.abs().amax(-1, keepdim=True)
                 step = torch.where(big > 2.0, step * 2.0 / big, step)   # ETA moves of at most 2 per iteration
                 if float(step.abs().max()) < tol:
                     break
                 alpha = torch.ones(n, dtype=eta.dtype, device=eta.device)
-                cur = obj.detach()
+                cur = obj
                 start = eta
                 todo = torch.ones(n, dtype=torch.bool, device=eta.device)
                 for _ls in range(30):   # backtracking, per subject
                     trial = start - alpha.unsqueeze(-1) * step
                     new = self.objective(theta, omega_inv, sd, trial)
-                    accept = todo & torch.isfinite(new) & (new <= cur + 1e-12)
+                    accept = todo & torch.isfinite(new) & (new <= cur + 1e-12 * (1 + cur.abs()))
                     eta = torch.where(accept.unsqueeze(-1), trial, eta)
                     todo = todo & ~accept
                     if not bool(todo.any()):
@@ -153,7 +163,7 @@ class Problem:
             rows = [torch.autograd.grad(grad[:, j].sum(), e, retain_graph=True)[0] for j in range(k)]
             hess = torch.stack(rows, 1).detach()
             hess = 0.5 * (hess + hess.transpose(1, 2))
-            ok = torch.linalg.cholesky_ex(hess).info == 0
+            ok = torch.linalg.cholesky_ex(hess).info == 0  # not positive definite: first-order Hessian
             if not bool(ok.all()):  # not positive definite: first-order Hessian for those subjects
                 with torch.no_grad():
                     fo = 2 * self.fo_hessian({a: b.detach() for a, b in theta.items()}, omega_inv.detach(),
