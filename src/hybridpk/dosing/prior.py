@@ -11,7 +11,7 @@ import torch
 from ..errors import HybridPKError, ModelError
 from ..population.spec import CovariateEffect, ErrorModel, PopulationModel, build_model
 
-__all__ = ["Prior", "load_prior", "model_specs"]
+__all__ = ["Prior", "load_prior", "model_specs", "prior_from_fit", "prior_from_values"]
 
 
 def _models_dir() -> Path:
@@ -117,3 +117,21 @@ def load_prior(source) -> Prior:
 
 def _cv(var: float) -> float:
     return 100 * math.sqrt(math.expm1(var))
+
+
+def prior_from_fit(result, pm, ranges: dict | None = None, name: str = "fit") -> Prior:
+    """A Prior from a FitResult (and its PopulationModel): population estimates become the prior."""
+    theta = {k: torch.tensor(v["estimate"], dtype=torch.float64) for k, v in result.parameters.items()}
+    omega = torch.diag(torch.tensor([v["variance"] for v in result.omega.values()], dtype=torch.float64))
+    sd = {v.get("type", k): torch.tensor(v.get("sd", v["estimate"]), dtype=torch.float64)
+          for k, v in result.sigma.items()}
+    return Prior(name=name, pm=pm, theta=theta, omega=omega, sd=sd, citation="hybridpk fit",
+                 ranges=dict(ranges or {}), route="infusion")
+
+
+def prior_from_values(pm, theta: dict, omega: dict, sd: dict, name: str = "model", ranges=None) -> Prior:
+    """A Prior from explicit population values (e.g. the true model of a simulation)."""
+    th = {t.name: torch.tensor(float(theta[t.name]), dtype=torch.float64) for t in pm.thetas}
+    om = torch.diag(torch.tensor([float(omega[e.removeprefix("ETA_")]) for e in pm.etas], dtype=torch.float64))
+    s = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in sd.items()}
+    return Prior(name=name, pm=pm, theta=th, omega=om, sd=s, ranges=dict(ranges or {}))

@@ -41,27 +41,35 @@ def check_patient(prior, df: pd.DataFrame) -> list[str]:
     return warnings
 
 
-def check_levels(est, index: int = 0, z_limit: float = 4.0) -> list[str]:
-    """Implausible levels: observations that the prior predicts to be extremely unlikely."""
+def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> list[str]:
+    """Implausible levels (outside the 0.05-99.95% range of the prior predictive distribution, with a 20%
+    margin) and parameters the levels barely inform (posterior SD > 80% of the prior SD)."""
     import torch
+
+    from .posterior import predict_samples
 
     prob = est.problem
     prior = est.prior
-    with torch.no_grad():
-        f0 = prob.predict(prior.theta, torch.zeros_like(est.eta))[index]
     warnings = []
     obs = prob.obs[index]
-    if not bool(obs.any()):
-        return warnings
-    y = prob.y[index][obs]
-    f = f0[obs]
-    # prior predictive SD (rough): residual SD plus ~the largest ETA SD in log space
-    sd_log = float(torch.sqrt(torch.diagonal(prior.omega).sum()))
-    ratio = torch.log(y.clamp(min=1e-6) / f.clamp(min=1e-6)).abs()
-    bad = ratio > z_limit * max(sd_log, 0.1) + 1.0
-    if bool(bad.any()):
-        warnings.append(f"{int(bad.sum())} level(s) are far outside what the model predicts for this patient "
-                        "(more than ~4 SD); check sampling times, units and the dosing history")
+    if bool(obs.any()) and prior.pm.n_eta:
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(n_draws, prior.pm.n_eta, generator=gen, dtype=torch.float64)
+        eta = z @ torch.linalg.cholesky(prior.omega).T
+        batch = prob.batch.select([index])
+        cov = {c: v[[index]] for c, v in prob.cov.items()}
+        f = predict_samples(prior, batch, cov, eta)[:, obs]
+        sd = torch.sqrt(prior.pm.error.variance(f, prior.sd))
+        draws = f + sd * torch.randn(f.shape, generator=gen, dtype=f.dtype)
+        hi = torch.quantile(draws, 0.9995, 0) * 1.2
+        lo = torch.quantile(draws, 0.0005, 0) / 1.2
+        y = prob.y[index][obs]
+        bad = (y > hi) | ((y < lo) & (lo > 0))
+        if bool(bad.any()):
+            times = prob.batch.time[index][obs][bad].tolist()
+            warnings.append(f"{int(bad.sum())} level(s) (at t = {', '.join(f'{t:g}' for t in times)} h) are far "
+                            "outside what the model predicts for this patient (beyond the 99.9% prior predictive "
+                            "range); check sampling times, units and the dosing history")
     shr = est.shrinkage()[index]
     high = [name for name, s in zip(prior.pm.etas, shr) if s > 0.8]
     if high:

@@ -1,0 +1,172 @@
+"""Precision dosing: MAP against an independent optimisation, recommendations, safety, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.optimize import minimize
+
+import hybridpk as hp
+from hybridpk.cli import main
+from hybridpk.dosing import (load_prior, map_estimate, model_specs, parse_target, prior_from_values,
+                             recommend_dose)
+from hybridpk.errors import HybridPKError
+from hybridpk.population import build_model
+from tests.reference.scipy_models import solve_reference
+
+CASES = {
+    # name: (structure, iiv, typical, omega, sd, doses, levels (time, DV))
+    "1cmt_oral": ("1cmt_oral", dict(CL=0.09, V=0.04, KA=0.2), dict(CL=3.0, V=30.0, KA=1.2),
+                  {"PROP": 0.15, "ADD": 0.3},
+                  [dict(TIME=0.0, AMT=300.0, CMT=1, ADDL=3, II=12.0)], [(2.0, 6.1), (11.5, 4.9), (37.0, 9.8)]),
+    "2cmt_iv": ("2cmt_iv", dict(CL=0.09, V=0.09, V2=0.1), dict(CL=4.5, V=40.0, Q=6.0, V2=50.0),
+                {"PROP": 0.1, "ADD": 1.0},
+                [dict(TIME=0.0, AMT=1000.0, CMT=1, RATE=1000.0, ADDL=3, II=12.0)], [(37.5, 31.0), (47.5, 11.0)]),
+}
+
+
+def _patient(doses, levels):
+    rows = [dict(ID=1, TIME=d["TIME"], DV=0.0, AMT=d["AMT"], RATE=d.get("RATE", 0.0), ADDL=d.get("ADDL", 0),
+                 II=d.get("II", 0.0), CMT=d["CMT"], EVID=1, MDV=1) for d in doses]
+    rows += [dict(ID=1, TIME=t, DV=y, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, CMT=0, EVID=0, MDV=0) for t, y in levels]
+    return hp.read_nonmem(pd.DataFrame(rows).sort_values("TIME", kind="stable").reset_index(drop=True))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_map_matches_independent_optimisation(case):
+    structure, omega, typical, sd, doses, levels = CASES[case]
+    pm = build_model(structure, iiv=list(omega), error="combined")
+    prior = prior_from_values(pm, typical, omega, {"ADD": sd["ADD"], "PROP": sd["PROP"]})
+    ds = _patient(doses, levels)
+    est = map_estimate(prior, ds)
+    names = list(omega)
+    y = np.array([v for _, v in levels])
+    times = [t for t, _ in levels]
+    om = np.array([omega[k] for k in names])
+
+    def objective(eta):   # exact -2 log posterior, predictions from the scipy LSODA reference solver
+        p = dict(typical)
+        for k, e in zip(names, eta):
+            p[k] = typical[k] * math.exp(e)
+        f = solve_reference(structure, p, doses, times)
+        v = sd["ADD"] ** 2 + (sd["PROP"] * f) ** 2
+        return float(np.sum((y - f) ** 2 / v + np.log(v)) + np.sum(eta ** 2 / om))
+
+    ref = minimize(objective, np.zeros(len(names)), method="Nelder-Mead",
+                   options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000, "maxfev": 40000})
+    ours = {k: float(est.parameters[k].iloc[0]) for k in names}
+    theirs = {k: typical[k] * math.exp(e) for k, e in zip(names, ref.x)}
+    for k in names:
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-4), (k, ours[k], theirs[k])
+
+
+def _vanco_patient(crcl=80.0, wt=80.0, levels=((37.5, 28.0), (47.5, 11.0))):
+    rows = [dict(ID=7, TIME=0.0, DV=0.0, AMT=1000.0, RATE=1000.0, ADDL=3, II=12.0, EVID=1, MDV=1)]
+    rows += [dict(ID=7, TIME=t, DV=v, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0) for t, v in levels]
+    df = pd.DataFrame(rows).assign(CRCL=crcl, WT=wt, DIAL=0)
+    return hp.read_nonmem(df)
+
+
+def test_shipped_specs_load():
+    assert {"vancomycin_goti2018", "phenobarbital_grasela1985", "theophylline_nlmixr2"} <= set(model_specs())
+    for name in model_specs():
+        prior = load_prior(name)
+        assert prior.citation and prior.pm.n_eta >= 1 and prior.ranges
+
+
+def test_recommendation_hits_its_own_prediction_and_returns_records():
+    ds = _vanco_patient()
+    rec = recommend_dose("vancomycin_goti2018", ds, "auc24=400:600", interval=12, duration=1, dose_step=250,
+                         max_dose=4000, n_doses=40)
+    assert rec.dose % 250 == 0 and rec.interval == 12 and 0 <= rec.pta <= 1
+    assert rec.start == 48.0
+    r = rec.records.iloc[0]
+    assert r.EVID == 1 and r.AMT == rec.dose and r.RATE == rec.dose and r.II == 12
+    # simulate the recommended regimen appended to the history with the MAP parameters: the AUC over a
+    # dosing day long after the start matches the predicted steady-state AUC24
+    prior = load_prior("vancomycin_goti2018")
+    hist = ds.to_dataframe()
+    new = rec.records.assign(CRCL=80.0, WT=80.0, DIAL=0)
+    t = np.linspace(48 + 360, 48 + 384, 2401)     # a dosing day well inside the 40-dose regimen
+    grid = pd.DataFrame({"ID": 7, "TIME": t, "DV": 0.0, "AMT": 0.0, "RATE": 0.0, "ADDL": 0, "II": 0.0, "EVID": 2,
+                         "MDV": 1, "CRCL": 80.0, "WT": 80.0, "DIAL": 0, "CMT": 0})
+    full = pd.concat([hist, new, grid], ignore_index=True).sort_values("TIME", kind="stable")
+    sim = hp.read_nonmem(full.reset_index(drop=True), covariates=["CRCL", "WT", "DIAL"])
+    est = map_estimate(prior, ds)
+    p = {k: torch.tensor(est.parameters[k].to_numpy()) for k in ("CL", "V", "Q", "V2")}
+    b = sim.to_batch()
+    conc = hp.simulate("2cmt_iv", p, b).ipred[0]
+    sel = (b.time[0] >= t[0]) & (b.evid[0] == 2)
+    auc = float(torch.trapezoid(conc[sel], b.time[0][sel]))
+    assert auc == pytest.approx(rec.exposure["auc24"]["map"], rel=2e-3)
+
+
+def test_targets_and_interval_choice():
+    ds = _vanco_patient()
+    for target in ("trough=10:15", "peak=25:40", "conc@36=10:20"):
+        rec = recommend_dose("vancomycin_goti2018", ds, target, interval=12, dose_step=125)
+        lo, hi = next(iter(rec.exposure.values()))["target"]
+        assert lo <= next(iter(rec.exposure.values()))["map"] <= hi * 1.25
+    auto = recommend_dose("vancomycin_goti2018", ds, "auc24=400:600", dose_step=250)
+    assert auto.interval in (8.0, 12.0, 24.0)
+    assert parse_target("trough=12").low == parse_target("trough=12").high == 12
+    with pytest.raises(HybridPKError):
+        parse_target("cmax>10")
+
+
+def test_safety_warnings_and_refusals():
+    rec = recommend_dose("vancomycin_goti2018", _vanco_patient(crcl=220.0), "auc24=400:600", interval=12)
+    assert any("outside the population" in w for w in rec.warnings)
+    rec = recommend_dose("vancomycin_goti2018", _vanco_patient(levels=((47.5, 11.0),)), "auc24=400:600",
+                         interval=12)
+    assert any("single drug level" in w for w in rec.warnings)
+    rec = recommend_dose("vancomycin_goti2018", _vanco_patient(levels=((47.5, 900.0),)), "auc24=400:600",
+                         interval=12)
+    assert any("far outside" in w for w in rec.warnings)
+    rec = recommend_dose("vancomycin_goti2018", _vanco_patient(crcl=150.0), "auc24=400:600", interval=12,
+                         max_dose=500, dose_step=250)
+    assert rec.dose <= 500 and any("capped" in w for w in rec.warnings)
+    two = pd.concat([_vanco_patient().to_dataframe(), _vanco_patient().to_dataframe().assign(ID=8)])
+    with pytest.raises(HybridPKError, match="one patient"):
+        recommend_dose("vancomycin_goti2018", hp.read_nonmem(two), "auc24=400:600")
+    nocov = _vanco_patient().to_dataframe().drop(columns="CRCL")
+    with pytest.raises(HybridPKError):
+        recommend_dose("vancomycin_goti2018", hp.read_nonmem(nocov), "auc24=400:600")
+
+
+def test_posterior_draws_and_inference_data():
+    from hybridpk.dosing import estimate_patient, to_inference_data
+
+    est, samples, ess, _ = estimate_patient("vancomycin_goti2018", _vanco_patient(), n_samples=500, seed=3)
+    assert samples.shape == (500, 3) and ess > 200
+    # draws centre on the MAP and spread like the Laplace approximation
+    np.testing.assert_allclose(samples.mean(0).numpy(), est.eta[0].numpy(), atol=0.1)
+    idata = to_inference_data(samples, load_prior("vancomycin_goti2018"))
+    assert "ETA_CL" in idata.posterior
+
+
+def test_cli_dose_and_map(tmp_path, capsys):
+    path = tmp_path / "patient.csv"
+    _vanco_patient().to_dataframe().to_csv(path, index=False)
+    out = tmp_path / "rec.json"
+    assert main(["dose", "vancomycin_goti2018", str(path), "--target", "auc24=400:600", "--interval", "12",
+                 "--duration", "1", "--dose-step", "250", "--max-dose", "4000", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    for key in ("dose_mg", "interval_h", "predicted_exposure", "probability_of_target_attainment",
+                "map_parameters", "warnings", "records", "versions"):
+        assert key in rec
+    assert rec["map_parameters"]["CL"]["p05"] < rec["map_parameters"]["CL"]["map"] < rec["map_parameters"]["CL"]["p95"]
+    assert main(["map", "vancomycin_goti2018", str(path), "--plot", str(tmp_path / "f.png"), "--out",
+                 str(tmp_path / "f.csv")]) == 0
+    fc = pd.read_csv(tmp_path / "f.csv")
+    assert (fc.PI90_LOW <= fc.IPRED_MAP + 1e-9).all() and (tmp_path / "f.png").stat().st_size > 1000
+    assert main(["dose", "--list"]) == 0
+    assert "vancomycin_goti2018" in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,TIME,DV\n1,0,5\n")
+    assert main(["dose", "vancomycin_goti2018", str(bad)]) == 2
