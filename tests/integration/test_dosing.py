@@ -170,3 +170,32 @@ def test_cli_dose_and_map(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("ID,TIME,DV\n1,0,5\n")
     assert main(["dose", "vancomycin_goti2018", str(bad)]) == 2
+
+
+def test_interval_for_dose_and_time_to_concentration():
+    from hybridpk.dosing import interval_for_dose, time_to_concentration
+
+    ds = _vanco_patient()
+    rec = interval_for_dose("vancomycin_goti2018", ds, 1000.0, "auc24=400:600")
+    assert rec.dose == 1000.0 and rec.interval in (6.0, 8.0, 12.0, 24.0, 36.0, 48.0)
+    aucs = {c["interval_h"]: c["map_exposure"] for c in rec.candidates}
+    assert aucs[6.0] == pytest.approx(2 * aucs[12.0], rel=1e-9)      # AUC24 at steady state ~ 1/interval
+    ttc = time_to_concentration("vancomycin_goti2018", ds, 10.0)
+    assert ttc["map_time_h"] > 36 and ttc["p05_h"] <= ttc["map_time_h"] <= ttc["p95_h"]
+
+
+def test_spec_written_from_a_fit_is_a_usable_prior(tmp_path, theoph_path):
+    from hybridpk.dosing import write_spec
+    from hybridpk.population import fit_population
+
+    ds = hp.read_nonmem(theoph_path)
+    pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", covariates=["V~WT:power:70"], data=ds)
+    res = fit_population(pm, ds, progress=False, covariance=False)
+    path = write_spec(res, tmp_path / "theo.toml", name="theo_fit", drug="theophylline", ranges={"WT": (50, 90)})
+    prior = load_prior(path)
+    assert float(prior.theta["CL"]) == pytest.approx(res.parameters["CL"]["estimate"])
+    df = ds.to_dataframe()
+    one = hp.read_nonmem(df[df.ID == 1])
+    est = map_estimate(prior, one)
+    fit_eta = res.individual[res.individual.ID == 1][["ETA_KA", "ETA_CL", "ETA_V"]].to_numpy()[0]
+    np.testing.assert_allclose(est.eta[0].numpy(), fit_eta, atol=1e-5)   # same model, same EBE

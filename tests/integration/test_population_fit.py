@@ -202,3 +202,19 @@ def test_m3_censored_observation_contributes_log_probability():
     expected = -2 * norm.logcdf((0.1 - float(f[0, 2])) / 0.2)
     assert float(data[0, 2]) == pytest.approx(expected, rel=1e-10)
     assert float(data[0, 1]) == pytest.approx((2.0 - float(f[0, 1])) ** 2 / 0.04 + math.log(0.04), rel=1e-10)
+
+
+def test_block_omega_recovers_correlation():
+    design = hp.make_design(150, [dict(TIME=0, AMT=300, CMT=1)], [0.5, 1, 2, 3, 5, 8, 12, 24], jitter=0.25, seed=5)
+    sim = hp.simulate_population("1cmt_oral", design, dict(CL=3.0, V=30.0, KA=1.2), dict(CL=0.09, V=0.09),
+                                 proportional=0.1, correlation={("CL", "V"): 0.6}, seed=5)
+    realised = np.corrcoef(sim.etas.ETA_CL, sim.etas.ETA_V)[0, 1]
+    pm = build_model("1cmt_oral", iiv=["CL", "V"], error="proportional", omega_block=True)
+    res = fit_population(pm, sim.dataset, progress=False)
+    corr = res.omega_covariance["ETA_CL,ETA_V"]["correlation"]
+    assert corr == pytest.approx(realised, abs=0.15)
+    assert res.omega["ETA_CL"]["variance"] == pytest.approx(np.var(sim.etas.ETA_CL), rel=0.2)
+    assert res.omega_covariance["ETA_CL,ETA_V"]["se"] > 0
+    diag = build_model("1cmt_oral", iiv=["CL", "V"], error="proportional")
+    res_diag = fit_population(diag, sim.dataset, progress=False, covariance=False)
+    assert res.ofv < res_diag.ofv - 10          # the correlation is supported by the data

@@ -43,6 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--error", choices=["additive", "proportional", "combined"], default="proportional",
                    help="residual error model")
     p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30")
+    p.add_argument("--omega-block", action="store_true", help="estimate a full OMEGA block (correlated ETAs)")
     p.add_argument("--seed", type=int, default=0, help="seed recorded with the run")
     p.add_argument("--maxiter", type=int, default=300, help="maximum outer iterations")
     p.add_argument("--no-covariance", action="store_true", help="skip standard errors")
@@ -78,7 +79,8 @@ def run(args) -> int:
                 except ValueError:
                     raise HybridPKError(f"--init: expected P=VALUE, got {item!r}") from None
         iiv = [s.strip().upper() for s in args.iiv.split(",") if s.strip()] if args.iiv else None
-        pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=args.error, initial=init, data=ds)
+        pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=args.error, initial=init, data=ds,
+                         omega_block=args.omega_block)
         pooled = not init
     with warnings.catch_warnings():  # convergence problems are reported below and in summary.json
         warnings.simplefilter("ignore")

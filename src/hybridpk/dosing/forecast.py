@@ -9,10 +9,8 @@ import torch
 from .posterior import predict_samples
 
 
-def forecast(est, samples, times, extra_doses: pd.DataFrame | None = None, seed: int = 0,
-             level: float = 0.90) -> pd.DataFrame:
-    """TIME, PRED_MAP, median and ``level`` prediction interval (parameter uncertainty from the posterior
-    draws plus residual error) of the concentration at ``times`` (h), optionally with future doses."""
+def _grid_batch(est, times, extra_doses: pd.DataFrame | None = None):
+    """The patient's records + future doses + EVID=2 rows at ``times``: (batch, covariates, row is a time)."""
     from ..data.dataset import read_nonmem
 
     prior = est.prior
@@ -36,8 +34,19 @@ def forecast(est, samples, times, extra_doses: pd.DataFrame | None = None, seed:
     ds = read_nonmem(full.drop(columns="_o"), covariates=list(prior.pm.covariates))
     batch = ds.to_batch(covariates=list(prior.pm.covariates))
     cov = {c: batch.cov_baseline[:, k] for k, c in enumerate(batch.covariate_names)}
-    conc = predict_samples(prior, batch, cov, samples)[:, : len(full)][:, is_pt]
-    point = predict_samples(prior, batch, cov, est.eta[:1])[:, : len(full)][:, is_pt][0]
+    return batch, cov, is_pt
+
+
+def forecast(est, samples, times, extra_doses: pd.DataFrame | None = None, seed: int = 0,
+             level: float = 0.90) -> pd.DataFrame:
+    """TIME, PRED_MAP, median and ``level`` prediction interval (parameter uncertainty from the posterior
+    draws plus residual error) of the concentration at ``times`` (h), optionally with future doses."""
+    prior = est.prior
+    t = np.asarray(times, dtype=float)
+    batch, cov, is_pt = _grid_batch(est, t, extra_doses)
+    full_len = len(is_pt)
+    conc = predict_samples(prior, batch, cov, samples)[:, :full_len][:, is_pt]
+    point = predict_samples(prior, batch, cov, est.eta[:1])[:, :full_len][:, is_pt][0]
     gen = torch.Generator().manual_seed(seed)
     sd = torch.sqrt(prior.pm.error.variance(conc, prior.sd))
     noisy = (conc + sd * torch.randn(conc.shape, generator=gen, dtype=conc.dtype)).clamp(min=0.0)  # no negative levels

@@ -122,7 +122,8 @@ def _cv(var: float) -> float:
 def prior_from_fit(result, pm, ranges: dict | None = None, name: str = "fit") -> Prior:
     """A Prior from a FitResult (and its PopulationModel): population estimates become the prior."""
     theta = {k: torch.tensor(v["estimate"], dtype=torch.float64) for k, v in result.parameters.items()}
-    omega = torch.diag(torch.tensor([v["variance"] for v in result.omega.values()], dtype=torch.float64))
+    omega = torch.tensor(result.omega_matrix, dtype=torch.float64) if result.omega_matrix else \
+        torch.diag(torch.tensor([v["variance"] for v in result.omega.values()], dtype=torch.float64))
     sd = {v.get("type", k): torch.tensor(v.get("sd", v["estimate"]), dtype=torch.float64)
           for k, v in result.sigma.items()}
     return Prior(name=name, pm=pm, theta=theta, omega=omega, sd=sd, citation="hybridpk fit",
@@ -135,3 +136,39 @@ def prior_from_values(pm, theta: dict, omega: dict, sd: dict, name: str = "model
     om = torch.diag(torch.tensor([float(omega[e.removeprefix("ETA_")]) for e in pm.etas], dtype=torch.float64))
     s = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in sd.items()}
     return Prior(name=name, pm=pm, theta=th, omega=om, sd=s, ranges=dict(ranges or {}))
+
+
+def write_spec(result, path, *, name: str, drug: str = "", citation: str = "", ranges: dict | None = None,
+               route: str = "infusion"):
+    """Write a fitted model (``hybridpk fit`` of a library model, diagonal OMEGA) as a models/*.toml spec, so it
+    can serve as a dosing prior like the published ones."""
+    from ..io import atomic_write_text
+
+    spec = result.spec
+    if spec.get("kind") != "build" or spec.get("omega_block"):
+        raise HybridPKError("only fits of library models with a diagonal OMEGA can be written as a spec")
+    eff_names = {f"{c['parameter']}_{c['covariate']}" for c in spec.get("covariates", [])}
+    lines = [f'name = "{name}"', f'drug = "{drug}"', f'structure = "{spec["model"]}"',
+             f'citation = "{citation or "hybridpk fit"}"', f'route = "{route}"', "", "[typical]"]
+    lines += [f"{k} = {v['estimate']!r}" for k, v in result.parameters.items() if k not in eff_names]
+    lines += ["", "[iiv]"] + [f"{k.removeprefix('ETA_')} = {v['variance']!r}" for k, v in result.omega.items()]
+    err = {v.get("type", k): v.get("sd", v["estimate"]) for k, v in result.sigma.items()}
+    lines += ["", "[error]", f'kind = "{spec["error"]}"'] + [f"{k.lower()} = {v!r}" for k, v in err.items()]
+    for c in spec.get("covariates", []):
+        lines += ["", "[[covariate]]", f'parameter = "{c["parameter"]}"', f'covariate = "{c["covariate"]}"',
+                  f'kind = "{c["kind"]}"']
+        if c.get("reference") is not None:
+            lines.append(f"reference = {float(c['reference'])!r}")
+        if c["kind"] == "categorical":
+            lines.append(f"level = {float(c['level'])!r}")
+        theta = f"{c['parameter']}_{c['covariate']}"
+        if c.get("exponent") is not None:
+            lines.append(f"exponent = {float(c['exponent'])!r}")
+        elif c["kind"] == "power":
+            lines.append(f"exponent = {result.parameters[theta]['estimate']!r}")
+        else:
+            lines.append(f"coefficient = {result.parameters[theta]['estimate']!r}")
+    if ranges:
+        lines += ["", "[population]"] + [f"{k} = [{float(lo)!r}, {float(hi)!r}]" for k, (lo, hi) in ranges.items()]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return Path(path)

@@ -146,3 +146,66 @@ def recommend_dose(prior, dataset, target, *, interval: float | None = None, int
                           duration=duration, start=start, target=str(target), exposure=exposure,
                           pta=choice["pta"], map_parameters=map_parameters_summary(est, samples),
                           warnings=tuple(warns), records=records, candidates=cands)
+
+
+def interval_for_dose(prior, dataset, dose: float, target, *, intervals=(6.0, 8.0, 12.0, 24.0, 36.0, 48.0),
+                      duration: float = 1.0, n_samples: int = 1000, seed: int = 0, estimate=None) -> Recommendation:
+    """The dosing interval (from ``intervals``, h) that best keeps ``target`` in its window with a fixed
+    ``dose`` (mg): highest probability of target attainment, then the prediction closest to the middle."""
+    prior = load_prior(prior)
+    tgt = parse_target(target) if isinstance(target, str) else target
+    est, samples, ess, warns = estimate if estimate is not None else estimate_patient(prior, dataset, n_samples,
+                                                                                      seed)
+    df = _patient_frame(dataset)
+    start = float(df[df.EVID.isin([1, 4])].TIME.max())
+    best, cands = None, []
+    for tau in intervals:
+        a_map, b_map = metric_coefficients(prior, df, est.eta[:1], tgt, start + tau, tau, duration)
+        a_s, b_s = metric_coefficients(prior, df, samples, tgt, start + tau, tau, duration)
+        m = (a_s + b_s * dose).numpy()
+        pta = float(np.mean((m >= tgt.low) & (m <= tgt.high)))
+        point = float(a_map[0] + b_map[0] * dose)
+        cands.append({"dose_mg": dose, "interval_h": tau, "pta": pta, "map_exposure": point,
+                      "median": float(np.median(m)), "p05": float(np.quantile(m, 0.05)),
+                      "p95": float(np.quantile(m, 0.95))})
+        key = (round(pta, 6), -abs(point - tgt.mid))
+        if best is None or key > best[0]:
+            best = (key, cands[-1])
+    c = best[1]
+    records = regimen_records(df.ID.iloc[0], start + c["interval_h"], dose, c["interval_h"], duration, 10)
+    exposure = {tgt.label: {"map": c["map_exposure"], "median": c["median"], "p05": c["p05"], "p95": c["p95"],
+                            "target": [tgt.low, tgt.high]}}
+    return Recommendation(model=prior.name, dose=dose, interval=c["interval_h"], duration=duration,
+                          start=start + c["interval_h"], target=str(target), exposure=exposure, pta=c["pta"],
+                          map_parameters=map_parameters_summary(est, samples), warnings=tuple(warns),
+                          records=records, candidates=cands)
+
+
+def time_to_concentration(prior, dataset, concentration: float, *, horizon: float = 168.0, n_samples: int = 1000,
+                          seed: int = 0, estimate=None) -> dict:
+    """When the concentration falls to ``concentration`` (mg/L) after the last dose if nothing more is given
+    (e.g. when to re-dose after a toxic level): MAP time and the 5-95% posterior interval (h, absolute time).
+    ``None`` where it does not happen within ``horizon`` h."""
+    from .posterior import predict_samples
+    from .forecast import _grid_batch
+
+    prior = load_prior(prior)
+    est, samples, ess, warns = estimate if estimate is not None else estimate_patient(prior, dataset, n_samples,
+                                                                                      seed)
+    df = _patient_frame(dataset)
+    t_last = float(df[df.EVID.isin([1, 4])].TIME.max())
+    grid = np.linspace(t_last, t_last + horizon, int(horizon * 20) + 1)
+    batch, cov, is_pt = _grid_batch(est, grid)
+    draws = torch.cat([est.eta[:1], samples])
+    conc = predict_samples(prior, batch, cov, draws)[:, : len(is_pt)][:, is_pt].numpy()
+    times = []
+    for row in conc:
+        peak = int(np.argmax(row))
+        below = np.nonzero(row[peak:] <= concentration)[0]
+        times.append(float(grid[peak + below[0]]) if len(below) else np.nan)
+    times = np.array(times)
+    post = np.where(np.isfinite(times[1:]), times[1:], np.inf)   # not reached: beyond the horizon
+    q05, q95 = np.quantile(post, 0.05), np.quantile(post, 0.95)
+    return {"concentration": concentration, "map_time_h": None if np.isnan(times[0]) else times[0],
+            "p05_h": float(q05) if np.isfinite(q05) else None, "p95_h": float(q95) if np.isfinite(q95) else None,
+            "fraction_reached_within_horizon": float(np.isfinite(post).mean()), "warnings": list(warns)}

@@ -32,10 +32,19 @@ class Packing:
         self.sigma_names = pm.error.names
         self.sigma0 = np.array([s0[k] for k in self.sigma_names], dtype=float)
 
+    @property
+    def block(self) -> bool:
+        return bool(getattr(self.pm, "omega_block", False))
+
     def x0(self, theta=None):
         theta = theta or {t.name: t.init for t in self.pm.thetas}
         xs = [self._to_x(t, theta[t.name]) for t in self.free]
-        return np.array(xs + list(np.log(self.omega0)) + list(np.log(self.sigma0)), dtype=float)
+        if self.block:   # Cholesky factor: log of the diagonal, then the strictly lower triangle (row-wise)
+            k = len(self.omega0)
+            om = list(np.log(np.sqrt(self.omega0))) + [0.0] * (k * (k - 1) // 2)
+        else:
+            om = list(np.log(self.omega0))
+        return np.array(xs + om + list(np.log(self.sigma0)), dtype=float)
 
     @staticmethod
     def _to_x(t, v):
@@ -71,16 +80,30 @@ class Packing:
                 theta[t.name] = self._from_x(t, x[i])
                 i += 1
         k = self.pm.n_eta
-        omega = torch.diag(torch.exp(x[i:i + k])) if k else torch.zeros(0, 0, dtype=x.dtype)
-        i += k
+        if k and self.block:
+            diag = torch.exp(x[i:i + k])
+            i += k
+            n_off = k * (k - 1) // 2
+            rows, cols = torch.tril_indices(k, k, offset=-1)
+            chol = torch.diag(diag)
+            chol = chol.index_put((rows, cols), x[i:i + n_off])
+            i += n_off
+            omega = chol @ chol.T
+        else:
+            omega = torch.diag(torch.exp(x[i:i + k])) if k else torch.zeros(0, 0, dtype=x.dtype)
+            i += k
         sd = {name: torch.exp(x[i + j]) for j, name in enumerate(self.sigma_names)}
         return theta, omega, sd
 
     def natural(self, x):
         """All estimated quantities on their reported scale, as a flat tensor (for the delta method)."""
         theta, omega, sd = self.unpack(x)
+        extra = []
+        if self.block:
+            rows, cols = torch.tril_indices(omega.shape[0], omega.shape[0], offset=-1)
+            extra = list(omega[rows, cols])
         return torch.stack([theta[t.name] for t in self.free] + list(torch.diagonal(omega)) +
-                           [sd[n] for n in self.sigma_names])
+                           [sd[n] for n in self.sigma_names] + extra)
 
 
 def _naive_pooled(prob, pack, x0):

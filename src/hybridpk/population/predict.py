@@ -17,8 +17,13 @@ def load_fit(run_dir):
     data = load_model_file(run_dir)
     pm = model_from_spec(data["spec"])
     theta = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in data["theta"].items()}
-    omega = torch.diag(torch.tensor(data["omega"], dtype=torch.float64)) if data["omega"] else \
-        torch.zeros(0, 0, dtype=torch.float64)
+    om = data["omega"]
+    if not om:
+        omega = torch.zeros(0, 0, dtype=torch.float64)
+    elif isinstance(om[0], list):      # full matrix (current format)
+        omega = torch.tensor(om, dtype=torch.float64)
+    else:                              # list of variances
+        omega = torch.diag(torch.tensor(om, dtype=torch.float64))
     sd = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in data["sigma_sd"].items()}
     return pm, theta, omega, sd
 

@@ -31,6 +31,7 @@ class FitResult:
     converged : bool; message : str; iterations, evaluations : int; seconds : float
     parameters : dict  THETA name -> {"estimate", "se", "rse"} on the natural scale
     omega : dict  ETA name -> {"variance", "se", "cv_percent"}
+    omega_covariance : dict  "ETA_A,ETA_B" -> {"covariance", "se", "correlation"} (block OMEGA only)
     sigma : dict  residual SD name (ADD, PROP) -> {"estimate", "se", "variance"}
     shrinkage : dict  {"eta": {ETA: %}, "epsilon": %}
     individual : DataFrame  ID, ETA_*, individual parameters
@@ -55,6 +56,8 @@ class FitResult:
     seed: int = 0
     warnings: tuple = ()
     spec: dict = field(default_factory=dict, repr=False)
+    omega_covariance: dict = field(default_factory=dict)
+    omega_matrix: tuple = ()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -91,6 +94,15 @@ class FitResult:
                                        "sd": est, "type": name}
             else:
                 sig[name] = {"estimate": est, "se": s, "variance": est * est}
+        i += len(pack.sigma_names)
+        om_cov = {}
+        if getattr(pm, "omega_block", False):
+            rows, cols = np.tril_indices(pm.n_eta, -1)
+            for j, (r, c) in enumerate(zip(rows, cols)):
+                cv = float(omega[r, c])
+                s = float(se[i + j]) if se is not None else None
+                corr = cv / math.sqrt(float(omega[r, r]) * float(omega[c, c]))
+                om_cov[f"{pm.etas[c]},{pm.etas[r]}"] = {"covariance": cv, "se": s, "correlation": corr}
         ids = list(dataset.ids)
         ind = pd.DataFrame({"ID": ids})
         for j, name in enumerate(pm.etas):
@@ -118,7 +130,8 @@ class FitResult:
                    evaluations=evaluations, seconds=seconds, parameters=params, omega=om, sigma=sig,
                    shrinkage=diagnostics["shrinkage"], individual=ind, predictions=preds,
                    n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,
-                   warnings=tuple(warnings), spec=dict(spec))
+                   warnings=tuple(warnings), spec=dict(spec), omega_covariance=om_cov,
+                   omega_matrix=tuple(tuple(float(v) for v in row) for row in omega.tolist()))
 
     # ------------------------------------------------------------------ output
     def summary(self) -> dict:
@@ -127,7 +140,7 @@ class FitResult:
             "ofv": self.ofv, "method": self.method, "converged": self.converged, "message": self.message,
             "iterations": self.iterations, "function_evaluations": self.evaluations,
             "fit_seconds": round(self.seconds, 3), "parameters": self.parameters, "omega": self.omega,
-            "sigma": self.sigma, "shrinkage": self.shrinkage, "n_subjects": self.n_subjects,
+            "sigma": self.sigma, "omega_covariance": self.omega_covariance, "shrinkage": self.shrinkage, "n_subjects": self.n_subjects,
             "n_observations": self.n_observations, "seed": self.seed, "warnings": list(self.warnings),
             **run_metadata(),
         }
@@ -141,7 +154,7 @@ class FitResult:
         atomic_write_text(run / "predictions.csv", self.predictions.to_csv(index=False))
         model = {"format": "hybridpk-population-model", "version": 1, "spec": self.spec,
                  "theta": {k: v["estimate"] for k, v in self.parameters.items()},
-                 "omega": [v["variance"] for v in self.omega.values()],
+                 "omega": [list(row) for row in self.omega_matrix],
                  "sigma_sd": {v.get("type", k): v.get("sd", v["estimate"]) for k, v in self.sigma.items()}}
         atomic_write_text(run / "model.json", json.dumps(model, indent=2))
         atomic_write_text(run / "summary.json", json.dumps(self.summary(), indent=2, default=_json_default))

@@ -136,6 +136,7 @@ class PopulationModel:
     covariates: tuple = ()
     effects: tuple = ()
     labels: dict = field(default_factory=dict)
+    omega_block: bool = False   # True: one full OMEGA block (correlated ETAs), else diagonal
 
     @property
     def theta_names(self) -> tuple:
@@ -147,7 +148,7 @@ class PopulationModel:
 
 
 def build_model(model, *, iiv=None, covariates=(), error="proportional", initial: dict | None = None,
-                data=None, fixed: dict | None = None) -> PopulationModel:
+                data=None, fixed: dict | None = None, omega_block: bool = False) -> PopulationModel:
     """A population model from named options, as the CLI builds it.
 
     Parameters
@@ -160,6 +161,7 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     initial : dict  initial typical values {param: value} (defaults: the model's typical values)
     data : Dataset  used for covariate reference values (medians) when not given
     fixed : dict  parameters fixed at a value (e.g. {"F": 1.0}); not estimated
+    omega_block : bool  estimate a full OMEGA block (covariances between all ETAs) instead of a diagonal
     """
     sm = get_model(model)
     fixed = dict(fixed or {})
@@ -223,11 +225,12 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     kind = error if isinstance(error, str) else error.kind
     err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
     spec = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "fixed": fixed,
+            "omega_block": bool(omega_block),
             "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
                             "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
                            individual=individual, covariates=cov_names, effects=tuple(effects),
-                           labels={"spec": spec})
+                           labels={"spec": spec}, omega_block=bool(omega_block) and len(etas) > 1)
 
 
 def model_from_spec(spec: dict) -> PopulationModel:
@@ -236,7 +239,7 @@ def model_from_spec(spec: dict) -> PopulationModel:
     if kind == "build":
         effects = [CovariateEffect(**e) for e in spec.get("covariates", [])]
         return build_model(spec["model"], iiv=spec["iiv"], covariates=effects, error=spec["error"],
-                           fixed=spec.get("fixed") or {})
+                           fixed=spec.get("fixed") or {}, omega_block=spec.get("omega_block", False))
     if kind == "nonmem":
         from .nonmem import read_control_stream
 

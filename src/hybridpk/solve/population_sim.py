@@ -32,7 +32,7 @@ class PopulationSimulation:
 
 def simulate_population(model, design, typical: dict, omega: dict | None = None, *, proportional: float = 0.0,
                         additive: float = 0.0, covariates: dict | None = None, seed: int = 0,
-                        method: str = "auto") -> PopulationSimulation:
+                        method: str = "auto", correlation: dict | None = None) -> PopulationSimulation:
     """Simulate DV for every observation record of ``design`` (a Dataset).
 
     Parameters
@@ -45,6 +45,7 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
     covariates : dict  power covariate effects {param: (covariate, reference, exponent)}, e.g.
         {"CL": ("WT", 70.0, 0.75)}: P_i = typical (COV_i / reference)^exponent exp(ETA_i)
     seed : int  random seed (numpy Generator); the same seed gives the same dataset
+    correlation : dict  correlations between ETAs, e.g. {("CL", "V"): 0.6} (default: independent)
     """
     from ..data.dataset import read_nonmem
 
@@ -62,6 +63,14 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
     first = base.groupby("ID", sort=False).first().loc[list(ids)]
     params = {}
     etas = {}
+    names = [p.name for p in model.parameters if omega.get(p.name, 0) > 0 and p.name in typical]
+    cov = np.diag([omega[k] for k in names])
+    for (a, b), rho in (correlation or {}).items():
+        if a not in names or b not in names:
+            raise ModelError(f"correlation between {a} and {b}: both need IIV (omega > 0)")
+        i, j = names.index(a), names.index(b)
+        cov[i, j] = cov[j, i] = rho * np.sqrt(omega[a] * omega[b])
+    draws = rng.multivariate_normal(np.zeros(len(names)), cov, size=n, method="cholesky") if names else None
     for spec in model.parameters:
         if spec.name not in typical:
             continue
@@ -71,8 +80,8 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
             if cov not in first:
                 raise ModelError(f"covariate {cov} is not in the design dataset")
             value = value * (first[cov].to_numpy(dtype=float) / ref) ** expo
-        if omega.get(spec.name, 0) > 0:
-            eta = rng.normal(0.0, np.sqrt(omega[spec.name]), n)
+        if spec.name in names:
+            eta = draws[:, names.index(spec.name)]
             etas[f"ETA_{spec.name}"] = eta
             value = value * np.exp(eta)
         params[spec.name] = value
