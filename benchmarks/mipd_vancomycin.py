@@ -65,11 +65,33 @@ def patient_frames(sim, level_times):
     return out
 
 
+def pit_plot(draws, observed, label, out_dir):
+    """PIT (u-value) histogram of the next level against its predictive draws, drawn by ArviZ; uniform if
+    the prediction intervals are calibrated."""
+    import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idata = az.from_dict(posterior_predictive={"next_level": draws.T[None, :, :]},
+                         observed_data={"next_level": observed})
+    ax = az.plot_bpv(idata, kind="u_value", data_pairs={"next_level": "next_level"})
+    fig = plt.gcf()
+    fig.suptitle(f"PIT of the next level, {label}")
+    name = label.split()[0].strip("(")
+    fig.savefig(os.path.join(out_dir, f"mipd_pit_{name}.png"), dpi=90)
+    plt.close(fig)
+    pit = (draws <= observed[:, None]).mean(1)
+    return ax, pit
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default=".", help="folder for the PIT histograms")
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
@@ -88,16 +110,19 @@ def main():
     for label, level_times in (("two levels", [37.5, 47.5]), ("sparse (1 level)", [47.5]),
                                ("rich (3 levels)", [37.5, 42, 47.5])):
         pats = patient_frames(test, level_times)
-        rel, cover = [], []
+        rel, cover, draws, observed = [], [], [], []
         for sid, hist, nxt in pats:
             # the dose record (ADDL=4) already holds the 5th dose at 48 h
             ds = hp.read_nonmem(hist.reset_index(drop=True), covariates=["CRCL"])
             est, samples, ess, _ = estimate_patient(fitted, ds, seed=sid)
-            fc = forecast(est, samples, [59.5], seed=sid)
+            fc, pred_draws = forecast(est, samples, [59.5], seed=sid, return_draws=True)
+            draws.append(pred_draws[:, 0])
+            observed.append(nxt)
             pred = float(fc.IPRED_MAP.iloc[0])
             rel.append((pred - nxt) / nxt)
             cover.append(fc.PI90_LOW.iloc[0] <= nxt <= fc.PI90_HIGH.iloc[0])
         rel = np.array(rel)
+        pit_plot(np.array(draws), np.array(observed), label, args.out)
         results[label] = (np.mean(rel), np.sqrt(np.mean(rel ** 2)), np.mean(cover))
         print(f"next level, {label:<17}: mean relative bias {100 * np.mean(rel):+.1f}%, relative RMSE "
               f"{100 * np.sqrt(np.mean(rel ** 2)):.1f}%, 90% PI coverage {100 * np.mean(cover):.1f}%")

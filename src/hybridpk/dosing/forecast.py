@@ -38,9 +38,10 @@ def _grid_batch(est, times, extra_doses: pd.DataFrame | None = None):
 
 
 def forecast(est, samples, times, extra_doses: pd.DataFrame | None = None, seed: int = 0,
-             level: float = 0.90) -> pd.DataFrame:
+             level: float = 0.90, return_draws: bool = False):
     """TIME, PRED_MAP, median and ``level`` prediction interval (parameter uncertainty from the posterior
-    draws plus residual error) of the concentration at ``times`` (h), optionally with future doses."""
+    draws plus residual error) of the concentration at ``times`` (h), optionally with future doses.
+    With ``return_draws`` also the predictive draws (S, T) (for PIT / calibration checks)."""
     prior = est.prior
     t = np.asarray(times, dtype=float)
     batch, cov, is_pt = _grid_batch(est, t, extra_doses)
@@ -51,11 +52,12 @@ def forecast(est, samples, times, extra_doses: pd.DataFrame | None = None, seed:
     sd = torch.sqrt(prior.pm.error.variance(conc, prior.sd))
     noisy = (conc + sd * torch.randn(conc.shape, generator=gen, dtype=conc.dtype)).clamp(min=0.0)  # no negative levels
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
-    return pd.DataFrame({"TIME": t, "IPRED_MAP": point.numpy(), "MEDIAN": conc.median(0).values.numpy(),
-                         f"PI{int(level * 100)}_LOW": torch.quantile(noisy, lo, 0).numpy(),
-                         f"PI{int(level * 100)}_HIGH": torch.quantile(noisy, hi, 0).numpy(),
-                         f"CI{int(level * 100)}_LOW": torch.quantile(conc, lo, 0).numpy(),
-                         f"CI{int(level * 100)}_HIGH": torch.quantile(conc, hi, 0).numpy()})
+    table = pd.DataFrame({"TIME": t, "IPRED_MAP": point.numpy(), "MEDIAN": conc.median(0).values.numpy(),
+                          f"PI{int(level * 100)}_LOW": torch.quantile(noisy, lo, 0).numpy(),
+                          f"PI{int(level * 100)}_HIGH": torch.quantile(noisy, hi, 0).numpy(),
+                          f"CI{int(level * 100)}_LOW": torch.quantile(conc, lo, 0).numpy(),
+                          f"CI{int(level * 100)}_HIGH": torch.quantile(conc, hi, 0).numpy()})
+    return (table, noisy.numpy()) if return_draws else table
 
 
 def plot_forecast(fc: pd.DataFrame, est, path=None, title: str = ""):
