@@ -1,0 +1,49 @@
+"""Per-record inputs of the residual networks, computed from an EventBatch (all tensors (N, R, .))."""
+
+from __future__ import annotations
+
+import torch
+
+
+def dose_context(batch):
+    """Time since the last dose (h), its amount (mg), time since the first dose (h) and a gate that is 1 once
+    the first dose has been given, at every record: tensors (N, R)."""
+    t = batch.time.unsqueeze(-1)                                    # (N, R, 1)
+    td = batch.dose_time.unsqueeze(1)                               # (N, 1, D)
+    given = batch.dose_mask.unsqueeze(1) & (td <= t)
+    since = torch.where(given, t - td, torch.full_like(t - td, float("inf")))
+    tsd, last = since.min(-1)
+    amt = batch.dose_amt.gather(1, last.clamp(min=0)) * 1.0
+    any_dose = given.any(-1)
+    tsd = torch.where(any_dose, tsd, torch.zeros_like(tsd))
+    first = torch.where(batch.dose_mask, batch.dose_time, torch.full_like(batch.dose_time, float("inf"))).min(1).values
+    tfd = torch.where(any_dose, batch.time - first.unsqueeze(-1), torch.zeros_like(batch.time))
+    amt = torch.where(any_dose, amt, torch.zeros_like(amt))
+    return tsd, amt, tfd, any_dose.to(batch.time.dtype)
+
+
+def record_features(batch, ipred, scale: dict):
+    """Decoder inputs (N, R, F): scaled time since last dose, time since first dose, dose, log IPRED, and the
+    baseline covariates; ``scale`` holds the normalising constants learnt on the training data."""
+    tsd, amt, tfd, gate = dose_context(batch)
+    logc = torch.log(ipred.clamp(min=0) + scale["c0"])
+    feats = [tsd / scale["t"], tfd / scale["t"], amt / scale["dose"], (logc - scale["logc_mean"]) / scale["logc_sd"]]
+    if batch.cov_baseline.shape[1]:
+        cov = (batch.cov_baseline - scale["cov_mean"]) / scale["cov_sd"]
+        feats.append(cov.unsqueeze(1).expand(-1, batch.time.shape[1], -1))
+    x = torch.cat([f.unsqueeze(-1) if f.dim() == 2 else f for f in feats], -1)
+    return x, gate
+
+
+def fit_scale(batch, ipred) -> dict:
+    """Normalising constants from the training batch."""
+    obs = batch.is_obs
+    dv = batch.dv[obs]
+    c0 = float(0.05 * dv.median()) if len(dv) else 0.05
+    logc = torch.log(ipred[obs].clamp(min=0) + c0)
+    tsd, amt, tfd, _ = dose_context(batch)
+    cov = batch.cov_baseline
+    return {"c0": c0, "t": float(tsd[obs].median().clamp(min=1.0)), "dose": float(batch.dose_amt.max().clamp(min=1e-9)),
+            "logc_mean": float(logc.mean()), "logc_sd": float(logc.std().clamp(min=1e-3)),
+            "cov_mean": cov.mean(0), "cov_sd": cov.std(0).clamp(min=1e-6) if cov.shape[0] > 1 else torch.ones_like(
+                cov[0])}

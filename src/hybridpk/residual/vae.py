@@ -1,0 +1,170 @@
+"""The hybrid model: ODE baseline (individual predictions of a population fit) times exp(latent residual).
+
+Training maximises the ELBO: the residual-error likelihood of the population model evaluated at the hybrid
+prediction, minus beta * KL(q(z | patient) || N(0, I)) with beta warmed up from 0, minus an L2 penalty on
+the residual that keeps it at zero where the ODE already fits. Minibatches of patients, gradient
+clipping, NaN guard, early stopping on held-out patients, seeded; checkpoints are written atomically as
+tensors only (loaded with ``torch.load(weights_only=True)``) and training resumes from them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import atomic_write_bytes
+from .features import fit_scale, record_features
+from .networks import ResidualDecoder, SetEncoder
+
+__all__ = ["HybridVAE", "TrainConfig", "train_vae"]
+
+
+class HybridVAE(nn.Module):
+    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = SetEncoder(n_features, latent_dim, hidden)
+        self.decoder = ResidualDecoder(n_features, latent_dim, hidden)
+        self.scale = {}
+
+    def features(self, batch, ipred):
+        return record_features(batch, ipred, self.scale)
+
+    def encode(self, batch, ipred, mask):
+        x, _ = self.features(batch, ipred)
+        c0 = self.scale["c0"]
+        resid = torch.where(mask, torch.log(batch.dv.clamp(min=0) + c0) - torch.log(ipred.clamp(min=0) + c0),
+                            torch.zeros_like(ipred))
+        return self.encoder(x, resid, mask)
+
+    def predict(self, batch, ipred, z):
+        """Hybrid concentration (N, R) and the residual r (N, R)."""
+        x, gate = self.features(batch, ipred)
+        r = self.decoder(z, x) * gate
+        return ipred * torch.exp(r), r
+
+
+@dataclass
+class TrainConfig:
+    latent_dim: int = 2
+    hidden: int = 64
+    epochs: int = 1500
+    lr: float = 3e-3
+    batch_size: int = 64
+    warmup_epochs: int = 100
+    beta: float = 0.3
+    l2_residual: float = 0.05
+    val_fraction: float = 0.2
+    patience: int = 300
+    clip: float = 5.0
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint: str | None = None
+    progress: bool = True
+    history: list = field(default_factory=list)
+
+
+def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None):
+    mu, logvar = model.encode(batch, ipred, mask)
+    eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype, device=mu.device) if gen is not None else \
+        torch.zeros_like(mu)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    pred, r = model.predict(batch, ipred, z)
+    v = error_model.variance(pred, sd)
+    v = torch.where(mask, v, torch.ones_like(v))
+    nll = torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+    kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar).sum(1)
+    pen = l2 * torch.where(mask, r * r, torch.zeros_like(r)).sum(1)
+    return nll + beta * kl + pen, nll, kl
+
+
+def _save(path, model, opt, epoch, best, state_extra):
+    buf = io.BytesIO()
+    scale = {k: (v if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in model.scale.items()}
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": torch.tensor(epoch),
+                "best": torch.tensor(best), "scale": scale, **state_extra}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
+    """Train a HybridVAE on a population (``batch`` with baseline ``ipred`` (N, R) at every record).
+
+    Returns (model, history) where history lists (epoch, train -ELBO per patient, validation -ELBO per patient).
+    """
+    cfg = config or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    n = batch.n_subjects
+    perm = torch.randperm(n, generator=gen)
+    n_val = max(1, int(round(cfg.val_fraction * n))) if n > 4 else 0
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    scale = fit_scale(batch.select(tr_idx), ipred[tr_idx])
+    x, _ = record_features(batch.select(tr_idx[:1]), ipred[tr_idx[:1]], scale)
+    model = HybridVAE(x.shape[-1], cfg.latent_dim, cfg.hidden).double()
+    model.scale = scale
+    device = torch.device(cfg.device)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sd = {k: v.detach().to(device) for k, v in sd.items()}
+    btr, ptr = batch.select(tr_idx).to(device), ipred[tr_idx].to(device)
+    bva, pva = (batch.select(val_idx).to(device), ipred[val_idx].to(device)) if n_val else (None, None)
+    start, best, best_state, bad = 0, math.inf, None, 0
+    history = []
+    if cfg.checkpoint and Path(cfg.checkpoint).is_file():   # resume
+        ck = torch.load(cfg.checkpoint, weights_only=True, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, best = int(ck["epoch"]) + 1, float(ck["best"])
+        best_state = ck.get("best_model")
+        gen.manual_seed(cfg.seed + start)
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=start, desc="VAE", unit="epoch", leave=False)
+    ntr = len(tr_idx)
+    for epoch in range(start, cfg.epochs):
+        beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
+        order = torch.randperm(ntr, generator=gen)
+        model.train()
+        total = 0.0
+        for i in range(0, ntr, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            b = btr.select(idx)
+            loss, _, _ = _neg_elbo(model, b, ptr[idx], b.is_obs, error_model, sd, beta, cfg.l2_residual, gen)
+            loss = loss.sum() / len(idx)
+            if not torch.isfinite(loss):      # NaN guard: skip the step
+                continue
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            total += float(loss) * len(idx)
+        model.eval()
+        with torch.no_grad():
+            val = float(_neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0)[0].mean()) \
+                if n_val else total / ntr
+        history.append((epoch, total / ntr, val))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(train=f"{total / ntr:.3f}", val=f"{val:.3f}")
+        if epoch >= cfg.warmup_epochs and val < best - 1e-6:
+            best, bad = val, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch >= cfg.warmup_epochs:
+            bad += 1
+        if cfg.checkpoint and (epoch % 20 == 0 or epoch == cfg.epochs - 1):
+            _save(cfg.checkpoint, model, opt, epoch, best, {"best_model": best_state} if best_state else {})
+        if bad >= cfg.patience:
+            break
+    if bar is not None:
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.best_val = best
+    return model, history
