@@ -10,7 +10,9 @@ Predict concentrations with a model fitted by 'hybridpk fit' (the folder RUN).
 Each subject of DATA gets empirical Bayes ETAs estimated from its own observations (MAP with the
 population estimates as prior; subjects without observations keep ETA = 0), and OUT.csv gets ID, TIME,
 DV, MDV, PRED (typical subject), IPRED (individual) and the ETAs for every record of DATA, including
-EVID=2 / MDV=1 rows placed at the times you want predictions for.
+EVID=2 / MDV=1 rows placed at the times you want predictions for. For a hybrid run (fitted with
+--residual vae) each patient is also encoded from its own observations: IPRED then includes the VAE
+residual, IPRED_ODE is the ODE-only prediction, and Z1.. are the latent means.
 """
 
 
@@ -29,8 +31,15 @@ def run(args) -> int:
     from hybridpk.io import atomic_write_text
     from hybridpk.population import predict_population
 
+    from pathlib import Path
+
     ds = read_nonmem(resolve_data_path(args.data))
-    out = predict_population(args.run, ds)
+    if (Path(args.run) / "vae.pt").is_file():   # hybrid run: IPRED includes the VAE residual
+        from hybridpk.residual import predict_hybrid
+
+        out = predict_hybrid(args.run, ds)
+    else:
+        out = predict_population(args.run, ds)
     atomic_write_text(args.out, out.to_csv(index=False))
     print(f"wrote {args.out}: PRED and IPRED at {len(out)} records of {ds.n_subjects} subjects")
     return 0

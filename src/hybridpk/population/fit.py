@@ -166,7 +166,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=maxiter, desc="FOCE-I", unit="it", leave=False)
+        bar = tqdm(total=maxiter, desc="FOCE-I", unit="it", leave=False, mininterval=1.0)
 
     def evaluate(xv, need_grad=True):
         x = torch.tensor(xv, dtype=torch.float64, requires_grad=need_grad)

@@ -43,7 +43,10 @@ def fit_scale(batch, ipred) -> dict:
     logc = torch.log(ipred[obs].clamp(min=0) + c0)
     tsd, amt, tfd, _ = dose_context(batch)
     cov = batch.cov_baseline
+    if cov.shape[1] == 0 or cov.shape[0] < 2:
+        cov_mean, cov_sd = cov.mean(0) if cov.shape[0] else cov.sum(0), torch.ones(cov.shape[1], dtype=cov.dtype)
+    else:
+        cov_mean, cov_sd = cov.mean(0), cov.std(0).clamp(min=1e-6)
     return {"c0": c0, "t": float(tsd[obs].median().clamp(min=1.0)), "dose": float(batch.dose_amt.max().clamp(min=1e-9)),
             "logc_mean": float(logc.mean()), "logc_sd": float(logc.std().clamp(min=1e-3)),
-            "cov_mean": cov.mean(0), "cov_sd": cov.std(0).clamp(min=1e-6) if cov.shape[0] > 1 else torch.ones_like(
-                cov[0])}
+            "cov_mean": cov_mean, "cov_sd": cov_sd}

@@ -126,7 +126,7 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.epochs, initial=start, desc="VAE", unit="epoch", leave=False)
+        bar = tqdm(total=cfg.epochs, initial=start, desc="VAE", unit="epoch", leave=False, mininterval=1.0)
     ntr = len(tr_idx)
     for epoch in range(start, cfg.epochs):
         beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
@@ -144,7 +144,7 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         model.eval()
         with torch.no_grad():
             val = float(_neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0)[0].mean()) \

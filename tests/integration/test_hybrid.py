@@ -1,0 +1,90 @@
+"""Hybrid model (ODE baseline + VAE residual): reproducibility, checkpoints, CLI, and the EHC example."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hybridpk as hp
+from hybridpk.cli import main
+from hybridpk.population import build_model, fit_population
+from hybridpk.residual import TrainConfig, fit_hybrid, train_vae
+from hybridpk.solve.examples import simulate_ehc_population
+
+
+@pytest.fixture(scope="module")
+def ehc_small():
+    ds, truth = simulate_ehc_population(80, seed=3)
+    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(pm, ds, progress=False, covariance=False)
+    return ds, truth, pm, fit
+
+
+def test_same_seed_same_result(ehc_small):
+    ds, _, pm, fit = ehc_small
+    cfg = TrainConfig(epochs=40, warmup_epochs=10, progress=False)
+    a = fit_hybrid(pm, ds, population=fit, config=cfg, seed=5, progress=False)
+    b = fit_hybrid(pm, ds, population=fit, config=cfg, seed=5, progress=False)
+    for (k, v), (_, w) in zip(a.vae.state_dict().items(), b.vae.state_dict().items()):
+        assert torch.equal(v, w), k
+    pd.testing.assert_frame_equal(a.individual, b.individual)
+    c = fit_hybrid(pm, ds, population=fit, config=cfg, seed=6, progress=False)
+    assert not a.individual.Z1.equals(c.individual.Z1)
+
+
+def test_checkpoint_is_tensors_only_and_training_resumes(ehc_small, tmp_path):
+    ds, _, pm, fit = ehc_small
+    from hybridpk.dosing.prior import prior_from_fit
+    from hybridpk.residual.hybrid import _baseline
+
+    prior = prior_from_fit(fit, pm)
+    _, batch, ipred = _baseline(prior, ds)
+    ck = tmp_path / "vae.ckpt"
+    cfg = TrainConfig(epochs=41, warmup_epochs=5, progress=False, checkpoint=str(ck))
+    train_vae(batch, ipred, pm.error, prior.sd, cfg)
+    saved = torch.load(ck, weights_only=True)             # no pickled code
+    assert int(saved["epoch"]) == 40
+    cfg2 = TrainConfig(epochs=60, warmup_epochs=5, progress=False, checkpoint=str(ck))
+    _, hist = train_vae(batch, ipred, pm.error, prior.sd, cfg2)
+    assert hist[0][0] == 41 and hist[-1][0] <= 59          # resumed after the saved epoch
+
+
+def test_complexity_and_latent_outputs_are_reported(ehc_small):
+    ds, truth, pm, fit = ehc_small
+    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=60, warmup_epochs=10), seed=0,
+                     progress=False)
+    ind = hyb.individual
+    assert {"Z1", "Z2", "Z1_SD", "Z2_SD", "COMPLEXITY", "NLL_ODE", "NLL_HYBRID", "RMSE_ODE", "RMSE_HYBRID"} <= \
+        set(ind.columns)
+    np.testing.assert_allclose(ind.COMPLEXITY, ind.NLL_ODE - ind.NLL_HYBRID)
+    assert (ind.Z1_SD > 0).all()
+
+
+def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys):
+    ds, truth = simulate_ehc_population(60, seed=11)
+    path = tmp_path / "ehc.csv"
+    ds.to_dataframe().to_csv(path, index=False)
+    run = tmp_path / "run"
+    assert main(["fit", str(path), "--model", "1cmt_oral", "--error", "combined", "--residual", "vae",
+                 "--epochs", "60", "--out", str(run), "--quiet", "--no-covariance", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "hybrid" in out
+    s = json.loads((run / "summary.json").read_text())
+    assert s["residual"]["kind"] == "vae" and s["residual"]["latent_dim"] == 2
+    assert torch.load(run / "vae.pt", weights_only=True)["state"]
+    new, _ = simulate_ehc_population(4, seed=99)
+    df = new.to_dataframe()
+    extra = pd.DataFrame({"ID": [1, 2], "TIME": [30.0, 30.0], "DV": 0.0, "AMT": 0.0, "EVID": 2, "MDV": 1, "CMT": 2})
+    df = pd.concat([df, extra]).sort_values(["ID", "TIME"], kind="stable")
+    df.to_csv(tmp_path / "new.csv", index=False)
+    assert main(["predict", str(run), str(tmp_path / "new.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    p = pd.read_csv(tmp_path / "p.csv")
+    assert len(p) == len(df) and {"IPRED", "IPRED_ODE", "Z1", "Z2"} <= set(p.columns)
+    assert (p.IPRED >= 0).all() and (p[p.TIME == 0].IPRED == 0).all()
