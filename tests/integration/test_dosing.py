@@ -199,3 +199,14 @@ def test_spec_written_from_a_fit_is_a_usable_prior(tmp_path, theoph_path):
     est = map_estimate(prior, one)
     fit_eta = res.individual[res.individual.ID == 1][["ETA_KA", "ETA_CL", "ETA_V"]].to_numpy()[0]
     np.testing.assert_allclose(est.eta[0].numpy(), fit_eta, atol=1e-5)   # same model, same EBE
+
+
+def test_auc_for_a_given_day_approaches_steady_state():
+    ds = _vanco_patient()
+    d1 = recommend_dose("vancomycin_goti2018", ds, "auc24@1=400:600", interval=12, dose_step=125)
+    d7 = recommend_dose("vancomycin_goti2018", ds, "auc24@7=400:600", interval=12, dose_step=125)
+    ss = recommend_dose("vancomycin_goti2018", ds, "auc24=400:600", interval=12, dose_step=125)
+    assert d7.dose == pytest.approx(ss.dose, abs=125)          # by day 7 the regimen is at steady state
+    e1 = d1.exposure["auc24@day1"]
+    assert 400 <= e1["map"] <= 600
+    assert parse_target("auc24@2=400:600").time == 2.0

@@ -13,7 +13,8 @@ NONMEM-style file for ONE patient: the doses given so far, the TDM levels (EVID 
 model needs (e.g. CRCL, WT).
 
 The patient's parameters are estimated by MAP (Bayesian, with the model as prior); 1000 posterior draws
-give the uncertainty. Targets: auc24=LOW:HIGH (mg*h/L over 24 h at steady state), trough=LOW:HIGH and
+give the uncertainty. Targets: auc24=LOW:HIGH (mg*h/L over 24 h at steady state), auc24@D=LOW:HIGH (over
+day D of the new regimen, history included), trough=LOW:HIGH and
 peak=LOW:HIGH (mg/L, steady state), conc@T=LOW:HIGH (mg/L, T h after the first new dose).
 
 REC.json holds: the dose and interval, the regimen as NONMEM dose records, the predicted exposure (MAP,

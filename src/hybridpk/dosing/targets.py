@@ -36,21 +36,30 @@ class Target:
 
     @property
     def label(self) -> str:
+        if self.metric == "aucday":
+            return f"auc24@day{self.time:g}"
         return self.metric if self.time is None else f"conc@{self.time:g}"
 
 
 def parse_target(text: str) -> Target:
-    """'auc24=400:600', 'trough=10:15', 'peak=20:40', 'conc@36=10:15' (or a single value 'trough=12')."""
-    m = re.fullmatch(r"\s*(auc24|trough|peak|conc@([0-9.]+))\s*=\s*([0-9.]+)\s*(?::\s*([0-9.]+))?\s*", text.lower())
+    """'auc24=400:600' (steady state), 'auc24@2=400:600' (day 2 of the new regimen, history included),
+    'trough=10:15', 'peak=20:40', 'conc@36=10:15' (or a single value 'trough=12')."""
+    m = re.fullmatch(r"\s*(auc24@([0-9]+)|auc24|trough|peak|conc@([0-9.]+))\s*=\s*([0-9.]+)\s*(?::\s*([0-9.]+))?\s*",
+                     text.lower())
     if not m:
-        raise HybridPKError(f"cannot read target {text!r}; write e.g. 'auc24=400:600', 'trough=10:15', "
-                            "'peak=20:40' or 'conc@36=10:15'")
-    low = float(m.group(3))
-    high = float(m.group(4)) if m.group(4) else low
+        raise HybridPKError(f"cannot read target {text!r}; write e.g. 'auc24=400:600', 'auc24@2=400:600', "
+                            "'trough=10:15', 'peak=20:40' or 'conc@36=10:15'")
+    low = float(m.group(4))
+    high = float(m.group(5)) if m.group(5) else low
     if high < low:
         raise HybridPKError(f"target {text!r}: the upper bound is below the lower bound")
-    metric = "conc" if m.group(2) else m.group(1)
-    return Target(metric, low, high, float(m.group(2)) if m.group(2) else None)
+    if m.group(2):
+        if int(m.group(2)) < 1:
+            raise HybridPKError("auc24@DAY: days count from 1 (the first 24 h of the new regimen)")
+        return Target("aucday", low, high, float(m.group(2)))
+    if m.group(3):
+        return Target("conc", low, high, float(m.group(3)))
+    return Target(m.group(1), low, high, None)
 
 
 def regimen_records(patient_id, start: float, dose: float, interval: float, duration: float, n_doses: int,
@@ -103,6 +112,25 @@ def metric_coefficients(prior, patient_df: pd.DataFrame, eta, target: Target, st
         ds = _one_subject_dataset(hist, obs)
         b = _predict_all(prior, ds.to_batch(covariates=list(prior.pm.covariates)), eta)[:, 1:].amax(1)
         return torch.zeros(s, dtype=torch.float64), b
+    elif target.metric == "aucday":  # AUC over day D of the new regimen, the patient's history included
+        t0 = start + 24.0 * (target.time - 1)
+        grid = np.linspace(t0, t0 + 24.0, 481)
+        hist = patient_df.assign(_o=0)
+        doses_hist = hist[hist.EVID.isin([1, 4])]
+        obs = pd.DataFrame([{**base, "TIME": float(t), "EVID": 2, "_o": 1} for t in grid])
+        unit = regimen_records(pid, start, 1.0, interval, duration, int(np.ceil((t0 + 24 - start) / interval)) + 1,
+                               cmt).assign(_o=0)
+        for c, v in covs.items():
+            unit[c] = v
+        tt = torch.as_tensor(grid)
+        conc0 = _predict_all(prior, _one_subject_dataset(doses_hist, obs).to_batch(
+            covariates=list(prior.pm.covariates)), eta)
+        conc1 = _predict_all(prior, _one_subject_dataset(unit, obs).to_batch(covariates=list(prior.pm.covariates)),
+                             eta)
+        n_hist = len(doses_hist)
+        a = torch.trapezoid(conc0[:, n_hist:n_hist + len(grid)], tt, dim=1)
+        b = torch.trapezoid(conc1[:, 1:1 + len(grid)], tt, dim=1)
+        return a, b
     else:  # concentration at start + T, with the patient's history
         hist = patient_df.assign(_o=0)
         for col, v in base.items():
