@@ -66,6 +66,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--latent-dim", type=int, default=2)
     ap.add_argument("--beta", type=float, default=TrainConfig.beta)
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also score MAP with the true structure and the true population values (1cmt_oral_ehc)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
@@ -102,9 +104,24 @@ def main():
             err = ((pred - true_grid) ** 2 * on).sum(1) / on.sum(1)
             return float(torch.sqrt(err[sel].mean()))
 
+        ceil_grid = None
+        if args.ceiling:
+            from hybridpk.dosing import prior_from_values
+
+            epm = build_model("1cmt_oral_ehc", iiv=["CL", "V", "KA", "KGB"], error="combined",
+                              fixed={k: EHC[k] for k in ("TMEAL", "MEALII", "TEMPT")})
+            eprior = prior_from_values(epm, EHC, dict(CL=0.09, V=0.04, KA=0.09, KGB=1.0),
+                                       {"ADD": 0.05, "PROP": 0.10}, name="true EHC")
+            eest = map_estimate(eprior, data)
+            pe = {k: torch.tensor(eest.parameters[k].to_numpy()) for k in eest.parameters.columns if k != "ID"}
+            ceil_grid = hp.simulate("1cmt_oral_ehc", pe, bd).ipred
         for group, sel in (("recirculating", rec), ("not recirculating", ~rec), ("all", rec | ~rec)):
             a, b = rmse(base_grid, sel), rmse(hyb_grid, sel)
-            print(f"{label:<22} {group:<18} RMSE ODE-only {a:.4f}  hybrid {b:.4f}  ratio {b / a:.3f}")
+            extra = ""
+            if ceil_grid is not None:
+                c = rmse(ceil_grid, sel)
+                extra = f"  true-structure MAP {c:.4f} (ratio {c / a:.3f}; hybrid/true-structure {b / c:.2f})"
+            print(f"{label:<22} {group:<18} RMSE ODE-only {a:.4f}  hybrid {b:.4f}  ratio {b / a:.3f}{extra}")
 
 
 if __name__ == "__main__":
