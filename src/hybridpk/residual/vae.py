@@ -58,7 +58,8 @@ class TrainConfig:
     batch_size: int = 64
     warmup_epochs: int = 100
     beta: float = 0.3
-    l2_residual: float = 0.05
+    l2_residual: float = 0.3
+    min_epochs: int = 1000      # no early stopping before (the residual is often found only after a plateau)
     val_fraction: float = 0.2
     patience: int = 300
     clip: float = 5.0
@@ -160,7 +161,7 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
             bad += 1
         if cfg.checkpoint and (epoch % 20 == 0 or epoch == cfg.epochs - 1):
             _save(cfg.checkpoint, model, opt, epoch, best, {"best_model": best_state} if best_state else {})
-        if bad >= cfg.patience:
+        if bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
             break
     if bar is not None:
         bar.close()
