@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-import hybridpk as hp
 from hybridpk.cli import main
 from hybridpk.population import build_model, fit_population
 from hybridpk.residual import TrainConfig, fit_hybrid, train_vae

@@ -12,7 +12,6 @@ import io
 import re
 from pathlib import Path
 
-import pandas as pd
 
 from ..errors import DatasetError, Violation
 

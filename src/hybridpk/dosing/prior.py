@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,12 +89,8 @@ def _from_run(run: Path) -> Prior:
     from ..population.predict import load_fit
 
     pm, theta, omega, sd = load_fit(run)
-    ranges = {}
-    ind = run / "individual.csv"
-    if ind.is_file():
-        pass
     return Prior(name=run.name, pm=pm, theta=theta, omega=omega, sd=sd, citation=f"hybridpk fit {run}",
-                 ranges=ranges, route="infusion")
+                 route="infusion")
 
 
 def load_prior(source) -> Prior:
@@ -114,9 +109,6 @@ def load_prior(source) -> Prior:
     raise HybridPKError(f"{source}: not a model spec, a spec name or a run folder; shipped specs: "
                         f"{', '.join(model_specs())}")
 
-
-def _cv(var: float) -> float:
-    return 100 * math.sqrt(math.expm1(var))
 
 
 def prior_from_fit(result, pm, ranges: dict | None = None, name: str = "fit") -> Prior:

@@ -13,7 +13,7 @@ from ..errors import HybridPKError
 from . import safety
 from .posterior import map_estimate, posterior_samples
 from .prior import load_prior
-from .targets import Target, metric_coefficients, parse_target, regimen_records
+from .targets import metric_coefficients, parse_target, regimen_records
 
 __all__ = ["Recommendation", "recommend_dose", "estimate_patient"]
 
@@ -75,6 +75,15 @@ def map_parameters_summary(est, samples) -> dict:
     return out
 
 
+def _candidate(tgt, dose, tau, a_map, b_map, a_s, b_s) -> dict:
+    """Exposure of one (dose, interval) candidate: MAP value, posterior median/5%/95% and the probability of
+    target attainment over the posterior draws (metric = a + b dose)."""
+    m = (a_s + b_s * dose).numpy()
+    return {"dose_mg": dose, "interval_h": tau, "pta": float(np.mean((m >= tgt.low) & (m <= tgt.high))),
+            "map_exposure": float(a_map[0] + b_map[0] * dose), "median": float(np.median(m)),
+            "p05": float(np.quantile(m, 0.05)), "p95": float(np.quantile(m, 0.95))}
+
+
 def recommend_dose(prior, dataset, target, *, interval: float | None = None, intervals=(8.0, 12.0, 24.0),
                    duration: float = 1.0, dose_step: float = 250.0, max_dose: float | None = None,
                    start: float | None = None, n_doses: int = 10, n_samples: int = 1000, seed: int = 0,
@@ -125,13 +134,8 @@ def recommend_dose(prior, dataset, target, *, interval: float | None = None, int
         if max_dose is not None:
             options_d = sorted({min(d, math.floor(max_dose / dose_step) * dose_step) for d in options_d})
         for d in options_d:
-            m = (a_s + b_s * d).numpy()
-            pta = float(np.mean((m >= tgt.low) & (m <= tgt.high)))
-            point = float(a_map[0] + b_map[0] * d)
-            cands.append({"dose_mg": d, "interval_h": tau, "pta": pta, "map_exposure": point,
-                          "median": float(np.median(m)), "p05": float(np.quantile(m, 0.05)),
-                          "p95": float(np.quantile(m, 0.95))})
-            key = (round(pta, 6), -abs(point - tgt.mid) / tgt.mid, -d * 24 / tau)
+            cands.append(_candidate(tgt, d, tau, a_map, b_map, a_s, b_s))
+            key = (round(cands[-1]["pta"], 6), -abs(cands[-1]["map_exposure"] - tgt.mid) / tgt.mid, -d * 24 / tau)
             if best is None or key > best[0]:
                 best = (key, cands[-1])
     if best is None:
@@ -162,13 +166,8 @@ def interval_for_dose(prior, dataset, dose: float, target, *, intervals=(6.0, 8.
     for tau in intervals:
         a_map, b_map = metric_coefficients(prior, df, est.eta[:1], tgt, start + tau, tau, duration)
         a_s, b_s = metric_coefficients(prior, df, samples, tgt, start + tau, tau, duration)
-        m = (a_s + b_s * dose).numpy()
-        pta = float(np.mean((m >= tgt.low) & (m <= tgt.high)))
-        point = float(a_map[0] + b_map[0] * dose)
-        cands.append({"dose_mg": dose, "interval_h": tau, "pta": pta, "map_exposure": point,
-                      "median": float(np.median(m)), "p05": float(np.quantile(m, 0.05)),
-                      "p95": float(np.quantile(m, 0.95))})
-        key = (round(pta, 6), -abs(point - tgt.mid))
+        cands.append(_candidate(tgt, dose, tau, a_map, b_map, a_s, b_s))
+        key = (round(cands[-1]["pta"], 6), -abs(cands[-1]["map_exposure"] - tgt.mid))
         if best is None or key > best[0]:
             best = (key, cands[-1])
     c = best[1]
