@@ -72,7 +72,8 @@ class TrainConfig:
 
 def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None):
     mu, logvar = model.encode(batch, ipred, mask)
-    eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype, device=mu.device) if gen is not None else \
+    # noise drawn on the CPU generator (reproducible on every device), then moved
+    eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype).to(mu.device) if gen is not None else \
         torch.zeros_like(mu)
     z = mu + torch.exp(0.5 * logvar) * eps
     pred, r = model.predict(batch, ipred, z)

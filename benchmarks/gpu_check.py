@@ -1,0 +1,66 @@
+"""GPU check: the solver paths and VAE training run unchanged with --device cuda, agree with the CPU.
+
+Run (on a machine with a GPU):  PYTHONPATH=src python benchmarks/gpu_check.py
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import hybridpk as hp
+from hybridpk.dosing.prior import prior_from_fit
+from hybridpk.population import build_model, fit_population
+from hybridpk.residual import TrainConfig, train_vae
+from hybridpk.residual.hybrid import _baseline
+from hybridpk.solve.examples import simulate_ehc_population
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def main():
+    warnings.simplefilter("ignore")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"torch {torch.__version__}, device {dev}" + (f" ({torch.cuda.get_device_name(0)})" if dev == "cuda" else ""))
+    # solver paths on N = 10000 profiles
+    n = 10000
+    design = hp.make_design(n, [dict(TIME=0, AMT=500, CMT=1, ADDL=5, II=12)], [0.5, 1, 2, 4, 8, 11.9, 30, 60, 71],
+                            jitter=0.3, seed=1)
+    b = design.to_batch()
+    rng = np.random.default_rng(0)
+    for model, base in (("1cmt_oral", dict(CL=3.0, V=30.0, KA=1.2)), ("1cmt_oral_mm", dict(V=40.0, VMAX=40.0, KM=2.0,
+                                                                                          KA=1.1))):
+        p = {k: torch.tensor(v * np.exp(rng.normal(0, 0.3, n))) for k, v in base.items()}
+        cpu, t_cpu = timed(lambda: hp.simulate(model, p, b, rtol=1e-8, atol=1e-10).ipred)
+        bg = b.to(dev)
+        pg = {k: v.to(dev) for k, v in p.items()}
+        hp.simulate(model, pg, bg, rtol=1e-8, atol=1e-10)
+        gpu, t_gpu = timed(lambda: hp.simulate(model, pg, bg, rtol=1e-8, atol=1e-10).ipred)
+        m = cpu.abs() > 1e-6 * cpu.abs().max()
+        rel = ((gpu.cpu() - cpu).abs() / cpu.abs())[m].max()
+        print(f"{model:<14} N={n}: cpu {t_cpu:.3f} s, {dev} {t_gpu:.3f} s, max relative difference {rel:.2e}")
+    # VAE training on the EHC example
+    ds, _ = simulate_ehc_population(200, seed=1)
+    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
+    fit = fit_population(pm, ds, progress=False, covariance=False)
+    prior = prior_from_fit(fit, pm)
+    _, batch, ipred = _baseline(prior, ds)
+    for device in ("cpu", dev):
+        cfg = TrainConfig(epochs=300, min_epochs=300, seed=1, progress=False, device=device)
+        (model, hist), t = timed(lambda: train_vae(batch, ipred, pm.error, prior.sd, cfg))
+        print(f"VAE 300 epochs on {device}: {t:.1f} s; final train -ELBO {hist[-1][1]:.4f}, val {hist[-1][2]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
