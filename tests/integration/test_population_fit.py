@@ -218,3 +218,42 @@ def test_block_omega_recovers_correlation():
     diag = build_model("1cmt_oral", iiv=["CL", "V"], error="proportional")
     res_diag = fit_population(diag, sim.dataset, progress=False, covariance=False)
     assert res.ofv < res_diag.ofv - 10          # the correlation is supported by the data
+
+
+def test_log_transform_both_sides(theoph_path):
+    from hybridpk.errors import DatasetError
+    from hybridpk.population import ErrorModel
+
+    ds = hp.read_nonmem(theoph_path)
+    pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error=ErrorModel("additive", add=0.3, ltbs=True), data=ds)
+    with pytest.raises(DatasetError, match="DV > 0") as exc:    # theoph keeps its time-0 (pre-dose) levels
+        fit_population(pm, ds, progress=False)
+    assert "before the first dose" in str(exc.value)
+    df = ds.to_dataframe()
+    pre = (df.EVID == 0) & (df.TIME == 0)
+    df.loc[pre, "MDV"] = 1
+    df.loc[pre, "EVID"] = 2
+    ds2 = hp.read_nonmem(df)
+    res = fit_population(pm, ds2, progress=False, covariance=False)
+    assert res.converged
+    assert res.parameters["CL"]["estimate"] == pytest.approx(2.76, rel=0.15)
+    assert 0.05 < res.sigma["ADD"]["estimate"] < 0.5           # SD on the log scale
+
+
+def test_cli_ltbs_round_trip(tmp_path, theoph_path, capsys):
+    df = hp.read_nonmem(theoph_path).to_dataframe()
+    pre = (df.EVID == 0) & (df.TIME == 0)
+    df.loc[pre, "MDV"] = 1
+    df.loc[pre, "EVID"] = 2
+    df.to_csv(tmp_path / "t.csv", index=False)
+    run = tmp_path / "run"
+    assert main(["fit", str(tmp_path / "t.csv"), "--model", "1cmt_oral", "--ltbs", "--out", str(run), "--quiet",
+                 "--no-covariance"]) == 0
+    spec = json.loads((run / "model.json").read_text())["spec"]
+    assert spec["ltbs"] is True
+    assert main(["predict", str(run), str(tmp_path / "t.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    p = pd.read_csv(tmp_path / "p.csv")
+    fitted = pd.read_csv(run / "predictions.csv")
+    obs = p.MDV == 0
+    np.testing.assert_allclose(p.IPRED[obs], fitted.IPRED[obs], rtol=1e-5)   # concentrations, not logs
+    assert (fitted.IPRED[obs] > 0.5).all() and abs(np.log(fitted.DV[obs] / fitted.IPRED[obs]).mean()) < 0.2

@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
                    help="covariate effect (repeatable)")
     p.add_argument("--error", choices=["additive", "proportional", "combined"], default="proportional",
                    help="residual error model")
+    p.add_argument("--ltbs", action="store_true",
+                   help="log-transform both sides: fit log(DV) with an additive error on the log scale")
     p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30")
     p.add_argument("--omega-block", action="store_true", help="estimate a full OMEGA block (correlated ETAs)")
     p.add_argument("--residual", choices=["none", "vae"], default="none",
@@ -90,7 +92,13 @@ def run(args) -> int:
                 except ValueError:
                     raise HybridPKError(f"--init: expected P=VALUE, got {item!r}") from None
         iiv = [s.strip().upper() for s in args.iiv.split(",") if s.strip()] if args.iiv else None
-        pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=args.error, initial=init, data=ds,
+        if args.ltbs:
+            from hybridpk.population import ErrorModel
+
+            error = ErrorModel("additive", add=0.3, ltbs=True)
+        else:
+            error = args.error
+        pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=error, initial=init, data=ds,
                          omega_block=args.omega_block)
         pooled = not init
     with warnings.catch_warnings():  # convergence problems are reported below and in summary.json

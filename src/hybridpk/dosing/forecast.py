@@ -50,7 +50,11 @@ def forecast(est, samples, times, extra_doses: pd.DataFrame | None = None, seed:
     point = predict_samples(prior, batch, cov, est.eta[:1])[:, :full_len][:, is_pt][0]
     gen = torch.Generator().manual_seed(seed)
     sd = torch.sqrt(prior.pm.error.variance(conc, prior.sd))
-    noisy = (conc + sd * torch.randn(conc.shape, generator=gen, dtype=conc.dtype)).clamp(min=0.0)  # no negative levels
+    z = torch.randn(conc.shape, generator=gen, dtype=conc.dtype)
+    if prior.pm.error.ltbs:   # additive on the log scale = multiplicative on concentrations
+        noisy = conc * torch.exp(sd * z)
+    else:
+        noisy = (conc + sd * z).clamp(min=0.0)  # no negative levels
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     table = pd.DataFrame({"TIME": t, "IPRED_MAP": point.numpy(), "MEDIAN": conc.median(0).values.numpy(),
                           f"PI{int(level * 100)}_LOW": torch.quantile(noisy, lo, 0).numpy(),

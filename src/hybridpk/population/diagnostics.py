@@ -36,5 +36,7 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
         for j, name in enumerate(prob.pm.etas):
             eta_shr[name] = float(100 * (1 - eta[:, j].std() / torch.sqrt(omega[j, j])))
         eps_shr = float(100 * (1 - iwres[obs].std()))
+    if prob.pm.error.ltbs:   # fitted on the log scale; PRED/IPRED are reported as concentrations
+        pred, ipred = torch.exp(pred), torch.exp(ipred)
     return {"pred": pred, "ipred": ipred, "iwres": iwres, "cwres": cwres,
             "shrinkage": {"eta": eta_shr, "epsilon": eps_shr}}

@@ -43,6 +43,18 @@ class Problem:
         self.cens = b.is_obs & (b.cens != 0)
         self.y = b.dv
         if pm.error.ltbs:
+            from ..errors import DatasetError, Violation
+
+            first = torch.where(b.dose_mask, b.dose_time, torch.full_like(b.dose_time, float("inf"))).min(1).values
+            problems = []
+            for bad, msg in ((self.obs & (b.dv <= 0), "log-transform-both-sides needs DV > 0 on observations; set "
+                              "MDV=1 on these records or mark them as below LLOQ (BLQ/CENS)"),
+                             (self.obs & (b.dv > 0) & (b.time <= first.unsqueeze(1)), "an observation at or before "
+                              "the first dose, where the model predicts 0, cannot be log-transformed; set MDV=1")):
+                if bool(bad.any()):
+                    problems.append(Violation(tuple(int(r) + 1 for r in b.row[bad].tolist()), "DV", msg))
+            if problems:
+                raise DatasetError(problems, dataset.source)
             self.y = torch.log(torch.where(self.obs, b.dv, torch.ones_like(b.dv)))
         self.method = method
         self.rtol, self.atol = rtol, atol

@@ -39,6 +39,8 @@ def predict_population(run_dir, dataset) -> pd.DataFrame:
     with torch.no_grad():
         pred = prob.predict(theta, eta0)
         ipred = prob.predict(theta, eta)
+        if pm.error.ltbs:   # log scale inside the fit; concentrations out
+            pred, ipred = torch.exp(pred), torch.exp(ipred)
     b = prob.batch
     m = b.record_mask
     rows = b.row[m].numpy()

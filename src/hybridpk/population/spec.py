@@ -224,7 +224,8 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     omega = tuple(0.09 for _ in etas)
     kind = error if isinstance(error, str) else error.kind
     err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
-    spec = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "fixed": fixed,
+    spec = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
+            "fixed": fixed,
             "omega_block": bool(omega_block),
             "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
                             "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
@@ -238,7 +239,8 @@ def model_from_spec(spec: dict) -> PopulationModel:
     kind = spec.get("kind")
     if kind == "build":
         effects = [CovariateEffect(**e) for e in spec.get("covariates", [])]
-        return build_model(spec["model"], iiv=spec["iiv"], covariates=effects, error=spec["error"],
+        error = ErrorModel(spec["error"], ltbs=bool(spec.get("ltbs", False)))
+        return build_model(spec["model"], iiv=spec["iiv"], covariates=effects, error=error,
                            fixed=spec.get("fixed") or {}, omega_block=spec.get("omega_block", False))
     if kind == "nonmem":
         from .nonmem import read_control_stream
