@@ -18,7 +18,6 @@ import warnings
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import hybridpk as hp  # noqa: E402
@@ -44,12 +43,7 @@ def sparse(ds, k, seed):
 
 def dense(ds):
     """The patients' dose records plus EVID=2 records on the grid."""
-    df = ds.to_dataframe()
-    doses = df[df.EVID == 1]
-    grid = pd.concat([pd.DataFrame({"ID": sid, "TIME": GRID, "DV": 0.0, "AMT": 0.0, "EVID": 2, "MDV": 1, "CMT": 2})
-                      for sid in ds.ids])
-    full = pd.concat([doses, grid]).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable")
-    return hp.read_nonmem(full.reset_index(drop=True))
+    return ds.prediction_design(GRID, cmt=2)
 
 
 def baseline(prior, ds):

@@ -57,12 +57,8 @@ def simulate(n, seed):
 
 
 def dense(ds):
-    df = ds.to_dataframe()
-    grid = pd.concat([pd.DataFrame({"ID": sid, "TIME": GRID, "DV": 0.0, "AMT": 0.0, "EVID": 2, "MDV": 1})
-                      for sid in ds.ids])
-    full = pd.concat([df[df.EVID == 1], grid]).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False],
-                                                          kind="stable")
-    return hp.read_nonmem(full.reset_index(drop=True))
+    """The patients' dose records plus EVID=2 records on the grid."""
+    return ds.prediction_design(GRID, cmt=0)
 
 
 def main():

@@ -161,3 +161,15 @@ def test_error_collects_all_violations():
     cols = {v.column for v in exc.value.violations}
     assert {"AMT", "EVID", "TIME"} <= cols
     assert isinstance(exc.value, ValueError)
+
+
+def test_prediction_design_keeps_doses_and_covariates(theoph_path):
+    ds = hp.read_nonmem(theoph_path)
+    grid = [0.5, 1.0, 30.0]
+    pd_ = ds.prediction_design(grid, cmt=2)
+    f = pd_.to_dataframe()
+    assert pd_.n_subjects == 12 and pd_.n_observations == 0 and pd_.n_doses == ds.n_doses
+    assert (f[f.EVID == 2].groupby("ID").TIME.apply(list) == [grid] * 12).all()
+    first = ds.to_dataframe().groupby("ID").WT.first()
+    assert (f.groupby("ID").WT.nunique() == 1).all() and (f.groupby("ID").WT.first() == first).all()
+    assert (f[f.EVID == 2].CMT == 2).all()

@@ -76,12 +76,7 @@ def ehc_comparison(progress=True, latent_dim=2, seed=0):
     truth = pd.read_csv(path.with_name("ehc_truth.txt"))
     pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
     hybrid = fit_hybrid(pm, ds, latent_dim=latent_dim, seed=seed, progress=progress)
-    df = ds.to_dataframe()
-    grid = np.arange(0.25, 24.01, 0.25)
-    rows = [df[df.EVID == 1]] + [pd.DataFrame({"ID": sid, "TIME": grid, "DV": 0.0, "AMT": 0.0, "EVID": 2, "MDV": 1,
-                                                "CMT": 2}) for sid in ds.ids]
-    dense = read_nonmem(pd.concat(rows).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False],
-                                                    kind="stable").reset_index(drop=True))
+    dense = ds.prediction_design(np.arange(0.25, 24.01, 0.25), cmt=2)
     prior = prior_from_fit(hybrid.population, pm)
     est, _, ipred_obs = _baseline(prior, ds)
     bd = dense.to_batch()

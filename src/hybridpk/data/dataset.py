@@ -333,6 +333,25 @@ class Dataset:
                        _row_numbers=None if self._row_numbers is None else self._row_numbers[keep],
                        _line_numbers=None if self._line_numbers is None else self._line_numbers[keep])
 
+    def prediction_design(self, times, cmt: int = 0) -> "Dataset":
+        """Every subject's dose records plus EVID=2 records at ``times`` (h), the same for all subjects, with each
+        subject's first-record covariates: the design to predict curves on a grid (observations dropped)."""
+        f = self._frame
+        doses = f[f["EVID"].isin([1, 3, 4])]
+        first = f.groupby("ID", sort=False).first()
+        t = np.asarray(times, dtype=float)
+        grids = []
+        for sid in self.ids:
+            g = pd.DataFrame({"ID": sid, "TIME": t, "DV": 0.0, "AMT": 0.0, "EVID": 2, "MDV": 1})
+            if "CMT" in f:
+                g["CMT"] = cmt
+            for c in self.covariates:
+                g[c] = first.loc[sid, c]
+            grids.append(g)
+        full = pd.concat([doses] + grids, ignore_index=True)
+        order = np.lexsort(((full["EVID"] == 2).to_numpy(), full["TIME"].to_numpy(), _id_order(full["ID"], self.ids)))
+        return read_nonmem(full.iloc[order].reset_index(drop=True), covariates=list(self.covariates))
+
     def __repr__(self) -> str:
         return (f"Dataset({self.source!r}, subjects={self.n_subjects}, observations={self.n_observations}, "
                 f"doses={self.n_doses}, covariates={list(self.covariates)})")

@@ -44,14 +44,10 @@ class Recommendation:
                 "records": self.records.to_dict(orient="records"), "candidates": self.candidates}
 
 
-def _patient_frame(dataset) -> pd.DataFrame:
-    return dataset.to_dataframe()
-
-
 def estimate_patient(prior, dataset, n_samples: int = 1000, seed: int = 0):
     """MAP + posterior draws for one patient: (MAPEstimate, samples (S, K), ESS, warnings)."""
     prior = load_prior(prior)
-    df = _patient_frame(dataset)
+    df = dataset.to_dataframe()
     warns = safety.check_patient(prior, df)
     est = map_estimate(prior, dataset)
     warns += safety.check_levels(est)
@@ -107,7 +103,7 @@ def recommend_dose(prior, dataset, target, *, interval: float | None = None, int
     tgt = parse_target(target) if isinstance(target, str) else target
     est, samples, ess, warns = estimate if estimate is not None else estimate_patient(prior, dataset, n_samples,
                                                                                       seed)
-    df = _patient_frame(dataset)
+    df = dataset.to_dataframe()
     if start is None:
         doses = df[df.EVID.isin([1, 4])]
         last = doses.iloc[-1]
@@ -141,7 +137,7 @@ def recommend_dose(prior, dataset, target, *, interval: float | None = None, int
     if best is None:
         raise HybridPKError("no dose within the constraints reaches the target; check the target and limits")
     choice = best[1]
-    warns = list(warns) + safety.check_dose(prior, choice["dose_mg"], max_dose, choice["interval_h"])
+    warns = list(warns) + safety.check_dose(choice["dose_mg"], max_dose)
     pid = df.ID.iloc[0]
     records = regimen_records(pid, start, choice["dose_mg"], choice["interval_h"], duration, n_doses, cmt)
     exposure = {tgt.label: {"map": choice["map_exposure"], "median": choice["median"], "p05": choice["p05"],
@@ -160,7 +156,7 @@ def interval_for_dose(prior, dataset, dose: float, target, *, intervals=(6.0, 8.
     tgt = parse_target(target) if isinstance(target, str) else target
     est, samples, ess, warns = estimate if estimate is not None else estimate_patient(prior, dataset, n_samples,
                                                                                       seed)
-    df = _patient_frame(dataset)
+    df = dataset.to_dataframe()
     start = float(df[df.EVID.isin([1, 4])].TIME.max())
     best, cands = None, []
     for tau in intervals:
@@ -191,7 +187,7 @@ def time_to_concentration(prior, dataset, concentration: float, *, horizon: floa
     prior = load_prior(prior)
     est, samples, ess, warns = estimate if estimate is not None else estimate_patient(prior, dataset, n_samples,
                                                                                       seed)
-    df = _patient_frame(dataset)
+    df = dataset.to_dataframe()
     t_last = float(df[df.EVID.isin([1, 4])].TIME.max())
     grid = np.linspace(t_last, t_last + horizon, int(horizon * 20) + 1)
     batch, cov, is_pt = _grid_batch(est, grid)

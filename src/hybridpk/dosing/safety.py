@@ -78,7 +78,8 @@ def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> lis
     return warnings
 
 
-def check_dose(prior, dose: float, max_dose: float | None, interval: float) -> list[str]:
+def check_dose(dose: float, max_dose: float | None) -> list[str]:
+    """Warnings about the recommended dose itself (capped, or no positive dose)."""
     out = []
     if max_dose is not None and dose >= max_dose:
         out.append(f"the recommended dose is capped at the maximum dose {max_dose:g} mg")

@@ -107,9 +107,8 @@ class FitResult:
         ind = pd.DataFrame({"ID": ids})
         for j, name in enumerate(pm.etas):
             ind[name] = eta[:, j].numpy()
-        prob_cov = {c: k for k, c in enumerate(dataset.to_batch(covariates=list(pm.covariates)).covariate_names)}
         b = dataset.to_batch(covariates=list(pm.covariates))
-        cov = {c: b.cov_baseline[:, k] for c, k in prob_cov.items()}
+        cov = {c: b.cov_baseline[:, k] for k, c in enumerate(b.covariate_names)}
         import torch
 
         with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import HybridPKError
 from ..io import atomic_write_bytes, atomic_write_text
-from .vae import HybridVAE, TrainConfig, train_vae
+from .vae import HybridVAE, TrainConfig, scale_from_tensors, scale_to_tensors, train_vae
 
 __all__ = ["HybridFit", "fit_hybrid", "load_hybrid", "predict_hybrid"]
 
@@ -47,8 +47,7 @@ class HybridFit:
         run = Path(run_dir)
         self.population.save(run)
         buf = io.BytesIO()
-        scale = {k: (v if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in self.vae.scale.items()}
-        torch.save({"state": self.vae.state_dict(), "scale": scale}, buf)
+        torch.save({"state": self.vae.state_dict(), "scale": scale_to_tensors(self.vae.scale)}, buf)
         atomic_write_bytes(run / "vae.pt", buf.getvalue())
         meta = {"latent_dim": self.latent_dim, "hidden": self.config.hidden,
                 "n_features": int(self.vae.encoder.phi[0].in_features - 2)}
@@ -139,7 +138,7 @@ def load_hybrid(run_dir):
     ck = torch.load(run / "vae.pt", weights_only=True, map_location="cpu")
     vae = HybridVAE(meta["n_features"], meta["latent_dim"], meta["hidden"]).double()
     vae.load_state_dict(ck["state"])
-    vae.scale = {k: (v if v.dim() else float(v)) for k, v in ck["scale"].items()}
+    vae.scale = scale_from_tensors(ck["scale"])
     vae.eval()
     return prior, vae
 

@@ -85,9 +85,18 @@ def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None):
     return nll + beta * kl + pen, nll, kl
 
 
+def scale_to_tensors(scale: dict) -> dict:
+    """The normalising constants as tensors only (so files load with ``torch.load(weights_only=True)``)."""
+    return {k: (v if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in scale.items()}
+
+
+def scale_from_tensors(scale: dict) -> dict:
+    return {k: (v if v.dim() else float(v)) for k, v in scale.items()}
+
+
 def _save(path, model, opt, epoch, best, state_extra):
     buf = io.BytesIO()
-    scale = {k: (v if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in model.scale.items()}
+    scale = scale_to_tensors(model.scale)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": torch.tensor(epoch),
                 "best": torch.tensor(best), "scale": scale, **state_extra}, buf)
     atomic_write_bytes(path, buf.getvalue())
