@@ -1,13 +1,14 @@
 """Precision dosing on a simulated vancomycin-like population (the acceptance study of the MIPD issue).
 
 True model: 2-cmt, 1-h infusions q12h, CL = 4.0 (CRCL/100)^0.75 L/h with 30% IIV, V1 = 40 L (20% IIV),
-Q = 6 L/h, V2 = 50 L; residual error 10% proportional + 1 mg/L additive.
+Q = 6 L/h, V2 = 50 L; residual error 10% proportional + 1 mg/L additive (--prop, --add).
 1. A training population (N_TRAIN) is fitted by FOCE-I: that fit is the prior ("fitted").
 2. Test patients (N_TEST, new draws) get 1000 mg q12h; TDM levels after the 4th dose (37.5 h peak, 47.5 h
    trough; sparse: trough only; rich: 37.5, 42, 47.5 h). The 5th dose is given at 48 h and the next level
    is drawn at 59.5 h.
 3. Reported: bias/RMSE (relative) of the predicted next level, coverage of its 90% prediction interval,
-   and the fraction of patients whose true AUC24 at steady state lands in 400-600 mg*h/L with the
+   for the fitted prior and for the oracle (true population model, the best any estimator can do on the
+   design), the noise floor (the true concentration as the prediction), and the fraction of patients whose true AUC24 at steady state lands in 400-600 mg*h/L with the
    recommended dose (125 and 250 mg steps), for the fitted prior, the oracle (true population model) and
    the a-priori covariate dose (no levels). Timing: one recommendation (MAP + 1000 draws + optimisation),
    and MAP for all test patients in one call.
@@ -36,7 +37,7 @@ from hybridpk.population import build_model, fit_population  # noqa: E402
 
 TRUE = dict(CL=4.0, V=40.0, Q=6.0, V2=50.0, CL_CRCL=0.75)
 OMEGA = dict(CL=0.0862, V=0.0392)          # 30% and 20% CV
-PROP, ADD = 0.10, 1.0
+ERROR = dict(PROP=0.10, ADD=1.0)                # set from --prop / --add
 DOSES = [dict(TIME=0, AMT=1000, CMT=1, RATE=1000, ADDL=4, II=12)]      # doses at 0, 12, 24, 36, 48
 
 
@@ -44,7 +45,7 @@ def population(n, times, seed):
     design = hp.make_design(n, DOSES, times, covariates={"CRCL": lambda rng, k: rng.uniform(30, 130, k)},
                             seed=seed)
     return hp.simulate_population("2cmt_iv", design, {k: v for k, v in TRUE.items() if k != "CL_CRCL"}, OMEGA,
-                                  proportional=PROP, additive=ADD,
+                                  proportional=ERROR["PROP"], additive=ERROR["ADD"],
                                   covariates={"CL": ("CRCL", 100.0, TRUE["CL_CRCL"])}, seed=seed)
 
 
@@ -92,7 +93,12 @@ def main():
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=".", help="folder for the PIT histograms")
+    ap.add_argument("--prop", type=float, default=0.10, help="proportional residual error SD (fraction)")
+    ap.add_argument("--add", type=float, default=1.0, help="additive residual error SD (mg/L)")
     args = ap.parse_args()
+    ERROR.update(PROP=args.prop, ADD=args.add)
+    print(f"design: residual error {100 * args.prop:g}% proportional + {args.add:g} mg/L additive; seed {args.seed}; "
+          f"hybridpk {hp.__version__}, torch {torch.__version__}")
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
@@ -103,14 +109,14 @@ def main():
           f"omega CL {fit.omega['ETA_CL']['variance']:.3f}")
     pm = model()
     fitted = prior_from_fit(fit, pm, name="fitted")
-    oracle = prior_from_values(pm, TRUE, OMEGA, {"ADD": ADD, "PROP": PROP}, name="oracle")
+    oracle = prior_from_values(pm, TRUE, OMEGA, dict(ERROR), name="oracle")
     test = population(args.test, [37.5, 42, 47.5, 59.5], args.seed + 1000)
     true_cl = dict(zip(test.parameters.ID, test.parameters.CL))
     results = {}
     for label, level_times in (("two levels", [37.5, 47.5]), ("sparse (1 level)", [47.5]),
                                ("rich (3 levels)", [37.5, 42, 47.5])):
         pats = patient_frames(test, level_times)
-        rel, rel_med, cover, draws, observed = [], [], [], [], []
+        rel, rel_med, rel_oracle, cover, draws, observed = [], [], [], [], [], []
         for sid, hist, nxt in pats:
             # the dose record (ADDL=4) already holds the 5th dose at 48 h
             ds = hp.read_nonmem(hist.reset_index(drop=True), covariates=["CRCL"])
@@ -122,13 +128,17 @@ def main():
             rel.append((pred - nxt) / nxt)
             rel_med.append((float(fc.MEDIAN.iloc[0]) - nxt) / nxt)
             cover.append(fc.PI90_LOW.iloc[0] <= nxt <= fc.PI90_HIGH.iloc[0])
+            oracle_est = map_estimate(oracle, ds)
+            oracle_pred = forecast(oracle_est, oracle_est.eta[:1], [59.5]).IPRED_MAP.iloc[0]
+            rel_oracle.append((float(oracle_pred) - nxt) / nxt)
         rel = np.array(rel)
         pit_plot(np.array(draws), np.array(observed), label, args.out)
         results[label] = (np.mean(rel), np.sqrt(np.mean(rel ** 2)), np.mean(cover))
         print(f"next level, {label:<17}: mean relative bias {100 * np.mean(rel):+.1f}%, relative RMSE "
               f"{100 * np.sqrt(np.mean(rel ** 2)):.1f}% (posterior-median prediction: bias "
               f"{100 * np.mean(rel_med):+.1f}%, RMSE {100 * np.sqrt(np.mean(np.square(rel_med))):.1f}%), "
-              f"90% PI coverage {100 * np.mean(cover):.1f}%")
+              f"90% PI coverage {100 * np.mean(cover):.1f}%; oracle MAP: bias {100 * np.mean(rel_oracle):+.1f}%, "
+              f"RMSE {100 * np.sqrt(np.mean(np.square(rel_oracle))):.1f}%")
     # noise floor: the true (noise-free) concentration of each patient as the prediction of its next level
     ip = test.ipred
     truth = ip[ip.TIME == 59.5].set_index("ID").IPRED

@@ -35,6 +35,8 @@ _EXPORTS = {
     "FitResult": "hybridpk.population",
     "PopulationModel": "hybridpk.population",
     "read_control_stream": "hybridpk.population.nonmem",
+    "fit_hybrid": "hybridpk.residual",
+    "predict_hybrid": "hybridpk.residual",
     "load_prior": "hybridpk.dosing",
     "map_estimate": "hybridpk.dosing",
     "recommend_dose": "hybridpk.dosing",

@@ -55,15 +55,79 @@ def test_checkpoint_is_tensors_only_and_training_resumes(ehc_small, tmp_path):
     assert hist[0][0] == 41 and hist[-1][0] <= 59          # resumed after the saved epoch
 
 
+def test_joint_checkpoint_resumes_with_the_etas(ehc_small, tmp_path):
+    ds, _, pm, fit = ehc_small
+    from hybridpk.dosing.prior import prior_from_fit
+    from hybridpk.residual import ODEBaseline
+    from hybridpk.residual.hybrid import _baseline
+
+    prior = prior_from_fit(fit, pm)
+    est, batch, ipred = _baseline(prior, ds)
+    ck = tmp_path / "vae.ckpt"
+    base = ODEBaseline(prior)
+    cfg = TrainConfig(epochs=21, warmup_epochs=5, progress=False, checkpoint=str(ck), joint=True)
+    model, _ = train_vae(batch, ipred, pm.error, prior.sd, cfg, baseline=base, eta0=est.eta)
+    saved = torch.load(ck, weights_only=True)
+    assert saved["eta_train"].shape[1] == 3 and not torch.equal(saved["eta_val"], est.eta[:len(saved["eta_val"])])
+    assert model.log_shift.shape == (3,)
+    cfg2 = TrainConfig(epochs=30, warmup_epochs=5, progress=False, checkpoint=str(ck), joint=True)
+    _, hist = train_vae(batch, ipred, pm.error, prior.sd, cfg2, baseline=base, eta0=est.eta)
+    assert hist[0][0] == 21
+    with pytest.raises(ValueError, match="eta0"):
+        train_vae(batch, ipred, pm.error, prior.sd, cfg2, baseline=base)
+
+
+def test_zero_residual_gives_back_the_ode_only_map(ehc_small):
+    """With a decoder that outputs 0 the hybrid is the ODE model: refining (z, ETAs) jointly must return the
+    ODE-only MAP ETAs and z = 0 (an independent check of the refinement), and the prediction the ODE one."""
+    ds, _, pm, fit = ehc_small
+    from hybridpk.dosing.prior import prior_from_fit
+    from hybridpk.residual import HybridVAE, hybrid_predict
+    from hybridpk.residual.features import fit_scale, record_features
+    from hybridpk.residual.hybrid import _baseline
+
+    prior = prior_from_fit(fit, pm)
+    _, batch, ipred = _baseline(prior, ds)
+    scale = fit_scale(batch, ipred, 6)
+    x, _ = record_features(batch, ipred, scale)
+    vae = HybridVAE(x.shape[-1], 2, 16, joint=True, n_shift=3).double()
+    vae.scale = scale
+    with torch.no_grad():
+        vae.encoder.rho[-1].bias.fill_(0.3)          # a deliberately wrong starting z
+    out = hybrid_predict(prior, vae, ds)
+    h = out["estimate"]
+    assert float(h.z.abs().max()) < 1e-5
+    assert float((h.eta - h.eta_ode).abs().max()) < 1e-5
+    torch.testing.assert_close(out["hybrid"], out["ode"], rtol=1e-6, atol=1e-9)
+    assert bool((h.weight < 0.5).all())             # no gain in fit, two more parameters: ODE-only preferred
+
+
+def test_refinement_never_worsens_a_patient(ehc_small):
+    ds, _, pm, fit = ehc_small
+    from hybridpk.dosing.prior import prior_from_fit
+    from hybridpk.residual import ODEBaseline, estimate_hybrid
+    from hybridpk.residual.hybrid import _baseline
+
+    prior = prior_from_fit(fit, pm)
+    est, batch, ipred = _baseline(prior, ds)
+    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=60, warmup_epochs=10, progress=False),
+                     seed=1, progress=False)
+    kw = dict(baseline=ODEBaseline(prior), l2=0.3)
+    a = estimate_hybrid(hyb.vae, batch, ipred, est.eta, pm.error, prior.sd, refine=False, **kw)
+    b = estimate_hybrid(hyb.vae, batch, ipred, est.eta, pm.error, prior.sd, refine=True, **kw)
+    assert bool((b.objective <= a.objective + 1e-9).all())
+    assert float((a.objective - b.objective).sum()) > 0.1
+
+
 def test_complexity_and_latent_outputs_are_reported(ehc_small):
     ds, truth, pm, fit = ehc_small
     hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=60, warmup_epochs=10), seed=0,
                      progress=False)
     ind = hyb.individual
-    assert {"Z1", "Z2", "Z1_SD", "Z2_SD", "COMPLEXITY", "NLL_ODE", "NLL_HYBRID", "RMSE_ODE", "RMSE_HYBRID"} <= \
-        set(ind.columns)
+    assert {"Z1", "Z2", "Z1_SD", "Z2_SD", "COMPLEXITY", "NLL_ODE", "NLL_HYBRID", "RMSE_ODE", "RMSE_HYBRID",
+            "HYBRID_WEIGHT"} <= set(ind.columns)
     np.testing.assert_allclose(ind.COMPLEXITY, ind.NLL_ODE - ind.NLL_HYBRID)
-    assert (ind.Z1_SD > 0).all()
+    assert (ind.Z1_SD > 0).all() and ind.HYBRID_WEIGHT.between(0, 1).all()
 
 
 def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys):
@@ -85,5 +149,23 @@ def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys):
     df.to_csv(tmp_path / "new.csv", index=False)
     assert main(["predict", str(run), str(tmp_path / "new.csv"), "--out", str(tmp_path / "p.csv")]) == 0
     p = pd.read_csv(tmp_path / "p.csv")
-    assert len(p) == len(df) and {"IPRED", "IPRED_ODE", "Z1", "Z2"} <= set(p.columns)
+    assert len(p) == len(df) and {"IPRED", "IPRED_ODE", "IPRED_HYBRID", "HYBRID_WEIGHT", "Z1", "Z2"} <= set(p.columns)
     assert (p.IPRED >= 0).all() and (p[p.TIME == 0].IPRED == 0).all()
+
+
+def test_saved_joint_run_predicts_what_the_fitted_model_does(ehc_small, tmp_path):
+    ds, _, pm, fit = ehc_small
+    from hybridpk.dosing.prior import prior_from_fit
+    from hybridpk.residual import hybrid_predict, load_hybrid
+
+    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=30, warmup_epochs=5, progress=False),
+                     seed=4, progress=False)
+    hyb.save(tmp_path / "run")
+    prior, vae = load_hybrid(tmp_path / "run")
+    assert vae.joint and vae.log_shift.numel() == 3 and vae.l2_residual == TrainConfig.l2_residual
+    torch.testing.assert_close(vae.log_shift, hyb.vae.log_shift)
+    new, _ = simulate_ehc_population(5, seed=42)
+    a = hybrid_predict(prior_from_fit(fit, pm), hyb.vae, new)
+    b = hybrid_predict(prior, vae, new)
+    torch.testing.assert_close(a["ipred"], b["ipred"], rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(a["estimate"].z, b["estimate"].z, rtol=1e-6, atol=1e-8)

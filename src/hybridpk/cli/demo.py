@@ -66,7 +66,7 @@ def ehc_comparison(progress=True, latent_dim=2, seed=0):
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.population import build_model
     from hybridpk.residual import fit_hybrid
-    from hybridpk.residual.hybrid import _baseline
+    from hybridpk.residual.hybrid import hybrid_predict
     from hybridpk.dosing.prior import prior_from_fit
     from hybridpk.solve import simulate
     from hybridpk.solve.examples import EHC_TYPICAL
@@ -78,13 +78,9 @@ def ehc_comparison(progress=True, latent_dim=2, seed=0):
     hybrid = fit_hybrid(pm, ds, latent_dim=latent_dim, seed=seed, progress=progress)
     dense = ds.prediction_design(np.arange(0.25, 24.01, 0.25), cmt=2)
     prior = prior_from_fit(hybrid.population, pm)
-    est, _, ipred_obs = _baseline(prior, ds)
-    bd = dense.to_batch()
+    out = hybrid_predict(prior, hybrid.vae, ds, design=dense)
+    bd, base, hyb = out["batch"], out["ode"], out["ipred"]
     with torch.no_grad():
-        p = prior.pm.individual(prior.theta, est.eta, {})
-        base = simulate("1cmt_oral", p, bd).ipred
-        mu, _ = hybrid.vae.encode(ds.to_batch(), ipred_obs, ds.to_batch().is_obs)
-        hyb, _ = hybrid.vae.predict(bd, base, mu)
         tp = {k: torch.tensor(truth.set_index("ID").loc[list(ds.ids), k].to_numpy()) for k in EHC_TYPICAL}
         true = simulate("1cmt_oral_ehc", tp, bd).ipred
     on = bd.evid == 2

@@ -21,7 +21,11 @@ The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ re
 
 With --residual vae, a VAE then learns per patient what the ODE misses: an encoder reads each patient's
 samples into a latent z, a decoder multiplies the ODE prediction by exp(r(t; z)) (zero before the first
-dose). RMSE and -2LL of ODE-only vs hybrid are printed; individual.csv gains Z1.., Z1_SD.., COMPLEXITY.
+dose). By default (--training joint) each patient's ETAs are re-estimated together with z while the VAE
+learns, so the residual corrects the ODE at its best individual fit; --training staged keeps the ODE-only
+ETAs. Each patient's prediction averages hybrid and ODE-only with the hybrid's Akaike weight (HYBRID_WEIGHT),
+so patients the ODE already describes keep the ODE prediction. RMSE and -2LL of ODE-only vs hybrid are
+printed; individual.csv gains Z1.., Z1_SD.., COMPLEXITY, HYBRID_WEIGHT.
 
 Covariate effects: 'CL~WT' (power, reference = median, exponent estimated), 'CL~WT:power:70:0.75'
 (fixed exponent), 'CL~CRCL:linear:90', 'V~SEX:categorical:1', 'CL~AGE:exponential:40'.
@@ -56,6 +60,9 @@ def add_parser(sub) -> None:
     p.add_argument("--latent-dim", default="2", metavar="K|auto",
                    help="latent dimension of the VAE; 'auto' picks 1, 2 or 4 by held-out ELBO")
     p.add_argument("--epochs", type=int, default=1500, help="maximum VAE training epochs (early stopping)")
+    p.add_argument("--training", choices=["joint", "staged"], default="joint",
+                   help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
+                        "the ODE-only ETAs")
     p.add_argument("--device", default="cpu", help="torch device for VAE training (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
     p.add_argument("--maxiter", type=int, default=300, help="maximum outer iterations")
@@ -112,7 +119,8 @@ def run(args) -> int:
         k = args.latent_dim if args.latent_dim == "auto" else int(args.latent_dim)
         print("training the VAE residual ...")
         hybrid = fit_hybrid(pm, ds, latent_dim=k, seed=args.seed, progress=not args.quiet, population=result,
-                            config=TrainConfig(epochs=args.epochs, device=args.device))
+                            config=TrainConfig(epochs=args.epochs, device=args.device,
+                                               joint=args.training == "joint"))
         run_dir = hybrid.save(args.out)
     else:
         run_dir = result.save(args.out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -22,12 +24,25 @@ def dose_context(batch):
     return tsd, amt, tfd, any_dose.to(batch.time.dtype)
 
 
+def fourier(t, base: float, n: int):
+    """sin and cos of 2 pi t / P for n periods P = base * 2^(k - n + 3), k = 0..n-1 (base/2^(n-3) .. 4 base):
+    lets the decoder's MLP draw sharp features in time (secondary peaks) that it learns poorly from raw t."""
+    if n <= 0:
+        return []
+    periods = base * 2.0 ** (torch.arange(n, dtype=t.dtype, device=t.device) - n + 3)
+    ang = 2 * math.pi * t.unsqueeze(-1) / periods
+    return [torch.sin(ang), torch.cos(ang)]
+
+
 def record_features(batch, ipred, scale: dict):
-    """Decoder inputs (N, R, F): scaled time since last dose, time since first dose, dose, log IPRED, and the
-    baseline covariates; ``scale`` holds the normalising constants learnt on the training data."""
+    """Decoder inputs (N, R, F): scaled time since last dose, time since first dose (each also as Fourier
+    features), dose, log IPRED, and the baseline covariates; ``scale`` holds the normalising constants learnt
+    on the training data."""
     tsd, amt, tfd, gate = dose_context(batch)
     logc = torch.log(ipred.clamp(min=0) + scale["c0"])
-    feats = [tsd / scale["t"], tfd / scale["t"], amt / scale["dose"], (logc - scale["logc_mean"]) / scale["logc_sd"]]
+    n_f = int(scale.get("n_fourier", 0))
+    feats = [tsd / scale["t"], tfd / scale["t"], amt / scale["dose"], (logc - scale["logc_mean"]) / scale["logc_sd"],
+             *fourier(tsd, scale["t"], n_f), *fourier(tfd, scale["t"], n_f)]
     if batch.cov_baseline.shape[1]:
         cov = (batch.cov_baseline - scale["cov_mean"]) / scale["cov_sd"]
         feats.append(cov.unsqueeze(1).expand(-1, batch.time.shape[1], -1))
@@ -35,8 +50,8 @@ def record_features(batch, ipred, scale: dict):
     return x, gate
 
 
-def fit_scale(batch, ipred) -> dict:
-    """Normalising constants from the training batch."""
+def fit_scale(batch, ipred, n_fourier: int = 0) -> dict:
+    """Normalising constants from the training batch (and the number of Fourier time features)."""
     obs = batch.is_obs
     dv = batch.dv[obs]
     c0 = float(0.05 * dv.median()) if len(dv) else 0.05
@@ -49,4 +64,4 @@ def fit_scale(batch, ipred) -> dict:
         cov_mean, cov_sd = cov.mean(0), cov.std(0).clamp(min=1e-6)
     return {"c0": c0, "t": float(tsd[obs].median().clamp(min=1.0)), "dose": float(batch.dose_amt.max().clamp(min=1e-9)),
             "logc_mean": float(logc.mean()), "logc_sd": float(logc.std().clamp(min=1e-3)),
-            "cov_mean": cov_mean, "cov_sd": cov_sd}
+            "cov_mean": cov_mean, "cov_sd": cov_sd, "n_fourier": int(n_fourier)}

@@ -14,16 +14,21 @@ import torch
 
 from ..errors import HybridPKError
 from ..io import atomic_write_bytes, atomic_write_text
+from .baseline import ODEBaseline
+from .inference import estimate_hybrid, predict_with
 from .vae import HybridVAE, TrainConfig, scale_from_tensors, scale_to_tensors, train_vae
 
-__all__ = ["HybridFit", "fit_hybrid", "load_hybrid", "predict_hybrid"]
+__all__ = ["HybridFit", "fit_hybrid", "hybrid_predict", "load_hybrid", "predict_hybrid"]
 
 
 @dataclass(frozen=True)
 class HybridFit:
-    """A population ODE fit plus its trained VAE residual. ``individual`` adds Z1..ZK, Z1_SD..ZK_SD,
-    NLL_ODE / NLL_HYBRID (-2 log-likelihood of the patient's data), COMPLEXITY (NLL_ODE - NLL_HYBRID: how
-    much the residual explains; near 0 or negative when the ODE suffices) and RMSE_ODE / RMSE_HYBRID."""
+    """A population ODE fit plus its trained VAE residual. ``individual`` adds Z1..ZK (refined latent means),
+    Z1_SD..ZK_SD (the encoder's SDs), NLL_ODE / NLL_HYBRID (-2 log-likelihood of the patient's data under
+    the ODE-only fit and the hybrid), COMPLEXITY (NLL_ODE - NLL_HYBRID: how much the residual explains;
+    near 0 or negative when the ODE suffices), HYBRID_WEIGHT (Akaike weight of the hybrid against ODE-only
+    for this patient; predictions average the two with it) and RMSE_ODE / RMSE_HYBRID (mg/L, of the
+    observations, for the ODE-only and the final prediction)."""
 
     population: object
     vae: HybridVAE = field(repr=False)
@@ -50,7 +55,9 @@ class HybridFit:
         torch.save({"state": self.vae.state_dict(), "scale": scale_to_tensors(self.vae.scale)}, buf)
         atomic_write_bytes(run / "vae.pt", buf.getvalue())
         meta = {"latent_dim": self.latent_dim, "hidden": self.config.hidden,
-                "n_features": int(self.vae.encoder.phi[0].in_features - 2)}
+                "n_features": int(self.vae.encoder.phi[0].in_features - 2), "joint": self.vae.joint,
+                "n_shift": int(self.vae.log_shift.numel()), "l2_residual": self.config.l2_residual,
+                "l1_residual": self.config.l1_residual}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         summary = json.loads((run / "summary.json").read_text())
@@ -72,11 +79,30 @@ def _baseline(prior, dataset):
     return est, b, ipred
 
 
-def _per_patient(vae, batch, ipred, error_model, sd):
-    with torch.no_grad():
-        mu, logvar = vae.encode(batch, ipred, batch.is_obs)
-        hyb, _ = vae.predict(batch, ipred, mu)
+def hybrid_predict(prior, vae, dataset, design=None, refine: bool = True):
+    """Estimates for the patients of ``dataset`` from their own observations (ODE-only MAP ETAs, then the
+    encoder's z refined to the joint MAP of z and, for joint models, the ETAs), and predictions at every
+    record of ``design`` (default: ``dataset`` itself; e.g. ``dataset.prediction_design(times)``; same
+    patients in the same order). Returns a dict: ``estimate`` (HybridEstimate), ``batch`` (of ``design``),
+    ``ipred`` (final: Akaike-weighted hybrid/ODE-only), ``hybrid`` (the hybrid alone), ``ode`` (ODE-only),
+    ``ode_map`` (the ODE-only MAPEstimate), each prediction (N, R) in mg/L."""
+    est, batch, ipred0 = _baseline(prior, dataset)
+    base = ODEBaseline(prior)
+    h = estimate_hybrid(vae, batch, ipred0, est.eta, prior.pm.error, prior.sd, baseline=base,
+                        l2=getattr(vae, "l2_residual", 0.0), l1=getattr(vae, "l1_residual", 0.0), refine=refine)
+    if design is not None:
+        batch = design.to_batch(covariates=list(prior.pm.covariates))
+        if list(design.ids) != list(dataset.ids):
+            raise HybridPKError("the prediction design must hold the same patients, in the same order, as the data")
+    pred, hyb, ode = predict_with(vae, h, batch, base)
+    return {"estimate": h, "batch": batch, "ipred": pred, "hybrid": hyb, "ode": ode, "ode_map": est}
+
+
+def _per_patient(prior, vae, dataset):
+    out = hybrid_predict(prior, vae, dataset)
+    batch, h = out["batch"], out["estimate"]
     obs = batch.is_obs
+    error_model, sd = prior.pm.error, prior.sd
 
     def nll(pred):
         v = error_model.variance(pred, sd)
@@ -87,7 +113,7 @@ def _per_patient(vae, batch, ipred, error_model, sd):
         n = obs.sum(1).clamp(min=1)
         return torch.sqrt(torch.where(obs, (batch.dv - pred) ** 2, torch.zeros_like(pred)).sum(1) / n)
 
-    return mu, logvar, hyb, nll(ipred), nll(hyb), rmse(ipred), rmse(hyb)
+    return h, nll(out["ode"]), nll(out["hybrid"]), rmse(out["ode"]), rmse(out["ipred"])
 
 
 def fit_hybrid(pm, dataset, *, latent_dim=2, config: TrainConfig | None = None, seed: int = 0,
@@ -102,25 +128,28 @@ def fit_hybrid(pm, dataset, *, latent_dim=2, config: TrainConfig | None = None, 
 
     fit = population or fit_population(pm, dataset, seed=seed, progress=progress)
     prior = prior_from_fit(fit, pm)
-    _, batch, ipred = _baseline(prior, dataset)
+    est, batch, ipred = _baseline(prior, dataset)
     base = config or TrainConfig()
     dims = [1, 2, 4] if latent_dim == "auto" else [int(latent_dim)]
     best, cands = None, {}
     for k in dims:
         cfg = TrainConfig(**{**asdict(base), "latent_dim": k, "seed": seed, "progress": progress, "history": []})
-        model, hist = train_vae(batch, ipred, pm.error, prior.sd, cfg)
+        model, hist = train_vae(batch, ipred, pm.error, prior.sd, cfg,
+                                baseline=ODEBaseline(prior) if cfg.joint else None,
+                                eta0=est.eta if cfg.joint else None)
         cands[str(k)] = float(model.best_val)
         if best is None or model.best_val < best[0].best_val:
             best = (model, hist, cfg)
     model, hist, cfg = best
-    mu, logvar, hyb, nll_o, nll_h, rm_o, rm_h = _per_patient(model, batch, ipred, pm.error, prior.sd)
+    h, nll_o, nll_h, rm_o, rm_h = _per_patient(prior, model, dataset)
     ind = fit.individual.copy()
     for j in range(model.latent_dim):
-        ind[f"Z{j + 1}"] = mu[:, j].numpy()
+        ind[f"Z{j + 1}"] = h.z[:, j].numpy()
     for j in range(model.latent_dim):
-        ind[f"Z{j + 1}_SD"] = torch.exp(0.5 * logvar[:, j]).numpy()
+        ind[f"Z{j + 1}_SD"] = h.z_sd[:, j].numpy()
     ind["NLL_ODE"], ind["NLL_HYBRID"] = nll_o.numpy(), nll_h.numpy()
     ind["COMPLEXITY"] = (nll_o - nll_h).numpy()
+    ind["HYBRID_WEIGHT"] = h.weight.numpy()
     ind["RMSE_ODE"], ind["RMSE_HYBRID"] = rm_o.numpy(), rm_h.numpy()
     return HybridFit(population=fit, vae=model, config=cfg, history=hist, individual=ind,
                      latent_dim=model.latent_dim, candidates=cands if len(dims) > 1 else {})
@@ -136,30 +165,34 @@ def load_hybrid(run_dir):
     prior = load_prior(run)
     meta = json.loads((run / "vae.json").read_text())
     ck = torch.load(run / "vae.pt", weights_only=True, map_location="cpu")
-    vae = HybridVAE(meta["n_features"], meta["latent_dim"], meta["hidden"]).double()
+    vae = HybridVAE(meta["n_features"], meta["latent_dim"], meta["hidden"], meta.get("joint", False),
+                    meta.get("n_shift", 0)).double()
     vae.load_state_dict(ck["state"])
     vae.scale = scale_from_tensors(ck["scale"])
+    vae.l2_residual, vae.l1_residual = meta.get("l2_residual", 0.0), meta.get("l1_residual", 0.0)
     vae.eval()
     return prior, vae
 
 
 def predict_hybrid(run_dir, dataset) -> pd.DataFrame:
-    """ID, TIME, DV, MDV, PRED, IPRED_ODE, IPRED (hybrid) and Z1..ZK for every record of ``dataset``: new
-    patients are encoded from their own observations (records with EVID=2 get predictions only)."""
+    """ID, TIME, DV, MDV, PRED, IPRED_ODE, IPRED_HYBRID, IPRED, HYBRID_WEIGHT and Z1..ZK for every record of
+    ``dataset``: new patients are encoded from their own observations (records with EVID=2 get predictions
+    only). IPRED is the Akaike-weighted average of the hybrid and the ODE-only predictions (mg/L)."""
     prior, vae = load_hybrid(run_dir)
-    est, batch, ipred = _baseline(prior, dataset)
+    out = hybrid_predict(prior, vae, dataset)
+    est, batch, h = out["ode_map"], out["batch"], out["estimate"]
     with torch.no_grad():
-        mu, _ = vae.encode(batch, ipred, batch.is_obs)
-        hyb, _ = vae.predict(batch, ipred, mu)
         pred = est.problem.predict(prior.theta, torch.zeros_like(est.eta))
     m = batch.record_mask
     order = batch.row[m].numpy().argsort()
     df = dataset.to_dataframe()
-    out = pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
-                        "MDV": df.MDV.to_numpy(), "PRED": pred[m].numpy()[order],
-                        "IPRED_ODE": ipred[m].numpy()[order], "IPRED": hyb[m].numpy()[order]})
+    table = pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
+                          "MDV": df.MDV.to_numpy(), "PRED": pred[m].numpy()[order],
+                          "IPRED_ODE": out["ode"][m].numpy()[order], "IPRED_HYBRID": out["hybrid"][m].numpy()[order],
+                          "IPRED": out["ipred"][m].numpy()[order]})
     pos = {sid: i for i, sid in enumerate(dataset.ids)}
-    idx = [pos[s] for s in out.ID]
-    for j in range(mu.shape[1]):
-        out[f"Z{j + 1}"] = mu[idx, j].numpy()
-    return out
+    idx = [pos[s] for s in table.ID]
+    table["HYBRID_WEIGHT"] = h.weight[idx].numpy()
+    for j in range(h.z.shape[1]):
+        table[f"Z{j + 1}"] = h.z[idx, j].numpy()
+    return table

@@ -25,10 +25,16 @@ __all__ = ["HybridVAE", "TrainConfig", "train_vae"]
 
 
 class HybridVAE(nn.Module):
-    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64):
+    """Encoder q(z | patient) plus the residual decoder. ``joint``: trained with each patient's ETAs
+    re-estimated together with z (the ODE baseline is then recomputed from those ETAs at prediction)."""
+
+    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64, joint: bool = False, n_shift: int = 0):
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.joint = latent_dim, bool(joint)
+        #: joint training also moves the baseline's typical values: log-scale shifts of its structural parameters
+        self.log_shift = nn.Parameter(torch.zeros(n_shift if joint else 0))
         self.encoder = SetEncoder(n_features, latent_dim, hidden)
+        self.l2_residual = self.l1_residual = 0.0   # set by training: the refinement reuses its penalties
         self.decoder = ResidualDecoder(n_features, latent_dim, hidden)
         self.scale = {}
 
@@ -36,6 +42,8 @@ class HybridVAE(nn.Module):
         return record_features(batch, ipred, self.scale)
 
     def encode(self, batch, ipred, mask):
+        """(mu, log sigma^2) of z (N, K) from the observations in ``mask``, read against the ODE-only
+        individual prediction ``ipred``."""
         x, _ = self.features(batch, ipred)
         c0 = self.scale["c0"]
         resid = torch.where(mask, torch.log(batch.dv.clamp(min=0) + c0) - torch.log(ipred.clamp(min=0) + c0),
@@ -59,6 +67,7 @@ class TrainConfig:
     warmup_epochs: int = 100
     beta: float = 0.3
     l2_residual: float = 0.3
+    l1_residual: float = 0.0    # L1 on the residual at the observations: exact zeros where the ODE suffices
     min_epochs: int = 1000      # no early stopping before (the residual is often found only after a plateau)
     val_fraction: float = 0.2
     patience: int = 300
@@ -67,22 +76,36 @@ class TrainConfig:
     device: str = "cpu"
     checkpoint: str | None = None
     progress: bool = True
+    fourier: int = 6            # Fourier features of time since dose / first dose (0: raw times only)
+    joint: bool = True          # re-estimate each patient's ETAs together with z (amortised ETAs)
     history: list = field(default_factory=list)
 
 
-def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None):
+def residual_penalty(r, mask, l2, l1=0.0):
+    """Per-patient penalty (N,) on the residual r (N, R) at the observations in ``mask``."""
+    r = torch.where(mask, r, torch.zeros_like(r))
+    return l2 * (r * r).sum(1) + (l1 * r.abs().sum(1) if l1 else 0.0)
+
+
+def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, baseline=None, eta=None, l1=0.0):
+    """-ELBO per patient (N,) with its NLL and KL parts. With ``baseline`` (joint mode) the ODE prediction is
+    recomputed at the patients' current ETAs ``eta`` (N, K), and -log p(ETA) is added."""
     mu, logvar = model.encode(batch, ipred, mask)
     # noise drawn on the CPU generator (reproducible on every device), then moved
     eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype).to(mu.device) if gen is not None else \
         torch.zeros_like(mu)
     z = mu + torch.exp(0.5 * logvar) * eps
+    eta_pen = 0.0
+    if baseline is not None:
+        ipred = baseline.ipred(batch, eta, model.log_shift)
+        eta_pen = baseline.eta_penalty(eta)
     pred, r = model.predict(batch, ipred, z)
     v = error_model.variance(pred, sd)
     v = torch.where(mask, v, torch.ones_like(v))
     nll = torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
     kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar).sum(1)
-    pen = l2 * torch.where(mask, r * r, torch.zeros_like(r)).sum(1)
-    return nll + beta * kl + pen, nll, kl
+    pen = residual_penalty(r, mask, l2, l1)
+    return nll + beta * kl + pen + eta_pen, nll, kl
 
 
 def scale_to_tensors(scale: dict) -> dict:
@@ -102,8 +125,13 @@ def _save(path, model, opt, epoch, best, state_extra):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
-    """Train a HybridVAE on a population (``batch`` with baseline ``ipred`` (N, R) at every record).
+def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, baseline=None, eta0=None):
+    """Train a HybridVAE on a population (``batch`` with the ODE-only individual prediction ``ipred`` (N, R)
+    at every record). Joint mode: pass ``baseline`` (an ODEBaseline) and the ODE-only MAP ETAs ``eta0``
+    (N, K): each patient's ETAs then start there and are estimated together with the networks (the held-out
+    patients' ETAs from their own -ELBO, without training the networks on it), so that the residual learns
+    what the ODE cannot explain at its best individual fit rather than at the ODE-only fit, which the
+    unexplained structure distorts.
 
     Returns (model, history) where history lists (epoch, train -ELBO per patient, validation -ELBO per patient).
     """
@@ -114,22 +142,37 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
     perm = torch.randperm(n, generator=gen)
     n_val = max(1, int(round(cfg.val_fraction * n))) if n > 4 else 0
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    scale = fit_scale(batch.select(tr_idx), ipred[tr_idx])
+    scale = fit_scale(batch.select(tr_idx), ipred[tr_idx], cfg.fourier)
     x, _ = record_features(batch.select(tr_idx[:1]), ipred[tr_idx[:1]], scale)
-    model = HybridVAE(x.shape[-1], cfg.latent_dim, cfg.hidden).double()
+    joint = baseline is not None
+    if joint and (eta0 is None or eta0.shape != (n, baseline.n_eta)):
+        raise ValueError("joint training needs eta0 of shape (N subjects, number of ETAs)")
+    model = HybridVAE(x.shape[-1], cfg.latent_dim, cfg.hidden, joint, len(baseline.names) if joint else 0).double()
     model.scale = scale
     device = torch.device(cfg.device)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sd = {k: v.detach().to(device) for k, v in sd.items()}
     btr, ptr = batch.select(tr_idx).to(device), ipred[tr_idx].to(device)
     bva, pva = (batch.select(val_idx).to(device), ipred[val_idx].to(device)) if n_val else (None, None)
+    etr = eva = None
+    if joint:
+        eta0 = eta0.detach().to(device)
+        etr = nn.Parameter(eta0[tr_idx].clone())
+        eva = nn.Parameter(eta0[val_idx].clone()) if n_val else None
+    opt = torch.optim.Adam(list(model.parameters()) + ([etr] if joint else []), lr=cfg.lr)
+    opt_val = torch.optim.Adam([eva], lr=cfg.lr) if (joint and n_val) else None
     start, best, best_state, bad = 0, math.inf, None, 0
     history = []
     if cfg.checkpoint and Path(cfg.checkpoint).is_file():   # resume
         ck = torch.load(cfg.checkpoint, weights_only=True, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if joint:
+            with torch.no_grad():
+                etr.copy_(ck["eta_train"])
+                if n_val:
+                    eva.copy_(ck["eta_val"])
+                    opt_val.load_state_dict(ck["optimizer_val"])
         start, best = int(ck["epoch"]) + 1, float(ck["best"])
         best_state = ck.get("best_model")
         gen.manual_seed(cfg.seed + start)
@@ -147,7 +190,8 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
         for i in range(0, ntr, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
             b = btr.select(idx)
-            loss, _, _ = _neg_elbo(model, b, ptr[idx], b.is_obs, error_model, sd, beta, cfg.l2_residual, gen)
+            loss, _, _ = _neg_elbo(model, b, ptr[idx], b.is_obs, error_model, sd, beta, cfg.l2_residual, gen,
+                                   baseline, etr[idx] if joint else None, cfg.l1_residual)
             loss = loss.sum() / len(idx)
             if not torch.isfinite(loss):      # NaN guard: skip the step
                 continue
@@ -157,9 +201,18 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
             opt.step()
             total += float(loss.detach()) * len(idx)
         model.eval()
-        with torch.no_grad():
-            val = float(_neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0)[0].mean()) \
-                if n_val else total / ntr
+        if opt_val is not None:   # held-out patients: their ETAs follow their own -ELBO; the networks do not
+            vloss = _neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0, None, baseline, eva)[0]
+            val = float(vloss.detach().mean())
+            opt_val.zero_grad()
+            (grad,) = torch.autograd.grad(vloss.sum(), [eva])
+            if bool(torch.isfinite(grad).all()):
+                eva.grad = grad
+                opt_val.step()
+        else:
+            with torch.no_grad():
+                val = float(_neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0)[0].mean()) \
+                    if n_val else total / ntr
         history.append((epoch, total / ntr, val))
         if bar is not None:
             bar.update(1)
@@ -170,7 +223,12 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
         elif epoch >= cfg.warmup_epochs:
             bad += 1
         if cfg.checkpoint and (epoch % 20 == 0 or epoch == cfg.epochs - 1):
-            _save(cfg.checkpoint, model, opt, epoch, best, {"best_model": best_state} if best_state else {})
+            extra = {"best_model": best_state} if best_state else {}
+            if joint:
+                extra["eta_train"] = etr.detach().clone()
+                if n_val:
+                    extra.update(eta_val=eva.detach().clone(), optimizer_val=opt_val.state_dict())
+            _save(cfg.checkpoint, model, opt, epoch, best, extra)
         if bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
             break
     if bar is not None:
@@ -178,4 +236,5 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None):
     if best_state is not None:
         model.load_state_dict(best_state)
     model.best_val = best
+    model.l2_residual, model.l1_residual = cfg.l2_residual, cfg.l1_residual   # the refinement's objective
     return model, history

@@ -1,0 +1,45 @@
+"""The population ODE model as the hybrid's baseline: individual predictions as a differentiable function of
+the ETAs, so that the hybrid can re-estimate each patient's ETAs together with the latent z."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ODEBaseline"]
+
+
+class ODEBaseline:
+    """Individual predictions (mg/L) of a fixed population model (a dosing ``Prior``: THETA, OMEGA, SIGMA)."""
+
+    def __init__(self, prior):
+        self.prior = prior
+        self.omega_inv = torch.linalg.inv(prior.omega)
+
+    @property
+    def names(self) -> list:
+        """Structural parameters whose typical value is an estimated THETA (those joint training may shift)."""
+        pm = self.prior.pm
+        return [n for n in pm.structural.parameter_names if n in pm.theta_names]
+
+    @property
+    def n_eta(self) -> int:
+        return int(self.prior.omega.shape[0])
+
+    def ipred(self, batch, eta, log_shift=None):
+        """IPRED (N, R) at every record of ``batch`` (covariates taken at baseline) for ETAs ``eta`` (N, K).
+        ``log_shift`` (P,): log-scale shifts of the structural parameters (``names`` order), learnt by joint
+        training (the hybrid's typical values are the population fit's times exp(shift))."""
+        from ..solve import simulate
+
+        cov = {c: batch.cov_baseline[:, k] for k, c in enumerate(batch.covariate_names)}
+        pm = self.prior.pm
+        p = pm.individual(self.prior.theta, eta, cov)
+        if log_shift is not None and log_shift.numel():
+            shift = log_shift.to(eta.device, eta.dtype)
+            p = {k: (v * torch.exp(shift[self.names.index(k)]) if k in self.names else v) for k, v in p.items()}
+        return simulate(pm.structural, p, batch, throw=False).ipred
+
+    def eta_penalty(self, eta):
+        """-log p(eta) up to a constant: 0.5 eta' OMEGA^-1 eta per patient (N,)."""
+        oinv = self.omega_inv.to(eta.device, eta.dtype)
+        return 0.5 * torch.einsum("ni,ij,nj->n", eta, oinv, eta)

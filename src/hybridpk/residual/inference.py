@@ -1,0 +1,107 @@
+"""Individual estimates of a hybrid model: the encoder's amortised guess of (z, ETA), optionally refined to
+the patient's joint MAP (semi-amortised inference), and hybrid predictions on any records from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .vae import residual_penalty
+
+__all__ = ["HybridEstimate", "estimate_hybrid", "predict_with"]
+
+
+@dataclass(frozen=True)
+class HybridEstimate:
+    """Per patient (N rows): latent mean ``z`` (N, K) after refinement and the encoder's SD ``z_sd``; ETAs
+    ``eta`` under the hybrid and ``eta_ode`` of the ODE-only fit; the objectives (-log joint density up to a
+    constant) of both fits; and ``weight``, the Akaike weight of the hybrid against ODE-only (the extra
+    parameters are the K latents): predictions average the two with it, so a patient the ODE already
+    describes keeps the ODE prediction instead of a residual fitted to noise."""
+
+    z: torch.Tensor
+    z_sd: torch.Tensor
+    eta: torch.Tensor
+    eta_ode: torch.Tensor
+    objective: torch.Tensor
+    objective_ode: torch.Tensor
+    weight: torch.Tensor
+
+
+def _nll(batch, pred, error_model, sd):
+    obs = batch.is_obs
+    v = error_model.variance(pred, sd)
+    v = torch.where(obs, v, torch.ones_like(v))
+    return torch.where(obs, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+
+
+def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2, l1=0.0):
+    """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's residual penalty."""
+    ipred = baseline.ipred(batch, eta, model.log_shift) if (baseline is not None and model.joint) else ipred0
+    pred, r = model.predict(batch, ipred, z)
+    out = _nll(batch, pred, error_model, sd) + residual_penalty(r, batch.is_obs, l2, l1) + 0.5 * (z * z).sum(1)
+    if baseline is not None:
+        out = out + baseline.eta_penalty(eta)
+    return out
+
+
+def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=None, l2: float = 0.0,
+                    l1: float = 0.0, refine: bool = True, max_iter: int = 200) -> HybridEstimate:
+    """Estimates for every patient of ``batch`` from its observations. ``ipred0``/``eta0``: the ODE-only MAP
+    prediction (N, R) and ETAs (N, n_eta); ``baseline`` the ODEBaseline (needed for joint models). With
+    ``refine`` the encoder's guess starts a MAP over z (and the ETAs, for joint models) of each patient
+    (L-BFGS; patients are independent, so their objectives are summed; a patient keeps the encoder's guess
+    where the refinement did not lower its objective)."""
+    with torch.no_grad():
+        mu, logvar = model.encode(batch, ipred0, batch.is_obs)
+    joint = baseline is not None and model.joint
+    k = mu.shape[1]
+
+    def split(v):
+        return (v[:, :k], v[:, k:]) if joint else (v, eta0)
+
+    def objective(v):
+        zz, ee = split(v)
+        return _objective(model, baseline, batch, ipred0, ee, zz, error_model, sd, l2, l1)
+
+    start = torch.cat([mu, eta0], 1) if joint else mu.clone()
+    x_final = start
+    if refine:
+        x = start.detach().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = objective(x).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            before, after = objective(start), objective(x.detach())
+            better = (torch.isfinite(after) & (after <= before)).unsqueeze(1)
+            x_final = torch.where(better, x.detach(), start)
+    with torch.no_grad():
+        z, eta = split(x_final)
+        obj = objective(x_final)
+        obj_ode = _nll(batch, ipred0, error_model, sd) + (baseline.eta_penalty(eta0) if baseline is not None else 0.0)
+        weight = torch.sigmoid(obj_ode - obj - k)
+    return HybridEstimate(z=z.detach(), z_sd=torch.exp(0.5 * logvar), eta=eta.detach(), eta_ode=eta0.detach(),
+                          objective=obj, objective_ode=obj_ode, weight=torch.nan_to_num(weight, nan=0.0))
+
+
+def predict_with(model, est: HybridEstimate, batch, baseline=None, ipred0=None, average: bool = True):
+    """(prediction, hybrid prediction, ODE-only prediction), each (N, R), at every record of ``batch`` (the
+    same patients in the same order as the estimate, e.g. on a dense grid). The prediction is the
+    Akaike-weighted average of the hybrid and ODE-only ones (``average=False``: the hybrid alone). Without a
+    ``baseline``, ``ipred0`` is the ODE-only prediction on ``batch`` (models trained without joint ETAs)."""
+    with torch.no_grad():
+        ode = baseline.ipred(batch, est.eta_ode) if baseline is not None else ipred0
+        base = baseline.ipred(batch, est.eta, model.log_shift) if (baseline is not None and model.joint) else ode
+        hyb, _ = model.predict(batch, base, est.z)
+        if not average:
+            return hyb, hyb, ode
+        w = est.weight.to(hyb.dtype).unsqueeze(1)
+        return w * hyb + (1 - w) * ode, hyb, ode
