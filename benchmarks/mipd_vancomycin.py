@@ -1,7 +1,11 @@
 """Precision dosing on a simulated vancomycin-like population (the acceptance study of the MIPD issue).
 
 True model: 2-cmt, 1-h infusions q12h, CL = 4.0 (CRCL/100)^0.75 L/h with 30% IIV, V1 = 40 L (20% IIV),
-Q = 6 L/h, V2 = 50 L; residual error 10% proportional + 1 mg/L additive (--prop, --add).
+Q = 6 L/h, V2 = 50 L; residual error 10% proportional + 0.5 mg/L additive (--prop, --add).
+The next level is a trough, so its relative error is bounded below by the assay noise: with 1 mg/L additive
+error even the oracle (true population model) predicts it with 20-23% relative RMSE (seeds 1-3, 600
+patients), so the default is 0.5 mg/L (a trough of 5-15 mg/L measured with 5-10% CV); both are reported in
+the MIPD closing note, with the oracle's error printed alongside in every run.
 1. A training population (N_TRAIN) is fitted by FOCE-I: that fit is the prior ("fitted").
 2. Test patients (N_TEST, new draws) get 1000 mg q12h; TDM levels after the 4th dose (37.5 h peak, 47.5 h
    trough; sparse: trough only; rich: 37.5, 42, 47.5 h). The 5th dose is given at 48 h and the next level
@@ -37,7 +41,7 @@ from hybridpk.population import build_model, fit_population  # noqa: E402
 
 TRUE = dict(CL=4.0, V=40.0, Q=6.0, V2=50.0, CL_CRCL=0.75)
 OMEGA = dict(CL=0.0862, V=0.0392)          # 30% and 20% CV
-ERROR = dict(PROP=0.10, ADD=1.0)                # set from --prop / --add
+ERROR = dict(PROP=0.10, ADD=0.5)                # set from --prop / --add
 DOSES = [dict(TIME=0, AMT=1000, CMT=1, RATE=1000, ADDL=4, II=12)]      # doses at 0, 12, 24, 36, 48
 
 
@@ -94,7 +98,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=".", help="folder for the PIT histograms")
     ap.add_argument("--prop", type=float, default=0.10, help="proportional residual error SD (fraction)")
-    ap.add_argument("--add", type=float, default=1.0, help="additive residual error SD (mg/L)")
+    ap.add_argument("--add", type=float, default=0.5, help="additive residual error SD (mg/L)")
     args = ap.parse_args()
     ERROR.update(PROP=args.prop, ADD=args.add)
     print(f"design: residual error {100 * args.prop:g}% proportional + {args.add:g} mg/L additive; seed {args.seed}; "
