@@ -151,6 +151,12 @@ def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys):
     p = pd.read_csv(tmp_path / "p.csv")
     assert len(p) == len(df) and {"IPRED", "IPRED_ODE", "IPRED_HYBRID", "HYBRID_WEIGHT", "Z1", "Z2"} <= set(p.columns)
     assert (p.IPRED >= 0).all() and (p[p.TIME == 0].IPRED == 0).all()
+    # the dosing functions say that they use the run's ODE part only
+    from hybridpk.dosing import estimate_patient, load_prior
+
+    prior = load_prior(run)
+    _, _, _, warns = estimate_patient(prior, new.subset([1]), n_samples=200)
+    assert any("VAE residual is not used" in w for w in warns)
 
 
 def test_saved_joint_run_predicts_what_the_fitted_model_does(ehc_small, tmp_path):

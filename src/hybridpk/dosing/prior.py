@@ -42,6 +42,7 @@ class Prior:
     ranges: dict = field(default_factory=dict)
     route: str = "infusion"
     units: dict = field(default_factory=dict)
+    notes: tuple = ()           # caveats every estimate and recommendation from this prior repeats
 
 
 def _from_toml(path: Path) -> Prior:
@@ -89,8 +90,12 @@ def _from_run(run: Path) -> Prior:
     from ..population.predict import load_fit
 
     pm, theta, omega, sd = load_fit(run)
+    notes = ()
+    if (run / "vae.pt").is_file():
+        notes = (f"{run} is a hybrid run (ODE + VAE residual); estimates, forecasts and doses here use its "
+                 "population ODE model only (the VAE residual is not used by the dosing functions yet)",)
     return Prior(name=run.name, pm=pm, theta=theta, omega=omega, sd=sd, citation=f"hybridpk fit {run}",
-                 route="infusion")
+                 route="infusion", notes=notes)
 
 
 def load_prior(source) -> Prior:

@@ -25,11 +25,13 @@ def dose_context(batch):
 
 
 def fourier(t, base: float, n: int):
-    """sin and cos of 2 pi t / P for n periods P = base * 2^(k - n + 3), k = 0..n-1 (base/2^(n-3) .. 4 base):
-    lets the decoder's MLP draw sharp features in time (secondary peaks) that it learns poorly from raw t."""
+    """sin and cos of 2 pi t / P for n periods P spaced geometrically from base/8 to 4 base (n = 6: a factor
+    2 apart): lets the decoder's MLP draw sharp features in time (secondary peaks) that it learns poorly
+    from raw t."""
     if n <= 0:
         return []
-    periods = base * 2.0 ** (torch.arange(n, dtype=t.dtype, device=t.device) - n + 3)
+    frac = torch.arange(n, dtype=t.dtype, device=t.device) / max(n - 1, 1)
+    periods = base * 2.0 ** (-3.0 + 5.0 * frac)
     ang = 2 * math.pi * t.unsqueeze(-1) / periods
     return [torch.sin(ang), torch.cos(ang)]
 
