@@ -15,6 +15,7 @@ import hybridpk as hp
 from hybridpk.dosing.prior import prior_from_fit
 from hybridpk.population import build_model, fit_population
 from hybridpk.residual import TrainConfig, train_vae
+from hybridpk.residual.baseline import ODEBaseline
 from hybridpk.residual.hybrid import _baseline
 from hybridpk.solve.examples import simulate_ehc_population
 
@@ -55,11 +56,15 @@ def main():
     pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
     fit = fit_population(pm, ds, progress=False, covariance=False)
     prior = prior_from_fit(fit, pm)
-    _, batch, ipred = _baseline(prior, ds)
-    for device in ("cpu", dev):
-        cfg = TrainConfig(epochs=300, min_epochs=300, seed=1, progress=False, device=device)
-        (model, hist), t = timed(lambda: train_vae(batch, ipred, pm.error, prior.sd, cfg))
-        print(f"VAE 300 epochs on {device}: {t:.1f} s; final train -ELBO {hist[-1][1]:.4f}, val {hist[-1][2]:.4f}")
+    est, batch, ipred = _baseline(prior, ds)
+    for joint in (False, True):
+        for device in ("cpu", dev):
+            cfg = TrainConfig(epochs=300, min_epochs=300, seed=1, progress=False, device=device, joint=joint)
+            (model, hist), t = timed(lambda: train_vae(batch, ipred, pm.error, prior.sd, cfg,
+                                                       baseline=ODEBaseline(prior) if joint else None,
+                                                       eta0=est.eta if joint else None))
+            print(f"VAE ({'joint' if joint else 'staged'}) 300 epochs on {device}: {t:.1f} s; final train -ELBO "
+                  f"{hist[-1][1]:.4f}, val {hist[-1][2]:.4f}")
 
 
 if __name__ == "__main__":
