@@ -1,5 +1,6 @@
-"""Staged hybrid fit: population ODE fit first, then the VAE residual on its individual predictions;
-per-patient latent outputs and complexity; saving and loading runs; predictions for new patients."""
+"""Hybrid fit: population ODE fit first, then the VAE residual (trained jointly with each patient's ETAs by
+default, or staged on the ODE-only ones); per-patient latent outputs and complexity; saving and loading
+runs; estimates and predictions for new patients."""
 
 from __future__ import annotations
 
@@ -56,8 +57,7 @@ class HybridFit:
         atomic_write_bytes(run / "vae.pt", buf.getvalue())
         meta = {"latent_dim": self.latent_dim, "hidden": self.config.hidden,
                 "n_features": int(self.vae.encoder.phi[0].in_features - 2), "joint": self.vae.joint,
-                "n_shift": int(self.vae.log_shift.numel()), "l2_residual": self.config.l2_residual,
-                "l1_residual": self.config.l1_residual}
+                "n_shift": int(self.vae.log_shift.numel()), "l2_residual": self.config.l2_residual}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         summary = json.loads((run / "summary.json").read_text())
@@ -89,7 +89,7 @@ def hybrid_predict(prior, vae, dataset, design=None, refine: bool = True):
     est, batch, ipred0 = _baseline(prior, dataset)
     base = ODEBaseline(prior)
     h = estimate_hybrid(vae, batch, ipred0, est.eta, prior.pm.error, prior.sd, baseline=base,
-                        l2=getattr(vae, "l2_residual", 0.0), l1=getattr(vae, "l1_residual", 0.0), refine=refine)
+                        l2=vae.l2_residual, refine=refine)
     if design is not None:
         batch = design.to_batch(covariates=list(prior.pm.covariates))
         if list(design.ids) != list(dataset.ids):
@@ -169,7 +169,7 @@ def load_hybrid(run_dir):
                     meta.get("n_shift", 0)).double()
     vae.load_state_dict(ck["state"])
     vae.scale = scale_from_tensors(ck["scale"])
-    vae.l2_residual, vae.l1_residual = meta.get("l2_residual", 0.0), meta.get("l1_residual", 0.0)
+    vae.l2_residual = meta.get("l2_residual", 0.0)
     vae.eval()
     return prior, vae
 

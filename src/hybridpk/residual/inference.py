@@ -1,5 +1,6 @@
-"""Individual estimates of a hybrid model: the encoder's amortised guess of (z, ETA), optionally refined to
-the patient's joint MAP (semi-amortised inference), and hybrid predictions on any records from them."""
+"""Individual estimates of a hybrid model: the encoder's amortised guess of z with the ODE-only MAP ETAs,
+optionally refined to the patient's joint MAP of (z, ETAs) (semi-amortised inference), and hybrid
+predictions on any records from them."""
 
 from __future__ import annotations
 
@@ -36,18 +37,18 @@ def _nll(batch, pred, error_model, sd):
     return torch.where(obs, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
 
 
-def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2, l1=0.0):
+def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2):
     """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's residual penalty."""
     ipred = baseline.ipred(batch, eta, model.log_shift) if (baseline is not None and model.joint) else ipred0
     pred, r = model.predict(batch, ipred, z)
-    out = _nll(batch, pred, error_model, sd) + residual_penalty(r, batch.is_obs, l2, l1) + 0.5 * (z * z).sum(1)
+    out = _nll(batch, pred, error_model, sd) + residual_penalty(r, batch.is_obs, l2) + 0.5 * (z * z).sum(1)
     if baseline is not None:
         out = out + baseline.eta_penalty(eta)
     return out
 
 
 def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=None, l2: float = 0.0,
-                    l1: float = 0.0, refine: bool = True, max_iter: int = 200) -> HybridEstimate:
+                    refine: bool = True, max_iter: int = 200) -> HybridEstimate:
     """Estimates for every patient of ``batch`` from its observations. ``ipred0``/``eta0``: the ODE-only MAP
     prediction (N, R) and ETAs (N, n_eta); ``baseline`` the ODEBaseline (needed for joint models). With
     ``refine`` the encoder's guess starts a MAP over z (and the ETAs, for joint models) of each patient
@@ -63,7 +64,7 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
 
     def objective(v):
         zz, ee = split(v)
-        return _objective(model, baseline, batch, ipred0, ee, zz, error_model, sd, l2, l1)
+        return _objective(model, baseline, batch, ipred0, ee, zz, error_model, sd, l2)
 
     start = torch.cat([mu, eta0], 1) if joint else mu.clone()
     x_final = start

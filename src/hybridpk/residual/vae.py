@@ -2,7 +2,9 @@
 
 Training maximises the ELBO: the residual-error likelihood of the population model evaluated at the hybrid
 prediction, minus beta * KL(q(z | patient) || N(0, I)) with beta warmed up from 0, minus an L2 penalty on
-the residual that keeps it at zero where the ODE already fits. Minibatches of patients, gradient
+the residual that keeps it at zero where the ODE already fits. In joint mode (the default of the hybrid fit)
+every patient's ETAs are free parameters too, starting at the ODE-only MAP, with their OMEGA prior term
+-log p(ETA) in the objective, and log-shifts of the typical values are learnt with the networks. Minibatches of patients, gradient
 clipping, NaN guard, early stopping on held-out patients, seeded; checkpoints are written atomically as
 tensors only (loaded with ``torch.load(weights_only=True)``) and training resumes from them.
 """
@@ -34,7 +36,7 @@ class HybridVAE(nn.Module):
         #: joint training also moves the baseline's typical values: log-scale shifts of its structural parameters
         self.log_shift = nn.Parameter(torch.zeros(n_shift if joint else 0))
         self.encoder = SetEncoder(n_features, latent_dim, hidden)
-        self.l2_residual = self.l1_residual = 0.0   # set by training: the refinement reuses its penalties
+        self.l2_residual = 0.0   # set by training: the refinement reuses its penalty
         self.decoder = ResidualDecoder(n_features, latent_dim, hidden)
         self.scale = {}
 
@@ -67,7 +69,6 @@ class TrainConfig:
     warmup_epochs: int = 100
     beta: float = 0.3
     l2_residual: float = 0.3
-    l1_residual: float = 0.0    # L1 on the residual at the observations: exact zeros where the ODE suffices
     min_epochs: int = 1000      # no early stopping before (the residual is often found only after a plateau)
     val_fraction: float = 0.2
     patience: int = 300
@@ -77,17 +78,16 @@ class TrainConfig:
     checkpoint: str | None = None
     progress: bool = True
     fourier: int = 6            # Fourier features of time since dose / first dose (0: raw times only)
-    joint: bool = True          # re-estimate each patient's ETAs together with z (amortised ETAs)
+    joint: bool = True          # re-estimate each patient's ETAs (and the typical values) together with z
     history: list = field(default_factory=list)
 
 
-def residual_penalty(r, mask, l2, l1=0.0):
-    """Per-patient penalty (N,) on the residual r (N, R) at the observations in ``mask``."""
-    r = torch.where(mask, r, torch.zeros_like(r))
-    return l2 * (r * r).sum(1) + (l1 * r.abs().sum(1) if l1 else 0.0)
+def residual_penalty(r, mask, l2):
+    """Per-patient L2 penalty (N,) on the residual r (N, R) at the observations in ``mask``."""
+    return l2 * torch.where(mask, r * r, torch.zeros_like(r)).sum(1)
 
 
-def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, baseline=None, eta=None, l1=0.0):
+def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, baseline=None, eta=None):
     """-ELBO per patient (N,) with its NLL and KL parts. With ``baseline`` (joint mode) the ODE prediction is
     recomputed at the patients' current ETAs ``eta`` (N, K), and -log p(ETA) is added."""
     mu, logvar = model.encode(batch, ipred, mask)
@@ -104,7 +104,7 @@ def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, ba
     v = torch.where(mask, v, torch.ones_like(v))
     nll = torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
     kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar).sum(1)
-    pen = residual_penalty(r, mask, l2, l1)
+    pen = residual_penalty(r, mask, l2)
     return nll + beta * kl + pen + eta_pen, nll, kl
 
 
@@ -191,7 +191,7 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
             idx = order[i:i + cfg.batch_size]
             b = btr.select(idx)
             loss, _, _ = _neg_elbo(model, b, ptr[idx], b.is_obs, error_model, sd, beta, cfg.l2_residual, gen,
-                                   baseline, etr[idx] if joint else None, cfg.l1_residual)
+                                   baseline, etr[idx] if joint else None)
             loss = loss.sum() / len(idx)
             if not torch.isfinite(loss):      # NaN guard: skip the step
                 continue
@@ -236,5 +236,5 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     if best_state is not None:
         model.load_state_dict(best_state)
     model.best_val = best
-    model.l2_residual, model.l1_residual = cfg.l2_residual, cfg.l1_residual   # the refinement's objective
+    model.l2_residual = cfg.l2_residual   # the refinement's objective
     return model, history
