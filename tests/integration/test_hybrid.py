@@ -175,3 +175,10 @@ def test_saved_joint_run_predicts_what_the_fitted_model_does(ehc_small, tmp_path
     b = hybrid_predict(prior, vae, new)
     torch.testing.assert_close(a["ipred"], b["ipred"], rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(a["estimate"].z, b["estimate"].z, rtol=1e-6, atol=1e-8)
+
+
+def test_latent_dimension_from_the_config_or_the_argument(ehc_small):
+    ds, _, pm, fit = ehc_small
+    cfg = TrainConfig(epochs=5, warmup_epochs=2, min_epochs=5, latent_dim=3, progress=False)
+    assert fit_hybrid(pm, ds, population=fit, config=cfg, progress=False).vae.latent_dim == 3
+    assert fit_hybrid(pm, ds, population=fit, config=cfg, latent_dim=1, progress=False).vae.latent_dim == 1

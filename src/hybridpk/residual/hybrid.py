@@ -116,11 +116,12 @@ def _per_patient(prior, vae, dataset):
     return h, nll(out["ode"]), nll(out["hybrid"]), rmse(out["ode"]), rmse(out["ipred"])
 
 
-def fit_hybrid(pm, dataset, *, latent_dim=2, config: TrainConfig | None = None, seed: int = 0,
+def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
                progress: bool = True, population=None) -> HybridFit:
     """Fit the population ODE model (FOCE-I), then the VAE residual on its individual predictions.
 
-    ``latent_dim`` an int, or "auto": 1, 2 and 4 are trained and the best held-out ELBO wins.
+    ``latent_dim`` an int, or "auto": 1, 2 and 4 are trained and the best held-out ELBO wins; None: the
+    config's (default 2).
     ``population`` an existing FitResult of ``pm`` on ``dataset`` (skips the ODE fit).
     """
     from ..dosing.prior import prior_from_fit
@@ -130,7 +131,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=2, config: TrainConfig | None = None, 
     prior = prior_from_fit(fit, pm)
     est, batch, ipred = _baseline(prior, dataset)
     base = config or TrainConfig()
-    dims = [1, 2, 4] if latent_dim == "auto" else [int(latent_dim)]
+    dims = [1, 2, 4] if latent_dim == "auto" else [int(base.latent_dim if latent_dim is None else latent_dim)]
     best, cands = None, {}
     for k in dims:
         cfg = TrainConfig(**{**asdict(base), "latent_dim": k, "seed": seed, "progress": progress, "history": []})
