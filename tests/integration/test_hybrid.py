@@ -175,6 +175,17 @@ def test_saved_joint_run_predicts_what_the_fitted_model_does(ehc_small, tmp_path
     b = hybrid_predict(prior, vae, new)
     torch.testing.assert_close(a["ipred"], b["ipred"], rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(a["estimate"].z, b["estimate"].z, rtol=1e-6, atol=1e-8)
+    # a run saved before joint training existed (no log_shift, no joint flag) still loads, as a staged model
+    old = tmp_path / "run"
+    ck = torch.load(old / "vae.pt", weights_only=True)
+    ck["state"].pop("log_shift")
+    torch.save(ck, old / "vae.pt")
+    meta = json.loads((old / "vae.json").read_text())
+    for key in ("joint", "n_shift", "l2_residual"):
+        meta.pop(key)
+    (old / "vae.json").write_text(json.dumps(meta))
+    _, staged = load_hybrid(old)
+    assert not staged.joint and staged.log_shift.numel() == 0
 
 
 def test_latent_dimension_from_the_config_or_the_argument(ehc_small):

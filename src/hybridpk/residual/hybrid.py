@@ -168,7 +168,9 @@ def load_hybrid(run_dir):
     ck = torch.load(run / "vae.pt", weights_only=True, map_location="cpu")
     vae = HybridVAE(meta["n_features"], meta["latent_dim"], meta["hidden"], meta.get("joint", False),
                     meta.get("n_shift", 0)).double()
-    vae.load_state_dict(ck["state"])
+    state = dict(ck["state"])
+    state.setdefault("log_shift", torch.zeros(0, dtype=torch.float64))   # runs saved before joint training
+    vae.load_state_dict(state)
     vae.scale = scale_from_tensors(ck["scale"])
     vae.l2_residual = meta.get("l2_residual", 0.0)
     vae.eval()
