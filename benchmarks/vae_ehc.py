@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--latent-dim", type=int, default=2)
     ap.add_argument("--beta", type=float, default=TrainConfig.beta)
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
+    ap.add_argument("--mixture", action="store_true", help="mixture training (each patient ODE-only or hybrid)")
     ap.add_argument("--no-refine", action="store_true", help="encoder estimates only (no per-patient MAP)")
     ap.add_argument("--ceiling", action="store_true",
                     help="also score MAP with the true structure and the true population values (1cmt_oral_ehc)")
@@ -73,11 +74,11 @@ def main():
     fit = fit_population(pm, train, progress=False, covariance=False)
     prior = prior_from_fit(fit, pm)
     t1 = time.perf_counter()
-    cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, joint=not args.staged)
+    cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, joint=not args.staged, mixture=args.mixture)
     hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
     t2 = time.perf_counter()
     print(f"ODE-only fit {t1 - t0:.1f} s; hybrid training {t2 - t1:.1f} s ({len(hyb.history)} epochs, "
-          f"{'joint ETAs' if cfg.joint else 'staged'})")
+          f"{'joint ETAs' if cfg.joint else 'staged'}{', mixture' if cfg.mixture else ''})")
     rec = torch.tensor(truth.RECIRC.to_numpy() == 1)
     for label, data in (("held-out, all samples", test), ("held-out, 3 samples", sparse(test, 3, args.seed))):
         t3 = time.perf_counter()

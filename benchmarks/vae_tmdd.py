@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--test", type=int, default=60)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
+    ap.add_argument("--mixture", action="store_true", help="mixture training (each patient ODE-only or hybrid)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
@@ -76,10 +77,10 @@ def main():
     t0 = time.perf_counter()
     fit = fit_population(pm, train, progress=False, covariance=False)
     prior = prior_from_fit(fit, pm)
-    cfg = TrainConfig(joint=not args.staged)
+    cfg = TrainConfig(joint=not args.staged, mixture=args.mixture)
     hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
     print(f"linear fit + hybrid training {time.perf_counter() - t0:.1f} s ({len(hyb.history)} epochs, "
-          f"{'joint ETAs' if cfg.joint else 'staged'})")
+          f"{'joint ETAs' if cfg.joint else 'staged'}{', mixture' if cfg.mixture else ''})")
     out = hybrid_predict(prior, hyb.vae, test, design=dense(test))
     bd, base, hyb_pred, alone = out["batch"], out["ode"], out["ipred"], out["hybrid"]
     true = hp.simulate("tmdd_qss", {k: torch.tensor(truth[k].to_numpy()) for k in TRUE}, bd).ipred

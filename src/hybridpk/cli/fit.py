@@ -63,6 +63,10 @@ def add_parser(sub) -> None:
     p.add_argument("--training", choices=["joint", "staged"], default="joint",
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs")
+    p.add_argument("--mixture", action="store_true",
+                   help="train the VAE as a mixture: each patient is described by the ODE alone or by the hybrid "
+                        "(prior odds of the Akaike weights); better when only part of the population deviates "
+                        "from the ODE, worse when every patient deviates a little")
     p.add_argument("--device", default="cpu", help="torch device for VAE training (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
     p.add_argument("--maxiter", type=int, default=300, help="maximum outer iterations")
@@ -120,7 +124,7 @@ def run(args) -> int:
         print("training the VAE residual ...")
         hybrid = fit_hybrid(pm, ds, latent_dim=k, seed=args.seed, progress=not args.quiet, population=result,
                             config=TrainConfig(epochs=args.epochs, device=args.device,
-                                               joint=args.training == "joint"))
+                                               joint=args.training == "joint", mixture=args.mixture))
         run_dir = hybrid.save(args.out)
     else:
         run_dir = result.save(args.out)

@@ -170,6 +170,7 @@ def load_hybrid(run_dir):
                     meta.get("n_shift", 0)).double()
     state = dict(ck["state"])
     state.setdefault("log_shift", torch.zeros(0, dtype=torch.float64))   # runs saved before joint training
+    state.setdefault("mix_logit", torch.tensor(-float(meta["latent_dim"]), dtype=torch.float64))
     vae.load_state_dict(state)
     vae.scale = scale_from_tensors(ck["scale"])
     vae.l2_residual = meta.get("l2_residual", 0.0)

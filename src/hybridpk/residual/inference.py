@@ -17,9 +17,9 @@ __all__ = ["HybridEstimate", "estimate_hybrid", "predict_with"]
 class HybridEstimate:
     """Per patient (N rows): latent mean ``z`` (N, K) after refinement and the encoder's SD ``z_sd``; ETAs
     ``eta`` under the hybrid and ``eta_ode`` of the ODE-only fit; the objectives (-log joint density up to a
-    constant) of both fits; and ``weight``, the Akaike weight of the hybrid against ODE-only (the extra
-    parameters are the K latents): predictions average the two with it, so a patient the ODE already
-    describes keeps the ODE prediction instead of a residual fitted to noise."""
+    constant) of both fits; and ``weight``, the posterior probability of the hybrid against ODE-only, with
+    the model's prior log-odds ``mix_logit`` (the Akaike penalty -K of the K latents): predictions average the two with it, so a patient the ODE already describes keeps
+    the ODE prediction instead of a residual fitted to noise."""
 
     z: torch.Tensor
     z_sd: torch.Tensor
@@ -88,7 +88,7 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
         z, eta = split(x_final)
         obj = objective(x_final)
         obj_ode = _nll(batch, ipred0, error_model, sd) + (baseline.eta_penalty(eta0) if baseline is not None else 0.0)
-        weight = torch.sigmoid(obj_ode - obj - k)
+        weight = torch.sigmoid(obj_ode - obj + model.mix_logit)
     return HybridEstimate(z=z.detach(), z_sd=torch.exp(0.5 * logvar), eta=eta.detach(), eta_ode=eta0.detach(),
                           objective=obj, objective_ode=obj_ode, weight=torch.nan_to_num(weight, nan=0.0))
 

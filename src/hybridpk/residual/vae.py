@@ -35,6 +35,10 @@ class HybridVAE(nn.Module):
         self.latent_dim, self.joint = latent_dim, bool(joint)
         #: joint training also moves the baseline's typical values: log-scale shifts of its structural parameters
         self.log_shift = nn.Parameter(torch.zeros(n_shift if joint else 0))
+        #: log prior odds of "needs the residual" against "ODE-only" for a patient: -latent_dim, the Akaike
+        #: penalty of the latents (fixed: learnt, it drifts towards the hybrid, whose training patients'
+        #: fits profit from their own free ETAs and z)
+        self.register_buffer("mix_logit", torch.tensor(-float(latent_dim)))
         self.encoder = SetEncoder(n_features, latent_dim, hidden)
         self.l2_residual = 0.0   # set by training: the refinement reuses its penalty
         self.decoder = ResidualDecoder(n_features, latent_dim, hidden)
@@ -79,6 +83,7 @@ class TrainConfig:
     progress: bool = True
     fourier: int = 6            # Fourier features of time since dose / first dose (0: raw times only)
     joint: bool = True          # re-estimate each patient's ETAs (and the typical values) together with z
+    mixture: bool = False       # each patient is ODE-only or hybrid (prior odds exp(-latent_dim)), see _neg_elbo
     history: list = field(default_factory=list)
 
 
@@ -87,9 +92,23 @@ def residual_penalty(r, mask, l2):
     return l2 * torch.where(mask, r * r, torch.zeros_like(r)).sum(1)
 
 
-def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, baseline=None, eta=None):
+def ode_only_objective(batch, ipred, mask, error_model, sd, baseline=None, eta=None):
+    """-log p(y | ODE-only) per patient (N,) at the ODE-only prediction ``ipred`` (plus -log p(ETA) when the
+    ETAs are given: joint mode), the alternative of the mixture objective."""
+    v = torch.where(mask, error_model.variance(ipred, sd), torch.ones_like(ipred))
+    out = torch.where(mask, 0.5 * ((batch.dv - ipred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+    return out + baseline.eta_penalty(eta) if baseline is not None else out
+
+
+def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, baseline=None, eta=None,
+              ode_objective=None):
     """-ELBO per patient (N,) with its NLL and KL parts. With ``baseline`` (joint mode) the ODE prediction is
-    recomputed at the patients' current ETAs ``eta`` (N, K), and -log p(ETA) is added."""
+    recomputed at the patients' current ETAs ``eta`` (N, K), and -log p(ETA) is added. With
+    ``ode_objective`` (N,) (mixture mode) the patient's data are explained either by the ODE alone or by the
+    hybrid, with prior probability pi = sigmoid(mix_logit) of the hybrid (the Akaike odds of the predictions'
+    weights): -log((1 - pi) exp(-ode_objective) + pi exp(-hybrid -ELBO)). The networks then learn mostly from
+    the patients the ODE cannot describe: better when only part of the population deviates (EHC), worse when
+    every patient deviates a little (TMDD)."""
     mu, logvar = model.encode(batch, ipred, mask)
     # noise drawn on the CPU generator (reproducible on every device), then moved
     eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype).to(mu.device) if gen is not None else \
@@ -105,12 +124,17 @@ def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, ba
     nll = torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
     kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar).sum(1)
     pen = residual_penalty(r, mask, l2)
-    return nll + beta * kl + pen + eta_pen, nll, kl
+    out = nll + beta * kl + pen + eta_pen
+    if ode_objective is not None:
+        rho = model.mix_logit
+        out = -torch.logsumexp(torch.stack([nn.functional.logsigmoid(rho) - out,
+                                            nn.functional.logsigmoid(-rho) - ode_objective]), 0)
+    return out, nll, kl
 
 
 def scale_to_tensors(scale: dict) -> dict:
     """The normalising constants as tensors only (so files load with ``torch.load(weights_only=True)``)."""
-    return {k: (v if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in scale.items()}
+    return {k: (v if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)) for k, v in scale.items()}
 
 
 def scale_from_tensors(scale: dict) -> dict:
@@ -159,6 +183,12 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
         eta0 = eta0.detach().to(device)
         etr = nn.Parameter(eta0[tr_idx].clone())
         eva = nn.Parameter(eta0[val_idx].clone()) if n_val else None
+    o_tr = o_va = None
+    if cfg.mixture:
+        with torch.no_grad():
+            o_tr = ode_only_objective(btr, ptr, btr.is_obs, error_model, sd, baseline, eta0[tr_idx] if joint else None)
+            o_va = ode_only_objective(bva, pva, bva.is_obs, error_model, sd, baseline,
+                                      eta0[val_idx] if joint else None) if n_val else None
     opt = torch.optim.Adam(list(model.parameters()) + ([etr] if joint else []), lr=cfg.lr)
     opt_val = torch.optim.Adam([eva], lr=cfg.lr) if (joint and n_val) else None
     start, best, best_state, bad = 0, math.inf, None, 0
@@ -191,7 +221,7 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
             idx = order[i:i + cfg.batch_size]
             b = btr.select(idx)
             loss, _, _ = _neg_elbo(model, b, ptr[idx], b.is_obs, error_model, sd, beta, cfg.l2_residual, gen,
-                                   baseline, etr[idx] if joint else None)
+                                   baseline, etr[idx] if joint else None, o_tr[idx] if cfg.mixture else None)
             loss = loss.sum() / len(idx)
             if not torch.isfinite(loss):      # NaN guard: skip the step
                 continue
@@ -202,7 +232,8 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
             total += float(loss.detach()) * len(idx)
         model.eval()
         if opt_val is not None:   # held-out patients: their ETAs follow their own -ELBO; the networks do not
-            vloss = _neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0, None, baseline, eva)[0]
+            vloss = _neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0, None, baseline, eva,
+                              o_va)[0]
             val = float(vloss.detach().mean())
             opt_val.zero_grad()
             (grad,) = torch.autograd.grad(vloss.sum(), [eva])
@@ -211,7 +242,8 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
                 opt_val.step()
         else:
             with torch.no_grad():
-                val = float(_neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0)[0].mean()) \
+                val = float(_neg_elbo(model, bva, pva, bva.is_obs, error_model, sd, cfg.beta, 0.0,
+                                      ode_objective=o_va)[0].mean()) \
                     if n_val else total / ntr
         history.append((epoch, total / ntr, val))
         if bar is not None:
