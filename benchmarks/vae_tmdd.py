@@ -25,6 +25,7 @@ import hybridpk as hp  # noqa: E402
 from hybridpk.dosing import prior_from_fit  # noqa: E402
 from hybridpk.population import build_model, fit_population  # noqa: E402
 from hybridpk.residual import TrainConfig, fit_hybrid, hybrid_predict  # noqa: E402
+from hybridpk.solve import observe  # noqa: E402
 
 TRUE = dict(CL=0.01, V=3.0, Q=0.02, V2=2.5, KSS=0.5, KINT=0.04, KSYN=0.02, KDEG=0.02)
 DOSES = (21.0, 70.0, 700.0)
@@ -44,16 +45,10 @@ def simulate(n, seed):
         rows.append(dict(ID=i + 1, TIME=0.0, DV=0.0, AMT=dose, EVID=1, MDV=1))
         rows += [dict(ID=i + 1, TIME=float(round(tt, 3)), DV=0.0, AMT=0.0, EVID=0, MDV=0) for tt in t]
         truth.append(dict(ID=i + 1, DOSE=dose, **p))
-    design = hp.read_nonmem(pd.DataFrame(rows))
     par = pd.DataFrame(truth)
-    b = design.to_batch()
-    f = hp.simulate("tmdd_qss", {k: torch.tensor(par[k].to_numpy()) for k in TRUE}, b).ipred
-    df = design.to_dataframe()
-    conc = f[b.record_mask].numpy()[np.argsort(b.row[b.record_mask].numpy())]
-    noise = rng.normal(size=(2, len(df)))
-    obs = design.observation_mask
-    df.loc[obs, "DV"] = (conc * (1 + 0.1 * noise[0]) + 0.05 * noise[1])[obs]
-    return hp.read_nonmem(df), par
+    ds, _ = observe("tmdd_qss", hp.read_nonmem(pd.DataFrame(rows)), {k: par[k].to_numpy() for k in TRUE}, rng,
+                    proportional=0.1, additive=0.05)
+    return ds, par
 
 
 def dense(ds):

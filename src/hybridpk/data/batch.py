@@ -64,6 +64,22 @@ class EventBatch:
     def n_subjects(self) -> int:
         return len(self.ids)
 
+    def baseline_covariates(self) -> dict:
+        """{covariate: (N,) tensor} at each subject's first record (what individual-parameter models take)."""
+        return {c: self.cov_baseline[:, k] for k, c in enumerate(self.covariate_names)}
+
+    def to_rows(self, x) -> np.ndarray:
+        """A per-record tensor (N, R) as a numpy array in the Dataset's record order (padding dropped)."""
+        m = self.record_mask.cpu()
+        return x.detach().cpu()[m].numpy()[self.row[m].cpu().numpy().argsort()]
+
+    def subject_of_rows(self) -> np.ndarray:
+        """Position (0..N-1) of the subject of every record, in the Dataset's record order: ``v[...]`` spreads
+        a per-subject array ``v`` (N, ...) over the records."""
+        m = self.record_mask.cpu().numpy()
+        subj = np.broadcast_to(np.arange(m.shape[0])[:, None], m.shape)[m]
+        return subj[self.row.cpu().numpy()[m].argsort()]
+
     def to(self, device=None, dtype=None) -> "EventBatch":
         """Move every tensor to ``device``; float tensors also to ``dtype`` when given."""
         import torch

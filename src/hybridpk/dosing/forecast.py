@@ -33,7 +33,7 @@ def _grid_batch(est, times, extra_doses: pd.DataFrame | None = None):
     is_pt = full["_o"].to_numpy() == 1
     ds = read_nonmem(full.drop(columns="_o"), covariates=list(prior.pm.covariates))
     batch = ds.to_batch(covariates=list(prior.pm.covariates))
-    cov = {c: batch.cov_baseline[:, k] for k, c in enumerate(batch.covariate_names)}
+    cov = batch.baseline_covariates()
     return batch, cov, is_pt
 
 

@@ -11,7 +11,7 @@ from ..errors import HybridPKError
 def check_patient(prior, df: pd.DataFrame) -> list[str]:
     """Warnings about one patient's data (and the prior's own caveats); raises HybridPKError when the data
     cannot be used."""
-    warnings = list(getattr(prior, "notes", ()))
+    warnings = list(prior.notes)
     if df["ID"].nunique() != 1:
         raise HybridPKError(f"the patient file holds {df['ID'].nunique()} IDs; give one patient per file")
     missing = [c for c in prior.pm.covariates if c not in df.columns]

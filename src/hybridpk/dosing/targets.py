@@ -154,7 +154,7 @@ def _predict_all(prior, batch, eta):
 
     s = eta.shape[0]
     sub = batch.select([0] * s)
-    cov = {c: sub.cov_baseline[:, k] for k, c in enumerate(sub.covariate_names)}
+    cov = sub.baseline_covariates()
     with torch.no_grad():
         p = prior.pm.individual(prior.theta, eta, cov)
         return simulate(prior.pm.structural, p, sub, throw=False).ipred

@@ -38,7 +38,7 @@ class Problem:
                                f"(it has {', '.join(dataset.covariates) or 'none'})", dataset.source)
         self.batch = dataset.to_batch(covariates=list(pm.covariates))
         b = self.batch
-        self.cov = {c: b.cov_baseline[:, k] for k, c in enumerate(b.covariate_names)}
+        self.cov = b.baseline_covariates()
         self.obs = b.is_obs & (b.cens == 0)
         self.cens = b.is_obs & (b.cens != 0)
         self.y = b.dv

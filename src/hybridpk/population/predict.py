@@ -42,14 +42,10 @@ def predict_population(run_dir, dataset) -> pd.DataFrame:
         if pm.error.ltbs:   # log scale inside the fit; concentrations out
             pred, ipred = torch.exp(pred), torch.exp(ipred)
     b = prob.batch
-    m = b.record_mask
-    rows = b.row[m].numpy()
-    order = rows.argsort()
     df = dataset.to_dataframe()
     out = pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
-                        "MDV": df.MDV.to_numpy(), "PRED": pred[m].numpy()[order], "IPRED": ipred[m].numpy()[order]})
-    pos = {sid: i for i, sid in enumerate(dataset.ids)}
-    idx = [pos[s] for s in out.ID]
+                        "MDV": df.MDV.to_numpy(), "PRED": b.to_rows(pred), "IPRED": b.to_rows(ipred)})
+    idx = b.subject_of_rows()
     for j, name in enumerate(pm.etas):
         out[name] = eta[idx, j].numpy()
     return out

@@ -108,18 +108,15 @@ class FitResult:
         for j, name in enumerate(pm.etas):
             ind[name] = eta[:, j].numpy()
         b = dataset.to_batch(covariates=list(pm.covariates))
-        cov = {c: b.cov_baseline[:, k] for k, c in enumerate(b.covariate_names)}
+        cov = b.baseline_covariates()
         import torch
 
         with torch.no_grad():
             ipar = pm.individual(theta, eta, cov)
         for name, v in ipar.items():
             ind[name] = v.numpy()
-        m = b.record_mask.numpy()
-        rows = b.row.numpy()[m]
         df = dataset.to_dataframe()
-        order = np.argsort(rows)
-        pick = lambda t: t.numpy()[m][order]  # noqa: E731
+        pick = b.to_rows
         preds = pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
                               "MDV": df.MDV.to_numpy(), "PRED": pick(diagnostics["pred"]),
                               "IPRED": pick(diagnostics["ipred"]), "CWRES": pick(diagnostics["cwres"]),

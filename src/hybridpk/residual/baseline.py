@@ -14,12 +14,10 @@ class ODEBaseline:
     def __init__(self, prior):
         self.prior = prior
         self.omega_inv = torch.linalg.inv(prior.omega)
-
-    @property
-    def names(self) -> list:
-        """Structural parameters whose typical value is an estimated THETA (those joint training may shift)."""
-        pm = self.prior.pm
-        return [n for n in pm.structural.parameter_names if n in pm.theta_names]
+        pm = prior.pm
+        #: structural parameters whose typical value is an estimated THETA (those joint training may shift)
+        self.names = [n for n in pm.structural.parameter_names if n in pm.theta_names]
+        self._shift_index = {n: i for i, n in enumerate(self.names)}
 
     @property
     def n_eta(self) -> int:
@@ -31,12 +29,13 @@ class ODEBaseline:
         training (the hybrid's typical values are the population fit's times exp(shift))."""
         from ..solve import simulate
 
-        cov = {c: batch.cov_baseline[:, k] for k, c in enumerate(batch.covariate_names)}
+        cov = batch.baseline_covariates()
         pm = self.prior.pm
         p = pm.individual(self.prior.theta, eta, cov)
         if log_shift is not None and log_shift.numel():
             shift = log_shift.to(eta.device, eta.dtype)
-            p = {k: (v * torch.exp(shift[self.names.index(k)]) if k in self.names else v) for k, v in p.items()}
+            p = {k: (v * torch.exp(shift[self._shift_index[k]]) if k in self._shift_index else v)
+                 for k, v in p.items()}
         return simulate(pm.structural, p, batch, throw=False).ipred
 
     def eta_penalty(self, eta):

@@ -17,7 +17,7 @@ from ..errors import HybridPKError
 from ..io import atomic_write_bytes, atomic_write_text
 from .baseline import ODEBaseline
 from .inference import estimate_hybrid, predict_with
-from .vae import HybridVAE, TrainConfig, scale_from_tensors, scale_to_tensors, train_vae
+from .vae import HybridVAE, TrainConfig, gaussian_nll, scale_from_tensors, scale_to_tensors, train_vae
 
 __all__ = ["HybridFit", "fit_hybrid", "hybrid_predict", "load_hybrid", "predict_hybrid"]
 
@@ -79,14 +79,15 @@ def _baseline(prior, dataset):
     return est, b, ipred
 
 
-def hybrid_predict(prior, vae, dataset, design=None, refine: bool = True):
+def hybrid_predict(prior, vae, dataset, design=None, refine: bool = True, ode_fit=None):
     """Estimates for the patients of ``dataset`` from their own observations (ODE-only MAP ETAs, then the
     encoder's z refined to the joint MAP of z and, for joint models, the ETAs), and predictions at every
     record of ``design`` (default: ``dataset`` itself; e.g. ``dataset.prediction_design(times)``; same
     patients in the same order). Returns a dict: ``estimate`` (HybridEstimate), ``batch`` (of ``design``),
     ``ipred`` (final: Akaike-weighted hybrid/ODE-only), ``hybrid`` (the hybrid alone), ``ode`` (ODE-only),
-    ``ode_map`` (the ODE-only MAPEstimate), each prediction (N, R) in mg/L."""
-    est, batch, ipred0 = _baseline(prior, dataset)
+    ``ode_map`` (the ODE-only MAPEstimate), each prediction (N, R) in mg/L. ``ode_fit``: the result of
+    ``_baseline(prior, dataset)`` when the caller has it already (skips the ODE-only MAP)."""
+    est, batch, ipred0 = ode_fit or _baseline(prior, dataset)
     base = ODEBaseline(prior)
     h = estimate_hybrid(vae, batch, ipred0, est.eta, prior.pm.error, prior.sd, baseline=base,
                         l2=vae.l2_residual, refine=refine)
@@ -98,16 +99,13 @@ def hybrid_predict(prior, vae, dataset, design=None, refine: bool = True):
     return {"estimate": h, "batch": batch, "ipred": pred, "hybrid": hyb, "ode": ode, "ode_map": est}
 
 
-def _per_patient(prior, vae, dataset):
-    out = hybrid_predict(prior, vae, dataset)
+def _per_patient(prior, vae, dataset, ode_fit):
+    out = hybrid_predict(prior, vae, dataset, ode_fit=ode_fit)
     batch, h = out["batch"], out["estimate"]
     obs = batch.is_obs
-    error_model, sd = prior.pm.error, prior.sd
 
-    def nll(pred):
-        v = error_model.variance(pred, sd)
-        v = torch.where(obs, v, torch.ones_like(v))
-        return torch.where(obs, (batch.dv - pred) ** 2 / v + torch.log(v), torch.zeros_like(v)).sum(1)
+    def nll(pred):   # -2 log-likelihood
+        return 2 * gaussian_nll(batch, pred, obs, prior.pm.error, prior.sd)
 
     def rmse(pred):
         n = obs.sum(1).clamp(min=1)
@@ -142,7 +140,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
         if best is None or model.best_val < best[0].best_val:
             best = (model, hist, cfg)
     model, hist, cfg = best
-    h, nll_o, nll_h, rm_o, rm_h = _per_patient(prior, model, dataset)
+    h, nll_o, nll_h, rm_o, rm_h = _per_patient(prior, model, dataset, (est, batch, ipred))
     ind = fit.individual.copy()
     for j in range(model.latent_dim):
         ind[f"Z{j + 1}"] = h.z[:, j].numpy()
@@ -187,15 +185,11 @@ def predict_hybrid(run_dir, dataset) -> pd.DataFrame:
     est, batch, h = out["ode_map"], out["batch"], out["estimate"]
     with torch.no_grad():
         pred = est.problem.predict(prior.theta, torch.zeros_like(est.eta))
-    m = batch.record_mask
-    order = batch.row[m].numpy().argsort()
     df = dataset.to_dataframe()
     table = pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
-                          "MDV": df.MDV.to_numpy(), "PRED": pred[m].numpy()[order],
-                          "IPRED_ODE": out["ode"][m].numpy()[order], "IPRED_HYBRID": out["hybrid"][m].numpy()[order],
-                          "IPRED": out["ipred"][m].numpy()[order]})
-    pos = {sid: i for i, sid in enumerate(dataset.ids)}
-    idx = [pos[s] for s in table.ID]
+                          "MDV": df.MDV.to_numpy(), "PRED": batch.to_rows(pred), "IPRED_ODE": batch.to_rows(out["ode"]),
+                          "IPRED_HYBRID": batch.to_rows(out["hybrid"]), "IPRED": batch.to_rows(out["ipred"])})
+    idx = batch.subject_of_rows()
     table["HYBRID_WEIGHT"] = h.weight[idx].numpy()
     for j in range(h.z.shape[1]):
         table[f"Z{j + 1}"] = h.z[idx, j].numpy()

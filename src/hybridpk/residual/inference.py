@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .vae import residual_penalty
+from .vae import gaussian_nll, ode_only_objective, residual_penalty
 
 __all__ = ["HybridEstimate", "estimate_hybrid", "predict_with"]
 
@@ -30,18 +30,11 @@ class HybridEstimate:
     weight: torch.Tensor
 
 
-def _nll(batch, pred, error_model, sd):
-    obs = batch.is_obs
-    v = error_model.variance(pred, sd)
-    v = torch.where(obs, v, torch.ones_like(v))
-    return torch.where(obs, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
-
-
 def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2):
     """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's residual penalty."""
     ipred = baseline.ipred(batch, eta, model.log_shift) if (baseline is not None and model.joint) else ipred0
     pred, r = model.predict(batch, ipred, z)
-    out = _nll(batch, pred, error_model, sd) + residual_penalty(r, batch.is_obs, l2) + 0.5 * (z * z).sum(1)
+    out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd) + residual_penalty(r, batch.is_obs, l2) + 0.5 * (z * z).sum(1)
     if baseline is not None:
         out = out + baseline.eta_penalty(eta)
     return out
@@ -87,7 +80,7 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
     with torch.no_grad():
         z, eta = split(x_final)
         obj = objective(x_final)
-        obj_ode = _nll(batch, ipred0, error_model, sd) + (baseline.eta_penalty(eta0) if baseline is not None else 0.0)
+        obj_ode = ode_only_objective(batch, ipred0, batch.is_obs, error_model, sd, baseline, eta0)
         weight = torch.sigmoid(obj_ode - obj + model.mix_logit)
     return HybridEstimate(z=z.detach(), z_sd=torch.exp(0.5 * logvar), eta=eta.detach(), eta_ode=eta0.detach(),
                           objective=obj, objective_ode=obj_ode, weight=torch.nan_to_num(weight, nan=0.0))

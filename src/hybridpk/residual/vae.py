@@ -92,11 +92,17 @@ def residual_penalty(r, mask, l2):
     return l2 * torch.where(mask, r * r, torch.zeros_like(r)).sum(1)
 
 
+def gaussian_nll(batch, pred, mask, error_model, sd):
+    """-log-likelihood (up to a constant) of the observations in ``mask`` under the residual-error model at
+    the prediction ``pred`` (N, R), per patient (N,)."""
+    v = torch.where(mask, error_model.variance(pred, sd), torch.ones_like(pred))
+    return torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+
+
 def ode_only_objective(batch, ipred, mask, error_model, sd, baseline=None, eta=None):
     """-log p(y | ODE-only) per patient (N,) at the ODE-only prediction ``ipred`` (plus -log p(ETA) when the
     ETAs are given: joint mode), the alternative of the mixture objective."""
-    v = torch.where(mask, error_model.variance(ipred, sd), torch.ones_like(ipred))
-    out = torch.where(mask, 0.5 * ((batch.dv - ipred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+    out = gaussian_nll(batch, ipred, mask, error_model, sd)
     return out + baseline.eta_penalty(eta) if baseline is not None else out
 
 
@@ -119,9 +125,7 @@ def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, ba
         ipred = baseline.ipred(batch, eta, model.log_shift)
         eta_pen = baseline.eta_penalty(eta)
     pred, r = model.predict(batch, ipred, z)
-    v = error_model.variance(pred, sd)
-    v = torch.where(mask, v, torch.ones_like(v))
-    nll = torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+    nll = gaussian_nll(batch, pred, mask, error_model, sd)
     kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar).sum(1)
     pen = residual_penalty(r, mask, l2)
     out = nll + beta * kl + pen + eta_pen

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 
 __all__ = ["EHC_TYPICAL", "simulate_ehc_population"]
 
@@ -21,7 +20,7 @@ def simulate_ehc_population(n: int, seed: int = 0, *, dose: float = 100.0, sampl
     Returns (Dataset, truth DataFrame with ID, RECIRC and the individual parameters).
     """
     from ..data.dataset import read_nonmem
-    from .simulate import simulate
+    from .population_sim import observe
 
     rng = np.random.default_rng([int(seed), 0xE4C])
     rows, truth = [], []
@@ -38,14 +37,7 @@ def simulate_ehc_population(n: int, seed: int = 0, *, dose: float = 100.0, sampl
         rows.append(dict(ID=i + 1, TIME=0.0, DV=0.0, AMT=dose, EVID=1, MDV=1, CMT=1))
         rows += [dict(ID=i + 1, TIME=float(tt), DV=0.0, AMT=0.0, EVID=0, MDV=0, CMT=2) for tt in t]
         truth.append(dict(ID=i + 1, RECIRC=int(recirc), **p))
-    design = read_nonmem(pd.DataFrame(rows))
     par = pd.DataFrame(truth)
-    b = design.to_batch()
-    f = simulate("1cmt_oral_ehc", {k: torch.tensor(par[k].to_numpy()) for k in EHC_TYPICAL}, b).ipred
-    df = design.to_dataframe()
-    conc = f[b.record_mask].numpy()[np.argsort(b.row[b.record_mask].numpy())]
-    noise = rng.normal(size=(2, len(df)))
-    dv = conc * (1 + proportional * noise[0]) + additive * noise[1]
-    obs = design.observation_mask
-    df.loc[obs, "DV"] = np.round(dv[obs], 5)
-    return read_nonmem(df), par
+    ds, _ = observe("1cmt_oral_ehc", read_nonmem(pd.DataFrame(rows)), {k: par[k].to_numpy() for k in EHC_TYPICAL},
+                    rng, proportional=proportional, additive=additive, decimals=5)
+    return ds, par

@@ -15,7 +15,7 @@ from ..errors import ModelError
 from ..models import get_model
 from .simulate import simulate
 
-__all__ = ["PopulationSimulation", "simulate_population", "make_design"]
+__all__ = ["PopulationSimulation", "simulate_population", "make_design", "observe"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,6 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
     seed : int  random seed (numpy Generator); the same seed gives the same dataset
     correlation : dict  correlations between ETAs, e.g. {("CL", "V"): 0.6} (default: independent)
     """
-    from ..data.dataset import read_nonmem
-
     model = get_model(model)
     omega = dict(omega or {})
     unknown = [k for k in list(typical) + list(omega) if k not in model.parameter_names]
@@ -85,20 +83,33 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
             etas[f"ETA_{spec.name}"] = eta
             value = value * np.exp(eta)
         params[spec.name] = value
-    batch = design.to_batch()
-    pred = simulate(model, {k: torch.as_tensor(v) for k, v in params.items()}, batch, method=method)
-    ipred = pred.to_dataframe(batch)
-    obs = design.observation_mask
-    conc = ipred["IPRED"].to_numpy()
-    eps = rng.normal(size=(2, len(conc)))
-    dv = conc * (1 + proportional * eps[0]) + additive * eps[1]
-    out = base.copy()
-    out.loc[obs, "DV"] = dv[obs]
-    out.loc[~obs & design.dose_mask, "DV"] = 0.0
-    ds = read_nonmem(out, covariates=list(design.covariates))
+    ds, ipred = observe(model, design, params, rng, proportional=proportional, additive=additive, method=method)
     par = pd.DataFrame({"ID": list(ids), **params})
     eta_df = pd.DataFrame({"ID": list(ids), **etas})
     return PopulationSimulation(dataset=ds, parameters=par, etas=eta_df, ipred=ipred, seed=seed)
+
+
+def observe(model, design, params: dict, rng, *, proportional: float = 0.0, additive: float = 0.0,
+            method: str = "auto", decimals: int | None = None):
+    """Simulate DV = IPRED (1 + proportional eps1) + additive eps2 at the observation records of ``design``
+    for individual parameters ``params`` {name: (N,) array, natural scale}, drawing eps from ``rng`` (a numpy
+    Generator). Returns (Dataset with the simulated DV, noise-free ID/TIME/IPRED at every record)."""
+    from ..data.dataset import read_nonmem
+
+    batch = design.to_batch()
+    pred = simulate(model, {k: torch.tensor(np.asarray(v, dtype=float)) for k, v in params.items()}, batch,
+                    method=method)
+    ipred = pred.to_dataframe(batch)
+    conc = ipred["IPRED"].to_numpy()
+    eps = rng.normal(size=(2, len(conc)))
+    dv = conc * (1 + proportional * eps[0]) + additive * eps[1]
+    if decimals is not None:
+        dv = np.round(dv, decimals)
+    obs = design.observation_mask
+    out = design.to_dataframe().copy()
+    out.loc[obs, "DV"] = dv[obs]
+    out.loc[~obs & design.dose_mask, "DV"] = 0.0
+    return read_nonmem(out, covariates=list(design.covariates)), ipred
 
 
 def make_design(n_subjects: int, doses: list[dict], times, *, covariates: dict | None = None,

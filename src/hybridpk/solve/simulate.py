@@ -37,11 +37,8 @@ class Prediction:
         """ID, TIME, IPRED for every record (padding dropped), in dataset order."""
         import pandas as pd
 
-        m = batch.record_mask
-        ids = np.repeat(np.array(batch.ids, dtype=object)[:, None], batch.time.shape[1], 1)[m.cpu().numpy()]
-        df = pd.DataFrame({"ID": ids, "TIME": batch.time[m].detach().cpu().numpy(),
-                           "IPRED": self.ipred[m].detach().cpu().numpy(), "ROW": batch.row[m].cpu().numpy()})
-        return df.sort_values("ROW").drop(columns="ROW").reset_index(drop=True)
+        ids = np.array(batch.ids, dtype=object)[batch.subject_of_rows()]
+        return pd.DataFrame({"ID": ids, "TIME": batch.to_rows(batch.time), "IPRED": batch.to_rows(self.ipred)})
 
 
 def as_parameters(model, params, batch) -> dict:
