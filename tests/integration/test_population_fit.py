@@ -53,16 +53,18 @@ def test_pheno_fit_matches_nonmem(pheno):
     res = fit_population(pm, ds, progress=False, pooled_start=False)
     f = ext["final"]
     assert res.converged
-    assert abs(res.ofv - f["OBJ"]) < 1.0
+    # same model, same method: measured agreement OFV 3e-7, THETA 1e-4, OMEGA/SIGMA 3e-5 (relative)
+    assert abs(res.ofv - f["OBJ"]) < 0.01
     for name, col in (("POP_CL", "THETA1"), ("POP_VC", "THETA2"), ("COVAPGR", "THETA3")):
-        assert res.parameters[name]["estimate"] == pytest.approx(f[col], rel=0.03), name
-    assert res.omega["IIV_CL"]["variance"] == pytest.approx(f["OMEGA(1,1)"], rel=0.15)
-    assert res.omega["IIV_VC"]["variance"] == pytest.approx(f["OMEGA(2,2)"], rel=0.15)
-    assert res.sigma["SIGMA"]["estimate"] == pytest.approx(f["SIGMA(1,1)"], rel=0.15)
-    # standard errors of the typical values close to NONMEM's (its $COV is the sandwich; ours the R matrix)
+        assert res.parameters[name]["estimate"] == pytest.approx(f[col], rel=1e-3), name
+    assert res.omega["IIV_CL"]["variance"] == pytest.approx(f["OMEGA(1,1)"], rel=1e-3)
+    assert res.omega["IIV_VC"]["variance"] == pytest.approx(f["OMEGA(2,2)"], rel=1e-3)
+    assert res.sigma["SIGMA"]["estimate"] == pytest.approx(f["SIGMA(1,1)"], rel=1e-3)
+    # standard errors of the typical values close to NONMEM's (its $COV is the sandwich; ours the R matrix):
+    # measured 0.1% (CL) and 4.3% (VC) apart
     se = ext["se"]
-    assert res.parameters["POP_CL"]["se"] == pytest.approx(se["THETA1"], rel=0.25)
-    assert res.parameters["POP_VC"]["se"] == pytest.approx(se["THETA2"], rel=0.25)
+    assert res.parameters["POP_CL"]["se"] == pytest.approx(se["THETA1"], rel=0.1)
+    assert res.parameters["POP_VC"]["se"] == pytest.approx(se["THETA2"], rel=0.1)
 
 
 # nlmixr2 README, theo_sd, FOCEi: KA 1.57 1/h, CL 2.76 L/h, V 31.5 L; BSV CV% 71.5, 27.6, 13.4; add.sd 0.693
