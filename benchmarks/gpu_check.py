@@ -1,6 +1,8 @@
 """GPU check: the solver paths and VAE training run unchanged with --device cuda, agree with the CPU.
 
 Run (on a machine with a GPU):  PYTHONPATH=src python benchmarks/gpu_check.py
+(or bash benchmarks/gpu_run.sh OUTDIR: this check, then the README hybrid fit with --device cuda and a predict;
+last results in benchmarks/RESULTS-gpu_check.txt)
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ def main():
     fit = fit_population(pm, ds, progress=False, covariance=False)
     prior = prior_from_fit(fit, pm)
     est, batch, ipred = _baseline(prior, ds)
-    for joint in (False, True):
+    for mode in ("staged", "joint", "mixture"):
+        joint = mode != "staged"
         for device in ("cpu", dev):
-            cfg = TrainConfig(epochs=300, min_epochs=300, seed=1, progress=False, device=device, joint=joint)
+            cfg = TrainConfig(epochs=300, min_epochs=300, seed=1, progress=False, device=device, joint=joint,
+                              mixture=mode == "mixture")
             (model, hist), t = timed(lambda: train_vae(batch, ipred, pm.error, prior.sd, cfg,
                                                        baseline=ODEBaseline(prior) if joint else None,
                                                        eta0=est.eta if joint else None))
-            print(f"VAE ({'joint' if joint else 'staged'}) 300 epochs on {device}: {t:.1f} s; final train -ELBO "
+            print(f"VAE ({mode}) 300 epochs on {device}: {t:.1f} s; final train -ELBO "
                   f"{hist[-1][1]:.4f}, val {hist[-1][2]:.4f}")
 
 

@@ -18,6 +18,7 @@ class ODEBaseline:
         #: structural parameters whose typical value is an estimated THETA (those joint training may shift)
         self.names = [n for n in pm.structural.parameter_names if n in pm.theta_names]
         self._shift_index = {n: i for i, n in enumerate(self.names)}
+        self._theta = {}  # THETA per (device, dtype): training may run on a GPU, the prior lives on the CPU
 
     @property
     def n_eta(self) -> int:
@@ -31,7 +32,10 @@ class ODEBaseline:
 
         cov = batch.baseline_covariates()
         pm = self.prior.pm
-        p = pm.individual(self.prior.theta, eta, cov)
+        key = (eta.device, eta.dtype)
+        if key not in self._theta:
+            self._theta[key] = {k: v.to(eta.device, eta.dtype) for k, v in self.prior.theta.items()}
+        p = pm.individual(self._theta[key], eta, cov)
         if log_shift is not None and log_shift.numel():
             shift = log_shift.to(eta.device, eta.dtype)
             p = {k: (v * torch.exp(shift[self._shift_index[k]]) if k in self._shift_index else v)

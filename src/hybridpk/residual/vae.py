@@ -161,7 +161,8 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     what the ODE cannot explain at its best individual fit rather than at the ODE-only fit, which the
     unexplained structure distorts.
 
-    Returns (model, history) where history lists (epoch, train -ELBO per patient, validation -ELBO per patient).
+    Returns (model, history): the model back on the CPU (trained on ``cfg.device``); history lists (epoch, train
+    -ELBO per patient, validation -ELBO per patient).
     """
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -273,4 +274,5 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
         model.load_state_dict(best_state)
     model.best_val = best
     model.l2_residual = cfg.l2_residual   # the refinement's objective
+    model.to("cpu")   # trained on cfg.device; inference (per-patient MAP, predictions) runs with the data, on the CPU
     return model, history
