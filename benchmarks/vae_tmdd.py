@@ -63,6 +63,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
     ap.add_argument("--mixture", action="store_true", help="mixture training (each patient ODE-only or hybrid)")
+    ap.add_argument("--residual", choices=("auto", "log", "input"), default=TrainConfig.residual,
+                    help="log: IPRED exp(r(t)); input: learnt input rate into the central compartment")
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
@@ -72,7 +74,7 @@ def main():
     t0 = time.perf_counter()
     fit = fit_population(pm, train, progress=False, covariance=False)
     prior = prior_from_fit(fit, pm)
-    cfg = TrainConfig(joint=not args.staged, mixture=args.mixture)
+    cfg = TrainConfig(joint=not args.staged, mixture=args.mixture, residual=args.residual)
     hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
     print(f"linear fit + hybrid training {time.perf_counter() - t0:.1f} s ({len(hyb.history)} epochs, "
           f"{'joint ETAs' if cfg.joint else 'staged'}{', mixture' if cfg.mixture else ''})")

@@ -85,7 +85,8 @@ def test_model_matches_scipy_reference(name):
     ref = reference_by_subject(name, regs, PARAMS[name])
     b = ds.to_batch()
     # closed form (linear models), hybridpk's per-subject dp5, and torchdiffeq's dopri5
-    paths = ([("closed_form", None)] if model.linear else []) + [("ode", "dp5"), ("ode", "dopri5")]
+    paths = ([("closed_form", None)] if model.linear else []) + [("ode", "dp5"), ("ode", "dopri5")] + \
+        ([("ode", "expm")] if model.piecewise_linear else [])
     results = {}
     for method, solver in paths:
         pred = simulate(model, PARAMS[name], b, method=method, solver=solver or "dp5", rtol=1e-10, atol=1e-12)
@@ -178,3 +179,45 @@ def test_failed_subject_is_reported_not_poisoning_batch():
     assert torch.isnan(pred.ipred[1][b.record_mask[1]]).all()
     good = simulate(model, PARAMS["1cmt_oral_mm"], b.select([0, 2]))
     torch.testing.assert_close(pred.ipred[[0, 2]], good.ipred)
+
+
+@pytest.mark.parametrize("name", [m for m in PARAMS if get_model(m).piecewise_linear])
+def test_system_matrix_agrees_with_rhs(name):
+    """The matrix the exact (expm) solver steps with is the right-hand side the ODE solvers integrate,
+    inside and outside the switched phases (e.g. gallbladder emptying)."""
+    from hybridpk.solve.ode import SolverContext
+
+    model = get_model(name)
+    gen = torch.Generator().manual_seed(0)
+    n = 64
+    p = {k: torch.full((n,), float(v), dtype=torch.float64) for k, v in PARAMS[name].items()}
+    t = torch.linspace(0.0, 48.0, n, dtype=torch.float64)
+    a = torch.rand(n, model.n_states, generator=gen, dtype=torch.float64) * 100
+    rate = torch.rand(n, model.n_states, generator=gen, dtype=torch.float64)
+    want = model.rhs(t, a, p, rate, SolverContext(segment_mid=t))
+    got = (model.system_matrix(p, t) @ a.unsqueeze(-1)).squeeze(-1) + rate
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["1cmt_oral", "2cmt_oral", "2cmt_iv", "3cmt_iv"])
+def test_input_response_equals_infusions(name):
+    """The hybrid's input residual: the response to a piecewise-constant rate into the dose compartment is
+    the same as the model's prediction after the equivalent zero-order infusion records."""
+    from hybridpk.solve.closed_form import input_response
+
+    model = get_model(name)
+    width = 0.5
+    rates = np.random.default_rng(3).uniform(0.0, 20.0, 12)
+    starts = width * np.arange(len(rates))
+    obs = [0.25, 0.7, 1.0, 2.2, 3.9, 5.0, 6.1, 8.0, 12.0, 24.0]
+    rows = [dict(ID=1, TIME=float(s), DV=0.0, AMT=float(r * width), RATE=float(r), EVID=1, MDV=1, CMT=model.dose_cmt)
+            for s, r in zip(starts, rates)]
+    rows += [dict(ID=1, TIME=t, DV=0.0, AMT=0.0, RATE=0.0, EVID=0, MDV=0, CMT=model.obs_cmt) for t in obs]
+    ds = hp.read_nonmem(pd.DataFrame(rows).sort_values("TIME", kind="stable"))
+    b = ds.to_batch()
+    p = {k: torch.tensor([float(v)], dtype=torch.float64) for k, v in PARAMS[name].items() if k not in ("F", "ALAG")}
+    want = simulate(model, p, b, method="ode", rtol=1e-11, atol=1e-13).ipred[b.is_obs]
+    pp = {**p, "F": torch.ones(1, dtype=torch.float64), "ALAG": torch.zeros(1, dtype=torch.float64)}
+    resp = input_response(model, pp, b.time, torch.tensor(starts[None], dtype=torch.float64), width)
+    got = (resp * torch.tensor(rates[None], dtype=torch.float64).unsqueeze(1)).sum(-1)[b.is_obs]
+    check_close(got.numpy(), want.numpy(), f"{name} input response")

@@ -20,12 +20,16 @@ The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ re
   model.json        the fitted model as plain data, for 'hybridpk predict' and 'hybridpk dose'
 
 With --residual vae, a VAE then learns per patient what the ODE misses: an encoder reads each patient's
-samples into a latent z, a decoder multiplies the ODE prediction by exp(r(t; z)) (zero before the first
-dose). By default (--training joint) each patient's ETAs are re-estimated together with z while the VAE
-learns, so the residual corrects the ODE at its best individual fit; --training staged keeps the ODE-only
-ETAs. Each patient's prediction averages hybrid and ODE-only with the hybrid's Akaike weight (HYBRID_WEIGHT),
-so patients the ODE already describes keep the ODE prediction. RMSE and -2LL of ODE-only vs hybrid are
-printed; individual.csv gains Z1.., Z1_SD.., COMPLEXITY, HYBRID_WEIGHT.
+samples into a latent z, and a decoder adds what the ODE misses. --vae-residual input (the default for
+linear models) learns an input rate u(t; z) into the dose compartment (drug that re-enters, as in
+enterohepatic recirculation; negative: extra elimination) that the structural model carries with the
+patient's own parameters; --vae-residual log multiplies the ODE prediction by exp(r(t; z)) (any model).
+Both are zero before the first dose. By default (--training joint) each patient's ETAs are re-estimated
+together with z while the VAE learns, so the residual corrects the ODE at its best individual fit;
+--training staged keeps the ODE-only ETAs (log residual only). With the log residual each patient's
+prediction averages hybrid and ODE-only with the hybrid's Akaike weight (HYBRID_WEIGHT), so patients the ODE
+already describes keep the ODE prediction. RMSE and -2LL of ODE-only vs hybrid are printed; individual.csv
+gains Z1.., Z1_SD.., COMPLEXITY, HYBRID_WEIGHT.
 
 Covariate effects: 'CL~WT' (power, reference = median, exponent estimated), 'CL~WT:power:70:0.75'
 (fixed exponent), 'CL~CRCL:linear:90', 'V~SEX:categorical:1', 'CL~AGE:exponential:40'.
@@ -63,6 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--training", choices=["joint", "staged"], default="joint",
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs")
+    p.add_argument("--vae-residual", choices=["auto", "input", "log"], default="auto",
+                   help="input: learnt input rate into the dose compartment (linear models, joint training); "
+                        "log: IPRED * exp(r(t)); auto (default): input where possible, else log")
     p.add_argument("--mixture", action="store_true",
                    help="train the VAE as a mixture: each patient is described by the ODE alone or by the hybrid "
                         "(prior odds of the Akaike weights); better when only part of the population deviates "
@@ -124,7 +131,8 @@ def run(args) -> int:
         print("training the VAE residual ...")
         hybrid = fit_hybrid(pm, ds, latent_dim=k, seed=args.seed, progress=not args.quiet, population=result,
                             config=TrainConfig(epochs=args.epochs, device=args.device,
-                                               joint=args.training == "joint", mixture=args.mixture))
+                                               joint=args.training == "joint", mixture=args.mixture,
+                                               residual=args.vae_residual))
         run_dir = hybrid.save(args.out)
     else:
         run_dir = result.save(args.out)

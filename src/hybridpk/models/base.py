@@ -97,6 +97,18 @@ class CompartmentModel:
         """Linear models: (V, k10, [(k1j, kj1) per peripheral], KA or None). Others: NotImplementedError."""
         raise NotImplementedError
 
+    def system_matrix(self, p: dict, t_mid):
+        """Models linear in the amounts between switch times (d(amounts)/dt = A a + rate, with A constant on
+        each segment, e.g. EHC with meal-driven gallbladder emptying): A (N, S, S) (1/h) on the segment whose
+        midpoint is ``t_mid`` (N,) h. The solver then steps each segment exactly by a matrix exponential
+        instead of integrating. Others: NotImplementedError."""
+        raise NotImplementedError
+
+    @property
+    def piecewise_linear(self) -> bool:
+        """True when the model gives ``system_matrix`` (exact matrix-exponential solution)."""
+        return type(self).system_matrix is not CompartmentModel.system_matrix
+
     def switch_times(self, p: dict, t_end):
         """Times (N, K) at which the right-hand side changes abruptly (e.g. meals), or None."""
         return None
@@ -123,7 +135,8 @@ class CompartmentModel:
         lines = [f"{self.name}: {self.description}",
                  f"  compartments: {', '.join(f'{i + 1}={c}' for i, c in enumerate(self.compartments))}; "
                  f"doses into {self.dose_cmt}, observed {self.obs_cmt}"
-                 + ("; closed form" if self.linear else "; ODE")]
+                 + ("; closed form" if self.linear else
+                    "; exact (matrix exponential between switches)" if self.piecewise_linear else "; ODE")]
         for p in self.parameters:
             lines.append(f"  {p.name:<7} {p.unit:<8} {p.description} (typical {p.typical:g}, "
                          f"bounds {p.lower:g}-{p.upper:g})")

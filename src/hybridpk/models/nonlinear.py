@@ -149,7 +149,8 @@ class OneCmtOralEHC(CompartmentModel):
     """Enterohepatic recirculation: drug moves from the central compartment into the gallbladder (KGB) and
     is released into the gut at meals (every MEALII h from TMEAL, for TEMPT h, rate KEMPT), where it is
     reabsorbed (KA). Meal times are parameters; the solver treats meal starts/ends as discontinuities.
-    Gradients do not flow through the meal times themselves (TMEAL, MEALII, TEMPT)."""
+    Gradients do not flow through the meal times themselves (TMEAL, MEALII, TEMPT). The system is linear
+    between meal switches, so it is solved exactly by matrix exponentials (``system_matrix``)."""
 
     name = "1cmt_oral_ehc"
     description = "one compartment, first-order absorption, enterohepatic recirculation via a gallbladder"
@@ -168,6 +169,15 @@ class OneCmtOralEHC(CompartmentModel):
         k = torch.arange(n_meals, dtype=p["TMEAL"].dtype, device=p["TMEAL"].device)
         starts = p["TMEAL"].unsqueeze(-1) + k * p["MEALII"].unsqueeze(-1)
         return torch.cat([starts, starts + p["TEMPT"].unsqueeze(-1)], -1).detach()
+
+    def system_matrix(self, p, t_mid):
+        on = self.emptying(t_mid, p)
+        zero = torch.zeros_like(on)
+        k_out = p["KEMPT"] * on
+        return torch.stack([
+            torch.stack([-p["KA"], zero, k_out], -1),
+            torch.stack([p["KA"], -p["CL"] / p["V"] - p["KGB"], zero], -1),
+            torch.stack([zero, p["KGB"], -k_out], -1)], -2)
 
     def rhs(self, t, a, p, rate, ctx=None):
         on = self.emptying(ctx.segment_mid if ctx is not None else t, p)

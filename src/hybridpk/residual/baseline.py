@@ -24,10 +24,18 @@ class ODEBaseline:
     def n_eta(self) -> int:
         return int(self.prior.omega.shape[0])
 
+    @property
+    def structural(self):
+        return self.prior.pm.structural
+
     def ipred(self, batch, eta, log_shift=None):
         """IPRED (N, R) at every record of ``batch`` (covariates taken at baseline) for ETAs ``eta`` (N, K).
         ``log_shift`` (P,): log-scale shifts of the structural parameters (``names`` order), learnt by joint
         training (the hybrid's typical values are the population fit's times exp(shift))."""
+        return self.ipred_and_params(batch, eta, log_shift)[0]
+
+    def ipred_and_params(self, batch, eta, log_shift=None):
+        """(IPRED (N, R), individual parameters {name: (N,)}) as in ``ipred``."""
         from ..solve import simulate
 
         cov = batch.baseline_covariates()
@@ -40,7 +48,7 @@ class ODEBaseline:
             shift = log_shift.to(eta.device, eta.dtype)
             p = {k: (v * torch.exp(shift[self._shift_index[k]]) if k in self._shift_index else v)
                  for k, v in p.items()}
-        return simulate(pm.structural, p, batch, throw=False).ipred
+        return simulate(pm.structural, p, batch, throw=False).ipred, p
 
     def eta_penalty(self, eta):
         """-log p(eta) up to a constant: 0.5 eta' OMEGA^-1 eta per patient (N,)."""

@@ -7,10 +7,11 @@ import math
 import torch
 
 
-def dose_context(batch):
+def dose_context(batch, times=None):
     """Time since the last dose (h), its amount (mg), time since the first dose (h) and a gate that is 1 once
-    the first dose has been given, at every record: tensors (N, R)."""
-    t = batch.time.unsqueeze(-1)                                    # (N, R, 1)
+    the first dose has been given, at every record (or at ``times`` (N, G) h): tensors (N, R)."""
+    times = batch.time if times is None else times
+    t = times.unsqueeze(-1)                                         # (N, R, 1)
     td = batch.dose_time.unsqueeze(1)                               # (N, 1, D)
     given = batch.dose_mask.unsqueeze(1) & (td <= t)
     since = torch.where(given, t - td, torch.full_like(t - td, float("inf")))
@@ -19,7 +20,7 @@ def dose_context(batch):
     any_dose = given.any(-1)
     tsd = torch.where(any_dose, tsd, torch.zeros_like(tsd))
     first = torch.where(batch.dose_mask, batch.dose_time, torch.full_like(batch.dose_time, float("inf"))).min(1).values
-    tfd = torch.where(any_dose, batch.time - first.unsqueeze(-1), torch.zeros_like(batch.time))
+    tfd = torch.where(any_dose, times - first.unsqueeze(-1), torch.zeros_like(times))
     amt = torch.where(any_dose, amt, torch.zeros_like(amt))
     return tsd, amt, tfd, any_dose.to(batch.time.dtype)
 
@@ -52,6 +53,32 @@ def record_features(batch, ipred, scale: dict):
     return x, gate
 
 
+def input_grid(batch, dt: float):
+    """Intervals of width ``dt`` h on which the input decoder's rate is constant: starts (N, G) from each
+    patient's first dose up to its last record (padding starts sit at the last record: zero effect)."""
+    rec = torch.where(batch.record_mask, batch.time, torch.full_like(batch.time, -float("inf"))).max(1).values
+    first = torch.where(batch.dose_mask, batch.dose_time, torch.full_like(batch.dose_time, float("inf"))).min(1).values
+    first = torch.where(torch.isfinite(first), first, rec)
+    span = (rec - first).clamp(min=0.0)
+    g = max(1, int(math.ceil(float(span.max()) / dt)))
+    starts = first.unsqueeze(1) + dt * torch.arange(g, dtype=batch.time.dtype, device=batch.time.device)
+    return torch.minimum(starts, rec.unsqueeze(1)).detach()
+
+
+def input_features(batch, starts, dt: float, scale: dict):
+    """Input-decoder inputs (N, G, F - 1) at the midpoints of the grid intervals (the record features without
+    log IPRED), the amount of the last dose (N, G) (mg) and the after-first-dose gate (N, G)."""
+    tsd, amt, tfd, gate = dose_context(batch, starts + 0.5 * dt)
+    n_f = int(scale.get("n_fourier", 0))
+    feats = [tsd / scale["t"], tfd / scale["t"], amt / scale["dose"],
+             *fourier(tsd, scale["t"], n_f), *fourier(tfd, scale["t"], n_f)]
+    if batch.cov_baseline.shape[1]:
+        cov = (batch.cov_baseline - scale["cov_mean"]) / scale["cov_sd"]
+        feats.append(cov.unsqueeze(1).expand(-1, starts.shape[1], -1))
+    x = torch.cat([f.unsqueeze(-1) if f.dim() == 2 else f for f in feats], -1)
+    return x, amt, gate
+
+
 def fit_scale(batch, ipred, n_fourier: int = 0) -> dict:
     """Normalising constants from the training batch (and the number of Fourier time features)."""
     obs = batch.is_obs
@@ -66,4 +93,6 @@ def fit_scale(batch, ipred, n_fourier: int = 0) -> dict:
         cov_mean, cov_sd = cov.mean(0), cov.std(0).clamp(min=1e-6)
     return {"c0": c0, "t": float(tsd[obs].median().clamp(min=1.0)), "dose": float(batch.dose_amt.max().clamp(min=1e-9)),
             "logc_mean": float(logc.mean()), "logc_sd": float(logc.std().clamp(min=1e-3)),
-            "cov_mean": cov_mean, "cov_sd": cov_sd, "n_fourier": int(n_fourier)}
+            "cov_mean": cov_mean, "cov_sd": cov_sd, "n_fourier": int(n_fourier),
+            # input residual: rate constant on intervals of 1/96 of the observed span after the first dose
+            "input_dt": float(tfd[obs].max().clamp(min=1.0)) / 96 if len(dv) else 0.25}

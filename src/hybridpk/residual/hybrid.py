@@ -57,7 +57,8 @@ class HybridFit:
         atomic_write_bytes(run / "vae.pt", buf.getvalue())
         meta = {"latent_dim": self.latent_dim, "hidden": self.config.hidden,
                 "n_features": int(self.vae.encoder.phi[0].in_features - 2), "joint": self.vae.joint,
-                "n_shift": int(self.vae.log_shift.numel()), "l2_residual": self.config.l2_residual}
+                "n_shift": int(self.vae.log_shift.numel()), "l2_residual": self.config.l2_residual,
+                "residual": self.vae.residual}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         summary = json.loads((run / "summary.json").read_text())
@@ -165,7 +166,7 @@ def load_hybrid(run_dir):
     meta = json.loads((run / "vae.json").read_text())
     ck = torch.load(run / "vae.pt", weights_only=True, map_location="cpu")
     vae = HybridVAE(meta["n_features"], meta["latent_dim"], meta["hidden"], meta.get("joint", False),
-                    meta.get("n_shift", 0)).double()
+                    meta.get("n_shift", 0), meta.get("residual", "log")).double()
     state = dict(ck["state"])
     state.setdefault("log_shift", torch.zeros(0, dtype=torch.float64))   # runs saved before joint training
     state.setdefault("mix_logit", torch.tensor(-float(meta["latent_dim"]), dtype=torch.float64))

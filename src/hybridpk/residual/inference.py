@@ -32,8 +32,9 @@ class HybridEstimate:
 
 def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2):
     """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's residual penalty."""
-    ipred = baseline.ipred(batch, eta, model.log_shift) if (baseline is not None and model.joint) else ipred0
-    pred, r = model.predict(batch, ipred, z)
+    ipred, params = baseline.ipred_and_params(batch, eta, model.log_shift) if (baseline is not None and model.joint) \
+        else (ipred0, None)
+    pred, r = model.predict(batch, ipred, z, params, baseline.structural if baseline is not None else None)
     out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd) + residual_penalty(r, batch.is_obs, l2) + 0.5 * (z * z).sum(1)
     if baseline is not None:
         out = out + baseline.eta_penalty(eta)
@@ -86,16 +87,18 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
                           objective=obj, objective_ode=obj_ode, weight=torch.nan_to_num(weight, nan=0.0))
 
 
-def predict_with(model, est: HybridEstimate, batch, baseline=None, ipred0=None, average: bool = True):
+def predict_with(model, est: HybridEstimate, batch, baseline=None, ipred0=None, average: bool | None = None):
     """(prediction, hybrid prediction, ODE-only prediction), each (N, R), at every record of ``batch`` (the
     same patients in the same order as the estimate, e.g. on a dense grid). The prediction is the
-    Akaike-weighted average of the hybrid and ODE-only ones (``average=False``: the hybrid alone). Without a
+    Akaike-weighted average of the hybrid and ODE-only ones (``average=False``: the hybrid alone; default:
+    the model's ``average``, True for the log residual, False for the input residual). Without a
     ``baseline``, ``ipred0`` is the ODE-only prediction on ``batch`` (models trained without joint ETAs)."""
     with torch.no_grad():
         ode = baseline.ipred(batch, est.eta_ode) if baseline is not None else ipred0
-        base = baseline.ipred(batch, est.eta, model.log_shift) if (baseline is not None and model.joint) else ode
-        hyb, _ = model.predict(batch, base, est.z)
-        if not average:
+        base, params = baseline.ipred_and_params(batch, est.eta, model.log_shift) \
+            if (baseline is not None and model.joint) else (ode, None)
+        hyb, _ = model.predict(batch, base, est.z, params, baseline.structural if baseline is not None else None)
+        if not (model.average if average is None else average):
             return hyb, hyb, ode
         w = est.weight.to(hyb.dtype).unsqueeze(1)
         return w * hyb + (1 - w) * ode, hyb, ode

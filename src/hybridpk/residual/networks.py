@@ -39,11 +39,11 @@ class SetEncoder(nn.Module):
 class ResidualDecoder(nn.Module):
     """r(t) = g(z, record features) in log space; the hybrid prediction is IPRED * exp(gate * r)."""
 
-    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64):
+    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64, bias: float = 0.0):
         super().__init__()
         self.net = mlp(n_features + latent_dim, hidden, 1)
-        nn.init.zeros_(self.net[-1].weight)   # start at the ODE baseline (r = 0)
-        nn.init.zeros_(self.net[-1].bias)
+        nn.init.zeros_(self.net[-1].weight)   # start at the ODE baseline (r = 0, or a small input rate)
+        nn.init.constant_(self.net[-1].bias, bias)
 
     def forward(self, z, x):
         zz = z.unsqueeze(1).expand(-1, x.shape[1], -1)

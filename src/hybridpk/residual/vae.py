@@ -30,9 +30,18 @@ class HybridVAE(nn.Module):
     """Encoder q(z | patient) plus the residual decoder. ``joint``: trained with each patient's ETAs
     re-estimated together with z (the ODE baseline is then recomputed from those ETAs at prediction)."""
 
-    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64, joint: bool = False, n_shift: int = 0):
+    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64, joint: bool = False, n_shift: int = 0,
+                 residual: str = "log"):
         super().__init__()
-        self.latent_dim, self.joint = latent_dim, bool(joint)
+        if residual not in ("log", "input"):
+            raise ValueError(f"residual must be 'log' or 'input', not {residual!r}")
+        if residual == "input" and not joint:
+            raise ValueError("the input residual needs joint training (it is propagated with the patient's ETAs)")
+        self.latent_dim, self.joint, self.residual = latent_dim, bool(joint), residual
+        #: predictions average hybrid and ODE-only with the Akaike weight (log residual: it fits noise where
+        #: the ODE suffices) or are the hybrid alone (input residual: held-out patients the ODE describes
+        #: get a near-zero input under the latent prior; averaging measured worse on every patient group)
+        self.average = residual == "log"
         #: joint training also moves the baseline's typical values: log-scale shifts of its structural parameters
         self.log_shift = nn.Parameter(torch.zeros(n_shift if joint else 0))
         #: log prior odds of "needs the residual" against "ODE-only" for a patient: -latent_dim, the Akaike
@@ -41,7 +50,10 @@ class HybridVAE(nn.Module):
         self.register_buffer("mix_logit", torch.tensor(-float(latent_dim)))
         self.encoder = SetEncoder(n_features, latent_dim, hidden)
         self.l2_residual = 0.0   # set by training: the refinement reuses its penalty
-        self.decoder = ResidualDecoder(n_features, latent_dim, hidden)
+        if residual == "log":
+            self.decoder = ResidualDecoder(n_features, latent_dim, hidden)
+        else:   # a rate into the dose compartment, on a time grid: features without log IPRED
+            self.decoder = ResidualDecoder(n_features - 1, latent_dim, hidden)
         self.scale = {}
 
     def features(self, batch, ipred):
@@ -56,11 +68,30 @@ class HybridVAE(nn.Module):
                             torch.zeros_like(ipred))
         return self.encoder(x, resid, mask)
 
-    def predict(self, batch, ipred, z):
-        """Hybrid concentration (N, R) and the residual r (N, R)."""
-        x, gate = self.features(batch, ipred)
-        r = self.decoder(z, x) * gate
-        return ipred * torch.exp(r), r
+    def predict(self, batch, ipred, z, params=None, structural=None):
+        """Hybrid concentration (N, R) and the residual r (N, R) in log space.
+
+        residual "log": IPRED * exp(r(t)). residual "input": IPRED plus the response of the structural
+        model (its individual ``params``) to a learnt non-negative input rate into the dose compartment,
+        u(t) = (last dose) * softplus(g(z, t)) / T, constant on the grid intervals of ``input_dt`` h (drug
+        that re-enters, e.g. enterohepatic recirculation); r = log(pred + c0) - log(IPRED + c0)."""
+        if self.residual == "log":
+            x, gate = self.features(batch, ipred)
+            r = self.decoder(z, x) * gate
+            return ipred * torch.exp(r), r
+        from ..solve.closed_form import input_response
+        from .features import input_features, input_grid
+
+        if params is None or structural is None or not structural.linear:
+            raise ValueError("the input residual needs a linear structural model and its individual parameters")
+        dt = float(self.scale["input_dt"])
+        starts = input_grid(batch, dt)
+        x, amt, gate = input_features(batch, starts, dt, self.scale)
+        rate = amt * self.decoder(z, x) * gate / self.scale["t"]                                # (N, G) mg/h
+        resp = input_response(structural, params, batch.time, starts, dt)                      # (N, R, G)
+        pred = (ipred + (resp * rate.unsqueeze(1)).sum(-1) * batch.record_mask).clamp(min=0.0)
+        c0 = self.scale["c0"]
+        return pred, torch.log(pred.clamp(min=0) + c0) - torch.log(ipred.clamp(min=0) + c0)
 
 
 @dataclass
@@ -84,6 +115,9 @@ class TrainConfig:
     fourier: int = 6            # Fourier features of time since dose / first dose (0: raw times only)
     joint: bool = True          # re-estimate each patient's ETAs (and the typical values) together with z
     mixture: bool = False       # each patient is ODE-only or hybrid (prior odds exp(-latent_dim)), see _neg_elbo
+    # "input": a learnt input rate into the dose compartment, propagated by the (linear) structural model;
+    # "log": IPRED exp(r(t)); "auto": input for linear structural models with joint training, else log
+    residual: str = "auto"
     history: list = field(default_factory=list)
 
 
@@ -120,11 +154,11 @@ def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, ba
     eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype).to(mu.device) if gen is not None else \
         torch.zeros_like(mu)
     z = mu + torch.exp(0.5 * logvar) * eps
-    eta_pen = 0.0
+    eta_pen, params = 0.0, None
     if baseline is not None:
-        ipred = baseline.ipred(batch, eta, model.log_shift)
+        ipred, params = baseline.ipred_and_params(batch, eta, model.log_shift)
         eta_pen = baseline.eta_penalty(eta)
-    pred, r = model.predict(batch, ipred, z)
+    pred, r = model.predict(batch, ipred, z, params, baseline.structural if baseline is not None else None)
     nll = gaussian_nll(batch, pred, mask, error_model, sd)
     kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar).sum(1)
     pen = residual_penalty(r, mask, l2)
@@ -176,7 +210,11 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     joint = baseline is not None
     if joint and (eta0 is None or eta0.shape != (n, baseline.n_eta)):
         raise ValueError("joint training needs eta0 of shape (N subjects, number of ETAs)")
-    model = HybridVAE(x.shape[-1], cfg.latent_dim, cfg.hidden, joint, len(baseline.names) if joint else 0).double()
+    residual = cfg.residual
+    if residual == "auto":
+        residual = "input" if (joint and baseline.structural.linear) else "log"
+    model = HybridVAE(x.shape[-1], cfg.latent_dim, cfg.hidden, joint, len(baseline.names) if joint else 0,
+                      residual).double()
     model.scale = scale
     device = torch.device(cfg.device)
     model.to(device)

@@ -130,3 +130,26 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
         oral = ((r_lam - r_ka) * w[:, None, None, :]).sum(-1)
         conc = conc + torch.where((ev.cmt == depot).unsqueeze(1).expand_as(s), oral, torch.zeros_like(s))
     return (conc * amount).sum(-1)
+
+
+def input_response(model, p: dict, rec_time, starts, width: float):
+    """Concentration (N, R, G) in the observed compartment at ``rec_time`` (N, R) h per unit rate (amount/h)
+    given into the model's dose compartment (the depot of oral models, without F or ALAG) during
+    [starts, starts + width) (``starts`` (N, G) h): the exact response of a linear model to a piecewise-
+    constant input, so that C(t) = sum_g response[..., g] * rate_g."""
+    v, k10, pairs, ka = model.mammillary(p)
+    lam, coef = disposition(v, k10, pairs)
+    s = (rec_time.unsqueeze(2) - starts.unsqueeze(1)).clamp(min=0.0)       # time since the interval began
+    after = (s - width).clamp(min=0.0)                                      # time since it ended
+
+    def integral(mu):   # int_{after}^{s} exp(-mu x) dx, (N, R, G, M)
+        m = mu[:, None, None, :]
+        return (torch.exp(-m * after.unsqueeze(-1)) - torch.exp(-m * s.unsqueeze(-1))) / m
+
+    r_lam = integral(lam)
+    if ka is None or model.dose_cmt != 1:
+        return (r_lam * coef[:, None, None, :]).sum(-1)
+    kas = _safe_ka(ka, lam)
+    w = coef * kas / (kas - lam)
+    r_ka = torch.stack([integral(kas[:, i:i + 1])[..., 0] for i in range(lam.shape[-1])], -1)
+    return ((r_lam - r_ka) * w[:, None, None, :]).sum(-1)

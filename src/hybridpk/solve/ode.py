@@ -46,11 +46,25 @@ class _Segment(torch.nn.Module):
         return self.dt.unsqueeze(-1) * self.model.rhs(t, a, self.p, self.rate, self.ctx)
 
 
+def _matrix_exp_step(model, p, a, rate, dt, t_mid):
+    """Exact solution of da/dt = A a + rate over dt (N,) h, A = model.system_matrix on the segment: the
+    augmented exponential expm([[A dt, rate dt], [0, 0]]) gives e^(A dt) a + (integral of e^(A s) ds) rate
+    without inverting A (which is singular, e.g. with KGB = 0 or without elimination)."""
+    n, s = a.shape
+    mat = model.system_matrix(p, t_mid) * dt.view(n, 1, 1)
+    top = torch.cat([mat, (rate * dt.unsqueeze(-1)).unsqueeze(-1)], -1)                  # (N, S, S+1)
+    aug = torch.cat([top, torch.zeros(n, 1, s + 1, dtype=a.dtype, device=a.device)], -2)  # (N, S+1, S+1)
+    e = torch.linalg.matrix_exp(aug)
+    return (e[:, :s, :s] @ a.unsqueeze(-1)).squeeze(-1) + e[:, :s, s]
+
+
 def _integrate(model, p, a, rate, t0, t1, ctx, rtol, atol, method, max_steps):
     dt = t1 - t0
     if not bool((dt > 0).any()):
         return a
     ctx.segment_mid = t0 + 0.5 * dt
+    if method == "expm":
+        return _matrix_exp_step(model, p, a, rate, dt.clamp(min=0), ctx.segment_mid)
     func = _Segment(model, p, rate, t0, dt, ctx)
     grid = torch.tensor([0.0, 1.0], dtype=a.dtype, device=a.device)
     options = {"norm": _max_norm, "max_num_steps": max_steps} if method in ("dopri5", "dopri8", "bosh3") else None
@@ -117,9 +131,13 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
           return_amounts=False):
     """Concentrations (N, R) at every record, and amounts (N, R, S) if asked, by event-to-event integration.
 
-    ``method``: "dp5" (default: hybridpk's batched Dormand-Prince with per-subject steps, see ``_dp5``) or
-    any torchdiffeq method name ("dopri5", "bosh3", "rk4", ...), which integrates all subjects together in
-    local time between consecutive events."""
+    ``method``: "dp5" (default: hybridpk's batched Dormand-Prince with per-subject steps, see ``_dp5``),
+    "expm" (models linear between switch times, see ``CompartmentModel.system_matrix``: each inter-event
+    segment is stepped exactly by a matrix exponential; no tolerance involved) or any torchdiffeq method name
+    ("dopri5", "bosh3", "rk4", ...), which integrates all subjects together in local time between consecutive
+    events."""
+    if method == "expm" and (not model.piecewise_linear or getattr(model, "dose_as_input", False)):
+        raise ValueError(f"model {model.name} gives no system matrix; the 'expm' solver needs one")
     ev = dose_events(model, p, batch)
     dtype, device = batch.time.dtype, batch.time.device
     n, r = batch.time.shape
@@ -227,7 +245,7 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
             return model.rhs(t, y, p, st.rate, ctx)
 
         march(f, st.a, times, valid.sum(1), apply_event, rtol, atol, max_steps)
-    else:  # torchdiffeq, all subjects in local time from their event j-1 to event j
+    else:  # torchdiffeq or matrix exponentials, all subjects together from their event j-1 to event j
         a = st.a
         t_prev = times[:, 0]
         for j in range(n_events):

@@ -98,7 +98,7 @@ def _bad_parameters(model, p) -> dict[int, str]:
 
 
 def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, atol: float = 1e-10,
-             solver: str = "dp5", throw: bool = True, return_amounts: bool = False) -> Prediction:
+             solver: str = "auto", throw: bool = True, return_amounts: bool = False) -> Prediction:
     """Predict concentrations at every record of every subject.
 
     Parameters
@@ -109,8 +109,10 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     batch : EventBatch  from ``Dataset.to_batch()``
     method : "auto" (closed form for linear models, else ODE), "closed_form" or "ode"
     rtol, atol : ODE tolerances (per subject, max norm)
-    solver : "dp5" (default; batched Dormand-Prince 5(4) with per-subject step control and events) or a
-        torchdiffeq method ("dopri5", "bosh3", "rk4", ...: all subjects in local time between events)
+    solver : ODE path only. "auto" (default): "expm" for models linear between switch times (exact matrix
+        exponentials, e.g. 1cmt_oral_ehc), else "dp5" (batched Dormand-Prince 5(4) with per-subject step
+        control and events); or a torchdiffeq method ("dopri5", "bosh3", "rk4", ...: all subjects in local
+        time between events)
     throw : raise SolverError when any subject fails (default); if False, failed subjects get NaN and are
         listed in ``Prediction.failures`` while the others are returned normally
     return_amounts : also return compartment amounts (forces the ODE path)
@@ -125,6 +127,11 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
         raise ModelError(f"method must be 'auto', 'closed_form' or 'ode', not {method!r}")
     if method == "closed_form" and not model.linear:
         raise ModelError(f"model {model.name} is nonlinear and has no closed form; use method='ode'")
+    if solver == "auto":
+        solver = "expm" if model.piecewise_linear else "dp5"
+    if solver == "expm" and not model.piecewise_linear:
+        raise ModelError(f"model {model.name} is not linear between switch times; the 'expm' solver needs "
+                         "system_matrix (use solver='dp5')")
     bad = _bad_parameters(model, p)
     if bad:  # keep the batch healthy: solve failed subjects with typical values, report them
         idx = torch.tensor(sorted(bad), device=batch.time.device)
