@@ -1,4 +1,6 @@
-"""The hybrid model: ODE baseline (individual predictions of a population fit) times exp(latent residual).
+"""The hybrid model: ODE baseline (individual predictions of a population fit) plus a latent-conditioned
+residual: a learnt input rate into the dose compartment carried by the linear structural model ("input"),
+or a factor exp(r(t)) on the prediction ("log").
 
 Training maximises the ELBO: the residual-error likelihood of the population model evaluated at the hybrid
 prediction, minus beta * KL(q(z | patient) || N(0, I)) with beta warmed up from 0, minus an L2 penalty on
