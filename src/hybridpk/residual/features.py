@@ -7,6 +7,11 @@ import math
 import torch
 
 
+def first_dose_time(batch):
+    """Time of each subject's first dose (N,) h; inf for subjects without doses."""
+    return torch.where(batch.dose_mask, batch.dose_time, torch.full_like(batch.dose_time, float("inf"))).min(1).values
+
+
 def dose_context(batch, times=None):
     """Time since the last dose (h), its amount (mg), time since the first dose (h) and a gate that is 1 once
     the first dose has been given, at every record (or at ``times`` (N, G) h): tensors (N, R)."""
@@ -19,8 +24,7 @@ def dose_context(batch, times=None):
     amt = batch.dose_amt.gather(1, last.clamp(min=0)) * 1.0
     any_dose = given.any(-1)
     tsd = torch.where(any_dose, tsd, torch.zeros_like(tsd))
-    first = torch.where(batch.dose_mask, batch.dose_time, torch.full_like(batch.dose_time, float("inf"))).min(1).values
-    tfd = torch.where(any_dose, times - first.unsqueeze(-1), torch.zeros_like(times))
+    tfd = torch.where(any_dose, times - first_dose_time(batch).unsqueeze(-1), torch.zeros_like(times))
     amt = torch.where(any_dose, amt, torch.zeros_like(amt))
     return tsd, amt, tfd, any_dose.to(batch.time.dtype)
 
@@ -37,27 +41,32 @@ def fourier(t, base: float, n: int):
     return [torch.sin(ang), torch.cos(ang)]
 
 
+def _stack_features(batch, tsd, amt, tfd, scale: dict, extra=()):
+    """(N, G, F): scaled time since last dose, time since first dose, dose, the ``extra`` columns (N, G),
+    Fourier features of both times, and the baseline covariates."""
+    n_f = int(scale.get("n_fourier", 0))
+    feats = [tsd / scale["t"], tfd / scale["t"], amt / scale["dose"], *extra,
+             *fourier(tsd, scale["t"], n_f), *fourier(tfd, scale["t"], n_f)]
+    if batch.cov_baseline.shape[1]:
+        cov = (batch.cov_baseline - scale["cov_mean"]) / scale["cov_sd"]
+        feats.append(cov.unsqueeze(1).expand(-1, tsd.shape[1], -1))
+    return torch.cat([f.unsqueeze(-1) if f.dim() == 2 else f for f in feats], -1)
+
+
 def record_features(batch, ipred, scale: dict):
     """Decoder inputs (N, R, F): scaled time since last dose, time since first dose (each also as Fourier
     features), dose, log IPRED, and the baseline covariates; ``scale`` holds the normalising constants learnt
     on the training data."""
     tsd, amt, tfd, gate = dose_context(batch)
     logc = torch.log(ipred.clamp(min=0) + scale["c0"])
-    n_f = int(scale.get("n_fourier", 0))
-    feats = [tsd / scale["t"], tfd / scale["t"], amt / scale["dose"], (logc - scale["logc_mean"]) / scale["logc_sd"],
-             *fourier(tsd, scale["t"], n_f), *fourier(tfd, scale["t"], n_f)]
-    if batch.cov_baseline.shape[1]:
-        cov = (batch.cov_baseline - scale["cov_mean"]) / scale["cov_sd"]
-        feats.append(cov.unsqueeze(1).expand(-1, batch.time.shape[1], -1))
-    x = torch.cat([f.unsqueeze(-1) if f.dim() == 2 else f for f in feats], -1)
-    return x, gate
+    return _stack_features(batch, tsd, amt, tfd, scale, [(logc - scale["logc_mean"]) / scale["logc_sd"]]), gate
 
 
 def input_grid(batch, dt: float):
     """Intervals of width ``dt`` h on which the input decoder's rate is constant: starts (N, G) from each
     patient's first dose up to its last record (padding starts sit at the last record: zero effect)."""
     rec = torch.where(batch.record_mask, batch.time, torch.full_like(batch.time, -float("inf"))).max(1).values
-    first = torch.where(batch.dose_mask, batch.dose_time, torch.full_like(batch.dose_time, float("inf"))).min(1).values
+    first = first_dose_time(batch)
     first = torch.where(torch.isfinite(first), first, rec)
     span = (rec - first).clamp(min=0.0)
     g = max(1, int(math.ceil(float(span.max()) / dt)))
@@ -69,14 +78,7 @@ def input_features(batch, starts, dt: float, scale: dict):
     """Input-decoder inputs (N, G, F - 1) at the midpoints of the grid intervals (the record features without
     log IPRED), the amount of the last dose (N, G) (mg) and the after-first-dose gate (N, G)."""
     tsd, amt, tfd, gate = dose_context(batch, starts + 0.5 * dt)
-    n_f = int(scale.get("n_fourier", 0))
-    feats = [tsd / scale["t"], tfd / scale["t"], amt / scale["dose"],
-             *fourier(tsd, scale["t"], n_f), *fourier(tfd, scale["t"], n_f)]
-    if batch.cov_baseline.shape[1]:
-        cov = (batch.cov_baseline - scale["cov_mean"]) / scale["cov_sd"]
-        feats.append(cov.unsqueeze(1).expand(-1, starts.shape[1], -1))
-    x = torch.cat([f.unsqueeze(-1) if f.dim() == 2 else f for f in feats], -1)
-    return x, amt, gate
+    return _stack_features(batch, tsd, amt, tfd, scale), amt, gate
 
 
 def fit_scale(batch, ipred, n_fourier: int = 0) -> dict:

@@ -28,7 +28,7 @@ class HybridFit:
     Z1_SD..ZK_SD (the encoder's SDs), NLL_ODE / NLL_HYBRID (-2 log-likelihood of the patient's data under
     the ODE-only fit and the hybrid), COMPLEXITY (NLL_ODE - NLL_HYBRID: how much the residual explains;
     near 0 or negative when the ODE suffices), HYBRID_WEIGHT (Akaike weight of the hybrid against ODE-only
-    for this patient; predictions average the two with it) and RMSE_ODE / RMSE_HYBRID (mg/L, of the
+    for this patient; log-residual predictions average the two with it) and RMSE_ODE / RMSE_HYBRID (mg/L, of the
     observations, for the ODE-only and the final prediction)."""
 
     population: object
@@ -85,7 +85,7 @@ def hybrid_predict(prior, vae, dataset, design=None, refine: bool = True, ode_fi
     encoder's z refined to the joint MAP of z and, for joint models, the ETAs), and predictions at every
     record of ``design`` (default: ``dataset`` itself; e.g. ``dataset.prediction_design(times)``; same
     patients in the same order). Returns a dict: ``estimate`` (HybridEstimate), ``batch`` (of ``design``),
-    ``ipred`` (final: Akaike-weighted hybrid/ODE-only), ``hybrid`` (the hybrid alone), ``ode`` (ODE-only),
+    ``ipred`` (final: the hybrid, or for the log residual its Akaike-weighted average with ODE-only), ``hybrid`` (the hybrid alone), ``ode`` (ODE-only),
     ``ode_map`` (the ODE-only MAPEstimate), each prediction (N, R) in mg/L. ``ode_fit``: the result of
     ``_baseline(prior, dataset)`` when the caller has it already (skips the ODE-only MAP)."""
     est, batch, ipred0 = ode_fit or _baseline(prior, dataset)
@@ -180,7 +180,8 @@ def load_hybrid(run_dir):
 def predict_hybrid(run_dir, dataset) -> pd.DataFrame:
     """ID, TIME, DV, MDV, PRED, IPRED_ODE, IPRED_HYBRID, IPRED, HYBRID_WEIGHT and Z1..ZK for every record of
     ``dataset``: new patients are encoded from their own observations (records with EVID=2 get predictions
-    only). IPRED is the Akaike-weighted average of the hybrid and the ODE-only predictions (mg/L)."""
+    only). IPRED is the final prediction: IPRED_HYBRID, or for the log residual the Akaike-weighted average
+    of the hybrid and the ODE-only predictions (mg/L)."""
     prior, vae = load_hybrid(run_dir)
     out = hybrid_predict(prior, vae, dataset)
     est, batch, h = out["ode_map"], out["batch"], out["estimate"]

@@ -18,8 +18,9 @@ class HybridEstimate:
     """Per patient (N rows): latent mean ``z`` (N, K) after refinement and the encoder's SD ``z_sd``; ETAs
     ``eta`` under the hybrid and ``eta_ode`` of the ODE-only fit; the objectives (-log joint density up to a
     constant) of both fits; and ``weight``, the posterior probability of the hybrid against ODE-only, with
-    the model's prior log-odds ``mix_logit`` (the Akaike penalty -K of the K latents): predictions average the two with it, so a patient the ODE already describes keeps
-    the ODE prediction instead of a residual fitted to noise."""
+    the model's prior log-odds ``mix_logit`` (the Akaike penalty -K of the K latents). With the log residual
+    predictions average the two with it, so a patient the ODE already describes keeps the ODE prediction
+    instead of a residual fitted to noise."""
 
     z: torch.Tensor
     z_sd: torch.Tensor
@@ -32,9 +33,7 @@ class HybridEstimate:
 
 def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2):
     """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's residual penalty."""
-    ipred, params = baseline.ipred_and_params(batch, eta, model.log_shift) if (baseline is not None and model.joint) \
-        else (ipred0, None)
-    pred, r = model.predict(batch, ipred, z, params, baseline.structural if baseline is not None else None)
+    pred, r = model.predict_at(batch, z, baseline, eta, ipred0)
     out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd) + residual_penalty(r, batch.is_obs, l2) + 0.5 * (z * z).sum(1)
     if baseline is not None:
         out = out + baseline.eta_penalty(eta)
@@ -95,9 +94,7 @@ def predict_with(model, est: HybridEstimate, batch, baseline=None, ipred0=None, 
     ``baseline``, ``ipred0`` is the ODE-only prediction on ``batch`` (models trained without joint ETAs)."""
     with torch.no_grad():
         ode = baseline.ipred(batch, est.eta_ode) if baseline is not None else ipred0
-        base, params = baseline.ipred_and_params(batch, est.eta, model.log_shift) \
-            if (baseline is not None and model.joint) else (ode, None)
-        hyb, _ = model.predict(batch, base, est.z, params, baseline.structural if baseline is not None else None)
+        hyb, _ = model.predict_at(batch, est.z, baseline, est.eta, ode)
         if not (model.average if average is None else average):
             return hyb, hyb, ode
         w = est.weight.to(hyb.dtype).unsqueeze(1)

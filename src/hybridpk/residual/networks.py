@@ -37,13 +37,14 @@ class SetEncoder(nn.Module):
 
 
 class ResidualDecoder(nn.Module):
-    """r(t) = g(z, record features) in log space; the hybrid prediction is IPRED * exp(gate * r)."""
+    """g(z, features) per record or grid point: the log residual r(t) (the hybrid prediction is
+    IPRED * exp(gate * r)) or the scaled input rate of the input residual."""
 
-    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64, bias: float = 0.0):
+    def __init__(self, n_features: int, latent_dim: int, hidden: int = 64):
         super().__init__()
         self.net = mlp(n_features + latent_dim, hidden, 1)
-        nn.init.zeros_(self.net[-1].weight)   # start at the ODE baseline (r = 0, or a small input rate)
-        nn.init.constant_(self.net[-1].bias, bias)
+        nn.init.zeros_(self.net[-1].weight)   # start at the ODE baseline (r = 0, or no input)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z, x):
         zz = z.unsqueeze(1).expand(-1, x.shape[1], -1)

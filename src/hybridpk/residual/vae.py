@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_bytes
-from .features import fit_scale, record_features
+from ..solve.closed_form import input_response
+from .features import fit_scale, input_features, input_grid, record_features
 from .networks import ResidualDecoder, SetEncoder
 
 __all__ = ["HybridVAE", "TrainConfig", "train_vae"]
@@ -74,16 +75,14 @@ class HybridVAE(nn.Module):
         """Hybrid concentration (N, R) and the residual r (N, R) in log space.
 
         residual "log": IPRED * exp(r(t)). residual "input": IPRED plus the response of the structural
-        model (its individual ``params``) to a learnt non-negative input rate into the dose compartment,
-        u(t) = (last dose) * softplus(g(z, t)) / T, constant on the grid intervals of ``input_dt`` h (drug
-        that re-enters, e.g. enterohepatic recirculation); r = log(pred + c0) - log(IPRED + c0)."""
+        model (its individual ``params``) to a learnt input rate into the dose compartment,
+        u(t) = (last dose) * g(z, t) / T (mg/h), constant on grid intervals of ``input_dt`` h: drug that
+        re-enters (e.g. enterohepatic recirculation) or, negative, extra elimination; concentrations are
+        clamped at 0, and r = log(pred + c0) - log(IPRED + c0)."""
         if self.residual == "log":
             x, gate = self.features(batch, ipred)
             r = self.decoder(z, x) * gate
             return ipred * torch.exp(r), r
-        from ..solve.closed_form import input_response
-        from .features import input_features, input_grid
-
         if params is None or structural is None or not structural.linear:
             raise ValueError("the input residual needs a linear structural model and its individual parameters")
         dt = float(self.scale["input_dt"])
@@ -94,6 +93,14 @@ class HybridVAE(nn.Module):
         pred = (ipred + (resp * rate.unsqueeze(1)).sum(-1) * batch.record_mask).clamp(min=0.0)
         c0 = self.scale["c0"]
         return pred, torch.log(pred.clamp(min=0) + c0) - torch.log(ipred.clamp(min=0) + c0)
+
+    def predict_at(self, batch, z, baseline=None, eta=None, ipred=None):
+        """``predict`` for a joint model at the patients' ETAs ``eta`` (the baseline's IPRED and individual
+        parameters recomputed from them), else on the given ODE prediction ``ipred``."""
+        if baseline is not None and self.joint:
+            ipred, params = baseline.ipred_and_params(batch, eta, self.log_shift)
+            return self.predict(batch, ipred, z, params, baseline.structural)
+        return self.predict(batch, ipred, z)
 
 
 @dataclass
@@ -156,11 +163,8 @@ def _neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, ba
     eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype).to(mu.device) if gen is not None else \
         torch.zeros_like(mu)
     z = mu + torch.exp(0.5 * logvar) * eps
-    eta_pen, params = 0.0, None
-    if baseline is not None:
-        ipred, params = baseline.ipred_and_params(batch, eta, model.log_shift)
-        eta_pen = baseline.eta_penalty(eta)
-    pred, r = model.predict(batch, ipred, z, params, baseline.structural if baseline is not None else None)
+    pred, r = model.predict_at(batch, z, baseline, eta, ipred)
+    eta_pen = baseline.eta_penalty(eta) if baseline is not None else 0.0
     nll = gaussian_nll(batch, pred, mask, error_model, sd)
     kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar).sum(1)
     pen = residual_penalty(r, mask, l2)

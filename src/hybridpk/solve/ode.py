@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torchdiffeq import odeint
 
+from ..errors import ModelError
 from ._dp5 import march
 from ._events import dose_events
 
@@ -137,7 +138,8 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
     ("dopri5", "bosh3", "rk4", ...), which integrates all subjects together in local time between consecutive
     events."""
     if method == "expm" and (not model.piecewise_linear or getattr(model, "dose_as_input", False)):
-        raise ValueError(f"model {model.name} gives no system matrix; the 'expm' solver needs one")
+        raise ModelError(f"model {model.name} is not linear between switch times (no system_matrix); the "
+                         "'expm' solver needs one (use solver='dp5')")
     ev = dose_events(model, p, batch)
     dtype, device = batch.time.dtype, batch.time.device
     n, r = batch.time.shape

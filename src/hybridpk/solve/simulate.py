@@ -129,9 +129,6 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
         raise ModelError(f"model {model.name} is nonlinear and has no closed form; use method='ode'")
     if solver == "auto":
         solver = "expm" if model.piecewise_linear else "dp5"
-    if solver == "expm" and not model.piecewise_linear:
-        raise ModelError(f"model {model.name} is not linear between switch times; the 'expm' solver needs "
-                         "system_matrix (use solver='dp5')")
     bad = _bad_parameters(model, p)
     if bad:  # keep the batch healthy: solve failed subjects with typical values, report them
         idx = torch.tensor(sorted(bad), device=batch.time.device)
