@@ -136,17 +136,20 @@ def test_complexity_and_latent_outputs_are_reported(ehc_small):
     assert (ind.Z1_SD > 0).all() and ind.HYBRID_WEIGHT.between(0, 1).all()
 
 
-def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys):
+@pytest.mark.parametrize("residual", ["auto", "reservoir"])
+def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys, residual):
     ds, truth = simulate_ehc_population(60, seed=11)
     path = tmp_path / "ehc.csv"
     ds.to_dataframe().to_csv(path, index=False)
     run = tmp_path / "run"
     assert main(["fit", str(path), "--model", "1cmt_oral", "--error", "combined", "--residual", "vae",
-                 "--epochs", "60", "--out", str(run), "--quiet", "--no-covariance", "--seed", "2"]) == 0
+                 "--vae-residual", residual, "--epochs", "60", "--out", str(run), "--quiet", "--no-covariance",
+                 "--seed", "2"]) == 0
     out = capsys.readouterr().out
     assert "hybrid" in out
     s = json.loads((run / "summary.json").read_text())
     assert s["residual"]["kind"] == "vae" and s["residual"]["latent_dim"] == 2
+    assert json.loads((run / "vae.json").read_text())["residual"] == ("input" if residual == "auto" else residual)
     assert torch.load(run / "vae.pt", weights_only=True)["state"]
     new, _ = simulate_ehc_population(4, seed=99)
     df = new.to_dataframe()
@@ -165,7 +168,7 @@ def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys):
     assert any("VAE residual is not used" in w for w in warns)
 
 
-@pytest.mark.parametrize("residual", ["input", "log"])
+@pytest.mark.parametrize("residual", ["input", "reservoir", "log"])
 def test_saved_joint_run_predicts_what_the_fitted_model_does(ehc_small, tmp_path, residual):
     ds, _, pm, fit = ehc_small
     from hybridpk.dosing.prior import prior_from_fit

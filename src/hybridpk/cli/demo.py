@@ -65,7 +65,7 @@ def ehc_comparison(progress=True, latent_dim=2, seed=0):
     from hybridpk.data.bundled import bundled_dataset
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.population import build_model
-    from hybridpk.residual import fit_hybrid
+    from hybridpk.residual import TrainConfig, fit_hybrid
     from hybridpk.residual.hybrid import hybrid_predict
     from hybridpk.dosing.prior import prior_from_fit
     from hybridpk.solve import simulate
@@ -75,7 +75,9 @@ def ehc_comparison(progress=True, latent_dim=2, seed=0):
     ds = read_nonmem(path)
     truth = pd.read_csv(path.with_name("ehc_truth.txt"))
     pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
-    hybrid = fit_hybrid(pm, ds, latent_dim=latent_dim, seed=seed, progress=progress)
+    # recirculation: drug that leaves the central compartment and comes back later, a reservoir residual
+    hybrid = fit_hybrid(pm, ds, latent_dim=latent_dim, config=TrainConfig(residual="reservoir"), seed=seed,
+                        progress=progress)
     dense = ds.prediction_design(np.arange(0.25, 24.01, 0.25), cmt=2)
     prior = prior_from_fit(hybrid.population, pm)
     out = hybrid_predict(prior, hybrid.vae, ds, design=dense)

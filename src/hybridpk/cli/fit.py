@@ -67,9 +67,12 @@ def add_parser(sub) -> None:
     p.add_argument("--training", choices=["joint", "staged"], default="joint",
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs")
-    p.add_argument("--vae-residual", choices=["auto", "input", "log"], default="auto",
+    p.add_argument("--vae-residual", choices=["auto", "input", "reservoir", "log"], default="auto",
                    help="input: learnt input rate into the dose compartment (linear models, joint training); "
-                        "log: IPRED * exp(r(t)); auto (default): input where possible, else log")
+                        "reservoir: a hidden compartment that takes up drug from the central one (rate set by "
+                        "the patient's z) and releases it into the dose compartment on a learnt schedule, e.g. "
+                        "enterohepatic recirculation (linear models, joint training); log: IPRED * exp(r(t)); "
+                        "auto (default): input where possible, else log")
     p.add_argument("--mixture", action="store_true",
                    help="train the VAE as a mixture: each patient is described by the ODE alone or by the hybrid "
                         "(prior odds of the Akaike weights); better when only part of the population deviates "

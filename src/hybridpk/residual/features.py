@@ -81,8 +81,9 @@ def input_features(batch, starts, dt: float, scale: dict):
     return _stack_features(batch, tsd, amt, tfd, scale), amt, gate
 
 
-def fit_scale(batch, ipred, n_fourier: int = 0) -> dict:
-    """Normalising constants from the training batch (and the number of Fourier time features)."""
+def fit_scale(batch, ipred, n_fourier: int = 0, intervals: int = 96) -> dict:
+    """Normalising constants from the training batch (and the number of Fourier time features); the input
+    and reservoir residuals' grid has ``intervals`` intervals over the observed span."""
     obs = batch.is_obs
     dv = batch.dv[obs]
     c0 = float(0.05 * dv.median()) if len(dv) else 0.05
@@ -96,5 +97,5 @@ def fit_scale(batch, ipred, n_fourier: int = 0) -> dict:
     return {"c0": c0, "t": float(tsd[obs].median().clamp(min=1.0)), "dose": float(batch.dose_amt.max().clamp(min=1e-9)),
             "logc_mean": float(logc.mean()), "logc_sd": float(logc.std().clamp(min=1e-3)),
             "cov_mean": cov_mean, "cov_sd": cov_sd, "n_fourier": int(n_fourier),
-            # input residual: rate constant on intervals of 1/96 of the observed span after the first dose
-            "input_dt": float(tfd[obs].max().clamp(min=1.0)) / 96 if len(dv) else 0.25}
+            # input and reservoir residuals: rates constant on intervals of 1/intervals of the observed span
+            "input_dt": float(tfd[obs].max().clamp(min=1.0)) / intervals if len(dv) else 0.25}

@@ -1,6 +1,8 @@
 """The hybrid model: ODE baseline (individual predictions of a population fit) plus a latent-conditioned
 residual: a learnt input rate into the dose compartment carried by the linear structural model ("input"),
-or a factor exp(r(t)) on the prediction ("log").
+a hidden reservoir compartment that takes up drug from the central compartment and releases it into the
+dose compartment on a learnt schedule ("reservoir", e.g. enterohepatic recirculation), or a factor
+exp(r(t)) on the prediction ("log").
 
 Training maximises the ELBO: the residual-error likelihood of the population model evaluated at the hybrid
 prediction, minus beta * KL(q(z | patient) || N(0, I)) with beta warmed up from 0, minus an L2 penalty on
@@ -22,11 +24,30 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_bytes
-from ..solve.closed_form import input_response
+from ..solve.closed_form import concentration, input_response
 from .features import fit_scale, input_features, input_grid, record_features
 from .networks import ResidualDecoder, SetEncoder
 
 __all__ = ["HybridVAE", "TrainConfig", "train_vae"]
+
+#: how the residual enters: "log" IPRED exp(r(t)); "input" a signed input rate into the dose compartment;
+#: "reservoir" a hidden compartment filled from the central one and emptied into the dose compartment
+RESIDUALS = ("log", "input", "reservoir")
+
+
+class _Drained:
+    """A linear structural model with extra first-order elimination ``k_in`` (N,) 1/h from the central
+    compartment (the reservoir's uptake), for the closed form."""
+
+    def __init__(self, model, k_in):
+        self._model, self._k_in = model, k_in
+
+    def mammillary(self, p):
+        v, k10, pairs, ka = self._model.mammillary(p)
+        return v, k10 + self._k_in, pairs, ka
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 class HybridVAE(nn.Module):
@@ -36,10 +57,11 @@ class HybridVAE(nn.Module):
     def __init__(self, n_features: int, latent_dim: int, hidden: int = 64, joint: bool = False, n_shift: int = 0,
                  residual: str = "log"):
         super().__init__()
-        if residual not in ("log", "input"):
-            raise ValueError(f"residual must be 'log' or 'input', not {residual!r}")
-        if residual == "input" and not joint:
-            raise ValueError("the input residual needs joint training (it is propagated with the patient's ETAs)")
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}, not {residual!r}")
+        if residual != "log" and not joint:
+            raise ValueError(f"the {residual} residual needs joint training (it is propagated with the patient's "
+                             "ETAs)")
         self.latent_dim, self.joint, self.residual = latent_dim, bool(joint), residual
         #: predictions average hybrid and ODE-only with the Akaike weight (log residual: it fits noise where
         #: the ODE suffices) or are the hybrid alone (input residual: held-out patients the ODE describes
@@ -55,8 +77,14 @@ class HybridVAE(nn.Module):
         self.l2_residual = 0.0   # set by training: the refinement reuses its penalty
         if residual == "log":
             self.decoder = ResidualDecoder(n_features, latent_dim, hidden)
-        else:   # a rate into the dose compartment, on a time grid: features without log IPRED
+        elif residual == "input":   # a rate into the dose compartment, on a time grid: no log-IPRED feature
             self.decoder = ResidualDecoder(n_features - 1, latent_dim, hidden)
+        else:   # reservoir: the release schedule is the population's (dosing history, covariates) ...
+            self.decoder = ResidualDecoder(n_features - 1, 0, hidden)
+            # ... and z sets the uptake: log of its rate relative to the patient's k10
+            self.uptake = nn.Linear(latent_dim, 1)
+            nn.init.zeros_(self.uptake.weight)
+            nn.init.zeros_(self.uptake.bias)
         self.scale = {}
 
     def features(self, batch, ipred):
@@ -78,13 +106,18 @@ class HybridVAE(nn.Module):
         model (its individual ``params``) to a learnt input rate into the dose compartment,
         u(t) = (last dose) * g(z, t) / T (mg/h), constant on grid intervals of ``input_dt`` h: drug that
         re-enters (e.g. enterohepatic recirculation) or, negative, extra elimination; concentrations are
-        clamped at 0, and r = log(pred + c0) - log(IPRED + c0)."""
+        clamped at 0. residual "reservoir": see ``_reservoir``. r = log(pred + c0) - log(IPRED + c0)."""
         if self.residual == "log":
             x, gate = self.features(batch, ipred)
             r = self.decoder(z, x) * gate
             return ipred * torch.exp(r), r
         if params is None or structural is None or not structural.linear:
-            raise ValueError("the input residual needs a linear structural model and its individual parameters")
+            raise ValueError(f"the {self.residual} residual needs a linear structural model and its individual "
+                             "parameters")
+        if self.residual == "reservoir":
+            pred = self._reservoir(batch, z, params, structural)
+            c0 = self.scale["c0"]
+            return pred, torch.log(pred + c0) - torch.log(ipred.clamp(min=0) + c0)
         dt = float(self.scale["input_dt"])
         starts = input_grid(batch, dt)
         x, amt, gate = input_features(batch, starts, dt, self.scale)
@@ -93,6 +126,56 @@ class HybridVAE(nn.Module):
         pred = (ipred + (resp * rate.unsqueeze(1)).sum(-1) * batch.record_mask).clamp(min=0.0)
         c0 = self.scale["c0"]
         return pred, torch.log(pred.clamp(min=0) + c0) - torch.log(ipred.clamp(min=0) + c0)
+
+    def _reservoir(self, batch, z, params, structural):
+        """Concentration (N, R) of the structural model extended by a hidden reservoir compartment H: drug
+        moves from the central compartment into it at k_in A_central (k_in = k10 exp(a(z) - 3) 1/h, set by
+        the patient's z) and returns into the dose compartment at k_out(t) H (k_out >= 0 1/h, the population's
+        release schedule, a function of the dosing history and covariates, constant on the grid intervals of
+        ``input_dt`` h: e.g. a gallbladder emptying at meals). Mass is conserved and no amount goes negative.
+        The release is a piecewise-constant input, exact through the structural model's closed form; the
+        central amount that fills the reservoir is taken at each interval's midpoint (second order in the
+        interval width), which makes the coupled system one lower-triangular (G, G) solve per patient."""
+        dt = float(self.scale["input_dt"])
+        starts = input_grid(batch, dt)                                                      # (N, G)
+        x, _, gate = input_features(batch, starts, dt, self.scale)
+        v, k10, _, _ = structural.mammillary(params)
+        k_in = k10 * torch.exp(self.uptake(z).squeeze(-1) - 3.0)                            # (N,) 1/h
+        g = starts.shape[1]
+        # fraction released per interval, k_out dt, capped at 600 / G: exp(cumulative) stays finite
+        cap = math.log(600.0 / g * self.scale["t"] / dt)
+        kd = torch.exp(self.decoder(z[:, :0], x).clamp(max=cap)) * (dt / self.scale["t"]) * gate   # (N, G)
+        keep = torch.exp(-kd)                                         # reservoir fraction kept over an interval
+        # w_g = int_0^dt exp(-k_out s) ds
+        w = torch.where(kd > 1e-9, -torch.expm1(-kd) / (kd / dt).clamp(min=1e-300), torch.full_like(kd, dt))
+        cum = torch.cumsum(kd, 1)
+        drained = _Drained(structural, k_in)
+        # midpoints first, then the records (a midpoint on a dose time comes after the dose)
+        times = torch.cat([starts + 0.5 * dt, batch.time], 1)
+        keys = torch.cat([torch.full_like(starts, float(batch.time.shape[1] + 1)), batch.row.to(starts.dtype)], 1)
+        conc = concentration(drained, params, batch, times, keys)                           # (N, G + R) mg/L
+        c_mid, c_rec = conc[:, :g], conc[:, g:]
+        r_rec = input_response(drained, params, batch.time, starts, dt)                     # (N, R, G)
+        # at the midpoints the response depends only on the lag in intervals (Toeplitz; padding intervals sit
+        # after the last record and reach no record)
+        ar = torch.arange(g, device=kd.device)
+        lag = ar.unsqueeze(1) - ar.unsqueeze(0)
+        r_lag = input_response(drained, params, starts[:, :1] + (ar + 0.5) * dt, starts[:, :1], dt)[..., 0]
+        r_mid = torch.where(lag >= 0, r_lag[:, lag.clamp(min=0)], torch.zeros_like(r_lag[:, lag]))  # (N, G, G)
+        # reservoir at the start of interval g: H_g = k_in sum_{h<g} A_h w_h exp(-(cum_{g-1} - cum_h)); released
+        # during g: (1 - keep_g) H_g + k_in A_g (dt - w_g), with A the central amount at the midpoints
+        fill = w * torch.exp(cum)                                     # per unit k_in A_h, scaled by exp(cum_h)
+        drain = (1 - keep) * torch.exp(kd - cum)                      # (1 - keep_g) exp(-cum_{g-1})
+        x_mat = r_mid * drain.unsqueeze(1)
+        later = torch.cat([x_mat.flip(-1).cumsum(-1).flip(-1)[..., 1:], torch.zeros_like(x_mat[..., :1])], -1)
+        coupling = later * fill.unsqueeze(1) + r_mid * (dt - w).unsqueeze(1)                # (N, G, G)
+        eye = torch.eye(g, dtype=kd.dtype, device=kd.device)
+        # causal: the amount at a midpoint depends on releases up to it, so the system is lower triangular
+        system = eye - (v * k_in / dt)[:, None, None] * coupling
+        amount = torch.linalg.solve_triangular(system, (v.unsqueeze(1) * c_mid).unsqueeze(-1), upper=False)[..., 0]
+        before = torch.cumsum(fill * amount, 1) - fill * amount
+        rate = k_in.unsqueeze(1) * (drain * before + (dt - w) * amount) / dt                 # (N, G) mg/h
+        return (c_rec + (r_rec * rate.unsqueeze(1)).sum(-1) * batch.record_mask).clamp(min=0.0)
 
     def predict_at(self, batch, z, baseline=None, eta=None, ipred=None):
         """``predict`` for a joint model at the patients' ETAs ``eta`` (the baseline's IPRED and individual
@@ -125,8 +208,13 @@ class TrainConfig:
     joint: bool = True          # re-estimate each patient's ETAs (and the typical values) together with z
     mixture: bool = False       # each patient is ODE-only or hybrid (prior odds exp(-latent_dim)), see _neg_elbo
     # "input": a learnt input rate into the dose compartment, propagated by the (linear) structural model;
-    # "log": IPRED exp(r(t)); "auto": input for linear structural models with joint training, else log
+    # "reservoir": a hidden compartment filled from the central one (rate per patient, from z) and emptied
+    # into the dose compartment on a learnt schedule; "log": IPRED exp(r(t));
+    # "auto": input for linear structural models with joint training, else log
     residual: str = "auto"
+    # input / reservoir residual: rates constant on this many intervals of the observed span (None: 96 for
+    # the input residual; 48 for the reservoir, whose cost grows with their square)
+    intervals: int | None = None
     history: list = field(default_factory=list)
 
 
@@ -211,14 +299,15 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     perm = torch.randperm(n, generator=gen)
     n_val = max(1, int(round(cfg.val_fraction * n))) if n > 4 else 0
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    scale = fit_scale(batch.select(tr_idx), ipred[tr_idx], cfg.fourier)
-    x, _ = record_features(batch.select(tr_idx[:1]), ipred[tr_idx[:1]], scale)
     joint = baseline is not None
     if joint and (eta0 is None or eta0.shape != (n, baseline.n_eta)):
         raise ValueError("joint training needs eta0 of shape (N subjects, number of ETAs)")
     residual = cfg.residual
     if residual == "auto":
         residual = "input" if (joint and baseline.structural.linear) else "log"
+    intervals = cfg.intervals or (48 if residual == "reservoir" else 96)
+    scale = fit_scale(batch.select(tr_idx), ipred[tr_idx], cfg.fourier, intervals)
+    x, _ = record_features(batch.select(tr_idx[:1]), ipred[tr_idx[:1]], scale)
     model = HybridVAE(x.shape[-1], cfg.latent_dim, cfg.hidden, joint, len(baseline.names) if joint else 0,
                       residual).double()
     model.scale = scale
