@@ -64,7 +64,8 @@ def main():
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
     ap.add_argument("--mixture", action="store_true", help="mixture training (each patient ODE-only or hybrid)")
     ap.add_argument("--residual", choices=("auto", "log", "input", "reservoir"), default=TrainConfig.residual,
-                    help="log: IPRED exp(r(t)); input: learnt re-entry rate into the depot")
+                    help="log: IPRED exp(r(t)); input: learnt re-entry rate into the depot; reservoir: a hidden "
+                    "compartment filled from the central one and emptied into the depot on a learnt schedule")
     ap.add_argument("--intervals", type=int, default=None,
                     help="input / reservoir residual: time grid intervals over the observed span (default 96 / 48)")
     ap.add_argument("--no-refine", action="store_true", help="encoder estimates only (no per-patient MAP)")
@@ -74,7 +75,7 @@ def main():
                     "references) of the held-out patients")
     ap.add_argument("--no-hybrid", action="store_true", help="score only ODE-only and the references")
     ap.add_argument("--reference", action="store_true",
-                    help="also fit the true structure (1cmt_oral_ehc) by FOCE-I and score its MAP (about 5 min)")
+                    help="also fit the true structure (1cmt_oral_ehc) by FOCE-I and score its MAP (2-4 min)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
@@ -109,8 +110,7 @@ def main():
     if not args.no_hybrid:
         t1 = time.perf_counter()
         cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, joint=not args.staged, mixture=args.mixture,
-                          residual=args.residual,
-                          intervals=args.intervals)
+                          residual=args.residual, intervals=args.intervals)
         hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
         print(f"ODE-only fit {t_ode:.1f} s; hybrid training {time.perf_counter() - t1:.1f} s ({len(hyb.history)} "
               f"epochs, {'joint ETAs' if cfg.joint else 'staged'}{', mixture' if cfg.mixture else ''})")

@@ -64,8 +64,9 @@ class HybridVAE(nn.Module):
                              "ETAs)")
         self.latent_dim, self.joint, self.residual = latent_dim, bool(joint), residual
         #: predictions average hybrid and ODE-only with the Akaike weight (log residual: it fits noise where
-        #: the ODE suffices) or are the hybrid alone (input residual: held-out patients the ODE describes
-        #: get a near-zero input under the latent prior; averaging measured worse on every patient group)
+        #: the ODE suffices) or are the hybrid alone (input, reservoir: held-out patients the ODE describes
+        #: get a near-zero residual under the latent prior; with the input residual averaging measured worse on
+        #: every patient group)
         self.average = residual == "log"
         #: joint training also moves the baseline's typical values: log-scale shifts of its structural parameters
         self.log_shift = nn.Parameter(torch.zeros(n_shift if joint else 0))
