@@ -37,7 +37,7 @@ def reservoir_prediction(rows, cells: int):
     vae.scale = {"input_dt": 24.0 / cells, "t": 1.0, "dose": 100.0, "n_fourier": 6, "c0": 0.01}
     vae.decoder = Schedule()
     with torch.no_grad():
-        vae.uptake.bias.fill_(3.0 + math.log(K_IN / (CL / V)))    # k_in = k10 exp(a - 3)
+        vae.uptake[-1].bias.fill_(3.0 + math.log(K_IN / (CL / V)))    # k_in = k10 exp(a - 3)
     p = {k: torch.tensor([v], dtype=torch.float64) for k, v in (("CL", CL), ("V", V), ("KA", KA))}
     pred = vae._reservoir(batch, torch.zeros(1, 2, dtype=torch.float64), p, get_model("1cmt_oral"))
     return pred[0, batch.is_obs[0]].detach().numpy()

@@ -26,7 +26,7 @@ from torch import nn
 from ..io import atomic_write_bytes
 from ..solve.closed_form import concentration, input_response
 from .features import fit_scale, input_features, input_grid, record_features
-from .networks import ResidualDecoder, SetEncoder
+from .networks import ResidualDecoder, SetEncoder, mlp
 
 __all__ = ["HybridVAE", "TrainConfig", "train_vae"]
 
@@ -82,10 +82,11 @@ class HybridVAE(nn.Module):
             self.decoder = ResidualDecoder(n_features - 1, latent_dim, hidden)
         else:   # reservoir: the release schedule is the population's (dosing history, covariates) ...
             self.decoder = ResidualDecoder(n_features - 1, 0, hidden)
-            # ... and z sets the uptake: log of its rate relative to the patient's k10
-            self.uptake = nn.Linear(latent_dim, 1)
-            nn.init.zeros_(self.uptake.weight)
-            nn.init.zeros_(self.uptake.bias)
+            # ... and z sets the uptake: log of its rate relative to the patient's k10 (a small MLP, so that
+            # the latent prior can cover patients without uptake as well as those with)
+            self.uptake = mlp(latent_dim, 16, 1, layers=1)
+            nn.init.zeros_(self.uptake[-1].weight)
+            nn.init.zeros_(self.uptake[-1].bias)
         self.scale = {}
 
     def features(self, batch, ipred):
