@@ -58,6 +58,7 @@ class HybridFit:
         meta = {"latent_dim": self.latent_dim, "hidden": self.config.hidden,
                 "n_features": int(self.vae.encoder.phi[0].in_features - 2), "joint": self.vae.joint,
                 "n_shift": int(self.vae.log_shift.numel()), "l2_residual": self.config.l2_residual,
+                "prior_weight": self.vae.prior_weight,
                 "residual": self.vae.residual}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
@@ -173,6 +174,7 @@ def load_hybrid(run_dir):
     vae.load_state_dict(state)
     vae.scale = scale_from_tensors(ck["scale"])
     vae.l2_residual = meta.get("l2_residual", 0.0)
+    vae.prior_weight = meta.get("prior_weight", 1.0)   # runs saved before it was recorded used the full prior
     vae.eval()
     return prior, vae
 

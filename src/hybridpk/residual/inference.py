@@ -32,9 +32,11 @@ class HybridEstimate:
 
 
 def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2):
-    """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's residual penalty."""
+    """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's residual penalty and its
+    weight of the latent prior."""
     pred, r = model.predict_at(batch, z, baseline, eta, ipred0)
-    out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd) + residual_penalty(r, batch.is_obs, l2) + 0.5 * (z * z).sum(1)
+    out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd) + residual_penalty(r, batch.is_obs, l2) \
+        + model.prior_weight * 0.5 * (z * z).sum(1)
     if baseline is not None:
         out = out + baseline.eta_penalty(eta)
     return out

@@ -75,7 +75,8 @@ class HybridVAE(nn.Module):
         #: fits profit from their own free ETAs and z)
         self.register_buffer("mix_logit", torch.tensor(-float(latent_dim)))
         self.encoder = SetEncoder(n_features, latent_dim, hidden)
-        self.l2_residual = 0.0   # set by training: the refinement reuses its penalty
+        self.l2_residual = 0.0   # set by training: the refinement reuses its penalty ...
+        self.prior_weight = 1.0  # ... and its weight of the latent prior (beta)
         if residual == "log":
             self.decoder = ResidualDecoder(n_features, latent_dim, hidden)
         elif residual == "input":   # a rate into the dose compartment, on a time grid: no log-IPRED feature
@@ -408,6 +409,7 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     if best_state is not None:
         model.load_state_dict(best_state)
     model.best_val = best
-    model.l2_residual = cfg.l2_residual   # the refinement's objective
+    model.l2_residual = cfg.l2_residual   # the refinement's objective: the training's (beta-)ELBO
+    model.prior_weight = cfg.beta
     model.to("cpu")   # trained on cfg.device; inference (per-patient MAP, predictions) runs with the data, on the CPU
     return model, history
