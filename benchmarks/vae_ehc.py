@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import hybridpk as hp  # noqa: E402
 from hybridpk.dosing import map_estimate, prior_from_fit  # noqa: E402
 from hybridpk.population import build_model, fit_population  # noqa: E402
-from hybridpk.residual import TrainConfig, fit_hybrid  # noqa: E402
+from hybridpk.residual import ODEBaseline, TrainConfig, fit_hybrid  # noqa: E402
 from hybridpk.residual.hybrid import hybrid_predict  # noqa: E402
 from hybridpk.solve.examples import EHC_TYPICAL as EHC  # noqa: E402
 from hybridpk.solve.examples import simulate_ehc_population as simulate  # noqa: E402
@@ -47,6 +47,11 @@ def sparse(ds, k, seed):
         obs = g.index[g.EVID == 0].to_numpy()
         keep += list(g.index[g.EVID != 0]) + list(rng.choice(obs, min(k, len(obs)), replace=False))
     return hp.read_nonmem(df.loc[sorted(keep)].reset_index(drop=True))
+
+
+def map_curves(prior, data, batch):
+    """IPRED (N, R) on ``batch`` at each patient's MAP ETAs from ``data`` under ``prior``."""
+    return ODEBaseline(prior).ipred(batch, map_estimate(prior, data).eta)
 
 
 def dense(ds):
@@ -123,9 +128,7 @@ def main():
                   f"{time.perf_counter() - t3:.2f} s")
         else:   # ODE-only alone, in place of the hybrid
             bd = dense(data).to_batch()
-            eest = map_estimate(prior, data)
-            ode = hp.simulate("1cmt_oral", {k: torch.tensor(eest.parameters[k].to_numpy()) for k in ("CL", "V", "KA")},
-                              bd).ipred
+            ode = map_curves(prior, data, bd)
             out = {"batch": bd, "ode": ode, "ipred": ode, "hybrid": ode}
         bd = out["batch"]
         true_grid = hp.simulate("1cmt_oral_ehc", {k: torch.tensor(truth[k].to_numpy()) for k in EHC}, bd).ipred
@@ -135,11 +138,7 @@ def main():
             err = ((pred - true_grid) ** 2 * on).sum(1) / on.sum(1)
             return float(torch.sqrt(err[sel].mean()))
 
-        ref_grids = {}
-        for name, eprior in references.items():
-            eest = map_estimate(eprior, data)
-            pe = {k: torch.tensor(eest.parameters[k].to_numpy()) for k in eest.parameters.columns if k != "ID"}
-            ref_grids[name] = hp.simulate("1cmt_oral_ehc", pe, bd).ipred
+        ref_grids = {name: map_curves(eprior, data, bd) for name, eprior in references.items()}
         if args.dump:
             np.savez(args.dump.replace(".npz", "") + ("" if "all" in label else "_sparse") + ".npz",
                      time=bd.time.numpy(), on=on.numpy(), truth=true_grid.numpy(), recirc=rec.numpy(),

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import hybridpk as hp  # noqa: E402
 from hybridpk.dosing import map_estimate, prior_from_fit, prior_from_values  # noqa: E402
 from hybridpk.population import build_model, fit_population  # noqa: E402
-from hybridpk.residual import TrainConfig, fit_hybrid, hybrid_predict  # noqa: E402
+from hybridpk.residual import ODEBaseline, TrainConfig, fit_hybrid, hybrid_predict  # noqa: E402
 from hybridpk.solve import observe  # noqa: E402
 
 TRUE = dict(CL=0.01, V=3.0, Q=0.02, V2=2.5, KSS=0.5, KINT=0.04, KSYN=0.02, KDEG=0.02)
@@ -54,6 +54,11 @@ def simulate(n, seed):
     ds, _ = observe("tmdd_qss", hp.read_nonmem(pd.DataFrame(rows)), {k: par[k].to_numpy() for k in TRUE}, rng,
                     proportional=0.1, additive=0.05)
     return ds, par
+
+
+def map_curves(prior, data, batch):
+    """IPRED (N, R) on ``batch`` at each patient's MAP ETAs from ``data`` under ``prior``."""
+    return ODEBaseline(prior).ipred(batch, map_estimate(prior, data).eta)
 
 
 def dense(ds):
@@ -88,10 +93,8 @@ def main():
     fit = fit_population(pm, train, progress=False, covariance=False)
     prior = prior_from_fit(fit, pm)
     if args.no_hybrid:
-        est = map_estimate(prior, test)
         bd = dense(test).to_batch()
-        base = hp.simulate("2cmt_iv", {k: torch.tensor(est.parameters[k].to_numpy()) for k in ("CL", "V", "Q", "V2")},
-                           bd).ipred
+        base = map_curves(prior, test, bd)
         hyb_pred = alone = base
     else:
         cfg = TrainConfig(joint=not args.staged, mixture=args.mixture, residual=args.residual)
@@ -106,9 +109,7 @@ def main():
     if args.ceiling:
         tpm = build_model("tmdd_qss", iiv=["CL", "V", "KSYN"], error="combined")
         tprior = prior_from_values(tpm, TRUE, dict(CL=0.09, V=0.09, KSYN=0.09), {"ADD": 0.05, "PROP": 0.10})
-        test_est = map_estimate(tprior, test)
-        ceiling = hp.simulate("tmdd_qss", {k: torch.tensor(test_est.parameters[k].to_numpy()) for k in TRUE},
-                              bd).ipred
+        ceiling = map_curves(tprior, test, bd)
     for dose in DOSES:
         sel = torch.tensor(truth.DOSE.to_numpy() == dose)
         def rmse(pred):

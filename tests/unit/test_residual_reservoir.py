@@ -39,7 +39,8 @@ def reservoir_prediction(rows, cells: int):
     with torch.no_grad():
         vae.uptake[-1].bias.fill_(3.0 + math.log(K_IN / (CL / V)))    # k_in = k10 exp(a - 3)
     p = {k: torch.tensor([v], dtype=torch.float64) for k, v in (("CL", CL), ("V", V), ("KA", KA))}
-    pred = vae._reservoir(batch, torch.zeros(1, 2, dtype=torch.float64), p, get_model("1cmt_oral"))
+    pred, _ = vae.predict(batch, torch.ones_like(batch.time), torch.zeros(1, 2, dtype=torch.float64), p,
+                          get_model("1cmt_oral"))
     return pred[0, batch.is_obs[0]].detach().numpy()
 
 

@@ -117,20 +117,19 @@ class HybridVAE(nn.Module):
         if params is None or structural is None or not structural.linear:
             raise ValueError(f"the {self.residual} residual needs a linear structural model and its individual "
                              "parameters")
-        if self.residual == "reservoir":
-            pred = self._reservoir(batch, z, params, structural)
-            c0 = self.scale["c0"]
-            return pred, torch.log(pred + c0) - torch.log(ipred.clamp(min=0) + c0)
         dt = float(self.scale["input_dt"])
-        starts = input_grid(batch, dt)
+        starts = input_grid(batch, dt)                                                          # (N, G)
         x, amt, gate = input_features(batch, starts, dt, self.scale)
-        rate = amt * self.decoder(z, x) * gate / self.scale["t"]                                # (N, G) mg/h
-        resp = input_response(structural, params, batch.time, starts, dt)                      # (N, R, G)
-        pred = (ipred + (resp * rate.unsqueeze(1)).sum(-1) * batch.record_mask).clamp(min=0.0)
+        if self.residual == "reservoir":
+            pred = self._reservoir(batch, z, params, structural, starts, x, gate)
+        else:
+            rate = amt * self.decoder(z, x) * gate / self.scale["t"]                            # (N, G) mg/h
+            resp = input_response(structural, params, batch.time, starts, dt)                  # (N, R, G)
+            pred = (ipred + (resp * rate.unsqueeze(1)).sum(-1) * batch.record_mask).clamp(min=0.0)
         c0 = self.scale["c0"]
-        return pred, torch.log(pred.clamp(min=0) + c0) - torch.log(ipred.clamp(min=0) + c0)
+        return pred, torch.log(pred + c0) - torch.log(ipred.clamp(min=0) + c0)
 
-    def _reservoir(self, batch, z, params, structural):
+    def _reservoir(self, batch, z, params, structural, starts, x, gate):
         """Concentration (N, R) of the structural model extended by a hidden reservoir compartment H: drug
         moves from the central compartment into it at k_in A_central (k_in = k10 exp(a(z) - 3) 1/h, set by
         the patient's z) and returns into the dose compartment at k_out(t) H (k_out >= 0 1/h, the population's
@@ -138,10 +137,9 @@ class HybridVAE(nn.Module):
         ``input_dt`` h: e.g. a gallbladder emptying at meals). Mass is conserved and no amount goes negative.
         The release is a piecewise-constant input, exact through the structural model's closed form; the
         central amount that fills the reservoir is taken at each interval's midpoint (second order in the
-        interval width), which makes the coupled system one lower-triangular (G, G) solve per patient."""
+        interval width), which makes the coupled system one lower-triangular (G, G) solve per patient.
+        ``starts`` (N, G) h, ``x`` (N, G, F) and ``gate`` (N, G): the grid and its decoder features."""
         dt = float(self.scale["input_dt"])
-        starts = input_grid(batch, dt)                                                      # (N, G)
-        x, _, gate = input_features(batch, starts, dt, self.scale)
         v, k10, _, _ = structural.mammillary(params)
         k_in = k10 * torch.exp(self.uptake(z).squeeze(-1) - 3.0)                            # (N,) 1/h
         g = starts.shape[1]
