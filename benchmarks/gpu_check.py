@@ -14,11 +14,8 @@ import numpy as np
 import torch
 
 import hybridpk as hp
-from hybridpk.dosing.prior import prior_from_fit
 from hybridpk.population import build_model, fit_population
-from hybridpk.residual import TrainConfig, train_vae
-from hybridpk.residual.baseline import ODEBaseline
-from hybridpk.residual.hybrid import _baseline
+from hybridpk.residual import ODEBaseline, TrainConfig, train_vae
 from hybridpk.solve.examples import simulate_ehc_population
 
 
@@ -57,15 +54,15 @@ def main():
     ds, _ = simulate_ehc_population(200, seed=1)
     pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
     fit = fit_population(pm, ds, progress=False, covariance=False)
-    prior = prior_from_fit(fit, pm)
-    est, batch, ipred = _baseline(prior, ds)
-    for mode in ("staged", "joint", "mixture"):
+    est = fit.estimation.estimates
+    batch = est.problem.batch
+    ipred = fit.concentrations(batch, est.eta)
+    for mode in ("staged", "joint"):
         joint = mode != "staged"
         for device in ("cpu", dev):
-            cfg = TrainConfig(epochs=300, min_epochs=300, seed=1, progress=False, device=device, joint=joint,
-                              mixture=mode == "mixture")
-            (model, hist), t = timed(lambda: train_vae(batch, ipred, pm.error, prior.sd, cfg,
-                                                       baseline=ODEBaseline(prior) if joint else None,
+            cfg = TrainConfig(epochs=300, min_epochs=300, seed=1, progress=False, device=device, joint=joint)
+            (model, hist), t = timed(lambda: train_vae(batch, ipred, pm.error, fit.sigma.sd_tensors(), cfg,
+                                                       baseline=ODEBaseline(fit) if joint else None,
                                                        eta0=est.eta if joint else None))
             print(f"VAE ({mode}) 300 epochs on {device}: {t:.1f} s; final train -ELBO "
                   f"{hist[-1][1]:.4f}, val {hist[-1][2]:.4f}")

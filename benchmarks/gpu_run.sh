@@ -9,15 +9,14 @@ nvidia-smi -L
 "$PY" -c "import torch, torchdiffeq, scipy, pandas, tqdm, matplotlib; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 timeout 300 "$PY" benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.log"
 t0=$(date +%s)
-timeout 200 "$PY" -m hybridpk fit ehc --model 1cmt_oral --error combined --residual vae --device cuda \
+timeout 200 "$PY" -m hybridpk fit ehc --model 1cmt_oral --error combined --hybrid vae --device cuda \
     --no-covariance --quiet --out /tmp/run_ehc_cuda 2>&1 | tail -25 | tee "$out/fit_cuda.log"
 echo "fit on cuda: $(( $(date +%s) - t0 )) s" | tee -a "$out/fit_cuda.log"
 ls /tmp/run_ehc_cuda
 "$PY" - <<'PY' 2>&1 | tee -a "$out/fit_cuda.log"
 import hybridpk as hp, torch
-from hybridpk.residual import load_hybrid
-prior, vae = load_hybrid("/tmp/run_ehc_cuda")
-print("saved on cuda, loaded with weights_only on", next(vae.parameters()).device)
+hyb = hp.load_run("/tmp/run_ehc_cuda")
+print("saved on cuda, loaded with weights_only on", next(hyb.vae.parameters()).device)
 PY
 timeout 60 "$PY" -m hybridpk predict /tmp/run_ehc_cuda data/ehc.csv --out "$out/pred.csv" 2>&1 | tail -5
 head -3 "$out/pred.csv"

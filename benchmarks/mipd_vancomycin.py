@@ -34,10 +34,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import hybridpk as hp  # noqa: E402
-from hybridpk.dosing import (estimate_patient, map_estimate, prior_from_fit, prior_from_values,  # noqa: E402
-                             recommend_dose)
-from hybridpk.dosing.forecast import forecast  # noqa: E402
-from hybridpk.population import build_model, fit_population  # noqa: E402
+from hybridpk.dosing import estimate_patient, forecast, recommend_dose  # noqa: E402
+from hybridpk.population import FittedPopulation, build_model, fit_population  # noqa: E402
 
 TRUE = dict(CL=4.0, V=40.0, Q=6.0, V2=50.0, CL_CRCL=0.75)
 OMEGA = dict(CL=0.0862, V=0.0392)          # 30% and 20% CV
@@ -107,13 +105,11 @@ def main():
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
     train = population(args.train, [1.5, 4, 11.5, 37.5, 42, 47.5], args.seed)
-    fit = fit_population(model(), train.dataset, progress=False, covariance=False)
-    print(f"fit of {args.train} training patients: OFV {fit.ofv:.1f} ({fit.seconds:.1f} s); CL "
-          f"{fit.parameters['CL']['estimate']:.2f}, CL~CRCL {fit.parameters['CL_CRCL']['estimate']:.2f}, "
-          f"omega CL {fit.omega['ETA_CL']['variance']:.3f}")
-    pm = model()
-    fitted = prior_from_fit(fit, pm, name="fitted")
-    oracle = prior_from_values(pm, TRUE, OMEGA, dict(ERROR), name="oracle")
+    fitted = fit_population(model(), train.dataset, progress=False, covariance=False)
+    print(f"fit of {args.train} training patients: OFV {fitted.estimation.ofv:.1f} ({fitted.estimation.seconds:.1f} s); "
+          f"CL {fitted.theta['CL'].value:.2f}, CL~CRCL {fitted.theta['CL_CRCL'].value:.2f}, "
+          f"omega CL {fitted.omega['ETA_CL'].variance:.3f}")
+    oracle = FittedPopulation.from_values(model(), TRUE, OMEGA, dict(ERROR), name="oracle")
     test = population(args.test, [37.5, 42, 47.5, 59.5], args.seed + 1000)
     true_cl = dict(zip(test.parameters.ID, test.parameters.CL))
     results = {}
@@ -124,16 +120,17 @@ def main():
         for sid, hist, nxt in pats:
             # the dose record (ADDL=4) already holds the 5th dose at 48 h
             ds = hp.read_nonmem(hist.reset_index(drop=True), covariates=["CRCL"])
-            est, samples, ess, _ = estimate_patient(fitted, ds, seed=sid)
-            fc, pred_draws = forecast(est, samples, [59.5], seed=sid, return_draws=True)
-            draws.append(pred_draws[:, 0])
+            post = estimate_patient(fitted, ds, seed=sid)
+            fc = forecast(post.estimate, post.draws, [59.5], seed=sid)
+            draws.append(fc.draws[:, 0])
             observed.append(nxt)
-            pred = float(fc.IPRED_MAP.iloc[0])
+            table = fc.table
+            pred = float(table.IPRED_MAP.iloc[0])
             rel.append((pred - nxt) / nxt)
-            rel_med.append((float(fc.MEDIAN.iloc[0]) - nxt) / nxt)
-            cover.append(fc.PI90_LOW.iloc[0] <= nxt <= fc.PI90_HIGH.iloc[0])
-            oracle_est = map_estimate(oracle, ds)
-            oracle_pred = forecast(oracle_est, oracle_est.eta[:1], [59.5]).IPRED_MAP.iloc[0]
+            rel_med.append((float(table.MEDIAN.iloc[0]) - nxt) / nxt)
+            cover.append(table.PI90_LOW.iloc[0] <= nxt <= table.PI90_HIGH.iloc[0])
+            oracle_est = oracle.estimate(ds)
+            oracle_pred = forecast(oracle_est, oracle_est.eta[:1], [59.5]).table.IPRED_MAP.iloc[0]
             rel_oracle.append((float(oracle_pred) - nxt) / nxt)
         rel = np.array(rel)
         pit_plot(np.array(draws), np.array(observed), label, args.out)
@@ -175,7 +172,7 @@ def main():
     all_df = pd.concat([h for _, h, _ in pats], ignore_index=True)
     big = hp.read_nonmem(all_df, covariates=["CRCL"])
     t = time.perf_counter()
-    map_estimate(fitted, big)
+    fitted.estimate(big)
     per = (time.perf_counter() - t) / big.n_subjects
     print(f"timing: one recommendation (MAP + 1000 draws + optimisation) {1000 * one:.0f} ms; MAP for "
           f"{big.n_subjects} patients in one call {1000 * per:.2f} ms per patient")

@@ -1,4 +1,4 @@
-"""Hybrid (linear 2-cmt baseline + VAE residual) on a simulated TMDD population over three dose levels.
+"""Hybrid (linear 2-cmt baseline + VAE correction) on a simulated TMDD population over three dose levels.
 
 Truth: tmdd_qss (2-cmt with quasi-steady-state target binding); IV bolus 0.3, 1 or 10 mg/kg (70 kg: 21, 70,
 700 mg); 10 samples per patient over 21 days; 10% proportional + 0.05 mg/L additive error; IIV 30% on CL, V
@@ -27,9 +27,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import hybridpk as hp  # noqa: E402
-from hybridpk.dosing import map_estimate, prior_from_fit, prior_from_values  # noqa: E402
-from hybridpk.population import build_model, fit_population  # noqa: E402
-from hybridpk.residual import ODEBaseline, TrainConfig, fit_hybrid, hybrid_predict  # noqa: E402
+from hybridpk.population import FittedPopulation, build_model, fit_population  # noqa: E402
+from hybridpk.residual import ODEBaseline, TrainConfig, fit_hybrid  # noqa: E402
 from hybridpk.solve import observe  # noqa: E402
 
 TRUE = dict(CL=0.01, V=3.0, Q=0.02, V2=2.5, KSS=0.5, KINT=0.04, KSYN=0.02, KDEG=0.02)
@@ -56,9 +55,9 @@ def simulate(n, seed):
     return ds, par
 
 
-def map_curves(prior, data, batch):
-    """IPRED (N, R) on ``batch`` at each patient's MAP ETAs from ``data`` under ``prior``."""
-    return ODEBaseline(prior).ipred(batch, map_estimate(prior, data).eta)
+def map_curves(model, data, batch):
+    """IPRED (N, R) on ``batch`` at each patient's MAP ETAs from ``data`` under ``model``."""
+    return ODEBaseline(model).ipred(batch, model.estimate(data).eta)
 
 
 def dense(ds):
@@ -72,8 +71,7 @@ def main():
     ap.add_argument("--test", type=int, default=60)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
-    ap.add_argument("--mixture", action="store_true", help="mixture training (each patient ODE-only or hybrid)")
-    ap.add_argument("--residual", choices=("auto", "log", "input", "reservoir"), default=TrainConfig.residual,
+    ap.add_argument("--form", choices=("auto", "log", "input", "reservoir"), default=TrainConfig.form,
                     help="log: IPRED exp(r(t)); input: learnt input rate into the central compartment")
     ap.add_argument("--ceiling", action="store_true",
                     help="also score MAP with the true structure (tmdd_qss) at the true population values")
@@ -91,32 +89,33 @@ def main():
     pm = build_model("2cmt_iv", iiv=["CL", "V"], error="combined", initial=dict(CL=0.02, V=3.0, Q=0.02, V2=2.5))
     t0 = time.perf_counter()
     fit = fit_population(pm, train, progress=False, covariance=False)
-    prior = prior_from_fit(fit, pm)
+    weight = None
     if args.no_hybrid:
         bd = dense(test).to_batch()
-        base = map_curves(prior, test, bd)
+        base = map_curves(fit, test, bd)
         hyb_pred = alone = base
     else:
-        cfg = TrainConfig(joint=not args.staged, mixture=args.mixture, residual=args.residual)
+        cfg = TrainConfig(joint=not args.staged, form=args.form)
         hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
         print(f"linear fit + hybrid training {time.perf_counter() - t0:.1f} s ({len(hyb.history)} epochs, "
-              f"{'joint ETAs' if cfg.joint else 'staged'}{', mixture' if cfg.mixture else ''})")
-        out = hybrid_predict(prior, hyb.vae, test, design=dense(test))
-        bd, base, hyb_pred, alone = out["batch"], out["ode"], out["ipred"], out["hybrid"]
+              f"{'joint ETAs' if cfg.joint else 'staged'})")
+        out = hyb.predict(test, design=dense(test))
+        bd, base, hyb_pred, alone, weight = out.batch, out.ode, out.ipred, out.hybrid, out.estimates.weight
     true = hp.simulate("tmdd_qss", {k: torch.tensor(truth[k].to_numpy()) for k in TRUE}, bd).ipred
     on = bd.evid == 2
     ceiling = None
     if args.ceiling:
         tpm = build_model("tmdd_qss", iiv=["CL", "V", "KSYN"], error="combined")
-        tprior = prior_from_values(tpm, TRUE, dict(CL=0.09, V=0.09, KSYN=0.09), {"ADD": 0.05, "PROP": 0.10})
-        ceiling = map_curves(tprior, test, bd)
+        truth_model = FittedPopulation.from_values(tpm, TRUE, dict(CL=0.09, V=0.09, KSYN=0.09),
+                                                   {"ADD": 0.05, "PROP": 0.10})
+        ceiling = map_curves(truth_model, test, bd)
     for dose in DOSES:
         sel = torch.tensor(truth.DOSE.to_numpy() == dose)
         def rmse(pred):
             err = ((pred - true) ** 2 * on).sum(1) / on.sum(1)
             return float(torch.sqrt(err[sel].mean()))
         a, b, c = rmse(base), rmse(hyb_pred), rmse(alone)
-        w = float(out["estimate"].weight[sel].mean()) if not args.no_hybrid else float("nan")
+        w = float(weight[sel].mean()) if weight is not None else float("nan")
         extra = f"; true-structure MAP {rmse(ceiling) / a:.3f}" if ceiling is not None else ""
         print(f"dose {dose:6.0f} mg: RMSE linear baseline {a:.4f}, hybrid {b:.4f}, ratio {b / a:.3f} "
               f"(hybrid alone {c / a:.3f}, mean weight {w:.2f}){extra}")

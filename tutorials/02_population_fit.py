@@ -26,21 +26,24 @@ SMOKE = os.environ.get("HYBRIDPK_SMOKE") == "1"
 # %% [markdown]
 # ## 1. Theophylline
 # `build_model` names the structural model, which parameters get IIV and the error model. The result is
-# frozen; `save` writes summary.json, individual.csv, predictions.csv and model.json.
+# the fitted model (frozen): typed THETA / OMEGA / SIGMA tables and the estimation record; `save` writes
+# summary.json, individual.csv, predictions.csv and model.json, and `hp.load_run` reads them back.
 
 # %%
 ds = hp.read_nonmem(hp.bundled_dataset("theoph"))
 pm = hp.build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", data=ds)
 fit = hp.fit_population(pm, ds, progress=False, covariance=not SMOKE)
-print(f"OFV {fit.ofv:.3f}  converged={fit.converged}  ({fit.seconds:.1f} s)")
+e = fit.estimation
+print(f"OFV {e.ofv:.3f}  converged={e.converged}  ({e.seconds:.1f} s)")
 nlmixr2 = {"KA": 1.57, "CL": 2.76, "V": 31.5}
 for k, v in nlmixr2.items():
-    print(f"  {k:<3} hybridpk {fit.parameters[k]['estimate']:7.3f}   nlmixr2 {v}")
-for k, v in fit.omega.items():
-    print(f"  {k:<7} CV {v['cv_percent']:5.1f}%")
+    print(f"  {k:<3} hybridpk {fit.theta[k].value:7.3f}   nlmixr2 {v}")
+for o in fit.omega:
+    print(f"  {o.label:<7} CV {o.cv_percent:5.1f}%")
+print(f"  {fit.sigma['ADD'].label:<7} {fit.sigma['ADD'].value:.3f} mg/L ({fit.sigma['ADD'].scale})")
 fit.save(OUT / "theoph_run")
 
-p = fit.predictions[fit.predictions.MDV == 0]
+p = e.predictions[e.predictions.MDV == 0]
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
 axes[0].plot(p.PRED, p.DV, ".")
 axes[0].set(xlabel="PRED (mg/L)", ylabel="DV (mg/L)")
@@ -67,9 +70,10 @@ try:
     mod = Path(pharmpy.__file__).parent / "internals" / "example_models" / "pheno.mod"
     pm, data = hp.read_control_stream(mod)
     res = hp.fit_population(pm, data, progress=False, pooled_start=False, covariance=not SMOKE)
-    print(f"pheno OFV {res.ofv:.3f} (NONMEM 586.276)")
-    for k, v in res.parameters.items():
-        print(f"  {k:<8} {v['estimate']:.5g}")
+    print(f"pheno OFV {res.estimation.ofv:.3f} (NONMEM 586.276)")
+    for t in res.theta:
+        print(f"  {t.name:<8} {t.value:.5g}")
+    print(f"  SIGMA    {res.sigma['SIGMA'].value:.5g} (a {res.sigma['SIGMA'].scale}, as NONMEM's $SIGMA)")
 except ImportError:
     print("pharmpy-core is not installed: pip install 'hybridpk[nonmem]' to import NONMEM models")
 
@@ -88,5 +92,5 @@ sim = hp.simulate_population("2cmt_iv", design, truth, {"CL": 0.09, "V": 0.04}, 
 pm = hp.build_model("2cmt_iv", iiv=["CL", "V"], covariates=["CL~WT:power:70"], data=sim.dataset)
 rec = hp.fit_population(pm, sim.dataset, progress=False, covariance=False)
 for k, v in truth.items():
-    print(f"  {k:<3} true {v:6.2f}  estimated {rec.parameters[k]['estimate']:6.2f}")
-print(f"  CL~WT exponent: true 0.75, estimated {rec.parameters['CL_WT']['estimate']:.2f}")
+    print(f"  {k:<3} true {v:6.2f}  estimated {rec.theta[k].value:6.2f}")
+print(f"  CL~WT exponent: true 0.75, estimated {rec.theta['CL_WT'].value:.2f}")

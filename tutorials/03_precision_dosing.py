@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 import hybridpk as hp
-from hybridpk.dosing.forecast import forecast, plot_forecast
+from hybridpk.dosing import forecast, plot_forecast
 
 OUT = Path(os.environ.get("HYBRIDPK_TUTORIAL_OUT", "tutorial_output"))
 OUT.mkdir(parents=True, exist_ok=True)
@@ -28,8 +28,8 @@ SMOKE = os.environ.get("HYBRIDPK_SMOKE") == "1"
 # 1000 mg over 1 h every 12 h; levels 1.5 h after the end of the 4th infusion and just before the 5th.
 
 # %%
-prior = hp.load_prior("vancomycin_goti2018")
-print(prior.citation)
+model = hp.load_model("vancomycin_goti2018")
+print(model.citation)
 rows = [dict(ID=1, TIME=0.0, DV=0.0, AMT=1000.0, RATE=1000.0, ADDL=3, II=12.0, EVID=1, MDV=1),
         dict(ID=1, TIME=38.5, DV=24.0, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0),
         dict(ID=1, TIME=47.5, DV=9.5, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0)]
@@ -39,19 +39,19 @@ patient = hp.read_nonmem(pd.DataFrame(rows).assign(CRCL=75.0, WT=82.0, DIAL=0))
 # ## 2. Individual posterior and forecast
 
 # %%
-est, draws, ess, warnings = hp.estimate_patient(prior, patient, n_samples=300 if SMOKE else 1000)
-print(est.parameters)
-print("effective sample size of the importance resampling:", round(ess))
-fc = forecast(est, draws, np.linspace(0, 72, 145))
-plot_forecast(fc, est, OUT / "vancomycin_forecast.png", title="vancomycin, patient 1")
+post = hp.estimate_patient(model, patient, n_samples=300 if SMOKE else 1000)
+print(post.estimate.parameters)
+print("effective sample size of the importance resampling:", round(post.ess))
+fc = forecast(post.estimate, post.draws, np.linspace(0, 72, 145))
+plot_forecast(fc, post.estimate, OUT / "vancomycin_forecast.png", title="vancomycin, patient 1")
 
 # %% [markdown]
 # ## 3. The dose for AUC24 400-600 mg*h/L
 # The recommendation is a NONMEM dose record: append it to the patient's data to simulate it.
 
 # %%
-rec = hp.recommend_dose(prior, patient, "auc24=400:600", interval=12, duration=1, dose_step=250, max_dose=4000,
-                        estimate=(est, draws, ess, warnings))
+rec = hp.recommend_dose(model, patient, "auc24=400:600", interval=12, duration=1, dose_step=250, max_dose=4000,
+                        posterior=post)
 print(f"{rec.dose:g} mg every {rec.interval:g} h; probability of target attainment {rec.pta:.0%}")
 print(rec.records)
 (OUT / "recommendation.json").write_text(json.dumps(rec.to_dict(), indent=2, default=float))

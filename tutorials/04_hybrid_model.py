@@ -3,7 +3,7 @@
 #
 # The bundled `ehc` dataset was simulated with gallbladder recirculation in half of the patients (secondary
 # peaks at meals); the other half follow a plain 1-compartment oral model. We fit the 1-compartment model by
-# FOCE-I, add the VAE residual, and look at what it learnt: predictions for new patients from their own
+# FOCE-I, add the VAE correction, and look at what it learnt: predictions for new patients from their own
 # samples, the latent z, and the per-patient complexity that flags who needs more than the ODE.
 #
 #     python tutorials/04_hybrid_model.py        (HYBRIDPK_SMOKE=1 for a quick run)
@@ -18,8 +18,7 @@ import pandas as pd
 import torch
 
 import hybridpk as hp
-from hybridpk.dosing import prior_from_fit
-from hybridpk.residual import TrainConfig, hybrid_predict
+from hybridpk.residual import TrainConfig
 from hybridpk.solve.examples import EHC_TYPICAL, simulate_ehc_population
 
 matplotlib.use("Agg")
@@ -43,22 +42,22 @@ if SMOKE:
 print(data.summary())
 pm = hp.build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
 fit = hp.fit_population(pm, data, progress=not SMOKE, covariance=False)
-print(f"ODE-only: OFV {fit.ofv:.1f}; CL {fit.parameters['CL']['estimate']:.2f} L/h, "
-      f"V {fit.parameters['V']['estimate']:.1f} L, KA {fit.parameters['KA']['estimate']:.2f} /h")
+print(f"ODE-only: OFV {fit.estimation.ofv:.1f}; CL {fit.theta['CL'].value:.2f} L/h, "
+      f"V {fit.theta['V'].value:.1f} L, KA {fit.theta['KA'].value:.2f} /h")
 
 # %% [markdown]
 # ## 2. The hybrid: the ODE plus a reservoir that returns drug
-# Recirculation is drug that leaves the central compartment and comes back later, so the residual here is a
-# hidden reservoir compartment (`residual="reservoir"`): each patient's z sets how fast it takes up drug
-# from the central compartment, and the decoder learns one population schedule on which it empties into the
-# gut. The 1-compartment model carries the returned drug with the patient's own parameters. (The default,
-# `residual="auto"`, learns a free input rate instead, which suits deviations of any shape, e.g. TMDD.)
-# Joint training (the default) re-estimates every patient's ETAs with its latent z, so the residual learns
+# Recirculation is drug that leaves the central compartment and comes back later, so the correction here is
+# a hidden reservoir compartment (`form="reservoir"`): each patient's z sets how fast it takes up drug from
+# the central compartment, and the decoder learns one population schedule on which it empties into the gut.
+# The 1-compartment model carries the returned drug with the patient's own parameters. (The default,
+# `form="auto"`, learns a free input rate instead, which suits deviations of any shape, e.g. TMDD.)
+# Joint training (the default) re-estimates every patient's ETAs with its latent z, so the correction learns
 # what the ODE cannot do at its best individual fit. Training stops early on held-out patients.
 
 # %%
 config = TrainConfig(epochs=60 if SMOKE else 1500, warmup_epochs=10 if SMOKE else 100,
-                     min_epochs=60 if SMOKE else 1000, residual="reservoir")
+                     min_epochs=60 if SMOKE else 1000, form="reservoir")
 hybrid = hp.fit_hybrid(pm, data, population=fit, config=config, seed=1, progress=not SMOKE)
 s = hybrid.summary()
 print(f"-2LL of the data: ODE-only {s['nll_ode_total']:.1f} -> hybrid {s['nll_hybrid_total']:.1f} "
@@ -67,7 +66,7 @@ hybrid.save(OUT / "ehc_hybrid")
 
 # %% [markdown]
 # ## 3. Who needs the complex model?
-# COMPLEXITY is the -2LL the residual explains for a patient; HYBRID_WEIGHT the Akaike weight of the hybrid
+# COMPLEXITY is the -2LL the correction explains for a patient; HYBRID_WEIGHT the Akaike weight of the hybrid
 # against the ODE alone. Both separate the recirculating patients without being told who they are.
 
 # %%
@@ -91,8 +90,8 @@ fig.savefig(OUT / "ehc_latent.png", dpi=90)
 # %%
 new, new_truth = simulate_ehc_population(5, seed=77)
 grid = np.arange(0.25, 24.01, 0.25)
-out = hybrid_predict(prior_from_fit(fit, pm), hybrid.vae, new, design=new.prediction_design(grid, cmt=2))
-batch = out["batch"]
+out = hybrid.predict(new, design=new.prediction_design(grid, cmt=2))
+batch = out.batch
 true = hp.simulate("1cmt_oral_ehc", {k: torch.tensor(new_truth[k].to_numpy()) for k in EHC_TYPICAL}, batch).ipred
 obs = new.to_dataframe()
 fig, axes = plt.subplots(1, 5, figsize=(18, 3.4), sharey=False)
@@ -100,12 +99,12 @@ for i, ax in enumerate(axes):
     on = batch.evid[i] == 2
     t = batch.time[i][on]
     ax.plot(t, true[i][on], "k-", lw=1, label="truth")
-    ax.plot(t, out["ode"][i][on], "b--", label="ODE-only")
-    ax.plot(t, out["ipred"][i][on], "r-", label="hybrid")
+    ax.plot(t, out.ode[i][on], "b--", label="ODE-only")
+    ax.plot(t, out.ipred[i][on], "r-", label="hybrid")
     pts = obs[(obs.ID == new.ids[i]) & (obs.EVID == 0)]
     ax.plot(pts.TIME, pts.DV, "ko", ms=4)
     ax.set_title(f"ID {new.ids[i]}, recirculates: {bool(new_truth.RECIRC[i])}, "
-                 f"w={float(out['estimate'].weight[i]):.2f}", fontsize=8)
+                 f"w={float(out.estimates.weight[i]):.2f}", fontsize=8)
     ax.set_xlabel("time (h)")
 axes[0].set_ylabel("concentration (mg/L)")
 axes[0].legend(fontsize=7)

@@ -1,4 +1,4 @@
-"""hybridpk: mechanistic population-PK models with a VAE residual.
+"""hybridpk: mechanistic population-PK models with a VAE correction (hybrid models) and precision dosing.
 
 The public API is re-exported here and imported lazily, so that ``import hybridpk`` (and the CLI's
 ``--version``/``--help``) stay fast: torch and pandas load only when a name that needs them is used.
@@ -19,6 +19,7 @@ _EXPORTS = {
     "read_nonmem": "hybridpk.data.dataset",
     "Dataset": "hybridpk.data.dataset",
     "EventBatch": "hybridpk.data.batch",
+    "Regimen": "hybridpk.data.regimen",
     "bundled_dataset": "hybridpk.data.bundled",
     "bundled_datasets": "hybridpk.data.bundled",
     "get_model": "hybridpk.models",
@@ -30,17 +31,19 @@ _EXPORTS = {
     "Prediction": "hybridpk.solve",
     "build_model": "hybridpk.population",
     "fit_population": "hybridpk.population",
-    "predict_population": "hybridpk.population",
-    "load_fit": "hybridpk.population",
-    "FitResult": "hybridpk.population",
+    "FittedPopulation": "hybridpk.population",
+    "IndividualEstimates": "hybridpk.population",
+    "Predictions": "hybridpk.population",
     "PopulationModel": "hybridpk.population",
+    "load_model": "hybridpk.population",
+    "model_specs": "hybridpk.population",
     "read_control_stream": "hybridpk.population.nonmem",
     "fit_hybrid": "hybridpk.residual",
-    "predict_hybrid": "hybridpk.residual",
-    "load_prior": "hybridpk.dosing",
-    "map_estimate": "hybridpk.dosing",
+    "HybridFit": "hybridpk.residual",
+    "load_run": "hybridpk.residual",
     "recommend_dose": "hybridpk.dosing",
     "estimate_patient": "hybridpk.dosing",
+    "forecast": "hybridpk.dosing",
     "HybridPKError": "hybridpk.errors",
     "DatasetError": "hybridpk.errors",
     "DatasetWarning": "hybridpk.errors",

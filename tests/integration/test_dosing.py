@@ -13,10 +13,9 @@ from scipy.optimize import minimize
 
 import hybridpk as hp
 from hybridpk.cli import main
-from hybridpk.dosing import (load_prior, map_estimate, model_specs, parse_target, prior_from_values,
-                             recommend_dose)
+from hybridpk.dosing import parse_target, recommend_dose
 from hybridpk.errors import HybridPKError
-from hybridpk.population import build_model
+from hybridpk.population import FittedPopulation, build_model, load_model, model_specs
 from tests.reference.scipy_models import solve_reference
 
 CASES = {
@@ -41,9 +40,9 @@ def _patient(doses, levels):
 def test_map_matches_independent_optimisation(case):
     structure, omega, typical, sd, doses, levels = CASES[case]
     pm = build_model(structure, iiv=list(omega), error="combined")
-    prior = prior_from_values(pm, typical, omega, {"ADD": sd["ADD"], "PROP": sd["PROP"]})
+    model = FittedPopulation.from_values(pm, typical, omega, {"ADD": sd["ADD"], "PROP": sd["PROP"]})
     ds = _patient(doses, levels)
-    est = map_estimate(prior, ds)
+    est = model.estimate(ds)
     names = list(omega)
     y = np.array([v for _, v in levels])
     times = [t for t, _ in levels]
@@ -75,8 +74,8 @@ def _vanco_patient(crcl=80.0, wt=80.0, levels=((37.5, 28.0), (47.5, 11.0))):
 def test_shipped_specs_load():
     assert {"vancomycin_goti2018", "phenobarbital_grasela1985", "theophylline_nlmixr2"} <= set(model_specs())
     for name in model_specs():
-        prior = load_prior(name)
-        assert prior.citation and prior.pm.n_eta >= 1 and prior.ranges
+        model = load_model(name)
+        assert model.citation and model.model.n_eta >= 1 and model.ranges
 
 
 def test_recommendation_hits_its_own_prediction_and_returns_records():
@@ -89,7 +88,7 @@ def test_recommendation_hits_its_own_prediction_and_returns_records():
     assert r.EVID == 1 and r.AMT == rec.dose and r.RATE == rec.dose and r.II == 12
     # simulate the recommended regimen appended to the history with the MAP parameters: the AUC over a
     # dosing day long after the start matches the predicted steady-state AUC24
-    prior = load_prior("vancomycin_goti2018")
+    model = load_model("vancomycin_goti2018")
     hist = ds.to_dataframe()
     new = rec.records.assign(CRCL=80.0, WT=80.0, DIAL=0)
     t = np.linspace(48 + 360, 48 + 384, 2401)     # a dosing day well inside the 40-dose regimen
@@ -97,7 +96,7 @@ def test_recommendation_hits_its_own_prediction_and_returns_records():
                          "MDV": 1, "CRCL": 80.0, "WT": 80.0, "DIAL": 0, "CMT": 0})
     full = pd.concat([hist, new, grid], ignore_index=True).sort_values("TIME", kind="stable")
     sim = hp.read_nonmem(full.reset_index(drop=True), covariates=["CRCL", "WT", "DIAL"])
-    est = map_estimate(prior, ds)
+    est = model.estimate(ds)
     p = {k: torch.tensor(est.parameters[k].to_numpy()) for k in ("CL", "V", "Q", "V2")}
     b = sim.to_batch()
     conc = hp.simulate("2cmt_iv", p, b).ipred[0]
@@ -140,13 +139,13 @@ def test_safety_warnings_and_refusals():
 
 
 def test_posterior_draws_and_inference_data():
-    from hybridpk.dosing import estimate_patient, to_inference_data
+    from hybridpk.dosing import estimate_patient
 
-    est, samples, ess, _ = estimate_patient("vancomycin_goti2018", _vanco_patient(), n_samples=500, seed=3)
-    assert samples.shape == (500, 3) and ess > 200
+    post = estimate_patient("vancomycin_goti2018", _vanco_patient(), n_samples=500, seed=3)
+    assert post.draws.shape == (500, 3) and post.ess > 200
     # draws centre on the MAP and spread like the Laplace approximation
-    np.testing.assert_allclose(samples.mean(0).numpy(), est.eta[0].numpy(), atol=0.1)
-    idata = to_inference_data(samples, load_prior("vancomycin_goti2018"))
+    np.testing.assert_allclose(post.draws.mean(0).numpy(), post.estimate.eta[0].numpy(), atol=0.1)
+    idata = post.to_inference_data()
     assert "ETA_CL" in idata.posterior
 
 
@@ -185,19 +184,18 @@ def test_interval_for_dose_and_time_to_concentration():
 
 
 def test_spec_written_from_a_fit_is_a_usable_prior(tmp_path, theoph_path):
-    from hybridpk.dosing import write_spec
-    from hybridpk.population import fit_population
+    from hybridpk.population import fit_population, write_spec
 
     ds = hp.read_nonmem(theoph_path)
     pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", covariates=["V~WT:power:70"], data=ds)
     res = fit_population(pm, ds, progress=False, covariance=False)
     path = write_spec(res, tmp_path / "theo.toml", name="theo_fit", drug="theophylline", ranges={"WT": (50, 90)})
-    prior = load_prior(path)
-    assert float(prior.theta["CL"]) == pytest.approx(res.parameters["CL"]["estimate"])
+    spec = load_model(path)
+    assert spec.theta["CL"].value == pytest.approx(res.theta["CL"].value)
     df = ds.to_dataframe()
     one = hp.read_nonmem(df[df.ID == 1])
-    est = map_estimate(prior, one)
-    fit_eta = res.individual[res.individual.ID == 1][["ETA_KA", "ETA_CL", "ETA_V"]].to_numpy()[0]
+    est = spec.estimate(one)
+    fit_eta = res.estimation.individual[res.estimation.individual.ID == 1][["ETA_KA", "ETA_CL", "ETA_V"]].to_numpy()[0]
     np.testing.assert_allclose(est.eta[0].numpy(), fit_eta, atol=1e-5)   # same model, same EBE
 
 

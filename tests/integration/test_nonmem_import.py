@@ -68,8 +68,8 @@ def test_advan2_import_fit_matches_native_fit(tmp_path, theoph_path):
     (tmp_path / "run.mod").write_text(THEO_TRANS2)
     pm, ds = read_control_stream(tmp_path / "run.mod")
     res = fit_population(pm, ds, progress=False, pooled_start=False, covariance=False)
-    assert res.ofv == pytest.approx(116.8034, abs=0.01)           # the native fit's OFV (tutorial 2)
-    assert res.parameters["POP_CL"]["estimate"] == pytest.approx(2.75, rel=0.01)
+    assert res.estimation.ofv == pytest.approx(116.8034, abs=0.01)           # the native fit's OFV (tutorial 2)
+    assert res.theta["POP_CL"].value == pytest.approx(2.75, rel=0.01)
 
 
 ADVAN4 = """$PROBLEM two compartments, oral

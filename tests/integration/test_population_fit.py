@@ -52,19 +52,21 @@ def test_pheno_fit_matches_nonmem(pheno):
     pm, ds, ext = pheno
     res = fit_population(pm, ds, progress=False, pooled_start=False)
     f = ext["final"]
-    assert res.converged
+    assert res.estimation.converged
     # same model, same method: measured agreement OFV 3e-7, THETA 1e-4, OMEGA/SIGMA 3e-5 (relative)
-    assert abs(res.ofv - f["OBJ"]) < 0.01
+    assert abs(res.estimation.ofv - f["OBJ"]) < 0.01
     for name, col in (("POP_CL", "THETA1"), ("POP_VC", "THETA2"), ("COVAPGR", "THETA3")):
-        assert res.parameters[name]["estimate"] == pytest.approx(f[col], rel=1e-3), name
-    assert res.omega["IIV_CL"]["variance"] == pytest.approx(f["OMEGA(1,1)"], rel=1e-3)
-    assert res.omega["IIV_VC"]["variance"] == pytest.approx(f["OMEGA(2,2)"], rel=1e-3)
-    assert res.sigma["SIGMA"]["estimate"] == pytest.approx(f["SIGMA(1,1)"], rel=1e-3)
+        assert res.theta[name].value == pytest.approx(f[col], rel=1e-3), name
+    assert res.omega["IIV_CL"].variance == pytest.approx(f["OMEGA(1,1)"], rel=1e-3)
+    assert res.omega["IIV_VC"].variance == pytest.approx(f["OMEGA(2,2)"], rel=1e-3)
+    # NONMEM's $SIGMA is a variance, and reported as one
+    assert res.sigma["SIGMA"].scale == "variance"
+    assert res.sigma["SIGMA"].value == pytest.approx(f["SIGMA(1,1)"], rel=1e-3)
     # standard errors of the typical values close to NONMEM's (its $COV is the sandwich; ours the R matrix):
     # measured 0.1% (CL) and 4.3% (VC) apart
     se = ext["se"]
-    assert res.parameters["POP_CL"]["se"] == pytest.approx(se["THETA1"], rel=0.1)
-    assert res.parameters["POP_VC"]["se"] == pytest.approx(se["THETA2"], rel=0.1)
+    assert res.theta["POP_CL"].se == pytest.approx(se["THETA1"], rel=0.1)
+    assert res.theta["POP_VC"].se == pytest.approx(se["THETA2"], rel=0.1)
 
 
 # nlmixr2 README, theo_sd, FOCEi: KA 1.57 1/h, CL 2.76 L/h, V 31.5 L; BSV CV% 71.5, 27.6, 13.4; add.sd 0.693
@@ -76,15 +78,16 @@ def test_theophylline_matches_nlmixr2(theoph_path):
     ds = hp.read_nonmem(theoph_path)
     pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", data=ds)
     res = fit_population(pm, ds, progress=False)
-    assert res.converged
+    assert res.estimation.converged
     for k, v in NLMIXR2.items():
-        assert res.parameters[k]["estimate"] == pytest.approx(v, rel=0.05), k
+        assert res.theta[k].value == pytest.approx(v, rel=0.05), k
     for k, cv in NLMIXR2_CV.items():
         var_ref = math.log(1 + (cv / 100) ** 2)          # nlmixr2 reports CV% = sqrt(exp(omega) - 1)
-        assert res.omega[k]["variance"] == pytest.approx(var_ref, rel=0.20), k
-    assert res.sigma["ADD"]["estimate"] == pytest.approx(0.693, rel=0.05)
+        assert res.omega[k].variance == pytest.approx(var_ref, rel=0.20), k
+    assert res.sigma["ADD"].scale == "sd"
+    assert res.sigma["ADD"].value == pytest.approx(0.693, rel=0.05)
     # EBE sanity: shrinkage small with 11 samples per subject; CWRES roughly standard
-    cw = res.predictions.CWRES.dropna()
+    cw = res.estimation.predictions.CWRES.dropna()
     assert abs(cw.mean()) < 0.3 and 0.7 < cw.std() < 1.3
 
 
@@ -127,13 +130,13 @@ def _check_recovery(name, seeds):
     for seed in seeds:
         res, realised = _recover(name, seed)
         for k, v in typ.items():
-            assert res.parameters[k]["estimate"] == pytest.approx(v, rel=0.10), (name, seed, k)
+            assert res.theta[k].value == pytest.approx(v, rel=0.10), (name, seed, k)
         for k in om:
-            var = res.omega[f"ETA_{k}"]["variance"]
+            var = res.omega[f"ETA_{k}"].variance
             est[k].append(var)
             assert var == pytest.approx(realised[k], rel=0.20), (name, seed, k, var, realised[k])
         if cov:
-            assert res.parameters["CL_WT"]["estimate"] == pytest.approx(0.75, abs=0.5)
+            assert res.theta["CL_WT"].value == pytest.approx(0.75, abs=0.5)
     for k, v in om.items():
         assert np.mean(est[k]) == pytest.approx(v, rel=0.30), (name, k, est[k])
 
@@ -213,13 +216,14 @@ def test_block_omega_recovers_correlation():
     realised = np.corrcoef(sim.etas.ETA_CL, sim.etas.ETA_V)[0, 1]
     pm = build_model("1cmt_oral", iiv=["CL", "V"], error="proportional", omega_block=True)
     res = fit_population(pm, sim.dataset, progress=False)
-    corr = res.omega_covariance["ETA_CL,ETA_V"]["correlation"]
+    corr = res.omega.correlation("ETA_CL", "ETA_V")
     assert corr == pytest.approx(realised, abs=0.15)
-    assert res.omega["ETA_CL"]["variance"] == pytest.approx(np.var(sim.etas.ETA_CL), rel=0.2)
-    assert res.omega_covariance["ETA_CL,ETA_V"]["se"] > 0
+    assert res.omega["ETA_CL"].variance == pytest.approx(np.var(sim.etas.ETA_CL), rel=0.2)
+    assert res.omega.se_of("ETA_CL", "ETA_V") > 0
+    assert res.omega.covariances_to_dict()["ETA_CL,ETA_V"]["correlation"] == corr
     diag = build_model("1cmt_oral", iiv=["CL", "V"], error="proportional")
     res_diag = fit_population(diag, sim.dataset, progress=False, covariance=False)
-    assert res.ofv < res_diag.ofv - 10          # the correlation is supported by the data
+    assert res.estimation.ofv < res_diag.estimation.ofv - 10          # the correlation is supported by the data
 
 
 def test_log_transform_both_sides(theoph_path):
@@ -237,9 +241,9 @@ def test_log_transform_both_sides(theoph_path):
     df.loc[pre, "EVID"] = 2
     ds2 = hp.read_nonmem(df)
     res = fit_population(pm, ds2, progress=False, covariance=False)
-    assert res.converged
-    assert res.parameters["CL"]["estimate"] == pytest.approx(2.76, rel=0.15)
-    assert 0.05 < res.sigma["ADD"]["estimate"] < 0.5           # SD on the log scale
+    assert res.estimation.converged
+    assert res.theta["CL"].value == pytest.approx(2.76, rel=0.15)
+    assert 0.05 < res.sigma["ADD"].value < 0.5           # SD on the log scale
 
 
 def test_cli_ltbs_round_trip(tmp_path, theoph_path, capsys):
@@ -251,8 +255,8 @@ def test_cli_ltbs_round_trip(tmp_path, theoph_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", str(tmp_path / "t.csv"), "--model", "1cmt_oral", "--ltbs", "--out", str(run), "--quiet",
                  "--no-covariance"]) == 0
-    spec = json.loads((run / "model.json").read_text())["spec"]
-    assert spec["ltbs"] is True
+    recipe = json.loads((run / "model.json").read_text())["model"]
+    assert recipe["ltbs"] is True
     assert main(["predict", str(run), str(tmp_path / "t.csv"), "--out", str(tmp_path / "p.csv")]) == 0
     p = pd.read_csv(tmp_path / "p.csv")
     fitted = pd.read_csv(run / "predictions.csv")

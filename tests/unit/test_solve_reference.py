@@ -201,7 +201,7 @@ def test_system_matrix_agrees_with_rhs(name):
 
 @pytest.mark.parametrize("name", ["1cmt_oral", "2cmt_oral", "2cmt_iv", "3cmt_iv"])
 def test_input_response_equals_infusions(name):
-    """The hybrid's input residual: the response to a piecewise-constant rate into the dose compartment is
+    """The hybrid's input form: the response to a piecewise-constant rate into the dose compartment is
     the same as the model's prediction after the equivalent zero-order infusion records."""
     from hybridpk.solve.closed_form import input_response
 

@@ -14,7 +14,7 @@ from ._common import EXIT_BAD_INPUT, ManualFormatter, fail
 _COMMANDS = ("check", "models", "simulate", "fit", "predict", "dose", "demo")
 
 DESCRIPTION = """\
-hybridpk: mechanistic population-PK models with a VAE residual.
+hybridpk: mechanistic population-PK models with a VAE correction (hybrid models) and precision dosing.
 
 Data are NONMEM-style CSV files (ID, TIME, DV, AMT, EVID, MDV, CMT, RATE, ADDL, II, SS, covariates).
 Every command reads files, calls one library function and writes files; run
@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"hybridpk {version('hybridpk')}")
         return 0
+    renamed = {"--residual": "--hybrid", "--vae-residual": "--hybrid-form"}
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        if old in renamed:
+            return fail(f"{old} was renamed {renamed[old]} (the VAE part is the hybrid's correction; 'residual' "
+                        "is the residual error, --error)", EXIT_BAD_INPUT)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -11,7 +11,7 @@ Run the main demonstration on the datasets bundled with hybridpk:
   2. fit the theophylline population model by FOCE-I (1-compartment oral, IIV on KA, CL and V, additive
      error) and compare the estimates with nlmixr2's published fit of the same data;
   3. fit the hybrid model on the bundled enterohepatic-recirculation example (data/ehc.csv): a
-     1-compartment oral FOCE-I fit, then the VAE residual; compare ODE-only and hybrid against the
+     1-compartment oral FOCE-I fit, then the VAE correction (reservoir form); compare ODE-only and hybrid against the
      noise-free true curves (data/ehc_truth.txt) for recirculating and other patients;
   4. write both runs (summary.json, individual.csv, predictions.csv, model.json, vae.pt) under --out.
 """
@@ -42,12 +42,13 @@ def run(args) -> int:
     ds = read_nonmem(bundled_dataset("theoph"))
     pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", data=ds)
     fit = fit_population(pm, ds, progress=True)
-    print(f"   OFV {fit.ofv:.3f}, {'converged' if fit.converged else 'NOT converged'} in {fit.seconds:.1f} s")
+    e = fit.estimation
+    print(f"   OFV {e.ofv:.3f}, {'converged' if e.converged else 'NOT converged'} in {e.seconds:.1f} s")
     print(f"   {'':4}{'hybridpk':>10}{'nlmixr2':>10}")
     for k, v in NLMIXR2.items():
-        print(f"   {k:<4}{fit.parameters[k]['estimate']:10.3f}{v:10.3f}")
+        print(f"   {k:<4}{fit.theta[k].value:10.3f}{v:10.3f}")
     fit.save(f"{args.out}/theoph")
-    print("\n3. hybrid model on the enterohepatic-recirculation example (1cmt_oral + VAE residual)")
+    print("\n3. hybrid model on the enterohepatic-recirculation example (1cmt_oral + VAE correction, reservoir form)")
     hybrid, table = ehc_comparison(progress=True)
     hybrid.save(f"{args.out}/ehc")
     print(table)
@@ -66,8 +67,6 @@ def ehc_comparison(progress=True, latent_dim=2, seed=0):
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.population import build_model
     from hybridpk.residual import TrainConfig, fit_hybrid
-    from hybridpk.residual.hybrid import hybrid_predict
-    from hybridpk.dosing.prior import prior_from_fit
     from hybridpk.solve import simulate
     from hybridpk.solve.examples import EHC_TYPICAL
 
@@ -75,13 +74,12 @@ def ehc_comparison(progress=True, latent_dim=2, seed=0):
     ds = read_nonmem(path)
     truth = pd.read_csv(path.with_name("ehc_truth.txt"))
     pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
-    # recirculation: drug that leaves the central compartment and comes back later, a reservoir residual
-    hybrid = fit_hybrid(pm, ds, latent_dim=latent_dim, config=TrainConfig(residual="reservoir"), seed=seed,
+    # recirculation: drug that leaves the central compartment and comes back later, the reservoir form
+    hybrid = fit_hybrid(pm, ds, latent_dim=latent_dim, config=TrainConfig(form="reservoir"), seed=seed,
                         progress=progress)
     dense = ds.prediction_design(np.arange(0.25, 24.01, 0.25), cmt=2)
-    prior = prior_from_fit(hybrid.population, pm)
-    out = hybrid_predict(prior, hybrid.vae, ds, design=dense)
-    bd, base, hyb = out["batch"], out["ode"], out["ipred"]
+    out = hybrid.predict(ds, design=dense)
+    bd, base, hyb = out.batch, out.ode, out.ipred
     with torch.no_grad():
         tp = {k: torch.tensor(truth.set_index("ID").loc[list(ds.ids), k].to_numpy()) for k in EHC_TYPICAL}
         true = simulate("1cmt_oral_ehc", tp, bd).ipred

@@ -66,34 +66,35 @@ def add_parser(sub) -> None:
 
 def _load(args):
     from hybridpk.data.dataset import read_nonmem
-    from hybridpk.dosing import load_prior
+    from hybridpk.dosing import dosing_model
 
-    prior = load_prior(args.model)
+    model = dosing_model(args.model)
     ds = read_nonmem(resolve_data_path(args.patient))
-    return prior, ds
+    return model, ds
 
 
 def run_dose(args) -> int:
     import json
 
-    from hybridpk.dosing import model_specs, recommend_dose
+    from hybridpk.dosing import recommend_dose
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text, run_metadata
+    from hybridpk.population import model_specs
 
     if args.list:
         print("\n".join(model_specs()))
         return 0
     if not args.model or not args.patient:
         raise HybridPKError("give MODEL_OR_RUN and PATIENT.csv (or --list)")
-    prior, ds = _load(args)
-    rec = recommend_dose(prior, ds, args.target, interval=args.interval, duration=args.duration,
+    model, ds = _load(args)
+    rec = recommend_dose(model, ds, args.target, interval=args.interval, duration=args.duration,
                          dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed)
     out = {**rec.to_dict(), **run_metadata(seed=args.seed)}
     text = json.dumps(out, indent=2, default=float)
     if args.out:
         atomic_write_text(args.out, text)
     metric, exp = next(iter(rec.exposure.items()))
-    print(f"{prior.name}: {rec.dose:g} mg every {rec.interval:g} h"
+    print(f"{model.name}: {rec.dose:g} mg every {rec.interval:g} h"
           + (f" as {rec.duration:g}-h infusions" if rec.duration > 0 else "") + f", from t = {rec.start:g} h")
     print(f"  predicted {metric}: {exp['median']:.1f} (90% interval {exp['p05']:.1f}-{exp['p95']:.1f}); "
           f"target {exp['target'][0]:g}-{exp['target'][1]:g}; probability of target attainment {rec.pta:.0%}")
@@ -107,31 +108,26 @@ def run_dose(args) -> int:
 def run_map(args) -> int:
     import numpy as np
 
-    from hybridpk.dosing.forecast import forecast, plot_forecast
-    from hybridpk.dosing.recommend import estimate_patient, map_parameters_summary
+    from hybridpk.dosing import estimate_patient, forecast, plot_forecast
     from hybridpk.io import atomic_write_text
 
-    prior, ds = _load(args)
-    est, samples, ess, warns = estimate_patient(prior, ds, seed=args.seed)
-    summary = map_parameters_summary(est, samples)
-    print(f"{prior.name}: MAP estimates ({int(est.n_levels[0])} level(s); 90% credible intervals)")
-    for name, v in summary.items():
+    model, ds = _load(args)
+    post = estimate_patient(model, ds, seed=args.seed)
+    print(f"{model.name}: MAP estimates ({int(post.estimate.n_levels[0])} level(s); 90% credible intervals)")
+    for name, v in post.parameters().items():
         print(f"  {name:<6} {v['map']:10.4g}   ({v['p05']:.4g}-{v['p95']:.4g})")
-    for w in warns:
+    for w in post.warnings:
         print(f"warning: {w}")
     df = ds.to_dataframe()
     until = args.until or float(df.TIME.max()) + 24.0
-    fc = forecast(est, samples, np.linspace(0.0, until, 241), seed=args.seed)
+    fc = forecast(post.estimate, post.draws, np.linspace(0.0, until, 241), seed=args.seed)
     if args.out:
-        atomic_write_text(args.out, fc.to_csv(index=False))
+        atomic_write_text(args.out, fc.table.to_csv(index=False))
         print(f"wrote {args.out}")
     if args.plot:
-        plot_forecast(fc, est, args.plot, title=f"{prior.name}, patient {ds.ids[0]}")
+        plot_forecast(fc, post.estimate, args.plot, title=f"{model.name}, patient {ds.ids[0]}")
         print(f"wrote {args.plot}")
     if args.samples:
-        from hybridpk.dosing.posterior import to_inference_data
-
-        idata = to_inference_data(samples, prior)
-        idata.to_netcdf(args.samples)
+        post.to_inference_data().to_netcdf(args.samples)
         print(f"wrote {args.samples}")
     return 0

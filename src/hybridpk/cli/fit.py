@@ -19,17 +19,25 @@ The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ re
   predictions.csv   ID, TIME, DV, MDV, PRED, IPRED, CWRES, IWRES for every record
   model.json        the fitted model as plain data, for 'hybridpk predict' and 'hybridpk dose'
 
-With --residual vae, a VAE then learns per patient what the ODE misses: an encoder reads each patient's
-samples into a latent z, and a decoder adds what the ODE misses. --vae-residual input (the default for
-linear models) learns an input rate u(t; z) into the dose compartment (drug that re-enters, as in
-enterohepatic recirculation; negative: extra elimination) that the structural model carries with the
-patient's own parameters; --vae-residual log multiplies the ODE prediction by exp(r(t; z)) (any model).
-Both are zero before the first dose. By default (--training joint) each patient's ETAs are re-estimated
-together with z while the VAE learns, so the residual corrects the ODE at its best individual fit;
---training staged keeps the ODE-only ETAs (log residual only). With the log residual each patient's
-prediction averages hybrid and ODE-only with the hybrid's Akaike weight (HYBRID_WEIGHT), so patients the ODE
-already describes keep the ODE prediction. RMSE and -2LL of ODE-only vs hybrid are printed; individual.csv
-gains Z1.., Z1_SD.., COMPLEXITY, HYBRID_WEIGHT.
+With --hybrid vae, a VAE then learns per patient what the ODE misses: an encoder reads each patient's
+samples into a latent z, and a correction (the hybrid term; --hybrid-form says how it enters) adds what the
+ODE misses, zero before the first dose:
+  input      (the default for linear models) an input rate u(t; z) into the dose compartment (drug that
+             re-enters, as in enterohepatic recirculation; negative: extra elimination), carried by the
+             structural model with the patient's own parameters;
+  reservoir  a hidden compartment that takes up drug from the central one (rate set by the patient's z)
+             and releases it into the dose compartment on a learnt schedule, e.g. enterohepatic
+             recirculation (linear models);
+  log        the ODE prediction times exp(r(t; z)) (any model).
+By default (--training joint) each patient's ETAs are re-estimated together with z while the VAE learns,
+so the correction acts on the ODE at its best individual fit; --training staged keeps the ODE-only ETAs
+(log form only). With the log form each patient's prediction averages hybrid and ODE-only with the hybrid's
+Akaike weight (HYBRID_WEIGHT), so patients the ODE already describes keep the ODE prediction. RMSE and
+-2LL of ODE-only vs hybrid are printed; individual.csv gains Z1.., Z1_SD.., COMPLEXITY, HYBRID_WEIGHT.
+The VAE part is called the correction throughout; "residual" always means the residual error (--error,
+NONMEM's EPS).
+
+Progress goes to stderr: a bar on a terminal, one line per 10% in a log file.
 
 Covariate effects: 'CL~WT' (power, reference = median, exponent estimated), 'CL~WT:power:70:0.75'
 (fixed exponent), 'CL~CRCL:linear:90', 'V~SEX:categorical:1', 'CL~AGE:exponential:40'.
@@ -40,7 +48,7 @@ examples:
   hybridpk fit theoph --model 1cmt_oral --iiv KA,CL,V --error additive --out runs/theoph
   hybridpk fit data.csv --model 2cmt_iv --covariate CL~WT:power:70 --iiv CL,V --out runs/vanco
   hybridpk fit pheno.mod --out runs/pheno
-  hybridpk fit ehc --model 1cmt_oral --error combined --residual vae --latent-dim auto --out runs/ehc
+  hybridpk fit ehc --model 1cmt_oral --error combined --hybrid vae --hybrid-form reservoir --out runs/ehc
 """
 
 
@@ -59,29 +67,22 @@ def add_parser(sub) -> None:
                    help="log-transform both sides: fit log(DV) with an additive error on the log scale")
     p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30")
     p.add_argument("--omega-block", action="store_true", help="estimate a full OMEGA block (correlated ETAs)")
-    p.add_argument("--residual", choices=["none", "vae"], default="none",
-                   help="add a VAE residual (hybrid model) on top of the fitted ODE model")
+    p.add_argument("--hybrid", choices=["none", "vae"], default="none",
+                   help="add a VAE correction (the hybrid model) on top of the fitted ODE model")
+    p.add_argument("--hybrid-form", choices=["auto", "input", "reservoir", "log"], default="auto",
+                   help="how the correction enters (see above); auto: input for linear models with joint "
+                        "training, else log")
     p.add_argument("--latent-dim", default="2", metavar="K|auto",
                    help="latent dimension of the VAE; 'auto' picks 1, 2 or 4 by held-out ELBO")
     p.add_argument("--epochs", type=int, default=1500, help="maximum VAE training epochs (early stopping)")
     p.add_argument("--training", choices=["joint", "staged"], default="joint",
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
-                        "the ODE-only ETAs")
-    p.add_argument("--vae-residual", choices=["auto", "input", "reservoir", "log"], default="auto",
-                   help="input: learnt input rate into the dose compartment (linear models, joint training); "
-                        "reservoir: a hidden compartment that takes up drug from the central one (rate set by "
-                        "the patient's z) and releases it into the dose compartment on a learnt schedule, e.g. "
-                        "enterohepatic recirculation (linear models, joint training); log: IPRED * exp(r(t)); "
-                        "auto (default): input where possible, else log")
-    p.add_argument("--mixture", action="store_true",
-                   help="train the VAE as a mixture: each patient is described by the ODE alone or by the hybrid "
-                        "(prior odds of the Akaike weights); better when only part of the population deviates "
-                        "from the ODE, worse when every patient deviates a little")
+                        "the ODE-only ETAs (log form)")
     p.add_argument("--device", default="cpu", help="torch device for VAE training (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
     p.add_argument("--maxiter", type=int, default=300, help="maximum outer iterations")
     p.add_argument("--no-covariance", action="store_true", help="skip standard errors")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=run)
 
 
@@ -127,36 +128,41 @@ def run(args) -> int:
         result = fit_population(pm, ds, seed=args.seed, maxiter=args.maxiter, progress=not args.quiet,
                                 covariance=not args.no_covariance, pooled_start=pooled)
     hybrid = None
-    if args.residual == "vae":
+    if args.hybrid == "vae":
         from hybridpk.residual import TrainConfig, fit_hybrid
 
         k = args.latent_dim if args.latent_dim == "auto" else int(args.latent_dim)
-        print("training the VAE residual ...")
+        print("training the VAE ...")
         hybrid = fit_hybrid(pm, ds, latent_dim=k, seed=args.seed, progress=not args.quiet, population=result,
                             config=TrainConfig(epochs=args.epochs, device=args.device,
-                                               joint=args.training == "joint", mixture=args.mixture,
-                                               residual=args.vae_residual))
+                                               joint=args.training == "joint", form=args.hybrid_form))
         run_dir = hybrid.save(args.out)
     else:
         run_dir = result.save(args.out)
-    print(f"FOCE-I fit of {ds.n_subjects} subjects, {ds.n_observations} observations: OFV {result.ofv:.4f} "
-          f"({'converged' if result.converged else 'NOT converged'}, {result.iterations} iterations, "
-          f"{result.seconds:.1f} s)")
-    for name, v in result.parameters.items():
-        rse = f"{v['rse']:.1f}%" if v.get("rse") is not None else "-"
-        print(f"  {name:<12} {v['estimate']:12.5g}   RSE {rse}")
-    for name, v in result.omega.items():
-        print(f"  {name:<12} {v['variance']:12.5g}   (CV {v['cv_percent']:.1f}%, shrinkage "
-              f"{result.shrinkage['eta'].get(v['eta'], float('nan')):.1f}%)")
-    for name, v in result.sigma.items():
-        print(f"  {name:<12} {v['estimate']:12.5g}")
-    for w in result.warnings:
-        print(f"warning: {w}")
+    print(report(result, ds))
     if hybrid is not None:
         h = hybrid.summary()
-        print(f"hybrid (ODE + VAE residual, latent dimension {h['latent_dim']}): -2LL of the data "
+        print(f"hybrid (ODE + VAE, {h['form']} form, latent dimension {h['latent_dim']}): -2LL of the data "
               f"{h['nll_ode_total']:.1f} (ODE only) -> {h['nll_hybrid_total']:.1f} (hybrid); RMSE at the "
               f"observations {h['rmse_ode']:.4g} -> {h['rmse_hybrid']:.4g}")
     print(f"wrote {Path(run_dir) / 'summary.json'}, individual.csv, predictions.csv, model.json"
           + (", vae.pt, vae.json" if hybrid is not None else ""))
     return 0
+
+
+def report(result, ds) -> str:
+    """The estimates as printed after a fit: OFV and convergence, THETA with RSE, OMEGA with CV and
+    shrinkage, SIGMA on its stated scale, warnings."""
+    e = result.estimation
+    lines = [f"FOCE-I fit of {ds.n_subjects} subjects, {ds.n_observations} observations: OFV {e.ofv:.4f} "
+             f"({'converged' if e.converged else 'NOT converged'}, {e.iterations} iterations, {e.seconds:.1f} s)"]
+    for t in result.theta:
+        rse = f"{t.rse:.1f}%" if t.rse is not None else "-"
+        lines.append(f"  {t.name:<12} {t.value:12.5g}   RSE {rse}")
+    for o in result.omega:
+        lines.append(f"  {o.label:<12} {o.variance:12.5g}   (CV {o.cv_percent:.1f}%, shrinkage "
+                     f"{e.shrinkage['eta'].get(o.eta, float('nan')):.1f}%)")
+    for s in result.sigma:
+        lines.append(f"  {s.label:<12} {s.value:12.5g}   ({'SD' if s.scale == 'sd' else 'variance'})")
+    lines += [f"warning: {w}" for w in e.warnings]
+    return "\n".join(lines)

@@ -11,8 +11,8 @@ Each subject of DATA gets empirical Bayes ETAs estimated from its own observatio
 population estimates as prior; subjects without observations keep ETA = 0), and OUT.csv gets ID, TIME,
 DV, MDV, PRED (typical subject), IPRED (individual) and the ETAs for every record of DATA, including
 EVID=2 / MDV=1 rows placed at the times you want predictions for. For a hybrid run (fitted with
---residual vae) each patient is also encoded from its own observations: IPRED then includes the VAE
-residual, IPRED_ODE is the ODE-only prediction, and Z1.. are the latent means.
+--hybrid vae) each patient is also encoded from its own observations: IPRED then includes the VAE
+correction, IPRED_ODE is the ODE-only prediction, and Z1.. are the latent means.
 """
 
 
@@ -29,17 +29,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.io import atomic_write_text
-    from hybridpk.population import predict_population
+    from hybridpk.residual import load_run
 
-    from pathlib import Path
-
+    model = load_run(args.run)
     ds = read_nonmem(resolve_data_path(args.data))
-    if (Path(args.run) / "vae.pt").is_file():   # hybrid run: IPRED includes the VAE residual
-        from hybridpk.residual import predict_hybrid
-
-        out = predict_hybrid(args.run, ds)
-    else:
-        out = predict_population(args.run, ds)
+    out = model.predict(ds).table
     atomic_write_text(args.out, out.to_csv(index=False))
     print(f"wrote {args.out}: PRED and IPRED at {len(out)} records of {ds.n_subjects} subjects")
     return 0

@@ -107,6 +107,79 @@ class EventBatch:
         out["ids"] = tuple(self.ids[i] for i in idx.tolist())
         return replace(self, **out)
 
+    def extend(self, regimen=None, times=(), *, keep_records: bool = True, keep_doses: bool = True) -> "EventBatch":
+        """The same subjects with the doses of ``regimen`` (a :class:`~hybridpk.data.regimen.Regimen`, the same
+        for every subject) added and EVID=2 records at ``times`` (h) appended after the existing records, each
+        with the subject's baseline covariates: how a forecast continues a patient's history, or how dosing
+        evaluates a candidate regimen, without a round trip through the CSV reader.
+
+        ``keep_records=False`` drops the existing records (only the new times remain); ``keep_doses=False``
+        drops the existing dose events (the regimen alone). Ordering, as in a dataset sorted by time with dose
+        records first: the regimen's record follows every existing record, and the new records follow it, so
+        a dose given at a new record's time applies to it. The new records are the last ``len(times)``.
+        """
+        import torch
+
+        t_new = np.asarray(times, dtype=float).reshape(-1)
+        n, k = self.n_subjects, len(t_new)
+        dt, dev = self.time.dtype, self.time.device
+        # row numbers after every existing one: per subject, the regimen's record, then the new records
+        first = int(self.row.max()) + 1 if self.row.numel() else 0
+        reg_row = first + (k + 1) * torch.arange(n, device=dev).unsqueeze(1)                 # (N, 1)
+        new_row = reg_row + 1 + torch.arange(k, device=dev).unsqueeze(0)                     # (N, K)
+        like = torch.zeros(n, k, dtype=dt, device=dev)
+        new = {"time": torch.as_tensor(t_new, dtype=dt, device=dev).expand(n, k), "dv": like,
+               "evid": torch.full((n, k), 2, dtype=torch.long, device=dev),
+               "mdv": torch.ones(n, k, dtype=torch.long, device=dev),
+               "cmt": torch.zeros(n, k, dtype=torch.long, device=dev),
+               "is_obs": torch.zeros(n, k, dtype=torch.bool, device=dev),
+               "record_mask": torch.ones(n, k, dtype=torch.bool, device=dev), "row": new_row,
+               "lloq": torch.full((n, k), float("nan"), dtype=dt, device=dev),
+               "cens": torch.zeros(n, k, dtype=torch.long, device=dev),
+               "dvid": torch.zeros(n, k, dtype=torch.long, device=dev),
+               "cov": self.cov_baseline.unsqueeze(1).expand(n, k, self.cov_baseline.shape[1])}
+        out = {name: (torch.cat([getattr(self, name), v], 1) if keep_records else v) for name, v in new.items()}
+        out.update(self._extended_doses(regimen, reg_row, keep_doses))
+        return replace(self, **out)
+
+    def _extended_doses(self, regimen, reg_row, keep: bool) -> dict:
+        """Dose tensors (N, D) of ``extend``: the existing events (if ``keep``) and the regimen's, in time order."""
+        import torch
+
+        names = ("dose_time", "dose_amt", "dose_cmt", "dose_rate", "dose_duration", "dose_mode", "dose_ss",
+                 "dose_ii", "dose_reset", "dose_mask", "dose_row")
+        n, dt, dev = self.n_subjects, self.time.dtype, self.time.device
+        parts = [{name: getattr(self, name) for name in names}] if keep else []
+        if regimen is not None:
+            ev = regimen.dose_events()
+            d = len(ev["time"])
+
+            def each(a, dtype):
+                return torch.as_tensor(np.asarray(a), dtype=dtype, device=dev).expand(n, d)
+
+            parts.append({"dose_time": each(ev["time"], dt), "dose_amt": each(ev["amt"], dt),
+                          "dose_cmt": each(ev["cmt"], torch.long), "dose_rate": each(ev["rate"], dt),
+                          "dose_duration": each(ev["duration"], dt), "dose_mode": each(ev["mode"], torch.long),
+                          "dose_ss": each(ev["ss"], torch.long), "dose_ii": each(ev["ii"], dt),
+                          "dose_reset": torch.zeros(n, d, dtype=torch.bool, device=dev),
+                          "dose_mask": torch.ones(n, d, dtype=torch.bool, device=dev),
+                          "dose_row": reg_row.expand(n, d)})
+        if not parts:   # no dose at all: one padding slot, as from_dataset keeps
+            zero = torch.zeros(n, 1, dtype=dt, device=dev)
+            izero = torch.zeros(n, 1, dtype=torch.long, device=dev)
+            return {"dose_time": zero, "dose_amt": zero, "dose_cmt": izero, "dose_rate": zero,
+                    "dose_duration": zero, "dose_mode": izero, "dose_ss": izero, "dose_ii": zero,
+                    "dose_reset": torch.zeros(n, 1, dtype=torch.bool, device=dev),
+                    "dose_mask": torch.zeros(n, 1, dtype=torch.bool, device=dev), "dose_row": izero - 1}
+        out = {name: torch.cat([p[name] for p in parts], 1) for name in names}
+        if len(parts) > 1:   # time order, ties in record order (as Dataset.doses sorts), padding last
+            t = torch.where(out["dose_mask"] | out["dose_reset"], out["dose_time"],
+                            torch.full_like(out["dose_time"], float("inf")))
+            by_row = torch.sort(out["dose_row"], dim=1, stable=True).indices
+            order = by_row.gather(1, torch.sort(t.gather(1, by_row), dim=1, stable=True).indices)
+            out = {name: v.gather(1, order) for name, v in out.items()}
+        return out
+
     @classmethod
     def from_dataset(cls, ds, dtype=None, device=None, covariates=None) -> "EventBatch":
         import torch

@@ -352,6 +352,14 @@ class Dataset:
         order = np.lexsort(((full["EVID"] == 2).to_numpy(), full["TIME"].to_numpy(), _id_order(full["ID"], self.ids)))
         return read_nonmem(full.iloc[order].reset_index(drop=True), covariates=list(self.covariates))
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the records (columns, values and order): identifies the data a model was fitted to."""
+        import hashlib
+
+        h = hashlib.sha256(",".join(map(str, self._frame.columns)).encode())
+        h.update(pd.util.hash_pandas_object(self._frame, index=False).to_numpy().tobytes())
+        return h.hexdigest()
+
     def __repr__(self) -> str:
         return (f"Dataset({self.source!r}, subjects={self.n_subjects}, observations={self.n_observations}, "
                 f"doses={self.n_doses}, covariates={list(self.covariates)})")

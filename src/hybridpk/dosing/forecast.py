@@ -2,83 +2,70 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pandas as pd
 import torch
 
-from .posterior import predict_samples
+from ..population.simulation import residual_noise
+
+__all__ = ["Forecast", "forecast", "plot_forecast"]
 
 
-def _grid_batch(est, times, extra_doses: pd.DataFrame | None = None):
-    """The patient's records + future doses + EVID=2 rows at ``times``: (batch, covariates, row is a time)."""
-    from ..data.dataset import read_nonmem
+@dataclass(frozen=True)
+class Forecast:
+    """``table``: TIME, IPRED_MAP (at the MAP estimate), MEDIAN (of the posterior predictions) and the
+    ``level`` intervals PIxx_LOW/HIGH (prediction: parameter uncertainty plus residual error) and
+    CIxx_LOW/HIGH (parameter uncertainty only), mg/L; ``draws`` (S, T) the predictive draws with residual
+    error (for PIT / calibration checks)."""
 
-    prior = est.prior
-    df = est.dataset.to_dataframe()
-    first = df.iloc[0]
-    rows = [df.assign(_o=0)]
-    if extra_doses is not None and len(extra_doses):
-        x = extra_doses.copy()
-        for c in df.columns:
-            if c not in x:
-                x[c] = first[c] if c in prior.pm.covariates else 0
-        rows.append(x[df.columns].assign(_o=0))
+    table: pd.DataFrame
+    draws: np.ndarray = field(repr=False)
+    level: float = 0.90
+
+
+def forecast(est, draws, times, regimen=None, seed: int = 0, level: float = 0.90) -> Forecast:
+    """The concentrations at ``times`` (h) of the (first) patient of ``est`` (IndividualEstimates, its MAP
+    estimate) over its posterior ``draws`` (S, K) of the ETAs (``PatientPosterior.draws``), optionally
+    continuing with the doses of ``regimen`` (a :class:`~hybridpk.data.Regimen`)."""
+    samples = draws
+    model = est.model
     t = np.asarray(times, dtype=float)
-    base = {c: (first[c] if c in prior.pm.covariates or c == "ID" else 0) for c in df.columns}
-    pts = pd.DataFrame([{**base, "TIME": tt, "EVID": 2, "MDV": 1, "AMT": 0.0, "DV": 0.0, "_o": 1} for tt in t])
-    rows.append(pts)
-    full = pd.concat(rows, ignore_index=True)
-    order = np.lexsort((full["_o"].to_numpy(), full["TIME"].to_numpy()))
-    full = full.iloc[order].reset_index(drop=True)
-    is_pt = full["_o"].to_numpy() == 1
-    ds = read_nonmem(full.drop(columns="_o"), covariates=list(prior.pm.covariates))
-    batch = ds.to_batch(covariates=list(prior.pm.covariates))
-    cov = batch.baseline_covariates()
-    return batch, cov, is_pt
-
-
-def forecast(est, samples, times, extra_doses: pd.DataFrame | None = None, seed: int = 0,
-             level: float = 0.90, return_draws: bool = False):
-    """TIME, PRED_MAP, median and ``level`` prediction interval (parameter uncertainty from the posterior
-    draws plus residual error) of the concentration at ``times`` (h), optionally with future doses.
-    With ``return_draws`` also the predictive draws (S, T) (for PIT / calibration checks)."""
-    prior = est.prior
-    t = np.asarray(times, dtype=float)
-    batch, cov, is_pt = _grid_batch(est, t, extra_doses)
-    full_len = len(is_pt)
-    conc = predict_samples(prior, batch, cov, samples)[:, :full_len][:, is_pt]
-    point = predict_samples(prior, batch, cov, est.eta[:1])[:, :full_len][:, is_pt][0]
+    batch = est.problem.batch.select([0]).extend(regimen, t)
+    k = len(t)
+    conc = model.concentrations(batch.select([0] * samples.shape[0]), samples)[:, -k:]
+    point = model.concentrations(batch, est.eta[:1])[:, -k:][0]
     gen = torch.Generator().manual_seed(seed)
-    sd = torch.sqrt(prior.pm.error.variance(conc, prior.sd))
-    z = torch.randn(conc.shape, generator=gen, dtype=conc.dtype)
-    if prior.pm.error.ltbs:   # additive on the log scale = multiplicative on concentrations
-        noisy = conc * torch.exp(sd * z)
-    else:
-        noisy = (conc + sd * z).clamp(min=0.0)  # no negative levels
+    noisy = residual_noise(model.model.error, model.sigma.sd_tensors(), conc, gen)
+    if not model.model.error.ltbs:
+        noisy = noisy.clamp(min=0.0)  # no negative levels
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    pct = int(level * 100)
     table = pd.DataFrame({"TIME": t, "IPRED_MAP": point.numpy(), "MEDIAN": conc.median(0).values.numpy(),
-                          f"PI{int(level * 100)}_LOW": torch.quantile(noisy, lo, 0).numpy(),
-                          f"PI{int(level * 100)}_HIGH": torch.quantile(noisy, hi, 0).numpy(),
-                          f"CI{int(level * 100)}_LOW": torch.quantile(conc, lo, 0).numpy(),
-                          f"CI{int(level * 100)}_HIGH": torch.quantile(conc, hi, 0).numpy()})
-    return (table, noisy.numpy()) if return_draws else table
+                          f"PI{pct}_LOW": torch.quantile(noisy, lo, 0).numpy(),
+                          f"PI{pct}_HIGH": torch.quantile(noisy, hi, 0).numpy(),
+                          f"CI{pct}_LOW": torch.quantile(conc, lo, 0).numpy(),
+                          f"CI{pct}_HIGH": torch.quantile(conc, hi, 0).numpy()})
+    return Forecast(table=table, draws=noisy.numpy(), level=level)
 
 
-def plot_forecast(fc: pd.DataFrame, est, path=None, title: str = ""):
+def plot_forecast(fc: Forecast, est, path=None, title: str = ""):
     """Forecast band with the TDM levels; returns the matplotlib figure (saved to ``path`` if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    table = fc.table
     df = est.dataset.to_dataframe()
     obs = df[(df.EVID == 0) & (df.MDV == 0)]
     doses = df[df.EVID.isin([1, 4])]
-    low = [c for c in fc.columns if c.startswith("PI") and c.endswith("LOW")][0]
+    low = [c for c in table.columns if c.startswith("PI") and c.endswith("LOW")][0]
     high = low.replace("LOW", "HIGH")
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.fill_between(fc.TIME, fc[low], fc[high], alpha=0.25, label=f"{low[2:4]}% prediction interval")
-    ax.plot(fc.TIME, fc.IPRED_MAP, lw=1.5, label="MAP prediction")
+    ax.fill_between(table.TIME, table[low], table[high], alpha=0.25, label=f"{low[2:4]}% prediction interval")
+    ax.plot(table.TIME, table.IPRED_MAP, lw=1.5, label="MAP prediction")
     ax.plot(obs.TIME, obs.DV, "o", color="black", label="TDM levels")
     for t in doses.TIME:
         ax.axvline(t, color="grey", lw=0.5, alpha=0.5)

@@ -8,20 +8,20 @@ import pandas as pd
 from ..errors import HybridPKError
 
 
-def check_patient(prior, df: pd.DataFrame) -> list[str]:
-    """Warnings about one patient's data (and the prior's own caveats); raises HybridPKError when the data
+def check_patient(model, df: pd.DataFrame) -> list[str]:
+    """Warnings about one patient's data (and the model's own caveats); raises HybridPKError when the data
     cannot be used."""
-    warnings = list(prior.notes)
+    warnings = list(model.notes)
     if df["ID"].nunique() != 1:
         raise HybridPKError(f"the patient file holds {df['ID'].nunique()} IDs; give one patient per file")
-    missing = [c for c in prior.pm.covariates if c not in df.columns]
+    missing = [c for c in model.covariates if c not in df.columns]
     if missing:
-        raise HybridPKError(f"model {prior.name} needs covariate(s) {', '.join(missing)} in the patient file")
+        raise HybridPKError(f"model {model.name} needs covariate(s) {', '.join(missing)} in the patient file")
     doses = df[df.EVID.isin([1, 4])]
     if doses.empty:
         raise HybridPKError("the patient file has no dose record; the dosing history is needed")
     first = df.iloc[0]
-    for c, (lo, hi) in prior.ranges.items():
+    for c, (lo, hi) in model.ranges.items():
         if c in df.columns:
             v = float(first[c])
             if not lo <= v <= hi:
@@ -47,20 +47,17 @@ def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> lis
     margin) and parameters the levels barely inform (posterior SD > 80% of the prior SD)."""
     import torch
 
-    from .posterior import predict_samples
-
     prob = est.problem
-    prior = est.prior
+    model = est.model
+    pm = model.model
     warnings = []
     obs = prob.obs[index]
-    if bool(obs.any()) and prior.pm.n_eta:
+    if bool(obs.any()) and pm.n_eta:
         gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(n_draws, prior.pm.n_eta, generator=gen, dtype=torch.float64)
-        eta = z @ torch.linalg.cholesky(prior.omega).T
-        batch = prob.batch.select([index])
-        cov = {c: v[[index]] for c, v in prob.cov.items()}
-        f = predict_samples(prior, batch, cov, eta)[:, obs]
-        sd = torch.sqrt(prior.pm.error.variance(f, prior.sd))
+        z = torch.randn(n_draws, pm.n_eta, generator=gen, dtype=torch.float64)
+        eta = z @ torch.linalg.cholesky(model.omega.tensor()).T
+        f = model.concentrations(prob.batch.select([index] * n_draws), eta)[:, obs]
+        sd = torch.sqrt(pm.error.variance(f, model.sigma.sd_tensors()))
         draws = f + sd * torch.randn(f.shape, generator=gen, dtype=f.dtype)
         hi = torch.quantile(draws, 0.9995, 0) * 1.2
         lo = torch.quantile(draws, 0.0005, 0) / 1.2
@@ -72,7 +69,7 @@ def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> lis
                             "outside what the model predicts for this patient (beyond the 99.9% prior predictive "
                             "range); check sampling times, units and the dosing history")
     shr = est.shrinkage()[index]
-    high = [name for name, s in zip(prior.pm.etas, shr) if s > 0.8]
+    high = [name for name, s in zip(pm.etas, shr) if s > 0.8]
     if high:
         warnings.append(f"the levels barely inform {', '.join(high)} (posterior SD > 80% of prior SD); the "
                         "estimate is close to the population value")

@@ -1,10 +1,11 @@
 """Exposure metrics of a candidate regimen and the dose that hits a target (linear models: exact).
 
-A regimen is continued from ``start`` (h): doses of ``dose`` mg every ``interval`` h, as infusions of
-``duration`` h (0: bolus or oral). For linear models every metric is affine in the dose,
-metric = a + b * dose, per posterior draw, so one simulation at dose 0 and one at dose 1 give it exactly.
-Metrics: auc24 (mg*h/L over 24 h at steady state, = 24 F dose / (interval CL)), trough and peak at
-steady state, conc@T (concentration at time T h after the first new dose, history included).
+A regimen (:class:`~hybridpk.data.Regimen`) is continued from ``start`` (h): doses every ``interval`` h,
+as infusions of ``duration`` h (0: bolus or oral). For linear models every metric is affine in the dose,
+metric = a + b * dose, per posterior draw, so one simulation without the new doses and one of a unit-dose
+regimen give it exactly. Metrics: auc24 (mg*h/L over 24 h at steady state, = 24 F dose / (interval CL)),
+trough and peak at steady state, auc24 over day D of the new regimen and conc@T (concentration at time T
+h after the first new dose), the last two with the patient's history included.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
+from ..data import Regimen
 from ..errors import HybridPKError
 
-__all__ = ["Target", "parse_target", "regimen_records", "metric_coefficients"]
+__all__ = ["Target", "parse_target", "metric_coefficients"]
 
 
 @dataclass(frozen=True)
 class Target:
-    """A target window on a metric: ``metric`` in auc24, trough, peak, conc@T; bounds ``low``-``high``."""
+    """A target window on a metric: ``metric`` in auc24, aucday, trough, peak, conc; bounds ``low``-``high``;
+    ``time`` the day (aucday) or the hours after the first new dose (conc)."""
 
     metric: str
     low: float
@@ -62,41 +64,19 @@ def parse_target(text: str) -> Target:
     return Target(m.group(1), low, high, None)
 
 
-def regimen_records(patient_id, start: float, dose: float, interval: float, duration: float, n_doses: int,
-                    cmt: int = 0) -> pd.DataFrame:
-    """The recommended regimen as NONMEM dose records (one record with ADDL), ready to append to the data."""
-    rate = dose / duration if duration > 0 else 0.0
-    return pd.DataFrame([{"ID": patient_id, "TIME": float(start), "AMT": float(dose), "RATE": rate,
-                          "ADDL": int(n_doses - 1), "II": float(interval), "EVID": 1, "MDV": 1, "CMT": cmt,
-                          "DV": 0.0}])
-
-
-def _one_subject_dataset(history: pd.DataFrame, extra: pd.DataFrame):
-    from ..data.dataset import read_nonmem
-
-    df = pd.concat([history, extra], ignore_index=True)
-    order = np.lexsort((df["_o"].to_numpy(), df["TIME"].to_numpy()))
-    df = df.iloc[order].drop(columns="_o").reset_index(drop=True)
-    return read_nonmem(df, covariates=None)
-
-
-def metric_coefficients(prior, patient_df: pd.DataFrame, eta, target: Target, start: float, interval: float,
-                        duration: float, cmt: int = 0):
-    """(a, b) tensors (S,) with metric = a + b * dose for each ETA draw (S, K)."""
-    if not prior.pm.structural.linear:
-        raise HybridPKError(f"dose optimisation needs a linear model; {prior.pm.structural.name} is not (yet)")
-    pid = patient_df["ID"].iloc[0]
-    first = patient_df.iloc[0]
-    covs = {c: float(first[c]) for c in prior.pm.covariates}
+def metric_coefficients(model, patient, eta, target: Target, start: float, interval: float, duration: float,
+                        cmt: int = 0):
+    """(a, b) tensors (S,) with metric = a + b * dose for each ETA draw (S, K) of the patient whose padded
+    records are ``patient`` (a one-subject EventBatch) under the FittedPopulation ``model``."""
+    if not model.model.structural.linear:
+        raise HybridPKError(f"dose optimisation needs a linear model; {model.model.structural.name} is not (yet)")
     s = eta.shape[0]
+    zero = torch.zeros(s, dtype=torch.float64)
     if target.metric == "auc24":
-        cov = {c: torch.full((s,), v, dtype=torch.float64) for c, v in covs.items()}
-        p = prior.pm.individual(prior.theta, eta, cov)
+        cov = {c: v.expand(s) for c, v in patient.baseline_covariates().items()}
+        p = model.individual_parameters(eta, cov)
         f = p.get("F", torch.ones(s, dtype=torch.float64))
-        return torch.zeros(s, dtype=torch.float64), 24.0 * f / (interval * p["CL"])
-    # simulate a unit regimen
-    base = {"ID": pid, "DV": 0.0, "MDV": 1, "EVID": 0, "AMT": 0.0, "RATE": 0.0, "ADDL": 0, "II": 0.0, "SS": 0,
-            "CMT": cmt, **covs}
+        return zero, 24.0 * f / (interval * p["CL"])
     if target.metric in ("trough", "peak"):
         # steady state of a unit regimen; trough just before the next dose, peak at the end of the infusion
         # (or the maximum over the interval for a bolus / oral dose)
@@ -106,60 +86,23 @@ def metric_coefficients(prior, patient_df: pd.DataFrame, eta, target: Target, st
             grid = [float(duration)]
         else:
             grid = list(np.linspace(0.0, interval, 97))
-        hist = pd.DataFrame([{**base, "TIME": 0.0, "AMT": 1.0, "RATE": (1.0 / duration) if duration > 0 else 0.0,
-                              "SS": 1, "II": interval, "EVID": 1, "_o": 0}])
-        obs = pd.DataFrame([{**base, "TIME": t, "EVID": 2, "_o": 1} for t in grid])
-        ds = _one_subject_dataset(hist, obs)
-        b = _predict_all(prior, ds.to_batch(covariates=list(prior.pm.covariates)), eta)[:, 1:].amax(1)
-        return torch.zeros(s, dtype=torch.float64), b
-    elif target.metric == "aucday":  # AUC over day D of the new regimen, the patient's history included
+        unit = Regimen(0.0, 1.0, interval, 1, duration, cmt, steady_state=True)
+        return zero, _at(model, patient.extend(unit, grid, keep_records=False, keep_doses=False), eta, len(grid)).amax(1)
+    if target.metric == "aucday":  # AUC over day D of the new regimen, the patient's history included
         t0 = start + 24.0 * (target.time - 1)
         grid = np.linspace(t0, t0 + 24.0, 481)
-        hist = patient_df.assign(_o=0)
-        doses_hist = hist[hist.EVID.isin([1, 4])]
-        obs = pd.DataFrame([{**base, "TIME": float(t), "EVID": 2, "_o": 1} for t in grid])
-        unit = regimen_records(pid, start, 1.0, interval, duration, int(np.ceil((t0 + 24 - start) / interval)) + 1,
-                               cmt).assign(_o=0)
-        for c, v in covs.items():
-            unit[c] = v
+        unit = Regimen(start, 1.0, interval, int(np.ceil((t0 + 24 - start) / interval)) + 1, duration, cmt)
         tt = torch.as_tensor(grid)
-        conc0 = _predict_all(prior, _one_subject_dataset(doses_hist, obs).to_batch(
-            covariates=list(prior.pm.covariates)), eta)
-        conc1 = _predict_all(prior, _one_subject_dataset(unit, obs).to_batch(covariates=list(prior.pm.covariates)),
-                             eta)
-        n_hist = len(doses_hist)
-        a = torch.trapezoid(conc0[:, n_hist:n_hist + len(grid)], tt, dim=1)
-        b = torch.trapezoid(conc1[:, 1:1 + len(grid)], tt, dim=1)
-        return a, b
-    else:  # concentration at start + T, with the patient's history
-        hist = patient_df.assign(_o=0)
-        for col, v in base.items():
-            if col not in hist:
-                hist[col] = v
-        unit = regimen_records(pid, start, 1.0, interval, duration, 100, cmt).assign(_o=0)
-        for c, v in covs.items():
-            unit[c] = v
-        obs = pd.DataFrame([{**base, "TIME": float(start + target.time), "EVID": 2, "_o": 1}])
-        ds0 = _one_subject_dataset(hist[hist.EVID.isin([1, 4])] if len(hist) else hist, obs)
-        ds = _one_subject_dataset(unit, obs)
-        b0 = ds0.to_batch(covariates=list(prior.pm.covariates))
-        a = _predict_last(prior, b0, eta)
-    b1 = ds.to_batch(covariates=list(prior.pm.covariates))
-    return a, _predict_last(prior, b1, eta)
+        conc0 = _at(model, patient.extend(None, grid, keep_records=False), eta, len(grid))
+        conc1 = _at(model, patient.extend(unit, grid, keep_records=False, keep_doses=False), eta, len(grid))
+        return torch.trapezoid(conc0, tt, dim=1), torch.trapezoid(conc1, tt, dim=1)
+    # concentration at start + T, with the patient's history
+    t = [float(start + target.time)]
+    unit = Regimen(start, 1.0, interval, 100, duration, cmt)
+    a = _at(model, patient.extend(None, t, keep_records=False), eta, 1)[:, -1]
+    return a, _at(model, patient.extend(unit, t, keep_records=False, keep_doses=False), eta, 1)[:, -1]
 
 
-def _predict_all(prior, batch, eta):
-    """Concentrations (S, R) at every record of a one-subject batch, for each ETA draw."""
-    from ..solve import simulate
-
-    s = eta.shape[0]
-    sub = batch.select([0] * s)
-    cov = sub.baseline_covariates()
-    with torch.no_grad():
-        p = prior.pm.individual(prior.theta, eta, cov)
-        return simulate(prior.pm.structural, p, sub, throw=False).ipred
-
-
-def _predict_last(prior, batch, eta):
-    last = int(batch.record_mask[0].sum()) - 1
-    return _predict_all(prior, batch, eta)[:, last]
+def _at(model, batch, eta, k: int):
+    """Concentrations (S, k) at the last ``k`` records of a one-subject batch, for each ETA draw (S, K)."""
+    return model.concentrations(batch.select([0] * eta.shape[0]), eta)[:, -k:]

@@ -1,5 +1,6 @@
 """Estimation driver: naive-pooled start, FOCE-I outer optimisation (BFGS on transformed parameters with
-exact OFV gradients), covariance of the estimates, diagnostics; returns a frozen :class:`FitResult`."""
+exact OFV gradients), covariance of the estimates, EBEs and diagnostics; returns the
+:class:`~hybridpk.population.fitted.FittedPopulation` with its :class:`Estimation` record."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import time
 import warnings
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.optimize import minimize
 
 from ..errors import HybridPKError
+from ..progress import Progress
 from .diagnostics import diagnostics
+from .estimation import ConvergenceWarning, Estimation
+from .fitted import FittedPopulation
 from .focei import Problem
-from .result import ConvergenceWarning, FitResult
+from .tables import OmegaTable, SigmaEstimate, SigmaTable, ThetaEstimate, ThetaTable
 
 __all__ = ["fit_population"]
 
@@ -34,7 +39,7 @@ class Packing:
 
     @property
     def block(self) -> bool:
-        return bool(getattr(self.pm, "omega_block", False))
+        return bool(self.pm.omega_block)
 
     def x0(self, theta=None):
         theta = theta or {t.name: t.init for t in self.pm.thetas}
@@ -139,7 +144,7 @@ def _naive_pooled(prob, pack, x0):
 
 def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxiter: int = 300,
                    progress: bool = True, covariance: bool = True, pooled_start: bool = True,
-                   method: str = "auto", callback=None) -> FitResult:
+                   method: str = "auto") -> FittedPopulation:
     """Fit a population model by FOCE with interaction.
 
     Parameters
@@ -149,9 +154,14 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     seed : int  recorded in the result (FOCE-I itself is deterministic)
     omega, sigma : initial OMEGA variances (list, ETA order) and residual SDs ({"ADD": .., "PROP": ..})
     maxiter : outer iterations (BFGS)
-    progress : show a progress bar with the OFV
+    progress : show the progress with the OFV (a bar on a terminal, a line per 10% of ``maxiter`` in a log)
     covariance : compute standard errors (inverse Hessian of the OFV)
     pooled_start : start typical values from a naive pooled fit
+    method : solver path of the predictions: "auto" (closed form for linear models), "closed_form" or "ode"
+
+    Returns the FittedPopulation (THETA/OMEGA/SIGMA tables with standard errors) with its Estimation record
+    (OFV, convergence, shrinkage, EBEs as ``estimation.individual`` and ``estimation.estimates``, and
+    PRED/IPRED/CWRES/IWRES as ``estimation.predictions``).
     """
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -162,11 +172,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         x0 = _naive_pooled(prob, pack, x0)
     n, k = dataset.n_subjects, pm.n_eta
     state = {"eta": torch.zeros(n, k, dtype=torch.float64), "best": math.inf, "evals": 0, "iter": 0}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=maxiter, desc="FOCE-I", unit="it", leave=False, mininterval=1.0)
+    bar = Progress(maxiter, "FOCE-I", "it", enabled=progress)
 
     def evaluate(xv, need_grad=True):
         x = torch.tensor(xv, dtype=torch.float64, requires_grad=need_grad)
@@ -192,16 +198,11 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 
     def cb(xk):
         state["iter"] += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(OFV=f"{state['best']:.4f}")
-        if callback is not None:
-            callback(state["iter"], state["best"], xk)
+        bar.update(1, OFV=f"{state['best']:.4f}")
 
     res = minimize(fun, x0, jac=True, method="BFGS", callback=cb,
                    options={"maxiter": maxiter, "gtol": 1e-4, "xrtol": 1e-7})
-    if bar is not None:
-        bar.close()
+    bar.close()
     x_hat = res.x
     ofv, g, eta = evaluate(x_hat)
     converged = bool(res.success) or float(np.abs(g).max()) < 1e-2
@@ -217,11 +218,69 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
             warn.append(cov_warn)
             warnings.warn(cov_warn, ConvergenceWarning, stacklevel=2)
     theta, om, sd = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
-    diag = diagnostics(prob, theta, om, sd, eta)
-    return FitResult.build(pm=pm, dataset=dataset, theta=theta, omega=om, sd=sd, eta=eta, ofv=ofv,
-                           converged=converged, message=message, iterations=state["iter"],
-                           evaluations=state["evals"], cov_natural=cov_nat, pack=pack, diagnostics=diag,
-                           seed=seed, seconds=time.perf_counter() - t_start, warnings=tuple(warn))
+    fitted = _tables(pm, pack, theta, om, sd, cov_nat)
+    est = fitted.estimate(dataset)          # the EBEs: the same code path as any later estimate
+    diag = diagnostics(prob, fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors(), est.eta)
+    record = Estimation(method="FOCE-I", ofv=float(ofv), converged=converged, message=message,
+                        iterations=state["iter"], evaluations=state["evals"],
+                        seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"],
+                        individual=_individual_table(dataset, pm, est), predictions=_prediction_table(dataset, prob,
+                                                                                                      diag),
+                        n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,
+                        warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est)
+    return fitted.with_estimation(record)
+
+
+def _tables(pm, pack, theta, omega, sd, cov_natural) -> FittedPopulation:
+    """The estimates as typed tables, with standard errors from the covariance of the estimates on their
+    natural scale (order of ``Packing.natural``: free THETAs, OMEGA diagonal, residual SDs, OMEGA
+    covariances)."""
+    se = np.sqrt(np.clip(np.diag(cov_natural), 0, None)) if cov_natural is not None else None
+    i = 0
+    rows = []
+    for t in pm.thetas:
+        s = None
+        if not t.fixed:
+            s = float(se[i]) if se is not None else None
+            i += 1
+        rows.append(ThetaEstimate(t.name, float(theta[t.name]), s, t.fixed, t.unit))
+    k = pm.n_eta
+    om_se = [[None] * k for _ in range(k)]
+    for j in range(k):
+        om_se[j][j] = float(se[i + j]) if se is not None else None
+    i += k
+    sig = []
+    for j, kind in enumerate(pack.sigma_names):
+        sig.append(SigmaEstimate(kind, pm.sigma_labels.get(kind, kind), float(sd[kind]),
+                                 float(se[i + j]) if se is not None else None, pm.sigma_scale))
+    i += len(pack.sigma_names)
+    if pack.block:
+        rows_l, cols_l = np.tril_indices(k, -1)
+        for j, (r, c) in enumerate(zip(rows_l, cols_l)):
+            om_se[r][c] = om_se[c][r] = float(se[i + j]) if se is not None else None
+    matrix = tuple(tuple(float(v) for v in row) for row in omega.tolist())
+    om = OmegaTable(tuple(pm.etas), tuple(pm.omega_labels or pm.etas), matrix,
+                    tuple(tuple(row) for row in om_se) if se is not None else None, pack.block)
+    return FittedPopulation(model=pm, theta=ThetaTable(tuple(rows)), omega=om, sigma=SigmaTable(tuple(sig)),
+                            name="fit", citation="hybridpk fit")
+
+
+def _individual_table(dataset, pm, est):
+    """ID, the EBEs and the individual parameters at them."""
+    ind = pd.DataFrame({"ID": list(dataset.ids)})
+    for j, name in enumerate(pm.etas):
+        ind[name] = est.eta[:, j].numpy()
+    for name in est.parameters.columns[1:]:
+        ind[name] = est.parameters[name].to_numpy()
+    return ind
+
+
+def _prediction_table(dataset, prob, diag):
+    df = dataset.to_dataframe()
+    pick = prob.batch.to_rows
+    return pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
+                         "MDV": df.MDV.to_numpy(), "PRED": pick(diag["pred"]), "IPRED": pick(diag["ipred"]),
+                         "CWRES": pick(diag["cwres"]), "IWRES": pick(diag["iwres"])})
 
 
 def _covariance(evaluate, pack, x_hat):

@@ -153,8 +153,8 @@ def read_control_stream(path):
         return {k: torch.as_tensor(v, dtype=eta.dtype).expand(n) if not torch.is_tensor(v) or v.dim() == 0 else v
                 for k, v in p.items()}
 
-    labels = {"omega_names": omega_names, "sigma_names": {k: v for k, v in kinds.items()},
-              "spec": {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans}}
+    recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans}
     pm = PopulationModel(structural=structural, thetas=thetas, etas=tuple(eta_names), omega_init=omega_init,
-                         error=error, individual=individual, covariates=covs, labels=labels)
+                         error=error, individual=individual, covariates=covs, omega_labels=tuple(omega_names),
+                         sigma_labels=dict(kinds), sigma_scale="variance", recipe=recipe)
     return pm, ds

@@ -17,7 +17,8 @@ import torch
 from ..errors import ModelError
 from ..models import get_model
 
-__all__ = ["Theta", "ErrorModel", "PopulationModel", "CovariateEffect", "build_model", "parse_covariate"]
+__all__ = ["Theta", "ErrorModel", "PopulationModel", "CovariateEffect", "build_model", "parse_covariate",
+           "model_from_recipe"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,11 @@ class PopulationModel:
 
     ``individual(theta, eta, cov)`` gets ``theta`` {name: scalar tensor}, ``eta`` (N, K) and ``cov``
     {covariate: (N,) tensor at baseline}, and returns {parameter: (N,) tensor} on the natural scale.
+    ``omega_init`` are the initial OMEGA variances (ETA order). How the estimates are reported:
+    ``omega_labels`` (default: the ETA names; NONMEM imports: pharmpy's OMEGA names such as IIV_CL),
+    ``sigma_labels`` {"ADD" | "PROP": name} (default: the kinds; NONMEM imports: the $SIGMA names) and
+    ``sigma_scale`` "sd" (hybridpk's ADD/PROP) or "variance" (NONMEM's $SIGMA). ``recipe`` rebuilds the
+    model from plain data (saved in model.json; see :func:`model_from_recipe`).
     """
 
     structural: object
@@ -135,8 +141,15 @@ class PopulationModel:
     individual: Callable = field(repr=False)
     covariates: tuple = ()
     effects: tuple = ()
-    labels: dict = field(default_factory=dict)
     omega_block: bool = False   # True: one full OMEGA block (correlated ETAs), else diagonal
+    omega_labels: tuple = ()
+    sigma_labels: dict = field(default_factory=dict)
+    sigma_scale: str = "sd"
+    recipe: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.sigma_scale not in ("sd", "variance"):
+            raise ModelError(f"sigma_scale must be 'sd' or 'variance', not {self.sigma_scale!r}")
 
     @property
     def theta_names(self) -> tuple:
@@ -224,26 +237,28 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     omega = tuple(0.09 for _ in etas)
     kind = error if isinstance(error, str) else error.kind
     err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
-    spec = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
-            "fixed": fixed,
-            "omega_block": bool(omega_block),
-            "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
-                            "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
+    recipe = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
+              "fixed": fixed, "omega_block": bool(omega_block),
+              "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
+                              "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
                            individual=individual, covariates=cov_names, effects=tuple(effects),
-                           labels={"spec": spec}, omega_block=bool(omega_block) and len(etas) > 1)
+                           omega_block=bool(omega_block) and len(etas) > 1, recipe=recipe)
 
 
-def model_from_spec(spec: dict) -> PopulationModel:
-    """Rebuild a PopulationModel from the ``spec`` saved in a run's model.json (plain data)."""
-    kind = spec.get("kind")
+def model_from_recipe(recipe: dict) -> PopulationModel:
+    """Rebuild a PopulationModel from its ``recipe`` (plain data, as saved in a run's model.json)."""
+    kind = recipe.get("kind")
     if kind == "build":
-        effects = [CovariateEffect(**e) for e in spec.get("covariates", [])]
-        error = ErrorModel(spec["error"], ltbs=bool(spec.get("ltbs", False)))
-        return build_model(spec["model"], iiv=spec["iiv"], covariates=effects, error=error,
-                           fixed=spec.get("fixed") or {}, omega_block=spec.get("omega_block", False))
+        try:
+            effects = [CovariateEffect(**e) for e in recipe.get("covariates", [])]
+            error = ErrorModel(recipe["error"], ltbs=bool(recipe.get("ltbs", False)))
+            return build_model(recipe["model"], iiv=recipe["iiv"], covariates=effects, error=error,
+                               fixed=recipe.get("fixed") or {}, omega_block=recipe.get("omega_block", False))
+        except (KeyError, TypeError) as exc:
+            raise ModelError(f"the model recipe in model.json is incomplete ({exc}); refit the model") from None
     if kind == "nonmem":
         from .nonmem import read_control_stream
 
-        return read_control_stream(spec["control_stream"])[0]
-    raise ModelError(f"unknown model spec kind {kind!r} in model.json")
+        return read_control_stream(recipe["control_stream"])[0]
+    raise ModelError(f"unknown model recipe kind {kind!r} in model.json")

@@ -9,24 +9,24 @@ __all__ = ["ODEBaseline"]
 
 
 class ODEBaseline:
-    """Individual predictions (mg/L) of a fixed population model (a dosing ``Prior``: THETA, OMEGA, SIGMA)."""
+    """Individual predictions (mg/L) of a FittedPopulation (fixed THETA, OMEGA, SIGMA)."""
 
-    def __init__(self, prior):
-        self.prior = prior
-        self.omega_inv = torch.linalg.inv(prior.omega)
-        pm = prior.pm
+    def __init__(self, population):
+        self.population = population
+        self.omega_inv = torch.linalg.inv(population.omega.tensor())
+        pm = population.model
         #: structural parameters whose typical value is an estimated THETA (those joint training may shift)
         self.names = [n for n in pm.structural.parameter_names if n in pm.theta_names]
         self._shift_index = {n: i for i, n in enumerate(self.names)}
-        self._theta = {}  # THETA per (device, dtype): training may run on a GPU, the prior lives on the CPU
+        self._theta = {}  # THETA per (device, dtype): training may run on a GPU, the model lives on the CPU
 
     @property
     def n_eta(self) -> int:
-        return int(self.prior.omega.shape[0])
+        return self.population.model.n_eta
 
     @property
     def structural(self):
-        return self.prior.pm.structural
+        return self.population.model.structural
 
     def ipred(self, batch, eta, log_shift=None):
         """IPRED (N, R) at every record of ``batch`` (covariates taken at baseline) for ETAs ``eta`` (N, K).
@@ -39,10 +39,10 @@ class ODEBaseline:
         from ..solve import simulate
 
         cov = batch.baseline_covariates()
-        pm = self.prior.pm
+        pm = self.population.model
         key = (eta.device, eta.dtype)
         if key not in self._theta:
-            self._theta[key] = {k: v.to(eta.device, eta.dtype) for k, v in self.prior.theta.items()}
+            self._theta[key] = {k: v.to(eta.device, eta.dtype) for k, v in self.population.theta.tensors().items()}
         p = pm.individual(self._theta[key], eta, cov)
         if log_shift is not None and log_shift.numel():
             shift = log_shift.to(eta.device, eta.dtype)

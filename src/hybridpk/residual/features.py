@@ -1,4 +1,4 @@
-"""Per-record inputs of the residual networks, computed from an EventBatch (all tensors (N, R, .))."""
+"""Per-record inputs of the hybrid's networks, computed from an EventBatch (all tensors (N, R, .))."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def input_features(batch, starts, dt: float, scale: dict):
 
 def fit_scale(batch, ipred, n_fourier: int = 0, intervals: int = 96) -> dict:
     """Normalising constants from the training batch (and the number of Fourier time features); the input
-    and reservoir residuals' grid has ``intervals`` intervals over the observed span."""
+    and reservoir forms' grid has ``intervals`` intervals over the observed span."""
     obs = batch.is_obs
     dv = batch.dv[obs]
     c0 = float(0.05 * dv.median()) if len(dv) else 0.05
@@ -97,5 +97,5 @@ def fit_scale(batch, ipred, n_fourier: int = 0, intervals: int = 96) -> dict:
     return {"c0": c0, "t": float(tsd[obs].median().clamp(min=1.0)), "dose": float(batch.dose_amt.max().clamp(min=1e-9)),
             "logc_mean": float(logc.mean()), "logc_sd": float(logc.std().clamp(min=1e-3)),
             "cov_mean": cov_mean, "cov_sd": cov_sd, "n_fourier": int(n_fourier),
-            # input and reservoir residuals: rates constant on intervals of 1/intervals of the observed span
+            # input and reservoir forms: rates constant on intervals of 1/intervals of the observed span
             "input_dt": float(tfd[obs].max().clamp(min=1.0)) / intervals if len(dv) else 0.25}

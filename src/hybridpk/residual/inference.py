@@ -4,13 +4,13 @@ predictions on any records from them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .vae import gaussian_nll, ode_only_objective, residual_penalty
+from .objective import correction_penalty, gaussian_nll, ode_only_objective
 
-__all__ = ["HybridEstimate", "estimate_hybrid", "predict_with"]
+__all__ = ["HybridEstimate", "Curves", "estimate_hybrid", "predict_with"]
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,10 @@ class HybridEstimate:
     """Per patient (N rows): latent mean ``z`` (N, K) after refinement and the encoder's SD ``z_sd``; ETAs
     ``eta`` under the hybrid and ``eta_ode`` of the ODE-only fit; the objectives (-log joint density up to a
     constant) of both fits; and ``weight``, the posterior probability of the hybrid against ODE-only, with
-    the model's prior log-odds ``mix_logit`` (the Akaike penalty -K of the K latents). With the log residual
-    predictions average the two with it, so a patient the ODE already describes keeps the ODE prediction
-    instead of a residual fitted to noise."""
+    the model's prior log-odds (the Akaike penalty -K of the K latents). With the log form predictions
+    average the two with it, so a patient the ODE already describes keeps the ODE prediction instead of a
+    correction fitted to noise. ``ode``: the ODE-only IndividualEstimates (MAP under the population model)
+    they start from, ``ipred_ode`` its prediction (N, R) at the patients' records."""
 
     z: torch.Tensor
     z_sd: torch.Tensor
@@ -29,26 +30,33 @@ class HybridEstimate:
     objective: torch.Tensor
     objective_ode: torch.Tensor
     weight: torch.Tensor
+    ode: object = field(default=None, repr=False)
+    ipred_ode: object = field(default=None, repr=False)
+
+    def with_ode(self, ode, ipred_ode) -> "HybridEstimate":
+        return replace(self, ode=ode, ipred_ode=ipred_ode)
 
 
 def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2):
-    """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's residual penalty and its
+    """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's correction penalty and its
     weight of the latent prior."""
     pred, r = model.predict_at(batch, z, baseline, eta, ipred0)
-    out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd) + residual_penalty(r, batch.is_obs, l2) \
+    out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd) + correction_penalty(r, batch.is_obs, l2) \
         + model.prior_weight * 0.5 * (z * z).sum(1)
     if baseline is not None:
         out = out + baseline.eta_penalty(eta)
     return out
 
 
-def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=None, l2: float = 0.0,
+def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=None, l2: float | None = None,
                     refine: bool = True, max_iter: int = 200) -> HybridEstimate:
     """Estimates for every patient of ``batch`` from its observations. ``ipred0``/``eta0``: the ODE-only MAP
-    prediction (N, R) and ETAs (N, n_eta); ``baseline`` the ODEBaseline (needed for joint models). With
-    ``refine`` the encoder's guess starts a MAP over z (and the ETAs, for joint models) of each patient
-    (L-BFGS; patients are independent, so their objectives are summed; a patient keeps the encoder's guess
-    where the refinement did not lower its objective)."""
+    prediction (N, R) and ETAs (N, n_eta); ``baseline`` the ODEBaseline (needed for joint models); ``l2``
+    the correction penalty (default: the training's). With ``refine`` the encoder's guess starts a MAP over
+    z (and the ETAs, for joint models) of each patient (L-BFGS; patients are independent, so their
+    objectives are summed; a patient keeps the encoder's guess where the refinement did not lower its
+    objective)."""
+    l2 = model.l2 if l2 is None else l2
     with torch.no_grad():
         mu, logvar = model.encode(batch, ipred0, batch.is_obs)
     joint = baseline is not None and model.joint
@@ -88,16 +96,27 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
                           objective=obj, objective_ode=obj_ode, weight=torch.nan_to_num(weight, nan=0.0))
 
 
-def predict_with(model, est: HybridEstimate, batch, baseline=None, ipred0=None, average: bool | None = None):
-    """(prediction, hybrid prediction, ODE-only prediction), each (N, R), at every record of ``batch`` (the
-    same patients in the same order as the estimate, e.g. on a dense grid). The prediction is the
-    Akaike-weighted average of the hybrid and ODE-only ones (``average=False``: the hybrid alone; default:
-    the model's ``average``, True for the log residual, False for the input residual). Without a
-    ``baseline``, ``ipred0`` is the ODE-only prediction on ``batch`` (models trained without joint ETAs)."""
+@dataclass(frozen=True)
+class Curves:
+    """Predictions (N, R) mg/L at every record of a batch: ``final`` (the hybrid, or for the log form its
+    Akaike-weighted average with ODE-only), ``hybrid`` (the hybrid alone) and ``ode`` (ODE-only)."""
+
+    final: torch.Tensor
+    hybrid: torch.Tensor
+    ode: torch.Tensor
+
+
+def predict_with(model, est: HybridEstimate, batch, baseline=None, ipred0=None, average: bool | None = None
+                 ) -> Curves:
+    """The curves of the patients of ``est`` at every record of ``batch`` (the same patients in the same order,
+    e.g. on a dense grid). The final prediction is the Akaike-weighted average of the hybrid and ODE-only
+    ones (``average=False``: the hybrid alone; default: the form's ``average``, True for the log form only).
+    Without a ``baseline``, ``ipred0`` is the ODE-only prediction on ``batch`` (models trained without joint
+    ETAs)."""
     with torch.no_grad():
         ode = baseline.ipred(batch, est.eta_ode) if baseline is not None else ipred0
         hyb, _ = model.predict_at(batch, est.z, baseline, est.eta, ode)
         if not (model.average if average is None else average):
-            return hyb, hyb, ode
+            return Curves(hyb, hyb, ode)
         w = est.weight.to(hyb.dtype).unsqueeze(1)
-        return w * hyb + (1 - w) * ode, hyb, ode
+        return Curves(w * hyb + (1 - w) * ode, hyb, ode)

@@ -36,9 +36,9 @@ class SetEncoder(nn.Module):
         return mu, logvar.clamp(-10.0, 5.0)
 
 
-class ResidualDecoder(nn.Module):
-    """g(z, features) per record or grid point: the log residual r(t) (the hybrid prediction is
-    IPRED * exp(gate * r)) or the scaled input rate of the input residual."""
+class CorrectionDecoder(nn.Module):
+    """g(z, features) per record or grid point, the output of a correction form: the log correction r(t)
+    (log form), the scaled input rate (input form) or the log release rate (reservoir form)."""
 
     def __init__(self, n_features: int, latent_dim: int, hidden: int = 64):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The reservoir residual: a hidden compartment filled from the central one and emptied on a schedule into the
+"""The reservoir form of the hybrid: a hidden compartment filled from the central one and emptied on a schedule into the
 dose compartment, checked against scipy's solution of the same three-compartment ODE."""
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ class Schedule(torch.nn.Module):
 
 def reservoir_prediction(rows, cells: int):
     batch = hp.read_nonmem(pd.DataFrame(rows)).to_batch()
-    vae = HybridVAE(28, 2, 8, joint=True, n_shift=3, residual="reservoir").double()
+    vae = HybridVAE(28, 2, 8, joint=True, n_shift=3, form="reservoir").double()
     vae.scale = {"input_dt": 24.0 / cells, "t": 1.0, "dose": 100.0, "n_fourier": 6, "c0": 0.01}
-    vae.decoder = Schedule()
+    vae.form.decoder = Schedule()
     with torch.no_grad():
-        vae.uptake[-1].bias.fill_(3.0 + math.log(K_IN / (CL / V)))    # k_in = k10 exp(a - 3)
+        vae.form.uptake[-1].bias.fill_(3.0 + math.log(K_IN / (CL / V)))    # k_in = k10 exp(a - 3)
     p = {k: torch.tensor([v], dtype=torch.float64) for k, v in (("CL", CL), ("V", V), ("KA", KA))}
     pred, _ = vae.predict(batch, torch.ones_like(batch.time), torch.zeros(1, 2, dtype=torch.float64), p,
                           get_model("1cmt_oral"))

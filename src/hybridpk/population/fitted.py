@@ -1,0 +1,188 @@
+"""The fitted population model: one object from fit (or published spec) to prediction, estimation,
+simulation and dosing, saved as plain data.
+
+A :class:`FittedPopulation` is a :class:`~hybridpk.population.spec.PopulationModel` with fixed THETA, OMEGA
+and SIGMA tables (:mod:`hybridpk.population.tables`), what is known about where it comes from (name,
+citation, covariate ranges of its population) and, for a fit, its :class:`Estimation` record. It is what
+``fit_population`` returns, what ``load_run`` reads back from a run folder and what ``load_model`` makes of a
+published spec (models/*.toml); the hybrid model and the dosing functions build on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..errors import HybridPKError
+from ..io import atomic_write_text
+from .estimates import IndividualEstimates, map_estimate
+from .estimation import Estimation, read_json
+from .predictions import Predictions
+from .spec import PopulationModel, model_from_recipe
+from .tables import OmegaTable, SigmaEstimate, SigmaTable, ThetaEstimate, ThetaTable
+
+__all__ = ["FittedPopulation", "MODEL_FORMAT"]
+
+#: model.json: "format" and "version" of the fitted-model file this hybridpk writes and reads
+MODEL_FORMAT = ("hybridpk-population-model", 2)
+
+
+@dataclass(frozen=True)
+class FittedPopulation:
+    """A population model with fixed population values.
+
+    ``model`` the PopulationModel (structure, parameter map, covariates, error model); ``theta``,
+    ``omega``, ``sigma`` the typed tables (scales stated in each); ``estimation`` the fit's record (None for a
+    published spec); ``name``, ``citation``, ``ranges`` {covariate: (low, high)} of the population it was
+    built on, ``route`` of dosing, ``units``, ``notes`` (caveats every estimate and recommendation repeats).
+    """
+
+    model: PopulationModel = field(repr=False)
+    theta: ThetaTable
+    omega: OmegaTable
+    sigma: SigmaTable
+    estimation: Estimation | None = field(default=None, repr=False)
+    name: str = "model"
+    citation: str = ""
+    ranges: dict = field(default_factory=dict)
+    route: str = "infusion"
+    units: dict = field(default_factory=dict)
+    notes: tuple = ()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_values(cls, pm: PopulationModel, theta: dict, omega, sd: dict, **info) -> "FittedPopulation":
+        """From explicit population values: ``theta`` {name: value} (natural scale), ``omega`` the ETA
+        variances as {parameter or ETA name: variance} (diagonal) or a (K, K) matrix, ``sd`` the residual
+        SDs {"ADD": mg/L, "PROP": fraction}; ``info``: name, citation, ranges, route, units, notes."""
+        th = ThetaTable(tuple(ThetaEstimate(t.name, float(theta[t.name]), fixed=t.fixed, unit=t.unit)
+                              for t in pm.thetas))
+        if isinstance(omega, dict):
+            var = [float(omega[e] if e in omega else omega[e.removeprefix("ETA_")]) for e in pm.etas]
+            matrix = tuple(tuple(v if i == j else 0.0 for j in range(len(var))) for i, v in enumerate(var))
+        else:
+            matrix = tuple(tuple(float(x) for x in row) for row in (omega.tolist() if torch.is_tensor(omega)
+                                                                     else omega))
+        om = OmegaTable(tuple(pm.etas), tuple(pm.omega_labels or pm.etas), matrix, None, bool(pm.omega_block))
+        sig = SigmaTable(tuple(SigmaEstimate(kind, pm.sigma_labels.get(kind, kind), float(sd[kind]),
+                                             scale=pm.sigma_scale) for kind in pm.error.names))
+        return cls(model=pm, theta=th, omega=om, sigma=sig, **info)
+
+    # ------------------------------------------------------------------ the model as a function
+    @property
+    def covariates(self) -> tuple:
+        return tuple(self.model.covariates)
+
+    def individual_parameters(self, eta, covariates: dict) -> dict:
+        """{parameter: (N,) tensor} on the natural scale for ETAs ``eta`` (N, K) and baseline covariates
+        {name: (N,) tensor}."""
+        return self.model.individual(self.theta.tensors(), eta, covariates)
+
+    def concentrations(self, batch, eta):
+        """Concentrations (N, R) at every record of ``batch`` for ETAs ``eta`` (N, K) (baseline covariates of
+        the batch; NaN for a subject whose solve failed)."""
+        from ..solve import simulate
+
+        with torch.no_grad():
+            p = self.individual_parameters(eta, batch.baseline_covariates())
+            return simulate(self.model.structural, p, batch, throw=False).ipred
+
+    # ------------------------------------------------------------------ the four verbs
+    def estimate(self, dataset) -> IndividualEstimates:
+        """MAP ETAs (EBEs) of every patient of ``dataset`` from its own observations, with their Laplace
+        covariance (the fit's EBEs come from this same call)."""
+        return map_estimate(self, dataset)
+
+    def predict(self, dataset, estimates: IndividualEstimates | None = None) -> Predictions:
+        """PRED (ETA = 0) and IPRED (MAP ETAs from each patient's observations; a patient without
+        observations keeps ETA = 0) at every record of ``dataset``, in mg/L, with the ETAs."""
+        est = estimates or self.estimate(dataset)
+        prob = est.problem
+        with torch.no_grad():
+            pred = prob.predict(self.theta.tensors(), torch.zeros_like(est.eta))
+            ipred = prob.predict(self.theta.tensors(), est.eta)
+            if self.model.error.ltbs:   # log scale inside the fit; concentrations out
+                pred, ipred = torch.exp(pred), torch.exp(ipred)
+        b = prob.batch
+        df = dataset.to_dataframe()
+        table = pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
+                              "MDV": df.MDV.to_numpy(), "PRED": b.to_rows(pred), "IPRED": b.to_rows(ipred)})
+        idx = b.subject_of_rows()
+        for j, name in enumerate(self.model.etas):
+            table[name] = est.eta[idx, j].numpy()
+        return Predictions(table=table, batch=b, pred=pred, ipred=ipred, estimates=est)
+
+    def simulate(self, dataset, n: int = 1, seed: int = 0) -> pd.DataFrame:
+        """``n`` replicates of the design of ``dataset`` (its doses, records and covariates): new ETAs from
+        OMEGA, IPRED, and DV with the residual error at the observation records (0 elsewhere). Returns one
+        row per replicate and record: REP (1..n), ID, TIME, EVID, MDV, IPRED, DV (mg/L) and the ETAs."""
+        from .simulation import simulate_replicates
+
+        return simulate_replicates(self, dataset, n, seed)
+
+    # ------------------------------------------------------------------ persistence
+    def tables_to_dict(self) -> dict:
+        """The tables as summary.json reports them."""
+        return {"parameters": self.theta.to_dict(), "omega": self.omega.to_dict(),
+                "sigma": self.sigma.to_dict(), "omega_covariance": self.omega.covariances_to_dict()}
+
+    def save(self, run_dir) -> Path:
+        """Write model.json (the fitted model as plain data: loading it never executes code) and, for a fit,
+        summary.json, individual.csv and predictions.csv into ``run_dir``, each atomically."""
+        run = Path(run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        if self.estimation is not None:
+            self.estimation.save(run, self.tables_to_dict())
+        atomic_write_text(run / "model.json", json.dumps(self._model_json(), indent=2))
+        return run
+
+    def _model_json(self) -> dict:
+        om = self.omega
+        return {"format": MODEL_FORMAT[0], "version": MODEL_FORMAT[1], "model": self.model.recipe,
+                "name": self.name, "citation": self.citation, "route": self.route, "units": self.units,
+                "ranges": {k: list(v) for k, v in self.ranges.items()}, "notes": list(self.notes),
+                "data_sha256": self.estimation.data_sha256 if self.estimation else None,
+                "theta": [vars(r) for r in self.theta],
+                "omega": {"etas": list(om.etas), "labels": list(om.labels), "block": om.block,
+                          "matrix": [list(row) for row in om.matrix],
+                          "se": None if om.se is None else [list(row) for row in om.se]},
+                "sigma": [vars(r) for r in self.sigma]}
+
+    @classmethod
+    def load(cls, run_dir) -> "FittedPopulation":
+        """The fitted model saved in ``run_dir`` (model.json, plus the estimation record if there is one)."""
+        run = Path(run_dir)
+        path = run / "model.json"
+        if not path.is_file():
+            raise HybridPKError(f"{path} not found: expected a run folder written by 'hybridpk fit'")
+        data = read_json(path)
+        if (data.get("format"), data.get("version")) != MODEL_FORMAT:
+            raise HybridPKError(f"{path} is not a hybridpk model file of format version {MODEL_FORMAT[1]} "
+                                f"(found {data.get('format')!r} version {data.get('version')!r}); refit the model "
+                                "with this version of hybridpk")
+        try:
+            pm = model_from_recipe(data["model"])
+            om = data["omega"]
+            fitted = cls(model=pm, theta=ThetaTable(tuple(ThetaEstimate(**r) for r in data["theta"])),
+                         omega=OmegaTable(tuple(om["etas"]), tuple(om["labels"]),
+                                          tuple(tuple(float(x) for x in row) for row in om["matrix"]),
+                                          None if om.get("se") is None else tuple(tuple(row) for row in om["se"]),
+                                          bool(om["block"])),
+                         sigma=SigmaTable(tuple(SigmaEstimate(**r) for r in data["sigma"])),
+                         estimation=Estimation.load(run), name=run.name,
+                         citation=data.get("citation") or f"hybridpk fit {run}", ranges={
+                             k: tuple(v) for k, v in (data.get("ranges") or {}).items()},
+                         route=data.get("route", "infusion"), units=data.get("units") or {},
+                         notes=tuple(data.get("notes") or ()))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
+        if [t.name for t in fitted.theta] != list(pm.theta_names) or list(fitted.omega.etas) != list(pm.etas):
+            raise HybridPKError(f"{path}: the THETA/OMEGA tables do not match the model they belong to; refit")
+        return fitted
+
+    def with_estimation(self, estimation: Estimation) -> "FittedPopulation":
+        return replace(self, estimation=estimation)

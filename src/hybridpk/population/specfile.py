@@ -1,0 +1,113 @@
+"""Published population models as declarative specs (models/*.toml): loaded into a FittedPopulation, and a
+fit written out as one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import HybridPKError, ModelError
+from .fitted import FittedPopulation
+from .spec import CovariateEffect, ErrorModel, build_model
+
+__all__ = ["load_model", "model_specs", "write_spec"]
+
+
+def _models_dir() -> Path:
+    here = Path(__file__).resolve()
+    installed = here.parents[1] / "_models"
+    return installed if installed.is_dir() else here.parents[3] / "models"
+
+
+def model_specs() -> list[str]:
+    """Names of the published model specs shipped in ``models/``."""
+    d = _models_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def load_model(source) -> FittedPopulation:
+    """A published model: a spec name shipped with hybridpk (e.g. 'vancomycin_goti2018', see
+    :func:`model_specs`) or a spec file (.toml). A FittedPopulation is returned unchanged."""
+    if isinstance(source, FittedPopulation):
+        return source
+    path = Path(source)
+    if path.suffix == ".toml" and path.is_file():
+        return _from_toml(path)
+    candidate = _models_dir() / f"{path.stem}.toml"
+    if path.suffix in ("", ".toml") and candidate.is_file():
+        return _from_toml(candidate)
+    raise HybridPKError(f"{source}: not a model spec name or spec file; shipped specs: {', '.join(model_specs())}")
+
+
+def _from_toml(path: Path) -> FittedPopulation:
+    import tomllib
+
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HybridPKError(f"cannot read model spec {path}: {exc}") from None
+    try:
+        structure = spec["structure"]
+        typical = {k.upper(): float(v) for k, v in spec["typical"].items()}
+        iiv = {k.upper(): float(v) for k, v in spec.get("iiv", {}).items()}
+        err = spec.get("error", {})
+    except KeyError as exc:
+        raise ModelError(f"model spec {path.name} lacks {exc}") from None
+    effects, coef = [], {}
+    for c in spec.get("covariate", []):
+        e = CovariateEffect(c["parameter"].upper(), c["covariate"], c.get("kind", "power"), c.get("reference"),
+                            c.get("exponent"), float(c.get("level", 1.0)))
+        effects.append(e)
+        if "coefficient" in c:
+            coef[e.theta_name] = float(c["coefficient"])
+        elif e.kind != "power" or e.exponent is None:
+            raise ModelError(f"model spec {path.name}: covariate effect {e.parameter}~{e.covariate} needs "
+                             "'exponent' (power) or 'coefficient'")
+    # effects of the same covariate on one parameter with distinct coefficients need distinct theta names
+    names = [e.theta_name for e in effects]
+    if len(set(names)) != len(names):
+        raise ModelError(f"model spec {path.name}: two effects of one covariate on one parameter")
+    pm = build_model(structure, iiv=list(iiv), covariates=effects, error=ErrorModel(err.get("kind", "proportional"),
+                     add=float(err.get("add", 0.0)), prop=float(err.get("prop", 0.0))),
+                     initial=typical)
+    theta = {t.name: typical.get(t.name, coef.get(t.name, t.init)) for t in pm.thetas}
+    omega = {e: iiv[e.removeprefix("ETA_")] for e in pm.etas}
+    sd = {k: float(err.get(k.lower(), 0.0)) for k in pm.error.names}
+    ranges = {k: (float(v[0]), float(v[1])) for k, v in spec.get("population", {}).items()}
+    return FittedPopulation.from_values(pm, theta, omega, sd, name=spec.get("name", path.stem),
+                                        citation=spec.get("citation", ""), ranges=ranges,
+                                        route=spec.get("route", "infusion"), units=dict(spec.get("units", {})))
+
+
+def write_spec(fitted: FittedPopulation, path, *, name: str, drug: str = "", citation: str = "",
+               ranges: dict | None = None, route: str = "infusion") -> Path:
+    """Write a fitted model (a fit of a library model with a diagonal OMEGA) as a models/*.toml spec, so it
+    can serve as a dosing prior like the published ones."""
+    from ..io import atomic_write_text
+
+    recipe = fitted.model.recipe
+    if recipe.get("kind") != "build" or fitted.omega.block:
+        raise HybridPKError("only fits of library models with a diagonal OMEGA can be written as a spec")
+    eff_names = {f"{c['parameter']}_{c['covariate']}" for c in recipe.get("covariates", [])}
+    lines = [f'name = "{name}"', f'drug = "{drug}"', f'structure = "{recipe["model"]}"',
+             f'citation = "{citation or "hybridpk fit"}"', f'route = "{route}"', "", "[typical]"]
+    lines += [f"{t.name} = {t.value!r}" for t in fitted.theta if t.name not in eff_names]
+    lines += ["", "[iiv]"] + [f"{e.eta.removeprefix('ETA_')} = {e.variance!r}" for e in fitted.omega]
+    lines += ["", "[error]", f'kind = "{recipe["error"]}"'] + [f"{s.kind.lower()} = {s.sd!r}" for s in fitted.sigma]
+    for c in recipe.get("covariates", []):
+        lines += ["", "[[covariate]]", f'parameter = "{c["parameter"]}"', f'covariate = "{c["covariate"]}"',
+                  f'kind = "{c["kind"]}"']
+        if c.get("reference") is not None:
+            lines.append(f"reference = {float(c['reference'])!r}")
+        if c["kind"] == "categorical":
+            lines.append(f"level = {float(c['level'])!r}")
+        theta = f"{c['parameter']}_{c['covariate']}"
+        if c.get("exponent") is not None:
+            lines.append(f"exponent = {float(c['exponent'])!r}")
+        elif c["kind"] == "power":
+            lines.append(f"exponent = {fitted.theta[theta].value!r}")
+        else:
+            lines.append(f"coefficient = {fitted.theta[theta].value!r}")
+    if ranges:
+        lines += ["", "[population]"] + [f"{k} = [{float(lo)!r}, {float(hi)!r}]" for k, (lo, hi) in ranges.items()]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return Path(path)

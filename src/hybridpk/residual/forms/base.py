@@ -1,0 +1,62 @@
+"""The interface of a correction form: how the hybrid's latent-conditioned term enters the prediction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..features import input_features, input_grid
+
+__all__ = ["CorrectionForm", "GridInputs", "grid_inputs", "log_ratio"]
+
+
+class CorrectionForm(nn.Module):
+    """A strategy object (one final subclass per form, each in its own module). It owns the decoder's
+    parameters and turns the ODE prediction into the hybrid one.
+
+    Class attributes: ``name``; ``average`` (True: predictions average the hybrid and ODE-only with the
+    patient's Akaike weight, for forms that fit noise where the ODE suffices); ``structural`` (True: the
+    term is carried by the linear structural model with the patient's own parameters, so it needs joint
+    training and a linear model); ``intervals`` (grid forms: default number of time intervals over the
+    observed span on which the learnt rates are constant).
+    """
+
+    name: str = ""
+    average: bool = False
+    structural: bool = False
+    intervals: int = 96
+
+    def __init__(self, n_features: int, latent_dim: int, hidden: int):
+        super().__init__()
+
+    def forward(self, batch, ipred, z, scale: dict, params=None, structural=None):
+        """(hybrid concentration (N, R) mg/L, the correction r (N, R) in log space) at every record of
+        ``batch``, for latent ``z`` (N, K), the ODE prediction ``ipred`` (N, R), the normalising constants
+        ``scale`` and, for structural forms, the individual ``params`` and the ``structural`` model."""
+        raise NotImplementedError
+
+
+class GridInputs:
+    """The time grid of a grid form: interval width ``dt`` (h), ``starts`` (N, G) h, decoder inputs ``x``
+    (N, G, F), the last dose amount ``amt`` (N, G) mg, and the after-first-dose ``gate`` (N, G)."""
+
+    def __init__(self, dt, starts, x, amt, gate):
+        self.dt, self.starts, self.x, self.amt, self.gate = dt, starts, x, amt, gate
+
+
+def grid_inputs(batch, scale: dict) -> GridInputs:
+    dt = float(scale["input_dt"])
+    starts = input_grid(batch, dt)
+    x, amt, gate = input_features(batch, starts, dt, scale)
+    return GridInputs(dt, starts, x, amt, gate)
+
+
+def log_ratio(pred, ipred, scale: dict):
+    """The correction in log space, r = log(pred + c0) - log(IPRED + c0) (c0: a small concentration)."""
+    c0 = scale["c0"]
+    return torch.log(pred + c0) - torch.log(ipred.clamp(min=0) + c0)
+
+
+def require_structure(form: CorrectionForm, params, structural) -> None:
+    if params is None or structural is None or not structural.linear:
+        raise ValueError(f"the {form.name} form needs a linear structural model and its individual parameters")

@@ -1,0 +1,46 @@
+"""The hybrid's objectives: the population model's residual-error likelihood at the hybrid prediction, the
+penalty that keeps the correction at zero where the ODE fits, and the negative ELBO of training."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gaussian_nll", "correction_penalty", "ode_only_objective", "neg_elbo"]
+
+
+def correction_penalty(r, mask, l2):
+    """Per-patient L2 penalty (N,) on the correction r (N, R) (log space) at the observations in ``mask``."""
+    return l2 * torch.where(mask, r * r, torch.zeros_like(r)).sum(1)
+
+
+def gaussian_nll(batch, pred, mask, error_model, sd):
+    """-log-likelihood (up to a constant) of the observations in ``mask`` under the residual-error model at
+    the prediction ``pred`` (N, R), per patient (N,)."""
+    v = torch.where(mask, error_model.variance(pred, sd), torch.ones_like(pred))
+    return torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+
+
+def ode_only_objective(batch, ipred, mask, error_model, sd, baseline=None, eta=None):
+    """-log p(y | ODE-only) per patient (N,) at the ODE-only prediction ``ipred`` (plus -log p(ETA) when the
+    ETAs are given: joint mode): the alternative the hybrid's Akaike weight compares with."""
+    out = gaussian_nll(batch, ipred, mask, error_model, sd)
+    return out + baseline.eta_penalty(eta) if baseline is not None else out
+
+
+def neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, baseline=None, eta=None):
+    """-ELBO per patient (N,) with its NLL and KL parts: the residual-error -log-likelihood at the hybrid
+    prediction for z drawn from q(z | patient) (the reparametrisation trick; ``gen`` None: z = its mean),
+    plus beta KL(q || N(0, I)) and the correction penalty. With ``baseline`` (joint mode) the ODE prediction
+    is recomputed at the patients' current ETAs ``eta`` (N, K), and -log p(ETA) is added."""
+    mu, logvar = model.encode(batch, ipred, mask)
+    # noise drawn on the CPU generator (reproducible on every device), then moved
+    eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype).to(mu.device) if gen is not None else \
+        torch.zeros_like(mu)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    pred, r = model.predict_at(batch, z, baseline, eta, ipred)
+    eta_pen = baseline.eta_penalty(eta) if baseline is not None else 0.0
+    nll = gaussian_nll(batch, pred, mask, error_model, sd)
+    kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar).sum(1)
+    pen = correction_penalty(r, mask, l2)
+    out = nll + beta * kl + pen + eta_pen
+    return out, nll, kl

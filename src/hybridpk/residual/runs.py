@@ -1,0 +1,25 @@
+"""One loader for every run folder ``hybridpk fit`` writes: a population fit (native or NONMEM import) or a
+hybrid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import HybridPKError
+from ..population import FittedPopulation
+from .hybrid import HybridFit
+
+__all__ = ["load_run"]
+
+
+def load_run(run_dir) -> FittedPopulation | HybridFit:
+    """The fitted model saved in ``run_dir``: a :class:`HybridFit` when the run holds a trained VAE
+    (vae.json, vae.pt), else a :class:`FittedPopulation`. Loading never executes code (JSON, and tensors
+    with ``weights_only=True``)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise HybridPKError(f"{run} is not a run folder (written by 'hybridpk fit'); for a published model "
+                            "spec use load_model")
+    if (run / "vae.json").is_file() or (run / "vae.pt").is_file():
+        return HybridFit.load(run)
+    return FittedPopulation.load(run)

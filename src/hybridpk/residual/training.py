@@ -1,0 +1,227 @@
+"""Training the hybrid's network: maximise the ELBO over minibatches of patients, each patient's ETAs
+re-estimated with z in joint mode; early stopping on held-out patients; atomic, tensors-only checkpoints
+that training resumes from.
+
+The ELBO is the residual-error likelihood of the population model at the hybrid prediction, minus
+beta KL(q(z | patient) || N(0, I)) with beta warmed up from 0, minus an L2 penalty on the correction that
+keeps it at zero where the ODE already fits. In joint mode (the default) every patient's ETAs are free
+parameters too, starting at the ODE-only MAP, with their OMEGA prior term -log p(ETA) in the objective, and
+log-shifts of the typical values are learnt with the networks. Gradient clipping, NaN guard, seeded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import atomic_write_bytes
+from ..progress import Progress
+from .features import fit_scale, record_features
+from .forms import default_form, get_form
+from .objective import neg_elbo
+from .vae import HybridVAE, scale_to_tensors
+
+__all__ = ["TrainConfig", "train_vae"]
+
+
+@dataclass
+class TrainConfig:
+    """Options of the hybrid's training (defaults validated on held-out EHC patients, seeds 1-5).
+
+    ``form``: how the correction enters (:mod:`hybridpk.residual.forms`): "input", "reservoir", "log", or
+    "auto" (input for linear structural models with joint training, else log). ``intervals``: grid forms'
+    number of intervals over the observed span (None: the form's default, 96 input, 48 reservoir).
+    ``l2_correction``: weight of the L2 penalty on the correction. ``joint``: re-estimate each patient's
+    ETAs (and the typical values) together with z. ``fourier``: Fourier features of the times since dose and
+    since the first dose (0: raw times only). No early stopping before ``min_epochs`` (the correction is
+    often found only after a plateau), then after ``patience`` epochs without a better held-out -ELBO.
+    """
+
+    latent_dim: int = 2
+    hidden: int = 64
+    epochs: int = 1500
+    lr: float = 3e-3
+    batch_size: int = 64
+    warmup_epochs: int = 100
+    beta: float = 0.3
+    l2_correction: float = 0.3
+    min_epochs: int = 1000
+    val_fraction: float = 0.2
+    patience: int = 300
+    clip: float = 5.0
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint: str | None = None
+    progress: bool = True
+    fourier: int = 6
+    joint: bool = True
+    form: str = "auto"
+    intervals: int | None = None
+
+
+class _Split:
+    """The training and held-out patients, moved to the training device, with their ETAs (joint mode: free
+    parameters starting at the ODE-only MAP)."""
+
+    def __init__(self, batch, ipred, eta0, tr_idx, val_idx, device, joint: bool):
+        self.n_val = len(val_idx)
+        self.btr, self.ptr = batch.select(tr_idx).to(device), ipred[tr_idx].to(device)
+        self.bva = batch.select(val_idx).to(device) if self.n_val else None
+        self.pva = ipred[val_idx].to(device) if self.n_val else None
+        self.etr = self.eva = None
+        if joint:
+            eta0 = eta0.detach().to(device)
+            self.etr = nn.Parameter(eta0[tr_idx].clone())
+            self.eva = nn.Parameter(eta0[val_idx].clone()) if self.n_val else None
+
+
+def _build_model(batch, ipred, tr_idx, cfg: TrainConfig, baseline) -> HybridVAE:
+    joint = baseline is not None
+    form = cfg.form if cfg.form != "auto" else default_form(joint, joint and baseline.structural.linear)
+    intervals = cfg.intervals or get_form(form).intervals
+    scale = fit_scale(batch.select(tr_idx), ipred[tr_idx], cfg.fourier, intervals)
+    x, _ = record_features(batch.select(tr_idx[:1]), ipred[tr_idx[:1]], scale)
+    model = HybridVAE(x.shape[-1], cfg.latent_dim, cfg.hidden, joint, len(baseline.names) if joint else 0,
+                      form).double()
+    model.scale = scale
+    return model
+
+
+def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, baseline=None, eta0=None):
+    """Train a HybridVAE on a population (``batch`` with the ODE-only individual prediction ``ipred`` (N, R)
+    at every record). Joint mode: pass ``baseline`` (an ODEBaseline) and the ODE-only MAP ETAs ``eta0``
+    (N, K): each patient's ETAs then start there and are estimated together with the networks (the held-out
+    patients' ETAs from their own -ELBO, without training the networks on it), so that the correction learns
+    what the ODE cannot explain at its best individual fit rather than at the ODE-only fit, which the
+    unexplained structure distorts.
+
+    Returns (model, history): the model back on the CPU (trained on ``cfg.device``); history lists (epoch,
+    train -ELBO per patient, validation -ELBO per patient).
+    """
+    cfg = config or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    n = batch.n_subjects
+    perm = torch.randperm(n, generator=gen)
+    n_val = max(1, int(round(cfg.val_fraction * n))) if n > 4 else 0
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    joint = baseline is not None
+    if joint and (eta0 is None or eta0.shape != (n, baseline.n_eta)):
+        raise ValueError("joint training needs eta0 of shape (N subjects, number of ETAs)")
+    model = _build_model(batch, ipred, tr_idx, cfg, baseline)
+    device = torch.device(cfg.device)
+    model.to(device)
+    sd = {k: v.detach().to(device) for k, v in sd.items()}
+    data = _Split(batch, ipred, eta0, tr_idx, val_idx, device, joint)
+    opt = torch.optim.Adam(list(model.parameters()) + ([data.etr] if joint else []), lr=cfg.lr)
+    opt_val = torch.optim.Adam([data.eva], lr=cfg.lr) if (joint and n_val) else None
+    state = _resume(cfg, model, opt, opt_val, data, gen, device)
+    history = []
+    with Progress(cfg.epochs, "VAE", "epoch", enabled=cfg.progress, initial=state["start"]) as bar:
+        for epoch in range(state["start"], cfg.epochs):
+            beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
+            train = _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline)
+            val = _validate(model, opt_val, data, error_model, sd, cfg, baseline, train)
+            history.append((epoch, train, val))
+            bar.update(1, train=f"{train:.3f}", val=f"{val:.3f}")
+            stop = _track_best(state, model, epoch, val, cfg)
+            if cfg.checkpoint and (epoch % 20 == 0 or epoch == cfg.epochs - 1):
+                _save(cfg.checkpoint, model, opt, opt_val, data, epoch, state)
+            if stop:
+                break
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    model.best_val = state["best"]
+    model.l2 = cfg.l2_correction     # the per-patient estimates' objective: the training's (beta-)ELBO
+    model.prior_weight = cfg.beta
+    model.to("cpu")   # trained on cfg.device; inference (per-patient MAP, predictions) runs with the data, on the CPU
+    return model, history
+
+
+def _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline) -> float:
+    """One pass over the training patients in random minibatches; the mean -ELBO per patient."""
+    ntr = data.btr.n_subjects
+    order = torch.randperm(ntr, generator=gen)
+    model.train()
+    total = 0.0
+    for i in range(0, ntr, cfg.batch_size):
+        idx = order[i:i + cfg.batch_size]
+        b = data.btr.select(idx)
+        loss, _, _ = neg_elbo(model, b, data.ptr[idx], b.is_obs, error_model, sd, beta, cfg.l2_correction, gen,
+                              baseline, data.etr[idx] if data.etr is not None else None)
+        loss = loss.sum() / len(idx)
+        if not torch.isfinite(loss):      # NaN guard: skip the step
+            continue
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    return total / ntr
+
+
+def _validate(model, opt_val, data, error_model, sd, cfg, baseline, train: float) -> float:
+    """The held-out patients' mean -ELBO (z at its mean, no correction penalty); in joint mode their ETAs
+    take one step on their own -ELBO (the networks do not learn from it)."""
+    model.eval()
+    if opt_val is not None:
+        vloss = neg_elbo(model, data.bva, data.pva, data.bva.is_obs, error_model, sd, cfg.beta, 0.0, None,
+                         baseline, data.eva)[0]
+        val = float(vloss.detach().mean())
+        opt_val.zero_grad()
+        (grad,) = torch.autograd.grad(vloss.sum(), [data.eva])
+        if bool(torch.isfinite(grad).all()):
+            data.eva.grad = grad
+            opt_val.step()
+        return val
+    if not data.n_val:
+        return train
+    with torch.no_grad():
+        return float(neg_elbo(model, data.bva, data.pva, data.bva.is_obs, error_model, sd, cfg.beta, 0.0)[0].mean())
+
+
+def _track_best(state: dict, model, epoch: int, val: float, cfg) -> bool:
+    """Keep the best held-out state (after warm-up); True when training should stop early."""
+    if epoch >= cfg.warmup_epochs and val < state["best"] - 1e-6:
+        state["best"], state["bad"] = val, 0
+        state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    elif epoch >= cfg.warmup_epochs:
+        state["bad"] += 1
+    return state["bad"] >= cfg.patience and epoch + 1 >= cfg.min_epochs
+
+
+def _resume(cfg, model, opt, opt_val, data, gen, device) -> dict:
+    """Training state, from the checkpoint when ``cfg.checkpoint`` exists (loaded with weights_only)."""
+    state = {"start": 0, "best": math.inf, "best_state": None, "bad": 0}
+    if not (cfg.checkpoint and Path(cfg.checkpoint).is_file()):
+        return state
+    ck = torch.load(cfg.checkpoint, weights_only=True, map_location=device)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    if data.etr is not None:
+        with torch.no_grad():
+            data.etr.copy_(ck["eta_train"])
+            if data.n_val:
+                data.eva.copy_(ck["eta_val"])
+                opt_val.load_state_dict(ck["optimizer_val"])
+    state.update(start=int(ck["epoch"]) + 1, best=float(ck["best"]), best_state=ck.get("best_model"))
+    gen.manual_seed(cfg.seed + state["start"])
+    return state
+
+
+def _save(path, model, opt, opt_val, data, epoch: int, state: dict) -> None:
+    """A checkpoint as tensors only, written atomically."""
+    extra = {"best_model": state["best_state"]} if state["best_state"] else {}
+    if data.etr is not None:
+        extra["eta_train"] = data.etr.detach().clone()
+        if data.n_val:
+            extra.update(eta_val=data.eva.detach().clone(), optimizer_val=opt_val.state_dict())
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": torch.tensor(epoch),
+                "best": torch.tensor(state["best"]), "scale": scale_to_tensors(model.scale), **extra}, buf)
+    atomic_write_bytes(path, buf.getvalue())
