@@ -187,6 +187,11 @@ def test_saved_joint_run_predicts_what_the_fitted_model_does(ehc_small, tmp_path
     c = hyb.predict(new)
     torch.testing.assert_close(c.ipred, b.ipred, rtol=1e-5, atol=1e-8)
     pd.testing.assert_frame_equal(loaded.individual, hyb.individual, check_dtype=False)
+    # simulation from the generative model (ETAs from OMEGA, z from N(0, I)): seeded, non-negative
+    sim = loaded.simulate(new, n=2, seed=7)
+    pd.testing.assert_frame_equal(sim, hyb.simulate(new, n=2, seed=7))
+    assert {"REP", "IPRED", "DV", "Z1", "Z2", "ETA_CL"} <= set(sim.columns) and (sim.IPRED >= 0).all()
+    assert len(sim) == 2 * len(new) and not sim.DV.equals(loaded.simulate(new, n=2, seed=8).DV)
     # a run of an older format is refused with what to do, not misread
     meta = json.loads((tmp_path / "run" / "vae.json").read_text())
     (tmp_path / "run" / "vae.json").write_text(json.dumps({**meta, "version": 1}))

@@ -39,15 +39,15 @@ def test_an_early_stop_says_where_it_stopped_and_disabled_writes_nothing():
 
 
 def test_a_hybrid_fit_writes_few_progress_lines_to_a_log(tmp_path):
-    ds, _ = simulate_ehc_population(30, seed=5)
+    ds, _ = simulate_ehc_population(20, seed=5)
     path = tmp_path / "ehc.csv"
     ds.to_dataframe().to_csv(path, index=False)
     with open(tmp_path / "log.txt", "w") as log:   # stderr is a file, not a terminal
         proc = subprocess.run([sys.executable, "-m", "hybridpk", "fit", str(path), "--model", "1cmt_oral",
-                               "--error", "combined", "--hybrid", "vae", "--epochs", "300", "--no-covariance",
+                               "--error", "combined", "--hybrid", "vae", "--epochs", "200", "--no-covariance",
                                "--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=log, timeout=600)
     assert proc.returncode == 0
     lines = _lines((tmp_path / "log.txt").read_text())
     assert len(lines) < 100, len(lines)
-    assert sum(ln.startswith("VAE: ") for ln in lines) == 10            # 300 epochs: one line per 30
+    assert sum(ln.startswith("VAE: ") for ln in lines) == 10            # 200 epochs: one line per 20
     assert any(ln.startswith("FOCE-I: ") and "OFV=" in ln for ln in lines)

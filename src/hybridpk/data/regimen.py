@@ -9,7 +9,7 @@ back through the CSV reader (:meth:`hybridpk.data.batch.EventBatch.extend`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -34,9 +34,6 @@ class Regimen:
     def rate(self) -> float:
         """Infusion rate (mg/h) as NONMEM's RATE data item; 0 for a bolus."""
         return self.dose / self.duration if self.duration > 0 else 0.0
-
-    def with_dose(self, dose: float) -> "Regimen":
-        return replace(self, dose=float(dose))
 
     def records(self, patient_id) -> pd.DataFrame:
         """The regimen as one NONMEM dose record (ADDL = n_doses - 1), ready to append to a patient's data."""

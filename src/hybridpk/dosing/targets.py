@@ -87,7 +87,8 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
         else:
             grid = list(np.linspace(0.0, interval, 97))
         unit = Regimen(0.0, 1.0, interval, 1, duration, cmt, steady_state=True)
-        return zero, _at(model, patient.extend(unit, grid, keep_records=False, keep_doses=False), eta, len(grid)).amax(1)
+        alone = patient.extend(unit, grid, keep_records=False, keep_doses=False)
+        return zero, _at(model, alone, eta, len(grid)).amax(1)
     if target.metric == "aucday":  # AUC over day D of the new regimen, the patient's history included
         t0 = start + 24.0 * (target.time - 1)
         grid = np.linspace(t0, t0 + 24.0, 481)

@@ -79,7 +79,8 @@ class HybridFit:
         if design is not None and list(design.ids) != list(dataset.ids):
             raise HybridPKError("the prediction design must hold the same patients, in the same order, as the data")
         target = design if design is not None else dataset
-        batch = h.ode.problem.batch if design is None else design.to_batch(covariates=list(self.population.covariates))
+        covariates = list(self.population.covariates)
+        batch = h.ode.problem.batch if design is None else design.to_batch(covariates=covariates)
         curves = predict_with(self.vae, h, batch, ODEBaseline(self.population))
         ipred, hyb, ode = curves.final, curves.hybrid, curves.ode
         pred = self.population.concentrations(batch, torch.zeros_like(h.eta_ode))
@@ -213,7 +214,8 @@ def _per_patient(hybrid: HybridFit, dataset, ode_fit):
     cols = {**{f"Z{j + 1}": h.z[:, j].numpy() for j in range(h.z.shape[1])},
             **{f"Z{j + 1}_SD": h.z_sd[:, j].numpy() for j in range(h.z.shape[1])},
             "NLL_ODE": nll_o.numpy(), "NLL_HYBRID": nll_h.numpy(), "COMPLEXITY": (nll_o - nll_h).numpy(),
-            "HYBRID_WEIGHT": h.weight.numpy(), "RMSE_ODE": rmse(out.ode).numpy(), "RMSE_HYBRID": rmse(out.ipred).numpy()}
+            "HYBRID_WEIGHT": h.weight.numpy(), "RMSE_ODE": rmse(out.ode).numpy(),
+            "RMSE_HYBRID": rmse(out.ipred).numpy()}
     return cols
 
 

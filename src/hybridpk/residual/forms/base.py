@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..features import input_features, input_grid
 
-__all__ = ["CorrectionForm", "GridInputs", "grid_inputs", "log_ratio"]
+__all__ = ["CorrectionForm", "GridInputs", "grid_inputs", "log_ratio", "require_structure"]
 
 
 class CorrectionForm(nn.Module):
@@ -36,15 +38,20 @@ class CorrectionForm(nn.Module):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
 class GridInputs:
     """The time grid of a grid form: interval width ``dt`` (h), ``starts`` (N, G) h, decoder inputs ``x``
     (N, G, F), the last dose amount ``amt`` (N, G) mg, and the after-first-dose ``gate`` (N, G)."""
 
-    def __init__(self, dt, starts, x, amt, gate):
-        self.dt, self.starts, self.x, self.amt, self.gate = dt, starts, x, amt, gate
+    dt: float
+    starts: torch.Tensor
+    x: torch.Tensor
+    amt: torch.Tensor
+    gate: torch.Tensor
 
 
 def grid_inputs(batch, scale: dict) -> GridInputs:
+    """The grid of intervals of ``scale["input_dt"]`` h from each patient's first dose to its last record."""
     dt = float(scale["input_dt"])
     starts = input_grid(batch, dt)
     x, amt, gate = input_features(batch, starts, dt, scale)
