@@ -208,3 +208,25 @@ def test_auc_for_a_given_day_approaches_steady_state():
     e1 = d1.exposure["auc24@day1"]
     assert 400 <= e1["map"] <= 600
     assert parse_target("auc24@2=400:600").time == 2.0
+
+
+def test_forecast_continues_with_a_regimen():
+    """A forecast with the recommended regimen (dose records extending the patient's batch) matches simulating
+    the regimen appended to the patient's data, and without it the levels only decay."""
+    from hybridpk.dosing import estimate_patient, forecast
+
+    ds = _vanco_patient()
+    post = estimate_patient("vancomycin_goti2018", ds, n_samples=200, seed=1)
+    rec = recommend_dose("vancomycin_goti2018", ds, "auc24=400:600", interval=12, posterior=post)
+    times = np.linspace(48.5, 96.0, 96)          # after the first new dose starts (48 h)
+    on = forecast(post.estimate, post.draws, times, regimen=rec.regimen).table
+    off = forecast(post.estimate, post.draws, times).table
+    assert (on.IPRED_MAP > off.IPRED_MAP).all() and (np.diff(off.IPRED_MAP) < 0).all()
+    hist = ds.to_dataframe()
+    grid = pd.DataFrame({"ID": 7, "TIME": times, "DV": 0.0, "AMT": 0.0, "RATE": 0.0, "ADDL": 0, "II": 0.0,
+                         "EVID": 2, "MDV": 1, "CRCL": 80.0, "WT": 80.0, "DIAL": 0, "CMT": 0})
+    full = pd.concat([hist, rec.records.assign(CRCL=80.0, WT=80.0, DIAL=0), grid], ignore_index=True)
+    b = hp.read_nonmem(full.sort_values("TIME", kind="stable").reset_index(drop=True)).to_batch()
+    p = {k: torch.tensor(post.estimate.parameters[k].to_numpy()) for k in ("CL", "V", "Q", "V2")}
+    conc = hp.simulate("2cmt_iv", p, b).ipred[0][b.evid[0] == 2]
+    np.testing.assert_allclose(on.IPRED_MAP.to_numpy(), conc.numpy(), rtol=1e-10)

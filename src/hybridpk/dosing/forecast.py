@@ -29,12 +29,11 @@ def forecast(est, draws, times, regimen=None, seed: int = 0, level: float = 0.90
     """The concentrations at ``times`` (h) of the (first) patient of ``est`` (IndividualEstimates, its MAP
     estimate) over its posterior ``draws`` (S, K) of the ETAs (``PatientPosterior.draws``), optionally
     continuing with the doses of ``regimen`` (a :class:`~hybridpk.data.Regimen`)."""
-    samples = draws
     model = est.model
     t = np.asarray(times, dtype=float)
     batch = est.problem.batch.select([0]).extend(regimen, t)
     k = len(t)
-    conc = model.concentrations(batch.select([0] * samples.shape[0]), samples)[:, -k:]
+    conc = model.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -k:]
     point = model.concentrations(batch, est.eta[:1])[:, -k:][0]
     gen = torch.Generator().manual_seed(seed)
     noisy = residual_noise(model.model.error, model.sigma.sd_tensors(), conc, gen)

@@ -62,10 +62,13 @@ class HybridFit:
     def estimate(self, dataset, refine: bool = True) -> HybridEstimate:
         """Each patient of ``dataset`` from its own observations: the ODE-only MAP ETAs, then the encoder's z
         refined to the joint MAP of z and (for joint models) the ETAs."""
-        est, batch, ipred0 = _ode_only(self.population, dataset)
-        base = ODEBaseline(self.population)
+        return self._estimate_from(_ode_only(self.population, dataset), refine)
+
+    def _estimate_from(self, ode_fit, refine: bool = True) -> HybridEstimate:
+        est, batch, ipred0 = ode_fit
         h = estimate_hybrid(self.vae, batch, ipred0, est.eta, self.population.model.error,
-                            self.population.sigma.sd_tensors(), baseline=base, refine=refine)
+                            self.population.sigma.sd_tensors(), baseline=ODEBaseline(self.population),
+                            refine=refine)
         return h.with_ode(est, ipred0)
 
     def predict(self, dataset, design=None, refine: bool = True, estimates: HybridEstimate | None = None
@@ -196,10 +199,9 @@ def _ode_only(population: FittedPopulation, dataset):
 
 def _per_patient(hybrid: HybridFit, dataset, ode_fit):
     """The latent columns and per-patient fit statistics of ``individual``."""
-    est, batch, ipred0 = ode_fit
+    batch = ode_fit[1]
     pop = hybrid.population
-    h = estimate_hybrid(hybrid.vae, batch, ipred0, est.eta, pop.model.error, pop.sigma.sd_tensors(),
-                        baseline=ODEBaseline(pop)).with_ode(est, ipred0)
+    h = hybrid._estimate_from(ode_fit)
     out = hybrid.predict(dataset, estimates=h)
     obs, sd = batch.is_obs, pop.sigma.sd_tensors()
 
