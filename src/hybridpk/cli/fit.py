@@ -145,6 +145,11 @@ def run(args) -> int:
         print(f"hybrid (ODE + VAE, {h['form']} form, latent dimension {h['latent_dim']}): -2LL of the data "
               f"{h['nll_ode_total']:.1f} (ODE only) -> {h['nll_hybrid_total']:.1f} (hybrid); RMSE at the "
               f"observations {h['rmse_ode']:.4g} -> {h['rmse_hybrid']:.4g}")
+        r = h["refinement"]
+        if r["kept_encoder_estimate"] or r["optimizer_failure"]:
+            print(f"note: {r['kept_encoder_estimate']} of {r['patients']} patients kept the encoder's estimate of z "
+                  "(the per-patient MAP refinement did not improve it" + (f"; its optimiser failed: "
+                  f"{r['optimizer_failure']}" if r["optimizer_failure"] else "") + ")")
     print(f"wrote {Path(run_dir) / 'summary.json'}, individual.csv, predictions.csv, model.json"
           + (", vae.pt, vae.json" if hybrid is not None else ""))
     return 0

@@ -29,11 +29,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.io import atomic_write_text
-    from hybridpk.residual import load_run
+    from hybridpk.residual import HybridFit, load_run
 
     model = load_run(args.run)
     ds = read_nonmem(resolve_data_path(args.data))
-    out = model.predict(ds).table
+    pred = model.predict(ds)
+    out = pred.table
     atomic_write_text(args.out, out.to_csv(index=False))
     print(f"wrote {args.out}: PRED and IPRED at {len(out)} records of {ds.n_subjects} subjects")
+    est = pred.estimates
+    if isinstance(model, HybridFit) and est.n_unrefined:
+        print(f"note: {est.n_unrefined} of {ds.n_subjects} patients kept the encoder's estimate of z (the "
+              "per-patient MAP refinement did not improve it" + (f"; its optimiser failed: {est.refine_failure}"
+                                                                   if est.refine_failure else "") + ")")
     return 0

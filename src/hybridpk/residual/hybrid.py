@@ -38,9 +38,11 @@ class HybridFit:
     under the ODE-only fit and the hybrid), COMPLEXITY (NLL_ODE - NLL_HYBRID: how much the correction
     explains; near 0 or negative when the ODE suffices), HYBRID_WEIGHT (Akaike weight of the hybrid against
     ODE-only for this patient; log-form predictions average the two with it) and RMSE_ODE / RMSE_HYBRID (mg/L,
-    of the observations, for the ODE-only and the final prediction). ``history``: (epoch, train -ELBO,
+    of the observations, for the ODE-only and the final prediction), REFINED (1 where the per-patient MAP
+    refinement replaced the encoder's estimate). ``history``: (epoch, train -ELBO,
     validation -ELBO) per epoch (empty for a loaded run); ``candidates``: held-out -ELBO per latent
-    dimension tried (latent_dim="auto").
+    dimension tried (latent_dim="auto"); ``refine_failure``: the refinement optimiser's error on the
+    training patients, if it failed ("" otherwise; each patient then kept its best point).
     """
 
     population: FittedPopulation
@@ -49,6 +51,7 @@ class HybridFit:
     individual: pd.DataFrame = field(repr=False)
     history: list = field(default_factory=list, repr=False)
     candidates: dict = field(default_factory=dict)
+    refine_failure: str = ""
 
     @property
     def latent_dim(self) -> int:
@@ -134,7 +137,15 @@ class HybridFit:
                 "nll_ode_total": float(ind.NLL_ODE.sum()), "nll_hybrid_total": float(ind.NLL_HYBRID.sum()),
                 "rmse_ode": float(np.sqrt((ind.RMSE_ODE ** 2).mean())),
                 "rmse_hybrid": float(np.sqrt((ind.RMSE_HYBRID ** 2).mean())),
-                "config": asdict(self.config)}
+                "refinement": self.refinement(), "config": asdict(self.config)}
+
+    def refinement(self) -> dict:
+        """How the training patients' per-patient MAP refinement went: patients, those that kept the
+        encoder's estimate (the refinement did not lower their objective, or its optimiser failed), and the
+        optimiser's error if it failed."""
+        kept = int((self.individual.REFINED == 0).sum()) if "REFINED" in self.individual else 0
+        return {"patients": len(self.individual), "kept_encoder_estimate": kept,
+                "optimizer_failure": self.refine_failure or None}
 
     def save(self, run_dir) -> Path:
         """The population run (model.json, summary.json, ...) plus vae.pt (tensors only: loaded with
@@ -149,7 +160,7 @@ class HybridFit:
                 "n_features": int(self.vae.encoder.phi[0].in_features - 2), "joint": self.vae.joint,
                 "n_shift": int(self.vae.log_shift.numel()), "l2_correction": self.vae.l2,
                 "prior_weight": self.vae.prior_weight, "best_val": float(self.vae.best_val),
-                "candidates": self.candidates, "config": asdict(self.config)}
+                "candidates": self.candidates, "refine_failure": self.refine_failure, "config": asdict(self.config)}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         if (run / "summary.json").is_file():
@@ -178,7 +189,7 @@ class HybridFit:
         vae.eval()
         individual = pd.read_csv(run / "individual.csv") if (run / "individual.csv").is_file() else pd.DataFrame()
         return cls(population=population, vae=vae, config=TrainConfig(**meta["config"]), individual=individual,
-                   candidates=dict(meta.get("candidates") or {}))
+                   candidates=dict(meta.get("candidates") or {}), refine_failure=meta.get("refine_failure", ""))
 
 
 def _ode_only(population: FittedPopulation, dataset):
@@ -206,7 +217,7 @@ def _per_patient(hybrid: HybridFit, dataset, ode_fit):
     obs, sd = batch.is_obs, pop.sigma.sd_tensors()
 
     def nll(pred):   # -2 log-likelihood
-        return 2 * gaussian_nll(batch, pred, obs, pop.model.error, sd)
+        return 2 * gaussian_nll(batch, pred, obs, pop.model.error, sd, hybrid.vae.variance_floor(pop.model.error, sd))
 
     def rmse(pred):
         n = obs.sum(1).clamp(min=1)
@@ -217,8 +228,8 @@ def _per_patient(hybrid: HybridFit, dataset, ode_fit):
             **{f"Z{j + 1}_SD": h.z_sd[:, j].numpy() for j in range(h.z.shape[1])},
             "NLL_ODE": nll_o.numpy(), "NLL_HYBRID": nll_h.numpy(), "COMPLEXITY": (nll_o - nll_h).numpy(),
             "HYBRID_WEIGHT": h.weight.numpy(), "RMSE_ODE": rmse(out.ode).numpy(),
-            "RMSE_HYBRID": rmse(out.ipred).numpy()}
-    return cols
+            "RMSE_HYBRID": rmse(out.ipred).numpy(), "REFINED": h.refined.numpy().astype(int)}
+    return cols, h.refine_failure
 
 
 def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
@@ -247,6 +258,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     model, hist, cfg = best
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame())
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})
-    for name, values in _per_patient(draft, dataset, ode_fit).items():
+    cols, failure = _per_patient(draft, dataset, ode_fit)
+    for name, values in cols.items():
         ind[name] = values
-    return replace(draft, individual=ind, history=hist, candidates=cands if len(dims) > 1 else {})
+    return replace(draft, individual=ind, history=hist, candidates=cands if len(dims) > 1 else {},
+                   refine_failure=failure)

@@ -21,7 +21,9 @@ class HybridEstimate:
     the model's prior log-odds (the Akaike penalty -K of the K latents). With the log form predictions
     average the two with it, so a patient the ODE already describes keeps the ODE prediction instead of a
     correction fitted to noise. ``ode``: the ODE-only IndividualEstimates (MAP under the population model)
-    they start from, ``ipred_ode`` its prediction (N, R) at the patients' records."""
+    they start from, ``ipred_ode`` its prediction (N, R) at the patients' records; ``refined`` (N,) True where
+    the refined (MAP) point replaced the encoder's guess (all False without refinement), ``refine_failure``
+    the refinement optimiser's error, if it failed ("" otherwise)."""
 
     z: torch.Tensor
     z_sd: torch.Tensor
@@ -32,6 +34,14 @@ class HybridEstimate:
     weight: torch.Tensor
     ode: object = field(default=None, repr=False)
     ipred_ode: object = field(default=None, repr=False)
+    refined: object = field(default=None, repr=False)
+    refine_failure: str = ""
+
+    @property
+    def n_unrefined(self) -> int:
+        """Patients that kept the encoder's estimate: the refinement did not lower their objective, or the
+        optimiser failed (``refine_failure`` says how) before it could."""
+        return 0 if self.refined is None else int((~self.refined).sum())
 
     def with_ode(self, ode, ipred_ode) -> "HybridEstimate":
         return replace(self, ode=ode, ipred_ode=ipred_ode)
@@ -41,7 +51,8 @@ def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2):
     """Per-patient -log p(y, eta, z) (N,) of the hybrid model, with the training's correction penalty and its
     weight of the latent prior."""
     pred, r = model.predict_at(batch, z, baseline, eta, ipred0)
-    out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd) + correction_penalty(r, batch.is_obs, l2) \
+    floor = model.variance_floor(error_model, sd)
+    out = gaussian_nll(batch, pred, batch.is_obs, error_model, sd, floor) + correction_penalty(r, batch.is_obs, l2) \
         + model.prior_weight * 0.5 * (z * z).sum(1)
     if baseline is not None:
         out = out + baseline.eta_penalty(eta)
@@ -55,7 +66,8 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
     the correction penalty (default: the training's). With ``refine`` the encoder's guess starts a MAP over
     z (and the ETAs, for joint models) of each patient (L-BFGS; patients are independent, so their
     objectives are summed; a patient keeps the encoder's guess where the refinement did not lower its
-    objective)."""
+    objective). The optimiser is guarded (:func:`_lbfgs`): a failure keeps each patient's best point and is
+    reported in ``refine_failure``, never raised."""
     l2 = model.l2 if l2 is None else l2
     with torch.no_grad():
         mu, logvar = model.encode(batch, ipred0, batch.is_obs)
@@ -70,30 +82,50 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
         return _objective(model, baseline, batch, ipred0, ee, zz, error_model, sd, l2)
 
     start = torch.cat([mu, eta0], 1) if joint else mu.clone()
-    x_final = start
+    x_final, refined, failure = start, torch.zeros(start.shape[0], dtype=torch.bool), ""
     if refine:
-        x = start.detach().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                history_size=20, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = objective(x).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        x, failure = _lbfgs(objective, start, max_iter)
         with torch.no_grad():
-            before, after = objective(start), objective(x.detach())
-            better = (torch.isfinite(after) & (after <= before)).unsqueeze(1)
-            x_final = torch.where(better, x.detach(), start)
+            before, after = objective(start), objective(x)
+            refined = torch.isfinite(after) & (after <= before)
+            x_final = torch.where(refined.unsqueeze(1), x, start)
     with torch.no_grad():
         z, eta = split(x_final)
         obj = objective(x_final)
-        obj_ode = ode_only_objective(batch, ipred0, batch.is_obs, error_model, sd, baseline, eta0)
+        obj_ode = ode_only_objective(batch, ipred0, batch.is_obs, error_model, sd, baseline, eta0,
+                                     model.variance_floor(error_model, sd))
         weight = torch.sigmoid(obj_ode - obj + model.mix_logit)
     return HybridEstimate(z=z.detach(), z_sd=torch.exp(0.5 * logvar), eta=eta.detach(), eta_ode=eta0.detach(),
-                          objective=obj, objective_ode=obj_ode, weight=torch.nan_to_num(weight, nan=0.0))
+                          objective=obj, objective_ode=obj_ode, weight=torch.nan_to_num(weight, nan=0.0),
+                          refined=refined, refine_failure=failure)
+
+
+def _lbfgs(objective, start, max_iter: int):
+    """L-BFGS (strong Wolfe line search) on the sum of the patients' objectives from ``start`` (N, P), guarded:
+    (x (N, P), "") when it runs through; when it fails (an error inside the line search, e.g. on a
+    non-finite objective) (each patient's best finite point evaluated so far, the error), so that no
+    optimiser failure reaches the user and no patient ends worse than it started."""
+    x = start.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+    best_x, best_f = start.detach().clone(), torch.full((start.shape[0],), float("inf"), dtype=start.dtype)
+
+    def closure():
+        opt.zero_grad()
+        per = objective(x)
+        with torch.no_grad():
+            better = torch.isfinite(per) & (per < best_f)
+            best_f.copy_(torch.where(better, per, best_f))
+            best_x.copy_(torch.where(better.unsqueeze(1), x, best_x))
+        loss = per.sum()
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+    except (IndexError, RuntimeError, ValueError) as exc:
+        return best_x, f"{type(exc).__name__}: {exc}"
+    return x.detach(), ""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from torch import nn
 from .features import record_features
 from .forms import get_form
 from .networks import SetEncoder
+from .objective import variance_floor
 
 __all__ = ["HybridVAE", "scale_to_tensors", "scale_from_tensors"]
 
@@ -53,6 +54,11 @@ class HybridVAE(nn.Module):
         """Log prior odds of "needs the correction" against "ODE-only" for a patient: -latent_dim, the
         Akaike penalty of the latents."""
         return -float(self.latent_dim)
+
+    def variance_floor(self, error_model, sd: dict):
+        """The residual-variance floor of the hybrid's likelihood ((PROP c0)^2, see
+        :func:`hybridpk.residual.objective.variance_floor`)."""
+        return variance_floor(error_model, sd, self.scale["c0"])
 
     def encode(self, batch, ipred, mask):
         """(mu, log sigma^2) of z (N, K) from the observations in ``mask``, read against the ODE-only
