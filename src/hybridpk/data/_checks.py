@@ -80,6 +80,10 @@ def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, h
         if np.any(mask):
             add(rows.violation(mask, names.get(role, role), msg))
 
+    for role in ("ID", "DV", "AMT", "RATE", "DUR", "II", "ADDL", "LLOQ"):
+        if role in has:
+            v(np.isinf(t[role]), role, f"infinite value in {role}; a NONMEM data item must be a finite number "
+              "('.' or empty for missing)")
     v(np.isnan(ID), "ID", "missing subject ID; every record needs an ID")
     v(np.isnan(TIME), "TIME", "missing TIME; every record needs a time (h)")
     v(~np.isfinite(TIME) & ~np.isnan(TIME), "TIME", "TIME must be finite")

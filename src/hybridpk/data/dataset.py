@@ -126,6 +126,9 @@ def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path) -> "D
                 violations.append(rows.violation(nan, c, "missing value (NaN) in a covariate that is used; fill it "
                                                  "(e.g. carry the last value forward) or leave the column out "
                                                  "of covariates"))
+            if np.isinf(numeric[c]).any():
+                violations.append(rows.violation(np.isinf(numeric[c]), c, "infinite value in a covariate that is "
+                                                 "used; covariates must be finite numbers"))
     if violations:
         raise DatasetError(violations, label)
 
@@ -247,6 +250,29 @@ class Dataset:
             if (f.groupby("ID", sort=False)[c].nunique() > 1).any():
                 out.append(c)
         return tuple(out)
+
+    def require_constant_covariates(self, covariates, user: str = "the model") -> None:
+        """Raise a DatasetError listing, per covariate of ``covariates`` that changes within a subject, the
+        records where it differs from the subject's first value: ``user`` takes one value per subject (the
+        first record), so a covariate that varies in time would be silently replaced by its first value."""
+        f = self._frame
+        problems = []
+        for c in covariates:
+            if c not in f:
+                continue
+            first = f.groupby("ID", sort=False)[c].transform("first").to_numpy()
+            changed = f[c].to_numpy() != first
+            if changed.any():
+                idx = np.flatnonzero(changed)
+                ids = ", ".join(str(i) for i in pd.unique(f["ID"].to_numpy()[idx])[:6])
+                rows = tuple(int(self._row_numbers[i]) if self._row_numbers is not None else i + 1 for i in idx)
+                lines = tuple(int(self._line_numbers[i]) for i in idx) if self._line_numbers is not None else ()
+                problems.append(Violation(rows, c, f"covariate {c} changes within subject(s) {ids}; {user} takes "
+                                          "one value per subject (its first record) and would silently replace "
+                                          "the later ones: give one value per subject (e.g. the baseline) or "
+                                          f"leave {c} out of the model", lines))
+        if problems:
+            raise DatasetError(problems, self.source)
 
     def doses(self) -> pd.DataFrame:
         """Dose events with ADDL expanded: one row per administration.

@@ -28,7 +28,8 @@ class Estimation:
     ``message``, ``iterations``, ``evaluations``, ``seconds``; ``shrinkage`` {"eta": {ETA: %}, "epsilon": %};
     ``individual`` DataFrame (ID, ETAs = EBEs, individual parameters); ``predictions`` DataFrame (ID, TIME,
     DV, MDV, PRED, IPRED, CWRES, IWRES for every record); counts, ``seed``, ``warnings`` and
-    ``data_sha256`` (the fingerprint of the dataset it was fitted to). ``estimates``: the fitted patients'
+    ``data_sha256`` (the fingerprint of the dataset it was fitted to); ``ebe_fallbacks`` EBE Newton steps
+    that met a singular Hessian and took a gradient step. ``estimates``: the fitted patients'
     IndividualEstimates (in memory only; not saved).
     """
 
@@ -48,6 +49,7 @@ class Estimation:
     warnings: tuple = ()
     data_sha256: str = ""
     estimates: object = field(default=None, repr=False, compare=False)
+    ebe_fallbacks: int = 0
 
     def to_dict(self) -> dict:
         """The estimation part of summary.json."""
@@ -55,7 +57,7 @@ class Estimation:
                 "iterations": self.iterations, "function_evaluations": self.evaluations,
                 "fit_seconds": round(self.seconds, 3), "shrinkage": self.shrinkage, "n_subjects": self.n_subjects,
                 "n_observations": self.n_observations, "seed": self.seed, "warnings": list(self.warnings),
-                "data_sha256": self.data_sha256}
+                "data_sha256": self.data_sha256, "ebe_fallbacks": self.ebe_fallbacks}
 
     def save(self, run: Path, tables: dict) -> None:
         """Write individual.csv, predictions.csv and summary.json (this record, the parameter ``tables`` and
@@ -66,7 +68,7 @@ class Estimation:
         summary = {**{k: d[k] for k in ("ofv", "method", "converged", "message", "iterations",
                                           "function_evaluations", "fit_seconds")},
                    **tables, **{k: d[k] for k in ("shrinkage", "n_subjects", "n_observations", "seed", "warnings",
-                                                  "data_sha256")}, **run_metadata()}
+                                                  "data_sha256", "ebe_fallbacks")}, **run_metadata()}
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=_json_default))
 
     @classmethod
@@ -83,7 +85,8 @@ class Estimation:
                        shrinkage=s.get("shrinkage", {}), individual=_read_csv(run / "individual.csv"),
                        predictions=_read_csv(run / "predictions.csv"), n_subjects=int(s.get("n_subjects", 0)),
                        n_observations=int(s.get("n_observations", 0)), seed=int(s.get("seed", 0)),
-                       warnings=tuple(s.get("warnings", ())), data_sha256=str(s.get("data_sha256", "")))
+                       warnings=tuple(s.get("warnings", ())), data_sha256=str(s.get("data_sha256", "")),
+                       ebe_fallbacks=int(s.get("ebe_fallbacks", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
 

@@ -46,7 +46,11 @@ class Packing:
         xs = [self._to_x(t, theta[t.name]) for t in self.free]
         if self.block:   # Cholesky factor: log of the diagonal, then the strictly lower triangle (row-wise)
             k = len(self.omega0)
-            om = list(np.log(np.sqrt(self.omega0))) + [0.0] * (k * (k - 1) // 2)
+            if self.omega0.ndim == 2:   # a full initial matrix (e.g. a NONMEM $OMEGA BLOCK)
+                chol = np.linalg.cholesky(self.omega0)
+                om = list(np.log(np.diag(chol))) + [float(chol[r, c]) for r, c in zip(*np.tril_indices(k, -1))]
+            else:
+                om = list(np.log(np.sqrt(self.omega0))) + [0.0] * (k * (k - 1) // 2)
         else:
             om = list(np.log(self.omega0))
         return np.array(xs + om + list(np.log(self.sigma0)), dtype=float)
@@ -217,6 +221,9 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         if cov_warn:
             warn.append(cov_warn)
             warnings.warn(cov_warn, ConvergenceWarning, stacklevel=2)
+    if prob.fallback_steps:
+        warn.append(f"{prob.fallback_steps} EBE Newton steps met a singular Hessian (extreme ETAs or a tiny residual "
+                    "variance during the search) and took a gradient step instead")
     theta, om, sd = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
     fitted = _tables(pm, pack, theta, om, sd, cov_nat)
     est = fitted.estimate(dataset)          # the EBEs: the same code path as any later estimate
@@ -227,7 +234,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                         individual=_individual_table(dataset, pm, est), predictions=_prediction_table(dataset, prob,
                                                                                                       diag),
                         n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,
-                        warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est)
+                        warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est,
+                        ebe_fallbacks=prob.fallback_steps)
     return fitted.with_estimation(record)
 
 

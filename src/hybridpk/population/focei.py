@@ -36,6 +36,7 @@ class Problem:
 
             raise DatasetError(f"the model uses covariate(s) {', '.join(missing)}, which the dataset lacks "
                                f"(it has {', '.join(dataset.covariates) or 'none'})", dataset.source)
+        dataset.require_constant_covariates(pm.covariates, "the population model")
         self.batch = dataset.to_batch(covariates=list(pm.covariates))
         b = self.batch
         self.cov = b.baseline_covariates()
@@ -58,6 +59,7 @@ class Problem:
             self.y = torch.log(torch.where(self.obs, b.dv, torch.ones_like(b.dv)))
         self.method = method
         self.rtol, self.atol = rtol, atol
+        self.fallback_steps = 0   # EBE Newton steps that fell back to gradient steps (see _direction)
 
     # ------------------------------------------------------------------ predictions
     def predict(self, theta, eta):
@@ -117,6 +119,21 @@ class Problem:
         return omega_inv + (w1 * gg + w2 * hh).sum(1)
 
     # ------------------------------------------------------------------ EBEs
+    def _direction(self, hess, grad):
+        """Newton direction H^-1 g per subject (N, K). Where H is singular or not finite (extreme ETAs, a
+        tiny residual variance), a gradient step scaled to at most 1 per ETA instead, which the per-subject
+        backtracking then shortens until the objective decreases; such steps are counted in
+        ``fallback_steps``."""
+        sol, info = torch.linalg.solve_ex(hess, grad.unsqueeze(-1))
+        step = sol.squeeze(-1)
+        bad = (info != 0) | ~torch.isfinite(step).all(-1)
+        if bool(bad.any()):
+            g = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            g = g / g.abs().amax(-1, keepdim=True).clamp(min=1.0)
+            step = torch.where(bad.unsqueeze(-1), g, step)
+            self.fallback_steps += int(bad.sum())
+        return step
+
     def exact_hessian(self, theta, omega_inv, sd, eta):
         """obj_i, its gradient (N, K) and exact Hessian (N, K, K) at eta (K double-backward passes)."""
         e = eta.detach().clone().requires_grad_(True)
@@ -142,7 +159,7 @@ class Problem:
                 if not bool(pd_ok.all()):
                     fo = 2 * self.fo_hessian(theta, omega_inv, sd, eta)
                     hess = torch.where(pd_ok[:, None, None], hess, fo)
-                step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+                step = self._direction(hess, grad)
                 big = step.abs().amax(-1, keepdim=True)
                 step = torch.where(big > 2.0, step * 2.0 / big, step)   # ETA moves of at most 2 per iteration
                 if float(step.abs().max()) < tol:
@@ -181,7 +198,7 @@ class Problem:
                     fo = 2 * self.fo_hessian({a: b.detach() for a, b in theta.items()}, omega_inv.detach(),
                                              {a: b.detach() for a, b in sd.items()}, eta_hat)
                 hess = torch.where(ok[:, None, None], hess, fo)
-            eta = eta_hat.detach() - torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+            eta = eta_hat.detach() - self._direction(hess, grad)
         else:
             eta = eta_hat
         f = self.predict(theta, eta)

@@ -18,6 +18,9 @@ from ..models import get_model
 from ._sympy_torch import evaluate
 from .spec import ErrorModel, PopulationModel, Theta
 
+# records named in messages (regular expressions for _where)
+_EST, _OMEGA, _BLOCK, _SIGMA = r"\$EST", r"\$OMEGA", r"\$OMEGA\s+BLOCK", r"\$SIGMA"
+_OMEGA_OR_SIGMA = r"\$(OMEGA|SIGMA)"
 _ADVAN = {1: "1cmt_iv", 2: "1cmt_oral", 3: "2cmt_iv", 4: "2cmt_oral", 11: "3cmt_iv", 12: "3cmt_oral"}
 
 
@@ -67,6 +70,72 @@ def _structural(env, advan, trans, oral):
     return p
 
 
+def _where(text: str, path, record: str) -> str:
+    """'FILE line N' of the first record matching ``record`` (a regex such as r'\\$OMEGA'), for messages."""
+    for i, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{record}", line, flags=re.I):
+            return f"{Path(path).name} line {i}"
+    return Path(path).name
+
+
+def _where_fix(text: str, path) -> str:
+    """'FILE line N' of the first FIX inside an $OMEGA or $SIGMA record."""
+    record = ""
+    for i, line in enumerate(text.splitlines(), 1):
+        head = re.match(r"\s*\$(\w+)", line)
+        if head:
+            record = head.group(1).upper()
+        code = line.split(";", 1)[0]
+        if record.startswith(("OMEGA", "SIGMA")) and re.search(r"\bFIX", code, flags=re.I):
+            return f"{Path(path).name} line {i}"
+    return _where(text, path, _OMEGA_OR_SIGMA)
+
+
+def _check_estimation(m, text: str, path) -> None:
+    """Refuse, by name, an $ESTIMATION that hybridpk would not carry out as asked: hybridpk estimates by FOCE
+    with interaction (NONMEM's METHOD=1 INTERACTION, METHOD=COND INTER); without $ESTIMATION it uses that."""
+    for step in m.execution_steps:
+        method = str(step.method).upper()
+        if step.evaluation:
+            what = "MAXEVAL=0 (evaluate the OFV at the initial estimates without estimating)"
+        elif method == "FOCE" and step.interaction and not step.laplace:
+            continue
+        elif method == "FOCE" and step.laplace:
+            what = "METHOD=COND LAPLACE" + (" INTERACTION" if step.interaction else "")
+        elif method == "FOCE":
+            what = "METHOD=1 without INTERACTION (FOCE)"
+        elif method == "FO":
+            what = "METHOD=0 (FO)"
+        else:
+            what = f"METHOD={method}"
+        raise ModelError(f"{_where(text, path, _EST)}: $ESTIMATION {what} is not implemented; hybridpk "
+                         "estimates by FOCE with interaction only and does not replace one method by another: write "
+                         "$ESTIMATION METHOD=1 INTERACTION to fit it by FOCE-I")
+
+
+def _omega(rvs, params, text: str, path):
+    """(OMEGA names (the variances, ETA order), initial OMEGA (variances, or the full matrix for a block),
+    block?) of the control stream; a partial block, several blocks or SAME (IOV) are refused by name."""
+    import sympy
+
+    etas = rvs.etas
+    variances = list(etas.variance_parameters)
+    if len(variances) != len(etas.names) or len(set(variances)) != len(variances):
+        raise ModelError(f"{_where(text, path, _OMEGA)}: $OMEGA ... SAME (inter-occasion variability) is not "
+                         "supported yet")
+    if set(etas.parameter_names) == set(variances):
+        return variances, tuple(float(params[n].init) for n in variances), False
+    matrix = etas.covariance_matrix
+    k = len(variances)
+    full = all(matrix[i, j] != 0 for i in range(k) for j in range(k))
+    if not full or k < 2:
+        raise ModelError(f"{_where(text, path, _BLOCK)}: an $OMEGA BLOCK beside other OMEGAs (a "
+                         "partial block) is not supported yet; hybridpk estimates a diagonal OMEGA or one block over "
+                         "all ETAs")
+    init = matrix.subs({sympy.Symbol(p.name): p.init for p in params})
+    return variances, tuple(tuple(float(init[i, j]) for j in range(k)) for i in range(k)), True
+
+
 def read_control_stream(path):
     """(PopulationModel, Dataset) from a NONMEM control stream and the dataset its $DATA names."""
     import sympy
@@ -92,19 +161,24 @@ def read_control_stream(path):
     structural = get_model(_ADVAN[advan])
     oral = advan in (2, 4, 12)
 
+    _check_estimation(m, text, path)
     rvs = m.random_variables
     eta_names = list(rvs.etas.names)
-    omega_names = list(rvs.etas.variance_parameters)
-    if len(omega_names) != len(eta_names):
-        raise ModelError("block OMEGA (correlated ETAs) is not supported yet in NONMEM imports")
+    params = m.parameters
+    omega_names, omega_init, block = _omega(rvs, params, text, path)
     eps_names = list(rvs.epsilons.names)
     sigma_names = list(rvs.epsilons.variance_parameters)
-    params = m.parameters
-    special = set(omega_names) | set(sigma_names)
+    if set(rvs.epsilons.parameter_names) != set(sigma_names):
+        raise ModelError(f"{_where(text, path, _SIGMA)}: a $SIGMA BLOCK (correlated EPS) is not supported; "
+                         "hybridpk estimates independent EPS (one $SIGMA per EPS)")
+    for name in list(rvs.etas.parameter_names) + sigma_names:
+        if params[name].fix:
+            raise ModelError(f"{_where_fix(text, path)}: {name} is FIX; fixed OMEGA/SIGMA elements are not "
+                             "supported yet (hybridpk would estimate it); remove FIX or fit elsewhere")
+    special = set(rvs.etas.parameter_names) | set(rvs.epsilons.parameter_names)
     thetas = tuple(Theta(p.name, float(p.init), lower=float(p.lower) if p.lower is not None else -math.inf,
                          upper=float(p.upper) if p.upper is not None else math.inf, fixed=bool(p.fix))
                    for p in params if p.name not in special)
-    omega_init = tuple(float(params[n].init) for n in omega_names)
 
     statements = [(str(s.symbol), sympy.sympify(s.expression)) for s in m.statements.before_odes]
     data = m.dataset.copy()
@@ -155,6 +229,7 @@ def read_control_stream(path):
 
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans}
     pm = PopulationModel(structural=structural, thetas=thetas, etas=tuple(eta_names), omega_init=omega_init,
-                         error=error, individual=individual, covariates=covs, omega_labels=tuple(omega_names),
-                         sigma_labels=dict(kinds), sigma_scale="variance", recipe=recipe)
+                         error=error, individual=individual, covariates=covs, omega_block=block,
+                         omega_labels=tuple(omega_names), sigma_labels=dict(kinds), sigma_scale="variance",
+                         recipe=recipe)
     return pm, ds

@@ -126,7 +126,8 @@ class PopulationModel:
 
     ``individual(theta, eta, cov)`` gets ``theta`` {name: scalar tensor}, ``eta`` (N, K) and ``cov``
     {covariate: (N,) tensor at baseline}, and returns {parameter: (N,) tensor} on the natural scale.
-    ``omega_init`` are the initial OMEGA variances (ETA order). How the estimates are reported:
+    ``omega_init`` are the initial OMEGA variances (ETA order), or for a block the full initial matrix (a
+    tuple of rows). How the estimates are reported:
     ``omega_labels`` (default: the ETA names; NONMEM imports: pharmpy's OMEGA names such as IIV_CL),
     ``sigma_labels`` {"ADD" | "PROP": name} (default: the kinds; NONMEM imports: the $SIGMA names) and
     ``sigma_scale`` "sd" (hybridpk's ADD/PROP) or "variance" (NONMEM's $SIGMA). ``recipe`` rebuilds the

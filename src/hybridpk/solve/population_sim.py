@@ -57,6 +57,7 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
     rng = np.random.default_rng([int(seed), 0x51])
     ids = design.ids
     n = len(ids)
+    design.require_constant_covariates([c for c, _, _ in (covariates or {}).values()], "simulate_population")
     base = design.to_dataframe()
     first = base.groupby("ID", sort=False).first().loc[list(ids)]
     params = {}

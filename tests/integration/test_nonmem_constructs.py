@@ -1,0 +1,130 @@
+"""Nothing silent: each control-stream construct or data layout is carried out as written or refused with a
+message that names it and its line (FO, FOCE without INTERACTION, LAPLACE, SAEM, MAXEVAL=0, FIX on OMEGA,
+partial OMEGA blocks); a full $OMEGA BLOCK is estimated as a block; a covariate that varies in time, or an
+infinite data value, is refused with its rows; a tiny initial SIGMA no longer crashes the EBE step."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hybridpk as hp
+from hybridpk.errors import DatasetError, ModelError
+from hybridpk.population import build_model, fit_population
+from hybridpk.population.focei import Problem
+from hybridpk.population.nonmem import read_control_stream
+from tests.integration.test_nonmem_import import THEO_TRANS2
+
+OMEGAS = "$OMEGA  0.0309626 ; IIV_CL\n$OMEGA  0.031128 ; IIV_VC"
+
+
+@pytest.fixture
+def pheno_dir(tmp_path, pharmpy_examples):
+    shutil.copy(pharmpy_examples / "pheno.dta", tmp_path)
+    return tmp_path, (pharmpy_examples / "pheno.mod").read_text()
+
+
+@pytest.mark.parametrize("old, new, construct", [
+    ("METHOD=1 INTERACTION", "METHOD=0", "METHOD=0 (FO)"),
+    ("METHOD=1 INTERACTION", "METHOD=1", "without INTERACTION"),
+    ("METHOD=1 INTERACTION", "METHOD=COND LAPLACE INTER", "LAPLACE"),
+    ("METHOD=1 INTERACTION", "METHOD=SAEM INTERACTION", "METHOD=SAEM"),
+    ("MAXEVALS=99999", "MAXEVAL=0", "MAXEVAL=0"),
+    ("$OMEGA  0.031128 ; IIV_VC", "$OMEGA  0.031128 FIX ; IIV_VC", "IIV_VC is FIX"),
+])
+def test_unsupported_constructs_are_refused_by_name_and_line(pheno_dir, old, new, construct):
+    folder, text = pheno_dir
+    assert old in text
+    changed = text.replace(old, new)
+    (folder / "run.mod").write_text(changed)
+    line = next(i for i, ln in enumerate(changed.splitlines(), 1) if new.split(";")[0].strip() in ln)
+    with pytest.raises(ModelError, match=rf"run.mod line {line}: .*{re.escape(construct)}"):
+        read_control_stream(folder / "run.mod")
+
+
+def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):
+    folder, text = pheno_dir
+    (folder / "run.mod").write_text(text.replace(OMEGAS, "$OMEGA BLOCK(2) 0.0309626 ; IIV_CL\n 0.005 0.031128 ; IIV_VC"))
+    pm, ds = read_control_stream(folder / "run.mod")
+    assert pm.omega_block and pm.omega_init == ((0.0309626, 0.005), (0.005, 0.031128))
+    assert [t.name for t in pm.thetas] == ["POP_CL", "POP_VC", "COVAPGR"]       # the covariance is no THETA
+    res = fit_population(pm, ds, progress=False, pooled_start=False, covariance=False)
+    assert res.omega.block and res.omega.covariance("ETA_CL", "ETA_VC") != 0.0
+    assert res.estimation.ofv < 586.276 - 1.0          # NONMEM's diagonal OFV: the covariance is supported
+
+
+def test_an_imported_block_has_the_ofv_of_the_native_block_model(tmp_path, theoph_path):
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    block = THEO_TRANS2.replace("$OMEGA 0.4\n$OMEGA 0.07\n$OMEGA 0.02", "$OMEGA BLOCK(3) 0.4 0.01 0.07 -0.01 0.02 0.02")
+    (tmp_path / "run.mod").write_text(block)
+    pm_nm, ds_nm = read_control_stream(tmp_path / "run.mod")
+    ds = hp.read_nonmem(theoph_path)
+    native = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", data=ds, omega_block=True)
+    omega = torch.tensor([[0.4, 0.01, -0.01], [0.01, 0.07, 0.02], [-0.01, 0.02, 0.02]], dtype=torch.float64)
+    assert torch.equal(torch.tensor(pm_nm.omega_init, dtype=torch.float64), omega)
+    sd = {"ADD": torch.tensor(math.sqrt(0.5), dtype=torch.float64)}
+
+    def ofv(pm, data, theta):
+        prob = Problem(pm, data)
+        th = {k: torch.tensor(v, dtype=torch.float64) for k, v in theta.items()}
+        eta = prob.ebe(th, torch.linalg.inv(omega), sd, torch.zeros(data.n_subjects, 3, dtype=torch.float64))
+        return float(prob.ofv(th, omega, sd, eta).detach())
+
+    a = ofv(pm_nm, ds_nm, {"POP_KA": 1.5, "POP_CL": 2.8, "POP_V": 32.0})
+    b = ofv(native, ds, {"KA": 1.5, "CL": 2.8, "V": 32.0})
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_a_partial_omega_block_is_refused(tmp_path, theoph_path):
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    text = THEO_TRANS2.replace("$OMEGA 0.4\n$OMEGA 0.07", "$OMEGA BLOCK(2) 0.4 0.01 0.07")
+    (tmp_path / "run.mod").write_text(text)
+    line = text.splitlines().index("$OMEGA BLOCK(2) 0.4 0.01 0.07") + 1
+    with pytest.raises(ModelError, match=rf"run.mod line {line}: an .OMEGA BLOCK beside other OMEGAs"):
+        read_control_stream(tmp_path / "run.mod")
+
+
+def test_time_varying_covariates_and_infinite_values_are_refused_with_their_rows():
+    df = pd.DataFrame({"ID": [1, 1, 1, 2, 2], "TIME": [0, 1, 2, 0, 1], "DV": [0, 1.5, 2, 0, 1],
+                       "AMT": [100, 0, 0, 100, 0], "WT": [70, 70, 72, 60, 60]})
+    ds = hp.read_nonmem(df)
+    pm = build_model("1cmt_iv", iiv=["CL"], covariates=["CL~WT"], data=ds)
+    with pytest.raises(DatasetError, match="row 3, column WT: covariate WT changes within subject"):
+        fit_population(pm, ds, progress=False)
+    with pytest.raises(DatasetError, match="row 3, column WT"):
+        hp.simulate_population("1cmt_iv", ds, {"CL": 3.0, "V": 30.0}, covariates={"CL": ("WT", 70.0, 0.75)})
+    fine = build_model("1cmt_iv", iiv=["CL"], data=ds)             # WT is not used: nothing to replace
+    assert fit_population(fine, ds, progress=False, covariance=False).estimation.n_subjects == 2
+    with pytest.raises(DatasetError, match="row 2, column DV: infinite value"):
+        hp.read_nonmem(df.assign(DV=[0, np.inf, 2, 0, 1]))
+
+
+@pytest.mark.slow
+def test_a_tiny_initial_sigma_does_not_crash_the_ebe_step(pheno_dir):
+    """Two outer iterations from $SIGMA 1E-7 reach ETAs where the EBE Hessians are singular (this raised
+    torch's _LinAlgError before; 20 s). The mechanism itself is checked fast below."""
+    folder, text = pheno_dir
+    (folder / "run.mod").write_text(text.replace("$SIGMA  0.0130865", "$SIGMA  1E-7"))
+    pm, ds = read_control_stream(folder / "run.mod")
+    with pytest.warns(hp.population.ConvergenceWarning):      # two iterations from SIGMA 1e-7: not converged
+        res = fit_population(pm, ds, progress=False, pooled_start=False, covariance=False, maxiter=2)
+    assert res.estimation.ebe_fallbacks > 0 and any("singular Hessian" in w for w in res.estimation.warnings)
+    assert np.isfinite(res.estimation.individual.filter(like="ETA").to_numpy()).all()
+
+
+def test_the_newton_direction_falls_back_to_a_bounded_gradient_step(theoph_path):
+    ds = hp.read_nonmem(theoph_path)
+    prob = Problem(build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", data=ds), ds)
+    hess = torch.stack([torch.eye(3) * 2.0, torch.zeros(3, 3), torch.full((3, 3), float("nan"))]).double()
+    grad = torch.tensor([[2.0, 4.0, 6.0], [10.0, -20.0, 5.0], [1.0, 0.5, 0.0]], dtype=torch.float64)
+    step = prob._direction(hess, grad)
+    torch.testing.assert_close(step[0], grad[0] / 2.0)                       # Newton where H is fine
+    torch.testing.assert_close(step[1], grad[1] / 20.0)                      # gradient, at most 1 per ETA
+    torch.testing.assert_close(step[2], grad[2])                             # |g| <= 1 already
+    assert prob.fallback_steps == 2
