@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -83,24 +85,35 @@ def test_an_imported_nonmem_model_trains(pharmpy_examples):
     pm, ds = read_control_stream(pharmpy_examples / "pheno.mod")
     fit = fit_population(pm, ds, progress=False, pooled_start=False, covariance=False)
     hyb = fit_hybrid(pm, ds, population=fit, seed=7, progress=False,
-                     config=TrainConfig(epochs=40, warmup_epochs=10, progress=False))
+                     config=TrainConfig(epochs=30, warmup_epochs=10, progress=False))
     train = np.array([h[1] for h in hyb.history])
     assert np.isfinite(train).all() and (train != 0.0).all()
     assert hyb.individual.NLL_HYBRID.notna().all() and hyb.refine_failure == ""
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_default_command_with_proportional_error_fits_and_predicts(tmp_path, seed):
-    ds, _ = simulate_ehc_population(40, seed=seed, dose=500.0)
+def test_default_command_fits_predicts_and_logs_a_few_progress_lines(tmp_path):
+    """The default command (proportional error) on EHC data with a covariate column, run as a user would with
+    stderr going to a log file: it fits and predicts new patients (it crashed inside L-BFGS), and the log
+    gets a line per 10% of the epochs, not thousands of redrawn bars."""
+    from tests.unit.test_progress import lines_of
+
+    ds, _ = simulate_ehc_population(30, seed=2, dose=500.0)
     df = ds.to_dataframe()
-    df.insert(2, "WT", np.round(np.random.default_rng(seed).normal(75, 12, len(df)), 1))   # a covariate column
-    df["WT"] = df.groupby("ID").WT.transform("first")
+    wt = dict(zip(ds.ids, np.round(np.random.default_rng(2).normal(75, 12, ds.n_subjects), 1)))
+    df.insert(2, "WT", df.ID.map(wt))
     df.to_csv(tmp_path / "ehc.csv", index=False)
-    assert main(["fit", str(tmp_path / "ehc.csv"), "--model", "1cmt_oral", "--hybrid", "vae", "--epochs", "40",
-                 "--no-covariance", "--quiet", "--seed", "7", "--out", str(tmp_path / "run")]) == 0
+    with open(tmp_path / "log.txt", "w") as log:   # stderr is a file, not a terminal
+        proc = subprocess.run([sys.executable, "-m", "hybridpk", "fit", str(tmp_path / "ehc.csv"), "--model",
+                               "1cmt_oral", "--hybrid", "vae", "--epochs", "200", "--no-covariance", "--seed", "7",
+                               "--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=log, timeout=600)
+    assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-2000:]
+    lines = lines_of((tmp_path / "log.txt").read_text())
+    assert len(lines) < 100, len(lines)
+    assert sum(ln.startswith("VAE: ") for ln in lines) == 10            # 200 epochs: one line per 20
+    assert any(ln.startswith("FOCE-I: ") and "OFV=" in ln for ln in lines)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert math.isfinite(summary["hybrid"]["nll_hybrid_total"])
-    assert summary["hybrid"]["refinement"]["patients"] == 40
-    new, _ = simulate_ehc_population(5, seed=seed + 50, dose=500.0)
+    assert summary["hybrid"]["refinement"]["patients"] == 30
+    new, _ = simulate_ehc_population(5, seed=52, dose=500.0)
     new.to_dataframe().assign(WT=70.0).to_csv(tmp_path / "new.csv", index=False)
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "new.csv"), "--out", str(tmp_path / "p.csv")]) == 0

@@ -263,3 +263,15 @@ def test_cli_ltbs_round_trip(tmp_path, theoph_path, capsys):
     obs = p.MDV == 0
     np.testing.assert_allclose(p.IPRED[obs], fitted.IPRED[obs], rtol=1e-5)   # concentrations, not logs
     assert (fitted.IPRED[obs] > 0.5).all() and abs(np.log(fitted.DV[obs] / fitted.IPRED[obs]).mean()) < 0.2
+
+
+def test_levels_the_error_model_cannot_describe_are_named_with_the_fix(tmp_path, capsys):
+    """theoph keeps its pre-dose samples (TIME 0, DV > 0) where an oral model predicts 0: with the default
+    proportional error their variance is 0 and they have no likelihood. The default command reports the
+    records and the fixes instead of fitting NaN and crashing in the diagnostics."""
+    assert main(["fit", "theoph", "--model", "1cmt_oral", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "rows 2, 14, 26" in err and "file lines 3, 15, 27" in err and "--error combined" in err
+    assert "MDV=1" in err and "internal error" not in err
+    assert main(["fit", "theoph", "--model", "1cmt_oral", "--error", "combined", "--out", str(tmp_path / "ok"),
+                 "--quiet", "--no-covariance"]) == 0

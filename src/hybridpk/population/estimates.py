@@ -56,6 +56,7 @@ def map_estimate(model, dataset) -> IndividualEstimates:
     pm = model.model
     theta, omega, sd = model.theta.tensors(), model.omega.tensor(), model.sigma.sd_tensors()
     prob = Problem(pm, dataset)
+    prob.require_positive_variance(theta, sd)
     n, k = dataset.n_subjects, pm.n_eta
     zeros = torch.zeros(n, k, dtype=torch.float64)
     if k:

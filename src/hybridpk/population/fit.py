@@ -172,6 +172,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     prob = Problem(pm, dataset, method=method)
     pack = Packing(pm, omega, sigma)
     x0 = pack.x0()
+    theta0, _, sd0 = pack.unpack(torch.tensor(x0, dtype=torch.float64))
+    prob.require_positive_variance(theta0, sd0)
     if pooled_start:
         x0 = _naive_pooled(prob, pack, x0)
     n, k = dataset.n_subjects, pm.n_eta
