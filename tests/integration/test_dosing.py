@@ -124,12 +124,18 @@ def test_safety_warnings_and_refusals():
     rec = recommend_dose("vancomycin_goti2018", _vanco_patient(levels=((47.5, 11.0),)), "auc24=400:600",
                          interval=12)
     assert any("single drug level" in w for w in rec.warnings)
-    rec = recommend_dose("vancomycin_goti2018", _vanco_patient(levels=((47.5, 900.0),)), "auc24=400:600",
-                         interval=12)
-    assert any("far outside" in w for w in rec.warnings)
+    # an implausible level: even the smallest allowed dose overshoots on it, so no regimen is recommended, and
+    # the refusal carries the warning about the level
+    with pytest.raises(HybridPKError, match="(?s)nearest is 250 mg every 12 h.*far outside"):
+        recommend_dose("vancomycin_goti2018", _vanco_patient(levels=((47.5, 900.0),)), "auc24=400:600", interval=12)
+    # a cap below what the target needs: a refusal naming the nearest allowed regimen, never a capped dose that
+    # misses the target (issue: "--max-dose 100 recommends 0 mg")
+    with pytest.raises(HybridPKError, match="nearest is 500 mg every 12 h with MAP auc24"):
+        recommend_dose("vancomycin_goti2018", _vanco_patient(crcl=150.0), "auc24=400:600", interval=12,
+                       max_dose=500, dose_step=250)
     rec = recommend_dose("vancomycin_goti2018", _vanco_patient(crcl=150.0), "auc24=400:600", interval=12,
-                         max_dose=500, dose_step=250)
-    assert rec.dose <= 500 and any("capped" in w for w in rec.warnings)
+                         max_dose=1250, dose_step=250)
+    assert rec.dose <= 1250 and 400 <= rec.exposure["auc24"]["map"] <= 600
     two = pd.concat([_vanco_patient().to_dataframe(), _vanco_patient().to_dataframe().assign(ID=8)])
     with pytest.raises(HybridPKError, match="one patient"):
         recommend_dose("vancomycin_goti2018", hp.read_nonmem(two), "auc24=400:600")

@@ -13,7 +13,11 @@ NONMEM-style file for ONE patient: the doses given so far, the TDM levels (EVID 
 model needs (e.g. CRCL, WT).
 
 The patient's parameters are estimated by MAP (Bayesian, with the model as prior); 1000 posterior draws
-give the uncertainty. Targets: auc24=LOW:HIGH (mg*h/L over 24 h at steady state), auc24@D=LOW:HIGH (over
+give the uncertainty. The regimen is chosen on the MAP prediction, so the sampling seed does not change
+it: among whole multiples of --dose-step up to --max-dose, the one whose MAP exposure lies in the target
+window closest to its middle (ties: the smaller daily dose). If no allowed regimen reaches the window, the
+command says so and names the nearest one; it never recommends 0 mg, more than --max-dose or infusions
+longer than the interval. Targets: auc24=LOW:HIGH (mg*h/L over 24 h at steady state), auc24@D=LOW:HIGH (over
 day D of the new regimen, history included), trough=LOW:HIGH and
 peak=LOW:HIGH (mg/L, steady state), conc@T=LOW:HIGH (mg/L, T h after the first new dose).
 
@@ -96,8 +100,10 @@ def run_dose(args) -> int:
     metric, exp = next(iter(rec.exposure.items()))
     print(f"{model.name}: {rec.dose:g} mg every {rec.interval:g} h"
           + (f" as {rec.duration:g}-h infusions" if rec.duration > 0 else "") + f", from t = {rec.start:g} h")
-    print(f"  predicted {metric}: {exp['median']:.1f} (90% interval {exp['p05']:.1f}-{exp['p95']:.1f}); "
-          f"target {exp['target'][0]:g}-{exp['target'][1]:g}; probability of target attainment {rec.pta:.0%}")
+    se = f" (Monte-Carlo SE {rec.pta_mc_se:.1%})" if rec.pta_mc_se is not None else ""
+    print(f"  predicted {metric}: MAP {exp['map']:.1f}; posterior median {exp['median']:.1f}, 90% interval "
+          f"{exp['p05']:.1f}-{exp['p95']:.1f}; target {exp['target'][0]:g}-{exp['target'][1]:g}")
+    print(f"  probability of target attainment {rec.pta:.0%}{se} over the posterior draws")
     for w in rec.warnings:
         print(f"warning: {w}")
     if args.out:

@@ -13,6 +13,7 @@ import torch
 from ..data import Regimen
 from ..errors import HybridPKError
 from . import safety
+from .constraints import check_limits
 from .model import dosing_model
 from .targets import metric_coefficients, parse_target
 
@@ -74,6 +75,7 @@ class Recommendation:
     warnings: tuple
     records: pd.DataFrame = field(repr=False)
     candidates: list = field(default_factory=list, repr=False)
+    pta_mc_se: float | None = None
 
     @property
     def dose(self) -> float:
@@ -94,7 +96,8 @@ class Recommendation:
     def to_dict(self) -> dict:
         return {"model": self.model, "dose_mg": self.dose, "interval_h": self.interval,
                 "infusion_duration_h": self.duration, "start_h": self.start, "target": self.target,
-                "probability_of_target_attainment": self.pta, "predicted_exposure": self.exposure,
+                "probability_of_target_attainment": self.pta,
+                "probability_of_target_attainment_mc_se": self.pta_mc_se, "predicted_exposure": self.exposure,
                 "map_parameters": self.map_parameters, "warnings": list(self.warnings),
                 "records": self.records.to_dict(orient="records"), "candidates": self.candidates}
 
@@ -113,13 +116,46 @@ def estimate_patient(model, dataset, n_samples: int = 1000, seed: int = 0) -> Pa
     return PatientPosterior(estimate=est, draws=samples, ess=ess, warnings=tuple(warns))
 
 
-def _candidate(tgt, dose, tau, a_map, b_map, a_s, b_s) -> dict:
-    """Exposure of one (dose, interval) candidate: MAP value, posterior median/5%/95% and the probability of
-    target attainment over the posterior draws (metric = a + b dose)."""
+def _candidate(tgt, dose, tau, a_map, b_map, a_s, b_s, ess: float) -> dict:
+    """Exposure of one (dose, interval) candidate: MAP value, posterior median/5%/95%, and the probability of
+    target attainment over the posterior draws (metric = a + b dose) with its Monte-Carlo standard error
+    sqrt(p (1 - p) / ESS)."""
     m = (a_s + b_s * dose).numpy()
-    return {"dose_mg": dose, "interval_h": tau, "pta": float(np.mean((m >= tgt.low) & (m <= tgt.high))),
+    pta = float(np.mean((m >= tgt.low) & (m <= tgt.high)))
+    se = math.sqrt(pta * (1 - pta) / ess) if math.isfinite(ess) and ess > 0 else None
+    return {"dose_mg": dose, "interval_h": tau, "pta": pta, "pta_mc_se": se,
             "map_exposure": float(a_map[0] + b_map[0] * dose), "median": float(np.median(m)),
             "p05": float(np.quantile(m, 0.05)), "p95": float(np.quantile(m, 0.95))}
+
+
+def _allowed_doses(raw: float, limits) -> list:
+    """The allowed doses next to ``raw`` (mg, the dose that puts the MAP exposure at the target's middle):
+    whole multiples of the step between one step and the largest allowed dose."""
+    step, top = limits.dose_step, limits.top
+    if not math.isfinite(raw) or raw <= 0:   # the history alone reaches the middle: only the smallest dose
+        return [step]
+    lo = min(max(step, math.floor(raw / step) * step), top)
+    return sorted({lo, min(lo + step, top)})
+
+
+def _choose(tgt, cands: list, warnings=()) -> dict:
+    """The candidate whose MAP exposure lies in the window closest to its middle (relative); ties: the smaller
+    daily dose, then the order of the candidates (the intervals as given, smaller dose first). Deterministic: the posterior draws do not decide. No candidate in
+    the window: HybridPKError naming the nearest allowed regimen and its exposure, and the patient's
+    ``warnings``."""
+    inside = [c for c in cands if tgt.low <= c["map_exposure"] <= tgt.high]
+    if not inside:
+        def distance(c):
+            return max(tgt.low - c["map_exposure"], c["map_exposure"] - tgt.high)
+
+        near = min(cands, key=distance)
+        raise HybridPKError(f"no allowed regimen puts the MAP {tgt.label} in {tgt.low:g}-{tgt.high:g}: the nearest is "
+                            f"{near['dose_mg']:g} mg every {near['interval_h']:g} h with MAP {tgt.label} "
+                            f"{near['map_exposure']:.1f} (posterior median {near['median']:.1f}); widen the limits "
+                            "(maximum dose, dose step, intervals) or review the target"
+                            + "".join(f"\n  warning: {w}" for w in warnings))
+    return min(inside, key=lambda c: (abs(c["map_exposure"] - tgt.mid) / max(abs(tgt.mid), 1e-12),
+                                      c["dose_mg"] * 24 / c["interval_h"], cands.index(c)))
 
 
 def _coefficients(post: PatientPosterior, tgt, start, tau, duration):
@@ -134,6 +170,8 @@ def _coefficients(post: PatientPosterior, tgt, start, tau, duration):
 def _default_start(df: pd.DataFrame) -> float:
     """Last dose + its interval, or the last observed dosing interval continued, or the last record."""
     doses = df[df.EVID.isin([1, 4])]
+    if doses.empty:
+        raise HybridPKError("the patient file has no dose record; the dosing history is needed")
     last = doses.iloc[-1]
     ii = float(last.get("II", 0) or 0)
     addl = int(last.get("ADDL", 0) or 0)
@@ -161,43 +199,40 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     dataset : Dataset  one patient: dose history, covariates and TDM levels
     target : str or Target  e.g. 'auc24=400:600' (mg*h/L, steady state), 'trough=10:15', 'peak=25:40',
         'conc@36=10:15' (mg/L, 36 h after the first new dose)
-    interval : dosing interval (h); if None the best of ``intervals`` (highest probability of target
-        attainment, then the smallest daily dose)
-    duration : infusion duration (h); 0 for bolus/oral
-    dose_step : doses are multiples of this (mg); max_dose : cap per dose (mg)
-    start : time of the first new dose (h; default: last dose + its interval, or last record)
+    interval : dosing interval (h); if None the best of ``intervals``
+    duration : infusion duration (h); 0 for bolus/oral; at most the interval (no overlapping infusions)
+    dose_step : doses are whole multiples of this (mg); max_dose : cap per dose (mg, at least one step)
+    start : time of the first new dose (h; default: last dose + its interval, or last record); within or
+        up to 168 h after the patient's records
     posterior : the patient's PatientPosterior when already computed (``estimate_patient``)
-    Returns a Recommendation with the probability of target attainment computed from posterior draws.
+
+    The choice is deterministic (the sampling seed does not change it): for each interval, the allowed doses
+    next to the one that puts the MAP exposure at the middle of the window, then the regimen whose MAP
+    exposure lies in the window closest to its middle; ties: the smaller daily dose, then the order of
+    ``intervals``. The probability of target attainment over the posterior draws is reported with its
+    Monte-Carlo error. Invalid limits, or no allowed regimen whose MAP exposure is in the window, raise
+    HybridPKError (the latter naming the nearest allowed regimen): a recommendation is never 0 mg, never
+    above the maximum, and never overlaps infusions.
     """
     model = dosing_model(model)
     tgt = parse_target(target) if isinstance(target, str) else target
-    post = posterior or estimate_patient(model, dataset, n_samples, seed)
     df = dataset.to_dataframe()
-    start = _default_start(df) if start is None else start
-    options = [float(interval)] if interval else [float(i) for i in intervals]
-    best, cands = None, []
-    for tau in options:
-        a_map, b_map, a_s, b_s = _coefficients(post, tgt, start, tau, duration)
+    limits = check_limits(df, intervals=[interval] if interval is not None else list(intervals), duration=duration,
+                          dose_step=dose_step, max_dose=max_dose, start=_default_start(df) if start is None else start,
+                          n_doses=n_doses)
+    post = posterior or estimate_patient(model, dataset, n_samples, seed)
+    cands = []
+    for tau in limits.intervals:
+        a_map, b_map, a_s, b_s = _coefficients(post, tgt, limits.start, tau, limits.duration)
         raw = (tgt.mid - float(a_map[0])) / float(b_map[0])
-        if not math.isfinite(raw) or raw <= 0:
-            continue
-        lo = max(dose_step, math.floor(raw / dose_step) * dose_step)
-        options_d = sorted({lo, lo + dose_step})
-        if max_dose is not None:
-            options_d = sorted({min(d, math.floor(max_dose / dose_step) * dose_step) for d in options_d})
-        for d in options_d:
-            cands.append(_candidate(tgt, d, tau, a_map, b_map, a_s, b_s))
-            key = (round(cands[-1]["pta"], 6), -abs(cands[-1]["map_exposure"] - tgt.mid) / tgt.mid, -d * 24 / tau)
-            if best is None or key > best[0]:
-                best = (key, cands[-1])
-    if best is None:
-        raise HybridPKError("no dose within the constraints reaches the target; check the target and limits")
-    choice = best[1]
-    warns = list(post.warnings) + safety.check_dose(choice["dose_mg"], max_dose)
-    regimen = Regimen(start, choice["dose_mg"], choice["interval_h"], n_doses, duration)
+        for d in _allowed_doses(raw, limits):
+            cands.append(_candidate(tgt, d, tau, a_map, b_map, a_s, b_s, post.ess))
+    choice = _choose(tgt, cands, post.warnings)
+    warns = list(post.warnings) + safety.check_dose(choice["dose_mg"], limits.max_dose)
+    regimen = Regimen(limits.start, choice["dose_mg"], choice["interval_h"], limits.n_doses, limits.duration)
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, choice),
                           pta=choice["pta"], map_parameters=post.parameters(), warnings=tuple(warns),
-                          records=regimen.records(df.ID.iloc[0]), candidates=cands)
+                          records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=choice["pta_mc_se"])
 
 
 def interval_for_dose(model, dataset, dose: float, target, *, intervals=(6.0, 8.0, 12.0, 24.0, 36.0, 48.0),
@@ -207,12 +242,15 @@ def interval_for_dose(model, dataset, dose: float, target, *, intervals=(6.0, 8.
     ``dose`` (mg): highest probability of target attainment, then the prediction closest to the middle."""
     model = dosing_model(model)
     tgt = parse_target(target) if isinstance(target, str) else target
-    post = posterior or estimate_patient(model, dataset, n_samples, seed)
     df = dataset.to_dataframe()
     last = float(df[df.EVID.isin([1, 4])].TIME.max())
+    d = _number_check(dose)
+    check_limits(df, intervals=list(intervals), duration=duration, dose_step=d, max_dose=None, start=last,
+                 n_doses=10)
+    post = posterior or estimate_patient(model, dataset, n_samples, seed)
     best, cands = None, []
     for tau in intervals:
-        cands.append(_candidate(tgt, dose, tau, *_coefficients(post, tgt, last + tau, tau, duration)))
+        cands.append(_candidate(tgt, dose, tau, *_coefficients(post, tgt, last + tau, tau, duration), post.ess))
         key = (round(cands[-1]["pta"], 6), -abs(cands[-1]["map_exposure"] - tgt.mid))
         if best is None or key > best[0]:
             best = (key, cands[-1])
@@ -220,7 +258,17 @@ def interval_for_dose(model, dataset, dose: float, target, *, intervals=(6.0, 8.
     regimen = Regimen(last + c["interval_h"], dose, c["interval_h"], 10, duration)
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, c),
                           pta=c["pta"], map_parameters=post.parameters(), warnings=post.warnings,
-                          records=regimen.records(df.ID.iloc[0]), candidates=cands)
+                          records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=c["pta_mc_se"])
+
+
+def _number_check(dose) -> float:
+    try:
+        d = float(dose)
+    except (TypeError, ValueError):
+        d = math.nan
+    if not math.isfinite(d) or d <= 0:
+        raise HybridPKError(f"dose = {dose!r}: the dose must be a number > 0 (mg)")
+    return d
 
 
 def time_to_concentration(model, dataset, concentration: float, *, horizon: float = 168.0, n_samples: int = 1000,

@@ -1,0 +1,92 @@
+"""The limits a dose recommendation must respect, checked once for the library and the CLI alike.
+
+Each problem names the argument (with its CLI flag), the value and what is allowed; all problems are
+listed at once. A recommendation made under valid limits is always a positive whole number of dose steps,
+at most the maximum dose, with infusions that end before the next dose starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from ..errors import HybridPKError
+
+__all__ = ["Limits", "check_limits", "START_HORIZON_H"]
+
+#: how far after the patient's last record a new regimen may start (h)
+START_HORIZON_H = 168.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Valid limits of one recommendation: candidate ``intervals`` (h), infusion ``duration`` (h, 0: bolus or
+    oral), ``dose_step`` (mg), ``max_dose`` (mg, a whole number of steps; None: no cap), ``start`` (h),
+    ``n_doses`` of the recommended regimen."""
+
+    intervals: tuple
+    duration: float
+    dose_step: float
+    max_dose: float | None
+    start: float
+    n_doses: int
+
+    @property
+    def top(self) -> float:
+        """The largest allowed dose (mg): max_dose rounded down to a whole number of steps, or inf."""
+        return math.inf if self.max_dose is None else math.floor(self.max_dose / self.dose_step + 1e-9) * self.dose_step
+
+
+def _number(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def check_limits(df: pd.DataFrame, *, intervals, duration, dose_step, max_dose, start, n_doses) -> Limits:
+    """Limits for the patient whose records are ``df``, or a HybridPKError listing every invalid one."""
+    problems = []
+
+    def bad(name, flag, value, allowed):
+        problems.append(f"{name} ({flag}) = {value!r}: {allowed}")
+
+    step = _number(dose_step)
+    if step is None or step <= 0:
+        bad("dose_step", "--dose-step", dose_step, "doses are whole multiples of it, so it must be a number > 0 (mg)")
+    cap = None
+    if max_dose is not None:
+        cap = _number(max_dose)
+        if cap is None or cap <= 0 or (step is not None and step > 0 and cap < step):
+            bad("max_dose", "--max-dose", max_dose, "the largest single dose must be a number of at least one dose "
+                "step (mg)" + (f", here {step:g}" if step and step > 0 else ""))
+    taus = []
+    for tau in intervals:
+        t = _number(tau)
+        if t is None or t <= 0:
+            bad("interval", "--interval", tau, "the dosing interval must be a number > 0 (h)")
+        else:
+            taus.append(t)
+    dur = _number(duration)
+    if dur is None or dur < 0:
+        bad("duration", "--duration", duration, "the infusion duration must be a number >= 0 (h; 0 for a bolus or "
+            "oral dose)")
+    elif taus and dur > min(taus):
+        bad("duration", "--duration", duration, f"an infusion longer than the dosing interval ({min(taus):g} h) would "
+            "overlap the next dose; use a duration <= the interval")
+    doses = df[df.EVID.isin([1, 4])]
+    first = float(doses.TIME.min()) if len(doses) else float(df.TIME.min())
+    last = float(df.TIME.max())
+    t0 = _number(start)
+    if t0 is None or t0 < first or t0 > last + START_HORIZON_H:
+        bad("start", "--start", start, f"the first new dose must come within or after the patient's records: between "
+            f"{first:g} h (the first dose) and {last + START_HORIZON_H:g} h ({START_HORIZON_H:g} h after the last "
+            "record)")
+    if not isinstance(n_doses, int) or n_doses < 1:
+        bad("n_doses", "-", n_doses, "the regimen needs a whole number of doses >= 1")
+    if problems:
+        raise HybridPKError("cannot recommend a dose with these limits:\n  - " + "\n  - ".join(problems))
+    return Limits(tuple(taus), dur, step, cap, t0, n_doses)
