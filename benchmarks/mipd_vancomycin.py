@@ -109,7 +109,8 @@ def main():
     t0 = time.perf_counter()
     train = population(args.train, [1.5, 4, 11.5, 37.5, 42, 47.5], args.seed)
     fitted = fit_population(model(), train.dataset, progress=False, covariance=False)
-    print(f"fit of {args.train} training patients: OFV {fitted.estimation.ofv:.1f} ({fitted.estimation.seconds:.1f} s); "
+    e = fitted.estimation
+    print(f"fit of {args.train} training patients: OFV {e.ofv:.1f} ({e.seconds:.1f} s); "
           f"CL {fitted.theta['CL'].value:.2f}, CL~CRCL {fitted.theta['CL_CRCL'].value:.2f}, "
           f"omega CL {fitted.omega['ETA_CL'].variance:.3f}")
     oracle = FittedPopulation.from_values(model(), TRUE, OMEGA, dict(ERROR), name="oracle")

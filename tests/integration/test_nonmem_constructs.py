@@ -50,7 +50,8 @@ def test_unsupported_constructs_are_refused_by_name_and_line(pheno_dir, old, new
 
 def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):
     folder, text = pheno_dir
-    (folder / "run.mod").write_text(text.replace(OMEGAS, "$OMEGA BLOCK(2) 0.0309626 ; IIV_CL\n 0.005 0.031128 ; IIV_VC"))
+    block = "$OMEGA BLOCK(2) 0.0309626 ; IIV_CL\n 0.005 0.031128 ; IIV_VC"
+    (folder / "run.mod").write_text(text.replace(OMEGAS, block))
     pm, ds = read_control_stream(folder / "run.mod")
     assert pm.omega_block and pm.omega_init == ((0.0309626, 0.005), (0.005, 0.031128))
     assert [t.name for t in pm.thetas] == ["POP_CL", "POP_VC", "COVAPGR"]       # the covariance is no THETA

@@ -140,9 +140,9 @@ def _allowed_doses(raw: float, limits) -> list:
 
 def _choose(tgt, cands: list, warnings=()) -> dict:
     """The candidate whose MAP exposure lies in the window closest to its middle (relative); ties: the smaller
-    daily dose, then the order of the candidates (the intervals as given, smaller dose first). Deterministic: the posterior draws do not decide. No candidate in
-    the window: HybridPKError naming the nearest allowed regimen and its exposure, and the patient's
-    ``warnings``."""
+    daily dose, then the order of the candidates (the intervals as given, smaller dose first). Deterministic:
+    the posterior draws do not decide. No candidate in the window: HybridPKError naming the nearest allowed
+    regimen and its exposure, and the patient's ``warnings``."""
     inside = [c for c in cands if tgt.low <= c["map_exposure"] <= tgt.high]
     if not inside:
         def distance(c):
