@@ -91,11 +91,13 @@ def test_an_imported_nonmem_model_trains(pharmpy_examples):
     assert hyb.individual.NLL_HYBRID.notna().all() and hyb.refine_failure == ""
 
 
-def test_default_command_fits_predicts_and_logs_a_few_progress_lines(tmp_path):
+def test_default_command_fits_predicts_and_logs_a_few_progress_lines(tmp_path, capsys):
     """The default command (proportional error) on EHC data with a covariate column, run as a user would with
     stderr going to a log file: it fits and predicts new patients (it crashed inside L-BFGS), and the log
     gets a line per 10% of the epochs, not thousands of redrawn bars."""
     from tests.unit.test_progress import lines_of
+
+    _Payload.target = tmp_path / "payload-ran"
 
     ds, _ = simulate_ehc_population(30, seed=2, dose=500.0)
     df = ds.to_dataframe()
@@ -117,3 +119,17 @@ def test_default_command_fits_predicts_and_logs_a_few_progress_lines(tmp_path):
     new, _ = simulate_ehc_population(5, seed=52, dose=500.0)
     new.to_dataframe().assign(WT=70.0).to_csv(tmp_path / "new.csv", index=False)
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "new.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    # a weights file that carries code is refused as not a hybridpk file, without advising the unsafe option
+    torch.save({"state": _Payload(), "scale": {}}, tmp_path / "run" / "vae.pt")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "new.csv"), "--out", str(tmp_path / "q.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a hybridpk model file" in err and "weights_only=False" not in err and "internal error" not in err
+    assert not (tmp_path / "payload-ran").exists()
+
+
+class _Payload:
+    """Pickles to a call: what a weights file must never be allowed to run."""
+
+    def __reduce__(self):
+        return (open, (str(_Payload.target), "w"))

@@ -180,7 +180,7 @@ class HybridFit:
         if (meta.get("format"), meta.get("version")) != HYBRID_FORMAT:
             raise HybridPKError(f"{run / 'vae.json'} is not a hybridpk hybrid-model file of format version "
                                 f"{HYBRID_FORMAT[1]}; refit the model with this version of hybridpk")
-        ck = torch.load(run / "vae.pt", weights_only=True, map_location="cpu")
+        ck = _load_weights(run / "vae.pt")
         vae = HybridVAE(meta["n_features"], meta["latent_dim"], meta["hidden"], meta["joint"], meta["n_shift"],
                         meta["form"]).double()
         vae.load_state_dict(ck["state"])
@@ -190,6 +190,23 @@ class HybridFit:
         individual = pd.read_csv(run / "individual.csv") if (run / "individual.csv").is_file() else pd.DataFrame()
         return cls(population=population, vae=vae, config=TrainConfig(**meta["config"]), individual=individual,
                    candidates=dict(meta.get("candidates") or {}), refine_failure=meta.get("refine_failure", ""))
+
+
+def _load_weights(path: Path) -> dict:
+    """The tensors of a hybrid-model weights file, loaded without executing code (``weights_only=True``); a
+    file that holds anything else (code, or not a torch file at all) is refused as not a hybridpk file."""
+    import pickle
+    import zipfile
+
+    try:
+        ck = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise HybridPKError(f"{path} is not a hybridpk model file: it does not hold only tensors, so it was not "
+                            f"loaded ({reason.split('. ')[0]}); refit the model rather than loading it") from None
+    if not isinstance(ck, dict) or "state" not in ck or "scale" not in ck:
+        raise HybridPKError(f"{path} is not a hybridpk model file (no network state); refit the model")
+    return ck
 
 
 def _ode_only(population: FittedPopulation, dataset):
