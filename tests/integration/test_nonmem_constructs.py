@@ -82,13 +82,35 @@ def test_an_imported_block_has_the_ofv_of_the_native_block_model(tmp_path, theop
     assert a == pytest.approx(b, abs=1e-6)
 
 
-def test_a_partial_omega_block_is_refused(tmp_path, theoph_path):
+def test_a_partial_omega_block_is_estimated_as_written(tmp_path, theoph_path):
+    """$OMEGA BLOCK(2) on KA, CL beside a diagonal $OMEGA on V: the block's covariance is estimated and V's
+    ETA stays uncorrelated; the same OFV as the native model with the same blocks."""
+    from hybridpk.population.fit import Packing
+
     shutil.copy(theoph_path, tmp_path / "theoph.csv")
-    text = THEO_TRANS2.replace("$OMEGA 0.4\n$OMEGA 0.07", "$OMEGA BLOCK(2) 0.4 0.01 0.07")
-    (tmp_path / "run.mod").write_text(text)
-    line = text.splitlines().index("$OMEGA BLOCK(2) 0.4 0.01 0.07") + 1
-    with pytest.raises(ModelError, match=rf"run.mod line {line}: an .OMEGA BLOCK beside other OMEGAs"):
-        read_control_stream(tmp_path / "run.mod")
+    (tmp_path / "run.mod").write_text(THEO_TRANS2.replace("$OMEGA 0.4\n$OMEGA 0.07", "$OMEGA BLOCK(2) 0.4 0.01 0.07"))
+    pm, data = read_control_stream(tmp_path / "run.mod")
+    assert pm.blocks == ((0, 1), (2,)) and pm.omega_init == ((0.4, 0.01, 0.0), (0.01, 0.07, 0.0), (0.0, 0.0, 0.02))
+    pack = Packing(pm)
+    _, omega, _ = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
+    torch.testing.assert_close(omega, torch.tensor(pm.omega_init, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+    ds = hp.read_nonmem(theoph_path)
+    native = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", data=ds, omega_block=[["KA", "CL"]])
+    assert native.blocks == pm.blocks
+    sd = {"ADD": torch.tensor(math.sqrt(0.5), dtype=torch.float64)}
+    om = torch.tensor(pm.omega_init, dtype=torch.float64)
+
+    def ofv(model, d, theta):
+        prob = Problem(model, d)
+        th = {k: torch.tensor(v, dtype=torch.float64) for k, v in theta.items()}
+        eta = prob.ebe(th, torch.linalg.inv(om), sd, torch.zeros(d.n_subjects, 3, dtype=torch.float64))
+        return float(prob.ofv(th, om, sd, eta).detach())
+
+    assert ofv(pm, data, {"POP_KA": 1.5, "POP_CL": 2.8, "POP_V": 32.0}) == pytest.approx(
+        ofv(native, ds, {"KA": 1.5, "CL": 2.8, "V": 32.0}), abs=1e-6)
+    res = fit_population(pm, data, progress=False, pooled_start=False, covariance=False)
+    assert res.omega.blocks == ((0, 1), (2,)) and set(res.omega.covariances_to_dict()) == {"ETA_1,ETA_2"}
+    assert res.omega.covariance("ETA_1", "ETA_3") == 0.0 and res.estimation.converged
 
 
 def test_time_varying_covariates_and_infinite_values_are_refused_with_their_rows():

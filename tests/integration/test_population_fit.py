@@ -275,3 +275,35 @@ def test_levels_the_error_model_cannot_describe_are_named_with_the_fix(tmp_path,
     assert "MDV=1" in err and "internal error" not in err
     assert main(["fit", "theoph", "--model", "1cmt_oral", "--error", "combined", "--out", str(tmp_path / "ok"),
                  "--quiet", "--no-covariance"]) == 0
+
+
+@pytest.mark.parametrize("iiv, block", [(["CL", "V", "KA"], [["CL", "V"]]), (["CL", "KA", "V"], [["V", "CL"]])])
+def test_a_partial_block_recovers_the_correlation_and_leaves_the_rest_diagonal(iiv, block):
+    """CL and V correlated (0.6), KA not: the block of CL and V recovers the correlation (also when its ETAs
+    are not next to each other), KA keeps a variance only, and the data prefer it to a diagonal OMEGA."""
+    design = hp.make_design(150, [dict(TIME=0, AMT=300, CMT=1)], [0.5, 1, 2, 3, 5, 8, 12, 24], jitter=0.25, seed=5)
+    sim = hp.simulate_population("1cmt_oral", design, dict(CL=3.0, V=30.0, KA=1.2), dict(CL=0.09, V=0.09, KA=0.09),
+                                 proportional=0.1, correlation={("CL", "V"): 0.6}, seed=5)
+    realised = np.corrcoef(sim.etas.ETA_CL, sim.etas.ETA_V)[0, 1]
+    pm = build_model("1cmt_oral", iiv=iiv, error="proportional", omega_block=block)
+    res = fit_population(pm, sim.dataset, progress=False)
+    assert res.omega.correlation("ETA_CL", "ETA_V") == pytest.approx(realised, abs=0.15)
+    assert res.omega.covariance("ETA_KA", "ETA_CL") == 0.0 and res.omega.covariance("ETA_KA", "ETA_V") == 0.0
+    assert set(res.omega.covariances_to_dict()) == {"ETA_CL,ETA_V"}
+    assert res.omega.se_of("ETA_CL", "ETA_V") > 0
+    diag = fit_population(build_model("1cmt_oral", iiv=iiv, error="proportional"), sim.dataset, progress=False,
+                          covariance=False)
+    assert res.estimation.ofv < diag.estimation.ofv - 10
+
+
+def test_cli_omega_block_of_named_parameters_round_trips(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "theoph", "--model", "1cmt_oral", "--error", "additive", "--omega-block", "CL,V", "--out",
+                 str(run), "--quiet", "--no-covariance"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert set(s["omega_covariance"]) == {"ETA_CL,ETA_V"}
+    back = hp.load_run(run)
+    assert back.model.blocks == ((0, 1), (2,)) and back.omega.blocks == back.model.blocks   # CL-V, then KA
+    assert main(["fit", "theoph", "--model", "1cmt_oral", "--omega-block", "CL,Q", "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 2
+    assert "Q has no IIV" in capsys.readouterr().err

@@ -66,7 +66,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ltbs", action="store_true",
                    help="log-transform both sides: fit log(DV) with an additive error on the log scale")
     p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30")
-    p.add_argument("--omega-block", action="store_true", help="estimate a full OMEGA block (correlated ETAs)")
+    p.add_argument("--omega-block", nargs="?", const="all", metavar="P,P[;P,P]",
+                   help="estimate covariances between ETAs: alone, one block over all ETAs; with parameters, "
+                        "blocks of them, e.g. CL,V (the others keep a variance only) or CL,V;KA,ALAG")
     p.add_argument("--hybrid", choices=["none", "vae"], default="none",
                    help="add a VAE correction (the hybrid model) on top of the fitted ODE model")
     p.add_argument("--hybrid-form", choices=["auto", "input", "reservoir", "log"], default="auto",
@@ -120,8 +122,14 @@ def run(args) -> int:
             error = ErrorModel("additive", add=0.3, ltbs=True)
         else:
             error = args.error
+        if args.omega_block == "all":
+            block = True
+        elif args.omega_block:
+            block = [[p.strip() for p in g.split(",") if p.strip()] for g in args.omega_block.split(";") if g.strip()]
+        else:
+            block = False
         pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=error, initial=init, data=ds,
-                         omega_block=args.omega_block)
+                         omega_block=block)
         pooled = not init
     with warnings.catch_warnings():  # convergence problems are reported below and in summary.json
         warnings.simplefilter("ignore")

@@ -19,18 +19,20 @@ from .diagnostics import diagnostics
 from .estimation import ConvergenceWarning, Estimation
 from .fitted import FittedPopulation
 from .focei import Problem
+from .omega import OmegaBlocks
 from .tables import OmegaTable, SigmaEstimate, SigmaTable, ThetaEstimate, ThetaTable
 
 __all__ = ["fit_population"]
 
 
 class Packing:
-    """Unconstrained vector x <-> (THETA natural, OMEGA (diagonal variances), residual SDs)."""
+    """Unconstrained vector x <-> (THETA natural, OMEGA (its blocks, see :mod:`.omega`), residual SDs)."""
 
     def __init__(self, pm, omega=None, sigma=None):
         self.pm = pm
         self.free = [t for t in pm.thetas if not t.fixed]
         self.omega0 = np.array(omega if omega is not None else pm.omega_init, dtype=float)
+        self.omega = OmegaBlocks(pm.blocks, pm.n_eta)
         s0 = pm.error.init_values()
         if sigma:
             s0.update(sigma)
@@ -39,21 +41,12 @@ class Packing:
 
     @property
     def block(self) -> bool:
-        return bool(self.pm.omega_block)
+        return bool(self.omega.multi)
 
     def x0(self, theta=None):
         theta = theta or {t.name: t.init for t in self.pm.thetas}
         xs = [self._to_x(t, theta[t.name]) for t in self.free]
-        if self.block:   # Cholesky factor: log of the diagonal, then the strictly lower triangle (row-wise)
-            k = len(self.omega0)
-            if self.omega0.ndim == 2:   # a full initial matrix (e.g. a NONMEM $OMEGA BLOCK)
-                chol = np.linalg.cholesky(self.omega0)
-                om = list(np.log(np.diag(chol))) + [float(chol[r, c]) for r, c in zip(*np.tril_indices(k, -1))]
-            else:
-                om = list(np.log(np.sqrt(self.omega0))) + [0.0] * (k * (k - 1) // 2)
-        else:
-            om = list(np.log(self.omega0))
-        return np.array(xs + om + list(np.log(self.sigma0)), dtype=float)
+        return np.array(xs + self.omega.x0(self.omega0) + list(np.log(self.sigma0)), dtype=float)
 
     @staticmethod
     def _to_x(t, v):
@@ -88,29 +81,16 @@ class Packing:
             else:
                 theta[t.name] = self._from_x(t, x[i])
                 i += 1
-        k = self.pm.n_eta
-        if k and self.block:
-            diag = torch.exp(x[i:i + k])
-            i += k
-            n_off = k * (k - 1) // 2
-            rows, cols = torch.tril_indices(k, k, offset=-1)
-            chol = torch.diag(diag)
-            chol = chol.index_put((rows, cols), x[i:i + n_off])
-            i += n_off
-            omega = chol @ chol.T
-        else:
-            omega = torch.diag(torch.exp(x[i:i + k])) if k else torch.zeros(0, 0, dtype=x.dtype)
-            i += k
+        n_om = self.omega.n_params
+        omega = self.omega.unpack(x[i:i + n_om])
+        i += n_om
         sd = {name: torch.exp(x[i + j]) for j, name in enumerate(self.sigma_names)}
         return theta, omega, sd
 
     def natural(self, x):
         """All estimated quantities on their reported scale, as a flat tensor (for the delta method)."""
         theta, omega, sd = self.unpack(x)
-        extra = []
-        if self.block:
-            rows, cols = torch.tril_indices(omega.shape[0], omega.shape[0], offset=-1)
-            extra = list(omega[rows, cols])
+        extra = [omega[r, c] for r, c in self.omega.offdiagonal()]
         return torch.stack([theta[t.name] for t in self.free] + list(torch.diagonal(omega)) +
                            [sd[n] for n in self.sigma_names] + extra)
 
@@ -264,13 +244,11 @@ def _tables(pm, pack, theta, omega, sd, cov_natural) -> FittedPopulation:
         sig.append(SigmaEstimate(kind, pm.sigma_labels.get(kind, kind), float(sd[kind]),
                                  float(se[i + j]) if se is not None else None, pm.sigma_scale))
     i += len(pack.sigma_names)
-    if pack.block:
-        rows_l, cols_l = np.tril_indices(k, -1)
-        for j, (r, c) in enumerate(zip(rows_l, cols_l)):
-            om_se[r][c] = om_se[c][r] = float(se[i + j]) if se is not None else None
+    for j, (r, c) in enumerate(pack.omega.offdiagonal()):
+        om_se[r][c] = om_se[c][r] = float(se[i + j]) if se is not None else None
     matrix = tuple(tuple(float(v) for v in row) for row in omega.tolist())
     om = OmegaTable(tuple(pm.etas), tuple(pm.omega_labels or pm.etas), matrix,
-                    tuple(tuple(row) for row in om_se) if se is not None else None, pack.block)
+                    tuple(tuple(row) for row in om_se) if se is not None else None, pack.omega.blocks)
     return FittedPopulation(model=pm, theta=ThetaTable(tuple(rows)), omega=om, sigma=SigmaTable(tuple(sig)),
                             name="fit", citation="hybridpk fit")
 

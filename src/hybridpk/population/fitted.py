@@ -67,7 +67,7 @@ class FittedPopulation:
         else:
             matrix = tuple(tuple(float(x) for x in row) for row in (omega.tolist() if torch.is_tensor(omega)
                                                                      else omega))
-        om = OmegaTable(tuple(pm.etas), tuple(pm.omega_labels or pm.etas), matrix, None, bool(pm.omega_block))
+        om = OmegaTable(tuple(pm.etas), tuple(pm.omega_labels or pm.etas), matrix, None, pm.blocks)
         sig = SigmaTable(tuple(SigmaEstimate(kind, pm.sigma_labels.get(kind, kind), float(sd[kind]),
                                              scale=pm.sigma_scale) for kind in pm.error.names))
         return cls(model=pm, theta=th, omega=om, sigma=sig, **info)
@@ -147,7 +147,7 @@ class FittedPopulation:
                 "ranges": {k: list(v) for k, v in self.ranges.items()}, "notes": list(self.notes),
                 "data_sha256": self.estimation.data_sha256 if self.estimation else None,
                 "theta": [vars(r) for r in self.theta],
-                "omega": {"etas": list(om.etas), "labels": list(om.labels), "block": om.block,
+                "omega": {"etas": list(om.etas), "labels": list(om.labels), "blocks": [list(b) for b in om.blocks],
                           "matrix": [list(row) for row in om.matrix],
                           "se": None if om.se is None else [list(row) for row in om.se]},
                 "sigma": [vars(r) for r in self.sigma]}
@@ -171,7 +171,7 @@ class FittedPopulation:
                          omega=OmegaTable(tuple(om["etas"]), tuple(om["labels"]),
                                           tuple(tuple(float(x) for x in row) for row in om["matrix"]),
                                           None if om.get("se") is None else tuple(tuple(row) for row in om["se"]),
-                                          bool(om["block"])),
+                                          tuple(tuple(int(i) for i in b) for b in om["blocks"])),
                          sigma=SigmaTable(tuple(SigmaEstimate(**r) for r in data["sigma"])),
                          estimation=Estimation.load(run), name=run.name,
                          citation=data.get("citation") or f"hybridpk fit {run}", ranges={
@@ -180,7 +180,8 @@ class FittedPopulation:
                          notes=tuple(data.get("notes") or ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
-        if [t.name for t in fitted.theta] != list(pm.theta_names) or list(fitted.omega.etas) != list(pm.etas):
+        if ([t.name for t in fitted.theta] != list(pm.theta_names) or list(fitted.omega.etas) != list(pm.etas)
+                or fitted.omega.blocks != pm.blocks):
             raise HybridPKError(f"{path}: the THETA/OMEGA tables do not match the model they belong to; refit")
         return fitted
 

@@ -114,8 +114,9 @@ def _check_estimation(m, text: str, path) -> None:
 
 
 def _omega(rvs, params, text: str, path):
-    """(OMEGA names (the variances, ETA order), initial OMEGA (variances, or the full matrix for a block),
-    block?) of the control stream; a partial block, several blocks or SAME (IOV) are refused by name."""
+    """(OMEGA names (the variances, ETA order), initial OMEGA (variances, or the full (K, K) matrix when there
+    are blocks), the blocks (groups of correlated ETA indices)) of the control stream, as its $OMEGA and
+    $OMEGA BLOCK(n) records define them; SAME (inter-occasion variability) is refused by name."""
     import sympy
 
     etas = rvs.etas
@@ -124,16 +125,29 @@ def _omega(rvs, params, text: str, path):
         raise ModelError(f"{_where(text, path, _OMEGA)}: $OMEGA ... SAME (inter-occasion variability) is not "
                          "supported yet")
     if set(etas.parameter_names) == set(variances):
-        return variances, tuple(float(params[n].init) for n in variances), False
+        return variances, tuple(float(params[n].init) for n in variances), ()
     matrix = etas.covariance_matrix
     k = len(variances)
-    full = all(matrix[i, j] != 0 for i in range(k) for j in range(k))
-    if not full or k < 2:
-        raise ModelError(f"{_where(text, path, _BLOCK)}: an $OMEGA BLOCK beside other OMEGAs (a "
-                         "partial block) is not supported yet; hybridpk estimates a diagonal OMEGA or one block over "
-                         "all ETAs")
+    blocks, seen = [], set()
+    for i in range(k):   # connected groups of ETAs with a covariance between them
+        if i in seen:
+            continue
+        group, todo = {i}, [i]
+        while todo:
+            j = todo.pop()
+            for m in range(k):
+                if m not in group and matrix[j, m] != 0:
+                    group.add(m)
+                    todo.append(m)
+        seen |= group
+        if len(group) > 1:
+            blocks.append(tuple(sorted(group)))
+    for b in blocks:   # a NONMEM block estimates every covariance within it
+        if any(matrix[r, c] == 0 for r in b for c in b):
+            raise ModelError(f"{_where(text, path, _BLOCK)}: an OMEGA block with some covariances fixed at 0 is not "
+                             "supported")
     init = matrix.subs({sympy.Symbol(p.name): p.init for p in params})
-    return variances, tuple(tuple(float(init[i, j]) for j in range(k)) for i in range(k)), True
+    return variances, tuple(tuple(float(init[i, j]) for j in range(k)) for i in range(k)), tuple(blocks)
 
 
 def read_control_stream(path):
@@ -165,7 +179,7 @@ def read_control_stream(path):
     rvs = m.random_variables
     eta_names = list(rvs.etas.names)
     params = m.parameters
-    omega_names, omega_init, block = _omega(rvs, params, text, path)
+    omega_names, omega_init, blocks = _omega(rvs, params, text, path)
     eps_names = list(rvs.epsilons.names)
     sigma_names = list(rvs.epsilons.variance_parameters)
     if set(rvs.epsilons.parameter_names) != set(sigma_names):
@@ -229,7 +243,7 @@ def read_control_stream(path):
 
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans}
     pm = PopulationModel(structural=structural, thetas=thetas, etas=tuple(eta_names), omega_init=omega_init,
-                         error=error, individual=individual, covariates=covs, omega_block=block,
+                         error=error, individual=individual, covariates=covs, omega_blocks=blocks,
                          omega_labels=tuple(omega_names), sigma_labels=dict(kinds), sigma_scale="variance",
                          recipe=recipe)
     return pm, ds

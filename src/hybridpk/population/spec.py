@@ -130,7 +130,8 @@ class PopulationModel:
     tuple of rows). How the estimates are reported:
     ``omega_labels`` (default: the ETA names; NONMEM imports: pharmpy's OMEGA names such as IIV_CL),
     ``sigma_labels`` {"ADD" | "PROP": name} (default: the kinds; NONMEM imports: the $SIGMA names) and
-    ``sigma_scale`` "sd" (hybridpk's ADD/PROP) or "variance" (NONMEM's $SIGMA). ``recipe`` rebuilds the
+    ``sigma_scale`` "sd" (hybridpk's ADD/PROP) or "variance" (NONMEM's $SIGMA); ``omega_blocks`` the groups
+    of correlated ETAs (indices; ETAs in no group have a variance only). ``recipe`` rebuilds the
     model from plain data (saved in model.json; see :func:`model_from_recipe`).
     """
 
@@ -142,7 +143,7 @@ class PopulationModel:
     individual: Callable = field(repr=False)
     covariates: tuple = ()
     effects: tuple = ()
-    omega_block: bool = False   # True: one full OMEGA block (correlated ETAs), else diagonal
+    omega_blocks: tuple = ()    # groups of correlated ETAs (indices); ETAs in none are alone (diagonal)
     omega_labels: tuple = ()
     sigma_labels: dict = field(default_factory=dict)
     sigma_scale: str = "sd"
@@ -151,6 +152,18 @@ class PopulationModel:
     def __post_init__(self):
         if self.sigma_scale not in ("sd", "variance"):
             raise ModelError(f"sigma_scale must be 'sd' or 'variance', not {self.sigma_scale!r}")
+
+    @property
+    def blocks(self) -> tuple:
+        """The OMEGA block structure: a partition of the ETA indices (see :mod:`hybridpk.population.omega`)."""
+        from .omega import normalise_blocks
+
+        return normalise_blocks(self.omega_blocks, self.n_eta)
+
+    @property
+    def omega_block(self) -> bool:
+        """True when some ETAs are correlated (an OMEGA block of two or more)."""
+        return any(len(b) > 1 for b in self.blocks)
 
     @property
     def theta_names(self) -> tuple:
@@ -162,7 +175,7 @@ class PopulationModel:
 
 
 def build_model(model, *, iiv=None, covariates=(), error="proportional", initial: dict | None = None,
-                data=None, fixed: dict | None = None, omega_block: bool = False) -> PopulationModel:
+                data=None, fixed: dict | None = None, omega_block=False) -> PopulationModel:
     """A population model from named options, as the CLI builds it.
 
     Parameters
@@ -175,7 +188,9 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     initial : dict  initial typical values {param: value} (defaults: the model's typical values)
     data : Dataset  used for covariate reference values (medians) when not given
     fixed : dict  parameters fixed at a value (e.g. {"F": 1.0}); not estimated
-    omega_block : bool  estimate a full OMEGA block (covariances between all ETAs) instead of a diagonal
+    omega_block : True to estimate the covariances between all ETAs (one full OMEGA block), or groups of
+        parameters whose ETAs are correlated, e.g. [["CL", "V"]] (the others keep a variance only); False
+        (default) for a diagonal OMEGA
     """
     sm = get_model(model)
     fixed = dict(fixed or {})
@@ -238,13 +253,38 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     omega = tuple(0.09 for _ in etas)
     kind = error if isinstance(error, str) else error.kind
     err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
+    blocks = _omega_blocks(omega_block, list(iiv))
     recipe = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
-              "fixed": fixed, "omega_block": bool(omega_block),
+              "fixed": fixed, "omega_block": [[iiv[i] for i in b] for b in blocks],
               "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
                               "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
                            individual=individual, covariates=cov_names, effects=tuple(effects),
-                           omega_block=bool(omega_block) and len(etas) > 1, recipe=recipe)
+                           omega_blocks=blocks, recipe=recipe)
+
+
+def _omega_blocks(omega_block, iiv: list) -> tuple:
+    """ETA index groups from build_model's ``omega_block`` (False, True, or groups of parameter names)."""
+    if omega_block is False or omega_block is None:
+        return ()
+    if omega_block is True:
+        return (tuple(range(len(iiv))),) if len(iiv) > 1 else ()
+    blocks = []
+    for group in omega_block:
+        names = [g.upper() for g in group]
+        missing = [g for g in names if g not in iiv]
+        if missing:
+            raise ModelError(f"OMEGA block {', '.join(names)}: {', '.join(missing)} has no IIV (the IIV is on "
+                             f"{', '.join(iiv)})")
+        if len(names) > 1:
+            blocks.append(tuple(iiv.index(g) for g in names))
+    try:
+        from .omega import normalise_blocks
+
+        normalise_blocks(blocks, len(iiv))
+    except ValueError:
+        raise ModelError(f"OMEGA blocks {omega_block!r}: a parameter may be in one block only") from None
+    return tuple(blocks)
 
 
 def model_from_recipe(recipe: dict) -> PopulationModel:

@@ -91,13 +91,19 @@ class OmegaEntry:
 class OmegaTable:
     """The ETAs' covariance matrix. ``etas`` (ETA names), ``labels`` (reported names, e.g. IIV_CL),
     ``matrix`` (K x K variances and covariances), ``se`` (same shape, None where not estimated or not
-    computed), ``block`` (True: the covariances are estimated, else OMEGA is diagonal)."""
+    computed), ``blocks`` the groups of correlated ETAs (a partition of the indices; covariances are estimated
+    within a group only; () or singletons: a diagonal OMEGA)."""
 
     etas: tuple
     labels: tuple
     matrix: tuple
     se: tuple | None = None
-    block: bool = False
+    blocks: tuple = ()
+
+    @property
+    def block(self) -> bool:
+        """True when some covariances are estimated."""
+        return any(len(b) > 1 for b in self.blocks)
 
     def _index(self, key: str) -> int:
         for i, (e, lab) in enumerate(zip(self.etas, self.labels)):
@@ -142,15 +148,15 @@ class OmegaTable:
         return {e.label: {"variance": e.variance, "se": e.se, "cv_percent": e.cv_percent, "eta": e.eta} for e in self}
 
     def covariances_to_dict(self) -> dict:
-        """summary.json's "omega_covariance" (block OMEGA only): {"ETA_A,ETA_B": {"covariance", "se",
-        "correlation"}} for each pair below the diagonal."""
-        if not self.block:
-            return {}
+        """summary.json's "omega_covariance": {"ETA_A,ETA_B": {"covariance", "se", "correlation"}} for each
+        estimated covariance (pairs within a block, below the diagonal)."""
         out = {}
-        for r in range(len(self.etas)):
-            for c in range(r):
-                out[f"{self.etas[c]},{self.etas[r]}"] = {"covariance": self.matrix[r][c], "se": self._se(r, c),
-                                                         "correlation": self.correlation(self.etas[r], self.etas[c])}
+        for b in self.blocks:
+            for i, r in enumerate(b):
+                for c in b[:i]:
+                    out[f"{self.etas[c]},{self.etas[r]}"] = {"covariance": self.matrix[r][c], "se": self._se(r, c),
+                                                             "correlation": self.correlation(self.etas[r],
+                                                                                             self.etas[c])}
         return out
 
 
