@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ModelError
 from ..models import get_model
+from .omega import normalise_blocks
 
 __all__ = ["Theta", "ErrorModel", "PopulationModel", "CovariateEffect", "build_model", "parse_covariate",
            "model_from_recipe"]
@@ -156,8 +157,6 @@ class PopulationModel:
     @property
     def blocks(self) -> tuple:
         """The OMEGA block structure: a partition of the ETA indices (see :mod:`hybridpk.population.omega`)."""
-        from .omega import normalise_blocks
-
         return normalise_blocks(self.omega_blocks, self.n_eta)
 
     @property
@@ -279,8 +278,6 @@ def _omega_blocks(omega_block, iiv: list) -> tuple:
         if len(names) > 1:
             blocks.append(tuple(iiv.index(g) for g in names))
     try:
-        from .omega import normalise_blocks
-
         normalise_blocks(blocks, len(iiv))
     except ValueError:
         raise ModelError(f"OMEGA blocks {omega_block!r}: a parameter may be in one block only") from None
