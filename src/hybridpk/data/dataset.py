@@ -251,6 +251,14 @@ class Dataset:
                 out.append(c)
         return tuple(out)
 
+    def violation(self, positions, column: str, message: str) -> Violation:
+        """A Violation naming the records at ``positions`` (0-based, in this dataset) by their data rows and
+        file lines."""
+        idx = [int(i) for i in positions]
+        rows = tuple(int(self._row_numbers[i]) if self._row_numbers is not None else i + 1 for i in idx)
+        lines = tuple(int(self._line_numbers[i]) for i in idx) if self._line_numbers is not None else ()
+        return Violation(rows, column, message, lines)
+
     def require_constant_covariates(self, covariates, user: str = "the model") -> None:
         """Raise a DatasetError listing, per covariate of ``covariates`` that changes within a subject, the
         records where it differs from the subject's first value: ``user`` takes one value per subject (the
@@ -265,12 +273,10 @@ class Dataset:
             if changed.any():
                 idx = np.flatnonzero(changed)
                 ids = ", ".join(str(i) for i in pd.unique(f["ID"].to_numpy()[idx])[:6])
-                rows = tuple(int(self._row_numbers[i]) if self._row_numbers is not None else i + 1 for i in idx)
-                lines = tuple(int(self._line_numbers[i]) for i in idx) if self._line_numbers is not None else ()
-                problems.append(Violation(rows, c, f"covariate {c} changes within subject(s) {ids}; {user} takes "
-                                          "one value per subject (its first record) and would silently replace "
-                                          "the later ones: give one value per subject (e.g. the baseline) or "
-                                          f"leave {c} out of the model", lines))
+                problems.append(self.violation(idx, c, f"covariate {c} changes within subject(s) {ids}; {user} "
+                                               "takes one value per subject (its first record) and would silently "
+                                               "replace the later ones: give one value per subject (e.g. the "
+                                               f"baseline) or leave {c} out of the model"))
         if problems:
             raise DatasetError(problems, self.source)
 

@@ -33,10 +33,6 @@ class IndividualEstimates:
     parameters: pd.DataFrame
     n_levels: np.ndarray
 
-    @property
-    def ids(self) -> tuple:
-        return tuple(self.dataset.ids)
-
     def shrinkage(self) -> np.ndarray:
         """Per patient and ETA: 1 - posterior SD / prior SD (near 1: the data say little)."""
         post = torch.sqrt(torch.diagonal(self.cov, dim1=1, dim2=2))

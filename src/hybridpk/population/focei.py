@@ -58,9 +58,7 @@ class Problem:
                 raise DatasetError(problems, dataset.source)
             self.y = torch.log(torch.where(self.obs, b.dv, torch.ones_like(b.dv)))
         self.method = method
-        self.source = dataset.source
-        self._rows = dataset._row_numbers if dataset._row_numbers is not None else range(1, len(dataset) + 1)
-        self._lines = dataset._line_numbers
+        self.dataset, self.source = dataset, dataset.source
         self.rtol, self.atol = rtol, atol
         self.fallback_steps = 0   # EBE Newton steps that fell back to gradient steps (see _direction)
 
@@ -70,7 +68,7 @@ class Problem:
         the start of an infusion). NONMEM stops on them too."""
         if self.pm.error.ltbs or not bool(self.obs.any()):
             return
-        from ..errors import DatasetError, Violation
+        from ..errors import DatasetError
 
         with torch.no_grad():
             f = self.predict({k: v.detach() for k, v in theta.items()},
@@ -78,14 +76,11 @@ class Problem:
             v = self.pm.error.variance(f, {k: t.detach() for k, t in sd.items()})
         bad = self.obs & ~(v > 0)
         if bool(bad.any()):
-            idx = self.batch.row[bad].tolist()
-            rows = tuple(int(self._rows[i]) for i in idx)
-            lines = tuple(int(self._lines[i]) for i in idx) if self._lines is not None else ()
-            raise DatasetError([Violation(rows, "DV", "the model predicts 0 here (before the first dose, or at the "
-                                          "time of an oral dose or the start of an infusion), where a "
-                                          f"{self.pm.error.kind} error model has zero variance, so the level has no "
-                                          "likelihood: add an additive part to the error model (--error combined) or "
-                                          "set MDV=1 on these records (e.g. pre-dose samples)", lines)], self.source)
+            message = ("the model predicts 0 here (before the first dose, or at the time of an oral dose or the "
+                       f"start of an infusion), where a {self.pm.error.kind} error model has zero variance, so the "
+                       "level has no likelihood: add an additive part to the error model (--error combined) or set "
+                       "MDV=1 on these records (e.g. pre-dose samples)")
+            raise DatasetError([self.dataset.violation(self.batch.row[bad].tolist(), "DV", message)], self.source)
 
     # ------------------------------------------------------------------ predictions
     def predict(self, theta, eta):

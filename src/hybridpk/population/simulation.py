@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-__all__ = ["simulate_replicates", "residual_noise"]
+__all__ = ["replicates", "eta_sampler", "simulate_replicates", "residual_noise"]
 
 
 def residual_noise(error_model, sd: dict, conc, gen):
@@ -16,27 +16,46 @@ def residual_noise(error_model, sd: dict, conc, gen):
     return conc * torch.exp(s * z) if error_model.ltbs else conc + s * z
 
 
-def simulate_replicates(fitted, dataset, n: int = 1, seed: int = 0) -> pd.DataFrame:
-    """REP, ID, TIME, EVID, MDV, IPRED, DV and the ETAs for every record of ``n`` replicates of ``dataset``'s
-    design under ``fitted`` (a FittedPopulation); seeded (torch CPU generator)."""
-    pm = fitted.model
-    gen = torch.Generator().manual_seed(int(seed))
-    batch = dataset.to_batch(covariates=list(pm.covariates))
+def eta_sampler(fitted):
+    """A function (n, gen) -> ETAs (n, K) drawn from the fitted OMEGA."""
     omega = fitted.omega.tensor()
-    chol = torch.linalg.cholesky(omega) if pm.n_eta else omega
-    sd = fitted.sigma.sd_tensors()
-    df = dataset.to_dataframe()
-    idx = batch.subject_of_rows()
-    obs = batch.is_obs
+    chol = torch.linalg.cholesky(omega) if fitted.model.n_eta else omega
+
+    def draw(n: int, gen):
+        return torch.randn(n, fitted.model.n_eta, generator=gen, dtype=torch.float64) @ chol.T
+
+    return draw
+
+
+def replicates(dataset, covariates, error_model, sd: dict, n: int, seed: int, draw) -> pd.DataFrame:
+    """REP, ID, TIME, EVID, MDV, IPRED, DV and per-subject columns for every record of ``n`` replicates of
+    ``dataset``'s design: ``draw(batch, gen)`` gives each replicate's concentrations (N, R) and its
+    per-subject values {column: (N,)} (the ETAs, ...); DV adds the residual error at the observation records
+    (0 elsewhere). Seeded (torch CPU generator)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    batch = dataset.to_batch(covariates=list(covariates))
+    df, idx, obs = dataset.to_dataframe(), batch.subject_of_rows(), batch.is_obs
     out = []
     for rep in range(1, int(n) + 1):
-        eta = torch.randn(batch.n_subjects, pm.n_eta, generator=gen, dtype=torch.float64) @ chol.T
-        conc = fitted.concentrations(batch, eta)
-        dv = torch.where(obs, residual_noise(pm.error, sd, conc, gen), torch.zeros_like(conc))
+        conc, per_subject = draw(batch, gen)
+        dv = torch.where(obs, residual_noise(error_model, sd, conc, gen), torch.zeros_like(conc))
         table = pd.DataFrame({"REP": rep, "ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(),
                               "EVID": df.EVID.to_numpy(), "MDV": df.MDV.to_numpy(), "IPRED": batch.to_rows(conc),
                               "DV": batch.to_rows(dv)})
-        for j, name in enumerate(pm.etas):
-            table[name] = eta[idx, j].numpy()
+        for name, values in per_subject.items():
+            table[name] = values[idx].numpy()
         out.append(table)
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def simulate_replicates(fitted, dataset, n: int = 1, seed: int = 0) -> pd.DataFrame:
+    """:func:`replicates` of ``dataset``'s design under ``fitted`` (a FittedPopulation): new ETAs from OMEGA
+    in each replicate."""
+    pm = fitted.model
+    etas = eta_sampler(fitted)
+
+    def draw(batch, gen):
+        eta = etas(batch.n_subjects, gen)
+        return fitted.concentrations(batch, eta), {name: eta[:, j] for j, name in enumerate(pm.etas)}
+
+    return replicates(dataset, pm.covariates, pm.error, fitted.sigma.sd_tensors(), n, seed, draw)

@@ -35,8 +35,18 @@ class ThetaEstimate:
         return _rse(self.value, self.se)
 
 
+class _Rows:
+    """Iteration and length over a table's ``rows``."""
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 @dataclass(frozen=True)
-class ThetaTable:
+class ThetaTable(_Rows):
     """THETAs in model order; ``table["CL"]`` is the :class:`ThetaEstimate` named CL."""
 
     rows: tuple
@@ -47,19 +57,9 @@ class ThetaTable:
                 return r
         raise KeyError(f"no THETA named {name!r}; the model has {', '.join(self.names)}")
 
-    def __iter__(self):
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
     @property
     def names(self) -> tuple:
         return tuple(r.name for r in self.rows)
-
-    def values(self) -> dict:
-        """{name: value} (natural scale)."""
-        return {r.name: r.value for r in self.rows}
 
     def tensors(self) -> dict:
         """{name: 0-d float64 tensor}: what the model's parameter map takes."""
@@ -189,7 +189,7 @@ class SigmaEstimate:
 
 
 @dataclass(frozen=True)
-class SigmaTable:
+class SigmaTable(_Rows):
     """Residual-error terms; ``table["ADD"]`` by label or kind."""
 
     rows: tuple
@@ -202,16 +202,6 @@ class SigmaTable:
             if key == r.kind:
                 return r
         raise KeyError(f"no SIGMA named {key!r}; the model has {', '.join(r.label for r in self.rows)}")
-
-    def __iter__(self):
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def sd(self) -> dict:
-        """{kind: SD} ("ADD", "PROP"), as floats."""
-        return {r.kind: r.sd for r in self.rows}
 
     def sd_tensors(self) -> dict:
         """{kind: 0-d float64 tensor SD}: what the error model's likelihood takes."""

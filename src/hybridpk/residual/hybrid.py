@@ -16,7 +16,8 @@ from ..errors import HybridPKError
 from ..io import atomic_write_bytes, atomic_write_text
 from ..population import FittedPopulation, Predictions, fit_population
 from ..population.estimation import read_json
-from ..population.simulation import residual_noise
+from ..solve import simulate
+from ..population.simulation import eta_sampler, replicates
 from .baseline import ODEBaseline
 from .inference import HybridEstimate, estimate_hybrid, predict_with
 from .objective import gaussian_nll
@@ -105,28 +106,17 @@ class HybridFit:
         the latent prior N(0, I), the hybrid prediction, and DV with the residual error at the observation
         records. One row per replicate and record: REP, ID, TIME, EVID, MDV, IPRED, DV (mg/L), ETAs, Z1..."""
         pop, pm = self.population, self.population.model
-        gen = torch.Generator().manual_seed(int(seed))
-        batch = dataset.to_batch(covariates=list(pm.covariates))
-        omega = pop.omega.tensor()
-        chol = torch.linalg.cholesky(omega) if pm.n_eta else omega
-        base, sd = ODEBaseline(pop), pop.sigma.sd_tensors()
-        df, idx, obs = dataset.to_dataframe(), batch.subject_of_rows(), batch.is_obs
-        out = []
-        for rep in range(1, int(n) + 1):
-            eta = torch.randn(batch.n_subjects, pm.n_eta, generator=gen, dtype=torch.float64) @ chol.T
+        etas, base = eta_sampler(pop), ODEBaseline(pop)
+
+        def draw(batch, gen):
+            eta = etas(batch.n_subjects, gen)
             z = torch.randn(batch.n_subjects, self.latent_dim, generator=gen, dtype=torch.float64)
             with torch.no_grad():
                 conc, _ = self.vae.predict_at(batch, z, base, eta, pop.concentrations(batch, eta))
-            dv = torch.where(obs, residual_noise(pm.error, sd, conc, gen), torch.zeros_like(conc))
-            table = pd.DataFrame({"REP": rep, "ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(),
-                                  "EVID": df.EVID.to_numpy(), "MDV": df.MDV.to_numpy(),
-                                  "IPRED": batch.to_rows(conc), "DV": batch.to_rows(dv)})
-            for j, name in enumerate(pm.etas):
-                table[name] = eta[idx, j].numpy()
-            for j in range(self.latent_dim):
-                table[f"Z{j + 1}"] = z[idx, j].numpy()
-            out.append(table)
-        return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+            return conc, {**{name: eta[:, j] for j, name in enumerate(pm.etas)},
+                          **{f"Z{j + 1}": z[:, j] for j in range(self.latent_dim)}}
+
+        return replicates(dataset, pm.covariates, pm.error, pop.sigma.sd_tensors(), n, seed, draw)
 
     # ------------------------------------------------------------------ persistence
     def summary(self) -> dict:
@@ -217,8 +207,6 @@ def _ode_only(population: FittedPopulation, dataset):
                             and rec.data_sha256 == dataset.fingerprint()) else None
     est = est or population.estimate(dataset)
     b = est.problem.batch
-    from ..solve import simulate
-
     with torch.no_grad():
         p = population.individual_parameters(est.eta, est.problem.cov)
         ipred = simulate(population.model.structural, p, b).ipred
