@@ -148,11 +148,12 @@ def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys, form):
     p = pd.read_csv(tmp_path / "p.csv")
     assert len(p) == len(df) and {"IPRED", "IPRED_ODE", "IPRED_HYBRID", "HYBRID_WEIGHT", "Z1", "Z2"} <= set(p.columns)
     assert (p.IPRED >= 0).all() and (p[p.TIME == 0].IPRED == 0).all()
-    # the dosing functions say that they use the run's ODE part only
+    # the dosing functions use the hybrid: the patient's posterior is over the ETAs and z
     from hybridpk.dosing import estimate_patient
 
     post = estimate_patient(run, new.subset([1]), n_samples=200)
-    assert any("VAE term is not used" in w for w in post.warnings)
+    assert post.draws.shape == (200, 5) and post.model.point_names[-2:] == ("Z1", "Z2")
+    assert not any("not used" in w for w in post.warnings)
 
 
 def test_old_flag_names_are_refused_with_the_new_ones(capsys):

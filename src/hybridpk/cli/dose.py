@@ -8,13 +8,15 @@ DOSE_HELP = """\
 Recommend a dose (and interval) for one patient from a population model and a few drug levels.
 
 MODEL_OR_RUN is a published model spec shipped with hybridpk (e.g. vancomycin_goti2018; list them with
-'hybridpk dose --list'), a spec file (.toml), or a run folder written by 'hybridpk fit'. PATIENT.csv is a
+'hybridpk dose --list'), a spec file (.toml), or a run folder written by 'hybridpk fit', a hybrid one
+included (--hybrid vae: the patient's posterior is then over the ETAs and the latent z jointly, and
+exposures come from the hybrid prediction, simulated dose by dose). PATIENT.csv is a
 NONMEM-style file for ONE patient: the doses given so far, the TDM levels (EVID 0) and the covariates the
 model needs (e.g. CRCL, WT).
 
 The patient's parameters are estimated by MAP (Bayesian, with the model as prior); 1000 posterior draws
-give the uncertainty. The regimen is chosen on the MAP prediction, so the sampling seed does not change
-it: among whole multiples of --dose-step up to --max-dose, the one whose MAP exposure lies in the target
+(250 for a hybrid) give the uncertainty. The regimen is chosen on the MAP prediction, so the sampling seed
+does not change it: among whole multiples of --dose-step up to --max-dose, the one whose MAP exposure lies in the target
 window closest to its middle (ties: the smaller daily dose). If no allowed regimen reaches the window, the
 command says so and names the nearest one; it never recommends 0 mg, more than --max-dose or infusions
 longer than the interval. Targets: auc24=LOW:HIGH (mg*h/L over 24 h at steady state), auc24@D=LOW:HIGH (over
@@ -24,7 +26,8 @@ peak=LOW:HIGH (mg/L, steady state), conc@T=LOW:HIGH (mg/L, T h after the first n
 REC.json holds: the dose and interval, the regimen as NONMEM dose records, the predicted exposure (MAP,
 median and 90% interval), the probability of target attainment, the MAP individual parameters with
 their 90% credible intervals, and warnings (covariates outside the model's population, few or
-implausible levels, poorly informed parameters, capped doses).
+implausible levels, poorly informed parameters, capped doses; for a hybrid, a latent z or a regimen (dose,
+interval, time span, number of doses) outside what its training data covered).
 """
 
 MAP_HELP = """\
@@ -122,11 +125,18 @@ def run_map(args) -> int:
     print(f"{model.name}: MAP estimates ({int(post.estimate.n_levels[0])} level(s); 90% credible intervals)")
     for name, v in post.parameters().items():
         print(f"  {name:<6} {v['map']:10.4g}   ({v['p05']:.4g}-{v['p95']:.4g})")
+    n_eta = post.model.n_eta
+    for j, name in enumerate(post.model.point_names[n_eta:], start=n_eta):   # a hybrid's latent z
+        d = post.draws[:, j].numpy()
+        print(f"  {name:<6} {float(post.estimate.eta[0, j]):10.4g}   ({np.quantile(d, 0.05):.4g}-"
+              f"{np.quantile(d, 0.95):.4g})  latent")
     for w in post.warnings:
         print(f"warning: {w}")
     df = ds.to_dataframe()
     until = args.until or float(df.TIME.max()) + 24.0
     fc = forecast(post.estimate, post.draws, np.linspace(0.0, until, 241), seed=args.seed)
+    for w in fc.warnings:
+        print(f"warning: {w}")
     if args.out:
         atomic_write_text(args.out, fc.table.to_csv(index=False))
         print(f"wrote {args.out}")

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from ..population.simulation import residual_noise
+from .model import patient_estimate
 
 __all__ = ["Forecast", "forecast", "plot_forecast"]
 
@@ -18,26 +19,31 @@ class Forecast:
     """``table``: TIME, IPRED_MAP (at the MAP estimate), MEDIAN (of the posterior predictions) and the
     ``level`` intervals PIxx_LOW/HIGH (prediction: parameter uncertainty plus residual error) and
     CIxx_LOW/HIGH (parameter uncertainty only), mg/L; ``draws`` (S, T) the predictive draws with residual
-    error (for PIT / calibration checks)."""
+    error (for PIT / calibration checks); ``warnings`` where the forecast lies beyond what the model was
+    built on (a hybrid's training design)."""
 
     table: pd.DataFrame
     draws: np.ndarray = field(repr=False)
     level: float = 0.90
+    warnings: tuple = ()
 
 
 def forecast(est, draws, times, regimen=None, seed: int = 0, level: float = 0.90) -> Forecast:
-    """The concentrations at ``times`` (h) of the (first) patient of ``est`` (IndividualEstimates, its MAP
-    estimate) over its posterior ``draws`` (S, K) of the ETAs (``PatientPosterior.draws``), optionally
-    continuing with the doses of ``regimen`` (a :class:`~hybridpk.data.Regimen`)."""
+    """The concentrations at ``times`` (h) of the (first) patient of ``est`` (its MAP estimate: a
+    PatientEstimate, or IndividualEstimates of a FittedPopulation) over its posterior ``draws`` (S, P) of the
+    point (``PatientPosterior.draws``: the ETAs, and for a hybrid z), optionally continuing with the doses of
+    ``regimen`` (a :class:`~hybridpk.data.Regimen`)."""
+    est = patient_estimate(est)
     model = est.model
+    error = model.population.model.error
     t = np.asarray(times, dtype=float)
-    batch = est.problem.batch.select([0]).extend(regimen, t)
+    batch = est.batch.extend(regimen, t)
     k = len(t)
-    conc = model.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -k:]
-    point = model.concentrations(batch, est.eta[:1])[:, -k:][0]
+    conc = est.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -k:]
+    point = est.concentrations(batch, est.eta[:1])[:, -k:][0]
     gen = torch.Generator().manual_seed(seed)
-    noisy = residual_noise(model.model.error, model.sigma.sd_tensors(), conc, gen)
-    if not model.model.error.ltbs:
+    noisy = residual_noise(error, model.population.sigma.sd_tensors(), conc, gen)
+    if not error.ltbs:
         noisy = noisy.clamp(min=0.0)  # no negative levels
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     pct = int(level * 100)
@@ -46,7 +52,11 @@ def forecast(est, draws, times, regimen=None, seed: int = 0, level: float = 0.90
                           f"PI{pct}_HIGH": torch.quantile(noisy, hi, 0).numpy(),
                           f"CI{pct}_LOW": torch.quantile(conc, lo, 0).numpy(),
                           f"CI{pct}_HIGH": torch.quantile(conc, hi, 0).numpy()})
-    return Forecast(table=table, draws=noisy.numpy(), level=level)
+    n_new = regimen.n_doses if regimen is not None else 0
+    warns = model.design_warnings(est, [regimen.dose] if regimen is not None else [],
+                                  [regimen.interval] if regimen is not None and regimen.n_doses > 1 else [],
+                                  float(t.max()) if len(t) else None, n_new)
+    return Forecast(table=table, draws=noisy.numpy(), level=level, warnings=tuple(warns))
 
 
 def plot_forecast(fc: Forecast, est, path=None, title: str = ""):

@@ -1,28 +1,272 @@
-"""Which model a dosing question is answered with: any fitted model, a run folder, or a published spec."""
+"""Which model a dosing question is answered with, and what the dosing functions use of it.
+
+Any fitted model answers: a FittedPopulation (a fit, a NONMEM import, a published spec), a HybridFit, a run
+folder or a spec name. :func:`dosing_model` wraps it in a :class:`DosingModel`, which gives one patient's
+estimate as a *point* (the patient's unknowns: the ETAs, and for a hybrid also its latent z) with a Laplace
+covariance and posterior draws, and the concentrations at any points on any records. Recommendations,
+forecasts and checks are written against that interface only, so a hybrid is dosed with its hybrid
+prediction and its joint posterior over (ETAs, z).
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+
 from ..population import FittedPopulation, load_model
+from ..population.estimates import IndividualEstimates, importance_resample, posterior_draws
 from ..residual import HybridFit, load_run
+from ..residual.inference import guarded_lbfgs
 
-__all__ = ["dosing_model"]
+__all__ = ["dosing_model", "DosingModel", "PopulationDosing", "HybridDosing", "PatientEstimate"]
 
 
-def dosing_model(model) -> FittedPopulation:
-    """The population model the dosing functions use for ``model``: a FittedPopulation (a fit, or a
-    published spec loaded by ``load_model``), a HybridFit, a run folder, or a spec name / .toml file.
+@dataclass(frozen=True)
+class PatientEstimate:
+    """One patient's MAP estimate under a :class:`DosingModel`.
 
-    A hybrid is dosed with its population ODE model for now; every estimate and recommendation then says so
-    (its ``notes``)."""
-    if isinstance(model, FittedPopulation):
+    ``eta`` (1, P) the MAP point (the ETAs; for a hybrid the ETAs, then Z1..ZK: ``model.point_names``);
+    ``cov`` (1, P, P) its Laplace covariance (inverse Hessian of -log posterior); ``parameters`` a DataFrame
+    of ID and the individual structural parameters at the MAP (natural scale); ``n_levels`` (1,) the levels
+    used; ``batch`` the patient's records (a one-subject EventBatch); ``obs``/``y`` (1, R) which records are
+    observations and the values the likelihood reads; ``source`` the fitted model's own estimate
+    (IndividualEstimates, or a HybridEstimate)."""
+
+    model: "DosingModel" = field(repr=False)
+    dataset: object = field(repr=False)
+    batch: object = field(repr=False)
+    eta: torch.Tensor
+    cov: torch.Tensor
+    parameters: pd.DataFrame
+    n_levels: np.ndarray
+    obs: torch.Tensor = field(repr=False)
+    y: torch.Tensor = field(repr=False)
+    source: object = field(default=None, repr=False)
+    weight: float | None = None
+
+    def shrinkage(self) -> np.ndarray:
+        """(1, n_eta): 1 - posterior SD / prior SD of each ETA (near 1: the levels say little)."""
+        k = self.model.n_eta
+        post = torch.sqrt(torch.diagonal(self.cov[:, :k, :k], dim1=1, dim2=2))
+        prior = torch.sqrt(torch.diagonal(self.model.population.omega.tensor()))
+        return (1 - post / prior).numpy()
+
+    def posterior(self, index: int = 0, n: int = 1000, seed: int = 0):
+        """(draws (n, P), effective sample size) from the patient's posterior (importance resampling)."""
+        return self.model.posterior(self, n, seed)
+
+    def concentrations(self, batch, points):
+        """Concentrations (S, R) at every record of ``batch`` (S copies of this patient) at ``points`` (S, P)."""
+        return self.model.concentrations(batch, points, self)
+
+
+class DosingModel:
+    """What the dosing functions use of a fitted model (see the module docstring). ``linear``: every exposure
+    metric is affine in the dose (a linear structural model and no hybrid term), so two simulations give it
+    exactly; otherwise each candidate dose is simulated."""
+
+    fitted: object
+    population: FittedPopulation
+    linear: bool
+    #: posterior draws per patient when the caller does not say
+    default_samples: int = 1000
+
+    @property
+    def name(self) -> str:
+        return self.fitted.name
+
+    @property
+    def notes(self) -> tuple:
+        return tuple(self.population.notes)
+
+    @property
+    def covariates(self) -> tuple:
+        return tuple(self.population.covariates)
+
+    @property
+    def ranges(self) -> dict:
+        return self.population.ranges
+
+    @property
+    def n_eta(self) -> int:
+        return self.population.model.n_eta
+
+    @property
+    def point_names(self) -> tuple:
+        return tuple(self.population.model.etas)
+
+    def design_warnings(self, est: PatientEstimate, doses=(), intervals=(), until: float | None = None,
+                        n_new: int = 0) -> list[str]:
+        """Warnings when a regimen or forecast lies beyond what the model was built on (hybrids: their
+        training design); none for population models, whose compartments extrapolate by construction."""
+        return []
+
+
+class PopulationDosing(DosingModel):
+    """A FittedPopulation: the point is the ETAs; MAP by the fit's EBE code (:func:`map_estimate`), posterior
+    draws by :func:`posterior_draws`."""
+
+    def __init__(self, fitted: FittedPopulation):
+        self.fitted = self.population = fitted
+        self.linear = bool(fitted.model.structural.linear)
+
+    def estimate(self, dataset) -> PatientEstimate:
+        return self.from_estimate(self.fitted.estimate(dataset))
+
+    def from_estimate(self, est: IndividualEstimates) -> PatientEstimate:
+        prob = est.problem
+        return PatientEstimate(model=self, dataset=est.dataset, batch=prob.batch.select([0]), eta=est.eta[:1],
+                               cov=est.cov[:1], parameters=est.parameters.iloc[:1], n_levels=est.n_levels[:1],
+                               obs=prob.obs[:1], y=prob.y[:1], source=est)
+
+    def posterior(self, est: PatientEstimate, n: int, seed: int):
+        return posterior_draws(est.source, 0, n, seed)
+
+    def concentrations(self, batch, points, est=None):
+        return self.fitted.concentrations(batch, points)
+
+    def prior_points(self, n: int, gen):
+        z = torch.randn(n, self.n_eta, generator=gen, dtype=torch.float64)
+        return z @ torch.linalg.cholesky(self.population.omega.tensor()).T
+
+    def individual_parameters(self, est: PatientEstimate, points) -> dict:
+        cov = {c: v[[0] * points.shape[0]] for c, v in est.source.problem.cov.items()}
+        with torch.no_grad():
+            return self.fitted.individual_parameters(points, cov)
+
+
+class HybridDosing(DosingModel):
+    """A HybridFit: the point is (ETAs, z). The MAP is the hybrid's own per-patient estimate (the encoder's
+    guess refined to the joint MAP) refined once more on the joint density of (ETAs, z)
+    (:meth:`HybridFit.objective`: OMEGA the prior of the ETAs; the trained latent distribution, the training
+    patients' aggregate posterior (``coverage.latent_prior``), the prior of z, so that a patient with few
+    levels gets the corrections the training population had, not the wider N(0, I) that the encoder's
+    posteriors do not fill; runs saved without it use the training's prior); the Laplace
+    covariance is the inverse Hessian of that density (autograd), eigenvalues floored at the prior's
+    precision where the data make it indefinite; posterior draws by importance resampling from it.
+    Concentrations are the hybrid prediction (for the log form averaged with ODE-only by the patient's
+    HYBRID_WEIGHT)."""
+
+    linear = False
+    default_samples = 250
+
+    def __init__(self, fitted: HybridFit):
+        self.fitted, self.population = fitted, fitted.population
+        prior = fitted.coverage.latent_prior() if fitted.coverage is not None else None
+        k = fitted.latent_dim
+        if prior is not None:
+            cov = prior[1] + 1e-6 * torch.eye(k, dtype=torch.float64)
+            self.z_mean, self.z_cov = prior[0], cov
+            self.z_prior = (prior[0], torch.linalg.inv(cov))
+        else:   # the training's prior: N(0, I / prior_weight)
+            self.z_mean = torch.zeros(k, dtype=torch.float64)
+            self.z_cov = torch.eye(k, dtype=torch.float64) / fitted.vae.prior_weight
+            self.z_prior = None
+
+    def _objective(self, batch, points):
+        return self.fitted.objective(batch, points, z_prior=self.z_prior)
+
+    @property
+    def point_names(self) -> tuple:
+        return self.fitted.point_names
+
+    def estimate(self, dataset) -> PatientEstimate:
+        hyb = self.fitted
+        h = hyb.estimate(dataset)
+        ode = h.ode
+        batch = ode.problem.batch.select([0])
+        start = torch.cat([h.eta[:1], h.z[:1]], 1).detach()
+
+        def objective(p):
+            return self._objective(batch.select([0] * p.shape[0]), p)
+
+        x, _ = guarded_lbfgs(objective, start, 100)
+        with torch.no_grad():
+            point = x if bool(torch.isfinite(objective(x)).all() and objective(x) <= objective(start)) else start
+        cov = self._laplace(objective, point)
+        params = hyb.individual_parameters(batch, point)
+        table = pd.DataFrame({"ID": list(dataset.ids)[:1], **{k: v.numpy() for k, v in params.items()}})
+        return PatientEstimate(model=self, dataset=dataset, batch=batch, eta=point, cov=cov.unsqueeze(0),
+                               parameters=table, n_levels=ode.n_levels[:1], obs=ode.problem.obs[:1],
+                               y=ode.problem.y[:1], source=h, weight=float(h.weight[0]))
+
+    def _laplace(self, objective, point):
+        """Inverse Hessian (P, P) of ``objective`` at ``point`` (1, P)."""
+        hess = torch.autograd.functional.hessian(lambda v: objective(v.unsqueeze(0)).sum(), point[0].detach())
+        hess = 0.5 * (hess + hess.T)
+        floor = float(torch.linalg.eigvalsh(self._prior_precision()).min())
+        vals, vecs = torch.linalg.eigh(torch.nan_to_num(hess, nan=0.0))
+        vals = vals.clamp(min=floor)
+        return (vecs / vals) @ vecs.T
+
+    def _prior_precision(self):
+        oinv = torch.linalg.inv(self.population.omega.tensor()) if self.n_eta else torch.zeros(0, 0)
+        return torch.block_diag(oinv, torch.linalg.inv(self.z_cov))
+
+    def posterior(self, est: PatientEstimate, n: int, seed: int):
+        def log_post(draws):
+            out = []
+            for i in range(0, draws.shape[0], 250):
+                d = draws[i:i + 250]
+                out.append(-self._objective(est.batch.select([0] * d.shape[0]), d))
+            return torch.cat(out)
+
+        return importance_resample(est.eta[0], est.cov[0], log_post, n, seed)
+
+    def concentrations(self, batch, points, est=None):
+        return self.fitted.concentrations(batch, points, weight=est.weight if est is not None else None)
+
+    def prior_points(self, n: int, gen):
+        k = self.fitted.latent_dim
+        eta = torch.randn(n, self.n_eta, generator=gen, dtype=torch.float64) @ \
+            torch.linalg.cholesky(self.population.omega.tensor()).T
+        z = self.z_mean + torch.randn(n, k, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(self.z_cov).T
+        return torch.cat([eta, z], 1)
+
+    def individual_parameters(self, est: PatientEstimate, points) -> dict:
+        return self.fitted.individual_parameters(est.batch.select([0] * points.shape[0]), points)
+
+    def latent_warnings(self, est: PatientEstimate) -> list[str]:
+        cov = self.fitted.coverage
+        if cov is None:
+            return ["this hybrid run does not record its training design (saved by an earlier version): whether "
+                    "the patient or a regimen lies inside it cannot be checked; refit to record it"]
+        return cov.latent_warnings(est.eta[0, self.n_eta:])
+
+    def design_warnings(self, est, doses=(), intervals=(), until=None, n_new: int = 0) -> list[str]:
+        cov = self.fitted.coverage
+        if cov is None:
+            return []
+        b = est.batch
+        given = b.dose_mask[0] & (b.dose_amt[0] > 0)
+        first = float(b.dose_time[0][given].min()) if bool(given.any()) else 0.0
+        return cov.design_warnings(doses, intervals, None if until is None else until - first,
+                                   int(given.sum()) + n_new if n_new else None)
+
+
+def dosing_model(model) -> DosingModel:
+    """The :class:`DosingModel` for ``model``: a FittedPopulation (a fit, or a published spec loaded by
+    ``load_model``), a HybridFit, a DosingModel, a run folder, or a spec name / .toml file."""
+    if isinstance(model, DosingModel):
         return model
+    if isinstance(model, FittedPopulation):
+        return PopulationDosing(model)
     if isinstance(model, HybridFit):
-        note = (f"{model.name} is a hybrid model (ODE + VAE term); estimates, forecasts and doses here use its "
-                "population ODE model only (the VAE term is not used by the dosing functions yet)")
-        return replace(model.population, notes=tuple(model.population.notes) + (note,))
+        return HybridDosing(model)
     if isinstance(model, (str, Path)) and Path(model).is_dir():
         return dosing_model(load_run(model))
-    return load_model(model)
+    return PopulationDosing(load_model(model))
+
+
+def patient_estimate(est) -> PatientEstimate:
+    """``est`` as a PatientEstimate (an IndividualEstimates of a FittedPopulation is wrapped: its first
+    patient)."""
+    if isinstance(est, PatientEstimate):
+        return est
+    if isinstance(est, IndividualEstimates):
+        return PopulationDosing(est.model).from_estimate(est)
+    raise TypeError(f"not a patient estimate: {type(est).__name__}")

@@ -15,7 +15,7 @@ from ..errors import HybridPKError
 from . import safety
 from .constraints import check_limits
 from .model import dosing_model
-from .targets import metric_coefficients, parse_target
+from .targets import metric_coefficients, metrics_by_simulation, parse_target
 
 __all__ = ["PatientPosterior", "Recommendation", "estimate_patient", "recommend_dose", "interval_for_dose",
            "time_to_concentration"]
@@ -23,9 +23,10 @@ __all__ = ["PatientPosterior", "Recommendation", "estimate_patient", "recommend_
 
 @dataclass(frozen=True)
 class PatientPosterior:
-    """One patient's posterior under a model: ``estimate`` (IndividualEstimates: MAP ETAs, Laplace
-    covariance, individual parameters), ``draws`` (S, K) posterior draws of the ETAs (importance
-    resampling), ``ess`` their effective sample size, ``warnings`` about the patient and the estimate."""
+    """One patient's posterior under a model: ``estimate`` (a :class:`~hybridpk.dosing.model.PatientEstimate`:
+    the MAP point, its Laplace covariance, the individual parameters), ``draws`` (S, P) posterior draws of the
+    point (importance resampling; the ETAs, and for a hybrid also z: ``model.point_names``), ``ess`` their
+    effective sample size, ``warnings`` about the patient and the estimate."""
 
     estimate: object = field(repr=False)
     draws: torch.Tensor = field(repr=False)
@@ -39,9 +40,7 @@ class PatientPosterior:
     def parameters(self) -> dict:
         """Per individual parameter: MAP value, posterior median and 5%/95% quantiles (natural scale)."""
         est, samples = self.estimate, self.draws
-        cov = {c: v[[0] * samples.shape[0]] for c, v in est.problem.cov.items()}
-        with torch.no_grad():
-            draws = est.model.individual_parameters(samples, cov)
+        draws = est.model.individual_parameters(est, samples)
         out = {}
         for name in draws:
             v = draws[name].numpy()
@@ -57,7 +56,7 @@ class PatientPosterior:
             warnings.simplefilter("ignore", FutureWarning)
             import arviz as az
 
-        post = {name: self.draws[:, j].numpy()[None, :] for j, name in enumerate(self.model.model.etas)}
+        post = {name: self.draws[:, j].numpy()[None, :] for j, name in enumerate(self.model.point_names)}
         return az.from_dict(posterior=post)
 
 
@@ -102,29 +101,35 @@ class Recommendation:
                 "records": self.records.to_dict(orient="records"), "candidates": self.candidates}
 
 
-def estimate_patient(model, dataset, n_samples: int = 1000, seed: int = 0) -> PatientPosterior:
-    """MAP estimate and posterior draws for one patient under ``model`` (any fitted model, a run folder or a
-    published spec name), with the safety warnings."""
+def estimate_patient(model, dataset, n_samples: int | None = None, seed: int = 0) -> PatientPosterior:
+    """MAP estimate and ``n_samples`` posterior draws for one patient under ``model`` (any fitted model, a
+    hybrid, a run folder or a published spec name), with the safety warnings (for a hybrid also when the
+    patient's latent z lies outside the training patients'). ``n_samples`` None: the model's default, 1000
+    for population models and 250 for hybrids (each draw of a hybrid is simulated through its correction
+    over the whole regimen; the probability of target attainment reports its Monte-Carlo error)."""
     model = dosing_model(model)
+    n_samples = model.default_samples if n_samples is None else int(n_samples)
     warns = safety.check_patient(model, dataset.to_dataframe())
     est = model.estimate(dataset)
     warns += safety.check_levels(est)
-    samples, ess = est.posterior(0, n_samples, seed) if model.model.n_eta else (est.eta, float("nan"))
-    if model.model.n_eta and ess < 100:
+    if hasattr(model, "latent_warnings"):
+        warns += model.latent_warnings(est)
+    n_point = est.eta.shape[1]
+    samples, ess = est.posterior(0, n_samples, seed) if n_point else (est.eta, float("nan"))
+    if n_point and ess < 100:
         warns.append(f"the posterior sampling is poorly resolved (effective sample size {ess:.0f}); intervals "
                      "are approximate")
     return PatientPosterior(estimate=est, draws=samples, ess=ess, warnings=tuple(warns))
 
 
-def _candidate(tgt, dose, tau, a_map, b_map, a_s, b_s, ess: float) -> dict:
-    """Exposure of one (dose, interval) candidate: MAP value, posterior median/5%/95%, and the probability of
-    target attainment over the posterior draws (metric = a + b dose) with its Monte-Carlo standard error
-    sqrt(p (1 - p) / ESS)."""
-    m = (a_s + b_s * dose).numpy()
+def _candidate(tgt, dose, tau, m_map: float, m, ess: float) -> dict:
+    """Exposure of one (dose, interval) candidate: its MAP value ``m_map``, posterior median/5%/95% of its
+    draws ``m`` (S,), and the probability of target attainment over them with its Monte-Carlo standard
+    error sqrt(p (1 - p) / ESS)."""
     pta = float(np.mean((m >= tgt.low) & (m <= tgt.high)))
     se = math.sqrt(pta * (1 - pta) / ess) if math.isfinite(ess) and ess > 0 else None
     return {"dose_mg": dose, "interval_h": tau, "pta": pta, "pta_mc_se": se,
-            "map_exposure": float(a_map[0] + b_map[0] * dose), "median": float(np.median(m)),
+            "map_exposure": float(m_map), "median": float(np.median(m)),
             "p05": float(np.quantile(m, 0.05)), "p95": float(np.quantile(m, 0.95))}
 
 
@@ -158,13 +163,126 @@ def _choose(tgt, cands: list, warnings=()) -> dict:
                                       c["dose_mg"] * 24 / c["interval_h"], cands.index(c)))
 
 
-def _coefficients(post: PatientPosterior, tgt, start, tau, duration):
-    """(a, b) at the MAP and over the posterior draws for one interval."""
-    est = post.estimate
-    patient = est.problem.batch.select([0])
-    a_map, b_map = metric_coefficients(est.model, patient, est.eta[:1], tgt, start, tau, duration)
-    a_s, b_s = metric_coefficients(est.model, patient, post.draws, tgt, start, tau, duration)
-    return a_map, b_map, a_s, b_s
+class _Exposures:
+    """The exposure of candidate doses for one interval, at the MAP and over the posterior draws.
+
+    Linear models: metric = a + b dose (:func:`metric_coefficients`), so the dose that puts the MAP exposure
+    at the window's middle is solved for. Other models (hybrids, nonlinear structures): each dose is
+    simulated (:func:`metrics_by_simulation`), and that dose is bracketed by a search over the allowed
+    doses on the MAP exposure (assumed to increase with the dose). Their steady-state metrics are taken
+    after the fewest of the regimen's doses (3, 4, 6, 8, ... up to ``n_doses``) after which the MAP metric is
+    within 0.5% of its steady state, estimated from the last three intervals by Aitken's extrapolation
+    (geometric approach), first at the patient's last dose, then again at the dose found; this keeps the
+    simulated horizon short."""
+
+    def __init__(self, post: PatientPosterior, tgt, start: float, tau: float, duration: float, n_doses: int):
+        self.post, self.tgt, self.start, self.tau = post, tgt, start, tau
+        self.duration, self.n_doses = duration, n_doses
+        est = post.estimate
+        self.linear = est.model.linear
+        if self.linear:
+            fitted, patient = est.model.fitted, est.batch
+            self.a_map, self.b_map = metric_coefficients(fitted, patient, est.eta[:1], tgt, start, tau, duration)
+            self.a_s, self.b_s = metric_coefficients(fitted, patient, post.draws, tgt, start, tau, duration)
+        self._map = {}
+        self.n_sim = n_doses
+        if not self.linear and tgt.metric in ("auc24", "trough", "peak"):
+            b = est.batch
+            given = b.dose_mask[0] & (b.dose_amt[0] > 0)
+            self.n_sim = self._steady_doses(float(b.dose_amt[0][given][-1]) if bool(given.any()) else 1.0)
+
+    def _steady_doses(self, dose: float) -> int:
+        n = 3
+        while n < self.n_doses:
+            self.n_sim = n
+            if self.steady_state_error(dose) < 0.005:
+                return n
+            n = n + 1 if n < 4 else n + 2
+        return self.n_doses
+
+    def _simulate(self, points, doses, previous: int = 0):
+        """Metrics (S, D) (and over the ``previous`` intervals before) at ``points`` (S, P); resampled
+        posterior draws repeat, so each distinct point is simulated once."""
+        est = self.post.estimate
+        unique, inverse = torch.unique(points, dim=0, return_inverse=True)
+        now, before = metrics_by_simulation(lambda b: est.concentrations(b.select([0] * unique.shape[0]), unique),
+                                            est.batch, self.tgt, self.start, self.tau, self.duration, doses,
+                                            self.n_sim, previous=previous)
+        return now[inverse], (before[inverse] if before is not None else None)
+
+    def map_value(self, dose: float) -> float:
+        if self.linear:
+            return float(self.a_map[0] + self.b_map[0] * dose)
+        if dose not in self._map:
+            self._map[dose] = float(self._simulate(self.post.estimate.eta[:1], [dose])[0][0, 0])
+        return self._map[dose]
+
+    def steady_state_error(self, dose: float) -> float:
+        """Estimated relative distance of the MAP metric over the last simulated interval from its steady state
+        (0 for linear models, whose steady state is exact): with m1, m2, m3 the last three intervals' values,
+        d = m3 - m2 and r = d / (m2 - m1), |d r / (1 - r)| / |m3| for a geometric approach (0 < r < 1), else
+        |d| / |m3|."""
+        if self.linear:
+            return 0.0
+        now, before = self._simulate(self.post.estimate.eta[:1], [dose], previous=2)
+        if before is None:
+            return 0.0
+        m1, m2, m3 = float(before[0, 0, 0]), float(before[0, 0, 1]), float(now[0, 0])
+        if not (math.isfinite(m1) and math.isfinite(m2)):
+            return 0.0
+        d, d0 = m3 - m2, m2 - m1
+        r = d / d0 if d0 != 0 else 0.0
+        rest = abs(d * r / (1 - r)) if 0 < r < 1 else abs(d)
+        return rest / max(abs(m3), 1e-12)
+
+    def candidates(self, limits) -> list:
+        """Candidate dicts for the allowed doses next to the one that puts the MAP exposure at the middle."""
+        if self.linear:
+            raw = (self.tgt.mid - float(self.a_map[0])) / float(self.b_map[0])
+            doses = _allowed_doses(raw, limits)
+            return [_candidate(self.tgt, d, self.tau, float(self.a_map[0] + self.b_map[0] * d),
+                               (self.a_s + self.b_s * d).numpy(), self.post.ess) for d in doses]
+        doses = self._bracket(limits)
+        if self.tgt.metric in ("auc24", "trough", "peak") and self.n_sim < self.n_doses \
+                and self.steady_state_error(doses[-1]) >= 0.005:   # slower at this dose (nonlinear kinetics)
+            self.n_sim, self._map = self._steady_doses(doses[-1]), {}
+            doses = self._bracket(limits)
+        return self.candidates_at(doses)
+
+    def candidates_at(self, doses) -> list:
+        if self.linear:
+            return [_candidate(self.tgt, d, self.tau, float(self.a_map[0] + self.b_map[0] * d),
+                               (self.a_s + self.b_s * d).numpy(), self.post.ess) for d in doses]
+        draws, _ = self._simulate(self.post.draws, list(doses))
+        return [_candidate(self.tgt, d, self.tau, self.map_value(d), draws[:, j].numpy(), self.post.ess)
+                for j, d in enumerate(doses)]
+
+    def _bracket(self, limits) -> list:
+        """The allowed doses around the one whose MAP exposure is the window's middle: the largest below it
+        and the next step (one step when even it reaches the middle; the largest allowed dose when none
+        does)."""
+        step, mid = limits.dose_step, self.tgt.mid
+        k_top = None if math.isinf(limits.top) else int(round(limits.top / step))
+        if self.map_value(step) >= mid:
+            return [step]
+        lo, k = 1, 2
+        while True:   # doubling, then bisection, over whole numbers of steps
+            if k_top is not None:
+                k = min(k, k_top)
+            if self.map_value(k * step) >= mid:
+                break
+            lo = k
+            if (k_top is not None and k == k_top) or k >= 2 ** 20:
+                return [k * step]
+            k *= 2
+        hi = k
+        while hi - lo > 1:
+            m = (lo + hi) // 2
+            if self.map_value(m * step) >= mid:
+                hi = m
+            else:
+                lo = m
+        return [lo * step, hi * step]
 
 
 def _default_start(df: pd.DataFrame) -> float:
@@ -189,7 +307,7 @@ def _exposure(tgt, choice) -> dict:
 
 def recommend_dose(model, dataset, target, *, interval: float | None = None, intervals=(8.0, 12.0, 24.0),
                    duration: float = 1.0, dose_step: float = 250.0, max_dose: float | None = None,
-                   start: float | None = None, n_doses: int = 10, n_samples: int = 1000, seed: int = 0,
+                   start: float | None = None, n_doses: int = 10, n_samples: int | None = None, seed: int = 0,
                    posterior: PatientPosterior | None = None) -> Recommendation:
     """The dose (and interval) that puts ``target`` in its window for this patient.
 
@@ -221,22 +339,36 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
                           dose_step=dose_step, max_dose=max_dose, start=_default_start(df) if start is None else start,
                           n_doses=n_doses)
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
-    cands = []
+    cands, exposures = [], {}
     for tau in limits.intervals:
-        a_map, b_map, a_s, b_s = _coefficients(post, tgt, limits.start, tau, limits.duration)
-        raw = (tgt.mid - float(a_map[0])) / float(b_map[0])
-        for d in _allowed_doses(raw, limits):
-            cands.append(_candidate(tgt, d, tau, a_map, b_map, a_s, b_s, post.ess))
+        exposures[tau] = _Exposures(post, tgt, limits.start, tau, limits.duration, limits.n_doses)
+        cands += exposures[tau].candidates(limits)
     choice = _choose(tgt, cands, post.warnings)
     warns = list(post.warnings) + safety.check_dose(choice["dose_mg"], limits.max_dose)
+    warns += _regimen_warnings(post, exposures[choice["interval_h"]], tgt, choice, limits.start, limits.n_doses)
     regimen = Regimen(limits.start, choice["dose_mg"], choice["interval_h"], limits.n_doses, limits.duration)
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, choice),
                           pta=choice["pta"], map_parameters=post.parameters(), warnings=tuple(warns),
                           records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=choice["pta_mc_se"])
 
 
+def _regimen_warnings(post, exposure, tgt, choice, start: float, n_doses: int) -> list[str]:
+    """Steady state not reached within the regimen (simulated models) and a regimen beyond the design the
+    model was built on (hybrids)."""
+    out = []
+    if tgt.metric in ("auc24", "trough", "peak"):
+        gap = exposure.steady_state_error(choice["dose_mg"])
+        if gap > 0.01:
+            out.append(f"the {tgt.label} is taken over the last interval of {exposure.n_sim} new doses, where the MAP "
+                       f"prediction is not yet at steady state (an estimated {gap:.1%} from it); give more doses "
+                       "(n_doses) for a steady-state answer")
+    tau = choice["interval_h"]
+    out += post.model.design_warnings(post.estimate, [choice["dose_mg"]], [tau], start + n_doses * tau, n_doses)
+    return out
+
+
 def interval_for_dose(model, dataset, dose: float, target, *, intervals=(6.0, 8.0, 12.0, 24.0, 36.0, 48.0),
-                      duration: float = 1.0, n_samples: int = 1000, seed: int = 0,
+                      duration: float = 1.0, n_samples: int | None = None, seed: int = 0,
                       posterior: PatientPosterior | None = None) -> Recommendation:
     """The dosing interval (from ``intervals``, h) that best keeps ``target`` in its window with a fixed
     ``dose`` (mg): highest probability of target attainment, then the prediction closest to the middle."""
@@ -250,14 +382,16 @@ def interval_for_dose(model, dataset, dose: float, target, *, intervals=(6.0, 8.
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     best, cands = None, []
     for tau in intervals:
-        cands.append(_candidate(tgt, dose, tau, *_coefficients(post, tgt, last + tau, tau, duration), post.ess))
+        cands += _Exposures(post, tgt, last + tau, tau, duration, 10).candidates_at([dose])
         key = (round(cands[-1]["pta"], 6), -abs(cands[-1]["map_exposure"] - tgt.mid))
         if best is None or key > best[0]:
             best = (key, cands[-1])
     c = best[1]
     regimen = Regimen(last + c["interval_h"], dose, c["interval_h"], 10, duration)
+    warns = tuple(post.warnings) + tuple(post.model.design_warnings(post.estimate, [dose], [c["interval_h"]],
+                                                                     regimen.start + 10 * c["interval_h"], 10))
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, c),
-                          pta=c["pta"], map_parameters=post.parameters(), warnings=post.warnings,
+                          pta=c["pta"], map_parameters=post.parameters(), warnings=warns,
                           records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=c["pta_mc_se"])
 
 
@@ -271,7 +405,7 @@ def _number_check(dose) -> float:
     return d
 
 
-def time_to_concentration(model, dataset, concentration: float, *, horizon: float = 168.0, n_samples: int = 1000,
+def time_to_concentration(model, dataset, concentration: float, *, horizon: float = 168.0, n_samples: int | None = None,
                           seed: int = 0, posterior: PatientPosterior | None = None) -> dict:
     """When the concentration falls to ``concentration`` (mg/L) after the last dose if nothing more is given
     (e.g. when to re-dose after a toxic level): MAP time and the 5-95% posterior interval (h, absolute time).
@@ -283,8 +417,8 @@ def time_to_concentration(model, dataset, concentration: float, *, horizon: floa
     t_last = float(df[df.EVID.isin([1, 4])].TIME.max())
     grid = np.linspace(t_last, t_last + horizon, int(horizon * 20) + 1)
     draws = torch.cat([est.eta[:1], post.draws])
-    batch = est.problem.batch.select([0]).extend(None, grid)
-    conc = model.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -len(grid):].numpy()
+    batch = est.batch.extend(None, grid)
+    conc = est.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -len(grid):].numpy()
     times = []
     for row in conc:
         peak = int(np.argmax(row))
@@ -295,4 +429,5 @@ def time_to_concentration(model, dataset, concentration: float, *, horizon: floa
     q05, q95 = np.quantile(post_t, 0.05), np.quantile(post_t, 0.95)
     return {"concentration": concentration, "map_time_h": None if np.isnan(times[0]) else times[0],
             "p05_h": float(q05) if np.isfinite(q05) else None, "p95_h": float(q95) if np.isfinite(q95) else None,
-            "fraction_reached_within_horizon": float(np.isfinite(post_t).mean()), "warnings": list(post.warnings)}
+            "fraction_reached_within_horizon": float(np.isfinite(post_t).mean()),
+            "warnings": list(post.warnings) + post.model.design_warnings(est, until=grid[-1])}

@@ -44,32 +44,31 @@ def check_patient(model, df: pd.DataFrame) -> list[str]:
 
 def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> list[str]:
     """Implausible levels (outside the 0.05-99.95% range of the prior predictive distribution, with a 20%
-    margin) and parameters the levels barely inform (posterior SD > 80% of the prior SD)."""
+    margin) and parameters the levels barely inform (posterior SD > 80% of the prior SD). ``est`` a
+    PatientEstimate (its model's prior: OMEGA, and for a hybrid also the latent prior)."""
     import torch
 
-    prob = est.problem
     model = est.model
-    pm = model.model
+    error, sd = model.population.model.error, model.population.sigma.sd_tensors()
     warnings = []
-    obs = prob.obs[index]
-    if bool(obs.any()) and pm.n_eta:
+    obs = est.obs[0]
+    if bool(obs.any()) and est.eta.shape[1]:
         gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(n_draws, pm.n_eta, generator=gen, dtype=torch.float64)
-        eta = z @ torch.linalg.cholesky(model.omega.tensor()).T
-        f = model.concentrations(prob.batch.select([index] * n_draws), eta)[:, obs]
-        sd = torch.sqrt(pm.error.variance(f, model.sigma.sd_tensors()))
-        draws = f + sd * torch.randn(f.shape, generator=gen, dtype=f.dtype)
+        points = model.prior_points(n_draws, gen)
+        f = est.concentrations(est.batch.select([0] * n_draws), points)[:, obs]
+        sdev = torch.sqrt(error.variance(f, sd))
+        draws = f + sdev * torch.randn(f.shape, generator=gen, dtype=f.dtype)
         hi = torch.quantile(draws, 0.9995, 0) * 1.2
         lo = torch.quantile(draws, 0.0005, 0) / 1.2
-        y = prob.y[index][obs]
+        y = est.y[0][obs]
         bad = (y > hi) | ((y < lo) & (lo > 0))
         if bool(bad.any()):
-            times = prob.batch.time[index][obs][bad].tolist()
+            times = est.batch.time[0][obs][bad].tolist()
             warnings.append(f"{int(bad.sum())} level(s) (at t = {', '.join(f'{t:g}' for t in times)} h) are far "
                             "outside what the model predicts for this patient (beyond the 99.9% prior predictive "
                             "range); check sampling times, units and the dosing history")
-    shr = est.shrinkage()[index]
-    high = [name for name, s in zip(pm.etas, shr) if s > 0.8]
+    shr = est.shrinkage()[0]
+    high = [name for name, s in zip(model.population.model.etas, shr) if s > 0.8]
     if high:
         warnings.append(f"the levels barely inform {', '.join(high)} (posterior SD > 80% of prior SD); the "
                         "estimate is close to the population value")

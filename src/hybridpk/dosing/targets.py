@@ -6,6 +6,12 @@ metric = a + b * dose, per posterior draw, so one simulation without the new dos
 regimen give it exactly. Metrics: auc24 (mg*h/L over 24 h at steady state, = 24 F dose / (interval CL)),
 trough and peak at steady state, auc24 over day D of the new regimen and conc@T (concentration at time T
 h after the first new dose), the last two with the patient's history included.
+
+Other models (a hybrid, a nonlinear structural model) are simulated dose by dose
+(:func:`metrics_by_simulation`); there "steady state" is the last interval of a run of the regimen's
+doses on their own (the history left out, as at steady state; AUC24 = 24 / interval x the AUC over that
+interval, the linear definition at steady state), and the intervals before it tell how far from steady
+state that still is.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 from ..data import Regimen
 from ..errors import HybridPKError
 
-__all__ = ["Target", "parse_target", "metric_coefficients"]
+__all__ = ["Target", "parse_target", "metric_coefficients", "metrics_by_simulation"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +113,61 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
 def _at(model, batch, eta, k: int):
     """Concentrations (S, k) at the last ``k`` records of a one-subject batch, for each ETA draw (S, K)."""
     return model.concentrations(batch.select([0] * eta.shape[0]), eta)[:, -k:]
+
+
+def metrics_by_simulation(conc, patient, target: Target, start: float, interval: float, duration: float, doses,
+                          n_doses: int, cmt: int = 0, previous: int = 0):
+    """(metric (S, D), the same metric over the ``previous`` intervals before (S, D, previous; earliest first;
+    NaN before the first dose), or None) for each of S points and each
+    of the ``doses`` (D,) (mg), by simulating the regimen of ``n_doses`` doses from ``start`` (h) for the
+    patient of ``patient`` (a one-subject EventBatch: covariates and history); ``conc(batch)`` gives the
+    concentrations (S, R) of the S points at every record of a one-subject batch. The steady-state metrics
+    (auc24, trough, peak) are taken over the last interval (97 points) of the regimen given on its own (the
+    history does not persist at steady state), the earlier values over the intervals before it (None for
+    the other metrics); auc24@day and conc@T include the history."""
+    tau = float(interval)
+    out, prev = [], []
+    for d in doses:
+        if target.metric in ("auc24", "trough", "peak"):
+            end = start + n_doses * tau
+            last = np.linspace(end - tau, end, 97)
+            grid = np.concatenate([last - (previous - j) * tau for j in range(previous)] + [last])
+            c = _sim(conc, patient, Regimen(start, float(d), tau, n_doses, duration, cmt), grid, history=False)
+            now = c[:, -97:]
+            tt = torch.as_tensor(last - last[0])
+            if target.metric == "auc24":
+                def m(x):
+                    return torch.trapezoid(x, tt, dim=1) * 24.0 / tau
+            elif target.metric == "trough":
+                def m(x):
+                    return x[:, -1]
+            elif duration > 0:
+                k = int(np.argmin(np.abs(last - (end - tau + duration))))
+
+                def m(x, k=k):
+                    return x[:, k]
+            else:
+                def m(x):
+                    return x.amax(1)
+            out.append(m(now))
+            if previous:
+                nan = torch.full_like(m(now), float("nan"))
+                earlier = [m(c[:, 97 * j:97 * (j + 1)]) if n_doses > previous - j else nan for j in range(previous)]
+                prev.append(torch.stack(earlier, -1))
+        elif target.metric == "aucday":
+            t0 = start + 24.0 * (target.time - 1)
+            grid = np.linspace(t0, t0 + 24.0, 481)
+            n = int(np.ceil((t0 + 24 - start) / tau)) + 1
+            c = _sim(conc, patient, Regimen(start, float(d), tau, n, duration, cmt), grid)
+            out.append(torch.trapezoid(c, torch.as_tensor(grid), dim=1))
+        else:
+            t = [float(start + target.time)]
+            n = int(np.ceil(target.time / tau)) + 1
+            out.append(_sim(conc, patient, Regimen(start, float(d), tau, n, duration, cmt), t)[:, -1])
+    values = torch.stack(out, 1)
+    return values, (torch.stack(prev, 1) if prev else None)
+
+
+def _sim(conc, patient, regimen, grid, history: bool = True):
+    """Concentrations (S, len(grid)) of ``regimen`` (after the patient's history, or alone), at ``grid`` (h)."""
+    return conc(patient.extend(regimen, grid, keep_records=False, keep_doses=history))[:, -len(grid):]

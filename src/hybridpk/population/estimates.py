@@ -11,7 +11,7 @@ import torch
 
 from .focei import Problem
 
-__all__ = ["IndividualEstimates", "map_estimate", "posterior_draws"]
+__all__ = ["IndividualEstimates", "map_estimate", "posterior_draws", "importance_resample"]
 
 
 @dataclass(frozen=True)
@@ -78,25 +78,17 @@ def map_estimate(model, dataset) -> IndividualEstimates:
 def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, seed: int = 0,
                     proposal_scale: float = 1.5):
     """Draws (n, K) from the posterior of patient ``index``: sampling-importance-resampling from a widened
-    Laplace approximation (multivariate t, 5 d.f.). Returns (draws, effective sample size)."""
+    Laplace approximation (multivariate t, 5 d.f.; :func:`importance_resample`). Returns (draws, effective
+    sample size)."""
     model = est.model
     pm = model.model
-    gen = torch.Generator().manual_seed(seed)
     prob = est.problem
-    k = est.eta.shape[1]
-    m = 5 * n
-    mean = est.eta[index]
-    chol = torch.linalg.cholesky(est.cov[index] * proposal_scale ** 2)
-    z = torch.randn(m, k, generator=gen, dtype=torch.float64)
-    df = 5.0
-    g = torch.from_numpy(np.random.default_rng(seed).chisquare(df, m))
-    t = z / torch.sqrt(g / df).unsqueeze(-1)
-    draws = mean + t @ chol.T
-    sub = prob.batch.select([index] * m)
     oinv = torch.linalg.inv(model.omega.tensor())
     sd = model.sigma.sd_tensors()
-    with torch.no_grad():
-        f = model.concentrations(sub, draws)
+
+    def log_post(draws):
+        m = draws.shape[0]
+        f = model.concentrations(prob.batch.select([index] * m), draws)
         if pm.error.ltbs:   # the likelihood is on the log scale (prob.y holds log DV)
             f = torch.log(f.clamp(min=1e-30))
         obs = prob.obs[[index] * m]
@@ -104,7 +96,28 @@ def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, see
         v = torch.where(obs, v, torch.ones_like(v))
         r = torch.where(obs, prob.y[[index] * m] - f, torch.zeros_like(f))
         data = torch.where(obs, r * r / v + torch.log(v), torch.zeros_like(v)).sum(1)
-        logpost = -0.5 * (data + torch.einsum("nk,kl,nl->n", draws, oinv, draws))
+        return -0.5 * (data + torch.einsum("nk,kl,nl->n", draws, oinv, draws))
+
+    return importance_resample(est.eta[index], est.cov[index], log_post, n, seed, proposal_scale)
+
+
+def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, proposal_scale: float = 1.5):
+    """Sampling-importance-resampling (Rubin 1988) of ``n`` draws from a posterior known up to a constant,
+    ``log_post(draws (M, K)) -> (M,)``: 5 n proposals from a multivariate t (5 d.f.) centred at ``mean`` (K,)
+    with scale ``proposal_scale``^2 ``cov`` (the Laplace covariance, widened so the tails are covered), then
+    resampled with their importance weights. Returns (draws (n, K), the weights' effective sample size
+    1 / sum w^2). Seeded (torch CPU generator and numpy)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = mean.shape[0]
+    m = 5 * n
+    chol = torch.linalg.cholesky(cov * proposal_scale ** 2)
+    z = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    df = 5.0
+    g = torch.from_numpy(np.random.default_rng(seed).chisquare(df, m))
+    t = z / torch.sqrt(g / df).unsqueeze(-1)
+    draws = mean + t @ chol.T
+    with torch.no_grad():
+        logpost = log_post(draws)
         # log density of the multivariate t proposal (up to a constant)
         maha = (torch.linalg.solve_triangular(chol, (draws - mean).T, upper=False) ** 2).sum(0)
         logq = -0.5 * (df + k) * torch.log1p(maha / df)

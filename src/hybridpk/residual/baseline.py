@@ -38,6 +38,12 @@ class ODEBaseline:
         """(IPRED (N, R), individual parameters {name: (N,)}) as in ``ipred``."""
         from ..solve import simulate
 
+        p = self.parameters(batch, eta, log_shift)
+        return simulate(self.population.model.structural, p, batch, throw=False).ipred, p
+
+    def parameters(self, batch, eta, log_shift=None) -> dict:
+        """Individual parameters {name: (N,)} (covariates at baseline) for ETAs ``eta`` (N, K) and the
+        typical-value shifts ``log_shift`` (see ``ipred``)."""
         cov = batch.baseline_covariates()
         pm = self.population.model
         key = (eta.device, eta.dtype)
@@ -48,7 +54,7 @@ class ODEBaseline:
             shift = log_shift.to(eta.device, eta.dtype)
             p = {k: (v * torch.exp(shift[self._shift_index[k]]) if k in self._shift_index else v)
                  for k, v in p.items()}
-        return simulate(pm.structural, p, batch, throw=False).ipred, p
+        return p
 
     def eta_penalty(self, eta):
         """-log p(eta) up to a constant: 0.5 eta' OMEGA^-1 eta per patient (N,)."""

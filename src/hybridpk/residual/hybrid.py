@@ -16,10 +16,11 @@ from ..errors import HybridPKError
 from ..io import atomic_write_bytes, atomic_write_text
 from ..population import FittedPopulation, Predictions, fit_population
 from ..population.estimation import read_json
-from ..solve import simulate
 from ..population.simulation import eta_sampler, replicates
+from ..solve import simulate
 from .baseline import ODEBaseline
-from .inference import HybridEstimate, estimate_hybrid, predict_with
+from .coverage import TrainingCoverage
+from .inference import HybridEstimate, estimate_hybrid, joint_objective, predict_with
 from .objective import gaussian_nll
 from .training import TrainConfig, train_vae
 from .vae import HybridVAE, scale_from_tensors, scale_to_tensors
@@ -43,7 +44,9 @@ class HybridFit:
     refinement replaced the encoder's estimate). ``history``: (epoch, train -ELBO,
     validation -ELBO) per epoch (empty for a loaded run); ``candidates``: held-out -ELBO per latent
     dimension tried (latent_dim="auto"); ``refine_failure``: the refinement optimiser's error on the
-    training patients, if it failed ("" otherwise; each patient then kept its best point).
+    training patients, if it failed ("" otherwise; each patient then kept its best point); ``coverage``
+    the training design (:class:`TrainingCoverage`: doses, intervals, time span, latent values), against
+    which forecasts and doses for new patients are checked (None for runs saved before it was recorded).
     """
 
     population: FittedPopulation
@@ -53,10 +56,16 @@ class HybridFit:
     history: list = field(default_factory=list, repr=False)
     candidates: dict = field(default_factory=dict)
     refine_failure: str = ""
+    coverage: TrainingCoverage | None = None
 
     @property
     def latent_dim(self) -> int:
         return self.vae.latent_dim
+
+    @property
+    def point_names(self) -> tuple:
+        """Names of the columns of a point (one patient's unknowns): the ETAs, then Z1..ZK."""
+        return tuple(self.population.model.etas) + tuple(f"Z{j + 1}" for j in range(self.latent_dim))
 
     @property
     def name(self) -> str:
@@ -100,6 +109,50 @@ class HybridFit:
         for j in range(h.z.shape[1]):
             table[f"Z{j + 1}"] = h.z[idx, j].numpy()
         return Predictions(table=table, batch=batch, pred=pred, ipred=ipred, estimates=h, ode=ode, hybrid=hyb)
+
+    # ------------------------------------------------------------------ points (ETAs, z) of one patient
+    def _split(self, points):
+        k = self.population.model.n_eta
+        return points[:, :k], points[:, k:]
+
+    def concentrations(self, batch, points, weight=None, chunk: int | None = None):
+        """Hybrid concentrations (S, R) mg/L at every record of ``batch`` (S subjects, e.g. one patient
+        repeated) for ``points`` (S, n_eta + K): each row the ETAs, then z (``point_names``). For the log form
+        the prediction is averaged with ODE-only with ``weight`` (the patient's HYBRID_WEIGHT; None: the
+        hybrid alone). Evaluated ``chunk`` rows at a time (default: up to 100, fewer when records x grid
+        intervals are many: the grid forms' memory grows with both)."""
+        base, pop = ODEBaseline(self.population), self.population
+        if chunk is None:
+            span = float((batch.time.max() - batch.time.min()).clamp(min=1.0))
+            cells = batch.time.shape[1] * max(1.0, span / float(self.vae.scale.get("input_dt", span)))
+            chunk = int(max(1, min(100, 2e7 // cells)))
+        out = []
+        with torch.no_grad():
+            for i in range(0, points.shape[0], chunk):
+                sub = batch.select(list(range(i, min(i + chunk, points.shape[0]))))
+                eta, z = self._split(points[i:i + chunk])
+                ode = pop.concentrations(sub, eta)
+                hyb, _ = self.vae.predict_at(sub, z, base, eta, ode)
+                if weight is not None and self.vae.average:
+                    hyb = weight * hyb + (1 - weight) * ode
+                out.append(hyb)
+        return torch.cat(out) if out else torch.zeros(0, batch.time.shape[1], dtype=torch.float64)
+
+    def objective(self, batch, points, z_prior=None):
+        """-log p(y, ETAs, z) (S,) up to a constant of the observations in ``batch`` at ``points`` (S, n_eta + K):
+        :func:`~hybridpk.residual.inference.joint_objective` (``z_prior``: (mean, precision) of z in place of
+        the training's prior), differentiable in ``points``."""
+        eta, z = self._split(points)
+        return joint_objective(self.vae, ODEBaseline(self.population), batch, eta, z, self.population.model.error,
+                               self.population.sigma.sd_tensors(), z_prior=z_prior)
+
+    def individual_parameters(self, batch, points) -> dict:
+        """The structural parameters {name: (S,)} of the ODE part at ``points`` (with the typical-value shifts
+        learnt by joint training)."""
+        eta, _ = self._split(points)
+        base = ODEBaseline(self.population)
+        with torch.no_grad():
+            return base.parameters(batch, eta, self.vae.log_shift if self.vae.joint else None)
 
     def simulate(self, dataset, n: int = 1, seed: int = 0) -> pd.DataFrame:
         """``n`` replicates of the design of ``dataset`` from the generative model: ETAs from OMEGA, z from
@@ -150,7 +203,8 @@ class HybridFit:
                 "n_features": int(self.vae.encoder.phi[0].in_features - 2), "joint": self.vae.joint,
                 "n_shift": int(self.vae.log_shift.numel()), "l2_correction": self.vae.l2,
                 "prior_weight": self.vae.prior_weight, "best_val": float(self.vae.best_val),
-                "candidates": self.candidates, "refine_failure": self.refine_failure, "config": asdict(self.config)}
+                "candidates": self.candidates, "refine_failure": self.refine_failure, "config": asdict(self.config),
+                "coverage": self.coverage.to_dict() if self.coverage is not None else None}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         if (run / "summary.json").is_file():
@@ -179,7 +233,8 @@ class HybridFit:
         vae.eval()
         individual = pd.read_csv(run / "individual.csv") if (run / "individual.csv").is_file() else pd.DataFrame()
         return cls(population=population, vae=vae, config=TrainConfig(**meta["config"]), individual=individual,
-                   candidates=dict(meta.get("candidates") or {}), refine_failure=meta.get("refine_failure", ""))
+                   candidates=dict(meta.get("candidates") or {}), refine_failure=meta.get("refine_failure", ""),
+                   coverage=TrainingCoverage.from_dict(meta.get("coverage")))
 
 
 def _load_weights(path: Path) -> dict:
@@ -266,5 +321,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     cols, failure = _per_patient(draft, dataset, ode_fit)
     for name, values in cols.items():
         ind[name] = values
+    z = torch.as_tensor(np.stack([cols[f"Z{j + 1}"] for j in range(model.latent_dim)], 1))
+    z_sd = torch.as_tensor(np.stack([cols[f"Z{j + 1}_SD"] for j in range(model.latent_dim)], 1))
     return replace(draft, individual=ind, history=hist, candidates=cands if len(dims) > 1 else {},
-                   refine_failure=failure)
+                   refine_failure=failure, coverage=TrainingCoverage.from_training(batch, z, z_sd))

@@ -10,7 +10,7 @@ import torch
 
 from .objective import correction_penalty, gaussian_nll, ode_only_objective
 
-__all__ = ["HybridEstimate", "Curves", "estimate_hybrid", "predict_with"]
+__all__ = ["HybridEstimate", "Curves", "estimate_hybrid", "predict_with", "joint_objective", "guarded_lbfgs"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,27 @@ def _objective(model, baseline, batch, ipred0, eta, z, error_model, sd, l2):
     return out
 
 
+def joint_objective(model, baseline, batch, eta, z, error_model, sd, l2: float | None = None, z_prior=None):
+    """Per-patient -log p(y, eta, z) (N,) up to a constant, with the ODE prediction recomputed at ``eta`` for
+    every model (joint or not): the residual-error likelihood at the hybrid prediction, the correction
+    penalty, the latent prior (with the training's weight) and -log p(eta). For joint models it is the
+    objective of the per-patient MAP; for the others it treats the ETAs as unknown too, as the generative
+    model (``HybridFit.simulate``) does. The posterior over (ETAs, z) that dosing samples is exp(-this).
+    ``z_prior`` (mean (K,), precision (K, K)): a Gaussian prior of z in place of the training's weighted
+    N(0, I) (the trained latent distribution, see :class:`~hybridpk.residual.coverage.TrainingCoverage`)."""
+    l2 = model.l2 if l2 is None else l2
+    ipred = None if model.joint else baseline.ipred(batch, eta)
+    pred, r = model.predict_at(batch, z, baseline, eta, ipred)
+    floor = model.variance_floor(error_model, sd)
+    if z_prior is None:
+        z_pen = model.prior_weight * 0.5 * (z * z).sum(1)
+    else:
+        dz = z - z_prior[0]
+        z_pen = 0.5 * torch.einsum("ni,ij,nj->n", dz, z_prior[1], dz)
+    return (gaussian_nll(batch, pred, batch.is_obs, error_model, sd, floor) + correction_penalty(r, batch.is_obs, l2)
+            + z_pen + baseline.eta_penalty(eta))
+
+
 def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=None, l2: float | None = None,
                     refine: bool = True, max_iter: int = 200) -> HybridEstimate:
     """Estimates for every patient of ``batch`` from its observations. ``ipred0``/``eta0``: the ODE-only MAP
@@ -66,7 +87,7 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
     the correction penalty (default: the training's). With ``refine`` the encoder's guess starts a MAP over
     z (and the ETAs, for joint models) of each patient (L-BFGS; patients are independent, so their
     objectives are summed; a patient keeps the encoder's guess where the refinement did not lower its
-    objective). The optimiser is guarded (:func:`_lbfgs`): a failure keeps each patient's best point and is
+    objective). The optimiser is guarded (:func:`guarded_lbfgs`): a failure keeps each patient's best point and is
     reported in ``refine_failure``, never raised."""
     l2 = model.l2 if l2 is None else l2
     with torch.no_grad():
@@ -84,7 +105,7 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
     start = torch.cat([mu, eta0], 1) if joint else mu.clone()
     x_final, refined, failure = start, torch.zeros(start.shape[0], dtype=torch.bool), ""
     if refine:
-        x, failure = _lbfgs(objective, start, max_iter)
+        x, failure = guarded_lbfgs(objective, start, max_iter)
         with torch.no_grad():
             before, after = objective(start), objective(x)
             refined = torch.isfinite(after) & (after <= before)
@@ -100,7 +121,7 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
                           refined=refined, refine_failure=failure)
 
 
-def _lbfgs(objective, start, max_iter: int):
+def guarded_lbfgs(objective, start, max_iter: int):
     """L-BFGS (strong Wolfe line search) on the sum of the patients' objectives from ``start`` (N, P), guarded:
     (x (N, P), "") when it runs through; when it fails (an error inside the line search, e.g. on a
     non-finite objective) (each patient's best finite point evaluated so far, the error), so that no
