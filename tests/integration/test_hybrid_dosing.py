@@ -35,6 +35,17 @@ def ehc_fit():
     return ds, pm, fit
 
 
+@pytest.fixture(scope="module")
+def hybrid_run(ehc_fit, tmp_path_factory):
+    """A small trained hybrid (reservoir form) and its saved run folder."""
+    ds, pm, fit = ehc_fit
+    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=40, warmup_epochs=10, progress=False,
+                                                                form="reservoir"), seed=3, progress=False)
+    run = tmp_path_factory.mktemp("hybrid") / "run"
+    hyb.save(run)
+    return hyb, run
+
+
 def _zero_hybrid(fit, ds):
     """A hybrid whose correction is exactly 0 (log form, decoder output 0): the ODE model in disguise."""
     _, batch, ipred = _ode_only(fit, ds)
@@ -97,16 +108,15 @@ def test_zero_correction_hybrid_doses_as_its_ode_model(ehc_fit):
         assert rh.pta == pytest.approx(ro.pta, abs=0.08)
 
 
-def test_hybrid_run_is_dosed_with_its_correction_and_warns_outside_its_design(ehc_fit, tmp_path):
-    ds, pm, fit = ehc_fit
-    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=40, warmup_epochs=10, progress=False,
-                                                                form="reservoir"), seed=3, progress=False)
+def test_hybrid_run_is_dosed_with_its_correction_and_warns_outside_its_design(ehc_fit, hybrid_run):
+    ds, _, _ = ehc_fit
+    hyb, run = hybrid_run
     cov = hyb.coverage
     assert cov.dose_min == cov.dose_max == 100.0 and cov.interval_min is None and 20 < cov.span_h < 24
-    hyb.save(tmp_path / "run")
-    loaded = hp.load_run(tmp_path / "run")
+    assert len(cov.z_mean) == 2 and np.all(np.linalg.eigvalsh(np.array(cov.z_cov)) > 0)
+    loaded = hp.load_run(run)
     assert loaded.coverage == cov
-    model = dosing_model(tmp_path / "run")
+    model = dosing_model(run)
     assert isinstance(model, HybridDosing)
     pat = _patient(ds, sid=2, doses=1)
     post = estimate_patient(model, pat, seed=1)
@@ -148,18 +158,16 @@ def test_latent_outside_training_is_warned(ehc_fit):
     assert "outside the training patients' latent values" in cov.latent_warnings(torch.tensor([1.0, 0.5]))[0]
 
 
-def test_cli_dose_and_map_take_a_hybrid_run(ehc_fit, tmp_path, capsys):
-    ds, pm, fit = ehc_fit
-    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=30, warmup_epochs=5, progress=False),
-                     seed=1, progress=False)
-    hyb.save(tmp_path / "run")
+def test_cli_dose_and_map_take_a_hybrid_run(ehc_fit, hybrid_run, tmp_path, capsys):
+    ds, _, _ = ehc_fit
+    _, run = hybrid_run
     _patient(ds, sid=5).to_dataframe().to_csv(tmp_path / "p.csv", index=False)
-    assert main(["dose", str(tmp_path / "run"), str(tmp_path / "p.csv"), "--target", "auc24=20:30",
+    assert main(["dose", str(run), str(tmp_path / "p.csv"), "--target", "auc24=20:30",
                  "--interval", "12", "--duration", "0", "--dose-step", "10", "--out", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     rec = json.loads((tmp_path / "r.json").read_text())
     assert rec["dose_mg"] > 0 and "warning:" in out and any("trained" in w for w in rec["warnings"])
-    assert main(["map", str(tmp_path / "run"), str(tmp_path / "p.csv"), "--out", str(tmp_path / "f.csv")]) == 0
+    assert main(["map", str(run), str(tmp_path / "p.csv"), "--out", str(tmp_path / "f.csv")]) == 0
     out = capsys.readouterr().out
     assert "Z1" in out and "CL" in out
     f = pd.read_csv(tmp_path / "f.csv")
@@ -178,9 +186,9 @@ def test_nonlinear_structural_model_is_dosed_by_simulation():
             dict(ID=1, TIME=6.0, DV=3.0, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0),
             dict(ID=1, TIME=11.5, DV=1.2, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0)]
     pat = hp.read_nonmem(pd.DataFrame(rows))
-    rec = recommend_dose(fitted, pat, "auc24=150:200", interval=12, duration=1, dose_step=25, n_samples=200)
+    post = estimate_patient(fitted, pat, n_samples=100)
+    rec = recommend_dose(fitted, pat, "auc24=150:200", interval=12, duration=1, dose_step=25, posterior=post)
     assert rec.dose > 0 and 150 <= rec.exposure["auc24"]["map"] <= 200
-    post = estimate_patient(fitted, pat, n_samples=200)
 
     def auc(dose):
         end = rec.start + 10 * 12.0
