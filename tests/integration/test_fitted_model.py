@@ -81,6 +81,44 @@ def test_damaged_or_foreign_model_files_are_refused(theoph_fit, tmp_path):
         hp.load_run(tmp_path / "nothing")
 
 
+def test_run_folders_are_checked_against_their_manifest(theoph_fit, tmp_path, capsys):
+    """Every file a run lists in manifest.json is checked (size, SHA-256): a missing, truncated, edited or
+    foreign file is refused by name, through the library and the CLI (exit 2, no internal error)."""
+    import shutil
+
+    from hybridpk.cli import main
+
+    ds, fit = theoph_fit
+    run = fit.save(tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["format"] == "hybridpk-run" and set(manifest["files"]) == {
+        "model.json", "summary.json", "individual.csv", "predictions.csv"}
+    hp.load_run(run)
+    ds.to_dataframe().query("ID == 1").to_csv(tmp_path / "p.csv", index=False)
+
+    def damaged(name, change, message):
+        bad = tmp_path / f"bad_{len(list(tmp_path.glob('bad_*')))}"
+        shutil.copytree(run, bad)
+        change(bad / name)
+        with pytest.raises(HybridPKError, match=message):
+            hp.load_run(bad)
+        capsys.readouterr()
+        assert main(["predict", str(bad), str(tmp_path / "p.csv"), "--out", str(tmp_path / "o.csv")]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "internal error" not in err and "Traceback" not in err
+
+    def edit_theta(path):   # valid JSON, right format version, one THETA changed by hand
+        m = json.loads(path.read_text())
+        m["theta"][0]["value"] *= 1.1
+        path.write_text(json.dumps(m, indent=2))
+
+    damaged("model.json", edit_theta, "model.json has changed since hybridpk wrote it")
+    damaged("individual.csv", lambda f: f.write_text(f.read_text()[:200]), "individual.csv has changed")
+    damaged("summary.json", lambda f: f.unlink(), "summary.json is missing")
+    damaged("manifest.json", lambda f: f.unlink(), "no manifest.json")
+    damaged("manifest.json", lambda f: f.write_text("{"), "manifest.json is damaged")
+
+
 def test_simulate_draws_the_model_it_is(theoph_fit):
     ds, fit = theoph_fit
     a = fit.simulate(ds, n=2, seed=3)

@@ -36,3 +36,48 @@ def resolve_data_path(arg: str):
     if arg.removesuffix(".csv") in bundled_datasets():
         return bundled_dataset(arg)
     return path  # read_nonmem reports the missing file clearly
+
+
+def latent_dim_arg(text: str):
+    """--latent-dim: "auto" or a whole number >= 1."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1 (the latent dimension) or 'auto'")
+    return str(k)
+
+
+def device_arg(text: str) -> str:
+    """--device: a torch device that exists on this machine (checked before any work starts)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch build or machine has no CUDA GPU; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
+    return text
+
+
+def figure_arg(text: str) -> str:
+    """A figure path whose suffix matplotlib can write (checked before any work starts)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(text).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: the figure format is given by the suffix, one of "
+                                         f"{', '.join(sorted(formats))}")
+    return text

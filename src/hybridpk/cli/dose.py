@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, resolve_data_path
+from ._common import ManualFormatter, figure_arg, resolve_data_path
 
 DOSE_HELP = """\
 Recommend a dose (and interval) for one patient from a population model and a few drug levels.
@@ -12,7 +12,8 @@ MODEL_OR_RUN is a published model spec shipped with hybridpk (e.g. vancomycin_go
 included (--hybrid vae: the patient's posterior is then over the ETAs and the latent z jointly, and
 exposures come from the hybrid prediction, simulated dose by dose). PATIENT.csv is a
 NONMEM-style file for ONE patient: the doses given so far, the TDM levels (EVID 0) and the covariates the
-model needs (e.g. CRCL, WT).
+model needs (e.g. CRCL, WT). A spec may declare defaults for optional covariates (vancomycin_goti2018:
+DIAL = 0, not on dialysis); the answer then says which value it took.
 
 The patient's parameters are estimated by MAP (Bayesian, with the model as prior); 1000 posterior draws
 (250 for a hybrid) give the uncertainty. The regimen is chosen on the MAP prediction, so the sampling seed
@@ -65,7 +66,7 @@ def add_parser(sub) -> None:
     q.add_argument("patient", metavar="PATIENT.csv")
     q.add_argument("--until", type=float, help="forecast until this time (h; default last record + 24)")
     q.add_argument("--out", metavar="FORECAST.csv", help="forecast table")
-    q.add_argument("--plot", metavar="FIG.png", help="forecast figure with the TDM levels")
+    q.add_argument("--plot", metavar="FIG.png", type=figure_arg, help="forecast figure with the TDM levels")
     q.add_argument("--samples", metavar="POSTERIOR.nc", help="posterior draws (ArviZ NetCDF)")
     q.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
     q.set_defaults(handler=run_map)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, resolve_data_path
+from ._common import ManualFormatter, device_arg, latent_dim_arg, resolve_data_path
 
 HELP = """\
 Fit a population PK model by FOCE with interaction (NONMEM's METHOD=1 INTERACTION).
@@ -74,13 +74,13 @@ def add_parser(sub) -> None:
     p.add_argument("--hybrid-form", choices=["auto", "input", "reservoir", "log"], default="auto",
                    help="how the correction enters (see above); auto: input for linear models with joint "
                         "training, else log")
-    p.add_argument("--latent-dim", default="2", metavar="K|auto",
+    p.add_argument("--latent-dim", default="2", type=latent_dim_arg, metavar="K|auto",
                    help="latent dimension of the VAE; 'auto' picks 1, 2 or 4 by held-out ELBO")
     p.add_argument("--epochs", type=int, default=1500, help="maximum VAE training epochs (early stopping)")
     p.add_argument("--training", choices=["joint", "staged"], default="joint",
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs (log form)")
-    p.add_argument("--device", default="cpu", help="torch device for VAE training (cpu, cuda)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="torch device for VAE training (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
     p.add_argument("--maxiter", type=int, default=300, help="maximum outer iterations")
     p.add_argument("--no-covariance", action="store_true", help="skip standard errors")

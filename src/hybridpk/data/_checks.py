@@ -67,7 +67,8 @@ def convert(raw: pd.DataFrame, spec: ColumnSpec, rows: Rows, violations: list[Vi
 
 
 def _int_like(x: np.ndarray) -> np.ndarray:
-    return np.isfinite(x) & (np.abs(x - np.round(x)) < 1e-9)
+    with np.errstate(invalid="ignore"):   # inf - inf: not a whole number (isfinite says so), no warning
+        return np.isfinite(x) & (np.abs(x - np.round(x)) < 1e-9)
 
 
 def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, has: set[str],
@@ -120,7 +121,7 @@ def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, h
     if "II" in has:
         v(II < 0, "II", "negative dosing interval II")
     if "ADDL" in has:
-        v((ADDL < 0) | (np.isfinite(ADDL) & ~_int_like(ADDL)), "ADDL", "ADDL must be a whole number >= 0")
+        v((ADDL < 0) | ~_int_like(ADDL), "ADDL", "ADDL must be a whole number >= 0")
         v((ADDL > 0) & ~(II > 0), "II", "ADDL without II: additional doses need a dosing interval II > 0 (h)")
         v((ADDL > 0) & ~is_dose, "ADDL", "ADDL on a row that is not a dose")
     if "SS" in has:
@@ -129,8 +130,11 @@ def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, h
           "SS without II: a steady-state dose needs the dosing interval II > 0 (h)")
         v((SS > 0) & ~is_dose, "SS", "SS on a row that is not a dose")
     if "CMT" in has:
-        v((t["CMT"] < 0) | (np.isfinite(t["CMT"]) & ~_int_like(t["CMT"])), "CMT",
-          "CMT must be a whole number >= 0 (compartment number; 0 = model default)")
+        v((t["CMT"] < 0) | (t["CMT"] > 1000) | ~_int_like(t["CMT"]), "CMT",
+          "CMT must be a whole number from 0 to 1000 (compartment number; 0 = model default)")
+    if "DVID" in has:
+        v((t["DVID"] < 0) | (t["DVID"] > 1e6) | ~_int_like(t["DVID"]), "DVID",
+          "DVID must be a whole number from 0 to 1000000 (which kind of observation)")
     if "LLOQ" in has:
         v(t["LLOQ"] < 0, "LLOQ", "negative LLOQ")
     if "BLQ" in has:

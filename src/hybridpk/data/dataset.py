@@ -163,7 +163,7 @@ def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path) -> "D
 
 def _int_like_all(x: pd.Series) -> np.ndarray:
     v = x.to_numpy(dtype=float)
-    return np.isfinite(v) & (v == np.round(v))
+    return np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0 ** 53)   # exact as an int64
 
 
 @dataclass(frozen=True, eq=False)

@@ -109,7 +109,8 @@ def estimate_patient(model, dataset, n_samples: int | None = None, seed: int = 0
     over the whole regimen; the probability of target attainment reports its Monte-Carlo error)."""
     model = dosing_model(model)
     n_samples = model.default_samples if n_samples is None else int(n_samples)
-    warns = safety.check_patient(model, dataset.to_dataframe())
+    dataset, filled = safety.with_covariate_defaults(model, dataset)
+    warns = filled + safety.check_patient(model, dataset.to_dataframe())
     est = model.estimate(dataset)
     warns += safety.check_levels(est)
     if hasattr(model, "latent_warnings"):
@@ -238,10 +239,8 @@ class _Exposures:
     def candidates(self, limits) -> list:
         """Candidate dicts for the allowed doses next to the one that puts the MAP exposure at the middle."""
         if self.linear:
-            raw = (self.tgt.mid - float(self.a_map[0])) / float(self.b_map[0])
-            doses = _allowed_doses(raw, limits)
-            return [_candidate(self.tgt, d, self.tau, float(self.a_map[0] + self.b_map[0] * d),
-                               (self.a_s + self.b_s * d).numpy(), self.post.ess) for d in doses]
+            return self.candidates_at(_allowed_doses((self.tgt.mid - float(self.a_map[0])) / float(self.b_map[0]),
+                                                     limits))
         doses = self._bracket(limits)
         if self.tgt.metric in ("auc24", "trough", "peak") and self.n_sim < self.n_doses \
                 and self.steady_state_error(doses[-1]) >= 0.005:   # slower at this dose (nonlinear kinetics)
@@ -250,6 +249,7 @@ class _Exposures:
         return self.candidates_at(doses)
 
     def candidates_at(self, doses) -> list:
+        """Candidate dicts for the given doses (mg)."""
         if self.linear:
             return [_candidate(self.tgt, d, self.tau, float(self.a_map[0] + self.b_map[0] * d),
                                (self.a_s + self.b_s * d).numpy(), self.post.ess) for d in doses]

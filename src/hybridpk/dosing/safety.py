@@ -8,6 +8,22 @@ import pandas as pd
 from ..errors import HybridPKError
 
 
+def with_covariate_defaults(model, dataset):
+    """(``dataset`` with the model's covariate defaults filled in for the covariates its file lacks, warnings
+    saying which were taken). The model's ``covariate_defaults`` (a published spec's [defaults], e.g. DIAL =
+    0) are the only values ever filled in; any other missing covariate is refused by :func:`check_patient`."""
+    from ..data.dataset import read_nonmem
+
+    defaults = getattr(model.population, "covariate_defaults", {}) or {}
+    df = dataset.to_dataframe()
+    missing = {c: v for c, v in defaults.items() if c in model.covariates and c not in df.columns}
+    if not missing:
+        return dataset, []
+    filled = read_nonmem(df.assign(**missing), covariates=list(dataset.covariates) + list(missing))
+    return filled, [f"{c} is not in the patient file: taken as {v:g}, the model's default (give the column if "
+                    "that is not right)" for c, v in missing.items()]
+
+
 def check_patient(model, df: pd.DataFrame) -> list[str]:
     """Warnings about one patient's data (and the model's own caveats); raises HybridPKError when the data
     cannot be used."""

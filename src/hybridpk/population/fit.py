@@ -150,6 +150,10 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     prob = Problem(pm, dataset, method=method)
+    if not bool(prob.obs.any()):
+        raise HybridPKError(f"{dataset.source or 'the dataset'}: no observations (records with EVID=0 and MDV=0), "
+                            "so there is nothing to fit: add the measured concentrations, or set MDV=0 on the "
+                            "records that hold them")
     pack = Packing(pm, omega, sigma)
     x0 = pack.x0()
     theta0, _, sd0 = pack.unpack(torch.tensor(x0, dtype=torch.float64))

@@ -21,6 +21,7 @@ from ..errors import HybridPKError
 from ..io import atomic_write_text
 from .estimates import IndividualEstimates, map_estimate
 from .estimation import Estimation, read_json
+from .manifest import read_manifest, write_manifest
 from .predictions import Predictions
 from .spec import PopulationModel, model_from_recipe
 from .tables import OmegaTable, SigmaEstimate, SigmaTable, ThetaEstimate, ThetaTable
@@ -38,7 +39,9 @@ class FittedPopulation:
     ``model`` the PopulationModel (structure, parameter map, covariates, error model); ``theta``,
     ``omega``, ``sigma`` the typed tables (scales stated in each); ``estimation`` the fit's record (None for a
     published spec); ``name``, ``citation``, ``ranges`` {covariate: (low, high)} of the population it was
-    built on, ``route`` of dosing, ``units``, ``notes`` (caveats every estimate and recommendation repeats).
+    built on, ``route`` of dosing, ``units``, ``notes`` (caveats every estimate and recommendation repeats),
+    ``covariate_defaults`` {covariate: value} taken for a patient whose file lacks the column (e.g. DIAL = 0,
+    not on dialysis; the answer says so).
     """
 
     model: PopulationModel = field(repr=False)
@@ -52,13 +55,15 @@ class FittedPopulation:
     route: str = "infusion"
     units: dict = field(default_factory=dict)
     notes: tuple = ()
+    covariate_defaults: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_values(cls, pm: PopulationModel, theta: dict, omega, sd: dict, **info) -> "FittedPopulation":
         """From explicit population values: ``theta`` {name: value} (natural scale), ``omega`` the ETA
         variances as {parameter or ETA name: variance} (diagonal) or a (K, K) matrix, ``sd`` the residual
-        SDs {"ADD": mg/L, "PROP": fraction}; ``info``: name, citation, ranges, route, units, notes."""
+        SDs {"ADD": mg/L, "PROP": fraction}; ``info``: name, citation, ranges, route, units, notes,
+        covariate_defaults."""
         th = ThetaTable(tuple(ThetaEstimate(t.name, float(theta[t.name]), fixed=t.fixed, unit=t.unit)
                               for t in pm.thetas))
         if isinstance(omega, dict):
@@ -130,21 +135,32 @@ class FittedPopulation:
         return {"parameters": self.theta.to_dict(), "omega": self.omega.to_dict(),
                 "sigma": self.sigma.to_dict(), "omega_covariance": self.omega.covariances_to_dict()}
 
+    #: the files of a run folder that :meth:`save` writes (without and with an estimation record)
+    RUN_FILES = ("model.json",)
+    FIT_FILES = ("summary.json", "individual.csv", "predictions.csv")
+
     def save(self, run_dir) -> Path:
         """Write model.json (the fitted model as plain data: loading it never executes code) and, for a fit,
-        summary.json, individual.csv and predictions.csv into ``run_dir``, each atomically."""
+        summary.json, individual.csv and predictions.csv into ``run_dir``, each atomically, then
+        manifest.json with their sizes and SHA-256 (:func:`hybridpk.population.manifest.write_manifest`)."""
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
         if self.estimation is not None:
             self.estimation.save(run, self.tables_to_dict())
         atomic_write_text(run / "model.json", json.dumps(self._model_json(), indent=2))
+        write_manifest(run, self.run_files())
         return run
+
+    def run_files(self) -> tuple:
+        """The files :meth:`save` writes."""
+        return self.RUN_FILES + (self.FIT_FILES if self.estimation is not None else ())
 
     def _model_json(self) -> dict:
         om = self.omega
         return {"format": MODEL_FORMAT[0], "version": MODEL_FORMAT[1], "model": self.model.recipe,
                 "name": self.name, "citation": self.citation, "route": self.route, "units": self.units,
                 "ranges": {k: list(v) for k, v in self.ranges.items()}, "notes": list(self.notes),
+                "covariate_defaults": dict(self.covariate_defaults),
                 "data_sha256": self.estimation.data_sha256 if self.estimation else None,
                 "theta": [vars(r) for r in self.theta],
                 "omega": {"etas": list(om.etas), "labels": list(om.labels), "blocks": [list(b) for b in om.blocks],
@@ -154,7 +170,9 @@ class FittedPopulation:
 
     @classmethod
     def load(cls, run_dir) -> "FittedPopulation":
-        """The fitted model saved in ``run_dir`` (model.json, plus the estimation record if there is one)."""
+        """The fitted model saved in ``run_dir`` (model.json, plus the estimation record if there is one),
+        after checking every file against the run's manifest.json (a missing, truncated, edited or foreign
+        file is refused by name)."""
         run = Path(run_dir)
         path = run / "model.json"
         if not path.is_file():
@@ -164,6 +182,7 @@ class FittedPopulation:
             raise HybridPKError(f"{path} is not a hybridpk model file of format version {MODEL_FORMAT[1]} "
                                 f"(found {data.get('format')!r} version {data.get('version')!r}); refit the model "
                                 "with this version of hybridpk")
+        read_manifest(run)
         try:
             pm = model_from_recipe(data["model"])
             om = data["omega"]
@@ -177,7 +196,8 @@ class FittedPopulation:
                          citation=data.get("citation") or f"hybridpk fit {run}", ranges={
                              k: tuple(v) for k, v in (data.get("ranges") or {}).items()},
                          route=data.get("route", "infusion"), units=data.get("units") or {},
-                         notes=tuple(data.get("notes") or ()))
+                         notes=tuple(data.get("notes") or ()),
+                         covariate_defaults={k: float(v) for k, v in (data.get("covariate_defaults") or {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
         if ([t.name for t in fitted.theta] != list(pm.theta_names) or list(fitted.omega.etas) != list(pm.etas)

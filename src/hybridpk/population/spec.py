@@ -173,6 +173,15 @@ class PopulationModel:
         return len(self.etas)
 
 
+def _within(value, param) -> bool:
+    """``value`` is a finite number inside the parameter's range (positive parameters: > 0)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and param.lower <= v <= param.upper and (v > 0 or param.lower < 0)
+
+
 def build_model(model, *, iiv=None, covariates=(), error="proportional", initial: dict | None = None,
                 data=None, fixed: dict | None = None, omega_block=False) -> PopulationModel:
     """A population model from named options, as the CLI builds it.
@@ -199,6 +208,11 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     if unknown:
         raise ModelError(f"model {sm.name} has no parameter(s) {', '.join(unknown)}; it has "
                          f"{', '.join(sm.parameter_names)}")
+    params = {p.name: p for p in sm.parameters}
+    bad = [f"{k}={v!r} (allowed {params[k].lower:g} <= {k} <= {params[k].upper:g} {params[k].unit})"
+           for k, v in initial.items() if not _within(v, params[k])]
+    if bad:
+        raise ModelError(f"initial value(s) outside the parameter's range: {'; '.join(bad)}")
     for k in initial:
         if k in ("F", "ALAG") and k not in fixed:
             est.append(next(p for p in sm.parameters if p.name == k))

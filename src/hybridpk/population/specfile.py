@@ -73,9 +73,14 @@ def _from_toml(path: Path) -> FittedPopulation:
     omega = {e: iiv[e.removeprefix("ETA_")] for e in pm.etas}
     sd = {k: float(err.get(k.lower(), 0.0)) for k in pm.error.names}
     ranges = {k: (float(v[0]), float(v[1])) for k, v in spec.get("population", {}).items()}
+    defaults = {k: float(v) for k, v in spec.get("defaults", {}).items()}
+    unknown = sorted(set(defaults) - set(pm.covariates))
+    if unknown:
+        raise ModelError(f"model spec {path.name}: [defaults] names {', '.join(unknown)}, which the model does not use")
     return FittedPopulation.from_values(pm, theta, omega, sd, name=spec.get("name", path.stem),
                                         citation=spec.get("citation", ""), ranges=ranges,
-                                        route=spec.get("route", "infusion"), units=dict(spec.get("units", {})))
+                                        route=spec.get("route", "infusion"), units=dict(spec.get("units", {})),
+                                        covariate_defaults=defaults)
 
 
 def write_spec(fitted: FittedPopulation, path, *, name: str, drug: str = "", citation: str = "",

@@ -16,6 +16,7 @@ from ..errors import HybridPKError
 from ..io import atomic_write_bytes, atomic_write_text
 from ..population import FittedPopulation, Predictions, fit_population
 from ..population.estimation import read_json
+from ..population.manifest import write_manifest
 from ..population.simulation import eta_sampler, replicates
 from ..solve import simulate
 from .baseline import ODEBaseline
@@ -211,6 +212,7 @@ class HybridFit:
             summary = read_json(run / "summary.json")
             summary["hybrid"] = self.summary()
             atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=float))
+        write_manifest(run, self.population.run_files() + ("vae.pt", "vae.json", "individual.csv"))
         return run
 
     @classmethod
@@ -219,12 +221,12 @@ class HybridFit:
         run = Path(run_dir)
         if not (run / "vae.pt").is_file():
             raise HybridPKError(f"{run} holds no hybrid model (vae.pt); fit with --hybrid vae")
-        population = FittedPopulation.load(run)
+        ck = _load_weights(run / "vae.pt")          # a file holding code is refused before anything else
         meta = read_json(run / "vae.json")
         if (meta.get("format"), meta.get("version")) != HYBRID_FORMAT:
             raise HybridPKError(f"{run / 'vae.json'} is not a hybridpk hybrid-model file of format version "
                                 f"{HYBRID_FORMAT[1]}; refit the model with this version of hybridpk")
-        ck = _load_weights(run / "vae.pt")
+        population = FittedPopulation.load(run)     # and checks every file against the manifest
         vae = HybridVAE(meta["n_features"], meta["latent_dim"], meta["hidden"], meta["joint"], meta["n_shift"],
                         meta["form"]).double()
         vae.load_state_dict(ck["state"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import HybridPKError
 from ..population import FittedPopulation
+from ..population.manifest import read_manifest
 from .hybrid import HybridFit
 
 __all__ = ["load_run"]
@@ -14,12 +15,18 @@ __all__ = ["load_run"]
 
 def load_run(run_dir) -> FittedPopulation | HybridFit:
     """The fitted model saved in ``run_dir``: a :class:`HybridFit` when the run holds a trained VAE
-    (vae.json, vae.pt), else a :class:`FittedPopulation`. Loading never executes code (JSON, and tensors
-    with ``weights_only=True``)."""
+    (manifest.json lists vae.pt), else a :class:`FittedPopulation`. Every file is checked against the run's
+    manifest (sizes and SHA-256) first. Loading never executes code (JSON, and tensors with
+    ``weights_only=True``)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise HybridPKError(f"{run} is not a run folder (written by 'hybridpk fit'); for a published model "
                             "spec use load_model")
+    if (run / "manifest.json").is_file():
+        files = read_manifest(run, verify=False)   # the loaders verify, after reading their own files
+        if "vae.pt" in files:
+            return HybridFit.load(run)
+        return FittedPopulation.load(run)   # hybrid files left from an earlier save are not part of this run
     if (run / "vae.json").is_file() or (run / "vae.pt").is_file():
         return HybridFit.load(run)
     return FittedPopulation.load(run)

@@ -1,0 +1,93 @@
+"""Inputs that used to "succeed" or fail late (issue 20): a dataset without observations, a patient file
+without an optional covariate."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import hybridpk as hp
+from hybridpk.cli import main
+from hybridpk.dosing import recommend_dose
+from hybridpk.errors import HybridPKError
+
+
+def test_a_dataset_without_observations_is_refused(tmp_path, capsys):
+    df = pd.DataFrame({"ID": [1, 2], "TIME": [0.0, 0.0], "DV": [0.0, 0.0], "AMT": [100.0, 100.0], "EVID": [1, 1],
+                       "MDV": [1, 1]})
+    df.to_csv(tmp_path / "doses.csv", index=False)
+    pm = hp.build_model("1cmt_iv", iiv=["CL", "V"], error="proportional")
+    with pytest.raises(HybridPKError, match="no observations"):
+        hp.fit_population(pm, hp.read_nonmem(df), progress=False)
+    assert main(["fit", str(tmp_path / "doses.csv"), "--model", "1cmt_iv", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no observations" in err and "doses.csv" in err and "internal error" not in err
+    assert not (tmp_path / "run" / "model.json").exists()
+
+
+def _vanco(dial: bool):
+    rows = [dict(ID=7, TIME=0.0, DV=0.0, AMT=1000.0, RATE=1000.0, ADDL=3, II=12.0, EVID=1, MDV=1),
+            dict(ID=7, TIME=37.5, DV=28.0, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0),
+            dict(ID=7, TIME=47.5, DV=11.0, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0)]
+    df = pd.DataFrame(rows).assign(CRCL=80.0, WT=80.0)
+    return hp.read_nonmem(df.assign(DIAL=0) if dial else df)
+
+
+def test_an_optional_covariate_takes_the_specs_documented_default():
+    """Vancomycin (Goti 2018) declares DIAL = 0 as its default: a patient file without DIAL is dosed as one
+    with DIAL = 0, and the answer says which value was taken; a covariate without a default is still
+    refused."""
+    with_col = recommend_dose("vancomycin_goti2018", _vanco(True), "auc24=400:600", interval=12, n_samples=300)
+    without = recommend_dose("vancomycin_goti2018", _vanco(False), "auc24=400:600", interval=12, n_samples=300)
+    assert (without.dose, without.interval) == (with_col.dose, with_col.interval)
+    assert without.exposure == with_col.exposure and without.pta == with_col.pta
+    assert any("DIAL is not in the patient file: taken as 0" in w for w in without.warnings)
+    assert not any("DIAL" in w for w in with_col.warnings)
+    assert hp.load_model("vancomycin_goti2018").covariate_defaults == {"DIAL": 0.0}
+    no_crcl = hp.read_nonmem(_vanco(True).to_dataframe().drop(columns="CRCL"))
+    with pytest.raises(HybridPKError, match="CRCL"):
+        recommend_dose("vancomycin_goti2018", no_crcl, "auc24=400:600", interval=12, n_samples=300)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["fit", "theoph", "--model", "1cmt_oral", "--error", "combined", "--init", "CL=-3"], "CL=-3"),
+    (["fit", "theoph", "--model", "1cmt_oral", "--error", "combined", "--init", "CL=abc"], "CL"),
+    (["fit", "theoph", "--model", "1cmt_oral", "--hybrid", "vae", "--latent-dim", "abc"], "--latent-dim"),
+    (["fit", "theoph", "--model", "1cmt_oral", "--hybrid", "vae", "--latent-dim", "0"], "--latent-dim"),
+    (["fit", "theoph", "--model", "1cmt_oral", "--hybrid", "vae", "--device", "nonsense"], "--device"),
+    (["map", "vancomycin_goti2018", "PATIENT", "--plot", "forecast.jpgx"], "--plot"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, named, tmp_path, capsys):
+    """Each refused with exit 2 and a message naming the argument, before the fit starts (no run folder)."""
+    _vanco(True).to_dataframe().to_csv(tmp_path / "p.csv", index=False)
+    argv = [str(tmp_path / "p.csv") if a == "PATIENT" else a for a in argv]
+    if argv[0] == "fit":
+        argv += ["--out", str(tmp_path / "run")]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "internal error" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def _exit_code(argv) -> int:
+    """The CLI's exit code: what main returns, or argparse's SystemExit code for a refused argument."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("column", ["CMT", "DVID", "ADDL", "EVID", "MDV"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), 1e300, 2.5])
+def test_integer_data_items_that_are_not_whole_numbers_are_refused(column, value):
+    """Found by the corruption property test: CMT = inf passed the checks and crashed the integer cast, and a
+    huge CMT or ID would have overflowed it silently."""
+    df = pd.DataFrame({"ID": [1, 1], "TIME": [0.0, 1.0], "DV": [0.0, 1.0], "AMT": [1.0, 0.0], "EVID": [1, 0],
+                       "MDV": [1, 0], "CMT": [1, 2], "ADDL": [0, 0], "II": [0.0, 0.0], "DVID": [0, 0]}).astype(float)
+    df.loc[0, column] = value
+    with pytest.raises(hp.DatasetError) as err:
+        hp.read_nonmem(df)
+    assert column in str(err.value)
+    huge_id = hp.read_nonmem(df.assign(**{column: df[column].where(df.index != 0, 1.0 if column != "ADDL" else 0.0)},
+                                       ID=1e300))
+    assert huge_id.ids[0] == 1e300          # kept as a float, not overflowed into an int64
