@@ -15,8 +15,8 @@ __all__ = ["load_run"]
 
 def load_run(run_dir) -> FittedPopulation | HybridFit:
     """The fitted model saved in ``run_dir``: a :class:`HybridFit` when the run holds a trained VAE
-    (manifest.json lists vae.pt), else a :class:`FittedPopulation`. Every file is checked against the run's
-    manifest (sizes and SHA-256) first. Loading never executes code (JSON, and tensors with
+    (manifest.json lists vae.pt), else a :class:`FittedPopulation`. The loader checks every file the
+    manifest lists (sizes and SHA-256). Loading never executes code (JSON, and tensors with
     ``weights_only=True``)."""
     run = Path(run_dir)
     if not run.is_dir():
