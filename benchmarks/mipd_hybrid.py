@@ -31,6 +31,9 @@ early levels inform no better through the hybrid than through the ODE; and the h
 fit's SIGMA, which carries its structural misfit (ADD 0.11 mg/L, PROP 0.24 against the true 0.05 and
 0.10), so its intervals are too wide. (An earlier draft that took the steady-state metric after two to
 three new doses with the history included scored 52%: a bias of that metric, not a better estimate.)
+With --form auto (the input form, the current default) the hybrid is far worse: 16% / 14% in the window
+(ODE-only 36% / 80%), PI coverage 99%: its learnt input does not conserve mass, so over a new regimen the
+correction adds or removes drug; dosing with a non-reservoir hybrid now warns so.
 
 Run:  python benchmarks/mipd_hybrid.py [--train 200] [--test 100] [--seed 1] [--form reservoir]
 """
