@@ -132,9 +132,11 @@ class HybridFit:
             for i in range(0, points.shape[0], chunk):
                 sub = batch.select(list(range(i, min(i + chunk, points.shape[0]))))
                 eta, z = self._split(points[i:i + chunk])
-                ode = pop.concentrations(sub, eta)
+                averaged = weight is not None and self.vae.average
+                # joint models recompute the ODE part inside predict_at: solve it here only when it is used
+                ode = pop.concentrations(sub, eta) if (averaged or not self.vae.joint) else None
                 hyb, _ = self.vae.predict_at(sub, z, base, eta, ode)
-                if weight is not None and self.vae.average:
+                if averaged:
                     hyb = weight * hyb + (1 - weight) * ode
                 out.append(hyb)
         return torch.cat(out) if out else torch.zeros(0, batch.time.shape[1], dtype=torch.float64)
