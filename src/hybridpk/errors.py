@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HybridPKError", "DatasetError", "DatasetWarning", "Violation", "ModelError", "SolverError"]
+__all__ = ["HybridPKError", "DatasetError", "DatasetWarning", "Violation", "ModelError", "SolverError", "Interrupted"]
 
 
 class HybridPKError(Exception):
@@ -85,3 +85,9 @@ class SolverError(HybridPKError, RuntimeError):
     def __init__(self, message: str, subjects: dict | None = None):
         self.subjects = dict(subjects or {})
         super().__init__(message)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A fit or training stopped by Ctrl-C (SIGINT); the message says what was finished and which checkpoint
+    holds the work done, so that ``--resume`` can continue from it. A KeyboardInterrupt, so that code that
+    stops on Ctrl-C still stops."""

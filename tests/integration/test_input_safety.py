@@ -49,34 +49,6 @@ def test_an_optional_covariate_takes_the_specs_documented_default():
         recommend_dose("vancomycin_goti2018", no_crcl, "auc24=400:600", interval=12, n_samples=300)
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["fit", "theoph", "--model", "1cmt_oral", "--error", "combined", "--init", "CL=-3"], "CL=-3"),
-    (["fit", "theoph", "--model", "1cmt_oral", "--error", "combined", "--init", "CL=abc"], "CL"),
-    (["fit", "theoph", "--model", "1cmt_oral", "--hybrid", "vae", "--latent-dim", "abc"], "--latent-dim"),
-    (["fit", "theoph", "--model", "1cmt_oral", "--hybrid", "vae", "--latent-dim", "0"], "--latent-dim"),
-    (["fit", "theoph", "--model", "1cmt_oral", "--hybrid", "vae", "--device", "nonsense"], "--device"),
-    (["map", "vancomycin_goti2018", "PATIENT", "--plot", "forecast.jpgx"], "--plot"),
-])
-def test_bad_arguments_are_refused_before_any_work(argv, named, tmp_path, capsys):
-    """Each refused with exit 2 and a message naming the argument, before the fit starts (no run folder)."""
-    _vanco(True).to_dataframe().to_csv(tmp_path / "p.csv", index=False)
-    argv = [str(tmp_path / "p.csv") if a == "PATIENT" else a for a in argv]
-    if argv[0] == "fit":
-        argv += ["--out", str(tmp_path / "run")]
-    assert _exit_code(argv) == 2
-    err = capsys.readouterr().err
-    assert named in err and "internal error" not in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
-
-
-def _exit_code(argv) -> int:
-    """The CLI's exit code: what main returns, or argparse's SystemExit code for a refused argument."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
 @pytest.mark.parametrize("column", ["CMT", "DVID", "ADDL", "EVID", "MDV"])
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), 1e300, 2.5])
 def test_integer_data_items_that_are_not_whole_numbers_are_refused(column, value):

@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except HybridPKError as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        return fail("interrupted", 130)
+    except KeyboardInterrupt as exc:   # Ctrl-C: one line (an Interrupted says what was kept and how to resume)
+        return fail(str(exc) or "interrupted", 130)
     except Exception as exc:  # an internal error: a bug, not the user's fault
         if args.debug:
             raise

@@ -81,3 +81,78 @@ def figure_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: the figure format is given by the suffix, one of "
                                          f"{', '.join(sorted(formats))}")
     return text
+
+
+def _writable_base(path, text: str, what: str):
+    """The nearest existing folder above ``path`` (where the output will be created), checked to be a folder
+    this process can write in."""
+    import os
+    from pathlib import Path
+
+    base = Path(path).absolute()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {base} is a file, so the {what} cannot be created below it")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {base} (permission denied); give a {what} "
+                                         "you can write to")
+    return base
+
+
+def out_file_arg(text: str) -> str:
+    """--out for a file: not a folder, below a folder that can be written (checked before any work starts)."""
+    from pathlib import Path
+
+    p = Path(text)
+    if not text or p.is_dir() or text.endswith(("/", "\\")):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name, e.g. "
+                                         f"{str(Path(text or '.') / 'out.csv')}")
+    _writable_base(p.parent, text, "file")
+    return text
+
+
+def out_folder_arg(text: str) -> str:
+    """--out for a run folder: a folder (or a path where one can be created) that can be written (checked
+    before any work starts; nothing is created until there is something to write)."""
+    from pathlib import Path
+
+    p = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("'': give a folder for the run, e.g. runs/mydrug")
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder for the run")
+    _writable_base(p, text, "folder")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (iterations, epochs)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return v
+
+
+def finite_float(text: str) -> float:
+    """A finite number (times in h)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return v
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (a residual SD)."""
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0")
+    return v

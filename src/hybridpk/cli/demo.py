@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter
+from ._common import ManualFormatter, out_folder_arg
 
 HELP = """\
 Run the main demonstration on the datasets bundled with hybridpk:
@@ -22,7 +22,7 @@ NLMIXR2 = {"KA": 1.57, "CL": 2.76, "V": 31.5}
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the demonstration on bundled data", description=HELP,
                        epilog="example:\n  hybridpk demo --out runs/demo\n", formatter_class=ManualFormatter)
-    p.add_argument("--out", default="runs/demo", metavar="RUN", help="folder for the fit outputs")
+    p.add_argument("--out", default="runs/demo", metavar="RUN", type=out_folder_arg, help="folder for the fit outputs")
     p.set_defaults(handler=run)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, figure_arg, resolve_data_path
+from ._common import ManualFormatter, figure_arg, finite_float, out_file_arg, resolve_data_path
 
 DOSE_HELP = """\
 Recommend a dose (and interval) for one patient from a population model and a few drug levels.
@@ -51,12 +51,13 @@ def add_parser(sub) -> None:
     p.add_argument("--list", action="store_true", help="list the shipped model specs and exit")
     p.add_argument("--target", default="auc24=400:600", help="target window, e.g. auc24=400:600")
     p.add_argument("--interval", type=float, help="dosing interval (h); default: best of 8, 12, 24")
-    p.add_argument("--duration", type=float, default=1.0, help="infusion duration (h); 0 for bolus/oral")
+    p.add_argument("--duration", type=float, help="infusion duration (h); 0 for bolus/oral (default: 0 for a model "
+                   "whose route is oral or bolus, e.g. a fit of an oral model, else 1)")
     p.add_argument("--dose-step", type=float, default=250.0, help="dose rounding step (mg)")
     p.add_argument("--max-dose", type=float, help="maximum single dose (mg)")
     p.add_argument("--start", type=float, help="time of the first new dose (h)")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
-    p.add_argument("--out", metavar="REC.json", help="write the recommendation here")
+    p.add_argument("--out", metavar="REC.json", type=out_file_arg, help="write the recommendation here")
     p.set_defaults(handler=run_dose)
 
     q = sub.add_parser("map", help="MAP estimate and forecast for a patient", description=MAP_HELP,
@@ -64,8 +65,8 @@ def add_parser(sub) -> None:
                        formatter_class=ManualFormatter)
     q.add_argument("model", metavar="MODEL_OR_RUN")
     q.add_argument("patient", metavar="PATIENT.csv")
-    q.add_argument("--until", type=float, help="forecast until this time (h; default last record + 24)")
-    q.add_argument("--out", metavar="FORECAST.csv", help="forecast table")
+    q.add_argument("--until", type=finite_float, help="forecast until this time (h; default last record + 24)")
+    q.add_argument("--out", metavar="FORECAST.csv", type=out_file_arg, help="forecast table")
     q.add_argument("--plot", metavar="FIG.png", type=figure_arg, help="forecast figure with the TDM levels")
     q.add_argument("--samples", metavar="POSTERIOR.nc", help="posterior draws (ArviZ NetCDF)")
     q.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
@@ -103,7 +104,8 @@ def run_dose(args) -> int:
         atomic_write_text(args.out, text)
     metric, exp = next(iter(rec.exposure.items()))
     print(f"{model.name}: {rec.dose:g} mg every {rec.interval:g} h"
-          + (f" as {rec.duration:g}-h infusions" if rec.duration > 0 else "") + f", from t = {rec.start:g} h")
+          + (f" as {rec.duration:g}-h infusions" if rec.duration > 0 else " (bolus or oral doses)")
+          + f", from t = {rec.start:g} h")
     se = f" (Monte-Carlo SE {rec.pta_mc_se:.1%})" if rec.pta_mc_se is not None else ""
     print(f"  predicted {metric}: MAP {exp['map']:.1f}; posterior median {exp['median']:.1f}, 90% interval "
           f"{exp['p05']:.1f}-{exp['p95']:.1f}; target {exp['target'][0]:g}-{exp['target'][1]:g}")

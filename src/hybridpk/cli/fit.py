@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, device_arg, latent_dim_arg, resolve_data_path
+from ._common import (ManualFormatter, device_arg, latent_dim_arg, out_folder_arg, positive_int,
+                      resolve_data_path)
 
 HELP = """\
 Fit a population PK model by FOCE with interaction (NONMEM's METHOD=1 INTERACTION).
@@ -14,7 +15,8 @@ read through pharmpy-core (pip install 'hybridpk[nonmem]') and parameter names a
 
 The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ receives:
   summary.json      OFV, convergence, estimates with standard errors (RSE %), OMEGA, SIGMA, shrinkage,
-                    counts, seed and software versions
+                    counts, seed, software versions, and how each quantity was computed ("methods":
+                    covariance of the estimates, CWRES, shrinkage)
   individual.csv    ID, ETAs (empirical Bayes estimates), individual parameters
   predictions.csv   ID, TIME, DV, MDV, PRED, IPRED, CWRES, IWRES for every record
   model.json        the fitted model as plain data, for 'hybridpk predict' and 'hybridpk dose'
@@ -39,6 +41,14 @@ NONMEM's EPS).
 
 Progress goes to stderr: a bar on a terminal, one line per 10% in a log file.
 
+Interrupting (Ctrl-C) stops with a one-line message and keeps the work done: the FOCE-I fit writes a
+checkpoint after every outer iteration, a finished population fit is written to RUN before the VAE starts
+(and is usable on its own), and the VAE training writes a checkpoint every 20 epochs (RUN/checkpoint/).
+Repeat the same command with --resume to continue: the VAE ends with the weights an uninterrupted run
+would have; a resumed FOCE-I fit restarts BFGS at the saved iterate and agrees with an uninterrupted fit to
+the convergence tolerance. Without --resume an earlier checkpoint in RUN is discarded; a checkpoint of
+other data or options is refused. RUN/checkpoint/ is removed when the run is complete.
+
 Covariate effects: 'CL~WT' (power, reference = median, exponent estimated), 'CL~WT:power:70:0.75'
 (fixed exponent), 'CL~CRCL:linear:90', 'V~SEX:categorical:1', 'CL~AGE:exponential:40'.
 """
@@ -57,7 +67,7 @@ def add_parser(sub) -> None:
                        formatter_class=ManualFormatter)
     p.add_argument("source", metavar="DATA.csv|MODEL.mod", help="dataset (with --model) or NONMEM control stream")
     p.add_argument("--model", metavar="NAME", help="structural model (see 'hybridpk models')")
-    p.add_argument("--out", required=True, metavar="RUN", help="output folder")
+    p.add_argument("--out", required=True, metavar="RUN", type=out_folder_arg, help="output folder")
     p.add_argument("--iiv", metavar="P,P", help="parameters with IIV (default: all estimated parameters)")
     p.add_argument("--covariate", action="append", default=[], metavar="P~COV[:kind[:ref[:exp]]]",
                    help="covariate effect (repeatable)")
@@ -76,31 +86,130 @@ def add_parser(sub) -> None:
                         "training, else log")
     p.add_argument("--latent-dim", default="2", type=latent_dim_arg, metavar="K|auto",
                    help="latent dimension of the VAE; 'auto' picks 1, 2 or 4 by held-out ELBO")
-    p.add_argument("--epochs", type=int, default=1500, help="maximum VAE training epochs (early stopping)")
+    p.add_argument("--epochs", type=positive_int, default=1500, help="maximum VAE training epochs (early stopping)")
     p.add_argument("--training", choices=["joint", "staged"], default="joint",
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs (log form)")
     p.add_argument("--device", default="cpu", type=device_arg, help="torch device for VAE training (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
-    p.add_argument("--maxiter", type=int, default=300, help="maximum outer iterations")
+    p.add_argument("--maxiter", type=positive_int, default=300, help="maximum outer iterations")
+    p.add_argument("--covariance", choices=["sandwich", "R", "S"], default="sandwich",
+                   help="standard errors from the sandwich R^-1 S R^-1 (NONMEM's default $COVARIANCE), 2 R^-1 "
+                        "(MATRIX=R) or 4 S^-1 (MATRIX=S); R: Hessian of the OFV, S: sum of the subjects' gradient "
+                        "outer products")
     p.add_argument("--no-covariance", action="store_true", help="skip standard errors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from RUN's checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    import warnings
+    import shutil
     from pathlib import Path
 
+    from hybridpk.errors import Interrupted
+
+    pm, ds = _model_and_data(args)
+    out = Path(args.out)
+    ck = out / "checkpoint"
+    if not args.resume and ck.exists():
+        shutil.rmtree(ck)
+    done = "no finished stage is saved yet"
+    try:
+        result, resumed = _population_stage(args, pm, ds, out, ck)
+        if args.hybrid == "vae":
+            done = f"the population fit is saved in {out}"
+        hybrid = _hybrid_stage(args, pm, ds, result, ck) if args.hybrid == "vae" else None
+        if hybrid is not None:
+            hybrid.save(out)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"{exc or 'interrupted'}; {done}; repeat the command with --resume to continue") from None
+    if ck.exists():
+        shutil.rmtree(ck)
+    if resumed:
+        print(f"resumed: the population fit saved in {out} was kept")
+    print(report(result, ds))
+    if hybrid is not None:
+        h = hybrid.summary()
+        print(f"hybrid (ODE + VAE, {h['form']} form, latent dimension {h['latent_dim']}): -2LL of the data "
+              f"{h['nll_ode_total']:.1f} (ODE only) -> {h['nll_hybrid_total']:.1f} (hybrid); RMSE at the "
+              f"observations {h['rmse_ode']:.4g} -> {h['rmse_hybrid']:.4g}")
+        r = h["refinement"]
+        if r["kept_encoder_estimate"] or r["optimizer_failure"]:
+            print(f"note: {r['kept_encoder_estimate']} of {r['patients']} patients kept the encoder's estimate of z "
+                  "(the per-patient MAP refinement did not improve it" + (f"; its optimiser failed: "
+                  f"{r['optimizer_failure']}" if r["optimizer_failure"] else "") + ")")
+    print(f"wrote {out / 'summary.json'}, individual.csv, predictions.csv, model.json"
+          + (", vae.pt, vae.json" if hybrid is not None else ""))
+    return 0
+
+
+#: options of 'fit' that do not change the population fit (a resumed run may keep its saved population fit)
+_NOT_POPULATION = ("hybrid", "hybrid_form", "latent_dim", "epochs", "training", "device", "quiet", "resume", "out",
+                   "debug", "handler", "command", "version")
+
+
+def _stage_key(args, ds) -> str:
+    """SHA-256 of what the population fit computes from: its options, the data and, for a control stream,
+    the file's text."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    opts = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_POPULATION}
+    h = hashlib.sha256(json.dumps(opts, default=str).encode() + ds.fingerprint().encode())
+    src = Path(str(args.source))
+    if src.suffix.lower() in (".mod", ".ctl") and src.is_file():
+        h.update(src.read_bytes())
+    return h.hexdigest()
+
+
+def _population_stage(args, pm, ds, out, ck):
+    """(the FOCE-I fit, whether it was resumed from RUN): with --resume, the population fit RUN already holds
+    when it was made by the same options and data; else the fit (checkpointed in RUN/checkpoint/foce.json),
+    written to RUN as soon as it is finished."""
+    import warnings
+
+    from hybridpk.io import atomic_write_text
+    from hybridpk.population import FittedPopulation, fit_population
+
+    key = _stage_key(args, ds)
+    stamp = ck / "population.done"
+    if args.resume and stamp.is_file() and stamp.read_text().strip() == key:
+        return FittedPopulation.load(out), True
+    with warnings.catch_warnings():  # convergence problems are reported below and in summary.json
+        warnings.simplefilter("ignore")
+        result = fit_population(pm, ds, seed=args.seed, maxiter=args.maxiter, progress=not args.quiet,
+                                covariance="none" if args.no_covariance else args.covariance, pooled_start=args.pooled,
+                                checkpoint=ck / "foce.json")
+    result.save(out)
+    atomic_write_text(stamp, key)
+    return result, False
+
+
+def _hybrid_stage(args, pm, ds, result, ck):
+    """The VAE trained on the population fit (checkpoints in RUN/checkpoint/)."""
+    from hybridpk.residual import TrainConfig, fit_hybrid
+
+    k = args.latent_dim if args.latent_dim == "auto" else int(args.latent_dim)
+    print("training the VAE ...")
+    return fit_hybrid(pm, ds, latent_dim=k, seed=args.seed, progress=not args.quiet, population=result,
+                      config=TrainConfig(epochs=args.epochs, device=args.device, joint=args.training == "joint",
+                                         form=args.hybrid_form), checkpoint_dir=ck)
+
+
+def _model_and_data(args):
+    """The PopulationModel and Dataset the command describes (a control stream, or data and options)."""
     from hybridpk.errors import HybridPKError
-    from hybridpk.population import build_model, fit_population
+    from hybridpk.population import build_model
 
     src = str(args.source)
     if src.lower().endswith((".mod", ".ctl")):
         from hybridpk.population.nonmem import read_control_stream
 
         pm, ds = read_control_stream(src)
-        pooled = False
+        args.pooled = False
     else:
         if not args.model:
             raise HybridPKError("--model is required with a dataset (or give a NONMEM control stream .mod)")
@@ -130,37 +239,8 @@ def run(args) -> int:
             block = False
         pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=error, initial=init, data=ds,
                          omega_block=block)
-        pooled = not init
-    with warnings.catch_warnings():  # convergence problems are reported below and in summary.json
-        warnings.simplefilter("ignore")
-        result = fit_population(pm, ds, seed=args.seed, maxiter=args.maxiter, progress=not args.quiet,
-                                covariance=not args.no_covariance, pooled_start=pooled)
-    hybrid = None
-    if args.hybrid == "vae":
-        from hybridpk.residual import TrainConfig, fit_hybrid
-
-        k = args.latent_dim if args.latent_dim == "auto" else int(args.latent_dim)
-        print("training the VAE ...")
-        hybrid = fit_hybrid(pm, ds, latent_dim=k, seed=args.seed, progress=not args.quiet, population=result,
-                            config=TrainConfig(epochs=args.epochs, device=args.device,
-                                               joint=args.training == "joint", form=args.hybrid_form))
-        run_dir = hybrid.save(args.out)
-    else:
-        run_dir = result.save(args.out)
-    print(report(result, ds))
-    if hybrid is not None:
-        h = hybrid.summary()
-        print(f"hybrid (ODE + VAE, {h['form']} form, latent dimension {h['latent_dim']}): -2LL of the data "
-              f"{h['nll_ode_total']:.1f} (ODE only) -> {h['nll_hybrid_total']:.1f} (hybrid); RMSE at the "
-              f"observations {h['rmse_ode']:.4g} -> {h['rmse_hybrid']:.4g}")
-        r = h["refinement"]
-        if r["kept_encoder_estimate"] or r["optimizer_failure"]:
-            print(f"note: {r['kept_encoder_estimate']} of {r['patients']} patients kept the encoder's estimate of z "
-                  "(the per-patient MAP refinement did not improve it" + (f"; its optimiser failed: "
-                  f"{r['optimizer_failure']}" if r["optimizer_failure"] else "") + ")")
-    print(f"wrote {Path(run_dir) / 'summary.json'}, individual.csv, predictions.csv, model.json"
-          + (", vae.pt, vae.json" if hybrid is not None else ""))
-    return 0
+        args.pooled = not init
+    return pm, ds
 
 
 def report(result, ds) -> str:
@@ -169,6 +249,11 @@ def report(result, ds) -> str:
     e = result.estimation
     lines = [f"FOCE-I fit of {ds.n_subjects} subjects, {ds.n_observations} observations: OFV {e.ofv:.4f} "
              f"({'converged' if e.converged else 'NOT converged'}, {e.iterations} iterations, {e.seconds:.1f} s)"]
+    labels = {"sandwich": "the sandwich R^-1 S R^-1 (NONMEM's default)", "R": "2 R^-1 (MATRIX=R)",
+              "S": "4 S^-1 (MATRIX=S)"}
+    if e.covariance in labels:
+        lines.append(f"  standard errors (RSE) from {labels[e.covariance]}; CWRES as NONMEM's FOCE-I $TABLE "
+                     "(see summary.json 'methods')")
     for t in result.theta:
         rse = f"{t.rse:.1f}%" if t.rse is not None else "-"
         lines.append(f"  {t.name:<12} {t.value:12.5g}   RSE {rse}")

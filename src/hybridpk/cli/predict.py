@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, resolve_data_path
+from ._common import ManualFormatter, out_file_arg, resolve_data_path
 
 HELP = """\
 Predict concentrations with a model fitted by 'hybridpk fit' (the folder RUN).
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                        formatter_class=ManualFormatter)
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
     p.add_argument("data", metavar="DATA", help="dataset (CSV) or bundled dataset name")
-    p.add_argument("--out", required=True, metavar="PRED.csv", help="output file")
+    p.add_argument("--out", required=True, metavar="PRED.csv", type=out_file_arg, help="output file")
     p.set_defaults(handler=run)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, resolve_data_path
+from ._common import ManualFormatter, nonnegative_float, out_file_arg, resolve_data_path
 
 HELP = """\
 Simulate concentrations on the dosing records and sampling times of DATA.
@@ -40,6 +40,14 @@ def _pairs(text, what):
     return out
 
 
+def _is_number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("simulate", help="simulate concentrations or a population on a dosing design",
                        description=HELP, epilog=EPILOG, formatter_class=ManualFormatter)
@@ -51,11 +59,11 @@ def add_parser(sub) -> None:
     p.add_argument("--omega", metavar="P=VAR,...", help="IIV variances of log-normal ETAs, e.g. CL=0.09")
     p.add_argument("--covariate", action="append", default=[], metavar="P=COV:REF:EXP",
                    help="power covariate effect, e.g. CL=WT:70:0.75 (repeatable)")
-    p.add_argument("--proportional", type=float, default=0.0, help="proportional residual error SD")
-    p.add_argument("--additive", type=float, default=0.0, help="additive residual error SD (mg/L)")
+    p.add_argument("--proportional", type=nonnegative_float, default=0.0, help="proportional residual error SD")
+    p.add_argument("--additive", type=nonnegative_float, default=0.0, help="additive residual error SD (mg/L)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the population simulation")
     p.add_argument("--method", choices=["auto", "closed_form", "ode"], default="auto", help="solver path")
-    p.add_argument("--out", required=True, metavar="OUT.csv", help="output file")
+    p.add_argument("--out", required=True, metavar="OUT.csv", type=out_file_arg, help="output file")
     p.set_defaults(handler=run)
 
 
@@ -76,16 +84,19 @@ def run(args) -> int:
         except (OSError, ValueError) as exc:
             raise HybridPKError(f"cannot read the parameter table {args.params}: {exc}") from None
         batch = ds.to_batch()
-        pred = simulate(args.model, table, batch, method=args.method)
+        try:
+            pred = simulate(args.model, table, batch, method=args.method)
+        except HybridPKError as exc:
+            raise HybridPKError(f"--params {args.params}: {exc}") from None
         atomic_write_text(args.out, pred.to_dataframe(batch).to_csv(index=False))
         print(f"wrote {args.out}: IPRED at {int(batch.record_mask.sum())} records of {batch.n_subjects} subjects")
         return 0
 
     def floats(d, what):
-        try:
-            return {k: float(v) for k, v in d.items()}
-        except ValueError:
-            raise HybridPKError(f"{what}: values must be numbers") from None
+        bad = [f"{k}={v}" for k, v in d.items() if not _is_number(v)]
+        if bad:
+            raise HybridPKError(f"{what}: {', '.join(bad)}: each value must be a number") from None
+        return {k: float(v) for k, v in d.items()}
 
     typical = floats(_pairs(args.typical, "--typical"), "--typical")
     omega = floats(_pairs(args.omega, "--omega"), "--omega")

@@ -84,6 +84,13 @@ class DosingModel:
         return tuple(self.population.notes)
 
     @property
+    def default_duration(self) -> float:
+        """The duration (h) of a new dose when the caller does not say: 0 (bolus or oral dose) for a model
+        whose route is oral or bolus (a spec's ``route``; a fit of a model that doses into a depot), else a
+        1-h infusion."""
+        return 0.0 if self.population.route in ("oral", "bolus") else 1.0
+
+    @property
     def covariates(self) -> tuple:
         return tuple(self.population.covariates)
 

@@ -306,7 +306,7 @@ def _exposure(tgt, choice) -> dict:
 
 
 def recommend_dose(model, dataset, target, *, interval: float | None = None, intervals=(8.0, 12.0, 24.0),
-                   duration: float = 1.0, dose_step: float = 250.0, max_dose: float | None = None,
+                   duration: float | None = None, dose_step: float = 250.0, max_dose: float | None = None,
                    start: float | None = None, n_doses: int = 10, n_samples: int | None = None, seed: int = 0,
                    posterior: PatientPosterior | None = None) -> Recommendation:
     """The dose (and interval) that puts ``target`` in its window for this patient.
@@ -318,7 +318,8 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     target : str or Target  e.g. 'auc24=400:600' (mg*h/L, steady state), 'trough=10:15', 'peak=25:40',
         'conc@36=10:15' (mg/L, 36 h after the first new dose)
     interval : dosing interval (h); if None the best of ``intervals``
-    duration : infusion duration (h); 0 for bolus/oral; at most the interval (no overlapping infusions)
+    duration : infusion duration (h); 0 for bolus/oral; at most the interval (no overlapping infusions);
+        None: the model's route (0 for an oral or bolus model, else 1 h; ``DosingModel.default_duration``)
     dose_step : doses are whole multiples of this (mg); max_dose : cap per dose (mg, at least one step)
     start : time of the first new dose (h; default: last dose + its interval, or last record); within or
         up to 168 h after the patient's records
@@ -333,6 +334,7 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     above the maximum, and never overlaps infusions.
     """
     model = dosing_model(model)
+    duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
     df = dataset.to_dataframe()
     limits = check_limits(df, intervals=[interval] if interval is not None else list(intervals), duration=duration,
@@ -368,11 +370,13 @@ def _regimen_warnings(post, exposure, tgt, choice, start: float, n_doses: int) -
 
 
 def interval_for_dose(model, dataset, dose: float, target, *, intervals=(6.0, 8.0, 12.0, 24.0, 36.0, 48.0),
-                      duration: float = 1.0, n_samples: int | None = None, seed: int = 0,
+                      duration: float | None = None, n_samples: int | None = None, seed: int = 0,
                       posterior: PatientPosterior | None = None) -> Recommendation:
     """The dosing interval (from ``intervals``, h) that best keeps ``target`` in its window with a fixed
-    ``dose`` (mg): highest probability of target attainment, then the prediction closest to the middle."""
+    ``dose`` (mg): highest probability of target attainment, then the prediction closest to the middle.
+    ``duration`` None: the model's route (as in :func:`recommend_dose`)."""
     model = dosing_model(model)
+    duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
     df = dataset.to_dataframe()
     last = float(df[df.EVID.isin([1, 4])].TIME.max())

@@ -1,4 +1,12 @@
-"""Per-record and per-subject diagnostics of a FOCE-I fit: PRED, IPRED, IWRES, CWRES, shrinkage."""
+"""Per-record and per-subject diagnostics of a FOCE-I fit: PRED, IPRED, IWRES, CWRES, shrinkage.
+
+CWRES are the conditional weighted residuals of Hooker, Staatz and Karlsson (Pharm Res 2007;24:2187-97) as
+NONMEM's $TABLE writes them for a FOCE-I run: the model linearised at each subject's EBE (population mean
+IPRED - G ETA, covariance G OMEGA G' + the residual variance at IPRED, i.e. with interaction), each subject's
+residual vector weighted by the symmetric inverse square root of that covariance (not a Cholesky factor:
+the two differ record by record). Checked against NONMEM's pheno.tab (pharmpy's example) at NONMEM's
+estimates: max |difference| 5e-5.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +37,7 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype).expand_as(cov)
         cov = cov * mm + eye * (1 - m).unsqueeze(-1)
         resid = torch.where(obs, prob.y - mean, torch.zeros_like(mean))
-        chol = torch.linalg.cholesky(cov)
-        w = torch.linalg.solve_triangular(chol, resid.unsqueeze(-1), upper=False).squeeze(-1)
-        cwres = torch.where(obs, w, cwres)
+        cwres = torch.where(obs, _inverse_sqrt(cov, resid), cwres)
         eta_shr = {}
         for j, name in enumerate(prob.pm.etas):
             eta_shr[name] = float(100 * (1 - eta[:, j].std() / torch.sqrt(omega[j, j])))
@@ -40,3 +46,12 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
         pred, ipred = torch.exp(pred), torch.exp(ipred)
     return {"pred": pred, "ipred": ipred, "iwres": iwres, "cwres": cwres,
             "shrinkage": {"eta": eta_shr, "epsilon": eps_shr}}
+
+
+def _inverse_sqrt(cov, resid):
+    """cov^(-1/2) resid per subject, with the symmetric square root (eigendecomposition), as NONMEM weights
+    its residuals. ``cov`` (N, R, R) symmetric positive definite, ``resid`` (N, R)."""
+    w, q = torch.linalg.eigh(cov)
+    if bool((w <= 0).any()):
+        raise torch.linalg.LinAlgError("the covariance of a subject's observations is not positive definite")
+    return (q @ (w.rsqrt().unsqueeze(-1) * (q.transpose(1, 2) @ resid.unsqueeze(-1)))).squeeze(-1)

@@ -13,11 +13,32 @@ import pandas as pd
 from ..errors import HybridPKError
 from ..io import atomic_write_text, run_metadata
 
-__all__ = ["Estimation", "ConvergenceWarning"]
+__all__ = ["Estimation", "ConvergenceWarning", "COVARIANCE_METHODS", "METHODS"]
 
 
 class ConvergenceWarning(UserWarning):
     """The estimation or its covariance step did not converge; results are reported but need care."""
+
+
+#: how each reported quantity is computed, as summary.json's "methods" states it (NONMEM users expect to know)
+COVARIANCE_METHODS = {
+    "sandwich": "R^-1 S R^-1 (the sandwich; NONMEM's default $COVARIANCE, nlmixr2's 'r,s'): R the Hessian of the "
+                "OFV by central differences of its exact gradient, S the sum over subjects of the outer products "
+                "of their OFV gradients",
+    "R": "2 R^-1 (NONMEM's $COVARIANCE MATRIX=R): R the Hessian of the OFV by central differences of its exact "
+         "gradient",
+    "S": "4 S^-1 (NONMEM's $COVARIANCE MATRIX=S): S the sum over subjects of the outer products of their OFV "
+         "gradients",
+    "none": "not computed (no standard errors)",
+}
+METHODS = {
+    "OFV": "-2 log-likelihood without the constant (as NONMEM reports it), FOCE-I approximation",
+    "CWRES": "conditional weighted residuals (Hooker et al. 2007) as NONMEM's $TABLE writes them for a FOCE-I run: "
+             "linearised at the EBE, residual variance at IPRED (with interaction), weighted by the symmetric "
+             "inverse square root of each subject's covariance",
+    "IWRES": "(DV - IPRED) / SD of the residual error at IPRED",
+    "shrinkage": "ETA: 100 (1 - SD(EBE) / sqrt(OMEGA)); epsilon: 100 (1 - SD(IWRES)) (Savic & Karlsson 2009)",
+}
 
 
 @dataclass(frozen=True)
@@ -29,8 +50,9 @@ class Estimation:
     ``individual`` DataFrame (ID, ETAs = EBEs, individual parameters); ``predictions`` DataFrame (ID, TIME,
     DV, MDV, PRED, IPRED, CWRES, IWRES for every record); counts, ``seed``, ``warnings`` and
     ``data_sha256`` (the fingerprint of the dataset it was fitted to); ``ebe_fallbacks`` EBE Newton steps
-    that met a singular Hessian and took a gradient step. ``estimates``: the fitted patients'
-    IndividualEstimates (in memory only; not saved).
+    that met a singular Hessian and took a gradient step. ``covariance`` how the standard errors were
+    computed (a key of ``COVARIANCE_METHODS``). ``estimates``: the fitted patients' IndividualEstimates (in
+    memory only; not saved).
     """
 
     method: str
@@ -50,6 +72,7 @@ class Estimation:
     data_sha256: str = ""
     estimates: object = field(default=None, repr=False, compare=False)
     ebe_fallbacks: int = 0
+    covariance: str = "none"
 
     def to_dict(self) -> dict:
         """The estimation part of summary.json."""
@@ -57,7 +80,8 @@ class Estimation:
                 "iterations": self.iterations, "function_evaluations": self.evaluations,
                 "fit_seconds": round(self.seconds, 3), "shrinkage": self.shrinkage, "n_subjects": self.n_subjects,
                 "n_observations": self.n_observations, "seed": self.seed, "warnings": list(self.warnings),
-                "data_sha256": self.data_sha256, "ebe_fallbacks": self.ebe_fallbacks}
+                "data_sha256": self.data_sha256, "ebe_fallbacks": self.ebe_fallbacks, "covariance": self.covariance,
+                "methods": {**METHODS, "covariance": COVARIANCE_METHODS.get(self.covariance, self.covariance)}}
 
     def save(self, run: Path, tables: dict) -> None:
         """Write individual.csv, predictions.csv and summary.json (this record, the parameter ``tables`` and
@@ -68,7 +92,8 @@ class Estimation:
         summary = {**{k: d[k] for k in ("ofv", "method", "converged", "message", "iterations",
                                           "function_evaluations", "fit_seconds")},
                    **tables, **{k: d[k] for k in ("shrinkage", "n_subjects", "n_observations", "seed", "warnings",
-                                                  "data_sha256", "ebe_fallbacks")}, **run_metadata()}
+                                                  "data_sha256", "ebe_fallbacks", "covariance", "methods")},
+                   **run_metadata()}
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=_json_default))
 
     @classmethod
@@ -86,7 +111,7 @@ class Estimation:
                        predictions=_read_csv(run / "predictions.csv"), n_subjects=int(s.get("n_subjects", 0)),
                        n_observations=int(s.get("n_observations", 0)), seed=int(s.get("seed", 0)),
                        warnings=tuple(s.get("warnings", ())), data_sha256=str(s.get("data_sha256", "")),
-                       ebe_fallbacks=int(s.get("ebe_fallbacks", 0)))
+                       ebe_fallbacks=int(s.get("ebe_fallbacks", 0)), covariance=str(s.get("covariance", "none")))
         except (KeyError, TypeError, ValueError) as exc:
             raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
 

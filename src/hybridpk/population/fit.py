@@ -13,10 +13,11 @@ import pandas as pd
 import torch
 from scipy.optimize import minimize
 
-from ..errors import HybridPKError
+from ..errors import HybridPKError, Interrupted
+from ..io import atomic_write_text
 from ..progress import Progress
 from .diagnostics import diagnostics
-from .estimation import ConvergenceWarning, Estimation
+from .estimation import COVARIANCE_METHODS, ConvergenceWarning, Estimation
 from .fitted import FittedPopulation
 from .focei import Problem
 from .omega import OmegaBlocks
@@ -128,7 +129,7 @@ def _naive_pooled(prob, pack, x0):
 
 def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxiter: int = 300,
                    progress: bool = True, covariance: bool = True, pooled_start: bool = True,
-                   method: str = "auto") -> FittedPopulation:
+                   method: str = "auto", checkpoint=None) -> FittedPopulation:
     """Fit a population model by FOCE with interaction.
 
     Parameters
@@ -139,9 +140,15 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     omega, sigma : initial OMEGA variances (list, ETA order) and residual SDs ({"ADD": .., "PROP": ..})
     maxiter : outer iterations (BFGS)
     progress : show the progress with the OFV (a bar on a terminal, a line per 10% of ``maxiter`` in a log)
-    covariance : compute standard errors (inverse Hessian of the OFV)
+    covariance : how the standard errors are computed: "sandwich" (R^-1 S R^-1, NONMEM's default; also
+        ``True``), "R" (2 R^-1, NONMEM's MATRIX=R), "S" (4 S^-1, MATRIX=S), or False/"none" (no standard
+        errors); see :data:`hybridpk.population.estimation.COVARIANCE_METHODS`
     pooled_start : start typical values from a naive pooled fit
     method : solver path of the predictions: "auto" (closed form for linear models), "closed_form" or "ode"
+    checkpoint : a JSON file written atomically after every outer iteration (the iterate and the EBEs
+        that warm-start the next one). When it exists the fit resumes from that iterate, with a new BFGS
+        Hessian approximation: the estimates agree with an uninterrupted fit's to the convergence
+        tolerance, not bit for bit. A checkpoint of other data, model or options is refused.
 
     Returns the FittedPopulation (THETA/OMEGA/SIGMA tables with standard errors) with its Estimation record
     (OFV, convergence, shrinkage, EBEs as ``estimation.individual`` and ``estimation.estimates``, and
@@ -149,6 +156,9 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     """
     torch.manual_seed(seed)
     t_start = time.perf_counter()
+    cov_method = "sandwich" if covariance is True else "none" if covariance in (False, None) else str(covariance)
+    if cov_method not in COVARIANCE_METHODS:
+        raise HybridPKError(f"covariance={covariance!r}: give one of {', '.join(COVARIANCE_METHODS)} (or True/False)")
     prob = Problem(pm, dataset, method=method)
     if not bool(prob.obs.any()):
         raise HybridPKError(f"{dataset.source or 'the dataset'}: no observations (records with EVID=0 and MDV=0), "
@@ -158,11 +168,15 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     x0 = pack.x0()
     theta0, _, sd0 = pack.unpack(torch.tensor(x0, dtype=torch.float64))
     prob.require_positive_variance(theta0, sd0)
-    if pooled_start:
-        x0 = _naive_pooled(prob, pack, x0)
     n, k = dataset.n_subjects, pm.n_eta
     state = {"eta": torch.zeros(n, k, dtype=torch.float64), "best": math.inf, "evals": 0, "iter": 0}
-    bar = Progress(maxiter, "FOCE-I", "it", enabled=progress)
+    key = _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start)
+    resumed = _read_checkpoint(checkpoint, key, (n, k)) if checkpoint else None
+    if resumed is not None:
+        x0, state["eta"], state["iter"] = resumed
+    elif pooled_start:
+        x0 = _naive_pooled(prob, pack, x0)
+    bar = Progress(maxiter, "FOCE-I", "it", enabled=progress, initial=state["iter"])
 
     def evaluate(xv, need_grad=True):
         x = torch.tensor(xv, dtype=torch.float64, requires_grad=need_grad)
@@ -189,10 +203,20 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     def cb(xk):
         state["iter"] += 1
         bar.update(1, OFV=f"{state['best']:.4f}")
+        if checkpoint:
+            _write_checkpoint(checkpoint, key, xk, state)
+            state["saved"] = state["iter"]
 
-    res = minimize(fun, x0, jac=True, method="BFGS", callback=cb,
-                   options={"maxiter": maxiter, "gtol": 1e-4, "xrtol": 1e-7})
-    bar.close()
+    try:
+        res = minimize(fun, x0, jac=True, method="BFGS", callback=cb,
+                       options={"maxiter": max(1, maxiter - state["iter"]), "gtol": 1e-4, "xrtol": 1e-7})
+    except KeyboardInterrupt:
+        saved = state.get("saved", resumed[2] if resumed is not None else None)
+        where = (f"the checkpoint {checkpoint} holds iteration {saved}" if saved is not None
+                 else "no checkpoint was written yet" if checkpoint else "no checkpoint file was asked for")
+        raise Interrupted(f"the FOCE-I fit was interrupted after {state['iter']} outer iterations; {where}") from None
+    finally:
+        bar.close()
     x_hat = res.x
     ofv, g, eta = evaluate(x_hat)
     converged = bool(res.success) or float(np.abs(g).max()) < 1e-2
@@ -201,9 +225,23 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     if not converged:
         warn.append(f"the estimation did not converge ({message}; max |gradient| {np.abs(g).max():.3g})")
         warnings.warn(warn[-1], ConvergenceWarning, stacklevel=2)
+    def subject_gradients(xv):
+        """(N, P) gradients of each subject's OFV contribution at ``xv`` (the S matrix's ingredients)."""
+        x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)
+        theta, om, sd = pack.unpack(x)
+        with torch.no_grad():
+            oinv = torch.linalg.inv(om) if k else om
+        ofv_i = prob.ofv(theta, om, sd, prob.ebe(theta, oinv, sd, state["eta"]), per_subject=True)
+        try:      # all N backward passes at once (vmap over the backward graph)
+            (g,) = torch.autograd.grad(ofv_i, x, torch.eye(n, dtype=ofv_i.dtype), retain_graph=True,
+                                       is_grads_batched=True)
+            return g.numpy()
+        except (RuntimeError, NotImplementedError):   # an operation without a batching rule: one pass per subject
+            return np.stack([torch.autograd.grad(ofv_i[i], x, retain_graph=True)[0].numpy() for i in range(n)])
+
     cov_nat = None
-    if covariance:
-        cov_nat, cov_warn = _covariance(evaluate, pack, x_hat)
+    if cov_method != "none":
+        cov_nat, cov_warn = _covariance(evaluate, subject_gradients, pack, x_hat, cov_method)
         if cov_warn:
             warn.append(cov_warn)
             warnings.warn(cov_warn, ConvergenceWarning, stacklevel=2)
@@ -221,8 +259,57 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                                                                                                       diag),
                         n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,
                         warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est,
-                        ebe_fallbacks=prob.fallback_steps)
+                        ebe_fallbacks=prob.fallback_steps, covariance=cov_method if cov_nat is not None else "none")
     return fitted.with_estimation(record)
+
+
+#: fit checkpoints: "format" and "version" this hybridpk writes and reads
+_CHECKPOINT = ("hybridpk-foce-checkpoint", 1)
+
+
+def _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start) -> str:
+    """SHA-256 of what a fit computes from: the records, the model (recipe, THETA bounds and initial values,
+    OMEGA and SIGMA starts) and the options that change the path of the estimation."""
+    import hashlib
+    import json
+
+    spec = {"recipe": pm.recipe, "thetas": [(t.name, t.init, t.lower, t.upper, t.fixed) for t in pm.thetas],
+            "omega": np.asarray(omega if omega is not None else pm.omega_init, dtype=float).tolist(),
+            "sigma": {**pm.error.init_values(), **(sigma or {})}, "etas": list(pm.etas),
+            "blocks": [list(b) for b in pm.blocks], "method": method, "pooled_start": bool(pooled_start)}
+    return hashlib.sha256((json.dumps(spec, sort_keys=True, default=str) + dataset.fingerprint()).encode()).hexdigest()
+
+
+def _write_checkpoint(path, key: str, x, state) -> None:
+    """The outer iterate and the warm-start EBEs, as JSON (floats round-trip exactly), written atomically."""
+    import json
+
+    atomic_write_text(path, json.dumps({"format": _CHECKPOINT[0], "version": _CHECKPOINT[1], "fingerprint": key,
+                                        "iteration": state["iter"], "x": [float(v) for v in x],
+                                        "eta": state["eta"].tolist()}))
+
+
+def _read_checkpoint(path, key: str, shape):
+    """(x, EBEs, iteration) from a fit checkpoint, None when there is none; refused when damaged or written
+    for other data, model or options."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        ck = json.loads(path.read_text())
+        ok = (ck.get("format"), ck.get("version")) == _CHECKPOINT
+        x, eta, it = np.array(ck["x"], dtype=float), torch.tensor(ck["eta"], dtype=torch.float64), int(ck["iteration"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok:
+        raise HybridPKError(f"{path} is damaged or not a hybridpk fit checkpoint; delete it to fit from the start")
+    if ck.get("fingerprint") != key or tuple(eta.shape) != tuple(shape):
+        raise HybridPKError(f"{path} was written by a fit of other data, model or options; delete it to fit from "
+                            "the start")
+    return x, eta, it
 
 
 def _tables(pm, pack, theta, omega, sd, cov_natural) -> FittedPopulation:
@@ -253,8 +340,10 @@ def _tables(pm, pack, theta, omega, sd, cov_natural) -> FittedPopulation:
     matrix = tuple(tuple(float(v) for v in row) for row in omega.tolist())
     om = OmegaTable(tuple(pm.etas), tuple(pm.omega_labels or pm.etas), matrix,
                     tuple(tuple(row) for row in om_se) if se is not None else None, pack.omega.blocks)
+    sm = pm.structural   # doses into a depot: oral (dosing then defaults to oral doses, not infusions)
     return FittedPopulation(model=pm, theta=ThetaTable(tuple(rows)), omega=om, sigma=SigmaTable(tuple(sig)),
-                            name="fit", citation="hybridpk fit")
+                            name="fit", citation="hybridpk fit",
+                            route="oral" if sm.dose_cmt != sm.obs_cmt else "infusion")
 
 
 def _individual_table(dataset, pm, est):
@@ -275,27 +364,44 @@ def _prediction_table(dataset, prob, diag):
                          "CWRES": pick(diag["cwres"]), "IWRES": pick(diag["iwres"])})
 
 
-def _covariance(evaluate, pack, x_hat):
-    """Covariance of the estimates on their natural scale: 2 H^-1 (H: Hessian of the OFV by central differences
-    of the exact gradient), mapped by the delta method."""
+def _covariance(evaluate, subject_gradients, pack, x_hat, method: str = "sandwich"):
+    """Covariance of the estimates on their natural scale, mapped by the delta method from the unconstrained
+    scale, where (OFV = -2 log-likelihood, R its Hessian by central differences of the exact gradient, S the
+    sum over subjects of the outer products of their OFV gradients):
+    "R" 2 R^-1, "S" 4 S^-1, "sandwich" R^-1 S R^-1 (NONMEM's default; the log-likelihood's
+    I_R^-1 I_S I_R^-1 with I_R = R/2 and I_S = S/4)."""
     p = len(x_hat)
-    hess = np.zeros((p, p))
-    for i in range(p):
-        h = 1e-4 * max(1.0, abs(x_hat[i]))
-        e = np.zeros(p)
-        e[i] = h
-        gp = evaluate(x_hat + e)[1]
-        gm = evaluate(x_hat - e)[1]
-        hess[i] = (gp - gm) / (2 * h)
-    hess = 0.5 * (hess + hess.T)
-    try:
+    hess = None
+    if method in ("R", "sandwich"):
+        hess = np.zeros((p, p))
+        for i in range(p):
+            h = 1e-4 * max(1.0, abs(x_hat[i]))
+            e = np.zeros(p)
+            e[i] = h
+            gp = evaluate(x_hat + e)[1]
+            gm = evaluate(x_hat - e)[1]
+            hess[i] = (gp - gm) / (2 * h)
+        hess = 0.5 * (hess + hess.T)
         w = np.linalg.eigvalsh(hess)
-        if w.min() <= 0:
-            return None, (f"the Hessian of the OFV is not positive definite (smallest eigenvalue {w.min():.3g}); "
+        if not np.isfinite(w).all() or w.min() <= 0:
+            return None, (f"the Hessian of the OFV (R) is not positive definite (smallest eigenvalue {w.min():.3g}); "
                           "standard errors are not available")
-        cov_x = 2.0 * np.linalg.inv(hess)
+    s_mat = None
+    if method in ("S", "sandwich"):
+        g = subject_gradients(x_hat)
+        s_mat = g.T @ g
+        if method == "S" and (not np.isfinite(s_mat).all() or np.linalg.eigvalsh(s_mat).min() <= 0):
+            return None, "the S matrix is singular; standard errors are not available (try covariance='R')"
+    try:
+        if method == "R":
+            cov_x = 2.0 * np.linalg.inv(hess)
+        elif method == "S":
+            cov_x = 4.0 * np.linalg.inv(s_mat)
+        else:
+            r_inv = np.linalg.inv(hess)
+            cov_x = r_inv @ s_mat @ r_inv
     except np.linalg.LinAlgError:
-        return None, "the Hessian of the OFV is singular; standard errors are not available"
+        return None, f"the {method} covariance matrix is singular; standard errors are not available"
     x = torch.tensor(x_hat, dtype=torch.float64)
     jac = torch.autograd.functional.jacobian(pack.natural, x).numpy()
     return jac @ cov_x @ jac.T, None

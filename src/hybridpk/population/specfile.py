@@ -50,28 +50,40 @@ def _from_toml(path: Path) -> FittedPopulation:
         typical = {k.upper(): float(v) for k, v in spec["typical"].items()}
         iiv = {k.upper(): float(v) for k, v in spec.get("iiv", {}).items()}
         err = spec.get("error", {})
+        effects, coef = [], {}
+        for c in spec.get("covariate", []):
+            e = CovariateEffect(c["parameter"].upper(), c["covariate"], c.get("kind", "power"), c.get("reference"),
+                                c.get("exponent"), float(c.get("level", 1.0)))
+            effects.append(e)
+            if "coefficient" in c:
+                coef[e.theta_name] = float(c["coefficient"])
+            elif e.kind != "power" or e.exponent is None:
+                raise ModelError(f"model spec {path.name}: covariate effect {e.parameter}~{e.covariate} needs "
+                                 "'exponent' (power) or 'coefficient'")
     except KeyError as exc:
         raise ModelError(f"model spec {path.name} lacks {exc}") from None
-    effects, coef = [], {}
-    for c in spec.get("covariate", []):
-        e = CovariateEffect(c["parameter"].upper(), c["covariate"], c.get("kind", "power"), c.get("reference"),
-                            c.get("exponent"), float(c.get("level", 1.0)))
-        effects.append(e)
-        if "coefficient" in c:
-            coef[e.theta_name] = float(c["coefficient"])
-        elif e.kind != "power" or e.exponent is None:
-            raise ModelError(f"model spec {path.name}: covariate effect {e.parameter}~{e.covariate} needs "
-                             "'exponent' (power) or 'coefficient'")
+    except (TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"model spec {path.name}: a value is not of the expected kind ({exc})") from None
     # effects of the same covariate on one parameter with distinct coefficients need distinct theta names
     names = [e.theta_name for e in effects]
     if len(set(names)) != len(names):
         raise ModelError(f"model spec {path.name}: two effects of one covariate on one parameter")
-    pm = build_model(structure, iiv=list(iiv), covariates=effects, error=ErrorModel(err.get("kind", "proportional"),
-                     add=float(err.get("add", 0.0)), prop=float(err.get("prop", 0.0))),
-                     initial=typical)
-    theta = {t.name: typical.get(t.name, coef.get(t.name, t.init)) for t in pm.thetas}
+    try:
+        pm = build_model(structure, iiv=list(iiv), covariates=effects,
+                         error=ErrorModel(err.get("kind", "proportional"), add=float(err.get("add", 0.0)),
+                                          prop=float(err.get("prop", 0.0))), initial=typical)
+    except (ModelError, ValueError) as exc:
+        raise ModelError(f"model spec {path.name}: {exc}") from None
+    missing = [t.name for t in pm.thetas if t.name not in typical and t.name not in coef]
+    if missing:   # never the library's starting value in place of a published one
+        raise ModelError(f"model spec {path.name}: [typical] has no value for {', '.join(missing)} (the "
+                         f"{structure} model needs {', '.join(t.name for t in pm.thetas if t.name not in coef)})")
+    theta = {t.name: typical.get(t.name, coef.get(t.name)) for t in pm.thetas}
     omega = {e: iiv[e.removeprefix("ETA_")] for e in pm.etas}
     sd = {k: float(err.get(k.lower(), 0.0)) for k in pm.error.names}
+    _check_values(path, pm, theta, omega, sd)
     ranges = {k: (float(v[0]), float(v[1])) for k, v in spec.get("population", {}).items()}
     defaults = {k: float(v) for k, v in spec.get("defaults", {}).items()}
     unknown = sorted(set(defaults) - set(pm.covariates))
@@ -81,6 +93,21 @@ def _from_toml(path: Path) -> FittedPopulation:
                                         citation=spec.get("citation", ""), ranges=ranges,
                                         route=spec.get("route", "infusion"), units=dict(spec.get("units", {})),
                                         covariate_defaults=defaults)
+
+
+def _check_values(path: Path, pm, theta: dict, omega: dict, sd: dict) -> None:
+    """A spec's numbers must be usable: finite typical values (their ranges are build_model's check), positive
+    finite IIV variances, residual SDs >= 0 and not all 0."""
+    import math
+
+    bad = [f"[typical] {k} = {v} (a finite number)" for k, v in theta.items() if not math.isfinite(v)]
+    bad += [f"[iiv] {e.removeprefix('ETA_')} = {v} (a variance: > 0)" for e, v in omega.items()
+            if not (math.isfinite(v) and v > 0)]
+    bad += [f"[error] {k.lower()} = {v} (an SD: >= 0)" for k, v in sd.items() if not (math.isfinite(v) and v >= 0)]
+    if sd and all(v == 0 for v in sd.values()):
+        bad.append("[error]: every residual SD is 0 (give add and/or prop)")
+    if bad:
+        raise ModelError(f"model spec {path.name}: " + "; ".join(bad))
 
 
 def write_spec(fitted: FittedPopulation, path, *, name: str, drug: str = "", citation: str = "",

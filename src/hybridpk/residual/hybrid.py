@@ -251,8 +251,11 @@ def _load_weights(path: Path) -> dict:
         ck = torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise HybridPKError(f"{path} is not a hybridpk model file: it does not hold only tensors, so it was not "
-                            f"loaded ({reason.split('. ')[0]}); refit the model rather than loading it") from None
+        what = ("it holds objects other than tensors (code could run when they are loaded)"
+                if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in reason
+                else "it is damaged or not a torch tensor file (truncated, or another kind of file)")
+        raise HybridPKError(f"{path} is not a hybridpk model file: {what}, so it was not loaded "
+                            f"({reason.split('. ')[0]}); refit the model rather than loading it") from None
     if not isinstance(ck, dict) or "state" not in ck or "scale" not in ck:
         raise HybridPKError(f"{path} is not a hybridpk model file (no network state); refit the model")
     return ck
@@ -297,14 +300,19 @@ def _per_patient(hybrid: HybridFit, dataset, ode_fit):
 
 
 def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
-               progress: bool = True, population: FittedPopulation | None = None) -> HybridFit:
+               progress: bool = True, population: FittedPopulation | None = None,
+               checkpoint_dir=None) -> HybridFit:
     """Fit the population ODE model (FOCE-I), then the VAE on its individual predictions.
 
     ``latent_dim`` an int, or "auto": 1, 2 and 4 are trained and the best held-out ELBO wins; None: the
     config's (default 2). ``population`` an existing fit of ``pm`` on ``dataset`` (skips the ODE fit and
-    reuses its EBEs).
+    reuses its EBEs). ``checkpoint_dir``: a folder for the checkpoints of the FOCE-I fit (foce.json) and of
+    each training (vae_k{K}.pt); what is there is resumed (see :func:`train_vae`), so that an interrupted
+    call repeated with the same arguments ends with the result of an uninterrupted one.
     """
-    fit = population or fit_population(pm, dataset, seed=seed, progress=progress)
+    ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fit = population or fit_population(pm, dataset, seed=seed, progress=progress,
+                                       checkpoint=ck / "foce.json" if ck is not None else None)
     ode_fit = _ode_only(fit, dataset)
     est, batch, ipred = ode_fit
     base = config or TrainConfig()
@@ -312,7 +320,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     sd = fit.sigma.sd_tensors()
     best, cands = None, {}
     for k in dims:
-        cfg = TrainConfig(**{**asdict(base), "latent_dim": k, "seed": seed, "progress": progress})
+        cfg = TrainConfig(**{**asdict(base), "latent_dim": k, "seed": seed, "progress": progress,
+                             "checkpoint": str(ck / f"vae_k{k}.pt") if ck is not None else base.checkpoint})
         model, hist = train_vae(batch, ipred, fit.model.error, sd, cfg,
                                 baseline=ODEBaseline(fit) if cfg.joint else None,
                                 eta0=est.eta if cfg.joint else None)
@@ -320,6 +329,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
         if best is None or model.best_val < best[0].best_val:
             best = (model, hist, cfg)
     model, hist, cfg = best
+    cfg = replace(cfg, checkpoint=None)      # the run does not depend on where its training was checkpointed
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame())
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})
     cols, failure = _per_patient(draft, dataset, ode_fit)

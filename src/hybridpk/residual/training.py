@@ -1,6 +1,8 @@
 """Training the hybrid's network: maximise the ELBO over minibatches of patients, each patient's ETAs
 re-estimated with z in joint mode; early stopping on held-out patients; atomic, tensors-only checkpoints
-that training resumes from.
+that training resumes from exactly (an interrupted and resumed training ends with the same weights as an
+uninterrupted one: the checkpoint holds the optimisers, both random generators, the early-stopping state
+and the history, and is refused when it was written for other data or options).
 
 The ELBO is the residual-error likelihood of the population model at the hybrid prediction, minus
 beta KL(q(z | patient) || N(0, I)) with beta warmed up from 0, minus an L2 penalty on the correction that
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import HybridPKError, Interrupted
 from ..io import atomic_write_bytes
 from ..progress import Progress
 from .features import fit_scale, record_features
@@ -40,6 +43,8 @@ class TrainConfig:
     ETAs (and the typical values) together with z. ``fourier``: Fourier features of the times since dose and
     since the first dose (0: raw times only). No early stopping before ``min_epochs`` (the correction is
     often found only after a plateau), then after ``patience`` epochs without a better held-out -ELBO.
+    ``checkpoint``: a file written atomically every ``checkpoint_every`` epochs and when training ends;
+    when it exists, training resumes from it (a training that had stopped early is not continued).
     """
 
     latent_dim: int = 2
@@ -57,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     checkpoint: str | None = None
+    checkpoint_every: int = 20
     progress: bool = True
     fourier: int = 6
     joint: bool = True
@@ -120,20 +126,30 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     data = _Split(batch, ipred, eta0, tr_idx, val_idx, device, joint)
     opt = torch.optim.Adam(list(model.parameters()) + ([data.etr] if joint else []), lr=cfg.lr)
     opt_val = torch.optim.Adam([data.eva], lr=cfg.lr) if (joint and n_val) else None
-    state = _resume(cfg, model, opt, opt_val, data, gen, device)
-    history = []
-    with Progress(cfg.epochs, "VAE", "epoch", enabled=cfg.progress, initial=state["start"]) as bar:
-        for epoch in range(state["start"], cfg.epochs):
-            beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
-            train = _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline)
-            val = _validate(model, opt_val, data, error_model, sd, cfg, baseline, train)
-            history.append((epoch, train, val))
-            bar.update(1, train=f"{train:.3f}", val=f"{val:.3f}")
-            stop = _track_best(state, model, epoch, val, cfg)
-            if cfg.checkpoint and (epoch % 20 == 0 or epoch == cfg.epochs - 1):
-                _save(cfg.checkpoint, model, opt, opt_val, data, epoch, state)
-            if stop:
-                break
+    key = _fingerprint(cfg, batch, ipred, eta0, baseline)
+    state = _resume(cfg, model, opt, opt_val, data, gen, device, key)
+    history = state["history"]
+    epoch = state["start"]   # the epoch running (0-based), for the message of an interrupt
+    try:
+        with Progress(cfg.epochs, "VAE", "epoch", enabled=cfg.progress, initial=state["start"]) as bar:
+            for epoch in range(state["start"], cfg.epochs if not state["stopped"] else state["start"]):
+                beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
+                train = _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline)
+                val = _validate(model, opt_val, data, error_model, sd, cfg, baseline, train)
+                history.append((epoch, train, val))
+                bar.update(1, train=f"{train:.3f}", val=f"{val:.3f}")
+                state["stopped"] = _track_best(state, model, epoch, val, cfg)
+                last = state["stopped"] or epoch == cfg.epochs - 1
+                if cfg.checkpoint and (epoch % max(1, cfg.checkpoint_every) == 0 or last):
+                    _save(cfg.checkpoint, model, opt, opt_val, data, epoch, state, gen, key)
+                    state["saved"] = epoch
+                if state["stopped"]:
+                    break
+    except KeyboardInterrupt:
+        saved = state.get("saved")
+        where = (f"the checkpoint {cfg.checkpoint} holds epoch {saved + 1}" if saved is not None
+                 else "no checkpoint was written yet" if cfg.checkpoint else "no checkpoint file was asked for")
+        raise Interrupted(f"the VAE training was interrupted in epoch {epoch + 1} of {cfg.epochs}; {where}") from None
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     model.best_val = state["best"]
@@ -195,12 +211,45 @@ def _track_best(state: dict, model, epoch: int, val: float, cfg) -> bool:
     return state["bad"] >= cfg.patience and epoch + 1 >= cfg.min_epochs
 
 
-def _resume(cfg, model, opt, opt_val, data, gen, device) -> dict:
-    """Training state, from the checkpoint when ``cfg.checkpoint`` exists (loaded with weights_only)."""
-    state = {"start": 0, "best": math.inf, "best_state": None, "bad": 0}
+#: options that do not change what an epoch computes: a checkpoint may be resumed with other values of these
+_RESUMABLE_OPTIONS = ("epochs", "min_epochs", "patience", "device", "checkpoint", "checkpoint_every", "progress")
+
+
+def _fingerprint(cfg, batch, ipred, eta0, baseline) -> str:
+    """SHA-256 of what the training computes from: the options (but ``_RESUMABLE_OPTIONS``), the records, the
+    ODE-only predictions, the starting ETAs and the baseline's population values."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_OPTIONS},
+                                  sort_keys=True).encode())
+    tensors = [batch.time, batch.dv, batch.is_obs, ipred] + ([eta0] if eta0 is not None else [])
+    if baseline is not None:
+        pop = baseline.population
+        tensors += [torch.as_tensor(t.value) for t in pop.theta] + [pop.omega.tensor()]
+    for t in tensors:
+        h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resume(cfg, model, opt, opt_val, data, gen, device, key: str) -> dict:
+    """Training state, from the checkpoint when ``cfg.checkpoint`` exists (loaded with weights_only): the
+    networks, optimisers, ETAs, both random generators, the early-stopping state and the history, so that
+    the resumed training computes what the uninterrupted one would have."""
+    state = {"start": 0, "best": math.inf, "best_state": None, "bad": 0, "stopped": False, "history": []}
     if not (cfg.checkpoint and Path(cfg.checkpoint).is_file()):
         return state
-    ck = torch.load(cfg.checkpoint, weights_only=True, map_location=device)
+    try:
+        ck = torch.load(cfg.checkpoint, weights_only=True, map_location=device)
+        found = ck.get("fingerprint")
+    except Exception as exc:   # unreadable, truncated or holding code: weights_only refuses it
+        raise HybridPKError(f"{cfg.checkpoint} is not a hybridpk training checkpoint ({type(exc).__name__}); "
+                            "delete it to train from the start") from None
+    if found != key:
+        raise HybridPKError(f"{cfg.checkpoint} was written by a training of other data or options (only the "
+                            f"number of epochs, early stopping and device may change on resume); delete it to "
+                            "train from the start")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     if data.etr is not None:
@@ -209,19 +258,26 @@ def _resume(cfg, model, opt, opt_val, data, gen, device) -> dict:
             if data.n_val:
                 data.eva.copy_(ck["eta_val"])
                 opt_val.load_state_dict(ck["optimizer_val"])
-    state.update(start=int(ck["epoch"]) + 1, best=float(ck["best"]), best_state=ck.get("best_model"))
-    gen.manual_seed(cfg.seed + state["start"])
+    state.update(start=int(ck["epoch"]) + 1, best=float(ck["best"]), best_state=ck.get("best_model"),
+                 bad=int(ck["bad"]), stopped=bool(ck["stopped"]), saved=int(ck["epoch"]),
+                 history=[(int(e), float(t), float(v)) for e, t, v in ck["history"].tolist()])
+    gen.set_state(ck["generator"])
+    torch.set_rng_state(ck["torch_rng"])
     return state
 
 
-def _save(path, model, opt, opt_val, data, epoch: int, state: dict) -> None:
-    """A checkpoint as tensors only, written atomically."""
+def _save(path, model, opt, opt_val, data, epoch: int, state: dict, gen, key: str) -> None:
+    """A checkpoint as tensors (and plain numbers and strings) only, written atomically."""
     extra = {"best_model": state["best_state"]} if state["best_state"] else {}
     if data.etr is not None:
         extra["eta_train"] = data.etr.detach().clone()
         if data.n_val:
             extra.update(eta_val=data.eva.detach().clone(), optimizer_val=opt_val.state_dict())
     buf = io.BytesIO()
+    history = torch.tensor(state["history"], dtype=torch.float64).reshape(-1, 3)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": torch.tensor(epoch),
-                "best": torch.tensor(state["best"]), "scale": scale_to_tensors(model.scale), **extra}, buf)
+                "best": torch.tensor(state["best"], dtype=torch.float64), "bad": torch.tensor(state["bad"]),
+                "stopped": torch.tensor(bool(state["stopped"])), "history": history, "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "fingerprint": key, "scale": scale_to_tensors(model.scale),
+                **extra}, buf)
     atomic_write_bytes(path, buf.getvalue())
