@@ -63,3 +63,24 @@ def test_integer_data_items_that_are_not_whole_numbers_are_refused(column, value
     huge_id = hp.read_nonmem(df.assign(**{column: df[column].where(df.index != 0, 1.0 if column != "ADDL" else 0.0)},
                                        ID=1e300))
     assert huge_id.ids[0] == 1e300          # kept as a float, not overflowed into an int64
+
+
+def test_one_subject_fit_warns_instead_of_reporting_meaningless_variances(theoph_path):
+    """One subject with three ETAs: OMEGA collapses to ~1e-9 and the sandwich's S has rank 1. The fit says
+    so (OMEGA not estimable, at its boundary; no sandwich SEs, with the R option named) instead of printing
+    RSE 0.0% and 'shrinkage nan%'."""
+    one = hp.read_nonmem(pd.read_csv(theoph_path).query("ID == 1"))
+    pm = hp.build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="additive", data=one)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.fit_population(pm, one, progress=False)
+        by_r = hp.fit_population(pm, one, progress=False, covariance="R")
+    w = " ".join(fit.estimation.warnings)
+    assert "S matrix is singular" in w and "covariance='R'" in w and "cannot be estimated from one subject" in w
+    assert "near its boundary" in w and "ETA_CL" in w
+    assert fit.estimation.covariance == "none" and all(t.se is None for t in fit.theta)
+    assert by_r.estimation.covariance == "R" and all(t.se is not None for t in by_r.theta)
+    with pytest.raises(HybridPKError, match="covariance='X'"):
+        hp.fit_population(pm, one, progress=False, covariance="X")

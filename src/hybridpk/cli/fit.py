@@ -258,8 +258,9 @@ def report(result, ds) -> str:
         rse = f"{t.rse:.1f}%" if t.rse is not None else "-"
         lines.append(f"  {t.name:<12} {t.value:12.5g}   RSE {rse}")
     for o in result.omega:
+        shr = e.shrinkage["eta"].get(o.eta, float("nan"))
         lines.append(f"  {o.label:<12} {o.variance:12.5g}   (CV {o.cv_percent:.1f}%, shrinkage "
-                     f"{e.shrinkage['eta'].get(o.eta, float('nan')):.1f}%)")
+                     + (f"{shr:.1f}%)" if shr == shr else "undefined)"))
     for s in result.sigma:
         lines.append(f"  {s.label:<12} {s.value:12.5g}   ({'SD' if s.scale == 'sd' else 'variance'})")
     lines += [f"warning: {w}" for w in e.warnings]

@@ -245,6 +245,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         if cov_warn:
             warn.append(cov_warn)
             warnings.warn(cov_warn, ConvergenceWarning, stacklevel=2)
+    warn += _boundary_warnings(pack, x_hat, n)
     if prob.fallback_steps:
         warn.append(f"{prob.fallback_steps} EBE Newton steps met a singular Hessian (extreme ETAs or a tiny residual "
                     "variance during the search) and took a gradient step instead")
@@ -261,6 +262,21 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                         warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est,
                         ebe_fallbacks=prob.fallback_steps, covariance=cov_method if cov_nat is not None else "none")
     return fitted.with_estimation(record)
+
+
+def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
+    """Estimates a user must not take at face value: an OMEGA variance at its boundary (0; NONMEM's
+    "PARAMETER ESTIMATE IS NEAR ITS BOUNDARY"), and OMEGA from fewer than two subjects."""
+    out = []
+    if n < 2 and pack.pm.n_eta:
+        out.append(f"{n} subject: the between-subject variances (OMEGA) cannot be estimated from one subject, and "
+                   "ETA shrinkage is undefined; fit several subjects, or a model without IIV")
+    _, om, _ = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
+    low = [f"{e} ({float(om[j, j]):.2g})" for j, e in enumerate(pack.pm.etas) if float(om[j, j]) < 1e-6]
+    if low:
+        out.append(f"OMEGA near its boundary of 0 for {', '.join(low)}: the data do not inform this IIV; consider "
+                   "removing it (its ETA, CV and shrinkage are not meaningful)")
+    return out
 
 
 #: fit checkpoints: "format" and "version" this hybridpk writes and reads
@@ -390,8 +406,14 @@ def _covariance(evaluate, subject_gradients, pack, x_hat, method: str = "sandwic
     if method in ("S", "sandwich"):
         g = subject_gradients(x_hat)
         s_mat = g.T @ g
-        if method == "S" and (not np.isfinite(s_mat).all() or np.linalg.eigvalsh(s_mat).min() <= 0):
-            return None, "the S matrix is singular; standard errors are not available (try covariance='R')"
+        ws = np.linalg.eigvalsh(s_mat) if np.isfinite(s_mat).all() else np.array([np.nan])
+        if not np.isfinite(ws).all() or ws.min() <= 1e-10 * max(ws.max(), 1e-300):
+            # NONMEM: "S MATRIX ALGORITHMICALLY SINGULAR"; the sandwich would give SEs of 0 in some directions
+            return None, (f"the S matrix is singular (the sum of the {len(g)} subjects' gradient outer products has "
+                          f"rank {np.linalg.matrix_rank(s_mat) if np.isfinite(s_mat).all() else 0} for {p} "
+                          f"parameters: too few subjects, or a parameter the data do not inform); the {method} "
+                          "standard errors are not available; covariance='R' (--covariance R) gives them from the "
+                          "Hessian alone")
     try:
         if method == "R":
             cov_x = 2.0 * np.linalg.inv(hess)
