@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--test", type=int, default=60)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
-    ap.add_argument("--form", choices=("auto", "log", "input", "reservoir"), default=TrainConfig.form,
+    ap.add_argument("--form", choices=("auto", "log", "input", "reservoir", "elimination"), default=TrainConfig.form,
                     help="log: IPRED exp(r(t)); input: learnt input rate into the central compartment")
     ap.add_argument("--ceiling", action="store_true",
                     help="also score MAP with the true structure (tmdd_qss) at the true population values")

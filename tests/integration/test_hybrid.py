@@ -30,7 +30,7 @@ def ehc_small():
 
 def test_same_seed_same_result(ehc_small):
     ds, _, pm, fit = ehc_small
-    cfg = TrainConfig(epochs=40, warmup_epochs=10, progress=False)
+    cfg = TrainConfig(epochs=40, warmup_epochs=10, screen_epochs=15, progress=False)    # form selection included
     a = fit_hybrid(pm, ds, population=fit, config=cfg, seed=5, progress=False)
     b = fit_hybrid(pm, ds, population=fit, config=cfg, seed=5, progress=False)
     for (k, v), (_, w) in zip(a.vae.state_dict().items(), b.vae.state_dict().items()):
@@ -105,8 +105,8 @@ def test_zero_correction_gives_back_the_ode_only_map(ehc_small):
 def test_refinement_never_worsens_a_patient(ehc_small):
     ds, _, pm, fit = ehc_small
     est, batch, ipred = _ode_only(fit, ds)
-    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=60, warmup_epochs=10, progress=False),
-                     seed=1, progress=False)
+    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=60, warmup_epochs=10, progress=False,
+                                                                form="input"), seed=1, progress=False)
     kw = dict(baseline=ODEBaseline(fit), l2=0.3)
     sd = fit.sigma.sd_tensors()
     a = estimate_hybrid(hyb.vae, batch, ipred, est.eta, pm.error, sd, refine=False, **kw)
@@ -117,7 +117,7 @@ def test_refinement_never_worsens_a_patient(ehc_small):
 
 def test_complexity_and_latent_outputs_are_reported(ehc_small):
     ds, truth, pm, fit = ehc_small
-    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=60, warmup_epochs=10), seed=0,
+    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=60, warmup_epochs=10, form="input"), seed=0,
                      progress=False)
     ind = hyb.individual
     assert {"Z1", "Z2", "Z1_SD", "Z2_SD", "COMPLEXITY", "NLL_ODE", "NLL_HYBRID", "RMSE_ODE", "RMSE_HYBRID",
@@ -139,7 +139,8 @@ def test_cli_fit_vae_and_predict_new_patients(tmp_path, capsys, form):
     assert "hybrid" in out
     s = json.loads((run / "summary.json").read_text())
     assert s["hybrid"]["kind"] == "vae" and s["hybrid"]["latent_dim"] == 2
-    assert json.loads((run / "vae.json").read_text())["form"] == ("input" if form == "auto" else form)
+    chosen = [c["form"] for c in s["hybrid"]["candidates"] if c["chosen"]] if form == "auto" else [form]
+    assert len(chosen) == 1 and json.loads((run / "vae.json").read_text())["form"] == chosen[0]
     assert torch.load(run / "vae.pt", weights_only=True)["state"]
     new, _ = simulate_ehc_population(4, seed=99)
     df = new.to_dataframe()
@@ -163,7 +164,7 @@ def test_old_flag_names_are_refused_with_the_new_ones(capsys):
     assert "--residual was renamed --hybrid" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("form", ["input", "reservoir", "log"])
+@pytest.mark.parametrize("form", ["input", "reservoir", "elimination", "log"])
 def test_saved_joint_run_predicts_what_the_fitted_model_does(ehc_small, tmp_path, form):
     ds, _, pm, fit = ehc_small
     from dataclasses import replace

@@ -56,8 +56,8 @@ def small_fit():
 
 def test_a_failing_refinement_keeps_each_patients_best_point(small_fit, monkeypatch):
     ds, pm, fit = small_fit
-    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=20, warmup_epochs=5, progress=False), seed=1,
-                     progress=False)
+    hyb = fit_hybrid(pm, ds, population=fit, seed=1, progress=False,
+                     config=TrainConfig(epochs=20, warmup_epochs=5, progress=False, form="input"))
     plain = hyb.estimate(ds)
 
     def failing_step(self, closure):        # what torch's strong-Wolfe search does on some problems
@@ -111,7 +111,9 @@ def test_default_command_fits_predicts_and_logs_a_few_progress_lines(tmp_path, c
     assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-2000:]
     lines = lines_of((tmp_path / "log.txt").read_text())
     assert len(lines) < 100, len(lines)
-    assert sum(ln.startswith("VAE: ") for ln in lines) == 10            # 200 epochs: one line per 20
+    # the default form is chosen among four candidates, each trained 200 epochs (fewer than the 300 of the
+    # screening): one line per 20 epochs each
+    assert sum(ln.startswith("VAE (") for ln in lines) == 40, lines
     assert any(ln.startswith("FOCE-I: ") and "OFV=" in ln for ln in lines)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert math.isfinite(summary["hybrid"]["nll_hybrid_total"])

@@ -130,7 +130,7 @@ def test_ctrl_c_during_the_cli_training_keeps_the_population_fit_and_resume_give
     run = tmp_path / "run"
     proc = _cli(*cmd, "--out", str(run), "--quiet")
     deadline = time.time() + 300
-    while not (run / "checkpoint" / "vae_k2.pt").exists() and proc.poll() is None and time.time() < deadline:
+    while not list((run / "checkpoint").glob("vae_*_k2.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)

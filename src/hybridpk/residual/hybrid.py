@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .baseline import ODEBaseline
 from .coverage import TrainingCoverage
 from .inference import HybridEstimate, estimate_hybrid, joint_objective, predict_with
 from .objective import gaussian_nll
+from .selection import Candidate, candidates, select
 from .training import TrainConfig, train_vae
 from .vae import HybridVAE, scale_from_tensors, scale_to_tensors
 
@@ -36,18 +38,19 @@ HYBRID_FORMAT = ("hybridpk-hybrid-model", 2)
 class HybridFit:
     """A population ODE model (``population``, a FittedPopulation) plus its trained VAE (``vae``).
 
-    ``individual`` (the training patients) adds to the population fit's table Z1..ZK (refined latent
-    means), Z1_SD..ZK_SD (the encoder's SDs), NLL_ODE / NLL_HYBRID (-2 log-likelihood of the patient's data
-    under the ODE-only fit and the hybrid), COMPLEXITY (NLL_ODE - NLL_HYBRID: how much the correction
-    explains; near 0 or negative when the ODE suffices), HYBRID_WEIGHT (Akaike weight of the hybrid against
-    ODE-only for this patient; log-form predictions average the two with it) and RMSE_ODE / RMSE_HYBRID (mg/L,
-    of the observations, for the ODE-only and the final prediction), REFINED (1 where the per-patient MAP
-    refinement replaced the encoder's estimate). ``history``: (epoch, train -ELBO,
-    validation -ELBO) per epoch (empty for a loaded run); ``candidates``: held-out -ELBO per latent
-    dimension tried (latent_dim="auto"); ``refine_failure``: the refinement optimiser's error on the
-    training patients, if it failed ("" otherwise; each patient then kept its best point); ``coverage``
-    the training design (:class:`TrainingCoverage`: doses, intervals, time span, latent values), against
-    which forecasts and doses for new patients are checked (None for runs saved before it was recorded).
+    ``individual`` (the training patients) adds to the population fit's table Z1..ZK (refined latent means),
+    Z1_SD..ZK_SD (the encoder's SDs), NLL_ODE / NLL_HYBRID (-2 log-likelihood of the patient's data under the
+    ODE-only fit and the hybrid), COMPLEXITY (NLL_ODE - NLL_HYBRID: how much the correction explains; near 0 or
+    negative when the ODE suffices), HYBRID_WEIGHT (Akaike weight of the hybrid against ODE-only for this patient;
+    log-form predictions average the two with it) and RMSE_ODE / RMSE_HYBRID (mg/L, of the observations, for the
+    ODE-only and the final prediction), REFINED (1 where the per-patient MAP refinement replaced the encoder's
+    estimate). ``history``: (epoch, train -ELBO, validation -ELBO) per epoch (empty for a loaded run);
+    ``candidates``: the (form, latent dimension) pairs tried when either was "auto"
+    (:class:`~hybridpk.residual.selection.Candidate`: held-out -ELBO after the screening epochs and at the end,
+    epochs, seconds, which was chosen); empty when one was given; ``refine_failure``: the refinement optimiser's
+    error on the training patients, if it failed ("" otherwise; each patient then kept its best point); ``coverage``
+    the training design (:class:`TrainingCoverage`: doses, intervals, time span, latent values), against which
+    forecasts and doses for new patients are checked (None for runs saved before it was recorded).
     """
 
     population: FittedPopulation
@@ -55,7 +58,7 @@ class HybridFit:
     config: TrainConfig = field(repr=False)
     individual: pd.DataFrame = field(repr=False)
     history: list = field(default_factory=list, repr=False)
-    candidates: dict = field(default_factory=dict)
+    candidates: list = field(default_factory=list)
     refine_failure: str = ""
     coverage: TrainingCoverage | None = None
 
@@ -179,7 +182,7 @@ class HybridFit:
         ind = self.individual
         return {"kind": "vae", "form": self.vae.form_name, "latent_dim": self.latent_dim,
                 "epochs_run": len(self.history), "validation_neg_elbo": float(self.vae.best_val),
-                "latent_dim_candidates": self.candidates,
+                "candidates": [c.to_dict() for c in self.candidates],
                 "nll_ode_total": float(ind.NLL_ODE.sum()), "nll_hybrid_total": float(ind.NLL_HYBRID.sum()),
                 "rmse_ode": float(np.sqrt((ind.RMSE_ODE ** 2).mean())),
                 "rmse_hybrid": float(np.sqrt((ind.RMSE_HYBRID ** 2).mean())),
@@ -206,7 +209,8 @@ class HybridFit:
                 "n_features": int(self.vae.encoder.phi[0].in_features - 2), "joint": self.vae.joint,
                 "n_shift": int(self.vae.log_shift.numel()), "l2_correction": self.vae.l2,
                 "prior_weight": self.vae.prior_weight, "best_val": float(self.vae.best_val),
-                "candidates": self.candidates, "refine_failure": self.refine_failure, "config": asdict(self.config),
+                "candidates": [c.to_dict() for c in self.candidates], "refine_failure": self.refine_failure,
+                "config": asdict(self.config),
                 "coverage": self.coverage.to_dict() if self.coverage is not None else None}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
@@ -237,8 +241,17 @@ class HybridFit:
         vae.eval()
         individual = pd.read_csv(run / "individual.csv") if (run / "individual.csv").is_file() else pd.DataFrame()
         return cls(population=population, vae=vae, config=TrainConfig(**meta["config"]), individual=individual,
-                   candidates=dict(meta.get("candidates") or {}), refine_failure=meta.get("refine_failure", ""),
+                   candidates=_candidates(meta), refine_failure=meta.get("refine_failure", ""),
                    coverage=TrainingCoverage.from_dict(meta.get("coverage")))
+
+
+def _candidates(meta: dict) -> list:
+    """The candidates of a saved run (runs of version 2 before form selection: {latent_dim: score})."""
+    found = meta.get("candidates") or []
+    if isinstance(found, dict):
+        return [Candidate(meta["form"], int(k), score=float(v), chosen=int(k) == meta["latent_dim"])
+                for k, v in found.items()]
+    return [Candidate.from_dict(c) for c in found]
 
 
 def _load_weights(path: Path) -> dict:
@@ -304,11 +317,15 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
                checkpoint_dir=None) -> HybridFit:
     """Fit the population ODE model (FOCE-I), then the VAE on its individual predictions.
 
-    ``latent_dim`` an int, or "auto": 1, 2 and 4 are trained and the best held-out ELBO wins; None: the
-    config's (default 2). ``population`` an existing fit of ``pm`` on ``dataset`` (skips the ODE fit and
-    reuses its EBEs). ``checkpoint_dir``: a folder for the checkpoints of the FOCE-I fit (foce.json) and of
-    each training (vae_k{K}.pt); what is there is resumed (see :func:`train_vae`), so that an interrupted
-    call repeated with the same arguments ends with the result of an uninterrupted one.
+    ``latent_dim`` an int, or "auto": 1, 2 and 4 are tried; None: the config's (default 2). With the config's form
+    "auto" (the default) the forms that suit the structural model are tried (input, reservoir, elimination and log
+    on a linear model with joint training; log otherwise). Of the candidates (every form with every latent
+    dimension) the best held-out -ELBO wins (:mod:`hybridpk.residual.selection`: each is screened for
+    ``config.screen_epochs`` epochs, then the best is trained to the end). ``population`` an existing fit of ``pm``
+    on ``dataset`` (skips the ODE fit and reuses its EBEs). ``checkpoint_dir``: a folder for the checkpoints of the
+    FOCE-I fit (foce.json) and of each training (vae_{form}_k{K}.pt); what is there is resumed (see
+    :func:`train_vae`), so that an interrupted call repeated with the same arguments ends with the result of an
+    uninterrupted one.
     """
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fit = population or fit_population(pm, dataset, seed=seed, progress=progress,
@@ -316,19 +333,22 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     ode_fit = _ode_only(fit, dataset)
     est, batch, ipred = ode_fit
     base = config or TrainConfig()
-    dims = [1, 2, 4] if latent_dim == "auto" else [int(base.latent_dim if latent_dim is None else latent_dim)]
     sd = fit.sigma.sd_tensors()
-    best, cands = None, {}
-    for k in dims:
-        cfg = TrainConfig(**{**asdict(base), "latent_dim": k, "seed": seed, "progress": progress,
-                             "checkpoint": str(ck / f"vae_k{k}.pt") if ck is not None else base.checkpoint})
-        model, hist = train_vae(batch, ipred, fit.model.error, sd, cfg,
-                                baseline=ODEBaseline(fit) if cfg.joint else None,
-                                eta0=est.eta if cfg.joint else None)
-        cands[str(k)] = float(model.best_val)
-        if best is None or model.best_val < best[0].best_val:
-            best = (model, hist, cfg)
-    model, hist, cfg = best
+    cands = candidates(base.form, latent_dim, base.latent_dim, base.joint, ODEBaseline(fit).structural.linear)
+    with tempfile.TemporaryDirectory(prefix="hybridpk-") as tmp:
+        where = ck if ck is not None else Path(tmp)
+
+        def train(c, epochs):
+            path = (str(where / f"vae_{c.form}_k{c.latent_dim}.pt") if ck is not None or len(cands) > 1
+                    else base.checkpoint)
+            cfg = TrainConfig(**{**asdict(base), "latent_dim": c.latent_dim, "form": c.form, "seed": seed,
+                                 "progress": progress, "epochs": epochs, "checkpoint": path})
+            return train_vae(batch, ipred, fit.model.error, sd, cfg,
+                             baseline=ODEBaseline(fit) if cfg.joint else None, eta0=est.eta if cfg.joint else None)
+
+        model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs)
+    cfg = TrainConfig(**{**asdict(base), "latent_dim": chosen.latent_dim, "form": chosen.form, "seed": seed,
+                         "progress": progress})
     cfg = replace(cfg, checkpoint=None)      # the run does not depend on where its training was checkpointed
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame())
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})
@@ -337,5 +357,5 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
         ind[name] = values
     z = torch.as_tensor(np.stack([cols[f"Z{j + 1}"] for j in range(model.latent_dim)], 1))
     z_sd = torch.as_tensor(np.stack([cols[f"Z{j + 1}_SD"] for j in range(model.latent_dim)], 1))
-    return replace(draft, individual=ind, history=hist, candidates=cands if len(dims) > 1 else {},
+    return replace(draft, individual=ind, history=hist, candidates=cands if len(cands) > 1 else [],
                    refine_failure=failure, coverage=TrainingCoverage.from_training(batch, z, z_sd))

@@ -36,8 +36,12 @@ __all__ = ["TrainConfig", "train_vae"]
 class TrainConfig:
     """Options of the hybrid's training (defaults validated on held-out EHC patients, seeds 1-5).
 
-    ``form``: how the correction enters (:mod:`hybridpk.residual.forms`): "input", "reservoir", "log", or
-    "auto" (input for linear structural models with joint training, else log). ``intervals``: grid forms'
+    ``form``: how the correction enters (:mod:`hybridpk.residual.forms`): "input", "reservoir",
+    "elimination", "log", or "auto": :func:`fit_hybrid` trains the forms that suit the structural model and
+    keeps the best held-out -ELBO (:func:`train_vae` alone takes input for linear models with joint
+    training, else log). ``screen_epochs``: when several candidates (forms, latent dimensions) are tried,
+    each is trained this many epochs and only the best continues to the end, exactly as if it had been
+    trained alone (0: every candidate to the end). ``intervals``: grid forms'
     number of intervals over the observed span (None: the form's default, 96 input, 48 reservoir).
     ``l2_correction``: weight of the L2 penalty on the correction. ``joint``: re-estimate each patient's
     ETAs (and the typical values) together with z. ``fourier``: Fourier features of the times since dose and
@@ -68,6 +72,7 @@ class TrainConfig:
     joint: bool = True
     form: str = "auto"
     intervals: int | None = None
+    screen_epochs: int = 300
 
 
 class _Split:
@@ -131,7 +136,8 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     history = state["history"]
     epoch = state["start"]   # the epoch running (0-based), for the message of an interrupt
     try:
-        with Progress(cfg.epochs, "VAE", "epoch", enabled=cfg.progress, initial=state["start"]) as bar:
+        label = "VAE" if cfg.form == "auto" else f"VAE ({cfg.form}, K={cfg.latent_dim})"
+        with Progress(cfg.epochs, label, "epoch", enabled=cfg.progress, initial=state["start"]) as bar:
             for epoch in range(state["start"], cfg.epochs if not state["stopped"] else state["start"]):
                 beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
                 train = _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline)
@@ -212,7 +218,8 @@ def _track_best(state: dict, model, epoch: int, val: float, cfg) -> bool:
 
 
 #: options that do not change what an epoch computes: a checkpoint may be resumed with other values of these
-_RESUMABLE_OPTIONS = ("epochs", "min_epochs", "patience", "device", "checkpoint", "checkpoint_every", "progress")
+_RESUMABLE_OPTIONS = ("epochs", "min_epochs", "patience", "device", "checkpoint", "checkpoint_every", "progress",
+                      "screen_epochs")
 
 
 def _fingerprint(cfg, batch, ipred, eta0, baseline) -> str:

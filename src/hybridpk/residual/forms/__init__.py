@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from .base import CorrectionForm
+from .elimination import EliminationForm
 from .input import InputForm
 from .log import LogForm
 from .reservoir import ReservoirForm
 
-__all__ = ["CorrectionForm", "LogForm", "InputForm", "ReservoirForm", "FORMS", "get_form", "default_form"]
+__all__ = ["CorrectionForm", "LogForm", "InputForm", "ReservoirForm", "EliminationForm", "FORMS", "get_form",
+           "default_form", "candidate_forms"]
 
 #: name -> form class
-FORMS = {cls.name: cls for cls in (InputForm, ReservoirForm, LogForm)}
+FORMS = {cls.name: cls for cls in (InputForm, ReservoirForm, EliminationForm, LogForm)}
 
 
 def get_form(name: str) -> type:
@@ -24,3 +26,12 @@ def default_form(joint: bool, linear: bool) -> str:
     """'auto': the input form where it can be carried by the structure (joint training, linear model),
     else the log form."""
     return "input" if (joint and linear) else "log"
+
+
+def candidate_forms(joint: bool, linear: bool) -> tuple:
+    """The forms that 'auto' chooses among by held-out evidence: on a linear structural model with joint
+    training every form (input, reservoir, elimination, log); otherwise the log form, the only one that
+    needs neither."""
+    if joint and linear:
+        return tuple(FORMS)
+    return ("log",)

@@ -16,16 +16,18 @@ class CorrectionForm(nn.Module):
     """A strategy object (one final subclass per form, each in its own module). It owns the decoder's
     parameters and turns the ODE prediction into the hybrid one.
 
-    Class attributes: ``name``; ``average`` (True: predictions average the hybrid and ODE-only with the
-    patient's Akaike weight, for forms that fit noise where the ODE suffices); ``structural`` (True: the
-    term is carried by the linear structural model with the patient's own parameters, so it needs joint
-    training and a linear model); ``intervals`` (grid forms: default number of time intervals over the
+    Class attributes: ``name``; ``average`` (True: predictions average the hybrid and ODE-only with the patient's
+    Akaike weight, for forms that fit noise where the ODE suffices); ``structural`` (True: the term is carried by
+    the linear structural model with the patient's own parameters, so it needs joint training and a linear model);
+    ``conserves_mass`` (True: the correction only moves or removes drug that is in the body, so it extrapolates to
+    new regimens under that constraint); ``intervals`` (grid forms: default number of time intervals over the
     observed span on which the learnt rates are constant).
     """
 
     name: str = ""
     average: bool = False
     structural: bool = False
+    conserves_mass: bool = False
     intervals: int = 96
 
     def __init__(self, n_features: int, latent_dim: int, hidden: int):

@@ -44,6 +44,7 @@ class ReservoirForm(CorrectionForm):
     name = "reservoir"
     average = False
     structural = True
+    conserves_mass = True
     intervals = 48          # the cost grows with the square of the grid
 
     def __init__(self, n_features: int, latent_dim: int, hidden: int):

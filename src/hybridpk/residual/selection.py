@@ -1,0 +1,101 @@
+"""Choosing the hybrid's correction form and latent dimension by held-out evidence.
+
+Every candidate is trained on the same training patients and scored on the same held-out ones (the split
+is drawn from the seed, not from the candidate), by the held-out -ELBO per patient: the residual-error
+-log-likelihood at the encoder's z, plus beta KL and the ETAs' OMEGA prior term (:mod:`.training`). With
+``screen_epochs`` every candidate is trained that many epochs, and only the best continues to the end; it
+continues from its own training state (the checkpoint), so that its result is the one it would have had if
+it had been trained alone. This is successive halving cut to one round (Jamieson and Talwalkar 2016).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from .forms import candidate_forms
+
+__all__ = ["Candidate", "candidates", "select"]
+
+
+@dataclass
+class Candidate:
+    """One (form, latent dimension) tried: its best held-out -ELBO per patient after ``screen_epochs``
+    (``screen_score``; None without screening) and at the end of its training (``score``; None when it
+    was not continued), the epochs it ran and the seconds it took. A score is the best after the warm-up
+    of beta; with fewer epochs than the warm-up, the last epoch's."""
+
+    form: str
+    latent_dim: int
+    screen_epochs: int = 0
+    screen_score: float | None = None
+    score: float | None = None
+    epochs: int = 0
+    seconds: float = 0.0
+    chosen: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def candidates(form: str, latent_dim, default_dim: int, joint: bool, linear: bool) -> list:
+    """The (form, K) pairs to try: ``form`` "auto" -> the forms that suit the structure
+    (:func:`candidate_forms`), ``latent_dim`` "auto" -> 1, 2 and 4, None -> ``default_dim``."""
+    forms = candidate_forms(joint, linear) if form == "auto" else (form,)
+    dims = [1, 2, 4] if latent_dim == "auto" else [int(default_dim if latent_dim is None else latent_dim)]
+    return [Candidate(f, k) for f in forms for k in dims]
+
+
+def select(cands: list, train, epochs: int, screen_epochs: int, warmup: int = 0):
+    """Train the candidates with ``train(candidate, epochs) -> (model, history)`` and return (model,
+    history, candidate) of the best, with every candidate's record filled in ``cands``. ``train`` must resume
+    a candidate's training when called again for it with more epochs. ``warmup``: epochs before the held-out
+    score counts (the training's warm-up of beta)."""
+    screen = len(cands) > 1 and 0 < screen_epochs < epochs
+    results = {}
+    for c in cands:
+        t0 = time.perf_counter()
+        model, hist = train(c, screen_epochs if screen else epochs)
+        c.seconds = time.perf_counter() - t0
+        if screen:
+            # from the history: a resumed run whose winner had trained on already reports its screening score
+            c.epochs = c.screen_epochs = min(len(hist), screen_epochs)
+            c.screen_score = _best(hist, screen_epochs, warmup)
+        else:
+            c.epochs, c.score = len(hist), _best(hist, len(hist), warmup)
+        results[id(c)] = (model, hist)
+    if screen:
+        best = min(cands, key=_rank(lambda c: c.screen_score))
+        t0 = time.perf_counter()
+        model, hist = train(best, epochs)
+        best.seconds += time.perf_counter() - t0
+        best.epochs, best.score = len(hist), _best(hist, len(hist), warmup)
+        results[id(best)] = (model, hist)
+    else:
+        best = min(cands, key=_rank(lambda c: c.score))
+    best.chosen = True
+    model, hist = results[id(best)]
+    return model, hist, best
+
+
+def _best(history, epochs: int, warmup: int) -> float:
+    """The best finite held-out -ELBO of the first ``epochs`` epochs after ``warmup`` (the last finite one
+    when training was shorter than the warm-up; NaN when there is none): the score training keeps."""
+    finite = [(e, v) for e, _, v in history if e < epochs and math.isfinite(v)]
+    after = [v for e, v in finite if e >= warmup]
+    if after:
+        return float(min(after))
+    return float(finite[-1][1]) if finite else float("nan")
+
+
+def _rank(score):
+    """Sort key: the score, a NaN or missing score last, ties to the earlier candidate (min keeps the first)."""
+    def key(c):
+        s = score(c)
+        return (0, s) if s is not None and s == s else (1, 0.0)
+    return key

@@ -1,0 +1,75 @@
+"""The hybrid's correction form chosen by held-out evidence: the candidates that suit the structural model, a
+screening round, and the winner trained to the end exactly as if it had been trained alone."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+from hybridpk.cli import main
+from hybridpk.population import build_model, fit_population
+from hybridpk.residual import TrainConfig, fit_hybrid, load_run
+from hybridpk.residual.selection import candidates
+from hybridpk.solve.examples import simulate_ehc_population
+
+
+@pytest.fixture(scope="module")
+def ehc_fit():
+    ds, _ = simulate_ehc_population(30, seed=4)
+    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(pm, ds, progress=False, covariance=False)
+    return ds, pm, fit
+
+
+def test_the_candidates_are_the_forms_that_suit_the_structure():
+    forms = [c.form for c in candidates("auto", None, 2, joint=True, linear=True)]
+    assert forms == ["input", "reservoir", "elimination", "log"]
+    assert [c.form for c in candidates("auto", None, 2, joint=True, linear=False)] == ["log"]
+    assert [c.form for c in candidates("auto", None, 2, joint=False, linear=True)] == ["log"]
+    both = candidates("auto", "auto", 2, joint=True, linear=True)
+    assert len(both) == 12 and {c.latent_dim for c in both} == {1, 2, 4}
+    assert [(c.form, c.latent_dim) for c in candidates("reservoir", 3, 2, True, True)] == [("reservoir", 3)]
+
+
+def test_the_best_screened_form_is_trained_to_the_end_as_if_alone(ehc_fit, tmp_path):
+    ds, pm, fit = ehc_fit
+    cfg = TrainConfig(epochs=30, warmup_epochs=5, screen_epochs=12, progress=False)
+    hyb = fit_hybrid(pm, ds, population=fit, config=cfg, seed=2, progress=False)
+    cands = hyb.candidates
+    assert [c.form for c in cands] == ["input", "reservoir", "elimination", "log"]
+    (chosen,) = [c for c in cands if c.chosen]
+    assert chosen.screen_score == min(c.screen_score for c in cands)
+    assert hyb.vae.form_name == chosen.form == hyb.config.form and hyb.config.epochs == 30
+    assert chosen.epochs == 30 and chosen.score == pytest.approx(hyb.vae.best_val)
+    assert all(c.epochs == 12 and c.score is None for c in cands if not c.chosen)
+    alone = fit_hybrid(pm, ds, population=fit, config=replace(cfg, form=chosen.form), seed=2, progress=False)
+    assert alone.candidates == []
+    for (k, v), (_, w) in zip(hyb.vae.state_dict().items(), alone.vae.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert [h[2] for h in hyb.history] == [h[2] for h in alone.history]
+    hyb.save(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["hybrid"]
+    assert [c["form"] for c in summary["candidates"]] == [c.form for c in cands]
+    assert [c["chosen"] for c in summary["candidates"]] == [c.chosen for c in cands]
+    assert load_run(tmp_path / "run").candidates == cands
+
+
+def test_the_command_prints_every_candidates_score_and_the_choice(ehc_fit, tmp_path, capsys):
+    ds, _, _ = ehc_fit
+    ds.to_dataframe().to_csv(tmp_path / "ehc.csv", index=False)
+    assert main(["fit", str(tmp_path / "ehc.csv"), "--model", "1cmt_oral", "--error", "combined", "--hybrid", "vae",
+                 "--epochs", "16", "--screen-epochs", "8", "--no-covariance", "--quiet", "--out",
+                 str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "selection by held-out -ELBO per patient (lower is better; after 8 screening epochs):" in out
+    assert out.count("<- chosen") == 1
+    for form in ("input", "reservoir", "elimination", "log"):
+        assert f"  {form:<12} K=2" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["hybrid"]
+    assert sum(c["chosen"] for c in summary["candidates"]) == 1 and summary["config"]["screen_epochs"] == 8
