@@ -22,9 +22,9 @@ CASES = {
 }
 
 
-def michaelis_menten(z, k10, scale, dt):
+def michaelis_menten(z, k10, scale, dt, tfd=None):
     """Stands in for the rate network: k_e = VM / (KM + C)."""
-    return lambda c: VM / (KM + c)
+    return lambda c, j=0: VM / (KM + c)
 
 
 def form_prediction(model_name, rows, cells: int):
