@@ -334,22 +334,25 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     est, batch, ipred = ode_fit
     base = config or TrainConfig()
     sd = fit.sigma.sd_tensors()
-    cands = candidates(base.form, latent_dim, base.latent_dim, base.joint, ODEBaseline(fit).structural.linear)
+    baseline = ODEBaseline(fit)
+    cands = candidates(base.form, latent_dim, base.latent_dim, base.joint, baseline.structural.linear)
+
+    def config_of(c, **extra):
+        return TrainConfig(**{**asdict(base), "latent_dim": c.latent_dim, "form": c.form, "seed": seed,
+                              "progress": progress, **extra})
+
     with tempfile.TemporaryDirectory(prefix="hybridpk-") as tmp:
         where = ck if ck is not None else Path(tmp)
 
         def train(c, epochs):
+            # several candidates resume from their own checkpoints (the screening's winner continues from it)
             path = (str(where / f"vae_{c.form}_k{c.latent_dim}.pt") if ck is not None or len(cands) > 1
                     else base.checkpoint)
-            cfg = TrainConfig(**{**asdict(base), "latent_dim": c.latent_dim, "form": c.form, "seed": seed,
-                                 "progress": progress, "epochs": epochs, "checkpoint": path})
-            return train_vae(batch, ipred, fit.model.error, sd, cfg,
-                             baseline=ODEBaseline(fit) if cfg.joint else None, eta0=est.eta if cfg.joint else None)
+            return train_vae(batch, ipred, fit.model.error, sd, config_of(c, epochs=epochs, checkpoint=path),
+                             baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None)
 
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs)
-    cfg = TrainConfig(**{**asdict(base), "latent_dim": chosen.latent_dim, "form": chosen.form, "seed": seed,
-                         "progress": progress})
-    cfg = replace(cfg, checkpoint=None)      # the run does not depend on where its training was checkpointed
+    cfg = config_of(chosen, checkpoint=None)   # the run does not depend on where its training was checkpointed
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame())
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})
     cols, failure = _per_patient(draft, dataset, ode_fit)

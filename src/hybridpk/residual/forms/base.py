@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...solve.closed_form import concentration, input_response
 from ..features import input_features, input_grid
 
-__all__ = ["CorrectionForm", "GridInputs", "grid_inputs", "log_ratio", "require_structure"]
+__all__ = ["CorrectionForm", "StructuralGridForm", "GridInputs", "grid_inputs", "grid_concentrations",
+           "midpoint_response", "log_ratio", "require_structure"]
 
 
 class CorrectionForm(nn.Module):
@@ -69,3 +71,37 @@ def log_ratio(pred, ipred, scale: dict):
 def require_structure(form: CorrectionForm, params, structural) -> None:
     if params is None or structural is None or not structural.linear:
         raise ValueError(f"the {form.name} form needs a linear structural model and its individual parameters")
+
+
+class StructuralGridForm(CorrectionForm):
+    """A structural form solved on the grid: subclasses give ``_concentration(batch, z, params, structural,
+    grid, scale)`` -> the hybrid concentration (N, R) mg/L."""
+
+    structural = True
+
+    def forward(self, batch, ipred, z, scale, params=None, structural=None):
+        require_structure(self, params, structural)
+        pred = self._concentration(batch, z, params, structural, grid_inputs(batch, scale), scale)
+        return pred, log_ratio(pred, ipred, scale)
+
+    def _concentration(self, batch, z, params, structural, g, scale):
+        raise NotImplementedError
+
+
+def grid_concentrations(model, params, batch, g: GridInputs):
+    """Concentrations of ``model`` at the grid's interval midpoints (N, G) and at the records (N, R), mg/L
+    (a midpoint on a dose time comes after the dose)."""
+    n_grid = g.starts.shape[1]
+    times = torch.cat([g.starts + 0.5 * g.dt, batch.time], 1)
+    keys = torch.cat([torch.full_like(g.starts, float(batch.time.shape[1] + 1)), batch.row.to(g.starts.dtype)], 1)
+    conc = concentration(model, params, batch, times, keys)
+    return conc[:, :n_grid], conc[:, n_grid:]
+
+
+def midpoint_response(model, params, g: GridInputs):
+    """Concentration (N, G) at the midpoint of interval ``lag`` after a unit rate (amount/h) on the first
+    interval, into ``model``'s dose compartment: on the regular grid the response of every midpoint to every
+    interval depends only on the lag (Toeplitz). Padding intervals sit after the last record and reach none."""
+    ar = torch.arange(g.starts.shape[1], device=g.starts.device)
+    first = g.starts[:, :1]
+    return input_response(model, params, first + (ar + 0.5) * g.dt, first, g.dt)[..., 0]

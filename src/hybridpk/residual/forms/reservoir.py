@@ -8,9 +8,9 @@ import math
 import torch
 from torch import nn
 
-from ...solve.closed_form import concentration, input_response
+from ...solve.closed_form import input_response
 from ..networks import CorrectionDecoder, mlp
-from .base import CorrectionForm, grid_inputs, log_ratio, require_structure
+from .base import StructuralGridForm, grid_concentrations, midpoint_response
 
 __all__ = ["ReservoirForm"]
 
@@ -30,7 +30,7 @@ class _Drained:
         return getattr(self._model, name)
 
 
-class ReservoirForm(CorrectionForm):
+class ReservoirForm(StructuralGridForm):
     """The structural model extended by a hidden reservoir compartment H: drug moves from the central
     compartment into it at k_in A_central (k_in = k10 exp(a(z) - 3) 1/h, set by the patient's z through a
     small MLP, so that one latent prior covers patients with and without uptake) and returns into the dose
@@ -43,7 +43,6 @@ class ReservoirForm(CorrectionForm):
 
     name = "reservoir"
     average = False
-    structural = True
     conserves_mass = True
     intervals = 48          # the cost grows with the square of the grid
 
@@ -55,12 +54,6 @@ class ReservoirForm(CorrectionForm):
         self.uptake = mlp(latent_dim, 16, 1, layers=1)
         nn.init.zeros_(self.uptake[-1].weight)
         nn.init.zeros_(self.uptake[-1].bias)
-
-    def forward(self, batch, ipred, z, scale, params=None, structural=None):
-        require_structure(self, params, structural)
-        g = grid_inputs(batch, scale)
-        pred = self._concentration(batch, z, params, structural, g, scale)
-        return pred, log_ratio(pred, ipred, scale)
 
     def _concentration(self, batch, z, params, structural, g, scale):
         """Concentration (N, R) of the structural model with the reservoir, on the grid ``g``."""
@@ -76,17 +69,11 @@ class ReservoirForm(CorrectionForm):
         w = torch.where(kd > 1e-9, -torch.expm1(-kd) / (kd / dt).clamp(min=1e-300), torch.full_like(kd, dt))
         cum = torch.cumsum(kd, 1)
         drained = _Drained(structural, k_in)
-        # midpoints first, then the records (a midpoint on a dose time comes after the dose)
-        times = torch.cat([starts + 0.5 * dt, batch.time], 1)
-        keys = torch.cat([torch.full_like(starts, float(batch.time.shape[1] + 1)), batch.row.to(starts.dtype)], 1)
-        conc = concentration(drained, params, batch, times, keys)                           # (N, G + R) mg/L
-        c_mid, c_rec = conc[:, :n_grid], conc[:, n_grid:]
+        c_mid, c_rec = grid_concentrations(drained, params, batch, g)                      # (N, G), (N, R) mg/L
         r_rec = input_response(drained, params, batch.time, starts, dt)                     # (N, R, G)
-        # at the midpoints the response depends only on the lag in intervals (Toeplitz; padding intervals sit
-        # after the last record and reach no record)
         ar = torch.arange(n_grid, device=kd.device)
         lag = ar.unsqueeze(1) - ar.unsqueeze(0)
-        r_lag = input_response(drained, params, starts[:, :1] + (ar + 0.5) * dt, starts[:, :1], dt)[..., 0]
+        r_lag = midpoint_response(drained, params, g)                                       # (N, G), by lag
         r_mid = torch.where(lag >= 0, r_lag[:, lag.clamp(min=0)], torch.zeros_like(r_lag[:, lag]))  # (N, G, G)
         # reservoir at the start of interval g: H_g = k_in sum_{h<g} A_h w_h exp(-(cum_{g-1} - cum_h)); released
         # during g: (1 - keep_g) H_g + k_in A_g (dt - w_g), with A the central amount at the midpoints
