@@ -9,7 +9,9 @@ HELP = """\
 Fit a population PK model by FOCE with interaction (NONMEM's METHOD=1 INTERACTION).
 
 With DATA.csv and --model, the model is built from options: log-normal IIV on the parameters named by
---iiv, covariate effects by --covariate, and the residual error by --error. With MODEL.mod (a NONMEM
+--iiv, covariate effects by --covariate, and the residual error by --error. --model may also name a published
+model ('hybridpk models' lists them, or a spec .toml): its covariates, IIV and error model are kept and its
+estimates are where the fit starts (with --hybrid vae: a published model extended by the correction). With MODEL.mod (a NONMEM
 control stream, ADVAN1-4/11/12 with TRANS1/2/4), the model, its initial estimates and its dataset are
 read through pharmpy-core (pip install 'hybridpk[nonmem]') and parameter names are pharmpy's (POP_CL...).
 
@@ -75,13 +77,14 @@ def add_parser(sub) -> None:
     p = sub.add_parser("fit", help="fit a population model (FOCE-I)", description=HELP, epilog=EPILOG,
                        formatter_class=ManualFormatter)
     p.add_argument("source", metavar="DATA.csv|MODEL.mod", help="dataset (with --model) or NONMEM control stream")
-    p.add_argument("--model", metavar="NAME", help="structural model (see 'hybridpk models')")
+    p.add_argument("--model", metavar="NAME", help="structural model (see 'hybridpk models'), or a published model "
+                   "spec (name or .toml): its IIV, covariates, error model and estimates as the starting point")
     p.add_argument("--out", required=True, metavar="RUN", type=out_folder_arg, help="output folder")
     p.add_argument("--iiv", metavar="P,P", help="parameters with IIV (default: all estimated parameters)")
     p.add_argument("--covariate", action="append", default=[], metavar="P~COV[:kind[:ref[:exp]]]",
                    help="covariate effect (repeatable)")
-    p.add_argument("--error", choices=["additive", "proportional", "combined"], default="proportional",
-                   help="residual error model")
+    p.add_argument("--error", choices=["additive", "proportional", "combined"], default=None,
+                   help="residual error model (default: proportional)")
     p.add_argument("--ltbs", action="store_true",
                    help="log-transform both sides: fit log(DV) with an additive error on the log scale")
     p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30")
@@ -248,6 +251,10 @@ def _model_and_data(args):
         from hybridpk.data.dataset import read_nonmem
 
         ds = read_nonmem(resolve_data_path(src))
+        spec = _published_spec(args)
+        if spec is not None:
+            args.pooled = False
+            return spec.starting_model(), ds
         init = {}
         for item in (args.init or "").split(","):
             if item.strip():
@@ -262,7 +269,7 @@ def _model_and_data(args):
 
             error = ErrorModel("additive", add=0.3, ltbs=True)
         else:
-            error = args.error
+            error = args.error or "proportional"
         if args.omega_block == "all":
             block = True
         elif args.omega_block:
@@ -273,6 +280,29 @@ def _model_and_data(args):
                          omega_block=block)
         args.pooled = not init
     return pm, ds
+
+
+def _published_spec(args):
+    """The published model --model names (a spec name or .toml file), or None for a structural model. Its IIV,
+    covariate effects, error model and estimates are the spec's: options that would change them are refused."""
+    from pathlib import Path
+
+    from hybridpk.errors import HybridPKError
+    from hybridpk.population import load_model, model_specs
+
+    name = str(args.model)
+    if not (name in model_specs() or (name.endswith(".toml") and Path(name).is_file())):
+        return None
+    given = [flag for flag, value in (("--iiv", args.iiv), ("--covariate", args.covariate), ("--error", args.error),
+                                      ("--ltbs", args.ltbs), ("--init", args.init),
+                                      ("--omega-block", args.omega_block)) if value]
+    spec = load_model(name)
+    if given:
+        raise HybridPKError(f"--model {name} is a published model: its IIV, covariates, residual error and initial "
+                            f"estimates are the spec's, so {', '.join(given)} cannot change them; drop "
+                            f"{'it' if len(given) == 1 else 'them'}, or build your own model on its structure "
+                            f"(--model {spec.model.structural.name} with your options)")
+    return spec
 
 
 def report(result, ds) -> str:

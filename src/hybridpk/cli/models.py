@@ -28,14 +28,26 @@ def run(args) -> int:
 
     from hybridpk.models import MODELS, get_model
 
-    models = [get_model(n) for n in args.names] if args.names else list(MODELS.values())
+    from hybridpk.population import load_model, model_specs
+
+    specs = [n for n in args.names if n in model_specs()] if args.names else model_specs()
+    names = [n for n in args.names if n not in specs]
+    models = [get_model(n) for n in names] if args.names else list(MODELS.values())
+    published = [load_model(n) for n in specs]
     if args.json:
-        print(json.dumps({m.name: {"description": m.description, "compartments": list(m.compartments),
-                                   "dose_cmt": m.dose_cmt, "obs_cmt": m.obs_cmt, "closed_form": m.linear,
-                                   "parameters": {p.name: {"unit": p.unit, "description": p.description,
-                                                           "typical": p.typical, "lower": p.lower,
-                                                           "upper": p.upper} for p in m.parameters}}
-                          for m in models}, indent=2))
+        out = {m.name: {"description": m.description, "compartments": list(m.compartments),
+                        "dose_cmt": m.dose_cmt, "obs_cmt": m.obs_cmt, "closed_form": m.linear,
+                        "parameters": {p.name: {"unit": p.unit, "description": p.description,
+                                                "typical": p.typical, "lower": p.lower,
+                                                "upper": p.upper} for p in m.parameters}}
+               for m in models}
+        out.update({f.name: {"published": True, "structure": f.model.structural.name, "citation": f.citation,
+                             "notes": f.notes} for f in published})
+        print(json.dumps(out, indent=2))
     else:
-        print("\n\n".join(m.describe() for m in models))
+        blocks = [m.describe() for m in models]
+        if published:
+            blocks.append("published models (--model NAME):\n" + "\n".join(
+                f"  {f.name}: {f.model.structural.name}; {f.notes}" for f in published))
+        print("\n\n".join(blocks))
     return 0

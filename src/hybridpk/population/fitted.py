@@ -77,6 +77,22 @@ class FittedPopulation:
                                              scale=pm.sigma_scale) for kind in pm.error.names))
         return cls(model=pm, theta=th, omega=om, sigma=sig, **info)
 
+    def starting_model(self) -> PopulationModel:
+        """The model with this one's values as its initial estimates (THETA, OMEGA, residual SDs): to refit a
+        published model (or an earlier fit) on new data from where it stands, as NONMEM users copy the final
+        estimates of a run into the next one's $THETA/$OMEGA/$SIGMA."""
+        from dataclasses import replace
+
+        th = {r.name: r.value for r in self.theta.rows}
+        thetas = tuple(replace(t, init=th[t.name]) for t in self.model.thetas)
+        omega = self.omega.tensor()
+        init = (tuple(float(v) for v in omega.diagonal()) if not self.model.omega_block
+                else tuple(tuple(float(x) for x in row) for row in omega.tolist()))
+        sd = {r.kind: r.sd for r in self.sigma.rows}
+        error = replace(self.model.error, add=sd.get("ADD", self.model.error.add),
+                        prop=sd.get("PROP", self.model.error.prop))
+        return replace(self.model, thetas=thetas, omega_init=init, error=error)
+
     # ------------------------------------------------------------------ the model as a function
     @property
     def covariates(self) -> tuple:
