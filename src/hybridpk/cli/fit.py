@@ -13,7 +13,8 @@ With DATA.csv and --model, the model is built from options: log-normal IIV on th
 model ('hybridpk models' lists them, or a spec .toml): its covariates, IIV and error model are kept and its
 estimates are where the fit starts (with --hybrid vae: a published model extended by the correction).
 With MODEL.mod (a NONMEM control stream, ADVAN1-4/11/12 with TRANS1/2/4), the model, its initial
-estimates and its dataset are read through pharmpy-core (pip install 'hybridpk[nonmem]') and parameter names are pharmpy's (POP_CL...).
+estimates and its dataset are read through pharmpy-core (pip install 'hybridpk[nonmem]') and parameter
+names are pharmpy's (POP_CL...).
 
 The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ receives:
   summary.json      OFV, convergence, estimates with standard errors (RSE %), OMEGA, SIGMA, shrinkage,
