@@ -4,6 +4,7 @@ compartment inside the structural model (target-mediated drug disposition, satur
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...solve.closed_form import input_response
@@ -64,18 +65,24 @@ class EliminationForm(StructuralGridForm):
     def rate_constant(self, z, k10, scale, dt: float, tfd):
         """The function (C (N,) mg/L, interval j) -> k_e (N,) 1/h for latent ``z`` (N, K) and the scaled
         times since the first dose ``tfd`` (N, G) of the grid's midpoints, capped smoothly at 1.5 / dt (cap
-        tanh(k / cap): a relative change of (k dt / 1.5)^2 / 3, second order like the scheme). The network's
-        first layer is split into its (time, z) part, computed once for every interval, and its log C column."""
-        first, rest = self.rate[0], self.rate[1:]
-        zb = (z @ first.weight[:, 2:].T + first.bias).unsqueeze(1) \
+        tanh(k / cap): a relative change of (k dt / 1.5)^2 / 3, second order like the scheme). Each interval's
+        call is the solver's inner loop, so what does not depend on C is computed once for every interval: the
+        first layer's (time, z) part with the normalisation of log C folded in, and log(k10 / cap)
+        (k_e = cap tanh(exp(net - 4 + log(k10 / cap))))."""
+        (first, _, second, _, last) = self.rate
+        w_c = first.weight[:, 0] / scale["logc_sd"]
+        zb = (z @ first.weight[:, 2:].T + first.bias - scale["logc_mean"] * w_c).unsqueeze(1) \
             + torch.log1p(tfd).unsqueeze(-1) * first.weight[:, 1]                           # (N, G, H)
-        w_c = first.weight[:, 0]
-        c0, mean, sd, cap = scale["c0"], scale["logc_mean"], scale["logc_sd"], 1.5 / dt
+        c0, cap = scale["c0"], 1.5 / dt
+        offset = torch.log(k10 / cap)                                                       # (N,)
+        w2, b2, w3, b3 = second.weight, second.bias, last.weight[0], last.bias - 4.0
+
+        zb = zb.unbind(1)          # one tensor per interval (indexing in the loop would cost O(G) in backward)
 
         def k_e(c, j: int):
-            logc = (torch.log(c + c0) - mean) / sd
-            raw = k10 * torch.exp((rest(zb[:, j] + logc.unsqueeze(-1) * w_c).squeeze(-1) - 4.0).clamp(max=30.0))
-            return cap * torch.tanh(raw / cap)
+            h = F.silu(torch.addcmul(zb[j], torch.log(c + c0).unsqueeze(-1), w_c))
+            net = torch.addmv(b3, F.silu(F.linear(h, w2, b2)), w3).clamp(max=30.0)
+            return cap * torch.tanh(torch.exp(net + offset))
 
         return k_e
 
@@ -85,24 +92,24 @@ class EliminationForm(StructuralGridForm):
         v, k10, _, _ = structural.mammillary(params)
         central = _CentralInput(structural)
         c_mid, c_rec = grid_concentrations(structural, params, batch, g)                   # (N, G), (N, R) mg/L
-        # the midpoints' response to a unit rate by lag, padded with G zeros in front, so that
-        # [:, G - j: 2 G - j] is interval j's effect on every midpoint
+        # the midpoints' response to a unit rate on the first interval, by lag
         r_lag = midpoint_response(central, params, g)                                       # (N, G)
-        r_pad = torch.cat([torch.zeros_like(r_lag), r_lag], 1)
+        # interval j's effect on every midpoint: window G - j of the lags padded with G zeros in front
+        effect = torch.cat([torch.zeros_like(r_lag), r_lag], 1).unfold(1, n_grid, 1).unbind(1)
         v_own = v * r_lag[:, 0]                               # V a_g: the interval's own removal at its midpoint
         k_e = self.rate_constant(z, k10, scale, dt, g.x[..., 1].clamp(min=0))
-        gate = g.gate
+        gate, c_lin = g.gate.unbind(1), c_mid.unbind(1)
         removed = torch.zeros_like(c_mid)                     # earlier intervals' removal at each midpoint, mg/L
-        k_prev = torch.zeros_like(v)
+        k, one = torch.zeros_like(v), torch.ones_like(v)
         rates = []                                                                          # removal, mg/h
         for j in range(n_grid):
-            c0 = (c_mid[:, j] - removed[:, j]).clamp(min=0.0)
+            c0 = (c_lin[j] - removed[:, j]).clamp(min=0.0)
             # predictor: the previous interval's k_e; corrector: k_e at the predicted midpoint concentration
-            k_prev = k_e(c0 / (1.0 + v_own * k_prev), j) * gate[:, j]
-            rate = v * k_prev * c0 / (1.0 + v_own * k_prev)
+            k = k_e(c0 / torch.addcmul(one, v_own, k), j) * gate[j]
+            rate = v * k * c0 / torch.addcmul(one, v_own, k)
             rates.append(rate)
             if j + 1 < n_grid:
-                removed = removed + rate.unsqueeze(1) * r_pad[:, n_grid - j:2 * n_grid - j]
+                removed = torch.addcmul(removed, rate.unsqueeze(1), effect[n_grid - j])
         rate = torch.stack(rates, 1)                                                        # (N, G) mg/h
         r_rec = input_response(central, params, batch.time, starts, dt)                     # (N, R, G)
         return (c_rec - (r_rec * rate.unsqueeze(1)).sum(-1) * batch.record_mask).clamp(min=0.0)
