@@ -61,7 +61,8 @@ def main():
         print(f"  {name:<40} {sec:7.1f} s  ({sec / base:5.2f}x the FOCE-I fit)")
     for c in hyb.candidates or []:
         what = f"screened {c.screen_epochs} epochs" + (f", then to {c.epochs}" if c.chosen else "")
-        print(f"  training {c.form:<12} K={c.latent_dim} {c.seconds:7.1f} s  ({what})")
+        score = f"held-out -ELBO {c.screen_score:.4f}" + (f" -> {c.score:.4f}" if c.chosen else "")
+        print(f"  training {c.form:<12} K={c.latent_dim} {c.seconds:7.1f} s  ({what}; {score})")
     if not hyb.candidates:
         print(f"  training {hyb.vae.form_name:<12}        ({len(hyb.history)} epochs)")
     train = total - sum(phases.values())

@@ -69,7 +69,9 @@ def main():
     ap.add_argument("--latent-dim", type=int, default=2)
     ap.add_argument("--beta", type=float, default=TrainConfig.beta)
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
-    ap.add_argument("--form", choices=("auto", "log", "input", "reservoir"), default=TrainConfig.form,
+    ap.add_argument("--error", choices=("additive", "proportional", "combined"), default="combined",
+                    help="residual error model of the ODE and the hybrid (the CLI's default is proportional)")
+    ap.add_argument("--form", choices=("auto", "log", "input", "reservoir", "elimination"), default=TrainConfig.form,
                     help="log: IPRED exp(r(t)); input: learnt re-entry rate into the depot; reservoir: a hidden "
                     "compartment filled from the central one and emptied into the depot on a learnt schedule")
     ap.add_argument("--intervals", type=int, default=None,
@@ -88,7 +90,7 @@ def main():
     print(f"seed {args.seed}; hybridpk {hp.__version__}, torch {torch.__version__}")
     train, _ = simulate(args.train, args.seed)
     test, truth = simulate(args.test, args.seed + 100)
-    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
+    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error=args.error)
     t0 = time.perf_counter()
     fit = fit_population(pm, train, progress=False, covariance=False)
     t_ode = time.perf_counter() - t0
@@ -117,7 +119,10 @@ def main():
                           intervals=args.intervals)
         hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
         print(f"ODE-only fit {t_ode:.1f} s; hybrid training {time.perf_counter() - t1:.1f} s ({len(hyb.history)} "
-              f"epochs, {'joint ETAs' if cfg.joint else 'staged'})")
+              f"epochs, {'joint ETAs' if cfg.joint else 'staged'}); form {hyb.vae.form_name}")
+        for c in hyb.candidates:
+            print(f"  candidate {c.form:<12} K={c.latent_dim}: held-out -ELBO {c.screen_score:.4f} after "
+                  f"{c.screen_epochs} epochs" + (f", {c.score:.4f} after {c.epochs} (chosen)" if c.chosen else ""))
     rec = torch.tensor(truth.RECIRC.to_numpy() == 1)
     for label, data in (("held-out, all samples", test), ("held-out, 3 samples", sparse(test, 3, args.seed))):
         t3 = time.perf_counter()

@@ -81,7 +81,8 @@ def _files(d: Path, pharmpy_examples: Path) -> None:
     (d / "params.csv").write_text("ID,CL\n1,2.5\n")
     mod = (pharmpy_examples / "pheno.mod").read_text()
     shutil.copy(pharmpy_examples / "pheno.dta", d / "pheno.dta")
-    (d / "pheno_fo.mod").write_text(mod.replace("$ESTIMATION METHOD=1 INTERACTION", "$ESTIMATION METHOD=0"))
+    (d / "pheno_laplace.mod").write_text(mod.replace("$ESTIMATION METHOD=1 INTERACTION",
+                                                     "$ESTIMATION METHOD=COND LAPLACE"))
 
 
 def _table(d: Path):
@@ -132,7 +133,7 @@ def _table(d: Path):
         ("fit-covariate-missing-column", fit + ["--covariate", "CL~NOPE", "--out", run], "NOPE"),
         ("fit-omega-block-unknown", fit + ["--omega-block", "CL,XYZ", "--out", run], "XYZ"),
         ("fit-proportional-predose", ["fit", "theoph", "--model", "1cmt_oral", "--out", run], "--error combined"),
-        ("fit-control-stream-fo", ["fit", str(d / "pheno_fo.mod"), "--out", run], "METHOD=0"),
+        ("fit-control-stream-laplace", ["fit", str(d / "pheno_laplace.mod"), "--out", run], "LAPLACE"),
         ("fit-resume-other-options", ["fit", "theoph", "--model", "1cmt_oral", "--error", "additive", "--out",
                                       str(d / "resume_run"), "--resume", "--maxiter", "3"], "foce.json"),
         # data files

@@ -1,7 +1,7 @@
 """Nothing silent: each control-stream construct or data layout is carried out as written or refused with a
-message that names it and its line (FO, FOCE without INTERACTION, LAPLACE, SAEM, MAXEVAL=0, FIX on OMEGA,
-partial OMEGA blocks); a full $OMEGA BLOCK is estimated as a block; a covariate that varies in time, or an
-infinite data value, is refused with its rows; a tiny initial SIGMA no longer crashes the EBE step."""
+message that names it and its line (LAPLACE, SAEM, MAXEVAL=0, several $ESTIMATION steps, FIX on OMEGA,
+partial OMEGA blocks); FO and FOCE without INTERACTION are estimated as asked; a full $OMEGA BLOCK is
+estimated as a block; a covariate that varies in time, or an infinite data value, is refused with its rows; a tiny initial SIGMA no longer crashes the EBE step."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ def pheno_dir(tmp_path, pharmpy_examples):
 
 
 @pytest.mark.parametrize("old, new, construct", [
-    ("METHOD=1 INTERACTION", "METHOD=0", "METHOD=0 (FO)"),
-    ("METHOD=1 INTERACTION", "METHOD=1", "without INTERACTION"),
     ("METHOD=1 INTERACTION", "METHOD=COND LAPLACE INTER", "LAPLACE"),
+    ("METHOD=1 INTERACTION", "METHOD=0 INTER", "METHOD=0 INTERACTION"),
+    ("METHOD=1 INTERACTION MAXEVALS=99999", "METHOD=0 MAXEVALS=99999\n$ESTIMATION METHOD=1 INTER", "2 $ESTIMATION"),
     ("METHOD=1 INTERACTION", "METHOD=SAEM INTERACTION", "METHOD=SAEM"),
     ("MAXEVALS=99999", "MAXEVAL=0", "MAXEVAL=0"),
     ("$OMEGA  0.031128 ; IIV_VC", "$OMEGA  0.031128 FIX ; IIV_VC", "IIV_VC is FIX"),
@@ -43,9 +43,24 @@ def test_unsupported_constructs_are_refused_by_name_and_line(pheno_dir, old, new
     assert old in text
     changed = text.replace(old, new)
     (folder / "run.mod").write_text(changed)
-    line = next(i for i, ln in enumerate(changed.splitlines(), 1) if new.split(";")[0].strip() in ln)
+    line = next(i for i, ln in enumerate(changed.splitlines(), 1) if new.split(";")[0].split("\n")[0].strip() in ln)
     with pytest.raises(ModelError, match=rf"run.mod line {line}: .*{re.escape(construct)}"):
         read_control_stream(folder / "run.mod")
+
+
+@pytest.mark.parametrize("written, method", [("METHOD=0", "FO"), ("METHOD=ZERO", "FO"), ("METHOD=1", "FOCE"),
+                                             ("METHOD=COND", "FOCE"), ("METHOD=1 INTERACTION", "FOCE-I")])
+def test_the_estimation_method_written_is_the_one_carried_out(pheno_dir, written, method):
+    folder, text = pheno_dir
+    (folder / "run.mod").write_text(text.replace("METHOD=1 INTERACTION", written))
+    pm, ds = read_control_stream(folder / "run.mod")
+    assert pm.recipe["estimation"] == method
+    fit = fit_population(pm, ds, progress=False, pooled_start=False, covariance=False)   # as the file asks
+    assert fit.estimation.method == method
+    theta, omega, sd = fit.theta.tensors(), fit.omega.tensor(), fit.sigma.sd_tensors()
+    prob = Problem(pm, ds, estimation=method)
+    eta = prob.ebe(theta, torch.linalg.inv(omega), sd, torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64))
+    assert fit.estimation.ofv == pytest.approx(float(prob.ofv(theta, omega, sd, eta).detach()), abs=1e-6)
 
 
 def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):
@@ -151,3 +166,21 @@ def test_the_newton_direction_falls_back_to_a_bounded_gradient_step(theoph_path)
     torch.testing.assert_close(step[1], grad[1] / 20.0)                      # gradient, at most 1 per ETA
     torch.testing.assert_close(step[2], grad[2])                             # |g| <= 1 already
     assert prob.fallback_steps == 2
+
+
+def test_the_cli_fits_by_the_method_asked_and_refuses_a_conflict_with_the_control_stream(pheno_dir, tmp_path,
+                                                                                          capsys):
+    import json
+
+    from hybridpk.cli import main
+
+    rc = main(["fit", "theoph", "--model", "1cmt_oral", "--error", "additive", "--method", "fo", "--no-covariance",
+               "--quiet", "--out", str(tmp_path / "fo")])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("FO fit of 12 subjects")
+    assert json.loads((tmp_path / "fo" / "summary.json").read_text())["method"] == "FO"
+    folder, text = pheno_dir
+    (folder / "run.mod").write_text(text.replace("METHOD=1 INTERACTION", "METHOD=0"))
+    rc = main(["fit", str(folder / "run.mod"), "--method", "FOCE-I", "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "asks for FO" in err and not (tmp_path / "never").exists()

@@ -1,4 +1,4 @@
-"""hybridpk fit: population fit (FOCE-I) of a library model to a dataset, or of a NONMEM control stream."""
+"""hybridpk fit: population fit (FOCE-I, FOCE or FO) of a library model to a dataset, or of a NONMEM control stream."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from ._common import (ManualFormatter, device_arg, latent_dim_arg, out_folder_ar
                       resolve_data_path)
 
 HELP = """\
-Fit a population PK model by FOCE with interaction (NONMEM's METHOD=1 INTERACTION).
+Fit a population PK model by FOCE with interaction (NONMEM's METHOD=1 INTERACTION), or as --method or a
+control stream's $ESTIMATION asks: FOCE without interaction (METHOD=1) or FO (METHOD=0), with NONMEM's
+objective functions (Wang, J Pharmacokinet Pharmacodyn 2007;34:575-93). Other methods are refused by name.
 
 With DATA.csv and --model, the model is built from options: log-normal IIV on the parameters named by
 --iiv, covariate effects by --covariate, and the residual error by --error. --model may also name a published
@@ -109,6 +111,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", type=device_arg, help="torch device for VAE training (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
     p.add_argument("--maxiter", type=positive_int, default=300, help="maximum outer iterations")
+    p.add_argument("--method", choices=["FOCE-I", "FOCE", "FO"], type=str.upper, default=None,
+                   help="estimation method, NONMEM's: FOCE-I (METHOD=1 INTERACTION), FOCE (METHOD=1: the residual "
+                        "variance at ETA = 0) or FO (METHOD=0: the model linearised at ETA = 0). A control stream's "
+                        "$ESTIMATION decides for a .mod file (default: FOCE-I)")
     p.add_argument("--covariance", choices=["sandwich", "R", "S"], default="sandwich",
                    help="standard errors from the sandwich R^-1 S R^-1 (NONMEM's default $COVARIANCE), 2 R^-1 "
                         "(MATRIX=R) or 4 S^-1 (MATRIX=S); R: Hessian of the OFV, S: sum of the subjects' gradient "
@@ -216,6 +222,7 @@ def _population_stage(args, pm, ds, out, ck):
     with warnings.catch_warnings():  # convergence problems are reported below and in summary.json
         warnings.simplefilter("ignore")
         result = fit_population(pm, ds, seed=args.seed, maxiter=args.maxiter, progress=not args.quiet,
+                                estimation=args.method,
                                 covariance="none" if args.no_covariance else args.covariance, pooled_start=args.pooled,
                                 checkpoint=ck / "foce.json")
     result.save(out)
@@ -245,6 +252,10 @@ def _model_and_data(args):
         from hybridpk.population.nonmem import read_control_stream
 
         pm, ds = read_control_stream(src)
+        asked = pm.recipe.get("estimation", "FOCE-I")
+        if args.method and args.method != asked:
+            raise HybridPKError(f"--method {args.method}: {src} asks for {asked} in its $ESTIMATION; hybridpk "
+                                "does what the control stream says: change $ESTIMATION, or drop --method")
         args.pooled = False
     else:
         if not args.model:
@@ -310,7 +321,7 @@ def report(result, ds) -> str:
     """The estimates as printed after a fit: OFV and convergence, THETA with RSE, OMEGA with CV and
     shrinkage, SIGMA on its stated scale, warnings."""
     e = result.estimation
-    lines = [f"FOCE-I fit of {ds.n_subjects} subjects, {ds.n_observations} observations: OFV {e.ofv:.4f} "
+    lines = [f"{e.method} fit of {ds.n_subjects} subjects, {ds.n_observations} observations: OFV {e.ofv:.4f} "
              f"({'converged' if e.converged else 'NOT converged'}, {e.iterations} iterations, {e.seconds:.1f} s)"]
     labels = {"sandwich": "the sandwich R^-1 S R^-1 (NONMEM's default)", "R": "2 R^-1 (MATRIX=R)",
               "S": "4 S^-1 (MATRIX=S)"}

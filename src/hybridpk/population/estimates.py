@@ -45,13 +45,15 @@ class IndividualEstimates:
         return posterior_draws(self, index, n, seed)
 
 
-def map_estimate(model, dataset) -> IndividualEstimates:
+def map_estimate(model, dataset, estimation: str = "FOCE-I") -> IndividualEstimates:
     """MAP ETAs of every patient of ``dataset`` under the FittedPopulation ``model``, in one batched call:
     Newton's method with the exact Hessian and per-patient line search, from ETA = 0, to |step| < 1e-10
-    (the same EBE code as the FOCE-I fit), and their Laplace covariance from the exact Hessian."""
+    (the same EBE code as the FOCE-I fit), and their Laplace covariance from the exact Hessian.
+    ``estimation`` "FOCE" or "FO": the modes of the objective without interaction (the residual variance at
+    ETA = 0), as NONMEM reports the EBEs of such a run; the posterior itself is the FOCE-I default."""
     pm = model.model
     theta, omega, sd = model.theta.tensors(), model.omega.tensor(), model.sigma.sd_tensors()
-    prob = Problem(pm, dataset)
+    prob = Problem(pm, dataset, estimation=estimation)
     prob.require_positive_variance(theta, sd)
     n, k = dataset.n_subjects, pm.n_eta
     zeros = torch.zeros(n, k, dtype=torch.float64)

@@ -19,6 +19,7 @@ from ..progress import Progress
 from .diagnostics import diagnostics
 from .estimation import COVARIANCE_METHODS, ConvergenceWarning, Estimation
 from .fitted import FittedPopulation
+from .estimates import map_estimate
 from .focei import Problem
 from .omega import OmegaBlocks
 from .tables import OmegaTable, SigmaEstimate, SigmaTable, ThetaEstimate, ThetaTable
@@ -129,8 +130,8 @@ def _naive_pooled(prob, pack, x0):
 
 def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxiter: int = 300,
                    progress: bool = True, covariance: bool = True, pooled_start: bool = True,
-                   method: str = "auto", checkpoint=None) -> FittedPopulation:
-    """Fit a population model by FOCE with interaction.
+                   method: str = "auto", checkpoint=None, estimation: str | None = None) -> FittedPopulation:
+    """Fit a population model by FOCE with interaction (or, ``estimation``, FOCE or FO).
 
     Parameters
     ----------
@@ -145,6 +146,10 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         errors); see :data:`hybridpk.population.estimation.COVARIANCE_METHODS`
     pooled_start : start typical values from a naive pooled fit
     method : solver path of the predictions: "auto" (closed form for linear models), "closed_form" or "ode"
+    estimation : "FOCE-I" (NONMEM's METHOD=1 INTERACTION), "FOCE" (METHOD=1: the residual variance at eta = 0)
+        or "FO" (METHOD=0: the model linearised at eta = 0; the EBEs reported are POSTHOC modes), with the
+        OFVs of Wang (J Pharmacokinet Pharmacodyn 2007;34:575-93); see :mod:`hybridpk.population.focei`.
+        None: the method the model asks for (an imported control stream's $ESTIMATION), else FOCE-I
     checkpoint : a JSON file written atomically after every outer iteration (the iterate and the EBEs
         that warm-start the next one). When it exists the fit resumes from that iterate, with a new BFGS
         Hessian approximation: the estimates agree with an uninterrupted fit's to the convergence
@@ -156,10 +161,11 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     """
     torch.manual_seed(seed)
     t_start = time.perf_counter()
+    estimation = estimation or pm.recipe.get("estimation", "FOCE-I")
     cov_method = "sandwich" if covariance is True else "none" if covariance in (False, None) else str(covariance)
     if cov_method not in COVARIANCE_METHODS:
         raise HybridPKError(f"covariance={covariance!r}: give one of {', '.join(COVARIANCE_METHODS)} (or True/False)")
-    prob = Problem(pm, dataset, method=method)
+    prob = Problem(pm, dataset, method=method, estimation=estimation)
     if not bool(prob.obs.any()):
         raise HybridPKError(f"{dataset.source or 'the dataset'}: no observations (records with EVID=0 and MDV=0), "
                             "so there is nothing to fit: add the measured concentrations, or set MDV=0 on the "
@@ -170,20 +176,21 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     prob.require_positive_variance(theta0, sd0)
     n, k = dataset.n_subjects, pm.n_eta
     state = {"eta": torch.zeros(n, k, dtype=torch.float64), "best": math.inf, "evals": 0, "iter": 0}
-    key = _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start)
+    key = _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation)
     resumed = _read_checkpoint(checkpoint, key, (n, k)) if checkpoint else None
     if resumed is not None:
         x0, state["eta"], state["iter"] = resumed
     elif pooled_start:
         x0 = _naive_pooled(prob, pack, x0)
-    bar = Progress(maxiter, "FOCE-I", "it", enabled=progress, initial=state["iter"])
+    bar = Progress(maxiter, estimation, "it", enabled=progress, initial=state["iter"])
+    conditional = estimation != "FO"          # FO's OFV needs no EBEs
 
     def evaluate(xv, need_grad=True):
         x = torch.tensor(xv, dtype=torch.float64, requires_grad=need_grad)
         theta, om, sd = pack.unpack(x)
         with torch.no_grad():
             oinv = torch.linalg.inv(om) if k else om
-        eta = prob.ebe(theta, oinv, sd, state["eta"])
+        eta = prob.ebe(theta, oinv, sd, state["eta"]) if conditional else state["eta"]
         ofv = prob.ofv(theta, om, sd, eta)
         state["evals"] += 1
         if not torch.isfinite(ofv):
@@ -214,7 +221,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         saved = state.get("saved", resumed[2] if resumed is not None else None)
         where = (f"the checkpoint {checkpoint} holds iteration {saved}" if saved is not None
                  else "no checkpoint was written yet" if checkpoint else "no checkpoint file was asked for")
-        raise Interrupted(f"the FOCE-I fit was interrupted after {state['iter']} outer iterations; {where}") from None
+        raise Interrupted(f"the {estimation} fit was interrupted after {state['iter']} outer iterations; "
+                          f"{where}") from None
     finally:
         bar.close()
     x_hat = res.x
@@ -231,7 +239,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         theta, om, sd = pack.unpack(x)
         with torch.no_grad():
             oinv = torch.linalg.inv(om) if k else om
-        ofv_i = prob.ofv(theta, om, sd, prob.ebe(theta, oinv, sd, state["eta"]), per_subject=True)
+        eta = prob.ebe(theta, oinv, sd, state["eta"]) if conditional else state["eta"]
+        ofv_i = prob.ofv(theta, om, sd, eta, per_subject=True)
         try:      # all N backward passes at once (vmap over the backward graph)
             (g,) = torch.autograd.grad(ofv_i, x, torch.eye(n, dtype=ofv_i.dtype), retain_graph=True,
                                        is_grads_batched=True)
@@ -251,9 +260,11 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                     "variance during the search) and took a gradient step instead")
     theta, om, sd = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
     fitted = _tables(pm, pack, theta, om, sd, cov_nat)
-    est = fitted.estimate(dataset)          # the EBEs: the same code path as any later estimate
+    # the EBEs: the same code path as any later estimate (FOCE, FO: the modes of the method's conditional
+    # objective, as NONMEM reports them)
+    est = fitted.estimate(dataset) if estimation == "FOCE-I" else map_estimate(fitted, dataset, estimation)
     diag = diagnostics(prob, fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors(), est.eta)
-    record = Estimation(method="FOCE-I", ofv=float(ofv), converged=converged, message=message,
+    record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
                         seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"],
                         individual=_individual_table(dataset, pm, est), predictions=_prediction_table(dataset, prob,
@@ -283,7 +294,7 @@ def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
 _CHECKPOINT = ("hybridpk-foce-checkpoint", 1)
 
 
-def _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start) -> str:
+def _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation="FOCE-I") -> str:
     """SHA-256 of what a fit computes from: the records, the model (recipe, THETA bounds and initial values,
     OMEGA and SIGMA starts) and the options that change the path of the estimation."""
     import hashlib
@@ -292,7 +303,8 @@ def _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start) -> str:
     spec = {"recipe": pm.recipe, "thetas": [(t.name, t.init, t.lower, t.upper, t.fixed) for t in pm.thetas],
             "omega": np.asarray(omega if omega is not None else pm.omega_init, dtype=float).tolist(),
             "sigma": {**pm.error.init_values(), **(sigma or {})}, "etas": list(pm.etas),
-            "blocks": [list(b) for b in pm.blocks], "method": method, "pooled_start": bool(pooled_start)}
+            "blocks": [list(b) for b in pm.blocks], "method": method, "pooled_start": bool(pooled_start),
+            "estimation": estimation}
     return hashlib.sha256((json.dumps(spec, sort_keys=True, default=str) + dataset.fingerprint()).encode()).hexdigest()
 
 

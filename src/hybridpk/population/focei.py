@@ -1,4 +1,6 @@
-"""FOCE with interaction (Laplace with the first-order Hessian), as NONMEM's METHOD=1 INTERACTION.
+"""NONMEM's classical objective functions: FOCE with interaction (Laplace with the first-order Hessian,
+METHOD=1 INTERACTION, the default), FOCE without interaction (METHOD=1) and FO (METHOD=0), as derived by
+Wang (J Pharmacokinet Pharmacodyn 2007;34:575-93).
 
 For subject i with observations y, predictions f(eta), residual variances V(f):
 
@@ -8,6 +10,12 @@ For subject i with observations y, predictions f(eta), residual variances V(f):
 with eta_i the mode of obj_i (empirical Bayes estimate), g = df/deta and h = dV/deta at eta_i. The OFV is
 -2 log-likelihood without the constant n log(2 pi), exactly as NONMEM reports it, so differences can be
 compared with NONMEM's. Below-LLOQ observations (M3) contribute -2 log Phi((LLOQ - f)/sqrt(V)).
+
+FOCE without interaction ignores the dependence of the residual variance on eta (NONMEM evaluates dY/dEPS
+at eta = 0): V is taken at the population prediction f(theta, 0) in obj_i and the OFV, and h = 0. FO
+linearises at eta = 0: with r = y - f(theta, 0), G = df/deta at eta = 0 and C = G OMEGA G' + diag V(f(theta, 0)),
+
+    OFV_i = log|C| + r' C^-1 r          (no EBEs enter; POSTHOC EBEs are the modes of the FOCE obj_i)
 
 The gradient of the OFV with respect to the population parameters is exact up to the inner Hessian:
 eta_i is re-attached to the parameters by one Newton step from its detached value (implicit
@@ -24,11 +32,20 @@ from ..solve import simulate
 
 LOG2PI = math.log(2 * math.pi)
 
+#: the estimation methods (NONMEM's names): $ESTIMATION METHOD=1 INTERACTION, METHOD=1, METHOD=0
+ESTIMATION_METHODS = ("FOCE-I", "FOCE", "FO")
+
 
 class Problem:
     """A population model bound to a dataset: predictions, objectives and EBEs for a parameter set."""
 
-    def __init__(self, pm, dataset, method="auto", rtol=1e-8, atol=1e-10):
+    def __init__(self, pm, dataset, method="auto", rtol=1e-8, atol=1e-10, estimation: str = "FOCE-I"):
+        if estimation not in ESTIMATION_METHODS:
+            from ..errors import HybridPKError
+
+            raise HybridPKError(f"estimation method {estimation!r}: give one of {', '.join(ESTIMATION_METHODS)}")
+        self.estimation = estimation
+        self.interaction = estimation == "FOCE-I"   # the residual variance follows eta (else: at eta = 0)
         self.pm = pm
         missing = [c for c in pm.covariates if c not in dataset.to_dataframe().columns]
         if missing:
@@ -93,8 +110,17 @@ class Problem:
             f = torch.log(f.clamp(min=1e-30))
         return f
 
-    def residual_terms(self, f, sd):
-        v = self.pm.error.variance(f, sd)
+    def variance_at(self, theta, f):
+        """The prediction the residual variance is evaluated at: ``f`` itself with interaction, else the
+        population prediction f(theta, eta = 0)."""
+        if self.interaction:
+            return f
+        return self.predict(theta, torch.zeros(f.shape[0], self.pm.n_eta, dtype=f.dtype, device=f.device))
+
+    def residual_terms(self, f, sd, f_var=None):
+        """(-2 log-likelihood terms of each record without the constant (N, R), the residual variances), the
+        variance taken at ``f_var`` (default ``f``)."""
+        v = self.pm.error.variance(f if f_var is None else f_var, sd)
         v = torch.where(self.obs | self.cens, v, torch.ones_like(v))
         r = torch.where(self.obs, self.y - f, torch.zeros_like(f))
         data = torch.where(self.obs, r * r / v + torch.log(v), torch.zeros_like(v))
@@ -107,7 +133,7 @@ class Problem:
     def objective(self, theta, omega_inv, sd, eta):
         """obj_i (N,) at eta (N, K)."""
         f = self.predict(theta, eta)
-        data, _ = self.residual_terms(f, sd)
+        data, _ = self.residual_terms(f, sd, self.variance_at(theta, f))
         prior = torch.einsum("nk,kl,nl->n", eta, omega_inv, eta)
         return data.sum(1) + prior
 
@@ -126,11 +152,11 @@ class Problem:
             f = self.predict(theta, eta)
         if g is None:
             g = self.jacobian(theta, eta)
-        v = self.pm.error.variance(f, sd)
+        v = self.pm.error.variance(self.variance_at(theta, f), sd)
         m = (self.obs | self.cens).to(f.dtype)
         v = torch.where(m > 0, v, torch.ones_like(v))
         dv = torch.zeros_like(f)
-        if "PROP" in sd and not self.pm.error.ltbs:
+        if "PROP" in sd and not self.pm.error.ltbs and self.interaction:
             dv = 2 * sd["PROP"] ** 2 * f
         h = dv.unsqueeze(-1) * g
         w1 = (m / v).unsqueeze(-1).unsqueeze(-1)
@@ -202,7 +228,10 @@ class Problem:
 
     # ------------------------------------------------------------------ OFV
     def ofv(self, theta, omega, sd, eta_hat, per_subject=False):
-        """FOCE-I OFV (differentiable in theta, omega, sd) with eta_hat re-attached by one Newton step."""
+        """The OFV of the estimation method (differentiable in theta, omega, sd); FOCE: with eta_hat re-attached
+        by one Newton step (FO does not use eta_hat)."""
+        if self.estimation == "FO":
+            return self.fo_ofv(theta, omega, sd, per_subject)
         omega_inv = torch.linalg.inv(omega)
         k = eta_hat.shape[1]
         if k:
@@ -223,11 +252,34 @@ class Problem:
         else:
             eta = eta_hat
         f = self.predict(theta, eta)
-        data, _ = self.residual_terms(f, sd)
+        data, _ = self.residual_terms(f, sd, self.variance_at(theta, f))
         prior = torch.einsum("nk,kl,nl->n", eta, omega_inv, eta)
         ofv_i = data.sum(1) + prior
         if k:
             g = self.jacobian(theta, eta)
             h = self.fo_hessian(theta, omega_inv, sd, eta, f=f, g=g)
             ofv_i = ofv_i + torch.logdet(omega) + torch.logdet(h)
+        return ofv_i if per_subject else ofv_i.sum()
+
+    def fo_ofv(self, theta, omega, sd, per_subject=False):
+        """FO OFV (Wang 2007, eq. for FO; NONMEM's METHOD=0): the model linearised at eta = 0, per subject
+        log|C| + r' C^-1 r with C = G OMEGA G' + diag V(f(theta, 0)) over its observations."""
+        if bool(self.cens.any()):
+            from ..errors import ModelError
+
+            raise ModelError("below-LLOQ observations (M3) need a conditional method: NONMEM allows M3 with "
+                             "LAPLACE only, hybridpk with FOCE-I; FO cannot use them")
+        n, k = self.obs.shape[0], self.pm.n_eta
+        zero = torch.zeros(n, k, dtype=self.y.dtype, device=self.y.device)
+        f0 = self.predict(theta, zero)
+        m = self.obs.to(f0.dtype)
+        v = torch.where(self.obs, self.pm.error.variance(f0, sd), torch.ones_like(f0))
+        r = torch.where(self.obs, self.y - f0, torch.zeros_like(f0))
+        cov = torch.diag_embed(v)
+        if k:
+            g = self.jacobian(theta, zero, f0) * m.unsqueeze(-1)                # unobserved rows: 0
+            cov = cov + g @ omega @ g.transpose(1, 2)
+        chol = torch.linalg.cholesky(cov)
+        w = torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
+        ofv_i = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1) + (r * w).sum(1)
         return ofv_i if per_subject else ofv_i.sum()

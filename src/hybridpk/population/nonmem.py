@@ -91,26 +91,32 @@ def _where_fix(text: str, path) -> str:
     return _where(text, path, _OMEGA_OR_SIGMA)
 
 
-def _check_estimation(m, text: str, path) -> None:
-    """Refuse, by name, an $ESTIMATION that hybridpk would not carry out as asked: hybridpk estimates by FOCE
-    with interaction (NONMEM's METHOD=1 INTERACTION, METHOD=COND INTER); without $ESTIMATION it uses that."""
-    for step in m.execution_steps:
+def _check_estimation(m, text: str, path) -> str:
+    """The estimation method the control stream asks for ("FOCE-I", "FOCE" or "FO": NONMEM's METHOD=1
+    INTERACTION, METHOD=1, METHOD=0; without $ESTIMATION, FOCE-I). A method hybridpk does not carry out as
+    asked (Laplace, SAEM, IMP, BAYES, MAXEVAL=0, several $ESTIMATION steps) is refused by name."""
+    steps = list(m.execution_steps)
+    if len(steps) > 1:
+        raise ModelError(f"{_where(text, path, _EST)}: {len(steps)} $ESTIMATION steps; hybridpk runs one "
+                         "estimation method: keep the one whose results you want")
+    for step in steps:
         method = str(step.method).upper()
         if step.evaluation:
             what = "MAXEVAL=0 (evaluate the OFV at the initial estimates without estimating)"
-        elif method == "FOCE" and step.interaction and not step.laplace:
-            continue
-        elif method == "FOCE" and step.laplace:
-            what = "METHOD=COND LAPLACE" + (" INTERACTION" if step.interaction else "")
+        elif method == "FOCE" and not step.laplace:
+            return "FOCE-I" if step.interaction else "FOCE"
+        elif method == "FO" and not step.interaction:
+            return "FO"
         elif method == "FOCE":
-            what = "METHOD=1 without INTERACTION (FOCE)"
+            what = "METHOD=COND LAPLACE" + (" INTERACTION" if step.interaction else "")
         elif method == "FO":
-            what = "METHOD=0 (FO)"
+            what = "METHOD=0 INTERACTION (not defined for FO)"
         else:
             what = f"METHOD={method}"
         raise ModelError(f"{_where(text, path, _EST)}: $ESTIMATION {what} is not implemented; hybridpk "
-                         "estimates by FOCE with interaction only and does not replace one method by another: write "
-                         "$ESTIMATION METHOD=1 INTERACTION to fit it by FOCE-I")
+                         "estimates by FOCE-I (METHOD=1 INTERACTION), FOCE (METHOD=1) or FO (METHOD=0) and does "
+                         "not replace one method by another")
+    return "FOCE-I"
 
 
 def _omega(rvs, params, text: str, path):
@@ -175,7 +181,7 @@ def read_control_stream(path):
     structural = get_model(_ADVAN[advan])
     oral = advan in (2, 4, 12)
 
-    _check_estimation(m, text, path)
+    estimation = _check_estimation(m, text, path)
     rvs = m.random_variables
     eta_names = list(rvs.etas.names)
     params = m.parameters
@@ -241,7 +247,8 @@ def read_control_stream(path):
         return {k: torch.as_tensor(v, dtype=eta.dtype).expand(n) if not torch.is_tensor(v) or v.dim() == 0 else v
                 for k, v in p.items()}
 
-    recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans}
+    recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
+              "estimation": estimation}
     pm = PopulationModel(structural=structural, thetas=thetas, etas=tuple(eta_names), omega_init=omega_init,
                          error=error, individual=individual, covariates=covs, omega_blocks=blocks,
                          omega_labels=tuple(omega_names), sigma_labels=dict(kinds), sigma_scale="variance",
