@@ -119,7 +119,8 @@ def main():
                           intervals=args.intervals)
         hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
         print(f"ODE-only fit {t_ode:.1f} s; hybrid training {time.perf_counter() - t1:.1f} s ({len(hyb.history)} "
-              f"epochs, {'joint ETAs' if cfg.joint else 'staged'}); form {hyb.vae.form_name}")
+              f"epochs, {'joint ETAs' if cfg.joint else 'staged'}); form {hyb.vae.form_name}, best held-out "
+              f"-ELBO {hyb.vae.best_val:.4f}")
         for c in hyb.candidates:
             print(f"  candidate {c.form:<12} K={c.latent_dim}: held-out -ELBO {c.screen_score:.4f} after "
                   f"{c.screen_epochs} epochs" + (f", {c.score:.4f} after {c.epochs} (chosen)" if c.chosen else ""))

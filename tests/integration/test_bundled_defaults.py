@@ -1,7 +1,7 @@
 """Every command with default options on every bundled dataset (issue 20, point 6): only the required
-arguments, as a new user types them. A fit the model cannot do on a dataset (theophylline's pre-dose
-samples under the default proportional error) is refused naming the records and the fix, and the fix named
-then works; every other command succeeds with finite outputs.
+arguments, as a new user types them. A fit the model cannot do on a dataset (e.g. pre-dose samples under a
+proportional error) is refused naming the records and the fix, and the fix named then works; every other
+command succeeds with finite outputs.
 
 The bundled datasets are oral (doses into CMT 1, a depot): the applicable library models are those that dose
 into a depot. The default suite runs the whole chain on theophylline and the cheap commands on every

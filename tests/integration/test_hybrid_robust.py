@@ -92,7 +92,7 @@ def test_an_imported_nonmem_model_trains(pharmpy_examples):
 
 
 def test_default_command_fits_predicts_and_logs_a_few_progress_lines(tmp_path, capsys):
-    """The default command (proportional error) on EHC data with a covariate column, run as a user would with
+    """The default command (combined error) on EHC data with a covariate column, run as a user would with
     stderr going to a log file: it fits and predicts new patients (it crashed inside L-BFGS), and the log
     gets a line per 10% of the epochs, not thousands of redrawn bars."""
     from tests.unit.test_progress import lines_of

@@ -289,15 +289,16 @@ def test_cli_ltbs_round_trip(tmp_path, theoph_path, capsys):
 
 
 def test_levels_the_error_model_cannot_describe_are_named_with_the_fix(tmp_path, capsys):
-    """theoph keeps its pre-dose samples (TIME 0, DV > 0) where an oral model predicts 0: with the default
-    proportional error their variance is 0 and they have no likelihood. The default command reports the
-    records and the fixes instead of fitting NaN and crashing in the diagnostics."""
-    assert main(["fit", "theoph", "--model", "1cmt_oral", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    """theoph keeps its pre-dose samples (TIME 0, DV > 0) where an oral model predicts 0: with a proportional
+    error their variance is 0 and they have no likelihood. The command reports the records and the fixes instead
+    of fitting NaN and crashing in the diagnostics (the default combined error describes them)."""
+    assert main(["fit", "theoph", "--model", "1cmt_oral", "--error", "proportional", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "rows 2, 14, 26" in err and "file lines 3, 15, 27" in err and "--error combined" in err
     assert "MDV=1" in err and "internal error" not in err
-    assert main(["fit", "theoph", "--model", "1cmt_oral", "--error", "combined", "--out", str(tmp_path / "ok"),
-                 "--quiet", "--no-covariance"]) == 0
+    assert main(["fit", "theoph", "--model", "1cmt_oral", "--out", str(tmp_path / "ok"), "--quiet",
+                 "--no-covariance"]) == 0
 
 
 @pytest.mark.parametrize("iiv, block", [(["CL", "V", "KA"], [["CL", "V"]]), (["CL", "KA", "V"], [["V", "CL"]])])

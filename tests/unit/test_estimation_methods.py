@@ -131,3 +131,17 @@ def test_fo_refuses_below_lloq_observations():
     pm = build_model("1cmt_iv", iiv=["CL", "V"], error="additive")
     with pytest.raises(hp.HybridPKError, match="M3"):
         fit_population(pm, hp.read_nonmem(df), estimation="FO", progress=False, covariance=False)
+
+
+def test_a_stalled_search_stops_and_says_why(monkeypatch):
+    """The outer search ends when the best OFV fell by less than STALL_OFV over STALL_ITERATIONS iterations (here
+    made to trigger at once): the fit is reported converged with that reason, after STALL_ITERATIONS + 1."""
+    import hybridpk.population.fit as fit_module
+
+    ds, _ = population(8, 5, SD["proportional"])
+    pm = build_model("1cmt_iv", iiv=["CL", "V"], error="proportional")
+    monkeypatch.setattr(fit_module, "STALL_ITERATIONS", 3)
+    monkeypatch.setattr(fit_module, "STALL_OFV", 1e9)
+    fit = fit_population(pm, ds, progress=False, covariance=False, pooled_start=False)
+    assert fit.estimation.iterations == 4 and fit.estimation.converged
+    assert fit.estimation.message == "the OFV fell by less than 1e+09 over the last 3 iterations"

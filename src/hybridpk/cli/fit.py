@@ -87,7 +87,8 @@ def add_parser(sub) -> None:
     p.add_argument("--covariate", action="append", default=[], metavar="P~COV[:kind[:ref[:exp]]]",
                    help="covariate effect (repeatable)")
     p.add_argument("--error", choices=["additive", "proportional", "combined"], default=None,
-                   help="residual error model (default: proportional)")
+                   help="residual error model: Var = ADD^2 + (PROP IPRED)^2, or one of its two terms (default: combined, "
+                        "which also describes levels where the model predicts ~0, such as pre-dose samples)")
     p.add_argument("--ltbs", action="store_true",
                    help="log-transform both sides: fit log(DV) with an additive error on the log scale")
     p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30")
@@ -281,7 +282,7 @@ def _model_and_data(args):
 
             error = ErrorModel("additive", add=0.3, ltbs=True)
         else:
-            error = args.error or "proportional"
+            error = args.error or "combined"
         if args.omega_block == "all":
             block = True
         elif args.omega_block:

@@ -128,6 +128,12 @@ def _naive_pooled(prob, pack, x0):
         return x0
 
 
+#: the outer search also ends when the best OFV fell by less than STALL_OFV over STALL_ITERATIONS iterations: on a
+#: flat objective (a parameter running to its bound, e.g. a transit model's NN -> 0 on data without a delay, or
+#: an ODE model's solver noise in the gradient) BFGS otherwise crawls to maxiter (hours for ODE models)
+STALL_ITERATIONS, STALL_OFV = 10, 1e-4
+
+
 def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxiter: int = 300,
                    progress: bool = True, covariance: bool = True, pooled_start: bool = True,
                    method: str = "auto", checkpoint=None, estimation: str | None = None) -> FittedPopulation:
@@ -139,7 +145,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     dataset : Dataset
     seed : int  recorded in the result (FOCE-I itself is deterministic)
     omega, sigma : initial OMEGA variances (list, ETA order) and residual SDs ({"ADD": .., "PROP": ..})
-    maxiter : outer iterations (BFGS)
+    maxiter : outer iterations (BFGS); the search also stops, converged, when the OFV fell by less than 1e-4
+        over the last 10 iterations (:data:`STALL_OFV`, :data:`STALL_ITERATIONS`)
     progress : show the progress with the OFV (a bar on a terminal, a line per 10% of ``maxiter`` in a log)
     covariance : how the standard errors are computed: "sandwich" (R^-1 S R^-1, NONMEM's default; also
         ``True``), "R" (2 R^-1, NONMEM's MATRIX=R), "S" (4 S^-1, MATRIX=S), or False/"none" (no standard
@@ -207,12 +214,17 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
             state["eta"] = eta
         return ofv, g
 
+    trace = []      # the best OFV after each outer iteration (the stall criterion)
+
     def cb(xk):
         state["iter"] += 1
         bar.update(1, OFV=f"{state['best']:.4f}")
         if checkpoint:
             _write_checkpoint(checkpoint, key, xk, state)
             state["saved"] = state["iter"]
+        trace.append(state["best"])
+        if len(trace) > STALL_ITERATIONS and trace[-STALL_ITERATIONS - 1] - trace[-1] < STALL_OFV:
+            raise StopIteration     # scipy ends the search at this iterate
 
     try:
         res = minimize(fun, x0, jac=True, method="BFGS", callback=cb,
@@ -227,8 +239,10 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         bar.close()
     x_hat = res.x
     ofv, g, eta = evaluate(x_hat)
-    converged = bool(res.success) or float(np.abs(g).max()) < 1e-2
-    message = str(res.message)
+    stalled = "StopIteration" in str(res.message)
+    converged = bool(res.success) or stalled or float(np.abs(g).max()) < 1e-2
+    message = (f"the OFV fell by less than {STALL_OFV:g} over the last {STALL_ITERATIONS} iterations"
+               if stalled else str(res.message))
     warn = []
     if not converged:
         warn.append(f"the estimation did not converge ({message}; max |gradient| {np.abs(g).max():.3g})")
