@@ -13,7 +13,9 @@ import torch
 from hybridpk.cli import main
 from hybridpk.population import build_model, fit_population
 from hybridpk.residual import TrainConfig, fit_hybrid, load_run
+from hybridpk.residual.predictive import predictive_score
 from hybridpk.residual.selection import candidates
+from hybridpk.residual.training import held_out_patients
 from hybridpk.solve.examples import simulate_ehc_population
 
 
@@ -46,7 +48,10 @@ def test_the_best_screened_form_is_trained_to_the_end_as_if_alone(ehc_fit, tmp_p
     (chosen,) = [c for c in cands if c.chosen]
     assert chosen.screen_score == min(c.screen_score for c in cands)
     assert hyb.vae.form_name == chosen.form == hyb.config.form and hyb.config.epochs == 30
-    assert chosen.epochs == 30 and chosen.score == pytest.approx(hyb.vae.best_val)
+    # the criterion: each held-out patient's levels predicted from its other levels, recomputed here
+    held = [ds.ids[i] for i in held_out_patients(ds.n_subjects, replace(cfg, seed=2)).tolist()]
+    assert chosen.criterion == "predictive" and len(held) == 6
+    assert chosen.epochs == 30 and chosen.score == pytest.approx(predictive_score(hyb, ds, held), rel=1e-9)
     assert all(c.epochs == 12 and c.score is None for c in cands if not c.chosen)
     alone = fit_hybrid(pm, ds, population=fit, config=replace(cfg, form=chosen.form), seed=2, progress=False)
     assert alone.candidates == []
@@ -67,7 +72,8 @@ def test_the_command_prints_every_candidates_score_and_the_choice(ehc_fit, tmp_p
                  "--epochs", "16", "--screen-epochs", "8", "--no-covariance", "--quiet", "--out",
                  str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "selection by held-out -ELBO per patient (lower is better; after 8 screening epochs):" in out
+    assert "selection by predictive -2LL per held-out observation (each held-out patient's levels predicted from " \
+           "its other levels) (lower is better; after 8 screening epochs):" in out
     assert out.count("<- chosen") == 1
     for form in ("input", "reservoir", "elimination", "log"):
         assert f"  {form:<12} K=2" in out

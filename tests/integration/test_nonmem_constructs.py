@@ -1,7 +1,8 @@
 """Nothing silent: each control-stream construct or data layout is carried out as written or refused with a
 message that names it and its line (LAPLACE, SAEM, MAXEVAL=0, several $ESTIMATION steps, FIX on OMEGA,
 partial OMEGA blocks); FO and FOCE without INTERACTION are estimated as asked; a full $OMEGA BLOCK is
-estimated as a block; a covariate that varies in time, or an infinite data value, is refused with its rows; a tiny initial SIGMA no longer crashes the EBE step."""
+estimated as a block; a covariate that varies in time, or an infinite data value, is refused with its rows;
+a tiny initial SIGMA no longer crashes the EBE step."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ class HybridFit:
     ODE-only and the final prediction), REFINED (1 where the per-patient MAP refinement replaced the encoder's
     estimate). ``history``: (epoch, train -ELBO, validation -ELBO) per epoch (empty for a loaded run);
     ``candidates``: the (form, latent dimension) pairs tried when either was "auto"
-    (:class:`~hybridpk.residual.selection.Candidate`: held-out -ELBO after the screening epochs and at the end,
+    (:class:`~hybridpk.residual.selection.Candidate`: the score after the screening epochs and at the end,
     epochs, seconds, which was chosen); empty when one was given; ``refine_failure``: the refinement optimiser's
     error on the training patients, if it failed ("" otherwise; each patient then kept its best point); ``coverage``
     the training design (:class:`TrainingCoverage`: doses, intervals, time span, latent values), against which
@@ -312,6 +312,25 @@ def _per_patient(hybrid: HybridFit, dataset, ode_fit):
     return cols, h.refine_failure
 
 
+def _predictive(fit, dataset, cands, config_of):
+    """The candidates' score for form selection: the predictive score of :mod:`.predictive` on the patients the
+    training holds out (the same for every candidate); None (the held-out -ELBO) with one candidate or none held
+    out."""
+    from .predictive import predictive_score
+    from .training import held_out_patients
+
+    held = held_out_patients(dataset.n_subjects, config_of(cands[0]))
+    if len(cands) < 2 or len(held) == 0:
+        return None
+    ids = [dataset.ids[i] for i in held.tolist()]
+
+    def score(c, model):
+        return predictive_score(HybridFit(population=fit, vae=model, config=config_of(c), individual=pd.DataFrame()),
+                                dataset, ids)
+
+    return score
+
+
 def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
                progress: bool = True, population: FittedPopulation | None = None,
                checkpoint_dir=None) -> HybridFit:
@@ -320,7 +339,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     ``latent_dim`` an int, or "auto": 1, 2 and 4 are tried; None: the config's (default 2). With the config's form
     "auto" (the default) the forms that suit the structural model are tried (input, reservoir, elimination and log
     on a linear model with joint training; log otherwise). Of the candidates (every form with every latent
-    dimension) the best held-out -ELBO wins (:mod:`hybridpk.residual.selection`: each is screened for
+    dimension) the best predictive score on the held-out patients wins (:mod:`hybridpk.residual.predictive`,
+    :mod:`hybridpk.residual.selection`: each is screened for
     ``config.screen_epochs`` epochs, then the best is trained to the end). ``population`` an existing fit of ``pm``
     on ``dataset`` (skips the ODE fit and reuses its EBEs). ``checkpoint_dir``: a folder for the checkpoints of the
     FOCE-I fit (foce.json) and of each training (vae_{form}_k{K}.pt); what is there is resumed (see
@@ -351,7 +371,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
             return train_vae(batch, ipred, fit.model.error, sd, config_of(c, epochs=epochs, checkpoint=path),
                              baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None)
 
-        model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs)
+        model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
+                                     score=_predictive(fit, dataset, cands, config_of))
     cfg = config_of(chosen, checkpoint=None)   # the run does not depend on where its training was checkpointed
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame())
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})

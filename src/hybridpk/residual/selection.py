@@ -1,8 +1,10 @@
 """Choosing the hybrid's correction form and latent dimension by held-out evidence.
 
 Every candidate is trained on the same training patients and scored on the same held-out ones (the split
-is drawn from the seed, not from the candidate), by the held-out -ELBO per patient: the residual-error
--log-likelihood at the encoder's z, plus beta KL and the ETAs' OMEGA prior term (:mod:`.training`). With
+is drawn from the seed, not from the candidate). The score given to :func:`select` is, from :func:`fit_hybrid`,
+the predictive score (:mod:`.predictive`: each held-out patient's levels predicted from its other levels,
+-2 log-likelihood per observation); without one, the held-out -ELBO per patient that training keeps (the
+residual-error -log-likelihood at the encoder's z, plus beta KL and the ETAs' OMEGA prior term). With
 ``screen_epochs`` every candidate is trained that many epochs, and only the best continues to the end; it
 continues from its own training state (the checkpoint), so that its result is the one it would have had if
 it had been trained alone. This is successive halving cut to one round (Jamieson and Talwalkar 2016).
@@ -21,10 +23,11 @@ __all__ = ["Candidate", "candidates", "select"]
 
 @dataclass
 class Candidate:
-    """One (form, latent dimension) tried: its best held-out -ELBO per patient after ``screen_epochs``
-    (``screen_score``; None without screening) and at the end of its training (``score``; None when it
-    was not continued), the epochs it ran and the seconds it took. A score is the best after the warm-up
-    of beta; with fewer epochs than the warm-up, the last epoch's."""
+    """One (form, latent dimension) tried: its score after ``screen_epochs`` (``screen_score``; None without
+    screening) and at the end of its training (``score``; None when it was not continued), what the score is
+    (``criterion``: "predictive" or "elbo"), the epochs it ran and the seconds it took. An ELBO score is the best
+    held-out -ELBO per patient after the warm-up of beta (with fewer epochs than the warm-up, the last epoch's);
+    a predictive score is that of the model training kept (its best held-out -ELBO state)."""
 
     form: str
     latent_dim: int
@@ -34,6 +37,7 @@ class Candidate:
     epochs: int = 0
     seconds: float = 0.0
     chosen: bool = False
+    criterion: str = "elbo"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,30 +55,36 @@ def candidates(form: str, latent_dim, default_dim: int, joint: bool, linear: boo
     return [Candidate(f, k) for f in forms for k in dims]
 
 
-def select(cands: list, train, epochs: int, screen_epochs: int, warmup: int = 0):
+def select(cands: list, train, epochs: int, screen_epochs: int, warmup: int = 0, score=None):
     """Train the candidates with ``train(candidate, epochs) -> (model, history)`` and return (model,
     history, candidate) of the best, with every candidate's record filled in ``cands``. ``train`` must resume
     a candidate's training when called again for it with more epochs. ``warmup``: epochs before the held-out
-    score counts (the training's warm-up of beta)."""
+    -ELBO counts (the training's warm-up of beta). ``score(candidate, model) -> float`` (lower is better): the
+    criterion, e.g. :func:`hybridpk.residual.predictive.predictive_score`; None: the held-out -ELBO."""
     screen = len(cands) > 1 and 0 < screen_epochs < epochs
+
+    def judge(c, model, hist, upto):
+        c.criterion = "predictive" if score is not None else "elbo"
+        return float(score(c, model)) if score is not None else _best(hist, upto, warmup)
+
     results = {}
     for c in cands:
         t0 = time.perf_counter()
         model, hist = train(c, screen_epochs if screen else epochs)
-        c.seconds = time.perf_counter() - t0
         if screen:
             # from the history: a resumed run whose winner had trained on already reports its screening score
             c.epochs = c.screen_epochs = min(len(hist), screen_epochs)
-            c.screen_score = _best(hist, screen_epochs, warmup)
+            c.screen_score = judge(c, model, hist, screen_epochs)
         else:
-            c.epochs, c.score = len(hist), _best(hist, len(hist), warmup)
+            c.epochs, c.score = len(hist), judge(c, model, hist, len(hist))
+        c.seconds = time.perf_counter() - t0
         results[id(c)] = (model, hist)
     if screen:
         best = min(cands, key=_rank(lambda c: c.screen_score))
         t0 = time.perf_counter()
         model, hist = train(best, epochs)
+        best.epochs, best.score = len(hist), judge(best, model, hist, len(hist))
         best.seconds += time.perf_counter() - t0
-        best.epochs, best.score = len(hist), _best(hist, len(hist), warmup)
         results[id(best)] = (model, hist)
     else:
         best = min(cands, key=_rank(lambda c: c.score))

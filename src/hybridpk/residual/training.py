@@ -29,7 +29,7 @@ from .forms import default_form, get_form
 from .objective import neg_elbo
 from .vae import HybridVAE, scale_to_tensors
 
-__all__ = ["TrainConfig", "train_vae"]
+__all__ = ["TrainConfig", "train_vae", "held_out_patients"]
 
 
 @dataclass
@@ -38,9 +38,9 @@ class TrainConfig:
 
     ``form``: how the correction enters (:mod:`hybridpk.residual.forms`): "input", "reservoir",
     "elimination", "log", or "auto": :func:`fit_hybrid` trains the forms that suit the structural model and
-    keeps the best held-out -ELBO (:func:`train_vae` alone takes input for linear models with joint
-    training, else log). ``screen_epochs``: when several candidates (forms, latent dimensions) are tried,
-    each is trained this many epochs and only the best continues to the end, exactly as if it had been
+    keeps the best predictive score on held-out patients (:func:`train_vae` alone takes input for linear
+    models with joint training, else log). ``screen_epochs``: when several candidates (forms, latent
+    dimensions) are tried, each is trained this many epochs and only the best continues to the end, exactly as if it had been
     trained alone (0: every candidate to the end). ``intervals``: grid forms'
     number of intervals over the observed span (None: the form's default, 96 input, 48 reservoir).
     ``l2_correction``: weight of the L2 penalty on the correction. ``joint``: re-estimate each patient's
@@ -91,6 +91,19 @@ class _Split:
             self.eva = nn.Parameter(eta0[val_idx].clone()) if self.n_val else None
 
 
+def _split(n: int, cfg: TrainConfig, gen) -> tuple:
+    """(held-out, training) patient indices: ``cfg.val_fraction`` of the ``n`` patients (none with 4 or fewer),
+    drawn with ``gen`` (seeded with ``cfg.seed``)."""
+    perm = torch.randperm(n, generator=gen)
+    n_val = max(1, int(round(cfg.val_fraction * n))) if n > 4 else 0
+    return perm[:n_val], perm[n_val:]
+
+
+def held_out_patients(n: int, cfg: TrainConfig):
+    """The indices of the patients :func:`train_vae` holds out with ``cfg`` (the same draw, from its seed)."""
+    return _split(n, cfg, torch.Generator(device="cpu").manual_seed(cfg.seed))[0]
+
+
 def _build_model(batch, ipred, tr_idx, cfg: TrainConfig, baseline) -> HybridVAE:
     joint = baseline is not None
     form = cfg.form if cfg.form != "auto" else default_form(joint, joint and baseline.structural.linear)
@@ -118,9 +131,8 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     n = batch.n_subjects
-    perm = torch.randperm(n, generator=gen)
-    n_val = max(1, int(round(cfg.val_fraction * n))) if n > 4 else 0
-    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    val_idx, tr_idx = _split(n, cfg, gen)
+    n_val = len(val_idx)
     joint = baseline is not None
     if joint and (eta0 is None or eta0.shape != (n, baseline.n_eta)):
         raise ValueError("joint training needs eta0 of shape (N subjects, number of ETAs)")
