@@ -79,3 +79,33 @@ def test_the_command_prints_every_candidates_score_and_the_choice(ehc_fit, tmp_p
         assert f"  {form:<12} K=2" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["hybrid"]
     assert sum(c["chosen"] for c in summary["candidates"]) == 1 and summary["config"]["screen_epochs"] == 8
+
+
+def test_a_selection_interrupted_while_the_winner_continues_resumes_to_the_same_run(ehc_fit, tmp_path, monkeypatch):
+    """Interrupted in the winner's continuation (past its screening epochs), then repeated with the same
+    checkpoint folder: the screening scores are the kept ones (not the winner scored again at its later state),
+    and the weights those of an uninterrupted selection."""
+    import hybridpk.residual.training as training
+    from hybridpk.errors import Interrupted
+
+    ds, pm, fit = ehc_fit
+    cfg = TrainConfig(epochs=24, warmup_epochs=4, screen_epochs=10, progress=False, checkpoint_every=3)
+    ref = fit_hybrid(pm, ds, population=fit, config=cfg, seed=5, progress=False)
+    real, calls = training._validate, {"n": 0}
+
+    def interrupt(*a, **k):          # Ctrl-C in epoch 18 of the winner (4 x 10 screening epochs before)
+        calls["n"] += 1
+        if calls["n"] == 4 * 10 + 8:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(training, "_validate", interrupt)
+        with pytest.raises(Interrupted):
+            fit_hybrid(pm, ds, population=fit, config=cfg, seed=5, progress=False, checkpoint_dir=tmp_path)
+    assert len(list(tmp_path.glob("vae_*.screen.json"))) == 4
+    resumed = fit_hybrid(pm, ds, population=fit, config=cfg, seed=5, progress=False, checkpoint_dir=tmp_path)
+    assert [(c.form, c.screen_score, c.chosen) for c in resumed.candidates] == \
+        [(c.form, c.screen_score, c.chosen) for c in ref.candidates]
+    for (k, v), (_, w) in zip(ref.vae.state_dict().items(), resumed.vae.state_dict().items()):
+        assert torch.equal(v, w), k

@@ -331,6 +331,34 @@ def _predictive(fit, dataset, cands, config_of):
     return score
 
 
+def _kept(score, folder: Path):
+    """``score`` with each candidate's screening score kept beside its checkpoint (vae_{form}_k{K}.screen.json,
+    with the checkpoint's fingerprint), so that a resumed selection uses the scores of the interrupted one: a
+    winner interrupted while it continued resumes past its screening state, which scoring again would not see."""
+    if score is None:
+        return None
+
+    def kept(c, model):
+        if c.screen_score is not None:              # the winner at the end of its training: not kept
+            return score(c, model)
+        ck, side = folder / f"vae_{c.form}_k{c.latent_dim}.pt", folder / f"vae_{c.form}_k{c.latent_dim}.screen.json"
+        fingerprint = torch.load(ck, weights_only=True)["fingerprint"] if ck.is_file() else None
+        if fingerprint is not None and side.is_file():
+            try:
+                saved = json.loads(side.read_text())
+                if saved.get("fingerprint") == fingerprint and saved.get("epochs") == c.screen_epochs:
+                    return float(saved["score"])
+            except (ValueError, KeyError, TypeError):
+                pass                                # a damaged record: score again
+        value = score(c, model)
+        if fingerprint is not None:
+            atomic_write_text(side, json.dumps({"fingerprint": fingerprint, "epochs": c.screen_epochs,
+                                                "score": value}))
+        return value
+
+    return kept
+
+
 def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
                progress: bool = True, population: FittedPopulation | None = None,
                checkpoint_dir=None) -> HybridFit:
@@ -372,7 +400,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
                              baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None)
 
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
-                                     score=_predictive(fit, dataset, cands, config_of))
+                                     score=_kept(_predictive(fit, dataset, cands, config_of), where))
     cfg = config_of(chosen, checkpoint=None)   # the run does not depend on where its training was checkpointed
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame())
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})
