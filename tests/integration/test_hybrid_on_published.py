@@ -68,3 +68,15 @@ def test_a_published_model_with_covariates_and_combined_error_carries_the_hybrid
     np.testing.assert_allclose(ours.PRED, own.PRED, rtol=1e-10)
     at_6h = own[own.TIME == 6.0].PRED
     assert at_6h.std() > 0.1 * at_6h.mean()      # the typical curve differs by patient: the covariates act
+
+
+def test_the_published_models_are_listed_with_their_structure_covariates_and_error(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "published models (--model NAME):" in out
+    assert "vancomycin_goti2018: 2cmt_iv, covariates CRCL, DIAL, WT, combined error" in out
+    assert main(["models", "theophylline_nlmixr2", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed == {"theophylline_nlmixr2": {"published": True, "structure": "1cmt_oral",
+                                               "citation": load_model("theophylline_nlmixr2").citation,
+                                               "covariates": [], "error": "additive"}}

@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import json
+    import textwrap
 
     from hybridpk.models import MODELS, get_model
 
@@ -42,12 +43,13 @@ def run(args) -> int:
                                                 "upper": p.upper} for p in m.parameters}}
                for m in models}
         out.update({f.name: {"published": True, "structure": f.model.structural.name, "citation": f.citation,
-                             "notes": f.notes} for f in published})
+                             "covariates": list(f.covariates), "error": f.model.error.kind} for f in published})
         print(json.dumps(out, indent=2))
     else:
         blocks = [m.describe() for m in models]
         if published:
             blocks.append("published models (--model NAME):\n" + "\n".join(
-                f"  {f.name}: {f.model.structural.name}; {f.notes}" for f in published))
+                f"  {f.name}: {f.model.structural.name}, covariates {', '.join(f.covariates) or 'none'}, "
+                f"{f.model.error.kind} error\n    {textwrap.shorten(f.citation, 116)}" for f in published))
         print("\n\n".join(blocks))
     return 0

@@ -17,9 +17,9 @@ from ..errors import HybridPKError, Interrupted
 from ..io import atomic_write_text
 from ..progress import Progress
 from .diagnostics import diagnostics
+from .estimates import map_estimate
 from .estimation import COVARIANCE_METHODS, ConvergenceWarning, Estimation
 from .fitted import FittedPopulation
-from .estimates import map_estimate
 from .focei import Problem
 from .omega import OmegaBlocks
 from .tables import OmegaTable, SigmaEstimate, SigmaTable, ThetaEstimate, ThetaTable
