@@ -89,13 +89,13 @@ def test_a_selection_interrupted_while_the_winner_continues_resumes_to_the_same_
     from hybridpk.errors import Interrupted
 
     ds, pm, fit = ehc_fit
-    cfg = TrainConfig(epochs=24, warmup_epochs=4, screen_epochs=10, progress=False, checkpoint_every=3)
+    cfg = TrainConfig(epochs=14, warmup_epochs=3, screen_epochs=6, progress=False, checkpoint_every=2)
     ref = fit_hybrid(pm, ds, population=fit, config=cfg, seed=5, progress=False)
     real, calls = training._validate, {"n": 0}
 
-    def interrupt(*a, **k):          # Ctrl-C in epoch 18 of the winner (4 x 10 screening epochs before)
+    def interrupt(*a, **k):          # Ctrl-C in epoch 11 of the winner (4 x 6 screening epochs before)
         calls["n"] += 1
-        if calls["n"] == 4 * 10 + 8:
+        if calls["n"] == 4 * 6 + 5:
             raise KeyboardInterrupt
         return real(*a, **k)
 
