@@ -40,9 +40,9 @@ class TrainConfig:
     "elimination", "log", or "auto": :func:`fit_hybrid` trains the forms that suit the structural model and
     keeps the best predictive score on held-out patients (:func:`train_vae` alone takes input for linear
     models with joint training, else log). ``screen_epochs``: when several candidates (forms, latent
-    dimensions) are tried, each is trained this many epochs and only the best continues to the end, exactly as if it had been
-    trained alone (0: every candidate to the end). ``intervals``: grid forms'
-    number of intervals over the observed span (None: the form's default, 96 input, 48 reservoir).
+    dimensions) are tried, each is trained this many epochs and only the best continues to the end, exactly
+    as if it had been trained alone (0: every candidate to the end). ``intervals``: grid forms' number of
+    intervals over the observed span (None: the form's default, 96 input, 48 reservoir).
     ``l2_correction``: weight of the L2 penalty on the correction. ``joint``: re-estimate each patient's
     ETAs (and the typical values) together with z. ``fourier``: Fourier features of the times since dose and
     since the first dose (0: raw times only). No early stopping before ``min_epochs`` (the correction is
