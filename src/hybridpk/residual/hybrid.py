@@ -316,17 +316,18 @@ def _predictive(fit, dataset, cands, config_of):
     """The candidates' score for form selection: the predictive score of :mod:`.predictive` on the patients the
     training holds out (the same for every candidate); None (the held-out -ELBO) with one candidate or none held
     out."""
-    from .predictive import predictive_score
+    from .predictive import predictive_score, split_halves
     from .training import held_out_patients
 
     held = held_out_patients(dataset.n_subjects, config_of(cands[0]))
     if len(cands) < 2 or len(held) == 0:
         return None
     ids = [dataset.ids[i] for i in held.tolist()]
+    halves = split_halves(dataset, ids)
 
     def score(c, model):
         return predictive_score(HybridFit(population=fit, vae=model, config=config_of(c), individual=pd.DataFrame()),
-                                dataset, ids)
+                                dataset, ids, halves)
 
     return score
 

@@ -35,10 +35,11 @@ def split_halves(dataset, ids) -> tuple:
     return halves[0], halves[1], read_nonmem(df, covariates=list(dataset.covariates))
 
 
-def predictive_score(hybrid, dataset, ids) -> float:
+def predictive_score(hybrid, dataset, ids, halves=None) -> float:
     """Mean -2 log-likelihood (without the constant) per observation of the patients ``ids`` of ``dataset``, each
-    half of a patient's observations predicted by ``hybrid`` (a HybridFit) from the other half."""
-    a, b, full = split_halves(dataset, ids)
+    half of a patient's observations predicted by ``hybrid`` (a HybridFit) from the other half. ``halves``: the
+    :func:`split_halves` of ``dataset`` and ``ids``, when already made (one split for every candidate)."""
+    a, b, full = halves if halves is not None else split_halves(dataset, ids)
     pop = hybrid.population
     sd = pop.sigma.sd_tensors()
     floor = hybrid.vae.variance_floor(pop.model.error, sd)
