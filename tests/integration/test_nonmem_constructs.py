@@ -36,8 +36,8 @@ def pheno_dir(tmp_path, pharmpy_examples):
     ("METHOD=1 INTERACTION", "METHOD=0 INTER", "METHOD=0 INTERACTION"),
     ("METHOD=1 INTERACTION MAXEVALS=99999", "METHOD=0 MAXEVALS=99999\n$ESTIMATION METHOD=1 INTER", "2 $ESTIMATION"),
     ("METHOD=1 INTERACTION", "METHOD=SAEM INTERACTION", "METHOD=SAEM"),
-    ("MAXEVALS=99999", "MAXEVAL=0", "MAXEVAL=0"),
-    ("$OMEGA  0.031128 ; IIV_VC", "$OMEGA  0.031128 FIX ; IIV_VC", "IIV_VC is FIX"),
+    ("$OMEGA  0.031128 ; IIV_VC", "$OMEGA  0 FIX ; IIV_VC", "IIV_VC is 0 FIX"),
+    ("$SIGMA  0.0130865", "$SIGMA  0 FIX", "SIGMA is 0 FIX"),
 ])
 def test_unsupported_constructs_are_refused_by_name_and_line(pheno_dir, old, new, construct):
     folder, text = pheno_dir
@@ -62,6 +62,76 @@ def test_the_estimation_method_written_is_the_one_carried_out(pheno_dir, written
     prob = Problem(pm, ds, estimation=method)
     eta = prob.ebe(theta, torch.linalg.inv(omega), sd, torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64))
     assert fit.estimation.ofv == pytest.approx(float(prob.ofv(theta, omega, sd, eta).detach()), abs=1e-6)
+
+
+def test_fix_on_omega_and_sigma_holds_them_at_their_values(pheno_dir):
+    """$OMEGA ... FIX and $SIGMA ... FIX: those stay where the control stream puts them (no standard error),
+    the other parameters are estimated: the OFV's gradient in them is 0 at the estimates, and the OFV is above
+    NONMEM's unrestricted minimum (586.276)."""
+    from hybridpk.population.fit import Packing
+
+    folder, text = pheno_dir
+    changed = text.replace("$OMEGA  0.031128 ; IIV_VC", "$OMEGA  0.05 FIX ; IIV_VC").replace(
+        "$SIGMA  0.0130865", "$SIGMA  0.02 FIX")
+    (folder / "run.mod").write_text(changed)
+    pm, ds = read_control_stream(folder / "run.mod")
+    assert pm.omega_fixed == (1,) and pm.sigma_fixed == ("PROP",)
+    res = fit_population(pm, ds, progress=False, pooled_start=False)
+    assert res.omega["ETA_VC"].variance == pytest.approx(0.05, rel=1e-12)
+    assert res.sigma.to_dict()["SIGMA"]["variance"] == pytest.approx(0.02, rel=1e-12)
+    assert res.omega["ETA_CL"].variance != pytest.approx(0.0309626, rel=1e-3)        # the free one moved
+    assert res.omega.se[1][1] is None and res.sigma.to_dict()["SIGMA"]["se"] is None
+    assert res.omega.se[0][0] is not None and all(t.se is not None for t in res.theta)
+    assert res.estimation.converged and res.estimation.ofv > 586.276
+    # optimality in the free parameters alone: a central-difference gradient of the OFV at the estimates
+    pack = Packing(pm)
+    x_hat = pack.x0({t.name: t.value for t in res.theta})
+    x_hat[3] = math.log(res.omega["ETA_CL"].variance)           # the free OMEGA (log variance)
+    assert len(x_hat) == 4                                      # 3 THETAs + 1 OMEGA: nothing else estimated
+    prob = Problem(pm, ds)
+
+    def ofv(x):
+        th, om, sd = pack.unpack(torch.tensor(x, dtype=torch.float64))
+        eta = prob.ebe(th, torch.linalg.inv(om), sd, torch.tensor(res.estimation.individual[["ETA_CL", "ETA_VC"]]
+                                                                    .to_numpy()))
+        return float(prob.ofv(th, om, sd, eta).detach())
+
+    assert ofv(x_hat) == pytest.approx(res.estimation.ofv, abs=1e-6)
+    for i in range(4):
+        h = np.zeros(4)
+        h[i] = 1e-4
+        assert abs(ofv(x_hat + h) - ofv(x_hat - h)) / 2e-4 < 0.05
+
+
+#: NONMEM 7's OFV for pheno.mod at its initial estimates ("0ITERATION NO.: 0 OBJECTIVE VALUE:" in pharmpy's
+#: bundled pheno.lst): what MAXEVAL=0 reports
+PHENO_OFV_AT_INITS = 587.366441346616
+
+
+def test_maxeval_0_evaluates_the_ofv_and_ebes_at_the_initial_estimates_as_nonmem(pheno_dir, tmp_path, capsys):
+    import json
+
+    from hybridpk.cli import main
+
+    folder, text = pheno_dir
+    (folder / "run.mod").write_text(text.replace("MAXEVALS=99999", "MAXEVAL=0"))
+    pm, ds = read_control_stream(folder / "run.mod")
+    assert pm.recipe["evaluate"] and pm.recipe["estimation"] == "FOCE-I"
+    res = fit_population(pm, ds, progress=False, covariance=False)     # pooled_start is not applied either
+    e = res.estimation
+    assert e.evaluation_only and e.iterations == 0 and not e.converged and "MAXEVAL=0" in e.message
+    assert e.ofv == pytest.approx(PHENO_OFV_AT_INITS, abs=1e-4)
+    assert [t.value for t in res.theta] == pytest.approx([0.00469307, 1.00916, 0.1], rel=1e-12)   # nothing moved
+    assert res.sigma.to_dict()["SIGMA"]["variance"] == pytest.approx(0.0130865, rel=1e-12)
+    assert (e.individual["ETA_CL"].abs() > 0).all()                                # POSTHOC EBEs
+    # the same from the CLI, on the control stream as written (MAXEVALS=99999) with --evaluate
+    (folder / "orig.mod").write_text(text)
+    rc = main(["fit", str(folder / "orig.mod"), "--evaluate", "--no-covariance", "--quiet", "--out",
+               str(tmp_path / "ev")])
+    out = capsys.readouterr().out
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert rc == 0 and "evaluation (MAXEVAL=0" in out and s["evaluation_only"] is True
+    assert s["ofv"] == pytest.approx(PHENO_OFV_AT_INITS, abs=1e-4) and s["iterations"] == 0
 
 
 def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):

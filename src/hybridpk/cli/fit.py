@@ -120,6 +120,9 @@ def add_parser(sub) -> None:
                    help="estimation method, NONMEM's: FOCE-I (METHOD=1 INTERACTION), FOCE (METHOD=1: the residual "
                         "variance at ETA = 0) or FO (METHOD=0: the model linearised at ETA = 0). A control stream's "
                         "$ESTIMATION decides for a .mod file (default: FOCE-I)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="estimate nothing: the OFV, EBEs, tables and standard errors at the initial estimates "
+                        "(NONMEM's MAXEVAL=0; a control stream with MAXEVAL=0 is evaluated without this flag)")
     p.add_argument("--covariance", choices=["sandwich", "R", "S"], default="sandwich",
                    help="standard errors from the sandwich R^-1 S R^-1 (NONMEM's default $COVARIANCE), 2 R^-1 "
                         "(MATRIX=R) or 4 S^-1 (MATRIX=S); R: Hessian of the OFV, S: sum of the subjects' gradient "
@@ -230,7 +233,7 @@ def _population_stage(args, pm, ds, out, ck):
     with warnings.catch_warnings():  # convergence problems are reported below and in summary.json
         warnings.simplefilter("ignore")
         result = fit_population(pm, ds, seed=args.seed, maxiter=args.maxiter, progress=not args.quiet,
-                                estimation=args.method,
+                                estimation=args.method, evaluate=True if args.evaluate else None,
                                 covariance="none" if args.no_covariance else args.covariance, pooled_start=args.pooled,
                                 checkpoint=ck / "foce.json")
     result.save(out)
@@ -329,8 +332,12 @@ def report(result, ds) -> str:
     """The estimates as printed after a fit: OFV and convergence, THETA with RSE, OMEGA with CV and
     shrinkage, SIGMA on its stated scale, warnings."""
     e = result.estimation
-    lines = [f"{e.method} fit of {ds.n_subjects} subjects, {ds.n_observations} observations: OFV {e.ofv:.4f} "
-             f"({'converged' if e.converged else 'NOT converged'}, {e.iterations} iterations, {e.seconds:.1f} s)"]
+    if e.evaluation_only:
+        lines = [f"{e.method} evaluation (MAXEVAL=0: nothing estimated) of {ds.n_subjects} subjects, "
+                 f"{ds.n_observations} observations: OFV {e.ofv:.4f} at the initial estimates ({e.seconds:.1f} s)"]
+    else:
+        lines = [f"{e.method} fit of {ds.n_subjects} subjects, {ds.n_observations} observations: OFV {e.ofv:.4f} "
+                 f"({'converged' if e.converged else 'NOT converged'}, {e.iterations} iterations, {e.seconds:.1f} s)"]
     labels = {"sandwich": "the sandwich R^-1 S R^-1 (NONMEM's default)", "R": "2 R^-1 (MATRIX=R)",
               "S": "4 S^-1 (MATRIX=S)"}
     if e.covariance in labels:

@@ -50,7 +50,8 @@ class Estimation:
     ``individual`` DataFrame (ID, ETAs = EBEs, individual parameters); ``predictions`` DataFrame (ID, TIME,
     DV, MDV, PRED, IPRED, CWRES, IWRES for every record); counts, ``seed``, ``warnings`` and
     ``data_sha256`` (the fingerprint of the dataset it was fitted to); ``ebe_fallbacks`` EBE Newton steps
-    that met a singular Hessian and took a gradient step. ``covariance`` how the standard errors were
+    that met a singular Hessian and took a gradient step. ``evaluation_only``: NONMEM's MAXEVAL=0, nothing
+    estimated (the OFV and EBEs at the initial estimates). ``covariance`` how the standard errors were
     computed (a key of ``COVARIANCE_METHODS``). ``estimates``: the fitted patients' IndividualEstimates (in
     memory only; not saved).
     """
@@ -73,6 +74,7 @@ class Estimation:
     estimates: object = field(default=None, repr=False, compare=False)
     ebe_fallbacks: int = 0
     covariance: str = "none"
+    evaluation_only: bool = False
 
     def to_dict(self) -> dict:
         """The estimation part of summary.json."""
@@ -81,6 +83,7 @@ class Estimation:
                 "fit_seconds": round(self.seconds, 3), "shrinkage": self.shrinkage, "n_subjects": self.n_subjects,
                 "n_observations": self.n_observations, "seed": self.seed, "warnings": list(self.warnings),
                 "data_sha256": self.data_sha256, "ebe_fallbacks": self.ebe_fallbacks, "covariance": self.covariance,
+                "evaluation_only": self.evaluation_only,
                 "methods": {**METHODS, "covariance": COVARIANCE_METHODS.get(self.covariance, self.covariance)}}
 
     def save(self, run: Path, tables: dict) -> None:
@@ -89,7 +92,7 @@ class Estimation:
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         atomic_write_text(run / "predictions.csv", self.predictions.to_csv(index=False))
         d = self.to_dict()
-        summary = {**{k: d[k] for k in ("ofv", "method", "converged", "message", "iterations",
+        summary = {**{k: d[k] for k in ("ofv", "method", "evaluation_only", "converged", "message", "iterations",
                                           "function_evaluations", "fit_seconds")},
                    **tables, **{k: d[k] for k in ("shrinkage", "n_subjects", "n_observations", "seed", "warnings",
                                                   "data_sha256", "ebe_fallbacks", "covariance", "methods")},
@@ -111,7 +114,8 @@ class Estimation:
                        predictions=_read_csv(run / "predictions.csv"), n_subjects=int(s.get("n_subjects", 0)),
                        n_observations=int(s.get("n_observations", 0)), seed=int(s.get("seed", 0)),
                        warnings=tuple(s.get("warnings", ())), data_sha256=str(s.get("data_sha256", "")),
-                       ebe_fallbacks=int(s.get("ebe_fallbacks", 0)), covariance=str(s.get("covariance", "none")))
+                       ebe_fallbacks=int(s.get("ebe_fallbacks", 0)), covariance=str(s.get("covariance", "none")),
+                       evaluation_only=bool(s.get("evaluation_only", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
 

@@ -28,7 +28,11 @@ __all__ = ["fit_population"]
 
 
 class Packing:
-    """Unconstrained vector x <-> (THETA natural, OMEGA (its blocks, see :mod:`.omega`), residual SDs)."""
+    """Unconstrained vector x <-> (THETA natural, OMEGA (its blocks, see :mod:`.omega`), residual SDs).
+
+    x holds what is estimated: the THETAs not fixed, the OMEGA parameters of blocks neither fixed
+    (``pm.omega_fixed``) nor SAME as another block (``pm.omega_same``: they take the source's values), and the
+    log residual SDs not fixed (``pm.sigma_fixed``)."""
 
     def __init__(self, pm, omega=None, sigma=None):
         self.pm = pm
@@ -40,6 +44,20 @@ class Packing:
             s0.update(sigma)
         self.sigma_names = pm.error.names
         self.sigma0 = np.array([s0[k] for k in self.sigma_names], dtype=float)
+        # OMEGA parameters: ("x", position in x) estimated, ("fixed", value), ("same", source parameter)
+        full = self.omega.x0(self.omega0)
+        role = [None] * self.omega.n_params
+        for b, src in pm.omega_same:
+            for i, j in zip(self.omega.param_indices(b), self.omega.param_indices(src)):
+                role[i] = ("same", j)
+        for b in self.omega.blocks:
+            if b[0] in pm.omega_fixed:
+                for i in self.omega.param_indices(b):
+                    role[i] = ("fixed", full[i])
+        self.omega_free = [i for i, r in enumerate(role) if r is None]
+        self._omega_role = role
+        self._omega_full0 = full
+        self.sigma_free = [j for j, name in enumerate(self.sigma_names) if name not in pm.sigma_fixed]
 
     @property
     def block(self) -> bool:
@@ -48,7 +66,8 @@ class Packing:
     def x0(self, theta=None):
         theta = theta or {t.name: t.init for t in self.pm.thetas}
         xs = [self._to_x(t, theta[t.name]) for t in self.free]
-        return np.array(xs + self.omega.x0(self.omega0) + list(np.log(self.sigma0)), dtype=float)
+        om = [self._omega_full0[i] for i in self.omega_free]
+        return np.array(xs + om + [math.log(self.sigma0[j]) for j in self.sigma_free], dtype=float)
 
     @staticmethod
     def _to_x(t, v):
@@ -73,6 +92,22 @@ class Packing:
             return hi - torch.exp(-x)
         return x
 
+    def _omega_params(self, xo):
+        """The full unconstrained OMEGA vector from its estimated part ``xo``."""
+        if not self._omega_role or all(r is None for r in self._omega_role):
+            return xo
+        where = {i: k for k, i in enumerate(self.omega_free)}
+
+        def value(i):
+            r = self._omega_role[i]
+            if r is None:
+                return xo[where[i]]
+            if r[0] == "fixed":
+                return torch.tensor(r[1], dtype=xo.dtype, device=xo.device)
+            return value(r[1])
+
+        return torch.stack([value(i) for i in range(self.omega.n_params)])
+
     def unpack(self, x):
         """x (tensor) -> theta {name: scalar}, omega (K, K), sd {name: scalar}."""
         theta = {}
@@ -83,10 +118,16 @@ class Packing:
             else:
                 theta[t.name] = self._from_x(t, x[i])
                 i += 1
-        n_om = self.omega.n_params
-        omega = self.omega.unpack(x[i:i + n_om])
+        n_om = len(self.omega_free)
+        omega = self.omega.unpack(self._omega_params(x[i:i + n_om]))
         i += n_om
-        sd = {name: torch.exp(x[i + j]) for j, name in enumerate(self.sigma_names)}
+        sd, j = {}, 0
+        for k, name in enumerate(self.sigma_names):
+            if k in self.sigma_free:
+                sd[name] = torch.exp(x[i + j])
+                j += 1
+            else:
+                sd[name] = torch.tensor(float(self.sigma0[k]), dtype=x.dtype)
         return theta, omega, sd
 
     def natural(self, x):
@@ -95,6 +136,10 @@ class Packing:
         extra = [omega[r, c] for r, c in self.omega.offdiagonal()]
         return torch.stack([theta[t.name] for t in self.free] + list(torch.diagonal(omega)) +
                            [sd[n] for n in self.sigma_names] + extra)
+
+    def fixed_etas(self) -> set:
+        """ETA indices whose OMEGA is fixed (no standard error)."""
+        return set(self.pm.omega_fixed)
 
 
 def _naive_pooled(prob, pack, x0):
@@ -136,7 +181,8 @@ STALL_ITERATIONS, STALL_OFV = 10, 1e-4
 
 def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxiter: int = 300,
                    progress: bool = True, covariance: bool = True, pooled_start: bool = True,
-                   method: str = "auto", checkpoint=None, estimation: str | None = None) -> FittedPopulation:
+                   method: str = "auto", checkpoint=None, estimation: str | None = None,
+                   evaluate: bool | None = None) -> FittedPopulation:
     """Fit a population model by FOCE with interaction (or, ``estimation``, FOCE or FO).
 
     Parameters
@@ -157,6 +203,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         or "FO" (METHOD=0: the model linearised at eta = 0; the EBEs reported are POSTHOC modes), with the
         OFVs of Wang (J Pharmacokinet Pharmacodyn 2007;34:575-93); see :mod:`hybridpk.population.focei`.
         None: the method the model asks for (an imported control stream's $ESTIMATION), else FOCE-I
+    evaluate : NONMEM's MAXEVAL=0: no estimation; the OFV, EBEs (POSTHOC), tables and (if asked) standard errors
+        at the initial estimates. None: as the model asks (a control stream's ``MAXEVAL=0``), else False
     checkpoint : a JSON file written atomically after every outer iteration (the iterate and the EBEs
         that warm-start the next one). When it exists the fit resumes from that iterate, with a new BFGS
         Hessian approximation: the estimates agree with an uninterrupted fit's to the convergence
@@ -169,6 +217,9 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     estimation = estimation or pm.recipe.get("estimation", "FOCE-I")
+    evaluate = bool(pm.recipe.get("evaluate", False) if evaluate is None else evaluate)
+    if evaluate:
+        pooled_start = False      # the OFV at the estimates given, not at a naive-pooled start
     cov_method = "sandwich" if covariance is True else "none" if covariance in (False, None) else str(covariance)
     if cov_method not in COVARIANCE_METHODS:
         raise HybridPKError(f"covariance={covariance!r}: give one of {', '.join(COVARIANCE_METHODS)} (or True/False)")
@@ -183,7 +234,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     prob.require_positive_variance(theta0, sd0)
     n, k = dataset.n_subjects, pm.n_eta
     state = {"eta": torch.zeros(n, k, dtype=torch.float64), "best": math.inf, "evals": 0, "iter": 0}
-    key = _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation)
+    key = _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation + ("/evaluate" if evaluate
+                                                                                         else ""))
     resumed = _read_checkpoint(checkpoint, key, (n, k)) if checkpoint else None
     if resumed is not None:
         x0, state["eta"], state["iter"] = resumed
@@ -192,7 +244,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     bar = Progress(maxiter, estimation, "it", enabled=progress, initial=state["iter"])
     conditional = estimation != "FO"          # FO's OFV needs no EBEs
 
-    def evaluate(xv, need_grad=True):
+    def evaluate_at(xv, need_grad=True):
         x = torch.tensor(xv, dtype=torch.float64, requires_grad=need_grad)
         theta, om, sd = pack.unpack(x)
         with torch.no_grad():
@@ -208,7 +260,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         return float(ofv.detach()), None, eta
 
     def fun(xv):
-        ofv, g, eta = evaluate(xv)
+        ofv, g, eta = evaluate_at(xv)
         if math.isfinite(ofv) and ofv < state["best"]:
             state["best"] = ofv
             state["eta"] = eta
@@ -227,8 +279,9 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
             raise StopIteration     # scipy ends the search at this iterate
 
     try:
-        res = minimize(fun, x0, jac=True, method="BFGS", callback=cb,
-                       options={"maxiter": max(1, maxiter - state["iter"]), "gtol": 1e-4, "xrtol": 1e-7})
+        res = None if evaluate else minimize(fun, x0, jac=True, method="BFGS", callback=cb,
+                                             options={"maxiter": max(1, maxiter - state["iter"]), "gtol": 1e-4,
+                                                      "xrtol": 1e-7})
     except KeyboardInterrupt:
         saved = state.get("saved", resumed[2] if resumed is not None else None)
         where = (f"the checkpoint {checkpoint} holds iteration {saved}" if saved is not None
@@ -237,14 +290,18 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                           f"{where}") from None
     finally:
         bar.close()
-    x_hat = res.x
-    ofv, g, eta = evaluate(x_hat)
-    stalled = "StopIteration" in str(res.message)
-    converged = bool(res.success) or stalled or float(np.abs(g).max()) < 1e-2
-    message = (f"the OFV fell by less than {STALL_OFV:g} over the last {STALL_ITERATIONS} iterations"
-               if stalled else str(res.message))
+    x_hat = x0 if evaluate else res.x
+    ofv, g, eta = evaluate_at(x_hat)
+    if evaluate:
+        converged, message = False, ("evaluation only (MAXEVAL=0): the OFV and EBEs at the initial estimates, "
+                                     "nothing estimated")
+    else:
+        stalled = "StopIteration" in str(res.message)
+        converged = bool(res.success) or stalled or float(np.abs(g).max()) < 1e-2
+        message = (f"the OFV fell by less than {STALL_OFV:g} over the last {STALL_ITERATIONS} iterations"
+                   if stalled else str(res.message))
     warn = []
-    if not converged:
+    if not converged and not evaluate:
         warn.append(f"the estimation did not converge ({message}; max |gradient| {np.abs(g).max():.3g})")
         warnings.warn(warn[-1], ConvergenceWarning, stacklevel=2)
     def subject_gradients(xv):
@@ -264,7 +321,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 
     cov_nat = None
     if cov_method != "none":
-        cov_nat, cov_warn = _covariance(evaluate, subject_gradients, pack, x_hat, cov_method)
+        cov_nat, cov_warn = _covariance(evaluate_at, subject_gradients, pack, x_hat, cov_method)
         if cov_warn:
             warn.append(cov_warn)
             warnings.warn(cov_warn, ConvergenceWarning, stacklevel=2)
@@ -285,7 +342,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                                                                                                       diag),
                         n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,
                         warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est,
-                        ebe_fallbacks=prob.fallback_steps, covariance=cov_method if cov_nat is not None else "none")
+                        ebe_fallbacks=prob.fallback_steps, covariance=cov_method if cov_nat is not None else "none",
+                        evaluation_only=evaluate)
     return fitted.with_estimation(record)
 
 
@@ -297,7 +355,8 @@ def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
         out.append(f"{n} subject: the between-subject variances (OMEGA) cannot be estimated from one subject, and "
                    "ETA shrinkage is undefined; fit several subjects, or a model without IIV")
     _, om, _ = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
-    low = [f"{e} ({float(om[j, j]):.2g})" for j, e in enumerate(pack.pm.etas) if float(om[j, j]) < 1e-6]
+    low = [f"{e} ({float(om[j, j]):.2g})" for j, e in enumerate(pack.pm.etas)
+           if float(om[j, j]) < 1e-6 and j not in pack.pm.omega_fixed]
     if low:
         out.append(f"OMEGA near its boundary of 0 for {', '.join(low)}: the data do not inform this IIV; consider "
                    "removing it (its ETA, CV and shrinkage are not meaningful)")
@@ -317,7 +376,8 @@ def _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation
     spec = {"recipe": pm.recipe, "thetas": [(t.name, t.init, t.lower, t.upper, t.fixed) for t in pm.thetas],
             "omega": np.asarray(omega if omega is not None else pm.omega_init, dtype=float).tolist(),
             "sigma": {**pm.error.init_values(), **(sigma or {})}, "etas": list(pm.etas),
-            "blocks": [list(b) for b in pm.blocks], "method": method, "pooled_start": bool(pooled_start),
+            "blocks": [list(b) for b in pm.blocks], "fixed": [list(pm.omega_fixed), list(pm.sigma_fixed)],
+            "same": [[list(b), list(c)] for b, c in pm.omega_same], "method": method, "pooled_start": bool(pooled_start),
             "estimation": estimation}
     return hashlib.sha256((json.dumps(spec, sort_keys=True, default=str) + dataset.fingerprint()).encode()).hexdigest()
 
@@ -369,16 +429,18 @@ def _tables(pm, pack, theta, omega, sd, cov_natural) -> FittedPopulation:
         rows.append(ThetaEstimate(t.name, float(theta[t.name]), s, t.fixed, t.unit))
     k = pm.n_eta
     om_se = [[None] * k for _ in range(k)]
+    fixed = set(pm.omega_fixed)            # FIX: no standard error (NONMEM prints none)
     for j in range(k):
-        om_se[j][j] = float(se[i + j]) if se is not None else None
+        om_se[j][j] = float(se[i + j]) if se is not None and j not in fixed else None
     i += k
     sig = []
     for j, kind in enumerate(pack.sigma_names):
         sig.append(SigmaEstimate(kind, pm.sigma_labels.get(kind, kind), float(sd[kind]),
-                                 float(se[i + j]) if se is not None else None, pm.sigma_scale))
+                                 float(se[i + j]) if se is not None and kind not in pm.sigma_fixed else None,
+                                 pm.sigma_scale))
     i += len(pack.sigma_names)
     for j, (r, c) in enumerate(pack.omega.offdiagonal()):
-        om_se[r][c] = om_se[c][r] = float(se[i + j]) if se is not None else None
+        om_se[r][c] = om_se[c][r] = float(se[i + j]) if se is not None and r not in fixed else None
     matrix = tuple(tuple(float(v) for v in row) for row in omega.tolist())
     om = OmegaTable(tuple(pm.etas), tuple(pm.omega_labels or pm.etas), matrix,
                     tuple(tuple(row) for row in om_se) if se is not None else None, pack.omega.blocks)

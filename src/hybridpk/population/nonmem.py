@@ -91,23 +91,22 @@ def _where_fix(text: str, path) -> str:
     return _where(text, path, _OMEGA_OR_SIGMA)
 
 
-def _check_estimation(m, text: str, path) -> str:
-    """The estimation method the control stream asks for ("FOCE-I", "FOCE" or "FO": NONMEM's METHOD=1
-    INTERACTION, METHOD=1, METHOD=0; without $ESTIMATION, FOCE-I). A method hybridpk does not carry out as
-    asked (Laplace, SAEM, IMP, BAYES, MAXEVAL=0, several $ESTIMATION steps) is refused by name."""
+def _check_estimation(m, text: str, path) -> tuple[str, bool]:
+    """(the estimation method the control stream asks for, whether it asks for evaluation only): "FOCE-I",
+    "FOCE" or "FO" (NONMEM's METHOD=1 INTERACTION, METHOD=1, METHOD=0; without $ESTIMATION, FOCE-I), and
+    MAXEVAL=0 (the OFV and POSTHOC EBEs at the initial estimates). A method hybridpk does not carry out as
+    asked (Laplace, SAEM, IMP, BAYES, several $ESTIMATION steps) is refused by name."""
     steps = list(m.execution_steps)
     if len(steps) > 1:
         raise ModelError(f"{_where(text, path, _EST)}: {len(steps)} $ESTIMATION steps; hybridpk runs one "
                          "estimation method: keep the one whose results you want")
     for step in steps:
         method = str(step.method).upper()
-        if step.evaluation:
-            what = "MAXEVAL=0 (evaluate the OFV at the initial estimates without estimating)"
-        elif method == "FOCE" and not step.laplace:
-            return "FOCE-I" if step.interaction else "FOCE"
-        elif method == "FO" and not step.interaction:
-            return "FO"
-        elif method == "FOCE":
+        if method == "FOCE" and not step.laplace:
+            return ("FOCE-I" if step.interaction else "FOCE"), bool(step.evaluation)
+        if method == "FO" and not step.interaction:
+            return "FO", bool(step.evaluation)
+        if method == "FOCE":
             what = "METHOD=COND LAPLACE" + (" INTERACTION" if step.interaction else "")
         elif method == "FO":
             what = "METHOD=0 INTERACTION (not defined for FO)"
@@ -116,44 +115,51 @@ def _check_estimation(m, text: str, path) -> str:
         raise ModelError(f"{_where(text, path, _EST)}: $ESTIMATION {what} is not implemented; hybridpk "
                          "estimates by FOCE-I (METHOD=1 INTERACTION), FOCE (METHOD=1) or FO (METHOD=0) and does "
                          "not replace one method by another")
-    return "FOCE-I"
+    return "FOCE-I", False
 
 
 def _omega(rvs, params, text: str, path):
-    """(OMEGA names (the variances, ETA order), initial OMEGA (variances, or the full (K, K) matrix when there
-    are blocks), the blocks (groups of correlated ETA indices)) of the control stream, as its $OMEGA and
-    $OMEGA BLOCK(n) records define them; SAME (inter-occasion variability) is refused by name."""
+    """The OMEGA of the control stream as its $OMEGA records define it: (labels (each ETA's variance name),
+    initial OMEGA (variances, or the full (K, K) matrix when there are blocks), blocks (groups of correlated
+    ETA indices), SAME pairs (block, the block it repeats: ``$OMEGA BLOCK(n) SAME``, inter-occasion
+    variability), fixed ETA indices (FIX, which NONMEM applies to a whole block))."""
     import sympy
 
     etas = rvs.etas
-    variances = list(etas.variance_parameters)
-    if len(variances) != len(etas.names) or len(set(variances)) != len(variances):
-        raise ModelError(f"{_where(text, path, _OMEGA)}: $OMEGA ... SAME (inter-occasion variability) is not "
-                         "supported yet")
-    if set(etas.parameter_names) == set(variances):
-        return variances, tuple(float(params[n].init) for n in variances), ()
-    matrix = etas.covariance_matrix
-    k = len(variances)
-    blocks, seen = [], set()
-    for i in range(k):   # connected groups of ETAs with a covariance between them
-        if i in seen:
+    names = list(etas.names)
+    labels = [None] * len(names)
+    blocks, same, fixed = [], [], []
+    first_of = {}     # the block that first used a set of OMEGA parameters (SAME repeats them)
+    for dist in etas:
+        b = tuple(names.index(n) for n in dist.names)
+        pars = tuple(dist.parameter_names)
+        var = dist.variance
+        diag = [str(var[i, i]) for i in range(len(b))] if len(b) > 1 else [str(var)]
+        for i, e in enumerate(b):
+            labels[e] = diag[i]
+        if len(b) > 1:
+            blocks.append(b)
+            if any(var[i, j] == 0 for i in range(len(b)) for j in range(len(b))):
+                raise ModelError(f"{_where(text, path, _BLOCK)}: an OMEGA block with some covariances fixed at 0 "
+                                 "is not supported")
+        if pars in first_of:
+            same.append((b, first_of[pars]))
             continue
-        group, todo = {i}, [i]
-        while todo:
-            j = todo.pop()
-            for m in range(k):
-                if m not in group and matrix[j, m] != 0:
-                    group.add(m)
-                    todo.append(m)
-        seen |= group
-        if len(group) > 1:
-            blocks.append(tuple(sorted(group)))
-    for b in blocks:   # a NONMEM block estimates every covariance within it
-        if any(matrix[r, c] == 0 for r in b for c in b):
-            raise ModelError(f"{_where(text, path, _BLOCK)}: an OMEGA block with some covariances fixed at 0 is not "
-                             "supported")
+        first_of[pars] = b
+        if any(params[n].fix for n in pars):
+            zero = [n for n in diag if float(params[n].init) == 0.0]
+            if zero:
+                raise ModelError(f"{_where_fix(text, path)}: {zero[0]} is 0 FIX (an ETA switched off); remove that "
+                                 "ETA from $PK and its $OMEGA record instead: hybridpk estimates only ETAs with a "
+                                 "variance")
+            fixed += list(b)
+    if not blocks and not same:
+        return labels, tuple(float(params[n].init) for n in labels), (), (), tuple(fixed)
+    matrix = etas.covariance_matrix
+    k = len(names)
     init = matrix.subs({sympy.Symbol(p.name): p.init for p in params})
-    return variances, tuple(tuple(float(init[i, j]) for j in range(k)) for i in range(k)), tuple(blocks)
+    return (labels, tuple(tuple(float(init[i, j]) for j in range(k)) for i in range(k)), tuple(blocks),
+            tuple(same), tuple(fixed))
 
 
 def read_control_stream(path):
@@ -181,20 +187,16 @@ def read_control_stream(path):
     structural = get_model(_ADVAN[advan])
     oral = advan in (2, 4, 12)
 
-    estimation = _check_estimation(m, text, path)
+    estimation, evaluation_only = _check_estimation(m, text, path)
     rvs = m.random_variables
     eta_names = list(rvs.etas.names)
     params = m.parameters
-    omega_names, omega_init, blocks = _omega(rvs, params, text, path)
+    omega_names, omega_init, blocks, same, omega_fixed = _omega(rvs, params, text, path)
     eps_names = list(rvs.epsilons.names)
     sigma_names = list(rvs.epsilons.variance_parameters)
     if set(rvs.epsilons.parameter_names) != set(sigma_names):
         raise ModelError(f"{_where(text, path, _SIGMA)}: a $SIGMA BLOCK (correlated EPS) is not supported; "
                          "hybridpk estimates independent EPS (one $SIGMA per EPS)")
-    for name in list(rvs.etas.parameter_names) + sigma_names:
-        if params[name].fix:
-            raise ModelError(f"{_where_fix(text, path)}: {name} is FIX; fixed OMEGA/SIGMA elements are not "
-                             "supported yet (hybridpk would estimate it); remove FIX or fit elsewhere")
     special = set(rvs.etas.parameter_names) | set(rvs.epsilons.parameter_names)
     thetas = tuple(Theta(p.name, float(p.init), lower=float(p.lower) if p.lower is not None else -math.inf,
                          upper=float(p.upper) if p.upper is not None else math.inf, fixed=bool(p.fix))
@@ -234,6 +236,10 @@ def read_control_stream(path):
                              "proportional (F + F*EPS) and combined error models")
     kind = "combined" if len(kinds) == 2 else ("additive" if "ADD" in kinds else "proportional")
     inits = {k: math.sqrt(float(params[v].init)) for k, v in kinds.items()}
+    sigma_fixed = tuple(k for k, v in kinds.items() if params[v].fix)
+    zero = [kinds[k] for k in sigma_fixed if inits[k] == 0.0]
+    if zero:
+        raise ModelError(f"{_where_fix(text, path)}: {zero[0]} is 0 FIX; remove that EPS from $ERROR instead")
     error = ErrorModel(kind, add=inits.get("ADD", 0.5), prop=inits.get("PROP", 0.1))
 
     def individual(theta, eta, cov):
@@ -248,9 +254,9 @@ def read_control_stream(path):
                 for k, v in p.items()}
 
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
-              "estimation": estimation}
+              "estimation": estimation, **({"evaluate": True} if evaluation_only else {})}
     pm = PopulationModel(structural=structural, thetas=thetas, etas=tuple(eta_names), omega_init=omega_init,
                          error=error, individual=individual, covariates=covs, omega_blocks=blocks,
                          omega_labels=tuple(omega_names), sigma_labels=dict(kinds), sigma_scale="variance",
-                         recipe=recipe)
+                         recipe=recipe, omega_fixed=omega_fixed, omega_same=same, sigma_fixed=sigma_fixed)
     return pm, ds

@@ -44,6 +44,20 @@ class OmegaBlocks:
             out += [(b[i], b[j]) for i, j in zip(r, c)]
         return out
 
+    def param_indices(self, block) -> list:
+        """Positions in the unconstrained vector of the parameters of ``block`` (one of ``blocks``): its ETAs'
+        diagonal entries in ETA order, then its Cholesky factor's strictly lower triangle (row by row). Two
+        blocks of one size list corresponding parameters in the same order (how SAME ties them)."""
+        block = tuple(block)
+        out = list(block)
+        i = self.k
+        for b in self.multi:
+            n_off = len(b) * (len(b) - 1) // 2
+            if b == block:
+                out += list(range(i, i + n_off))
+            i += n_off
+        return out
+
     def x0(self, init) -> list:
         """Unconstrained start from initial variances (ETA order; covariances 0) or a full (K, K) matrix."""
         init = np.asarray(init, dtype=float)

@@ -132,7 +132,11 @@ class PopulationModel:
     ``omega_labels`` (default: the ETA names; NONMEM imports: pharmpy's OMEGA names such as IIV_CL),
     ``sigma_labels`` {"ADD" | "PROP": name} (default: the kinds; NONMEM imports: the $SIGMA names) and
     ``sigma_scale`` "sd" (hybridpk's ADD/PROP) or "variance" (NONMEM's $SIGMA); ``omega_blocks`` the groups
-    of correlated ETAs (indices; ETAs in no group have a variance only). ``recipe`` rebuilds the
+    of correlated ETAs (indices; ETAs in no group have a variance only). NONMEM's FIX and SAME:
+    ``omega_fixed`` ETA indices whose OMEGA (their whole block, as NONMEM fixes it) stays at ``omega_init``;
+    ``omega_same`` pairs (block, source block) of equal size whose OMEGA is the source's (``$OMEGA BLOCK(n)
+    SAME``: one variance for every occasion's ETA, inter-occasion variability); ``sigma_fixed`` residual error
+    parameters ("ADD", "PROP") held at their initial values. ``recipe`` rebuilds the
     model from plain data (saved in model.json; see :func:`model_from_recipe`).
     """
 
@@ -149,10 +153,24 @@ class PopulationModel:
     sigma_labels: dict = field(default_factory=dict)
     sigma_scale: str = "sd"
     recipe: dict = field(default_factory=dict, repr=False)
+    omega_fixed: tuple = ()
+    omega_same: tuple = ()
+    sigma_fixed: tuple = ()
 
     def __post_init__(self):
         if self.sigma_scale not in ("sd", "variance"):
             raise ModelError(f"sigma_scale must be 'sd' or 'variance', not {self.sigma_scale!r}")
+        blocks = self.blocks
+        for b in blocks:
+            if any(i in self.omega_fixed for i in b) and not all(i in self.omega_fixed for i in b):
+                raise ModelError(f"OMEGA block of {', '.join(self.etas[i] for i in b)} is partly fixed; NONMEM fixes "
+                                 "a block as a whole")
+        for b, src in self.omega_same:
+            if tuple(b) not in blocks or tuple(src) not in blocks or len(b) != len(src):
+                raise ModelError(f"OMEGA SAME: ETAs {b} must form a block of the size of the block {src} they copy")
+        unknown = [k for k in self.sigma_fixed if k not in self.error.names]
+        if unknown:
+            raise ModelError(f"fixed residual error parameter(s) {unknown} not in the {self.error.kind} error model")
 
     @property
     def blocks(self) -> tuple:
