@@ -255,3 +255,121 @@ def test_the_cli_fits_by_the_method_asked_and_refuses_a_conflict_with_the_contro
     rc = main(["fit", str(folder / "run.mod"), "--method", "FOCE-I", "--out", str(tmp_path / "never")])
     err = capsys.readouterr().err
     assert rc == 2 and "asks for FO" in err and not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------- structures as NONMEM's TRANSn define them
+TWO_CMT = """$PROBLEM two compartments, IV
+$INPUT ID TIME AMT DV EVID MDV
+$DATA two.csv IGNORE=@
+$SUBROUTINE ADVAN3 {trans}
+$PK
+{pk}
+$ERROR
+Y = F + F*EPS(1)
+{thetas}
+$OMEGA 0.05
+$SIGMA 0.02
+"""
+#: CL 3, V1 20, Q 5, V2 40 as NONMEM's TRANS1, 3, 4, 5, 6 write them (alpha, beta the roots of
+#: l^2 - (k + k12 + k21) l + k k21; AOB from k21 = (AOB beta + alpha) / (AOB + 1))
+_K, _K12, _K21 = 3 / 20, 5 / 20, 5 / 40
+_ALPHA = 0.5 * ((_K + _K12 + _K21) + np.sqrt((_K + _K12 + _K21) ** 2 - 4 * _K * _K21))
+_BETA = _K * _K21 / _ALPHA
+TRANS_CASES = {
+    "TRANS4": ("CL = THETA(1)*EXP(ETA(1))\nV1 = THETA(2)\nQ = THETA(3)\nV2 = THETA(4)\nS1 = V1", (3, 20, 5, 40)),
+    "TRANS1": ("K = THETA(1)*EXP(ETA(1))\nK12 = THETA(2)\nK21 = THETA(3)\nS1 = THETA(4)", (_K, _K12, _K21, 20)),
+    "TRANS3": ("CL = THETA(1)*EXP(ETA(1))\nV = THETA(2)\nQ = THETA(3)\nVSS = THETA(4)\nS1 = V", (3, 20, 5, 60)),
+    "TRANS5": ("AOB = THETA(1)\nALPHA = THETA(2)\nBETA = THETA(3)*EXP(ETA(1))\nS1 = THETA(4)",
+               ((_ALPHA - _K21) / (_K21 - _BETA), _ALPHA, _BETA, 20)),
+    "TRANS6": ("ALPHA = THETA(1)\nBETA = THETA(2)*EXP(ETA(1))\nK21 = THETA(3)\nS1 = THETA(4)",
+               (_ALPHA, _BETA, _K21, 20)),
+}
+
+
+@pytest.fixture(scope="module")
+def two_cmt_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two")
+    rng = np.random.default_rng(4)
+    rows = []
+    for i in range(1, 7):
+        rows.append({"ID": i, "TIME": 0.0, "AMT": 100.0, "DV": 0.0, "EVID": 1, "MDV": 1})
+        for t in (0.25, 1.0, 3.0, 8.0, 24.0):
+            c = 100 / 20 * np.exp(-0.3 * t) + 0.5 * np.exp(-0.04 * t)
+            rows.append({"ID": i, "TIME": t, "AMT": 0.0, "DV": c * np.exp(rng.normal(0, 0.2)), "EVID": 0, "MDV": 0})
+    pd.DataFrame(rows).to_csv(folder / "two.csv", index=False)
+    return folder
+
+
+@pytest.mark.parametrize("trans", ["TRANS1", "TRANS3", "TRANS5", "TRANS6"])
+def test_every_trans_of_advan3_gives_the_predictions_of_trans4(two_cmt_data, trans):
+    """The same kinetics written with NONMEM's TRANS1/3/5/6 parameters: the same PRED and IPRED as TRANS4 (the
+    ETA acts on a different parameter in TRANS5/6, so the comparison is at ETA = 0 there)."""
+    preds = {}
+    for t in ("TRANS4", trans):
+        pk, values = TRANS_CASES[t]
+        (two_cmt_data / f"{t}.mod").write_text(TWO_CMT.format(trans=t, pk=pk, thetas="\n".join(
+            f"$THETA {float(v)!r}" for v in values)))
+        pm, ds = read_control_stream(two_cmt_data / f"{t}.mod")
+        prob = Problem(pm, ds)
+        th = {x.name: torch.tensor(x.init, dtype=torch.float64) for x in pm.thetas}
+        preds[t] = prob.predict(th, torch.zeros(ds.n_subjects, 1, dtype=torch.float64))
+    assert float(preds["TRANS4"].abs().max()) > 1.0
+    torch.testing.assert_close(preds[trans], preds["TRANS4"], rtol=1e-10, atol=1e-12)
+
+
+def test_trans1_without_a_scale_predicts_amounts_as_nonmem_does(tmp_path, theoph_path):
+    """NONMEM's default scale is 1 (F = the amount): TRANS1 without S2 predicts amounts, i.e. the concentrations
+    of a volume of 1."""
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    no_scale = THEO_TRANS2.replace("ADVAN2 TRANS2", "ADVAN2 TRANS1").replace("S2 = V", "K = CL/V")
+    (tmp_path / "run.mod").write_text(no_scale)
+    pm, ds = read_control_stream(tmp_path / "run.mod")
+    p = pm.individual({t.name: torch.tensor(t.init, dtype=torch.float64) for t in pm.thetas},
+                      torch.zeros(ds.n_subjects, 3, dtype=torch.float64), {})
+    assert torch.all(p["V"] == 1.0) and torch.allclose(p["CL"], torch.full_like(p["CL"], 2.8 / 32))
+
+
+@pytest.mark.parametrize("old, new, construct", [
+    ("S2 = V", "S2 = V/1000", "S2 = V/1000"),                 # a unit conversion in the scale
+    ("S2 = V", "V2 = V", "no S2"),                            # TRANS2 without a scale: F is the amount
+    ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (AMT.GT.0) KA = 2*KA", "data item AMT"),
+    ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (WT.GT.100) KOLD = 2\nKX = KOLD", "KOLD is assigned only under IF"),
+    ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))*KOLD", "reads KOLD before assigning"),
+    ("Y = F + EPS(1)", "IPRED = A(1)/V\nY = IPRED + EPS(1)", "amount A_DEPOT"),
+    ("Y = F + EPS(1)", "Y = LOG(F) + EPS(1)", "is log(F), not F"),
+    ("Y = F + EPS(1)", "IPRED = 2*F\nY = IPRED + EPS(1)", "is 2*F, not F"),
+    ("$SUBROUTINE ADVAN2 TRANS2", "$SUBROUTINE ADVAN2 TRANS4", "ADVAN2 TRANS4"),
+])
+def test_what_would_change_the_predictions_is_refused_by_name_and_line(tmp_path, theoph_path, old, new, construct):
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    assert old in THEO_TRANS2
+    (tmp_path / "run.mod").write_text(THEO_TRANS2.replace(old, new))
+    with pytest.raises(ModelError, match=rf"run.mod( line \d+)?: .*{re.escape(construct)}"):
+        read_control_stream(tmp_path / "run.mod")
+
+
+def test_error_written_on_the_amount_with_a_zero_guard_is_the_model_written_on_f(tmp_path, theoph_path):
+    """$ERROR as NONMEM users write it: IPRED = A(2)/V, W guarded where IPRED = 0, Y = IPRED + W*EPS(1): the
+    proportional model of Y = F + F*EPS(1), with the same OFV."""
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    on_f = THEO_TRANS2.replace("Y = F + EPS(1)", "Y = F + F*EPS(1)").replace("$SIGMA 0.5", "$SIGMA 0.04")
+    on_amount = on_f.replace("Y = F + F*EPS(1)", "IPRED = A(2)/V\nW = IPRED\nIF (IPRED.EQ.0) W = 1E-16\n"
+                                                 "Y = IPRED + W*EPS(1)")
+    ofvs = []
+    for name, text in (("f.mod", on_f), ("amount.mod", on_amount)):
+        (tmp_path / name).write_text(text)
+        pm, ds = read_control_stream(tmp_path / name)
+        assert pm.error.kind == "proportional" and pm.error.prop == pytest.approx(0.2)
+        ofvs.append(_ofv_at_inits(pm, ds))
+    assert ofvs[0] == pytest.approx(ofvs[1], abs=1e-9)
+
+
+def _ofv_at_inits(pm, ds):
+    from hybridpk.population.fit import Packing
+
+    pack = Packing(pm)
+    prob = Problem(pm, ds)
+    prob.obs = prob.obs & (prob.batch.time > 0)          # theoph's pre-dose levels have F = 0
+    th, om, sd = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
+    eta = prob.ebe(th, torch.linalg.inv(om), sd, torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64))
+    return float(prob.ofv(th, om, sd, eta).detach())

@@ -126,6 +126,7 @@ class PopulationDosing(DosingModel):
 
     def from_estimate(self, est: IndividualEstimates) -> PatientEstimate:
         prob = est.problem
+        self.fitted.model.require_per_subject(prob.batch, "dosing (forecasts and regimens)")
         return PatientEstimate(model=self, dataset=est.dataset, batch=prob.batch.select([0]), eta=est.eta[:1],
                                cov=est.cov[:1], parameters=est.parameters.iloc[:1], n_levels=est.n_levels[:1],
                                obs=prob.obs[:1], y=prob.y[:1], source=est)

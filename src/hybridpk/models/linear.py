@@ -34,6 +34,23 @@ class LinearMammillary(CompartmentModel):
             pairs.append((p["Q3"] / p["V"], p["Q3"] / p["V3"]))
         return p["V"], p["CL"] / p["V"], pairs, (p["KA"] if self.oral else None)
 
+    def system_matrix(self, p, t_mid=None):
+        """A (N, S, S) (1/h) of d(amounts)/dt = A a + rate: the same system as ``rhs``, for the exact
+        matrix-exponential path (taken when parameters change between records, see ``hybridpk.solve``)."""
+        v, k10, pairs, ka = self.mammillary(p)
+        n, s = k10.shape[0], self.n_states
+        c = 1 if self.oral else 0
+        a = k10.new_zeros(n, s, s)
+        a[:, c, c] = -k10 - sum((k1j for k1j, _ in pairs), torch.zeros_like(k10))
+        if self.oral:
+            a[:, 0, 0] = -ka
+            a[:, c, 0] = ka
+        for j, (k1j, kj1) in enumerate(pairs):
+            a[:, c + 1 + j, c] = k1j
+            a[:, c + 1 + j, c + 1 + j] = -kj1
+            a[:, c, c + 1 + j] = kj1
+        return a
+
     def rhs(self, t, a, p, rate, ctx=None):
         v, k10, pairs, ka = self.mammillary(p)
         c = 1 if self.oral else 0                 # index of CENTRAL

@@ -71,8 +71,10 @@ def map_estimate(model, dataset, estimation: str = "FOCE-I") -> IndividualEstima
         with torch.no_grad():
             obj = prob.objective(theta, omega, sd, eta)
     with torch.no_grad():
-        ip = pm.individual(theta, eta, prob.cov)
-    params = pd.DataFrame({"ID": list(dataset.ids), **{k2: v.numpy() for k2, v in ip.items()}})
+        ip = pm.parameters(theta, eta, prob.batch)
+    # one row per patient: a parameter that changes between records is reported at the first record
+    params = pd.DataFrame({"ID": list(dataset.ids), **{k2: (v[:, 0] if v.dim() == 2 else v).numpy()
+                                                      for k2, v in ip.items()}})
     return IndividualEstimates(model=model, dataset=dataset, problem=prob, eta=eta, cov=cov, objective=obj.detach(),
                                parameters=params, n_levels=prob.obs.sum(1).numpy())
 

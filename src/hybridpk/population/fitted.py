@@ -104,12 +104,12 @@ class FittedPopulation:
         return self.model.individual(self.theta.tensors(), eta, covariates)
 
     def concentrations(self, batch, eta):
-        """Concentrations (N, R) at every record of ``batch`` for ETAs ``eta`` (N, K) (baseline covariates of
-        the batch; NaN for a subject whose solve failed)."""
+        """Concentrations (N, R) at every record of ``batch`` for ETAs ``eta`` (N, K) (covariates as the model
+        reads them, see :meth:`PopulationModel.parameters`; NaN for a subject whose solve failed)."""
         from ..solve import simulate
 
         with torch.no_grad():
-            p = self.individual_parameters(eta, batch.baseline_covariates())
+            p = self.model.parameters(self.theta.tensors(), eta, batch)
             return simulate(self.model.structural, p, batch, throw=False).ipred
 
     # ------------------------------------------------------------------ the four verbs

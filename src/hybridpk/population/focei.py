@@ -53,7 +53,8 @@ class Problem:
 
             raise DatasetError(f"the model uses covariate(s) {', '.join(missing)}, which the dataset lacks "
                                f"(it has {', '.join(dataset.covariates) or 'none'})", dataset.source)
-        dataset.require_constant_covariates(pm.covariates, "the population model")
+        dataset.require_constant_covariates([c for c in pm.covariates if c not in pm.record_items],
+                                            "the population model")
         self.batch = dataset.to_batch(covariates=list(pm.covariates))
         b = self.batch
         self.cov = b.baseline_covariates()
@@ -101,7 +102,7 @@ class Problem:
 
     # ------------------------------------------------------------------ predictions
     def predict(self, theta, eta):
-        p = self.pm.individual(theta, eta, self.cov)
+        p = self.pm.parameters(theta, eta, self.batch)
         # throw=False: a trial point with impossible parameters gives NaN for those subjects (rejected by the
         # line searches) instead of stopping the fit
         f = simulate(self.pm.structural, p, self.batch, method=self.method, rtol=self.rtol, atol=self.atol,

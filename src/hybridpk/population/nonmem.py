@@ -33,40 +33,88 @@ def _pharmpy():
     return read_model
 
 
-def _structural(env, advan, trans, oral):
-    """Map $PK variables to hybridpk parameter names (V is the central scale S1/S2, as F = A/S)."""
-    g = env.get
-    central_scale = "S2" if oral else "S1"
+#: NONMEM's $PK names per ADVAN and TRANS (NONMEM help, "ADVAN1" ... "ADVAN12" and "TRANS1" ... "TRANS6"):
+#: the micro-constant names of TRANS1 (elimination, then (k_c,p, k_p,c) per peripheral), and the clearance/volume
+#: names of TRANS4 (TRANS2 for ADVAN1/2): (CL, central V, ((Q, V) per peripheral))
+_MICRO = {1: ("K", ()), 2: ("K", ()), 3: ("K", (("K12", "K21"),)), 4: ("K", (("K23", "K32"),)),
+          11: ("K", (("K12", "K21"), ("K13", "K31"))), 12: ("K", (("K23", "K32"), ("K24", "K42")))}
+_PHYSIOLOGICAL = {1: ("CL", "V", ()), 2: ("CL", "V", ()), 3: ("CL", "V1", (("Q", "V2"),)),
+                  4: ("CL", "V2", (("Q", "V3"),)), 11: ("CL", "V1", (("Q2", "V2"), ("Q3", "V3"))),
+                  12: ("CL", "V2", (("Q3", "V3"), ("Q4", "V4")))}
+_TRANS = {1: (1, 2), 2: (1, 2), 3: (1, 3, 4, 5, 6), 4: (1, 3, 4, 5, 6), 11: (1, 4), 12: (1, 4)}
+
+
+def _central_scale(advan: int) -> str:
+    return "S2" if advan in (2, 4, 12) else "S1"
+
+
+def _micro_constants(g, advan, trans):
+    """(central volume or None, k10, [(k_cp, k_pc)]) from the $PK variables ``g`` (name -> value or None) as
+    ADVANn TRANSm defines them; missing names raise."""
+    need = []
+
+    def get(name):
+        v = g(name)
+        if v is None:
+            need.append(name)
+        return v
+
     if trans == 1:
-        scale = g(central_scale, g("V", g("V1" if not oral else "V2")))
-        if scale is None:
-            raise ModelError(f"TRANS1 needs the scale {central_scale} (the central volume)")
-        p = {"V": scale, "CL": g("K") * scale}
-        if advan in (3, 4):
-            k12, k21 = (g("K12"), g("K21")) if advan == 3 else (g("K23"), g("K32"))
-            p["Q"] = k12 * scale
-            p["V2"] = p["Q"] / k21
-    elif trans in (2, 4):
-        if advan in (1, 2):
-            p = {"CL": g("CL"), "V": g("V")}
-        elif advan == 3:
-            p = {"CL": g("CL"), "V": g("V1", g("V")), "Q": g("Q"), "V2": g("V2")}
+        k, pairs = _MICRO[advan]
+        k10, micro = get(k), [(get(a), get(b)) for a, b in pairs]
+        vol = None
+    elif trans in (2, 4) or (trans == 3 and advan in (3, 4)):
+        cl_name, v_name, pairs = _PHYSIOLOGICAL[advan]
+        if trans == 2 or (advan == 3 and g("V1") is None and g("V") is not None):
+            v_name = "V" if advan in (1, 2, 3) else v_name
+        if trans == 3:
+            v_name = "V"
+        cl, vol = get(cl_name), get(v_name)
+        if trans == 3:     # CL, V, Q, VSS: V2 = VSS - V
+            q, vss = get("Q"), get("VSS")
+            micro = [(q / vol, q / (vss - vol))] if q is not None and vss is not None and vol is not None else []
         else:
-            p = {"CL": g("CL"), "V": g("V2"), "Q": g("Q"), "V2": g("V3")}
-    else:
-        raise ModelError(f"TRANS{trans} is not supported (use TRANS1, TRANS2 or TRANS4)")
-    missing = [k for k, v in p.items() if v is None]
-    if missing:
-        raise ModelError(f"the $PK does not define what ADVAN{advan} TRANS{trans} needs ({', '.join(missing)})")
+            qv = [(get(a), get(b)) for a, b in pairs]
+            micro = [(q / vol, q / vp) for q, vp in qv] if vol is not None and None not in sum(qv, ()) else []
+        k10 = cl / vol if cl is not None and vol is not None else None
+    else:                  # TRANS5 (AOB, ALPHA, BETA) and TRANS6 (ALPHA, BETA, K21), two compartments
+        alpha, beta = get("ALPHA"), get("BETA")
+        k21 = get("K21") if trans == 6 else None
+        if trans == 5:
+            aob = get("AOB")
+            if None not in (aob, alpha, beta):
+                k21 = (aob * beta + alpha) / (aob + 1)
+        vol, k10, micro = None, None, []
+        if None not in (alpha, beta, k21):
+            k10 = alpha * beta / k21
+            micro = [(alpha + beta - k21 - k10, k21)]
+    if need:
+        raise ModelError(f"the $PK does not define what ADVAN{advan} TRANS{trans} needs ({', '.join(need)})")
+    return vol, k10, micro
+
+
+def _structural(env, advan, trans, oral):
+    """hybridpk's parameters (CL, V, Q, V2, Q3, V3, KA, F, ALAG) from the $PK variables as NONMEM's ADVANn
+    TRANSm reads them. The central volume is the kinetic one (TRANS2-4) or, with micro-constants (TRANS1, 5,
+    6), the scale S1/S2 (NONMEM's default 1: F is then the amount). The prediction is A/V: that it equals
+    NONMEM's F = A/S is checked on the statements when the control stream is read."""
+    g = env.get
+    vol, k10, micro = _micro_constants(g, advan, trans)
+    if vol is None:
+        vol = g(_central_scale(advan), 1.0)
+    p = {"V": vol, "CL": k10 * vol}
+    for j, (kcp, kpc) in enumerate(micro):
+        q = kcp * vol
+        p["Q" if j == 0 else "Q3"] = q
+        p["V2" if j == 0 else "V3"] = q / kpc
     if oral:
         if g("KA") is None:
             raise ModelError(f"ADVAN{advan} needs KA in $PK")
         p["KA"] = g("KA")
-    dose = "1"
-    if g(f"F{dose}") is not None:
-        p["F"] = g(f"F{dose}")
-    if g(f"ALAG{dose}") is not None:
-        p["ALAG"] = g(f"ALAG{dose}")
+    if g("F1") is not None:
+        p["F"] = g("F1")
+    if g("ALAG1") is not None:
+        p["ALAG"] = g("ALAG1")
     return p
 
 
@@ -162,6 +210,158 @@ def _omega(rvs, params, text: str, path):
             tuple(same), tuple(fixed))
 
 
+#: data items $PK may not read yet (they are not per-record covariates of the batch)
+_RECORD_ONLY = ("DV", "AMT", "EVID", "MDV", "CMT", "RATE", "II", "SS", "ADDL", "ID", "DVID", "BLQ", "LLOQ")
+
+
+def _line_of(text: str, path, name: str) -> str:
+    """'FILE line N' of the first code line (comments stripped) in $PK/$PRED/$ERROR that mentions ``name``."""
+    record = ""
+    for i, line in enumerate(text.splitlines(), 1):
+        head = re.match(r"\s*\$(\w+)", line)
+        if head:
+            record = head.group(1).upper()
+        if record.startswith(("PK", "PRED", "ERR")) and re.search(rf"\b{re.escape(name)}\b",
+                                                                 line.split(";", 1)[0], flags=re.I):
+            return f"{Path(path).name} line {i}"
+    return Path(path).name
+
+
+def _data_items(statements, columns: set, names: set, text: str, path) -> tuple:
+    """The data items (dataset columns and TIME) that $PK reads, evaluated at every record as NONMEM does.
+    Refused by name and line: items that are not covariates of the records yet (AMT, EVID, CMT ...) and a
+    variable read before it is assigned in the record (NONMEM would carry the previous record's value)."""
+    import sympy
+
+    assigned, used = set(), []
+    for name, expr in statements:
+        partial = [pw for pw in expr.atoms(sympy.Piecewise) if pw.args[-1][1] != sympy.true]
+        if partial:
+            raise ModelError(f"{_line_of(text, path, name)}: {name} is assigned only under IF ({partial[0].args[0][1]}) "
+                             "and not before; where the condition is false NONMEM keeps its value from the previous "
+                             f"record, which hybridpk does not do: assign {name} first (e.g. {name} = 0)")
+        for sym in sorted(expr.free_symbols, key=lambda x: x.name):
+            v = sym.name
+            if v in assigned or v in names:
+                continue
+            if v in columns or v == "TIME":
+                if v in _RECORD_ONLY:
+                    raise ModelError(f"{_line_of(text, path, v)}: $PK reads the data item {v}; hybridpk evaluates "
+                                     "$PK at every record with covariates and TIME, not yet with "
+                                     f"{', '.join(_RECORD_ONLY[:9])}")
+                if v not in used:
+                    used.append(v)
+            elif v != "t":
+                raise ModelError(f"{_line_of(text, path, v)}: $PK reads {v} before assigning it in the record; "
+                                 "NONMEM would carry over its value from the previous record, which hybridpk does "
+                                 f"not do: assign {v} on every record (e.g. {v} = 0 first)")
+        assigned.add(name)
+    return tuple(used)
+
+
+def _definitions(statements) -> dict:
+    """Every $PK variable as an expression of THETAs, ETAs and data items (assignments substituted in order)."""
+    import sympy
+
+    defs = {}
+    for name, expr in statements:
+        defs[name] = expr.subs({sympy.Symbol(k): v for k, v in defs.items()})
+    return defs
+
+
+def _check_scale(defs: dict, written: dict, advan: int, trans: int, text: str, path) -> None:
+    """hybridpk predicts A/V with V the central volume of the kinetics; NONMEM's F is A/S (S1 or S2; default
+    1). With TRANS1, 5 and 6 the scale is the volume (F = A/S exactly). With TRANS2-4 the scale must equal
+    the kinetic central volume, identically, or the prediction would differ: refused otherwise."""
+    import sympy
+
+    if trans in (1, 5, 6):
+        return
+    scale_name = _central_scale(advan)
+    _, v_name, _ = _PHYSIOLOGICAL[advan]
+    if trans in (2, 3) or (advan == 3 and "V1" not in defs):
+        v_name = "V" if advan in (1, 2, 3) else v_name
+    scale = defs.get(scale_name, sympy.Integer(1))
+    vol = defs.get(v_name)
+    if vol is None or sympy.simplify(vol / scale - 1) != 0:
+        what = (f"{scale_name} = {written[scale_name]}" if scale_name in defs else
+                f"no {scale_name} (NONMEM's default 1: F is the amount)")
+        raise ModelError(f"{_line_of(text, path, scale_name) if scale_name in defs else Path(path).name}: {what}, "
+                         f"but the central volume is {v_name}{' = ' + str(written[v_name]) if v_name in written else ''}"
+                         f"; hybridpk predicts the concentration A/{v_name} "
+                         f"and supports {scale_name} equal to {v_name} only: write {scale_name} = {v_name} and give "
+                         "doses and DV in consistent units")
+
+
+def _error_model(m, defs: dict, params, eps_names, sigma_names, advan: int, text: str, path):
+    """(ErrorModel, {"ADD"|"PROP": $SIGMA name}, fixed kinds) from $ERROR, written on F, IPRED or the amount
+    in the central compartment (A(n) = F * S), with $PK variables substituted: the prediction Y at EPS = 0
+    must be F, and dY/dEPS (at EPS = 0) 1 (additive) or F (proportional), identically. A guard that replaces
+    the prediction where it is 0 (IF (IPRED.EQ.0) ...) is read as its general branch: hybridpk refuses
+    observations where the model predicts 0 under a proportional error (:meth:`Problem.require_positive_variance`)."""
+    import sympy
+
+    where = _where(text, path, r"\$ERR")
+    after = [(str(st.symbol), sympy.sympify(st.expression)) for st in m.statements.after_odes
+             if hasattr(st, "symbol")]
+    env = dict(defs)
+    fsym = sympy.Symbol("F")
+    scale = sympy.Symbol(_central_scale(advan))
+    amounts = {}
+    for name, expr in after:
+        if name == "F":       # pharmpy's F = A_CENTRAL(t) / S: the amount is F * S
+            for fn in expr.atoms(sympy.Function):
+                if str(fn.func).startswith("A_"):
+                    amounts[fn] = fsym * scale
+            continue
+        expr = expr.subs(amounts)
+        other = [str(fn.func) for fn in expr.atoms(sympy.Function) if str(fn.func).startswith("A_")]
+        if other:
+            raise ModelError(f"{where}: $ERROR reads the amount {other[0]} of a compartment other than the observed "
+                             "one; hybridpk observes the central compartment")
+        env[name] = _unguard(expr.subs({sympy.Symbol(k): v for k, v in env.items() if k != "F"}), fsym)
+    if "Y" not in env:
+        raise ModelError(f"{where}: $ERROR does not define Y")
+    y = env["Y"].subs({scale: defs.get(str(scale), sympy.Integer(1))})
+    zero = {sympy.Symbol(e): 0 for e in eps_names}
+    if sympy.simplify(y.subs(zero) - fsym) != 0:
+        raise ModelError(f"{where}: the prediction (Y at EPS = 0) is {sympy.simplify(y.subs(zero))}, not F; "
+                         "hybridpk fits Y = F + error (transformations such as LOG(F) are not imported yet)")
+    kinds = {}
+    for eps, sig in zip(eps_names, sigma_names):
+        d = sympy.simplify(sympy.diff(y, sympy.Symbol(eps)).subs(zero))
+        if d.free_symbols == set() and float(d) == 1.0:
+            kinds["ADD"] = sig
+        elif sympy.simplify(d - fsym) == 0:
+            kinds["PROP"] = sig
+        else:
+            raise ModelError(f"{where}: Y depends on {eps} through {d}; hybridpk imports additive (F + EPS), "
+                             "proportional (F + F*EPS) and combined error models")
+    if not kinds:
+        raise ModelError(f"{where}: Y has no EPS")
+    kind = "combined" if len(kinds) == 2 else ("additive" if "ADD" in kinds else "proportional")
+    inits = {k: math.sqrt(float(params[v].init)) for k, v in kinds.items()}
+    sigma_fixed = tuple(k for k, v in kinds.items() if params[v].fix)
+    zero_fixed = [kinds[k] for k in sigma_fixed if inits[k] == 0.0]
+    if zero_fixed:
+        raise ModelError(f"{_where_fix(text, path)}: {zero_fixed[0]} is 0 FIX; remove that EPS from $ERROR instead")
+    return ErrorModel(kind, add=inits.get("ADD", 0.5), prop=inits.get("PROP", 0.1)), kinds, sigma_fixed
+
+
+def _unguard(expr, fsym):
+    """``expr`` with each Piecewise whose conditions test whether a prediction equals 0 replaced by its general
+    (otherwise) branch."""
+    import sympy
+
+    def general(pw):
+        conds = [c for _, c in pw.args[:-1]]
+        if pw.args[-1][1] == sympy.true and all(isinstance(c, sympy.Eq) and 0 in (c.lhs, c.rhs) for c in conds):
+            return pw.args[-1][0]
+        return pw
+
+    return expr.replace(lambda e: isinstance(e, sympy.Piecewise), general)
+
+
 def read_control_stream(path):
     """(PopulationModel, Dataset) from a NONMEM control stream and the dataset its $DATA names."""
     import sympy
@@ -183,7 +383,11 @@ def read_control_stream(path):
         raise ModelError(f"{path}: no $SUBROUTINE ADVANn found; only ADVAN1-4, 11, 12 models can be imported")
     advan, trans = int(sub.group(1)), int(tr.group(1)) if tr else 1
     if advan not in _ADVAN:
-        raise ModelError(f"ADVAN{advan} is not supported; hybridpk imports ADVAN1-4, 11 and 12")
+        raise ModelError(f"{_where(text, path, r'[$]SUB')}: ADVAN{advan} is not supported; hybridpk imports "
+                         "ADVAN1-4, 11 and 12")
+    if trans not in _TRANS[advan]:
+        raise ModelError(f"{_where(text, path, r'[$]SUB')}: ADVAN{advan} TRANS{trans} is not a NONMEM combination "
+                         f"(ADVAN{advan} takes TRANS{', TRANS'.join(str(t) for t in _TRANS[advan])})")
     structural = get_model(_ADVAN[advan])
     oral = advan in (2, 4, 12)
 
@@ -206,45 +410,18 @@ def read_control_stream(path):
     data = m.dataset.copy()
     drops = [c.name for c in m.datainfo if c.drop]
     data = data.drop(columns=[c for c in drops if c in data.columns])
-    columns = set(data.columns)
-    assigned = set()
-    used = set()
-    for name, expr in statements:
-        used |= {s.name for s in expr.free_symbols if s.name in columns and s.name not in assigned}
-        assigned.add(name)
-    covs = tuple(sorted(used - {"ID", "TIME", "DV", "AMT", "EVID", "MDV", "CMT", "RATE", "II", "SS", "ADDL"}))
+    items = _data_items(statements, set(data.columns), set(params.names) | set(eta_names), text, path)
+    covs = tuple(c for c in items if c != "TIME")
     ds = read_nonmem(data, covariates=list(covs))
-
-    # residual error: dY/dEPS at EPS = 0, in terms of F
-    after = {str(s.symbol): sympy.sympify(s.expression) for s in m.statements.after_odes
-             if hasattr(s, "symbol")}
-    if "Y" not in after:
-        raise ModelError("$ERROR does not define Y")
-    fsym = sympy.Symbol("F")
-    y = after["Y"]
-    for _ in range(10):  # substitute intermediate $ERROR variables (not F itself)
-        y = y.subs({sympy.Symbol(k): v for k, v in after.items() if k not in ("Y", "F")})
-    kinds = {}
-    for eps, sig in zip(eps_names, sigma_names):
-        d = sympy.simplify(sympy.diff(y, sympy.Symbol(eps)).subs({sympy.Symbol(e): 0 for e in eps_names}))
-        if d.free_symbols == set() and float(d) == 1.0:
-            kinds["ADD"] = sig
-        elif sympy.simplify(d - fsym) == 0:
-            kinds["PROP"] = sig
-        else:
-            raise ModelError(f"$ERROR: Y depends on {eps} through {d}; hybridpk imports additive (F + EPS), "
-                             "proportional (F + F*EPS) and combined error models")
-    kind = "combined" if len(kinds) == 2 else ("additive" if "ADD" in kinds else "proportional")
-    inits = {k: math.sqrt(float(params[v].init)) for k, v in kinds.items()}
-    sigma_fixed = tuple(k for k, v in kinds.items() if params[v].fix)
-    zero = [kinds[k] for k in sigma_fixed if inits[k] == 0.0]
-    if zero:
-        raise ModelError(f"{_where_fix(text, path)}: {zero[0]} is 0 FIX; remove that EPS from $ERROR instead")
-    error = ErrorModel(kind, add=inits.get("ADD", 0.5), prop=inits.get("PROP", 0.1))
+    defs = _definitions(statements)
+    _check_scale(defs, dict(statements), advan, trans, text, path)
+    error, kinds, sigma_fixed = _error_model(m, defs, params, eps_names, sigma_names, advan, text, path)
 
     def individual(theta, eta, cov):
+        # per record (PopulationModel.parameters gives (N, R) data items): ETAs broadcast over the records
+        per_record = any(torch.is_tensor(v) and v.dim() == 2 for v in cov.values())
         env = dict(theta)
-        env.update({name: eta[:, k] for k, name in enumerate(eta_names)})
+        env.update({name: (eta[:, k:k + 1] if per_record else eta[:, k]) for k, name in enumerate(eta_names)})
         env.update(cov)
         for name, expr in statements:
             env[name] = evaluate(expr, env)
@@ -258,5 +435,6 @@ def read_control_stream(path):
     pm = PopulationModel(structural=structural, thetas=thetas, etas=tuple(eta_names), omega_init=omega_init,
                          error=error, individual=individual, covariates=covs, omega_blocks=blocks,
                          omega_labels=tuple(omega_names), sigma_labels=dict(kinds), sigma_scale="variance",
-                         recipe=recipe, omega_fixed=omega_fixed, omega_same=same, sigma_fixed=sigma_fixed)
+                         recipe=recipe, omega_fixed=omega_fixed, omega_same=same, sigma_fixed=sigma_fixed,
+                         record_items=items)
     return pm, ds

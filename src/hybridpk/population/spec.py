@@ -136,7 +136,9 @@ class PopulationModel:
     ``omega_fixed`` ETA indices whose OMEGA (their whole block, as NONMEM fixes it) stays at ``omega_init``;
     ``omega_same`` pairs (block, source block) of equal size whose OMEGA is the source's (``$OMEGA BLOCK(n)
     SAME``: one variance for every occasion's ETA, inter-occasion variability); ``sigma_fixed`` residual error
-    parameters ("ADD", "PROP") held at their initial values. ``recipe`` rebuilds the
+    parameters ("ADD", "PROP") held at their initial values. ``record_items``: data items (covariate columns,
+    TIME) that ``individual`` reads at every record, as NONMEM evaluates $PK (see :meth:`parameters`).
+    ``recipe`` rebuilds the
     model from plain data (saved in model.json; see :func:`model_from_recipe`).
     """
 
@@ -156,6 +158,7 @@ class PopulationModel:
     omega_fixed: tuple = ()
     omega_same: tuple = ()
     sigma_fixed: tuple = ()
+    record_items: tuple = ()
 
     def __post_init__(self):
         if self.sigma_scale not in ("sd", "variance"):
@@ -189,6 +192,55 @@ class PopulationModel:
     @property
     def n_eta(self) -> int:
         return len(self.etas)
+
+    def parameters(self, theta, eta, batch) -> dict:
+        """Individual parameters for the solver at the records of ``batch``: {name: (N,) tensor}, or (N, R)
+        for a parameter whose value changes between a subject's records.
+
+        A model with ``record_items`` is evaluated as NONMEM evaluates $PK: at every record, with that
+        record's data items (``batch.cov`` and TIME); the solver then applies each record's values over the
+        interval that the record ends (see :func:`hybridpk.solve.simulate`). Parameters that come out equal
+        at every record of every subject are returned per subject (the closed form applies). Other models
+        take each subject's baseline covariates."""
+        if not self.record_items:
+            return self.individual(theta, eta, batch.baseline_covariates())
+        mask = batch.record_mask
+        items = {c: batch.cov[..., k] for k, c in enumerate(batch.covariate_names)}
+        items["TIME"] = batch.time
+        items = {c: torch.where(mask, v, v[:, :1]) for c, v in items.items()}    # padding: the first record's
+        p = self.individual(theta, eta, items)
+        out = {}
+        for k, v in p.items():
+            v = torch.as_tensor(v, dtype=batch.time.dtype, device=batch.time.device)
+            if v.dim() < 2:
+                out[k] = v.expand(eta.shape[0]) if v.dim() == 0 else v
+                continue
+            v = v.expand(mask.shape)
+            same = bool(((v.detach() == v.detach()[:, :1]) | ~mask).all())
+            out[k] = v[:, 0] if same else v
+        return out
+
+    def varying_items(self, batch) -> tuple:
+        """The ``record_items`` that change within some subject of ``batch`` (TIME always does)."""
+        out = []
+        for c in self.record_items:
+            if c == "TIME":
+                out.append(c)
+            elif c in batch.covariate_names:
+                v = batch.cov[..., batch.covariate_names.index(c)]
+                if bool(((v != v[:, :1]) & batch.record_mask).any()):
+                    out.append(c)
+        return tuple(out)
+
+    def require_per_subject(self, batch, user: str) -> None:
+        """Refuse, naming them, data items the parameters read at every record that change within a subject
+        of ``batch``, for a ``user`` that takes one set of parameters per subject."""
+        varying = self.varying_items(batch)
+        if varying:
+            verb = "it changes" if len(varying) == 1 else "they change"
+            raise ModelError(f"the model's $PK reads {', '.join(varying)} at every record and {verb} within "
+                             f"subjects, so its parameters change in time; {user} takes one set of parameters per "
+                             "subject and does not follow them yet")
 
 
 def _within(value, param) -> bool:

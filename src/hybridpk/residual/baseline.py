@@ -46,6 +46,8 @@ class ODEBaseline:
         typical-value shifts ``log_shift`` (see ``ipred``)."""
         cov = batch.baseline_covariates()
         pm = self.population.model
+        if pm.record_items:
+            pm.require_per_subject(batch, "the hybrid (VAE) model")
         key = (eta.device, eta.dtype)
         if key not in self._theta:
             self._theta[key] = {k: v.to(eta.device, eta.dtype) for k, v in self.population.theta.tensors().items()}

@@ -50,7 +50,8 @@ def dp5_step(f, t, y, h):
 def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000):
     """Integrate every subject through its events.
 
-    f(t, y, t_mid) -> dy/dt (t (N,), t_mid (N,): midpoint of the current inter-event interval);
+    f(t, y, t_mid, j) -> dy/dt (t (N,), t_mid (N,): midpoint of the current inter-event interval, j (N,): the
+    event column that ends it);
     times (N, E) sorted event times; n_valid (N,) number of real events per subject;
     apply_event(y, j, mask) -> y: applies event j (N,) of the subjects in ``mask`` (also changes the
     solver's input rates through closures). Returns the final state.
@@ -80,7 +81,8 @@ def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000):
         clipped = h >= gap
         step = torch.where(clipped, gap, h)
         mid = 0.5 * (t + target)
-        y_new, err = dp5_step(lambda tt, yy: f(tt, yy, mid), t, y, step)
+        j = ptr.clamp(max=e - 1)
+        y_new, err = dp5_step(lambda tt, yy: f(tt, yy, mid, j), t, y, step)
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
         ratio = (err.abs() / scale).amax(-1).detach()
         ok = live & (ratio <= 1.0)

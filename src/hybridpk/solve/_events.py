@@ -64,8 +64,9 @@ def dose_events(model, p: dict, batch) -> DoseEvents:
     ones = torch.ones_like(batch.dose_amt)
     fpar = p.get("F") if model.bioavailability else None
     lag = p.get("ALAG") if model.lag else None
-    f = torch.where(default, fpar.unsqueeze(-1) * ones, ones) if fpar is not None else ones
-    shift = torch.where(default, lag.unsqueeze(-1) * ones, 0 * ones) if lag is not None else 0 * ones
+    # F and ALAG: one value per subject (N,), or per dose (N, D) when parameters change between records
+    f = torch.where(default, _per_dose(fpar) * ones, ones) if fpar is not None else ones
+    shift = torch.where(default, _per_dose(lag) * ones, 0 * ones) if lag is not None else 0 * ones
     amt = batch.dose_amt * f
     time = batch.dose_time + shift
     # NONMEM: with RATE given, F changes the duration; with the duration given, F changes the rate
@@ -102,6 +103,10 @@ def dose_events(model, p: dict, batch) -> DoseEvents:
     return DoseEvents(time=time, amt=amt, cmt=idx, rate=rate, duration=duration, key=key, ss=ss, ii=ii,
                       cut_time=cut_time, cut_key=cut_key, reset_time=reset_time, reset_key=reset_key,
                       reset_mask=reset_mask, active=active, default_route=default)
+
+
+def _per_dose(v):
+    return v if v.dim() == 2 else v.unsqueeze(-1)
 
 
 def applies(ev: DoseEvents, rec_time, rec_key):

@@ -59,10 +59,31 @@ def _safe_ka(ka, lam):
     return torch.where(close, k * (1 + 2e-7), k.expand_as(lam))
 
 
+def _disposition_per_record(v, k10, pairs):
+    """:func:`disposition` for parameters given per record (N, R): rates and coefficients (N, R, M)."""
+    n, r = v.shape
+    flat = [x.reshape(n * r) for x in (v, k10)]
+    lam, coef = disposition(*flat, [(a.reshape(n * r), b.reshape(n * r)) for a, b in pairs])
+    return lam.reshape(n, r, -1), coef.reshape(n, r, -1)
+
+
 def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
-    """Central concentration (N, R) at the batch's record times (or ``rec_time`` (N, R) with ``rec_key``)."""
+    """Central concentration (N, R) at the batch's record times (or ``rec_time`` (N, R) with ``rec_key``).
+
+    Parameters may be given per record (N, R) when they are constant between resets (see
+    :func:`constant_between_resets`): each record's concentration is then the superposition of the doses since
+    the last reset, all under that record's parameters (F and ALAG: each dose's own record's)."""
+    per_record = any(v.dim() == 2 for v in p.values())
+    if per_record:
+        n, r = batch.time.shape
+        p = {k: (v if v.dim() == 2 else v.unsqueeze(1).expand(n, r)) for k, v in p.items()}
+        from .ode import record_of_doses
+
+        dose_rec = record_of_doses(batch)
+        p_dose = {k: v.gather(1, dose_rec) for k, v in p.items()}
+        p_rec = p
     v, k10, pairs, ka = model.mammillary(p)
-    ev = dose_events(model, p, batch)
+    ev = dose_events(model, p_dose if per_record else p, batch)
     central = model.obs_cmt - 1
     depot = 0 if ka is not None else -1
     other = ev.active & (ev.cmt != central) & (ev.cmt != depot)
@@ -83,10 +104,13 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
     ss = on_ss
     ii = torch.where(ev.ss > 0, ev.ii, torch.ones_like(ev.ii)).unsqueeze(1)
 
-    lam, coef = disposition(v, k10, pairs)
+    lam, coef = _disposition_per_record(v, k10, pairs) if per_record else disposition(v, k10, pairs)
+
+    def b(x):                           # (N, M) or per record (N, R, M) -> broadcast over (N, R, D, M)
+        return x[:, :, None, :] if x.dim() == 3 else x[:, None, None, :]
 
     def e(mu, x):                       # mu (N, M) -> (N, 1, 1, M); x (N, R, D) -> (N, R, D, M)
-        return torch.exp(-mu[:, None, None, :] * x.unsqueeze(-1))
+        return torch.exp(-b(mu) * x.unsqueeze(-1))
 
     zero = torch.zeros_like(s)
     # time since the k-th past dose is s + k II (s may be negative, down to -ALAG, before the lagged dose)
@@ -100,7 +124,7 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
     def response(mu):
         """Time functions (N, R, D, M) per unit amount (bolus) or unit rate (infusion), decay rates mu.
         Only the parts the batch needs are computed (no steady state, infusion or bolus: skipped)."""
-        m = mu[:, None, None, :]
+        m = b(mu)
         now = on.unsqueeze(-1)
         es = e(mu, s)
         out = torch.where(now, es, torch.zeros_like(es)) if any_bolus else None
@@ -122,14 +146,31 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
     amount = torch.where(on | on_ss, amount, torch.zeros_like(amount))
     r_lam = response(lam)                                               # (N, R, D, M)
     into_central = (ev.cmt == central).unsqueeze(1).expand_as(s)
-    conc = torch.where(into_central, (r_lam * coef[:, None, None, :]).sum(-1), torch.zeros_like(s))
+    conc = torch.where(into_central, (r_lam * b(coef)).sum(-1), torch.zeros_like(s))
     if ka is not None:
-        kas = _safe_ka(ka, lam)                                          # (N, M)
+        kas = _safe_ka(ka, lam)                                          # (N, M) or (N, R, M)
         w = coef * kas / (kas - lam)
-        r_ka = torch.stack([response(kas[:, i:i + 1])[..., 0] for i in range(lam.shape[-1])], -1)
-        oral = ((r_lam - r_ka) * w[:, None, None, :]).sum(-1)
+        r_ka = torch.stack([response(kas[..., i:i + 1])[..., 0] for i in range(lam.shape[-1])], -1)
+        oral = ((r_lam - r_ka) * b(w)).sum(-1)
         conc = conc + torch.where((ev.cmt == depot).unsqueeze(1).expand_as(s), oral, torch.zeros_like(s))
     return (conc * amount).sum(-1)
+
+
+def constant_between_resets(p: dict, batch) -> bool:
+    """True when every parameter given per record (N, R) keeps one value from each reset (EVID 3/4, SS=1) to
+    the next (typically: occasions that each start with a reset): the closed form then holds per record."""
+    varying = [v.detach() for v in p.values() if v.dim() == 2]
+    if not varying:
+        return True
+    reset = batch.dose_reset | (batch.dose_mask & (batch.dose_ss == 1))
+    key = batch.row.to(batch.time.dtype)
+    rt = torch.where(reset, batch.dose_time, torch.full_like(batch.dose_time, float("inf")))
+    rk = batch.dose_row.to(key.dtype) - 0.75
+    after = (batch.time.unsqueeze(2) > rt.unsqueeze(1)) | (
+        (batch.time.unsqueeze(2) == rt.unsqueeze(1)) & (key.unsqueeze(2) > rk.unsqueeze(1)))
+    segment = (after & reset.unsqueeze(1)).sum(2)                            # resets at or before each record
+    pair = batch.record_mask[:, 1:] & batch.record_mask[:, :-1] & (segment[:, 1:] == segment[:, :-1])
+    return all(bool(((v[:, 1:] == v[:, :-1]) | ~pair).all()) for v in varying)
 
 
 def input_response(model, p: dict, rec_time, starts, width: float):

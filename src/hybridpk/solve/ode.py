@@ -140,9 +140,22 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
     if method == "expm" and (not model.piecewise_linear or getattr(model, "dose_as_input", False)):
         raise ModelError(f"model {model.name} is not linear between switch times (no system_matrix); the "
                          "'expm' solver needs one (use solver='dp5')")
-    ev = dose_events(model, p, batch)
     dtype, device = batch.time.dtype, batch.time.device
     n, r = batch.time.shape
+    ar = torch.arange(n, device=device)
+    varying = {k for k, v in p.items() if v.dim() == 2}
+
+    def p_at(rec):
+        """Parameters (N,) in force at record columns ``rec`` (N,) (the constant ones as they are)."""
+        if not varying:
+            return p
+        return {k: (v[ar, rec] if k in varying else v) for k, v in p.items()}
+
+    if varying:
+        dose_rec = record_of_doses(batch)
+        ev = dose_events(model, {k: (v.gather(1, dose_rec) if k in varying else v) for k, v in p.items()}, batch)
+    else:
+        ev = dose_events(model, p, batch)
     d = ev.time.shape[1]
     transit = bool(getattr(model, "dose_as_input", False))
     ctx = SolverContext()
@@ -193,14 +206,18 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
     # padding: stay at the last real time (zero-length segments)
     last = torch.where(valid, times, torch.full_like(times, -float("inf"))).max(1).values
     times = torch.where(valid, times, last.unsqueeze(-1))
+    # NONMEM's rule for parameters that change between records: the integration up to a record uses the
+    # values computed at that record; every event column j lies in the interval that the first record at or
+    # after it ends (events after the last record: that record's values)
+    governing = _governing_records(kinds, index, valid, r) if varying else None
 
     # ---- state and event actions (shared by both marchers)
-    st = _State(a=model.initial_state(p, batch.time), n=n, d=d, r=r, model=model, dtype=dtype, device=device,
-                return_amounts=return_amounts)
+    first_rec = torch.zeros(n, dtype=torch.long, device=device)
+    st = _State(a=model.initial_state(p_at(first_rec), batch.time), n=n, d=d, r=r, model=model, dtype=dtype,
+                device=device, return_amounts=return_amounts)
     x0 = st.a
     onehot = torch.nn.functional.one_hot(ev.cmt.clamp(min=0), model.n_states).to(dtype)   # (N, D, S)
     tol = (rtol, atol, "dopri5" if method == "dp5" else method, max_steps)
-    ar = torch.arange(n, device=device)
 
     def apply_event(a, j, ok):
         """Apply event j (N,) (column of the event table) for the subjects in ``ok``; returns amounts."""
@@ -215,7 +232,7 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
         ss_here = ok & (kind == SS_START)
         if ss_here.any():
             lag = ev.time[ar, didx] - batch.dose_time[ar, didx]
-            xss = _steady_state(model, p, x0, ev.cmt[ar, didx].clamp(min=0), ev.amt[ar, didx],
+            xss = _steady_state(model, p_at(dose_rec[ar, didx]) if varying else p, x0, ev.cmt[ar, didx].clamp(min=0), ev.amt[ar, didx],
                                 ev.rate[ar, didx], ev.duration[ar, didx], ev.ii[ar, didx], ss_here, ctx, tol,
                                 lag)
             add2 = ss_here & (ev.ss[ar, didx] == 2)
@@ -236,15 +253,16 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
         m_rec = ok & (kind == RECORD)
         if m_rec.any():
             sel = torch.nn.functional.one_hot(idx.clamp(max=r - 1), r).to(dtype) * m_rec.to(dtype).unsqueeze(-1)
-            st.rec_c = st.rec_c + sel * model.observe(a, p).unsqueeze(-1)
+            c = model.observe(a, p_at(idx.clamp(max=r - 1)))
+            st.rec_c = st.rec_c + sel * torch.where(m_rec, c, torch.zeros_like(c)).unsqueeze(-1)
             if return_amounts:
                 st.rec_a = st.rec_a + sel.unsqueeze(-1) * a.unsqueeze(1)
         return a
 
     if method == "dp5":
-        def f(t, y, mid):
+        def f(t, y, mid, j):
             ctx.segment_mid = mid
-            return model.rhs(t, y, p, st.rate, ctx)
+            return model.rhs(t, y, p_at(governing[ar, j]) if varying else p, st.rate, ctx)
 
         march(f, st.a, times, valid.sum(1), apply_event, rtol, atol, max_steps)
     else:  # torchdiffeq or matrix exponentials, all subjects together from their event j-1 to event j
@@ -252,10 +270,30 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
         t_prev = times[:, 0]
         for j in range(n_events):
             tj = times[:, j]
-            a = _integrate(model, p, a, st.rate, t_prev, tj, ctx, *tol)
+            pj = p_at(governing[:, j]) if varying else p
+            a = _integrate(model, pj, a, st.rate, t_prev, tj, ctx, *tol)
             t_prev = tj
             a = apply_event(a, torch.full((n,), j, dtype=torch.long, device=device), valid[:, j])
     return st.rec_c, st.rec_a
+
+
+def record_of_doses(batch):
+    """(N, D) record column of each dose event (ADDL doses: the record they came from; padding: 0)."""
+    same = batch.row.unsqueeze(2) == batch.dose_row.unsqueeze(1)             # (N, R, D)
+    return torch.where(same.any(1), same.to(torch.int8).argmax(1), torch.zeros_like(batch.dose_row))
+
+
+def _governing_records(kinds, index, valid, r):
+    """(N, E) record column whose parameters hold on the segment that ends at each event column: the first
+    record event at or after it in the sorted event table; past the last record, the last record."""
+    n, e = kinds.shape
+    is_rec = (kinds == RECORD) & valid
+    pos = torch.arange(e, device=kinds.device).expand(n, e)
+    at = torch.where(is_rec, pos, torch.full_like(pos, e))
+    nxt = torch.flip(torch.cummin(torch.flip(at, [1]), 1).values, [1])               # next record position
+    last = torch.where(is_rec, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values.clamp(min=0)
+    nxt = torch.where(nxt == e, last.expand(n, e), nxt)
+    return index.gather(1, nxt).clamp(max=r - 1)
 
 
 class _State:

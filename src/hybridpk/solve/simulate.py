@@ -43,7 +43,8 @@ class Prediction:
 
 def as_parameters(model, params, batch) -> dict:
     """Parameters as {name: tensor (N,)} in the batch's dtype/device, from a dict of scalars/arrays/tensors
-    or a DataFrame with one row per ID (column ID plus one column per parameter)."""
+    or a DataFrame with one row per ID (column ID plus one column per parameter). A tensor (N, R) gives a
+    value at every record (parameters that change in time, see :func:`simulate`)."""
     import pandas as pd
 
     n = batch.n_subjects
@@ -70,8 +71,9 @@ def as_parameters(model, params, batch) -> dict:
             else v.to(device)
         if t.dim() == 0:
             t = t.expand(n)
-        if t.shape != (n,):
-            raise ModelError(f"parameter {k} has shape {tuple(t.shape)}; expected one value per subject ({n})")
+        if t.shape not in ((n,), tuple(batch.time.shape)):
+            raise ModelError(f"parameter {k} has shape {tuple(t.shape)}; expected one value per subject ({n}) or "
+                             f"one per record {tuple(batch.time.shape)}")
         out[k] = t
     unknown = [k for k in params if k not in names]
     model.check_parameters({**out, **{k: None for k in unknown}})
@@ -82,13 +84,23 @@ def as_parameters(model, params, batch) -> dict:
     return out
 
 
-def _bad_parameters(model, p) -> dict[int, str]:
-    values = torch.stack([p[spec.name].detach() for spec in model.parameters])
+def _bad_parameters(model, p, mask=None) -> dict[int, str]:
+    """{subject position: why} for parameters that are not finite or negative (per-record parameters: on the
+    real records, ``mask`` (N, R); the first bad record's value is reported)."""
+    def per_subject(v):
+        v = v.detach()
+        if v.dim() == 1:
+            return v
+        ok = (torch.isfinite(v) & (v >= 0)) | ~mask
+        first_bad = (~ok).to(torch.int8).argmax(1)
+        return torch.where(ok.all(1), v[:, 0], v.gather(1, first_bad.unsqueeze(1)).squeeze(1))
+
+    values = torch.stack([per_subject(p[spec.name]) for spec in model.parameters])
     if bool((torch.isfinite(values) & (values >= 0)).all()):
         return {}
     bad = {}
     for spec in model.parameters:
-        v = p[spec.name].detach()
+        v = per_subject(p[spec.name])
         for i in torch.nonzero(~torch.isfinite(v)).flatten().tolist():
             bad.setdefault(i, f"parameter {spec.name} is {v[i].item()}")
         low = torch.nonzero(v < 0).flatten().tolist()
@@ -118,26 +130,38 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     return_amounts : also return compartment amounts (forces the ODE path)
 
     Gradients flow to every parameter tensor that requires them, through either path.
+
+    Parameters that change in time are given as (N, R) tensors, one value per record; they follow NONMEM's
+    rule: the values at a record hold from the previous record (exclusive) to it, so an observation is
+    predicted with its own record's values and a dose uses its record's F, ALAG and, at steady state, its
+    record's parameters for the whole history. Such a batch takes the ODE path (exact matrix exponentials for
+    linear models), or the closed form when the values change only at resets (EVID 3/4, SS=1: occasions).
     """
     model = get_model(model)
     p = as_parameters(model, params, batch)
+    varying = sorted(k for k, v in p.items() if v.dim() == 2)
     if method == "auto":
-        method = "closed_form" if (model.linear and not return_amounts) else "ode"
+        exact = not varying or closed_form.constant_between_resets(p, batch)
+        method = "closed_form" if (model.linear and not return_amounts and exact) else "ode"
     if method not in ("closed_form", "ode"):
         raise ModelError(f"method must be 'auto', 'closed_form' or 'ode', not {method!r}")
     if method == "closed_form" and not model.linear:
         raise ModelError(f"model {model.name} is nonlinear and has no closed form; use method='ode'")
+    if method == "closed_form" and varying and not closed_form.constant_between_resets(p, batch):
+        raise ModelError(f"parameter(s) {', '.join(varying)} change between records without a reset, which the "
+                         "closed form (one set of parameters from each reset on) cannot follow; use method='auto' "
+                         "or 'ode'")
     if solver == "auto":
         solver = "expm" if model.piecewise_linear else "dp5"
-    bad = _bad_parameters(model, p)
+    bad = _bad_parameters(model, p, batch.record_mask)
     if bad:  # keep the batch healthy: solve failed subjects with typical values, report them
         idx = torch.tensor(sorted(bad), device=batch.time.device)
         fixed = {}
         for spec in model.parameters:
             v = p[spec.name].clone()
             v[idx] = spec.typical if spec.name not in ("F", "ALAG") else (1.0 if spec.name == "F" else 0.0)
-            fixed[spec.name] = torch.where(torch.isin(torch.arange(len(v), device=v.device), idx), v.detach(),
-                                           p[spec.name])
+            hit = torch.isin(torch.arange(len(v), device=v.device), idx)
+            fixed[spec.name] = torch.where(hit.view(-1, *([1] * (v.dim() - 1))), v.detach(), p[spec.name])
         p = fixed
     failures = {batch.ids[i]: why for i, why in bad.items()}
     amounts = None
