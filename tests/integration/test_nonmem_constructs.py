@@ -199,17 +199,100 @@ def test_a_partial_omega_block_is_estimated_as_written(tmp_path, theoph_path):
     assert res.omega.covariance("ETA_1", "ETA_3") == 0.0 and res.estimation.converged
 
 
-def test_time_varying_covariates_and_infinite_values_are_refused_with_their_rows():
+TV_MOD = """$PROBLEM weight that changes in time
+$INPUT ID TIME DV AMT EVID MDV WT
+$DATA tv.csv IGNORE=@
+$SUBROUTINE ADVAN1 TRANS2
+$PK
+CL = THETA(1)*(WT/70)**THETA(3)*EXP(ETA(1))
+V = THETA(2)*EXP(ETA(2))
+S1 = V
+$ERROR
+Y = F + F*EPS(1)
+$THETA (0, 3.0) ; POP_CL
+$THETA (0, 30.0) ; POP_V
+$THETA 0.75 ; POP_CL_WT
+$OMEGA 0.09
+$OMEGA 0.09
+$SIGMA 0.01
+"""
+
+
+def _tv_data():
+    """IV bolus; WT measured at every record, changing from 6 h in subjects 1-3 (a weight that doubles, so the
+    rule matters)."""
+    rows = []
+    for i in range(1, 7):
+        rows.append({"ID": i, "TIME": 0.0, "DV": 0.0, "AMT": 100.0, "EVID": 1, "MDV": 1, "WT": 70.0})
+        for t, c in ((1, 3.0), (2, 2.8), (4, 2.4), (8, 1.6), (12, 1.1), (24, 0.4)):
+            wt = 140.0 if (i <= 3 and t >= 6) else 70.0
+            rows.append({"ID": i, "TIME": float(t), "DV": c * (1 + 0.05 * i), "AMT": 0.0, "EVID": 0, "MDV": 0,
+                         "WT": wt})
+    return pd.DataFrame(rows)
+
+
+def _bolus_by_rule(df, cl70, v, rule):
+    """Concentrations of the IV bolus model, CL = cl70 (WT/70)^0.75, by hand: each interval between records
+    with the later record's WT ("nonmem") or the earlier one's ("locf")."""
+    out = []
+    for _, d in df.groupby("ID", sort=False):
+        a, t_prev, wt_prev = 0.0, 0.0, None
+        for _, r in d.iterrows():
+            wt = r.WT if rule == "nonmem" or wt_prev is None else wt_prev
+            a *= np.exp(-cl70 * (wt / 70) ** 0.75 / v * (r.TIME - t_prev))
+            a += r.AMT
+            t_prev, wt_prev = r.TIME, r.WT
+            out.append(a / v)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("rule", ["nonmem", "locf"])
+def test_a_covariate_that_changes_in_time_acts_record_by_record(tmp_path, rule):
+    """A weight recorded on every record and changing within subjects: the native model follows it record by
+    record by NONMEM's rule (default) or LOCF, as the hand computation does; NONMEM's rule gives the OFV of the
+    same model written as a control stream."""
+    df = _tv_data()
+    ds = hp.read_nonmem(df)
+    pm = build_model("1cmt_iv", iiv=["CL", "V"], covariates=["CL~WT:power:70:0.75"], data=ds, time_varying=rule)
+    prob = Problem(pm, ds)
+    theta = {"CL": torch.tensor(3.0, dtype=torch.float64), "V": torch.tensor(30.0, dtype=torch.float64)}
+    pred = prob.batch.to_rows(prob.predict(theta, torch.zeros(6, 2, dtype=torch.float64)))
+    np.testing.assert_allclose(pred, _bolus_by_rule(df, 3.0, 30.0, rule), rtol=1e-9)
+    other = _bolus_by_rule(df, 3.0, 30.0, "locf" if rule == "nonmem" else "nonmem")
+    assert np.abs(pred - other).max() > 0.05                                      # the rule matters here
+    res = fit_population(pm, ds, progress=False, covariance=False)
+    assert res.estimation.converged
+    if rule == "nonmem":
+        df.to_csv(tmp_path / "tv.csv", index=False)
+        (tmp_path / "tv.mod").write_text(TV_MOD.replace("$THETA 0.75 ; POP_CL_WT", "$THETA 0.75 FIX ; POP_CL_WT"))
+        nm, nm_ds = read_control_stream(tmp_path / "tv.mod")
+        assert nm.record_items == ("WT",)
+        values = res.theta.to_dict()
+        th = {"CL": values["CL"]["estimate"], "V": values["V"]["estimate"], "CL_WT": 0.75}
+        om = res.omega.tensor()
+        sd = {"PROP": torch.tensor(res.sigma["PROP"].sd, dtype=torch.float64)}
+
+        def ofv(model, data, names):
+            prob = Problem(model, data)
+            t = {n: torch.tensor(th[k], dtype=torch.float64) for n, k in names.items()}
+            eta = prob.ebe(t, torch.linalg.inv(om), sd, torch.zeros(6, 2, dtype=torch.float64), tol=1e-12)
+            return float(prob.ofv(t, om, sd, eta).detach())
+
+        assert ofv(nm, nm_ds, {"POP_CL": "CL", "POP_V": "V", "POP_CL_WT": "CL_WT"}) == pytest.approx(
+            res.estimation.ofv, abs=1e-6)
+
+
+def test_what_takes_one_value_per_subject_refuses_a_covariate_that_changes(tmp_path):
     df = pd.DataFrame({"ID": [1, 1, 1, 2, 2], "TIME": [0, 1, 2, 0, 1], "DV": [0, 1.5, 2, 0, 1],
                        "AMT": [100, 0, 0, 100, 0], "WT": [70, 70, 72, 60, 60]})
     ds = hp.read_nonmem(df)
-    pm = build_model("1cmt_iv", iiv=["CL"], covariates=["CL~WT"], data=ds)
-    with pytest.raises(DatasetError, match="row 3, column WT: covariate WT changes within subject"):
-        fit_population(pm, ds, progress=False)
     with pytest.raises(DatasetError, match="row 3, column WT"):
         hp.simulate_population("1cmt_iv", ds, {"CL": 3.0, "V": 30.0}, covariates={"CL": ("WT", 70.0, 0.75)})
-    fine = build_model("1cmt_iv", iiv=["CL"], data=ds)             # WT is not used: nothing to replace
-    assert fit_population(fine, ds, progress=False, covariance=False).estimation.n_subjects == 2
+    pm = build_model("1cmt_iv", iiv=["CL"], covariates=["CL~WT"], data=ds)
+    fitted = hp.population.FittedPopulation.from_values(pm, {"CL": 3.0, "V": 30.0, "CL_WT": 0.75}, [[0.09]],
+                                                        {"PROP": 0.1})
+    with pytest.raises(ModelError, match="reads WT at every record and it changes within subjects.*dosing"):
+        hp.estimate_patient(fitted, ds.subset([1]))
     with pytest.raises(DatasetError, match="row 2, column DV: infinite value"):
         hp.read_nonmem(df.assign(DV=[0, np.inf, 2, 0, 1]))
 
@@ -333,7 +416,8 @@ def test_trans1_without_a_scale_predicts_amounts_as_nonmem_does(tmp_path, theoph
     ("S2 = V", "S2 = V/1000", "S2 = V/1000"),                 # a unit conversion in the scale
     ("S2 = V", "V2 = V", "no S2"),                            # TRANS2 without a scale: F is the amount
     ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (AMT.GT.0) KA = 2*KA", "data item AMT"),
-    ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (WT.GT.100) KOLD = 2\nKX = KOLD", "KOLD is assigned only under IF"),
+    ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (WT.GT.100) KOLD = 2\nKX = KOLD",
+     "KOLD is assigned only under IF"),
     ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))*KOLD", "reads KOLD before assigning"),
     ("Y = F + EPS(1)", "IPRED = A(1)/V\nY = IPRED + EPS(1)", "amount A_DEPOT"),
     ("Y = F + EPS(1)", "Y = LOG(F) + EPS(1)", "is log(F), not F"),
@@ -373,3 +457,36 @@ def _ofv_at_inits(pm, ds):
     th, om, sd = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
     eta = prob.ebe(th, torch.linalg.inv(om), sd, torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64))
     return float(prob.ofv(th, om, sd, eta).detach())
+
+
+@pytest.mark.parametrize("omegas", [OMEGAS, "$OMEGA BLOCK(2) 0.0309626 ; IIV_CL\n 0.005 0.031128 ; IIV_VC"],
+                         ids=["diagonal", "block"])
+def test_final_estimates_are_written_back_as_a_control_stream_that_reproduces_the_ofv(pheno_dir, tmp_path, omegas):
+    """A fitted import written back (through pharmpy) with its estimates as initial estimates: read again and
+    evaluated (MAXEVAL=0), it gives the fit's OFV; its other records are as written."""
+    from hybridpk.population.nonmem import write_control_stream
+
+    folder, text = pheno_dir
+    (folder / "run.mod").write_text(text.replace(OMEGAS, omegas))
+    pm, ds = read_control_stream(folder / "run.mod")
+    res = fit_population(pm, ds, progress=False, covariance=False)
+    (tmp_path / "final").mkdir()
+    out = write_control_stream(res, tmp_path / "final" / "run_final.mod")
+    written = out.read_text()
+    assert "$ESTIMATION METHOD=1 INTERACTION" in written and "IF(APGR.LT.5)" in written
+    assert f"{res.theta['POP_CL'].value:.6g}"[:5] in written
+    pm2, ds2 = read_control_stream(out)
+    again = fit_population(pm2, ds2, evaluate=True, progress=False, covariance=False)
+    assert again.estimation.ofv == pytest.approx(res.estimation.ofv, abs=1e-4)
+    np.testing.assert_allclose(again.omega.tensor().numpy(), res.omega.tensor().numpy(), rtol=1e-5)
+
+
+def test_a_model_built_from_options_is_not_written_as_a_control_stream(theoph_path, tmp_path):
+    from hybridpk.population.nonmem import write_control_stream
+
+    ds = hp.read_nonmem(theoph_path)
+    pm = build_model("1cmt_oral", data=ds)
+    fitted = hp.population.FittedPopulation.from_values(pm, {"KA": 1.5, "CL": 2.8, "V": 32.0},
+                                                        np.diag([0.09] * 3).tolist(), {"PROP": 0.1})
+    with pytest.raises(ModelError, match="only a model imported from a NONMEM control stream"):
+        write_control_stream(fitted, tmp_path / "x.mod")

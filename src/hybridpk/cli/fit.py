@@ -14,9 +14,15 @@ With DATA.csv and --model, the model is built from options: log-normal IIV on th
 --iiv, covariate effects by --covariate, and the residual error by --error. --model may also name a published
 model ('hybridpk models' lists them, or a spec .toml): its covariates, IIV and error model are kept and its
 estimates are where the fit starts (with --hybrid vae: a published model extended by the correction).
-With MODEL.mod (a NONMEM control stream, ADVAN1-4/11/12 with TRANS1/2/4), the model, its initial
+With MODEL.mod (a NONMEM control stream, ADVAN1-4/11/12 with the TRANS NONMEM allows), the model, its initial
 estimates and its dataset are read through pharmpy-core (pip install 'hybridpk[nonmem]') and parameter
-names are pharmpy's (POP_CL...).
+names are pharmpy's (POP_CL...). $PK is evaluated at every record with that record's data items (covariates,
+TIME, occasion flags), as NONMEM does: a record's values hold over the interval it ends. $OMEGA BLOCK(n), SAME
+(inter-occasion variability), FIX and THETA bounds are honoured; $ERROR may be written on F, IPRED or the
+central amount A(n). What hybridpk cannot do as written (e.g. LAPLACE, $DES, a variable carried over from the
+previous record) is refused with the construct and its line, never replaced.
+With a covariate that changes within a subject, a model built from options follows it record by record by the
+same rule (--time-varying locf carries each record's value forward instead).
 
 The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ receives:
   summary.json      OFV, convergence, estimates with standard errors (RSE %), OMEGA, SIGMA, shrinkage,
@@ -25,6 +31,8 @@ The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ re
   individual.csv    ID, ETAs (empirical Bayes estimates), individual parameters
   predictions.csv   ID, TIME, DV, MDV, PRED, IPRED, CWRES, IWRES for every record
   model.json        the fitted model as plain data, for 'hybridpk predict' and 'hybridpk dose'
+  NAME_final.mod    (a control stream NAME.mod) the same control stream with the final estimates as initial
+                    estimates, to continue or check the run in NONMEM
 
 With --hybrid vae, a VAE then learns per patient what the ODE misses: an encoder reads each patient's
 samples into a latent z, and a correction (the hybrid term; --hybrid-form says how it enters) adds what the
@@ -98,6 +106,10 @@ def add_parser(sub) -> None:
     p.add_argument("--omega-block", nargs="?", const="all", metavar="P,P[;P,P]",
                    help="estimate covariances between ETAs: alone, one block over all ETAs; with parameters, "
                         "blocks of them, e.g. CL,V (the others keep a variance only) or CL,V;KA,ALAG")
+    p.add_argument("--time-varying", choices=["nonmem", "locf"], default="nonmem",
+                   help="a covariate that changes within a subject: nonmem (a record's value holds over the interval "
+                        "that record ends, back to the previous record) or locf (it holds from the record to the "
+                        "next)")
     p.add_argument("--hybrid", choices=["none", "vae"], default="none",
                    help="add a VAE correction (the hybrid model) on top of the fitted ODE model")
     p.add_argument("--hybrid-form", choices=["auto", "input", "reservoir", "elimination", "log"], default="auto",
@@ -237,6 +249,12 @@ def _population_stage(args, pm, ds, out, ck):
                                 covariance="none" if args.no_covariance else args.covariance, pooled_start=args.pooled,
                                 checkpoint=ck / "foce.json")
     result.save(out)
+    if pm.recipe.get("kind") == "nonmem":     # the final estimates, to take back to NONMEM
+        from pathlib import Path
+
+        from hybridpk.population.nonmem import write_control_stream
+
+        write_control_stream(result, out / f"{Path(str(args.source)).stem}_final.mod")
     atomic_write_text(stamp, key)
     return result, False
 
@@ -300,7 +318,7 @@ def _model_and_data(args):
         else:
             block = False
         pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=error, initial=init, data=ds,
-                         omega_block=block)
+                         omega_block=block, time_varying=args.time_varying)
         args.pooled = not init
     return pm, ds
 

@@ -377,7 +377,8 @@ def _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation
             "omega": np.asarray(omega if omega is not None else pm.omega_init, dtype=float).tolist(),
             "sigma": {**pm.error.init_values(), **(sigma or {})}, "etas": list(pm.etas),
             "blocks": [list(b) for b in pm.blocks], "fixed": [list(pm.omega_fixed), list(pm.sigma_fixed)],
-            "same": [[list(b), list(c)] for b, c in pm.omega_same], "method": method, "pooled_start": bool(pooled_start),
+            "same": [[list(b), list(c)] for b, c in pm.omega_same], "method": method,
+            "pooled_start": bool(pooled_start),
             "estimation": estimation}
     return hashlib.sha256((json.dumps(spec, sort_keys=True, default=str) + dataset.fingerprint()).encode()).hexdigest()
 

@@ -110,7 +110,7 @@ class FittedPopulation:
 
         with torch.no_grad():
             p = self.model.parameters(self.theta.tensors(), eta, batch)
-            return simulate(self.model.structural, p, batch, throw=False).ipred
+            return simulate(self.model.structural, p, batch, throw=False, rule=self.model.covariate_rule).ipred
 
     # ------------------------------------------------------------------ the four verbs
     def estimate(self, dataset) -> IndividualEstimates:

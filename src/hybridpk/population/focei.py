@@ -106,7 +106,7 @@ class Problem:
         # throw=False: a trial point with impossible parameters gives NaN for those subjects (rejected by the
         # line searches) instead of stopping the fit
         f = simulate(self.pm.structural, p, self.batch, method=self.method, rtol=self.rtol, atol=self.atol,
-                     throw=False).ipred
+                     throw=False, rule=self.pm.covariate_rule).ipred
         if self.pm.error.ltbs:
             f = torch.log(f.clamp(min=1e-30))
         return f

@@ -237,7 +237,8 @@ def _data_items(statements, columns: set, names: set, text: str, path) -> tuple:
     for name, expr in statements:
         partial = [pw for pw in expr.atoms(sympy.Piecewise) if pw.args[-1][1] != sympy.true]
         if partial:
-            raise ModelError(f"{_line_of(text, path, name)}: {name} is assigned only under IF ({partial[0].args[0][1]}) "
+            cond = partial[0].args[0][1]
+            raise ModelError(f"{_line_of(text, path, name)}: {name} is assigned only under IF ({cond}) "
                              "and not before; where the condition is false NONMEM keeps its value from the previous "
                              f"record, which hybridpk does not do: assign {name} first (e.g. {name} = 0)")
         for sym in sorted(expr.free_symbols, key=lambda x: x.name):
@@ -287,7 +288,8 @@ def _check_scale(defs: dict, written: dict, advan: int, trans: int, text: str, p
         what = (f"{scale_name} = {written[scale_name]}" if scale_name in defs else
                 f"no {scale_name} (NONMEM's default 1: F is the amount)")
         raise ModelError(f"{_line_of(text, path, scale_name) if scale_name in defs else Path(path).name}: {what}, "
-                         f"but the central volume is {v_name}{' = ' + str(written[v_name]) if v_name in written else ''}"
+                         f"but the central volume is {v_name}"
+                         f"{' = ' + str(written[v_name]) if v_name in written else ''}"
                          f"; hybridpk predicts the concentration A/{v_name} "
                          f"and supports {scale_name} equal to {v_name} only: write {scale_name} = {v_name} and give "
                          "doses and DV in consistent units")
@@ -438,3 +440,42 @@ def read_control_stream(path):
                          recipe=recipe, omega_fixed=omega_fixed, omega_same=same, sigma_fixed=sigma_fixed,
                          record_items=items)
     return pm, ds
+
+
+def write_control_stream(fitted, path) -> Path:
+    """Write the control stream a FittedPopulation was imported from with its final estimates as initial
+    estimates ($THETA, $OMEGA including block covariances, $SIGMA; FIX, SAME, bounds and everything else as
+    the user wrote it), through pharmpy, so the run can be continued or checked in NONMEM. $DATA is rewritten
+    relative to the new file. Returns the path written.
+
+    Only imported models (``hybridpk fit run.mod``) can be written back; a model built from options has no
+    control stream to start from (refused)."""
+    import sympy
+
+    pm = fitted.model
+    if pm.recipe.get("kind") != "nonmem":
+        raise ModelError("only a model imported from a NONMEM control stream can be written back as one; this "
+                         f"model was built by hybridpk ({pm.recipe.get('kind', 'unknown')})")
+    _pharmpy()
+    from pharmpy.modeling import read_model, set_initial_estimates, write_model
+
+    source = Path(pm.recipe["control_stream"])
+    if not source.is_file():
+        raise HybridPKError(f"the control stream {source} the model was imported from is gone; it is needed to write "
+                            "the final estimates back")
+    m = read_model(str(source))
+    inits = {t.name: float(t.value) for t in fitted.theta if not t.fixed}
+    matrix = m.random_variables.etas.covariance_matrix
+    omega = fitted.omega.matrix
+    for i in range(len(omega)):
+        for j in range(i + 1):
+            sym = sympy.sympify(matrix[i, j])
+            if sym.is_Symbol and not m.parameters[sym.name].fix:
+                inits[sym.name] = float(omega[i][j])
+    for s in fitted.sigma:
+        if s.kind not in pm.sigma_fixed:
+            inits[s.label] = float(s.variance)
+    m = set_initial_estimates(m, inits)
+    out = Path(path)
+    write_model(m, str(out), force=True)
+    return out

@@ -137,7 +137,9 @@ class PopulationModel:
     ``omega_same`` pairs (block, source block) of equal size whose OMEGA is the source's (``$OMEGA BLOCK(n)
     SAME``: one variance for every occasion's ETA, inter-occasion variability); ``sigma_fixed`` residual error
     parameters ("ADD", "PROP") held at their initial values. ``record_items``: data items (covariate columns,
-    TIME) that ``individual`` reads at every record, as NONMEM evaluates $PK (see :meth:`parameters`).
+    TIME) that ``individual`` reads at every record, as NONMEM evaluates $PK (see :meth:`parameters`), and
+    ``covariate_rule`` which record's values hold between two records ("nonmem": the later one's; "locf": the
+    earlier one's).
     ``recipe`` rebuilds the
     model from plain data (saved in model.json; see :func:`model_from_recipe`).
     """
@@ -159,6 +161,7 @@ class PopulationModel:
     omega_same: tuple = ()
     sigma_fixed: tuple = ()
     record_items: tuple = ()
+    covariate_rule: str = "nonmem"
 
     def __post_init__(self):
         if self.sigma_scale not in ("sd", "variance"):
@@ -253,7 +256,8 @@ def _within(value, param) -> bool:
 
 
 def build_model(model, *, iiv=None, covariates=(), error="proportional", initial: dict | None = None,
-                data=None, fixed: dict | None = None, omega_block=False) -> PopulationModel:
+                data=None, fixed: dict | None = None, omega_block=False,
+                time_varying: str = "nonmem") -> PopulationModel:
     """A population model from named options, as the CLI builds it.
 
     Parameters
@@ -266,6 +270,10 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     initial : dict  initial typical values {param: value} (defaults: the model's typical values)
     data : Dataset  used for covariate reference values (medians) when not given
     fixed : dict  parameters fixed at a value (e.g. {"F": 1.0}); not estimated
+    time_varying : how a covariate that changes within a subject acts: "nonmem" (NONMEM's rule: the value on a
+        record holds over the interval that record ends, back to the previous record) or "locf" (last
+        observation carried forward: the value on a record holds from it to the next record, as nlmixr2 and
+        Monolix interpolate by default). Either way each observation's V (the scale) is its own record's
     omega_block : True to estimate the covariances between all ETAs (one full OMEGA block), or groups of
         parameters whose ETAs are correlated, e.g. [["CL", "V"]] (the others keep a variance only); False
         (default) for a diagonal OMEGA
@@ -318,16 +326,21 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     eta_index = {p: k for k, p in enumerate(iiv)}
     cov_names = tuple(sorted({e.covariate for e in effects}))
 
+    if time_varying not in ("nonmem", "locf"):
+        raise ModelError(f"time_varying={time_varying!r}: give 'nonmem' or 'locf'")
+
     def individual(theta, eta, cov):
         n = eta.shape[0]
+        per_record = any(torch.is_tensor(v) and v.dim() == 2 for v in cov.values())   # (N, R) covariates
         out = {}
         for name in est_names:
-            v = theta[name].expand(n)
+            v = theta[name].expand(n, 1) if per_record else theta[name].expand(n)
             for e in effects:
                 if e.parameter == name:
                     v = v * e.factor(cov[e.covariate], theta.get(e.theta_name))
             if name in eta_index:
-                v = v * torch.exp(eta[:, eta_index[name]])
+                k = eta_index[name]
+                v = v * torch.exp(eta[:, k:k + 1] if per_record else eta[:, k])
             out[name] = v
         for name, value in fixed.items():
             out[name] = torch.full((n,), float(value), dtype=eta.dtype, device=eta.device)
@@ -338,12 +351,13 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
     blocks = _omega_blocks(omega_block, list(iiv))
     recipe = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
-              "fixed": fixed, "omega_block": [[iiv[i] for i in b] for b in blocks],
+              "fixed": fixed, "time_varying": time_varying, "omega_block": [[iiv[i] for i in b] for b in blocks],
               "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
                               "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
                            individual=individual, covariates=cov_names, effects=tuple(effects),
-                           omega_blocks=blocks, recipe=recipe)
+                           omega_blocks=blocks, recipe=recipe, record_items=cov_names,
+                           covariate_rule=time_varying)
 
 
 def _omega_blocks(omega_block, iiv: list) -> tuple:
@@ -376,7 +390,8 @@ def model_from_recipe(recipe: dict) -> PopulationModel:
             effects = [CovariateEffect(**e) for e in recipe.get("covariates", [])]
             error = ErrorModel(recipe["error"], ltbs=bool(recipe.get("ltbs", False)))
             return build_model(recipe["model"], iiv=recipe["iiv"], covariates=effects, error=error,
-                               fixed=recipe.get("fixed") or {}, omega_block=recipe.get("omega_block", False))
+                               fixed=recipe.get("fixed") or {}, omega_block=recipe.get("omega_block", False),
+                               time_varying=recipe.get("time_varying", "nonmem"))
         except (KeyError, TypeError) as exc:
             raise ModelError(f"the model recipe in model.json is incomplete ({exc}); refit the model") from None
     if kind == "nonmem":

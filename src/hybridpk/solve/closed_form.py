@@ -81,7 +81,6 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
 
         dose_rec = record_of_doses(batch)
         p_dose = {k: v.gather(1, dose_rec) for k, v in p.items()}
-        p_rec = p
     v, k10, pairs, ka = model.mammillary(p)
     ev = dose_events(model, p_dose if per_record else p, batch)
     central = model.obs_cmt - 1

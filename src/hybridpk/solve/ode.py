@@ -129,7 +129,7 @@ def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
 
 
 def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=100_000,
-          return_amounts=False):
+          return_amounts=False, rule="nonmem"):
     """Concentrations (N, R) at every record, and amounts (N, R, S) if asked, by event-to-event integration.
 
     ``method``: "dp5" (default: hybridpk's batched Dormand-Prince with per-subject steps, see ``_dp5``),
@@ -209,7 +209,7 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
     # NONMEM's rule for parameters that change between records: the integration up to a record uses the
     # values computed at that record; every event column j lies in the interval that the first record at or
     # after it ends (events after the last record: that record's values)
-    governing = _governing_records(kinds, index, valid, r) if varying else None
+    governing = _governing_records(kinds, index, valid, r, rule) if varying else None
 
     # ---- state and event actions (shared by both marchers)
     first_rec = torch.zeros(n, dtype=torch.long, device=device)
@@ -232,7 +232,8 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
         ss_here = ok & (kind == SS_START)
         if ss_here.any():
             lag = ev.time[ar, didx] - batch.dose_time[ar, didx]
-            xss = _steady_state(model, p_at(dose_rec[ar, didx]) if varying else p, x0, ev.cmt[ar, didx].clamp(min=0), ev.amt[ar, didx],
+            xss = _steady_state(model, p_at(dose_rec[ar, didx]) if varying else p, x0,
+                                ev.cmt[ar, didx].clamp(min=0), ev.amt[ar, didx],
                                 ev.rate[ar, didx], ev.duration[ar, didx], ev.ii[ar, didx], ss_here, ctx, tol,
                                 lag)
             add2 = ss_here & (ev.ss[ar, didx] == 2)
@@ -283,12 +284,20 @@ def record_of_doses(batch):
     return torch.where(same.any(1), same.to(torch.int8).argmax(1), torch.zeros_like(batch.dose_row))
 
 
-def _governing_records(kinds, index, valid, r):
-    """(N, E) record column whose parameters hold on the segment that ends at each event column: the first
-    record event at or after it in the sorted event table; past the last record, the last record."""
+def _governing_records(kinds, index, valid, r, rule="nonmem"):
+    """(N, E) record column whose parameters hold on the segment that ends at each event column. "nonmem": the
+    first record event at or after it in the sorted event table (past the last record, the last record);
+    "locf": the last record event before it (before the first record, the first)."""
     n, e = kinds.shape
     is_rec = (kinds == RECORD) & valid
     pos = torch.arange(e, device=kinds.device).expand(n, e)
+    if rule == "locf":
+        before = torch.where(is_rec, pos, torch.full_like(pos, -1))
+        prev = torch.cummax(before, 1).values                      # last record at or before each position
+        prev = torch.cat([torch.full_like(prev[:, :1], -1), prev[:, :-1]], 1)          # strictly before
+        first = torch.where(is_rec, pos, torch.full_like(pos, e)).min(1, keepdim=True).values.clamp(max=e - 1)
+        prev = torch.where(prev < 0, first.expand(n, e), prev)
+        return index.gather(1, prev).clamp(max=r - 1)
     at = torch.where(is_rec, pos, torch.full_like(pos, e))
     nxt = torch.flip(torch.cummin(torch.flip(at, [1]), 1).values, [1])               # next record position
     last = torch.where(is_rec, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values.clamp(min=0)

@@ -110,7 +110,8 @@ def _bad_parameters(model, p, mask=None) -> dict[int, str]:
 
 
 def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, atol: float = 1e-10,
-             solver: str = "auto", throw: bool = True, return_amounts: bool = False) -> Prediction:
+             solver: str = "auto", throw: bool = True, return_amounts: bool = False,
+             rule: str = "nonmem") -> Prediction:
     """Predict concentrations at every record of every subject.
 
     Parameters
@@ -128,6 +129,9 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     throw : raise SolverError when any subject fails (default); if False, failed subjects get NaN and are
         listed in ``Prediction.failures`` while the others are returned normally
     return_amounts : also return compartment amounts (forces the ODE path)
+    rule : for parameters given per record: "nonmem" (a record's values hold over the interval it ends) or
+        "locf" (they hold from the record to the next one); an observation is predicted with its own record's
+        values (its scale V) either way
 
     Gradients flow to every parameter tensor that requires them, through either path.
 
@@ -151,6 +155,8 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
         raise ModelError(f"parameter(s) {', '.join(varying)} change between records without a reset, which the "
                          "closed form (one set of parameters from each reset on) cannot follow; use method='auto' "
                          "or 'ode'")
+    if rule not in ("nonmem", "locf"):
+        raise ModelError(f"rule={rule!r}: give 'nonmem' or 'locf'")
     if solver == "auto":
         solver = "expm" if model.piecewise_linear else "dp5"
     bad = _bad_parameters(model, p, batch.record_mask)
@@ -170,12 +176,12 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     else:
         try:
             ipred, amounts = ode.solve(model, p, batch, rtol=rtol, atol=atol, method=solver,
-                                       return_amounts=return_amounts)
+                                       return_amounts=return_amounts, rule=rule)
         except (AssertionError, RuntimeError) as exc:
             if batch.n_subjects == 1:
                 raise SolverError(f"ODE solve failed for subject {batch.ids[0]}: {exc}",
                                   {batch.ids[0]: str(exc)}) from None
-            ipred, amounts, more = _one_by_one(model, p, batch, rtol, atol, solver, return_amounts)
+            ipred, amounts, more = _one_by_one(model, p, batch, rtol, atol, solver, return_amounts, rule)
             failures.update(more)
     ipred = ipred * batch.record_mask
     ok = torch.ones(batch.n_subjects, dtype=torch.bool, device=batch.time.device)
@@ -192,7 +198,7 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     return Prediction(ipred=ipred, amounts=amounts, ok=ok, failures=failures, method=method)
 
 
-def _one_by_one(model, p, batch, rtol, atol, solver, return_amounts):
+def _one_by_one(model, p, batch, rtol, atol, solver, return_amounts, rule="nonmem"):
     """After a failed batched solve: solve each subject alone to find which ones fail, and why."""
     n, r = batch.time.shape
     ipred = torch.full((n, r), float("nan"), dtype=batch.time.dtype, device=batch.time.device)
@@ -203,7 +209,8 @@ def _one_by_one(model, p, batch, rtol, atol, solver, return_amounts):
         sub = batch.select([i])
         pi = {k: v[i:i + 1] for k, v in p.items()}
         try:
-            c, a = ode.solve(model, pi, sub, rtol=rtol, atol=atol, method=solver, return_amounts=return_amounts)
+            c, a = ode.solve(model, pi, sub, rtol=rtol, atol=atol, method=solver, return_amounts=return_amounts,
+                             rule=rule)
             rows_c.append(c[0])
             rows_a.append(a[0] if a is not None else None)
         except (AssertionError, RuntimeError) as exc:
