@@ -112,3 +112,28 @@ def test_advan4_trans4_combined_error_import(tmp_path):
     a = _ofv(pm, ds, theta_nm, [0.09, 0.09, 0.09], sd)
     b = _ofv(native, sim.dataset, dict(CL=5.0, V=25.0, Q=4.0, V2=60.0, KA=1.0), [0.09, 0.09, 0.09], sd)
     assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_pheno_reproduces_nonmems_published_run(pharmpy_examples):
+    """pharmpy's bundled pheno run (NONMEM 7, FOCE-I, $COVARIANCE UNCONDITIONAL): the final row of pheno.ext
+    (ITERATION -1000000000) and its standard errors (-1000000001). OFV within 0.01, THETA within 0.1%, OMEGA and
+    SIGMA within 0.5%, the sandwich standard errors within 1%."""
+    import warnings
+
+    import pandas as pd
+
+    ext = pd.read_csv(pharmpy_examples / "pheno.ext", sep=r"\s+", skiprows=1).set_index("ITERATION")
+    final, se = ext.loc[-1000000000], ext.loc[-1000000001]
+    pm, ds = read_control_stream(pharmpy_examples / "pheno.mod")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit_population(pm, ds, progress=False)
+    assert res.estimation.ofv == pytest.approx(final["OBJ"], abs=0.01)
+    for k, t in enumerate(res.theta, 1):
+        assert t.value == pytest.approx(final[f"THETA{k}"], rel=1e-3)
+        assert t.se == pytest.approx(se[f"THETA{k}"], rel=1e-2)
+    assert res.omega["ETA_CL"].variance == pytest.approx(final["OMEGA(1,1)"], rel=5e-3)
+    assert res.omega["ETA_VC"].variance == pytest.approx(final["OMEGA(2,2)"], rel=5e-3)
+    assert res.sigma["SIGMA"].variance == pytest.approx(final["SIGMA(1,1)"], rel=5e-3)
+    assert res.omega["ETA_CL"].se == pytest.approx(se["OMEGA(1,1)"], rel=1e-2)
+    assert res.sigma["SIGMA"].se == pytest.approx(se["SIGMA(1,1)"], rel=1e-2)
