@@ -32,7 +32,6 @@ def pheno_dir(tmp_path, pharmpy_examples):
 
 
 @pytest.mark.parametrize("old, new, construct", [
-    ("METHOD=1 INTERACTION", "METHOD=COND LAPLACE INTER", "LAPLACE"),
     ("METHOD=1 INTERACTION", "METHOD=0 INTER", "METHOD=0 INTERACTION"),
     ("METHOD=1 INTERACTION MAXEVALS=99999", "METHOD=0 MAXEVALS=99999\n$ESTIMATION METHOD=1 INTER", "2 $ESTIMATION"),
     ("METHOD=1 INTERACTION", "METHOD=SAEM INTERACTION", "METHOD=SAEM"),
@@ -50,7 +49,9 @@ def test_unsupported_constructs_are_refused_by_name_and_line(pheno_dir, old, new
 
 
 @pytest.mark.parametrize("written, method", [("METHOD=0", "FO"), ("METHOD=ZERO", "FO"), ("METHOD=1", "FOCE"),
-                                             ("METHOD=COND", "FOCE"), ("METHOD=1 INTERACTION", "FOCE-I")])
+                                             ("METHOD=COND", "FOCE"), ("METHOD=1 INTERACTION", "FOCE-I"),
+                                             ("METHOD=COND LAPLACE INTER", "LAPLACE-I"),
+                                             ("METHOD=1 LAPLACE", "LAPLACE")])
 def test_the_estimation_method_written_is_the_one_carried_out(pheno_dir, written, method):
     folder, text = pheno_dir
     (folder / "run.mod").write_text(text.replace("METHOD=1 INTERACTION", written))

@@ -7,8 +7,9 @@ from ._common import (ManualFormatter, device_arg, latent_dim_arg, out_folder_ar
 
 HELP = """\
 Fit a population PK model by FOCE with interaction (NONMEM's METHOD=1 INTERACTION), or as --method or a
-control stream's $ESTIMATION asks: FOCE without interaction (METHOD=1) or FO (METHOD=0), with NONMEM's
-objective functions (Wang, J Pharmacokinet Pharmacodyn 2007;34:575-93). Other methods are refused by name.
+control stream's $ESTIMATION asks: FOCE without interaction (METHOD=1), FO (METHOD=0) or Laplace (METHOD=1
+LAPLACE [INTERACTION]), with NONMEM's objective functions (Wang, J Pharmacokinet Pharmacodyn 2007;34:575-93).
+Other methods are refused by name.
 
 With DATA.csv and --model, the model is built from options: log-normal IIV on the parameters named by
 --iiv, covariate effects by --covariate, and the residual error by --error. --model may also name a published
@@ -128,10 +129,13 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", type=device_arg, help="torch device for VAE training (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
     p.add_argument("--maxiter", type=positive_int, default=300, help="maximum outer iterations")
-    p.add_argument("--method", choices=["FOCE-I", "FOCE", "FO"], type=str.upper, default=None,
+    p.add_argument("--method", choices=["FOCE-I", "FOCE", "FO", "LAPLACE-I", "LAPLACE"], type=str.upper,
+                   default=None,
                    help="estimation method, NONMEM's: FOCE-I (METHOD=1 INTERACTION), FOCE (METHOD=1: the residual "
-                        "variance at ETA = 0) or FO (METHOD=0: the model linearised at ETA = 0). A control stream's "
-                        "$ESTIMATION decides for a .mod file (default: FOCE-I)")
+                        "variance at ETA = 0), FO (METHOD=0: the model linearised at ETA = 0), LAPLACE-I / LAPLACE "
+                        "(METHOD=1 LAPLACE [INTERACTION]: the exact second derivative of each subject's objective "
+                        "instead of FOCE's first-order one). A control stream's $ESTIMATION decides for a .mod file "
+                        "(default: FOCE-I)")
     p.add_argument("--evaluate", action="store_true",
                    help="estimate nothing: the OFV, EBEs, tables and standard errors at the initial estimates "
                         "(NONMEM's MAXEVAL=0; a control stream with MAXEVAL=0 is evaluated without this flag)")

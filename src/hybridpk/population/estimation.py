@@ -32,7 +32,8 @@ COVARIANCE_METHODS = {
     "none": "not computed (no standard errors)",
 }
 METHODS = {
-    "OFV": "-2 log-likelihood without the constant (as NONMEM reports it), FOCE-I approximation",
+    "OFV": "-2 log-likelihood without the constant (as NONMEM reports it), by the approximation of the estimation "
+           "method ('method': FOCE-I, FOCE, FO, LAPLACE-I or LAPLACE; Wang 2007)",
     "CWRES": "conditional weighted residuals (Hooker et al. 2007) as NONMEM's $TABLE writes them for a FOCE-I run: "
              "linearised at the EBE, residual variance at IPRED (with interaction), weighted by the symmetric "
              "inverse square root of each subject's covariance",

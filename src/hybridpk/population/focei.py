@@ -1,5 +1,6 @@
 """NONMEM's classical objective functions: FOCE with interaction (Laplace with the first-order Hessian,
-METHOD=1 INTERACTION, the default), FOCE without interaction (METHOD=1) and FO (METHOD=0), as derived by
+METHOD=1 INTERACTION, the default), FOCE without interaction (METHOD=1), FO (METHOD=0) and Laplace with the
+exact Hessian of obj_i (METHOD=1 LAPLACE [INTERACTION]: "LAPLACE-I", "LAPLACE"), as derived by
 Wang (J Pharmacokinet Pharmacodyn 2007;34:575-93).
 
 For subject i with observations y, predictions f(eta), residual variances V(f):
@@ -32,8 +33,9 @@ from ..solve import simulate
 
 LOG2PI = math.log(2 * math.pi)
 
-#: the estimation methods (NONMEM's names): $ESTIMATION METHOD=1 INTERACTION, METHOD=1, METHOD=0
-ESTIMATION_METHODS = ("FOCE-I", "FOCE", "FO")
+#: the estimation methods (NONMEM's names): $ESTIMATION METHOD=1 INTERACTION, METHOD=1, METHOD=0,
+#: METHOD=1 LAPLACE INTERACTION, METHOD=1 LAPLACE
+ESTIMATION_METHODS = ("FOCE-I", "FOCE", "FO", "LAPLACE-I", "LAPLACE")
 
 
 class Problem:
@@ -45,7 +47,9 @@ class Problem:
 
             raise HybridPKError(f"estimation method {estimation!r}: give one of {', '.join(ESTIMATION_METHODS)}")
         self.estimation = estimation
-        self.interaction = estimation == "FOCE-I"   # the residual variance follows eta (else: at eta = 0)
+        # the residual variance follows eta (else: at eta = 0); Laplace: the exact Hessian of obj_i in the OFV
+        self.interaction = estimation in ("FOCE-I", "LAPLACE-I")
+        self.laplace = estimation.startswith("LAPLACE")
         self.pm = pm
         missing = [c for c in pm.covariates if c not in dataset.to_dataframe().columns]
         if missing:
@@ -257,10 +261,29 @@ class Problem:
         prior = torch.einsum("nk,kl,nl->n", eta, omega_inv, eta)
         ofv_i = data.sum(1) + prior
         if k:
-            g = self.jacobian(theta, eta)
-            h = self.fo_hessian(theta, omega_inv, sd, eta, f=f, g=g)
+            h = self.laplace_hessian(theta, omega_inv, sd, eta) if self.laplace else None
+            if h is None:
+                h = self.fo_hessian(theta, omega_inv, sd, eta, f=f, g=self.jacobian(theta, eta))
             ofv_i = ofv_i + torch.logdet(omega) + torch.logdet(h)
         return ofv_i if per_subject else ofv_i.sum()
+
+    def laplace_hessian(self, theta, omega_inv, sd, eta):
+        """Half the exact Hessian of obj_i at ``eta`` (N, K, K), differentiable in the population parameters and
+        in ``eta`` itself (its dependence on them enters the OFV gradient): the Laplace approximation of NONMEM's
+        METHOD=1 LAPLACE (Wang 2007, eq. 10 with the exact second derivative). Subjects whose Hessian is not
+        positive definite take the first-order one (as in the EBE search); they are counted in
+        ``fallback_steps``."""
+        e = eta if eta.requires_grad else eta.detach().clone().requires_grad_(True)
+        obj = self.objective(theta, omega_inv, sd, e)
+        (grad,) = torch.autograd.grad(obj.sum(), e, create_graph=True)
+        rows = [torch.autograd.grad(grad[:, j].sum(), e, create_graph=True)[0] for j in range(e.shape[1])]
+        h = 0.25 * (torch.stack(rows, 1) + torch.stack(rows, 2))
+        ok = torch.linalg.cholesky_ex(h.detach()).info == 0
+        if bool(ok.all()):
+            return h
+        self.fallback_steps += int((~ok).sum())
+        fo = self.fo_hessian(theta, omega_inv, sd, eta)
+        return torch.where(ok[:, None, None], h, fo)
 
     def fo_ofv(self, theta, omega, sd, per_subject=False):
         """FO OFV (Wang 2007, eq. for FO; NONMEM's METHOD=0): the model linearised at eta = 0, per subject

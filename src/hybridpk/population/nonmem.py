@@ -141,28 +141,29 @@ def _where_fix(text: str, path) -> str:
 
 def _check_estimation(m, text: str, path) -> tuple[str, bool]:
     """(the estimation method the control stream asks for, whether it asks for evaluation only): "FOCE-I",
-    "FOCE" or "FO" (NONMEM's METHOD=1 INTERACTION, METHOD=1, METHOD=0; without $ESTIMATION, FOCE-I), and
+    "FOCE", "FO", "LAPLACE-I" or "LAPLACE" (NONMEM's METHOD=1 INTERACTION, METHOD=1, METHOD=0, METHOD=1 LAPLACE
+    INTERACTION, METHOD=1 LAPLACE; without $ESTIMATION, FOCE-I), and
     MAXEVAL=0 (the OFV and POSTHOC EBEs at the initial estimates). A method hybridpk does not carry out as
-    asked (Laplace, SAEM, IMP, BAYES, several $ESTIMATION steps) is refused by name."""
+    asked (SAEM, IMP, BAYES, several $ESTIMATION steps) is refused by name."""
     steps = list(m.execution_steps)
     if len(steps) > 1:
         raise ModelError(f"{_where(text, path, _EST)}: {len(steps)} $ESTIMATION steps; hybridpk runs one "
                          "estimation method: keep the one whose results you want")
     for step in steps:
         method = str(step.method).upper()
-        if method == "FOCE" and not step.laplace:
+        if method == "FOCE":
+            if step.laplace:
+                return ("LAPLACE-I" if step.interaction else "LAPLACE"), bool(step.evaluation)
             return ("FOCE-I" if step.interaction else "FOCE"), bool(step.evaluation)
         if method == "FO" and not step.interaction:
             return "FO", bool(step.evaluation)
-        if method == "FOCE":
-            what = "METHOD=COND LAPLACE" + (" INTERACTION" if step.interaction else "")
-        elif method == "FO":
+        if method == "FO":
             what = "METHOD=0 INTERACTION (not defined for FO)"
         else:
             what = f"METHOD={method}"
         raise ModelError(f"{_where(text, path, _EST)}: $ESTIMATION {what} is not implemented; hybridpk "
-                         "estimates by FOCE-I (METHOD=1 INTERACTION), FOCE (METHOD=1) or FO (METHOD=0) and does "
-                         "not replace one method by another")
+                         "estimates by FOCE-I (METHOD=1 INTERACTION), FOCE (METHOD=1), FO (METHOD=0) or Laplace "
+                         "(METHOD=1 LAPLACE [INTERACTION]) and does not replace one method by another")
     return "FOCE-I", False
 
 
