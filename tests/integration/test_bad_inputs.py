@@ -81,8 +81,8 @@ def _files(d: Path, pharmpy_examples: Path) -> None:
     (d / "params.csv").write_text("ID,CL\n1,2.5\n")
     mod = (pharmpy_examples / "pheno.mod").read_text()
     shutil.copy(pharmpy_examples / "pheno.dta", d / "pheno.dta")
-    (d / "pheno_laplace.mod").write_text(mod.replace("$ESTIMATION METHOD=1 INTERACTION",
-                                                     "$ESTIMATION METHOD=COND LAPLACE"))
+    (d / "pheno_saem.mod").write_text(mod.replace("$ESTIMATION METHOD=1 INTERACTION",
+                                                     "$ESTIMATION METHOD=SAEM INTERACTION"))
 
 
 def _table(d: Path):
@@ -134,7 +134,7 @@ def _table(d: Path):
         ("fit-omega-block-unknown", fit + ["--omega-block", "CL,XYZ", "--out", run], "XYZ"),
         ("fit-proportional-predose", ["fit", "theoph", "--model", "1cmt_oral", "--error", "proportional", "--out",
                                       run], "--error combined"),
-        ("fit-control-stream-laplace", ["fit", str(d / "pheno_laplace.mod"), "--out", run], "LAPLACE"),
+        ("fit-control-stream-saem", ["fit", str(d / "pheno_saem.mod"), "--out", run], "METHOD=SAEM"),
         ("fit-resume-other-options", ["fit", "theoph", "--model", "1cmt_oral", "--error", "additive", "--out",
                                       str(d / "resume_run"), "--resume", "--maxiter", "3"], "foce.json"),
         # data files

@@ -283,17 +283,22 @@ def test_a_covariate_that_changes_in_time_acts_record_by_record(tmp_path, rule):
             res.estimation.ofv, abs=1e-6)
 
 
-def test_what_takes_one_value_per_subject_refuses_a_covariate_that_changes(tmp_path):
+def test_dosing_follows_a_covariate_that_changes_and_carries_the_last_value_forward(tmp_path):
     df = pd.DataFrame({"ID": [1, 1, 1, 2, 2], "TIME": [0, 1, 2, 0, 1], "DV": [0, 1.5, 2, 0, 1],
                        "AMT": [100, 0, 0, 100, 0], "WT": [70, 70, 72, 60, 60]})
     ds = hp.read_nonmem(df)
     with pytest.raises(DatasetError, match="row 3, column WT"):
         hp.simulate_population("1cmt_iv", ds, {"CL": 3.0, "V": 30.0}, covariates={"CL": ("WT", 70.0, 0.75)})
-    pm = build_model("1cmt_iv", iiv=["CL"], covariates=["CL~WT"], data=ds)
+    pm = build_model("1cmt_iv", iiv=["CL"], covariates=["CL~WT:power:70"], data=ds)
     fitted = hp.population.FittedPopulation.from_values(pm, {"CL": 3.0, "V": 30.0, "CL_WT": 0.75}, [[0.09]],
                                                         {"PROP": 0.1})
-    with pytest.raises(ModelError, match="reads WT at every record and it changes within subjects.*dosing"):
-        hp.estimate_patient(fitted, ds.subset([1]))
+    post = hp.estimate_patient(fitted, ds.subset([1]))
+    assert any("WT changes within the patient's records (70 to 72)" in w and "last one (WT = 72 at 2 h)" in w
+               for w in post.warnings)
+    assert post.parameters()["CL"]["map"] == pytest.approx(
+        3.0 * (72 / 70) ** 0.75 * math.exp(float(post.estimate.eta[0, 0])), rel=1e-9)   # the regimen ahead: WT 72
+    ahead = ds.subset([1]).to_batch(covariates=["WT"]).extend(None, [5.0, 8.0])   # a forecast's records
+    assert ahead.cov[0, -2:, 0].tolist() == [72.0, 72.0]
     with pytest.raises(DatasetError, match="row 2, column DV: infinite value"):
         hp.read_nonmem(df.assign(DV=[0, np.inf, 2, 0, 1]))
 
@@ -491,3 +496,17 @@ def test_a_model_built_from_options_is_not_written_as_a_control_stream(theoph_pa
                                                         np.diag([0.09] * 3).tolist(), {"PROP": 0.1})
     with pytest.raises(ModelError, match="only a model imported from a NONMEM control stream"):
         write_control_stream(fitted, tmp_path / "x.mod")
+
+
+@pytest.mark.parametrize("record, method", [("", "none"), ("$COVARIANCE", "sandwich"),
+                                            ("$COV UNCONDITIONAL PRINT=E", "sandwich"), ("$COVARIANCE MATRIX=R", "R"),
+                                            ("$COV MATRIX=S ; the S matrix", "S"), ("; $COV MATRIX=R", "none")])
+def test_the_covariance_step_is_the_one_the_control_stream_asks_for(pheno_dir, record, method):
+    folder, text = pheno_dir
+    changed = text.replace("$COVARIANCE UNCONDITIONAL PRINT=E", record)
+    (folder / "run.mod").write_text(changed)
+    pm, ds = read_control_stream(folder / "run.mod")
+    assert pm.recipe["covariance"] == method
+    if method in ("none", "R"):
+        res = fit_population(pm, ds, progress=False, evaluate=method == "none")
+        assert res.estimation.covariance == method and (res.theta["POP_CL"].se is None) == (method == "none")

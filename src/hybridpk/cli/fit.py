@@ -139,10 +139,11 @@ def add_parser(sub) -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="estimate nothing: the OFV, EBEs, tables and standard errors at the initial estimates "
                         "(NONMEM's MAXEVAL=0; a control stream with MAXEVAL=0 is evaluated without this flag)")
-    p.add_argument("--covariance", choices=["sandwich", "R", "S"], default="sandwich",
-                   help="standard errors from the sandwich R^-1 S R^-1 (NONMEM's default $COVARIANCE), 2 R^-1 "
-                        "(MATRIX=R) or 4 S^-1 (MATRIX=S); R: Hessian of the OFV, S: sum of the subjects' gradient "
-                        "outer products")
+    p.add_argument("--covariance", choices=["sandwich", "R", "S"], default=None,
+                   help="standard errors from the sandwich R^-1 S R^-1 (NONMEM's default $COVARIANCE, and the default "
+                        "here), 2 R^-1 (MATRIX=R) or 4 S^-1 (MATRIX=S); R: Hessian of the OFV, S: sum of the "
+                        "subjects' gradient outer products. A control stream's $COVARIANCE decides for a .mod file "
+                        "(none without the record)")
     p.add_argument("--no-covariance", action="store_true", help="skip standard errors")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from RUN's checkpoints")

@@ -68,6 +68,15 @@ class EventBatch:
         """{covariate: (N,) tensor} at each subject's first record (what individual-parameter models take)."""
         return {c: self.cov_baseline[:, k] for k, c in enumerate(self.covariate_names)}
 
+    def last_covariates(self):
+        """(N, C) covariates at each subject's last real record (what a forecast carries into the future)."""
+        import torch
+
+        r = self.record_mask.shape[1]
+        pos = torch.arange(r, device=self.record_mask.device).expand_as(self.record_mask)
+        last = torch.where(self.record_mask, pos, torch.zeros_like(pos)).max(1).values
+        return self.cov[torch.arange(self.n_subjects, device=last.device), last]
+
     def to_rows(self, x) -> np.ndarray:
         """A per-record tensor (N, R) as a numpy array in the Dataset's record order (padding dropped)."""
         m = self.record_mask.cpu()
@@ -110,7 +119,8 @@ class EventBatch:
     def extend(self, regimen=None, times=(), *, keep_records: bool = True, keep_doses: bool = True) -> "EventBatch":
         """The same subjects with the doses of ``regimen`` (a :class:`~hybridpk.data.regimen.Regimen`, the same
         for every subject) added and EVID=2 records at ``times`` (h) appended after the existing records, each
-        with the subject's baseline covariates: how a forecast continues a patient's history, or how dosing
+        with the covariates of the subject's last record (carried forward: a weight measured during the
+        history holds for the forecast): how a forecast continues a patient's history, or how dosing
         evaluates a candidate regimen, without a round trip through the CSV reader.
 
         ``keep_records=False`` drops the existing records (only the new times remain); ``keep_doses=False``
@@ -137,7 +147,7 @@ class EventBatch:
                "lloq": torch.full((n, k), float("nan"), dtype=dt, device=dev),
                "cens": torch.zeros(n, k, dtype=torch.long, device=dev),
                "dvid": torch.zeros(n, k, dtype=torch.long, device=dev),
-               "cov": self.cov_baseline.unsqueeze(1).expand(n, k, self.cov_baseline.shape[1])}
+               "cov": self.last_covariates().unsqueeze(1).expand(n, k, self.cov_baseline.shape[1])}
         out = {name: (torch.cat([getattr(self, name), v], 1) if keep_records else v) for name, v in new.items()}
         out.update(self._extended_doses(regimen, reg_row, keep_doses))
         return replace(self, **out)

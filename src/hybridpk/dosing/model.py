@@ -126,7 +126,9 @@ class PopulationDosing(DosingModel):
 
     def from_estimate(self, est: IndividualEstimates) -> PatientEstimate:
         prob = est.problem
-        self.fitted.model.require_per_subject(prob.batch, "dosing (forecasts and regimens)")
+        pm = self.fitted.model
+        if pm.recipe.get("kind") != "build":     # $PK data items (occasions, TIME): not carried forward
+            pm.require_per_subject(prob.batch, "dosing (forecasts and regimens)")
         return PatientEstimate(model=self, dataset=est.dataset, batch=prob.batch.select([0]), eta=est.eta[:1],
                                cov=est.cov[:1], parameters=est.parameters.iloc[:1], n_levels=est.n_levels[:1],
                                obs=prob.obs[:1], y=prob.y[:1], source=est)
@@ -142,7 +144,10 @@ class PopulationDosing(DosingModel):
         return z @ torch.linalg.cholesky(self.population.omega.tensor()).T
 
     def individual_parameters(self, est: PatientEstimate, points) -> dict:
-        cov = {c: v[[0] * points.shape[0]] for c, v in est.source.problem.cov.items()}
+        """Parameters of the regimen ahead: with the covariates of the patient's last record."""
+        batch = est.source.problem.batch
+        last = batch.last_covariates()[0]
+        cov = {c: last[k].expand(points.shape[0]) for k, c in enumerate(batch.covariate_names)}
         with torch.no_grad():
             return self.fitted.individual_parameters(points, cov)
 

@@ -38,13 +38,15 @@ class PatientPosterior:
         return self.estimate.model
 
     def parameters(self) -> dict:
-        """Per individual parameter: MAP value, posterior median and 5%/95% quantiles (natural scale)."""
+        """Per individual parameter: MAP value, posterior median and 5%/95% quantiles (natural scale), for the
+        regimen ahead (covariates of the patient's last record)."""
         est, samples = self.estimate, self.draws
         draws = est.model.individual_parameters(est, samples)
+        at_map = est.model.individual_parameters(est, est.eta[:1])
         out = {}
         for name in draws:
             v = draws[name].numpy()
-            out[name] = {"map": float(est.parameters[name].iloc[0]), "median": float(np.median(v)),
+            out[name] = {"map": float(at_map[name].reshape(-1)[0]), "median": float(np.median(v)),
                          "p05": float(np.quantile(v, 0.05)), "p95": float(np.quantile(v, 0.95))}
         return out
 

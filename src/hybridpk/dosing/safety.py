@@ -36,13 +36,19 @@ def check_patient(model, df: pd.DataFrame) -> list[str]:
     doses = df[df.EVID.isin([1, 4])]
     if doses.empty:
         raise HybridPKError("the patient file has no dose record; the dosing history is needed")
-    first = df.iloc[0]
     for c, (lo, hi) in model.ranges.items():
         if c in df.columns:
-            v = float(first[c])
-            if not lo <= v <= hi:
+            out = df[c][(df[c] < lo) | (df[c] > hi)]
+            if len(out):
+                v = float(out.iloc[0])
                 warnings.append(f"covariate {c} = {v:g} is outside the population the model was built on "
                                 f"({lo:g}-{hi:g}); predictions are extrapolations")
+    for c in model.covariates:
+        if c in df.columns and df[c].nunique() > 1:
+            last = df.sort_values("TIME", kind="stable").iloc[-1]
+            warnings.append(f"covariate {c} changes within the patient's records ({df[c].iloc[0]:g} to {last[c]:g}): "
+                            f"the history is predicted with each record's value, the forecast and the regimen with "
+                            f"the last one ({c} = {last[c]:g} at {last.TIME:g} h)")
     obs = df[(df.EVID == 0) & (df.MDV == 0)]
     t0 = doses.TIME.min()
     early = obs[(obs.TIME < t0) & (obs.DV > 0)]

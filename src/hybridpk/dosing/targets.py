@@ -79,7 +79,8 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
     s = eta.shape[0]
     zero = torch.zeros(s, dtype=torch.float64)
     if target.metric == "auc24":
-        cov = {c: v.expand(s) for c, v in patient.baseline_covariates().items()}
+        last = patient.last_covariates()[0]      # the regimen ahead: the latest covariates
+        cov = {c: last[k].expand(s) for k, c in enumerate(patient.covariate_names)}
         p = model.individual_parameters(eta, cov)
         f = p.get("F", torch.ones(s, dtype=torch.float64))
         return zero, 24.0 * f / (interval * p["CL"])

@@ -180,7 +180,7 @@ STALL_ITERATIONS, STALL_OFV = 10, 1e-4
 
 
 def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxiter: int = 300,
-                   progress: bool = True, covariance: bool = True, pooled_start: bool = True,
+                   progress: bool = True, covariance=None, pooled_start: bool = True,
                    method: str = "auto", checkpoint=None, estimation: str | None = None,
                    evaluate: bool | None = None) -> FittedPopulation:
     """Fit a population model by FOCE with interaction (or, ``estimation``, FOCE or FO).
@@ -196,7 +196,9 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     progress : show the progress with the OFV (a bar on a terminal, a line per 10% of ``maxiter`` in a log)
     covariance : how the standard errors are computed: "sandwich" (R^-1 S R^-1, NONMEM's default; also
         ``True``), "R" (2 R^-1, NONMEM's MATRIX=R), "S" (4 S^-1, MATRIX=S), or False/"none" (no standard
-        errors); see :data:`hybridpk.population.estimation.COVARIANCE_METHODS`
+        errors); see :data:`hybridpk.population.estimation.COVARIANCE_METHODS`. None (default): as the model asks
+        (an imported control stream's $COVARIANCE: MATRIX=R or S, the sandwich, or none without the record), else
+        the sandwich
     pooled_start : start typical values from a naive pooled fit
     method : solver path of the predictions: "auto" (closed form for linear models), "closed_form" or "ode"
     estimation : "FOCE-I" (NONMEM's METHOD=1 INTERACTION), "FOCE" (METHOD=1: the residual variance at eta = 0)
@@ -220,7 +222,9 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     evaluate = bool(pm.recipe.get("evaluate", False) if evaluate is None else evaluate)
     if evaluate:
         pooled_start = False      # the OFV at the estimates given, not at a naive-pooled start
-    cov_method = "sandwich" if covariance is True else "none" if covariance in (False, None) else str(covariance)
+    if covariance is None:
+        covariance = pm.recipe.get("covariance", "sandwich")
+    cov_method = "sandwich" if covariance is True else "none" if covariance is False else str(covariance)
     if cov_method not in COVARIANCE_METHODS:
         raise HybridPKError(f"covariance={covariance!r}: give one of {', '.join(COVARIANCE_METHODS)} (or True/False)")
     prob = Problem(pm, dataset, method=method, estimation=estimation)

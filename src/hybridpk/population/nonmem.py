@@ -167,6 +167,17 @@ def _check_estimation(m, text: str, path) -> tuple[str, bool]:
     return "FOCE-I", False
 
 
+def _covariance_step(text: str) -> str:
+    """How $COVARIANCE asks for the standard errors: "sandwich" (NONMEM's default), "R" (MATRIX=R), "S"
+    (MATRIX=S), or "none" without a $COVARIANCE record (NONMEM computes none then)."""
+    code = "\n".join(line.split(";", 1)[0] for line in text.splitlines())
+    rec = re.search(r"^\s*\$COV\w*(.*?)(?=^\s*\$|\Z)", code, flags=re.S | re.M | re.I)
+    if not rec:
+        return "none"
+    matrix = re.search(r"\bMATRIX\s*=\s*([RS])\b", rec.group(1), flags=re.I)
+    return matrix.group(1).upper() if matrix else "sandwich"
+
+
 def _omega(rvs, params, text: str, path):
     """The OMEGA of the control stream as its $OMEGA records define it: (labels (each ETA's variance name),
     initial OMEGA (variances, or the full (K, K) matrix when there are blocks), blocks (groups of correlated
@@ -434,7 +445,8 @@ def read_control_stream(path):
                 for k, v in p.items()}
 
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
-              "estimation": estimation, **({"evaluate": True} if evaluation_only else {})}
+              "estimation": estimation, "covariance": _covariance_step(text),
+              **({"evaluate": True} if evaluation_only else {})}
     pm = PopulationModel(structural=structural, thetas=thetas, etas=tuple(eta_names), omega_init=omega_init,
                          error=error, individual=individual, covariates=covs, omega_blocks=blocks,
                          omega_labels=tuple(omega_names), sigma_labels=dict(kinds), sigma_scale="variance",

@@ -279,9 +279,14 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
 
 
 def record_of_doses(batch):
-    """(N, D) record column of each dose event (ADDL doses: the record they came from; padding: 0)."""
+    """(N, D) record column of each dose event: the record it came from (ADDL doses too); a dose without a
+    record (a regimen added by ``EventBatch.extend``) takes the last record before it, else the first."""
     same = batch.row.unsqueeze(2) == batch.dose_row.unsqueeze(1)             # (N, R, D)
-    return torch.where(same.any(1), same.to(torch.int8).argmax(1), torch.zeros_like(batch.dose_row))
+    r = batch.row.shape[1]
+    pos = torch.arange(r, device=batch.row.device).view(1, r, 1)
+    before = (batch.row.unsqueeze(2) < batch.dose_row.unsqueeze(1)) & batch.record_mask.unsqueeze(2)
+    last_before = torch.where(before, pos, torch.zeros_like(pos)).amax(1)
+    return torch.where(same.any(1), same.to(torch.int8).argmax(1), last_before)
 
 
 def _governing_records(kinds, index, valid, r, rule="nonmem"):
