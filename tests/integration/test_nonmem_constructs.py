@@ -1,8 +1,11 @@
 """Nothing silent: each control-stream construct or data layout is carried out as written or refused with a
-message that names it and its line (LAPLACE, SAEM, MAXEVAL=0, several $ESTIMATION steps, FIX on OMEGA,
-partial OMEGA blocks); FO and FOCE without INTERACTION are estimated as asked; a full $OMEGA BLOCK is
-estimated as a block; a covariate that varies in time, or an infinite data value, is refused with its rows;
-a tiny initial SIGMA no longer crashes the EBE step."""
+message that names it and its line. Carried out: FO, FOCE, FOCE-I, LAPLACE (with and without INTERACTION),
+MAXEVAL=0, FIX on OMEGA and SIGMA, full and partial $OMEGA BLOCKs, TRANS1/3/4/5/6 and NONMEM's default scale,
+$ERROR on the amount with a zero guard, $COVARIANCE (MATRIX=R/S, none), a covariate that changes in time (NONMEM's
+rule, LOCF), the final estimates written back. Refused: SAEM, METHOD=0 INTERACTION, several $ESTIMATION steps,
+0 FIX, a scale that is not the volume, $PK reading AMT or carrying a value over from the previous record, $ERROR
+on another compartment's amount, a prediction other than F, TRANS that NONMEM does not pair with the ADVAN.
+A tiny initial SIGMA no longer crashes the EBE step. (IOV and SAME: test_nonmem_iov.py.)"""
 
 from __future__ import annotations
 

@@ -1,8 +1,15 @@
-"""Import a NONMEM control stream (ADVAN1-4 with TRANS1/2/4 and $PK expressions) through pharmpy-core.
+"""Import a NONMEM control stream (ADVAN1-4, 11, 12 with the TRANS NONMEM allows) through pharmpy-core, and
+write the final estimates back (:func:`write_control_stream`).
 
-The $PK statements are evaluated as they are (THETA/ETA/covariate arithmetic and IF blocks), the ADVAN
-selects the structural model, and the $ERROR model is recognised from dY/dEPS (additive, proportional or
-combined). Parameter names are pharmpy's (e.g. POP_CL, IIV_CL, SIGMA). Requires ``hybridpk[nonmem]``.
+The $PK statements are evaluated as they are (THETA/ETA/data-item arithmetic and IF blocks) at every record
+with that record's data items, as NONMEM does (a record's values hold over the interval it ends; see
+:meth:`PopulationModel.parameters`); the ADVAN and TRANS select the structural model and how its parameters are
+read (NONMEM help: ADVANn, TRANSn; the scale S1/S2 defaults to 1). $OMEGA blocks, SAME (inter-occasion
+variability) and FIX are kept; the $ERROR model is recognised symbolically from Y (on F, IPRED or the central
+amount): Y at EPS = 0 must be F and dY/dEPS 1 or F (additive, proportional or combined). $ESTIMATION selects
+FOCE-I, FOCE, FO or Laplace, MAXEVAL=0 evaluation, and $COVARIANCE the standard errors. Whatever would be
+carried out otherwise than written is refused with the construct and its line. Parameter names are pharmpy's
+(e.g. POP_CL, IIV_CL, SIGMA). Requires ``hybridpk[nonmem]``.
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     time_varying : how a covariate that changes within a subject acts: "nonmem" (NONMEM's rule: the value on a
         record holds over the interval that record ends, back to the previous record) or "locf" (last
         observation carried forward: the value on a record holds from it to the next record, as nlmixr2 and
-        Monolix interpolate by default). Either way each observation's V (the scale) is its own record's
+        Monolix interpolate by default). Either way each observation's V (the scale) is its own record's value
     omega_block : True to estimate the covariances between all ETAs (one full OMEGA block), or groups of
         parameters whose ETAs are correlated, e.g. [["CL", "V"]] (the others keep a variance only); False
         (default) for a diagonal OMEGA
