@@ -67,18 +67,26 @@ def population(n, seed, sd):
     return hp.read_nonmem(pd.DataFrame(rows)), ys
 
 
-@pytest.mark.parametrize("error", ["additive", "proportional", "combined"])
-@pytest.mark.parametrize("method", ["FO", "FOCE"])
-def test_the_ofv_agrees_with_an_independent_linearised_objective(method, error):
+def _at_trial_values(error, method):
+    """5 simulated subjects and hybridpk's OFV of ``method`` at trial values away from the truth (where the
+    methods differ most), with what the independent objectives need."""
     ds, ys = population(5, 1, SD[error])
     pm = build_model("1cmt_iv", iiv=["CL", "V"], error=error)
-    # away from the truth, where the methods differ most
     theta, omega, sd = {"CL": 2.4, "V": 36.0}, OMEGA * 1.5, {k: 1.3 * v for k, v in SD[error].items()}
     fitted = FittedPopulation.from_values(pm, theta, omega, sd)
     prob = Problem(pm, ds, estimation=method)
     th, om, s = fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors()
     eta = prob.ebe(th, torch.linalg.inv(om), s, torch.zeros(5, 2, dtype=torch.float64), tol=1e-12)
-    ours = float(prob.ofv(th, om, s, eta).detach())
+    return {"ds": ds, "ys": ys, "pm": pm, "prob": prob, "eta": eta, "ofv": float(prob.ofv(th, om, s, eta).detach()),
+            "theta": theta, "omega": omega, "sd": sd, "th": th, "om": om, "s": s}
+
+
+@pytest.mark.parametrize("error", ["additive", "proportional", "combined"])
+@pytest.mark.parametrize("method", ["FO", "FOCE"])
+def test_the_ofv_agrees_with_an_independent_linearised_objective(method, error):
+    case = _at_trial_values(error, method)
+    ds, ys, pm, eta, ours = case["ds"], case["ys"], case["pm"], case["eta"], case["ofv"]
+    theta, omega, sd, th, om, s = case["theta"], case["omega"], case["sd"], case["th"], case["om"], case["s"]
     ref = sum(subject_ofv(y, [theta["CL"], theta["V"]], omega, sd, method) for y in ys)
     assert ours == pytest.approx(ref, rel=1e-6)
     plain = Problem(pm, ds)
@@ -150,14 +158,9 @@ def laplace_subject_ofv(y, theta, omega, sd, interaction):
 def test_laplace_agrees_with_an_independent_implementation_and_its_gradient_is_exact(method, error):
     from hybridpk.population.fit import Packing
 
-    ds, ys = population(5, 1, SD[error])
-    pm = build_model("1cmt_iv", iiv=["CL", "V"], error=error)
-    theta, omega, sd = {"CL": 2.4, "V": 36.0}, OMEGA * 1.5, {k: 1.3 * v for k, v in SD[error].items()}
-    fitted = FittedPopulation.from_values(pm, theta, omega, sd)
-    prob = Problem(pm, ds, estimation=method)
-    th, om, s = fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors()
-    eta = prob.ebe(th, torch.linalg.inv(om), s, torch.zeros(5, 2, dtype=torch.float64), tol=1e-12)
-    ours = float(prob.ofv(th, om, s, eta).detach())
+    case = _at_trial_values(error, method)
+    ds, ys, pm, prob, eta, ours = case["ds"], case["ys"], case["pm"], case["prob"], case["eta"], case["ofv"]
+    theta, omega, sd, th, om, s = case["theta"], case["omega"], case["sd"], case["th"], case["om"], case["s"]
     ref = sum(laplace_subject_ofv(y, [theta["CL"], theta["V"]], omega, sd, method == "LAPLACE-I") for y in ys)
     assert ours == pytest.approx(ref, rel=1e-6)
     focei = Problem(pm, ds, estimation="FOCE-I" if method == "LAPLACE-I" else "FOCE")
