@@ -189,8 +189,9 @@ def run(args) -> int:
             print(f"note: {r['kept_encoder_estimate']} of {r['patients']} patients kept the encoder's estimate of z "
                   "(the per-patient MAP refinement did not improve it" + (f"; its optimiser failed: "
                   f"{r['optimizer_failure']}" if r["optimizer_failure"] else "") + ")")
+    final = sorted(p.name for p in out.glob("*_final.mod"))
     print(f"wrote {out / 'summary.json'}, individual.csv, predictions.csv, model.json"
-          + (", vae.pt, vae.json" if hybrid is not None else ""))
+          + "".join(f", {name}" for name in final) + (", vae.pt, vae.json" if hybrid is not None else ""))
     return 0
 
 
