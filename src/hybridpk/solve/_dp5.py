@@ -6,6 +6,11 @@ applied the moment a subject reaches them, and the step size carries over events
 control is per subject: max over states of |err| / (atol + rtol max(|y|, |y_new|)) <= 1. This is the idea
 of torchode (per-sample step control) applied to dosing events; all subjects still advance in one
 vectorised loop, and gradients flow by backpropagation through the accepted steps.
+
+Step groups: subjects given the same group number share their step-size decisions (the error ratio that
+accepts or rejects a step is the largest in the group). Copies of one subject at nearby parameter values (a
+finite-difference stencil) then take the same steps, so their solutions are the same smooth function of the
+parameters and differences between them are free of the solver's step-selection noise.
 """
 
 from __future__ import annotations
@@ -47,14 +52,15 @@ def dp5_step(f, t, y, h):
     return y_new, err
 
 
-def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000):
+def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000, groups=None):
     """Integrate every subject through its events.
 
     f(t, y, t_mid, j) -> dy/dt (t (N,), t_mid (N,): midpoint of the current inter-event interval, j (N,): the
     event column that ends it);
     times (N, E) sorted event times; n_valid (N,) number of real events per subject;
     apply_event(y, j, mask) -> y: applies event j (N,) of the subjects in ``mask`` (also changes the
-    solver's input rates through closures). Returns the final state.
+    solver's input rates through closures); groups (N,) long or None: step groups (see the module's
+    docstring; a copy whose solution is not finite does not hold its group back). Returns the final state.
     """
     n, e = times.shape
     dev = times.device
@@ -63,6 +69,7 @@ def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000):
     span = (times.gather(1, (n_valid - 1).clamp(min=0).unsqueeze(1)).squeeze(1) - t).clamp(min=1e-3)
     h = (1e-3 * span).detach()
     ar = torch.arange(n, device=dev)
+    n_groups = int(groups.max()) + 1 if groups is not None else 0
     for _ in range(max_steps):
         # apply every event the subjects are sitting on
         while True:
@@ -85,6 +92,11 @@ def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000):
         y_new, err = dp5_step(lambda tt, yy: f(tt, yy, mid, j), t, y, step)
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
         ratio = (err.abs() / scale).amax(-1).detach()
+        if groups is not None:
+            finite = torch.nan_to_num(ratio, nan=0.0, posinf=1e300)
+            shared = torch.zeros(n_groups, dtype=ratio.dtype, device=dev).scatter_reduce(
+                0, groups, torch.where(live, finite, torch.zeros_like(finite)), "amax", include_self=True)
+            ratio = torch.where(torch.isfinite(ratio), shared[groups], ratio)
         ok = live & (ratio <= 1.0)
         y = torch.where(ok.unsqueeze(-1), y_new, y)
         t = torch.where(ok, torch.where(clipped, target, t + step), t)

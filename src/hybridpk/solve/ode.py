@@ -129,14 +129,15 @@ def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
 
 
 def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=100_000,
-          return_amounts=False, rule="nonmem"):
+          return_amounts=False, rule="nonmem", step_groups=None):
     """Concentrations (N, R) at every record, and amounts (N, R, S) if asked, by event-to-event integration.
 
     ``method``: "dp5" (default: hybridpk's batched Dormand-Prince with per-subject steps, see ``_dp5``),
     "expm" (models linear between switch times, see ``CompartmentModel.system_matrix``: each inter-event
     segment is stepped exactly by a matrix exponential; no tolerance involved) or any torchdiffeq method name
     ("dopri5", "bosh3", "rk4", ...), which integrates all subjects together in local time between consecutive
-    events."""
+    events. ``step_groups`` (N,) long: subjects that share step-size decisions ("dp5" only; see
+    :func:`hybridpk.solve._dp5.march`)."""
     if method == "expm" and (not model.piecewise_linear or getattr(model, "dose_as_input", False)):
         raise ModelError(f"model {model.name} is not linear between switch times (no system_matrix); the "
                          "'expm' solver needs one (use solver='dp5')")
@@ -265,7 +266,7 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
             ctx.segment_mid = mid
             return model.rhs(t, y, p_at(governing[ar, j]) if varying else p, st.rate, ctx)
 
-        march(f, st.a, times, valid.sum(1), apply_event, rtol, atol, max_steps)
+        march(f, st.a, times, valid.sum(1), apply_event, rtol, atol, max_steps, groups=step_groups)
     else:  # torchdiffeq or matrix exponentials, all subjects together from their event j-1 to event j
         a = st.a
         t_prev = times[:, 0]

@@ -111,7 +111,7 @@ def _bad_parameters(model, p, mask=None) -> dict[int, str]:
 
 def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, atol: float = 1e-10,
              solver: str = "auto", throw: bool = True, return_amounts: bool = False,
-             rule: str = "nonmem") -> Prediction:
+             rule: str = "nonmem", step_groups=None) -> Prediction:
     """Predict concentrations at every record of every subject.
 
     Parameters
@@ -132,6 +132,10 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     rule : for parameters given per record: "nonmem" (a record's values hold over the interval it ends) or
         "locf" (they hold from the record to the next one); an observation is predicted with its own record's
         values (its scale V) either way
+    step_groups : (N,) long tensor or None: subjects with the same number share the ODE solver's step-size
+        decisions ("dp5"), as copies of a subject in a finite-difference stencil should (differences between
+        them then carry no step-selection noise). When such a batch cannot be solved together, every subject is
+        reported failed rather than solved one by one
 
     Gradients flow to every parameter tensor that requires them, through either path.
 
@@ -176,8 +180,11 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     else:
         try:
             ipred, amounts = ode.solve(model, p, batch, rtol=rtol, atol=atol, method=solver,
-                                       return_amounts=return_amounts, rule=rule)
+                                       return_amounts=return_amounts, rule=rule, step_groups=step_groups)
         except (AssertionError, RuntimeError) as exc:
+            if step_groups is not None:
+                raise SolverError(f"ODE solve of the grouped batch failed: {exc}",
+                                  {i: str(exc) for i in batch.ids}) from None
             if batch.n_subjects == 1:
                 raise SolverError(f"ODE solve failed for subject {batch.ids[0]}: {exc}",
                                   {batch.ids[0]: str(exc)}) from None
