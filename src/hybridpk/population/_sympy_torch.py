@@ -1,6 +1,12 @@
-"""Evaluate sympy expressions (pharmpy's $PK statements) with torch tensors, without code generation."""
+"""Evaluate sympy expressions (pharmpy's $PK, $DES and $ERROR statements) with torch tensors, without code
+generation: :func:`compile_expression` turns an expression into a tree of closures once (each node a small
+Python function of its children), so a statement evaluated on every objective call or ODE right-hand-side
+call is not re-dispatched on sympy's types each time; :func:`evaluate` is the one-off form."""
 
 from __future__ import annotations
+
+import functools
+import operator
 
 import torch
 
@@ -9,63 +15,56 @@ from ..errors import ModelError
 
 def evaluate(expr, env: dict):
     """Value of sympy ``expr`` with symbols looked up (by name) in ``env`` (tensors or floats)."""
-    import sympy
+    return compile_expression(expr)(env)
 
-    if expr.is_Symbol:
+
+def _lookup(name):
+    def value(env):
         try:
-            return env[expr.name]
+            return env[name]
         except KeyError:
-            raise ModelError(f"$PK uses {expr.name}, which is neither a THETA, an ETA, a data column nor "
+            raise ModelError(f"$PK uses {name}, which is neither a THETA, an ETA, a data column nor "
                              "assigned before") from None
-    if expr.is_Number:
-        return float(expr)
-    if expr in (sympy.true, sympy.S.true):
-        return True
-    if expr in (sympy.false, sympy.S.false):
-        return False
-    args = [evaluate(a, env) for a in expr.args] if not isinstance(expr, sympy.Piecewise) else None
-    if isinstance(expr, sympy.Add):
-        out = args[0]
-        for a in args[1:]:
-            out = out + a
-        return out
-    if isinstance(expr, sympy.Mul):
-        out = args[0]
-        for a in args[1:]:
-            out = out * a
-        return out
-    if isinstance(expr, sympy.Pow):
-        base, e = args
-        if isinstance(e, float) and e == 0.5:
-            return torch.sqrt(torch.as_tensor(base))
-        return base ** e
-    simple = {sympy.exp: torch.exp, sympy.log: torch.log, sympy.Abs: torch.abs}
-    for cls, fn in simple.items():
-        if isinstance(expr, cls):
-            return fn(torch.as_tensor(args[0]))
-    rel = {sympy.StrictLessThan: lambda a, b: a < b, sympy.LessThan: lambda a, b: a <= b,
-           sympy.StrictGreaterThan: lambda a, b: a > b, sympy.GreaterThan: lambda a, b: a >= b,
-           sympy.Equality: lambda a, b: a == b, sympy.Unequality: lambda a, b: a != b}
-    for cls, fn in rel.items():
-        if isinstance(expr, cls):
-            return torch.as_tensor(fn(*args))
-    if isinstance(expr, sympy.And):
-        out = torch.as_tensor(args[0])
-        for a in args[1:]:
-            out = out & torch.as_tensor(a)
-        return out
-    if isinstance(expr, sympy.Or):
-        out = torch.as_tensor(args[0])
-        for a in args[1:]:
-            out = out | torch.as_tensor(a)
-        return out
-    if isinstance(expr, sympy.Not):
-        return ~torch.as_tensor(args[0])
-    if isinstance(expr, sympy.Piecewise):
+    return value
+
+
+def _constant(v):
+    return lambda env: v
+
+
+def _fold(op, parts):
+    def value(env):
+        return functools.reduce(op, (p(env) for p in parts))
+    return value
+
+
+def _unary(fn, part):
+    return lambda env: fn(torch.as_tensor(part(env)))
+
+
+def _power(base, exponent, sqrt: bool):
+    if sqrt:
+        return lambda env: torch.sqrt(torch.as_tensor(base(env)))
+    return lambda env: base(env) ** exponent(env)
+
+
+def _relation(fn, a, b):
+    return lambda env: torch.as_tensor(fn(a(env), b(env)))
+
+
+def _logical(op, parts):
+    def value(env):
+        return functools.reduce(op, (torch.as_tensor(p(env)) for p in parts))
+    return value
+
+
+def _piecewise(branches):
+    """``branches``: (value, condition) closures in sympy's order; the first condition that holds wins."""
+    def value(env):
         result = None
-        for value, cond in reversed(expr.args):
-            v = evaluate(value, env)
-            c = evaluate(cond, env)
+        for val, cond in reversed(branches):
+            v = val(env)
+            c = cond(env)
             if result is None:
                 result = v
             elif isinstance(c, bool):
@@ -73,4 +72,60 @@ def evaluate(expr, env: dict):
             else:
                 result = torch.where(c, torch.as_tensor(v), torch.as_tensor(result))
         return result
+    return value
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_expression(expr):
+    """A function env -> value of sympy ``expr`` (symbols and applied functions such as pharmpy's amounts
+    ``A_CENTRAL(t)`` looked up by name in ``env``: tensors or floats). Supports +, *, powers, exp, log, Abs,
+    relations, And/Or/Not and Piecewise (NONMEM's IF blocks); anything else is refused by name."""
+    import sympy
+
+    if expr.is_Symbol:
+        return _lookup(expr.name)
+    if isinstance(expr, sympy.core.function.AppliedUndef):   # pharmpy's A_NAME(t)
+        return _lookup(str(expr.func))
+    if expr.is_Number:
+        return _constant(float(expr))
+    if expr in (sympy.true, sympy.S.true):
+        return _constant(True)
+    if expr in (sympy.false, sympy.S.false):
+        return _constant(False)
+    if isinstance(expr, sympy.Piecewise):
+        return _piecewise([(compile_expression(v), compile_expression(c)) for v, c in expr.args])
+    parts = [compile_expression(a) for a in expr.args]
+    if isinstance(expr, sympy.Add):
+        return _fold(operator.add, parts)
+    if isinstance(expr, sympy.Mul):
+        return _fold(operator.mul, parts)
+    if isinstance(expr, sympy.Pow):
+        return _power(parts[0], parts[1], sqrt=expr.args[1].is_Number and float(expr.args[1]) == 0.5)
+    simple = {sympy.exp: torch.exp, sympy.log: torch.log, sympy.Abs: torch.abs}
+    for cls, fn in simple.items():
+        if isinstance(expr, cls):
+            return _unary(fn, parts[0])
+    rel = {sympy.StrictLessThan: operator.lt, sympy.LessThan: operator.le, sympy.StrictGreaterThan: operator.gt,
+           sympy.GreaterThan: operator.ge, sympy.Equality: operator.eq, sympy.Unequality: operator.ne}
+    for cls, fn in rel.items():
+        if isinstance(expr, cls):
+            return _relation(fn, *parts)
+    if isinstance(expr, sympy.And):
+        return _logical(operator.and_, parts)
+    if isinstance(expr, sympy.Or):
+        return _logical(operator.or_, parts)
+    if isinstance(expr, sympy.Not):
+        return _unary(operator.invert, parts[0])
     raise ModelError(f"cannot translate the expression {expr} ({type(expr).__name__}) from the control stream")
+
+
+def compile_statements(statements):
+    """A function env -> env updated by the assignments ``statements`` ((name, sympy expression) in order),
+    each compiled once."""
+    compiled = [(name, compile_expression(expr)) for name, expr in statements]
+
+    def run(env):
+        for name, fn in compiled:
+            env[name] = fn(env)
+        return env
+    return run

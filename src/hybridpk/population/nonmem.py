@@ -22,13 +22,17 @@ import torch
 
 from ..errors import HybridPKError, ModelError
 from ..models import get_model
-from ._sympy_torch import evaluate
+from ._sympy_torch import compile_expression, compile_statements
+from .des import TIME_SYMBOL, LinearStatementModel, StatementModel, is_linear
 from .spec import ErrorModel, PopulationModel, Theta
 
 # records named in messages (regular expressions for _where)
 _EST, _OMEGA, _BLOCK, _SIGMA = r"\$EST", r"\$OMEGA", r"\$OMEGA\s+BLOCK", r"\$SIGMA"
 _OMEGA_OR_SIGMA = r"\$(OMEGA|SIGMA)"
 _ADVAN = {1: "1cmt_iv", 2: "1cmt_oral", 3: "2cmt_iv", 4: "2cmt_oral", 11: "3cmt_iv", 12: "3cmt_oral"}
+#: ADVANs whose equations the control stream writes: $DES (general nonlinear) and K<i><j> (general linear)
+_DES_ADVANS, _LINEAR_ADVANS = (6, 8, 13, 14), (5, 7)
+_SUPPORTED = "ADVAN1-4, 11, 12, the general linear ADVAN5/7 and $DES with ADVAN6, 8, 13 or 14"
 
 
 def _pharmpy():
@@ -314,12 +318,15 @@ def _check_scale(defs: dict, written: dict, advan: int, trans: int, text: str, p
                          "doses and DV in consistent units")
 
 
-def _error_model(m, defs: dict, params, eps_names, sigma_names, advan: int, text: str, path):
-    """(ErrorModel, {"ADD"|"PROP": $SIGMA name}, fixed kinds) from $ERROR, written on F, IPRED or the amount
-    in the central compartment (A(n) = F * S), with $PK variables substituted: the prediction Y at EPS = 0
-    must be F, and dY/dEPS (at EPS = 0) 1 (additive) or F (proportional), identically. A guard that replaces
-    the prediction where it is 0 (IF (IPRED.EQ.0) ...) is read as its general branch: hybridpk refuses
-    observations where the model predicts 0 under a proportional error (:meth:`Problem.require_positive_variance`)."""
+def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str, text: str, path,
+                 any_scale: bool = False):
+    """(ErrorModel, {"ADD"|"PROP": $SIGMA name}, fixed kinds, factor) from $ERROR, written on F, IPRED or the
+    amount in the observed compartment (A(n) = F * S), with $PK variables substituted: the prediction Y at
+    EPS = 0 must be F (times a ``factor`` of $PK variables when ``any_scale``: e.g. IPRED = A(2)/V without S2,
+    for a model that divides the amount by any scale), and dY/dEPS (at EPS = 0) 1 (additive) or the
+    prediction (proportional), identically. A guard that replaces the prediction where it is 0
+    (IF (IPRED.EQ.0) ...) is read as its general branch: hybridpk refuses observations where the model predicts
+    0 under a proportional error (:meth:`Problem.require_positive_variance`)."""
     import sympy
 
     where = _where(text, path, r"\$ERR")
@@ -327,7 +334,7 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, advan: int, text
              if hasattr(st, "symbol")]
     env = dict(defs)
     fsym = sympy.Symbol("F")
-    scale = sympy.Symbol(_central_scale(advan))
+    scale = sympy.Symbol(scale_name)
     amounts = {}
     for name, expr in after:
         if name == "F":       # pharmpy's F = A_CENTRAL(t) / S: the amount is F * S
@@ -345,15 +352,17 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, advan: int, text
         raise ModelError(f"{where}: $ERROR does not define Y")
     y = env["Y"].subs({scale: defs.get(str(scale), sympy.Integer(1))})
     zero = {sympy.Symbol(e): 0 for e in eps_names}
-    if sympy.simplify(y.subs(zero) - fsym) != 0:
-        raise ModelError(f"{where}: the prediction (Y at EPS = 0) is {sympy.simplify(y.subs(zero))}, not F; "
+    prediction = sympy.simplify(y.subs(zero))
+    factor = sympy.simplify(prediction / fsym)
+    if fsym in factor.free_symbols or (factor != 1 and not any_scale) or prediction == 0:
+        raise ModelError(f"{where}: the prediction (Y at EPS = 0) is {prediction}, not F; "
                          "hybridpk fits Y = F + error (transformations such as LOG(F) are not imported yet)")
     kinds = {}
     for eps, sig in zip(eps_names, sigma_names):
         d = sympy.simplify(sympy.diff(y, sympy.Symbol(eps)).subs(zero))
         if d.free_symbols == set() and float(d) == 1.0:
             kinds["ADD"] = sig
-        elif sympy.simplify(d - fsym) == 0:
+        elif sympy.simplify(d - prediction) == 0:
             kinds["PROP"] = sig
         else:
             raise ModelError(f"{where}: Y depends on {eps} through {d}; hybridpk imports additive (F + EPS), "
@@ -366,7 +375,7 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, advan: int, text
     zero_fixed = [kinds[k] for k in sigma_fixed if inits[k] == 0.0]
     if zero_fixed:
         raise ModelError(f"{_where_fix(text, path)}: {zero_fixed[0]} is 0 FIX; remove that EPS from $ERROR instead")
-    return ErrorModel(kind, add=inits.get("ADD", 0.5), prop=inits.get("PROP", 0.1)), kinds, sigma_fixed
+    return ErrorModel(kind, add=inits.get("ADD", 0.5), prop=inits.get("PROP", 0.1)), kinds, sigma_fixed, factor
 
 
 def _unguard(expr, fsym):
@@ -393,24 +402,25 @@ def read_control_stream(path):
     path = Path(path)
     if not path.is_file():
         raise HybridPKError(f"control stream {path} not found")
-    try:
-        m = read_model(str(path))
-    except Exception as exc:  # pharmpy's parser errors are not ours to enumerate
-        raise HybridPKError(f"pharmpy could not read {path}: {exc}") from None
     text = path.read_text()
     sub = re.search(r"ADVAN(\d+)", text)
     tr = re.search(r"TRANS(\d+)", text)
     if not sub:
-        raise ModelError(f"{path}: no $SUBROUTINE ADVANn found; only ADVAN1-4, 11, 12 models can be imported")
+        raise ModelError(f"{path}: no $SUBROUTINE ADVANn found; hybridpk imports {_SUPPORTED}")
     advan, trans = int(sub.group(1)), int(tr.group(1)) if tr else 1
-    if advan not in _ADVAN:
+    written = advan in _DES_ADVANS + _LINEAR_ADVANS
+    if advan not in _ADVAN and not written:
         raise ModelError(f"{_where(text, path, r'[$]SUB')}: ADVAN{advan} is not supported; hybridpk imports "
-                         "ADVAN1-4, 11 and 12")
-    if trans not in _TRANS[advan]:
+                         f"{_SUPPORTED}")
+    if not written and trans not in _TRANS[advan]:
         raise ModelError(f"{_where(text, path, r'[$]SUB')}: ADVAN{advan} TRANS{trans} is not a NONMEM combination "
                          f"(ADVAN{advan} takes TRANS{', TRANS'.join(str(t) for t in _TRANS[advan])})")
-    structural = get_model(_ADVAN[advan])
     oral = advan in (2, 4, 12)
+    comps = _model_record(text, path) if written else None
+    try:
+        m = read_model(str(path))
+    except Exception as exc:  # pharmpy's parser errors are not ours to enumerate
+        raise HybridPKError(f"pharmpy could not read {path}: {exc}") from None
 
     estimation, evaluation_only = _check_estimation(m, text, path)
     rvs = m.random_variables
@@ -428,15 +438,42 @@ def read_control_stream(path):
                    for p in params if p.name not in special)
 
     statements = [(str(s.symbol), sympy.sympify(s.expression)) for s in m.statements.before_odes]
+    initial = [name for name, _ in statements if "(" in name]
+    if initial:
+        raise ModelError(f"{_line_of(text, path, 'A_0')}: $PK sets an initial amount ({initial[0]}, NONMEM's A_0); "
+                         "hybridpk starts every compartment at 0: give the amount as a dose record at time 0")
     data = m.dataset.copy()
     drops = [c.name for c in m.datainfo if c.drop]
     data = data.drop(columns=[c for c in drops if c in data.columns])
-    items = _data_items(statements, set(data.columns), set(params.names) | set(eta_names), text, path)
+    scanned = statements
+    if written:     # the equations are the control stream's own; their data items are read per record too
+        pk, structural, read = _written_system(m, statements, comps, advan, text, path)
+        scanned = statements + [(f"DADT({i})", d) for i, d in enumerate(structural.derivative_expressions, 1)]
+    items = _data_items(scanned, set(data.columns), set(params.names) | set(eta_names), text, path)
     covs = tuple(c for c in items if c != "TIME")
     ds = read_nonmem(data, covariates=list(covs))
+    if written:
+        statements = pk
+        scale_name = structural.volume_parameter
+    else:
+        structural = get_model(_ADVAN[advan])
+        scale_name = _central_scale(advan)
+
+        def read(env):
+            return _structural(env, advan, trans, oral)
     defs = _definitions(statements)
-    _check_scale(defs, dict(statements), advan, trans, text, path)
-    error, kinds, sigma_fixed = _error_model(m, defs, params, eps_names, sigma_names, advan, text, path)
+    if not written:
+        _check_scale(defs, dict(statements), advan, trans, text, path)
+    error, kinds, sigma_fixed, factor = _error_model(m, defs, params, eps_names, sigma_names, scale_name, text,
+                                                     path, any_scale=written)
+    run_pk = compile_statements(statements)
+    if factor != 1:      # the prediction is A/S times a factor: A over an effective scale S/factor
+        of_factor, read_scaled = compile_expression(factor), read
+
+        def read(env):
+            p = read_scaled(env)
+            p[scale_name] = p.get(scale_name, 1.0) / of_factor(env)
+            return p
 
     def individual(theta, eta, cov):
         # per record (PopulationModel.parameters gives (N, R) data items): ETAs broadcast over the records
@@ -444,9 +481,7 @@ def read_control_stream(path):
         env = dict(theta)
         env.update({name: (eta[:, k:k + 1] if per_record else eta[:, k]) for k, name in enumerate(eta_names)})
         env.update(cov)
-        for name, expr in statements:
-            env[name] = evaluate(expr, env)
-        p = _structural(env, advan, trans, oral)
+        p = read(run_pk(env))
         n = eta.shape[0]
         return {k: torch.as_tensor(v, dtype=eta.dtype).expand(n) if not torch.is_tensor(v) or v.dim() == 0 else v
                 for k, v in p.items()}
@@ -460,6 +495,88 @@ def read_control_stream(path):
                          recipe=recipe, omega_fixed=omega_fixed, omega_same=same, sigma_fixed=sigma_fixed,
                          record_items=items)
     return pm, ds
+
+
+def _model_record(text: str, path) -> list[tuple[str, set]]:
+    """The compartments of $MODEL in order (NONMEM's CMT numbers): [(name, attributes such as DEFDOSE)]."""
+    code = "\n".join(line.split(";", 1)[0] for line in text.splitlines())
+    rec = re.search(r"^\s*\$MODEL?\b(.*?)(?=^\s*\$|\Z)", code, flags=re.S | re.M | re.I)
+    where = _where(text, path, r"\$MOD")
+    if not rec:
+        raise ModelError(f"{Path(path).name}: no $MODEL record; ADVAN5-9, 13-15 need one naming the compartments")
+    body = rec.group(1)
+    other = re.search(r"\b(NEQ\w*|NCOMP\w*|LINK\w*)\s*=\s*(\w+)", body, flags=re.I)
+    if other and not (other.group(1).upper().startswith("NCOMP")):
+        raise ModelError(f"{where}: $MODEL {other.group(1).upper()}={other.group(2)} (equilibrium compartments or "
+                         "links) is not supported; hybridpk integrates compartments given by COMP=(...)")
+    comps = []
+    for paren, bare in re.findall(r"\bCOMP\w*\s*=\s*(?:\(([^)]*)\)|(\w+))", body, flags=re.I):
+        words = re.split(r"[\s,]+", (paren or bare).strip().strip("'\""))
+        comps.append((words[0].strip("'\"").upper(), {w.upper() for w in words[1:]}))
+    if not comps:
+        raise ModelError(f"{where}: $MODEL names no compartments (COMP=(NAME ...)); hybridpk needs their names")
+    off = [name for name, attrs in comps if "INITIALOFF" in attrs]
+    if off:
+        raise ModelError(f"{where}: compartment {off[0]} is INITIALOFF; hybridpk starts every compartment on")
+    return comps
+
+
+def _written_system(m, statements, comps, advan: int, text: str, path):
+    """For ADVAN5-8, 13, 14: ($PK statements, the :class:`StatementModel` of the control stream's own equations,
+    a function $PK variables -> its parameters). $DES assignments (those that read T or an amount, directly or
+    through another $DES variable) move into the model's right-hand side. ``comps``: :func:`_model_record`."""
+    import sympy
+
+    names = [c for c, _ in comps]
+    ode = m.statements.ode_system
+    amount_of = {str(sympy.sympify(a).func): a for a in ode.amounts}
+    missing = [n for n in names if f"A_{n}" not in amount_of]
+    if missing or len(amount_of) != len(names):
+        raise ModelError(f"{_where(text, path, r'[$]MOD')}: pharmpy reads compartments "
+                         f"{', '.join(sorted(k[2:] for k in amount_of))} but $MODEL names {', '.join(names)}")
+    amounts = [f"A_{n}" for n in names]
+    eqs = [sympy.sympify(eq) for eq in ode.eqs]
+    derivative = {str(eq.lhs.args[0].func): eq.rhs for eq in eqs}
+    derivatives = [derivative[a] for a in amounts]
+    # the $DES part: statements that depend on T or the amounts
+    t = sympy.Symbol(TIME_SYMBOL)
+    des_names, pk, des = set(), [], []
+    for name, expr in statements:
+        reads = {s.name for s in expr.free_symbols}
+        reads |= {str(f.func) for f in expr.atoms(sympy.core.function.AppliedUndef)}
+        if t in expr.free_symbols or reads & (des_names | set(amounts)):
+            des_names.add(name)
+            des.append((name, expr))
+        else:
+            pk.append((name, expr))
+    reads = set()
+    for expr in [e for _, e in des] + derivatives:
+        reads |= {s.name for s in expr.free_symbols}
+    inputs = sorted(reads - des_names - {TIME_SYMBOL})
+    dose = next((i for i, (_, a) in enumerate(comps, 1) if "DEFDOSE" in a), 1)
+    obs = next((i for i, (_, a) in enumerate(comps, 1) if "DEFOBS" in a), 1)
+    assigned = {name for name, _ in pk}
+    for name in sorted(assigned):
+        hit = re.fullmatch(r"(F|ALAG|R|D)(\d+)", name)
+        if hit and (hit.group(1) in ("R", "D") or int(hit.group(2)) != dose):
+            raise ModelError(f"{_line_of(text, path, name)}: {name} (for doses into compartment {hit.group(2)}) is not "
+                             f"supported; hybridpk applies F{dose} and ALAG{dose} to doses into the default dose "
+                             f"compartment {dose} ({names[dose - 1]})")
+    linear = advan in _LINEAR_ADVANS or is_linear(derivatives, des, amounts)
+    cls = LinearStatementModel if linear else StatementModel
+    how = "general linear" if advan in _LINEAR_ADVANS else "$DES"
+    structural = cls(f"ADVAN{advan}", f"{how} model of {Path(path).name}: {', '.join(names)}", names, amounts,
+                     dose, obs, inputs, des, derivatives)
+    scale = structural.volume_parameter
+
+    def read(env):
+        p = {name: env[name] for name in inputs}
+        for ours, theirs in (("F", f"F{dose}"), ("ALAG", f"ALAG{dose}"), (scale, scale)):
+            if env.get(theirs) is not None:
+                p[ours] = env[theirs]
+        return p
+
+    return pk, structural, read
 
 
 def write_control_stream(fitted, path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,25 +87,26 @@ def as_parameters(model, params, batch) -> dict:
 
 
 def _bad_parameters(model, p, mask=None) -> dict[int, str]:
-    """{subject position: why} for parameters that are not finite or negative (per-record parameters: on the
-    real records, ``mask`` (N, R); the first bad record's value is reported)."""
-    def per_subject(v):
+    """{subject position: why} for parameters that are not finite, or negative where the parameter cannot be
+    (its lower bound is >= 0) (per-record parameters: on the real records, ``mask`` (N, R); the first bad
+    record's value is reported)."""
+    def per_subject(v, floor):
         v = v.detach()
         if v.dim() == 1:
             return v
-        ok = (torch.isfinite(v) & (v >= 0)) | ~mask
+        ok = (torch.isfinite(v) & (v >= floor)) | ~mask
         first_bad = (~ok).to(torch.int8).argmax(1)
         return torch.where(ok.all(1), v[:, 0], v.gather(1, first_bad.unsqueeze(1)).squeeze(1))
 
-    values = torch.stack([per_subject(p[spec.name]) for spec in model.parameters])
-    if bool((torch.isfinite(values) & (values >= 0)).all()):
+    floors = {spec.name: 0.0 if spec.lower >= 0 else -math.inf for spec in model.parameters}
+    values = [per_subject(p[spec.name], floors[spec.name]) for spec in model.parameters]
+    if all(bool((torch.isfinite(v) & (v >= floors[spec.name])).all()) for v, spec in zip(values, model.parameters)):
         return {}
     bad = {}
-    for spec in model.parameters:
-        v = per_subject(p[spec.name])
+    for v, spec in zip(values, model.parameters):
         for i in torch.nonzero(~torch.isfinite(v)).flatten().tolist():
             bad.setdefault(i, f"parameter {spec.name} is {v[i].item()}")
-        low = torch.nonzero(v < 0).flatten().tolist()
+        low = torch.nonzero(v < floors[spec.name]).flatten().tolist()
         for i in low:
             bad.setdefault(i, f"parameter {spec.name} = {v[i].item():g} is negative")
     return bad

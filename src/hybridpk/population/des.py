@@ -1,0 +1,154 @@
+"""The structural model of a control stream that writes its own differential equations: ``$DES`` with
+ADVAN6, 8, 13 or 14, and the general linear ADVAN5/7 (rate constants K<i><j> in $PK), as pharmpy reads them.
+
+NONMEM numbers the compartments in the order of ``$MODEL``; doses go to the DEFDOSE compartment (else the
+first), observations to the DEFOBS compartment (else the first), and F = A(obs) / S<obs> (S defaults to 1;
+NONMEM help, "$MODEL", "ADVAN6", "S1 ... Sn"). The $DES statements (those that read T or an amount, directly or
+through another $DES variable) are evaluated at every right-hand-side call with that call's time and amounts;
+the rest of $PK, once per record (:class:`hybridpk.population.spec.PopulationModel`).
+
+A system whose derivatives are linear in the amounts with coefficients that depend on neither T nor the
+amounts (ADVAN5/7 always; a linear $DES too) gives :meth:`system_matrix`, and the solver steps it exactly by
+matrix exponentials (:mod:`hybridpk.solve.ode`); any other is integrated by the batched Dormand-Prince
+method at rtol 1e-8 (NONMEM's TOL only sets its own solvers' accuracy, so it is not read).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..models.base import ALAG, F, CompartmentModel, Parameter
+from ._sympy_torch import compile_expression, compile_statements
+
+TIME_SYMBOL = "t"          # pharmpy's name for $DES's T
+#: T in an IF on time: the midpoint of the solver's current segment, which ends at every switch time, so the
+#: condition holds for the whole segment (at a switch, the step that starts there sees the new branch)
+SEGMENT_SYMBOL = "_T_SEGMENT"
+
+
+def _input(name: str) -> Parameter:
+    return Parameter(name, "", -math.inf, math.inf, "$PK variable read by the differential equations", 1.0)
+
+
+class StatementModel(CompartmentModel):
+    """A compartment model whose right-hand side is the control stream's own statements.
+
+    Parameters
+    ----------
+    name, description : for messages and ``hybridpk models``-style summaries
+    compartments : names in $MODEL order (NONMEM's CMT numbers)
+    amounts : pharmpy's amount names (``A_CENTRAL``), in the same order
+    dose_cmt, obs_cmt : 1-based (DEFDOSE, DEFOBS)
+    inputs : $PK variables (THETAs, ETAs, data items) the equations read; with ``F``, ``ALAG`` and the scale
+        ``S<obs>`` they are the model's parameters (values per subject or per record)
+    statements : ((name, sympy expression)) the $DES assignments, in order
+    derivatives : sympy expressions of dA/dt, one per compartment
+    """
+
+    linear = False
+
+    def __init__(self, name, description, compartments, amounts, dose_cmt, obs_cmt, inputs, statements,
+                 derivatives):
+        self.name, self.description = name, description
+        self.compartments = tuple(compartments)
+        self.amounts = tuple(amounts)
+        self.dose_cmt, self.obs_cmt = dose_cmt, obs_cmt
+        self.volume_parameter = f"S{obs_cmt}"
+        self.inputs = tuple(inputs)
+        self.parameters = tuple(_input(n) for n in self.inputs) + (
+            F, ALAG, Parameter(self.volume_parameter, "L", 0.0, math.inf,
+                               "scale of the observed compartment (F = A/S; NONMEM's default 1)", 1.0))
+        self.derivative_expressions = tuple(derivatives)
+        thresholds, on_segment = _time_thresholds(statements, derivatives)
+        self._statements = compile_statements([(n, e.xreplace(on_segment)) for n, e in statements])
+        self._derivatives = [compile_expression(d.xreplace(on_segment)) for d in derivatives]
+        self._thresholds = [compile_expression(x) for x in thresholds]
+
+    def _has_default(self, name: str) -> bool:
+        return name in ("F", "ALAG", self.volume_parameter)
+
+    def switch_times(self, p: dict, t_end):
+        """The times at which an IF on T in $DES switches (``T.GT.12``, ``T.GE.TLAG`` with TLAG from $PK), so that
+        the solver steps to them instead of across the jump (NONMEM needs MTIME for this). Thresholds that
+        change between records are left to the step-size control."""
+        if not self._thresholds:
+            return None
+        env = dict(p)
+        like = t_end
+        values = [torch.as_tensor(fn(env), dtype=like.dtype, device=like.device) for fn in self._thresholds]
+        if any(v.dim() > 1 for v in values):
+            values = [v for v in values if v.dim() <= 1]
+            if not values:
+                return None
+        return torch.stack([v.expand(like.shape[0]) if v.dim() == 0 else v for v in values], -1)
+
+    def rhs(self, t, a, p, rate, ctx=None):
+        env = dict(p)
+        env[TIME_SYMBOL] = t
+        mid = getattr(ctx, "segment_mid", None)
+        env[SEGMENT_SYMBOL] = t if mid is None else mid
+        for i, name in enumerate(self.amounts):
+            env[name] = a[..., i]
+        self._statements(env)
+        zero = torch.zeros_like(a[..., 0])
+        return torch.stack([zero + d(env) for d in self._derivatives], -1) + rate
+
+
+class LinearStatementModel(StatementModel):
+    """A :class:`StatementModel` linear in the amounts with coefficients constant in time: solved exactly."""
+
+    def system_matrix(self, p: dict, t_mid):
+        """A (N, S, S): column j is the derivative at the j-th unit amount (the system is linear)."""
+        n = next(v for v in p.values() if torch.is_tensor(v)).shape[0]
+        s = self.n_states
+        dtype = next(v for v in p.values() if torch.is_tensor(v)).dtype
+        units = torch.eye(s, dtype=dtype).unsqueeze(0).expand(n, s, s)            # (N, S, S): column j = e_j
+        cols = [self.rhs(t_mid, units[:, :, j], p, torch.zeros(n, s, dtype=dtype)) for j in range(s)]
+        return torch.stack(cols, -1)
+
+
+def _time_thresholds(statements, derivatives):
+    """(thresholds, relations): the expressions X of the relations T < X, T >= X, ... in the $DES statements and
+    derivatives where X reads neither T nor the amounts nor a $DES variable (an IF on time), and those relations
+    mapped to the same relation on the segment's time (:data:`SEGMENT_SYMBOL`)."""
+    import sympy
+
+    t = sympy.Symbol(TIME_SYMBOL)
+    local = {sympy.Symbol(name) for name, _ in statements}
+    found, relations = [], {}
+    for expr in [e for _, e in statements] + list(derivatives):
+        for rel in expr.atoms(sympy.core.relational.Relational):
+            for side, other in ((rel.lhs, rel.rhs), (rel.rhs, rel.lhs)):
+                if side == t and not (other.free_symbols & (local | {t})) and \
+                        not other.atoms(sympy.core.function.AppliedUndef):
+                    relations[rel] = rel.xreplace({t: sympy.Symbol(SEGMENT_SYMBOL)})
+                    if other not in found:
+                        found.append(other)
+    return found, relations
+
+
+def is_linear(derivatives, statements, amounts) -> bool:
+    """True when every derivative, with the $DES assignments substituted, is linear in the amounts with
+    coefficients free of T and of the amounts."""
+    import sympy
+
+    defs = {}
+    for name, expr in statements:
+        defs[sympy.Symbol(name)] = expr.subs(defs)
+    t = sympy.Symbol(TIME_SYMBOL)
+    syms = [sympy.Symbol(f"_amount_{i}") for i in range(len(amounts))]
+    for d in derivatives:
+        d = d.subs(defs)
+        d = d.subs({fn: syms[amounts.index(str(fn.func))] for fn in d.atoms(sympy.core.function.AppliedUndef)
+                    if str(fn.func) in amounts})
+        if t in d.free_symbols or d.has(sympy.Piecewise):
+            return False
+        for s in syms:
+            coef = sympy.diff(d, s)
+            if coef.free_symbols & (set(syms) | {t}):
+                return False
+        if sympy.simplify(d.subs({s: 0 for s in syms})) != 0:
+            return False
+    return True
