@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -77,6 +78,9 @@ def _files(d: Path, pharmpy_examples: Path) -> None:
     theoph = pd.read_csv(hp.bundled_dataset("theoph"))
     theoph.assign(TIME=theoph.TIME.where(theoph.index != 5, -1.0)).to_csv(d / "negative_time.csv", index=False)
     theoph.drop(columns="TIME").to_csv(d / "no_time.csv", index=False)
+    theoph.assign(DVID=np.where(theoph.index % 3 == 0, 2, 1)).to_csv(d / "two_dvids.csv", index=False)
+    theoph.assign(CMT=np.where((theoph.EVID == 0) & (theoph.index % 3 == 0), 1, theoph.CMT)).to_csv(
+        d / "depot_observed.csv", index=False)
     (d / "binary.csv").write_bytes(bytes(range(256)) * 4)
     (d / "params.csv").write_text("ID,CL\n1,2.5\n")
     mod = (pharmpy_examples / "pheno.mod").read_text()
@@ -134,6 +138,10 @@ def _table(d: Path):
         ("fit-omega-block-unknown", fit + ["--omega-block", "CL,XYZ", "--out", run], "XYZ"),
         ("fit-proportional-predose", ["fit", "theoph", "--model", "1cmt_oral", "--error", "proportional", "--out",
                                       run], "--error combined"),
+        ("fit-two-kinds-of-observation", ["fit", str(d / "two_dvids.csv"), "--model", "1cmt_oral", "--out", run],
+         "DVID 1, 2"),
+        ("fit-depot-observed", ["fit", str(d / "depot_observed.csv"), "--model", "1cmt_oral", "--out", run],
+         "compartment 1 (DEPOT)"),
         ("fit-control-stream-saem", ["fit", str(d / "pheno_saem.mod"), "--out", run], "METHOD=SAEM"),
         ("fit-resume-other-options", ["fit", "theoph", "--model", "1cmt_oral", "--error", "additive", "--out",
                                       str(d / "resume_run"), "--resume", "--maxiter", "3"], "foce.json"),

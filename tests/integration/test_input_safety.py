@@ -84,3 +84,22 @@ def test_one_subject_fit_warns_instead_of_reporting_meaningless_variances(theoph
     assert by_r.estimation.covariance == "R" and all(t.se is not None for t in by_r.theta)
     with pytest.raises(HybridPKError, match="covariance='X'"):
         hp.fit_population(pm, one, progress=False, covariance="X")
+
+
+def test_a_degenerate_fit_is_reported_not_a_crash(theoph_path):
+    """What the 3-compartment model does on the EHC data (CL -> 2e-7 L/h with an OMEGA of 1e6, the third
+    compartment standing in for elimination; the run crashed saving the CV): an OMEGA far beyond any CV and a
+    THETA outside the library's plausible range are warned about by name, and the CV is reported as not finite
+    (exp(OMEGA) overflows) instead of raising."""
+    from hybridpk.population.fit import Packing, _boundary_warnings
+    from hybridpk.population.tables import OmegaEntry
+
+    ds = hp.read_nonmem(theoph_path)
+    pm = hp.build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="additive", data=ds)
+    pack = Packing(pm, omega=[1.2e6, 0.09, 0.09])
+    text = " ".join(_boundary_warnings(pack, pack.x0(theta={"CL": 2e-7, "V": 30.0, "KA": 1.5}), ds.n_subjects))
+    assert "OMEGA implausibly large for ETA_CL (1.2e+06)" in text and "ETA_V" not in text
+    assert "CL = 2e-07 L/h (plausible 0.0001 to 10000)" in text and "KA =" not in text
+    assert not _boundary_warnings(Packing(pm), Packing(pm).x0(), ds.n_subjects)
+    assert OmegaEntry("IIV_CL", "ETA_CL", 1.2e6).cv_percent is None
+    assert OmegaEntry("IIV_CL", "ETA_CL", 0.09).cv_percent == pytest.approx(30.7, abs=0.1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 
@@ -137,3 +138,31 @@ def test_pheno_reproduces_nonmems_published_run(pharmpy_examples):
     assert res.sigma["SIGMA"].variance == pytest.approx(final["SIGMA(1,1)"], rel=5e-3)
     assert res.omega["ETA_CL"].se == pytest.approx(se["OMEGA(1,1)"], rel=1e-2)
     assert res.sigma["SIGMA"].se == pytest.approx(se["SIGMA(1,1)"], rel=1e-2)
+
+
+def test_a_control_stream_serves_as_a_dosing_prior(tmp_path, theoph_path, capsys):
+    """'hybridpk map RUN.mod patient.csv': the control stream at its $THETA/$OMEGA/$SIGMA (a run's final
+    estimates) is the prior; the patient's MAP equals the native model's at the same values, and a covariate
+    outside the control stream's dataset is warned about."""
+    from hybridpk.cli import main
+    from hybridpk.population import FittedPopulation, load_model
+    from hybridpk.population.spec import CovariateEffect
+
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    text = THEO_TRANS2.replace("CL = THETA(2)*EXP(ETA(2))", "CL = THETA(2)*EXP(ETA(2))*WT/70")
+    (tmp_path / "run.mod").write_text(text)
+    prior = load_model(tmp_path / "run.mod")
+    assert prior.name == "run" and prior.theta["POP_CL"].value == 2.8 and prior.sigma["ADD"].variance == pytest.approx(0.5)
+    df = pd.read_csv(theoph_path)
+    patient = hp.read_nonmem(df[df.ID == 3])
+    wt = CovariateEffect("CL", "WT", "power", reference=70.0, exponent=1.0)
+    native = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", covariates=[wt])
+    ref = FittedPopulation.from_values(native, {"KA": 1.5, "CL": 2.8, "V": 32.0},
+                                       {"KA": 0.4, "CL": 0.07, "V": 0.02}, {"ADD": math.sqrt(0.5)})
+    ours, theirs = prior.estimate(patient), ref.estimate(patient)
+    assert torch.allclose(ours.eta, theirs.eta, atol=1e-6)
+    heavy = df[df.ID == 3].assign(WT=150.0)
+    heavy.to_csv(tmp_path / "heavy.csv", index=False)
+    assert main(["map", str(tmp_path / "run.mod"), str(tmp_path / "heavy.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "MAP estimates" in out and "WT" in out and "150" in out

@@ -8,7 +8,9 @@ DOSE_HELP = """\
 Recommend a dose (and interval) for one patient from a population model and a few drug levels.
 
 MODEL_OR_RUN is a published model spec shipped with hybridpk (e.g. vancomycin_goti2018; list them with
-'hybridpk dose --list'), a spec file (.toml), or a run folder written by 'hybridpk fit', a hybrid one
+'hybridpk dose --list'), a spec file (.toml), a NONMEM control stream (.mod/.ctl: its $THETA/$OMEGA/$SIGMA,
+so put a run's final estimates there; its $DATA file must be present, and its covariate ranges become the
+population patients are checked against), or a run folder written by 'hybridpk fit', a hybrid one
 included (--hybrid vae: the patient's posterior is then over the ETAs and the latent z jointly, and
 exposures come from the hybrid prediction, simulated dose by dose). PATIENT.csv is a
 NONMEM-style file for ONE patient: the doses given so far, the TDM levels (EVID 0) and the covariates the
@@ -33,6 +35,7 @@ interval, time span, number of doses) outside what its training data covered).
 
 MAP_HELP = """\
 Estimate one patient's parameters (MAP with the model as prior) and forecast the concentrations.
+MODEL_OR_RUN as for 'hybridpk dose' (a spec, a .toml, a NONMEM control stream or a run folder).
 
 Prints the MAP individual parameters with 90% credible intervals and warnings; --out writes a CSV of the
 forecast (MAP prediction, median, 90% prediction interval) on a time grid, and --plot a figure of the
@@ -46,7 +49,8 @@ def add_parser(sub) -> None:
                               "--interval 12 --duration 1 --dose-step 250 --max-dose 4000 --out rec.json\n"
                               "  hybridpk dose runs/mydrug patient.csv --target trough=10:15 --out rec.json\n",
                        formatter_class=ManualFormatter)
-    p.add_argument("model", metavar="MODEL_OR_RUN", nargs="?", help="model spec name/file or fit run folder")
+    p.add_argument("model", metavar="MODEL_OR_RUN", nargs="?",
+                   help="model spec name/file, NONMEM control stream or fit run folder")
     p.add_argument("patient", metavar="PATIENT.csv", nargs="?", help="one patient's doses, levels, covariates")
     p.add_argument("--list", action="store_true", help="list the shipped model specs and exit")
     p.add_argument("--target", default="auc24=400:600", help="target window, e.g. auc24=400:600")

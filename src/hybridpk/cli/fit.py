@@ -372,7 +372,8 @@ def report(result, ds) -> str:
         lines.append(f"  {t.name:<12} {t.value:12.5g}   RSE {rse}")
     for o in result.omega:
         shr = e.shrinkage["eta"].get(o.eta, float("nan"))
-        lines.append(f"  {o.label:<12} {o.variance:12.5g}   (CV {o.cv_percent:.1f}%, shrinkage "
+        cv = f"{o.cv_percent:.1f}%" if o.cv_percent is not None else "not finite"
+        lines.append(f"  {o.label:<12} {o.variance:12.5g}   (CV {cv}, shrinkage "
                      + (f"{shr:.1f}%)" if shr == shr else "undefined)"))
     for s in result.sigma:
         lines.append(f"  {s.label:<12} {s.value:12.5g}   ({'SD' if s.scale == 'sd' else 'variance'})")

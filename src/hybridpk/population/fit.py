@@ -353,7 +353,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 
 def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
     """Estimates a user must not take at face value: an OMEGA variance at its boundary (0; NONMEM's
-    "PARAMETER ESTIMATE IS NEAR ITS BOUNDARY"), and OMEGA from fewer than two subjects."""
+    "PARAMETER ESTIMATE IS NEAR ITS BOUNDARY") or implausibly large, OMEGA from fewer than two subjects, and a
+    THETA of a library model outside the range the library gives as plausible for it."""
     out = []
     if n < 2 and pack.pm.n_eta:
         out.append(f"{n} subject: the between-subject variances (OMEGA) cannot be estimated from one subject, and "
@@ -364,7 +365,30 @@ def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
     if low:
         out.append(f"OMEGA near its boundary of 0 for {', '.join(low)}: the data do not inform this IIV; consider "
                    "removing it (its ETA, CV and shrinkage are not meaningful)")
+    high = [f"{e} ({float(om[j, j]):.3g})" for j, e in enumerate(pack.pm.etas)
+            if float(om[j, j]) > OMEGA_IMPLAUSIBLE and j not in pack.pm.omega_fixed]
+    if high:
+        out.append(f"OMEGA implausibly large for {', '.join(high)} (a CV above {_cv(OMEGA_IMPLAUSIBLE):.0f}%): the "
+                   "data do not determine this IIV, and the model is likely over-parameterised for them; simplify "
+                   "it (fewer compartments or ETAs)")
+    theta, _, _ = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
+    specs = {p.name: p for p in pack.pm.structural.parameters}
+    outside = [f"{t.name} = {float(theta[t.name]):.3g}{' ' + specs[t.name].unit if specs[t.name].unit else ''} "
+               f"(plausible {specs[t.name].lower:g} to {specs[t.name].upper:g})"
+               for t in pack.pm.thetas if pack.pm.recipe.get("kind") != "nonmem" and t.name in specs
+               and not specs[t.name].lower <= float(theta[t.name]) <= specs[t.name].upper]
+    if outside:
+        out.append(f"THETA outside the range the model library gives as plausible: {', '.join(outside)}; the data "
+                   f"do not support this parameter of {pack.pm.structural.name}, or the model does not suit them")
     return out
+
+
+#: an OMEGA variance above this (CV of the log-normal parameter above ~14 800%) is reported as implausible
+OMEGA_IMPLAUSIBLE = 10.0
+
+
+def _cv(variance: float) -> float:
+    return 100 * math.sqrt(math.expm1(variance))
 
 
 #: fit checkpoints: "format" and "version" this hybridpk writes and reads

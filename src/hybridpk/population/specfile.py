@@ -26,12 +26,15 @@ def model_specs() -> list[str]:
 
 def load_model(source) -> FittedPopulation:
     """A published model: a spec name shipped with hybridpk (e.g. 'vancomycin_goti2018', see
-    :func:`model_specs`) or a spec file (.toml). A FittedPopulation is returned unchanged."""
+    :func:`model_specs`), a spec file (.toml), or a NONMEM control stream (.mod/.ctl) whose initial estimates
+    are a run's final ones (:func:`from_control_stream`). A FittedPopulation is returned unchanged."""
     if isinstance(source, FittedPopulation):
         return source
     path = Path(source)
     if path.suffix == ".toml" and path.is_file():
         return _from_toml(path)
+    if path.suffix.lower() in (".mod", ".ctl") and path.is_file():
+        return from_control_stream(path)
     candidate = _models_dir() / f"{path.stem}.toml"
     if path.suffix in ("", ".toml") and candidate.is_file():
         return _from_toml(candidate)
@@ -93,6 +96,28 @@ def _from_toml(path: Path) -> FittedPopulation:
                                         citation=spec.get("citation", ""), ranges=ranges,
                                         route=spec.get("route", "infusion"), units=dict(spec.get("units", {})),
                                         covariate_defaults=defaults)
+
+
+def from_control_stream(path) -> FittedPopulation:
+    """A NONMEM control stream as a fitted model, at the values its $THETA/$OMEGA/$SIGMA give: as a dosing
+    prior, write the run's final estimates there (as PsN's ``update_inits`` does, or
+    :func:`write_control_stream` after a hybridpk fit). The model is read as ``hybridpk fit`` reads it
+    (:func:`hybridpk.population.nonmem.read_control_stream`, its $DATA file included); the range of each
+    covariate in that dataset becomes the population the dosing checks patients against."""
+    from .nonmem import read_control_stream
+
+    path = Path(path)
+    pm, ds = read_control_stream(path)
+    theta = {t.name: t.init for t in pm.thetas}
+    init = pm.omega_init
+    omega = (dict(zip(pm.etas, init)) if init and not isinstance(init[0], (tuple, list))
+             else [list(row) for row in init])
+    df = ds.to_dataframe()
+    ranges = {c: (float(df[c].min()), float(df[c].max())) for c in pm.covariates}
+    route = "oral" if pm.structural.dose_cmt != pm.structural.obs_cmt else "infusion"
+    return FittedPopulation.from_values(pm, theta, omega if pm.n_eta else {}, pm.error.init_values(),
+                                        name=path.stem, route=route, ranges=ranges,
+                                        citation=f"NONMEM control stream {path.name} at its initial estimates")
 
 
 def _check_values(path: Path, pm, theta: dict, omega: dict, sd: dict) -> None:

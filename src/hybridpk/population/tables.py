@@ -82,9 +82,14 @@ class OmegaEntry:
     se: float | None = None
 
     @property
-    def cv_percent(self) -> float:
-        """CV% of the log-normal individual parameter, sqrt(exp(OMEGA) - 1) x 100 (as nlmixr2 reports it)."""
-        return 100 * math.sqrt(math.expm1(self.variance))
+    def cv_percent(self) -> float | None:
+        """CV% of the log-normal individual parameter, sqrt(exp(OMEGA) - 1) x 100 (as nlmixr2 reports it); None
+        where that is not a finite number (OMEGA above about 700, which a fit reaches only when the data do
+        not determine the variance: the fit warns)."""
+        try:
+            return 100 * math.sqrt(math.expm1(self.variance))
+        except OverflowError:
+            return None
 
 
 @dataclass(frozen=True)

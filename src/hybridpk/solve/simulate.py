@@ -112,6 +112,34 @@ def _bad_parameters(model, p, mask=None) -> dict[int, str]:
     return bad
 
 
+def require_observable(model, batch) -> None:
+    """Refuse observations the model does not predict, naming their rows: a record observed in another
+    compartment than the model's (NONMEM would predict A(CMT)/S<CMT> there, e.g. the depot for CMT=1 in an oral
+    model), and several kinds of observation (DVID values), which one model with one error model does not
+    describe."""
+    from ..errors import DatasetError, Violation
+
+    obs = batch.is_obs & batch.record_mask
+    other = obs & (batch.cmt != 0) & (batch.cmt != model.obs_cmt)
+    if bool(other.any()):
+        cmts = sorted({int(c) for c in batch.cmt[other].tolist()})
+        names = ", ".join(f"{c} ({model.compartments[c - 1]})" if 0 < c <= model.n_states else str(c) for c in cmts)
+        raise DatasetError(Violation(tuple(int(r) + 1 for r in batch.row[other].tolist()), "CMT",
+                                     f"observations in compartment {names}, but model {model.name} predicts the "
+                                     f"concentration in compartment {model.obs_cmt} "
+                                     f"({model.compartments[model.obs_cmt - 1]}); set CMT to {model.obs_cmt} (or 0) "
+                                     "on observations of it, and leave out observations of other compartments: "
+                                     "hybridpk does not observe several compartments yet"))
+    kinds = torch.unique(batch.dvid[obs]) if bool(obs.any()) else batch.dvid[:0]
+    if kinds.numel() > 1:
+        minority = obs & (batch.dvid != torch.mode(batch.dvid[obs]).values)
+        raise DatasetError(Violation(tuple(int(r) + 1 for r in batch.row[minority].tolist()), "DVID",
+                                     f"observations of {kinds.numel()} kinds "
+                                     f"(DVID {', '.join(str(int(k)) for k in kinds)}), but a model predicts one "
+                                     "(one concentration, one error model); keep the "
+                                     "observations of one DVID (MDV=1 or drop the others)"))
+
+
 def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, atol: float = 1e-10,
              solver: str = "auto", throw: bool = True, return_amounts: bool = False,
              rule: str = "nonmem", step_groups=None) -> Prediction:
@@ -149,6 +177,7 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     linear models), or the closed form when the values change only at resets (EVID 3/4, SS=1: occasions).
     """
     model = get_model(model)
+    require_observable(model, batch)
     p = as_parameters(model, params, batch)
     varying = sorted(k for k, v in p.items() if v.dim() == 2)
     if method == "auto":
