@@ -152,7 +152,8 @@ def test_a_control_stream_serves_as_a_dosing_prior(tmp_path, theoph_path, capsys
     text = THEO_TRANS2.replace("CL = THETA(2)*EXP(ETA(2))", "CL = THETA(2)*EXP(ETA(2))*WT/70")
     (tmp_path / "run.mod").write_text(text)
     prior = load_model(tmp_path / "run.mod")
-    assert prior.name == "run" and prior.theta["POP_CL"].value == 2.8 and prior.sigma["ADD"].variance == pytest.approx(0.5)
+    assert prior.name == "run" and prior.theta["POP_CL"].value == 2.8
+    assert prior.sigma["ADD"].variance == pytest.approx(0.5)
     df = pd.read_csv(theoph_path)
     patient = hp.read_nonmem(df[df.ID == 3])
     wt = CovariateEffect("CL", "WT", "power", reference=70.0, exponent=1.0)
