@@ -225,8 +225,9 @@ def test_m3_censored_observation_contributes_log_probability():
     prob = Problem(pm, ds)
     theta = {"CL": torch.tensor(3.0, dtype=torch.float64), "V": torch.tensor(40.0, dtype=torch.float64)}
     sd = {"ADD": torch.tensor(0.2, dtype=torch.float64)}
-    f = prob.predict(theta, torch.zeros(1, 0, dtype=torch.float64))
-    data, _ = prob.residual_terms(f, sd)
+    eta = torch.zeros(1, 0, dtype=torch.float64)
+    f = prob.predict(theta, eta)
+    data, _ = prob.residual_terms(f, prob.variance(theta, eta, f, sd))
     from scipy.stats import norm
 
     expected = -2 * norm.logcdf((0.1 - float(f[0, 2])) / 0.2)

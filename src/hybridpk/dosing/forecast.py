@@ -39,10 +39,12 @@ def forecast(est, draws, times, regimen=None, seed: int = 0, level: float = 0.90
     t = np.asarray(times, dtype=float)
     batch = est.batch.extend(regimen, t)
     k = len(t)
-    conc = est.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -k:]
+    copies = batch.select([0] * draws.shape[0])
+    full = est.concentrations(copies, draws)
+    conc = full[:, -k:]
     point = est.concentrations(batch, est.eta[:1])[:, -k:][0]
     gen = torch.Generator().manual_seed(seed)
-    noisy = residual_noise(error, model.population.sigma.sd_tensors(), conc, gen)
+    noisy = residual_noise(error, model.residual_variance(copies, draws, full)[:, -k:], conc, gen)
     if not error.ltbs:
         noisy = noisy.clamp(min=0.0)  # no negative levels
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2

@@ -106,6 +106,13 @@ class DosingModel:
     def point_names(self) -> tuple:
         return tuple(self.population.model.etas)
 
+    def residual_variance(self, batch, points, conc):
+        """Var(DV) (S, R) around the concentrations ``conc`` (S, R) of ``batch``'s subjects at ``points`` (S, P):
+        the population model's residual error (a general $ERROR reads the points' ETAs)."""
+        pop = self.population
+        return pop.model.residual_variance(pop.theta.tensors(), points[:, :self.n_eta], batch, conc,
+                                           pop.sigma.sd_tensors())
+
     def design_warnings(self, est: PatientEstimate, doses=(), intervals=(), until: float | None = None,
                         n_new: int = 0) -> list[str]:
         """Warnings when a regimen or forecast lies beyond what the model was built on (hybrids: their

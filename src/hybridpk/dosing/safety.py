@@ -71,14 +71,15 @@ def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> lis
     import torch
 
     model = est.model
-    error, sd = model.population.model.error, model.population.sigma.sd_tensors()
     warnings = []
     obs = est.obs[0]
     if bool(obs.any()) and est.eta.shape[1]:
         gen = torch.Generator().manual_seed(seed)
         points = model.prior_points(n_draws, gen)
-        f = est.concentrations(est.batch.select([0] * n_draws), points)[:, obs]
-        sdev = torch.sqrt(error.variance(f, sd))
+        copies = est.batch.select([0] * n_draws)
+        full = est.concentrations(copies, points)
+        f = full[:, obs]
+        sdev = torch.sqrt(model.residual_variance(copies, points, full)[:, obs])
         draws = f + sdev * torch.randn(f.shape, generator=gen, dtype=f.dtype)
         hi = torch.quantile(draws, 0.9995, 0) * 1.2
         lo = torch.quantile(draws, 0.0005, 0) / 1.2

@@ -89,6 +89,7 @@ def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, see
     prob = est.problem
     oinv = torch.linalg.inv(model.omega.tensor())
     sd = model.sigma.sd_tensors()
+    theta = model.theta.tensors()
 
     def log_post(draws):
         m = draws.shape[0]
@@ -96,7 +97,7 @@ def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, see
         if pm.error.ltbs:   # the likelihood is on the log scale (prob.y holds log DV)
             f = torch.log(f.clamp(min=1e-30))
         obs = prob.obs[[index] * m]
-        v = pm.error.variance(f, sd)
+        v = pm.residual_variance(theta, draws, prob.batch.select([index] * m), f, sd)
         v = torch.where(obs, v, torch.ones_like(v))
         r = torch.where(obs, prob.y[[index] * m] - f, torch.zeros_like(f))
         data = torch.where(obs, r * r / v + torch.log(v), torch.zeros_like(v)).sum(1)

@@ -114,9 +114,10 @@ class Problem:
         from ..errors import DatasetError
 
         with torch.no_grad():
-            f = self.predict({k: v.detach() for k, v in theta.items()},
-                             torch.zeros(self.batch.n_subjects, self.pm.n_eta, dtype=torch.float64))
-            v = self.pm.error.variance(f, {k: t.detach() for k, t in sd.items()})
+            theta = {k: v.detach() for k, v in theta.items()}
+            zero = torch.zeros(self.batch.n_subjects, self.pm.n_eta, dtype=torch.float64)
+            f = self.predict(theta, zero)
+            v = self.pm.residual_variance(theta, zero, self.batch, f, {k: t.detach() for k, t in sd.items()})
         bad = self.obs & ~(v > 0)
         if bool(bad.any()):
             message = ("the model predicts 0 here (before the first dose, or at the time of an oral dose or the "
@@ -144,10 +145,7 @@ class Problem:
         n_points, n, k = points.shape
         if not self.stencil:
             return torch.stack([self.predict(theta, points[i]) for i in range(n_points)])
-        if n_points not in self._stacked:
-            idx = torch.arange(n).repeat(n_points)
-            self._stacked[n_points] = (self.batch.select(idx), idx.to(self.batch.time.device))
-        batch, groups = self._stacked[n_points]
+        batch, groups = self._copies(n_points)
         p = self.pm.parameters(theta, points.reshape(n_points * n, k), batch)
         try:
             f = simulate(self.pm.structural, p, batch, method=self.method, rtol=self.rtol, atol=self.atol,
@@ -156,17 +154,31 @@ class Problem:
             return torch.stack([self.predict(theta, points[i]) for i in range(n_points)])
         return self._transform(f.reshape(n_points, n, -1))
 
-    def variance_at(self, theta, f):
-        """The prediction the residual variance is evaluated at: ``f`` itself with interaction, else the
-        population prediction f(theta, eta = 0)."""
-        if self.interaction:
-            return f
-        return self.predict(theta, torch.zeros(f.shape[0], self.pm.n_eta, dtype=f.dtype, device=f.device))
+    def _copies(self, n_points):
+        """(batch of ``n_points`` copies of every subject, the copies' step groups: their subject)."""
+        if n_points not in self._stacked:
+            idx = torch.arange(self.batch.n_subjects).repeat(n_points)
+            self._stacked[n_points] = (self.batch.select(idx), idx.to(self.batch.time.device))
+        return self._stacked[n_points]
 
-    def residual_terms(self, f, sd, f_var=None):
-        """(-2 log-likelihood terms of each record without the constant (N, R), the residual variances), the
-        variance taken at ``f_var`` (default ``f``)."""
-        v = self.pm.error.variance(f if f_var is None else f_var, sd)
+    def variance(self, theta, eta, f, sd):
+        """The residual variance the estimation method uses (N, R), or (P, N, R) for P ETA points (P, N, K):
+        with interaction (FOCE-I, LAPLACE-I) at the prediction ``f`` and its ETAs; without (FOCE, LAPLACE) at
+        ETA = 0, the population prediction f(theta, 0) (Wang 2007)."""
+        pm = self.pm
+        if not self.interaction:
+            zero = torch.zeros(self.batch.n_subjects, pm.n_eta, dtype=f.dtype, device=f.device)
+            return pm.residual_variance(theta, zero, self.batch, self.predict(theta, zero), sd).expand_as(f)
+        if f.dim() == 3:
+            n_points, n, r = f.shape
+            batch = self._copies(n_points)[0] if pm.error.kind == "general" else None
+            return pm.residual_variance(theta, eta.reshape(n_points * n, -1), batch, f.reshape(n_points * n, r),
+                                        sd).reshape(f.shape)
+        return pm.residual_variance(theta, eta, self.batch, f, sd)
+
+    def residual_terms(self, f, v):
+        """(-2 log-likelihood terms of each record without the constant (N, R), the residual variances) at the
+        predictions ``f`` with residual variances ``v`` (:meth:`variance`)."""
         v = torch.where(self.obs | self.cens, v, torch.ones_like(v))
         r = torch.where(self.obs, self.y - f, torch.zeros_like(f))
         data = torch.where(self.obs, r * r / v + torch.log(v), torch.zeros_like(v))
@@ -179,15 +191,14 @@ class Problem:
     def objective(self, theta, omega_inv, sd, eta):
         """obj_i (N,) at eta (N, K)."""
         f = self.predict(theta, eta)
-        data, _ = self.residual_terms(f, sd, self.variance_at(theta, f))
+        data, _ = self.residual_terms(f, self.variance(theta, eta, f, sd))
         prior = torch.einsum("nk,kl,nl->n", eta, omega_inv, eta)
         return data.sum(1) + prior
 
     def objective_points(self, theta, omega_inv, sd, points):
         """obj_i (P, N) at P ETA points (P, N, K), predicted in one call (:meth:`predict_points`)."""
         f = self.predict_points(theta, points)
-        f_var = f if self.interaction else self.variance_at(theta, f[0]).expand_as(f)
-        data, _ = self.residual_terms(f, sd, f_var)
+        data, _ = self.residual_terms(f, self.variance(theta, points, f, sd))
         return data.sum(-1) + torch.einsum("pnk,kl,pnl->pn", points, omega_inv, points)
 
     def stencil_derivatives(self, theta, omega_inv, sd, eta, step=STENCIL_STEP):
@@ -212,28 +223,37 @@ class Problem:
             hess[:, i, j] = hess[:, j, i] = (pp - pm - mp + mm) / (4 * step ** 2)
         return o[0], grad, hess
 
-    def jacobian(self, theta, eta, f0=None, step=JACOBIAN_STEP):
+    def jacobian(self, theta, eta, f0=None, step=JACOBIAN_STEP, sd=None):
         """g = df/deta (N, R, K) by central differences (differentiable with respect to theta and eta); the 2K
-        points are solved in one call (:meth:`predict_points`)."""
+        points are solved in one call (:meth:`predict_points`). With ``sd``: (g, dV/deta (N, R, K)), the total
+        derivative of the residual variance (:meth:`variance`) by the same differences."""
         k = eta.shape[1]
         unit = torch.eye(k, dtype=eta.dtype, device=eta.device) * step
         pts = torch.stack([eta + sign * unit[i] for i in range(k) for sign in (1.0, -1.0)])
         f = self.predict_points(theta, pts)
-        return torch.stack([(f[2 * i] - f[2 * i + 1]) / (2 * step) for i in range(k)], -1)
+        g = torch.stack([(f[2 * i] - f[2 * i + 1]) / (2 * step) for i in range(k)], -1)
+        if sd is None:
+            return g
+        v = self.variance(theta, pts, f, sd)
+        return g, torch.stack([(v[2 * i] - v[2 * i + 1]) / (2 * step) for i in range(k)], -1)
 
     def fo_hessian(self, theta, omega_inv, sd, eta, f=None, g=None):
         """Half the first-order Hessian of obj_i: OMEGA^-1 + sum_j (g g'/V + 1/2 h h'/V^2) (N, K, K)."""
         if f is None:
             f = self.predict(theta, eta)
-        if g is None:
+        general = self.pm.error.kind == "general" and self.interaction
+        if general:     # V reads the ETAs beyond f (e.g. ETA on EPS): dV/deta by differences
+            g, h = self.jacobian(theta, eta, sd=sd)
+        elif g is None:
             g = self.jacobian(theta, eta)
-        v = self.pm.error.variance(self.variance_at(theta, f), sd)
+        v = self.variance(theta, eta, f, sd)
         m = (self.obs | self.cens).to(f.dtype)
         v = torch.where(m > 0, v, torch.ones_like(v))
-        dv = torch.zeros_like(f)
-        if "PROP" in sd and not self.pm.error.ltbs and self.interaction:
-            dv = 2 * sd["PROP"] ** 2 * f
-        h = dv.unsqueeze(-1) * g
+        if not general:
+            dv = torch.zeros_like(f)
+            if "PROP" in sd and not self.pm.error.ltbs and self.interaction:
+                dv = 2 * sd["PROP"] ** 2 * f
+            h = dv.unsqueeze(-1) * g
         w1 = (m / v).unsqueeze(-1).unsqueeze(-1)
         w2 = (0.5 * m / (v * v)).unsqueeze(-1).unsqueeze(-1)
         gg = g.unsqueeze(-1) * g.unsqueeze(-2)
@@ -372,13 +392,13 @@ class Problem:
         else:
             eta = eta_hat
         f = self.predict(theta, eta)
-        data, _ = self.residual_terms(f, sd, self.variance_at(theta, f))
+        data, _ = self.residual_terms(f, self.variance(theta, eta, f, sd))
         prior = torch.einsum("nk,kl,nl->n", eta, omega_inv, eta)
         ofv_i = data.sum(1) + prior
         if k:
             h = self.laplace_hessian(theta, omega_inv, sd, eta) if self.laplace else None
             if h is None:
-                h = self.fo_hessian(theta, omega_inv, sd, eta, f=f, g=self.jacobian(theta, eta))
+                h = self.fo_hessian(theta, omega_inv, sd, eta, f=f)
             ofv_i = ofv_i + torch.logdet(omega) + torch.logdet(h)
         return ofv_i if per_subject else ofv_i.sum()
 
@@ -412,7 +432,7 @@ class Problem:
         zero = torch.zeros(n, k, dtype=self.y.dtype, device=self.y.device)
         f0 = self.predict(theta, zero)
         m = self.obs.to(f0.dtype)
-        v = torch.where(self.obs, self.pm.error.variance(f0, sd), torch.ones_like(f0))
+        v = torch.where(self.obs, self.pm.residual_variance(theta, zero, self.batch, f0, sd), torch.ones_like(f0))
         r = torch.where(self.obs, self.y - f0, torch.zeros_like(f0))
         cov = torch.diag_embed(v)
         if k:

@@ -357,18 +357,17 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
     if fsym in factor.free_symbols or (factor != 1 and not any_scale) or prediction == 0:
         raise ModelError(f"{where}: the prediction (Y at EPS = 0) is {prediction}, not F; "
                          "hybridpk fits Y = F + error (transformations such as LOG(F) are not imported yet)")
-    kinds = {}
-    for eps, sig in zip(eps_names, sigma_names):
-        d = sympy.simplify(sympy.diff(y, sympy.Symbol(eps)).subs(zero))
-        if d.free_symbols == set() and float(d) == 1.0:
-            kinds["ADD"] = sig
-        elif sympy.simplify(d - prediction) == 0:
-            kinds["PROP"] = sig
-        else:
-            raise ModelError(f"{where}: Y depends on {eps} through {d}; hybridpk imports additive (F + EPS), "
-                             "proportional (F + F*EPS) and combined error models")
-    if not kinds:
+    derivatives = {eps: sympy.simplify(sympy.diff(y, sympy.Symbol(eps)).subs(zero)) for eps in eps_names}
+    derivatives = {eps: d for eps, d in derivatives.items() if d != 0}
+    if not derivatives:
         raise ModelError(f"{where}: Y has no EPS")
+    kinds = {}
+    for eps, d in derivatives.items():
+        kind = ("ADD" if d.free_symbols == set() and float(d) == 1.0 else
+                "PROP" if sympy.simplify(d - prediction) == 0 else None)
+        if kind is None or kind in kinds:
+            return _general_error(derivatives, fsym, factor, eps_names, sigma_names, params, text, path)
+        kinds[kind] = sigma_names[eps_names.index(eps)]
     kind = "combined" if len(kinds) == 2 else ("additive" if "ADD" in kinds else "proportional")
     inits = {k: math.sqrt(float(params[v].init)) for k, v in kinds.items()}
     sigma_fixed = tuple(k for k, v in kinds.items() if params[v].fix)
@@ -376,6 +375,45 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
     if zero_fixed:
         raise ModelError(f"{_where_fix(text, path)}: {zero_fixed[0]} is 0 FIX; remove that EPS from $ERROR instead")
     return ErrorModel(kind, add=inits.get("ADD", 0.5), prop=inits.get("PROP", 0.1)), kinds, sigma_fixed, factor
+
+
+#: data items a general $ERROR may read besides covariate columns (the record's own fields)
+_ERROR_ITEMS = ("TIME", "DVID", "CMT")
+
+
+def _general_error(derivatives, fsym, factor, eps_names, sigma_names, params, text, path):
+    """A $ERROR whose dY/dEPS is neither 1 nor the prediction (W = SQRT(THETA(4)**2 + THETA(5)**2*IPRED**2)
+    with $SIGMA 1 FIX, ETA on EPS, IF (DVID.EQ.2) ...): NONMEM's general residual variance
+    sum_k SIGMA(k) H_k^2 with H_k = dY/dEPS(k) at EPS = 0 (:class:`ErrorModel` "general"), H written in the
+    prediction F and the THETAs, ETAs and data items it reads. Returns what :func:`_error_model` returns; the
+    data items H reads are in ``ErrorModel.h.reads``."""
+    import sympy
+
+    from ._sympy_torch import compile_expression
+
+    where = _where(text, path, r"\$ERR")
+    pred = sympy.Symbol("F")
+    eps = [e for e in eps_names if e in derivatives]
+    hs = [derivatives[e].xreplace({fsym: pred / factor}) if factor != 1 else derivatives[e] for e in eps]
+    for e, h in zip(eps, hs):
+        if h.has(sympy.core.function.AppliedUndef):
+            raise ModelError(f"{where}: the residual error of {e} reads a compartment amount other than through F "
+                             f"({h}); write it in terms of F or IPRED")
+    names = tuple(f"EPS{eps_names.index(e) + 1}" for e in eps)
+    sigmas = {n: sigma_names[eps_names.index(e)] for n, e in zip(names, eps)}
+    inits = tuple(math.sqrt(float(params[sigmas[n]].init)) for n in names)
+    fixed = tuple(n for n in names if params[sigmas[n]].fix)
+    zero_fixed = [sigmas[n] for n, v in zip(names, inits) if v == 0.0 and n in fixed]
+    if zero_fixed:
+        raise ModelError(f"{_where_fix(text, path)}: {zero_fixed[0]} is 0 FIX; remove that EPS from $ERROR instead")
+    compiled = [compile_expression(h) for h in hs]
+
+    def h_of(env):
+        return [fn(env) for fn in compiled]
+
+    h_of.reads = tuple(sorted({sym.name for h in hs for sym in h.free_symbols} - {"F"}))
+    error = ErrorModel("general", eps=names, sd_init=inits, h=h_of)
+    return error, sigmas, fixed, factor
 
 
 def _unguard(expr, fsym):
@@ -451,7 +489,6 @@ def read_control_stream(path):
         scanned = statements + [(f"DADT({i})", d) for i, d in enumerate(structural.derivative_expressions, 1)]
     items = _data_items(scanned, set(data.columns), set(params.names) | set(eta_names), text, path)
     covs = tuple(c for c in items if c != "TIME")
-    ds = read_nonmem(data, covariates=list(covs))
     if written:
         statements = pk
         scale_name = structural.volume_parameter
@@ -466,6 +503,12 @@ def read_control_stream(path):
         _check_scale(defs, dict(statements), advan, trans, text, path)
     error, kinds, sigma_fixed, factor = _error_model(m, defs, params, eps_names, sigma_names, scale_name, text,
                                                      path, any_scale=written)
+    error_inputs = None
+    if error.kind == "general":
+        error_items, error_inputs = _error_inputs(error, [t.name for t in thetas], eta_names, set(data.columns),
+                                                  text, path)
+        covs += tuple(c for c in error_items if c not in covs)
+    ds = read_nonmem(data, covariates=list(covs))
     run_pk = compile_statements(statements)
     if factor != 1:      # the prediction is A/S times a factor: A over an effective scale S/factor
         of_factor, read_scaled = compile_expression(factor), read
@@ -493,8 +536,31 @@ def read_control_stream(path):
                          error=error, individual=individual, covariates=covs, omega_blocks=blocks,
                          omega_labels=tuple(omega_names), sigma_labels=dict(kinds), sigma_scale="variance",
                          recipe=recipe, omega_fixed=omega_fixed, omega_same=same, sigma_fixed=sigma_fixed,
-                         record_items=items)
+                         record_items=items, error_inputs=error_inputs)
     return pm, ds
+
+
+def _error_inputs(error, theta_names, eta_names, columns: set, text: str, path):
+    """(the covariate columns a general $ERROR reads, a function (theta, eta, batch) -> its environment at every
+    record: THETAs, ETAs (N, 1), those columns and TIME, DVID, CMT (N, R))."""
+    reads = error.h.reads
+    unknown = [r for r in reads if r not in theta_names and r not in eta_names and r not in columns
+               and r not in _ERROR_ITEMS]
+    if unknown:
+        raise ModelError(f"{_line_of(text, path, unknown[0])}: the residual error reads {unknown[0]}, which is "
+                         "neither a THETA, an ETA nor a data item")
+    items = tuple(r for r in reads if r in columns and r not in _ERROR_ITEMS and r not in theta_names)
+
+    def inputs(theta, eta, batch):
+        env = dict(theta)
+        env.update({name: eta[:, k:k + 1] for k, name in enumerate(eta_names)})
+        for c in items:
+            env[c] = batch.cov[..., batch.covariate_names.index(c)]
+        dtype = batch.time.dtype
+        env.update(TIME=batch.time, DVID=batch.dvid.to(dtype), CMT=batch.cmt.to(dtype))
+        return env
+
+    return items, inputs
 
 
 def _model_record(text: str, path) -> list[tuple[str, set]]:

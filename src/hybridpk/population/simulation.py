@@ -8,11 +8,12 @@ import torch
 __all__ = ["replicates", "eta_sampler", "simulate_replicates", "residual_noise"]
 
 
-def residual_noise(error_model, sd: dict, conc, gen):
-    """DV drawn around the concentrations ``conc`` (mg/L) with the residual error: Var = ADD^2 + (PROP C)^2
-    (NONMEM's Y = F + F EPS(1) + EPS(2)), or multiplicative C exp(ADD EPS) for log-transform-both-sides."""
+def residual_noise(error_model, variance, conc, gen):
+    """DV drawn around the concentrations ``conc`` (mg/L) with the residual error of variance ``variance``
+    (same shape; :meth:`PopulationModel.residual_variance`, e.g. ADD^2 + (PROP C)^2 for NONMEM's
+    Y = F + F EPS(1) + EPS(2)): additive, or multiplicative C exp(SD EPS) for log-transform-both-sides."""
     z = torch.randn(conc.shape, generator=gen, dtype=conc.dtype)
-    s = torch.sqrt(error_model.variance(conc, sd))
+    s = torch.sqrt(variance)
     return conc * torch.exp(s * z) if error_model.ltbs else conc + s * z
 
 
@@ -27,18 +28,20 @@ def eta_sampler(fitted):
     return draw
 
 
-def replicates(dataset, covariates, error_model, sd: dict, n: int, seed: int, draw) -> pd.DataFrame:
+def replicates(dataset, covariates, error_model, sd: dict, n: int, seed: int, draw, variance=None) -> pd.DataFrame:
     """REP, ID, TIME, EVID, MDV, IPRED, DV and per-subject columns for every record of ``n`` replicates of
     ``dataset``'s design: ``draw(batch, gen)`` gives each replicate's concentrations (N, R) and its
     per-subject values {column: (N,)} (the ETAs, ...); DV adds the residual error at the observation records
-    (0 elsewhere). Seeded (torch CPU generator)."""
+    (0 elsewhere), of variance ``variance(batch, conc, per_subject)`` (default: the error model's at the
+    concentrations). Seeded (torch CPU generator)."""
     gen = torch.Generator().manual_seed(int(seed))
     batch = dataset.to_batch(covariates=list(covariates))
     df, idx, obs = dataset.to_dataframe(), batch.subject_of_rows(), batch.is_obs
     out = []
     for rep in range(1, int(n) + 1):
         conc, per_subject = draw(batch, gen)
-        dv = torch.where(obs, residual_noise(error_model, sd, conc, gen), torch.zeros_like(conc))
+        v = variance(batch, conc, per_subject) if variance is not None else error_model.variance(conc, sd)
+        dv = torch.where(obs, residual_noise(error_model, v, conc, gen), torch.zeros_like(conc))
         table = pd.DataFrame({"REP": rep, "ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(),
                               "EVID": df.EVID.to_numpy(), "MDV": df.MDV.to_numpy(), "IPRED": batch.to_rows(conc),
                               "DV": batch.to_rows(dv)})
@@ -54,8 +57,14 @@ def simulate_replicates(fitted, dataset, n: int = 1, seed: int = 0) -> pd.DataFr
     pm = fitted.model
     etas = eta_sampler(fitted)
 
+    drawn = {}
+
     def draw(batch, gen):
-        eta = etas(batch.n_subjects, gen)
+        drawn["eta"] = eta = etas(batch.n_subjects, gen)
         return fitted.concentrations(batch, eta), {name: eta[:, j] for j, name in enumerate(pm.etas)}
 
-    return replicates(dataset, pm.covariates, pm.error, fitted.sigma.sd_tensors(), n, seed, draw)
+    def variance(batch, conc, _):
+        return pm.residual_variance(fitted.theta.tensors(), drawn["eta"], batch, conc, sd)
+
+    sd = fitted.sigma.sd_tensors()
+    return replicates(dataset, pm.covariates, pm.error, sd, n, seed, draw, variance)

@@ -36,29 +36,56 @@ class Theta:
 
 @dataclass(frozen=True)
 class ErrorModel:
-    """Residual error: additive (SD in concentration units), proportional (SD as a fraction) or combined.
+    """Residual error: additive (SD in concentration units), proportional (SD as a fraction), combined, or
+    general (a control stream's $ERROR of another form).
 
     Var(DV | IPRED) = ADD^2 + (PROP * IPRED)^2; ``ltbs`` fits log(DV) with an additive error on the log scale.
+
+    "general" is NONMEM's definition for any $ERROR (NONMEM Users Guide I, "the residual variance"): with
+    H_k = dY/dEPS(k) at EPS = 0, Var = sum_k SIGMA(k) H_k^2 (independent EPS). ``eps`` names the EPS (the
+    residual parameters' kinds, e.g. "EPS1"), ``sd_init`` their initial SDs (sqrt SIGMA), and ``h`` computes the
+    H_k (N, R) from an environment: F (the prediction) and whatever else they read (THETAs, ETAs, data items),
+    which :meth:`PopulationModel.residual_variance` provides. W = SQRT(THETA(4)**2 + THETA(5)**2*IPRED**2)
+    with $SIGMA 1 FIX, ETA on EPS (W*EXP(ETA(3))) and error models that differ by DVID are of this kind.
     """
 
     kind: str = "proportional"
     add: float = 0.5
     prop: float = 0.1
     ltbs: bool = False
+    eps: tuple = ()
+    sd_init: tuple = ()
+    h: Callable | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.kind not in ("additive", "proportional", "combined"):
+        if self.kind not in ("additive", "proportional", "combined", "general"):
             raise ModelError(f"error model must be additive, proportional or combined, not {self.kind!r}")
+        if self.kind == "general" and (self.h is None or len(self.eps) != len(self.sd_init) or not self.eps):
+            raise ModelError("a general error model needs its EPS, their initial SDs and H")
 
     @property
     def names(self) -> tuple:
+        if self.kind == "general":
+            return tuple(self.eps)
         return {"additive": ("ADD",), "proportional": ("PROP",), "combined": ("ADD", "PROP")}[self.kind]
 
     def init_values(self) -> dict:
+        if self.kind == "general":
+            return dict(zip(self.eps, self.sd_init))
         return {"ADD": self.add, "PROP": self.prop}
 
-    def variance(self, f, sd: dict):
-        """Residual variance (same shape as f) from SDs {"ADD": ..., "PROP": ...} (tensors)."""
+    def variance(self, f, sd: dict, env: dict | None = None):
+        """Residual variance (same shape as f) from SDs {"ADD": ..., "PROP": ...} (tensors); a general model
+        from SDs {EPS: ...} and ``env`` (what its H read besides F; see :meth:`PopulationModel.residual_variance`)."""
+        if self.kind == "general":
+            if env is None:
+                raise ModelError("this residual error model reads THETAs, ETAs or data items; its variance needs "
+                                 "them (PopulationModel.residual_variance)")
+            hs = self.h({**env, "F": f})
+            v = torch.zeros_like(f)
+            for name, hk in zip(self.eps, hs):
+                v = v + sd[name] ** 2 * hk ** 2
+            return v
         v = torch.zeros_like(f)
         if "ADD" in sd:
             v = v + sd["ADD"] ** 2
@@ -162,6 +189,15 @@ class PopulationModel:
     sigma_fixed: tuple = ()
     record_items: tuple = ()
     covariate_rule: str = "nonmem"
+    #: a general error model's environment: (theta, eta (N, K), batch) -> {name: (N, R) or scalar}
+    error_inputs: Callable | None = field(default=None, repr=False)
+
+    def residual_variance(self, theta, eta, batch, f, sd):
+        """Var(DV) (N, R) at the predictions ``f`` (N, R) of ``batch``'s subjects with ETAs ``eta`` (N, K): the
+        error model's variance, evaluated with the THETAs, ETAs and data items a general $ERROR reads."""
+        if self.error.kind != "general":
+            return self.error.variance(f, sd)
+        return self.error.variance(f, sd, self.error_inputs(theta, eta, batch))
 
     def __post_init__(self):
         if self.sigma_scale not in ("sd", "variance"):

@@ -360,6 +360,16 @@ def _kept(score, folder: Path):
     return kept
 
 
+def require_hybrid_error(pm) -> None:
+    """Refuse a residual error model the hybrid's training does not evaluate (a general $ERROR)."""
+    if pm.error.kind == "general":
+        from ..errors import ModelError
+
+        raise ModelError("the hybrid takes additive, proportional or combined residual errors; this model's $ERROR "
+                         "has a residual SD that reads THETAs, ETAs or data items (NONMEM's general form), which the "
+                         "hybrid's training does not evaluate yet")
+
+
 def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
                progress: bool = True, population: FittedPopulation | None = None,
                checkpoint_dir=None) -> HybridFit:
@@ -376,6 +386,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     :func:`train_vae`), so that an interrupted call repeated with the same arguments ends with the result of an
     uninterrupted one.
     """
+    require_hybrid_error(pm)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fit = population or fit_population(pm, dataset, seed=seed, progress=progress,
                                        checkpoint=ck / "foce.json" if ck is not None else None)

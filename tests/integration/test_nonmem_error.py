@@ -1,0 +1,172 @@
+"""$ERROR as NONMEM users write it beyond Y = F + F*EPS(1) + EPS(2): the residual SD as THETAs with
+$SIGMA 1 FIX (W = SQRT(THETA(4)**2 + THETA(5)**2*IPRED**2)), ETA on EPS, an SD that depends on a data item,
+two additive EPS. NONMEM's residual variance for any $ERROR is sum_k SIGMA(k) H_k^2 with H_k = dY/dEPS(k) at
+EPS = 0; checked against the native combined model and against an independent FOCE-I objective written here
+in numpy/scipy (Wang 2007: h = dV/deta taken as a total derivative, through f and directly)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import minimize
+
+import hybridpk as hp
+from hybridpk.errors import ModelError
+from hybridpk.population import build_model
+from hybridpk.population.nonmem import read_control_stream
+from tests.integration.test_nonmem_import import _ofv
+
+HEAD = """$PROBLEM theophylline
+$INPUT ID TIME DV AMT EVID MDV CMT WT
+$DATA theoph.csv IGNORE=@
+$SUBROUTINE ADVAN2 TRANS2
+$PK
+KA = THETA(1)*EXP(ETA(1))
+CL = THETA(2)*EXP(ETA(2))
+V = THETA(3)*EXP(ETA(3))
+S2 = V
+"""
+THETAS = """$THETA (0, 1.5) ; POP_KA
+$THETA (0, 2.8) ; POP_CL
+$THETA (0, 32) ; POP_V
+$THETA (0, 0.3) ; RUV_ADD
+$THETA (0, 0.1) ; RUV_PROP
+$OMEGA 0.4
+$OMEGA 0.07
+$OMEGA 0.02
+"""
+W_FORM = HEAD + """$ERROR
+IPRED = F
+W = SQRT(THETA(4)**2 + THETA(5)**2*IPRED**2)
+Y = IPRED + W*EPS(1)
+""" + THETAS + "$SIGMA 1 FIX\n$ESTIMATION METHOD=1 INTERACTION\n"
+
+#: ETA on EPS (Karlsson's IIV on the residual error) and an SD twice as large before 2 h (a data item)
+ETA_ON_EPS = HEAD + """$ERROR
+IPRED = F
+W = SQRT(THETA(4)**2 + THETA(5)**2*IPRED**2)
+IF (TIME.LT.2) W = 2*W
+Y = IPRED + W*EXP(ETA(4))*EPS(1)
+""" + THETAS + "$OMEGA 0.09\n$SIGMA 1 FIX\n$ESTIMATION METHOD=1 INTERACTION\n"
+
+VALUES = {"POP_KA": 1.5, "POP_CL": 2.8, "POP_V": 32.0, "RUV_ADD": 0.3, "RUV_PROP": 0.1}
+
+
+def _read(tmp_path, theoph_path, text):
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    (tmp_path / "run.mod").write_text(text)
+    return read_control_stream(tmp_path / "run.mod")
+
+
+def _subjects(theoph_path):
+    df = pd.read_csv(theoph_path)
+    out = []
+    for _, rows in df.groupby("ID", sort=False):
+        obs = rows[rows.MDV == 0]
+        out.append((float(rows.AMT.max()), obs.TIME.to_numpy(float), obs.DV.to_numpy(float)))
+    return out
+
+
+def _conc(dose, t, theta, eta):
+    ka, cl, v = theta[0] * np.exp(eta[0]), theta[1] * np.exp(eta[1]), theta[2] * np.exp(eta[2])
+    k = cl / v
+    return dose * ka / (v * (ka - k)) * (np.exp(-k * t) - np.exp(-ka * t))
+
+
+def independent_ofv(subjects, theta, omega, variance):
+    """FOCE-I with a residual variance ``variance(f, eta, t)`` that may read the ETAs and the time."""
+    k = omega.shape[0]
+    oinv, total = np.linalg.inv(omega), 0.0
+    for dose, t, y in subjects:
+        def obj(eta):
+            f = _conc(dose, t, theta, eta)
+            v = variance(f, eta, t)
+            return np.sum((y - f) ** 2 / v + np.log(v)) + eta @ oinv @ eta
+
+        eta = minimize(obj, np.zeros(k), method="BFGS", options={"gtol": 1e-10}).x
+        f = _conc(dose, t, theta, eta)
+        v = variance(f, eta, t)
+        step = 1e-6
+        g = np.stack([(_conc(dose, t, theta, eta + step * e) - _conc(dose, t, theta, eta - step * e)) / (2 * step)
+                      for e in np.eye(k)], 1)
+        h = np.stack([(variance(_conc(dose, t, theta, eta + step * e), eta + step * e, t)
+                       - variance(_conc(dose, t, theta, eta - step * e), eta - step * e, t)) / (2 * step)
+                      for e in np.eye(k)], 1)
+        m = oinv + (g.T / v) @ g + 0.5 * (h.T / v ** 2) @ h
+        total += obj(eta) + np.linalg.slogdet(omega)[1] + np.linalg.slogdet(m)[1]
+    return total
+
+
+def test_residual_sds_written_as_thetas_with_sigma_1_fix_are_the_combined_error(tmp_path, theoph_path):
+    pm, ds = _read(tmp_path, theoph_path, W_FORM)
+    assert pm.error.kind == "general" and pm.sigma_fixed == ("EPS1",)
+    a = _ofv(pm, ds, VALUES, [0.4, 0.07, 0.02], {"EPS1": 1.0})
+    native = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined", data=hp.read_nonmem(theoph_path))
+    b = _ofv(native, hp.read_nonmem(theoph_path), {"KA": 1.5, "CL": 2.8, "V": 32.0}, [0.4, 0.07, 0.02],
+             {"ADD": 0.3, "PROP": 0.1})
+    assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_the_w_form_fits_to_the_combined_models_minimum(tmp_path, theoph_path):
+    pm, ds = _read(tmp_path, theoph_path, W_FORM)
+    ours = hp.fit_population(pm, ds, progress=False, pooled_start=False, covariance=False)
+    native = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined", data=hp.read_nonmem(theoph_path))
+    ref = hp.fit_population(native, hp.read_nonmem(theoph_path), progress=False, covariance=False)
+    assert ours.estimation.ofv == pytest.approx(ref.estimation.ofv, abs=1e-3)
+    assert abs(ours.theta["RUV_PROP"].value) == pytest.approx(ref.sigma["PROP"].sd, rel=1e-2)
+    assert ours.sigma["EPS1"].variance == 1.0                                   # FIX
+    pred = ours.predict(ds).table
+    assert np.isfinite(pred.loc[pred.MDV == 0, "IPRED"]).all()
+
+
+def test_eta_on_eps_and_an_sd_read_from_a_data_item_agree_with_an_independent_focei(tmp_path, theoph_path):
+    pm, ds = _read(tmp_path, theoph_path, ETA_ON_EPS)
+    assert pm.error.kind == "general" and pm.n_eta == 4
+    omega = np.diag([0.4, 0.07, 0.02, 0.09])
+    ours = _ofv(pm, ds, VALUES, list(np.diag(omega)), {"EPS1": 1.0})
+
+    def variance(f, eta, t):
+        w = np.sqrt(0.3 ** 2 + 0.1 ** 2 * f ** 2) * np.where(t < 2, 2.0, 1.0)
+        return (w * np.exp(eta[3])) ** 2
+
+    theirs = independent_ofv(_subjects(theoph_path), (1.5, 2.8, 32.0), omega, variance)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_two_additive_eps_add_their_variances(tmp_path, theoph_path):
+    """Y = F + EPS(1) + EPS(2) used to keep one of them silently; their variances add."""
+    text = HEAD + "$ERROR\nY = F + EPS(1) + EPS(2)\n" + THETAS.split("$THETA (0, 0.3)")[0] + \
+        "$OMEGA 0.4\n$OMEGA 0.07\n$OMEGA 0.02\n$SIGMA 0.2\n$SIGMA 0.3\n"
+    pm, ds = _read(tmp_path, theoph_path, text)
+    theta = {k: v for k, v in VALUES.items() if k.startswith("POP")}
+    a = _ofv(pm, ds, theta, [0.4, 0.07, 0.02], {"EPS1": math.sqrt(0.2), "EPS2": math.sqrt(0.3)})
+    native = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive", data=hp.read_nonmem(theoph_path))
+    b = _ofv(native, hp.read_nonmem(theoph_path), {"KA": 1.5, "CL": 2.8, "V": 32.0}, [0.4, 0.07, 0.02],
+             {"ADD": math.sqrt(0.5)})
+    assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_a_general_error_model_doses_simulates_and_refuses_the_hybrid_up_front(tmp_path, theoph_path, capsys):
+    from hybridpk.cli import main
+
+    pm, ds = _read(tmp_path, theoph_path, ETA_ON_EPS)
+    df = pd.read_csv(theoph_path)
+    df[df.ID == 1].to_csv(tmp_path / "patient.csv", index=False)
+    assert main(["map", str(tmp_path / "run.mod"), str(tmp_path / "patient.csv"), "--out",
+                 str(tmp_path / "fc.csv")]) == 0, capsys.readouterr().err
+    fc = pd.read_csv(tmp_path / "fc.csv")
+    assert (fc.PI90_HIGH >= fc.CI90_HIGH - 1e-9).all() and np.isfinite(fc.PI90_HIGH).all()
+    fitted = hp.load_model(tmp_path / "run.mod")
+    sims = fitted.simulate(ds, n=2, seed=1)
+    assert np.isfinite(sims.DV).all() and (sims.DV != sims.IPRED).any()
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path / "run.mod"), "--hybrid", "vae", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "hybrid takes additive, proportional or combined" in err and not (tmp_path / "run").exists()
+    with pytest.raises(ModelError, match="hybrid"):
+        hp.fit_hybrid(pm, ds)
