@@ -126,3 +126,21 @@ def test_the_ebe_search_stops_each_subject_at_its_mode_without_spinning():
     assert calls["n"] < 400, calls
     obj = prob.objective(theta, oinv, sd, eta)
     assert torch.isfinite(obj).all() and bool((obj <= prob.objective(theta, oinv, sd, zero) + 1e-9).all())
+
+
+def test_gauss_newton_derivatives_match_the_first_order_hessian_and_the_stencil_gradient():
+    """The EBE search's cheap steps (2K + 1 solves): obj_i and its gradient as the full stencil gives them, and
+    the Hessian 2 (OMEGA^-1 + sum g g'/V + 1/2 h h'/V^2) as fo_hessian computes it."""
+    prob, pack = _problem()
+    theta, om, sd = _at(pack)
+    td, sdd = {k: v.detach() for k, v in theta.items()}, {k: v.detach() for k, v in sd.items()}
+    oinv = torch.linalg.inv(om).detach()
+    eta = 0.2 * torch.randn(prob.batch.n_subjects, prob.pm.n_eta, generator=torch.Generator().manual_seed(2),
+                            dtype=torch.float64)
+    obj, grad, hess = prob.gauss_newton_derivatives(td, oinv, sdd, eta)
+    obj_s, grad_s, _ = prob.stencil_derivatives(td, oinv, sdd, eta)
+    with torch.no_grad():
+        fo = 2 * prob.fo_hessian(td, oinv, sdd, eta)
+    assert torch.allclose(obj, obj_s, rtol=1e-12)
+    assert float((grad - grad_s).abs().max()) < 1e-9 * float(grad_s.abs().max())
+    assert float((hess - fo).abs().max()) < 1e-5 * float(fo.abs().max())

@@ -48,6 +48,9 @@ STENCIL_STEP = 1e-4
 JACOBIAN_STEP = 1e-5
 #: an EBE search stops a subject after this many accepted steps in a row that did not lower obj_i (Problem.ebe)
 STALL_STEPS = 3
+#: ODE-solved models' EBE search takes Gauss-Newton steps (2K + 1 solves) until every step is below this, then
+#: Newton steps with the stencil's exact Hessian (1 + 2K^2 solves) for the quadratic end game
+GAUSS_NEWTON_UNTIL = 1e-2
 
 #: the estimation methods (NONMEM's names): $ESTIMATION METHOD=1 INTERACTION, METHOD=1, METHOD=0,
 #: METHOD=1 LAPLACE INTERACTION, METHOD=1 LAPLACE
@@ -276,6 +279,28 @@ class Problem:
             self.fallback_steps += int(bad.sum())
         return step
 
+    def gauss_newton_derivatives(self, theta, omega_inv, sd, eta, step=STENCIL_STEP):
+        """obj_i (N,), its gradient (N, K) by central differences and the first-order (Gauss-Newton, expected
+        information) Hessian 2 (OMEGA^-1 + sum_j g g'/V + 1/2 h h'/V^2) (N, K, K), from the 1 + 2K points eta,
+        eta +- h e_i solved together (ODE-solved models' cheap EBE steps far from the mode; no graph)."""
+        n, k = eta.shape
+        unit = torch.eye(k, dtype=eta.dtype, device=eta.device) * step
+        pts = torch.stack([eta] + [eta + sign * unit[i] for i in range(k) for sign in (1.0, -1.0)])
+        with torch.no_grad():
+            f = self.predict_points(theta, pts)
+            v = self.variance(theta, pts, f, sd)
+            data, _ = self.residual_terms(f, v)
+            o = data.sum(-1) + torch.einsum("pnk,kl,pnl->pn", pts, omega_inv, pts)
+            grad = ((o[1::2] - o[2::2]) / (2 * step)).T                              # (N, K)
+            g = ((f[1::2] - f[2::2]) / (2 * step)).permute(1, 2, 0)                  # (N, R, K)
+            h = ((v[1::2] - v[2::2]) / (2 * step)).permute(1, 2, 0)
+            m = (self.obs | self.cens).to(f.dtype)
+            v0 = torch.where(m > 0, v[0], torch.ones_like(v[0]))
+            w1 = (m / v0).unsqueeze(-1).unsqueeze(-1)
+            w2 = (0.5 * m / (v0 * v0)).unsqueeze(-1).unsqueeze(-1)
+            info = (w1 * g.unsqueeze(-1) * g.unsqueeze(-2) + w2 * h.unsqueeze(-1) * h.unsqueeze(-2)).sum(1)
+        return o[0], grad, 2 * (omega_inv + info)
+
     def exact_hessian(self, theta, omega_inv, sd, eta):
         """obj_i, its gradient (N, K) and exact Hessian (N, K, K) at eta (K double-backward passes; ODE-solved
         models: the stencil, :meth:`stencil_derivatives`)."""
@@ -306,8 +331,12 @@ class Problem:
         active = torch.ones(n, dtype=torch.bool, device=eta.device)
         steepest = torch.zeros(n, dtype=torch.bool, device=eta.device)   # Newton failed last time: the gradient
         stalled = torch.zeros(n, dtype=torch.long, device=eta.device)    # accepted steps in a row without progress
+        far = True                # ODE-solved models: Gauss-Newton steps until the steps are small
         for _ in range(max_iter):
-            obj, grad, hess = self.exact_hessian(theta, omega_inv, sd, eta)
+            if self.stencil and far:
+                obj, grad, hess = self.gauss_newton_derivatives(theta, omega_inv, sd, eta)
+            else:
+                obj, grad, hess = self.exact_hessian(theta, omega_inv, sd, eta)
             with torch.no_grad():
                 pd_ok = torch.linalg.cholesky_ex(hess).info == 0
                 if not bool(pd_ok.all()):
@@ -321,10 +350,12 @@ class Problem:
                 active = active & (step.abs().amax(-1) >= tol)
                 if not bool(active.any()):
                     break
+                far = far and float(step[active].abs().max()) > GAUSS_NEWTON_UNTIL
                 eta, todo, new = self._backtrack(theta, omega_inv, sd, eta, step, obj, active.clone())
                 flat = active & ~todo & (obj - new <= 1e-12 * (1 + obj.abs()))
                 stalled = torch.where(flat, stalled + 1, torch.zeros_like(stalled))
-                active = active & ~(todo & steepest) & (stalled < STALL_STEPS)   # at its mode (see above)
+                tiny = todo & (step.abs().amax(-1) < 1e-6)      # not even a step of rounding size lowers obj_i
+                active = active & ~(todo & steepest) & ~tiny & (stalled < STALL_STEPS)   # at its mode (see above)
                 steepest = todo & ~steepest
         return eta.detach()
 
@@ -337,29 +368,33 @@ class Problem:
         alpha = torch.ones(eta.shape[0], dtype=eta.dtype, device=eta.device)
         value = cur.clone()
         start = eta
+        size = step.abs().amax(-1)
+        trying = todo.clone()     # subjects still halving: not accepted, and their move above 1e-12
         done = 0
-        while done < halvings and bool(todo.any()):
+        while done < halvings and bool(trying.any()):
             if self.stencil and done > 0:
                 m = min(chunk, halvings - done)
                 scale = 0.5 ** torch.arange(m, dtype=eta.dtype, device=eta.device)          # (M,)
                 trials = start - (scale[:, None] * alpha[None, :]).unsqueeze(-1) * step     # (M, N, K)
                 new = self.objective_points(theta, omega_inv, sd, trials)                   # (M, N)
-                ok = todo & torch.isfinite(new) & (new <= cur + tol)
+                ok = trying & torch.isfinite(new) & (new <= cur + tol)
                 first = torch.where(ok.any(0), ok.to(torch.int8).argmax(0), torch.zeros_like(alpha).long())
                 hit = ok.any(0)
                 eta = torch.where(hit.unsqueeze(-1), trials[first, torch.arange(eta.shape[0])], eta)
                 value = torch.where(hit, new[first, torch.arange(eta.shape[0])], value)
-                todo = todo & ~hit
-                alpha = torch.where(todo, alpha * 0.5 ** m, alpha)
+                todo, trying = todo & ~hit, trying & ~hit
+                alpha = torch.where(trying, alpha * 0.5 ** m, alpha)
+                trying = trying & (alpha * size > 1e-12)
                 done += m
                 continue
             trial = start - alpha.unsqueeze(-1) * step
             new = self.objective(theta, omega_inv, sd, trial)
-            accept = todo & torch.isfinite(new) & (new <= cur + tol)
+            accept = trying & torch.isfinite(new) & (new <= cur + tol)
             eta = torch.where(accept.unsqueeze(-1), trial, eta)
             value = torch.where(accept, new, value)
-            todo = todo & ~accept
-            alpha = torch.where(todo, alpha * 0.5, alpha)
+            todo, trying = todo & ~accept, trying & ~accept
+            alpha = torch.where(trying, alpha * 0.5, alpha)
+            trying = trying & (alpha * size > 1e-12)
             done += 1
         return eta, todo, value
 
