@@ -140,6 +140,34 @@ def test_pheno_reproduces_nonmems_published_run(pharmpy_examples):
     assert res.sigma["SIGMA"].se == pytest.approx(se["SIGMA(1,1)"], rel=1e-2)
 
 
+def test_pheno_linear_reproduces_nonmems_published_run(pharmpy_examples, tmp_path):
+    """pharmpy's bundled pheno_linear run: a $PRED model (PsN's linearisation of pheno: IPRED = OPRED +
+    D_ETA (ETA - OETA) from data items, no THETA) whose residual SD reads the ETAs and data items (NONMEM's
+    general form H = dY/dEPS), fitted by FOCE-I. The initial OFV (iteration 0) and the final row of
+    pheno_linear.ext: OFV within 0.01, OMEGA and SIGMA within 0.1%."""
+    import warnings
+
+    import pandas as pd
+
+    ext = pd.read_csv(pharmpy_examples / "pheno_linear.ext", sep=r"\s+", skiprows=1).set_index("ITERATION")
+    final, start = ext.loc[-1000000000], ext.loc[0]
+    pm, ds = read_control_stream(pharmpy_examples / "pheno_linear.mod")
+    assert pm.structural.name == "PRED" and pm.error.kind == "general" and not pm.thetas
+    assert ds.n_observations == 155                                        # IGNORE(MDV.NEN.0) applied
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = fit_population(pm, ds, progress=False, evaluate=True, covariance=False)
+        res = fit_population(pm, ds, progress=False)
+    assert first.estimation.ofv == pytest.approx(start["OBJ"], abs=1e-4)
+    assert res.estimation.ofv == pytest.approx(final["OBJ"], abs=0.01)
+    assert res.omega["ETA_1"].variance == pytest.approx(final["OMEGA(1,1)"], rel=1e-3)
+    assert res.omega["ETA_2"].variance == pytest.approx(final["OMEGA(2,2)"], rel=1e-3)
+    assert res.sigma["EPS1"].variance == pytest.approx(final["SIGMA(1,1)"], rel=1e-3)
+    table, df = res.predict(ds).table, ds.to_dataframe()
+    expected = df.OPRED - df.D_ETA1 * df.OETA1 - df.D_ETA2 * df.OETA2        # the $PRED at ETA = 0
+    assert table.PRED.to_numpy() == pytest.approx(expected.to_numpy(), rel=1e-12)
+
+
 def test_a_control_stream_serves_as_a_dosing_prior(tmp_path, theoph_path, capsys):
     """'hybridpk map RUN.mod patient.csv': the control stream at its $THETA/$OMEGA/$SIGMA (a run's final
     estimates) is the prior; the patient's MAP equals the native model's at the same values, and a covariate
@@ -167,3 +195,19 @@ def test_a_control_stream_serves_as_a_dosing_prior(tmp_path, theoph_path, capsys
     assert main(["map", str(tmp_path / "run.mod"), str(tmp_path / "heavy.csv")]) == 0
     out = capsys.readouterr().out
     assert "MAP estimates" in out and "WT" in out and "150" in out
+
+
+def test_a_pred_model_is_refused_where_it_cannot_answer(pharmpy_examples, tmp_path, capsys):
+    """$PRED predicts only its own records: dosing and the hybrid refuse it by name, before any work."""
+    from hybridpk.cli import main
+
+    for f in ("pheno_linear.mod", "pheno_linear.dta"):
+        shutil.copy(pharmpy_examples / f, tmp_path / f)
+    pd.read_csv(pharmpy_examples / "pheno.dta", sep=r"\s+", skiprows=1,
+                names=["ID", "TIME", "AMT", "WGT", "APGR", "DV", "FA1", "FA2"]).query("ID == 1").to_csv(
+        tmp_path / "patient.csv", index=False)
+    assert main(["map", str(tmp_path / "pheno_linear.mod"), str(tmp_path / "patient.csv")]) == 2
+    assert "$PRED model" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "pheno_linear.mod"), "--hybrid", "vae", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 2
+    assert "$PRED" in capsys.readouterr().err and not (tmp_path / "run").exists()

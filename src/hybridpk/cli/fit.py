@@ -158,10 +158,10 @@ def run(args) -> int:
     from hybridpk.errors import Interrupted
 
     pm, ds = _model_and_data(args)
-    if args.hybrid == "vae" and pm.error.kind == "general":   # before the population fit, not after it
-        from hybridpk.residual.hybrid import require_hybrid_error
+    if args.hybrid == "vae":   # before the population fit, not after it
+        from hybridpk.residual.hybrid import require_hybrid_support
 
-        require_hybrid_error(pm)
+        require_hybrid_support(pm)
     out = Path(args.out)
     ck = out / "checkpoint"
     if not args.resume and ck.exists():

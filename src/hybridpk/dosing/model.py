@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import HybridPKError
 from ..population import FittedPopulation, load_model
 from ..population.estimates import IndividualEstimates, importance_resample, posterior_draws
 from ..residual import HybridFit, load_run
@@ -125,6 +126,10 @@ class PopulationDosing(DosingModel):
     draws by :func:`posterior_draws`."""
 
     def __init__(self, fitted: FittedPopulation):
+        if getattr(fitted.model.structural, "given_per_record", False):
+            raise HybridPKError(f"{fitted.name}: a $PRED model gives its predictions at its own data records (from "
+                                "their data items), with no doses or compartments; it cannot forecast a patient or "
+                                "try a regimen")
         self.fitted = self.population = fitted
         self.linear = bool(fitted.model.structural.linear)
 

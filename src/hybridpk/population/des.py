@@ -1,5 +1,6 @@
 """The structural model of a control stream that writes its own differential equations: ``$DES`` with
-ADVAN6, 8, 13 or 14, and the general linear ADVAN5/7 (rate constants K<i><j> in $PK), as pharmpy reads them.
+ADVAN6, 8, 13 or 14, and the general linear ADVAN5/7 (rate constants K<i><j> in $PK), as pharmpy reads them;
+and :class:`PredModel`, a $PRED control stream's prediction written directly at every record.
 
 NONMEM numbers the compartments in the order of ``$MODEL``; doses go to the DEFDOSE compartment (else the
 first), observations to the DEFOBS compartment (else the first), and F = A(obs) / S<obs> (S defaults to 1;
@@ -152,3 +153,22 @@ def is_linear(derivatives, statements, amounts) -> bool:
         if sympy.simplify(d.subs({s: 0 for s in syms})) != 0:
             return False
     return True
+
+
+class PredModel(CompartmentModel):
+    """NONMEM's $PRED: no compartments and no dosing; the prediction (Y at EPS = 0) is computed at every record
+    from its data items, THETAs and ETAs, and given to the solver as the per-record parameter ``IPRED``
+    (:func:`hybridpk.solve.simulate` returns it as it is)."""
+
+    given_per_record = True
+    prediction_parameter = "IPRED"
+    compartments = ("PRED",)
+    bioavailability = None
+    lag = None
+
+    def __init__(self, name: str, description: str):
+        self.name, self.description = name, description
+        self.parameters = (Parameter("IPRED", "", -math.inf, math.inf, "the $PRED prediction at each record", 0.0),)
+
+    def rhs(self, t, a, p, rate, ctx=None):
+        raise NotImplementedError("a $PRED model has no differential equations")

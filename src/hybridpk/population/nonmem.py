@@ -1,15 +1,19 @@
-"""Import a NONMEM control stream (ADVAN1-4, 11, 12 with the TRANS NONMEM allows) through pharmpy-core, and
-write the final estimates back (:func:`write_control_stream`).
+"""Import a NONMEM control stream through pharmpy-core, and write the final estimates back
+(:func:`write_control_stream`). Structures: ADVAN1-4, 11, 12 with the TRANS NONMEM allows; $DES with ADVAN6, 8,
+13 or 14 and the general linear ADVAN5/7 (:mod:`.des`); $PRED (the prediction written at every record).
 
 The $PK statements are evaluated as they are (THETA/ETA/data-item arithmetic and IF blocks) at every record
 with that record's data items, as NONMEM does (a record's values hold over the interval it ends; see
-:meth:`PopulationModel.parameters`); the ADVAN and TRANS select the structural model and how its parameters are
-read (NONMEM help: ADVANn, TRANSn; the scale S1/S2 defaults to 1). $OMEGA blocks, SAME (inter-occasion
-variability) and FIX are kept; the $ERROR model is recognised symbolically from Y (on F, IPRED or the central
-amount): Y at EPS = 0 must be F and dY/dEPS 1 or F (additive, proportional or combined). $ESTIMATION selects
-FOCE-I, FOCE, FO or Laplace, MAXEVAL=0 evaluation, and $COVARIANCE the standard errors. Whatever would be
-carried out otherwise than written is refused with the construct and its line. Parameter names are pharmpy's
-(e.g. POP_CL, IIV_CL, SIGMA). Requires ``hybridpk[nonmem]``.
+:meth:`PopulationModel.parameters`), compiled once (:mod:`._sympy_torch`); the ADVAN and TRANS select the
+structural model and how its parameters are read (NONMEM help: ADVANn, TRANSn; the scale S1/S2 defaults to 1).
+$OMEGA blocks, SAME (inter-occasion variability) and FIX are kept. The $ERROR model is read symbolically from Y
+(on F, IPRED or the observed amount): Y at EPS = 0 must be the prediction, and the residual variance is
+NONMEM's sum_k SIGMA(k) (dY/dEPS(k))^2 at EPS = 0: additive, proportional or combined where those derivatives
+are 1 or the prediction, else the general form, whose derivatives may read THETAs, ETAs and data items (THETA
+SDs with $SIGMA 1 FIX, ETA on EPS). $ESTIMATION selects FOCE-I, FOCE, FO or Laplace, MAXEVAL=0 evaluation, and
+$COVARIANCE the standard errors. Whatever would be carried out otherwise than written is refused with the
+construct and its line. Parameter names are pharmpy's (e.g. POP_CL, IIV_CL, SIGMA). Requires
+``hybridpk[nonmem]``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from ..errors import HybridPKError, ModelError
 from ..models import get_model
 from ._sympy_torch import compile_expression, compile_statements
-from .des import TIME_SYMBOL, LinearStatementModel, StatementModel, is_linear
+from .des import TIME_SYMBOL, LinearStatementModel, PredModel, StatementModel, is_linear
 from .spec import ErrorModel, PopulationModel, Theta
 
 # records named in messages (regular expressions for _where)
@@ -357,6 +361,15 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
     if fsym in factor.free_symbols or (factor != 1 and not any_scale) or prediction == 0:
         raise ModelError(f"{where}: the prediction (Y at EPS = 0) is {prediction}, not F; "
                          "hybridpk fits Y = F + error (transformations such as LOG(F) are not imported yet)")
+    return _classify_error(y, prediction, fsym, factor, eps_names, sigma_names, params, where, text, path)
+
+
+def _classify_error(y, prediction, fsym, factor, eps_names, sigma_names, params, where, text, path):
+    """The error model of Y (prediction + EPS terms): additive, proportional or combined where each dY/dEPS at
+    EPS = 0 is 1 or the prediction, else NONMEM's general form (:func:`_general_error`)."""
+    import sympy
+
+    zero = {sympy.Symbol(e): 0 for e in eps_names}
     derivatives = {eps: sympy.simplify(sympy.diff(y, sympy.Symbol(eps)).subs(zero)) for eps in eps_names}
     derivatives = {eps: d for eps, d in derivatives.items() if d != 0}
     if not derivatives:
@@ -443,14 +456,16 @@ def read_control_stream(path):
     text = path.read_text()
     sub = re.search(r"ADVAN(\d+)", text)
     tr = re.search(r"TRANS(\d+)", text)
-    if not sub:
-        raise ModelError(f"{path}: no $SUBROUTINE ADVANn found; hybridpk imports {_SUPPORTED}")
-    advan, trans = int(sub.group(1)), int(tr.group(1)) if tr else 1
+    pred = not sub and re.search(r"^\s*\$PRED\b", text, flags=re.M | re.I) is not None
+    if not sub and not pred:
+        raise ModelError(f"{path}: no $SUBROUTINE ADVANn and no $PRED found; hybridpk imports {_SUPPORTED} and "
+                         "$PRED")
+    advan, trans = (int(sub.group(1)), int(tr.group(1)) if tr else 1) if sub else (0, 0)
     written = advan in _DES_ADVANS + _LINEAR_ADVANS
-    if advan not in _ADVAN and not written:
+    if advan not in _ADVAN and not written and not pred:
         raise ModelError(f"{_where(text, path, r'[$]SUB')}: ADVAN{advan} is not supported; hybridpk imports "
                          f"{_SUPPORTED}")
-    if not written and trans not in _TRANS[advan]:
+    if not written and not pred and trans not in _TRANS[advan]:
         raise ModelError(f"{_where(text, path, r'[$]SUB')}: ADVAN{advan} TRANS{trans} is not a NONMEM combination "
                          f"(ADVAN{advan} takes TRANS{', TRANS'.join(str(t) for t in _TRANS[advan])})")
     oral = advan in (2, 4, 12)
@@ -483,6 +498,14 @@ def read_control_stream(path):
     data = m.dataset.copy()
     drops = [c.name for c in m.datainfo if c.drop]
     data = data.drop(columns=[c for c in drops if c in data.columns])
+    recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
+              "estimation": estimation, "covariance": _covariance_step(text),
+              **({"evaluate": True} if evaluation_only else {})}
+    common = dict(thetas=thetas, etas=tuple(eta_names), omega_init=omega_init, omega_blocks=blocks,
+                  omega_labels=tuple(omega_names), sigma_scale="variance", recipe=recipe, omega_fixed=omega_fixed,
+                  omega_same=same)
+    if pred:
+        return _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path)
     scanned = statements
     if written:     # the equations are the control stream's own; their data items are read per record too
         pk, structural, read = _written_system(m, statements, comps, advan, text, path)
@@ -508,6 +531,7 @@ def read_control_stream(path):
         error_items, error_inputs = _error_inputs(error, [t.name for t in thetas], eta_names, set(data.columns),
                                                   text, path)
         covs += tuple(c for c in error_items if c not in covs)
+        items += tuple(c for c in error_items if c not in items)      # read at every record
     ds = read_nonmem(data, covariates=list(covs))
     run_pk = compile_statements(statements)
     if factor != 1:      # the prediction is A/S times a factor: A over an effective scale S/factor
@@ -529,14 +553,54 @@ def read_control_stream(path):
         return {k: torch.as_tensor(v, dtype=eta.dtype).expand(n) if not torch.is_tensor(v) or v.dim() == 0 else v
                 for k, v in p.items()}
 
-    recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
-              "estimation": estimation, "covariance": _covariance_step(text),
-              **({"evaluate": True} if evaluation_only else {})}
-    pm = PopulationModel(structural=structural, thetas=thetas, etas=tuple(eta_names), omega_init=omega_init,
-                         error=error, individual=individual, covariates=covs, omega_blocks=blocks,
-                         omega_labels=tuple(omega_names), sigma_labels=dict(kinds), sigma_scale="variance",
-                         recipe=recipe, omega_fixed=omega_fixed, omega_same=same, sigma_fixed=sigma_fixed,
-                         record_items=items, error_inputs=error_inputs)
+    pm = PopulationModel(structural=structural, error=error, individual=individual, covariates=covs,
+                         sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=items,
+                         error_inputs=error_inputs, **common)
+    return pm, ds
+
+
+def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path):
+    """(PopulationModel, Dataset) of a $PRED control stream: the prediction Y at EPS = 0, computed at every
+    record from its data items, THETAs and ETAs (:class:`PredModel`), and the error model of Y."""
+    import sympy
+
+    from ..data.dataset import read_nonmem
+
+    where = _where(text, path, r"\$PRED")
+    items = _data_items(statements, set(data.columns), set(params.names) | set(eta_names) | set(eps_names), text,
+                        path)
+    defs = _definitions(statements)
+    if "Y" not in defs:
+        raise ModelError(f"{where}: $PRED does not define Y")
+    y = defs["Y"]
+    if y.has(sympy.core.function.AppliedUndef):
+        raise ModelError(f"{where}: Y reads a compartment amount; $PRED has no compartments")
+    prediction = sympy.simplify(y.subs({sympy.Symbol(e): 0 for e in eps_names}))
+    error, kinds, sigma_fixed, _ = _classify_error(y, prediction, sympy.Symbol("F"), sympy.Integer(1), eps_names,
+                                                   sigma_names, params, where, text, path)
+    reads = {sym.name for sym in prediction.free_symbols}
+    record_items = tuple(c for c in items if c in reads) or ("TIME",)   # evaluated at every record
+    covs = tuple(c for c in record_items if c != "TIME")
+    error_inputs = None
+    if error.kind == "general":
+        error_items, error_inputs = _error_inputs(error, [t.name for t in common["thetas"]], eta_names,
+                                                  set(data.columns), text, path)
+        covs += tuple(c for c in error_items if c not in covs)
+        record_items += tuple(c for c in error_items if c not in record_items)
+    ds = read_nonmem(data, covariates=list(covs))
+    of_prediction = compile_expression(prediction)
+
+    def individual(theta, eta, cov):
+        env = dict(theta)
+        env.update({name: eta[:, k:k + 1] for k, name in enumerate(eta_names)})
+        env.update(cov)
+        value = torch.as_tensor(of_prediction(env), dtype=eta.dtype)
+        return {"IPRED": value if value.dim() else value.expand(eta.shape[0])}
+
+    structural = PredModel("PRED", f"$PRED of {Path(path).name}")
+    pm = PopulationModel(structural=structural, error=error, individual=individual, covariates=covs,
+                         sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=record_items,
+                         error_inputs=error_inputs, **common)
     return pm, ds
 
 

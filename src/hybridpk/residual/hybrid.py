@@ -360,8 +360,14 @@ def _kept(score, folder: Path):
     return kept
 
 
-def require_hybrid_error(pm) -> None:
-    """Refuse a residual error model the hybrid's training does not evaluate (a general $ERROR)."""
+def require_hybrid_support(pm) -> None:
+    """Refuse a model the hybrid does not extend: a $PRED model (no compartments, no doses to drive a
+    correction) and a residual error model its training does not evaluate (a general $ERROR)."""
+    from ..errors import ModelError
+
+    if getattr(pm.structural, "given_per_record", False):
+        raise ModelError("the hybrid extends compartmental models; a $PRED model gives its predictions record by "
+                         "record, with no doses or compartments for the correction to act on")
     if pm.error.kind == "general":
         from ..errors import ModelError
 
@@ -386,7 +392,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     :func:`train_vae`), so that an interrupted call repeated with the same arguments ends with the result of an
     uninterrupted one.
     """
-    require_hybrid_error(pm)
+    require_hybrid_support(pm)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fit = population or fit_population(pm, dataset, seed=seed, progress=progress,
                                        checkpoint=ck / "foce.json" if ck is not None else None)

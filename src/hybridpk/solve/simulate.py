@@ -185,9 +185,12 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
         method = "closed_form" if (model.linear and not return_amounts and exact) else "ode"
     if method not in ("closed_form", "ode"):
         raise ModelError(f"method must be 'auto', 'closed_form' or 'ode', not {method!r}")
-    if method == "closed_form" and not model.linear:
+    if getattr(model, "given_per_record", False):   # NONMEM's $PRED: nothing to solve, whatever the method
+        method = "closed_form"
+    if method == "closed_form" and not model.linear and not getattr(model, "given_per_record", False):
         raise ModelError(f"model {model.name} is nonlinear and has no closed form; use method='ode'")
-    if method == "closed_form" and varying and not closed_form.constant_between_resets(p, batch):
+    if method == "closed_form" and varying and not getattr(model, "given_per_record", False) \
+            and not closed_form.constant_between_resets(p, batch):
         raise ModelError(f"parameter(s) {', '.join(varying)} change between records without a reset, which the "
                          "closed form (one set of parameters from each reset on) cannot follow; use method='auto' "
                          "or 'ode'")
@@ -207,7 +210,11 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
         p = fixed
     failures = {batch.ids[i]: why for i, why in bad.items()}
     amounts = None
-    if method == "closed_form":
+    if getattr(model, "given_per_record", False):   # NONMEM's $PRED: the prediction is the parameter itself
+        if return_amounts:
+            raise ModelError(f"model {model.name} predicts records directly ($PRED): it has no amounts")
+        ipred = p[model.prediction_parameter].expand(batch.time.shape)
+    elif method == "closed_form":
         ipred = closed_form.concentration(model, p, batch)
     else:
         try:
