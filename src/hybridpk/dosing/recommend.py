@@ -131,9 +131,11 @@ def _candidate(tgt, dose, tau, m_map: float, m, ess: float) -> dict:
     error sqrt(p (1 - p) / ESS)."""
     pta = float(np.mean((m >= tgt.low) & (m <= tgt.high)))
     se = math.sqrt(pta * (1 - pta) / ess) if math.isfinite(ess) and ess > 0 else None
+    # draws whose exposure is infinite (no elimination): the quantiles are draws, not interpolations (inf - inf)
+    how = "linear" if np.isfinite(m).all() else "closest_observation"
+    p05, median, p95 = (float(np.quantile(m, q, method=how)) for q in (0.05, 0.5, 0.95))
     return {"dose_mg": dose, "interval_h": tau, "pta": pta, "pta_mc_se": se,
-            "map_exposure": float(m_map), "median": float(np.median(m)),
-            "p05": float(np.quantile(m, 0.05)), "p95": float(np.quantile(m, 0.95))}
+            "map_exposure": float(m_map), "median": median, "p05": p05, "p95": p95}
 
 
 def _allowed_doses(raw: float, limits) -> list:
