@@ -18,7 +18,7 @@ from scipy.integrate import solve_ivp
 from scipy.linalg import expm
 
 import hybridpk as hp
-from hybridpk.errors import ModelError
+from hybridpk.errors import DatasetError, ModelError
 from hybridpk.population import build_model
 from hybridpk.population.focei import Problem
 from hybridpk.population.nonmem import read_control_stream
@@ -257,3 +257,80 @@ def test_the_cli_fits_a_des_control_stream_with_default_options(tmp_path, theoph
         capsys.readouterr().err
     pred = pd.read_csv(tmp_path / "run" / "predictions.csv")
     assert np.isfinite(pred.loc[pred.MDV == 0, "IPRED"]).all()
+
+
+PARENT_METABOLITE = HEAD.replace("WT\n", "WT\n") + """$SUBROUTINE ADVAN5
+$MODEL COMP=(DEPOT DEFDOSE) COMP=(CENTRAL DEFOBS) COMP=(META)
+$PK
+KA = THETA(1)*EXP(ETA(1))
+CL = THETA(2)*EXP(ETA(2))
+V = THETA(3)*EXP(ETA(3))
+VM = THETA(4)
+K12 = KA
+K23 = 0.4*CL/V
+K20 = 0.6*CL/V
+K30 = THETA(5)
+S2 = V
+S3 = VM
+$ERROR
+IPRED = F
+W = THETA(6)*IPRED
+IF (CMT.EQ.3) W = THETA(7)*IPRED
+Y = IPRED + W*EPS(1)
+$THETA (0, 1.5) (0, 2.8) (0, 32) (0, 20) (0, 0.2) (0, 0.1) (0, 0.2)
+$OMEGA 0.4
+$OMEGA 0.07
+$OMEGA 0.02
+$SIGMA 1 FIX
+"""
+
+
+def _with_metabolite(theoph_path, tmp_path):
+    """theophylline with each level also 'measured' as a metabolite (CMT 3) at the same time."""
+    df = pd.read_csv(theoph_path)
+    meta = df[df.EVID == 0].assign(CMT=3, DV=lambda d: 0.5 * d.DV + 0.1)
+    out = pd.concat([df, meta]).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable")
+    out.to_csv(tmp_path / "theoph.csv", index=False)
+    return out
+
+
+def test_records_observe_the_compartment_their_cmt_names(tmp_path, theoph_path):
+    """NONMEM's F = A(CMT)/S<CMT>: parent (CMT 2) and metabolite (CMT 3) levels of one model, each with its own
+    proportional error (W read from CMT), against the matrix exponential."""
+    df = _with_metabolite(theoph_path, tmp_path)
+    (tmp_path / "run.mod").write_text(PARENT_METABOLITE)
+    pm, ds = read_control_stream(tmp_path / "run.mod")
+    assert pm.structural.observes_compartments and pm.error.kind == "general"
+    values = [1.5, 2.8, 32.0, 20.0, 0.2, 0.1, 0.2]
+    ipred, _ = _predictions(pm, ds, values)
+    ka, cl, v, vm, k30 = values[:5]
+    k = np.array([[-ka, 0, 0], [ka, -cl / v, 0], [0, 0.4 * cl / v, -k30]])
+    rows = ds.to_dataframe()
+    for i, (_, rec) in enumerate(rows.groupby("ID", sort=False)):
+        rec = rec.reset_index(drop=True)
+        dose = np.array([rec.AMT.max(), 0.0, 0.0])
+        for j, r in rec.iterrows():
+            if r.EVID == 0:
+                a = expm(k * r.TIME) @ dose
+                ref = a[1] / v if r.CMT == 2 else a[2] / vm
+                assert float(ipred[i, j]) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    prob = Problem(pm, ds)
+    th = _thetas(pm, values)
+    zero = torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64)
+    var = prob.variance(th, zero, ipred, {"EPS1": torch.tensor(1.0, dtype=torch.float64)})
+    cmt = prob.batch.cmt
+    expected = torch.where(cmt == 3, (0.2 * ipred) ** 2, (0.1 * ipred) ** 2)
+    assert torch.allclose(torch.where(prob.obs, var, expected), expected, rtol=1e-12)
+
+
+def test_a_prediction_written_on_one_amount_does_not_observe_other_compartments(tmp_path, theoph_path):
+    """IPRED = A(2)/V is the parent whatever the record's CMT (as in NONMEM): metabolite records are refused
+    by row instead of being predicted as the parent."""
+    _with_metabolite(theoph_path, tmp_path)
+    text = PARENT_METABOLITE.replace("IPRED = F\n", "IPRED = A(2)/V\n")
+    (tmp_path / "run.mod").write_text(text)
+    pm, ds = read_control_stream(tmp_path / "run.mod")
+    assert not pm.structural.observes_compartments
+    with pytest.raises(DatasetError, match="compartment 3 \\(META\\)"):
+        Problem(pm, ds).predict(_thetas(pm, [1.5, 2.8, 32.0, 20.0, 0.2, 0.1, 0.2]),
+                                torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64))

@@ -87,8 +87,15 @@ class CompartmentModel:
         """Amounts at time 0 and after a reset (N, S); zeros unless the model has a baseline (TMDD target)."""
         return like.new_zeros(like.shape[0], self.n_states)
 
-    def observe(self, a, p: dict):
-        """Concentration in the observed compartment (amount/L) from amounts ``a`` (..., S)."""
+    #: models whose records may observe any compartment (CMT on the record; NONMEM's F = A(CMT)/S<CMT>) set
+    #: this and take ``cmt`` in :meth:`observe`; the others observe ``obs_cmt`` only
+    observes_compartments: bool = False
+    #: models whose error model tells observation kinds (DVID) apart
+    reads_dvid: bool = False
+
+    def observe(self, a, p: dict, cmt=None):
+        """Concentration in the observed compartment (amount/L) from amounts ``a`` (..., S); ``cmt`` (N,) the
+        records' compartments, for models that observe any (:attr:`observes_compartments`)."""
         return a[..., self.obs_cmt - 1] / p[self.volume_parameter]
 
     volume_parameter: str = "V"

@@ -128,7 +128,7 @@ class TMDDQSS(_TMDD):
         b = ctot - rtot - kss
         return 0.5 * (b + torch.sqrt(b * b + 4.0 * kss * ctot))
 
-    def observe(self, a, p):
+    def observe(self, a, p, cmt=None):
         return self.free(a[..., 0] / p["V"], a[..., 2], p["KSS"])
 
     def rhs(self, t, a, p, rate, ctx=None):

@@ -58,17 +58,30 @@ class StatementModel(CompartmentModel):
         self.dose_cmt, self.obs_cmt = dose_cmt, obs_cmt
         self.volume_parameter = f"S{obs_cmt}"
         self.inputs = tuple(inputs)
-        self.parameters = tuple(_input(n) for n in self.inputs) + (
-            F, ALAG, Parameter(self.volume_parameter, "L", 0.0, math.inf,
-                               "scale of the observed compartment (F = A/S; NONMEM's default 1)", 1.0))
+        self.scales = tuple(f"S{k}" for k in range(1, len(self.compartments) + 1))
+        self.parameters = tuple(_input(n) for n in self.inputs) + (F, ALAG) + tuple(
+            Parameter(s, "L", 0.0, math.inf, f"scale of compartment {k} (F = A/S; NONMEM's default 1)", 1.0)
+            for k, s in enumerate(self.scales, 1))
         self.derivative_expressions = tuple(derivatives)
         thresholds, on_segment = _time_thresholds(statements, derivatives)
         self._statements = compile_statements([(n, e.xreplace(on_segment)) for n, e in statements])
         self._derivatives = [compile_expression(d.xreplace(on_segment)) for d in derivatives]
         self._thresholds = [compile_expression(x) for x in thresholds]
 
+    #: an observation record predicts A(CMT)/S<CMT> (CMT 0: the DEFOBS compartment), unless the importer finds
+    #: the prediction written on one compartment's amount
+    observes_compartments = True
+
     def _has_default(self, name: str) -> bool:
-        return name in ("F", "ALAG", self.volume_parameter)
+        return name in ("F", "ALAG") or name in self.scales
+
+    def observe(self, a, p, cmt=None):
+        if cmt is None:
+            return a[..., self.obs_cmt - 1] / p[self.volume_parameter]
+        k = (torch.where(cmt > 0, cmt, torch.full_like(cmt, self.obs_cmt)) - 1).clamp(0, self.n_states - 1)
+        amount = a.gather(-1, k.unsqueeze(-1)).squeeze(-1)
+        scales = torch.stack([torch.as_tensor(p[s], dtype=a.dtype).expand(a.shape[0]) for s in self.scales], -1)
+        return amount / scales.gather(-1, k.unsqueeze(-1)).squeeze(-1)
 
     def switch_times(self, p: dict, t_end):
         """The times at which an IF on T in $DES switches (``T.GT.12``, ``T.GE.TLAG`` with TLAG from $PK), so that

@@ -177,6 +177,12 @@ def _naive_pooled(prob, pack, x0):
 #: flat objective (a parameter running to its bound, e.g. a transit model's NN -> 0 on data without a delay, or
 #: an ODE model's solver noise in the gradient) BFGS otherwise crawls to maxiter (hours for ODE models)
 STALL_ITERATIONS, STALL_OFV = 10, 1e-4
+#: a BFGS trial point further than this (max over the estimated parameters, on the estimation scale: log THETA,
+#: OMEGA's Cholesky factors, log SDs) from the last iterate is not evaluated; it reads as an OFV above the best
+#: one, and the line search steps back. A BFGS update from poorly informed curvature can otherwise propose
+#: absurd values (seen: V 64 -> 0.013 L, an OMEGA of 7e5, on the EHC data with the transit model), where an
+#: ODE model takes minutes per solve; 2 allows a 7-fold change of a THETA per iteration
+TRUST_STEP = 2.0
 
 
 def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxiter: int = 300,
@@ -246,6 +252,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     elif pooled_start:
         x0 = _naive_pooled(prob, pack, x0)
     bar = Progress(maxiter, estimation, "it", enabled=progress, initial=state["iter"])
+    state["x"] = np.array(x0, dtype=float)       # the last iterate (TRUST_STEP)
     conditional = estimation != "FO"          # FO's OFV needs no EBEs
 
     def evaluate_at(xv, need_grad=True):
@@ -264,6 +271,9 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         return float(ofv.detach()), None, eta
 
     def fun(xv):
+        far = float(np.abs(xv - state["x"]).max()) - TRUST_STEP
+        if far > 0 and math.isfinite(state["best"]):
+            return state["best"] + 1e3 * (1.0 + far), np.zeros_like(xv)
         ofv, g, eta = evaluate_at(xv)
         if math.isfinite(ofv) and ofv < state["best"]:
             state["best"] = ofv
@@ -274,6 +284,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 
     def cb(xk):
         state["iter"] += 1
+        state["x"] = np.array(xk, dtype=float)
         bar.update(1, OFV=f"{state['best']:.4f}")
         if checkpoint:
             _write_checkpoint(checkpoint, key, xk, state)

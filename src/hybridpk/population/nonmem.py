@@ -534,6 +534,9 @@ def read_control_stream(path):
         items += tuple(c for c in error_items if c not in items)      # read at every record
     ds = read_nonmem(data, covariates=list(covs))
     run_pk = compile_statements(statements)
+    if written:   # F = A(CMT)/S<CMT> on every record, unless $ERROR writes the prediction on one amount
+        structural.observes_compartments = factor == 1 and not _error_reads_amounts(m)
+        structural.reads_dvid = error.kind == "general" and "DVID" in error.h.reads
     if factor != 1:      # the prediction is A/S times a factor: A over an effective scale S/factor
         of_factor, read_scaled = compile_expression(factor), read
 
@@ -627,6 +630,14 @@ def _error_inputs(error, theta_names, eta_names, columns: set, text: str, path):
     return items, inputs
 
 
+def _error_reads_amounts(m) -> bool:
+    """Whether $ERROR writes the prediction on a compartment's amount (IPRED = A(2)/V) rather than on F."""
+    import sympy
+
+    return any(str(st.symbol) != "F" and sympy.sympify(st.expression).atoms(sympy.core.function.AppliedUndef)
+               for st in m.statements.after_odes if hasattr(st, "symbol"))
+
+
 def _model_record(text: str, path) -> list[tuple[str, set]]:
     """The compartments of $MODEL in order (NONMEM's CMT numbers): [(name, attributes such as DEFDOSE)]."""
     code = "\n".join(line.split(";", 1)[0] for line in text.splitlines())
@@ -701,7 +712,8 @@ def _written_system(m, statements, comps, advan: int, text: str, path):
 
     def read(env):
         p = {name: env[name] for name in inputs}
-        for ours, theirs in (("F", f"F{dose}"), ("ALAG", f"ALAG{dose}"), (scale, scale)):
+        p.update({s: env[s] if env.get(s) is not None else 1.0 for s in structural.scales})
+        for ours, theirs in (("F", f"F{dose}"), ("ALAG", f"ALAG{dose}")):
             if env.get(theirs) is not None:
                 p[ours] = env[theirs]
         return p

@@ -255,7 +255,8 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
         m_rec = ok & (kind == RECORD)
         if m_rec.any():
             sel = torch.nn.functional.one_hot(idx.clamp(max=r - 1), r).to(dtype) * m_rec.to(dtype).unsqueeze(-1)
-            c = model.observe(a, p_at(idx.clamp(max=r - 1)))
+            rec = idx.clamp(max=r - 1)
+            c = model.observe(a, p_at(rec), batch.cmt[ar, rec] if model.observes_compartments else None)
             st.rec_c = st.rec_c + sel * torch.where(m_rec, c, torch.zeros_like(c)).unsqueeze(-1)
             if return_amounts:
                 st.rec_a = st.rec_a + sel.unsqueeze(-1) * a.unsqueeze(1)

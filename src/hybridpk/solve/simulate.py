@@ -120,7 +120,15 @@ def require_observable(model, batch) -> None:
     from ..errors import DatasetError, Violation
 
     obs = batch.is_obs & batch.record_mask
-    other = obs & (batch.cmt != 0) & (batch.cmt != model.obs_cmt)
+    if model.observes_compartments:
+        other = obs & ((batch.cmt < 0) | (batch.cmt > model.n_states))
+    else:
+        other = obs & (batch.cmt != 0) & (batch.cmt != model.obs_cmt)
+    if bool(other.any()) and model.observes_compartments:
+        raise DatasetError(Violation(tuple(int(r) + 1 for r in batch.row[other].tolist()), "CMT",
+                                     f"observations in compartment(s) {sorted({int(c) for c in batch.cmt[other]})}, "
+                                     f"but model {model.name} has compartments 1-{model.n_states} "
+                                     f"({', '.join(model.compartments)})"))
     if bool(other.any()):
         cmts = sorted({int(c) for c in batch.cmt[other].tolist()})
         names = ", ".join(f"{c} ({model.compartments[c - 1]})" if 0 < c <= model.n_states else str(c) for c in cmts)
@@ -128,16 +136,21 @@ def require_observable(model, batch) -> None:
                                      f"observations in compartment {names}, but model {model.name} predicts the "
                                      f"concentration in compartment {model.obs_cmt} "
                                      f"({model.compartments[model.obs_cmt - 1]}); set CMT to {model.obs_cmt} (or 0) "
-                                     "on observations of it, and leave out observations of other compartments: "
-                                     "hybridpk does not observe several compartments yet"))
-    kinds = torch.unique(batch.dvid[obs]) if bool(obs.any()) else batch.dvid[:0]
-    if kinds.numel() > 1:
+                                     "on observations of it, and leave out observations of other compartments (a "
+                                     "control stream with $DES or ADVAN5/7 observes any compartment by CMT)"))
+    if model.reads_dvid or not bool(obs.any()):
+        return
+    cmt = torch.where(batch.cmt > 0, batch.cmt, torch.full_like(batch.cmt, model.obs_cmt))
+    pairs = torch.unique(torch.stack([cmt[obs], batch.dvid[obs]], -1), dim=0)
+    if pairs.shape[0] > torch.unique(pairs[:, 0]).numel():    # one compartment observed as several kinds
+        kinds = torch.unique(batch.dvid[obs])
         minority = obs & (batch.dvid != torch.mode(batch.dvid[obs]).values)
         raise DatasetError(Violation(tuple(int(r) + 1 for r in batch.row[minority].tolist()), "DVID",
                                      f"observations of {kinds.numel()} kinds "
-                                     f"(DVID {', '.join(str(int(k)) for k in kinds)}), but a model predicts one "
-                                     "(one concentration, one error model); keep the "
-                                     "observations of one DVID (MDV=1 or drop the others)"))
+                                     f"(DVID {', '.join(str(int(k)) for k in kinds)}) in one compartment, but the "
+                                     "model predicts one concentration there with one error model; keep the "
+                                     "observations of one DVID (MDV=1 or drop the others), or give each kind its "
+                                     "compartment (CMT) or its error model (a $ERROR that reads DVID)"))
 
 
 def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, atol: float = 1e-10,
