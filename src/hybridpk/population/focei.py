@@ -250,18 +250,21 @@ class Problem:
         elif g is None:
             g = self.jacobian(theta, eta)
         v = self.variance(theta, eta, f, sd)
-        m = (self.obs | self.cens).to(f.dtype)
-        v = torch.where(m > 0, v, torch.ones_like(v))
         if not general:
             dv = torch.zeros_like(f)
             if "PROP" in sd and not self.pm.error.ltbs and self.interaction:
                 dv = 2 * sd["PROP"] ** 2 * f
             h = dv.unsqueeze(-1) * g
+        return omega_inv + self._information(g, h, v)
+
+    def _information(self, g, h, v):
+        """sum over the observed records of g g'/V + 1/2 h h'/V^2 (N, K, K), with g = df/deta and h = dV/deta
+        (N, R, K) and V (N, R)."""
+        m = (self.obs | self.cens).to(v.dtype)
+        v = torch.where(m > 0, v, torch.ones_like(v))
         w1 = (m / v).unsqueeze(-1).unsqueeze(-1)
         w2 = (0.5 * m / (v * v)).unsqueeze(-1).unsqueeze(-1)
-        gg = g.unsqueeze(-1) * g.unsqueeze(-2)
-        hh = h.unsqueeze(-1) * h.unsqueeze(-2)
-        return omega_inv + (w1 * gg + w2 * hh).sum(1)
+        return (w1 * g.unsqueeze(-1) * g.unsqueeze(-2) + w2 * h.unsqueeze(-1) * h.unsqueeze(-2)).sum(1)
 
     # ------------------------------------------------------------------ EBEs
     def _direction(self, hess, grad):
@@ -294,12 +297,7 @@ class Problem:
             grad = ((o[1::2] - o[2::2]) / (2 * step)).T                              # (N, K)
             g = ((f[1::2] - f[2::2]) / (2 * step)).permute(1, 2, 0)                  # (N, R, K)
             h = ((v[1::2] - v[2::2]) / (2 * step)).permute(1, 2, 0)
-            m = (self.obs | self.cens).to(f.dtype)
-            v0 = torch.where(m > 0, v[0], torch.ones_like(v[0]))
-            w1 = (m / v0).unsqueeze(-1).unsqueeze(-1)
-            w2 = (0.5 * m / (v0 * v0)).unsqueeze(-1).unsqueeze(-1)
-            info = (w1 * g.unsqueeze(-1) * g.unsqueeze(-2) + w2 * h.unsqueeze(-1) * h.unsqueeze(-2)).sum(1)
-        return o[0], grad, 2 * (omega_inv + info)
+        return o[0], grad, 2 * (omega_inv + self._information(g, h, v[0]))
 
     def exact_hessian(self, theta, omega_inv, sd, eta):
         """obj_i, its gradient (N, K) and exact Hessian (N, K, K) at eta (K double-backward passes; ODE-solved
