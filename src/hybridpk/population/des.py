@@ -92,10 +92,9 @@ class StatementModel(CompartmentModel):
         env = dict(p)
         like = t_end
         values = [torch.as_tensor(fn(env), dtype=like.dtype, device=like.device) for fn in self._thresholds]
-        if any(v.dim() > 1 for v in values):
-            values = [v for v in values if v.dim() <= 1]
-            if not values:
-                return None
+        values = [v for v in values if v.dim() <= 1]
+        if not values:
+            return None
         return torch.stack([v.expand(like.shape[0]) if v.dim() == 0 else v for v in values], -1)
 
     def rhs(self, t, a, p, rate, ctx=None):
