@@ -236,3 +236,62 @@ def test_forecast_continues_with_a_regimen():
     p = {k: torch.tensor(post.estimate.parameters[k].to_numpy()) for k in ("CL", "V", "Q", "V2")}
     conc = hp.simulate("2cmt_iv", p, b).ipred[0][b.evid[0] == 2]
     np.testing.assert_allclose(on.IPRED_MAP.to_numpy(), conc.numpy(), rtol=1e-10)
+
+
+SPEC_BLOCK_COMBINED1 = """name = "block_combined1"
+structure = "1cmt_oral"
+citation = "test: an OMEGA block and a combined1 error in a spec"
+route = "oral"
+time_varying = "locf"
+
+[typical]
+CL = 3.0
+V = 30.0
+KA = 1.2
+
+[iiv]
+CL = 0.09
+V = 0.04
+KA = 0.2
+
+[iiv_covariance]
+"CL,V" = 0.036          # correlation 0.6
+
+[error]
+kind = "combined1"
+add = 0.3
+prop = 0.15
+"""
+
+
+def test_a_spec_with_an_omega_block_and_combined1_error_gives_the_independent_map(tmp_path):
+    """[iiv_covariance] makes an OMEGA block and kind = "combined1" an SD of add + prop IPRED: the patient's MAP
+    equals an independent optimisation of the exact -2 log posterior with that OMEGA and that variance."""
+    (tmp_path / "spec.toml").write_text(SPEC_BLOCK_COMBINED1)
+    model = load_model(tmp_path / "spec.toml")
+    assert model.omega.block and model.model.error.kind == "combined1" and model.model.covariate_rule == "locf"
+    structure, _, typical, _, doses, levels = CASES["1cmt_oral"]
+    ds = _patient(doses, levels)
+    est = model.estimate(ds)
+    names = ["CL", "V", "KA"]
+    omega = np.array([[0.09, 0.036, 0.0], [0.036, 0.04, 0.0], [0.0, 0.0, 0.2]])
+    oinv = np.linalg.inv(omega)
+    y, times = np.array([v for _, v in levels]), [t for t, _ in levels]
+
+    def objective(eta):
+        p = {k: typical[k] * math.exp(e) for k, e in zip(names, eta)}
+        f = solve_reference(structure, p, doses, times)
+        v = (0.3 + 0.15 * f) ** 2
+        return float(np.sum((y - f) ** 2 / v + np.log(v)) + eta @ oinv @ eta)
+
+    ref = minimize(objective, np.zeros(3), method="Nelder-Mead",
+                   options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000, "maxfev": 40000})
+    for k, e in zip(names, ref.x):
+        assert float(est.parameters[k].iloc[0]) == pytest.approx(typical[k] * math.exp(e), rel=1e-4), k
+    bad = SPEC_BLOCK_COMBINED1.replace('"CL,V" = 0.036', '"CL,Q" = 0.036')
+    (tmp_path / "bad.toml").write_text(bad)
+    with pytest.raises(HybridPKError, match="iiv_covariance.*CL,Q"):
+        load_model(tmp_path / "bad.toml")
+    (tmp_path / "not_pd.toml").write_text(SPEC_BLOCK_COMBINED1.replace("0.036", "0.07"))
+    with pytest.raises(HybridPKError, match="not positive definite"):
+        load_model(tmp_path / "not_pd.toml")

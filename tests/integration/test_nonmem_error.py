@@ -170,3 +170,17 @@ def test_a_general_error_model_doses_simulates_and_refuses_the_hybrid_up_front(t
     assert "hybrid takes additive, proportional or combined" in err and not (tmp_path / "run").exists()
     with pytest.raises(ModelError, match="hybrid"):
         hp.fit_hybrid(pm, ds)
+
+
+def test_combined1_error_agrees_with_an_independent_focei(theoph_path):
+    """SD = ADD + PROP IPRED (Monolix's and posologyr's combined1; build_model(error="combined1"), a spec's
+    kind = "combined1"): the FOCE-I OFV of the independent objective with V = (a + b f)^2."""
+    ds = hp.read_nonmem(theoph_path)
+    pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined1", data=ds)
+    ours = _ofv(pm, ds, {"KA": 1.5, "CL": 2.8, "V": 32.0}, [0.4, 0.07, 0.02], {"ADD": 0.3, "PROP": 0.1})
+    theirs = independent_ofv(_subjects(theoph_path), (1.5, 2.8, 32.0), np.diag([0.4, 0.07, 0.02]),
+                             lambda f, eta, t: (0.3 + 0.1 * f) ** 2)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    combined = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined", data=ds)
+    assert abs(_ofv(combined, ds, {"KA": 1.5, "CL": 2.8, "V": 32.0}, [0.4, 0.07, 0.02],
+                    {"ADD": 0.3, "PROP": 0.1}) - ours) > 1.0       # a different model, not a relabelling

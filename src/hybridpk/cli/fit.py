@@ -98,9 +98,10 @@ def add_parser(sub) -> None:
     p.add_argument("--iiv", metavar="P,P", help="parameters with IIV (default: all estimated parameters)")
     p.add_argument("--covariate", action="append", default=[], metavar="P~COV[:kind[:ref[:exp]]]",
                    help="covariate effect (repeatable)")
-    p.add_argument("--error", choices=["additive", "proportional", "combined"], default=None,
+    p.add_argument("--error", choices=["additive", "proportional", "combined", "combined1"], default=None,
                    help="residual error model: Var = ADD^2 + (PROP IPRED)^2, or one of its two terms (default: "
-                        "combined, which also describes levels where the model predicts ~0, such as pre-dose samples)")
+                        "combined, which also describes levels where the model predicts ~0, such as pre-dose "
+                        "samples); combined1: SD = ADD + PROP IPRED (Monolix/posologyr)")
     p.add_argument("--ltbs", action="store_true",
                    help="log-transform both sides: fit log(DV) with an additive error on the log scale")
     p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30")

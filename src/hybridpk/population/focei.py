@@ -251,9 +251,7 @@ class Problem:
             g = self.jacobian(theta, eta)
         v = self.variance(theta, eta, f, sd)
         if not general:
-            dv = torch.zeros_like(f)
-            if "PROP" in sd and not self.pm.error.ltbs and self.interaction:
-                dv = 2 * sd["PROP"] ** 2 * f
+            dv = self.pm.error.variance_slope(f, sd) if self.interaction else torch.zeros_like(f)
             h = dv.unsqueeze(-1) * g
         return omega_inv + self._information(g, h, v)
 

@@ -36,10 +36,12 @@ class Theta:
 
 @dataclass(frozen=True)
 class ErrorModel:
-    """Residual error: additive (SD in concentration units), proportional (SD as a fraction), combined, or
-    general (a control stream's $ERROR of another form).
+    """Residual error: additive (SD in concentration units), proportional (SD as a fraction), combined,
+    combined1, or general (a control stream's $ERROR of another form).
 
-    Var(DV | IPRED) = ADD^2 + (PROP * IPRED)^2; ``ltbs`` fits log(DV) with an additive error on the log scale.
+    Var(DV | IPRED) = ADD^2 + (PROP * IPRED)^2 (combined; NONMEM's Y = F + F*EPS(1) + EPS(2), Monolix's
+    "combined2"), or (ADD + PROP * IPRED)^2 (combined1: the SDs add, as Monolix and posologyr define
+    "combined1"); ``ltbs`` fits log(DV) with an additive error on the log scale.
 
     "general" is NONMEM's definition for any $ERROR (NONMEM Users Guide I, "the residual variance"): with
     H_k = dY/dEPS(k) at EPS = 0, Var = sum_k SIGMA(k) H_k^2 (independent EPS). ``eps`` names the EPS (the
@@ -58,8 +60,10 @@ class ErrorModel:
     h: Callable | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.kind not in ("additive", "proportional", "combined", "general"):
-            raise ModelError(f"error model must be additive, proportional or combined, not {self.kind!r}")
+        if self.kind not in ("additive", "proportional", "combined", "combined1", "general"):
+            raise ModelError(f"error model must be additive, proportional, combined or combined1, not {self.kind!r}")
+        if self.kind == "combined1" and self.ltbs:
+            raise ModelError("combined1 (SD = ADD + PROP IPRED) has no log-transform-both-sides form; use additive")
         if self.kind == "general" and (self.h is None or len(self.eps) != len(self.sd_init) or not self.eps):
             raise ModelError("a general error model needs its EPS, their initial SDs and H")
 
@@ -67,7 +71,8 @@ class ErrorModel:
     def names(self) -> tuple:
         if self.kind == "general":
             return tuple(self.eps)
-        return {"additive": ("ADD",), "proportional": ("PROP",), "combined": ("ADD", "PROP")}[self.kind]
+        return {"additive": ("ADD",), "proportional": ("PROP",), "combined": ("ADD", "PROP"),
+                "combined1": ("ADD", "PROP")}[self.kind]
 
     def init_values(self) -> dict:
         if self.kind == "general":
@@ -86,12 +91,23 @@ class ErrorModel:
             for name, hk in zip(self.eps, hs):
                 v = v + sd[name] ** 2 * hk ** 2
             return v
+        if self.kind == "combined1":
+            return (sd["ADD"] + sd["PROP"] * f) ** 2
         v = torch.zeros_like(f)
         if "ADD" in sd:
             v = v + sd["ADD"] ** 2
         if "PROP" in sd and not self.ltbs:
             v = v + (sd["PROP"] * f) ** 2
         return v
+
+    def variance_slope(self, f, sd: dict):
+        """dVar/dIPRED at ``f`` (the interaction term of FOCE-I): 2 PROP^2 f, or 2 PROP (ADD + PROP f) for
+        combined1; 0 without a proportional part (and for log-transform-both-sides)."""
+        if "PROP" not in sd or self.ltbs:
+            return torch.zeros_like(f)
+        if self.kind == "combined1":
+            return 2 * sd["PROP"] * (sd["ADD"] + sd["PROP"] * f)
+        return 2 * sd["PROP"] ** 2 * f
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,18 @@
 """Published population models as declarative specs (models/*.toml): loaded into a FittedPopulation, and a
-fit written out as one."""
+fit written out as one.
+
+A spec names its ``structure`` (a library model), ``[typical]`` values, ``[iiv]`` variances of log-normal ETAs,
+optionally ``[iiv_covariance]`` (``"CL,V" = 0.03``: an OMEGA block over the parameters it connects), an
+``[error]`` (additive, proportional, combined: Var = add^2 + (prop IPRED)^2, or combined1: SD = add + prop
+IPRED, as Monolix and posologyr define them), ``[[covariate]]`` effects, ``[defaults]`` for optional
+covariates, ``[population]`` covariate ranges, and ``time_varying`` ("nonmem" or "locf": how a covariate that
+changes within a patient's records acts)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from ..errors import HybridPKError, ModelError
 from .fitted import FittedPopulation
@@ -52,6 +61,8 @@ def _from_toml(path: Path) -> FittedPopulation:
         structure = spec["structure"]
         typical = {k.upper(): float(v) for k, v in spec["typical"].items()}
         iiv = {k.upper(): float(v) for k, v in spec.get("iiv", {}).items()}
+        covariances = _covariances(path, spec.get("iiv_covariance", {}), iiv)
+        time_varying = str(spec.get("time_varying", "nonmem"))
         err = spec.get("error", {})
         effects, coef = [], {}
         for c in spec.get("covariate", []):
@@ -73,10 +84,12 @@ def _from_toml(path: Path) -> FittedPopulation:
     names = [e.theta_name for e in effects]
     if len(set(names)) != len(names):
         raise ModelError(f"model spec {path.name}: two effects of one covariate on one parameter")
+    blocks = _blocks(covariances)
     try:
         pm = build_model(structure, iiv=list(iiv), covariates=effects,
                          error=ErrorModel(err.get("kind", "proportional"), add=float(err.get("add", 0.0)),
-                                          prop=float(err.get("prop", 0.0))), initial=typical)
+                                          prop=float(err.get("prop", 0.0))), initial=typical,
+                         omega_block=blocks or False, time_varying=time_varying)
     except (ModelError, ValueError) as exc:
         raise ModelError(f"model spec {path.name}: {exc}") from None
     missing = [t.name for t in pm.thetas if t.name not in typical and t.name not in coef]
@@ -87,6 +100,13 @@ def _from_toml(path: Path) -> FittedPopulation:
     omega = {e: iiv[e.removeprefix("ETA_")] for e in pm.etas}
     sd = {k: float(err.get(k.lower(), 0.0)) for k in pm.error.names}
     _check_values(path, pm, theta, omega, sd)
+    if covariances:
+        names = [e.removeprefix("ETA_") for e in pm.etas]
+        omega = [[omega[f"ETA_{a}"] if a == b else covariances.get(frozenset((a, b)), 0.0) for b in names]
+                 for a in names]
+        if float(torch.linalg.eigvalsh(torch.tensor(omega, dtype=torch.float64)).min()) <= 0:
+            raise ModelError(f"model spec {path.name}: [iiv] with [iiv_covariance] is not positive definite (a "
+                             "correlation of 1 or more)")
     ranges = {k: (float(v[0]), float(v[1])) for k, v in spec.get("population", {}).items()}
     defaults = {k: float(v) for k, v in spec.get("defaults", {}).items()}
     unknown = sorted(set(defaults) - set(pm.covariates))
@@ -118,6 +138,28 @@ def from_control_stream(path) -> FittedPopulation:
     return FittedPopulation.from_values(pm, theta, omega if pm.n_eta else {}, pm.error.init_values(),
                                         name=path.stem, route=route, ranges=ranges,
                                         citation=f"NONMEM control stream {path.name} at its initial estimates")
+
+
+def _covariances(path: Path, table: dict, iiv: dict) -> dict:
+    """[iiv_covariance] "CL,V" = 0.03: {frozenset of two parameters with IIV: covariance}."""
+    out = {}
+    for key, value in table.items():
+        pair = [p.strip().upper() for p in str(key).split(",")]
+        if len(pair) != 2 or pair[0] == pair[1] or any(p not in iiv for p in pair):
+            raise ModelError(f"model spec {path.name}: [iiv_covariance] {key!r}: name two different parameters with "
+                             f"IIV ({', '.join(iiv) or 'none'}), e.g. \"CL,V\" = 0.03")
+        out[frozenset(pair)] = float(value)
+    return out
+
+
+def _blocks(covariances: dict) -> list:
+    """The OMEGA blocks the covariances connect: groups of parameters, each a connected component."""
+    groups = []
+    for pair in covariances:
+        joined = [g for g in groups if g & pair]
+        merged = set(pair).union(*joined) if joined else set(pair)
+        groups = [g for g in groups if not g & pair] + [merged]
+    return [sorted(g) for g in groups]
 
 
 def _check_values(path: Path, pm, theta: dict, omega: dict, sd: dict) -> None:
