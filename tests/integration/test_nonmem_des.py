@@ -297,7 +297,7 @@ def _with_metabolite(theoph_path, tmp_path):
 def test_records_observe_the_compartment_their_cmt_names(tmp_path, theoph_path):
     """NONMEM's F = A(CMT)/S<CMT>: parent (CMT 2) and metabolite (CMT 3) levels of one model, each with its own
     proportional error (W read from CMT), against the matrix exponential."""
-    df = _with_metabolite(theoph_path, tmp_path)
+    _with_metabolite(theoph_path, tmp_path)
     (tmp_path / "run.mod").write_text(PARENT_METABOLITE)
     pm, ds = read_control_stream(tmp_path / "run.mod")
     assert pm.structural.observes_compartments and pm.error.kind == "general"

@@ -708,7 +708,6 @@ def _written_system(m, statements, comps, advan: int, text: str, path):
     how = "general linear" if advan in _LINEAR_ADVANS else "$DES"
     structural = cls(f"ADVAN{advan}", f"{how} model of {Path(path).name}: {', '.join(names)}", names, amounts,
                      dose, obs, inputs, des, derivatives)
-    scale = structural.volume_parameter
 
     def read(env):
         p = {name: env[name] for name in inputs}
