@@ -22,7 +22,8 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
         ipred = prob.predict(theta, eta)
         obs = prob.obs
         v_i = prob.pm.residual_variance(theta, eta, prob.batch, ipred, sd)
-        iwres = torch.where(obs, (prob.y - ipred) / torch.sqrt(v_i.clamp(min=1e-300)), torch.full_like(ipred, float("nan")))
+        iwres = torch.where(obs, (prob.y - ipred) / torch.sqrt(v_i.clamp(min=1e-300)),
+                            torch.full_like(ipred, float("nan")))
         cwres = torch.full_like(ipred, float("nan"))
         if k:
             g = prob.jacobian(theta, eta)                                   # (N, R, K)
