@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.optimize import minimize
 
 import hybridpk as hp
@@ -184,3 +185,41 @@ def test_combined1_error_agrees_with_an_independent_focei(theoph_path):
     combined = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined", data=ds)
     assert abs(_ofv(combined, ds, {"KA": 1.5, "CL": 2.8, "V": 32.0}, [0.4, 0.07, 0.02],
                     {"ADD": 0.3, "PROP": 0.1}) - ours) > 1.0       # a different model, not a relabelling
+
+
+def test_an_error_model_that_reads_dvid_tells_the_kinds_apart(tmp_path, theoph_path):
+    """Two assays of the same concentration (DVID 1 and 2 in one compartment), the second twice as noisy: the
+    $ERROR reads DVID, so both kinds are accepted, and the OFV is that of the same SD written on TIME (DVID 2
+    are the levels before 2 h). Without DVID in $ERROR the kinds are refused by row."""
+    df = pd.read_csv(theoph_path)
+    df["DVID"] = np.where((df.EVID == 0) & (df.TIME < 2), 2, 1)
+    shutil.copy(theoph_path, tmp_path / "orig.csv")
+    df.to_csv(tmp_path / "theoph.csv", index=False)
+    head = HEAD.replace("$INPUT ID TIME DV AMT EVID MDV CMT WT", "$INPUT ID TIME DV AMT EVID MDV CMT WT DVID")
+    by_dvid = head + """$ERROR
+IPRED = F
+W = SQRT(THETA(4)**2 + THETA(5)**2*IPRED**2)
+IF (DVID.EQ.2) W = 2*W
+Y = IPRED + W*EPS(1)
+""" + THETAS + "$SIGMA 1 FIX\n"
+    by_time = by_dvid.replace("IF (DVID.EQ.2) W = 2*W", "IF (TIME.LT.2) W = 2*W").replace(
+        "$INPUT ID TIME DV AMT EVID MDV CMT WT DVID", "$INPUT ID TIME DV AMT EVID MDV CMT WT").replace(
+        "$DATA theoph.csv", "$DATA orig.csv")
+    (tmp_path / "a.mod").write_text(by_dvid)
+    (tmp_path / "b.mod").write_text(by_time)
+    pm_a, ds_a = read_control_stream(tmp_path / "a.mod")
+    pm_b, ds_b = read_control_stream(tmp_path / "b.mod")
+    assert pm_a.reads_dvid and not pm_b.reads_dvid
+    a = _ofv(pm_a, ds_a, VALUES, [0.4, 0.07, 0.02], {"EPS1": 1.0})
+    b = _ofv(pm_b, ds_b, VALUES, [0.4, 0.07, 0.02], {"EPS1": 1.0})
+    assert a == pytest.approx(b, rel=1e-12)
+    plain = head + "$ERROR\nY = F + F*EPS(1)\n" + THETAS.split("$THETA (0, 0.3)")[0] + \
+        "$OMEGA 0.4\n$OMEGA 0.07\n$OMEGA 0.02\n$SIGMA 0.02\n"
+    (tmp_path / "c.mod").write_text(plain)
+    pm_c, ds_c = read_control_stream(tmp_path / "c.mod")
+    from hybridpk.errors import DatasetError
+    from hybridpk.population.focei import Problem
+
+    with pytest.raises(DatasetError, match="DVID 1, 2"):
+        Problem(pm_c, ds_c).require_positive_variance(
+            {t.name: torch.tensor(t.init, dtype=torch.float64) for t in pm_c.thetas}, {"PROP": torch.tensor(0.1)})

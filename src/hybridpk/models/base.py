@@ -90,8 +90,6 @@ class CompartmentModel:
     #: models whose records may observe any compartment (CMT on the record; NONMEM's F = A(CMT)/S<CMT>) set
     #: this and take ``cmt`` in :meth:`observe`; the others observe ``obs_cmt`` only
     observes_compartments: bool = False
-    #: models whose error model tells observation kinds (DVID) apart
-    reads_dvid: bool = False
 
     def observe(self, a, p: dict, cmt=None):
         """Concentration in the observed compartment (amount/L) from amounts ``a`` (..., S); ``cmt`` (N,) the

@@ -38,6 +38,7 @@ import torch
 
 from ..errors import SolverError
 from ..solve import simulate
+from ..solve.simulate import require_one_kind
 
 LOG2PI = math.log(2 * math.pi)
 
@@ -80,6 +81,8 @@ class Problem:
                                             "the population model")
         self.batch = dataset.to_batch(covariates=list(pm.covariates))
         b = self.batch
+        if not pm.reads_dvid:
+            require_one_kind(pm.structural, b)
         self.cov = b.baseline_covariates()
         self.obs = b.is_obs & (b.cens == 0)
         self.cens = b.is_obs & (b.cens != 0)

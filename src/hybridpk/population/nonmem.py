@@ -536,7 +536,6 @@ def read_control_stream(path):
     run_pk = compile_statements(statements)
     if written:   # F = A(CMT)/S<CMT> on every record, unless $ERROR writes the prediction on one amount
         structural.observes_compartments = factor == 1 and not _error_reads_amounts(m)
-        structural.reads_dvid = error.kind == "general" and "DVID" in error.h.reads
     if factor != 1:      # the prediction is A/S times a factor: A over an effective scale S/factor
         of_factor, read_scaled = compile_expression(factor), read
 

@@ -208,6 +208,11 @@ class PopulationModel:
     #: a general error model's environment: (theta, eta (N, K), batch) -> {name: (N, R) or scalar}
     error_inputs: Callable | None = field(default=None, repr=False)
 
+    @property
+    def reads_dvid(self) -> bool:
+        """Whether the error model tells observation kinds (DVID) apart (a general $ERROR reading DVID)."""
+        return self.error.kind == "general" and "DVID" in self.error.h.reads
+
     def residual_variance(self, theta, eta, batch, f, sd):
         """Var(DV) (N, R) at the predictions ``f`` (N, R) of ``batch``'s subjects with ETAs ``eta`` (N, K): the
         error model's variance, evaluated with the THETAs, ETAs and data items a general $ERROR reads."""

@@ -115,8 +115,7 @@ def _bad_parameters(model, p, mask=None) -> dict[int, str]:
 def require_observable(model, batch) -> None:
     """Refuse observations the model does not predict, naming their rows: a record observed in another
     compartment than the model's (NONMEM would predict A(CMT)/S<CMT> there, e.g. the depot for CMT=1 in an oral
-    model), and several kinds of observation (DVID values), which one model with one error model does not
-    describe."""
+    model). (Several kinds of observation in one compartment: :func:`require_one_kind`.)"""
     from ..errors import DatasetError, Violation
 
     obs = batch.is_obs & batch.record_mask
@@ -138,7 +137,16 @@ def require_observable(model, batch) -> None:
                                      f"({model.compartments[model.obs_cmt - 1]}); set CMT to {model.obs_cmt} (or 0) "
                                      "on observations of it, and leave out observations of other compartments (a "
                                      "control stream with $DES or ADVAN5/7 observes any compartment by CMT)"))
-    if model.reads_dvid or not bool(obs.any()):
+
+
+def require_one_kind(model, batch) -> None:
+    """Refuse, naming their rows, observations of several kinds (DVID values) in one compartment of ``model``:
+    one prediction there with one error model does not describe them (the caller skips this check for an error
+    model that reads DVID)."""
+    from ..errors import DatasetError, Violation
+
+    obs = batch.is_obs & batch.record_mask
+    if not bool(obs.any()):
         return
     cmt = torch.where(batch.cmt > 0, batch.cmt, torch.full_like(batch.cmt, model.obs_cmt))
     pairs = torch.unique(torch.stack([cmt[obs], batch.dvid[obs]], -1), dim=0)
