@@ -1,11 +1,13 @@
-"""FO and FOCE (without interaction) against an independent implementation of Wang's linearised objectives
-(J Pharmacokinet Pharmacodyn 2007;34:575-93), written here in numpy/scipy: the model linearised at ETA = 0 (FO)
-or at the mode of the objective whose residual variance is taken at ETA = 0 (FOCE),
+"""FO, FOCE (without interaction), FOCE-I and LAPLACE against independent implementations of NONMEM's objectives
+(Wang, J Pharmacokinet Pharmacodyn 2007;34:575-93), written here in numpy/scipy. FO and FOCE as the linearised
+objectives: the model linearised at ETA = 0 (FO) or at the mode of the objective whose residual variance is taken
+at ETA = 0 (FOCE),
 
     OFV_i = log|C_i| + e_i' C_i^-1 e_i,  C_i = G OMEGA G' + diag V(f(theta, 0)),  e_i = y - f(eta_i) + G eta_i
 
 hybridpk computes FOCE in its Laplacian form (log|OMEGA| + log|OMEGA^-1 + G'V^-1 G| + ...), so agreement
-checks the algebra as well as the code."""
+checks the algebra as well as the code. Each is checked with a diagonal OMEGA and with an OMEGA block (CL and V
+correlated), which every formula takes as a full matrix."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from hybridpk.population.focei import Problem
 DOSE, TIMES = 100.0, np.array([0.5, 2.0, 6.0, 12.0])
 THETA = {"CL": 3.0, "V": 30.0}
 OMEGA = np.diag([0.09, 0.04])
+OMEGA_BLOCK = np.array([[0.09, 0.03], [0.03, 0.04]])
 SD = {"additive": {"ADD": 0.2}, "proportional": {"PROP": 0.15}, "combined": {"ADD": 0.1, "PROP": 0.12}}
 
 
@@ -54,11 +57,11 @@ def subject_ofv(y, theta, omega, sd, method):
     return np.linalg.slogdet(c)[1] + e @ np.linalg.solve(c, e)
 
 
-def population(n, seed, sd):
+def population(n, seed, sd, omega=OMEGA):
     rng = np.random.default_rng(seed)
     rows, ys = [], []
     for i in range(1, n + 1):
-        eta = rng.multivariate_normal(np.zeros(2), OMEGA)
+        eta = rng.multivariate_normal(np.zeros(2), omega)
         f = conc([THETA["CL"], THETA["V"]], eta, TIMES)
         y = f + rng.normal(0, np.sqrt(variance(f, sd)))
         ys.append(y)
@@ -67,12 +70,13 @@ def population(n, seed, sd):
     return hp.read_nonmem(pd.DataFrame(rows)), ys
 
 
-def _at_trial_values(error, method):
+def _at_trial_values(error, method, block=False):
     """5 simulated subjects and hybridpk's OFV of ``method`` at trial values away from the truth (where the
-    methods differ most), with what the independent objectives need."""
-    ds, ys = population(5, 1, SD[error])
-    pm = build_model("1cmt_iv", iiv=["CL", "V"], error=error)
-    theta, omega, sd = {"CL": 2.4, "V": 36.0}, OMEGA * 1.5, {k: 1.3 * v for k, v in SD[error].items()}
+    methods differ most), with what the independent objectives need; ``block``: CL and V correlated."""
+    truth = OMEGA_BLOCK if block else OMEGA
+    ds, ys = population(5, 1, SD[error], truth)
+    pm = build_model("1cmt_iv", iiv=["CL", "V"], error=error, omega_block=block)
+    theta, omega, sd = {"CL": 2.4, "V": 36.0}, truth * 1.5, {k: 1.3 * v for k, v in SD[error].items()}
     fitted = FittedPopulation.from_values(pm, theta, omega, sd)
     prob = Problem(pm, ds, estimation=method)
     th, om, s = fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors()
@@ -81,10 +85,11 @@ def _at_trial_values(error, method):
             "theta": theta, "omega": omega, "sd": sd, "th": th, "om": om, "s": s}
 
 
+@pytest.mark.parametrize("block", [False, True], ids=["diagonal", "block"])
 @pytest.mark.parametrize("error", ["additive", "proportional", "combined"])
 @pytest.mark.parametrize("method", ["FO", "FOCE"])
-def test_the_ofv_agrees_with_an_independent_linearised_objective(method, error):
-    case = _at_trial_values(error, method)
+def test_the_ofv_agrees_with_an_independent_linearised_objective(method, error, block):
+    case = _at_trial_values(error, method, block)
     ds, ys, pm, eta, ours = case["ds"], case["ys"], case["pm"], case["eta"], case["ofv"]
     theta, omega, sd, th, om, s = case["theta"], case["omega"], case["sd"], case["th"], case["om"], case["s"]
     ref = sum(subject_ofv(y, [theta["CL"], theta["V"]], omega, sd, method) for y in ys)
@@ -93,6 +98,33 @@ def test_the_ofv_agrees_with_an_independent_linearised_objective(method, error):
     focei = float(plain.ofv(th, om, s, plain.ebe(th, torch.linalg.inv(om), s, eta)).detach())
     if error != "additive":   # with a proportional part the methods are different objectives
         assert abs(focei - ours) > 1e-3
+
+
+def focei_subject_ofv(y, theta, omega, sd):
+    """FOCE-I (Wang 2007) in NONMEM's Laplacian form: obj_i = sum (y - f)^2 / V + log V + eta' OMEGA^-1 eta at its
+    mode, plus log|OMEGA| + log|OMEGA^-1 + sum_j g g' / V + 1/2 h h' / V^2|, g = df/deta, h = dV/deta."""
+    oinv = np.linalg.inv(omega)
+
+    def obj(e):
+        f = conc(theta, e, TIMES)
+        v = variance(f, sd)
+        return np.sum((y - f) ** 2 / v + np.log(v)) + e @ oinv @ e
+
+    eta = minimize(obj, np.zeros(2), method="BFGS", options={"gtol": 1e-12}).x
+    f, g = conc(theta, eta, TIMES), jac(theta, eta, TIMES)
+    v = variance(f, sd)
+    h = 2 * sd.get("PROP", 0.0) ** 2 * f[:, None] * g
+    m = oinv + (g.T / v) @ g + 0.5 * (h.T / v ** 2) @ h
+    return obj(eta) + np.linalg.slogdet(omega)[1] + np.linalg.slogdet(m)[1]
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["diagonal", "block"])
+@pytest.mark.parametrize("error", ["additive", "proportional", "combined"])
+def test_focei_agrees_with_an_independent_implementation(error, block):
+    case = _at_trial_values(error, "FOCE-I", block)
+    theta, omega, sd = case["theta"], case["omega"], case["sd"]
+    ref = sum(focei_subject_ofv(y, [theta["CL"], theta["V"]], omega, sd) for y in case["ys"])
+    assert case["ofv"] == pytest.approx(ref, rel=1e-6)
 
 
 def independent_total(ys, error, method):
@@ -153,12 +185,13 @@ def laplace_subject_ofv(y, theta, omega, sd, interaction):
     return obj(eta) + np.linalg.slogdet(omega)[1] + np.linalg.slogdet(hess / 2)[1]
 
 
+@pytest.mark.parametrize("block", [False, True], ids=["diagonal", "block"])
 @pytest.mark.parametrize("error", ["additive", "proportional", "combined"])
 @pytest.mark.parametrize("method", ["LAPLACE-I", "LAPLACE"])
-def test_laplace_agrees_with_an_independent_implementation_and_its_gradient_is_exact(method, error):
+def test_laplace_agrees_with_an_independent_implementation_and_its_gradient_is_exact(method, error, block):
     from hybridpk.population.fit import Packing
 
-    case = _at_trial_values(error, method)
+    case = _at_trial_values(error, method, block)
     ds, ys, pm, prob, eta, ours = case["ds"], case["ys"], case["pm"], case["prob"], case["eta"], case["ofv"]
     theta, omega, sd, th, om, s = case["theta"], case["omega"], case["sd"], case["th"], case["om"], case["s"]
     ref = sum(laplace_subject_ofv(y, [theta["CL"], theta["V"]], omega, sd, method == "LAPLACE-I") for y in ys)
@@ -166,7 +199,7 @@ def test_laplace_agrees_with_an_independent_implementation_and_its_gradient_is_e
     focei = Problem(pm, ds, estimation="FOCE-I" if method == "LAPLACE-I" else "FOCE")
     assert abs(float(focei.ofv(th, om, s, eta).detach()) - ours) > 1e-4        # not FOCE under another name
     # the OFV gradient (through the re-attached EBEs and the exact Hessian) against central differences
-    pack = Packing(pm, omega=np.diag(omega), sigma=sd)
+    pack = Packing(pm, omega=omega if block else np.diag(omega), sigma=sd)
     x0 = pack.x0(theta)
 
     def ofv(xv, grad=False):
