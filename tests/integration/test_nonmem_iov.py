@@ -1,7 +1,8 @@
 """Inter-occasion variability as NONMEM users write it ($OMEGA BLOCK(1) SAME, an occasion flag read by $PK at every
-record, $ERROR on the amount) against independent FO, FOCE, FOCE-I and LAPLACE-I objectives written here in numpy/scipy, with NONMEM's
-rule for parameters that change between records (the values at a record hold over the interval it ends); and
-pharmpy's moxo example (IOV, $ERROR on A(2) with a guard for IPRED = 0, FOCE, steady state after EVID=4)."""
+record, $ERROR on the amount) against independent FO, FOCE, FOCE-I and LAPLACE-I objectives written here in
+numpy/scipy, with NONMEM's rule for parameters that change between records (the values at a record hold over the
+interval it ends); and pharmpy's moxo example (IOV, $ERROR on A(2) with a guard for IPRED = 0, FOCE, steady state
+after EVID=4)."""
 
 from __future__ import annotations
 

@@ -314,7 +314,7 @@ def _within(value, param) -> bool:
 
 def build_model(model, *, iiv=None, covariates=(), error="proportional", initial: dict | None = None,
                 data=None, fixed: dict | None = None, omega_block=False,
-                time_varying: str = "nonmem") -> PopulationModel:
+                time_varying: str = "nonmem", derived: dict | None = None) -> PopulationModel:
     """A population model from named options, as the CLI builds it.
 
     Parameters
@@ -334,16 +334,29 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     omega_block : True to estimate the covariances between all ETAs (one full OMEGA block), or groups of
         parameters whose ETAs are correlated, e.g. [["CL", "V"]] (the others keep a variance only); False
         (default) for a diagonal OMEGA
+    derived : structural parameters computed from others, e.g. {"CL": "K * V"} (a micro-constant
+        parameterisation: K and V have a THETA, covariate effects and an ETA each; CL_i = K_i V_i, so ETA_V acts
+        on both CL and V). An expression is arithmetic of the individual values of the other parameters (a name
+        that is not one of the structure's is a new parameter, positive, log-normal like the others) and
+        exp/log/sqrt (:func:`hybridpk.population.expressions.parse_expression`; never evaluated as code)
     """
     sm = get_model(model)
     fixed = dict(fixed or {})
-    est = [p for p in sm.parameters if p.name not in ("F", "ALAG") and p.name not in fixed]
+    derived, extra = _derived_parameters(sm, derived, initial, fixed)
+    est = [p for p in sm.parameters if p.name not in ("F", "ALAG") and p.name not in fixed and p.name not in derived]
+    est += extra
     initial = {k.upper(): v for k, v in (initial or {}).items()}
-    unknown = [k for k in list(initial) + list(iiv or []) if k not in sm.parameter_names]
+    names = list(sm.parameter_names) + [p.name for p in extra]
+    unknown = [k for k in list(initial) + list(iiv or []) if k not in names]
     if unknown:
         raise ModelError(f"model {sm.name} has no parameter(s) {', '.join(unknown)}; it has "
-                         f"{', '.join(sm.parameter_names)}")
-    params = {p.name: p for p in sm.parameters}
+                         f"{', '.join(names)}")
+    taken = [k for k in list(initial) + list(iiv or []) if k.upper() in derived]
+    if taken:
+        k = taken[0].upper()
+        raise ModelError(f"{k} is computed by its expression ({k} = {derived[k][0]}): give the typical value and "
+                         "IIV of the parameters it is computed from instead")
+    params = {p.name: p for p in [*sm.parameters, *extra]}
     bad = [f"{k}={v!r} (allowed {params[k].lower:g} <= {k} <= {params[k].upper:g} {params[k].unit})"
            for k, v in initial.items() if not _within(v, params[k])]
     if bad:
@@ -360,8 +373,9 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
         medians = {c: float(first[c].median()) for c in data.covariates}
     effects = [c if isinstance(c, CovariateEffect) else parse_covariate(c, medians) for c in covariates]
     for e in effects:
-        if e.parameter not in sm.parameter_names:
-            raise ModelError(f"covariate effect on {e.parameter}: model {sm.name} has no such parameter")
+        if e.parameter not in names or e.parameter in derived:
+            raise ModelError(f"covariate effect on {e.parameter}: model {sm.name} has no such parameter"
+                             + (" with a THETA (it is computed by its expression)" if e.parameter in derived else ""))
         if data is not None and e.covariate not in data.covariates:
             raise ModelError(f"covariate {e.covariate} is not a covariate of the dataset (it has "
                              f"{', '.join(data.covariates) or 'none'})")
@@ -401,6 +415,10 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
             out[name] = v
         for name, value in fixed.items():
             out[name] = torch.full((n,), float(value), dtype=eta.dtype, device=eta.device)
+        for name, (_, _, fn) in derived.items():
+            out[name] = fn(out)
+        for p in extra:
+            del out[p.name]
         return out
 
     omega = tuple(0.09 for _ in etas)
@@ -409,12 +427,47 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     blocks = _omega_blocks(omega_block, list(iiv))
     recipe = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
               "fixed": fixed, "time_varying": time_varying, "omega_block": [[iiv[i] for i in b] for b in blocks],
+              **({"derived": {k: text for k, (text, _, _) in derived.items()}} if derived else {}),
               "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
                               "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
                            individual=individual, covariates=cov_names, effects=tuple(effects),
                            omega_blocks=blocks, recipe=recipe, record_items=cov_names,
                            covariate_rule=time_varying)
+
+
+def _derived_parameters(sm, derived, initial, fixed) -> tuple:
+    """({structural parameter: (text, sympy expression, compiled function)}, [new Parameter]) of build_model's
+    ``derived`` expressions, checked: each computes a structural parameter that is not fixed, from parameters
+    that have a value (estimated, fixed, or new) and are not computed themselves."""
+    from ..models.base import Parameter
+    from ._sympy_torch import compile_expression
+    from .expressions import parse_expression
+
+    texts = {str(k).upper(): str(v) for k, v in (derived or {}).items()}
+    initial = {str(k).upper(): v for k, v in (initial or {}).items()}
+    out, new = {}, {}
+    for name, text in texts.items():
+        where = f"[parameters] {name}"
+        if name not in sm.parameter_names:
+            raise ModelError(f"{where}: model {sm.name} has no parameter {name}; it has "
+                             f"{', '.join(sm.parameter_names)}")
+        if name in fixed:
+            raise ModelError(f"{where}: {name} is fixed; a parameter is either fixed or computed")
+        expr = parse_expression(text, None, where)
+        symbols = sorted(str(x) for x in expr.free_symbols)
+        computed = [x for x in symbols if x in texts]
+        unset = [x for x in symbols if x in ("F", "ALAG") and x not in fixed and x not in initial]
+        if computed or unset:
+            raise ModelError(f"{where} = {text!r}: {', '.join(computed + unset)} "
+                             + ("is computed itself (write its expression in)" if computed else
+                                "has no value (give it in [typical] or fix it)"))
+        for x in symbols:
+            if x not in sm.parameter_names:
+                new.setdefault(x, Parameter(x, "", 0.0, math.inf, f"a parameter of {name} = {text}",
+                                            float(initial.get(x, 1.0))))
+        out[name] = (text, expr, compile_expression(expr))
+    return out, list(new.values())
 
 
 def _omega_blocks(omega_block, iiv: list) -> tuple:
@@ -448,7 +501,7 @@ def model_from_recipe(recipe: dict) -> PopulationModel:
             error = ErrorModel(recipe["error"], ltbs=bool(recipe.get("ltbs", False)))
             return build_model(recipe["model"], iiv=recipe["iiv"], covariates=effects, error=error,
                                fixed=recipe.get("fixed") or {}, omega_block=recipe.get("omega_block", False),
-                               time_varying=recipe.get("time_varying", "nonmem"))
+                               time_varying=recipe.get("time_varying", "nonmem"), derived=recipe.get("derived"))
         except (KeyError, TypeError) as exc:
             raise ModelError(f"the model recipe in model.json is incomplete ({exc}); refit the model") from None
     if kind == "nonmem":

@@ -5,8 +5,11 @@ A spec names its ``structure`` (a library model), ``[typical]`` values, ``[iiv]`
 optionally ``[iiv_covariance]`` (``"CL,V" = 0.03``: an OMEGA block over the parameters it connects), an
 ``[error]`` (additive, proportional, combined: Var = add^2 + (prop IPRED)^2, or combined1: SD = add + prop
 IPRED, as Monolix and posologyr define them), ``[[covariate]]`` effects, ``[defaults]`` for optional
-covariates, ``[population]`` covariate ranges, and ``time_varying`` ("nonmem" or "locf": how a covariate that
-changes within a patient's records acts)."""
+covariates, ``[population]`` covariate ranges, ``time_varying`` ("nonmem" or "locf": how a covariate that
+changes within a patient's records acts), and ``[parameters]``: structural parameters computed from others
+(``CL = "K * V"``: a micro-constant parameterisation in which K and V have typical values, IIV and covariate
+effects, and ETA_V acts on both CL and V; arithmetic and exp/log/sqrt, parsed without executing code, see
+:func:`hybridpk.population.build_model`)."""
 
 from __future__ import annotations
 
@@ -89,7 +92,8 @@ def _from_toml(path: Path) -> FittedPopulation:
         pm = build_model(structure, iiv=list(iiv), covariates=effects,
                          error=ErrorModel(err.get("kind", "proportional"), add=float(err.get("add", 0.0)),
                                           prop=float(err.get("prop", 0.0))), initial=typical,
-                         omega_block=blocks or False, time_varying=time_varying)
+                         omega_block=blocks or False, time_varying=time_varying,
+                         derived={str(k): str(v) for k, v in spec.get("parameters", {}).items()})
     except (ModelError, ValueError) as exc:
         raise ModelError(f"model spec {path.name}: {exc}") from None
     missing = [t.name for t in pm.thetas if t.name not in typical and t.name not in coef]
@@ -192,6 +196,8 @@ def write_spec(fitted: FittedPopulation, path, *, name: str, drug: str = "", cit
     lines += [f"{t.name} = {t.value!r}" for t in fitted.theta if t.name not in eff_names]
     lines += ["", "[iiv]"] + [f"{e.eta.removeprefix('ETA_')} = {e.variance!r}" for e in fitted.omega]
     lines += ["", "[error]", f'kind = "{recipe["error"]}"'] + [f"{s.kind.lower()} = {s.sd!r}" for s in fitted.sigma]
+    if recipe.get("derived"):
+        lines += ["", "[parameters]"] + [f"{k} = {v!r}" for k, v in recipe["derived"].items()]
     for c in recipe.get("covariates", []):
         lines += ["", "[[covariate]]", f'parameter = "{c["parameter"]}"', f'covariate = "{c["covariate"]}"',
                   f'kind = "{c["kind"]}"']
