@@ -207,3 +207,45 @@ def test_iov_parameters_are_recovered_from_simulated_occasions(tmp_path, seed):
     assert res.theta["POP_V"].value == pytest.approx(30.0, rel=0.10)
     iov = res.omega["ETA_3"].variance
     assert res.omega["ETA_4"].variance == iov and 0.015 < iov < 0.06
+
+
+@pytest.mark.parametrize("method", ["FOCE-I", "FO", "LAPLACE-I"])
+def test_a_built_iov_model_gives_the_control_streams_ofv(tmp_path, method):
+    """build_model(iov=["CL"]) (occasions from the OCC column, one IOV variance) is the IOV control stream above:
+    the same OFV at the same values, by each method (the control stream's own agreement with an independent
+    objective is the test above)."""
+    import hybridpk as hp
+    from hybridpk.population import FittedPopulation, build_model
+
+    df, _ = simulate_occasions(6, 3, True)
+    df.to_csv(tmp_path / "iov.csv", index=False)
+    (tmp_path / "run.mod").write_text(IOV_MOD)
+    omega, sd = np.diag([0.09, 0.05, 0.03, 0.03]), {"PROP": 0.02 ** 0.5, "ADD": 0.1}
+    ofv = []
+    for pm, ds, theta in [(*read_control_stream(tmp_path / "run.mod"), {"POP_CL": 3.2, "POP_V": 28.0}),
+                          (None, hp.read_nonmem(df, covariates=["OCC"]), {"CL": 3.2, "V": 28.0})]:
+        pm = pm or build_model("1cmt_iv", iiv=["CL", "V"], iov=["CL"], error="combined", data=ds)
+        fitted = FittedPopulation.from_values(pm, theta, omega, sd)
+        prob = Problem(pm, ds, estimation=method)
+        th, om, s = fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors()
+        eta = prob.ebe(th, torch.linalg.inv(om), s, torch.zeros(6, 4, dtype=torch.float64), tol=1e-12)
+        ofv.append(float(prob.ofv(th, om, s, eta).detach()))
+    assert pm.etas == ("ETA_CL", "ETA_V", "ETA_IOV_CL_1", "ETA_IOV_CL_2") and pm.omega_same == (((3,), (2,)),)
+    assert ofv[1] == pytest.approx(ofv[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("value, match", [(0, "row 2: occasion 0 is not a whole number from 1"),
+                                          (1.5, "row 2: occasion 1.5"), (None, "needs the occasion column OCC")])
+def test_a_built_iov_model_refuses_occasions_it_cannot_number(value, match):
+    import hybridpk as hp
+    from hybridpk.errors import HybridPKError
+    from hybridpk.population import build_model
+
+    df, _ = simulate_occasions(2, 3, True)
+    if value is None:
+        df = df.drop(columns="OCC")
+    else:
+        df["OCC"] = df["OCC"].astype(float)
+        df.loc[1, "OCC"] = value
+    with pytest.raises(HybridPKError, match=match):
+        build_model("1cmt_iv", iov=["CL"], data=hp.read_nonmem(df, covariates=[c for c in ["OCC"] if c in df]))

@@ -79,6 +79,7 @@ class Problem:
                                f"(it has {', '.join(dataset.covariates) or 'none'})", dataset.source)
         dataset.require_constant_covariates([c for c in pm.covariates if c not in pm.record_items],
                                             "the population model")
+        pm.require_occasions(dataset)
         self.batch = dataset.to_batch(covariates=list(pm.covariates))
         b = self.batch
         if not pm.reads_dvid:

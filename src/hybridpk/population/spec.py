@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import ModelError
@@ -280,6 +281,11 @@ class PopulationModel:
             out[k] = v[:, 0] if same else v
         return out
 
+    def require_occasions(self, dataset) -> None:
+        """An IOV model's occasion column holds whole numbers 1..occasions (else refused, naming the row)."""
+        if self.recipe.get("iov"):
+            _occasion_count(self.recipe["iov"], self.recipe["occasion"], self.recipe["occasions"], dataset)
+
     def varying_items(self, batch) -> tuple:
         """The ``record_items`` that change within some subject of ``batch`` (TIME always does)."""
         out = []
@@ -314,7 +320,8 @@ def _within(value, param) -> bool:
 
 def build_model(model, *, iiv=None, covariates=(), error="proportional", initial: dict | None = None,
                 data=None, fixed: dict | None = None, omega_block=False,
-                time_varying: str = "nonmem", derived: dict | None = None) -> PopulationModel:
+                time_varying: str = "nonmem", derived: dict | None = None, iov=None, occasion: str = "OCC",
+                occasions: int | None = None) -> PopulationModel:
     """A population model from named options, as the CLI builds it.
 
     Parameters
@@ -339,6 +346,11 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
         on both CL and V). An expression is arithmetic of the individual values of the other parameters (a name
         that is not one of the structure's is a new parameter, positive, log-normal like the others) and
         exp/log/sqrt (:func:`hybridpk.population.expressions.parse_expression`; never evaluated as code)
+    iov : parameters with inter-occasion variability (log-normal, like NONMEM's ``CL = TVCL*EXP(ETA(1) +
+        OCC1*ETA(3) + OCC2*ETA(4))`` with ``$OMEGA BLOCK(1) SAME`` per occasion): each occasion k = 1..``occasions``
+        has its own ETAs ETA_IOV_<param>_<k>, all with one variance; the data column ``occasion`` (integers
+        1..occasions, read at every record with the ``time_varying`` rule) says which occasion a record belongs
+        to. ``occasions`` defaults to the largest occasion in ``data``
     """
     sm = get_model(model)
     fixed = dict(fixed or {})
@@ -389,13 +401,19 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
         init = {"power": 0.75 if e.parameter in ("CL", "Q", "Q3") else 1.0, "linear": 0.01, "categorical": 0.1,
                 "exponential": 0.01}[e.kind]
         thetas.append(Theta(e.theta_name, init, lower=-0.99 if e.kind == "categorical" else -math.inf))
-    etas = tuple(f"ETA_{p}" for p in iiv)
+    iov = [p.upper() for p in (iov or [])]
+    occasions = _occasion_count(iov, occasion, occasions, data)
+    etas = tuple(f"ETA_{p}" for p in iiv) + tuple(f"ETA_IOV_{p}_{k}" for k in range(1, occasions + 1) for p in iov)
     est_names = [p.name for p in est]
     missing_iiv = [p for p in iiv if p not in est_names]
     if missing_iiv:
         raise ModelError(f"IIV requested on {', '.join(missing_iiv)}, which is not estimated")
+    missing_iov = [p for p in iov if p not in est_names]
+    if missing_iov:
+        raise ModelError(f"IOV requested on {', '.join(missing_iov)}, which is not estimated")
     eta_index = {p: k for k, p in enumerate(iiv)}
-    cov_names = tuple(sorted({e.covariate for e in effects}))
+    iov_index = {p: [len(iiv) + (k - 1) * len(iov) + j for k in range(1, occasions + 1)] for j, p in enumerate(iov)}
+    cov_names = tuple(sorted({e.covariate for e in effects} | ({occasion} if iov else set())))
 
     if time_varying not in ("nonmem", "locf"):
         raise ModelError(f"time_varying={time_varying!r}: give 'nonmem' or 'locf'")
@@ -412,6 +430,11 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
             if name in eta_index:
                 k = eta_index[name]
                 v = v * torch.exp(eta[:, k:k + 1] if per_record else eta[:, k])
+            if name in iov_index:      # the ETA of the record's occasion
+                occ = cov[occasion]
+                e = sum((occ == k).to(eta.dtype) * (eta[:, i:i + 1] if per_record else eta[:, i])
+                        for k, i in enumerate(iov_index[name], 1))
+                v = v * torch.exp(e)
             out[name] = v
         for name, value in fixed.items():
             out[name] = torch.full((n,), float(value), dtype=eta.dtype, device=eta.device)
@@ -421,19 +444,21 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
             del out[p.name]
         return out
 
-    omega = tuple(0.09 for _ in etas)
+    omega = tuple(0.09 for _ in iiv) + tuple(0.04 for _ in etas[len(iiv):])
     kind = error if isinstance(error, str) else error.kind
     err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
     blocks = _omega_blocks(omega_block, list(iiv))
+    same = tuple(((i,), (idx[0],)) for idx in iov_index.values() for i in idx[1:])   # one IOV variance each
     recipe = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
               "fixed": fixed, "time_varying": time_varying, "omega_block": [[iiv[i] for i in b] for b in blocks],
               **({"derived": {k: text for k, (text, _, _) in derived.items()}} if derived else {}),
+              **({"iov": iov, "occasion": occasion, "occasions": occasions} if iov else {}),
               "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
                               "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
                            individual=individual, covariates=cov_names, effects=tuple(effects),
                            omega_blocks=blocks, recipe=recipe, record_items=cov_names,
-                           covariate_rule=time_varying)
+                           covariate_rule=time_varying, omega_same=same)
 
 
 def _derived_parameters(sm, derived, initial, fixed) -> tuple:
@@ -470,6 +495,30 @@ def _derived_parameters(sm, derived, initial, fixed) -> tuple:
     return out, list(new.values())
 
 
+def _occasion_count(iov: list, occasion: str, occasions, data) -> int:
+    """How many occasions an IOV model has: ``occasions``, or the largest value of the ``occasion`` column of
+    ``data``; the column must hold whole numbers from 1 (checked by row)."""
+    if not iov:
+        return 0
+    if data is not None:
+        if occasion not in data.covariates:
+            raise ModelError(f"IOV on {', '.join(iov)} needs the occasion column {occasion} (integers 1, 2, ... "
+                             f"per record); the dataset has {', '.join(data.covariates) or 'no covariate columns'}")
+        occ = data.to_dataframe()[occasion].to_numpy(dtype=float)
+        bad = np.flatnonzero((occ < 1) | (occ != np.round(occ)))
+        if bad.size:
+            raise ModelError(f"column {occasion}, row {int(bad[0]) + 1}: occasion {occ[bad[0]]:g} is not a whole "
+                             "number from 1 (number each subject's occasions 1, 2, ...)")
+        largest = int(occ.max())
+        if occasions is not None and largest > int(occasions):
+            raise ModelError(f"column {occasion}: occasion {largest} in the data, but the model has {occasions}")
+        occasions = occasions or largest
+    if occasions is None or int(occasions) < 1:
+        raise ModelError(f"IOV on {', '.join(iov)}: give the number of occasions (occasions >= 1) or data with an "
+                         f"{occasion} column")
+    return int(occasions)
+
+
 def _omega_blocks(omega_block, iiv: list) -> tuple:
     """ETA index groups from build_model's ``omega_block`` (False, True, or groups of parameter names)."""
     if omega_block is False or omega_block is None:
@@ -501,7 +550,9 @@ def model_from_recipe(recipe: dict) -> PopulationModel:
             error = ErrorModel(recipe["error"], ltbs=bool(recipe.get("ltbs", False)))
             return build_model(recipe["model"], iiv=recipe["iiv"], covariates=effects, error=error,
                                fixed=recipe.get("fixed") or {}, omega_block=recipe.get("omega_block", False),
-                               time_varying=recipe.get("time_varying", "nonmem"), derived=recipe.get("derived"))
+                               time_varying=recipe.get("time_varying", "nonmem"), derived=recipe.get("derived"),
+                               iov=recipe.get("iov"), occasion=recipe.get("occasion", "OCC"),
+                               occasions=recipe.get("occasions"))
         except (KeyError, TypeError) as exc:
             raise ModelError(f"the model recipe in model.json is incomplete ({exc}); refit the model") from None
     if kind == "nonmem":
