@@ -125,3 +125,28 @@ def test_occasions_that_start_with_a_reset_keep_the_closed_form():
         simulate("1cmt_oral", p_shift, batch, method="closed_form")
 
 
+
+
+def test_the_one_compartment_step_is_the_matrix_exponential():
+    """A one-state segment is solved as e^x a + rate dt (e^x - 1)/x (x = A dt) instead of a matrix exponential:
+    the same values and gradients as expm of the augmented matrix, also where x is 0 or tiny."""
+    from hybridpk.models import get_model
+    from hybridpk.solve.ode import _matrix_exp_step
+
+    model = get_model("1cmt_iv")
+    cl = torch.tensor([3.0, 1e-9, 0.0, 2.0, 50.0], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([30.0, 30.0, 10.0, 1e-3, 5.0], dtype=torch.float64)
+    a = torch.tensor([[100.0], [5.0], [1.0], [0.0], [3.0]], dtype=torch.float64)
+    rate = torch.tensor([[0.0], [10.0], [2.0], [7.0], [1.0]], dtype=torch.float64)
+    dt = torch.tensor([2.0, 1.0, 0.5, 1e-7, 0.1], dtype=torch.float64)
+    ours = _matrix_exp_step(model, {"CL": cl, "V": v}, a, rate, dt, None)
+    mat = model.system_matrix({"CL": cl, "V": v}, None) * dt.view(-1, 1, 1)
+    aug = torch.zeros(5, 2, 2, dtype=torch.float64)
+    aug = aug + torch.nn.functional.pad(mat, (0, 1, 0, 1))
+    aug = aug + torch.nn.functional.pad((rate * dt.unsqueeze(-1)).unsqueeze(-1), (1, 0, 0, 1))
+    e = torch.linalg.matrix_exp(aug)
+    ref = (e[:, :1, :1] @ a.unsqueeze(-1)).squeeze(-1) + e[:, :1, 1]
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    g_ours = torch.autograd.grad(ours.sum(), cl, retain_graph=True)[0]
+    g_ref = torch.autograd.grad(ref.sum(), cl)[0]
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)

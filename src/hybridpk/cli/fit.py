@@ -108,6 +108,10 @@ def add_parser(sub) -> None:
     p.add_argument("--omega-block", nargs="?", const="all", metavar="P,P[;P,P]",
                    help="estimate covariances between ETAs: alone, one block over all ETAs; with parameters, "
                         "blocks of them, e.g. CL,V (the others keep a variance only) or CL,V;KA,ALAG")
+    p.add_argument("--iov", metavar="P,P", help="parameters with inter-occasion variability: each occasion (the "
+                   "--occasion column: 1, 2, ... per record) has its own log-normal ETA, all with one variance (as "
+                   "NONMEM's $OMEGA BLOCK(1) SAME)")
+    p.add_argument("--occasion", default="OCC", metavar="COL", help="the occasion column of --iov (default OCC)")
     p.add_argument("--time-varying", choices=["nonmem", "locf"], default="nonmem",
                    help="a covariate that changes within a subject: nonmem (a record's value holds over the interval "
                         "that record ends, back to the previous record) or locf (it holds from the record to the "
@@ -328,8 +332,9 @@ def _model_and_data(args):
             block = [[p.strip() for p in g.split(",") if p.strip()] for g in args.omega_block.split(";") if g.strip()]
         else:
             block = False
+        iov = [s.strip().upper() for s in args.iov.split(",") if s.strip()] if args.iov else None
         pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=error, initial=init, data=ds,
-                         omega_block=block, time_varying=args.time_varying)
+                         omega_block=block, time_varying=args.time_varying, iov=iov, occasion=args.occasion)
         args.pooled = not init
     return pm, ds
 
@@ -347,7 +352,7 @@ def _published_spec(args):
         return None
     given = [flag for flag, value in (("--iiv", args.iiv), ("--covariate", args.covariate), ("--error", args.error),
                                       ("--ltbs", args.ltbs), ("--init", args.init),
-                                      ("--omega-block", args.omega_block)) if value]
+                                      ("--omega-block", args.omega_block), ("--iov", args.iov)) if value]
     spec = load_model(name)
     if given:
         raise HybridPKError(f"--model {name} is a published model: its IIV, covariates, residual error and initial "

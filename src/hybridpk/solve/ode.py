@@ -53,6 +53,12 @@ def _matrix_exp_step(model, p, a, rate, dt, t_mid):
     without inverting A (which is singular, e.g. with KGB = 0 or without elimination)."""
     n, s = a.shape
     mat = model.system_matrix(p, t_mid) * dt.view(n, 1, 1)
+    if s == 1:   # one compartment: e^x a + rate dt (e^x - 1)/x, x = A dt, without a matrix exponential
+        x = mat[:, 0, :]
+        small = x.abs() < 1e-6
+        xs = torch.where(small, torch.ones_like(x), x)
+        phi = torch.where(small, 1 + x / 2 + x * x / 6, torch.expm1(xs) / xs)
+        return torch.exp(x) * a + rate * dt.unsqueeze(-1) * phi
     top = torch.cat([mat, (rate * dt.unsqueeze(-1)).unsqueeze(-1)], -1)                  # (N, S, S+1)
     aug = torch.cat([top, torch.zeros(n, 1, s + 1, dtype=a.dtype, device=a.device)], -2)  # (N, S+1, S+1)
     e = torch.linalg.matrix_exp(aug)
