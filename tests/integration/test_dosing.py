@@ -354,3 +354,99 @@ def test_a_spec_with_parameter_expressions_gives_the_independent_map(tmp_path):
     (tmp_path / "given.toml").write_text(SPEC_MICRO.replace("K = 0.1 ", "CL = 3.0\nK = 0.1 "))
     with pytest.raises(HybridPKError, match="CL is computed by its expression"):
         load_model(tmp_path / "given.toml")
+
+
+SPEC_IOV = """name = "iov"
+structure = "1cmt_iv"
+citation = "test: inter-occasion variability on CL"
+route = "bolus"
+occasions = 3
+
+[typical]
+CL = 3.0
+V = 30.0
+
+[iiv]
+CL = 0.09
+V = 0.05
+
+[iov]
+CL = 0.04
+
+[error]
+kind = "combined"
+add = 0.1
+prop = 0.1
+"""
+
+
+def _iov_concentrations(records, cl_eta_of_occasion, v):
+    """NONMEM's rule, one compartment, IV bolus: (time, amt, evid, occ) records; CL of a record's occasion
+    holds over the interval that record ends."""
+    a, t_prev, out = 0.0, 0.0, []
+    for time, amt, evid, occ in records:
+        a *= math.exp(-cl_eta_of_occasion(occ) / v * (time - t_prev))
+        t_prev = time
+        if evid == 1:
+            a += amt
+        out.append(a / v)
+    return np.array(out)
+
+
+def test_a_spec_with_iov_estimates_past_occasions_and_doses_a_new_one(tmp_path):
+    """[iov] CL = 0.04: a patient with two occasions (OCC 1, 2) gets IIV and an IOV ETA per occasion; the MAP equals
+    an independent optimisation over (ETA_CL, ETA_V, IOV_1, IOV_2) with NONMEM's rule. The regimen ahead is
+    occasion 3: its IOV is 0 at the MAP (CL ahead = TVCL e^ETA_CL) and drawn from its variance in the posterior, so
+    CL ahead is more uncertain than CL in the last occasion. A patient file without OCC is one occasion."""
+    from hybridpk.dosing import estimate_patient
+
+    (tmp_path / "spec.toml").write_text(SPEC_IOV)
+    model = load_model(tmp_path / "spec.toml")
+    assert model.model.etas == ("ETA_CL", "ETA_V", "ETA_IOV_CL_1", "ETA_IOV_CL_2", "ETA_IOV_CL_3")
+    records = [(0.0, 500.0, 1, 1), (2.0, 0, 0, 1), (10.0, 0, 0, 1), (24.0, 500.0, 1, 2), (26.0, 0, 0, 2),
+               (34.0, 0, 0, 2)]
+    levels = {2.0: 13.0, 10.0: 4.0, 26.0: 11.0, 34.0: 2.2}
+    df = pd.DataFrame([dict(ID=1, TIME=t, AMT=amt, DV=levels.get(t, 0.0) if evid == 0 else 0.0, EVID=evid,
+                            MDV=int(evid == 1), OCC=occ) for t, amt, evid, occ in records])
+    post = estimate_patient(model, hp.read_nonmem(df, covariates=["OCC"]))
+    y = np.array(list(levels.values()))
+    obs = np.array([r[2] == 0 for r in records])
+    oinv = np.diag(1 / np.array([0.09, 0.05, 0.04, 0.04]))
+
+    def objective(eta):
+        f = _iov_concentrations(records, lambda occ: 3.0 * math.exp(eta[0] + eta[1 + occ]), 30.0 * math.exp(eta[1]))
+        f = f[obs]
+        v = 0.1 ** 2 + (0.1 * f) ** 2
+        return float(np.sum((y - f) ** 2 / v + np.log(v)) + eta @ oinv @ eta)
+
+    ref = minimize(objective, np.zeros(4), method="Nelder-Mead",
+                   options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 40000, "maxfev": 80000})
+    ours = post.estimate.eta[0].numpy()
+    np.testing.assert_allclose(ours[:4], ref.x, atol=2e-4)
+    assert abs(ours[4]) < 1e-8                       # occasion 3 (ahead) has no data: its mode is the prior's
+    ahead = post.parameters()["CL"]
+    assert ahead["map"] == pytest.approx(3.0 * math.exp(ref.x[0]), rel=1e-3)
+    draws = post.draws.numpy()
+    spread_ahead = np.std(draws[:, 0] + draws[:, 4])
+    spread_last = np.std(draws[:, 0] + draws[:, 3])
+    assert spread_ahead > spread_last * 1.1
+    assert any("regimen ahead are occasion 3" in w for w in post.warnings)
+    # a forecast within the history follows each occasion's estimate; after the last record, occasion 3's
+    from hybridpk.dosing import forecast
+
+    e = ref.x
+    cl = lambda occ: 3.0 * math.exp(e[0] + (e[1 + occ] if occ < 3 else 0.0))   # noqa: E731
+    v = 30.0 * math.exp(e[1])
+    expected = _iov_concentrations(records + [(40.0, 0, 2, 3)], cl, v)[[1, 2, 4, 6]]
+    table = forecast(post.estimate, post.draws, [2.0, 10.0, 26.0, 40.0]).table
+    np.testing.assert_allclose(table.IPRED_MAP, expected, rtol=1e-3)
+    # the dose for the regimen ahead: AUC24 = 24 F dose / (tau CL) with CL ahead at the MAP (no IOV)
+    rec = recommend_dose(model, hp.read_nonmem(df, covariates=["OCC"]), "auc24=100:200", interval=12.0)
+    assert rec.exposure["auc24"]["map"] == pytest.approx(24 * rec.dose / (12.0 * ahead["map"]), rel=1e-6)
+    # no OCC column: one occasion (the spec's default), and the answer says so
+    one = estimate_patient(model, hp.read_nonmem(df.drop(columns="OCC").iloc[:3]))
+    assert any("OCC" in w for w in one.warnings)
+    # more occasions than the spec has: refused by name
+    many = df.assign(OCC=df.OCC + 1)
+    with pytest.raises(HybridPKError, match="occasion 4.*3 occasions|3 occasions"):
+        estimate_patient(model, hp.read_nonmem(many, covariates=["OCC"]))

@@ -31,6 +31,9 @@ class EventBatch:
     default), ``dose_rate`` (amount/h, as given), ``dose_duration`` (h, as given), ``dose_mode`` (0 bolus,
     1 rate given, 2 duration given, -1 rate modelled, -2 duration modelled), ``dose_ss`` (0/1/2),
     ``dose_ii`` (h), ``dose_reset`` (EVID 3/4), ``dose_mask``, ``dose_row``.
+
+    ``occasion``: the covariate that numbers occasions (inter-occasion variability), or None. Set by dosing,
+    it makes :meth:`extend` put records after a subject's last record on a new occasion (see there).
     """
 
     ids: tuple
@@ -59,6 +62,7 @@ class EventBatch:
     dose_reset: object
     dose_mask: object
     dose_row: object
+    occasion: str | None = None
 
     @property
     def n_subjects(self) -> int:
@@ -76,6 +80,39 @@ class EventBatch:
         pos = torch.arange(r, device=self.record_mask.device).expand_as(self.record_mask)
         last = torch.where(self.record_mask, pos, torch.zeros_like(pos)).max(1).values
         return self.cov[torch.arange(self.n_subjects, device=last.device), last]
+
+    def ahead_covariates(self):
+        """(N, C) covariates of what comes after each subject's last record: the last record's, carried forward,
+        with the ``occasion`` (when set) one past the last one (the regimen ahead is a new occasion)."""
+        cov = self.last_covariates()
+        if self.occasion is not None:
+            k = self.covariate_names.index(self.occasion)
+            cov = cov.clone()
+            cov[:, k] += 1
+        return cov
+
+    def _new_record_covariates(self, t_new, ahead: bool):
+        """(N, K, C) covariates of records added at times ``t_new`` (K,): :meth:`ahead_covariates`; with an
+        ``occasion`` and ``ahead`` False, a time within a subject's records takes the occasion of the first record
+        at or after it (the record whose values govern that time under NONMEM's rule)."""
+        import torch
+
+        n, k = self.n_subjects, len(t_new)
+        cov = self.ahead_covariates().unsqueeze(1).expand(n, k, self.cov_baseline.shape[1])
+        if self.occasion is None or ahead or not k:
+            return cov
+        c = self.covariate_names.index(self.occasion)
+        t = torch.as_tensor(t_new, dtype=self.time.dtype, device=self.time.device)
+        big = torch.full_like(self.time, float("inf"))
+        times = torch.where(self.record_mask, self.time, big)                                   # (N, R)
+        later = times.unsqueeze(1) >= t.view(1, k, 1)                                           # (N, K, R)
+        first = torch.where(later, torch.arange(times.shape[1], device=t.device).view(1, 1, -1),
+                            torch.full_like(later, times.shape[1], dtype=torch.long)).min(-1).values   # (N, K)
+        within = first < times.shape[1]
+        occ = self.cov[..., c].gather(1, first.clamp(max=times.shape[1] - 1))
+        cov = cov.clone()
+        cov[..., c] = torch.where(within, occ, cov[..., c])
+        return cov
 
     def to_rows(self, x) -> np.ndarray:
         """A per-record tensor (N, R) as a numpy array in the Dataset's record order (padding dropped)."""
@@ -116,7 +153,8 @@ class EventBatch:
         out["ids"] = tuple(self.ids[i] for i in idx.tolist())
         return replace(self, **out)
 
-    def extend(self, regimen=None, times=(), *, keep_records: bool = True, keep_doses: bool = True) -> "EventBatch":
+    def extend(self, regimen=None, times=(), *, keep_records: bool = True, keep_doses: bool = True,
+               ahead: bool = False) -> "EventBatch":
         """The same subjects with the doses of ``regimen`` (a :class:`~hybridpk.data.regimen.Regimen`, the same
         for every subject) added and EVID=2 records at ``times`` (h) appended after the existing records, each
         with the covariates of the subject's last record (carried forward: a weight measured during the
@@ -127,6 +165,10 @@ class EventBatch:
         drops the existing dose events (the regimen alone). Ordering, as in a dataset sorted by time with dose
         records first: the regimen's record follows every existing record, and the new records follow it, so
         a dose given at a new record's time applies to it. The new records are the last ``len(times)``.
+
+        With an ``occasion`` (IOV), the new records after a subject's last record are on a new occasion (one past
+        the last), those within its records on the occasion in force there; ``ahead=True`` puts them all on the
+        new occasion (a regimen evaluated on its own time axis, from 0).
         """
         import torch
 
@@ -147,7 +189,7 @@ class EventBatch:
                "lloq": torch.full((n, k), float("nan"), dtype=dt, device=dev),
                "cens": torch.zeros(n, k, dtype=torch.long, device=dev),
                "dvid": torch.zeros(n, k, dtype=torch.long, device=dev),
-               "cov": self.last_covariates().unsqueeze(1).expand(n, k, self.cov_baseline.shape[1])}
+               "cov": self._new_record_covariates(t_new, ahead)}
         out = {name: (torch.cat([getattr(self, name), v], 1) if keep_records else v) for name, v in new.items()}
         out.update(self._extended_doses(regimen, reg_row, keep_doses))
         return replace(self, **out)

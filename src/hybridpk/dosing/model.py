@@ -10,7 +10,7 @@ prediction and its joint posterior over (ETAs, z).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +141,10 @@ class PopulationDosing(DosingModel):
         pm = self.fitted.model
         if pm.recipe.get("kind") != "build":     # $PK data items (occasions, TIME): not carried forward
             pm.require_per_subject(prob.batch, "dosing (forecasts and regimens)")
-        return PatientEstimate(model=self, dataset=est.dataset, batch=prob.batch.select([0]), eta=est.eta[:1],
+        batch = replace(prob.batch.select([0]), occasion=self.occasion)
+        if self.occasion is not None:
+            self._require_occasion_ahead(batch)
+        return PatientEstimate(model=self, dataset=est.dataset, batch=batch, eta=est.eta[:1],
                                cov=est.cov[:1], parameters=est.parameters.iloc[:1], n_levels=est.n_levels[:1],
                                obs=prob.obs[:1], y=prob.y[:1], source=est)
 
@@ -155,10 +158,27 @@ class PopulationDosing(DosingModel):
         z = torch.randn(n, self.n_eta, generator=gen, dtype=torch.float64)
         return z @ torch.linalg.cholesky(self.population.omega.tensor()).T
 
+    @property
+    def occasion(self) -> str | None:
+        """The occasion column of a model with IOV (built with ``iov``), else None."""
+        recipe = self.fitted.model.recipe
+        return recipe.get("occasion") if recipe.get("iov") else None
+
+    def _require_occasion_ahead(self, batch) -> None:
+        """The regimen ahead is a new occasion; the model must have one more than the patient's history used."""
+        recipe = self.fitted.model.recipe
+        ahead = int(batch.ahead_covariates()[0, batch.covariate_names.index(self.occasion)])
+        if ahead > int(recipe["occasions"]):
+            raise HybridPKError(f"{self.name}: the patient's records reach occasion {ahead - 1} ({self.occasion}) and "
+                                f"the regimen ahead is occasion {ahead}, but the model has {recipe['occasions']} "
+                                "occasions; number the patient's occasions from 1 (recent ones only), or use a model "
+                                "with more occasions")
+
     def individual_parameters(self, est: PatientEstimate, points) -> dict:
-        """Parameters of the regimen ahead: with the covariates of the patient's last record."""
-        batch = est.source.problem.batch
-        last = batch.last_covariates()[0]
+        """Parameters of the regimen ahead: with the covariates of the patient's last record (a new occasion for
+        a model with IOV: its IOV ETAs are those of ``points`` for that occasion, 0 at the MAP)."""
+        batch = est.batch
+        last = batch.ahead_covariates()[0]
         cov = {c: last[k].expand(points.shape[0]) for k, c in enumerate(batch.covariate_names)}
         with torch.no_grad():
             return self.fitted.individual_parameters(points, cov)

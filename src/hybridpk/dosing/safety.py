@@ -43,8 +43,14 @@ def check_patient(model, df: pd.DataFrame) -> list[str]:
                 v = float(out.iloc[0])
                 warnings.append(f"covariate {c} = {v:g} is outside the population the model was built on "
                                 f"({lo:g}-{hi:g}); predictions are extrapolations")
+    occasion = getattr(model, "occasion", None)
+    if occasion is not None and occasion in df.columns:
+        last = int(df.sort_values("TIME", kind="stable")[occasion].iloc[-1])
+        warnings.append(f"occasions ({occasion}) {', '.join(f'{v:g}' for v in sorted(df[occasion].unique()))} in the "
+                        f"patient's records, each with its own IOV estimate; the forecast and the regimen ahead are "
+                        f"occasion {last + 1}, whose IOV is unknown (0 at the MAP, drawn from its OMEGA in intervals)")
     for c in model.covariates:
-        if c in df.columns and df[c].nunique() > 1:
+        if c in df.columns and df[c].nunique() > 1 and c != occasion:
             last = df.sort_values("TIME", kind="stable").iloc[-1]
             warnings.append(f"covariate {c} changes within the patient's records ({df[c].iloc[0]:g} to {last[c]:g}): "
                             f"the history is predicted with each record's value, the forecast and the regimen with "

@@ -79,7 +79,7 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
     s = eta.shape[0]
     zero = torch.zeros(s, dtype=torch.float64)
     if target.metric == "auc24":
-        last = patient.last_covariates()[0]      # the regimen ahead: the latest covariates
+        last = patient.ahead_covariates()[0]      # the regimen ahead: the latest covariates (a new occasion)
         cov = {c: last[k].expand(s) for k, c in enumerate(patient.covariate_names)}
         p = model.individual_parameters(eta, cov)
         f = p.get("F", torch.ones(s, dtype=torch.float64))
@@ -94,7 +94,7 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
         else:
             grid = list(np.linspace(0.0, interval, 97))
         unit = Regimen(0.0, 1.0, interval, 1, duration, cmt, steady_state=True)
-        alone = patient.extend(unit, grid, keep_records=False, keep_doses=False)
+        alone = patient.extend(unit, grid, keep_records=False, keep_doses=False, ahead=True)
         return zero, _at(model, alone, eta, len(grid)).amax(1)
     if target.metric == "aucday":  # AUC over day D of the new regimen, the patient's history included
         t0 = start + 24.0 * (target.time - 1)
@@ -102,13 +102,14 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
         unit = Regimen(start, 1.0, interval, int(np.ceil((t0 + 24 - start) / interval)) + 1, duration, cmt)
         tt = torch.as_tensor(grid)
         conc0 = _at(model, patient.extend(None, grid, keep_records=False), eta, len(grid))
-        conc1 = _at(model, patient.extend(unit, grid, keep_records=False, keep_doses=False), eta, len(grid))
+        conc1 = _at(model, patient.extend(unit, grid, keep_records=False, keep_doses=False, ahead=True), eta,
+                    len(grid))
         return torch.trapezoid(conc0, tt, dim=1), torch.trapezoid(conc1, tt, dim=1)
     # concentration at start + T, with the patient's history
     t = [float(start + target.time)]
     unit = Regimen(start, 1.0, interval, 100, duration, cmt)
     a = _at(model, patient.extend(None, t, keep_records=False), eta, 1)[:, -1]
-    return a, _at(model, patient.extend(unit, t, keep_records=False, keep_doses=False), eta, 1)[:, -1]
+    return a, _at(model, patient.extend(unit, t, keep_records=False, keep_doses=False, ahead=True), eta, 1)[:, -1]
 
 
 def _at(model, batch, eta, k: int):
@@ -171,4 +172,5 @@ def metrics_by_simulation(conc, patient, target: Target, start: float, interval:
 
 def _sim(conc, patient, regimen, grid, history: bool = True):
     """Concentrations (S, len(grid)) of ``regimen`` (after the patient's history, or alone), at ``grid`` (h)."""
-    return conc(patient.extend(regimen, grid, keep_records=False, keep_doses=history))[:, -len(grid):]
+    return conc(patient.extend(regimen, grid, keep_records=False, keep_doses=history,
+                               ahead=not history))[:, -len(grid):]

@@ -359,7 +359,7 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     est += extra
     initial = {k.upper(): v for k, v in (initial or {}).items()}
     names = list(sm.parameter_names) + [p.name for p in extra]
-    unknown = [k for k in list(initial) + list(iiv or []) if k not in names]
+    unknown = [k for k in list(initial) + list(iiv or []) + list(iov or []) if k.upper() not in names]
     if unknown:
         raise ModelError(f"model {sm.name} has no parameter(s) {', '.join(unknown)}; it has "
                          f"{', '.join(names)}")

@@ -9,7 +9,10 @@ covariates, ``[population]`` covariate ranges, ``time_varying`` ("nonmem" or "lo
 changes within a patient's records acts), and ``[parameters]``: structural parameters computed from others
 (``CL = "K * V"``: a micro-constant parameterisation in which K and V have typical values, IIV and covariate
 effects, and ETA_V acts on both CL and V; arithmetic and exp/log/sqrt, parsed without executing code, see
-:func:`hybridpk.population.build_model`)."""
+:func:`hybridpk.population.build_model`). ``[iov]`` gives variances of inter-occasion variability
+(``CL = 0.02``): the column ``occasion`` (default "OCC"; 1 when a patient file lacks it) numbers a patient's
+occasions 1, 2, ..., each with its own ETA, up to ``occasions`` (default 8); in dosing, the regimen ahead is a
+new occasion, whose IOV is unknown (0 at the MAP, drawn from its variance in intervals)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from .fitted import FittedPopulation
 from .spec import CovariateEffect, ErrorModel, build_model
 
 __all__ = ["load_model", "model_specs", "write_spec"]
+
+#: occasions of a spec with [iov] that does not say how many
+DEFAULT_OCCASIONS = 8
 
 
 def _models_dir() -> Path:
@@ -64,6 +70,9 @@ def _from_toml(path: Path) -> FittedPopulation:
         structure = spec["structure"]
         typical = {k.upper(): float(v) for k, v in spec["typical"].items()}
         iiv = {k.upper(): float(v) for k, v in spec.get("iiv", {}).items()}
+        iov = {k.upper(): float(v) for k, v in spec.get("iov", {}).items()}
+        occasion = str(spec.get("occasion", "OCC"))
+        occasions = int(spec.get("occasions", DEFAULT_OCCASIONS)) if iov else None
         covariances = _covariances(path, spec.get("iiv_covariance", {}), iiv)
         time_varying = str(spec.get("time_varying", "nonmem"))
         err = spec.get("error", {})
@@ -93,7 +102,8 @@ def _from_toml(path: Path) -> FittedPopulation:
                          error=ErrorModel(err.get("kind", "proportional"), add=float(err.get("add", 0.0)),
                                           prop=float(err.get("prop", 0.0))), initial=typical,
                          omega_block=blocks or False, time_varying=time_varying,
-                         derived={str(k): str(v) for k, v in spec.get("parameters", {}).items()})
+                         derived={str(k): str(v) for k, v in spec.get("parameters", {}).items()},
+                         iov=list(iov), occasion=occasion, occasions=occasions)
     except (ModelError, ValueError) as exc:
         raise ModelError(f"model spec {path.name}: {exc}") from None
     missing = [t.name for t in pm.thetas if t.name not in typical and t.name not in coef]
@@ -101,18 +111,21 @@ def _from_toml(path: Path) -> FittedPopulation:
         raise ModelError(f"model spec {path.name}: [typical] has no value for {', '.join(missing)} (the "
                          f"{structure} model needs {', '.join(t.name for t in pm.thetas if t.name not in coef)})")
     theta = {t.name: typical.get(t.name, coef.get(t.name)) for t in pm.thetas}
-    omega = {e: iiv[e.removeprefix("ETA_")] for e in pm.etas}
+    omega = {e: iiv[e.removeprefix("ETA_")] for e in pm.etas[:len(iiv)]}
+    omega.update({f"ETA_IOV_{p}_{k}": v for p, v in iov.items() for k in range(1, (occasions or 0) + 1)})
     sd = {k: float(err.get(k.lower(), 0.0)) for k in pm.error.names}
     _check_values(path, pm, theta, omega, sd)
     if covariances:
         names = [e.removeprefix("ETA_") for e in pm.etas]
         omega = [[omega[f"ETA_{a}"] if a == b else covariances.get(frozenset((a, b)), 0.0) for b in names]
-                 for a in names]
+                 for a in names]      # IOV names (IOV_CL_1) never pair with an IIV parameter's name
         if float(torch.linalg.eigvalsh(torch.tensor(omega, dtype=torch.float64)).min()) <= 0:
             raise ModelError(f"model spec {path.name}: [iiv] with [iiv_covariance] is not positive definite (a "
                              "correlation of 1 or more)")
     ranges = {k: (float(v[0]), float(v[1])) for k, v in spec.get("population", {}).items()}
     defaults = {k: float(v) for k, v in spec.get("defaults", {}).items()}
+    if iov:
+        defaults.setdefault(occasion, 1.0)    # a patient file without occasions: one occasion
     unknown = sorted(set(defaults) - set(pm.covariates))
     if unknown:
         raise ModelError(f"model spec {path.name}: [defaults] names {', '.join(unknown)}, which the model does not use")
@@ -172,8 +185,10 @@ def _check_values(path: Path, pm, theta: dict, omega: dict, sd: dict) -> None:
     import math
 
     bad = [f"[typical] {k} = {v} (a finite number)" for k, v in theta.items() if not math.isfinite(v)]
-    bad += [f"[iiv] {e.removeprefix('ETA_')} = {v} (a variance: > 0)" for e, v in omega.items()
-            if not (math.isfinite(v) and v > 0)]
+    bad += [f"[iov] {e.removeprefix('ETA_IOV_').rsplit('_', 1)[0]} = {v} (a variance: > 0)"
+            if e.startswith("ETA_IOV_") else f"[iiv] {e.removeprefix('ETA_')} = {v} (a variance: > 0)"
+            for e, v in omega.items() if not (math.isfinite(v) and v > 0)]
+    bad = list(dict.fromkeys(bad))      # one line per IOV parameter, not per occasion
     bad += [f"[error] {k.lower()} = {v} (an SD: >= 0)" for k, v in sd.items() if not (math.isfinite(v) and v >= 0)]
     if sd and all(v == 0 for v in sd.values()):
         bad.append("[error]: every residual SD is 0 (give add and/or prop)")
