@@ -333,6 +333,8 @@ def _model_and_data(args):
         else:
             block = False
         iov = [s.strip().upper() for s in args.iov.split(",") if s.strip()] if args.iov else None
+        if args.occasion != "OCC" and not iov:
+            raise HybridPKError(f"--occasion {args.occasion} names the occasion column of --iov; give --iov P,P too")
         pm = build_model(args.model, iiv=iiv, covariates=args.covariate, error=error, initial=init, data=ds,
                          omega_block=block, time_varying=args.time_varying, iov=iov, occasion=args.occasion)
         args.pooled = not init
