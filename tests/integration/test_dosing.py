@@ -450,3 +450,23 @@ def test_a_spec_with_iov_estimates_past_occasions_and_doses_a_new_one(tmp_path):
     many = df.assign(OCC=df.OCC + 1)
     with pytest.raises(HybridPKError, match="occasion 4.*3 occasions|3 occasions"):
         estimate_patient(model, hp.read_nonmem(many, covariates=["OCC"]))
+
+
+def test_time_to_concentration_counts_additional_doses(tmp_path):
+    """A history of 21 doses written as one record with ADDL=20, II=12: the time the level falls to 2 mg/L is
+    after the last additional dose (240 h), as the sum of the bolus doses' exponentials gives it (root by brentq;
+    the search grid is 0.05 h)."""
+    from scipy.optimize import brentq
+
+    from hybridpk.dosing import time_to_concentration
+
+    spec = SPEC_IOV.split("[iov]")[0].replace('name = "iov"', 'name = "no_iiv"').split("[iiv]")[0]
+    (tmp_path / "spec.toml").write_text(spec + '[error]\nkind = "additive"\nadd = 0.5\n')
+    df = pd.DataFrame([dict(ID=1, TIME=0.0, AMT=500.0, DV=0.0, EVID=1, MDV=1, ADDL=20, II=12.0),
+                       dict(ID=1, TIME=2.0, AMT=0.0, DV=14.0, EVID=0, MDV=0, ADDL=0, II=0.0)])
+    out = time_to_concentration(load_model(tmp_path / "spec.toml"), hp.read_nonmem(df), 2.0)
+
+    def conc(t):
+        return sum(500.0 / 30.0 * math.exp(-0.1 * (t - 12.0 * k)) for k in range(21)) - 2.0
+
+    assert out["map_time_h"] == pytest.approx(brentq(conc, 241.0, 400.0), abs=0.06)

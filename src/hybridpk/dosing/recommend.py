@@ -422,7 +422,9 @@ def time_to_concentration(model, dataset, concentration: float, *, horizon: floa
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     est = post.estimate
     df = dataset.to_dataframe()
-    t_last = float(df[df.EVID.isin([1, 4])].TIME.max())
+    doses = df[df.EVID.isin([1, 4])]
+    extra = doses.ADDL * doses.II if {"ADDL", "II"} <= set(doses.columns) else 0.0
+    t_last = float((doses.TIME + extra).max())           # the last dose, additional doses (ADDL) included
     grid = np.linspace(t_last, t_last + horizon, int(horizon * 20) + 1)
     draws = torch.cat([est.eta[:1], post.draws])
     batch = est.batch.extend(None, grid)
