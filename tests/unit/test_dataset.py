@@ -173,3 +173,25 @@ def test_prediction_design_keeps_doses_and_covariates(theoph_path):
     first = ds.to_dataframe().groupby("ID").WT.first()
     assert (f.groupby("ID").WT.nunique() == 1).all() and (f.groupby("ID").WT.first() == first).all()
     assert (f[f.EVID == 2].CMT == 2).all()
+
+
+@pytest.mark.parametrize("model", ["1cmt_iv", "1cmt_oral", "2cmt_iv", "1cmt_oral_mm"])
+@pytest.mark.parametrize("rate", [0.0, 100.0])
+def test_a_zero_amount_dose_record_is_accepted_and_changes_nothing(model, rate):
+    """NONMEM accepts a dose record with AMT=0 (a bolus or an infusion of nothing): it is read, and the predictions
+    equal those without it (closed form and ODE path)."""
+    import torch
+
+    from hybridpk.models import get_model
+    from hybridpk.solve import simulate
+
+    rows = [dict(ID=1, TIME=0.0, AMT=500.0, DV=0.0, EVID=1, MDV=1, RATE=0.0),
+            dict(ID=1, TIME=1.0, AMT=0.0, DV=0.0, EVID=1, MDV=1, RATE=rate),
+            dict(ID=1, TIME=2.0, AMT=0.0, DV=14.0, EVID=0, MDV=0, RATE=0.0),
+            dict(ID=1, TIME=10.0, AMT=0.0, DV=6.0, EVID=0, MDV=0, RATE=0.0)]
+    df = pd.DataFrame(rows)
+    sm = get_model(model)
+    p = {q.name: torch.tensor([q.typical], dtype=torch.float64) for q in sm.parameters}
+    with_zero = simulate(sm, p, hp.read_nonmem(df).to_batch()).ipred[0, 2:]
+    without = simulate(sm, p, hp.read_nonmem(df.drop(index=1)).to_batch()).ipred[0, 1:]
+    torch.testing.assert_close(with_zero, without, rtol=1e-10, atol=1e-12)

@@ -104,8 +104,6 @@ def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, h
         v(is_dose & np.isfinite(DV) & (DV != 0), "DV", "a dose row (AMT > 0) also carries an observation in DV; "
           "put the observation on its own row with AMT=0 (or add EVID/MDV columns)")
     if "EVID" in has:
-        v(is_dose & ~(AMT > 0) & ~(t["SS"] > 0) & ~(t["RATE"] < 0), "AMT",
-          "dose row (EVID 1/4) without a positive AMT")
         v((EVID == 0) & (AMT > 0), "AMT", "observation row (EVID=0) with AMT > 0; set EVID=1 for a dose")
     v(is_obs & np.isnan(DV), "DV", "observation (MDV=0) without a DV value; set MDV=1 if there is no observation")
 
