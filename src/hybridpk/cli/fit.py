@@ -15,15 +15,19 @@ With DATA.csv and --model, the model is built from options: log-normal IIV on th
 --iiv, covariate effects by --covariate, and the residual error by --error. --model may also name a published
 model ('hybridpk models' lists them, or a spec .toml): its covariates, IIV and error model are kept and its
 estimates are where the fit starts (with --hybrid vae: a published model extended by the correction).
-With MODEL.mod (a NONMEM control stream, ADVAN1-4/11/12 with the TRANS NONMEM allows), the model, its initial
-estimates and its dataset are read through pharmpy-core (pip install 'hybridpk[nonmem]') and parameter
-names are pharmpy's (POP_CL...). $PK is evaluated at every record with that record's data items (covariates,
-TIME, occasion flags), as NONMEM does: a record's values hold over the interval it ends. $OMEGA BLOCK(n), SAME
-(inter-occasion variability), FIX and THETA bounds are honoured; $ERROR may be written on F, IPRED or the
-central amount A(n). What hybridpk cannot do as written (e.g. LAPLACE, $DES, a variable carried over from the
-previous record) is refused with the construct and its line, never replaced.
+With MODEL.mod (a NONMEM control stream: ADVAN1-4/11/12 with the TRANS NONMEM allows, $DES with ADVAN6/8/13/14,
+the general linear ADVAN5/7, or $PRED), the model, its initial estimates and its dataset are read through
+pharmpy-core (pip install 'hybridpk[nonmem]') and parameter names are pharmpy's (POP_CL...). $PK is evaluated
+at every record with that record's data items (covariates, TIME, occasion flags), as NONMEM does: a record's
+values hold over the interval it ends. $OMEGA BLOCK(n), SAME (inter-occasion variability), FIX and THETA
+bounds are honoured; $ERROR may be written on F, IPRED or the amounts A(n), with any residual variance NONMEM
+defines (THETA SDs with $SIGMA 1 FIX, ETA on EPS, an SD read from DVID or another data item). What hybridpk
+cannot do as written (e.g. SAEM, a $SIGMA block, a variable carried over from the previous record, A_0) is
+refused with the construct and its line, never replaced.
 With a covariate that changes within a subject, a model built from options follows it record by record by the
-same rule (--time-varying locf carries each record's value forward instead).
+same rule (--time-varying locf carries each record's value forward instead). --iov CL gives a built model
+inter-occasion variability: each occasion of the --occasion column (OCC: 1, 2, ... per record) has its own ETA
+on CL, all with one variance, as NONMEM's $OMEGA BLOCK(1) SAME.
 
 The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ receives:
   summary.json      OFV, convergence, estimates with standard errors (RSE %), OMEGA, SIGMA, shrinkage,
