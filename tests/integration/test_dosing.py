@@ -347,7 +347,8 @@ def test_a_spec_with_parameter_expressions_gives_the_independent_map(tmp_path):
         assert float(est.parameters[k].iloc[0]) == pytest.approx(value, rel=1e-4), k
     # refused by name: code, a parameter the structure lacks, a parameter computed and given
     for table, match in [('CL = "__import__(\'os\').getcwd()"', "only exp"), ('Q = "K * V"', "no parameter Q"),
-                         ('CL = "K * V"\nV = "30"', "computed itself"), ('CL = "K * "', "not an expression")]:
+                         ('CL = "K * V"\nV = "30"', "computed itself"), ('CL = "K * "', "not an expression"),
+                         ('CL = "K * V * 9**9**9"', "exponent above 100")]:
         (tmp_path / "bad.toml").write_text(SPEC_MICRO.replace('CL = "K * V"', table))
         with pytest.raises(HybridPKError, match=match):
             load_model(tmp_path / "bad.toml")

@@ -3,7 +3,8 @@
 The text is parsed by Python's :mod:`ast` and only arithmetic (+, -, *, /, ** and unary minus), numbers, names
 and the functions exp, log and sqrt are accepted; the result is a sympy expression that
 :func:`hybridpk.population._sympy_torch.compile_expression` evaluates with tensors. ``sympy.sympify`` is not
-used because it evaluates its input as Python code, and a spec or a run's model.json must never execute code.
+used because it evaluates its input as Python code, and a spec or a run's model.json must never execute code;
+powers are kept unevaluated, so that ``9**9**9`` is not computed as an exact integer.
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ def parse_expression(text: str, names, where: str):
             return -value if isinstance(node.op, ast.USub) else value
         if isinstance(node, ast.BinOp):
             ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-                   ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+                   ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: sympy.Pow(a, b, evaluate=False)}
             op = ops.get(type(node.op))
             if op is None:
                 fail(f"the operator {type(node.op).__name__} is not allowed")
-            return op(build(node.left), build(node.right))
+            left, right = build(node.left), build(node.right)
+            if isinstance(node.op, ast.Pow) and right.is_number and not abs(float(right)) <= 100:
+                fail("an exponent above 100 in magnitude")
+            return op(left, right)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS \
                 and len(node.args) == 1 and not node.keywords:
             return getattr(sympy, node.func.id)(build(node.args[0]))
