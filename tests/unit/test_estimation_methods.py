@@ -236,3 +236,29 @@ def test_a_stalled_search_stops_and_says_why(monkeypatch):
     fit = fit_population(pm, ds, progress=False, covariance=False, pooled_start=False)
     assert fit.estimation.iterations == 4 and fit.estimation.converged
     assert fit.estimation.message == "the OFV fell by less than 1e+09 over the last 3 iterations"
+
+
+def test_importance_resampling_leaves_proposals_beyond_the_limit_unevaluated():
+    """Proposals with an ETA beyond ``limit`` get weight 0 without being evaluated (an ODE model's draws with KA
+    e^10 took the solver minutes per batch); inside the limit the weights are the same, so a posterior well inside
+    it is sampled as without the limit (same mean, SD and effective sample size)."""
+    from hybridpk.population.estimates import importance_resample
+
+    mean = torch.tensor([0.2, -0.1], dtype=torch.float64)
+    cov = torch.tensor([[0.04, 0.01], [0.01, 0.09]], dtype=torch.float64)
+    prec = torch.linalg.inv(cov)
+    seen = []
+
+    def log_post(d):
+        seen.append(d.abs().max(0).values)
+        r = d - mean
+        return -0.5 * torch.einsum("nk,kl,nl->n", r, prec, r)
+
+    limit = torch.tensor([0.9, 1.5], dtype=torch.float64)
+    draws, ess = importance_resample(mean, cov, log_post, 2000, seed=3, limit=limit)
+    assert all(bool((s <= limit).all()) for s in seen)
+    free, ess_free = importance_resample(mean, cov, log_post, 2000, seed=3)
+    assert bool((free.abs() > limit).any(1).any())             # the unlimited proposals do reach beyond it
+    np.testing.assert_allclose(draws.mean(0).numpy(), mean.numpy(), atol=0.02)
+    np.testing.assert_allclose(draws.std(0).numpy(), free.std(0).numpy(), rtol=0.1)
+    assert ess == pytest.approx(ess_free, rel=0.05)

@@ -103,15 +103,26 @@ def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, see
         data = torch.where(obs, r * r / v + torch.log(v), torch.zeros_like(v)).sum(1)
         return -0.5 * (data + torch.einsum("nk,kl,nl->n", draws, oinv, draws))
 
-    return importance_resample(est.eta[index], est.cov[index], log_post, n, seed, proposal_scale)
+    limit = PRIOR_SD_LIMIT * torch.sqrt(torch.diagonal(model.omega.tensor()))
+    return importance_resample(est.eta[index], est.cov[index], log_post, n, seed, proposal_scale, limit=limit)
 
 
-def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, proposal_scale: float = 1.5):
+#: proposals with an ETA beyond this many prior SDs (sqrt OMEGA) are not evaluated (see importance_resample)
+PRIOR_SD_LIMIT = 6.0
+
+
+def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, proposal_scale: float = 1.5,
+                        limit=None):
     """Sampling-importance-resampling (Rubin 1988) of ``n`` draws from a posterior known up to a constant,
     ``log_post(draws (M, K)) -> (M,)``: 5 n proposals from a multivariate t (5 d.f.) centred at ``mean`` (K,)
     with scale ``proposal_scale``^2 ``cov`` (the Laplace covariance, widened so the tails are covered), then
     resampled with their importance weights. Returns (draws (n, K), the weights' effective sample size
-    1 / sum w^2). Seeded (torch CPU generator and numpy)."""
+    1 / sum w^2). Seeded (torch CPU generator and numpy).
+
+    ``limit`` (K,): proposals with |draw_k| > limit_k get weight 0 without evaluating ``log_post``: the t's tails
+    reach ETAs whose parameters no solver integrates in reasonable time (KA e^10), and beyond 6 prior SDs the
+    prior density is below e^-18 of its mode, so the posterior mass dropped is negligible unless the
+    likelihood outweighs that, in which case the mode would lie there."""
     gen = torch.Generator().manual_seed(seed)
     k = mean.shape[0]
     m = 5 * n
@@ -121,8 +132,11 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     g = torch.from_numpy(np.random.default_rng(seed).chisquare(df, m))
     t = z / torch.sqrt(g / df).unsqueeze(-1)
     draws = mean + t @ chol.T
+    inside = torch.ones(m, dtype=torch.bool) if limit is None else (draws.abs() <= limit).all(-1)
     with torch.no_grad():
-        logpost = log_post(draws)
+        logpost = torch.full((m,), -float("inf"), dtype=torch.float64)
+        if bool(inside.any()):
+            logpost[inside] = log_post(draws[inside]).to(torch.float64)
         # log density of the multivariate t proposal (up to a constant)
         maha = (torch.linalg.solve_triangular(chol, (draws - mean).T, upper=False) ** 2).sum(0)
         logq = -0.5 * (df + k) * torch.log1p(maha / df)
