@@ -221,3 +221,40 @@ def test_input_response_equals_infusions(name):
     resp = input_response(model, pp, b.time, torch.tensor(starts[None], dtype=torch.float64), width)
     got = (resp * torch.tensor(rates[None], dtype=torch.float64).unsqueeze(1)).sum(-1)[b.is_obs]
     check_close(got.numpy(), want.numpy(), f"{name} input response")
+
+
+@pytest.mark.parametrize("start", [0.0, 24.0])
+def test_a_transit_chain_with_nn_near_zero_is_one_more_first_order_step(start):
+    """NN -> 0 (where the EHC data drive a transit fit): the chain input KTR^(NN+1) s^NN e^(-KTR s) / Gamma(NN+1)
+    becomes KTR e^(-KTR s), a first-order transfer before KA. Its s^NN rises with an infinite slope at each dose,
+    which the solver once refused as 'step size underflow' for a dose after time 0; now two doses 12 h apart
+    match scipy's solution of the three-compartment chain (rtol 1e-11) to 1e-6."""
+    import pandas as pd
+    import torch
+    from scipy.integrate import solve_ivp
+
+    import hybridpk as hp
+    from hybridpk.models import get_model
+    from hybridpk.solve import simulate
+
+    cl, v, ka, mtt, dose = 2.8, 50.0, 2.4, 0.0556, 500.0
+    ktr = 1.0 / mtt
+    times = start + np.array([0.1, 0.5, 1.0, 3.0, 12.0, 12.2, 13.0, 20.0])
+    rows = [dict(ID=1, TIME=start + s, AMT=dose, DV=0.0, EVID=1, MDV=1, CMT=1) for s in (0.0, 12.0)]
+    rows += [dict(ID=1, TIME=t, AMT=0.0, DV=1.0, EVID=0, MDV=0, CMT=2) for t in times]
+    ds = hp.read_nonmem(pd.DataFrame(rows).sort_values("TIME", kind="stable"))
+    p = {k: torch.tensor([x], dtype=torch.float64) for k, x in
+         dict(CL=cl, V=v, KA=ka, MTT=mtt, NN=4e-7, F=1.0).items()}
+    ours = simulate(get_model("1cmt_oral_transit"), p, ds.to_batch()).ipred[0]
+    ours = ours[ds.to_batch().is_obs[0]].numpy()
+
+    def rhs(t, y):
+        return [-ktr * y[0], ktr * y[0] - ka * y[1], ka * y[1] - cl / v * y[2]]
+
+    y, t0, ref = [dose, 0.0, 0.0], start, []
+    for seg_end in (start + 12.0, start + 24.0):
+        sol = solve_ivp(rhs, (t0, seg_end), y, rtol=1e-11, atol=1e-12, dense_output=True)
+        ref += [sol.sol(t)[2] / v for t in times if t0 <= t < seg_end]
+        y = sol.y[:, -1] + np.array([dose, 0.0, 0.0])
+        t0 = seg_end
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)

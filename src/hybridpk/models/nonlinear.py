@@ -65,12 +65,24 @@ class OneCmtOralTransit(CompartmentModel):
     lag = None
     #: doses into the dose compartment enter through the transit chain, not as a jump
     dose_as_input = True
+    #: the chain input is taken at s >= S_FLOOR (h) after a dose (see input_rate)
+    S_FLOOR = 1e-12
 
-    def input_rate(self, t, dose_time, dose_amt, p):
-        """Rate (mg/h) into ABSORPTION at time t (N,) from doses (N, D) given at dose_time."""
+    def input_rate(self, t, dose_time, dose_amt, p, mid=None):
+        """Rate (mg/h) into ABSORPTION at time t (N,) from doses (N, D) given at dose_time.
+
+        ``mid`` (N,), the midpoint of the solver's current segment (dose times are segment boundaries): a dose
+        is in the input of the segments after it, and its chain input is taken at s = max(t - dose time,
+        S_FLOOR) there. For NN between 0 and 1 the input s^NN rises from 0 with an infinite slope (for NN near 0
+        it is a step within 1e-300 h), which no step-size control resolves; the floor makes the start a jump at
+        the boundary and changes the input on [0, 1e-12] h only. Without ``mid``: the doses before t."""
         ktr = (p["NN"] + 1.0) / p["MTT"]
         s = t.unsqueeze(-1) - dose_time
-        pos = s > 0
+        if mid is None:
+            pos = s > 0
+        else:
+            pos = dose_time < mid.unsqueeze(-1)
+            s = s.clamp(min=self.S_FLOOR)
         s_safe = torch.where(pos, s, torch.ones_like(s))
         nn = p["NN"].unsqueeze(-1)
         lk = ktr.unsqueeze(-1)
@@ -78,7 +90,8 @@ class OneCmtOralTransit(CompartmentModel):
         return (torch.where(pos, torch.exp(log_rate), torch.zeros_like(s)) * dose_amt).sum(-1)
 
     def rhs(self, t, a, p, rate, ctx=None):
-        inp = self.input_rate(t, ctx.transit_time, ctx.transit_amt, p) if ctx is not None else 0.0
+        inp = (self.input_rate(t, ctx.transit_time, ctx.transit_amt, p, getattr(ctx, "segment_mid", None))
+               if ctx is not None else 0.0)
         absorbed = p["KA"] * a[..., 0]
         return torch.stack([inp - absorbed, absorbed - p["CL"] / p["V"] * a[..., 1]], -1) + rate
 
