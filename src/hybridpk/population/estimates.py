@@ -122,7 +122,8 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     ``limit`` (K,): proposals with |draw_k| > limit_k get weight 0 without evaluating ``log_post``: the t's tails
     reach ETAs whose parameters no solver integrates in reasonable time (KA e^10), and beyond 6 prior SDs the
     prior density is below e^-18 of its mode, so the posterior mass dropped is negligible unless the
-    likelihood outweighs that, in which case the mode would lie there."""
+    likelihood outweighs that, in which case the mode would lie there. The limit is never closer to ``mean`` than 6
+    proposal SDs (a mode far out in the population keeps its neighbourhood)."""
     gen = torch.Generator().manual_seed(seed)
     k = mean.shape[0]
     m = 5 * n
@@ -132,6 +133,9 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     g = torch.from_numpy(np.random.default_rng(seed).chisquare(df, m))
     t = z / torch.sqrt(g / df).unsqueeze(-1)
     draws = mean + t @ chol.T
+    if limit is not None:   # never closer to the mode than 6 proposal SDs (a patient far out in the population)
+        reach = mean.abs() + 6 * proposal_scale * torch.sqrt(torch.diagonal(cov))
+        limit = torch.maximum(torch.as_tensor(limit, dtype=draws.dtype), reach)
     inside = torch.ones(m, dtype=torch.bool) if limit is None else (draws.abs() <= limit).all(-1)
     with torch.no_grad():
         logpost = torch.full((m,), -float("inf"), dtype=torch.float64)
