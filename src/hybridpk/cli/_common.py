@@ -150,6 +150,14 @@ def finite_float(text: str) -> float:
     return v
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a dose in mg, a concentration in mg/L, an interval step in h)."""
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number > 0")
+    return v
+
+
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0 (a residual SD)."""
     v = finite_float(text)

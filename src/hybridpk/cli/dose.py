@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, figure_arg, finite_float, out_file_arg, resolve_data_path
+from ._common import ManualFormatter, figure_arg, finite_float, out_file_arg, positive_float, resolve_data_path
 
 DOSE_HELP = """\
 Recommend a dose (and interval) for one patient from a population model and a few drug levels.
@@ -26,6 +26,13 @@ longer than the interval. Targets: auc24=LOW:HIGH (mg*h/L over 24 h at steady st
 day D of the new regimen, history included), trough=LOW:HIGH and
 peak=LOW:HIGH (mg/L, steady state), conc@T=LOW:HIGH (mg/L, T h after the first new dose).
 
+Two other questions: --dose MG fixes the dose and solves for the dosing interval (h) that puts the MAP
+steady-state target (auc24, trough or peak) at the middle of its window, exactly (a root, not a pick from
+a list; --interval-step rounds it, e.g. to 0.5 or 6 h). --time-below C answers when the concentration
+falls to C mg/L after the last dose if nothing more is given (MAP time and 90% interval; exact root after
+the peak, or --posologyr-grid for posologyr's poso_time_cmin: the first 0.1-h grid point from the last
+dose + 0.2 h that is below C).
+
 REC.json holds: the dose and interval, the regimen as NONMEM dose records, the predicted exposure (MAP,
 median and 90% interval), the probability of target attainment, the MAP individual parameters with
 their 90% credible intervals, and warnings (covariates outside the model's population, few or
@@ -47,7 +54,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("dose", help="recommend a dose for a patient (MIPD)", description=DOSE_HELP,
                        epilog="examples:\n  hybridpk dose vancomycin_goti2018 patient.csv --target auc24=400:600 "
                               "--interval 12 --duration 1 --dose-step 250 --max-dose 4000 --out rec.json\n"
-                              "  hybridpk dose runs/mydrug patient.csv --target trough=10:15 --out rec.json\n",
+                              "  hybridpk dose runs/mydrug patient.csv --target trough=10:15 --out rec.json\n"
+                              "  hybridpk dose vancomycin_goti2018 patient.csv --dose 1000 --target trough=10:15 "
+                              "--interval-step 0.5\n"
+                              "  hybridpk dose vancomycin_goti2018 patient.csv --time-below 10\n",
                        formatter_class=ManualFormatter)
     p.add_argument("model", metavar="MODEL_OR_RUN", nargs="?",
                    help="model spec name/file, NONMEM control stream or fit run folder")
@@ -60,6 +70,14 @@ def add_parser(sub) -> None:
     p.add_argument("--dose-step", type=float, default=250.0, help="dose rounding step (mg)")
     p.add_argument("--max-dose", type=float, help="maximum single dose (mg)")
     p.add_argument("--start", type=float, help="time of the first new dose (h)")
+    p.add_argument("--dose", type=positive_float, metavar="MG", help="fix the dose (mg) and solve for the interval "
+                   "that puts the steady-state target (auc24, trough, peak) at the middle of its window")
+    p.add_argument("--interval-step", type=positive_float, metavar="H", help="with --dose: round the interval to a "
+                   "whole multiple of H hours (default: the exact root)")
+    p.add_argument("--time-below", type=positive_float, metavar="C", help="instead of a dose: when the "
+                   "concentration falls to C mg/L after the last dose, if nothing more is given")
+    p.add_argument("--posologyr-grid", action="store_true", help="with --time-below: posologyr's grid semantics "
+                   "(first 0.1-h point from last dose + 0.2 h below C) instead of the exact root after the peak")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
     p.add_argument("--out", metavar="REC.json", type=out_file_arg, help="write the recommendation here")
     p.set_defaults(handler=run_dose)
@@ -89,7 +107,7 @@ def _load(args):
 def run_dose(args) -> int:
     import json
 
-    from hybridpk.dosing import recommend_dose
+    from hybridpk.dosing import interval_for_dose, recommend_dose
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text, run_metadata
     from hybridpk.population import model_specs
@@ -99,15 +117,22 @@ def run_dose(args) -> int:
         return 0
     if not args.model or not args.patient:
         raise HybridPKError("give MODEL_OR_RUN and PATIENT.csv (or --list)")
+    _check_question(args)
     model, ds = _load(args)
-    rec = recommend_dose(model, ds, args.target, interval=args.interval, duration=args.duration,
-                         dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed)
+    if args.time_below is not None:
+        return _time_below(args, model, ds)
+    if args.dose is not None:
+        rec = interval_for_dose(model, ds, args.dose, args.target, duration=args.duration,
+                                interval_step=args.interval_step, start=args.start, seed=args.seed)
+    else:
+        rec = recommend_dose(model, ds, args.target, interval=args.interval, duration=args.duration,
+                             dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed)
     out = {**rec.to_dict(), **run_metadata(seed=args.seed)}
     text = json.dumps(out, indent=2, default=float)
     if args.out:
         atomic_write_text(args.out, text)
     metric, exp = next(iter(rec.exposure.items()))
-    print(f"{model.name}: {rec.dose:g} mg every {rec.interval:g} h"
+    print(f"{model.name}: {rec.dose:g} mg every {rec.interval:.4g} h"
           + (f" as {rec.duration:g}-h infusions" if rec.duration > 0 else " (bolus or oral doses)")
           + f", from t = {rec.start:g} h")
     se = f" (Monte-Carlo SE {rec.pta_mc_se:.1%})" if rec.pta_mc_se is not None else ""
@@ -117,6 +142,57 @@ def run_dose(args) -> int:
     for w in rec.warnings:
         print(f"warning: {w}")
     if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _check_question(args) -> None:
+    """One question per call: a dose (default), the interval for --dose, or --time-below; refuse flags that
+    belong to another question."""
+    from hybridpk.errors import HybridPKError
+
+    given = {flag for flag, value in (("--interval", args.interval), ("--max-dose", args.max_dose),
+                                      ("--interval-step", args.interval_step), ("--dose", args.dose),
+                                      ("--posologyr-grid", args.posologyr_grid or None)) if value is not None}
+    if args.dose_step != 250.0:
+        given.add("--dose-step")
+    if args.time_below is not None:
+        clash = given - {"--posologyr-grid"}
+        if clash:
+            raise HybridPKError("--time-below asks when the level falls, with no new dose; drop "
+                                + ", ".join(sorted(clash)))
+        return
+    if "--posologyr-grid" in given:
+        raise HybridPKError("--posologyr-grid goes with --time-below C")
+    if args.dose is not None:
+        clash = given & {"--interval", "--max-dose", "--dose-step"}
+        if clash:
+            raise HybridPKError(f"--dose fixes the dose and solves for the interval; drop {', '.join(sorted(clash))}")
+    elif args.interval_step is not None:
+        raise HybridPKError("--interval-step goes with --dose MG (the interval for a fixed dose)")
+
+
+def _time_below(args, model, ds) -> int:
+    import json
+
+    from hybridpk.dosing import time_to_concentration
+    from hybridpk.io import atomic_write_text, run_metadata
+
+    out = time_to_concentration(model, ds, args.time_below, method="grid" if args.posologyr_grid else "root",
+                                seed=args.seed)
+    if out["map_time_h"] is None:
+        print(f"{model.name}: the MAP concentration does not fall to {args.time_below:g} mg/L within 168 h of the "
+              f"last dose ({out['last_dose_h']:g} h)")
+    else:
+        p05 = "-" if out["p05_h"] is None else f"{out['p05_h']:.2f}"
+        p95 = "beyond 168 h" if out["p95_h"] is None else f"{out['p95_h']:.2f}"
+        print(f"{model.name}: the concentration falls to {args.time_below:g} mg/L at t = {out['map_time_h']:.2f} h "
+              f"(MAP; {out['map_time_after_last_dose_h']:.2f} h after the last dose at {out['last_dose_h']:g} h), "
+              f"90% interval {p05} to {p95} h")
+    for w in out["warnings"]:
+        print(f"warning: {w}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps({**out, **run_metadata(seed=args.seed)}, indent=2, default=float))
         print(f"wrote {args.out}")
     return 0
 

@@ -180,7 +180,8 @@ class _Exposures:
     (geometric approach), first at the patient's last dose, then again at the dose found; this keeps the
     simulated horizon short."""
 
-    def __init__(self, post: PatientPosterior, tgt, start: float, tau: float, duration: float, n_doses: int):
+    def __init__(self, post: PatientPosterior, tgt, start: float, tau: float, duration: float, n_doses: int,
+                 draws: bool = True):
         self.post, self.tgt, self.start, self.tau = post, tgt, start, tau
         self.duration, self.n_doses = duration, n_doses
         est = post.estimate
@@ -188,7 +189,8 @@ class _Exposures:
         if self.linear:
             fitted, patient = est.model.fitted, est.batch
             self.a_map, self.b_map = metric_coefficients(fitted, patient, est.eta[:1], tgt, start, tau, duration)
-            self.a_s, self.b_s = metric_coefficients(fitted, patient, post.draws, tgt, start, tau, duration)
+            if draws:   # False: the MAP exposure only (map_value)
+                self.a_s, self.b_s = metric_coefficients(fitted, patient, post.draws, tgt, start, tau, duration)
         self._map = {}
         self.n_sim = n_doses
         if not self.linear and tgt.metric in ("auc24", "trough", "peak"):
@@ -373,34 +375,101 @@ def _regimen_warnings(post, exposure, tgt, choice, start: float, n_doses: int) -
     return out
 
 
-def interval_for_dose(model, dataset, dose: float, target, *, intervals=(6.0, 8.0, 12.0, 24.0, 36.0, 48.0),
-                      duration: float | None = None, n_samples: int | None = None, seed: int = 0,
+#: the dosing intervals :func:`interval_for_dose` searches (h)
+INTERVAL_RANGE = (0.5, 168.0)
+
+
+def interval_for_dose(model, dataset, dose: float, target, *, duration: float | None = None,
+                      interval_range: tuple = INTERVAL_RANGE, interval_step: float | None = None,
+                      start: float | None = None, n_doses: int = 10, n_samples: int | None = None, seed: int = 0,
                       posterior: PatientPosterior | None = None) -> Recommendation:
-    """The dosing interval (from ``intervals``, h) that best keeps ``target`` in its window with a fixed
-    ``dose`` (mg): highest probability of target attainment, then the prediction closest to the middle.
-    ``duration`` None: the model's route (as in :func:`recommend_dose`)."""
+    """The dosing interval (h) at which ``dose`` (mg) puts the MAP steady-state ``target`` (auc24, trough or
+    peak) at the middle of its window, solved continuously (Brent's root of MAP metric(interval) = middle
+    within ``interval_range``; the metric falls as the interval grows). ``interval_step`` (h): round the
+    answer to a whole multiple of it (the multiple whose MAP metric lies closest to the middle), e.g. 0.5 or
+    a clinical 6 h; the exact root is kept in ``candidates[0]['exact_interval_h']``.
+
+    posologyr's ``poso_inter_cmin`` answers the same question for a trough but takes the level 0.1 h before
+    the 11th dose rather than at steady state, and minimises ((target - Cmin) / Cmin)^2 by L-BFGS-B from 12 h
+    instead of finding the root. ``duration`` None: the model's route (as in :func:`recommend_dose`); the
+    interval is never shorter than the infusion. No interval in the range reaching the middle: HybridPKError
+    naming the metric at both ends of the range."""
     model = dosing_model(model)
     duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
-    df = dataset.to_dataframe()
-    last = float(df[df.EVID.isin([1, 4])].TIME.max())
+    if tgt.metric not in ("auc24", "trough", "peak"):
+        raise HybridPKError(f"target {tgt.label}: the interval for a dose is solved for a steady-state target "
+                            "(auc24, trough or peak); for conc@T or auc24@DAY give --interval and ask for the dose")
     d = _number_check(dose)
-    check_limits(df, intervals=list(intervals), duration=duration, dose_step=d, max_dose=None, start=last,
-                 n_doses=10)
+    lo, hi = _interval_range(interval_range, duration, interval_step)
+    df = dataset.to_dataframe()
+    limits = check_limits(df, intervals=[lo], duration=duration, dose_step=d, max_dose=None,
+                          start=_default_start(df) if start is None else start, n_doses=n_doses)
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
-    best, cands = None, []
-    for tau in intervals:
-        cands += _Exposures(post, tgt, last + tau, tau, duration, 10).candidates_at([dose])
-        key = (round(cands[-1]["pta"], 6), -abs(cands[-1]["map_exposure"] - tgt.mid))
-        if best is None or key > best[0]:
-            best = (key, cands[-1])
-    c = best[1]
-    regimen = Regimen(last + c["interval_h"], dose, c["interval_h"], 10, duration)
-    warns = tuple(post.warnings) + tuple(post.model.design_warnings(post.estimate, [dose], [c["interval_h"]],
-                                                                     regimen.start + 10 * c["interval_h"], 10))
+
+    def metric(tau: float) -> float:
+        return _Exposures(post, tgt, limits.start, tau, limits.duration, n_doses, draws=False).map_value(d)
+
+    exact = _solve_interval(metric, tgt, lo, hi, d)
+    tau = exact if interval_step is None else _round_interval(metric, tgt, exact, float(interval_step), lo, hi)
+    exposure = _Exposures(post, tgt, limits.start, tau, limits.duration, n_doses)
+    c = {**exposure.candidates_at([d])[0], "exact_interval_h": exact}
+    regimen = Regimen(limits.start, d, tau, n_doses, limits.duration)
+    warns = list(post.warnings) + _regimen_warnings(post, exposure, tgt, c, limits.start, n_doses)
+    if not tgt.low <= c["map_exposure"] <= tgt.high:
+        warns.append(f"every {tau:g} h (the step {interval_step:g} h) puts the MAP {tgt.label} at "
+                     f"{c['map_exposure']:.3g}, outside {tgt.low:g}-{tgt.high:g}; the exact interval is {exact:.3g} h")
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, c),
-                          pta=c["pta"], map_parameters=post.parameters(), warnings=warns,
-                          records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=c["pta_mc_se"])
+                          pta=c["pta"], map_parameters=post.parameters(), warnings=tuple(warns),
+                          records=regimen.records(df.ID.iloc[0]), candidates=[c], pta_mc_se=c["pta_mc_se"])
+
+
+def _interval_range(interval_range, duration, step) -> tuple:
+    """(lowest, highest) interval searched (h): the range, never below the infusion duration; refused when
+    empty or not finite."""
+    try:
+        lo, hi = (float(x) for x in interval_range)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise HybridPKError(f"interval_range = {interval_range!r}: give (lowest, highest) dosing interval in h, "
+                            "0 < lowest < highest")
+    if step is not None and not (math.isfinite(float(step)) and float(step) > 0):
+        raise HybridPKError(f"interval_step = {step!r}: the interval is rounded to whole multiples of it, so it "
+                            "must be a number > 0 (h)")
+    lo = max(lo, float(duration or 0.0))
+    if lo >= hi:
+        raise HybridPKError(f"the infusion duration ({duration:g} h) leaves no interval in {interval_range!r}")
+    return lo, hi
+
+
+def _solve_interval(metric, tgt, lo: float, hi: float, dose: float) -> float:
+    """The interval (h) in [lo, hi] where metric(interval) equals the target's middle (Brent, relative
+    tolerance 1e-10 on the interval)."""
+    from scipy.optimize import brentq
+
+    mid = tgt.mid
+
+    def gap(tau):
+        return metric(tau) / mid - 1.0
+
+    g_lo, g_hi = gap(lo), gap(hi)
+    if g_lo * g_hi > 0:
+        raise HybridPKError(f"no dosing interval between {lo:g} and {hi:g} h puts the MAP {tgt.label} of "
+                            f"{dose:g} mg at {mid:g}: it is {metric(lo):.3g} every {lo:g} h and {metric(hi):.3g} every "
+                            f"{hi:g} h; change the dose or the interval range")
+    if g_lo == 0 or g_hi == 0:
+        return lo if g_lo == 0 else hi
+    return float(brentq(gap, lo, hi, xtol=1e-12, rtol=1e-10))
+
+
+def _round_interval(metric, tgt, exact: float, step: float, lo: float, hi: float) -> float:
+    """The whole multiple of ``step`` next to ``exact`` (within [lo, hi]) whose MAP metric lies closest to the
+    target's middle."""
+    near = {k * step for k in (math.floor(exact / step), math.ceil(exact / step)) if lo <= k * step <= hi}
+    if not near:
+        raise HybridPKError(f"no whole multiple of interval_step = {step:g} h lies in {lo:g}-{hi:g} h")
+    return min(sorted(near), key=lambda tau: abs(metric(tau) - tgt.mid))
 
 
 def _number_check(dose) -> float:
@@ -413,11 +482,21 @@ def _number_check(dose) -> float:
     return d
 
 
-def time_to_concentration(model, dataset, concentration: float, *, horizon: float = 168.0, n_samples: int | None = None,
-                          seed: int = 0, posterior: PatientPosterior | None = None) -> dict:
-    """When the concentration falls to ``concentration`` (mg/L) after the last dose if nothing more is given
-    (e.g. when to re-dose after a toxic level): MAP time and the 5-95% posterior interval (h, absolute time).
-    ``None`` where it does not happen within ``horizon`` h."""
+def time_to_concentration(model, dataset, concentration: float, *, horizon: float = 168.0, method: str = "root",
+                          n_samples: int | None = None, seed: int = 0,
+                          posterior: PatientPosterior | None = None) -> dict:
+    """When the concentration falls to ``concentration`` (mg/L) after the last dose (ADDL doses counted) if
+    nothing more is given, e.g. when to re-dose after a toxic level: the MAP time and the 5-95% posterior
+    interval (h, absolute time; ``map_time_after_last_dose_h`` from the last dose).
+
+    ``method`` "root": the first time after the concentration's peak that it reaches the level, found on a
+    0.05-h grid and refined by Brent's method on the MAP prediction (the draws by log-linear interpolation
+    within the grid step). "grid": posologyr's ``poso_time_cmin`` (tdm = TRUE) semantics: the first time on
+    the grid last dose + 0.2, + 0.3, ... (0.1 h) at which the concentration is below the level (no peak
+    condition). ``None`` where it does not happen within ``horizon`` h."""
+    if method not in ("root", "grid"):
+        raise HybridPKError(f"method = {method!r}: use 'root' (exact, after the peak) or 'grid' (posologyr)")
+    level = _number_check(concentration)
     model = dosing_model(model)
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     est = post.estimate
@@ -425,19 +504,60 @@ def time_to_concentration(model, dataset, concentration: float, *, horizon: floa
     doses = df[df.EVID.isin([1, 4])]
     extra = doses.ADDL * doses.II if {"ADDL", "II"} <= set(doses.columns) else 0.0
     t_last = float((doses.TIME + extra).max())           # the last dose, additional doses (ADDL) included
-    grid = np.linspace(t_last, t_last + horizon, int(horizon * 20) + 1)
+    if method == "grid":
+        grid = t_last + np.round(np.arange(0.2, horizon + 1e-9, 0.1), 10)
+    else:
+        grid = np.linspace(t_last, t_last + horizon, int(horizon * 20) + 1)
     draws = torch.cat([est.eta[:1], post.draws])
-    batch = est.batch.extend(None, grid)
-    conc = est.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -len(grid):].numpy()
-    times = []
-    for row in conc:
-        peak = int(np.argmax(row))
-        below = np.nonzero(row[peak:] <= concentration)[0]
-        times.append(float(grid[peak + below[0]]) if len(below) else np.nan)
-    times = np.array(times)
+
+    def conc_at(times):
+        batch = est.batch.extend(None, times)
+        return est.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -len(times):].numpy()
+
+    conc = conc_at(grid)
+    times = np.array([_first_below(grid, row, level, after_peak=(method == "root")) for row in conc])
+    if method == "root" and np.isfinite(times[0]):
+        times[0] = _refine_map_root(est, grid, conc[0], level, times[0])
     post_t = np.where(np.isfinite(times[1:]), times[1:], np.inf)   # not reached: beyond the horizon
     q05, q95 = np.quantile(post_t, 0.05), np.quantile(post_t, 0.95)
-    return {"concentration": concentration, "map_time_h": None if np.isnan(times[0]) else times[0],
+    found = not np.isnan(times[0])
+    return {"concentration": level, "method": method, "map_time_h": float(times[0]) if found else None,
+            "map_time_after_last_dose_h": float(times[0] - t_last) if found else None, "last_dose_h": t_last,
             "p05_h": float(q05) if np.isfinite(q05) else None, "p95_h": float(q95) if np.isfinite(q95) else None,
             "fraction_reached_within_horizon": float(np.isfinite(post_t).mean()),
             "warnings": list(post.warnings) + post.model.design_warnings(est, until=grid[-1])}
+
+
+def _first_below(grid, row, level: float, after_peak: bool) -> float:
+    """The first time on ``grid`` (after the row's maximum when ``after_peak``) at which ``row`` is at or
+    below ``level`` (strictly below without ``after_peak``, as posologyr), log-linearly interpolated within
+    the grid step for the root method; NaN when none."""
+    if not after_peak:
+        hit = np.nonzero(row < level)[0]
+        return float(grid[hit[0]]) if len(hit) else np.nan
+    peak = int(np.argmax(row))
+    hit = np.nonzero(row[peak:] <= level)[0]
+    if not len(hit):
+        return np.nan
+    j = peak + hit[0]
+    if j == peak or row[j] <= 0 or row[j - 1] <= 0:
+        return float(grid[j])
+    a, b = math.log(row[j - 1]), math.log(row[j])
+    return float(grid[j - 1] + (grid[j] - grid[j - 1]) * (a - math.log(level)) / (a - b))
+
+
+def _refine_map_root(est, grid, row, level: float, guess: float) -> float:
+    """Brent's root of MAP concentration(t) = level within the grid step around ``guess`` (h)."""
+    from scipy.optimize import brentq
+
+    j = int(np.searchsorted(grid, guess))
+    lo, hi = float(grid[max(j - 1, 0)]), float(grid[min(j, len(grid) - 1)])
+
+    def gap(t):
+        batch = est.batch.extend(None, [float(t)])
+        return float(est.concentrations(batch, est.eta[:1])[0, -1]) - level
+
+    g_lo, g_hi = gap(lo), gap(hi)
+    if g_lo == 0 or g_hi == 0 or g_lo * g_hi > 0:
+        return guess if g_lo * g_hi > 0 else (lo if g_lo == 0 else hi)
+    return float(brentq(gap, lo, hi, xtol=1e-10, rtol=1e-12))

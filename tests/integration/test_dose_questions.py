@@ -1,0 +1,194 @@
+"""The dose questions (issue 16) against independent closed forms solved by scipy: the interval for a dose
+(continuous root), the time to a concentration (exact root, and posologyr's grid semantics). The patient's
+MAP parameters come from the answer itself; the independent side solves the question from them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import brentq
+
+import hybridpk as hp
+from hybridpk.dosing import interval_for_dose, time_to_concentration
+from hybridpk.errors import HybridPKError
+from hybridpk.population import load_model
+
+IV = """name = "q_iv"
+structure = "1cmt_iv"
+citation = "test"
+route = "bolus"
+
+[typical]
+CL = 3.0
+V = 30.0
+
+[iiv]
+CL = 0.09
+V = 0.05
+
+[error]
+kind = "combined"
+add = 0.1
+prop = 0.1
+"""
+
+ORAL = """name = "q_oral"
+structure = "1cmt_oral"
+citation = "test"
+route = "oral"
+
+[typical]
+KA = 1.1
+CL = 3.0
+V = 30.0
+
+[iiv]
+KA = 0.1
+CL = 0.09
+V = 0.05
+
+[error]
+kind = "combined"
+add = 0.1
+prop = 0.1
+"""
+
+
+def _model(tmp_path, text):
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return load_model(path)
+
+
+def _patient(addl: int = 0):
+    """1000 mg at 0 h (and ADDL more every 12 h), two levels after the first dose."""
+    return hp.read_nonmem(pd.DataFrame([
+        dict(ID=1, TIME=0.0, AMT=1000.0, DV=0.0, EVID=1, MDV=1, ADDL=addl, II=12.0 if addl else 0.0),
+        dict(ID=1, TIME=2.0, AMT=0.0, DV=38.0, EVID=0, MDV=0, ADDL=0, II=0.0),
+        dict(ID=1, TIME=10.0, AMT=0.0, DV=24.0, EVID=0, MDV=0, ADDL=0, II=0.0)]))
+
+
+def _map(rec_or_params, *names):
+    p = rec_or_params.map_parameters if hasattr(rec_or_params, "map_parameters") else rec_or_params
+    return [p[n]["map"] for n in names]
+
+
+def _g(x):
+    """Accumulation of one exponential at steady state: e^-x / (1 - e^-x)."""
+    return math.exp(-x) / -math.expm1(-x)
+
+
+def _trough_iv(dose, cl, v, tau, dur):
+    k = cl / v
+    if dur == 0:
+        return dose / v * _g(k * tau)
+    return dose / dur / cl * -math.expm1(-k * dur) * math.exp(-k * (tau - dur)) / -math.expm1(-k * tau)
+
+
+def _peak_infusion(dose, cl, v, tau, dur):
+    k = cl / v
+    return dose / dur / cl * -math.expm1(-k * dur) / -math.expm1(-k * tau)
+
+
+def _trough_oral(dose, ka, cl, v, tau):
+    k = cl / v
+    return dose * ka / (v * (ka - k)) * (_g(k * tau) - _g(ka * tau))
+
+
+@pytest.mark.parametrize("target,dur", [("trough=4:6", 0.0), ("trough=4:6", 1.0), ("peak=35:45", 2.0),
+                                        ("auc24=600:700", 0.0)])
+def test_the_interval_for_a_dose_is_the_exact_root(tmp_path, target, dur):
+    rec = interval_for_dose(_model(tmp_path, IV), _patient(), 1000.0, target, duration=dur)
+    cl, v = _map(rec, "CL", "V")
+    metric, bounds = target.split("=")
+    mid = float(np.mean([float(x) for x in bounds.split(":")]))
+    if metric == "trough":
+        expected = brentq(lambda t: _trough_iv(1000.0, cl, v, t, dur) - mid, max(dur, 0.5), 168.0, xtol=1e-12)
+    elif metric == "peak":
+        expected = brentq(lambda t: _peak_infusion(1000.0, cl, v, t, dur) - mid, dur, 168.0, xtol=1e-12)
+    else:
+        expected = 24.0 * 1000.0 / (cl * mid)
+    assert rec.interval == pytest.approx(expected, rel=1e-4)
+    assert rec.exposure[metric]["map"] == pytest.approx(mid, rel=1e-4)
+    assert rec.dose == 1000.0 and rec.duration == dur and 0.0 <= rec.pta <= 1.0
+
+
+def test_the_interval_for_an_oral_dose(tmp_path):
+    rec = interval_for_dose(_model(tmp_path, ORAL), _patient(), 500.0, "trough=2:3")
+    ka, cl, v = _map(rec, "KA", "CL", "V")
+    expected = brentq(lambda t: _trough_oral(500.0, ka, cl, v, t) - 2.5, 0.5, 168.0, xtol=1e-12)
+    assert rec.interval == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_interval_rounded_to_a_step_and_refusals(tmp_path):
+    model = _model(tmp_path, IV)
+    exact = interval_for_dose(model, _patient(), 1000.0, "trough=4:6")
+    rounded = interval_for_dose(model, _patient(), 1000.0, "trough=4:6", interval_step=6.0)
+    assert rounded.interval % 6.0 == 0 and abs(rounded.interval - exact.interval) < 6.0
+    assert rounded.candidates[0]["exact_interval_h"] == pytest.approx(exact.interval, rel=1e-9)
+    with pytest.raises(HybridPKError, match="no dosing interval between"):
+        interval_for_dose(model, _patient(), 10.0, "trough=400:600")        # unreachable: names both ends
+    with pytest.raises(HybridPKError, match="steady-state target"):
+        interval_for_dose(model, _patient(), 1000.0, "conc@24=4:6")
+    with pytest.raises(HybridPKError, match="interval_step"):
+        interval_for_dose(model, _patient(), 1000.0, "trough=4:6", interval_step=0)
+
+
+@pytest.mark.parametrize("addl", [0, 4])
+def test_the_time_to_a_concentration_is_the_exact_root(tmp_path, addl):
+    out = time_to_concentration(_model(tmp_path, IV), _patient(addl), 3.0)
+    est = time_to_concentration(_model(tmp_path, IV), _patient(addl), 3.0, method="grid")
+    from hybridpk.dosing import estimate_patient
+
+    cl, v = _map(estimate_patient(_model(tmp_path, IV), _patient(addl)).parameters(), "CL", "V")
+
+    def conc(t):
+        return sum(1000.0 / v * math.exp(-cl / v * (t - 12.0 * j)) for j in range(addl + 1) if t >= 12.0 * j) - 3.0
+
+    expected = brentq(conc, 12.0 * addl + 1e-9, 12.0 * addl + 168.0, xtol=1e-12)
+    assert out["map_time_h"] == pytest.approx(expected, rel=1e-6)
+    assert out["map_time_after_last_dose_h"] == pytest.approx(expected - 12.0 * addl, rel=1e-6)
+    assert out["p05_h"] <= out["map_time_h"] <= out["p95_h"]
+    # posologyr's grid: the first of last dose + 0.2, 0.3, ... h strictly below the level
+    grid = 12.0 * addl + np.round(np.arange(0.2, 168.0, 0.1), 10)
+    first = grid[np.nonzero(np.array([conc(t) for t in grid]) < 0)[0][0]]
+    assert est["map_time_h"] == pytest.approx(first, abs=1e-9) and est["method"] == "grid"
+
+
+def test_the_time_to_a_concentration_after_an_oral_peak(tmp_path):
+    """After an oral dose the level first rises through 3 mg/L; the answer is the fall after the peak."""
+    model = _model(tmp_path, ORAL)
+    out = time_to_concentration(model, _patient(), 3.0)
+    from hybridpk.dosing import estimate_patient
+
+    ka, cl, v = _map(estimate_patient(model, _patient()).parameters(), "KA", "CL", "V")
+    k = cl / v
+
+    def conc(t):
+        return 1000.0 * ka / (v * (ka - k)) * (math.exp(-k * t) - math.exp(-ka * t)) - 3.0
+
+    t_peak = math.log(ka / k) / (ka - k)
+    assert out["map_time_h"] == pytest.approx(brentq(conc, t_peak, 500.0, xtol=1e-12), rel=1e-6)
+
+
+def test_the_cli_forms(tmp_path, capsys):
+    """'hybridpk dose ... --dose MG' answers the interval and '--time-below C' the time, with the library's
+    numbers (REC.json)."""
+    import json
+
+    from hybridpk.cli import main
+
+    _patient(addl=1).to_dataframe().to_csv(tmp_path / "p.csv", index=False)
+    (tmp_path / "spec.toml").write_text(IV)
+    args = [str(tmp_path / "spec.toml"), str(tmp_path / "p.csv")]
+    assert main(["dose", *args, "--dose", "1000", "--target", "trough=4:6", "--out", str(tmp_path / "i.json")]) == 0
+    lib = interval_for_dose(_model(tmp_path, IV), _patient(addl=1), 1000.0, "trough=4:6")
+    assert json.loads((tmp_path / "i.json").read_text())["interval_h"] == pytest.approx(lib.interval, rel=1e-12)
+    assert main(["dose", *args, "--time-below", "3", "--out", str(tmp_path / "t.json")]) == 0
+    out = json.loads((tmp_path / "t.json").read_text())
+    assert out["map_time_h"] == pytest.approx(time_to_concentration(_model(tmp_path, IV), _patient(addl=1),
+                                                                    3.0)["map_time_h"], rel=1e-12)
+    assert "falls to 3 mg/L" in capsys.readouterr().out
