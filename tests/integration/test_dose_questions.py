@@ -192,3 +192,21 @@ def test_the_cli_forms(tmp_path, capsys):
     assert out["map_time_h"] == pytest.approx(time_to_concentration(_model(tmp_path, IV), _patient(addl=1),
                                                                     3.0)["map_time_h"], rel=1e-12)
     assert "falls to 3 mg/L" in capsys.readouterr().out
+
+
+def test_an_a_priori_dose_from_covariates_alone(tmp_path):
+    """No dose given and no level: the regimen from the population model (ETA = 0 at the MAP, the posterior
+    is the prior), AUC24 = 24 dose / (interval CL) with the typical CL; levels without any dose are refused."""
+    from hybridpk.dosing import estimate_patient, recommend_dose
+
+    model = _model(tmp_path, IV)
+    first = hp.read_nonmem(pd.DataFrame([dict(ID=1, TIME=0.0, AMT=0.0, DV=0.0, EVID=2, MDV=1)]))
+    rec = recommend_dose(model, first, "auc24=400:600", interval=24.0, dose_step=50.0)
+    assert _map(rec, "CL", "V") == pytest.approx([3.0, 30.0], rel=1e-12)
+    assert rec.start == 0.0 and rec.exposure["auc24"]["map"] == pytest.approx(rec.dose / 3.0, rel=1e-12)
+    assert 400 <= rec.exposure["auc24"]["map"] <= 600 and any("a-priori" in w for w in rec.warnings)
+    post = estimate_patient(model, first, n_samples=4000)
+    assert post.draws.std(0).numpy() == pytest.approx([0.3, math.sqrt(0.05)], rel=0.1)
+    levels = hp.read_nonmem(pd.DataFrame([dict(ID=1, TIME=1.0, AMT=0.0, DV=5.0, EVID=0, MDV=0)]))
+    with pytest.raises(HybridPKError, match="no dose record"):
+        recommend_dose(model, levels, "auc24=400:600")

@@ -258,3 +258,17 @@ def test_a_transit_chain_with_nn_near_zero_is_one_more_first_order_step(start):
         y = sol.y[:, -1] + np.array([dose, 0.0, 0.0])
         t0 = seg_end
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_records_with_no_dose_acting_on_them_are_zero(name):
+    """A patient with no dose yet (a-priori dosing: covariate records only), and records that all come before
+    the first dose: every structure predicts 0 (the closed forms used to fail with no dose acting on a record)."""
+    model = get_model(name)
+    obs = [dict(ID=1, TIME=t, DV=0.0, EVID=0, MDV=0, AMT=0.0, CMT=model.obs_cmt) for t in (0.0, 2.0, 5.0)]
+    none = pd.DataFrame(obs)
+    later = pd.concat([none, pd.DataFrame([dict(ID=1, TIME=6.0, DV=0.0, EVID=1, MDV=1, AMT=100.0,
+                                                CMT=model.dose_cmt)])], ignore_index=True)
+    for df in (none, later):
+        pred = simulate(name, PARAMS[name], hp.read_nonmem(df).to_batch()).ipred
+        assert torch.equal(pred[:, :3], torch.zeros_like(pred[:, :3]))

@@ -292,10 +292,11 @@ class _Exposures:
 
 
 def _default_start(df: pd.DataFrame) -> float:
-    """Last dose + its interval, or the last observed dosing interval continued, or the last record."""
+    """Last dose + its interval, or the last observed dosing interval continued, or the last record; a patient
+    with no dose yet (a-priori dosing): the last record (its covariates are those of the regimen)."""
     doses = df[df.EVID.isin([1, 4])]
     if doses.empty:
-        raise HybridPKError("the patient file has no dose record; the dosing history is needed")
+        return float(df.TIME.max())
     last = doses.iloc[-1]
     ii = float(last.get("II", 0) or 0)
     addl = int(last.get("ADDL", 0) or 0)

@@ -34,8 +34,12 @@ def check_patient(model, df: pd.DataFrame) -> list[str]:
     if missing:
         raise HybridPKError(f"model {model.name} needs covariate(s) {', '.join(missing)} in the patient file")
     doses = df[df.EVID.isin([1, 4])]
+    levels = df[(df.EVID == 0) & (df.MDV == 0)]
+    if doses.empty and (levels.DV > 0).any():
+        raise HybridPKError("the patient file has drug levels but no dose record; give the dosing history")
     if doses.empty:
-        raise HybridPKError("the patient file has no dose record; the dosing history is needed")
+        warnings.append("no dose given yet: the a-priori dose, from the covariates and the population model "
+                        "alone; measure levels after the first doses and re-estimate")
     for c, (lo, hi) in model.ranges.items():
         if c in df.columns:
             out = df[c][(df[c] < lo) | (df[c] > hi)]
@@ -56,14 +60,14 @@ def check_patient(model, df: pd.DataFrame) -> list[str]:
                             f"the history is predicted with each record's value, the forecast and the regimen with "
                             f"the last one ({c} = {last[c]:g} at {last.TIME:g} h)")
     obs = df[(df.EVID == 0) & (df.MDV == 0)]
-    t0 = doses.TIME.min()
-    early = obs[(obs.TIME < t0) & (obs.DV > 0)]
+    t0 = doses.TIME.min() if len(doses) else np.inf
+    early = obs[(obs.TIME < t0) & (obs.DV > 0)] if len(doses) else obs.iloc[:0]
     if len(early):
         warnings.append(f"{len(early)} level(s) measured before the first recorded dose are positive; is a dose "
                         "missing from the history?")
     if (obs.DV < 0).any():
         raise HybridPKError("negative concentrations in DV; correct the levels")
-    if len(obs) == 0:
+    if len(obs) == 0 and len(doses):
         warnings.append("no drug levels: the estimate is the population (a priori) prediction from covariates")
     elif len(obs) == 1:
         warnings.append("a single drug level: the individual estimate leans heavily on the prior")
