@@ -118,6 +118,7 @@ def _table(d: Path):
         ("dose-interval-step-without-dose", dose + ["--interval-step", "6"], "--interval-step"),
         ("dose-time-below-negative", dose[:3] + ["--time-below", "-3"], "--time-below"),
         ("dose-time-below-with-dose", dose[:3] + ["--time-below", "3", "--dose", "500"], "--dose"),
+        ("dose-cmt-not-in-model", dose + ["--cmt", "7"], "cmt = 7"),
         ("dose-out-folder", dose + ["--out", str(d)], str(d)),
         ("dose-out-below-file", dose + ["--out", str(d / "not_a_folder" / "rec.json")], "not_a_folder"),
         ("map-plot-format", ["map", "vancomycin_goti2018", p, "--plot", "forecast.jpgx"], "--plot"),

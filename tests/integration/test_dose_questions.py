@@ -210,3 +210,35 @@ def test_an_a_priori_dose_from_covariates_alone(tmp_path):
     levels = hp.read_nonmem(pd.DataFrame([dict(ID=1, TIME=1.0, AMT=0.0, DV=5.0, EVID=0, MDV=0)]))
     with pytest.raises(HybridPKError, match="no dose record"):
         recommend_dose(model, levels, "auc24=400:600")
+
+
+ORAL_F = ORAL.replace("V = 30.0\n\n[iiv]", "V = 30.0\nF = 0.6\n\n[iiv]")
+
+
+@pytest.mark.parametrize("cmt", [0, 1, 2])
+def test_the_route_of_the_new_doses(tmp_path, cmt):
+    """An oral model (F = 0.6) asked for doses into the depot (0, 1: F applies) or IV into the central
+    compartment (2: F does not apply, as NONMEM's F1 belongs to the depot): AUC24 = 24 F dose / (interval CL)
+    and the steady-state trough of the route's closed form."""
+    from hybridpk.dosing import recommend_dose
+
+    model = _model(tmp_path, ORAL_F)
+    rec = recommend_dose(model, _patient(), "auc24=300:500", interval=12.0, dose_step=50.0, cmt=cmt)
+    ka, cl, v, f = _map(rec, "KA", "CL", "V", "F")
+    f = 1.0 if cmt == 2 else f
+    assert f == pytest.approx(1.0 if cmt == 2 else 0.6)
+    assert rec.exposure["auc24"]["map"] == pytest.approx(24 * f * rec.dose / (12.0 * cl), rel=1e-9)
+    assert rec.records.CMT.iloc[0] == cmt
+    trough = interval_for_dose(model, _patient(), 500.0, "trough=2:3", cmt=cmt)
+    if cmt == 2:
+        expected = brentq(lambda t: _trough_iv(500.0, cl, v, t, 0.0) - 2.5, 0.5, 168.0, xtol=1e-12)
+    else:
+        expected = brentq(lambda t: f * _trough_oral(500.0, ka, cl, v, t) - 2.5, 0.5, 168.0, xtol=1e-12)
+    assert trough.interval == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_compartment_the_model_lacks_is_refused(tmp_path):
+    from hybridpk.dosing import recommend_dose
+
+    with pytest.raises(HybridPKError, match=r"cmt = 3.*1 \(DEPOT\), 2 \(CENTRAL\)"):
+        recommend_dose(_model(tmp_path, ORAL_F), _patient(), "auc24=300:500", cmt=3)

@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--interval", type=float, help="dosing interval (h); default: best of 8, 12, 24")
     p.add_argument("--duration", type=float, help="infusion duration (h); 0 for bolus/oral (default: 0 for a model "
                    "whose route is oral or bolus, e.g. a fit of an oral model, else 1)")
+    p.add_argument("--cmt", type=int, default=0, metavar="N", help="compartment of the new doses (NONMEM numbering; "
+                   "default 0: the model's dose compartment), e.g. the central compartment for IV doses with a "
+                   "model fitted on oral data (F then does not apply)")
     p.add_argument("--dose-step", type=float, default=250.0, help="dose rounding step (mg)")
     p.add_argument("--max-dose", type=float, help="maximum single dose (mg)")
     p.add_argument("--start", type=float, help="time of the first new dose (h)")
@@ -123,10 +126,11 @@ def run_dose(args) -> int:
         return _time_below(args, model, ds)
     if args.dose is not None:
         rec = interval_for_dose(model, ds, args.dose, args.target, duration=args.duration,
-                                interval_step=args.interval_step, start=args.start, seed=args.seed)
+                                interval_step=args.interval_step, start=args.start, seed=args.seed, cmt=args.cmt)
     else:
         rec = recommend_dose(model, ds, args.target, interval=args.interval, duration=args.duration,
-                             dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed)
+                             dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed,
+                             cmt=args.cmt)
     out = {**rec.to_dict(), **run_metadata(seed=args.seed)}
     text = json.dumps(out, indent=2, default=float)
     if args.out:
@@ -134,7 +138,7 @@ def run_dose(args) -> int:
     metric, exp = next(iter(rec.exposure.items()))
     print(f"{model.name}: {rec.dose:g} mg every {rec.interval:.4g} h"
           + (f" as {rec.duration:g}-h infusions" if rec.duration > 0 else " (bolus or oral doses)")
-          + f", from t = {rec.start:g} h")
+          + (f" into compartment {rec.regimen.cmt}" if rec.regimen.cmt else "") + f", from t = {rec.start:g} h")
     se = f" (Monte-Carlo SE {rec.pta_mc_se:.1%})" if rec.pta_mc_se is not None else ""
     print(f"  predicted {metric}: MAP {exp['map']:.1f}; posterior median {exp['median']:.1f}, 90% interval "
           f"{exp['p05']:.1f}-{exp['p95']:.1f}; target {exp['target'][0]:g}-{exp['target'][1]:g}")
@@ -156,6 +160,8 @@ def _check_question(args) -> None:
                                       ("--posologyr-grid", args.posologyr_grid or None)) if value is not None}
     if args.dose_step != 250.0:
         given.add("--dose-step")
+    if args.cmt != 0:
+        given.add("--cmt")
     if args.time_below is not None:
         clash = given - {"--posologyr-grid"}
         if clash:

@@ -114,6 +114,24 @@ class DosingModel:
         return pop.model.residual_variance(pop.theta.tensors(), points[:, :self.n_eta], batch, conc,
                                            pop.sigma.sd_tensors())
 
+    def dose_compartment(self, cmt) -> int:
+        """``cmt`` checked as the compartment of new doses (NONMEM numbering, 0: the model's dose compartment)."""
+        structural = self.population.model.structural
+        names = list(structural.compartments)
+        try:
+            k = int(cmt)
+        except (TypeError, ValueError):
+            k = -1
+        if k != cmt or not 0 <= k <= len(names):
+            raise HybridPKError(f"cmt = {cmt!r}: the new doses go into one of {self.name}'s compartments, "
+                                + ", ".join(f"{j} ({n})" for j, n in enumerate(names, 1))
+                                + f", or 0 for its dose compartment ({structural.dose_cmt})")
+        return k
+
+    def route_warnings(self, cmt: int) -> list[str]:
+        """Warnings when new doses go where the model was not built to take them (hybrids: another route)."""
+        return []
+
     def design_warnings(self, est: PatientEstimate, doses=(), intervals=(), until: float | None = None,
                         n_new: int = 0) -> list[str]:
         """Warnings when a regimen or forecast lies beyond what the model was built on (hybrids: their
@@ -281,6 +299,13 @@ class HybridDosing(DosingModel):
             return ["this hybrid run does not record its training design (saved by an earlier version): whether "
                     "the patient or a regimen lies inside it cannot be checked; refit to record it"]
         return cov.latent_warnings(est.eta[0, self.n_eta:])
+
+    def route_warnings(self, cmt: int) -> list[str]:
+        dose_cmt = self.population.model.structural.dose_cmt
+        if cmt in (0, dose_cmt):
+            return []
+        return [f"the new doses go into compartment {cmt}, but the hybrid's correction was trained on doses into "
+                f"compartment {dose_cmt}: over this route it is an extrapolation; compare with the ODE-only model"]
 
     def design_warnings(self, est, doses=(), intervals=(), until=None, n_new: int = 0) -> list[str]:
         out = []

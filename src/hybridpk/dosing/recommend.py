@@ -181,16 +181,17 @@ class _Exposures:
     simulated horizon short."""
 
     def __init__(self, post: PatientPosterior, tgt, start: float, tau: float, duration: float, n_doses: int,
-                 draws: bool = True):
-        self.post, self.tgt, self.start, self.tau = post, tgt, start, tau
+                 draws: bool = True, cmt: int = 0):
+        self.post, self.tgt, self.start, self.tau, self.cmt = post, tgt, start, tau, cmt
         self.duration, self.n_doses = duration, n_doses
         est = post.estimate
         self.linear = est.model.linear
         if self.linear:
             fitted, patient = est.model.fitted, est.batch
-            self.a_map, self.b_map = metric_coefficients(fitted, patient, est.eta[:1], tgt, start, tau, duration)
+            self.a_map, self.b_map = metric_coefficients(fitted, patient, est.eta[:1], tgt, start, tau, duration, cmt)
             if draws:   # False: the MAP exposure only (map_value)
-                self.a_s, self.b_s = metric_coefficients(fitted, patient, post.draws, tgt, start, tau, duration)
+                self.a_s, self.b_s = metric_coefficients(fitted, patient, post.draws, tgt, start, tau, duration,
+                                                         cmt)
         self._map = {}
         self.n_sim = n_doses
         if not self.linear and tgt.metric in ("auc24", "trough", "peak"):
@@ -214,7 +215,7 @@ class _Exposures:
         unique, inverse = torch.unique(points, dim=0, return_inverse=True)
         now, before = metrics_by_simulation(lambda b: est.concentrations(b.select([0] * unique.shape[0]), unique),
                                             est.batch, self.tgt, self.start, self.tau, self.duration, doses,
-                                            self.n_sim, previous=previous)
+                                            self.n_sim, cmt=self.cmt, previous=previous)
         return now[inverse], (before[inverse] if before is not None else None)
 
     def map_value(self, dose: float) -> float:
@@ -315,7 +316,7 @@ def _exposure(tgt, choice) -> dict:
 def recommend_dose(model, dataset, target, *, interval: float | None = None, intervals=(8.0, 12.0, 24.0),
                    duration: float | None = None, dose_step: float = 250.0, max_dose: float | None = None,
                    start: float | None = None, n_doses: int = 10, n_samples: int | None = None, seed: int = 0,
-                   posterior: PatientPosterior | None = None) -> Recommendation:
+                   posterior: PatientPosterior | None = None, cmt: int = 0) -> Recommendation:
     """The dose (and interval) that puts ``target`` in its window for this patient.
 
     Parameters
@@ -331,6 +332,9 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     start : time of the first new dose (h; default: last dose + its interval, or last record); within or
         up to 168 h after the patient's records
     posterior : the patient's PatientPosterior when already computed (``estimate_patient``)
+    cmt : the compartment the new doses go into (NONMEM numbering; 0: the model's dose compartment), e.g. the
+        central compartment for IV doses with a model fitted on oral data (bioavailability F then does not
+        apply, as in NONMEM, where F1 belongs to the depot)
 
     The choice is deterministic (the sampling seed does not change it): for each interval, the allowed doses
     next to the one that puts the MAP exposure at the middle of the window, then the regimen whose MAP
@@ -343,6 +347,7 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     model = dosing_model(model)
     duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
+    cmt = model.dose_compartment(cmt)
     df = dataset.to_dataframe()
     limits = check_limits(df, intervals=[interval] if interval is not None else list(intervals), duration=duration,
                           dose_step=dose_step, max_dose=max_dose, start=_default_start(df) if start is None else start,
@@ -350,12 +355,12 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     cands, exposures = [], {}
     for tau in limits.intervals:
-        exposures[tau] = _Exposures(post, tgt, limits.start, tau, limits.duration, limits.n_doses)
+        exposures[tau] = _Exposures(post, tgt, limits.start, tau, limits.duration, limits.n_doses, cmt=cmt)
         cands += exposures[tau].candidates(limits)
     choice = _choose(tgt, cands, post.warnings)
-    warns = list(post.warnings) + safety.check_dose(choice["dose_mg"], limits.max_dose)
+    warns = list(post.warnings) + model.route_warnings(cmt) + safety.check_dose(choice["dose_mg"], limits.max_dose)
     warns += _regimen_warnings(post, exposures[choice["interval_h"]], tgt, choice, limits.start, limits.n_doses)
-    regimen = Regimen(limits.start, choice["dose_mg"], choice["interval_h"], limits.n_doses, limits.duration)
+    regimen = Regimen(limits.start, choice["dose_mg"], choice["interval_h"], limits.n_doses, limits.duration, cmt)
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, choice),
                           pta=choice["pta"], map_parameters=post.parameters(), warnings=tuple(warns),
                           records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=choice["pta_mc_se"])
@@ -383,7 +388,7 @@ INTERVAL_RANGE = (0.5, 168.0)
 def interval_for_dose(model, dataset, dose: float, target, *, duration: float | None = None,
                       interval_range: tuple = INTERVAL_RANGE, interval_step: float | None = None,
                       start: float | None = None, n_doses: int = 10, n_samples: int | None = None, seed: int = 0,
-                      posterior: PatientPosterior | None = None) -> Recommendation:
+                      posterior: PatientPosterior | None = None, cmt: int = 0) -> Recommendation:
     """The dosing interval (h) at which ``dose`` (mg) puts the MAP steady-state ``target`` (auc24, trough or
     peak) at the middle of its window, solved continuously (Brent's root of MAP metric(interval) = middle
     within ``interval_range``; the metric falls as the interval grows). ``interval_step`` (h): round the
@@ -393,8 +398,8 @@ def interval_for_dose(model, dataset, dose: float, target, *, duration: float | 
     posologyr's ``poso_inter_cmin`` answers the same question for a trough but takes the level 0.1 h before
     the 11th dose rather than at steady state, and minimises ((target - Cmin) / Cmin)^2 by L-BFGS-B from 12 h
     instead of finding the root. ``duration`` None: the model's route (as in :func:`recommend_dose`); the
-    interval is never shorter than the infusion. No interval in the range reaching the middle: HybridPKError
-    naming the metric at both ends of the range."""
+    interval is never shorter than the infusion; ``cmt`` as in :func:`recommend_dose`. No interval in the
+    range reaching the middle: HybridPKError naming the metric at both ends of the range."""
     model = dosing_model(model)
     duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
@@ -402,6 +407,7 @@ def interval_for_dose(model, dataset, dose: float, target, *, duration: float | 
         raise HybridPKError(f"target {tgt.label}: the interval for a dose is solved for a steady-state target "
                             "(auc24, trough or peak); for conc@T or auc24@DAY give --interval and ask for the dose")
     d = _number_check(dose)
+    cmt = model.dose_compartment(cmt)
     lo, hi = _interval_range(interval_range, duration, interval_step)
     df = dataset.to_dataframe()
     limits = check_limits(df, intervals=[lo], duration=duration, dose_step=d, max_dose=None,
@@ -409,14 +415,15 @@ def interval_for_dose(model, dataset, dose: float, target, *, duration: float | 
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
 
     def metric(tau: float) -> float:
-        return _Exposures(post, tgt, limits.start, tau, limits.duration, n_doses, draws=False).map_value(d)
+        return _Exposures(post, tgt, limits.start, tau, limits.duration, n_doses, draws=False, cmt=cmt).map_value(d)
 
     exact = _solve_interval(metric, tgt, lo, hi, d)
     tau = exact if interval_step is None else _round_interval(metric, tgt, exact, float(interval_step), lo, hi)
-    exposure = _Exposures(post, tgt, limits.start, tau, limits.duration, n_doses)
+    exposure = _Exposures(post, tgt, limits.start, tau, limits.duration, n_doses, cmt=cmt)
     c = {**exposure.candidates_at([d])[0], "exact_interval_h": exact}
-    regimen = Regimen(limits.start, d, tau, n_doses, limits.duration)
-    warns = list(post.warnings) + _regimen_warnings(post, exposure, tgt, c, limits.start, n_doses)
+    regimen = Regimen(limits.start, d, tau, n_doses, limits.duration, cmt)
+    warns = list(post.warnings) + model.route_warnings(cmt) + _regimen_warnings(post, exposure, tgt, c, limits.start,
+                                                                                n_doses)
     if not tgt.low <= c["map_exposure"] <= tgt.high:
         warns.append(f"every {tau:g} h (the step {interval_step:g} h) puts the MAP {tgt.label} at "
                      f"{c['map_exposure']:.3g}, outside {tgt.low:g}-{tgt.high:g}; the exact interval is {exact:.3g} h")

@@ -82,7 +82,10 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
         last = patient.ahead_covariates()[0]      # the regimen ahead: the latest covariates (a new occasion)
         cov = {c: last[k].expand(s) for k, c in enumerate(patient.covariate_names)}
         p = model.individual_parameters(eta, cov)
-        f = p.get("F", torch.ones(s, dtype=torch.float64))
+        structural = model.model.structural
+        default_route = cmt in (0, structural.dose_cmt)
+        f = p.get("F") if default_route and structural.bioavailability else None   # F: the default route only
+        f = torch.ones(s, dtype=torch.float64) if f is None else f
         return zero, 24.0 * f / (interval * p["CL"])
     if target.metric in ("trough", "peak"):
         # steady state of a unit regimen; trough just before the next dose, peak at the end of the infusion
