@@ -119,6 +119,8 @@ def _table(d: Path):
         ("dose-time-below-negative", dose[:3] + ["--time-below", "-3"], "--time-below"),
         ("dose-time-below-with-dose", dose[:3] + ["--time-below", "3", "--dose", "500"], "--dose"),
         ("dose-cmt-not-in-model", dose + ["--cmt", "7"], "cmt = 7"),
+        ("map-auc-reversed", ["map", "vancomycin_goti2018", p, "--auc", "5:1"], "--auc"),
+        ("map-auc-after-the-records", ["map", "vancomycin_goti2018", p, "--auc", "500:"], "500"),
         ("dose-out-folder", dose + ["--out", str(d)], str(d)),
         ("dose-out-below-file", dose + ["--out", str(d / "not_a_folder" / "rec.json")], "not_a_folder"),
         ("map-plot-format", ["map", "vancomycin_goti2018", p, "--plot", "forecast.jpgx"], "--plot"),

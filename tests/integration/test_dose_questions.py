@@ -242,3 +242,67 @@ def test_a_compartment_the_model_lacks_is_refused(tmp_path):
 
     with pytest.raises(HybridPKError, match=r"cmt = 3.*1 \(DEPOT\), 2 \(CENTRAL\)"):
         recommend_dose(_model(tmp_path, ORAL_F), _patient(), "auc24=300:500", cmt=3)
+
+
+def _auc_bolus(doses, cl, v, a, b):
+    """Closed-form AUC over [a, b] of one-compartment IV boluses (time, amount)."""
+    k = cl / v
+    total = 0.0
+    for t, amt in doses:
+        lo, hi = max(a, t), b
+        if hi > lo:
+            total += amt / v / k * (math.exp(-k * (lo - t)) - math.exp(-k * (hi - t)))
+    return total
+
+
+@pytest.mark.parametrize("window", [(None, None), (0.0, 12.0), (5.0, 30.0), (12.0, 100.0)])
+def test_the_auc_of_the_history(tmp_path, window):
+    """AUC over a window of a history with ADDL boluses (a bolus inside the window makes the curve jump),
+    against the closed form, to 1e-6; the posterior interval brackets the MAP."""
+    from hybridpk.dosing import auc, estimate_patient
+
+    model = _model(tmp_path, IV)
+    out = auc(model, _patient(addl=2), *window)
+    cl, v = _map(estimate_patient(model, _patient(addl=2)).parameters(), "CL", "V")
+    a, b = (0.0, 10.0) if window == (None, None) else window      # defaults: first dose to last record
+    expected = _auc_bolus([(0.0, 1000.0), (12.0, 1000.0), (24.0, 1000.0)], cl, v, a, b)
+    assert (out["start_h"], out["end_h"]) == (a, b)
+    assert out["map"] == pytest.approx(expected, rel=1e-6)
+    assert out["p05"] <= out["median"] <= out["p95"]
+
+
+def test_the_auc_of_infusions_and_oral_doses(tmp_path):
+    from scipy.integrate import quad
+
+    from hybridpk.dosing import auc, estimate_patient
+
+    infused = _patient().to_dataframe().assign(RATE=[500.0, 0.0, 0.0])          # a 2-h infusion
+    ds = hp.read_nonmem(infused)
+    model = _model(tmp_path, IV)
+    cl, v = _map(estimate_patient(model, ds).parameters(), "CL", "V")
+    k = cl / v
+
+    def c_inf(t):
+        on = min(t, 2.0)
+        return 500.0 / cl * (1 - math.exp(-k * on)) * math.exp(-k * (t - on))
+
+    assert auc(model, ds, 0.5, 20.0)["map"] == pytest.approx(quad(c_inf, 0.5, 20.0, points=[2.0],
+                                                                  epsabs=0, epsrel=1e-12)[0], rel=1e-6)
+    oral = _model(tmp_path, ORAL)
+    ka, cl, v = _map(estimate_patient(oral, _patient()).parameters(), "KA", "CL", "V")
+    k = cl / v
+    whole = 1000.0 * ka / (v * (ka - k)) * ((1 - math.exp(-k * 48)) / k - (1 - math.exp(-ka * 48)) / ka)
+    assert auc(oral, _patient(), 0.0, 48.0)["map"] == pytest.approx(whole, rel=1e-6)
+    with pytest.raises(HybridPKError, match="start < end"):
+        auc(oral, _patient(), 10.0, 5.0)
+
+
+def test_map_prints_the_auc_of_the_history(tmp_path, capsys):
+    from hybridpk.cli import main
+    from hybridpk.dosing import auc
+
+    _patient(addl=2).to_dataframe().to_csv(tmp_path / "p.csv", index=False)
+    (tmp_path / "spec.toml").write_text(IV)
+    assert main(["map", str(tmp_path / "spec.toml"), str(tmp_path / "p.csv"), "--auc", "5:30"]) == 0
+    expected = auc(_model(tmp_path, IV), _patient(addl=2), 5.0, 30.0)["map"]
+    assert f"AUC 5-30 h of the doses given: MAP {expected:.4g} mg*h/L" in capsys.readouterr().out

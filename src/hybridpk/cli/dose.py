@@ -46,7 +46,8 @@ MODEL_OR_RUN as for 'hybridpk dose' (a spec, a .toml, a NONMEM control stream or
 
 Prints the MAP individual parameters with 90% credible intervals and warnings; --out writes a CSV of the
 forecast (MAP prediction, median, 90% prediction interval) on a time grid, and --plot a figure of the
-forecast with the TDM levels. --samples writes the posterior draws as an ArviZ NetCDF file.
+forecast with the TDM levels. --samples writes the posterior draws as an ArviZ NetCDF file. --auc adds the
+AUC of the doses already given over a window (Simpson's rule split at each dose; no further dose assumed).
 """
 
 
@@ -94,8 +95,30 @@ def add_parser(sub) -> None:
     q.add_argument("--out", metavar="FORECAST.csv", type=out_file_arg, help="forecast table")
     q.add_argument("--plot", metavar="FIG.png", type=figure_arg, help="forecast figure with the TDM levels")
     q.add_argument("--samples", metavar="POSTERIOR.nc", help="posterior draws (ArviZ NetCDF)")
+    q.add_argument("--auc", nargs="?", const="", metavar="FROM:TO", type=auc_window_arg,
+                   help="also the AUC (mg*h/L) of the doses given, over FROM-TO h (default: first dose to last "
+                   "record; either end may be left out, e.g. 24: or :48), MAP and 90%% interval")
     q.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
     q.set_defaults(handler=run_map)
+
+
+def auc_window_arg(text: str):
+    """'FROM:TO' (h), either part may be empty; '' (the flag alone): the whole history."""
+    import argparse
+    import math
+
+    if text == "":
+        return (None, None)
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        ends = tuple(None if p.strip() == "" else float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the window as FROM:TO in hours, e.g. 0:24 or 24:")
+    if any(e is not None and not math.isfinite(e) for e in ends) or (None not in ends and ends[0] >= ends[1]):
+        raise argparse.ArgumentTypeError(f"{text!r}: give finite times with FROM < TO")
+    return ends
 
 
 def _load(args):
@@ -221,6 +244,12 @@ def run_map(args) -> int:
               f"{np.quantile(d, 0.95):.4g})  latent")
     for w in post.warnings:
         print(f"warning: {w}")
+    if args.auc is not None:
+        from hybridpk.dosing import auc
+
+        a = auc(model, ds, *args.auc, posterior=post)
+        print(f"  AUC {a['start_h']:g}-{a['end_h']:g} h of the doses given: MAP {a['map']:.4g} mg*h/L; posterior "
+              f"median {a['median']:.4g}, 90% interval {a['p05']:.4g}-{a['p95']:.4g}")
     df = ds.to_dataframe()
     until = args.until or float(df.TIME.max()) + 24.0
     fc = forecast(post.estimate, post.draws, np.linspace(0.0, until, 241), seed=args.seed)
