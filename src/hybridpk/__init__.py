@@ -45,6 +45,7 @@ _EXPORTS = {
     "interval_for_dose": "hybridpk.dosing",
     "time_to_concentration": "hybridpk.dosing",
     "auc": "hybridpk.dosing",
+    "loading_dose": "hybridpk.dosing",
     "estimate_patient": "hybridpk.dosing",
     "forecast": "hybridpk.dosing",
     "HybridPKError": "hybridpk.errors",

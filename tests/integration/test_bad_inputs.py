@@ -121,6 +121,8 @@ def _table(d: Path):
         ("dose-cmt-not-in-model", dose + ["--cmt", "7"], "cmt = 7"),
         ("map-auc-reversed", ["map", "vancomycin_goti2018", p, "--auc", "5:1"], "--auc"),
         ("map-auc-after-the-records", ["map", "vancomycin_goti2018", p, "--auc", "500:"], "500"),
+        ("dose-loading-with-fixed-dose", dose + ["--loading", "--dose", "100"], "--dose"),
+        ("dose-loading-conc-target", dose[:3] + ["--loading", "--target", "conc@12=5:10"], "conc@12"),
         ("dose-out-folder", dose + ["--out", str(d)], str(d)),
         ("dose-out-below-file", dose + ["--out", str(d / "not_a_folder" / "rec.json")], "not_a_folder"),
         ("map-plot-format", ["map", "vancomycin_goti2018", p, "--plot", "forecast.jpgx"], "--plot"),

@@ -306,3 +306,73 @@ def test_map_prints_the_auc_of_the_history(tmp_path, capsys):
     assert main(["map", str(tmp_path / "spec.toml"), str(tmp_path / "p.csv"), "--auc", "5:30"]) == 0
     expected = auc(_model(tmp_path, IV), _patient(addl=2), 5.0, 30.0)["map"]
     assert f"AUC 5-30 h of the doses given: MAP {expected:.4g} mg*h/L" in capsys.readouterr().out
+
+
+def _new_patient():
+    """Covariates only: no dose yet, no level (the textbook loading-dose situation)."""
+    return hp.read_nonmem(pd.DataFrame([dict(ID=1, TIME=0.0, AMT=0.0, DV=0.0, EVID=2, MDV=1)]))
+
+
+def test_a_loading_dose_for_a_trough_is_the_textbook_rule(tmp_path):
+    """IV bolus, no history: L = D / (1 - e^(-k tau)) puts the first trough at the steady-state trough of D
+    every tau (Rowland and Tozer); ours puts it at the target's middle, so L = mid V e^(k tau) exactly."""
+    from hybridpk.dosing import loading_dose
+
+    out = loading_dose(_model(tmp_path, IV), _new_patient(), "trough=4:6", interval=12.0, dose_step=1.0)
+    k, v = 3.0 / 30.0, 30.0
+    assert out.dose_mg == pytest.approx(5.0 * v * math.exp(k * 12.0), abs=0.5)    # whole mg
+    first = out.exposure["trough (first interval)"]["map"]
+    assert first == pytest.approx(out.dose_mg / v * math.exp(-k * 12.0), rel=1e-9)
+    d = out.maintenance.dose
+    ss = out.maintenance.exposure["trough"]["map"]
+    assert ss == pytest.approx(d / v * _g(k * 12.0), rel=1e-9) and 4 <= ss <= 6
+    assert list(out.records.TIME) == [0.0, 12.0] and list(out.records.ADDL) == [0, out.maintenance.regimen.n_doses - 1]
+
+
+def test_a_loading_dose_for_day_one_auc_with_a_history(tmp_path):
+    """Oral model with a dose already given: the loading dose puts the AUC of the first 24 h (history,
+    loading dose and the maintenance doses inside the day) at the middle, checked by quad on the closed form."""
+    from scipy.integrate import quad
+
+    from hybridpk.dosing import loading_dose
+
+    model = _model(tmp_path, ORAL)
+    out = loading_dose(model, _patient(), "auc24=300:400", interval=12.0, dose_step=10.0)
+    ka, cl, v = _map(out.maintenance, "KA", "CL", "V")
+    k = cl / v
+    s = out.maintenance.start
+    doses = [(0.0, 1000.0), (s, out.dose_mg), (s + 12.0, out.maintenance.dose)]
+
+    def conc(t):
+        return sum(a * ka / (v * (ka - k)) * (math.exp(-k * (t - t0)) - math.exp(-ka * (t - t0)))
+                   for t0, a in doses if t > t0)
+
+    expected = quad(conc, s, s + 24.0, points=[s + 12.0], epsabs=0, epsrel=1e-12)[0]
+    assert out.exposure["auc24 (first interval)"]["map"] == pytest.approx(expected, rel=1e-6)
+    assert abs(expected - 350.0) <= 10.0 / cl      # a 10-mg step adds at most 10 / CL to any AUC
+    assert out.exposure["auc24 (first interval)"]["p05"] <= expected <= out.exposure["auc24 (first interval)"]["p95"]
+
+
+def test_no_loading_dose_when_the_history_suffices(tmp_path):
+    from hybridpk.dosing import loading_dose
+
+    out = loading_dose(_model(tmp_path, IV), _patient(addl=8), "trough=1:2", interval=12.0, dose_step=50.0)
+    assert out.dose_mg is None and any("no loading dose" in w for w in out.warnings)
+    with pytest.raises(HybridPKError, match="steady-state target"):
+        loading_dose(_model(tmp_path, IV), _patient(), "conc@24=1:2")
+
+
+def test_dose_loading_on_the_command_line(tmp_path, capsys):
+    import json
+
+    from hybridpk.cli import main
+    from hybridpk.dosing import loading_dose
+
+    _new_patient().to_dataframe().to_csv(tmp_path / "p.csv", index=False)
+    (tmp_path / "spec.toml").write_text(IV)
+    assert main(["dose", str(tmp_path / "spec.toml"), str(tmp_path / "p.csv"), "--loading", "--target",
+                 "trough=4:6", "--interval", "12", "--dose-step", "50", "--out", str(tmp_path / "l.json")]) == 0
+    rec = json.loads((tmp_path / "l.json").read_text())
+    lib = loading_dose(_model(tmp_path, IV), _new_patient(), "trough=4:6", interval=12.0, dose_step=50.0)
+    assert rec["loading_dose_mg"] == lib.dose_mg and rec["maintenance"]["dose_mg"] == lib.maintenance.dose
+    assert f"loading dose {lib.dose_mg:g} mg at t = 0 h" in capsys.readouterr().out

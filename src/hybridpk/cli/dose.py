@@ -31,7 +31,10 @@ steady-state target (auc24, trough or peak) at the middle of its window, exactly
 a list; --interval-step rounds it, e.g. to 0.5 or 6 h). --time-below C answers when the concentration
 falls to C mg/L after the last dose if nothing more is given (MAP time and 90% interval; exact root after
 the peak, or --posologyr-grid for posologyr's poso_time_cmin: the first 0.1-h grid point from the last
-dose + 0.2 h that is below C).
+dose + 0.2 h that is below C). --loading adds a loading dose at the start that puts the target of the
+first interval (trough before the first maintenance dose, peak, or the AUC of the first 24 h) at the middle
+of the window; the maintenance regimen follows one interval later. --cmt N sends the new doses into
+compartment N (e.g. IV into the central compartment of an oral model; F then does not apply).
 
 REC.json holds: the dose and interval, the regimen as NONMEM dose records, the predicted exposure (MAP,
 median and 90% interval), the probability of target attainment, the MAP individual parameters with
@@ -78,6 +81,9 @@ def add_parser(sub) -> None:
                    "that puts the steady-state target (auc24, trough, peak) at the middle of its window")
     p.add_argument("--interval-step", type=positive_float, metavar="H", help="with --dose: round the interval to a "
                    "whole multiple of H hours (default: the exact root)")
+    p.add_argument("--loading", action="store_true", help="also a loading dose, given at the start, that puts the "
+                   "target of the first interval at the middle of its window; the maintenance follows one interval "
+                   "later")
     p.add_argument("--time-below", type=positive_float, metavar="C", help="instead of a dose: when the "
                    "concentration falls to C mg/L after the last dose, if nothing more is given")
     p.add_argument("--posologyr-grid", action="store_true", help="with --time-below: posologyr's grid semantics "
@@ -147,6 +153,8 @@ def run_dose(args) -> int:
     model, ds = _load(args)
     if args.time_below is not None:
         return _time_below(args, model, ds)
+    if args.loading:
+        return _loading(args, model, ds)
     if args.dose is not None:
         rec = interval_for_dose(model, ds, args.dose, args.target, duration=args.duration,
                                 interval_step=args.interval_step, start=args.start, seed=args.seed, cmt=args.cmt)
@@ -185,6 +193,10 @@ def _check_question(args) -> None:
         given.add("--dose-step")
     if args.cmt != 0:
         given.add("--cmt")
+    if args.loading:
+        if args.time_below is not None or args.dose is not None:
+            raise HybridPKError("--loading goes with a dose recommendation; drop "
+                                + ("--time-below" if args.time_below is not None else "--dose"))
     if args.time_below is not None:
         clash = given - {"--posologyr-grid"}
         if clash:
@@ -199,6 +211,38 @@ def _check_question(args) -> None:
             raise HybridPKError(f"--dose fixes the dose and solves for the interval; drop {', '.join(sorted(clash))}")
     elif args.interval_step is not None:
         raise HybridPKError("--interval-step goes with --dose MG (the interval for a fixed dose)")
+
+
+def _loading(args, model, ds) -> int:
+    import json
+
+    from hybridpk.dosing import loading_dose
+    from hybridpk.io import atomic_write_text, run_metadata
+
+    out = loading_dose(model, ds, args.target, interval=args.interval, duration=args.duration, cmt=args.cmt,
+                       dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed)
+    m = out.maintenance
+    how = f" as {m.duration:g}-h infusions" if m.duration > 0 else " (bolus or oral doses)"
+    if out.dose_mg is None:
+        print(f"{model.name}: no loading dose; maintenance {m.dose:g} mg every {m.interval:g} h{how}, from "
+              f"t = {m.start + m.interval:g} h")
+    else:
+        print(f"{model.name}: loading dose {out.dose_mg:g} mg at t = {m.start:g} h, then {m.dose:g} mg every "
+              f"{m.interval:g} h{how} from t = {m.start + m.interval:g} h")
+    label, e = next(iter(out.exposure.items()))
+    print(f"  {label}: MAP {e['map']:.1f}; posterior median {e['median']:.1f}, 90% interval {e['p05']:.1f}-"
+          f"{e['p95']:.1f}; target {e['target'][0]:g}-{e['target'][1]:g}; probability in the window "
+          f"{out.pta:.0%}")
+    metric, exp = next(iter(m.exposure.items()))
+    print(f"  {metric} at steady state: MAP {exp['map']:.1f}; posterior median {exp['median']:.1f}, 90% interval "
+          f"{exp['p05']:.1f}-{exp['p95']:.1f}")
+    for w in out.warnings:
+        print(f"warning: {w}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps({**out.to_dict(), **run_metadata(seed=args.seed)}, indent=2,
+                                               default=float))
+        print(f"wrote {args.out}")
+    return 0
 
 
 def _time_below(args, model, ds) -> int:
