@@ -186,7 +186,10 @@ def test_the_cli_forms(tmp_path, capsys):
     args = [str(tmp_path / "spec.toml"), str(tmp_path / "p.csv")]
     assert main(["dose", *args, "--dose", "1000", "--target", "trough=4:6", "--out", str(tmp_path / "i.json")]) == 0
     lib = interval_for_dose(_model(tmp_path, IV), _patient(addl=1), 1000.0, "trough=4:6")
-    assert json.loads((tmp_path / "i.json").read_text())["interval_h"] == pytest.approx(lib.interval, rel=1e-12)
+    rec = json.loads((tmp_path / "i.json").read_text())
+    assert rec["interval_h"] == pytest.approx(lib.interval, rel=1e-12)
+    assert rec["patient_estimate"]["ofv"] == pytest.approx(lib.estimate["ofv"], rel=1e-12)
+    assert len(rec["patient_estimate"]["covariance"]["expected_information_etc"]) == 2
     assert main(["dose", *args, "--time-below", "3", "--out", str(tmp_path / "t.json")]) == 0
     out = json.loads((tmp_path / "t.json").read_text())
     assert out["map_time_h"] == pytest.approx(time_to_concentration(_model(tmp_path, IV), _patient(addl=1),
@@ -376,3 +379,60 @@ def test_dose_loading_on_the_command_line(tmp_path, capsys):
     lib = loading_dose(_model(tmp_path, IV), _new_patient(), "trough=4:6", interval=12.0, dose_step=50.0)
     assert rec["loading_dose_mg"] == lib.dose_mg and rec["maintenance"]["dose_mg"] == lib.maintenance.dose
     assert f"loading dose {lib.dose_mg:g} mg at t = 0 h" in capsys.readouterr().out
+
+
+def _independent_posterior(eta, times, dv, dose=1000.0, omega=(0.09, 0.05), add=0.1, prop=0.1):
+    """One-compartment IV bolus, CL = 3 e^ETA1, V = 30 e^ETA2, Var = add^2 + (prop f)^2 (FOCE-I): the OFV,
+    its per-level terms, g = df/dETA and h = dVar/dETA in closed form."""
+    cl, v = 3.0 * math.exp(eta[0]), 30.0 * math.exp(eta[1])
+    t = np.asarray(times)
+    f = dose / v * np.exp(-cl / v * t)
+    g = np.stack([-f * cl / v * t, f * (cl / v * t - 1.0)], 1)     # d f / d ETA_CL, d f / d ETA_V
+    var = add ** 2 + (prop * f) ** 2
+    h = (2 * prop ** 2 * f)[:, None] * g
+    terms = (np.asarray(dv) - f) ** 2 / var + np.log(var)
+    oinv = np.diag(1 / np.asarray(omega))
+    return terms.sum() + eta @ oinv @ eta, terms, f, var, g, h, oinv
+
+
+def test_the_estimate_in_full_against_an_independent_computation(tmp_path):
+    """'map --out EST.json': the MAP (scipy's minimum of the OFV written here), the OFV and each level's
+    term, and the expected-information covariance (NONMEM's ETC) agree to 1e-6; the observed-information
+    covariance agrees with the inverse of half the OFV's finite-difference Hessian (1e-5)."""
+    import json
+
+    from scipy.optimize import minimize
+
+    from hybridpk.cli import main
+
+    _patient().to_dataframe().to_csv(tmp_path / "p.csv", index=False)
+    (tmp_path / "spec.toml").write_text(IV)
+    assert main(["map", str(tmp_path / "spec.toml"), str(tmp_path / "p.csv"), "--out", str(tmp_path / "e.json")]) == 0
+    out = json.loads((tmp_path / "e.json").read_text())
+    times, dv = [2.0, 10.0], [38.0, 24.0]
+
+    def ofv(e):
+        return _independent_posterior(np.asarray(e), times, dv)[0]
+
+    best = minimize(ofv, np.zeros(2), method="BFGS", options={"gtol": 1e-12}).x
+    eta = np.array([out["map"]["ETA_CL"], out["map"]["ETA_V"]])
+    assert eta == pytest.approx(best, abs=1e-6)
+    total, terms, f, var, g, h, oinv = _independent_posterior(eta, times, dv)
+    assert out["ofv"] == pytest.approx(total, rel=1e-9)
+    assert [o["CONTRIBUTION"] for o in out["observations"]] == pytest.approx(terms, rel=1e-9)
+    assert [o["IPRED"] for o in out["observations"]] == pytest.approx(f, rel=1e-12)
+    assert [o["VAR"] for o in out["observations"]] == pytest.approx(var, rel=1e-12)
+    info = oinv + (g.T / var) @ g + 0.5 * (h.T / var ** 2) @ h
+    etc = np.asarray(out["covariance"]["expected_information_etc"])
+    assert etc == pytest.approx(np.linalg.inv(info), rel=1e-6)
+    step, unit = 1e-4, np.eye(2) * 1e-4
+
+    def second(i, j):
+        a, b = unit[i] + unit[j], unit[i] - unit[j]
+        return (ofv(eta + a) - ofv(eta + b) - ofv(eta - b) + ofv(eta - a)) / (4 * step ** 2)
+
+    hess = np.array([[second(i, j) for j in range(2)] for i in range(2)])
+    observed = np.asarray(out["covariance"]["observed_information"])
+    assert observed == pytest.approx(np.linalg.inv(hess / 2), rel=1e-5)
+    assert out["shrinkage"]["ETA_CL"] == pytest.approx(1 - math.sqrt(observed[0, 0] / 0.09), rel=1e-9)
+    assert len(out["forecast"]["TIME"]) == 241 and out["seed"] == 0

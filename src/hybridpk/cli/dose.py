@@ -40,17 +40,21 @@ REC.json holds: the dose and interval, the regimen as NONMEM dose records, the p
 median and 90% interval), the probability of target attainment, the MAP individual parameters with
 their 90% credible intervals, and warnings (covariates outside the model's population, few or
 implausible levels, poorly informed parameters, capped doses; for a hybrid, a latent z or a regimen (dose,
-interval, time span, number of doses) outside what its training data covered).
+interval, time span, number of doses) outside what its training data covered), and the patient's whole
+estimate as 'hybridpk map --out EST.json' writes it (patient_estimate).
 """
 
 MAP_HELP = """\
 Estimate one patient's parameters (MAP with the model as prior) and forecast the concentrations.
 MODEL_OR_RUN as for 'hybridpk dose' (a spec, a .toml, a NONMEM control stream or a run folder).
 
-Prints the MAP individual parameters with 90% credible intervals and warnings; --out writes a CSV of the
-forecast (MAP prediction, median, 90% prediction interval) on a time grid, and --plot a figure of the
-forecast with the TDM levels. --samples writes the posterior draws as an ArviZ NetCDF file. --auc adds the
-AUC of the doses already given over a window (Simpson's rule split at each dose; no further dose assumed).
+Prints the MAP individual parameters with 90% credible intervals, the OFV and warnings; --out writes a CSV
+of the forecast (MAP prediction, median, 90% prediction interval) on a time grid, or, named .json, the
+whole estimate (full-precision MAP, OFV with each level's contribution, shrinkage, the Laplace covariance
+from the observed and from the expected information, the latter as NONMEM's ETC, and the forecast), and
+--plot a figure of the forecast with the TDM levels. --samples writes the posterior draws as an ArviZ
+NetCDF file. --auc adds the AUC of the doses already given over a window (Simpson's rule split at each
+dose; no further dose assumed).
 """
 
 
@@ -98,7 +102,9 @@ def add_parser(sub) -> None:
     q.add_argument("model", metavar="MODEL_OR_RUN")
     q.add_argument("patient", metavar="PATIENT.csv")
     q.add_argument("--until", type=finite_float, help="forecast until this time (h; default last record + 24)")
-    q.add_argument("--out", metavar="FORECAST.csv", type=out_file_arg, help="forecast table")
+    q.add_argument("--out", metavar="FORECAST.csv|EST.json", type=out_file_arg, help="forecast table (.csv), or "
+                   "(.json) the whole estimate: MAP at full precision, OFV and each level's contribution, shrinkage, "
+                   "the covariance (observed and expected information, NONMEM's ETC), the forecast")
     q.add_argument("--plot", metavar="FIG.png", type=figure_arg, help="forecast figure with the TDM levels")
     q.add_argument("--samples", metavar="POSTERIOR.nc", help="posterior draws (ArviZ NetCDF)")
     q.add_argument("--auc", nargs="?", const="", metavar="FROM:TO", type=auc_window_arg,
@@ -274,6 +280,7 @@ def run_map(args) -> int:
     import numpy as np
 
     from hybridpk.dosing import estimate_patient, forecast, plot_forecast
+    from hybridpk.dosing.summary import patient_summary
     from hybridpk.io import atomic_write_text
 
     model, ds = _load(args)
@@ -286,6 +293,8 @@ def run_map(args) -> int:
         d = post.draws[:, j].numpy()
         print(f"  {name:<6} {float(post.estimate.eta[0, j]):10.4g}   ({np.quantile(d, 0.05):.4g}-"
               f"{np.quantile(d, 0.95):.4g})  latent")
+    summary = patient_summary(post)
+    print(f"  OFV {summary['ofv']:.4f} (-2 log posterior at the MAP; each level's share in --out EST.json)")
     for w in post.warnings:
         print(f"warning: {w}")
     if args.auc is not None:
@@ -299,7 +308,18 @@ def run_map(args) -> int:
     fc = forecast(post.estimate, post.draws, np.linspace(0.0, until, 241), seed=args.seed)
     for w in fc.warnings:
         print(f"warning: {w}")
-    if args.out:
+    if args.out and args.out.lower().endswith(".json"):
+        import json
+
+        from hybridpk.io import run_metadata
+
+        out = {**summary, "forecast": fc.table.to_dict(orient="list"),
+               "warnings": list(post.warnings) + list(fc.warnings), **run_metadata(seed=args.seed)}
+        if args.auc is not None:
+            out["auc"] = a
+        atomic_write_text(args.out, json.dumps(out, indent=2, default=float))
+        print(f"wrote {args.out}")
+    elif args.out:
         atomic_write_text(args.out, fc.table.to_csv(index=False))
         print(f"wrote {args.out}")
     if args.plot:

@@ -15,6 +15,7 @@ from ..errors import HybridPKError
 from . import safety
 from .constraints import check_limits
 from .model import dosing_model
+from .summary import patient_summary
 from .targets import metric_coefficients, metrics_by_simulation, parse_target
 
 __all__ = ["PatientPosterior", "Recommendation", "estimate_patient", "recommend_dose", "interval_for_dose",
@@ -77,6 +78,7 @@ class Recommendation:
     records: pd.DataFrame = field(repr=False)
     candidates: list = field(default_factory=list, repr=False)
     pta_mc_se: float | None = None
+    estimate: dict | None = field(default=None, repr=False)
 
     @property
     def dose(self) -> float:
@@ -100,7 +102,8 @@ class Recommendation:
                 "probability_of_target_attainment": self.pta,
                 "probability_of_target_attainment_mc_se": self.pta_mc_se, "predicted_exposure": self.exposure,
                 "map_parameters": self.map_parameters, "warnings": list(self.warnings),
-                "records": self.records.to_dict(orient="records"), "candidates": self.candidates}
+                "records": self.records.to_dict(orient="records"), "candidates": self.candidates,
+                "patient_estimate": self.estimate}
 
 
 def estimate_patient(model, dataset, n_samples: int | None = None, seed: int = 0) -> PatientPosterior:
@@ -363,7 +366,8 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     regimen = Regimen(limits.start, choice["dose_mg"], choice["interval_h"], limits.n_doses, limits.duration, cmt)
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, choice),
                           pta=choice["pta"], map_parameters=post.parameters(), warnings=tuple(warns),
-                          records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=choice["pta_mc_se"])
+                          records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=choice["pta_mc_se"],
+                          estimate=patient_summary(post))
 
 
 def _regimen_warnings(post, exposure, tgt, choice, start: float, n_doses: int) -> list[str]:
@@ -429,7 +433,8 @@ def interval_for_dose(model, dataset, dose: float, target, *, duration: float | 
                      f"{c['map_exposure']:.3g}, outside {tgt.low:g}-{tgt.high:g}; the exact interval is {exact:.3g} h")
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, c),
                           pta=c["pta"], map_parameters=post.parameters(), warnings=tuple(warns),
-                          records=regimen.records(df.ID.iloc[0]), candidates=[c], pta_mc_se=c["pta_mc_se"])
+                          records=regimen.records(df.ID.iloc[0]), candidates=[c], pta_mc_se=c["pta_mc_se"],
+                          estimate=patient_summary(post))
 
 
 def _interval_range(interval_range, duration, step) -> tuple:
