@@ -436,3 +436,54 @@ def test_the_estimate_in_full_against_an_independent_computation(tmp_path):
     assert observed == pytest.approx(np.linalg.inv(hess / 2), rel=1e-5)
     assert out["shrinkage"]["ETA_CL"] == pytest.approx(1 - math.sqrt(observed[0, 0] / 0.09), rel=1e-9)
     assert len(out["forecast"]["TIME"]) == 241 and out["seed"] == 0
+
+
+def _day_list(n: int = 6, seed: int = 0) -> pd.DataFrame:
+    """n vancomycin patients (1000 mg q12h, a peak and a trough) with varied CRCL and WT, columns in the order
+    a ward's export gives them; patient 3 has a negative level (refused)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(1, n + 1):
+        crcl, wt = rng.uniform(40, 120), rng.uniform(50, 100)
+        rows += [dict(WT=wt, ID=i, TIME=0.0, AMT=1000.0, RATE=1000.0, DV=0.0, EVID=1, MDV=1, CRCL=crcl),
+                 dict(WT=wt, ID=i, TIME=11.5, AMT=0.0, RATE=0.0, DV=rng.uniform(5, 20), EVID=0, MDV=0, CRCL=crcl),
+                 dict(WT=wt, ID=i, TIME=12.0, AMT=1000.0, RATE=1000.0, DV=0.0, EVID=1, MDV=1, CRCL=crcl),
+                 dict(WT=wt, ID=i, TIME=13.5, AMT=0.0, RATE=0.0, DV=rng.uniform(20, 40), EVID=0, MDV=0, CRCL=crcl)]
+    df = pd.DataFrame(rows)
+    df.loc[(df.ID == 3) & (df.EVID == 0), "DV"] = -1.0
+    return df
+
+
+def test_a_days_list_gets_each_patients_own_answer(tmp_path):
+    """One batched call answers every patient as a call with that patient alone does (the MAP exposure to
+    1e-6, the regimen exactly); the refused patient is named and does not stop the others."""
+    from hybridpk.dosing import for_each_patient, recommend_dose
+
+    ds = hp.read_nonmem(_day_list())
+    answers = for_each_patient(recommend_dose, "vancomycin_goti2018", ds, target="auc24=400:600")
+    assert [a.id for a in answers] == list(ds.ids)
+    assert [a.ok for a in answers] == [True, True, False, True, True, True]
+    assert "negative concentrations" in answers[2].error
+    for a in answers:
+        if a.ok:
+            alone = recommend_dose("vancomycin_goti2018", ds.subset([a.id]), "auc24=400:600")
+            assert (a.result.dose, a.result.interval) == (alone.dose, alone.interval)
+            assert a.result.exposure["auc24"]["map"] == pytest.approx(alone.exposure["auc24"]["map"], rel=1e-6)
+
+
+def test_dose_and_map_on_a_days_list(tmp_path, capsys):
+    import json
+
+    from hybridpk.cli import main
+
+    _day_list().to_csv(tmp_path / "day.csv", index=False)
+    assert main(["dose", "vancomycin_goti2018", str(tmp_path / "day.csv"), "--out", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert [p["ID"] for p in out["patients"]] == [1, 2, 3, 4, 5, 6] and "error" in out["patients"][2]
+    assert all(p["dose_mg"] > 0 for p in out["patients"] if "error" not in p)
+    printed = capsys.readouterr().out
+    assert "1 of 6 patients refused" in printed and "refused: negative concentrations" in printed
+    assert main(["map", "vancomycin_goti2018", str(tmp_path / "day.csv"), "--out", str(tmp_path / "f.csv")]) == 0
+    forecasts = pd.read_csv(tmp_path / "f.csv")
+    assert sorted(forecasts.ID.unique()) == [1, 2, 4, 5, 6] and len(forecasts) == 5 * 241
+    assert main(["map", "vancomycin_goti2018", str(tmp_path / "day.csv"), "--plot", str(tmp_path / "x.png")]) == 2

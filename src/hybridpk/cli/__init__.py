@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except HybridPKError as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
+    except BrokenPipeError:   # the reader went away (e.g. '| head'): stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
+        return 0
     except KeyboardInterrupt as exc:   # Ctrl-C: one line (an Interrupted says what was kept and how to resume)
         return fail(str(exc) or "interrupted", 130)
     except Exception as exc:  # an internal error: a bug, not the user's fault

@@ -13,7 +13,9 @@ so put a run's final estimates there; its $DATA file must be present, and its co
 population patients are checked against), or a run folder written by 'hybridpk fit', a hybrid one
 included (--hybrid vae: the patient's posterior is then over the ETAs and the latent z jointly, and
 exposures come from the hybrid prediction, simulated dose by dose). PATIENT.csv is a
-NONMEM-style file for ONE patient: the doses given so far, the TDM levels (EVID 0) and the covariates the
+NONMEM-style file for one patient, or for a day's list of patients (one answer per ID, a summary table;
+a patient whose data are refused is listed with the reason and the others are answered): the doses given
+so far, the TDM levels (EVID 0) and the covariates the
 model needs (e.g. CRCL, WT). A spec may declare defaults for optional covariates (vancomycin_goti2018:
 DIAL = 0, not on dialysis); the answer then says which value it took.
 
@@ -46,15 +48,17 @@ estimate as 'hybridpk map --out EST.json' writes it (patient_estimate).
 
 MAP_HELP = """\
 Estimate one patient's parameters (MAP with the model as prior) and forecast the concentrations.
-MODEL_OR_RUN as for 'hybridpk dose' (a spec, a .toml, a NONMEM control stream or a run folder).
+MODEL_OR_RUN as for 'hybridpk dose' (a spec, a .toml, a NONMEM control stream or a run folder). A file
+with several patients gets one line per ID (MAP parameters, OFV; refused patients with the reason), and
+--out holds every patient (an ID column in the CSV).
 
 Prints the MAP individual parameters with 90% credible intervals, the OFV and warnings; --out writes a CSV
 of the forecast (MAP prediction, median, 90% prediction interval) on a time grid, or, named .json, the
 whole estimate (full-precision MAP, OFV with each level's contribution, shrinkage, the Laplace covariance
 from the observed and from the expected information, the latter as NONMEM's ETC, and the forecast), and
 --plot a figure of the forecast with the TDM levels. --samples writes the posterior draws as an ArviZ
-NetCDF file. --auc adds the AUC of the doses already given over a window (Simpson's rule split at each
-dose; no further dose assumed).
+NetCDF file. --auc adds the AUC of the doses already given over a window (Gauss-Legendre quadrature split at
+each dose; no further dose assumed).
 """
 
 
@@ -157,6 +161,10 @@ def run_dose(args) -> int:
         raise HybridPKError("give MODEL_OR_RUN and PATIENT.csv (or --list)")
     _check_question(args)
     model, ds = _load(args)
+    if ds.n_subjects > 1:
+        from .daylist import run_many
+
+        return run_many(args, model, ds, *_question(args))
     if args.time_below is not None:
         return _time_below(args, model, ds)
     if args.loading:
@@ -185,6 +193,23 @@ def run_dose(args) -> int:
     if args.out:
         print(f"wrote {args.out}")
     return 0
+
+
+def _question(args):
+    """(the library function, its arguments) that answer the command's question."""
+    from hybridpk.dosing import interval_for_dose, loading_dose, recommend_dose, time_to_concentration
+
+    if args.time_below is not None:
+        return time_to_concentration, {"concentration": args.time_below,
+                                       "method": "grid" if args.posologyr_grid else "root"}
+    common = {"target": args.target, "duration": args.duration, "start": args.start, "cmt": args.cmt}
+    if args.loading:
+        return loading_dose, {**common, "interval": args.interval, "dose_step": args.dose_step,
+                              "max_dose": args.max_dose}
+    if args.dose is not None:
+        return interval_for_dose, {**common, "dose": args.dose, "interval_step": args.interval_step}
+    return recommend_dose, {**common, "interval": args.interval, "dose_step": args.dose_step,
+                            "max_dose": args.max_dose}
 
 
 def _check_question(args) -> None:
@@ -284,6 +309,10 @@ def run_map(args) -> int:
     from hybridpk.io import atomic_write_text
 
     model, ds = _load(args)
+    if ds.n_subjects > 1:
+        from .daylist import run_many_map
+
+        return run_many_map(args, model, ds)
     post = estimate_patient(model, ds, seed=args.seed)
     print(f"{model.name}: MAP estimates ({int(post.estimate.n_levels[0])} level(s); 90% credible intervals)")
     for name, v in post.parameters().items():

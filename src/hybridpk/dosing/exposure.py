@@ -1,11 +1,10 @@
 """The exposure a patient already had: the AUC of the given dosing history over any window.
 
-The AUC (mg*h/L) of the concentration over [start, end] h is integrated by composite Simpson's rule on
-segments split at every dose time and infusion end in the window (the concentration is smooth within each,
-and each segment's ends are taken 1e-9 h inside it: the one-sided limits where a bolus makes it jump),
-each with steps of at most ``STEP_H``; no further dose is assumed after the history (a window beyond the last
-record is a forecast of the washout). The MAP value and the posterior median and 90% interval over the
-patient's posterior draws, as for every other dosing answer.
+The AUC (mg*h/L) of the concentration over [start, end] h is integrated by Gauss-Legendre quadrature (8
+nodes per piece of at most 1 h) on segments split at every dose time and infusion end in the window (the
+concentration is smooth within each; a bolus's jump falls between segments); no further dose is assumed
+after the history (a window beyond the last record is a forecast of the washout). The MAP value and the
+posterior median and 90% interval over the patient's posterior draws, as for every other dosing answer.
 """
 
 from __future__ import annotations
@@ -18,12 +17,11 @@ import torch
 from ..errors import HybridPKError
 from .model import dosing_model
 
-__all__ = ["auc", "STEP_H"]
+__all__ = ["auc"]
 
-#: the largest Simpson step (h)
-STEP_H = 0.02
-#: how far inside a segment its end nodes are taken (h): the one-sided limits at a dose
-EDGE_H = 1e-9
+#: the longest piece of the quadrature (h) and its number of Gauss-Legendre nodes
+PIECE_H = 1.0
+NODES = 8
 
 
 def auc(model, dataset, start: float | None = None, end: float | None = None, *, n_samples: int | None = None,
@@ -40,7 +38,7 @@ def auc(model, dataset, start: float | None = None, end: float | None = None, *,
     a, b = _window(t0 if start is None else start, float(df.TIME.max()) if end is None else end)
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     est = post.estimate
-    grid, weights = _simpson(_breakpoints(est.batch, a, b))
+    grid, weights = _quadrature(_breakpoints(est.batch, a, b))
     points = torch.cat([est.eta[:1], post.draws])
     batch = est.batch.extend(None, grid)
     conc = est.concentrations(batch.select([0] * points.shape[0]), points)[:, -len(grid):]
@@ -74,17 +72,17 @@ def _breakpoints(batch, a: float, b: float) -> np.ndarray:
     return np.unique(np.concatenate([[a, b], inner[(inner > a) & (inner < b)]]))
 
 
-def _simpson(cuts: np.ndarray):
-    """(nodes, weights) of composite Simpson's rule on each segment between ``cuts``, steps <= STEP_H."""
+def _quadrature(cuts: np.ndarray):
+    """(nodes, weights) of Gauss-Legendre quadrature (``NODES`` points) on pieces of at most ``PIECE_H`` h of
+    each segment between ``cuts``: exact for polynomials of degree 2 NODES - 1 on each piece, so for sums of
+    exponentials with rates up to a few per hour the relative error is below 1e-9. No node lies on a cut (the
+    one-sided limits at a bolus need no care)."""
+    x0, w0 = np.polynomial.legendre.leggauss(NODES)
     nodes, weights = [], []
     for lo, hi in zip(cuts[:-1], cuts[1:]):
-        m = max(2, 2 * math.ceil((hi - lo) / (2 * STEP_H)))
-        x = np.linspace(lo, hi, m + 1)
-        # a bolus makes the concentration jump at a cut: each segment takes its own one-sided limit
-        x[0], x[-1] = lo + EDGE_H, hi - EDGE_H
-        w = np.full(m + 1, 2.0)
-        w[1::2] = 4.0
-        w[0] = w[-1] = 1.0
-        nodes.append(x)
-        weights.append(w * (hi - lo) / (3 * m))
+        m = max(1, math.ceil((hi - lo) / PIECE_H))
+        edges = np.linspace(lo, hi, m + 1)
+        half = 0.5 * np.diff(edges)[:, None]
+        nodes.append(((edges[:-1] + edges[1:])[:, None] / 2 + half * x0).ravel())
+        weights.append((half * w0).ravel())
     return np.concatenate(nodes), np.concatenate(weights)

@@ -7,7 +7,7 @@ middle, the metric taken as the steady-state one is, over the first interval, th
 
 * trough: the concentration at start + tau, just before the first maintenance dose;
 * peak: the end of the infusion, or the maximum over the first interval (97 points) for a bolus or oral dose;
-* auc24: the AUC over the first 24 h from start (maintenance doses inside it included; Simpson's rule as
+* auc24: the AUC over the first 24 h from start (maintenance doses inside it included; quadrature as
   :func:`~hybridpk.dosing.auc`).
 
 For a linear model the metric is affine in L, so the MAP solution is exact; otherwise it is bracketed and
@@ -27,7 +27,7 @@ import torch
 
 from ..data import Regimen
 from ..errors import HybridPKError
-from .exposure import _breakpoints, _simpson
+from .exposure import _breakpoints, _quadrature
 from .recommend import Recommendation, estimate_patient, recommend_dose
 from .targets import parse_target
 
@@ -55,17 +55,17 @@ class LoadingDose:
 
 
 def loading_dose(model, dataset, target, *, dose_step: float = 250.0, max_dose: float | None = None,
-                 n_samples: int | None = None, seed: int = 0, **maintenance) -> LoadingDose:
+                 n_samples: int | None = None, seed: int = 0, posterior=None, **maintenance) -> LoadingDose:
     """The loading dose (mg) that puts the first interval's ``target`` (auc24, trough or peak) at the middle
     of its window, ahead of the maintenance regimen :func:`recommend_dose` chooses with the same arguments
     (``maintenance``: interval, intervals, duration, start, n_doses, cmt). The loading dose is a whole
     number of ``dose_step`` (mg), at most ``max_dose``, given as the maintenance doses are (same duration and
-    compartment)."""
+    compartment). ``posterior``: the patient's PatientPosterior when already computed."""
     tgt = parse_target(target) if isinstance(target, str) else target
     if tgt.metric not in ("auc24", "trough", "peak"):
         raise HybridPKError(f"target {tgt.label}: a loading dose is computed for a steady-state target (auc24, "
                             "trough or peak), reached from the first interval")
-    post = estimate_patient(model, dataset, n_samples, seed)
+    post = posterior or estimate_patient(model, dataset, n_samples, seed)
     rec = recommend_dose(post.model, dataset, tgt, dose_step=dose_step, max_dose=max_dose, posterior=post,
                          **maintenance)
     reg = rec.regimen
@@ -118,7 +118,7 @@ def _first_interval(est, points, tgt, reg: Regimen, follow: Regimen, amount: flo
                                                                                   97))
         return est.concentrations(with_load.extend(None, t).select([0] * s), points)[:, -len(t):].amax(1)
     full = with_load.extend(follow, ())
-    grid, weights = _simpson(_breakpoints(full, reg.start, reg.start + 24.0))
+    grid, weights = _quadrature(_breakpoints(full, reg.start, reg.start + 24.0))
     conc = est.concentrations(full.extend(None, grid).select([0] * s), points)[:, -len(grid):]
     return (conc * torch.as_tensor(weights, dtype=conc.dtype)).sum(1)
 

@@ -106,17 +106,20 @@ class Recommendation:
                 "patient_estimate": self.estimate}
 
 
-def estimate_patient(model, dataset, n_samples: int | None = None, seed: int = 0) -> PatientPosterior:
+def estimate_patient(model, dataset, n_samples: int | None = None, seed: int = 0,
+                     estimate=None) -> PatientPosterior:
     """MAP estimate and ``n_samples`` posterior draws for one patient under ``model`` (any fitted model, a
     hybrid, a run folder or a published spec name), with the safety warnings (for a hybrid also when the
     patient's latent z lies outside the training patients'). ``n_samples`` None: the model's default, 1000
     for population models and 250 for hybrids (each draw of a hybrid is simulated through its correction
-    over the whole regimen; the probability of target attainment reports its Monte-Carlo error)."""
+    over the whole regimen; the probability of target attainment reports its Monte-Carlo error).
+    ``estimate``: the patient's MAP estimate when already computed (a PatientEstimate, e.g. from a batched
+    MAP of many patients: :func:`~hybridpk.dosing.many.estimate_patients`)."""
     model = dosing_model(model)
     n_samples = model.default_samples if n_samples is None else int(n_samples)
     dataset, filled = safety.with_covariate_defaults(model, dataset)
     warns = filled + safety.check_patient(model, dataset.to_dataframe())
-    est = model.estimate(dataset)
+    est = model.estimate(dataset) if estimate is None else estimate
     warns += safety.check_levels(est)
     if hasattr(model, "latent_warnings"):
         warns += model.latent_warnings(est)

@@ -39,6 +39,19 @@ class IndividualEstimates:
         prior = torch.sqrt(torch.diagonal(self.model.omega.tensor()))
         return (1 - post / prior).numpy()
 
+    def patient(self, index: int) -> "IndividualEstimates":
+        """The estimate of patient ``index`` alone (its records, MAP and covariance; a Problem of its own), as
+        :func:`map_estimate` on that patient gives it (the batched Newton steps are per patient)."""
+        from dataclasses import replace
+
+        sub = self.dataset.subset([self.dataset.ids[index]])
+        prob = self.problem
+        one = Problem(prob.pm, sub, method=prob.method, rtol=prob.rtol, atol=prob.atol, estimation=prob.estimation)
+        part = slice(index, index + 1)
+        return replace(self, dataset=sub, problem=one, eta=self.eta[part], cov=self.cov[part],
+                       objective=self.objective[part], parameters=self.parameters.iloc[part].reset_index(drop=True),
+                       n_levels=self.n_levels[part])
+
     def posterior(self, index: int = 0, n: int = 1000, seed: int = 0):
         """(draws (n, K), effective sample size) from the posterior of patient ``index``; see
         :func:`posterior_draws`."""
