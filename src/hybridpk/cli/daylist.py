@@ -15,7 +15,7 @@ def run_many(args, model, ds, question, arguments: dict) -> int:
     from hybridpk.io import atomic_write_text, run_metadata
 
     print(f"{model.name}: {ds.n_subjects} patients")
-    answers = for_each_patient(question, model, ds, seed=args.seed, **arguments)
+    answers = for_each_patient(question, model, ds, seed=args.seed, n_samples=args.draws, **arguments)
     table = pd.DataFrame([{"ID": a.id, **(_row(a.result) if a.ok else {"answer": f"refused: {a.error}"})}
                           for a in answers])
     if "warnings" in table:
@@ -97,7 +97,7 @@ def run_many_map(args, model, ds) -> int:
                             "records")
     print(f"{model.name}: {ds.n_subjects} patients, MAP estimates")
     rows, full, tables = [], [], []
-    for pid, post in estimate_patients(model, ds, seed=args.seed).items():
+    for pid, post in estimate_patients(model, ds, n_samples=args.draws, seed=args.seed).items():
         if isinstance(post, HybridPKError):
             rows.append({"ID": pid, "error": str(post)})
             full.append({"ID": pid, "error": str(post)})

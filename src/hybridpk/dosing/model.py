@@ -278,7 +278,12 @@ class HybridDosing(DosingModel):
                 out.append(-self._objective(est.batch.select([0] * d.shape[0]), d))
             return torch.cat(out)
 
-        return importance_resample(est.eta[0], est.cov[0], log_post, n, seed)
+        return importance_resample(est.eta[0], est.cov[0], log_post, n, seed, prior_cov=self._prior_cov(),
+                                   prior_mean=torch.cat([torch.zeros(self.n_eta, dtype=torch.float64), self.z_mean]))
+
+    def _prior_cov(self):
+        omega = self.population.omega.tensor() if self.n_eta else torch.zeros(0, 0, dtype=torch.float64)
+        return torch.block_diag(omega, self.z_cov)
 
     def concentrations(self, batch, points, est=None):
         return self.fitted.concentrations(batch, points, weight=est.weight if est is not None else None)

@@ -12,6 +12,7 @@ import torch
 
 from ..data import Regimen
 from ..errors import HybridPKError
+from ..population.estimates import PARETO_K_LIMIT
 from . import safety
 from .constraints import check_limits
 from .model import dosing_model
@@ -26,13 +27,17 @@ __all__ = ["PatientPosterior", "Recommendation", "estimate_patient", "recommend_
 class PatientPosterior:
     """One patient's posterior under a model: ``estimate`` (a :class:`~hybridpk.dosing.model.PatientEstimate`:
     the MAP point, its Laplace covariance, the individual parameters), ``draws`` (S, P) posterior draws of the
-    point (importance resampling; the ETAs, and for a hybrid also z: ``model.point_names``), ``ess`` their
-    effective sample size, ``warnings`` about the patient and the estimate."""
+    point (adaptive importance sampling, Pareto-smoothed and resampled; the ETAs, and for a hybrid also z:
+    ``model.point_names``), ``ess`` the effective sample size of the importance weights, ``pareto_k`` their
+    PSIS tail shape (above 0.7: unreliable), ``proposals`` the points the posterior was evaluated at,
+    ``warnings`` about the patient and the estimate."""
 
     estimate: object = field(repr=False)
     draws: torch.Tensor = field(repr=False)
     ess: float
     warnings: tuple
+    pareto_k: float = float("nan")
+    proposals: int = 0
 
     @property
     def model(self):
@@ -124,11 +129,18 @@ def estimate_patient(model, dataset, n_samples: int | None = None, seed: int = 0
     if hasattr(model, "latent_warnings"):
         warns += model.latent_warnings(est)
     n_point = est.eta.shape[1]
-    samples, ess = est.posterior(0, n_samples, seed) if n_point else (est.eta, float("nan"))
-    if n_point and ess < 100:
-        warns.append(f"the posterior sampling is poorly resolved (effective sample size {ess:.0f}); intervals "
-                     "are approximate")
-    return PatientPosterior(estimate=est, draws=samples, ess=ess, warnings=tuple(warns))
+    if n_samples < 1:
+        raise HybridPKError(f"n_samples (--draws) = {n_samples}: give a whole number of posterior draws >= 1")
+    if not n_point:
+        return PatientPosterior(estimate=est, draws=est.eta, ess=float("nan"), warnings=tuple(warns))
+    sample = est.posterior(0, n_samples, seed)
+    k_hat = float(getattr(sample, "pareto_k", float("nan")))
+    if sample.ess < 100 or k_hat > PARETO_K_LIMIT:
+        warns.append(f"the posterior sampling is poorly resolved (effective sample size {sample.ess:.0f}, Pareto k "
+                     f"{k_hat:.2f}; reliable: k <= {PARETO_K_LIMIT:g}); intervals are approximate: give more draws "
+                     "(--draws) or check the patient's data")
+    return PatientPosterior(estimate=est, draws=sample.draws, ess=sample.ess, warnings=tuple(warns), pareto_k=k_hat,
+                            proposals=int(getattr(sample, "proposals", 0)))
 
 
 def _candidate(tgt, dose, tau, m_map: float, m, ess: float) -> dict:

@@ -47,7 +47,10 @@ def patient_summary(post) -> dict:
             "shrinkage": {n: float(s) for n, s in zip(names[:n_eta], shrink)},
             "covariance": {"names": names, "observed_information": est.cov[0].tolist(),
                            "expected_information_etc": None if etc is None else etc.tolist()},
-            "posterior": {"draws": int(post.draws.shape[0]), "effective_sample_size": post.ess}}
+            "posterior": {"method": "adaptive importance sampling (AMIS) from the Laplace approximation with the prior "
+                                    "as defensive component, Pareto-smoothed (PSIS) and resampled",
+                          "draws": int(post.draws.shape[0]), "proposals": post.proposals,
+                          "effective_sample_size": post.ess, "pareto_k": post.pareto_k}}
 
 
 def _population_terms(est) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from .focei import Problem
 
-__all__ = ["IndividualEstimates", "map_estimate", "posterior_draws", "importance_resample"]
+__all__ = ["IndividualEstimates", "ImportanceSample", "map_estimate", "posterior_draws", "importance_resample"]
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,10 @@ def map_estimate(model, dataset, estimation: str = "FOCE-I") -> IndividualEstima
 
 def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, seed: int = 0,
                     proposal_scale: float = 1.5):
-    """Draws (n, K) from the posterior of patient ``index``: sampling-importance-resampling from a widened
-    Laplace approximation (multivariate t, 5 d.f.; :func:`importance_resample`). Returns (draws, effective
-    sample size)."""
+    """Draws (n, K) from the posterior of patient ``index``: adaptive importance sampling from the widened
+    Laplace approximation with OMEGA as the defensive prior, Pareto-smoothed and resampled
+    (:func:`importance_resample`). Returns an :class:`ImportanceSample` (draws, effective sample size, with
+    ``pareto_k``)."""
     model = est.model
     pm = model.model
     prob = est.problem
@@ -117,48 +118,145 @@ def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, see
         return -0.5 * (data + torch.einsum("nk,kl,nl->n", draws, oinv, draws))
 
     limit = PRIOR_SD_LIMIT * torch.sqrt(torch.diagonal(model.omega.tensor()))
-    return importance_resample(est.eta[index], est.cov[index], log_post, n, seed, proposal_scale, limit=limit)
+    return importance_resample(est.eta[index], est.cov[index], log_post, n, seed, proposal_scale, limit=limit,
+                               prior_cov=model.omega.tensor())
 
 
 #: proposals with an ETA beyond this many prior SDs (sqrt OMEGA) are not evaluated (see importance_resample)
 PRIOR_SD_LIMIT = 6.0
 
 
+class ImportanceSample(tuple):
+    """(draws (n, K), effective sample size) as a pair, with the diagnostics as attributes: ``pareto_k`` (the
+    Pareto shape of the importance weights' tail, PSIS; above 0.7 the weights are unreliable: Vehtari et
+    al., JMLR 2024; 25:1), ``proposals`` (how many points the posterior was evaluated at), ``rounds``."""
+
+    def __new__(cls, draws, ess: float, pareto_k: float, proposals: int, rounds: int):
+        self = super().__new__(cls, (draws, ess))
+        self.draws, self.ess, self.pareto_k, self.proposals, self.rounds = draws, ess, pareto_k, proposals, rounds
+        return self
+
+
+#: PSIS tail shape above which the importance weights are unreliable (Vehtari et al. 2024)
+PARETO_K_LIMIT = 0.7
+
+
 def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, proposal_scale: float = 1.5,
-                        limit=None):
-    """Sampling-importance-resampling (Rubin 1988) of ``n`` draws from a posterior known up to a constant,
-    ``log_post(draws (M, K)) -> (M,)``: 5 n proposals from a multivariate t (5 d.f.) centred at ``mean`` (K,)
-    with scale ``proposal_scale``^2 ``cov`` (the Laplace covariance, widened so the tails are covered), then
-    resampled with their importance weights. Returns (draws (n, K), the weights' effective sample size
-    1 / sum w^2). Seeded (torch CPU generator and numpy).
+                        limit=None, prior_cov=None, rounds: int = 4, defensive: float = 0.2,
+                        proposals: int | None = None, prior_mean=None) -> ImportanceSample:
+    """``n`` draws from a posterior known up to a constant, ``log_post(draws (M, K)) -> (M,)``, by adaptive
+    multiple importance sampling (AMIS: Cornuet, Marin, Mira, Robert, Scand J Stat 2012; 39:798) and
+    Pareto-smoothed importance resampling (PSIS: Vehtari et al. 2024).
+
+    Round 1 draws 2/5 of the ``proposals`` (default 5 n) from a defensive mixture (Hesterberg 1995): a
+    multivariate t (5 d.f.) at ``mean`` (K,) with scale ``proposal_scale``^2 ``cov`` (the Laplace
+    approximation, widened), and, with share ``defensive``, the prior N(``prior_mean`` (default 0),
+    ``prior_cov``), so that a second
+    mode or a tail the Laplace approximation misses is still reached. Each further round (``rounds`` in all)
+    draws from a t fitted to the weighted sample so far (its mean and covariance), and every point is
+    weighted against the mixture of all proposals used (the deterministic-mixture weights that make AMIS
+    consistent). The log weights are Pareto-smoothed (arviz.psislw) and ``n`` draws resampled from them.
+    Returns an :class:`ImportanceSample`: (draws, effective sample size 1 / sum w^2 of the smoothed
+    weights), with ``pareto_k``. Seeded.
 
     ``limit`` (K,): proposals with |draw_k| > limit_k get weight 0 without evaluating ``log_post``: the t's tails
     reach ETAs whose parameters no solver integrates in reasonable time (KA e^10), and beyond 6 prior SDs the
     prior density is below e^-18 of its mode, so the posterior mass dropped is negligible unless the
-    likelihood outweighs that, in which case the mode would lie there. The limit is never closer to ``mean`` than 6
-    proposal SDs (a mode far out in the population keeps its neighbourhood)."""
+    likelihood outweighs that, in which case the mode would lie there. The limit is never closer to ``mean``
+    than 6 proposal SDs (a mode far out in the population keeps its neighbourhood)."""
+    import warnings
+
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     k = mean.shape[0]
-    m = 5 * n
-    chol = torch.linalg.cholesky(cov * proposal_scale ** 2)
-    z = torch.randn(m, k, generator=gen, dtype=torch.float64)
-    df = 5.0
-    g = torch.from_numpy(np.random.default_rng(seed).chisquare(df, m))
-    t = z / torch.sqrt(g / df).unsqueeze(-1)
-    draws = mean + t @ chol.T
+    total = 5 * n if proposals is None else int(proposals)
+    first = max(total * 2 // 5, 1)
+    sizes = [first] + [max((total - first) // max(rounds - 1, 1), 1)] * max(rounds - 1, 0)
+    base = torch.linalg.cholesky(cov * proposal_scale ** 2)
     if limit is not None:   # never closer to the mode than 6 proposal SDs (a patient far out in the population)
         reach = mean.abs() + 6 * proposal_scale * torch.sqrt(torch.diagonal(cov))
-        limit = torch.maximum(torch.as_tensor(limit, dtype=draws.dtype), reach)
-    inside = torch.ones(m, dtype=torch.bool) if limit is None else (draws.abs() <= limit).all(-1)
-    with torch.no_grad():
-        logpost = torch.full((m,), -float("inf"), dtype=torch.float64)
-        if bool(inside.any()):
-            logpost[inside] = log_post(draws[inside]).to(torch.float64)
-        # log density of the multivariate t proposal (up to a constant)
-        maha = (torch.linalg.solve_triangular(chol, (draws - mean).T, upper=False) ** 2).sum(0)
-        logq = -0.5 * (df + k) * torch.log1p(maha / df)
-        logw = torch.nan_to_num(logpost - logq, nan=-np.inf)
-        w = torch.softmax(logw, 0)
-        ess = float(1.0 / (w * w).sum())
-        idx = torch.multinomial(w, n, replacement=True, generator=gen)
-    return draws[idx], ess
+        limit = torch.maximum(torch.as_tensor(limit, dtype=torch.float64), reach)
+    prior = torch.linalg.cholesky(torch.as_tensor(prior_cov, dtype=torch.float64)) \
+        if prior_cov is not None and defensive > 0 else None
+    # components: (share of all proposals, kind, centre, Cholesky factor)
+    components, draws, logpost = [], [], []
+    for r, m in enumerate(sizes):
+        if r == 0:
+            n_prior = int(round(m * defensive)) if prior is not None else 0
+            new = [_t_draws(mean, base, m - n_prior, gen, rng)]
+            components.append([m - n_prior, "t", mean, base])
+            if n_prior:
+                centre = torch.zeros(k, dtype=torch.float64) if prior_mean is None else \
+                    torch.as_tensor(prior_mean, dtype=torch.float64)
+                new.append(centre + torch.randn(n_prior, k, generator=gen, dtype=torch.float64) @ prior.T)
+                components.append([n_prior, "normal", centre, prior])
+            x = torch.cat(new)
+        else:
+            w = _weights(torch.cat(draws), torch.cat(logpost), components)
+            if not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
+                break
+            all_x = torch.cat(draws)
+            centre = (w[:, None] * all_x).sum(0)
+            dev = all_x - centre
+            fitted = (w[:, None, None] * dev[:, :, None] * dev[:, None, :]).sum(0)
+            fitted = 0.5 * (fitted + fitted.T) + 1e-9 * torch.eye(k, dtype=torch.float64)
+            chol, info = torch.linalg.cholesky_ex(fitted)
+            if int(info) != 0:
+                break
+            x = _t_draws(centre, chol, m, gen, rng)
+            components.append([m, "t", centre, chol])
+        inside = torch.ones(x.shape[0], dtype=torch.bool) if limit is None else (x.abs() <= limit).all(-1)
+        lp = torch.full((x.shape[0],), -float("inf"), dtype=torch.float64)
+        with torch.no_grad():
+            if bool(inside.any()):
+                lp[inside] = log_post(x[inside]).to(torch.float64)
+        draws.append(x)
+        logpost.append(torch.nan_to_num(lp, nan=-np.inf))
+    x, lp = torch.cat(draws), torch.cat(logpost)
+    logw = lp - _log_mixture(x, components)
+    finite = torch.isfinite(logw)
+    k_hat = float("nan")
+    if int(finite.sum()) >= 10:
+        import arviz as az
+
+        with warnings.catch_warnings():   # arviz warns about k itself; the caller reports it
+            warnings.simplefilter("ignore")
+            smoothed, k_hat = az.psislw(logw[finite].numpy().copy(), reff=1.0)
+        logw = logw.clone()
+        logw[finite] = torch.from_numpy(np.asarray(smoothed, dtype=np.float64))
+        k_hat = float(np.asarray(k_hat))
+    w = torch.softmax(logw, 0)
+    ess = float(1.0 / (w * w).sum())
+    idx = torch.multinomial(w, n, replacement=True, generator=gen)
+    return ImportanceSample(x[idx], ess, k_hat, int(x.shape[0]), len(draws))
+
+
+def _t_draws(centre, chol, m: int, gen, rng, df: float = 5.0):
+    """``m`` draws of a multivariate t (``df`` d.f.) with location ``centre`` and scale chol chol'."""
+    z = torch.randn(m, centre.shape[0], generator=gen, dtype=torch.float64)
+    g = torch.from_numpy(rng.chisquare(df, m))
+    return centre + (z / torch.sqrt(g / df).unsqueeze(-1)) @ chol.T
+
+
+def _log_density(x, kind: str, centre, chol, df: float = 5.0):
+    """Normalised log density of a multivariate t (``df`` d.f.) or normal at ``x`` (M, K)."""
+    import math
+
+    k = x.shape[1]
+    maha = (torch.linalg.solve_triangular(chol, (x - centre).T, upper=False) ** 2).sum(0)
+    logdet = torch.log(torch.diagonal(chol)).sum()
+    if kind == "normal":
+        return -0.5 * maha - logdet - 0.5 * k * math.log(2 * math.pi)
+    return (math.lgamma((df + k) / 2) - math.lgamma(df / 2) - 0.5 * k * math.log(df * math.pi) - logdet
+            - 0.5 * (df + k) * torch.log1p(maha / df))
+
+
+def _log_mixture(x, components):
+    """log of the mixture of every proposal used, each with its share of the draws (AMIS's denominator)."""
+    total = sum(c[0] for c in components)
+    parts = torch.stack([np.log(c[0] / total) + _log_density(x, c[1], c[2], c[3]) for c in components if c[0] > 0])
+    return torch.logsumexp(parts, 0)
+
+
+def _weights(x, lp, components):
+    return torch.softmax(torch.nan_to_num(lp - _log_mixture(x, components), nan=-np.inf), 0)
