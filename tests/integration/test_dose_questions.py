@@ -12,7 +12,7 @@ import pytest
 from scipy.optimize import brentq
 
 import hybridpk as hp
-from hybridpk.dosing import interval_for_dose, time_to_concentration
+from hybridpk.dosing import estimate_patient, interval_for_dose, time_to_concentration
 from hybridpk.errors import HybridPKError
 from hybridpk.population import load_model
 
@@ -487,3 +487,56 @@ def test_dose_and_map_on_a_days_list(tmp_path, capsys):
     forecasts = pd.read_csv(tmp_path / "f.csv")
     assert sorted(forecasts.ID.unique()) == [1, 2, 4, 5, 6] and len(forecasts) == 5 * 241
     assert main(["map", "vancomycin_goti2018", str(tmp_path / "day.csv"), "--plot", str(tmp_path / "x.png")]) == 2
+
+
+def _history(route: str, addl: int) -> tuple:
+    """A dose history (time, amount) x (addl + 1) every 12 h by ``route`` (bolus, infusion over 2 h, oral),
+    with two levels: its dataset and its dose list."""
+    rate = {"infusion": 500.0}.get(route, 0.0)
+    rows = [dict(ID=1, TIME=0.0, AMT=1000.0, RATE=rate, DV=0.0, EVID=1, MDV=1, ADDL=addl, II=12.0 if addl else 0.0)]
+    rows += [dict(ID=1, TIME=t, AMT=0.0, RATE=0.0, DV=y, EVID=0, MDV=0, ADDL=0, II=0.0)
+             for t, y in ((3.0, 30.0), (10.0, 22.0))]
+    return hp.read_nonmem(pd.DataFrame(rows)), [12.0 * j for j in range(addl + 1)]
+
+
+def _superposed(route, p, doses):
+    """The concentration (mg/L) at t of 1000-mg doses at ``doses`` (h): one compartment, closed forms."""
+    k = p["CL"] / p["V"]
+
+    def one(s):
+        if s <= 0:
+            return 0.0
+        if route == "bolus":
+            return 1000.0 / p["V"] * math.exp(-k * s)
+        if route == "infusion":
+            on = min(s, 2.0)
+            return 500.0 / p["CL"] * -math.expm1(-k * on) * math.exp(-k * (s - on))
+        ka = p["KA"]
+        return 1000.0 * ka / (p["V"] * (ka - k)) * (math.exp(-k * s) - math.exp(-ka * s))
+
+    return lambda t: sum(one(t - d) for d in doses)
+
+
+@pytest.mark.parametrize("addl", [0, 3])
+@pytest.mark.parametrize("route", ["bolus", "infusion", "oral"])
+def test_time_and_auc_for_every_route_single_and_multiple_doses(tmp_path, route, addl):
+    """Time to 2 mg/L after the last dose (exact root) and the AUC from the first dose to 12 h after the
+    last, against brentq and quad on the superposed closed form, to 1e-6 relative."""
+    from scipy.integrate import quad
+
+    from hybridpk.dosing import auc
+
+    model = _model(tmp_path, ORAL if route == "oral" else IV)
+    ds, doses = _history(route, addl)
+    post = estimate_patient(model, ds)
+    names = ("KA", "CL", "V") if route == "oral" else ("CL", "V")
+    p = dict(zip(names, _map(post.parameters(), *names)))
+    conc = _superposed(route, p, doses)
+    last = doses[-1]
+    peak = max(np.linspace(last, last + 12.0, 2401), key=conc)
+    expected = brentq(lambda t: conc(t) - 2.0, peak, last + 168.0, xtol=1e-12)
+    out = time_to_concentration(model, ds, 2.0, posterior=post)
+    assert out["map_time_h"] == pytest.approx(expected, rel=1e-6)
+    cuts = sorted({*doses, *(d + 2.0 for d in doses)}) if route == "infusion" else doses
+    area = quad(conc, 0.0, last + 12.0, points=cuts[1:], limit=200, epsabs=0, epsrel=1e-12)[0]
+    assert auc(model, ds, 0.0, last + 12.0, posterior=post)["map"] == pytest.approx(area, rel=1e-6)
