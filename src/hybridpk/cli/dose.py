@@ -6,7 +6,8 @@ from ._common import (ManualFormatter, figure_arg, finite_float, out_file_arg, p
                       resolve_data_path)
 
 DOSE_HELP = """\
-Recommend a dose (and interval) for one patient from a population model and a few drug levels.
+Recommend a dose (and interval) for a patient, or for each patient of a list, from a population model and a
+few drug levels.
 
 MODEL_OR_RUN is a published model spec shipped with hybridpk (e.g. vancomycin_goti2018; list them with
 'hybridpk dose --list'), a spec file (.toml), a NONMEM control stream (.mod/.ctl: its $THETA/$OMEGA/$SIGMA,
