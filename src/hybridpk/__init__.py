@@ -41,6 +41,8 @@ _EXPORTS = {
     "fit_hybrid": "hybridpk.residual",
     "HybridFit": "hybridpk.residual",
     "load_run": "hybridpk.residual",
+    "LatentClassifier": "hybridpk.classify",
+    "train_classifier": "hybridpk.classify",
     "recommend_dose": "hybridpk.dosing",
     "interval_for_dose": "hybridpk.dosing",
     "time_to_concentration": "hybridpk.dosing",

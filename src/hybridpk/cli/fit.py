@@ -65,7 +65,9 @@ By default (--training joint) each patient's ETAs are re-estimated together with
 so the correction acts on the ODE at its best individual fit; --training staged keeps the ODE-only ETAs
 (log form only). With the log form each patient's prediction averages hybrid and ODE-only with the hybrid's
 Akaike weight (HYBRID_WEIGHT), so patients the ODE already describes keep the ODE prediction. RMSE and
--2LL of ODE-only vs hybrid are printed; individual.csv gains Z1.., Z1_SD.., COMPLEXITY, HYBRID_WEIGHT.
+-2LL of ODE-only vs hybrid are printed; individual.csv gains Z1.., Z1_SD.., COMPLEXITY, HYBRID_WEIGHT, and,
+from the latent classifier trained with the run (unless --no-classifier; see 'hybridpk classify'),
+COMPLEX_EVIDENCE, P_COMPLEX and COMPLEX: which patients need the complex model.
 The VAE part is called the correction throughout; "residual" always means the residual error (--error,
 NONMEM's EPS).
 
@@ -136,6 +138,8 @@ def add_parser(sub) -> None:
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs (log form)")
     p.add_argument("--device", default="cpu", type=device_arg, help="torch device for VAE training (cpu, cuda)")
+    p.add_argument("--no-classifier", action="store_true", help="with --hybrid vae: do not train the latent "
+                   "classifier (which patients need the complex model; 'hybridpk classify')")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
     p.add_argument("--maxiter", type=positive_int, default=300, help="maximum outer iterations")
     p.add_argument("--method", choices=["FOCE-I", "FOCE", "FO", "LAPLACE-I", "LAPLACE"], type=str.upper,
@@ -183,6 +187,7 @@ def run(args) -> int:
         hybrid = _hybrid_stage(args, pm, ds, result, ck) if args.hybrid == "vae" else None
         if hybrid is not None:
             hybrid.save(out)
+            classifier = None if args.no_classifier else _classifier_stage(hybrid, out, args.seed)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"{exc or 'interrupted'}; {done}; repeat the command with --resume to continue") from None
     if ck.exists():
@@ -202,10 +207,25 @@ def run(args) -> int:
             print(f"note: {r['kept_encoder_estimate']} of {r['patients']} patients kept the encoder's estimate of z "
                   "(the per-patient MAP refinement did not improve it" + (f"; its optimiser failed: "
                   f"{r['optimizer_failure']}" if r["optimizer_failure"] else "") + ")")
+    if hybrid is not None and classifier is not None:
+        r = classifier.report
+        auroc = f"cross-validated AUROC {r['auroc']:.3f}" if r.get("auroc") is not None else r.get("note", "")
+        print(f"latent classifier: {int(classifier.table.COMPLEX_EVIDENCE.sum())} of {len(classifier.table)} patients "
+              f"need the complex model by their own data (COMPLEXITY > {classifier.threshold:.3g}); {auroc}; "
+              "P_COMPLEX and COMPLEX in individual.csv ('hybridpk classify RUN' for the report)")
     final = sorted(p.name for p in out.glob("*_final.mod"))
     print(f"wrote {out / 'summary.json'}, individual.csv, predictions.csv, model.json"
           + "".join(f", {name}" for name in final) + (", vae.pt, vae.json" if hybrid is not None else ""))
     return 0
+
+
+def _classifier_stage(hybrid, out, seed: int):
+    """The run's latent classifier (hybridpk.classify), trained and saved with it."""
+    from hybridpk.classify import save_classifier, train_classifier
+
+    rc = train_classifier(hybrid, seed=seed)
+    save_classifier(out, rc)
+    return rc
 
 
 def _candidate_lines(cands) -> list[str]:

@@ -12,7 +12,9 @@ population estimates as prior; subjects without observations keep ETA = 0), and 
 DV, MDV, PRED (typical subject), IPRED (individual) and the ETAs for every record of DATA, including
 EVID=2 / MDV=1 rows placed at the times you want predictions for. For a hybrid run (fitted with
 --hybrid vae) each patient is also encoded from its own observations: IPRED then includes the VAE
-correction, IPRED_ODE is the ODE-only prediction, and Z1.. are the latent means.
+correction, IPRED_ODE is the ODE-only prediction, and Z1.. are the latent means; with the run's latent
+classifier (trained by 'hybridpk fit --hybrid vae'), P_COMPLEX and COMPLEX say whether the patient needs the
+complex model.
 """
 
 
@@ -35,6 +37,13 @@ def run(args) -> int:
     ds = read_nonmem(resolve_data_path(args.data))
     pred = model.predict(ds)
     out = pred.table
+    if isinstance(model, HybridFit):
+        from hybridpk.classify import load_classifier
+
+        rc = load_classifier(args.run)
+        if rc is not None:   # which patients need the complex model, from the z just estimated
+            flags = _flags(rc, pred.estimates, ds)
+            out = out.join(flags, on="ID")
     atomic_write_text(args.out, out.to_csv(index=False))
     print(f"wrote {args.out}: PRED and IPRED at {len(out)} records of {ds.n_subjects} subjects")
     est = pred.estimates
@@ -43,3 +52,10 @@ def run(args) -> int:
               "per-patient MAP refinement did not improve it" + (f"; its optimiser failed: {est.refine_failure}"
                                                                    if est.refine_failure else "") + ")")
     return 0
+
+
+def _flags(rc, est, ds):
+    """P_COMPLEX and COMPLEX per patient (indexed by ID) from the estimates of the prediction."""
+    from hybridpk.classify import classify_estimates
+
+    return classify_estimates(rc, est, ds.ids).set_index("ID")[["P_COMPLEX", "COMPLEX"]]

@@ -1,0 +1,79 @@
+"""The latent classifier of a hybrid run: trained and saved with the run (manifest), its columns in
+individual.csv, P_COMPLEX for new patients in 'hybridpk predict', the 'hybridpk classify' command."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hybridpk.classify import classify_patients, load_classifier, save_classifier, train_classifier
+from hybridpk.cli import main
+from hybridpk.population import build_model, fit_population
+from hybridpk.residual import TrainConfig, fit_hybrid, load_run
+from hybridpk.solve.examples import simulate_ehc_population
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A small hybrid (60 EHC patients, reservoir form, 40 epochs) saved with its classifier."""
+    ds, truth = simulate_ehc_population(60, seed=4)
+    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(pm, ds, progress=False, covariance=False)
+    hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=40, warmup_epochs=10, progress=False,
+                                                                form="reservoir"), seed=3, progress=False)
+    folder = tmp_path_factory.mktemp("classify") / "run"
+    hyb.save(folder)
+    rc = train_classifier(hyb, seed=0)
+    save_classifier(folder, rc)
+    return hyb, folder, rc
+
+
+def test_the_classifier_is_saved_with_the_run(run):
+    hyb, folder, rc = run
+    ind = pd.read_csv(folder / "individual.csv")
+    assert {"COMPLEX_EVIDENCE", "P_COMPLEX", "COMPLEX"} <= set(ind.columns)
+    assert (ind.COMPLEX_EVIDENCE == (ind.COMPLEXITY > rc.threshold)).all()
+    assert ind.P_COMPLEX.between(0, 1).all() and (ind.COMPLEX == (ind.P_COMPLEX >= 0.5)).all()
+    reloaded = load_run(folder)                    # the manifest now lists classifier.json and the new table
+    assert len(reloaded.individual) == 60
+    loaded = load_classifier(folder)
+    x = np.random.default_rng(0).normal(size=(5, len(rc.features)))
+    assert loaded.classifier.predict_proba(x) == pytest.approx(rc.classifier.predict_proba(x), abs=1e-15)
+    new, _ = simulate_ehc_population(12, seed=9)
+    flags = classify_patients(reloaded, loaded, new)
+    assert list(flags.ID) == list(new.ids) and flags.P_COMPLEX.between(0, 1).all()
+
+
+def test_an_edited_classifier_file_is_refused_by_name(run, tmp_path):
+    import shutil
+
+    _, folder, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    d = json.loads((copy / "classifier.json").read_text())
+    d["alpha"] = 0.5
+    (copy / "classifier.json").write_text(json.dumps(d))
+    assert main(["classify", str(copy)]) == 2
+
+
+def test_predict_and_classify_commands(run, tmp_path, capsys):
+    hyb, folder, rc = run
+    new, _ = simulate_ehc_population(8, seed=11)
+    new.to_dataframe().to_csv(tmp_path / "new.csv", index=False)
+    assert main(["predict", str(folder), str(tmp_path / "new.csv"), "--out", str(tmp_path / "pred.csv")]) == 0
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    per_patient = pred.groupby("ID").P_COMPLEX.nunique()
+    assert (per_patient == 1).all() and pred.P_COMPLEX.between(0, 1).all()
+    expected = classify_patients(hyb, rc, new).set_index("ID").P_COMPLEX
+    assert pred.groupby("ID").P_COMPLEX.first().to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-9)
+    capsys.readouterr()
+    assert main(["classify", str(folder), str(tmp_path / "new.csv"), "--out", str(tmp_path / "f.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "latent classifier" in printed and "new patients flagged COMPLEX" in printed
+    assert len(pd.read_csv(tmp_path / "f.csv")) == 8
