@@ -15,25 +15,9 @@ import hybridpk as hp
 from hybridpk.dosing import estimate_patient, interval_for_dose, time_to_concentration
 from hybridpk.errors import HybridPKError
 from hybridpk.population import load_model
+from tests.reference.specs import IV_1CMT
 
-IV = """name = "q_iv"
-structure = "1cmt_iv"
-citation = "test"
-route = "bolus"
-
-[typical]
-CL = 3.0
-V = 30.0
-
-[iiv]
-CL = 0.09
-V = 0.05
-
-[error]
-kind = "combined"
-add = 0.1
-prop = 0.1
-"""
+IV = IV_1CMT
 
 ORAL = """name = "q_oral"
 structure = "1cmt_oral"

@@ -12,25 +12,9 @@ import pytest
 import hybridpk as hp
 from hybridpk.dosing import estimate_patient
 from hybridpk.population import load_model
+from tests.reference.specs import IV_1CMT
 
-IV = """name = "post_iv"
-structure = "1cmt_iv"
-citation = "test"
-route = "bolus"
-
-[typical]
-CL = 3.0
-V = 30.0
-
-[iiv]
-CL = 0.09
-V = 0.05
-
-[error]
-kind = "combined"
-add = 0.1
-prop = 0.1
-"""
+IV = IV_1CMT
 
 FLIP = """name = "flip"
 structure = "1cmt_oral"
