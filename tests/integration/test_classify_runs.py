@@ -77,3 +77,20 @@ def test_predict_and_classify_commands(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "latent classifier" in printed and "new patients flagged COMPLEX" in printed
     assert len(pd.read_csv(tmp_path / "f.csv")) == 8
+
+
+def test_a_hybrid_is_compared_by_cross_validation(run):
+    """A hybrid run against its own ODE-only population fit: no AIC for the hybrid (its likelihood is
+    conditional on z), both refitted per fold (the hybrid with its form and latent dimension) and scored on
+    held-out patients."""
+    from hybridpk.classify import compare_runs
+    from hybridpk.solve.examples import simulate_ehc_population
+
+    hyb, _, _ = run
+    ds, _ = simulate_ehc_population(60, seed=4)
+    result = compare_runs({"ode": hyb.population, "hybrid": hyb}, ds, folds=2, seed=1)
+    rows = result.table.set_index("run")
+    assert rows.loc["hybrid", "AIC"] is None or np.isnan(rows.loc["hybrid", "AIC"])
+    assert np.isfinite(rows.loc["ode", "AIC"])
+    assert all(np.isfinite(s.mean_cv_nll) and len(s.cv_rmse) == 2 for s in result.scores)
+    assert result.recommended in ("ode", "hybrid") and "of 2 folds" in result.reason
