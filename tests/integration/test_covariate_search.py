@@ -1,0 +1,86 @@
+"""Covariate discovery: the screen finds the simulated relations and their q-values control the decoys; the
+stepwise search (PsN's SCM rules) keeps WT on V and CRCL on CL and no decoy."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import hybridpk as hp
+from hybridpk.classify import patient_covariates, screen_covariates, stepwise_covariates
+from hybridpk.errors import HybridPKError
+from hybridpk.population import build_model, fit_population
+
+
+def _population(seed: int, n: int = 80):
+    """1-cmt IV bolus; CL = 3 (CRCL/80)^0.75, V = 30 (WT/70)^1; decoys AGE (random), HT (correlated with WT,
+    r ~ 0.6) and SEX (random, two levels)."""
+    def draws(rng, k):
+        wt = rng.normal(72, 14, k).clip(40, 130)
+        return {"WT": wt, "CRCL": rng.normal(85, 25, k).clip(20, 160), "AGE": rng.uniform(20, 85, k),
+                "HT": 170 + 0.45 * (wt - 72) + rng.normal(0, 7, k), "SEX": rng.integers(0, 2, k).astype(float)}
+
+    design = hp.make_design(n, [dict(TIME=0, AMT=500)], [0.5, 2, 6, 12, 24], jitter=0.1, seed=seed,
+                            covariates={k: (lambda rng, m, k=k: draws(np.random.default_rng([seed, 3]), m)[k])
+                                        for k in ("WT", "CRCL", "AGE", "HT", "SEX")})
+    sim = hp.simulate_population("1cmt_iv", design, dict(CL=3.0, V=30.0), dict(CL=0.09, V=0.06),
+                                 covariates={"CL": ("CRCL", 80.0, 0.75), "V": ("WT", 70.0, 1.0)},
+                                 proportional=0.1, additive=0.05, seed=seed)
+    return sim.dataset
+
+
+@pytest.fixture(scope="module")
+def base():
+    ds = _population(seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(build_model("1cmt_iv", iiv=["CL", "V"], error="combined"), ds, progress=False,
+                             covariance=False)
+    return ds, fit
+
+
+def test_the_screen_finds_the_relations(base):
+    ds, fit = base
+    screen = screen_covariates(fit.estimation.individual, patient_covariates(ds), permutations=300, seed=1)
+    top = {(r.covariate, r.target) for r in screen.itertuples() if r.q_value < 0.05}
+    assert ("CRCL", "ETA_CL") in top and ("WT", "ETA_V") in top
+    assert ("AGE", "ETA_CL") not in top and ("SEX", "ETA_V") not in top
+    assert set(screen.acts_on) == {"parameter"}
+    assert {"spearman_rho", "mutual_information", "p_value", "q_value"} <= set(screen.columns)
+
+
+def test_the_stepwise_search_keeps_the_true_relations_only(base):
+    ds, fit = base
+    candidates = [(p, c) for p in ("CL", "V") for c in ("WT", "CRCL", "AGE", "HT", "SEX")]
+    search = stepwise_covariates(fit, ds, candidates)
+    assert sorted(search.selected) == ["CL~CRCL", "V~WT"]
+    final = search.final.theta
+    assert final["CL_CRCL"].value == pytest.approx(0.75, abs=0.25) and final["V_WT"].value == pytest.approx(1, abs=0.3)
+    forward = search.steps[search.steps.phase == "forward"]
+    assert forward.kept.sum() == 2 and (forward[forward.kept].dOFV > 3.84).all()
+    with pytest.raises(HybridPKError, match="no parameter KA"):
+        stepwise_covariates(fit, ds, [("KA", "WT")])
+
+
+def test_the_covariates_command(base, tmp_path, capsys):
+    import pandas as pd
+
+    from hybridpk.cli import main
+
+    ds, fit = base
+    fit.save(tmp_path / "run")
+    ds.to_dataframe().to_csv(tmp_path / "data.csv", index=False)
+    assert main(["covariates", str(tmp_path / "run"), "--data", str(tmp_path / "data.csv"), "--candidates",
+                 "WT,CRCL,AGE", "--parameters", "CL,V", "--permutations", "100", "--out", str(tmp_path / "covs")]) == 0
+    screen = pd.read_csv(tmp_path / "covs" / "screen.csv")
+    assert len(screen) == 6 and (tmp_path / "covs" / "screen.png").stat().st_size > 1000
+    steps = pd.read_csv(tmp_path / "covs" / "steps.csv")
+    assert set(steps[steps.kept & (steps.phase == "forward")].relation) == {"CL~CRCL", "V~WT"}
+    assert (tmp_path / "covs" / "final" / "model.json").is_file()
+    assert "selected: " in capsys.readouterr().out
+    other = _population(seed=9)
+    other.to_dataframe().to_csv(tmp_path / "other.csv", index=False)
+    assert main(["covariates", str(tmp_path / "run"), "--data", str(tmp_path / "other.csv"), "--out",
+                 str(tmp_path / "x")]) == 2
