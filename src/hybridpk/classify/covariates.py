@@ -88,9 +88,11 @@ class CovariateSearch:
 
 
 def stepwise_covariates(fitted, dataset, candidates, forward: float = FORWARD, backward: float = BACKWARD,
-                        progress=None) -> CovariateSearch:
+                        forms=("power",), progress=None) -> CovariateSearch:
     """PsN-style SCM from ``fitted`` (a FittedPopulation fitted to ``dataset``) over ``candidates`` ((parameter,
-    covariate) pairs); see the module docstring."""
+    covariate) pairs); see the module docstring. ``forms`` of a continuous covariate tried for each relation
+    ("power", "linear", "exponential", "maturation": a sigmoid COV^HILL / (TM50^HILL + COV^HILL)); each form
+    is a candidate of its own, and once one form of a relation is in the model the others are not tried."""
     recipe = fitted.model.recipe
     if recipe.get("kind") != "build":
         raise HybridPKError("a covariate search extends models built by hybridpk (fit --model, a spec); an imported "
@@ -104,10 +106,12 @@ def stepwise_covariates(fitted, dataset, candidates, forward: float = FORWARD, b
     for par, cov in candidates:
         if par.upper() not in params:
             raise HybridPKError(f"candidate {par}~{cov}: the model has no parameter {par}")
-        effects[(par.upper(), cov)] = _effect(par.upper(), cov, cov_table[cov])
+        for form in forms:
+            e = _effect(par.upper(), cov, cov_table[cov], form)
+            effects[(par.upper(), cov, e.kind)] = e
     existing = [_from_recipe(e) for e in recipe.get("covariates", [])]
     present = {(e.parameter, e.covariate) for e in existing}
-    effects = {k: e for k, e in effects.items() if k not in present}     # already in the model: kept as is
+    effects = {k: e for k, e in effects.items() if k[:2] not in present}     # already in the model: kept as is
     current, ofv, chosen, rows = fitted, float(base), [], []
 
     def fit_with(selected, start):
@@ -118,11 +122,11 @@ def stepwise_covariates(fitted, dataset, candidates, forward: float = FORWARD, b
         step += 1
         trials = []
         for key in effects:
-            if key in chosen:
+            if key[:2] in {c[:2] for c in chosen}:    # one form per relation
                 continue
             f = fit_with(chosen + [key], current)
             trials.append((f.estimation.ofv, key, f))
-            rows.append({"phase": "forward", "step": step, "relation": f"{key[0]}~{key[1]}",
+            rows.append({"phase": "forward", "step": step, "relation": _label(key),
                          "form": effects[key].kind, "OFV": f.estimation.ofv, "dOFV": ofv - f.estimation.ofv,
                          "kept": False})
             if progress:
@@ -133,7 +137,7 @@ def stepwise_covariates(fitted, dataset, candidates, forward: float = FORWARD, b
         if ofv - best_ofv <= forward:
             break
         rows[[i for i, r in enumerate(rows) if r["phase"] == "forward" and r["step"] == step
-              and r["relation"] == f"{key[0]}~{key[1]}"][0]]["kept"] = True
+              and r["relation"] == _label(key)][0]]["kept"] = True
         chosen.append(key)
         current, ofv = f, float(best_ofv)
     step = 0
@@ -144,7 +148,7 @@ def stepwise_covariates(fitted, dataset, candidates, forward: float = FORWARD, b
             rest = [k for k in chosen if k != key]
             f = fit_with(rest, current)
             trials.append((f.estimation.ofv, key, f))
-            rows.append({"phase": "backward", "step": step, "relation": f"{key[0]}~{key[1]}",
+            rows.append({"phase": "backward", "step": step, "relation": _label(key),
                          "form": effects[key].kind, "OFV": f.estimation.ofv, "dOFV": f.estimation.ofv - ofv,
                          "kept": True})
             if progress:
@@ -153,13 +157,19 @@ def stepwise_covariates(fitted, dataset, candidates, forward: float = FORWARD, b
         if worst_ofv - ofv >= backward:
             break
         rows[[i for i, r in enumerate(rows) if r["phase"] == "backward" and r["step"] == step
-              and r["relation"] == f"{key[0]}~{key[1]}"][0]]["kept"] = False
+              and r["relation"] == _label(key)][0]]["kept"] = False
         chosen.remove(key)
         current, ofv = f, float(worst_ofv)
-    return CovariateSearch(pd.DataFrame(rows), [f"{p}~{c}" for p, c in chosen], current)
+    return CovariateSearch(pd.DataFrame(rows), [_label(k) for k in chosen], current)
 
 
-def _effect(parameter: str, covariate: str, values: pd.Series):
+def _label(key) -> str:
+    """'CL~CRCL' for the default forms (power, two-level), 'CL~AGE (maturation)' for another."""
+    par, cov, kind = key
+    return f"{par}~{cov}" + ("" if kind in ("power", "categorical") else f" ({kind})")
+
+
+def _effect(parameter: str, covariate: str, values: pd.Series, form: str = "power"):
     from ..population.spec import CovariateEffect
 
     v = values.to_numpy(float)
@@ -168,10 +178,11 @@ def _effect(parameter: str, covariate: str, values: pd.Series):
         raise HybridPKError(f"covariate {covariate} takes one value in the data: nothing to estimate")
     if levels.size == 2:
         return CovariateEffect(parameter, covariate, "categorical", level=float(levels.max()))
-    if (v <= 0).any():
-        raise HybridPKError(f"covariate {covariate} has values <= 0: a power form (COV/median)^THETA needs positive "
-                            "values")
-    return CovariateEffect(parameter, covariate, "power", reference=float(np.median(v)))
+    if form not in ("power", "linear", "exponential", "maturation"):
+        raise HybridPKError(f"form {form!r}: use power, linear, exponential or maturation")
+    if form in ("power", "maturation") and (v <= 0).any():
+        raise HybridPKError(f"covariate {covariate} has values <= 0: a {form} form needs positive values")
+    return CovariateEffect(parameter, covariate, form, reference=float(np.median(v)))
 
 
 def _from_recipe(d: dict):

@@ -14,7 +14,9 @@ Which covariates explain what the model leaves unexplained, and which of them be
 2. Stepwise covariate modelling on the mechanistic model (the rules of PsN's SCM): forward inclusion of the
    relation that lowers the OFV most while dOFV > 3.84 (p < 0.05, 1 d.f.), then backward elimination while
    removing one raises the OFV by less than 6.63 (p < 0.01). Power (COV/median)^THETA for continuous
-   covariates, (1 + THETA)^(COV == level) for two-level ones; every model fitted by FOCE-I.
+   covariates (--forms adds linear, exponential or a sigmoid maturation COV^HILL / (TM50^HILL + COV^HILL),
+   each tried as a candidate of its own), (1 + THETA)^(COV == level) for two-level ones; every model fitted by
+   FOCE-I.
 
 Writes DIR/screen.csv, DIR/screen.png (the strongest relations), DIR/steps.csv (every model tried: relation,
 form, OFV, dOFV, kept) and DIR/final (the final model as a run folder).
@@ -30,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, metavar="DATA", help="the dataset the run was fitted to")
     p.add_argument("--candidates", help="covariates to try, comma-separated (default: every covariate column)")
     p.add_argument("--parameters", help="parameters to attach them to (default: those with IIV)")
+    p.add_argument("--forms", default="power", help="forms tried for a continuous covariate, comma-separated: power, "
+                   "linear, exponential, maturation (sigmoid COV^HILL/(TM50^HILL+COV^HILL)); default power")
     p.add_argument("--permutations", type=int, default=1000, help="permutations of the screen's p-values")
     p.add_argument("--no-stepwise", action="store_true", help="the screen only")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutations")
@@ -75,7 +79,8 @@ def run(args) -> int:
     if not args.no_stepwise:
         params = [p.strip().upper() for p in args.parameters.split(",")] if args.parameters else \
             [e.removeprefix("ETA_") for e in pop.model.etas if not e.startswith("ETA_IOV_")]
-        search = stepwise_covariates(pop, ds, [(p, c) for p in params for c in names], progress=print)
+        forms = tuple(f.strip().lower() for f in args.forms.split(",") if f.strip())
+        search = stepwise_covariates(pop, ds, [(p, c) for p in params for c in names], forms=forms, progress=print)
         atomic_write_text(out / "steps.csv", search.steps.to_csv(index=False))
         search.final.save(out / "final")
         print(f"selected: {', '.join(search.selected) or 'none'} (final OFV {search.final.estimation.ofv:.3f}; "

@@ -114,8 +114,11 @@ class ErrorModel:
 @dataclass(frozen=True)
 class CovariateEffect:
     """How a covariate acts on a typical value: power (COV/REF)^THETA, linear 1 + THETA (COV - REF),
-    categorical (1 + THETA)^(COV == level), or exponential exp(THETA (COV - REF)). ``exponent`` fixes
-    the power instead of estimating it."""
+    categorical (1 + THETA)^(COV == level), exponential exp(THETA (COV - REF)), or maturation
+    COV^HILL / (TM50^HILL + COV^HILL) (the sigmoid maturation of clearance with age, Anderson and Holford,
+    Annu Rev Pharmacol Toxicol 2008; 48:303: two THETAs, ``<P>_<COV>_TM50`` and ``<P>_<COV>_HILL``, started
+    at REF and 2; the typical value is then the mature one). ``exponent`` fixes the power instead of
+    estimating it."""
 
     parameter: str
     covariate: str
@@ -127,6 +130,23 @@ class CovariateEffect:
     @property
     def theta_name(self) -> str:
         return f"{self.parameter}_{self.covariate}"
+
+    @property
+    def theta_names(self) -> tuple:
+        """The THETAs this effect estimates (none for a power with a fixed exponent)."""
+        if self.kind == "power" and self.exponent is not None:
+            return ()
+        if self.kind == "maturation":
+            return (f"{self.theta_name}_TM50", f"{self.theta_name}_HILL")
+        return (self.theta_name,)
+
+    def factor_of(self, value, theta: dict):
+        """The factor on the typical value for covariate values ``value``, the THETAs read from ``theta``."""
+        if self.kind == "maturation":
+            tm50, hill = (theta[n] for n in self.theta_names)
+            a = value.clamp(min=0.0) ** hill
+            return a / (tm50 ** hill + a)
+        return self.factor(value, theta.get(self.theta_name))
 
     def factor(self, value, theta):
         ref = self.reference
@@ -144,20 +164,23 @@ class CovariateEffect:
 
 def parse_covariate(text: str, reference: dict | None = None) -> CovariateEffect:
     """'CL~WT' (power, reference = median), 'CL~WT:power:70', 'CL~WT:power:70:0.75' (fixed exponent),
-    'CL~CRCL:linear:90', 'V~SEX:categorical:1' (effect when SEX == 1), 'CL~AGE:exponential:40'."""
+    'CL~CRCL:linear:90', 'V~SEX:categorical:1' (effect when SEX == 1), 'CL~AGE:exponential:40',
+    'CL~PMA:maturation:47' (sigmoid maturation, TM50 started at 47)."""
     try:
         par, rest = text.split("~", 1)
         parts = rest.split(":")
         cov = parts[0].strip()
         kind = parts[1].strip().lower() if len(parts) > 1 and parts[1].strip() else "power"
-        kind = {"pow": "power", "lin": "linear", "cat": "categorical", "exp": "exponential"}.get(kind, kind)
+        kind = {"pow": "power", "lin": "linear", "cat": "categorical", "exp": "exponential",
+                "hill": "maturation"}.get(kind, kind)
         ref = float(parts[2]) if len(parts) > 2 and parts[2].strip() else None
         expo = float(parts[3]) if len(parts) > 3 and parts[3].strip() else None
     except (ValueError, IndexError):
         raise ModelError(f"cannot read covariate effect {text!r}; write e.g. 'CL~WT', 'CL~WT:power:70:0.75', "
                          "'CL~CRCL:linear:90' or 'V~SEX:categorical:1'") from None
-    if kind not in ("power", "linear", "categorical", "exponential"):
-        raise ModelError(f"covariate effect kind must be power, linear, categorical or exponential, not {kind!r}")
+    if kind not in ("power", "linear", "categorical", "exponential", "maturation"):
+        raise ModelError(f"covariate effect kind must be power, linear, categorical, exponential or maturation, "
+                         f"not {kind!r}")
     if kind == "categorical":
         return CovariateEffect(par.strip().upper(), cov, kind, None, None, ref if ref is not None else 1.0)
     if ref is None and reference is not None:
@@ -398,6 +421,10 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     for e in effects:
         if e.kind == "power" and e.exponent is not None:
             continue
+        if e.kind == "maturation":   # TM50 (covariate units) and the Hill coefficient, both positive
+            thetas += [Theta(e.theta_names[0], float(e.reference), lower=0.0),
+                       Theta(e.theta_names[1], 2.0, lower=0.0)]
+            continue
         init = {"power": 0.75 if e.parameter in ("CL", "Q", "Q3") else 1.0, "linear": 0.01, "categorical": 0.1,
                 "exponential": 0.01}[e.kind]
         thetas.append(Theta(e.theta_name, init, lower=-0.99 if e.kind == "categorical" else -math.inf))
@@ -426,7 +453,7 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
             v = theta[name].expand(n, 1) if per_record else theta[name].expand(n)
             for e in effects:
                 if e.parameter == name:
-                    v = v * e.factor(cov[e.covariate], theta.get(e.theta_name))
+                    v = v * e.factor_of(cov[e.covariate], theta)
             if name in eta_index:
                 k = eta_index[name]
                 v = v * torch.exp(eta[:, k:k + 1] if per_record else eta[:, k])

@@ -81,7 +81,9 @@ def _from_toml(path: Path) -> FittedPopulation:
             e = CovariateEffect(c["parameter"].upper(), c["covariate"], c.get("kind", "power"), c.get("reference"),
                                 c.get("exponent"), float(c.get("level", 1.0)))
             effects.append(e)
-            if "coefficient" in c:
+            if e.kind == "maturation":   # TM50 (covariate units) and the Hill coefficient
+                coef.update({e.theta_names[0]: float(c["tm50"]), e.theta_names[1]: float(c["hill"])})
+            elif "coefficient" in c:
                 coef[e.theta_name] = float(c["coefficient"])
             elif e.kind != "power" or e.exponent is None:
                 raise ModelError(f"model spec {path.name}: covariate effect {e.parameter}~{e.covariate} needs "
