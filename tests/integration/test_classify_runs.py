@@ -79,6 +79,7 @@ def test_predict_and_classify_commands(run, tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "f.csv")) == 8
 
 
+@pytest.mark.slow   # 40 s; tutorial 05 runs the same path (a hybrid in compare_runs) in the default suite
 def test_a_hybrid_is_compared_by_cross_validation(run):
     """A hybrid run against its own ODE-only population fit: no AIC for the hybrid (its likelihood is
     conditional on z), both refitted per fold (the hybrid with its form and latent dimension) and scored on
