@@ -95,3 +95,15 @@ def test_a_hybrid_is_compared_by_cross_validation(run):
     assert np.isfinite(rows.loc["ode", "AIC"])
     assert all(np.isfinite(s.mean_cv_nll) and len(s.cv_rmse) == 2 for s in result.scores)
     assert result.recommended in ("ode", "hybrid") and "of 2 folds" in result.reason
+
+
+def test_the_report_of_a_hybrid_run(run, tmp_path):
+    from hybridpk.report import write_report
+    from hybridpk.solve.examples import simulate_ehc_population
+
+    _, folder, _ = run
+    ds, _ = simulate_ehc_population(60, seed=4)
+    page = write_report(folder, ds, tmp_path / "rep").read_text()
+    for name in ("gof", "gof_log", "cwres_qq", "etas", "fits_1", "latent"):
+        assert f'alt="{name}"' in page
+    assert "no AIC or BIC" in page

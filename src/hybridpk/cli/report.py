@@ -1,0 +1,33 @@
+"""hybridpk report: a run's estimates and diagnostic figures in one HTML file that opens offline."""
+
+from __future__ import annotations
+
+from ._common import ManualFormatter, out_folder_arg, resolve_data_path
+
+HELP = """\
+Write DIR/report.html: one self-contained file (figures embedded; opens offline) with the run's metadata
+(versions, seed, data fingerprint), OFV, AIC and BIC, THETA with RSE, OMEGA (variance and CV%), the residual
+error, shrinkage, and the diagnostics: DV vs PRED and IPRED (linear and log axes), CWRES vs TIME and PRED,
+the QQ plot of CWRES, the ETAs against their OMEGA, individual fits (levels, PRED and IPRED on a fine grid;
+for a hybrid also the ODE-only part) and, for a hybrid, the latent space coloured by P_COMPLEX. The PNGs and
+report.json are written beside it. DATA must be the dataset the run was fitted to.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="HTML report of a run (estimates and diagnostic figures)", description=HELP,
+                       formatter_class=ManualFormatter,
+                       epilog="example:\n  hybridpk report runs/theoph --data theoph --out runs/theoph/report\n")
+    p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
+    p.add_argument("--data", required=True, metavar="DATA", help="the dataset the run was fitted to")
+    p.add_argument("--out", required=True, metavar="DIR", type=out_folder_arg, help="output folder")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from hybridpk.data.dataset import read_nonmem
+    from hybridpk.report import write_report
+
+    path = write_report(args.run, read_nonmem(resolve_data_path(args.data)), args.out)
+    print(f"wrote {path} (open it in a browser; the figures are embedded)")
+    return 0

@@ -1,0 +1,6 @@
+"""Goodness-of-fit diagnostics of any fitted model (ODE-only or hybrid): functions that take results and
+return matplotlib figures (never shown)."""
+
+from .gof import cwres_qq, eta_figure, gof_figure, individual_fits
+
+__all__ = ["gof_figure", "cwres_qq", "eta_figure", "individual_fits"]

@@ -1,0 +1,63 @@
+"""Diagnostics and the HTML report: every figure is drawn from the run's own numbers and embedded."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import hybridpk as hp
+from hybridpk.cli import main
+from hybridpk.diagnostics import cwres_qq, eta_figure, gof_figure, individual_fits
+from hybridpk.report import write_report
+from hybridpk.report.html import FIGURES
+
+
+@pytest.fixture(scope="module")
+def theoph(tmp_path_factory):
+    ds = hp.read_nonmem(hp.bundled_dataset("theoph"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = hp.fit_population(hp.build_model("1cmt_oral", error="combined"), ds, progress=False)
+    run = tmp_path_factory.mktemp("report") / "run"
+    fit.save(run)
+    return ds, fit, run
+
+
+def test_the_figures_hold_the_runs_numbers(theoph):
+    ds, fit, _ = theoph
+    preds = fit.estimation.predictions
+    obs = preds[preds.MDV == 0]
+    fig = gof_figure(preds)
+    axes = fig.axes
+    assert len(axes) == 4
+    dv_pred = axes[0].collections[0].get_offsets()
+    assert len(dv_pred) == len(obs) and np.allclose(np.sort(dv_pred[:, 0]), np.sort(obs.PRED))
+    assert [a.get_xlabel() for a in axes] == ["PRED (mg/L)", "IPRED (mg/L)", "TIME (h)", "PRED (mg/L)"]
+    assert len(cwres_qq(preds).axes[0].collections[0].get_offsets()) == obs.CWRES.notna().sum()
+    etas = eta_figure(fit.estimation.individual, {e.eta: e.variance for e in fit.omega},
+                      fit.estimation.shrinkage["eta"])
+    assert len(etas.axes) == 3 and "shrinkage" in etas.axes[0].get_title()
+    pages = individual_fits(fit, ds, per_page=5)
+    assert len(pages) == math.ceil(12 / 5) and sum(a.get_visible() for p in pages for a in p.axes) == 12
+
+
+def test_the_report_embeds_every_figure(theoph, tmp_path, capsys):
+    ds, fit, run = theoph
+    path = write_report(run, ds, tmp_path / "rep")
+    page = path.read_text()
+    for name in FIGURES + ("fits_1",):
+        assert (tmp_path / "rep" / f"{name}.png").stat().st_size > 5000
+        assert f'alt="{name}" src="data:image/png;base64,' in page
+    meta = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert meta["summary"]["AIC"] == pytest.approx(fit.estimation.ofv + 2 * 8)   # 3 THETA, 3 OMEGA, ADD, PROP
+    assert meta["metadata"]["versions"]["hybridpk"] and "RSE %" in page and "CL" in page
+    ds.to_dataframe().to_csv(tmp_path / "d.csv", index=False)
+    assert main(["report", str(run), "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r2")]) == 0
+    assert "report.html" in capsys.readouterr().out
+    other = hp.read_nonmem(hp.bundled_dataset("ehc"))
+    other.to_dataframe().to_csv(tmp_path / "e.csv", index=False)
+    assert main(["report", str(run), "--data", str(tmp_path / "e.csv"), "--out", str(tmp_path / "r3")]) == 2
