@@ -11,8 +11,8 @@ import sys
 
 from ._common import EXIT_BAD_INPUT, ManualFormatter, fail
 
-_COMMANDS = ("check", "models", "simulate", "fit", "predict", "classify", "compare", "covariates", "report", "dose",
-             "demo")
+_COMMANDS = ("check", "models", "simulate", "fit", "predict", "classify", "compare", "covariates", "report", "vpc",
+             "dose", "demo")
 
 DESCRIPTION = """\
 hybridpk: mechanistic population-PK models with a VAE correction (hybrid models) and precision dosing.
@@ -34,6 +34,7 @@ examples:
   hybridpk compare runs/a runs/b --data data.csv   rank runs fitted to the same data
   hybridpk covariates runs/a --data data.csv --out covs   screen covariates, then stepwise (SCM)
   hybridpk report runs/theoph --data theoph --out report  HTML report with the diagnostic figures
+  hybridpk vpc runs/theoph --data theoph --pc --out vpc.png   visual predictive check
   hybridpk dose vancomycin_goti2018 patient.csv --target auc24=400:600 --interval 12 --out rec.json
   hybridpk map vancomycin_goti2018 patient.csv --plot forecast.png
   hybridpk demo                      the main demonstration on bundled data

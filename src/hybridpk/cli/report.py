@@ -8,7 +8,8 @@ HELP = """\
 Write DIR/report.html: one self-contained file (figures embedded; opens offline) with the run's metadata
 (versions, seed, data fingerprint), OFV, AIC and BIC, THETA with RSE, OMEGA (variance and CV%), the residual
 error, shrinkage, and the diagnostics: DV vs PRED and IPRED (linear and log axes), CWRES vs TIME and PRED,
-the QQ plot of CWRES, the ETAs against their OMEGA, individual fits (levels, PRED and IPRED on a fine grid;
+the QQ plot of CWRES, the ETAs against their OMEGA, a VPC (--vpc N simulations, default 200; 0: none),
+individual fits (levels, PRED and IPRED on a fine grid;
 for a hybrid also the ODE-only part) and, for a hybrid, the latent space coloured by P_COMPLEX. The PNGs and
 report.json are written beside it. DATA must be the dataset the run was fitted to.
 """
@@ -20,6 +21,8 @@ def add_parser(sub) -> None:
                        epilog="example:\n  hybridpk report runs/theoph --data theoph --out runs/theoph/report\n")
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
     p.add_argument("--data", required=True, metavar="DATA", help="the dataset the run was fitted to")
+    p.add_argument("--vpc", type=int, default=200, metavar="N", help="replicates of the VPC (0: no VPC)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the VPC's simulations")
     p.add_argument("--out", required=True, metavar="DIR", type=out_folder_arg, help="output folder")
     p.set_defaults(handler=run)
 
@@ -28,6 +31,11 @@ def run(args) -> int:
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.report import write_report
 
-    path = write_report(args.run, read_nonmem(resolve_data_path(args.data)), args.out)
+    from hybridpk.errors import HybridPKError
+
+    if args.vpc != 0 and args.vpc < 20:
+        raise HybridPKError(f"--vpc {args.vpc}: give 0 (no VPC) or at least 20 replicates")
+    path = write_report(args.run, read_nonmem(resolve_data_path(args.data)), args.out, vpc_replicates=args.vpc,
+                        seed=args.seed)
     print(f"wrote {path} (open it in a browser; the figures are embedded)")
     return 0

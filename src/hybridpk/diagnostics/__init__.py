@@ -2,5 +2,7 @@
 return matplotlib figures (never shown)."""
 
 from .gof import cwres_qq, eta_figure, gof_figure, individual_fits
+from .vpc import VPCResult, plot_vpc, prediction_correct, vpc
 
-__all__ = ["gof_figure", "cwres_qq", "eta_figure", "individual_fits"]
+__all__ = ["gof_figure", "cwres_qq", "eta_figure", "individual_fits", "VPCResult", "vpc", "plot_vpc",
+           "prediction_correct"]

@@ -1,0 +1,165 @@
+"""Visual predictive checks: the simulation-based VPC and the prediction-corrected VPC.
+
+The fitted model (for a hybrid: ETAs from OMEGA and z from its latent prior) simulates ``n`` replicates of the
+study design (doses, sampling times, covariates, with residual error). Observations are binned by time
+(``bins`` bins with equal numbers of observations, or given edges). In each bin the observed 5th, 50th and
+95th percentiles are compared with the distribution of the same percentiles over the replicates, summarised
+by its ``level`` interval (the shaded bands of the plot). An observed percentile outside its band in several
+adjacent bins is model misspecification (Holford 2005; Karlsson and Holford, PAGE 2008).
+
+Prediction correction (Bergstrand, Hooker, Wallin, Karlsson; AAPS J 2011; 13:143, eq. 1): each observed and
+simulated value Y_ij is normalised by the typical prediction of its record, pcY_ij = lb + (Y_ij - lb)
+(PRED_bin - lb) / (PRED_ij - lb), with PRED_bin the median PRED of the bin and lb the lower bound of the data
+(0 for concentrations), which removes the variability that dosing and covariates put within a bin. Records
+whose PRED is at or below the bound (before the first dose) are left out of the prediction-corrected VPC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = ["VPCResult", "vpc", "prediction_correct", "plot_vpc"]
+
+PERCENTILES = (5, 50, 95)
+
+
+@dataclass(frozen=True)
+class VPCResult:
+    """``table``: one row per bin (and stratum): TIME (median time of the bin's observations), N, and per
+    percentile p (5, 50, 95) OBS_Pp, SIM_Pp_LOW / SIM_Pp_MEDIAN / SIM_Pp_HIGH (the ``level`` interval of the
+    simulated percentile) and INSIDE_Pp; ``observed`` the observations used (TIME, DV, BIN; pcDV if
+    prediction-corrected); ``n`` replicates, ``pc``, ``level``, ``seed``."""
+
+    table: pd.DataFrame
+    observed: pd.DataFrame = field(repr=False)
+    n: int
+    pc: bool
+    level: float
+    seed: int
+
+    @property
+    def fraction_inside(self) -> float:
+        """The fraction of (bin, percentile) pairs whose observed percentile lies in its simulated band."""
+        cols = [f"INSIDE_P{p}" for p in PERCENTILES]
+        return float(self.table[cols].to_numpy().mean())
+
+
+def prediction_correct(y, pred, bins, lower: float = 0.0) -> np.ndarray:
+    """Bergstrand et al.'s eq. 1: lb + (y - lb) (median PRED of the bin - lb) / (PRED - lb); NaN where PRED <= lb."""
+    y, pred, bins = np.asarray(y, float), np.asarray(pred, float), np.asarray(bins)
+    out = np.full(y.shape, np.nan)
+    ok = pred > lower
+    for b in np.unique(bins[ok]):
+        m = ok & (bins == b)
+        ref = np.median(pred[m])
+        out[m] = lower + (y[m] - lower) * (ref - lower) / (pred[m] - lower)
+    return out
+
+
+def _bin_edges(times, bins) -> np.ndarray:
+    if np.ndim(bins):
+        return np.asarray(bins, float)
+    edges = np.unique(np.quantile(times, np.linspace(0, 1, int(bins) + 1)))
+    edges[0], edges[-1] = -np.inf, np.inf
+    return edges
+
+
+def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0.90, seed: int = 0,
+        stratify: str | None = None, progress=None) -> VPCResult:
+    """The VPC (or, ``pc``, the pcVPC) of ``model`` (a FittedPopulation or HybridFit) on ``dataset``'s design
+    and observations (see the module docstring). ``stratify``: a covariate column; one set of bins per value."""
+    from ..errors import HybridPKError
+
+    if n < 20:
+        raise HybridPKError(f"n = {n}: a VPC needs at least 20 replicates (500 is usual)")
+    df = dataset.to_dataframe()
+    obs_mask = ((df.EVID == 0) & (df.MDV == 0)).to_numpy()
+    if not obs_mask.any():
+        raise HybridPKError("the dataset has no observations to check")
+    if stratify is not None and stratify not in df.columns:
+        raise HybridPKError(f"--stratify {stratify}: not a column of the data ({', '.join(df.columns)})")
+    sims = model.simulate(dataset, n=n, seed=seed)
+    if progress:
+        progress(f"simulated {n} replicates")
+    first = sims[sims.REP == 1]
+    if len(sims) != n * len(df) or not np.array_equal(first.TIME.to_numpy(float), df.TIME.to_numpy(float)):
+        raise RuntimeError("simulated replicates are not in the dataset's record order")
+    sim_dv = sims.DV.to_numpy(float).reshape(n, len(df))[:, obs_mask]         # (n, observations)
+    obs = df.loc[obs_mask, ["ID", "TIME", "DV"]].reset_index(drop=True)
+    obs["STRATUM"] = df.loc[obs_mask, stratify].to_numpy() if stratify else 0
+    obs["BIN"] = -1
+    for s in obs.STRATUM.unique():
+        m = (obs.STRATUM == s).to_numpy()
+        edges = _bin_edges(obs.TIME[m].to_numpy(float), bins)
+        obs.loc[m, "BIN"] = np.clip(np.digitize(obs.TIME[m], edges[1:-1]), 0, len(edges) - 2)
+    y_obs, y_sim = obs.DV.to_numpy(float), sim_dv
+    if pc:
+        pred = _population_predictions(model, dataset)[obs_mask]
+        key = obs.STRATUM.astype(str) + ":" + obs.BIN.astype(str)
+        y_obs = prediction_correct(y_obs, pred, key)
+        y_sim = np.vstack([prediction_correct(row, pred, key) for row in sim_dv])
+        obs["pcDV"] = y_obs
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    rows = []
+    for (s, b), part in obs.groupby(["STRATUM", "BIN"], sort=True):
+        idx = part.index.to_numpy()
+        keep = np.isfinite(y_obs[idx])
+        if keep.sum() < 2:
+            continue
+        idx = idx[keep]
+        row = {"STRATUM": s, "BIN": int(b), "TIME": float(np.median(obs.TIME[idx])), "N": int(idx.size)}
+        sim_pct = np.nanpercentile(y_sim[:, idx], PERCENTILES, axis=1)          # (3, n)
+        for k, p in enumerate(PERCENTILES):
+            o = float(np.percentile(y_obs[idx], p))
+            band = np.quantile(sim_pct[k], [lo, 0.5, hi])
+            row.update({f"OBS_P{p}": o, f"SIM_P{p}_LOW": band[0], f"SIM_P{p}_MEDIAN": band[1],
+                        f"SIM_P{p}_HIGH": band[2], f"INSIDE_P{p}": bool(band[0] <= o <= band[2])})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if not stratify:
+        table = table.drop(columns="STRATUM")
+    return VPCResult(table, obs, int(n), bool(pc), float(level), int(seed))
+
+
+def _population_predictions(model, dataset) -> np.ndarray:
+    """PRED (ETA = 0; for a hybrid the ODE part's) at every record of ``dataset``."""
+    pop = model.population if hasattr(model, "vae") else model
+    batch = dataset.to_batch(covariates=list(pop.covariates))
+    with torch.no_grad():
+        pred = pop.concentrations(batch, torch.zeros(batch.n_subjects, pop.model.n_eta, dtype=torch.float64))
+    return np.asarray(batch.to_rows(pred), float)
+
+
+def plot_vpc(result: VPCResult, time_unit: str = "h", conc_unit: str = "mg/L", log: bool = False):
+    """The VPC figure: observations, the observed 5/50/95th percentiles (lines) and the simulated percentiles'
+    ``level`` bands (shaded), one panel per stratum."""
+    from matplotlib.figure import Figure
+
+    t = result.table
+    strata = sorted(t.STRATUM.unique()) if "STRATUM" in t else [None]
+    fig = Figure(figsize=(6 * len(strata), 4.5))
+    axes = np.atleast_1d(fig.subplots(1, len(strata)))
+    ycol = "pcDV" if result.pc else "DV"
+    for ax, s in zip(axes, strata):
+        part = t if s is None else t[t.STRATUM == s]
+        o = result.observed if s is None else result.observed[result.observed.STRATUM == s]
+        ax.plot(o.TIME, o[ycol], "o", color="0.5", ms=2.5, alpha=0.6, label="observations")
+        for p, colour in zip(PERCENTILES, ("tab:blue", "tab:red", "tab:blue")):
+            what = "P5 and P95" if p == 5 else "P50"
+            ax.fill_between(part.TIME, part[f"SIM_P{p}_LOW"], part[f"SIM_P{p}_HIGH"], color=colour, alpha=0.2,
+                            label=f"simulated {what} ({result.level:.0%} interval)" if p != 95 else None)
+            ax.plot(part.TIME, part[f"OBS_P{p}"], "-", color=colour, lw=1.5,
+                    label=f"observed {what}" if p != 95 else None)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel(f"TIME ({time_unit})")
+        ax.set_ylabel(("prediction-corrected " if result.pc else "") + f"DV ({conc_unit})")
+        ax.set_title(("pcVPC" if result.pc else "VPC") + (f" ({s})" if s is not None else "")
+                     + f", {result.n} replicates")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,75 @@
+"""VPC and pcVPC: a correctly specified model's observed percentiles lie in the simulated bands, a
+misspecified one's do not in the terminal phase; prediction correction as Bergstrand et al. define it."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import hybridpk as hp
+from hybridpk.diagnostics import plot_vpc, prediction_correct, vpc
+from hybridpk.population import build_model, fit_population
+
+
+def test_prediction_correction_by_hand():
+    """Bergstrand et al. 2011, eq. 1 with lb = 0: bin 'a' has PRED 1 and 2 (median 1.5), so 2 -> 2 x 1.5 / 1 = 3
+    and 4 -> 4 x 1.5 / 2 = 3; bin 'b' (PRED 4, 4, 10; median 4) leaves the first two unchanged and scales the
+    third by 0.4; PRED 0 (before the dose) is left out; a lower bound lb = 1 shifts the scaling to (y - 1)."""
+    y = [2.0, 4.0, 5.0, 6.0, 10.0, 0.3]
+    pred = [1.0, 2.0, 4.0, 4.0, 10.0, 0.0]
+    bins = ["a", "a", "b", "b", "b", "a"]
+    out = prediction_correct(y, pred, bins)
+    assert out[:5] == pytest.approx([3.0, 3.0, 5.0, 6.0, 4.0]) and np.isnan(out[5])
+    bounded = prediction_correct([2.0, 4.0], [2.0, 3.0], ["a", "a"], lower=1.0)   # median PRED 2.5
+    assert bounded == pytest.approx([1 + 1 * 1.5 / 1, 1 + 3 * 1.5 / 2])
+
+
+def _data(model: str, seed: int):
+    design = hp.make_design(60, [dict(TIME=0, AMT=500)], [0.25, 0.5, 1, 2, 4, 8, 12, 24, 36, 48], jitter=0.1,
+                            seed=seed)
+    typical = dict(CL=3.0, V=10.0) if model == "1cmt_iv" else dict(CL=3.0, V=10.0, Q=8.0, V2=40.0)
+    return hp.simulate_population(model, design, typical, dict(CL=0.09, V=0.04), proportional=0.1,
+                                  additive=0.02, seed=seed).dataset
+
+
+def _fit(model, ds):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fit_population(build_model(model, iiv=["CL", "V"], error="combined"), ds, progress=False,
+                              covariance=False)
+
+
+@pytest.mark.parametrize("pc", [False, True])
+def test_a_correct_model_is_inside_its_bands(pc):
+    ds = _data("1cmt_iv", seed=2)
+    result = vpc(_fit("1cmt_iv", ds), ds, n=200, bins=8, pc=pc, seed=1)
+    assert len(result.table) == 8 and result.fraction_inside >= 0.9
+    fig = plot_vpc(result)
+    assert len(fig.axes) == 1 and ("pcVPC" if pc else "VPC") in fig.axes[0].get_title()
+
+
+def test_a_misspecified_model_is_outside_in_the_terminal_phase():
+    """1-cmt fitted to 2-cmt data: in the terminal phase (the last bins, 24-48 h) the observed median lies
+    outside the simulated band."""
+    ds = _data("2cmt_iv", seed=3)
+    result = vpc(_fit("1cmt_iv", ds), ds, n=200, bins=8, seed=1)
+    late = result.table[result.table.TIME > 20]
+    assert len(late) >= 2 and not late.INSIDE_P50.any()
+
+
+def test_the_vpc_command(tmp_path, capsys):
+    import pandas as pd
+
+    from hybridpk.cli import main
+
+    ds = _data("1cmt_iv", seed=4)
+    _fit("1cmt_iv", ds).save(tmp_path / "run")
+    ds.to_dataframe().to_csv(tmp_path / "d.csv", index=False)
+    assert main(["vpc", str(tmp_path / "run"), "--data", str(tmp_path / "d.csv"), "--n", "50", "--pc", "--out",
+                 str(tmp_path / "v.png")]) == 0
+    assert (tmp_path / "v.png").stat().st_size > 5000 and len(pd.read_csv(tmp_path / "v.csv")) == 8
+    assert "pcVPC" in capsys.readouterr().out
+    assert main(["vpc", str(tmp_path / "run"), "--data", str(tmp_path / "d.csv"), "--n", "5", "--out",
+                 str(tmp_path / "w.png")]) == 2
