@@ -77,3 +77,8 @@ def test_demo_runs_and_the_hybrid_beats_ode_only_where_it_should(capsys, tmp_pat
         if parts[:1] == ["recirculating"] or parts[:2] == ["not", "recirculating"]:
             ratios[parts[0]] = float(parts[-1])
     assert ratios["recirculating"] < 0.80 and ratios["not"] < 1.10, ratios
+    assert "patients flagged COMPLEX" in out and "AUROC of P_COMPLEX for the true flag" in out
+    assert "mg every" in out and "probability of 400-600" in out
+    page = (tmp_path / "demo" / "ehc" / "report" / "report.html").read_text()
+    assert 'alt="latent"' in page and 'alt="vpc"' in page and 'alt="gof"' in page
+    assert (tmp_path / "demo" / "ehc" / "classifier.json").is_file()

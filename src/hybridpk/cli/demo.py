@@ -13,7 +13,10 @@ Run the main demonstration on the datasets bundled with hybridpk:
   3. fit the hybrid model on the bundled enterohepatic-recirculation example (data/ehc.csv): a
      1-compartment oral FOCE-I fit, then the VAE correction (reservoir form); compare ODE-only and hybrid against the
      noise-free true curves (data/ehc_truth.txt) for recirculating and other patients;
-  4. write both runs (summary.json, individual.csv, predictions.csv, model.json, vae.pt) under --out.
+  4. flag the patients who need the complex model (the run's latent classifier) and score the flags against
+     the truth (who recirculates; never used in training);
+  5. recommend a vancomycin dose for an example patient (published model, two TDM levels);
+  6. write both runs and the EHC run's HTML report (figures embedded; opens offline) under --out.
 """
 
 NLMIXR2 = {"KA": 1.57, "CL": 2.76, "V": 31.5}
@@ -52,9 +55,54 @@ def run(args) -> int:
     hybrid, table = ehc_comparison(progress=True)
     hybrid.save(f"{args.out}/ehc")
     print(table)
-    print(f"\n4. wrote {args.out}/theoph and {args.out}/ehc (summary.json, individual.csv, predictions.csv, "
-          "model.json, vae.pt)")
+    print("\n4. who needs the complex model: the latent classifier of the EHC run")
+    print(_flags(hybrid, f"{args.out}/ehc"))
+    print("\n5. a vancomycin dose (vancomycin_goti2018; 1000 mg q12h so far, peak 28.5 and trough 12.1 mg/L)")
+    print(_dose())
+    print("\n6. the report of the EHC run")
+    from hybridpk.report import write_report
+
+    path = write_report(f"{args.out}/ehc", read_nonmem(bundled_dataset("ehc")), f"{args.out}/ehc/report",
+                        vpc_replicates=100)
+    print(f"   wrote {args.out}/theoph and {args.out}/ehc (summary.json, individual.csv, predictions.csv, model.json, "
+          f"vae.pt, classifier.json)\n   report: {path} (open it in a browser)")
     return status
+
+
+def _flags(hybrid, run) -> str:
+    """Train and save the run's classifier; its out-of-fold flags against the true recirculation."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from hybridpk.classify import save_classifier, train_classifier
+    from hybridpk.data.bundled import bundled_dataset
+
+    rc = train_classifier(hybrid)
+    save_classifier(run, rc)
+    truth = pd.read_csv(bundled_dataset("ehc").with_name("ehc_truth.txt"))
+    t = rc.table.merge(truth[["ID", "RECIRC"]], on="ID")
+    auroc = roc_auc_score(t.RECIRC, t.P_COMPLEX) if t.RECIRC.nunique() == 2 else float("nan")
+    hit = int(((t.COMPLEX == 1) & (t.RECIRC == 1)).sum())
+    return (f"   {int(t.COMPLEX.sum())} of {len(t)} patients flagged COMPLEX (P_COMPLEX >= 0.5, out of fold); "
+            f"{hit} of {int(t.RECIRC.sum())} recirculating patients flagged; AUROC of P_COMPLEX for the true flag "
+            f"{auroc:.3f}")
+
+
+def _dose() -> str:
+    import pandas as pd
+
+    from hybridpk.data.dataset import read_nonmem
+    from hybridpk.dosing import recommend_dose
+
+    patient = read_nonmem(pd.DataFrame([
+        dict(ID=1, TIME=0.0, AMT=1000.0, RATE=1000.0, DV=0.0, EVID=1, MDV=1, ADDL=3, II=12.0, CRCL=80, WT=70),
+        dict(ID=1, TIME=37.5, AMT=0.0, RATE=0.0, DV=28.5, EVID=0, MDV=0, ADDL=0, II=0.0, CRCL=80, WT=70),
+        dict(ID=1, TIME=47.5, AMT=0.0, RATE=0.0, DV=12.1, EVID=0, MDV=0, ADDL=0, II=0.0, CRCL=80, WT=70)]))
+    rec = recommend_dose("vancomycin_goti2018", patient, "auc24=400:600")
+    e = rec.exposure["auc24"]
+    return (f"   {rec.dose:g} mg every {rec.interval:g} h as {rec.duration:g}-h infusions: MAP AUC24 {e['map']:.0f} "
+            f"mg*h/L (posterior median {e['median']:.0f}, 90% interval {e['p05']:.0f}-{e['p95']:.0f}); probability "
+            f"of 400-600: {rec.pta:.0%}")
 
 
 def ehc_comparison(progress=True, latent_dim=2, seed=0):
