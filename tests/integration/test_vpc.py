@@ -73,3 +73,20 @@ def test_the_vpc_command(tmp_path, capsys):
     assert "pcVPC" in capsys.readouterr().out
     assert main(["vpc", str(tmp_path / "run"), "--data", str(tmp_path / "d.csv"), "--n", "5", "--out",
                  str(tmp_path / "w.png")]) == 2
+
+
+def test_npde_are_standard_normal_under_the_right_model_and_not_under_the_wrong_one():
+    """Brendel et al. 2006: under the model the NPDE are N(0, 1) (Kolmogorov-Smirnov, mean, variance); the
+    1-cmt model on 2-cmt data is rejected."""
+    from scipy.stats import kstest
+
+    from hybridpk.diagnostics import npde, plot_npde
+
+    ds = _data("1cmt_iv", seed=2)
+    table = npde(_fit("1cmt_iv", ds), ds, n=500, seed=3)
+    v = table.NPDE.to_numpy()
+    assert len(v) == 600 and abs(v.mean()) < 0.15 and 0.8 < v.var() < 1.2 and kstest(v, "norm").pvalue > 0.01
+    assert len(plot_npde(table).axes) == 3
+    wrong = _data("2cmt_iv", seed=3)
+    bad = npde(_fit("1cmt_iv", wrong), wrong, n=500, seed=3).NPDE.to_numpy()
+    assert kstest(bad, "norm").pvalue < 1e-3

@@ -2,7 +2,8 @@
 return matplotlib figures (never shown)."""
 
 from .gof import cwres_qq, eta_figure, gof_figure, individual_fits
+from .npde import npde, plot_npde
 from .vpc import VPCResult, plot_vpc, prediction_correct, vpc
 
 __all__ = ["gof_figure", "cwres_qq", "eta_figure", "individual_fits", "VPCResult", "vpc", "plot_vpc",
-           "prediction_correct"]
+           "prediction_correct", "npde", "plot_npde"]
