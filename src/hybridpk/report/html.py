@@ -3,7 +3,7 @@
 The file embeds every figure (PNG, base64) and holds: the run's metadata (model, estimation method, data
 fingerprint, versions, seed), the OFV with AIC and BIC (ODE-only runs; :mod:`hybridpk.classify.compare`
 says why a hybrid has none), THETA with RSE, OMEGA as variance and CV%, the residual error, ETA shrinkage,
-and the figures of :mod:`hybridpk.diagnostics` (goodness of fit, CWRES QQ, ETAs, a VPC, individual fits; for a
+and the figures of :mod:`hybridpk.diagnostics` (goodness of fit, CWRES QQ, ETAs, a VPC, NPDE, individual fits; for a
 hybrid also the latent space coloured by P_COMPLEX when the run has its classifier). The PNGs are written
 beside it.
 """
@@ -26,7 +26,7 @@ from ..io import atomic_write_bytes, atomic_write_text, run_metadata
 __all__ = ["write_report", "FIGURES"]
 
 #: the figures every report holds (file stems); individual fits add fits_1, fits_2, ...
-FIGURES = ("gof", "gof_log", "cwres_qq", "etas", "vpc")
+FIGURES = ("gof", "gof_log", "cwres_qq", "etas", "vpc", "npde")
 
 
 def _png(fig) -> bytes:
@@ -57,9 +57,10 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
                "etas": eta_figure(est.individual, {e.eta: e.variance for e in pop.omega},
                                   est.shrinkage.get("eta", {}))}
     if vpc_replicates:
-        from ..diagnostics import plot_vpc, vpc
+        from ..diagnostics import npde, plot_npde, plot_vpc, vpc
 
         figures["vpc"] = plot_vpc(vpc(model, dataset, n=vpc_replicates, seed=seed))
+        figures["npde"] = plot_npde(npde(model, dataset, n=vpc_replicates, seed=seed))
     for k, fig in enumerate(individual_fits(model, dataset)[:max_pages], 1):
         figures[f"fits_{k}"] = fig
     if isinstance(model, HybridFit):
