@@ -61,3 +61,10 @@ def test_the_report_embeds_every_figure(theoph, tmp_path, capsys):
     other = hp.read_nonmem(hp.bundled_dataset("ehc"))
     other.to_dataframe().to_csv(tmp_path / "e.csv", index=False)
     assert main(["report", str(run), "--data", str(tmp_path / "e.csv"), "--out", str(tmp_path / "r3")]) == 2
+
+
+def test_fit_writes_the_report_when_asked(tmp_path, capsys):
+    assert main(["fit", "theoph", "--model", "1cmt_oral", "--out", str(tmp_path / "run"), "--report"]) == 0
+    page = (tmp_path / "run" / "report" / "report.html").read_text()
+    assert all(f'alt="{name}"' in page for name in FIGURES)
+    assert "report: " in capsys.readouterr().out

@@ -138,6 +138,8 @@ def add_parser(sub) -> None:
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs (log form)")
     p.add_argument("--device", default="cpu", type=device_arg, help="torch device for VAE training (cpu, cuda)")
+    p.add_argument("--report", action="store_true", help="write the HTML report (estimates, diagnostic figures, VPC) "
+                   "into OUT/report right after the fit ('hybridpk report')")
     p.add_argument("--no-classifier", action="store_true", help="with --hybrid vae: do not train the latent "
                    "classifier (which patients need the complex model; 'hybridpk classify')")
     p.add_argument("--seed", type=int, default=0, help="random seed (VAE training; recorded with the run)")
@@ -213,6 +215,10 @@ def run(args) -> int:
         print(f"latent classifier: {int(classifier.table.COMPLEX_EVIDENCE.sum())} of {len(classifier.table)} patients "
               f"need the complex model by their own data (COMPLEXITY > {classifier.threshold:.3g}); {auroc}; "
               "P_COMPLEX and COMPLEX in individual.csv ('hybridpk classify RUN' for the report)")
+    if args.report:
+        from hybridpk.report import write_report
+
+        print(f"report: {write_report(out, ds, out / 'report', seed=args.seed)}")
     final = sorted(p.name for p in out.glob("*_final.mod"))
     print(f"wrote {out / 'summary.json'}, individual.csv, predictions.csv, model.json"
           + "".join(f", {name}" for name in final) + (", vae.pt, vae.json" if hybrid is not None else ""))
