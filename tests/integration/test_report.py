@@ -68,3 +68,25 @@ def test_fit_writes_the_report_when_asked(tmp_path, capsys):
     page = (tmp_path / "run" / "report" / "report.html").read_text()
     assert all(f'alt="{name}"' in page for name in FIGURES)
     assert "report: " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_headless_browser(theoph, tmp_path):
+    """Opt-in: Debian's chromium renders the report (benchmarks/report_screenshot.py); the screenshot is not
+    blank (the figures are laid out: many distinct colours)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    spec = importlib.util.spec_from_file_location(
+        "report_screenshot", Path(__file__).resolve().parents[2] / "benchmarks" / "report_screenshot.py")
+    shot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shot)
+    ds, _, run = theoph
+    png = shot.screenshot(write_report(run, ds, tmp_path / "rep", vpc_replicates=50), tmp_path / "shot.png")
+    from matplotlib.image import imread
+
+    image = imread(png)
+    assert image.shape[1] == 1200 and len(np.unique(image.reshape(-1, image.shape[-1])[::50], axis=0)) > 50
