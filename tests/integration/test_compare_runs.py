@@ -74,3 +74,16 @@ def test_runs_fitted_to_other_data_are_refused(runs):
         compare_runs({"1cmt": fits["1cmt"]}, ds)
     with pytest.raises(HybridPKError, match="folds"):
         compare_runs(fits, ds, folds=1)
+
+
+def test_the_one_standard_error_rule():
+    """A hybrid whose held-out -2LL is lower by less than one standard error of the fold differences loses to
+    the simpler ODE run; one lower by much more wins."""
+    from hybridpk.classify.compare import RunScore, _rank
+
+    ode = RunScore("2-cmt", "ODE", 100.0, 10, 120.0, 150.0, cv_nll=(-3.40, -3.50, -3.45), cv_rmse=(0.1, 0.1, 0.1))
+    tie = RunScore("VAE", "hybrid", None, None, None, None, cv_nll=(-3.41, -3.49, -3.46), cv_rmse=(0.1, 0.1, 0.1))
+    far = RunScore("VAE", "hybrid", None, None, None, None, cv_nll=(-3.90, -4.00, -3.95), cv_rmse=(0.1, 0.1, 0.1))
+    close = _rank([ode, tie], 3, 300)
+    assert close.recommended == "2-cmt" and "one-standard-error rule" in close.reason
+    assert _rank([ode, far], 3, 300).recommended == "VAE"
