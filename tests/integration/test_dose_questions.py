@@ -524,3 +524,23 @@ def test_time_and_auc_for_every_route_single_and_multiple_doses(tmp_path, route,
     cuts = sorted({*doses, *(d + 2.0 for d in doses)}) if route == "infusion" else doses
     area = quad(conc, 0.0, last + 12.0, points=cuts[1:], limit=200, epsabs=0, epsrel=1e-12)[0]
     assert auc(model, ds, 0.0, last + 12.0, posterior=post)["map"] == pytest.approx(area, rel=1e-6)
+
+
+def test_the_interval_for_an_oral_peak(tmp_path):
+    """The steady-state peak of an oral dose is the maximum of the Bateman superposition (found here by
+    scipy's bounded scalar minimiser); the interval that puts it at 15 mg/L, to 1e-4."""
+    from scipy.optimize import minimize_scalar
+
+    rec = interval_for_dose(_model(tmp_path, ORAL), _patient(), 300.0, "peak=13:17")
+    ka, cl, v = _map(rec, "KA", "CL", "V")
+    k = cl / v
+
+    def peak(tau):
+        def c(t):
+            return 300.0 * ka / (v * (ka - k)) * (math.exp(-k * t) * _g(k * tau) / math.exp(-k * tau)
+                                                   - math.exp(-ka * t) * _g(ka * tau) / math.exp(-ka * tau))
+        return -minimize_scalar(lambda t: -c(t), bounds=(0.0, tau), method="bounded",
+                                options={"xatol": 1e-10}).fun
+
+    expected = brentq(lambda tau: peak(tau) - 15.0, 0.5, 168.0, xtol=1e-10)
+    assert rec.interval == pytest.approx(expected, rel=1e-4)

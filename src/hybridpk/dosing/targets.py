@@ -4,8 +4,9 @@ A regimen (:class:`~hybridpk.data.Regimen`) is continued from ``start`` (h): dos
 as infusions of ``duration`` h (0: bolus or oral). For linear models every metric is affine in the dose,
 metric = a + b * dose, per posterior draw, so one simulation without the new doses and one of a unit-dose
 regimen give it exactly. Metrics: auc24 (mg*h/L over 24 h at steady state, = 24 F dose / (interval CL)),
-trough and peak at steady state, auc24 over day D of the new regimen and conc@T (concentration at time T
-h after the first new dose), the last two with the patient's history included.
+trough and peak at steady state (the peak of a bolus or oral dose refined around the maximum), auc24 over
+day D of the new regimen and conc@T (concentration at time T h after the first new dose), the last two with
+the patient's history included.
 
 Other models (a hybrid, a nonlinear structural model) are simulated dose by dose
 (:func:`metrics_by_simulation`); there "steady state" is the last interval of a run of the regimen's
@@ -98,7 +99,16 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
             grid = list(np.linspace(0.0, interval, 97))
         unit = Regimen(0.0, 1.0, interval, 1, duration, cmt, steady_state=True)
         alone = patient.extend(unit, grid, keep_records=False, keep_doses=False, ahead=True)
-        return zero, _at(model, alone, eta, len(grid)).amax(1)
+        coarse = _at(model, alone, eta, len(grid))
+        if len(grid) == 1:
+            return zero, coarse[:, 0]
+        # the maximum of a bolus / oral profile: refined on 401 points between the coarse maximum's neighbours
+        # (over all draws), so the peak is exact to ~1e-9 relative rather than to the coarse grid's step
+        k = coarse.argmax(1)
+        lo, hi = float(grid[max(int(k.min()) - 1, 0)]), float(grid[min(int(k.max()) + 1, len(grid) - 1)])
+        fine = list(np.linspace(lo, hi, 401))
+        near = patient.extend(unit, fine, keep_records=False, keep_doses=False, ahead=True)
+        return zero, torch.maximum(coarse.amax(1), _at(model, near, eta, len(fine)).amax(1))
     if target.metric == "aucday":  # AUC over day D of the new regimen, the patient's history included
         t0 = start + 24.0 * (target.time - 1)
         grid = np.linspace(t0, t0 + 24.0, 481)
