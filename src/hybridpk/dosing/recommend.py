@@ -500,13 +500,13 @@ def _round_interval(metric, tgt, exact: float, step: float, lo: float, hi: float
     return min(sorted(near), key=lambda tau: abs(metric(tau) - tgt.mid))
 
 
-def _number_check(dose) -> float:
+def _number_check(value, what: str = "dose", unit: str = "mg") -> float:
     try:
-        d = float(dose)
+        d = float(value)
     except (TypeError, ValueError):
         d = math.nan
     if not math.isfinite(d) or d <= 0:
-        raise HybridPKError(f"dose = {dose!r}: the dose must be a number > 0 (mg)")
+        raise HybridPKError(f"{what} = {value!r}: the {what} must be a number > 0 ({unit})")
     return d
 
 
@@ -524,7 +524,7 @@ def time_to_concentration(model, dataset, concentration: float, *, horizon: floa
     condition). ``None`` where it does not happen within ``horizon`` h."""
     if method not in ("root", "grid"):
         raise HybridPKError(f"method = {method!r}: use 'root' (exact, after the peak) or 'grid' (posologyr)")
-    level = _number_check(concentration)
+    level = _number_check(concentration, "concentration", "mg/L")
     model = dosing_model(model)
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     est = post.estimate
