@@ -108,3 +108,23 @@ def test_the_report_of_a_hybrid_run(run, tmp_path):
     for name in ("gof", "gof_log", "cwres_qq", "etas", "fits_1", "latent"):
         assert f'alt="{name}"' in page
     assert "no AIC or BIC" in page
+
+
+def test_user_given_labels(run, tmp_path, capsys):
+    """--labels FILE (ID, COMPLEX) replaces the evidence labels; a file missing a patient is refused by name."""
+    import shutil
+
+    from hybridpk.solve.examples import simulate_ehc_population
+
+    _, folder, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    _, truth = simulate_ehc_population(60, seed=4)
+    truth.rename(columns={"RECIRC": "COMPLEX"})[["ID", "COMPLEX"]].to_csv(tmp_path / "labels.csv", index=False)
+    assert main(["classify", str(copy), "--labels", str(tmp_path / "labels.csv")]) == 0
+    ind = pd.read_csv(copy / "individual.csv")
+    assert (ind.LABEL.to_numpy() == truth.RECIRC.to_numpy()).all()
+    assert "30 labelled COMPLEX" in capsys.readouterr().out
+    truth.iloc[:-1].rename(columns={"RECIRC": "COMPLEX"})[["ID", "COMPLEX"]].to_csv(tmp_path / "short.csv",
+                                                                                    index=False)
+    assert main(["classify", str(copy), "--labels", str(tmp_path / "short.csv")]) == 2
