@@ -121,6 +121,8 @@ def add_parser(sub) -> None:
     q.add_argument("--auc", nargs="?", const="", metavar="FROM:TO", type=auc_window_arg,
                    help="also the AUC (mg*h/L) of the doses given, over FROM-TO h (default: first dose to last "
                    "record; either end may be left out, e.g. 24: or :48), MAP and 90%% interval")
+    q.add_argument("--above", type=positive_float, metavar="C", help="also the hours the concentration spends above C "
+                   "mg/L (e.g. an MIC: fT>MIC) over the --auc window (default: first dose to last record)")
     q.add_argument("--draws", type=positive_int, metavar="N", help="posterior draws (default 1000; 250 for a hybrid)")
     q.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
     q.set_defaults(handler=run_map)
@@ -332,6 +334,14 @@ def run_map(args) -> int:
         d = post.draws[:, j].numpy()
         print(f"  {name:<6} {float(post.estimate.eta[0, j]):10.4g}   ({np.quantile(d, 0.05):.4g}-"
               f"{np.quantile(d, 0.95):.4g})  latent")
+    if args.above is not None:
+        from hybridpk.dosing import time_above
+
+        window = args.auc if args.auc is not None else (None, None)
+        ta = time_above(model, ds, args.above, *window, posterior=post)
+        print(f"  above {args.above:g} mg/L from {ta['start_h']:g} to {ta['end_h']:g} h: MAP {ta['map_hours']:.2f} h "
+              f"({ta['map_fraction']:.0%}); posterior median {ta['median_hours']:.2f} h, 90% interval "
+              f"{ta['p05_hours']:.2f}-{ta['p95_hours']:.2f} h")
     summary = patient_summary(post)
     print(f"  OFV {summary['ofv']:.4f} (-2 log posterior at the MAP; each level's share in --out EST.json)")
     for w in post.warnings:
