@@ -1,4 +1,5 @@
-"""Shipped published models reproduce the numbers their peers document for them.
+"""Shipped published models reproduce the numbers their peers document for them (posologyr's MAP estimates
+and dose answers, which it validates against NONMEM and Monolix).
 
 amikacin_burdet2015: posologyr's test suite (tests/testthat/test_rxui.R, 'mod_amikacin_Burdet2015', patient A:
 2000 mg over 0.5 h, levels 58 and 14 mg/L at 1 and 6 h, CLCREAT4H 50, TBW 62, PoverF 169) documents the MAP
@@ -36,3 +37,26 @@ def test_amikacin_burdet2015_reproduces_posologyr():
     assert ttc["map_time_after_last_dose_h"] == pytest.approx(33.9, abs=1e-9)
     fc = forecast(post.estimate, post.estimate.eta[:1], np.array([35.0]), Regimen(34.0, 2447.917, 24.0, 1, 0.5))
     assert float(fc.table.IPRED_MAP.iloc[0]) == pytest.approx(80.0, rel=1e-4)
+
+
+def _gentamicin_patient():
+    """posologyr's README patient: 180 mg over 0.5 h, levels 9 and 2 mg/L at 1 and 11 h, ClCr 38, WT 63."""
+    return hp.read_nonmem(pd.DataFrame([
+        dict(ID=1, TIME=0.0, DV=0.0, EVID=1, MDV=1, AMT=180.0, RATE=360.0),
+        dict(ID=1, TIME=1.0, DV=9.0, EVID=0, MDV=0, AMT=0.0, RATE=0.0),
+        dict(ID=1, TIME=11.0, DV=2.0, EVID=0, MDV=0, AMT=0.0, RATE=0.0)]).assign(ClCr=38.0, WT=63.0))
+
+
+def test_gentamicin_xuan2003_reproduces_posologyrs_readme():
+    """posologyr's README (mod_gentamicin_Xuan2003): MAP ETAs (0.03701064, 0.001447308, 0.08904703,
+    -0.04838898), poso_time_cmin(tdm = TRUE, 0.5 mg/L) 44.9 h, and poso_dose_conc: 237.5902 mg over 0.5 h at
+    48 h gives 12 mg/L at 49 h. The model's micro-constants k12, k21 are spec parameters with Q and V2
+    derived from them."""
+    model = load_model("gentamicin_xuan2003")
+    post = estimate_patient(model, _gentamicin_patient())
+    eta = post.estimate.eta[0].numpy()
+    assert eta == pytest.approx([0.03701064, 0.001447308, 0.08904703, -0.04838898], abs=1e-6)
+    ttc = time_to_concentration(model, _gentamicin_patient(), 0.5, method="grid", posterior=post)
+    assert ttc["map_time_after_last_dose_h"] == pytest.approx(44.9, abs=1e-9)
+    fc = forecast(post.estimate, post.estimate.eta[:1], np.array([49.0]), Regimen(48.0, 237.5902, 24.0, 1, 0.5))
+    assert float(fc.table.IPRED_MAP.iloc[0]) == pytest.approx(12.0, rel=1e-4)
