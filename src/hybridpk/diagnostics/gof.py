@@ -9,6 +9,7 @@ shown. Units on every axis (time in h, concentrations in mg/L unless given).
 * :func:`cwres_qq`: CWRES against standard-normal quantiles (CWRES ~ N(0, 1) when the model is right:
   Hooker, Staatz and Karlsson, Pharm Res 2007; 24:2187);
 * :func:`eta_figure`: each ETA's histogram against its N(0, OMEGA) density, with shrinkage;
+* :func:`classifier_figure`: the latent classifier's ROC and calibration on its training patients;
 * :func:`individual_fits`: each patient's levels, the population (PRED) and individual (IPRED; for a hybrid
   also the ODE-only part) curves on a fine grid, doses marked, in pages.
 """
@@ -177,3 +178,33 @@ def individual_fits(model, dataset, per_page: int = 12, points: int = 200, conc_
         fig.tight_layout()
         pages.append(fig)
     return pages
+
+
+def classifier_figure(table: pd.DataFrame, bins: int = 5):
+    """The latent classifier on its training patients: ROC of the out-of-fold P_COMPLEX for the labels it was
+    trained on (LABEL) and the calibration (mean predicted vs observed rate in quantile bins)."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y, p = table.LABEL.to_numpy(int), table.P_COMPLEX.to_numpy(float)
+    fig = _figure(figsize=(9, 4))
+    a, b = fig.subplots(1, 2)
+    if np.unique(y).size == 2:
+        fpr, tpr, _ = roc_curve(y, p)
+        a.plot(fpr, tpr, "b-", label=f"AUROC {roc_auc_score(y, p):.3f} (out of fold)")
+        observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="quantile")
+        b.plot(predicted, observed, "o-", label="out of fold")
+    else:
+        a.text(0.5, 0.5, "one class only", ha="center")
+    for ax in (a, b):
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    a.set_xlabel("false positive rate")
+    a.set_ylabel("true positive rate")
+    a.set_title("latent classifier: ROC (training labels)")
+    b.set_xlabel("predicted P_COMPLEX")
+    b.set_ylabel("observed rate of COMPLEX labels")
+    b.set_title("calibration")
+    fig.tight_layout()
+    return fig

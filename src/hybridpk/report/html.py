@@ -66,6 +66,10 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
     if isinstance(model, HybridFit):
         rc = load_classifier(run_dir)
         figures["latent"] = _latent_figure(model.individual, rc)
+        if rc is not None and {"LABEL", "P_COMPLEX"} <= set(model.individual.columns):
+            from ..diagnostics import classifier_figure
+
+            figures["classifier"] = classifier_figure(model.individual)
     images = {}
     for name, fig in figures.items():
         data = _png(fig)
