@@ -104,7 +104,7 @@ def test_the_report_of_a_hybrid_run(run, tmp_path):
 
     _, folder, _ = run
     ds, _ = simulate_ehc_population(60, seed=4)
-    page = write_report(folder, ds, tmp_path / "rep").read_text()
+    page = write_report(folder, ds, tmp_path / "rep", vpc_replicates=40).read_text()
     for name in ("gof", "gof_log", "cwres_qq", "etas", "fits_1", "latent", "classifier", "vpc", "npde"):
         assert f'alt="{name}"' in page
     assert "no AIC or BIC" in page
