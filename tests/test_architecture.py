@@ -15,7 +15,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "hybridpk"
 
 LAYERS = (("errors", "io", "progress"), ("data", "models"), ("solve",), ("population",), ("residual",),
-          ("classify",), ("dosing",), ("diagnostics", "report"), ("cli",))
+          ("classify",), ("dosing",), ("diagnostics",), ("report",), ("cli",))
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 #: the package's front doors, above every layer: the lazy public API and ``python -m hybridpk``
 TOP = {"__init__", "__main__"}
