@@ -32,21 +32,33 @@ def auc(model, dataset, start: float | None = None, end: float | None = None, *,
     from .recommend import estimate_patient
 
     model = dosing_model(model)
-    df = dataset.to_dataframe()
-    doses = df[df.EVID.isin([1, 4])]
-    t0 = float(doses.TIME.min()) if len(doses) else float(df.TIME.min())
-    a, b = _window(t0 if start is None else start, float(df.TIME.max()) if end is None else end)
+    a, b = _default_window(dataset, start, end)
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     est = post.estimate
     grid, weights = _quadrature(_breakpoints(est.batch, a, b))
-    points = torch.cat([est.eta[:1], post.draws])
-    batch = est.batch.extend(None, grid)
-    conc = est.concentrations(batch.select([0] * points.shape[0]), points)[:, -len(grid):]
+    conc = _on_grid(post, grid)
     values = (conc * torch.as_tensor(weights, dtype=conc.dtype)).sum(1).numpy()
     draws = values[1:]
     return {"start_h": a, "end_h": b, "map": float(values[0]), "median": float(np.median(draws)),
             "p05": float(np.quantile(draws, 0.05)), "p95": float(np.quantile(draws, 0.95)),
             "warnings": list(post.warnings) + model.design_warnings(est, until=b)}
+
+
+def _default_window(dataset, start, end) -> tuple:
+    """(start, end) h, defaults: the first dose (or record) and the last record; checked by :func:`_window`."""
+    df = dataset.to_dataframe()
+    doses = df[df.EVID.isin([1, 4])]
+    t0 = float(doses.TIME.min()) if len(doses) else float(df.TIME.min())
+    return _window(t0 if start is None else start, float(df.TIME.max()) if end is None else end)
+
+
+def _on_grid(post, grid):
+    """Concentrations (1 + S, len(grid)) at ``grid`` (h) with the history's doses only: row 0 at the MAP, then
+    each posterior draw."""
+    est = post.estimate
+    points = torch.cat([est.eta[:1], post.draws])
+    batch = est.batch.extend(None, grid)
+    return est.concentrations(batch.select([0] * points.shape[0]), points)[:, -len(grid):]
 
 
 def _window(start, end) -> tuple:
@@ -101,16 +113,11 @@ def time_above(model, dataset, level: float, start: float | None = None, end: fl
 
     level = _number_check(level, "level", "mg/L")
     model = dosing_model(model)
-    df = dataset.to_dataframe()
-    doses = df[df.EVID.isin([1, 4])]
-    t0 = float(doses.TIME.min()) if len(doses) else float(df.TIME.min())
-    a, b = _window(t0 if start is None else start, float(df.TIME.max()) if end is None else end)
+    a, b = _default_window(dataset, start, end)
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     est = post.estimate
     grid = np.linspace(a, b, int(np.ceil((b - a) / 0.02)) + 1)
-    points = torch.cat([est.eta[:1], post.draws])
-    batch = est.batch.extend(None, grid)
-    conc = est.concentrations(batch.select([0] * points.shape[0]), points)[:, -len(grid):].numpy() - level
+    conc = _on_grid(post, grid).numpy() - level
 
     def exact(t):
         one = est.batch.extend(None, [float(t)])
