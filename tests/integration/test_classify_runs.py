@@ -13,6 +13,7 @@ import pytest
 from hybridpk.classify import classify_patients, load_classifier, save_classifier, train_classifier
 from hybridpk.cli import main
 from hybridpk.population import build_model, fit_population
+from hybridpk.report.html import FIGURES, HYBRID_FIGURES
 from hybridpk.residual import TrainConfig, fit_hybrid, load_run
 from hybridpk.solve.examples import simulate_ehc_population
 
@@ -105,9 +106,26 @@ def test_the_report_of_a_hybrid_run(run, tmp_path):
     _, folder, _ = run
     ds, _ = simulate_ehc_population(60, seed=4)
     page = write_report(folder, ds, tmp_path / "rep", vpc_replicates=40).read_text()
-    for name in ("gof", "gof_log", "cwres_qq", "etas", "fits_1", "latent", "classifier", "vpc", "npde"):
+    for name in FIGURES + HYBRID_FIGURES + ("fits_1", "classifier"):
         assert f'alt="{name}"' in page
     assert "no AIC or BIC" in page
+
+
+def test_the_training_curves_are_saved_with_the_run_and_drawn(run):
+    from hybridpk.diagnostics import training_figure
+
+    hyb, folder, _ = run
+    reloaded = load_run(folder)
+    assert reloaded.history == hyb.history and len(hyb.history) == 40
+    curves = pd.read_csv(folder / "training.csv")
+    assert list(curves.EPOCH) == list(range(40)) and (curves.FORM == "reservoir").all() and curves.CHOSEN.all()
+    ax = training_figure(curves, warmup=10).axes[0]
+    train, val, best = ax.lines[:3]
+    assert list(train.get_ydata()) == [t for _, t, _ in hyb.history] and list(val.get_ydata()) == [
+        v for _, _, v in hyb.history]
+    after = [(v, e) for e, _, v in hyb.history if e >= 10]
+    assert (best.get_ydata()[0], best.get_xdata()[0]) == min(after)
+    assert reloaded.summary()["epochs_run"] == 40
 
 
 def test_user_given_labels(run, tmp_path, capsys):

@@ -175,11 +175,37 @@ def test_cli_dose_and_map(tmp_path, capsys):
                  str(tmp_path / "f.csv")]) == 0
     fc = pd.read_csv(tmp_path / "f.csv")
     assert (fc.PI90_LOW <= fc.IPRED_MAP + 1e-9).all() and (tmp_path / "f.png").stat().st_size > 1000
+    assert main(["dose", "vancomycin_goti2018", str(path), "--target", "trough=10:15", "--plot",
+                 str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").stat().st_size > 1000
     assert main(["dose", "--list"]) == 0
     assert "vancomycin_goti2018" in capsys.readouterr().out
     bad = tmp_path / "bad.csv"
     bad.write_text("ID,TIME,DV\n1,0,5\n")
     assert main(["dose", "vancomycin_goti2018", str(bad)]) == 2
+
+
+def test_the_forecast_figure_shows_the_new_regimen_and_the_target_window():
+    from hybridpk.data import Regimen
+    from hybridpk.dosing import estimate_patient, forecast, plot_forecast
+
+    ds = _vanco_patient()
+    post = estimate_patient("vancomycin_goti2018", ds, n_samples=200, seed=1)
+    reg = Regimen(start=48.0, dose=1000.0, interval=12.0, n_doses=3, duration=1.0)
+    fc = forecast(post.estimate, post.draws, np.linspace(0.0, 96.0, 97), regimen=reg)
+    ax = plot_forecast(fc, post.estimate, target="trough=10:15", regimen=reg, note="x").axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "target trough 10-15 mg/L" in labels and "new doses (1000 mg every 12 h)" in labels
+    band = [c for c in ax.collections if c.get_label().startswith("target")][0].get_paths()[0].vertices
+    assert (band[:, 1].min(), band[:, 1].max(), band[:, 0].min(), band[:, 0].max()) == (10, 15, 48, 96)
+    new = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert [float(line.get_xdata()[0]) for line in new] == [48.0, 60.0, 72.0]
+    interval = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert interval.max() == pytest.approx(fc.table.PI90_HIGH.max()) and interval.min() == pytest.approx(
+        fc.table.PI90_LOW.min())
+    assert ax.get_xlabel() == "time (h)" and ax.get_ylabel() == "concentration (mg/L)"
+    auc = plot_forecast(fc, post.estimate, target="auc24=400:600").axes[0]
+    assert "target auc24 400-600 mg/L*h" in [t.get_text() for t in auc.get_legend().get_texts()]
 
 
 def test_interval_for_dose_and_time_to_concentration():

@@ -62,7 +62,11 @@ def test_the_best_screened_form_is_trained_to_the_end_as_if_alone(ehc_fit, tmp_p
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["hybrid"]
     assert [c["form"] for c in summary["candidates"]] == [c.form for c in cands]
     assert [c["chosen"] for c in summary["candidates"]] == [c.chosen for c in cands]
-    assert load_run(tmp_path / "run").candidates == cands
+    loaded = load_run(tmp_path / "run")
+    assert loaded.candidates == cands
+    # every candidate's training curve is kept (training.csv): the losers' screening epochs, the winner's all
+    assert [c.history for c in loaded.candidates] == [c.history for c in cands] and loaded.history == hyb.history
+    assert loaded.training_curves().groupby("FORM", sort=False).size().to_dict() == {c.form: c.epochs for c in cands}
 
 
 def test_the_command_prints_every_candidates_score_and_the_choice(ehc_fit, tmp_path, capsys):

@@ -49,7 +49,7 @@ def test_the_report_embeds_every_figure(theoph, tmp_path, capsys):
     ds, fit, run = theoph
     path = write_report(run, ds, tmp_path / "rep")
     page = path.read_text()
-    for name in FIGURES + ("fits_1",):
+    for name in FIGURES + ("fits_1", "eta_covariates"):
         assert (tmp_path / "rep" / f"{name}.png").stat().st_size > 5000
         assert f'alt="{name}" src="data:image/png;base64,' in page
     meta = json.loads((tmp_path / "rep" / "report.json").read_text())
@@ -61,6 +61,30 @@ def test_the_report_embeds_every_figure(theoph, tmp_path, capsys):
     other = hp.read_nonmem(hp.bundled_dataset("ehc"))
     other.to_dataframe().to_csv(tmp_path / "e.csv", index=False)
     assert main(["report", str(run), "--data", str(tmp_path / "e.csv"), "--out", str(tmp_path / "r3")]) == 2
+
+
+def test_the_axes_carry_the_datasets_units(theoph, tmp_path):
+    """Units come from the dataset's column sidecar (here ug/mL and h), on every axis that has one; each ETA is
+    drawn against each covariate."""
+    from hybridpk.diagnostics import axis_units, eta_covariate_figure
+
+    ds, fit, run = theoph
+    labelled = hp.read_nonmem(ds.to_dataframe(), columns={"columns": {"DV": {"role": "DV", "unit": "ug/mL"},
+                                                                       "WT": {"role": "covariate", "unit": "kg"}}})
+    assert axis_units(labelled) == ("h", "ug/mL") and axis_units(ds) == ("h", "mg/L")
+    write_report(run, labelled, tmp_path / "rep", vpc_replicates=20)
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "rep" / "eta_covariates.png").shape[0] > 200
+    cov = ds.to_dataframe().groupby("ID")[["WT"]].first().reset_index()
+    fig = eta_covariate_figure(fit.estimation.individual, cov, {"WT": "kg"})
+    assert len(fig.axes) == 3 and {a.get_xlabel() for a in fig.axes} == {"WT (kg)"}
+    points = fig.axes[0].collections[0].get_offsets()
+    merged = fit.estimation.individual.merge(cov, on="ID")
+    assert np.allclose(points[:, 0], merged.WT) and np.allclose(points[:, 1], merged[fig.axes[0].get_ylabel()])
+    t_unit, c_unit = axis_units(labelled)
+    gof = gof_figure(fit.estimation.predictions, time_unit=t_unit, conc_unit=c_unit)
+    assert [a.get_xlabel() for a in gof.axes] == ["PRED (ug/mL)", "IPRED (ug/mL)", "TIME (h)", "PRED (ug/mL)"]
 
 
 def test_fit_writes_the_report_when_asked(tmp_path, capsys):

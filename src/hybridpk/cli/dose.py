@@ -48,7 +48,9 @@ median and 90% interval), the probability of target attainment, the MAP individu
 their 90% credible intervals, and warnings (covariates outside the model's population, few or
 implausible levels, poorly informed parameters, capped doses; for a hybrid, a latent z or a regimen (dose,
 interval, time span, number of doses) outside what its training data covered), and the patient's whole
-estimate as 'hybridpk map --out EST.json' writes it (patient_estimate).
+estimate as 'hybridpk map --out EST.json' writes it (patient_estimate). --plot draws the forecast under the
+recommended regimen (MAP prediction and 90% prediction interval over the posterior draws, the levels, the
+doses given and the new ones) with the target window.
 """
 
 MAP_HELP = """\
@@ -105,6 +107,8 @@ def add_parser(sub) -> None:
                    "the probability of target attainment reports its Monte-Carlo error")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
     p.add_argument("--out", metavar="REC.json", type=out_file_arg, help="write the recommendation here")
+    p.add_argument("--plot", metavar="FIG.png", type=figure_arg, help="figure of the forecast under the recommended "
+                   "regimen: MAP prediction, 90%% prediction interval, the levels, the doses and the target window")
     p.set_defaults(handler=run_dose)
 
     q = sub.add_parser("map", help="MAP estimate and forecast for a patient", description=MAP_HELP,
@@ -172,21 +176,32 @@ def run_dose(args) -> int:
     _check_question(args)
     model, ds = _load(args)
     if ds.n_subjects > 1:
+        if args.plot:
+            raise HybridPKError(f"--plot is for one patient; the file has {ds.n_subjects} (IDs "
+                                f"{', '.join(map(str, ds.ids[:5]))}{', ...' if ds.n_subjects > 5 else ''})")
         from .daylist import run_many
 
         return run_many(args, model, ds, *_question(args))
+    if args.plot and (args.time_below is not None or args.loading):
+        raise HybridPKError(f"--plot draws a recommended regimen; drop it with "
+                            f"{'--time-below' if args.time_below is not None else '--loading'}")
     if args.time_below is not None:
         return _time_below(args, model, ds)
     if args.loading:
         return _loading(args, model, ds)
+    post = None
+    if args.plot:       # one posterior for the recommendation and its figure
+        from hybridpk.dosing import estimate_patient
+
+        post = estimate_patient(model, ds, n_samples=args.draws, seed=args.seed)
     if args.dose is not None:
         rec = interval_for_dose(model, ds, args.dose, args.target, duration=args.duration,
                                 interval_step=args.interval_step, start=args.start, seed=args.seed, cmt=args.cmt,
-                                n_samples=args.draws)
+                                n_samples=args.draws, posterior=post)
     else:
         rec = recommend_dose(model, ds, args.target, interval=args.interval, duration=args.duration,
                              dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed,
-                             cmt=args.cmt, n_samples=args.draws)
+                             cmt=args.cmt, n_samples=args.draws, posterior=post)
     out = {**rec.to_dict(), **run_metadata(seed=args.seed)}
     text = json.dumps(out, indent=2, default=float)
     if args.out:
@@ -203,7 +218,24 @@ def run_dose(args) -> int:
         print(f"warning: {w}")
     if args.out:
         print(f"wrote {args.out}")
+    if args.plot:
+        _plot_recommendation(args, model, ds, rec, post, metric, exp)
     return 0
+
+
+def _plot_recommendation(args, model, ds, rec, post, metric: str, exp: dict) -> None:
+    """The forecast under the recommended regimen (three intervals, at least 48 h) with the target window."""
+    import numpy as np
+
+    from hybridpk.dosing import forecast, plot_forecast
+
+    until = rec.start + max(48.0, 3 * rec.interval)
+    fc = forecast(post.estimate, post.draws, np.linspace(0.0, until, 481), regimen=rec.regimen, seed=args.seed)
+    note = (f"{metric}: MAP {exp['map']:.4g}, 90% interval {exp['p05']:.4g}-{exp['p95']:.4g}; "
+            f"P(target) {rec.pta:.0%}")
+    plot_forecast(fc, post.estimate, args.plot, title=f"{model.name}, patient {ds.ids[0]}: {rec.dose:g} mg every "
+                  f"{rec.interval:.4g} h", target=rec.target, regimen=rec.regimen, note=note)
+    print(f"wrote {args.plot}")
 
 
 def _question(args):

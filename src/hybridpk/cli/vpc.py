@@ -34,7 +34,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from hybridpk.data.dataset import read_nonmem
-    from hybridpk.diagnostics import plot_vpc, vpc
+    from hybridpk.diagnostics import axis_units, plot_vpc, vpc
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text
     from hybridpk.residual import load_run
@@ -45,7 +45,8 @@ def run(args) -> int:
     ds = read_nonmem(resolve_data_path(args.data))
     result = vpc(model, ds, n=args.n, bins=args.bins, pc=args.pc, seed=args.seed, stratify=args.stratify,
                  progress=print)
-    plot_vpc(result, log=args.log).savefig(args.out, dpi=100)
+    t_unit, c_unit = axis_units(ds)
+    plot_vpc(result, time_unit=t_unit, conc_unit=c_unit, log=args.log).savefig(args.out, dpi=100)
     table = Path(args.out).with_suffix(".csv")
     atomic_write_text(table, result.table.to_csv(index=False))
     print(f"{'pcVPC' if args.pc else 'VPC'}: {result.fraction_inside:.0%} of the observed percentiles (bins x "

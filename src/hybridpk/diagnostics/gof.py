@@ -9,6 +9,8 @@ shown. Units on every axis (time in h, concentrations in mg/L unless given).
 * :func:`cwres_qq`: CWRES against standard-normal quantiles (CWRES ~ N(0, 1) when the model is right:
   Hooker, Staatz and Karlsson, Pharm Res 2007; 24:2187);
 * :func:`eta_figure`: each ETA's histogram against its N(0, OMEGA) density, with shrinkage;
+* :func:`eta_covariate_figure`: each ETA against each covariate (baseline values), with a running median: a
+  trend is a covariate relation the model lacks;
 * :func:`classifier_figure`: the latent classifier's ROC and calibration on its training patients;
 * :func:`individual_fits`: each patient's levels, the population (PRED) and individual (IPRED; for a hybrid
   also the ODE-only part) curves on a fine grid, doses marked, in pages.
@@ -21,7 +23,14 @@ import math
 import numpy as np
 import pandas as pd
 
-__all__ = ["gof_figure", "cwres_qq", "eta_figure", "individual_fits"]
+__all__ = ["gof_figure", "cwres_qq", "eta_figure", "eta_covariate_figure", "individual_fits", "axis_units"]
+
+
+def axis_units(dataset) -> tuple:
+    """(time unit, concentration unit) of ``dataset`` from its column sidecar (the defaults h and mg/L when it
+    declares none)."""
+    units = dict(getattr(dataset, "units", {}) or {})
+    return units.get("TIME", "h"), units.get("DV", "mg/L")
 
 
 def _figure(**kw):
@@ -122,6 +131,35 @@ def eta_figure(individual: pd.DataFrame, omega: dict, shrinkage: dict | None = N
         ax.set_xlabel(f"{eta} (log scale of the parameter)")
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def eta_covariate_figure(individual: pd.DataFrame, covariates: pd.DataFrame, units: dict | None = None):
+    """Each ETA (columns ETA_* of ``individual``) against each covariate of ``covariates`` (one row per ID,
+    an ID column and the covariates' baseline values), a running median through each panel; ``units``
+    {covariate: unit} label the axes. Categorical covariates with few levels show as columns of points."""
+    table = individual.merge(covariates, on="ID", how="inner")
+    etas = [c for c in individual.columns if c.startswith("ETA_")]
+    covs = [c for c in covariates.columns if c != "ID"]
+    if not covs or not etas:
+        fig = _figure(figsize=(4, 2))
+        fig.subplots().set_title("no covariates in the data" if not covs else "no ETAs in the model")
+        return fig
+    fig = _figure(figsize=(3.2 * len(covs), 2.8 * len(etas)))
+    axes = fig.subplots(len(etas), len(covs), squeeze=False)
+    for i, eta in enumerate(etas):
+        for j, cov in enumerate(covs):
+            ax = axes[i, j]
+            x, y = table[cov].to_numpy(float), table[eta].to_numpy(float)
+            ax.scatter(x, y, s=10, alpha=0.6)
+            ax.axhline(0, color="k", lw=0.8)
+            cx, cy = _running_median(x, y, bins=5) if len(np.unique(x)) > 5 else (np.array([]), np.array([]))
+            if cx.size:
+                ax.plot(cx, cy, "r-", lw=1.5)
+            unit = (units or {}).get(cov)
+            ax.set_xlabel(f"{cov} ({unit})" if unit else cov, fontsize=8)
+            ax.set_ylabel(eta, fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -61,12 +61,16 @@ def forecast(est, draws, times, regimen=None, seed: int = 0, level: float = 0.90
     return Forecast(table=table, draws=noisy.numpy(), level=level, warnings=tuple(warns))
 
 
-def plot_forecast(fc: Forecast, est, path=None, title: str = ""):
-    """Forecast band with the TDM levels; returns the matplotlib figure (saved to ``path`` if given)."""
-    import matplotlib
+def plot_forecast(fc: Forecast, est, path=None, title: str = "", target=None, regimen=None, note: str = ""):
+    """The forecast: MAP prediction, its prediction interval (parameter uncertainty and residual error), the
+    TDM levels and the doses given (grey lines); with ``regimen`` its new doses (dashed), with ``target`` (a
+    :class:`~hybridpk.dosing.targets.Target` or its text) the window: a band on the concentration axis for a
+    trough, peak or concentration target (from the first new dose on), or, for an AUC target, stated in the
+    legend; ``note`` (e.g. the predicted exposure) is written in the corner. Returns the matplotlib Figure
+    (nothing is shown; saved to ``path`` if given)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .targets import parse_target
 
     table = fc.table
     df = est.dataset.to_dataframe()
@@ -74,14 +78,32 @@ def plot_forecast(fc: Forecast, est, path=None, title: str = ""):
     doses = df[df.EVID.isin([1, 4])]
     low = [c for c in table.columns if c.startswith("PI") and c.endswith("LOW")][0]
     high = low.replace("LOW", "HIGH")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    units = dict(getattr(est.dataset, "units", {}) or {})
+    t_unit, c_unit = units.get("TIME", "h"), units.get("DV", "mg/L")
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.fill_between(table.TIME, table[low], table[high], alpha=0.25, label=f"{low[2:4]}% prediction interval")
     ax.plot(table.TIME, table.IPRED_MAP, lw=1.5, label="MAP prediction")
     ax.plot(obs.TIME, obs.DV, "o", color="black", label="TDM levels")
     for t in doses.TIME:
         ax.axvline(t, color="grey", lw=0.5, alpha=0.5)
-    ax.set(xlabel="time (h)", ylabel="concentration (mg/L)", title=title)
-    ax.legend(loc="upper right", fontsize=8)
+    if regimen is not None:
+        shown = [t for t in regimen.dose_events()["time"] if t <= float(table.TIME.max())]
+        for k, t in enumerate(shown):
+            ax.axvline(t, color="tab:blue", lw=0.6, ls="--", alpha=0.6,
+                       label=f"new doses ({regimen.dose:g} mg every {regimen.interval:g} {t_unit})" if k == 0 else None)
+    if target is not None:
+        tg = parse_target(target) if isinstance(target, str) else target
+        if tg.metric in ("trough", "peak", "conc"):
+            x0 = regimen.start if regimen is not None else float(table.TIME.min())
+            ax.fill_between([x0, float(table.TIME.max())], tg.low, tg.high, color="tab:green", alpha=0.18,
+                            label=f"target {tg.label} {tg.low:g}-{tg.high:g} {c_unit}")
+        else:
+            ax.plot([], [], " ", label=f"target {tg.label} {tg.low:g}-{tg.high:g} {c_unit}*{t_unit}")
+    if note:
+        ax.text(0.01, 0.98, note, transform=ax.transAxes, va="top", fontsize=8)
+    ax.set(xlabel=f"time ({t_unit})", ylabel=f"concentration ({c_unit})", title=title)
+    ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -3,9 +3,9 @@
 The file embeds every figure (PNG, base64) and holds: the run's metadata (model, estimation method, data
 fingerprint, versions, seed), the OFV with AIC and BIC (ODE-only runs; :mod:`hybridpk.classify.compare`
 says why a hybrid has none), THETA with RSE, OMEGA as variance and CV%, the residual error, ETA shrinkage,
-and the figures of :mod:`hybridpk.diagnostics` (goodness of fit, CWRES QQ, ETAs, a VPC, NPDE, individual fits; for a
-hybrid also the latent space coloured by P_COMPLEX when the run has its classifier). The PNGs are written
-beside it.
+and the figures of :mod:`hybridpk.diagnostics` (goodness of fit, CWRES QQ, ETAs, ETAs against covariates, a VPC,
+NPDE, individual fits; for a hybrid also its training curves and the latent space coloured by P_COMPLEX when the
+run has its classifier), with the units the dataset declares. The PNGs are written beside it.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..diagnostics import cwres_qq, eta_figure, gof_figure, individual_fits
+from ..diagnostics import axis_units, cwres_qq, eta_covariate_figure, eta_figure, gof_figure, individual_fits
 from ..errors import HybridPKError
 from ..io import atomic_write_bytes, atomic_write_text, run_metadata
 
-__all__ = ["write_report", "FIGURES"]
+__all__ = ["write_report", "FIGURES", "HYBRID_FIGURES"]
 
-#: the figures every report holds (file stems); individual fits add fits_1, fits_2, ...
+#: the figures every report holds (file stems); individual fits add fits_1, fits_2, ...; data with covariates
+#: add "eta_covariates"; a hybrid adds HYBRID_FIGURES (and "classifier" when the run has its classifier)
 FIGURES = ("gof", "gof_log", "cwres_qq", "etas", "vpc", "npde")
+HYBRID_FIGURES = ("training", "latent")
 
 
 def _png(fig) -> bytes:
@@ -51,20 +53,31 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     preds = est.predictions
-    figures = {"gof": gof_figure(preds, title="goodness of fit"),
-               "gof_log": gof_figure(preds, log=True, title="goodness of fit (log axes)"),
+    t_unit, c_unit = axis_units(dataset)
+    figures = {"gof": gof_figure(preds, time_unit=t_unit, conc_unit=c_unit, title="goodness of fit"),
+               "gof_log": gof_figure(preds, log=True, time_unit=t_unit, conc_unit=c_unit,
+                                     title="goodness of fit (log axes)"),
                "cwres_qq": cwres_qq(preds),
                "etas": eta_figure(est.individual, {e.eta: e.variance for e in pop.omega},
                                   est.shrinkage.get("eta", {}))}
+    if dataset.covariates:
+        figures["eta_covariates"] = eta_covariate_figure(est.individual, _baseline_covariates(dataset),
+                                                         dict(dataset.units))
     if vpc_replicates:
         from ..diagnostics import npde, plot_npde, plot_vpc, vpc
 
-        figures["vpc"] = plot_vpc(vpc(model, dataset, n=vpc_replicates, seed=seed))
-        figures["npde"] = plot_npde(npde(model, dataset, n=vpc_replicates, seed=seed))
-    for k, fig in enumerate(individual_fits(model, dataset)[:max_pages], 1):
+        figures["vpc"] = plot_vpc(vpc(model, dataset, n=vpc_replicates, seed=seed), time_unit=t_unit,
+                                  conc_unit=c_unit)
+        figures["npde"] = plot_npde(npde(model, dataset, n=vpc_replicates, seed=seed), time_unit=t_unit)
+    for k, fig in enumerate(individual_fits(model, dataset, conc_unit=c_unit, time_unit=t_unit)[:max_pages], 1):
         figures[f"fits_{k}"] = fig
     if isinstance(model, HybridFit):
+        from ..diagnostics import training_figure
+
         rc = load_classifier(run_dir)
+        curves = model.training_curves()
+        if len(curves):
+            figures["training"] = training_figure(curves, warmup=model.config.warmup_epochs)
         figures["latent"] = _latent_figure(model.individual, rc)
         if rc is not None and {"LABEL", "P_COMPLEX"} <= set(model.individual.columns):
             from ..diagnostics import classifier_figure
@@ -88,6 +101,12 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
     atomic_write_text(out / "report.json", json.dumps({"summary": summary, "metadata": meta,
                                                         "figures": sorted(images)}, indent=2, default=float))
     return path
+
+
+def _baseline_covariates(dataset) -> pd.DataFrame:
+    """One row per ID: the dataset's covariates at each patient's first record."""
+    df = dataset.to_dataframe()
+    return df.groupby("ID", sort=False)[list(dataset.covariates)].first().reset_index()
 
 
 def _latent_figure(individual: pd.DataFrame, rc):

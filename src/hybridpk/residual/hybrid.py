@@ -44,7 +44,8 @@ class HybridFit:
     negative when the ODE suffices), HYBRID_WEIGHT (Akaike weight of the hybrid against ODE-only for this patient;
     log-form predictions average the two with it) and RMSE_ODE / RMSE_HYBRID (mg/L, of the observations, for the
     ODE-only and the final prediction), REFINED (1 where the per-patient MAP refinement replaced the encoder's
-    estimate). ``history``: (epoch, train -ELBO, validation -ELBO) per epoch (empty for a loaded run);
+    estimate). ``history``: (epoch, train -ELBO, validation -ELBO) per epoch of the chosen model (saved as
+    training.csv with every candidate's curve, :meth:`training_curves`; empty for runs saved before it was kept);
     ``candidates``: the (form, latent dimension) pairs tried when either was "auto"
     (:class:`~hybridpk.residual.selection.Candidate`: the score after the screening epochs and at the end,
     epochs, seconds, which was chosen); empty when one was given; ``refine_failure``: the refinement optimiser's
@@ -214,11 +215,13 @@ class HybridFit:
                 "coverage": self.coverage.to_dict() if self.coverage is not None else None}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
+        atomic_write_text(run / "training.csv", self.training_curves().to_csv(index=False))
         if (run / "summary.json").is_file():
             summary = read_json(run / "summary.json")
             summary["hybrid"] = self.summary()
             atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=float))
-        write_manifest(run, self.population.run_files() + ("vae.pt", "vae.json", "individual.csv"))
+        write_manifest(run, self.population.run_files() + ("vae.pt", "vae.json", "individual.csv",
+                                                                "training.csv"))
         return run
 
     @classmethod
@@ -240,9 +243,21 @@ class HybridFit:
         vae.l2, vae.prior_weight, vae.best_val = meta["l2_correction"], meta["prior_weight"], meta["best_val"]
         vae.eval()
         individual = pd.read_csv(run / "individual.csv") if (run / "individual.csv").is_file() else pd.DataFrame()
+        cands = _candidates(meta)
+        history = _read_curves(run / "training.csv", cands, vae.form_name, int(meta["latent_dim"]))
         return cls(population=population, vae=vae, config=TrainConfig(**meta["config"]), individual=individual,
-                   candidates=_candidates(meta), refine_failure=meta.get("refine_failure", ""),
+                   history=history, candidates=cands, refine_failure=meta.get("refine_failure", ""),
                    coverage=TrainingCoverage.from_dict(meta.get("coverage")))
+
+    def training_curves(self) -> pd.DataFrame:
+        """Every training curve of the fit, one row per candidate and epoch: FORM, LATENT_DIM, EPOCH (0-based),
+        TRAIN_NEG_ELBO and VAL_NEG_ELBO (per patient, training and held-out patients), CHOSEN (1 for the model
+        kept). With form selection, the candidates that lost stop after their screening epochs."""
+        cols = ["FORM", "LATENT_DIM", "EPOCH", "TRAIN_NEG_ELBO", "VAL_NEG_ELBO", "CHOSEN"]
+        runs = ([(c.form, c.latent_dim, c.history, c.chosen) for c in self.candidates] if self.candidates
+                else [(self.vae.form_name, self.latent_dim, self.history, True)])
+        rows = [(f, k, int(e), float(t), float(v), int(chosen)) for f, k, hist, chosen in runs for e, t, v in hist]
+        return pd.DataFrame(rows, columns=cols)
 
 
 def _candidates(meta: dict) -> list:
@@ -252,6 +267,22 @@ def _candidates(meta: dict) -> list:
         return [Candidate(meta["form"], int(k), score=float(v), chosen=int(k) == meta["latent_dim"])
                 for k, v in found.items()]
     return [Candidate.from_dict(c) for c in found]
+
+
+def _read_curves(path: Path, cands: list, form: str, latent_dim: int) -> list:
+    """The chosen model's history from training.csv (and each candidate's into ``cands``); [] for runs saved
+    before the curves were kept."""
+    if not path.is_file():
+        return []
+    table = pd.read_csv(path)
+
+    def curve(rows):
+        return [(int(e), float(t), float(v)) for e, t, v in rows[["EPOCH", "TRAIN_NEG_ELBO", "VAL_NEG_ELBO"]]
+                .itertuples(index=False)]
+
+    for c in cands:
+        c.history = curve(table[(table.FORM == c.form) & (table.LATENT_DIM == c.latent_dim)])
+    return curve(table[(table.FORM == form) & (table.LATENT_DIM == latent_dim) & (table.CHOSEN == 1)])
 
 
 def _load_weights(path: Path) -> dict:

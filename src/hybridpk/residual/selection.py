@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from .forms import candidate_forms
 
@@ -27,7 +27,9 @@ class Candidate:
     screening) and at the end of its training (``score``; None when it was not continued), what the score is
     (``criterion``: "predictive" or "elbo"), the epochs it ran and the seconds it took. An ELBO score is the best
     held-out -ELBO per patient after the warm-up of beta (with fewer epochs than the warm-up, the last epoch's);
-    a predictive score is that of the model training kept (its best held-out -ELBO state)."""
+    a predictive score is that of the model training kept (its best held-out -ELBO state). ``history``: its
+    training curve, (epoch, train -ELBO, validation -ELBO) per epoch (kept beside the run as training.csv, not in
+    ``to_dict``)."""
 
     form: str
     latent_dim: int
@@ -38,9 +40,10 @@ class Candidate:
     seconds: float = 0.0
     chosen: bool = False
     criterion: str = "elbo"
+    history: list = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
@@ -78,6 +81,7 @@ def select(cands: list, train, epochs: int, screen_epochs: int, warmup: int = 0,
         else:
             c.epochs, c.score = len(hist), judge(c, model, hist, len(hist))
         c.seconds = time.perf_counter() - t0
+        c.history = list(hist)
         results[id(c)] = (model, hist)
     if screen:
         best = min(cands, key=_rank(lambda c: c.screen_score))
@@ -85,6 +89,7 @@ def select(cands: list, train, epochs: int, screen_epochs: int, warmup: int = 0,
         model, hist = train(best, epochs)
         best.epochs, best.score = len(hist), judge(best, model, hist, len(hist))
         best.seconds += time.perf_counter() - t0
+        best.history = list(hist)
         results[id(best)] = (model, hist)
     else:
         best = min(cands, key=_rank(lambda c: c.score))
