@@ -43,17 +43,25 @@ def _fit(model, ds):
 
 @pytest.mark.parametrize("pc", [False, True])
 def test_a_correct_model_is_inside_its_bands(pc):
-    ds = _data("1cmt_iv", seed=2)
-    result = vpc(_fit("1cmt_iv", ds), ds, n=200, bins=8, pc=pc, seed=1)
-    assert len(result.table) == 8 and result.fraction_inside >= 0.9
+    """Each observed percentile of a correct model lies in its simulated 90% band with probability about 0.9, so
+    one dataset's 24 checks scatter around 0.9 (seeds 1-6: 0.875-1.0 for the VPC, 0.958-1.0 for the pcVPC); the
+    criterion (>= 90% of bins inside) is checked over six datasets pooled, 144 checks."""
+    inside = []
+    for seed in range(1, 7):
+        ds = _data("1cmt_iv", seed=seed)
+        result = vpc(_fit("1cmt_iv", ds), ds, n=200, bins=8, pc=pc, seed=1)
+        assert len(result.table) == 8
+        inside.append(result.fraction_inside)
+    assert np.mean(inside) >= 0.9 and min(inside) >= 0.8, inside
     fig = plot_vpc(result)
     assert len(fig.axes) == 1 and ("pcVPC" if pc else "VPC") in fig.axes[0].get_title()
 
 
-def test_a_misspecified_model_is_outside_in_the_terminal_phase():
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_misspecified_model_is_outside_in_the_terminal_phase(seed):
     """1-cmt fitted to 2-cmt data: in the terminal phase (the last bins, 24-48 h) the observed median lies
     outside the simulated band."""
-    ds = _data("2cmt_iv", seed=3)
+    ds = _data("2cmt_iv", seed=seed)
     result = vpc(_fit("1cmt_iv", ds), ds, n=200, bins=8, seed=1)
     late = result.table[result.table.TIME > 20]
     assert len(late) >= 2 and not late.INSIDE_P50.any()
