@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import hybridpk as hp
@@ -65,7 +66,6 @@ def test_the_stepwise_search_keeps_the_true_relations_only(base):
 
 
 def test_the_covariates_command(base, tmp_path, capsys):
-    import pandas as pd
 
     from hybridpk.cli import main
 
@@ -90,7 +90,6 @@ def test_a_sigmoid_maturation_beats_the_power_form():
     """CL matures with age as AGE^3 / (1^3 + AGE^3) (TM50 1 year, Hill 3; ages 0.05-12 years): the search
     tried with the power and the maturation forms keeps the maturation form, which beats the best power model
     by more than 10 OFV points, and recovers TM50 and the Hill coefficient."""
-    import pandas as pd
     import torch
 
     rng = np.random.default_rng(11)
@@ -118,3 +117,20 @@ def test_a_sigmoid_maturation_beats_the_power_form():
     theta = search.final.theta
     assert theta["CL_AGE_TM50"].value == pytest.approx(1.0, rel=0.3)
     assert theta["CL_AGE_HILL"].value == pytest.approx(3.0, rel=0.35)
+
+
+def test_the_screen_figure_draws_each_relations_shape():
+    """The strongest relation's shape: ETA_CL against AGE (a sigmoid in log AGE) with its running median, on a log
+    axis because AGE spans more than two decades; the median follows the sigmoid."""
+    from hybridpk.diagnostics import covariate_relations_figure
+
+    rng = np.random.default_rng(3)
+    age = np.exp(rng.uniform(np.log(0.05), np.log(12.0), 400))
+    eta = np.log(age ** 3 / (1 + age ** 3)) + rng.normal(0, 0.1, 400)
+    table = pd.DataFrame({"ID": np.arange(400), "ETA_CL": eta, "AGE": age})
+    screen = screen_covariates(table[["ID", "ETA_CL"]], table[["ID", "AGE"]], permutations=50)
+    ax = covariate_relations_figure(screen, table, units={"AGE": "y"}).axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "AGE (y)" and ax.get_ylabel() == "ETA_CL"
+    (median,) = ax.lines
+    x, y = median.get_xdata(), median.get_ydata()
+    assert np.all(np.diff(y) > -0.2) and np.abs(y - np.log(x ** 3 / (1 + x ** 3))).max() < 0.35

@@ -68,7 +68,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "screen.csv", screen.to_csv(index=False))
-    _plot(screen, individual.merge(covs, on="ID"), out / "screen.png")
+    _plot(screen, individual.merge(covs, on="ID"), out / "screen.png", dict(ds.units))
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(screen.head(12).round(4).to_string(index=False))
     latent_only = sorted({r.covariate for r in screen.itertuples() if r.q_value < 0.05 and r.acts_on == "residual"}
@@ -89,20 +89,8 @@ def run(args) -> int:
     return 0
 
 
-def _plot(screen, table, path) -> None:
-    """The four strongest relations (lowest q, then highest mutual information) as scatter plots."""
-    import matplotlib
+def _plot(screen, table, path, units=None) -> None:
+    """The four strongest relations (lowest q, then highest mutual information) with their shape."""
+    from hybridpk.diagnostics import covariate_relations_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top = screen.head(4)
-    fig, axes = plt.subplots(1, max(len(top), 1), figsize=(4 * max(len(top), 1), 3.5), squeeze=False)
-    for ax, r in zip(axes[0], top.itertuples()):
-        ax.scatter(table[r.covariate], table[r.target], s=10, alpha=0.7)
-        ax.set_xlabel(r.covariate)
-        ax.set_ylabel(r.target)
-        ax.set_title(f"rho {r.spearman_rho:.2f}, MI {r.mutual_information:.2f}, q {r.q_value:.3g}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    covariate_relations_figure(screen, table, units=units).savefig(path, dpi=100)

@@ -23,7 +23,8 @@ import math
 import numpy as np
 import pandas as pd
 
-__all__ = ["gof_figure", "cwres_qq", "eta_figure", "eta_covariate_figure", "individual_fits", "axis_units"]
+__all__ = ["gof_figure", "cwres_qq", "eta_figure", "eta_covariate_figure", "covariate_relations_figure",
+           "individual_fits", "axis_units"]
 
 
 def axis_units(dataset) -> tuple:
@@ -160,6 +161,32 @@ def eta_covariate_figure(individual: pd.DataFrame, covariates: pd.DataFrame, uni
             unit = (units or {}).get(cov)
             ax.set_xlabel(f"{cov} ({unit})" if unit else cov, fontsize=8)
             ax.set_ylabel(eta, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def covariate_relations_figure(screen: pd.DataFrame, table: pd.DataFrame, top: int = 4, units: dict | None = None):
+    """The ``top`` strongest relations of a covariate screen (:func:`hybridpk.classify.screen_covariates`, rows in
+    its order: lowest q-value first) drawn as their shape: each target (an ETA or a latent Z) against the covariate
+    with a running median (a nonparametric partial dependence of the target on the covariate), the x axis on a log
+    scale when the covariate spans more than two decades. ``table``: one row per patient with the targets and the
+    covariates."""
+    rows = list(screen.head(top).itertuples())
+    fig = _figure(figsize=(4 * max(len(rows), 1), 3.5))
+    axes = fig.subplots(1, max(len(rows), 1), squeeze=False)[0]
+    for ax, r in zip(axes, rows):
+        x, y = table[r.covariate].to_numpy(float), table[r.target].to_numpy(float)
+        ax.scatter(x, y, s=10, alpha=0.6)
+        cx, cy = _running_median(x, y, bins=8) if len(np.unique(x)) > 8 else (np.array([]), np.array([]))
+        if cx.size:
+            ax.plot(cx, cy, "r-", lw=2, label="running median (shape)")
+            ax.legend(fontsize=7)
+        if (x > 0).all() and x.max() / x.min() > 100:
+            ax.set_xscale("log")
+        unit = (units or {}).get(r.covariate)
+        ax.set_xlabel(f"{r.covariate} ({unit})" if unit else r.covariate)
+        ax.set_ylabel(r.target)
+        ax.set_title(f"rho {r.spearman_rho:.2f}, MI {r.mutual_information:.2f}, q {r.q_value:.3g}", fontsize=9)
     fig.tight_layout()
     return fig
 
