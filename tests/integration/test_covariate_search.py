@@ -134,3 +134,20 @@ def test_the_screen_figure_draws_each_relations_shape():
     (median,) = ax.lines
     x, y = median.get_xdata(), median.get_ydata()
     assert np.all(np.diff(y) > -0.2) and np.abs(y - np.log(x ** 3 / (1 + x ** 3))).max() < 0.35
+
+
+@pytest.mark.slow
+def test_a_maturation_on_an_ehc_population_is_found_through_the_hybrid():
+    """Opt-in (about 3-4 min): benchmarks/maturation_ehc.py, seed 1: the screen of the hybrid's ETAs and Z finds AGE on
+    ETA_CL (q < 0.05), the random decoy is not found, and the stepwise search keeps the maturation form of CL~AGE,
+    which beats the power form by more than 10 OFV points."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "maturation_ehc", Path(__file__).resolve().parents[2] / "benchmarks" / "maturation_ehc.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.one(1)
+    assert r["age_q_eta_cl"] < 0.05 and not r["decoy_found"] and r["selected"] == "CL~AGE (maturation)"
+    assert r["ofv_power"] - r["ofv_maturation"] > 10

@@ -82,7 +82,10 @@ def test_copies_of_a_subject_take_the_same_steps():
     assert float(fd[prob.obs].sum()) == pytest.approx(float(ad[:, 1].sum()), rel=1e-7)
 
 
+@pytest.mark.slow
 def test_ofv_and_its_gradient_are_the_same_with_the_stencil():
+    """Opt-in (about 50 s): the whole FOCE-I OFV and its gradient through the EBEs agree between the stencil and
+    automatic differentiation; the per-subject derivatives are compared in the default suite (the test below)."""
     prob, pack = _problem()
     x = pack.x0() + 0.05
     n, k = prob.batch.n_subjects, prob.pm.n_eta
