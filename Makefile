@@ -20,8 +20,9 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/hybridpk demo
 
+# Two workers (pytest-xdist), one test file each at a time and one torch thread each: the 2 cores of CI.
 test: $(BIN)/.installed
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache
