@@ -48,6 +48,7 @@ def run(args) -> int:
 
     from hybridpk.classify import patient_covariates, screen_covariates, stepwise_covariates
     from hybridpk.data.dataset import read_nonmem
+    from hybridpk.diagnostics import covariate_relations_figure
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text
     from hybridpk.residual import HybridFit, load_run
@@ -68,7 +69,9 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "screen.csv", screen.to_csv(index=False))
-    _plot(screen, individual.merge(covs, on="ID"), out / "screen.png", dict(ds.units))
+    # the four strongest relations (lowest q, then highest mutual information) with their shape
+    covariate_relations_figure(screen, individual.merge(covs, on="ID"), units=dict(ds.units)).savefig(
+        out / "screen.png", dpi=100)
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(screen.head(12).round(4).to_string(index=False))
     latent_only = sorted({r.covariate for r in screen.itertuples() if r.q_value < 0.05 and r.acts_on == "residual"}
@@ -87,10 +90,3 @@ def run(args) -> int:
               f"base {pop.estimation.ofv:.3f})")
     print(f"wrote {out}")
     return 0
-
-
-def _plot(screen, table, path, units=None) -> None:
-    """The four strongest relations (lowest q, then highest mutual information) with their shape."""
-    from hybridpk.diagnostics import covariate_relations_figure
-
-    covariate_relations_figure(screen, table, units=units).savefig(path, dpi=100)

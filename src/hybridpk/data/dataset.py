@@ -186,6 +186,11 @@ class Dataset:
     _line_numbers: np.ndarray | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- views
+    @property
+    def axis_units(self) -> tuple:
+        """(time unit, concentration unit) for figures: from the column sidecar, else h and mg/L."""
+        return self.units.get("TIME", "h"), self.units.get("DV", "mg/L")
+
     def to_dataframe(self) -> pd.DataFrame:
         """A copy of the records as a DataFrame (NONMEM column names; ADDL kept, not expanded)."""
         return self._frame.copy()

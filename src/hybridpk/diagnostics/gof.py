@@ -28,10 +28,19 @@ __all__ = ["gof_figure", "cwres_qq", "eta_figure", "eta_covariate_figure", "cova
 
 
 def axis_units(dataset) -> tuple:
-    """(time unit, concentration unit) of ``dataset`` from its column sidecar (the defaults h and mg/L when it
-    declares none)."""
-    units = dict(getattr(dataset, "units", {}) or {})
-    return units.get("TIME", "h"), units.get("DV", "mg/L")
+    """(time unit, concentration unit) of ``dataset`` (:attr:`hybridpk.data.Dataset.axis_units`)."""
+    return dataset.axis_units
+
+
+def _relation_panel(ax, x, y, xlabel: str, ylabel: str, bins: int, **median_style) -> None:
+    """One relation: y against x with the running median through it (when x takes more than ``bins`` values)."""
+    ax.scatter(x, y, s=10, alpha=0.6)
+    if len(np.unique(x)) > bins:
+        cx, cy = _running_median(x, y, bins=bins)
+        if cx.size:
+            ax.plot(cx, cy, "r-", **median_style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
 
 
 def _figure(**kw):
@@ -152,15 +161,9 @@ def eta_covariate_figure(individual: pd.DataFrame, covariates: pd.DataFrame, uni
     for i, eta in enumerate(etas):
         for j, cov in enumerate(covs):
             ax = axes[i, j]
-            x, y = table[cov].to_numpy(float), table[eta].to_numpy(float)
-            ax.scatter(x, y, s=10, alpha=0.6)
             ax.axhline(0, color="k", lw=0.8)
-            cx, cy = _running_median(x, y, bins=5) if len(np.unique(x)) > 5 else (np.array([]), np.array([]))
-            if cx.size:
-                ax.plot(cx, cy, "r-", lw=1.5)
-            unit = (units or {}).get(cov)
-            ax.set_xlabel(f"{cov} ({unit})" if unit else cov, fontsize=8)
-            ax.set_ylabel(eta, fontsize=8)
+            _relation_panel(ax, table[cov].to_numpy(float), table[eta].to_numpy(float), _with_unit(cov, units),
+                            eta, bins=5, lw=1.5)
     fig.tight_layout()
     return fig
 
@@ -175,20 +178,21 @@ def covariate_relations_figure(screen: pd.DataFrame, table: pd.DataFrame, top: i
     fig = _figure(figsize=(4 * max(len(rows), 1), 3.5))
     axes = fig.subplots(1, max(len(rows), 1), squeeze=False)[0]
     for ax, r in zip(axes, rows):
-        x, y = table[r.covariate].to_numpy(float), table[r.target].to_numpy(float)
-        ax.scatter(x, y, s=10, alpha=0.6)
-        cx, cy = _running_median(x, y, bins=8) if len(np.unique(x)) > 8 else (np.array([]), np.array([]))
-        if cx.size:
-            ax.plot(cx, cy, "r-", lw=2, label="running median (shape)")
+        x = table[r.covariate].to_numpy(float)
+        _relation_panel(ax, x, table[r.target].to_numpy(float), _with_unit(r.covariate, units), r.target, bins=8,
+                        lw=2, label="running median (shape)")
+        if ax.lines:
             ax.legend(fontsize=7)
         if (x > 0).all() and x.max() / x.min() > 100:
             ax.set_xscale("log")
-        unit = (units or {}).get(r.covariate)
-        ax.set_xlabel(f"{r.covariate} ({unit})" if unit else r.covariate)
-        ax.set_ylabel(r.target)
         ax.set_title(f"rho {r.spearman_rho:.2f}, MI {r.mutual_information:.2f}, q {r.q_value:.3g}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _with_unit(name: str, units: dict | None) -> str:
+    unit = (units or {}).get(name)
+    return f"{name} ({unit})" if unit else name
 
 
 def individual_fits(model, dataset, per_page: int = 12, points: int = 200, conc_unit: str = "mg/L",

@@ -78,8 +78,7 @@ def plot_forecast(fc: Forecast, est, path=None, title: str = "", target=None, re
     doses = df[df.EVID.isin([1, 4])]
     low = [c for c in table.columns if c.startswith("PI") and c.endswith("LOW")][0]
     high = low.replace("LOW", "HIGH")
-    units = dict(getattr(est.dataset, "units", {}) or {})
-    t_unit, c_unit = units.get("TIME", "h"), units.get("DV", "mg/L")
+    t_unit, c_unit = est.dataset.axis_units
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     ax.fill_between(table.TIME, table[low], table[high], alpha=0.25, label=f"{low[2:4]}% prediction interval")

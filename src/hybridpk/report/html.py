@@ -40,7 +40,7 @@ def _png(fig) -> bytes:
 def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: int = 200, seed: int = 0) -> Path:
     """Write ``report.html`` and the PNGs of the run in ``run_dir`` (fitted to ``dataset``) into ``out_dir``
     (with a VPC of ``vpc_replicates`` simulations; 0: none); returns the HTML's path."""
-    from ..classify import count_parameters, load_classifier
+    from ..classify import count_parameters, load_classifier, patient_covariates
     from ..residual import HybridFit, load_run
 
     model = load_run(run_dir)
@@ -61,7 +61,7 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
                "etas": eta_figure(est.individual, {e.eta: e.variance for e in pop.omega},
                                   est.shrinkage.get("eta", {}))}
     if dataset.covariates:
-        figures["eta_covariates"] = eta_covariate_figure(est.individual, _baseline_covariates(dataset),
+        figures["eta_covariates"] = eta_covariate_figure(est.individual, patient_covariates(dataset),
                                                          dict(dataset.units))
     if vpc_replicates:
         from ..diagnostics import npde, plot_npde, plot_vpc, vpc
@@ -98,15 +98,10 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
     page = _html(model, pop, summary, meta, images, isinstance(model, HybridFit))
     path = out / "report.html"
     atomic_write_text(path, page)
-    atomic_write_text(out / "report.json", json.dumps({"summary": summary, "metadata": meta,
-                                                        "figures": sorted(images)}, indent=2, default=float))
+    atomic_write_text(out / "report.json", json.dumps({"summary": summary, "metadata": meta, "figures": sorted(images),
+                                                        "units": {"time": t_unit, "concentration": c_unit}},
+                                                       indent=2, default=float))
     return path
-
-
-def _baseline_covariates(dataset) -> pd.DataFrame:
-    """One row per ID: the dataset's covariates at each patient's first record."""
-    df = dataset.to_dataframe()
-    return df.groupby("ID", sort=False)[list(dataset.covariates)].first().reset_index()
 
 
 def _latent_figure(individual: pd.DataFrame, rc):
