@@ -15,7 +15,7 @@ import pytest
 
 import hybridpk as hp
 from hybridpk.data import Regimen
-from hybridpk.dosing import estimate_patient, forecast, time_to_concentration
+from hybridpk.dosing import auc, estimate_patient, forecast, time_to_concentration
 from hybridpk.population import load_model
 
 
@@ -60,3 +60,32 @@ def test_gentamicin_xuan2003_reproduces_posologyrs_readme():
     assert ttc["map_time_after_last_dose_h"] == pytest.approx(44.9, abs=1e-9)
     fc = forecast(post.estimate, post.estimate.eta[:1], np.array([49.0]), Regimen(48.0, 237.5902, 24.0, 1, 0.5))
     assert float(fc.table.IPRED_MAP.iloc[0]) == pytest.approx(12.0, rel=1e-4)
+
+
+def _ganciclovir_patient(new_dose=None):
+    """posologyr's 'Route of administration' patient: 250 mg IV ganciclovir over 0.5 h every 24 h (ADDL=5) into
+    the central compartment, levels 10.8, 5.8 and 3.3 mg/L at 121, 122 and 126 h, ClCr 25 mL/min; ``new_dose``
+    (AMT, RATE, CMT) at 145 h."""
+    rows = [dict(ID=1, TIME=0.0, DV=0.0, EVID=1, MDV=1, AMT=250.0, RATE=500.0, CMT=2, ADDL=5, II=24.0)]
+    rows += [dict(ID=1, TIME=t, DV=c, EVID=0, MDV=0, AMT=0.0, RATE=0.0, CMT=2, ADDL=0, II=0.0)
+             for t, c in ((121.0, 10.8), (122.0, 5.8), (126.0, 3.3))]
+    if new_dose is not None:
+        amt, rate, cmt = new_dose
+        rows.append(dict(ID=1, TIME=145.0, DV=0.0, EVID=1, MDV=1, AMT=amt, RATE=rate, CMT=cmt, ADDL=0, II=0.0))
+    return hp.read_nonmem(pd.DataFrame(rows).assign(ClCr=25.0))
+
+
+def test_ganciclovir_caldes2009_reproduces_posologyrs_route_article():
+    """posologyr's 'Route of administration' article (mod_ganciclovir_Caldes_2009): MAP ETA_cl 0.05256541 and
+    ETA_v1 -0.4773341 (ETA_ka and ETA_baf 0: IV doses only), the AUC from 120 to 144 h 72.19085 mg*h/L, and the
+    doses at 145 h whose AUC from 145 to 169 h (with the history) is 50 mg*h/L: 156.5335 mg IV over 1 h into
+    the central compartment (no F), 193.1298 mg oral valganciclovir into the depot (F 0.825, ALAG 0.382 h).
+    The oral case failed at 1e-4 before the AUC's quadrature was split where the lagged dose starts."""
+    model = load_model("ganciclovir_caldes2009")
+    post = estimate_patient(model, _ganciclovir_patient())
+    assert post.estimate.eta[0].numpy() == pytest.approx([0.05256541, -0.4773341, 0.0, 0.0], abs=2e-6)
+    assert auc(model, _ganciclovir_patient(), 120.0, 144.0, posterior=post)["map"] == pytest.approx(72.19085, rel=1e-6)
+    for dose in ((156.5335, 156.5335, 2), (193.1298, 0.0, 1)):
+        data = _ganciclovir_patient(dose)
+        assert auc(model, data, 145.0, 169.0, posterior=estimate_patient(model, data))["map"] == pytest.approx(
+            50.0, rel=1e-5)

@@ -35,7 +35,7 @@ def auc(model, dataset, start: float | None = None, end: float | None = None, *,
     a, b = _default_window(dataset, start, end)
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     est = post.estimate
-    grid, weights = _quadrature(_breakpoints(est.batch, a, b))
+    grid, weights = _quadrature(_breakpoints(est.batch, a, b, est))
     conc = _on_grid(post, grid)
     values = (conc * torch.as_tensor(weights, dtype=conc.dtype)).sum(1).numpy()
     draws = values[1:]
@@ -72,15 +72,26 @@ def _window(start, end) -> tuple:
     return a, b
 
 
-def _breakpoints(batch, a: float, b: float) -> np.ndarray:
-    """The window's ends and every dose time and infusion end strictly inside it (h), sorted."""
+def _breakpoints(batch, a: float, b: float, est=None) -> np.ndarray:
+    """The window's ends and every time strictly inside it where a dose starts or ends acting (h), sorted: with
+    ``est`` (the patient's PatientEstimate), doses into the model's dose compartment start ALAG after their
+    record and a RATE-given infusion lasts F AMT / RATE (NONMEM's rule), at the MAP's F and ALAG, so that no
+    quadrature piece straddles the kink where a lagged oral dose starts."""
     mask = batch.dose_mask[0]
     t = batch.dose_time[0][mask].numpy()
     dur = batch.dose_duration[0][mask].numpy()
     rate = batch.dose_rate[0][mask].numpy()
     amt = batch.dose_amt[0][mask].numpy()
-    ends = t + np.where(dur > 0, dur, np.where(rate > 0, amt / np.where(rate > 0, rate, 1.0), 0.0))
-    inner = np.concatenate([t, ends])
+    lag, f = np.zeros_like(t), np.ones_like(t)
+    if est is not None:
+        par = est.parameters.iloc[0]
+        cmt = batch.dose_cmt[0][mask].numpy()
+        default = (cmt == 0) | (cmt == est.model.population.model.structural.dose_cmt)
+        lag = np.where(default, float(par["ALAG"]) if "ALAG" in par else 0.0, 0.0)
+        f = np.where(default, float(par["F"]) if "F" in par else 1.0, 1.0)
+    start = t + lag
+    ends = start + np.where(dur > 0, dur, np.where(rate > 0, f * amt / np.where(rate > 0, rate, 1.0), 0.0))
+    inner = np.concatenate([t, start, ends])
     return np.unique(np.concatenate([[a, b], inner[(inner > a) & (inner < b)]]))
 
 

@@ -118,7 +118,7 @@ def _first_interval(est, points, tgt, reg: Regimen, follow: Regimen, amount: flo
                                                                                   97))
         return est.concentrations(with_load.extend(None, t).select([0] * s), points)[:, -len(t):].amax(1)
     full = with_load.extend(follow, ())
-    grid, weights = _quadrature(_breakpoints(full, reg.start, reg.start + 24.0))
+    grid, weights = _quadrature(_breakpoints(full, reg.start, reg.start + 24.0, est))
     conc = est.concentrations(full.extend(None, grid).select([0] * s), points)[:, -len(grid):]
     return (conc * torch.as_tensor(weights, dtype=conc.dtype)).sum(1)
 

@@ -13,9 +13,10 @@ EHC_TYPICAL = dict(CL=4.0, V=40.0, KA=1.2, KGB=0.3, KEMPT=3.0, TMEAL=4.0, MEALII
 
 def simulate_ehc_population(n: int, seed: int = 0, *, dose: float = 100.0, samples=(8, 12),
                             proportional: float = 0.10, additive: float = 0.05, horizon: float = 24.0,
-                            covariates: dict | None = None, cl_scale=None):
+                            covariates: dict | None = None, cl_scale=None, recirculating: bool = True):
     """Simulate ``n`` patients after one oral dose: every other patient recirculates (KGB > 0), the others do
-    not (KGB = 0). IIV: 30% CL, 20% V, 30% KA, 30% KGB. Each patient has 8-12 samples (``samples``) at random
+    not (KGB = 0); with ``recirculating=False`` none does (a population the 1-cmt oral model describes
+    fully). IIV: 30% CL, 20% V, 30% KA, 30% KGB. Each patient has 8-12 samples (``samples``) at random
     quarter-hour times in (0, ``horizon``) h; DV = C (1 + proportional eps1) + additive eps2. ``covariates``
     {name: (n,) values}: one value per patient, written on every record; ``cl_scale`` (n,): factors on each
     patient's CL (a covariate relation of the truth). Neither changes the random draws.
@@ -29,7 +30,7 @@ def simulate_ehc_population(n: int, seed: int = 0, *, dose: float = 100.0, sampl
     rows, truth = [], []
     grid = np.round(np.arange(0.25, horizon, 0.25), 2)
     for i in range(n):
-        recirc = i % 2 == 0
+        recirc = recirculating and i % 2 == 0
         p = dict(EHC_TYPICAL)
         p["CL"] *= float(np.exp(rng.normal(0, 0.3))) * (float(cl_scale[i]) if cl_scale is not None else 1.0)
         p["V"] *= float(np.exp(rng.normal(0, 0.2)))
