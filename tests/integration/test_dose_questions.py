@@ -422,6 +422,28 @@ def test_the_estimate_in_full_against_an_independent_computation(tmp_path):
     assert len(out["forecast"]["TIME"]) == 241 and out["seed"] == 0
 
 
+
+def test_the_etc_equals_nonmems_phi_file():
+    """NONMEM 7.5.1's .phi for one patient (quoted in InsightRX PKPDmap's tests/testthat/
+    test-nonmem-vcov-comparison.R: ADVAN1 TRANS2, CL = 5 EXP(ETA1), V = 50 EXP(ETA2), OMEGA 0.1 0.1, Y = IPRED
+    (1 + EPS1) + EPS2 with SIGMA 0.01 0.01, 1000 mg over 1 h, DV 18 and 6 mg/L at 2 and 8 h, $EST METHOD=COND
+    INTERACTION MAXEVAL=0 POSTHOC): ETA (0.424754, -0.143394) and ETC ((0.00544459, 0.00161879),
+    (0.00161879, 0.0137097)), which map's expected-information covariance reproduces to NONMEM's 6 digits."""
+    from hybridpk.dosing.summary import patient_summary
+    from hybridpk.population import FittedPopulation, build_model
+
+    pm = build_model("1cmt_iv", iiv=["CL", "V"], error="combined")
+    fit = FittedPopulation.from_values(pm, {"CL": 5.0, "V": 50.0}, {"CL": 0.1, "V": 0.1}, {"ADD": 0.1, "PROP": 0.1})
+    patient = hp.read_nonmem(pd.DataFrame([
+        dict(ID=1, TIME=0.0, DV=0.0, AMT=1000.0, RATE=1000.0, EVID=1, MDV=1),
+        dict(ID=1, TIME=2.0, DV=18.0, AMT=0.0, RATE=0.0, EVID=0, MDV=0),
+        dict(ID=1, TIME=8.0, DV=6.0, AMT=0.0, RATE=0.0, EVID=0, MDV=0)]))
+    out = patient_summary(estimate_patient(fit, patient))
+    assert [out["map"]["ETA_CL"], out["map"]["ETA_V"]] == pytest.approx([0.424754, -0.143394], abs=1e-6)
+    etc = np.asarray(out["covariance"]["expected_information_etc"])
+    assert etc == pytest.approx(np.array([[0.00544459, 0.00161879], [0.00161879, 0.0137097]]), rel=1e-5)
+
+
 def _day_list(n: int = 6, seed: int = 0) -> pd.DataFrame:
     """n vancomycin patients (1000 mg q12h, a peak and a trough) with varied CRCL and WT, columns in the order
     a ward's export gives them; patient 3 has a negative level (refused)."""
