@@ -89,3 +89,25 @@ def test_ganciclovir_caldes2009_reproduces_posologyrs_route_article():
         data = _ganciclovir_patient(dose)
         assert auc(model, data, 145.0, 169.0, posterior=estimate_patient(model, data))["map"] == pytest.approx(
             50.0, rel=1e-5)
+
+
+def test_tacrolimus_abdeljalil2013_reproduces_the_papers_worked_example():
+    """Abdel Jalil 2014 (Br J Clin Pharmacol 77:130), Results, the worked example after Table 4: a 13.2 kg child,
+    CYP3A5*3/*3, has CL/F 11.05 L/h at 14 weeks (98 days) and 8.29 L/h at 40 weeks (280 days) after
+    transplantation, and needs 1.3 and 1.0 mg a day for a 5 ng/mL average level (Dose = CL/F x C x 24 h,
+    rounded to 0.1 mg); a CYP3A5*1 carrier 2.0 and 1.5 mg. The a-priori recommendation (ETA = 0, 12-hourly
+    doses in steps of 0.05 mg, AUC24 within 8% of 0.12 mg*h/L) gives these daily doses. The printed
+    clearances are the equation's values rounded (11.067 and 8.301 L/h: within 0.2%)."""
+    from hybridpk.dosing import recommend_dose
+
+    model = load_model("tacrolimus_abdeljalil2013")
+    cases = [(98.0, 0.0, 11.05, 1.3), (280.0, 0.0, 8.29, 1.0), (98.0, 1.0, None, 2.0), (280.0, 1.0, None, 1.5)]
+    for pod, cyp, cl_paper, daily_paper in cases:
+        child = hp.read_nonmem(pd.DataFrame([dict(ID=1, TIME=0.0, AMT=0.0, DV=0.0, EVID=2, MDV=1, WT=13.2,
+                                                  POD=pod, CYP3A5=cyp)]))
+        rec = recommend_dose(model, child, "auc24=0.11:0.13", interval=12.0, dose_step=0.05)
+        cl = rec.map_parameters["CL"]["map"]
+        if cl_paper is not None:
+            assert cl == pytest.approx(cl_paper, rel=2e-3)
+        assert 2 * rec.dose == pytest.approx(daily_paper, abs=1e-9)
+        assert rec.exposure["auc24"]["map"] == pytest.approx(2 * rec.dose / cl, rel=1e-9)
