@@ -111,3 +111,59 @@ def test_tacrolimus_abdeljalil2013_reproduces_the_papers_worked_example():
             assert cl == pytest.approx(cl_paper, rel=2e-3)
         assert 2 * rec.dose == pytest.approx(daily_paper, abs=1e-9)
         assert rec.exposure["auc24"]["map"] == pytest.approx(2 * rec.dose / cl, rel=1e-9)
+
+
+# mipdeval (InsightRX) inst/extdata/nm_vanco.csv, patients 1-5: (WT kg, CRCL L/h) at each of the 8 records (the
+# first two records of patients 2-5 carry the previous patient's values: covariates that change within a patient),
+# the five levels (mg/L) at 15, 23, 50, 55 and 71 h; 1500 mg over 2 h at 0, 12 and 24 h. mipdeval
+# inst/extdata/vanco_thomson.csv: NONMEM's IPRED (PsN proseval) at the 8 records when the first k levels are used.
+_THOMSON_COVARIATES = {1: [(82.70184209443576, 3.687141315101773)]*8,
+       2: [(82.70184209443576, 3.687141315101773)]*2 + [(66.24007798634413, 3.601273079165558)]*6,
+       3: [(66.24007798634413, 3.601273079165558)]*2 + [(65.20230848012282, 4.450120118343895)]*6,
+       4: [(65.20230848012282, 4.450120118343895)]*2 + [(71.23560237575137, 5.691443327739793)]*6,
+       5: [(71.23560237575137, 5.691443327739793)]*2 + [(109.83139181387037, 5.555126076435042)]*6}
+_THOMSON_DV = {1: [38.9, 26.9, 12.1, 7.5, 5.4], 2: [26.5, 13.9, 13.4, 8.4, 4.7], 3: [41.8, 14.7, 3.1, 5.1, 3.0],
+      4: [37.2, 16.4, 14.6, 7.9, 6.4], 5: [23.6, 9.4, 8.5, 9.9, 2.7]}
+_THOMSON_TIMES = [0, 12, 15, 23, 24, 50, 55, 71]
+_THOMSON_NONMEM_IPRED = {  # iteration k: IPRED at the 8 records
+ 1: [[0,12.532,34.796,20.443,19.321,13.879,12.048,8.2755],[0,14.221,36.901,24.211,23.207,18.364,15.788,9.8553],
+     [0,13.859,37.0,22.115,20.831,13.019,10.918,7.2586],[0,13.937,37.232,21.899,20.547,11.317,9.0926,5.4577],
+     [0,13.957,37.248,21.922,20.569,11.267,9.0285,5.3715]],
+ 2: [[0,8.8511,32.191,14.764,13.638,8.6415,7.6016,5.5839],[0,8.4913,31.634,13.9,12.78,7.912,6.9913,5.258],
+     [0,8.5643,31.84,15.408,14.48,11.639,10.478,7.7193],[0,8.6002,31.801,15.22,14.25,10.819,9.6497,6.9583],
+     [0,8.7784,31.866,15.718,14.747,10.47,9.0437,5.8282]],
+ 3: [[0,13.054,38.466,18.715,17.409,10.584,8.9173,5.4921],[0,11.528,36.851,15.548,14.201,7.6961,6.6071,4.6341],
+     [0,11.393,36.95,14.201,12.69,4.31,3.4031,2.3664],[0,11.345,36.887,14.351,12.873,4.9811,4.0784,2.9459],
+     [0,11.346,36.887,14.352,12.874,4.978,4.0751,2.9427]],
+ 4: [[0,11.646,33.754,15.258,14.067,7.6812,6.3436,3.7251],[0,11.979,34.066,15.823,14.636,8.0992,6.6447,3.7663],
+     [0,12.86,34.961,18.302,17.241,12.036,10.262,6.3191],[0,12.866,34.844,18.035,16.95,11.161,9.3542,5.453],
+     [0,12.717,34.804,17.88,16.794,11.31,9.5883,5.8293]],
+ 5: [[0,8.6509,22.199,12.365,11.574,7.2463,6.0522,3.9512],[0,7.1642,21.15,10.681,9.8785,5.4019,4.4412,2.9473],
+     [0,8.147,21.545,11.766,11.02,7.3214,6.2301,4.1628],[0,8.8192,21.893,12.517,11.812,8.758,7.6007,5.1967],
+     [0,8.8726,21.824,12.502,11.793,8.3272,7.0589,4.4186]]}
+
+
+def test_vancomycin_thomson2009_reproduces_nonmems_iterative_predictions():
+    """Thomson 2009 vancomycin as InsightRX's PKPDsim ships it, against NONMEM run by PsN's proseval on mipdeval's
+    nm_vanco data (mipdeval's own MAP agrees within 10%): for each of patients 1-5 and k = 1..5, the MAP from the
+    first k levels, with the covariates applied record by record as NONMEM applies them, gives NONMEM's IPRED at
+    every record to its 5 printed digits (relative 1e-4)."""
+    from hybridpk.dosing.model import dosing_model
+
+    dosing = dosing_model(load_model("vancomycin_thomson2009"))
+    for pid in range(1, 6):
+        for k in range(1, 6):
+            rows, n = [], 0
+            for j, t in enumerate(_THOMSON_TIMES):
+                wt, crcl = _THOMSON_COVARIATES[pid][j]
+                if t in (0, 12, 24):
+                    rows.append(dict(ID=1, TIME=float(t), DV=0.0, AMT=1500.0, RATE=750.0, EVID=1, MDV=1, WT=wt,
+                                     CRCL=crcl))
+                    continue
+                n += 1
+                used = n <= k
+                rows.append(dict(ID=1, TIME=float(t), DV=_THOMSON_DV[pid][n - 1] if used else 0.0, AMT=0.0,
+                                 RATE=0.0, EVID=0 if used else 2, MDV=0 if used else 1, WT=wt, CRCL=crcl))
+            est = dosing.estimate(hp.read_nonmem(pd.DataFrame(rows)))
+            ipred = est.concentrations(est.batch, est.eta[:1])[0].numpy()
+            assert ipred[1:] == pytest.approx(_THOMSON_NONMEM_IPRED[pid][k - 1][1:], rel=1e-4), (pid, k)
