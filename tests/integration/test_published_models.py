@@ -1,5 +1,7 @@
-"""Shipped published models reproduce the numbers their peers document for them (posologyr's MAP estimates
-and dose answers, which it validates against NONMEM and Monolix).
+"""Shipped published models reproduce numbers documented for them by their paper or by a peer tool: posologyr's
+MAP estimates and dose answers (which it validates against NONMEM and Monolix), Monolix's MAP with
+inter-occasion variability, NONMEM's individual predictions from PsN's proseval, and a paper's own worked
+example. Each test names its source.
 
 amikacin_burdet2015: posologyr's test suite (tests/testthat/test_rxui.R, 'mod_amikacin_Burdet2015', patient A:
 2000 mg over 0.5 h, levels 58 and 14 mg/L at 1 and 6 h, CLCREAT4H 50, TBW 62, PoverF 169) documents the MAP
@@ -8,6 +10,8 @@ ETAs (0.449952188793169, 0.273058665000001, 0.70615858706018, -0.138843327030614
 at 35 h by poso_dose_conc (2447.917 mg)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -167,3 +171,26 @@ def test_vancomycin_thomson2009_reproduces_nonmems_iterative_predictions():
             est = dosing.estimate(hp.read_nonmem(pd.DataFrame(rows)))
             ipred = est.concentrations(est.batch, est.eta[:1])[0].numpy()
             assert ipred[1:] == pytest.approx(_THOMSON_NONMEM_IPRED[pid][k - 1][1:], rel=1e-4), (pid, k)
+
+
+def test_piperacillin_roberts2010_reproduces_monolix_map_with_occasions():
+    """posologyr's tests/testthat/test_map_iov.R (mod_piperacillin_2cpt_Roberts2010, patient 6: 4000 mg over 8 h
+    every 8 h, TBW 92 kg, levels 63.0, 19.7, 31 and 16 mg/L at 47.9, 71.9, 95.9 and 120 h in occasions 1-4):
+    Monolix's MAP gives CL 10.58, 24.0, 18.4 and 26.3 L/h in the four occasions, and the typical LAGTIME,
+    V1, Q and V2 (0.07 h, 7.2 L, 52 L/h, 17.8 L); posologyr checks them to 1e-3, as here."""
+    from hybridpk.dosing.model import dosing_model
+
+    times = [0.0, 8, 16, 24, 32, 40, 47.9, 48, 56, 64, 71.9, 72, 80, 88, 95.9, 96, 104, 112, 120]
+    levels = {47.9: 63.0, 71.9: 19.7, 95.9: 31.0, 120: 16.0}
+    occasion = [1] * 7 + [2] * 4 + [3] * 4 + [4] * 4
+    rows = [dict(ID=6, TIME=t, DV=levels[t], AMT=0.0, RATE=0.0, EVID=0, MDV=0, TBW=92.0, OCC=occ) if t in levels
+            else dict(ID=6, TIME=t, DV=0.0, AMT=4000.0, RATE=500.0, EVID=1, MDV=1, TBW=92.0, OCC=occ)
+            for t, occ in zip(times, occasion)]
+    model = load_model("piperacillin_roberts2010")
+    est = dosing_model(model).estimate(hp.read_nonmem(pd.DataFrame(rows)))
+    eta = dict(zip(model.model.etas, est.eta[0].tolist()))
+    cl = [17.1 * 92.0 / 70.0 * math.exp(eta["ETA_CL"] + eta[f"ETA_IOV_CL_{k}"]) for k in range(1, 5)]
+    assert cl == pytest.approx([10.58, 24.0, 18.4, 26.3], rel=1e-3)
+    typical = [0.07 * math.exp(eta["ETA_ALAG"]), 7.2 * math.exp(eta["ETA_V"] + eta["ETA_IOV_V_1"]),
+               52.0 * math.exp(eta["ETA_Q"]), 17.8 * math.exp(eta["ETA_V2"])]
+    assert typical == pytest.approx([0.07, 7.2, 52.0, 17.8], rel=1e-3)
