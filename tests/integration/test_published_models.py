@@ -194,3 +194,26 @@ def test_piperacillin_roberts2010_reproduces_monolix_map_with_occasions():
     typical = [0.07 * math.exp(eta["ETA_ALAG"]), 7.2 * math.exp(eta["ETA_V"] + eta["ETA_IOV_V_1"]),
                52.0 * math.exp(eta["ETA_Q"]), 17.8 * math.exp(eta["ETA_V2"])]
     assert typical == pytest.approx([0.07, 7.2, 52.0, 17.8], rel=1e-3)
+
+
+def test_ganciclovir_caldes2009_doses_into_either_compartment_as_posologyr():
+    """posologyr's tests/testthat/test_doseoptim_cmt.R: after 450 mg oral valganciclovir (levels 3.4, 2.7 and
+    1.4 mg/L at 1, 2 and 6 h, ClCr 80), the dose at 24.1 h that gives 6 mg/L at 25 h is 1014.197 mg into the
+    depot (F, ALAG) and 367.7199 mg into the central compartment (bolus), and the dose whose AUC from 24.1 to
+    48.1 h is 50 mg*h/L is 924.458 mg and 645.857 mg (posologyr checks them to 1e-3; here 1e-5)."""
+    def patient(amt, cmt):
+        rows = [dict(ID=1, TIME=0.0, DV=0.0, EVID=1, MDV=1, AMT=450.0, CMT=1)]
+        rows += [dict(ID=1, TIME=t, DV=c, EVID=0, MDV=0, AMT=0.0, CMT=2)
+                 for t, c in ((1.0, 3.4), (2.0, 2.7), (6.0, 1.4))]
+        rows += [dict(ID=1, TIME=24.1, DV=0.0, EVID=1, MDV=1, AMT=amt, CMT=cmt),
+                 dict(ID=1, TIME=25.0, DV=0.0, EVID=2, MDV=1, AMT=0.0, CMT=2)]
+        return hp.read_nonmem(pd.DataFrame(rows).assign(ClCr=80.0))
+
+    model = load_model("ganciclovir_caldes2009")
+    for amt, cmt in ((1014.197, 1), (367.7199, 2)):
+        est = estimate_patient(model, patient(amt, cmt), n_samples=10).estimate
+        assert float(est.concentrations(est.batch, est.eta[:1])[0, -1]) == pytest.approx(6.0, rel=1e-5)
+    for amt, cmt in ((924.458, 1), (645.857, 2)):
+        data = patient(amt, cmt)
+        post = estimate_patient(model, data, n_samples=10)
+        assert auc(model, data, 24.1, 48.1, posterior=post)["map"] == pytest.approx(50.0, rel=1e-5)
