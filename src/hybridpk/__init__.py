@@ -27,6 +27,7 @@ _EXPORTS = {
     "CompartmentModel": "hybridpk.models",
     "simulate": "hybridpk.solve",
     "simulate_population": "hybridpk.solve",
+    "simulate_population_chunks": "hybridpk.solve",
     "make_design": "hybridpk.solve",
     "Prediction": "hybridpk.solve",
     "build_model": "hybridpk.population",

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import hybridpk as hp
 from hybridpk.cli import main
@@ -60,3 +61,31 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path, capsys):
                  str(tmp_path / "x.csv")]) == 2
     err = capsys.readouterr().err
     assert "no row for ID" in err or "missing: KA" in err
+
+
+def test_simulate_a_virtual_population_in_chunks(tmp_path, capsys):
+    """--n with a one-patient design: N patients (IDs 1..N) streamed to Parquet with the parameter file, the
+    same as CSV; --n with --params and --chunk without --n are refused by name."""
+    design = tmp_path / "one.csv"
+    rows = [dict(ID=1, TIME=0.0, AMT=100.0, EVID=1, MDV=1, DV=0.0, WT=70.0)]
+    rows += [dict(ID=1, TIME=t, AMT=0.0, EVID=0, MDV=0, DV=0.0, WT=70.0) for t in (0.5, 1, 2, 4, 8, 12, 24)]
+    pd.DataFrame(rows).to_csv(design, index=False)
+    args = ["simulate", str(design), "--model", "1cmt_oral", "--typical", "CL=5,V=50,KA=1.2", "--omega",
+            "CL=0.09,V=0.04", "--proportional", "0.1", "--n", "2500", "--chunk", "700", "--seed", "4"]
+    assert main(args + ["--out", str(tmp_path / "sim.parquet")]) == 0
+    assert "2500 subjects" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "sim.csv")]) == 0
+    pq = pd.read_parquet(tmp_path / "sim.parquet")
+    pd.testing.assert_frame_equal(pq, pd.read_csv(tmp_path / "sim.csv"), check_dtype=False)
+    assert pq.ID.unique().tolist() == list(range(1, 2501)) and len(pq) == 2500 * 8
+    params = pd.read_parquet(tmp_path / "sim.params.parquet")
+    assert params.ID.tolist() == list(range(1, 2501)) and params.KA.eq(1.2).all()
+    assert np.log(params.CL / 5).var() == pytest.approx(0.09, rel=0.1)
+    meta = json.loads((tmp_path / "sim.json").read_text())
+    assert meta["virtual_patients"] == 2500 and meta["chunk"] == 700
+    assert main(["simulate", str(design), "--model", "1cmt_oral", "--params", str(design), "--n", "5",
+                 "--out", str(tmp_path / "x.csv")]) != 0
+    assert "--n simulates a virtual population" in capsys.readouterr().err
+    assert main(["simulate", str(design), "--model", "1cmt_oral", "--typical", "CL=5,V=50,KA=1", "--chunk", "5",
+                 "--out", str(tmp_path / "y.csv")]) != 0
+    assert "--chunk applies to a virtual population" in capsys.readouterr().err

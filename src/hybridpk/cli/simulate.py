@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, nonnegative_float, out_file_arg, resolve_data_path
+from ._common import ManualFormatter, nonnegative_float, out_file_arg, positive_int, resolve_data_path
 
 HELP = """\
 Simulate concentrations on the dosing records and sampling times of DATA.
@@ -16,6 +16,13 @@ inter-individual variability (--omega, variances) and optional power covariate e
 and DV is simulated with residual error (--proportional, --additive SDs). OUT.csv is then a complete
 NONMEM-style dataset (the design of DATA with the simulated DV); OUT.params.csv holds the true
 individual parameters. The same --seed gives the same dataset.
+
+Virtual populations (--n N): N patients on the design of DATA (its subjects cycled: one template patient
+repeated, or several with their own covariates and dosing), IDs 1..N, simulated and written --chunk
+patients at a time, so that memory stays bounded (10^6 patients with 10 samples each: about 1 GB peak,
+a minute or two on 2 cores). OUT may end in .parquet (needs pyarrow: pip install 'hybridpk[parquet]'),
+then OUT.params.parquet too; files appear only when the run completes. The same --seed and --chunk give
+the same population.
 """
 
 EPILOG = """\
@@ -23,6 +30,8 @@ examples:
   hybridpk simulate theoph --model 1cmt_oral --params params.csv --out ipred.csv
   hybridpk simulate design.csv --model 2cmt_iv --typical CL=5,V=20,Q=8,V2=60 \\
       --omega CL=0.09,V=0.04 --covariate CL=WT:70:0.75 --proportional 0.1 --seed 7 --out sim.csv
+  hybridpk simulate one_patient.csv --model 1cmt_oral --typical CL=5,V=50,KA=1.2 \\
+      --omega CL=0.09,V=0.04,KA=0.09 --proportional 0.1 --n 1000000 --out trial.parquet
 """
 
 
@@ -62,6 +71,10 @@ def add_parser(sub) -> None:
     p.add_argument("--proportional", type=nonnegative_float, default=0.0, help="proportional residual error SD")
     p.add_argument("--additive", type=nonnegative_float, default=0.0, help="additive residual error SD (mg/L)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the population simulation")
+    p.add_argument("--n", type=positive_int, metavar="N", help="population mode: N virtual patients on the design "
+                   "of DATA (its subjects cycled), simulated and written in chunks")
+    p.add_argument("--chunk", type=positive_int, default=10_000, metavar="K",
+                   help="with --n: patients simulated and written at a time (default 10000)")
     p.add_argument("--method", choices=["auto", "closed_form", "ode"], default="auto", help="solver path")
     p.add_argument("--out", required=True, metavar="OUT.csv", type=out_file_arg, help="output file")
     p.set_defaults(handler=run)
@@ -74,10 +87,14 @@ def run(args) -> int:
 
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.errors import HybridPKError
-    from hybridpk.io import atomic_write_text
-    from hybridpk.solve import simulate, simulate_population
+    from hybridpk.io import TableWriter, atomic_write_text
+    from hybridpk.progress import Progress
+    from hybridpk.solve import simulate, simulate_population, simulate_population_chunks
 
     ds = read_nonmem(resolve_data_path(args.data))
+    if args.params and args.n is not None:
+        raise HybridPKError("--n simulates a virtual population (population mode, --typical); with --params each "
+                            "subject of DATA has its own parameters")
     if args.params:
         try:
             table = pd.read_csv(args.params)
@@ -108,16 +125,41 @@ def run(args) -> int:
             cov[par.strip().upper()] = (name.strip(), float(ref), float(expo))
         except ValueError:
             raise HybridPKError(f"--covariate: expected P=COV:REF:EXP (e.g. CL=WT:70:0.75), got {item!r}") from None
-    sim = simulate_population(args.model, ds, typical, omega, proportional=args.proportional,
-                              additive=args.additive, covariates=cov, seed=args.seed, method=args.method)
-    atomic_write_text(args.out, sim.dataset.to_dataframe().to_csv(index=False))
-    side = str(args.out).removesuffix(".csv")
-    atomic_write_text(side + ".params.csv", sim.parameters.to_csv(index=False))
+    options = dict(proportional=args.proportional, additive=args.additive, covariates=cov, method=args.method)
+    side = _stem(args.out)
+    suffix = ".parquet" if str(args.out).lower().endswith((".parquet", ".pq")) else ".csv"
+    if args.n is None:
+        if args.chunk != 10_000:
+            raise HybridPKError("--chunk applies to a virtual population: give --n as well")
+        chunks = [simulate_population(args.model, ds, typical, omega, seed=args.seed, **options)]
+        total = ds.n_subjects
+    else:
+        chunks = simulate_population_chunks(args.model, ds, args.n, typical, omega, chunk=args.chunk,
+                                            seed=args.seed, **options)
+        total = args.n
+    n_subjects = n_obs = 0
+    with TableWriter(args.out) as data_out, TableWriter(side + ".params" + suffix) as params_out, \
+            Progress(total, "simulate", "patient", enabled=args.n is not None) as bar:
+        for sim in chunks:
+            data_out.write(sim.dataset.to_dataframe())
+            params_out.write(sim.parameters)
+            n_subjects += sim.dataset.n_subjects
+            n_obs += sim.dataset.n_observations
+            bar.update(sim.dataset.n_subjects)
     from hybridpk.io import run_metadata
 
-    atomic_write_text(side + ".json", json.dumps(run_metadata(seed=args.seed, model=args.model, typical=typical,
-                                                             omega=omega, proportional=args.proportional,
-                                                             additive=args.additive), indent=2))
-    print(f"wrote {args.out} ({sim.dataset.n_subjects} subjects, {sim.dataset.n_observations} observations, "
-          f"seed {args.seed}), {side}.params.csv and {side}.json")
+    atomic_write_text(side + ".json", json.dumps(run_metadata(
+        seed=args.seed, model=args.model, typical=typical, omega=omega, proportional=args.proportional,
+        additive=args.additive, virtual_patients=args.n, chunk=args.chunk if args.n else None), indent=2))
+    print(f"wrote {args.out} ({n_subjects} subjects, {n_obs} observations, seed {args.seed}), "
+          f"{side}.params{suffix} and {side}.json")
     return 0
+
+
+def _stem(path) -> str:
+    """OUT without its table suffix: the stem of OUT.params.csv and OUT.json."""
+    text = str(path)
+    for suffix in (".csv", ".parquet", ".pq"):
+        if text.lower().endswith(suffix):
+            return text[: -len(suffix)]
+    return text

@@ -15,7 +15,8 @@ from ..errors import ModelError
 from ..models import get_model
 from .simulate import simulate
 
-__all__ = ["PopulationSimulation", "simulate_population", "make_design", "observe"]
+__all__ = ["PopulationSimulation", "simulate_population", "simulate_population_chunks", "virtual_design",
+           "make_design", "observe"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class PopulationSimulation:
 
 def simulate_population(model, design, typical: dict, omega: dict | None = None, *, proportional: float = 0.0,
                         additive: float = 0.0, covariates: dict | None = None, seed: int = 0,
-                        method: str = "auto", correlation: dict | None = None) -> PopulationSimulation:
+                        method: str = "auto", correlation: dict | None = None,
+                        stream: int | None = None) -> PopulationSimulation:
     """Simulate DV for every observation record of ``design`` (a Dataset).
 
     Parameters
@@ -46,6 +48,8 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
         {"CL": ("WT", 70.0, 0.75)}: P_i = typical (COV_i / reference)^exponent exp(ETA_i)
     seed : int  random seed (numpy Generator); the same seed gives the same dataset
     correlation : dict  correlations between ETAs, e.g. {("CL", "V"): 0.6} (default: independent)
+    stream : int  an independent random stream of the same seed (the chunks of
+        :func:`simulate_population_chunks`); None: the seed's own stream
     """
     model = get_model(model)
     omega = dict(omega or {})
@@ -54,7 +58,7 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
         raise ModelError(f"model {model.name} has no parameter(s) {', '.join(unknown)}")
     # a stream of its own (not the design's), so that a design and a simulation made with the same seed
     # do not draw the same random numbers (which would correlate ETAs with covariates or sampling times)
-    rng = np.random.default_rng([int(seed), 0x51])
+    rng = np.random.default_rng([int(seed), 0x51] + ([int(stream)] if stream is not None else []))
     ids = design.ids
     n = len(ids)
     design.require_constant_covariates([c for c, _, _ in (covariates or {}).values()], "simulate_population")
@@ -88,6 +92,37 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
     par = pd.DataFrame({"ID": list(ids), **params})
     eta_df = pd.DataFrame({"ID": list(ids), **etas})
     return PopulationSimulation(dataset=ds, parameters=par, etas=eta_df, ipred=ipred, seed=seed)
+
+
+def virtual_design(design, start: int, n: int):
+    """``n`` virtual patients with IDs start + 1 .. start + n, patient i on the records (doses, sampling times,
+    covariates) of the design's subject number i modulo the number of subjects, in the design's order: a
+    design of one patient repeated, or of several template patients cycled."""
+    from ..data.dataset import read_nonmem
+
+    df = design.to_dataframe()
+    ids = list(design.ids)
+    groups = {sid: g for sid, g in df.groupby("ID", sort=False)}
+    template = [groups[ids[(start + i) % len(ids)]] for i in range(min(n, len(ids)))]
+    counts = np.array([len(g) for g in template])
+    reps = -(-n // len(template))                     # ceil: whole passes over the templates, then cut
+    block = pd.concat(template, ignore_index=True)
+    out = pd.concat([block] * reps, ignore_index=True).iloc[:int(np.tile(counts, reps)[:n].sum())].copy()
+    out["ID"] = np.repeat(np.arange(start + 1, start + n + 1), np.tile(counts, reps)[:n])
+    return read_nonmem(out, covariates=list(design.covariates))
+
+
+def simulate_population_chunks(model, design, n: int, typical: dict, omega: dict | None = None, *,
+                               chunk: int = 10_000, seed: int = 0, **options):
+    """Simulate ``n`` virtual patients on ``design`` (cycled, :func:`virtual_design`) ``chunk`` at a time, so
+    that memory does not grow with ``n``: yields one :class:`PopulationSimulation` per chunk (IDs 1..n in
+    order). ``options`` as :func:`simulate_population`. Chunk k draws from stream k + 1 of ``seed``: the same
+    seed and chunk size give the same population; another chunk size gives another draw of it."""
+    if int(n) < 1 or int(chunk) < 1:
+        raise ModelError(f"the number of virtual patients ({n}) and the chunk size ({chunk}) must be at least 1")
+    for k, start in enumerate(range(0, int(n), int(chunk))):
+        part = virtual_design(design, start, min(int(chunk), int(n) - start))
+        yield simulate_population(model, part, typical, omega, seed=seed, stream=k + 1, **options)
 
 
 def observe(model, design, params: dict, rng, *, proportional: float = 0.0, additive: float = 0.0,
