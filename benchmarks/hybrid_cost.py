@@ -59,7 +59,8 @@ def main():
     total = time.perf_counter() - t_all
     n_obs = int(ds.to_batch().is_obs.sum())
     print(f"{args.n} patients, {n_obs} observations ({n_obs / args.n:.1f} per patient), form {args.form}, "
-          f"{args.error} error; torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY {OMP_POLICY}")
+          f"{args.error} error; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY {OMP_POLICY}")
     base = phases["population fit (FOCE-I + covariance)"]
     for name, sec in phases.items():
         print(f"  {name:<40} {sec:7.1f} s  ({sec / base:5.2f}x the FOCE-I fit)")

@@ -1,12 +1,12 @@
 """Solving compartment models for a whole population: closed form (linear) or torchdiffeq (any model)."""
 
 from .population_sim import (
-                             PopulationSimulation,
-                             make_design,
-                             observe,
-                             simulate_population,
-                             simulate_population_chunks,
-                             virtual_design,
+    PopulationSimulation,
+    make_design,
+    observe,
+    simulate_population,
+    simulate_population_chunks,
+    virtual_design,
 )
 from .simulate import Prediction, as_parameters, simulate
 
