@@ -60,8 +60,8 @@ The score is predictive: each held-out patient's levels are predicted from its o
 them does not win.
 Every candidate's score and the choice are printed and go into summary.json ("hybrid": "candidates").
 Screening costs 4 x 300 epochs and each candidate's scoring: on 200 EHC patients x 10 samples (2 idle cores)
-the default fit took 283 s, 147 s of it the winning reservoir form trained to the end (the reservoir alone:
-147 s in all); give a form to train only that one.
+the default fit took 227 s, 100 s of it the winning reservoir form trained to the end (the reservoir alone:
+93 s in all); give a form to train only that one.
 By default (--training joint) each patient's ETAs are re-estimated together with z while the VAE learns,
 so the correction acts on the ODE at its best individual fit; --training staged keeps the ODE-only ETAs
 (log form only). With the log form each patient's prediction averages hybrid and ODE-only with the hybrid's
