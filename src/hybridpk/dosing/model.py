@@ -218,7 +218,8 @@ class HybridDosing(DosingModel):
     default_samples = 250
 
     def __init__(self, fitted: HybridFit):
-        self.fitted, self.population = fitted, fitted.population
+        # the ODE part with the hybrid's OMEGA: the prior of the patient's ETAs
+        self.fitted, self.population = fitted, fitted.hybrid_population
         prior = fitted.coverage.latent_prior() if fitted.coverage is not None else None
         k = fitted.latent_dim
         if prior is not None:

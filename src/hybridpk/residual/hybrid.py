@@ -24,6 +24,7 @@ from .baseline import ODEBaseline
 from .coverage import TrainingCoverage
 from .inference import HybridEstimate, estimate_hybrid, joint_objective, predict_with
 from .objective import gaussian_nll
+from .omega import its_omega, with_omega
 from .selection import Candidate, candidates, select
 from .training import TrainConfig, train_vae
 from .vae import HybridVAE, scale_from_tensors, scale_to_tensors
@@ -51,7 +52,11 @@ class HybridFit:
     epochs, seconds, which was chosen); empty when one was given; ``refine_failure``: the refinement optimiser's
     error on the training patients, if it failed ("" otherwise; each patient then kept its best point); ``coverage``
     the training design (:class:`TrainingCoverage`: doses, intervals, time span, latent values), against which
-    forecasts and doses for new patients are checked (None for runs saved before it was recorded).
+    forecasts and doses for new patients are checked (None for runs saved before it was recorded); ``omega``
+    the hybrid's OMEGA (K x K), estimated with the correction on the training patients
+    (:mod:`hybridpk.residual.omega`), the prior of the ETAs in every hybrid estimate, prediction, simulation
+    and dose (None: the population fit's; runs saved before it was estimated). The population fit's OMEGA
+    stays the ODE-only model's.
     """
 
     population: FittedPopulation
@@ -62,6 +67,12 @@ class HybridFit:
     candidates: list = field(default_factory=list)
     refine_failure: str = ""
     coverage: TrainingCoverage | None = None
+    omega: tuple | None = None
+
+    @property
+    def hybrid_population(self) -> FittedPopulation:
+        """The population fit with the hybrid's OMEGA (``omega``): the ODE part of the hybrid."""
+        return self.population if self.omega is None else with_omega(self.population, self.omega)
 
     @property
     def latent_dim(self) -> int:
@@ -85,7 +96,7 @@ class HybridFit:
     def _estimate_from(self, ode_fit, refine: bool = True) -> HybridEstimate:
         est, batch, ipred0 = ode_fit
         h = estimate_hybrid(self.vae, batch, ipred0, est.eta, self.population.model.error,
-                            self.population.sigma.sd_tensors(), baseline=ODEBaseline(self.population),
+                            self.population.sigma.sd_tensors(), baseline=ODEBaseline(self.hybrid_population),
                             refine=refine)
         return h.with_ode(est, ipred0)
 
@@ -102,7 +113,7 @@ class HybridFit:
         target = design if design is not None else dataset
         covariates = list(self.population.covariates)
         batch = h.ode.problem.batch if design is None else design.to_batch(covariates=covariates)
-        curves = predict_with(self.vae, h, batch, ODEBaseline(self.population))
+        curves = predict_with(self.vae, h, batch, ODEBaseline(self.hybrid_population))
         ipred, hyb, ode = curves.final, curves.hybrid, curves.ode
         pred = self.population.concentrations(batch, torch.zeros_like(h.eta_ode))
         df = target.to_dataframe()
@@ -126,7 +137,7 @@ class HybridFit:
         the prediction is averaged with ODE-only with ``weight`` (the patient's HYBRID_WEIGHT; None: the
         hybrid alone). Evaluated ``chunk`` rows at a time (default: up to 100, fewer when records x grid
         intervals are many: the grid forms' memory grows with both)."""
-        base, pop = ODEBaseline(self.population), self.population
+        base, pop = ODEBaseline(self.hybrid_population), self.population
         if chunk is None:
             span = float((batch.time.max() - batch.time.min()).clamp(min=1.0))
             cells = batch.time.shape[1] * max(1.0, span / float(self.vae.scale.get("input_dt", span)))
@@ -150,14 +161,15 @@ class HybridFit:
         :func:`~hybridpk.residual.inference.joint_objective` (``z_prior``: (mean, precision) of z in place of
         the training's prior), differentiable in ``points``."""
         eta, z = self._split(points)
-        return joint_objective(self.vae, ODEBaseline(self.population), batch, eta, z, self.population.model.error,
+        return joint_objective(self.vae, ODEBaseline(self.hybrid_population), batch, eta, z,
+                               self.population.model.error,
                                self.population.sigma.sd_tensors(), z_prior=z_prior)
 
     def individual_parameters(self, batch, points) -> dict:
         """The structural parameters {name: (S,)} of the ODE part at ``points`` (with the typical-value shifts
         learnt by joint training)."""
         eta, _ = self._split(points)
-        base = ODEBaseline(self.population)
+        base = ODEBaseline(self.hybrid_population)
         with torch.no_grad():
             return base.parameters(batch, eta, self.vae.log_shift if self.vae.joint else None)
 
@@ -165,7 +177,7 @@ class HybridFit:
         """``n`` replicates of the design of ``dataset`` from the generative model: ETAs from OMEGA, z from
         the latent prior N(0, I), the hybrid prediction, and DV with the residual error at the observation
         records. One row per replicate and record: REP, ID, TIME, EVID, MDV, IPRED, DV (mg/L), ETAs, Z1..."""
-        pop, pm = self.population, self.population.model
+        pop, pm = self.hybrid_population, self.population.model
         etas, base = eta_sampler(pop), ODEBaseline(pop)
 
         def draw(batch, gen):
@@ -187,7 +199,16 @@ class HybridFit:
                 "nll_ode_total": float(ind.NLL_ODE.sum()), "nll_hybrid_total": float(ind.NLL_HYBRID.sum()),
                 "rmse_ode": float(np.sqrt((ind.RMSE_ODE ** 2).mean())),
                 "rmse_hybrid": float(np.sqrt((ind.RMSE_HYBRID ** 2).mean())),
-                "refinement": self.refinement(), "config": asdict(self.config)}
+                "refinement": self.refinement(), "config": asdict(self.config),
+                "omega": self._omega_summary()}
+
+    def _omega_summary(self) -> dict | None:
+        """The hybrid's OMEGA beside the population fit's: {"etas", "hybrid", "population"} (K x K lists)."""
+        if self.omega is None:
+            return None
+        return {"etas": list(self.population.omega.etas), "hybrid": [list(r) for r in self.omega],
+                "population": [list(r) for r in self.population.omega.matrix],
+                "method": "iterative two-stage on the training patients (hybridpk.residual.omega)"}
 
     def refinement(self) -> dict:
         """How the training patients' per-patient MAP refinement went: patients, those that kept the
@@ -212,7 +233,8 @@ class HybridFit:
                 "prior_weight": self.vae.prior_weight, "best_val": float(self.vae.best_val),
                 "candidates": [c.to_dict() for c in self.candidates], "refine_failure": self.refine_failure,
                 "config": asdict(self.config),
-                "coverage": self.coverage.to_dict() if self.coverage is not None else None}
+                "coverage": self.coverage.to_dict() if self.coverage is not None else None,
+                "omega": [list(r) for r in self.omega] if self.omega is not None else None}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         atomic_write_text(run / "training.csv", self.training_curves().to_csv(index=False))
@@ -247,7 +269,7 @@ class HybridFit:
         history = _read_curves(run / "training.csv", cands, vae.form_name, int(meta["latent_dim"]))
         return cls(population=population, vae=vae, config=TrainConfig(**meta["config"]), individual=individual,
                    history=history, candidates=cands, refine_failure=meta.get("refine_failure", ""),
-                   coverage=TrainingCoverage.from_dict(meta.get("coverage")))
+                   coverage=TrainingCoverage.from_dict(meta.get("coverage")), omega=_omega_of(meta, population))
 
     def training_curves(self) -> pd.DataFrame:
         """Every training curve of the fit, one row per candidate and epoch: FORM, LATENT_DIM, EPOCH (0-based),
@@ -258,6 +280,18 @@ class HybridFit:
                 else [(self.vae.form_name, self.latent_dim, self.history, True)])
         rows = [(f, k, int(e), float(t), float(v), int(chosen)) for f, k, hist, chosen in runs for e, t, v in hist]
         return pd.DataFrame(rows, columns=cols)
+
+
+def _omega_of(meta: dict, population) -> tuple | None:
+    """The hybrid's OMEGA from vae.json (None for runs saved before it was estimated); refused when its shape is
+    not the model's."""
+    found = meta.get("omega")
+    if found is None:
+        return None
+    k = len(population.omega.etas)
+    if len(found) != k or any(len(r) != k for r in found):
+        raise HybridPKError(f"vae.json: the hybrid's OMEGA is not {k} x {k} (the model's ETAs); refit the model")
+    return tuple(tuple(float(x) for x in r) for r in found)
 
 
 def _candidates(meta: dict) -> list:
@@ -451,7 +485,12 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
                                      score=_kept(_predictive(fit, dataset, cands, config_of), where))
     cfg = config_of(chosen, checkpoint=None)   # the run does not depend on where its training was checkpointed
-    draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame())
+    omega = None
+    if base.its_iterations > 0 and base.joint:
+        matrix, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, sd,
+                              iterations=base.its_iterations)
+        omega = tuple(tuple(float(x) for x in row) for row in matrix.tolist())
+    draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame(), omega=omega)
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})
     cols, failure = _per_patient(draft, dataset, ode_fit)
     for name, values in cols.items():

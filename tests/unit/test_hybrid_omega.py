@@ -1,0 +1,112 @@
+"""The hybrid's own OMEGA (hybridpk.residual.omega): the conditional covariance against an independent
+Hessian, the iterative two-stage estimate against FOCE-I on data the ODE describes, the structure of OMEGA
+kept, and the OMEGA carried through save/load and into dosing."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from hybridpk.dosing.model import HybridDosing
+from hybridpk.population import build_model, fit_population
+from hybridpk.residual import HybridFit, HybridVAE, TrainConfig
+from hybridpk.residual.baseline import ODEBaseline
+from hybridpk.residual.features import fit_scale, record_features
+from hybridpk.residual.hybrid import _ode_only
+from hybridpk.residual.inference import estimate_hybrid, joint_objective
+from hybridpk.residual.omega import _project, conditional_covariance, its_omega
+from hybridpk.solve import make_design, simulate_population
+
+
+@pytest.fixture(scope="module")
+def ode_world():
+    """80 patients the 1-cmt oral ODE describes (OMEGA CL 0.09, V 0.04, KA 0.09), its FOCE-I fit, and a
+    hybrid whose correction is exactly 0 (log form, decoder output 0)."""
+    design = make_design(80, [dict(TIME=0, AMT=100, CMT=1)], [0.5, 1, 2, 3, 5, 8, 12, 24], seed=4)
+    sim = simulate_population("1cmt_oral", design, dict(CL=4.0, V=40.0, KA=1.2), dict(CL=0.09, V=0.04, KA=0.09),
+                              proportional=0.1, additive=0.02, seed=5)
+    pm = build_model("1cmt_oral", error="combined")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(pm, sim.dataset, progress=False, covariance=False)
+    est, batch, ipred = _ode_only(fit, sim.dataset)
+    scale = fit_scale(batch, ipred, 6)
+    x, _ = record_features(batch, ipred, scale)
+    vae = HybridVAE(x.shape[-1], 2, 16, joint=True, n_shift=3, form="log").double()
+    vae.scale = scale
+    with torch.no_grad():
+        for p in vae.form.parameters():
+            p.zero_()
+    vae.eval()
+    vae.l2, vae.prior_weight = 0.3, 0.3
+    return sim.dataset, fit, vae, est, batch, ipred
+
+
+def test_the_conditional_covariance_is_the_inverse_hessian_of_each_patient(ode_world):
+    """All patients' C_i at once equal, patient by patient, the inverse of torch's Hessian of that patient's
+    -log p(y, eta | z) alone (1e-8)."""
+    _, fit, vae, est, batch, ipred = ode_world
+    base = ODEBaseline(fit)
+    sd = fit.sigma.sd_tensors()
+    h = estimate_hybrid(vae, batch, ipred, est.eta, fit.model.error, sd, baseline=base)
+    cov = conditional_covariance(vae, base, batch, h.eta, h.z, fit.model.error, sd)
+    for i in (0, 17, 63):
+        one = batch.select([i])
+
+        def objective(e, i=i, one=one):
+            return joint_objective(vae, base, one, e.unsqueeze(0), h.z[i:i + 1], fit.model.error, sd).sum()
+
+        hess = torch.autograd.functional.hessian(objective, h.eta[i])
+        torch.testing.assert_close(cov[i], torch.linalg.inv(hess), rtol=1e-8, atol=1e-12)
+
+
+def test_on_data_the_ode_describes_the_hybrids_omega_is_the_focei_one(ode_world):
+    """With no correction the hybrid is the ODE model: ITS from the FOCE-I OMEGA stays within 10% of it
+    (each variance), and from a prior 4 times too wide it comes back within 15%."""
+    _, fit, vae, est, batch, ipred = ode_world
+    sd = fit.sigma.sd_tensors()
+    focei = torch.diagonal(fit.omega.tensor())
+    omega, history = its_omega(vae, fit, batch, ipred, est.eta, fit.model.error, sd, iterations=2)
+    assert len(history) == 3
+    torch.testing.assert_close(torch.diagonal(omega), focei, rtol=0.10, atol=0)
+    wide = type(fit).from_values(fit.model, {t.name: t.value for t in fit.theta}, (4 * fit.omega.tensor()).tolist(),
+                                 {r.kind: r.sd for r in fit.sigma.rows})
+    omega_w, _ = its_omega(vae, wide, batch, ipred, est.eta, fit.model.error, sd, iterations=6)
+    torch.testing.assert_close(torch.diagonal(omega_w), focei, rtol=0.15, atol=0)
+
+
+def test_the_update_keeps_the_structure_of_omega():
+    """Covariances only within blocks, FIX blocks at their value, blocks tied by SAME (chained) averaged."""
+    s = torch.arange(1.0, 26.0, dtype=torch.float64).reshape(5, 5)
+    s = s + s.T
+    current = torch.eye(5, dtype=torch.float64) * 7.0
+    pm = SimpleNamespace(blocks=((0, 1), (2,), (3,), (4,)), omega_same=(((3,), (2,)), ((4,), (3,))),
+                         omega_fixed=())
+    out = _project(pm, current, s)
+    assert out[0, 1] == s[0, 1] and out[0, 2] == 0 and out[2, 3] == 0
+    tied = (s[2, 2] + s[3, 3] + s[4, 4]) / 3
+    assert out[2, 2] == out[3, 3] == out[4, 4] == tied
+    fixed = _project(SimpleNamespace(blocks=((0, 1), (2,), (3,), (4,)), omega_same=(), omega_fixed=(0, 1)),
+                     current, s)
+    assert torch.equal(fixed[:2, :2], current[:2, :2]) and fixed[4, 4] == s[4, 4]
+
+
+def test_the_hybrids_omega_is_saved_and_is_the_prior_in_dosing(ode_world, tmp_path):
+    """A run keeps its OMEGA through save/load; dosing takes it as the ETAs' prior; a run without one uses the
+    population fit's."""
+    ds, fit, vae, *_ = ode_world
+    omega = ((0.05, 0.0, 0.0), (0.0, 0.03, 0.0), (0.0, 0.0, 0.07))
+    individual = pd.DataFrame({"ID": list(ds.ids)}).assign(NLL_ODE=0.0, NLL_HYBRID=0.0, RMSE_ODE=0.0,
+                                                          RMSE_HYBRID=0.0, REFINED=1)
+    hyb = HybridFit(population=fit, vae=vae, config=TrainConfig(hidden=16), individual=individual, omega=omega)
+    hyb.save(tmp_path / "run")
+    back = HybridFit.load(tmp_path / "run")
+    assert back.omega == omega and back.summary()["omega"]["hybrid"] == [list(r) for r in omega]
+    assert back.population.omega.matrix == fit.omega.matrix
+    torch.testing.assert_close(HybridDosing(back)._prior_cov()[:3, :3], torch.tensor(omega, dtype=torch.float64))
+    plain = HybridFit(population=fit, vae=vae, config=TrainConfig(), individual=pd.DataFrame())
+    assert plain.hybrid_population is fit
