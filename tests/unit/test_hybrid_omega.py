@@ -70,12 +70,14 @@ def test_on_data_the_ode_describes_the_hybrids_omega_is_the_focei_one(ode_world)
     _, fit, vae, est, batch, ipred = ode_world
     sd = fit.sigma.sd_tensors()
     focei = torch.diagonal(fit.omega.tensor())
-    omega, history = its_omega(vae, fit, batch, ipred, est.eta, fit.model.error, sd, iterations=2)
+    omega, sigma, history = its_omega(vae, fit, batch, ipred, est.eta, fit.model.error, sd, iterations=2)
     assert len(history) == 3
     torch.testing.assert_close(torch.diagonal(omega), focei, rtol=0.10, atol=0)
+    for kind, value in sigma.items():
+        assert value == pytest.approx(float(sd[kind]), rel=0.10), kind
     wide = type(fit).from_values(fit.model, {t.name: t.value for t in fit.theta}, (4 * fit.omega.tensor()).tolist(),
                                  {r.kind: r.sd for r in fit.sigma.rows})
-    omega_w, _ = its_omega(vae, wide, batch, ipred, est.eta, fit.model.error, sd, iterations=6)
+    omega_w, _, _ = its_omega(vae, wide, batch, ipred, est.eta, fit.model.error, sd, iterations=6)
     torch.testing.assert_close(torch.diagonal(omega_w), focei, rtol=0.15, atol=0)
 
 
@@ -102,10 +104,13 @@ def test_the_hybrids_omega_is_saved_and_is_the_prior_in_dosing(ode_world, tmp_pa
     omega = ((0.05, 0.0, 0.0), (0.0, 0.03, 0.0), (0.0, 0.0, 0.07))
     individual = pd.DataFrame({"ID": list(ds.ids)}).assign(NLL_ODE=0.0, NLL_HYBRID=0.0, RMSE_ODE=0.0,
                                                           RMSE_HYBRID=0.0, REFINED=1)
-    hyb = HybridFit(population=fit, vae=vae, config=TrainConfig(hidden=16), individual=individual, omega=omega)
+    hyb = HybridFit(population=fit, vae=vae, config=TrainConfig(hidden=16), individual=individual, omega=omega,
+                    sigma={"ADD": 0.03, "PROP": 0.09})
     hyb.save(tmp_path / "run")
     back = HybridFit.load(tmp_path / "run")
     assert back.omega == omega and back.summary()["omega"]["hybrid"] == [list(r) for r in omega]
+    assert back.sigma == {"ADD": 0.03, "PROP": 0.09}
+    assert {r.kind: r.sd for r in back.hybrid_population.sigma.rows} == {"ADD": 0.03, "PROP": 0.09}
     assert back.population.omega.matrix == fit.omega.matrix
     torch.testing.assert_close(HybridDosing(back)._prior_cov()[:3, :3], torch.tensor(omega, dtype=torch.float64))
     plain = HybridFit(population=fit, vae=vae, config=TrainConfig(), individual=pd.DataFrame())

@@ -53,10 +53,11 @@ class HybridFit:
     error on the training patients, if it failed ("" otherwise; each patient then kept its best point); ``coverage``
     the training design (:class:`TrainingCoverage`: doses, intervals, time span, latent values), against which
     forecasts and doses for new patients are checked (None for runs saved before it was recorded); ``omega``
-    the hybrid's OMEGA (K x K), estimated with the correction on the training patients
-    (:mod:`hybridpk.residual.omega`), the prior of the ETAs in every hybrid estimate, prediction, simulation
-    and dose (None: the population fit's; runs saved before it was estimated). The population fit's OMEGA
-    stays the ODE-only model's.
+    and ``sigma`` the hybrid's OMEGA (K x K) and residual error SDs {kind: SD}, estimated with the correction
+    on the training patients (:mod:`hybridpk.residual.omega`), the prior of the ETAs and the residual error
+    in every hybrid estimate, prediction, simulation and dose (None: the population fit's; runs saved before
+    they were estimated). The population fit keeps the ODE-only model's, and the per-patient -2LL of
+    ``individual`` (NLL_ODE, NLL_HYBRID) compare both predictions under that common residual error.
     """
 
     population: FittedPopulation
@@ -68,11 +69,15 @@ class HybridFit:
     refine_failure: str = ""
     coverage: TrainingCoverage | None = None
     omega: tuple | None = None
+    sigma: dict | None = None
 
     @property
     def hybrid_population(self) -> FittedPopulation:
-        """The population fit with the hybrid's OMEGA (``omega``): the ODE part of the hybrid."""
-        return self.population if self.omega is None else with_omega(self.population, self.omega)
+        """The population fit with the hybrid's OMEGA and SIGMA (``omega``, ``sigma``): the ODE part of the
+        hybrid and its residual error."""
+        if self.omega is None:
+            return self.population
+        return with_omega(self.population, self.omega, self.sigma)
 
     @property
     def latent_dim(self) -> int:
@@ -95,8 +100,9 @@ class HybridFit:
 
     def _estimate_from(self, ode_fit, refine: bool = True) -> HybridEstimate:
         est, batch, ipred0 = ode_fit
+        hp_ = self.hybrid_population
         h = estimate_hybrid(self.vae, batch, ipred0, est.eta, self.population.model.error,
-                            self.population.sigma.sd_tensors(), baseline=ODEBaseline(self.hybrid_population),
+                            hp_.sigma.sd_tensors(), baseline=ODEBaseline(hp_),
                             refine=refine)
         return h.with_ode(est, ipred0)
 
@@ -163,7 +169,7 @@ class HybridFit:
         eta, z = self._split(points)
         return joint_objective(self.vae, ODEBaseline(self.hybrid_population), batch, eta, z,
                                self.population.model.error,
-                               self.population.sigma.sd_tensors(), z_prior=z_prior)
+                               self.hybrid_population.sigma.sd_tensors(), z_prior=z_prior)
 
     def individual_parameters(self, batch, points) -> dict:
         """The structural parameters {name: (S,)} of the ODE part at ``points`` (with the typical-value shifts
@@ -208,6 +214,8 @@ class HybridFit:
             return None
         return {"etas": list(self.population.omega.etas), "hybrid": [list(r) for r in self.omega],
                 "population": [list(r) for r in self.population.omega.matrix],
+                "sigma_hybrid": dict(self.sigma or {}),
+                "sigma_population": {r.kind: r.sd for r in self.population.sigma.rows},
                 "method": "iterative two-stage on the training patients (hybridpk.residual.omega)"}
 
     def refinement(self) -> dict:
@@ -234,7 +242,8 @@ class HybridFit:
                 "candidates": [c.to_dict() for c in self.candidates], "refine_failure": self.refine_failure,
                 "config": asdict(self.config),
                 "coverage": self.coverage.to_dict() if self.coverage is not None else None,
-                "omega": [list(r) for r in self.omega] if self.omega is not None else None}
+                "omega": [list(r) for r in self.omega] if self.omega is not None else None,
+                "sigma": dict(self.sigma) if self.sigma is not None else None}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         atomic_write_text(run / "training.csv", self.training_curves().to_csv(index=False))
@@ -269,7 +278,8 @@ class HybridFit:
         history = _read_curves(run / "training.csv", cands, vae.form_name, int(meta["latent_dim"]))
         return cls(population=population, vae=vae, config=TrainConfig(**meta["config"]), individual=individual,
                    history=history, candidates=cands, refine_failure=meta.get("refine_failure", ""),
-                   coverage=TrainingCoverage.from_dict(meta.get("coverage")), omega=_omega_of(meta, population))
+                   coverage=TrainingCoverage.from_dict(meta.get("coverage")), omega=_omega_of(meta, population),
+                   sigma=_sigma_of(meta, population))
 
     def training_curves(self) -> pd.DataFrame:
         """Every training curve of the fit, one row per candidate and epoch: FORM, LATENT_DIM, EPOCH (0-based),
@@ -292,6 +302,22 @@ def _omega_of(meta: dict, population) -> tuple | None:
     if len(found) != k or any(len(r) != k for r in found):
         raise HybridPKError(f"vae.json: the hybrid's OMEGA is not {k} x {k} (the model's ETAs); refit the model")
     return tuple(tuple(float(x) for x in r) for r in found)
+
+
+def _sigma_of(meta: dict, population) -> dict | None:
+    """The hybrid's residual error SDs from vae.json (None for runs saved before they were estimated); refused
+    when they are not the model's error parameters or not positive numbers."""
+    found = meta.get("sigma")
+    if found is None:
+        return None
+    names = set(population.model.error.names)
+    try:
+        out = {str(k): float(v) for k, v in found.items()}
+    except (AttributeError, TypeError, ValueError):
+        out = None
+    if out is None or set(out) != names or not all(v >= 0 and np.isfinite(v) for v in out.values()):
+        raise HybridPKError(f"vae.json: the hybrid's residual error is not {sorted(names)} with SDs >= 0; refit")
+    return out
 
 
 def _candidates(meta: dict) -> list:
@@ -485,12 +511,12 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
                                      score=_kept(_predictive(fit, dataset, cands, config_of), where))
     cfg = config_of(chosen, checkpoint=None)   # the run does not depend on where its training was checkpointed
-    omega = None
-    if base.its_iterations > 0 and base.joint:
-        matrix, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, sd,
-                              iterations=base.its_iterations)
+    omega = sigma = None
+    if base.its_iterations > 0 and base.joint and fit.model.n_eta:
+        matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, sd,
+                                     iterations=base.its_iterations)
         omega = tuple(tuple(float(x) for x in row) for row in matrix.tolist())
-    draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame(), omega=omega)
+    draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame(), omega=omega, sigma=sigma)
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})
     cols, failure = _per_patient(draft, dataset, ode_fit)
     for name, values in cols.items():
