@@ -66,9 +66,10 @@ By default (--training joint) each patient's ETAs are re-estimated together with
 so the correction acts on the ODE at its best individual fit; --training staged keeps the ODE-only ETAs
 (log form only). With the log form each patient's prediction averages hybrid and ODE-only with the hybrid's
 Akaike weight (HYBRID_WEIGHT), so patients the ODE already describes keep the ODE prediction. After training,
-the ETAs' OMEGA is estimated again with the correction in place (two iterative two-stage steps on the training
-patients): the ODE-only fit's OMEGA absorbed what the ODE missed (on the EHC example V 0.24 and KA 0.56 against
-the truth's 0.04 and 0.09), and the hybrid's estimates, predictions and doses use its own. RMSE and
+the ETAs' OMEGA and the residual error are estimated again with the correction in place (an iterative two-stage
+step on the training patients): the ODE-only fit's absorbed what the ODE missed (on the EHC example OMEGA of V
+0.24 and KA 0.56 against the truth's 0.04 and 0.09, additive SD 0.16 against 0.05), and the hybrid's
+estimates, predictions and doses use its own. RMSE and
 -2LL of ODE-only vs hybrid are printed; individual.csv gains Z1.., Z1_SD.., COMPLEXITY, HYBRID_WEIGHT, and,
 from the latent classifier trained with the run (unless --no-classifier; see 'hybridpk classify'),
 COMPLEX_EVIDENCE, P_COMPLEX and COMPLEX: which patients need the complex model.

@@ -49,8 +49,8 @@ class TrainConfig:
     often found only after a plateau), then after ``patience`` epochs without a better held-out -ELBO.
     ``checkpoint``: a file written atomically every ``checkpoint_every`` epochs and when training ends;
     when it exists, training resumes from it (a training that had stopped early is not continued).
-    ``its_iterations``: after training, the hybrid's own OMEGA is estimated on the training patients by this
-    many iterative two-stage steps (:mod:`hybridpk.residual.omega`; 0: keep the population fit's OMEGA).
+    ``its_iterations``: after training, the hybrid's own OMEGA and SIGMA are estimated on the training patients
+    by this many iterative two-stage steps (:mod:`hybridpk.residual.omega`; 0: keep the population fit's).
     """
 
     latent_dim: int = 2
@@ -75,7 +75,7 @@ class TrainConfig:
     form: str = "auto"
     intervals: int | None = None
     screen_epochs: int = 300
-    its_iterations: int = 2
+    its_iterations: int = 1
 
 
 class _Split:
