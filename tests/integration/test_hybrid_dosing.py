@@ -19,10 +19,10 @@ from hybridpk.dosing import estimate_patient, forecast, recommend_dose
 from hybridpk.dosing.model import HybridDosing, PopulationDosing, dosing_model
 from hybridpk.dosing.targets import metric_coefficients, metrics_by_simulation, parse_target
 from hybridpk.population import build_model, fit_population
-from hybridpk.residual import HybridFit, HybridVAE, TrainConfig, fit_hybrid
-from hybridpk.residual.features import fit_scale, record_features
+from hybridpk.residual import HybridFit, TrainConfig, fit_hybrid
 from hybridpk.residual.hybrid import _ode_only
 from hybridpk.solve.examples import simulate_ehc_population
+from tests.reference.hybrids import zero_correction_vae
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,7 @@ def hybrid_run(ehc_fit, tmp_path_factory):
 def _zero_hybrid(fit, ds):
     """A hybrid whose correction is exactly 0 (log form, decoder output 0): the ODE model in disguise."""
     _, batch, ipred = _ode_only(fit, ds)
-    scale = fit_scale(batch, ipred, 6)
-    x, _ = record_features(batch, ipred, scale)
-    vae = HybridVAE(x.shape[-1], 2, 16, joint=True, n_shift=3, form="log").double()
-    vae.scale = scale
-    with torch.no_grad():
-        for p in vae.form.parameters():
-            p.zero_()
-    vae.eval()
+    vae = zero_correction_vae(batch, ipred, n_shift=3)
     return HybridFit(population=fit, vae=vae, config=TrainConfig(), individual=pd.DataFrame())
 
 

@@ -13,13 +13,13 @@ import torch
 
 from hybridpk.dosing.model import HybridDosing
 from hybridpk.population import build_model, fit_population
-from hybridpk.residual import HybridFit, HybridVAE, TrainConfig
+from hybridpk.residual import HybridFit, TrainConfig
 from hybridpk.residual.baseline import ODEBaseline
-from hybridpk.residual.features import fit_scale, record_features
 from hybridpk.residual.hybrid import _ode_only
 from hybridpk.residual.inference import estimate_hybrid, joint_objective
 from hybridpk.residual.omega import _project, conditional_covariance, its_omega
 from hybridpk.solve import make_design, simulate_population
+from tests.reference.hybrids import zero_correction_vae
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,7 @@ def ode_world():
         warnings.simplefilter("ignore")
         fit = fit_population(pm, sim.dataset, progress=False, covariance=False)
     est, batch, ipred = _ode_only(fit, sim.dataset)
-    scale = fit_scale(batch, ipred, 6)
-    x, _ = record_features(batch, ipred, scale)
-    vae = HybridVAE(x.shape[-1], 2, 16, joint=True, n_shift=3, form="log").double()
-    vae.scale = scale
-    with torch.no_grad():
-        for p in vae.form.parameters():
-            p.zero_()
-    vae.eval()
+    vae = zero_correction_vae(batch, ipred, n_shift=3)
     vae.l2, vae.prior_weight = 0.3, 0.3
     return sim.dataset, fit, vae, est, batch, ipred
 
