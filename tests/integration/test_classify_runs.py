@@ -109,6 +109,9 @@ def test_the_report_of_a_hybrid_run(run, tmp_path):
     for name in FIGURES + HYBRID_FIGURES + ("fits_1", "classifier"):
         assert f'alt="{name}"' in page
     assert "no AIC or BIC" in page
+    hybrid = load_run(folder).summary()["omega"]
+    assert "estimated again with the correction in place" in page
+    assert f"{hybrid['hybrid'][1][1]:.4g}" in page and f"{hybrid['sigma_hybrid']['ADD']:.4g}" in page
 
 
 def test_the_training_curves_are_saved_with_the_run_and_drawn(run):

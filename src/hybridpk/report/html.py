@@ -134,6 +134,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _hybrid_variability(model) -> str:
+    """The hybrid's own OMEGA and residual error SDs beside the ODE-only fit's (iterative two-stage, with the
+    correction in place); nothing for runs saved before they were estimated."""
+    found = model.summary().get("omega")
+    if not found:
+        return ""
+    rows = [(name, found["hybrid"][i][i], found["population"][i][i]) for i, name in enumerate(found["etas"])]
+    rows += [(f"{k} (SD)", v, found["sigma_population"].get(k)) for k, v in found["sigma_hybrid"].items()]
+    return ("<p>The hybrid's ETAs and residual error, estimated again with the correction in place (an iterative "
+            "two-stage step on the training patients); the hybrid's estimates, predictions and doses use these.</p>"
+            + _table(rows, ["hybrid", "value", "ODE-only fit"]))
+
+
 def _html(model, pop, summary, meta, images, hybrid: bool) -> str:
     theta = [(r.name, r.value, r.se, r.rse, "FIX" if r.fixed else "") for r in pop.theta.rows]
     omega = [(e.label, e.variance, e.cv_percent, e.se) for e in pop.omega]
@@ -147,6 +160,7 @@ def _html(model, pop, summary, meta, images, hybrid: bool) -> str:
                 "of the same kind (compare hybrids by cross-validation: hybridpk compare)" if hybrid else "") + ".</p>",
              "<h2>Estimates</h2>", _table(theta, ["THETA", "estimate", "SE", "RSE %", ""]),
              _table(omega, ["OMEGA", "variance", "CV %", "SE"]), _table(sigma, ["SIGMA", "value", "scale", "SE"]),
+             _hybrid_variability(model) if hybrid else "",
              _table([(k, v) for k, v in shr.get("eta", {}).items()] + [("epsilon", shr.get("epsilon"))],
                     ["shrinkage", "%"]),
              "<h2>Diagnostics</h2>"]
