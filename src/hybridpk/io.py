@@ -91,10 +91,8 @@ def _require_pyarrow(path) -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        from .errors import HybridPKError
-
-        raise HybridPKError(f"{path}: writing Parquet needs pyarrow (pip install 'hybridpk[parquet]'); or give a "
-                            ".csv file") from None
+        raise ImportError(f"{path}: writing Parquet needs pyarrow (pip install 'hybridpk[parquet]'); or give a "
+                          ".csv file") from None
 
 
 def run_metadata(**extra) -> dict:

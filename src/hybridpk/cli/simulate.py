@@ -126,6 +126,10 @@ def run(args) -> int:
         except ValueError:
             raise HybridPKError(f"--covariate: expected P=COV:REF:EXP (e.g. CL=WT:70:0.75), got {item!r}") from None
     options = dict(proportional=args.proportional, additive=args.additive, covariates=cov, method=args.method)
+    try:
+        TableWriter(args.out)                       # Parquet needs pyarrow: refused before any work
+    except ImportError as exc:
+        raise HybridPKError(str(exc)) from None
     side = _stem(args.out)
     suffix = ".parquet" if str(args.out).lower().endswith((".parquet", ".pq")) else ".csv"
     if args.n is None:
