@@ -209,7 +209,8 @@ class HybridFit:
                 "omega": self._omega_summary()}
 
     def _omega_summary(self) -> dict | None:
-        """The hybrid's OMEGA beside the population fit's: {"etas", "hybrid", "population"} (K x K lists)."""
+        """The hybrid's OMEGA and residual error SDs beside the population fit's: "etas", "hybrid" and
+        "population" (K x K lists), "sigma_hybrid" and "sigma_population" ({kind: SD}), "method"."""
         if self.omega is None:
             return None
         return {"etas": list(self.population.omega.etas), "hybrid": [list(r) for r in self.omega],

@@ -104,11 +104,11 @@ def virtual_design(design, start: int, n: int):
     ids = list(design.ids)
     groups = {sid: g for sid, g in df.groupby("ID", sort=False)}
     template = [groups[ids[(start + i) % len(ids)]] for i in range(min(n, len(ids)))]
-    counts = np.array([len(g) for g in template])
     reps = -(-n // len(template))                     # ceil: whole passes over the templates, then cut
+    rows = np.tile([len(g) for g in template], reps)[:n]   # records of each virtual patient
     block = pd.concat(template, ignore_index=True)
-    out = pd.concat([block] * reps, ignore_index=True).iloc[:int(np.tile(counts, reps)[:n].sum())].copy()
-    out["ID"] = np.repeat(np.arange(start + 1, start + n + 1), np.tile(counts, reps)[:n])
+    out = pd.concat([block] * reps, ignore_index=True).iloc[:int(rows.sum())].copy()
+    out["ID"] = np.repeat(np.arange(start + 1, start + n + 1), rows)
     return read_nonmem(out, covariates=list(design.covariates))
 
 
