@@ -1,6 +1,7 @@
 """Per-subject OFV gradients (the S matrix of the sandwich covariance, NONMEM's $COVARIANCE default R^-1 S R^-1):
-forward mode (P passes, used above FORWARD_MODE_SUBJECTS subjects) and batched backward passes give the same
-Jacobian, and both equal central differences of each subject's OFV contribution."""
+the subject-weights passes (P backward passes of the weighted OFV gradient, the default) and the N batched backward
+passes give the same Jacobian, whose rows sum to the OFV's gradient and equal central differences of each subject's
+OFV contribution."""
 
 from __future__ import annotations
 
@@ -46,15 +47,15 @@ def _case(method, block, solver="auto"):
 
 @pytest.mark.parametrize("block", [False, True], ids=["diagonal", "block"])
 @pytest.mark.parametrize("method", ["FOCE-I", "FOCE", "FO", "LAPLACE-I"])
-def test_forward_and_backward_per_subject_gradients_agree_with_central_differences(method, block):
+def test_weights_and_backward_per_subject_gradients_agree_with_central_differences(method, block):
     n, ofv_i, x = _case(method, block)
-    backward = per_subject_gradients(ofv_i, x, n, mode="backward")
-    forward = per_subject_gradients(ofv_i, x, n, mode="forward")
+    backward = per_subject_gradients(ofv_i, x, mode="backward")
+    weights = per_subject_gradients(ofv_i, x, mode="weights")
     assert backward.shape == (n, x.shape[0])
-    np.testing.assert_allclose(forward, backward, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(weights, backward, rtol=1e-8, atol=1e-9)
     xr = x.clone().requires_grad_(True)      # summed over subjects: the gradient the outer search uses
     (total,) = torch.autograd.grad(ofv_i(xr).sum(), xr)
-    np.testing.assert_allclose(forward.sum(0), total.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(weights.sum(0), total.numpy(), rtol=1e-10, atol=1e-10)
     # central differences of each subject's contribution; the OFV's gradient holds the Hessian of the EBE
     # re-attachment step constant (its derivative multiplies a gradient that is 0 at the mode), hence 1e-3
     h = 1e-6
@@ -65,8 +66,8 @@ def test_forward_and_backward_per_subject_gradients_agree_with_central_differenc
         np.testing.assert_allclose(backward[:, j], fd, rtol=1e-3, atol=1e-4)
 
 
-def test_forward_mode_through_the_ode_solver_agrees():
-    """The ODE path (adaptive Dormand-Prince, ETA stencil Hessians) in forward mode."""
+def test_weights_mode_through_the_ode_solver_agrees():
+    """The ODE path (adaptive Dormand-Prince, ETA stencil Hessians) in weights mode."""
     n, ofv_i, x = _case("FOCE-I", False, solver="ode")
-    np.testing.assert_allclose(per_subject_gradients(ofv_i, x, n, mode="forward"),
-                               per_subject_gradients(ofv_i, x, n, mode="backward"), rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(per_subject_gradients(ofv_i, x, mode="weights"),
+                               per_subject_gradients(ofv_i, x, mode="backward"), rtol=1e-7, atol=1e-8)
