@@ -143,6 +143,12 @@ def add_parser(sub) -> None:
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs (log form)")
     p.add_argument("--device", default="cpu", type=device_arg, help="torch device for VAE training (cpu, cuda)")
+    p.add_argument("--distributed", action="store_true",
+                   help="with --hybrid vae, under torchrun (torchrun --nproc_per_node=N -m hybridpk fit ... "
+                        "--distributed): train the networks data-parallel over the N processes (gloo on the CPU, "
+                        "nccl with --device cuda, one GPU per process); every process fits the population alike, "
+                        "each takes its share of every minibatch's patients, the gradients are summed over the "
+                        "processes, and the first process alone writes RUN and shows progress")
     p.add_argument("--report", action="store_true", help="write the HTML report (estimates, diagnostic figures, VPC) "
                    "into OUT/report right after the fit ('hybridpk report')")
     p.add_argument("--no-classifier", action="store_true", help="with --hybrid vae: do not train the latent "
@@ -172,6 +178,50 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "distributed", False):
+        return _run_distributed(args)
+    return _run(args)
+
+
+def _run_distributed(args) -> int:
+    """The command in one of torchrun's processes: the first writes RUN; the others compute alike into a private
+    folder (holding a copy of RUN for --resume) with their output silenced."""
+    import contextlib
+    import io
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from hybridpk.errors import HybridPKError
+    from hybridpk.residual.distributed import init_from_environment
+
+    if args.hybrid != "vae":
+        raise HybridPKError("--distributed trains the hybrid's networks data-parallel: add --hybrid vae (a population "
+                            "fit alone runs in one process)")
+    shard, args.device = init_from_environment(args.device)
+    try:
+        if shard.main:
+            torch.distributed.barrier()           # the other processes have copied RUN for --resume
+            return _run(args)
+        private = Path(tempfile.mkdtemp(prefix=f"hybridpk-rank{shard.rank}-"))
+        try:
+            run_dir = private / "run"
+            if args.resume and Path(args.out).is_dir():
+                shutil.copytree(args.out, run_dir)
+            torch.distributed.barrier()
+            args.out, args.quiet, args.report = str(run_dir), True, False
+            with contextlib.redirect_stdout(io.StringIO()):
+                _run(args)
+            return 0
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run(args) -> int:
     import shutil
     from pathlib import Path
 
@@ -268,7 +318,7 @@ def _candidate_lines(cands) -> list[str]:
 
 #: options of 'fit' that do not change the population fit (a resumed run may keep its saved population fit)
 _NOT_POPULATION = ("hybrid", "hybrid_form", "screen_epochs", "latent_dim", "epochs", "training", "device", "quiet",
-                   "resume", "out", "debug", "handler", "command", "version")
+                   "distributed", "resume", "out", "debug", "handler", "command", "version")
 
 
 def _stage_key(args, ds) -> str:
@@ -324,7 +374,8 @@ def _hybrid_stage(args, pm, ds, result, ck):
     print("training the VAE ...")
     return fit_hybrid(pm, ds, latent_dim=k, seed=args.seed, progress=not args.quiet, population=result,
                       config=TrainConfig(epochs=args.epochs, device=args.device, joint=args.training == "joint",
-                                         form=args.hybrid_form, screen_epochs=args.screen_epochs),
+                                         form=args.hybrid_form, screen_epochs=args.screen_epochs,
+                                         distributed=getattr(args, "distributed", False)),
                       checkpoint_dir=ck)
 
 

@@ -511,7 +511,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
 
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
                                      score=_kept(_predictive(fit, dataset, cands, config_of), where))
-    cfg = config_of(chosen, checkpoint=None)   # the run does not depend on where its training was checkpointed
+    # the run does not depend on where its training was checkpointed, nor over how many processes it ran
+    cfg = config_of(chosen, checkpoint=None, distributed=False)
     omega = sigma = None
     if base.its_iterations > 0 and base.joint and fit.model.n_eta:
         matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, sd,

@@ -39,15 +39,17 @@ def ode_only_objective(batch, ipred, mask, error_model, sd, baseline=None, eta=N
     return out + baseline.eta_penalty(eta) if baseline is not None else out
 
 
-def neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, baseline=None, eta=None):
+def neg_elbo(model, batch, ipred, mask, error_model, sd, beta, l2, gen=None, baseline=None, eta=None, noise=None):
     """-ELBO per patient (N,) with its NLL and KL parts: the residual-error -log-likelihood at the hybrid
-    prediction for z drawn from q(z | patient) (the reparametrisation trick; ``gen`` None: z = its mean),
-    plus beta KL(q || N(0, I)) and the correction penalty. With ``baseline`` (joint mode) the ODE prediction
-    is recomputed at the patients' current ETAs ``eta`` (N, K), and -log p(ETA) is added."""
+    prediction for z drawn from q(z | patient) (the reparametrisation trick with standard normal ``noise`` (N,
+    latent), or drawn from ``gen``; neither: z = its mean), plus beta KL(q || N(0, I)) and the correction
+    penalty. With ``baseline`` (joint mode) the ODE prediction is recomputed at the patients' current ETAs
+    ``eta`` (N, K), and -log p(ETA) is added."""
     mu, logvar = model.encode(batch, ipred, mask)
     # noise drawn on the CPU generator (reproducible on every device), then moved
-    eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype).to(mu.device) if gen is not None else \
-        torch.zeros_like(mu)
+    if noise is None:
+        noise = torch.randn(mu.shape, generator=gen, dtype=mu.dtype) if gen is not None else torch.zeros_like(mu)
+    eps = noise.to(device=mu.device, dtype=mu.dtype)
     z = mu + torch.exp(0.5 * logvar) * eps
     pred, r = model.predict_at(batch, z, baseline, eta, ipred)
     eta_pen = baseline.eta_penalty(eta) if baseline is not None else 0.0

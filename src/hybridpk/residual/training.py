@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import HybridPKError, Interrupted
 from ..io import atomic_write_bytes
 from ..progress import Progress
+from .distributed import current_shard
 from .features import fit_scale, record_features
 from .forms import default_form, get_form
 from .objective import neg_elbo
@@ -51,6 +52,11 @@ class TrainConfig:
     when it exists, training resumes from it (a training that had stopped early is not continued).
     ``its_iterations``: after training, the hybrid's own OMEGA and SIGMA are estimated on the training patients
     by this many iterative two-stage steps (:mod:`hybridpk.residual.omega`; 0: keep the population fit's).
+    ``distributed``: data-parallel over the ranks of an initialised torch.distributed process group
+    (:mod:`hybridpk.residual.distributed`): each rank takes its share of every minibatch, the gradients are
+    summed over the ranks, rank 0 alone shows progress. Every rank holds the same state, so each writes the
+    same checkpoint (``hybridpk fit --distributed`` gives the other ranks private copies of RUN: RUN's
+    checkpoints are rank 0's) and resumes from it.
     """
 
     latent_dim: int = 2
@@ -76,6 +82,7 @@ class TrainConfig:
     intervals: int | None = None
     screen_epochs: int = 300
     its_iterations: int = 1
+    distributed: bool = False
 
 
 class _Split:
@@ -147,15 +154,16 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     opt = torch.optim.Adam(list(model.parameters()) + ([data.etr] if joint else []), lr=cfg.lr)
     opt_val = torch.optim.Adam([data.eva], lr=cfg.lr) if (joint and n_val) else None
     key = _fingerprint(cfg, batch, ipred, eta0, baseline)
+    shard = current_shard(cfg.distributed)
     state = _resume(cfg, model, opt, opt_val, data, gen, device, key)
     history = state["history"]
     epoch = state["start"]   # the epoch running (0-based), for the message of an interrupt
     try:
         label = "VAE" if cfg.form == "auto" else f"VAE ({cfg.form}, K={cfg.latent_dim})"
-        with Progress(cfg.epochs, label, "epoch", enabled=cfg.progress, initial=state["start"]) as bar:
+        with Progress(cfg.epochs, label, "epoch", enabled=cfg.progress and shard.main, initial=state["start"]) as bar:
             for epoch in range(state["start"], cfg.epochs if not state["stopped"] else state["start"]):
                 beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
-                train = _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline)
+                train = _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline, shard)
                 val = _validate(model, opt_val, data, error_model, sd, cfg, baseline, train)
                 history.append((epoch, train, val))
                 bar.update(1, train=f"{train:.3f}", val=f"{val:.3f}")
@@ -180,25 +188,36 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     return model, history
 
 
-def _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline) -> float:
-    """One pass over the training patients in random minibatches; the mean -ELBO per patient."""
+def _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline, shard=None) -> float:
+    """One pass over the training patients in random minibatches; the mean -ELBO per patient. Distributed
+    (``shard`` of several ranks): each rank computes its share of every minibatch's patients, with the noise
+    drawn for the whole minibatch, and the losses and gradients are summed over the ranks."""
+    shard = shard or current_shard(False)
     ntr = data.btr.n_subjects
     order = torch.randperm(ntr, generator=gen)
+    params = list(model.parameters()) + ([data.etr] if data.etr is not None else [])
     model.train()
     total = 0.0
     for i in range(0, ntr, cfg.batch_size):
         idx = order[i:i + cfg.batch_size]
-        b = data.btr.select(idx)
-        loss, _, _ = neg_elbo(model, b, data.ptr[idx], b.is_obs, error_model, sd, beta, cfg.l2_correction, gen,
-                              baseline, data.etr[idx] if data.etr is not None else None)
-        loss = loss.sum() / len(idx)
-        if not torch.isfinite(loss):      # NaN guard: skip the step
+        noise = torch.randn((len(idx), cfg.latent_dim), generator=gen, dtype=torch.float64)
+        mine, noise = shard.take(idx), shard.take(noise)
+        loss = None
+        if len(mine):
+            b = data.btr.select(mine)
+            loss, _, _ = neg_elbo(model, b, data.ptr[mine], b.is_obs, error_model, sd, beta, cfg.l2_correction,
+                                  None, baseline, data.etr[mine] if data.etr is not None else None, noise=noise)
+            loss = loss.sum() / len(idx)
+        value = shard.all_sum(torch.tensor(0.0 if loss is None else float(loss.detach()), dtype=torch.float64))
+        if not torch.isfinite(value):      # NaN guard: skip the step (every rank alike)
             continue
         opt.zero_grad()
-        loss.backward()
+        if loss is not None:
+            loss.backward()
+        shard.sum_gradients(params)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
-        total += float(loss.detach()) * len(idx)
+        total += float(value) * len(idx)
     return total / ntr
 
 
@@ -234,7 +253,7 @@ def _track_best(state: dict, model, epoch: int, val: float, cfg) -> bool:
 
 #: options that do not change what an epoch computes: a checkpoint may be resumed with other values of these
 _RESUMABLE_OPTIONS = ("epochs", "min_epochs", "patience", "device", "checkpoint", "checkpoint_every", "progress",
-                      "screen_epochs")
+                      "screen_epochs", "distributed")
 
 
 def _fingerprint(cfg, batch, ipred, eta0, baseline) -> str:
