@@ -21,7 +21,13 @@ the window (by recirculating or not, with binomial SEs), the 90% prediction-inte
 level (one sample at a random time in 24-36 h, the patient's regimen continued with 100 mg at 24 h), and
 the time of one recommendation (estimate + dose search) per model.
 
-Measured (seed 1, 200 training / 100 held-out patients, reservoir form, 2 cores): true AUC24 in the window,
+Measured with the hybrid's own OMEGA and SIGMA (iterative two-stage step after training; seed 1, same design,
+benchmarks/RESULTS-mipd_hybrid.txt): recirculating patients in the window ODE-only 36%, hybrid 42%, oracle 56%
+(SE about 7 points); the others 80 / 78 / 62%; 90% PI coverage of the next level 93 / 94 / 83%; one hybrid
+recommendation median 0.57 s. So the hybrid's own residual error fixed the intervals and gained 8 points, but
+not the 10 points over ODE-only nor the 5 from the oracle that issue 14 asks.
+
+Measured before that step (seed 1, 200 training / 100 held-out patients, reservoir form, 2 cores): true AUC24 in the window,
 recirculating patients: ODE-only 36%, hybrid 34%, oracle 56% (SE about 7 points each); the others 80 / 78 /
 62%. 90% PI coverage of the next level: ODE-only 93%, hybrid 97%, oracle 81%. One hybrid recommendation
 (estimate + dose search, 250 draws): median 0.85 s, at most 1.23 s. So the hybrid does not yet dose the
