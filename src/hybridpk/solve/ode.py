@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchdiffeq import odeint
 
 from ..errors import ModelError
 from ._dp5 import march
@@ -75,6 +74,8 @@ def _integrate(model, p, a, rate, t0, t1, ctx, rtol, atol, method, max_steps):
     func = _Segment(model, p, rate, t0, dt, ctx)
     grid = torch.tensor([0.0, 1.0], dtype=a.dtype, device=a.device)
     options = {"norm": _max_norm, "max_num_steps": max_steps} if method in ("dopri5", "dopri8", "bosh3") else None
+    from torchdiffeq import odeint     # imported here: 0.3 s of scipy.integrate that the other paths never need
+
     return odeint(func, a, grid, rtol=rtol, atol=atol, method=method, options=options)[-1]
 
 
