@@ -244,7 +244,8 @@ def _run(args) -> int:
         hybrid = _hybrid_stage(args, pm, ds, result, ck) if args.hybrid == "vae" else None
         if hybrid is not None:
             hybrid.save(out)
-            classifier = None if args.no_classifier else _classifier_stage(hybrid, out, args.seed)
+            no_correction = hybrid.vae.form_name == "none"      # nobody needs the complex model: nothing to learn
+            classifier = None if args.no_classifier or no_correction else _classifier_stage(hybrid, out, args.seed)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"{exc or 'interrupted'}; {done}; repeat the command with --resume to continue") from None
     if ck.exists():
@@ -254,9 +255,13 @@ def _run(args) -> int:
     print(report(result, ds))
     if hybrid is not None:
         h = hybrid.summary()
-        print(f"hybrid (ODE + VAE, {h['form']} form, latent dimension {h['latent_dim']}): -2LL of the data "
-              f"{h['nll_ode_total']:.1f} (ODE only) -> {h['nll_hybrid_total']:.1f} (hybrid); RMSE at the "
-              f"observations {h['rmse_ode']:.4g} -> {h['rmse_hybrid']:.4g}")
+        if h["form"] == "none":
+            print("hybrid: no correction predicted the held-out patients' levels better than the ODE model alone "
+                  "(selection below), so the run's hybrid is the ODE model (form none, no correction)")
+        else:
+            print(f"hybrid (ODE + VAE, {h['form']} form, latent dimension {h['latent_dim']}): -2LL of the data "
+                  f"{h['nll_ode_total']:.1f} (ODE only) -> {h['nll_hybrid_total']:.1f} (hybrid); RMSE at the "
+                  f"observations {h['rmse_ode']:.4g} -> {h['rmse_hybrid']:.4g}")
         for line in _candidate_lines(hybrid.candidates):
             print(line)
         if h.get("omega"):
@@ -310,8 +315,10 @@ def _candidate_lines(cands) -> list[str]:
     lines = [head + "):"]
     for c in cands:
         score = c.screen_score if screened else c.score
-        end = f", {c.score:.4f} after {c.epochs} epochs" if screened and c.chosen else ""
-        lines.append(f"  {c.form:<12} K={c.latent_dim}  {score:10.4f}{end}  ({c.seconds:.0f} s)"
+        # the screening's winner continued: its final score (what the ODE model's, form none, is compared with)
+        end = f", {c.score:.4f} after {c.epochs} epochs" if screened and c.score is not None and c.epochs else ""
+        name = "none (ODE)" if c.form == "none" else c.form
+        lines.append(f"  {name:<12} K={c.latent_dim}  {score:10.4f}{end}  ({c.seconds:.0f} s)"
                      + ("  <- chosen" if c.chosen else ""))
     return lines
 

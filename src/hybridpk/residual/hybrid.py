@@ -26,7 +26,7 @@ from .inference import HybridEstimate, estimate_hybrid, joint_objective, predict
 from .objective import gaussian_nll
 from .omega import its_omega, with_omega
 from .selection import Candidate, candidates, select
-from .training import TrainConfig, train_vae
+from .training import TrainConfig, null_model, train_vae
 from .vae import HybridVAE, scale_from_tensors, scale_to_tensors
 
 __all__ = ["HybridFit", "fit_hybrid", "HYBRID_FORMAT"]
@@ -509,12 +509,16 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
             return train_vae(batch, ipred, fit.model.error, sd, config_of(c, epochs=epochs, checkpoint=path),
                              baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None)
 
+        def null(k):       # the ODE model itself, which every trained correction must beat
+            return null_model(batch, ipred, config_of(Candidate("none", k)), baseline if base.joint else None)
+
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
-                                     score=_kept(_predictive(fit, dataset, cands, config_of), where))
+                                     score=_kept(_predictive(fit, dataset, cands, config_of), where),
+                                     null=null if base.form == "auto" else None)
     # the run does not depend on where its training was checkpointed, nor over how many processes it ran
     cfg = config_of(chosen, checkpoint=None, distributed=False)
     omega = sigma = None
-    if base.its_iterations > 0 and base.joint and fit.model.n_eta:
+    if base.its_iterations > 0 and base.joint and fit.model.n_eta and chosen.form != "none":
         matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, sd,
                                      iterations=base.its_iterations)
         omega = tuple(tuple(float(x) for x in row) for row in matrix.tolist())

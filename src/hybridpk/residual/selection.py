@@ -58,12 +58,16 @@ def candidates(form: str, latent_dim, default_dim: int, joint: bool, linear: boo
     return [Candidate(f, k) for f in forms for k in dims]
 
 
-def select(cands: list, train, epochs: int, screen_epochs: int, warmup: int = 0, score=None):
+def select(cands: list, train, epochs: int, screen_epochs: int, warmup: int = 0, score=None, null=None):
     """Train the candidates with ``train(candidate, epochs) -> (model, history)`` and return (model,
     history, candidate) of the best, with every candidate's record filled in ``cands``. ``train`` must resume
     a candidate's training when called again for it with more epochs. ``warmup``: epochs before the held-out
     -ELBO counts (the training's warm-up of beta). ``score(candidate, model) -> float`` (lower is better): the
-    criterion, e.g. :func:`hybridpk.residual.predictive.predictive_score`; None: the held-out -ELBO."""
+    criterion, e.g. :func:`hybridpk.residual.predictive.predictive_score`; None: the held-out -ELBO.
+
+    ``null(latent_dim) -> model``: the hybrid without a correction (the "none" form, nothing to train). With a
+    ``score``, the best trained candidate at the end of its training must score better than the null model;
+    otherwise the null model is chosen (ties too: the simpler model). It joins ``cands`` as form "none"."""
     screen = len(cands) > 1 and 0 < screen_epochs < epochs
 
     def judge(c, model, hist, upto):
@@ -93,6 +97,17 @@ def select(cands: list, train, epochs: int, screen_epochs: int, warmup: int = 0,
         results[id(best)] = (model, hist)
     else:
         best = min(cands, key=_rank(lambda c: c.score))
+    if null is not None and score is not None:
+        t0 = time.perf_counter()
+        none = Candidate("none", best.latent_dim, screen_epochs=0, criterion="predictive")
+        model0 = null(best.latent_dim)
+        none.score = float(score(none, model0))
+        none.screen_score = none.score if screen else None
+        none.seconds = time.perf_counter() - t0
+        cands.append(none)
+        results[id(none)] = (model0, [])
+        if not (best.score is not None and best.score == best.score and best.score < none.score):
+            best = none
     best.chosen = True
     model, hist = results[id(best)]
     return model, hist, best

@@ -30,7 +30,7 @@ from .forms import default_form, get_form
 from .objective import neg_elbo
 from .vae import HybridVAE, scale_to_tensors
 
-__all__ = ["TrainConfig", "train_vae", "held_out_patients"]
+__all__ = ["TrainConfig", "train_vae", "held_out_patients", "null_model"]
 
 
 @dataclass
@@ -124,6 +124,16 @@ def _build_model(batch, ipred, tr_idx, cfg: TrainConfig, baseline) -> HybridVAE:
                       form).double()
     model.scale = scale
     return model
+
+
+def null_model(batch, ipred, config: TrainConfig, baseline=None) -> HybridVAE:
+    """The hybrid without a correction (form "none", ``config.form`` ignored): the ODE model itself, scaled and
+    set up as :func:`train_vae` would set up a model of ``config`` (nothing to train)."""
+    cfg = TrainConfig(**{**config.__dict__, "form": "none"})
+    _, tr_idx = _split(batch.n_subjects, cfg, torch.Generator(device="cpu").manual_seed(cfg.seed))
+    model = _build_model(batch, ipred, tr_idx, cfg, baseline)
+    model.l2, model.prior_weight = cfg.l2_correction, cfg.beta
+    return model.eval()
 
 
 def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, baseline=None, eta0=None):

@@ -6,18 +6,21 @@ from .base import CorrectionForm
 from .elimination import EliminationForm
 from .input import InputForm
 from .log import LogForm
+from .none import NoCorrection
 from .reservoir import ReservoirForm
 
-__all__ = ["CorrectionForm", "LogForm", "InputForm", "ReservoirForm", "EliminationForm", "FORMS", "get_form",
-           "default_form", "candidate_forms"]
+__all__ = ["CorrectionForm", "LogForm", "InputForm", "ReservoirForm", "EliminationForm", "NoCorrection", "FORMS",
+           "get_form", "default_form", "candidate_forms"]
 
-#: name -> form class
+#: name -> form class (the trained corrections; "none", the null model form selection compares them with, is
+#: looked up too but never trained)
 FORMS = {cls.name: cls for cls in (InputForm, ReservoirForm, EliminationForm, LogForm)}
+_NULL = {NoCorrection.name: NoCorrection}
 
 
 def get_form(name: str) -> type:
     try:
-        return FORMS[name]
+        return FORMS[name] if name in FORMS else _NULL[name]
     except KeyError:
         raise ValueError(f"the hybrid form must be one of {', '.join(FORMS)}, not {name!r}") from None
 
