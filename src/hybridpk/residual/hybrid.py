@@ -502,15 +502,17 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     with tempfile.TemporaryDirectory(prefix="hybridpk-") as tmp:
         where = ck if ck is not None else Path(tmp)
 
+        def null(k):       # the ODE model itself, which every trained correction must beat
+            return null_model(batch, ipred, config_of(Candidate("none", k)), baseline if base.joint else None)
+
         def train(c, epochs):
+            if c.form == "none":      # a refit of a run whose hybrid is the ODE model: nothing to train
+                return null(c.latent_dim), []
             # several candidates resume from their own checkpoints (the screening's winner continues from it)
             path = (str(where / f"vae_{c.form}_k{c.latent_dim}.pt") if ck is not None or len(cands) > 1
                     else base.checkpoint)
             return train_vae(batch, ipred, fit.model.error, sd, config_of(c, epochs=epochs, checkpoint=path),
                              baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None)
-
-        def null(k):       # the ODE model itself, which every trained correction must beat
-            return null_model(batch, ipred, config_of(Candidate("none", k)), baseline if base.joint else None)
 
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
                                      score=_kept(_predictive(fit, dataset, cands, config_of), where),
