@@ -44,9 +44,12 @@ def test_the_best_screened_form_is_trained_to_the_end_as_if_alone(ehc_fit, tmp_p
     cfg = TrainConfig(epochs=30, warmup_epochs=5, screen_epochs=12, progress=False)
     hyb = fit_hybrid(pm, ds, population=fit, config=cfg, seed=2, progress=False)
     cands = hyb.candidates
-    assert [c.form for c in cands] == ["input", "reservoir", "elimination", "log"]
+    assert [c.form for c in cands] == ["input", "reservoir", "elimination", "log", "none"]
     (chosen,) = [c for c in cands if c.chosen]
-    assert chosen.screen_score == min(c.screen_score for c in cands)
+    trained, none = cands[:-1], cands[-1]
+    assert chosen.screen_score == min(c.screen_score for c in trained)
+    # the ODE model (form none, nothing trained) scored alike: the recirculation is worth a correction
+    assert none.epochs == 0 and none.score == none.screen_score and chosen.score < none.score
     assert hyb.vae.form_name == chosen.form == hyb.config.form and hyb.config.epochs == 30
     # the criterion: each held-out patient's levels predicted from its other levels, recomputed here
     held = [ds.ids[i] for i in held_out_patients(ds.n_subjects, replace(cfg, seed=2)).tolist()]
@@ -55,7 +58,7 @@ def test_the_best_screened_form_is_trained_to_the_end_as_if_alone(ehc_fit, tmp_p
     # once the form is chosen)
     scored = replace(hyb, omega=None, sigma=None)
     assert chosen.epochs == 30 and chosen.score == pytest.approx(predictive_score(scored, ds, held), rel=1e-9)
-    assert all(c.epochs == 12 and c.score is None for c in cands if not c.chosen)
+    assert all(c.epochs == 12 and c.score is None for c in trained if not c.chosen)
     alone = fit_hybrid(pm, ds, population=fit, config=replace(cfg, form=chosen.form), seed=2, progress=False)
     assert alone.candidates == []
     for (k, v), (_, w) in zip(hyb.vae.state_dict().items(), alone.vae.state_dict().items()):
@@ -69,7 +72,7 @@ def test_the_best_screened_form_is_trained_to_the_end_as_if_alone(ehc_fit, tmp_p
     assert loaded.candidates == cands
     # every candidate's training curve is kept (training.csv): the losers' screening epochs, the winner's all
     assert [c.history for c in loaded.candidates] == [c.history for c in cands] and loaded.history == hyb.history
-    assert loaded.training_curves().groupby("FORM", sort=False).size().to_dict() == {c.form: c.epochs for c in cands}
+    assert loaded.training_curves().groupby("FORM", sort=False).size().to_dict() == {c.form: c.epochs for c in trained}
 
 
 def test_the_command_prints_every_candidates_score_and_the_choice(ehc_fit, tmp_path, capsys):
@@ -82,7 +85,7 @@ def test_the_command_prints_every_candidates_score_and_the_choice(ehc_fit, tmp_p
     assert "selection by predictive -2LL per held-out observation (each held-out patient's levels predicted from " \
            "its other levels) (lower is better; after 8 screening epochs):" in out
     assert out.count("<- chosen") == 1
-    for form in ("input", "reservoir", "elimination", "log"):
+    for form in ("input", "reservoir", "elimination", "log", "none (ODE)"):
         assert f"  {form:<12} K=2" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["hybrid"]
     assert sum(c["chosen"] for c in summary["candidates"]) == 1 and summary["config"]["screen_epochs"] == 8

@@ -404,15 +404,15 @@ def _per_patient(hybrid: HybridFit, dataset, ode_fit):
     return cols, h.refine_failure
 
 
-def _predictive(fit, dataset, cands, config_of):
+def _predictive(fit, dataset, cands, config_of, null: bool = False):
     """The candidates' score for form selection: the predictive score of :mod:`.predictive` on the patients the
-    training holds out (the same for every candidate); None (the held-out -ELBO) with one candidate or none held
-    out."""
+    training holds out (the same for every candidate); None (the held-out -ELBO) with one candidate, unless it is
+    compared with the ODE model (``null``), or with none held out."""
     from .predictive import predictive_score, split_halves
     from .training import held_out_patients
 
     held = held_out_patients(dataset.n_subjects, config_of(cands[0]))
-    if len(cands) < 2 or len(held) == 0:
+    if (len(cands) < 2 and not null) or len(held) == 0:
         return None
     ids = [dataset.ids[i] for i in held.tolist()]
     halves = split_halves(dataset, ids)
@@ -515,7 +515,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
                              baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None)
 
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
-                                     score=_kept(_predictive(fit, dataset, cands, config_of), where),
+                                     score=_kept(_predictive(fit, dataset, cands, config_of, base.form == "auto"),
+                                                 where),
                                      null=null if base.form == "auto" else None)
     # the run does not depend on where its training was checkpointed, nor over how many processes it ran
     cfg = config_of(chosen, checkpoint=None, distributed=False)
