@@ -128,8 +128,13 @@ def main():
               f"epochs, {'joint ETAs' if cfg.joint else 'staged'}); form {hyb.vae.form_name}, best held-out "
               f"-ELBO {hyb.vae.best_val:.4f}")
         for c in hyb.candidates:
+            if c.form == "none":      # the ODE model, the null candidate: nothing trained
+                print(f"  candidate none (ODE)    K={c.latent_dim}: {c.criterion} score {c.score:.4f}"
+                      + (" (chosen)" if c.chosen else ""))
+                continue
+            final = f", {c.score:.4f} after {c.epochs}" if c.score is not None and c.epochs > c.screen_epochs else ""
             print(f"  candidate {c.form:<12} K={c.latent_dim}: {c.criterion} score {c.screen_score:.4f} after "
-                  f"{c.screen_epochs} epochs" + (f", {c.score:.4f} after {c.epochs} (chosen)" if c.chosen else ""))
+                  f"{c.screen_epochs} epochs{final}" + (" (chosen)" if c.chosen else ""))
     rec = torch.tensor(truth.RECIRC.to_numpy() == 1)
     for label, data in (("held-out, all samples", test), ("held-out, 3 samples", sparse(test, 3, args.seed))):
         t3 = time.perf_counter()
