@@ -26,7 +26,10 @@ Measured with the hybrid's own OMEGA and SIGMA (iterative two-stage step after t
 benchmarks/RESULTS-mipd_hybrid.txt): recirculating patients in the window ODE-only 36%, hybrid 42%, oracle 56%
 (SE about 7 points); the others 80 / 78 / 62%; 90% PI coverage of the next level 93 / 94 / 83%; one hybrid
 recommendation median 0.57 s. So the hybrid's own residual error fixed the intervals and gained 8 points, but
-not the 10 points over ODE-only nor the 5 from the oracle that issue 14 asks.
+not the 10 points over ODE-only nor the 5 from the oracle that issue 14 asks. What is left is a bias: recommended
+over ideal dose for recirculating patients, geometric mean x/ SD: ODE-only 1.254 x/ 1.300, hybrid 1.164 x/ 1.257,
+oracle 1.056 x/ 1.235 (the others 1.011, 0.992, 0.869): the hybrid overdoses recirculating patients by 16% with
+the oracle's spread.
 
 Measured before that step (seed 1, 200 training / 100 held-out patients, reservoir form, 2 cores): true AUC24
 in the window, recirculating patients: ODE-only 36%, hybrid 34%, oracle 56% (SE about 7 points each); the
