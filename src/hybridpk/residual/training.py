@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -129,7 +129,7 @@ def _build_model(batch, ipred, tr_idx, cfg: TrainConfig, baseline) -> HybridVAE:
 def null_model(batch, ipred, config: TrainConfig, baseline=None) -> HybridVAE:
     """The hybrid without a correction (form "none", ``config.form`` ignored): the ODE model itself, scaled and
     set up as :func:`train_vae` would set up a model of ``config`` (nothing to train)."""
-    cfg = TrainConfig(**{**config.__dict__, "form": "none"})
+    cfg = replace(config, form="none")
     _, tr_idx = _split(batch.n_subjects, cfg, torch.Generator(device="cpu").manual_seed(cfg.seed))
     model = _build_model(batch, ipred, tr_idx, cfg, baseline)
     model.l2, model.prior_weight = cfg.l2_correction, cfg.beta
