@@ -31,6 +31,25 @@ over ideal dose for recirculating patients, geometric mean x/ SD: ODE-only 1.254
 oracle 1.056 x/ 1.235 (the others 1.011, 0.992, 0.869): the hybrid overdoses recirculating patients by 16% with
 the oracle's spread.
 
+Where that bias comes from (seed 1, the 50 recirculating held-out patients, 2026-12-05; throw-away scripts,
+numbers in benchmarks/RESULTS-mipd_hybrid.txt): the patient's MAP CL over the true one (geometric mean) is,
+with the three levels, hybrid 1.170, ODE-only 1.272, oracle 1.047; with twelve levels in 0-24 h 1.129, 1.429 and
+1.009. So it is the hybrid's model, not the sparse data. Measured levers, each alone (three levels): the hybrid's
+typical values are 10% above the truth (CL 4.39, V 43.5, KA 1.35 against 4.0, 40, 1.2): set to the truth, CL
+1.106 (twelve levels 1.097); re-centred on the training patients' mean ETA (a THETA step for the ITS), 1.141;
+the reservoir's uptake untied from the patient's k10 (k_in = exp(a(z) - 3) / t_scale, retrained), 1.153; the
+training patients' aggregate posterior as a mixture prior of z in place of its moment-matched Gaussian, 1.160.
+Started from the true parameters, every patient's MAP returns to the same point (no local optimum).
+Found on the way, a defect of the grid forms: the steady-state AUC24 the hybrid predicts depends on how many
+doses are simulated. AUC24 x CL / daily dose of one patient's MAP after 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 30, 40
+doses: 0.89, 0.92, 0.95, 0.95, 1.00, 1.22, 1.07, 1.01, 1.04, 1.00, 0.93, 1.05: the 1.745-h grid drifts in phase
+against the 12-h dosing, and the release rate, taken at each interval's midpoint, hits or misses the meal peaks.
+Prototyped, not kept: the rate integrated over each interval at 8 points: within 3% from 8 doses, training 2.6x
+slower (272 against 106 s); a grid width that divides the training's dosing interval (12/7 h): periodic from 8
+doses at the same cost, but then the steady state shows the midpoint fill of the reservoir creating 4-6% of the
+dose (AUC24 x CL / daily dose 1.04-1.06), which an exact integral of the central amount over each interval would
+remove. Neither moves recirculating patients in the window (42-44%): the CL bias above is the gap.
+
 Measured before that step (seed 1, 200 training / 100 held-out patients, reservoir form, 2 cores): true AUC24
 in the window, recirculating patients: ODE-only 36%, hybrid 34%, oracle 56% (SE about 7 points each); the
 others 80 / 78 / 62%. 90% PI coverage of the next level: ODE-only 93%, hybrid 97%, oracle 81%. One hybrid recommendation
