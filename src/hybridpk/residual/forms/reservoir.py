@@ -35,7 +35,10 @@ class ReservoirForm(StructuralGridForm):
     compartment into it at k_in A_central (k_in = k10 exp(a(z) - 3) 1/h, set by the patient's z through a
     small MLP, so that one latent prior covers patients with and without uptake) and returns into the dose
     compartment at k_out(t) H (k_out >= 0 1/h, the population's release schedule, a function of the dosing
-    history and covariates, constant on the grid intervals). Mass is conserved and no amount goes negative.
+    history and covariates, constant on the grid intervals). No amount goes negative, and mass is conserved up to
+    the midpoint rule below (the reservoir receives k_in times the central amount at each interval's midpoint
+    times its width, the central loses the exact integral): at a steady state of 100 mg every 12 h with uptake
+    3 x k10 (tests/unit/test_grid_alignment.py), AUC x CL / dose is 1.037 on 12/7-h intervals, 1.011 on 3/7-h.
     The release is a piecewise-constant input, exact through the structural model's closed form; the central
     amount that fills the reservoir is taken at each interval's midpoint (second order in the interval
     width), which makes the coupled system one lower-triangular (G, G) solve per patient. The better form
