@@ -3,6 +3,7 @@ screening round, and the winner trained to the end exactly as if it had been tra
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import replace
@@ -54,9 +55,12 @@ def test_the_best_screened_form_is_trained_to_the_end_as_if_alone(ehc_fit, tmp_p
     # the criterion: each held-out patient's levels predicted from its other levels, recomputed here
     held = [ds.ids[i] for i in held_out_patients(ds.n_subjects, replace(cfg, seed=2)).tolist()]
     assert chosen.criterion == "predictive" and len(held) == 6
-    # candidates are scored as trained, with the population fit's OMEGA and SIGMA (the hybrid's own are estimated
-    # once the form is chosen)
-    scored = replace(hyb, omega=None, sigma=None)
+    # candidates are scored as trained, with the population fit's OMEGA and SIGMA and the typical values training
+    # left (the hybrid's own OMEGA, SIGMA and typical values are estimated once the form is chosen)
+    as_trained = copy.deepcopy(hyb.vae)
+    with torch.no_grad():
+        as_trained.log_shift.copy_(torch.tensor(hyb.trained_log_shift, dtype=as_trained.log_shift.dtype))
+    scored = replace(hyb, vae=as_trained, omega=None, sigma=None)
     assert chosen.epochs == 30 and chosen.score == pytest.approx(predictive_score(scored, ds, held), rel=1e-9)
     assert all(c.epochs == 12 and c.score is None for c in trained if not c.chosen)
     alone = fit_hybrid(pm, ds, population=fit, config=replace(cfg, form=chosen.form), seed=2, progress=False)
@@ -70,6 +74,8 @@ def test_the_best_screened_form_is_trained_to_the_end_as_if_alone(ehc_fit, tmp_p
     assert [c["chosen"] for c in summary["candidates"]] == [c.chosen for c in cands]
     loaded = load_run(tmp_path / "run")
     assert loaded.candidates == cands
+    assert loaded.trained_log_shift == hyb.trained_log_shift and summary["typical_values"]
+    assert all(set(row) == {"population", "trained", "hybrid"} for row in summary["typical_values"].values())
     # every candidate's training curve is kept (training.csv): the losers' screening epochs, the winner's all
     assert [c.history for c in loaded.candidates] == [c.history for c in cands] and loaded.history == hyb.history
     assert loaded.training_curves().groupby("FORM", sort=False).size().to_dict() == {c.form: c.epochs for c in trained}

@@ -124,5 +124,7 @@ def fit_scale(batch, ipred, n_fourier: int = 0, intervals: int = 96) -> dict:
             "cov_mean": cov_mean, "cov_sd": cov_sd, "n_fourier": int(n_fourier),
             # grid forms: rates constant on intervals of about 1/intervals of the observed span (aligned_width)
             "input_dt": aligned_width(batch, float(tfd[obs].max().clamp(min=1.0)) / intervals) if len(dv) else 0.25,
+            # the reservoir form's fill: the central amount averaged over each interval at this many points
+            "fill_points": 8,
             # the latest time since the first dose the networks saw (features are held there beyond it)
             **({"tfd_max": float(tfd[obs].max())} if len(dv) else {})}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -70,6 +71,7 @@ class HybridFit:
     coverage: TrainingCoverage | None = None
     omega: tuple | None = None
     sigma: dict | None = None
+    trained_log_shift: tuple | None = None
 
     @property
     def hybrid_population(self) -> FittedPopulation:
@@ -206,7 +208,24 @@ class HybridFit:
                 "rmse_ode": float(np.sqrt((ind.RMSE_ODE ** 2).mean())),
                 "rmse_hybrid": float(np.sqrt((ind.RMSE_HYBRID ** 2).mean())),
                 "refinement": self.refinement(), "config": asdict(self.config),
-                "omega": self._omega_summary()}
+                "omega": self._omega_summary(), "typical_values": self.typical_values()}
+
+    def typical_values(self) -> dict:
+        """The typical values of the structural parameters that joint training and the ITS's THETA step move
+        (:mod:`hybridpk.residual.omega`): {name: {"population": the population fit's, "trained": after joint
+        training (when recorded), "hybrid": the hybrid's (times exp(shift))}}; empty for staged hybrids and
+        models whose THETA are not named as parameters."""
+        shift = self.vae.log_shift.detach()
+        if not self.vae.joint or not shift.numel():
+            return {}
+        theta = self.population.theta.tensors()
+        out = {}
+        for i, n in enumerate(ODEBaseline(self.population).names):
+            row = {"population": float(theta[n])}
+            if self.trained_log_shift is not None:
+                row["trained"] = float(theta[n]) * math.exp(self.trained_log_shift[i])
+            out[n] = dict(row, hybrid=float(theta[n]) * float(torch.exp(shift[i])))
+        return out
 
     def _omega_summary(self) -> dict | None:
         """The hybrid's OMEGA and residual error SDs beside the population fit's: "etas", "hybrid" and
@@ -244,7 +263,8 @@ class HybridFit:
                 "config": asdict(self.config),
                 "coverage": self.coverage.to_dict() if self.coverage is not None else None,
                 "omega": [list(r) for r in self.omega] if self.omega is not None else None,
-                "sigma": dict(self.sigma) if self.sigma is not None else None}
+                "sigma": dict(self.sigma) if self.sigma is not None else None,
+                "trained_log_shift": list(self.trained_log_shift) if self.trained_log_shift is not None else None}
         atomic_write_text(run / "vae.json", json.dumps(meta, indent=2))
         atomic_write_text(run / "individual.csv", self.individual.to_csv(index=False))
         atomic_write_text(run / "training.csv", self.training_curves().to_csv(index=False))
@@ -280,7 +300,8 @@ class HybridFit:
         return cls(population=population, vae=vae, config=TrainConfig(**meta["config"]), individual=individual,
                    history=history, candidates=cands, refine_failure=meta.get("refine_failure", ""),
                    coverage=TrainingCoverage.from_dict(meta.get("coverage")), omega=_omega_of(meta, population),
-                   sigma=_sigma_of(meta, population))
+                   sigma=_sigma_of(meta, population),
+                   trained_log_shift=tuple(meta["trained_log_shift"]) if meta.get("trained_log_shift") else None)
 
     def training_curves(self) -> pd.DataFrame:
         """Every training curve of the fit, one row per candidate and epoch: FORM, LATENT_DIM, EPOCH (0-based),
@@ -521,11 +542,13 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     # the run does not depend on where its training was checkpointed, nor over how many processes it ran
     cfg = config_of(chosen, checkpoint=None, distributed=False)
     omega = sigma = None
+    trained = tuple(float(v) for v in model.log_shift.detach())      # before the ITS's THETA step moves them
     if base.its_iterations > 0 and base.joint and fit.model.n_eta and chosen.form != "none":
         matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, sd,
                                      iterations=base.its_iterations)
         omega = tuple(tuple(float(x) for x in row) for row in matrix.tolist())
-    draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame(), omega=omega, sigma=sigma)
+    draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame(), omega=omega, sigma=sigma,
+                      trained_log_shift=trained)
     ind = fit.estimation.individual.copy() if fit.estimation is not None else pd.DataFrame({"ID": list(dataset.ids)})
     cols, failure = _per_patient(draft, dataset, ode_fit)
     for name, values in cols.items():

@@ -88,20 +88,32 @@ class StructuralGridForm(CorrectionForm):
         raise NotImplementedError
 
 
-def grid_concentrations(model, params, batch, g: GridInputs):
-    """Concentrations of ``model`` at the grid's interval midpoints (N, G) and at the records (N, R), mg/L
-    (a midpoint on a dose time comes after the dose)."""
-    n_grid = g.starts.shape[1]
-    times = torch.cat([g.starts + 0.5 * g.dt, batch.time], 1)
-    keys = torch.cat([torch.full_like(g.starts, float(batch.time.shape[1] + 1)), batch.row.to(g.starts.dtype)], 1)
+def _within(g: GridInputs, points: int):
+    """Offsets (S,) h of ``points`` equally spaced times within a grid interval: the midpoints of S equal
+    sub-intervals (S = 1: the interval's midpoint)."""
+    return (torch.arange(points, dtype=g.starts.dtype, device=g.starts.device) + 0.5) * (g.dt / points)
+
+
+def grid_concentrations(model, params, batch, g: GridInputs, points: int = 1):
+    """Concentrations of ``model`` over the grid's intervals (N, G) and at the records (N, R), mg/L: at each
+    interval's midpoint (``points`` 1), or its average over the interval by the composite midpoint rule at
+    ``points`` times (a time on a dose time comes after the dose)."""
+    n, n_grid = g.starts.shape
+    inner = (g.starts.unsqueeze(-1) + _within(g, points)).reshape(n, n_grid * points)
+    times = torch.cat([inner, batch.time], 1)
+    keys = torch.cat([torch.full_like(inner, float(batch.time.shape[1] + 1)), batch.row.to(g.starts.dtype)], 1)
     conc = concentration(model, params, batch, times, keys)
-    return conc[:, :n_grid], conc[:, n_grid:]
+    return conc[:, :n_grid * points].reshape(n, n_grid, points).mean(-1), conc[:, n_grid * points:]
 
 
-def midpoint_response(model, params, g: GridInputs):
-    """Concentration (N, G) at the midpoint of interval ``lag`` after a unit rate (amount/h) on the first
-    interval, into ``model``'s dose compartment: on the regular grid the response of every midpoint to every
-    interval depends only on the lag (Toeplitz). Padding intervals sit after the last record and reach none."""
-    ar = torch.arange(g.starts.shape[1], device=g.starts.device)
+def midpoint_response(model, params, g: GridInputs, points: int = 1):
+    """Concentration (N, G) at the midpoint of interval ``lag`` (or its average over the interval at
+    ``points`` times, as in :func:`grid_concentrations`) after a unit rate (amount/h) on the first interval, into
+    ``model``'s dose compartment: on the regular grid the response of every interval to every interval depends
+    only on the lag (Toeplitz). Padding intervals sit after the last record and reach none."""
+    n_grid = g.starts.shape[1]
+    ar = torch.arange(n_grid, device=g.starts.device, dtype=g.starts.dtype)
     first = g.starts[:, :1]
-    return input_response(model, params, first + (ar + 0.5) * g.dt, first, g.dt)[..., 0]
+    times = first + (ar.unsqueeze(-1) * g.dt + _within(g, points)).reshape(1, n_grid * points)
+    resp = input_response(model, params, times, first, g.dt)[..., 0]
+    return resp.reshape(-1, n_grid, points).mean(-1)
