@@ -46,9 +46,17 @@ class Doubled(Stub):
         return dict(super().parameters(batch, eta), KA=1.2 * torch.exp(2 * eta[:, 0]))
 
 
+class Shared(Stub):
+    """ETAs 0 and 2 each act on KA alone as exp(ETA) (an inter-occasion pair, say): neither owns KA's typical value."""
+
+    def parameters(self, batch, eta, log_shift=None):
+        return dict(super().parameters(batch, eta), V=torch.full_like(eta[:, 0], 40.0))
+
+
 def test_etas_that_are_not_exponential_on_one_parameter_are_left_out():
     assert exponential_etas(Stub(), one_patient()) == [(0, 2)]
     assert exponential_etas(Doubled(), one_patient()) == [(2, 1)]     # ETA 2 now moves V alone
+    assert exponential_etas(Shared(), one_patient()) == []
 
 
 def test_shifting_a_typical_value_by_the_mean_eta_keeps_predictions():

@@ -157,8 +157,8 @@ def its_sigma(pm, batch, pred, expected_sq, sd: dict, floor: float = 0.0) -> dic
 def exponential_etas(baseline, batch, tol: float = 1e-9) -> list:
     """(ETA index, typical-value shift index) pairs of the ETAs that act on one shiftable structural parameter
     as P = TV exp(ETA) (MU-referenced, exponential IIV), found numerically on ``batch``: moving the ETA by d
-    moves log P by exactly d and no other parameter, at two ETA points. Only for these is a shift of the
-    typical value the same model as a shift of the ETA's mean."""
+    moves log P by exactly d and no other parameter, at two ETA points, and no other ETA acts on P so. Only for
+    these is a shift of the typical value the same model as a shift of the ETA's mean."""
     k = baseline.n_eta
     if k == 0 or not baseline.names:
         return []
@@ -190,7 +190,9 @@ def exponential_etas(baseline, batch, tol: float = 1e-9) -> list:
                 found = hits[0]
             if found is not None:
                 pairs.append((i, baseline.names.index(found)))
-    return pairs
+    # one ETA per typical value: ETAs that share a parameter (e.g. inter-occasion ones) are left alone
+    targets = [j for _, j in pairs]
+    return [(i, j) for i, j in pairs if targets.count(j) == 1]
 
 
 def its_omega(vae, population, batch, ipred0, eta0, error_model, sd, *, iterations: int = 2, sigma: bool = True,
