@@ -12,14 +12,14 @@ from hybridpk.residual.baseline import ODEBaseline
 from hybridpk.residual.omega import exponential_etas
 
 
-def one_patient():
+def two_patients():
     rows = [dict(ID=i, TIME=0.0, DV=0.0, AMT=100.0, EVID=1, MDV=1, CMT=1, WT=w) for i, w in ((1, 50.0), (2, 90.0))]
     rows += [dict(ID=i, TIME=2.0, DV=1.0, AMT=0.0, EVID=0, MDV=0, CMT=2, WT=w) for i, w in ((1, 50.0), (2, 90.0))]
     return hp.read_nonmem(pd.DataFrame(rows).sort_values(["ID", "TIME"])).to_batch()
 
 
 def test_exponential_etas_of_a_native_model_with_a_covariate():
-    b = one_patient()
+    b = two_patients()
     pm = build_model("1cmt_oral", iiv=["CL", "KA"], error="combined", covariates=["CL~WT:power:70"])
     pop = FittedPopulation.from_values(pm, dict(CL=4.0, V=40.0, KA=1.2, CL_WT=0.75), dict(CL=0.09, KA=0.09),
                                        {"ADD": 0.05, "PROP": 0.1})
@@ -54,9 +54,9 @@ class Shared(Stub):
 
 
 def test_etas_that_are_not_exponential_on_one_parameter_are_left_out():
-    assert exponential_etas(Stub(), one_patient()) == [(0, 2)]
-    assert exponential_etas(Doubled(), one_patient()) == [(2, 1)]     # ETA 2 now moves V alone
-    assert exponential_etas(Shared(), one_patient()) == []
+    assert exponential_etas(Stub(), two_patients()) == [(0, 2)]
+    assert exponential_etas(Doubled(), two_patients()) == [(2, 1)]     # ETA 2 now moves V alone
+    assert exponential_etas(Shared(), two_patients()) == []
 
 
 def test_shifting_a_typical_value_by_the_mean_eta_keeps_predictions():
@@ -64,7 +64,7 @@ def test_shifting_a_typical_value_by_the_mean_eta_keeps_predictions():
     pop = FittedPopulation.from_values(pm, dict(CL=4.0, V=40.0, KA=1.2), dict(CL=0.09, V=0.04, KA=0.09),
                                        {"ADD": 0.05, "PROP": 0.1})
     base = ODEBaseline(pop)
-    b = one_patient()
+    b = two_patients()
     eta = torch.tensor([[0.2, -0.1, 0.3], [-0.4, 0.05, 0.1]], dtype=torch.float64)
     mean = eta.mean(0)
     shift = torch.zeros(3, dtype=torch.float64)

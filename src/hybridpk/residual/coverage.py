@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .features import dose_gaps
+
 __all__ = ["TrainingCoverage"]
 
 
@@ -38,10 +40,8 @@ class TrainingCoverage:
         given = batch.dose_mask & (batch.dose_amt > 0)
         amt = batch.dose_amt[given]
         t = torch.where(given, batch.dose_time, torch.full_like(batch.dose_time, float("inf")))
-        t = torch.sort(t, 1).values
-        gaps = t[:, 1:] - t[:, :-1]
-        gaps = gaps[torch.isfinite(gaps) & (gaps > 0)]
-        first = t[:, 0]
+        gaps = dose_gaps(batch)
+        first = t.min(1).values
         obs_t = torch.where(batch.is_obs, batch.time, torch.full_like(batch.time, -float("inf"))).max(1).values
         span = (obs_t - first)[torch.isfinite(obs_t - first)]
         q99 = float(torch.quantile((z * z).sum(1), 0.99)) if z.shape[0] else float("inf")

@@ -87,6 +87,14 @@ def input_features(batch, starts, dt: float, scale: dict):
     return _stack_features(batch, tsd, amt, tfd, scale), amt, gate
 
 
+def dose_gaps(batch):
+    """Every positive interval (h) between a patient's successive non-zero doses, all patients together (1-D)."""
+    given = batch.dose_mask & (batch.dose_amt > 0)
+    t = torch.sort(torch.where(given, batch.dose_time, torch.full_like(batch.dose_time, float("inf"))), 1).values
+    gaps = t[:, 1:] - t[:, :-1]
+    return gaps[torch.isfinite(gaps) & (gaps > 0)]
+
+
 def aligned_width(batch, width: float) -> float:
     """The grid-interval width (h) nearest to ``width`` that divides the training batch's most frequent
     interval between successive doses (``width`` itself without repeated doses). Cells that start at every
@@ -96,10 +104,7 @@ def aligned_width(batch, width: float) -> float:
     divide it, the cells drift in phase against the doses and the amount a narrow release puts out per
     dosing interval changes from one interval to the next: measured on the EHC dosing benchmark, a predicted
     AUC24 at "steady state" 0.93-1.22x dose / CL depending on the number of doses simulated.)"""
-    given = batch.dose_mask & (batch.dose_amt > 0)
-    t = torch.sort(torch.where(given, batch.dose_time, torch.full_like(batch.dose_time, float("inf"))), 1).values
-    gaps = t[:, 1:] - t[:, :-1]
-    gaps = gaps[torch.isfinite(gaps) & (gaps > 0)]
+    gaps = dose_gaps(batch)
     if not gaps.numel():
         return width
     tau = float(torch.mode(torch.round(gaps * 1e6) / 1e6).values)
