@@ -5,6 +5,9 @@ from __future__ import annotations
 from ._common import (ManualFormatter, figure_arg, finite_float, out_file_arg, positive_float, positive_int,
                       resolve_data_path)
 
+#: the target and dose step a dose recommendation takes when neither the command nor the model states one
+DEFAULT_TARGET, DEFAULT_DOSE_STEP = "auc24=400:600", 250.0
+
 DOSE_HELP = """\
 Recommend a dose (and interval) for a patient, or for each patient of a list, from a population model and a
 few drug levels.
@@ -19,7 +22,10 @@ NONMEM-style file for one patient, or for a day's list of patients (one answer p
 a patient whose data are refused is listed with the reason and the others are answered): the doses given
 so far, the TDM levels (EVID 0) and the covariates the
 model needs (e.g. CRCL, WT). A spec may declare defaults for optional covariates (vancomycin_goti2018:
-DIAL = 0, not on dialysis); the answer then says which value it took.
+DIAL = 0, not on dialysis); the answer then says which value it took. A spec may also state its drug's
+regimen ([dosing]: target, interval, infusion duration, dose step; busulfan_longboyle2015: Css 600-900
+ng/mL, i.e. auc24=14.4:21.6, 2-h infusions every 6 h, steps of 0.1 mg), taken for the flags not given and
+printed; a model that states no target gets auc24=400:600 (a vancomycin window), with a note saying so.
 
 The patient's parameters are estimated by MAP (Bayesian, with the model as prior); 1000 posterior draws
 (250 for a hybrid; --draws N) give the uncertainty: adaptive importance sampling from the Laplace
@@ -82,14 +88,17 @@ def add_parser(sub) -> None:
                    help="model spec name/file, NONMEM control stream or fit run folder")
     p.add_argument("patient", metavar="PATIENT.csv", nargs="?", help="one patient's doses, levels, covariates")
     p.add_argument("--list", action="store_true", help="list the shipped model specs and exit")
-    p.add_argument("--target", default="auc24=400:600", help="target window, e.g. auc24=400:600")
-    p.add_argument("--interval", type=float, help="dosing interval (h); default: best of 8, 12, 24")
+    p.add_argument("--target", help="target window, e.g. auc24=400:600 (default: the model's stated target, e.g. a "
+                   f"published spec's [dosing]; else {DEFAULT_TARGET})")
+    p.add_argument("--interval", type=float, help="dosing interval (h); default: the model's stated interval, else "
+                   "the best of 8, 12, 24")
     p.add_argument("--duration", type=float, help="infusion duration (h); 0 for bolus/oral (default: 0 for a model "
                    "whose route is oral or bolus, e.g. a fit of an oral model, else 1)")
     p.add_argument("--cmt", type=int, default=0, metavar="N", help="compartment of the new doses (NONMEM numbering; "
                    "default 0: the model's dose compartment), e.g. the central compartment for IV doses with a "
                    "model fitted on oral data (F then does not apply)")
-    p.add_argument("--dose-step", type=float, default=250.0, help="dose rounding step (mg)")
+    p.add_argument("--dose-step", type=float, help=f"dose rounding step (mg; default: the model's stated step, else "
+                   f"{DEFAULT_DOSE_STEP:g})")
     p.add_argument("--max-dose", type=float, help="maximum single dose (mg)")
     p.add_argument("--start", type=float, help="time of the first new dose (h)")
     p.add_argument("--dose", type=positive_float, metavar="MG", help="fix the dose (mg) and solve for the interval "
@@ -175,6 +184,7 @@ def run_dose(args) -> int:
         raise HybridPKError("give MODEL_OR_RUN and PATIENT.csv (or --list)")
     _check_question(args)
     model, ds = _load(args)
+    _conventions(args, model)
     if ds.n_subjects > 1:
         if args.plot:
             raise HybridPKError(f"--plot is for one patient; the file has {ds.n_subjects} (IDs "
@@ -238,6 +248,29 @@ def _plot_recommendation(args, model, ds, rec, post, metric: str, exp: dict) -> 
     print(f"wrote {args.plot}")
 
 
+def _conventions(args, model) -> None:
+    """Fill the flags not given from the regimen conventions the model states (a published spec's [dosing]:
+    target, interval, infusion duration, dose step, maximum dose), then from hybridpk's defaults, and say
+    which were taken: a vancomycin AUC window is never applied to another drug without a word."""
+    if args.time_below is not None:
+        return
+    stated = dict(getattr(model.population, "dosing", None) or {})
+    keys = ("target", "duration") + (() if args.dose is not None else ("interval", "dose_step", "max_dose"))
+    taken = [key for key in keys if getattr(args, key) is None and key in stated]
+    for key in taken:
+        setattr(args, key, stated[key])
+    if taken:
+        print(f"{model.name} states its regimen: " + ", ".join(f"{k.replace('_', ' ')} {stated[k]:g}"
+                                                              if k != "target" else f"target {stated[k]}"
+                                                              for k in taken) + " (the flags override)")
+    if args.target is None:
+        args.target = DEFAULT_TARGET
+        print(f"note: target {DEFAULT_TARGET} is hybridpk's default (a vancomycin AUC24 window, mg*h/L); "
+              f"{model.name} states none, so give --target for another drug")
+    if args.dose_step is None:
+        args.dose_step = DEFAULT_DOSE_STEP
+
+
 def _question(args):
     """(the library function, its arguments) that answer the command's question."""
     from hybridpk.dosing import interval_for_dose, loading_dose, recommend_dose, time_to_concentration
@@ -263,7 +296,7 @@ def _check_question(args) -> None:
     given = {flag for flag, value in (("--interval", args.interval), ("--max-dose", args.max_dose),
                                       ("--interval-step", args.interval_step), ("--dose", args.dose),
                                       ("--posologyr-grid", args.posologyr_grid or None)) if value is not None}
-    if args.dose_step != 250.0:
+    if args.dose_step is not None:
         given.add("--dose-step")
     if args.cmt != 0:
         given.add("--cmt")

@@ -41,7 +41,9 @@ class FittedPopulation:
     published spec); ``name``, ``citation``, ``ranges`` {covariate: (low, high)} of the population it was
     built on, ``route`` of dosing, ``units``, ``notes`` (caveats every estimate and recommendation repeats),
     ``covariate_defaults`` {covariate: value} taken for a patient whose file lacks the column (e.g. DIAL = 0,
-    not on dialysis; the answer says so).
+    not on dialysis; the answer says so), ``dosing`` the regimen conventions a published model states (a
+    spec's [dosing]: ``target`` e.g. "auc24=14.4:21.6", ``interval`` h, ``duration`` h of an infusion,
+    ``dose_step`` and ``max_dose`` mg), which ``hybridpk dose`` takes when its flags are not given.
     """
 
     model: PopulationModel = field(repr=False)
@@ -56,6 +58,7 @@ class FittedPopulation:
     units: dict = field(default_factory=dict)
     notes: tuple = ()
     covariate_defaults: dict = field(default_factory=dict)
+    dosing: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -63,7 +66,7 @@ class FittedPopulation:
         """From explicit population values: ``theta`` {name: value} (natural scale), ``omega`` the ETA
         variances as {parameter or ETA name: variance} (diagonal) or a (K, K) matrix, ``sd`` the residual
         SDs {"ADD": mg/L, "PROP": fraction}; ``info``: name, citation, ranges, route, units, notes,
-        covariate_defaults."""
+        covariate_defaults, dosing."""
         th = ThetaTable(tuple(ThetaEstimate(t.name, float(theta[t.name]), fixed=t.fixed, unit=t.unit)
                               for t in pm.thetas))
         if isinstance(omega, dict):
@@ -176,7 +179,7 @@ class FittedPopulation:
         return {"format": MODEL_FORMAT[0], "version": MODEL_FORMAT[1], "model": self.model.recipe,
                 "name": self.name, "citation": self.citation, "route": self.route, "units": self.units,
                 "ranges": {k: list(v) for k, v in self.ranges.items()}, "notes": list(self.notes),
-                "covariate_defaults": dict(self.covariate_defaults),
+                "covariate_defaults": dict(self.covariate_defaults), "dosing": dict(self.dosing),
                 "data_sha256": self.estimation.data_sha256 if self.estimation else None,
                 "theta": [vars(r) for r in self.theta],
                 "omega": {"etas": list(om.etas), "labels": list(om.labels), "blocks": [list(b) for b in om.blocks],
@@ -213,7 +216,8 @@ class FittedPopulation:
                              k: tuple(v) for k, v in (data.get("ranges") or {}).items()},
                          route=data.get("route", "infusion"), units=data.get("units") or {},
                          notes=tuple(data.get("notes") or ()),
-                         covariate_defaults={k: float(v) for k, v in (data.get("covariate_defaults") or {}).items()})
+                         covariate_defaults={k: float(v) for k, v in (data.get("covariate_defaults") or {}).items()},
+                         dosing=dict(data.get("dosing") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
         if ([t.name for t in fitted.theta] != list(pm.theta_names) or list(fitted.omega.etas) != list(pm.etas)

@@ -118,7 +118,13 @@ class CovariateEffect:
     COV^HILL / (TM50^HILL + COV^HILL) (the sigmoid maturation of clearance with age, Anderson and Holford,
     Annu Rev Pharmacol Toxicol 2008; 48:303: two THETAs, ``<P>_<COV>_TM50`` and ``<P>_<COV>_HILL``, started
     at REF and 2; the typical value is then the mature one). ``exponent`` fixes the power instead of
-    estimating it."""
+    estimating it.
+
+    ``lower`` / ``upper`` clamp the covariate before the effect acts, as NONMEM's ``MAX(COV, lower)`` /
+    ``MIN(COV, upper)``: two clamped linear effects of one covariate make a hockey-stick (broken-line) effect,
+    e.g. Long-Boyle 2015's age on busulfan clearance, (1 + 0.032 MIN(AGE, 12)) (1 - 0.0138 (MAX(AGE, 12) - 12)).
+    A clamped effect's THETA is named ``<P>_<COV>_FROM<lower>`` / ``_TO<upper>`` so that both halves can have
+    one."""
 
     parameter: str
     covariate: str
@@ -126,10 +132,30 @@ class CovariateEffect:
     reference: float | None = None
     exponent: float | None = None
     level: float = 1.0
+    lower: float | None = None
+    upper: float | None = None
+
+    def __post_init__(self):
+        if self.lower is not None and self.upper is not None and not self.lower < self.upper:
+            raise ModelError(f"covariate effect {self.parameter}~{self.covariate}: lower ({self.lower:g}) must be "
+                             f"below upper ({self.upper:g})")
+        if (self.lower is not None or self.upper is not None) and self.kind == "categorical":
+            raise ModelError(f"covariate effect {self.parameter}~{self.covariate}: a categorical effect cannot "
+                             "be clamped (lower/upper)")
 
     @property
     def theta_name(self) -> str:
-        return f"{self.parameter}_{self.covariate}"
+        def bound(v):
+            return f"{float(v):g}".replace("-", "M").replace(".", "P").replace("+", "")
+
+        return (f"{self.parameter}_{self.covariate}" + (f"_FROM{bound(self.lower)}" if self.lower is not None else "")
+                + (f"_TO{bound(self.upper)}" if self.upper is not None else ""))
+
+    def clamped(self, value):
+        """The covariate value the effect sees: clamped to [lower, upper] where they are set."""
+        if self.lower is None and self.upper is None:
+            return value
+        return value.clamp(min=self.lower, max=self.upper)
 
     @property
     def theta_names(self) -> tuple:
@@ -142,6 +168,7 @@ class CovariateEffect:
 
     def factor_of(self, value, theta: dict):
         """The factor on the typical value for covariate values ``value``, the THETAs read from ``theta``."""
+        value = self.clamped(value)
         if self.kind == "maturation":
             tm50, hill = (theta[n] for n in self.theta_names)
             a = value.clamp(min=0.0) ** hill
@@ -481,7 +508,9 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
               **({"derived": {k: text for k, (text, _, _) in derived.items()}} if derived else {}),
               **({"iov": iov, "occasion": occasion, "occasions": occasions} if iov else {}),
               "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
-                              "reference": e.reference, "exponent": e.exponent, "level": e.level} for e in effects]}
+                              "reference": e.reference, "exponent": e.exponent, "level": e.level,
+                              **({"lower": e.lower} if e.lower is not None else {}),
+                              **({"upper": e.upper} if e.upper is not None else {})} for e in effects]}
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
                            individual=individual, covariates=cov_names, effects=tuple(effects),
                            omega_blocks=blocks, recipe=recipe, record_items=cov_names,

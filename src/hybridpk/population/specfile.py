@@ -12,10 +12,16 @@ effects, and ETA_V acts on both CL and V; arithmetic and exp/log/sqrt, parsed wi
 :func:`hybridpk.population.build_model`). ``[iov]`` gives variances of inter-occasion variability
 (``CL = 0.02``): the column ``occasion`` (default "OCC"; 1 when a patient file lacks it) numbers a patient's
 occasions 1, 2, ..., each with its own ETA, up to ``occasions`` (default 8); in dosing, the regimen ahead is a
-new occasion, whose IOV is unknown (0 at the MAP, drawn from its variance in intervals)."""
+new occasion, whose IOV is unknown (0 at the MAP, drawn from its variance in intervals).
+
+A ``[[covariate]]`` may clamp its covariate with ``lower`` / ``upper`` (NONMEM's MAX/MIN), two clamped linear
+effects making a hockey-stick (:class:`hybridpk.population.CovariateEffect`). ``[dosing]`` states the
+regimen conventions of the publication (``target``, ``interval`` h, ``duration`` h, ``dose_step`` and
+``max_dose`` mg), which ``hybridpk dose`` takes when its flags are not given."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -79,7 +85,8 @@ def _from_toml(path: Path) -> FittedPopulation:
         effects, coef = [], {}
         for c in spec.get("covariate", []):
             e = CovariateEffect(c["parameter"].upper(), c["covariate"], c.get("kind", "power"), c.get("reference"),
-                                c.get("exponent"), float(c.get("level", 1.0)))
+                                c.get("exponent"), float(c.get("level", 1.0)),
+                                *(None if c.get(b) is None else float(c[b]) for b in ("lower", "upper")))
             effects.append(e)
             if e.kind == "maturation":   # TM50 (covariate units) and the Hill coefficient
                 coef.update({e.theta_names[0]: float(c["tm50"]), e.theta_names[1]: float(c["hill"])})
@@ -134,7 +141,35 @@ def _from_toml(path: Path) -> FittedPopulation:
     return FittedPopulation.from_values(pm, theta, omega, sd, name=spec.get("name", path.stem),
                                         citation=spec.get("citation", ""), ranges=ranges,
                                         route=spec.get("route", "infusion"), units=dict(spec.get("units", {})),
-                                        covariate_defaults=defaults)
+                                        covariate_defaults=defaults, dosing=_dosing(path, spec.get("dosing", {})))
+
+
+#: [dosing] keys and whether each is a number (the target is text, read by hybridpk.dosing.parse_target)
+_DOSING_KEYS = {"target": False, "interval": True, "duration": True, "dose_step": True, "max_dose": True}
+
+
+def _dosing(path: Path, table: dict) -> dict:
+    """A spec's [dosing] conventions, checked: known keys, positive numbers (an infusion duration may be 0)."""
+    unknown = sorted(set(table) - set(_DOSING_KEYS))
+    if unknown:
+        raise ModelError(f"model spec {path.name}: [dosing] has {', '.join(unknown)}; it takes "
+                         f"{', '.join(_DOSING_KEYS)}")
+    out = {}
+    for key, value in table.items():
+        if not _DOSING_KEYS[key]:
+            if not isinstance(value, str):
+                raise ModelError(f"model spec {path.name}: [dosing] {key} must be text, e.g. \"auc24=400:600\"")
+            out[key] = value
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ModelError(f"model spec {path.name}: [dosing] {key} = {value!r} is not a number") from None
+        if not (math.isfinite(v) and (v >= 0 if key == "duration" else v > 0)):
+            raise ModelError(f"model spec {path.name}: [dosing] {key} = {value!r} must be "
+                             f"{'0 or more' if key == 'duration' else 'positive'}")
+        out[key] = v
+    return out
 
 
 def from_control_stream(path) -> FittedPopulation:
@@ -184,8 +219,6 @@ def _blocks(covariances: dict) -> list:
 def _check_values(path: Path, pm, theta: dict, omega: dict, sd: dict) -> None:
     """A spec's numbers must be usable: finite typical values (their ranges are build_model's check), positive
     finite IIV variances, residual SDs >= 0 and not all 0."""
-    import math
-
     bad = [f"[typical] {k} = {v} (a finite number)" for k, v in theta.items() if not math.isfinite(v)]
     bad += [f"[iov] {e.removeprefix('ETA_IOV_').rsplit('_', 1)[0]} = {v} (a variance: > 0)"
             if e.startswith("ETA_IOV_") else f"[iiv] {e.removeprefix('ETA_')} = {v} (a variance: > 0)"
@@ -207,7 +240,8 @@ def write_spec(fitted: FittedPopulation, path, *, name: str, drug: str = "", cit
     recipe = fitted.model.recipe
     if recipe.get("kind") != "build" or fitted.omega.block:
         raise HybridPKError("only fits of library models with a diagonal OMEGA can be written as a spec")
-    eff_names = {f"{c['parameter']}_{c['covariate']}" for c in recipe.get("covariates", [])}
+    effects = [CovariateEffect(**c) for c in recipe.get("covariates", [])]
+    eff_names = {n for e in effects for n in e.theta_names}
     lines = [f'name = "{name}"', f'drug = "{drug}"', f'structure = "{recipe["model"]}"',
              f'citation = "{citation or "hybridpk fit"}"', f'route = "{route}"', "", "[typical]"]
     lines += [f"{t.name} = {t.value!r}" for t in fitted.theta if t.name not in eff_names]
@@ -215,20 +249,22 @@ def write_spec(fitted: FittedPopulation, path, *, name: str, drug: str = "", cit
     lines += ["", "[error]", f'kind = "{recipe["error"]}"'] + [f"{s.kind.lower()} = {s.sd!r}" for s in fitted.sigma]
     if recipe.get("derived"):
         lines += ["", "[parameters]"] + [f"{k} = {v!r}" for k, v in recipe["derived"].items()]
-    for c in recipe.get("covariates", []):
-        lines += ["", "[[covariate]]", f'parameter = "{c["parameter"]}"', f'covariate = "{c["covariate"]}"',
-                  f'kind = "{c["kind"]}"']
-        if c.get("reference") is not None:
-            lines.append(f"reference = {float(c['reference'])!r}")
-        if c["kind"] == "categorical":
-            lines.append(f"level = {float(c['level'])!r}")
-        theta = f"{c['parameter']}_{c['covariate']}"
-        if c.get("exponent") is not None:
-            lines.append(f"exponent = {float(c['exponent'])!r}")
-        elif c["kind"] == "power":
-            lines.append(f"exponent = {fitted.theta[theta].value!r}")
+    for e in effects:
+        lines += ["", "[[covariate]]", f'parameter = "{e.parameter}"', f'covariate = "{e.covariate}"',
+                  f'kind = "{e.kind}"']
+        if e.reference is not None:
+            lines.append(f"reference = {float(e.reference)!r}")
+        if e.kind == "categorical":
+            lines.append(f"level = {float(e.level)!r}")
+        lines += [f"{b} = {float(getattr(e, b))!r}" for b in ("lower", "upper") if getattr(e, b) is not None]
+        if e.exponent is not None:
+            lines.append(f"exponent = {float(e.exponent)!r}")
+        elif e.kind == "power":
+            lines.append(f"exponent = {fitted.theta[e.theta_name].value!r}")
+        elif e.kind == "maturation":
+            lines += [f"{key} = {fitted.theta[n].value!r}" for key, n in zip(("tm50", "hill"), e.theta_names)]
         else:
-            lines.append(f"coefficient = {fitted.theta[theta].value!r}")
+            lines.append(f"coefficient = {fitted.theta[e.theta_name].value!r}")
     if ranges:
         lines += ["", "[population]"] + [f"{k} = [{float(lo)!r}, {float(hi)!r}]" for k, (lo, hi) in ranges.items()]
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,69 @@
+"""A published spec's [dosing] conventions (its drug's target, interval, infusion duration, dose step) are what
+'hybridpk dose' takes when the flags are not given, and it says so; a model that states no target gets the
+documented vancomycin window with a note, never silently; a bad [dosing] table is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from hybridpk.cli import main
+from hybridpk.errors import ModelError
+from hybridpk.population import load_model
+
+
+def _busulfan_child(path):
+    """A 20 kg, 6-year-old child after two 22 mg doses over 2 h, levels at 2, 4 and 6 h (mg/L)."""
+    rows = [dict(ID=1, TIME=0.0, AMT=22.0, RATE=11.0, DV=0.0, EVID=1, MDV=1),
+            dict(ID=1, TIME=2.0, AMT=0.0, RATE=0.0, DV=1.1, EVID=0, MDV=0),
+            dict(ID=1, TIME=4.0, AMT=0.0, RATE=0.0, DV=0.95, EVID=0, MDV=0),
+            dict(ID=1, TIME=6.0, AMT=22.0, RATE=11.0, DV=0.0, EVID=1, MDV=1),
+            dict(ID=1, TIME=6.0, AMT=0.0, RATE=0.0, DV=0.55, EVID=0, MDV=0)]
+    pd.DataFrame(rows).assign(WT=20.0, AGE=6.0).to_csv(path, index=False)
+    return str(path)
+
+
+def test_busulfan_is_dosed_on_its_papers_regimen_by_default(tmp_path, capsys):
+    assert load_model("busulfan_longboyle2015").dosing == {"target": "auc24=14.4:21.6", "interval": 6.0,
+                                                          "duration": 2.0, "dose_step": 0.1}
+    patient = _busulfan_child(tmp_path / "child.csv")
+    assert main(["dose", "busulfan_longboyle2015", patient, "--out", str(tmp_path / "rec.json")]) == 0
+    out = capsys.readouterr().out
+    assert "busulfan_longboyle2015 states its regimen: target auc24=14.4:21.6" in out and "note:" not in out
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["interval_h"] == 6.0 and rec["infusion_duration_h"] == 2.0
+    assert rec["dose_mg"] == pytest.approx(round(rec["dose_mg"] / 0.1) * 0.1, abs=1e-9)
+    auc24 = rec["predicted_exposure"]["auc24"]
+    assert rec["target"] == "auc24=14.4:21.6" and auc24["target"] == [14.4, 21.6] and 14.4 <= auc24["map"] <= 21.6
+    # a flag overrides the stated convention
+    assert main(["dose", "busulfan_longboyle2015", patient, "--interval", "8", "--out",
+                 str(tmp_path / "rec8.json")]) == 0
+    assert json.loads((tmp_path / "rec8.json").read_text())["interval_h"] == 8.0
+    assert "interval" not in capsys.readouterr().out.split("states its regimen:")[1].split("\n")[0]
+
+
+def test_a_model_without_a_target_gets_the_default_with_a_note(tmp_path, capsys):
+    rows = [dict(ID=1, TIME=0.0, AMT=1000.0, RATE=2000.0, DV=0.0, EVID=1, MDV=1, ADDL=5, II=8.0),
+            dict(ID=1, TIME=40.5, AMT=0.0, RATE=0.0, DV=45.0, EVID=0, MDV=0, ADDL=0, II=0.0),
+            dict(ID=1, TIME=47.9, AMT=0.0, RATE=0.0, DV=1.2, EVID=0, MDV=0, ADDL=0, II=0.0)]
+    pd.DataFrame(rows).assign(WT=60.0, CRCL=90.0).to_csv(tmp_path / "p.csv", index=False)
+    assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv")]) == 0
+    assert "note: target auc24=400:600 is hybridpk's default" in capsys.readouterr().out
+    assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv"), "--target", "trough=1:4"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("table, message", [
+    ('target = 12', "target must be text"),
+    ('interval = -6', "interval = -6 must be positive"),
+    ('dose_step = "a lot"', "is not a number"),
+    ('regimen = "q6h"', "has regimen; it takes target, interval"),
+])
+def test_a_bad_dosing_table_is_refused_by_name(tmp_path, table, message):
+    path = tmp_path / "drug.toml"
+    path.write_text('name = "drug"\nstructure = "1cmt_iv"\ncitation = "test"\n\n[typical]\nCL = 4.0\nV = 30.0\n\n'
+                    '[iiv]\nCL = 0.1\n\n[error]\nkind = "proportional"\nprop = 0.2\n\n[dosing]\n' + table + "\n")
+    with pytest.raises(ModelError, match=message):
+        load_model(path)
