@@ -272,3 +272,19 @@ def test_busulfan_longboyle2015_reproduces_nlmixr2libs_steady_state_exposure():
                                     {"WT": wt, "AGE": age})
         assert float(np.sum(np.diff(grid) * (c[1:] + c[:-1]) / 2)) == pytest.approx(auc_printed, abs=5e-4)
         assert 1000 * float(c.max()) == pytest.approx(cmax_printed, abs=0.05)
+
+
+def test_vancomycin_grimsley1999_reproduces_nlmixr2libs_typical_troughs_and_peaks():
+    """nlmixr2lib's vignette of Grimsley_1999_vancomycin (rendered, 'Comparison against published target
+    ranges'), rxode2 with the random effects zeroed: a 1.52-kg neonate given 15 mg/kg (22.8 mg) as 1-h
+    infusions, 12 doses every 12 h (serum creatinine 20 and 45 umol/L) or 24 h (80 and 120 umol/L), has over
+    the interval after the 12th dose (its 0.25-h grid) a trough and peak of 1.10 and 20.53, 7.60 and 27.90, 5.89
+    and 27.20, 12.07 and 33.48 mg/L. Printed to 2 decimals: checked to half a unit of the last."""
+    model = load_model("vancomycin_grimsley1999")
+    printed = {(20.0, 12.0): (1.10, 20.53), (45.0, 12.0): (7.60, 27.90), (80.0, 24.0): (5.89, 27.20),
+               (120.0, 24.0): (12.07, 33.48)}
+    for (creat, tau), (trough, peak) in printed.items():
+        grid = np.arange(11 * tau, 12 * tau + 1e-9, 0.25)
+        c = _typical_concentrations(model, [(k * tau, 15 * 1.52, 1.0) for k in range(12)], list(grid),
+                                    {"WT": 1.52, "CREAT": creat})
+        assert [float(c.min()), float(c.max())] == pytest.approx([trough, peak], abs=0.005)
