@@ -67,3 +67,16 @@ def test_a_bad_dosing_table_is_refused_by_name(tmp_path, table, message):
                     '[iiv]\nCL = 0.1\n\n[error]\nkind = "proportional"\nprop = 0.2\n\n[dosing]\n' + table + "\n")
     with pytest.raises(ModelError, match=message):
         load_model(path)
+
+
+def test_an_unreadable_stated_target_is_refused_naming_the_model(tmp_path, capsys):
+    path = tmp_path / "drug.toml"
+    path.write_text('name = "drug"\nstructure = "1cmt_iv"\ncitation = "test"\n\n[typical]\nCL = 4.0\nV = 30.0\n\n'
+                    '[iiv]\nCL = 0.1\n\n[error]\nkind = "proportional"\nprop = 0.2\n\n[dosing]\ntarget = "auc=10"\n')
+    rows = [dict(ID=1, TIME=0.0, AMT=100.0, RATE=100.0, DV=0.0, EVID=1, MDV=1),
+            dict(ID=1, TIME=4.0, AMT=0.0, RATE=0.0, DV=2.0, EVID=0, MDV=0)]
+    pd.DataFrame(rows).to_csv(tmp_path / "p.csv", index=False)
+    assert main(["dose", str(path), str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "drug: the target its [dosing] states is not usable" in err and "give --target" in err
+    assert main(["dose", str(path), str(tmp_path / "p.csv"), "--target", "auc24=20:30", "--dose-step", "10"]) == 0

@@ -252,11 +252,19 @@ def _conventions(args, model) -> None:
     """Fill the flags not given from the regimen conventions the model states (a published spec's [dosing]:
     target, interval, infusion duration, dose step, maximum dose), then from hybridpk's defaults, and say
     which were taken: a vancomycin AUC window is never applied to another drug without a word."""
+    from hybridpk.dosing.targets import parse_target
+    from hybridpk.errors import HybridPKError
+
     if args.time_below is not None:
         return
     stated = dict(getattr(model.population, "dosing", None) or {})
     keys = ("target", "duration") + (() if args.dose is not None else ("interval", "dose_step", "max_dose"))
     taken = [key for key in keys if getattr(args, key) is None and key in stated]
+    if "target" in taken:
+        try:
+            parse_target(stated["target"])
+        except HybridPKError as exc:
+            raise HybridPKError(f"{model.name}: the target its [dosing] states is not usable ({exc}); give --target")
     for key in taken:
         setattr(args, key, stated[key])
     if taken:
