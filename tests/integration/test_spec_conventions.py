@@ -80,3 +80,10 @@ def test_an_unreadable_stated_target_is_refused_naming_the_model(tmp_path, capsy
     err = capsys.readouterr().err
     assert "drug: the target its [dosing] states is not usable" in err and "give --target" in err
     assert main(["dose", str(path), str(tmp_path / "p.csv"), "--target", "auc24=20:30", "--dose-step", "10"]) == 0
+
+
+def test_the_model_listing_shows_the_stated_regimen(capsys):
+    assert main(["models", "busulfan_longboyle2015", "meropenem_abulfathi2021"]) == 0
+    out = capsys.readouterr().out
+    assert "dose: target auc24=14.4:21.6, every 6 h, infusions of 2 h, steps of 0.1 mg" in out
+    assert "meropenem_abulfathi2021: 2cmt_iv, covariates CRCL, WT, combined error\n" in out

@@ -43,13 +43,24 @@ def run(args) -> int:
                                                 "upper": p.upper} for p in m.parameters}}
                for m in models}
         out.update({f.name: {"published": True, "structure": f.model.structural.name, "citation": f.citation,
-                             "covariates": list(f.covariates), "error": f.model.error.kind} for f in published})
+                             "covariates": list(f.covariates), "error": f.model.error.kind,
+                             "dosing": dict(f.dosing)} for f in published})
         print(json.dumps(out, indent=2))
     else:
         blocks = [m.describe() for m in models]
         if published:
             blocks.append("published models (--model NAME):\n" + "\n".join(
                 f"  {f.name}: {f.model.structural.name}, covariates {', '.join(f.covariates) or 'none'}, "
-                f"{f.model.error.kind} error\n    {textwrap.shorten(f.citation, 116)}" for f in published))
+                f"{f.model.error.kind} error{_regimen(f.dosing)}\n    {textwrap.shorten(f.citation, 116)}"
+                for f in published))
         print("\n\n".join(blocks))
     return 0
+
+
+def _regimen(dosing: dict) -> str:
+    """The regimen conventions a published model states (its spec's [dosing]), as 'hybridpk dose' takes them."""
+    parts = [f"target {dosing['target']}"] if "target" in dosing else []
+    parts += [f"{label} {dosing[key]:g}{unit}" for key, label, unit in (
+        ("interval", "every", " h"), ("duration", "infusions of", " h"), ("dose_step", "steps of", " mg"),
+        ("max_dose", "at most", " mg")) if key in dosing]
+    return f"; dose: {', '.join(parts)}" if parts else ""
