@@ -87,3 +87,18 @@ def test_the_model_listing_shows_the_stated_regimen(capsys):
     out = capsys.readouterr().out
     assert "dose: target auc24=14.4:21.6, every 6 h, infusions of 2 h, steps of 0.1 mg" in out
     assert "meropenem_abulfathi2021: 2cmt_iv, covariates CRCL, WT, combined error\n" in out
+
+
+def test_a_patients_estimate_reports_the_specs_own_parameters(tmp_path):
+    """busulfan_longboyle2015 computes the structure's VMAX from its own CLIN (VMAX = CLIN KM): the MAP reports
+    CLIN too, the parameter its IIV and covariates act on, and CLIN KM = VMAX in every summary of the draws."""
+    from hybridpk.data.dataset import read_nonmem
+    from hybridpk.dosing import estimate_patient
+
+    post = estimate_patient("busulfan_longboyle2015", read_nonmem(_busulfan_child(tmp_path / "child.csv")),
+                            n_samples=200)
+    p = post.parameters()
+    assert {"CLIN", "VMAX", "KM", "V"} <= set(p)
+    for key in ("map", "median", "p05", "p95"):
+        assert p["CLIN"][key] * 6.704 == pytest.approx(p["VMAX"][key], rel=1e-12)
+    assert 2.0 < p["CLIN"]["map"] < 6.0      # the typical 20-kg 6-year-old: 4.32 (20/22)^0.75 1.192 = 4.79 L/h

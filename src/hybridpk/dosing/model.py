@@ -194,12 +194,13 @@ class PopulationDosing(DosingModel):
 
     def individual_parameters(self, est: PatientEstimate, points) -> dict:
         """Parameters of the regimen ahead: with the covariates of the patient's last record (a new occasion for
-        a model with IOV: its IOV ETAs are those of ``points`` for that occasion, 0 at the MAP)."""
+        a model with IOV: its IOV ETAs are those of ``points`` for that occasion, 0 at the MAP); the model's
+        own parameters beside the structure's (e.g. busulfan_longboyle2015's CLIN beside VMAX = CLIN KM)."""
         batch = est.batch
         last = batch.ahead_covariates()[0]
         cov = {c: last[k].expand(points.shape[0]) for k, c in enumerate(batch.covariate_names)}
         with torch.no_grad():
-            return self.fitted.individual_parameters(points, cov)
+            return self.fitted.individual_parameters(points, cov, every=True)
 
 
 class HybridDosing(DosingModel):

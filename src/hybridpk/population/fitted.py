@@ -101,10 +101,12 @@ class FittedPopulation:
     def covariates(self) -> tuple:
         return tuple(self.model.covariates)
 
-    def individual_parameters(self, eta, covariates: dict) -> dict:
+    def individual_parameters(self, eta, covariates: dict, every: bool = False) -> dict:
         """{parameter: (N,) tensor} on the natural scale for ETAs ``eta`` (N, K) and baseline covariates
-        {name: (N,) tensor}."""
-        return self.model.individual(self.theta.tensors(), eta, covariates)
+        {name: (N,) tensor}: the structural model's parameters, and with ``every`` the model's own ones too (a
+        spec's parameters from which structural ones are computed, e.g. CLIN for VMAX = CLIN KM)."""
+        fn = (self.model.every_parameter if every else None) or self.model.individual
+        return fn(self.theta.tensors(), eta, covariates)
 
     def concentrations(self, batch, eta):
         """Concentrations (N, R) at every record of ``batch`` for ETAs ``eta`` (N, K) (covariates as the model

@@ -258,6 +258,9 @@ class PopulationModel:
     covariate_rule: str = "nonmem"
     #: a general error model's environment: (theta, eta (N, K), batch) -> {name: (N, R) or scalar}
     error_inputs: Callable | None = field(default=None, repr=False)
+    #: ``individual`` with the model's own parameters kept beside the structure's (a spec's new parameters,
+    #: e.g. busulfan's CLIN, from which VMAX = CLIN KM is computed): what a patient's estimate reports
+    every_parameter: Callable | None = field(default=None, repr=False)
 
     @property
     def reads_dvid(self) -> bool:
@@ -472,7 +475,7 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     if time_varying not in ("nonmem", "locf"):
         raise ModelError(f"time_varying={time_varying!r}: give 'nonmem' or 'locf'")
 
-    def individual(theta, eta, cov):
+    def every_parameter(theta, eta, cov):
         n = eta.shape[0]
         per_record = any(torch.is_tensor(v) and v.dim() == 2 for v in cov.values())   # (N, R) covariates
         out = {}
@@ -494,6 +497,10 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
             out[name] = torch.full((n,), float(value), dtype=eta.dtype, device=eta.device)
         for name, (_, _, fn) in derived.items():
             out[name] = fn(out)
+        return out
+
+    def individual(theta, eta, cov):
+        out = every_parameter(theta, eta, cov)
         for p in extra:
             del out[p.name]
         return out
@@ -514,7 +521,8 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     return PopulationModel(structural=sm, thetas=tuple(thetas), etas=etas, omega_init=omega, error=err,
                            individual=individual, covariates=cov_names, effects=tuple(effects),
                            omega_blocks=blocks, recipe=recipe, record_items=cov_names,
-                           covariate_rule=time_varying, omega_same=same)
+                           covariate_rule=time_varying, omega_same=same,
+                           every_parameter=every_parameter if extra else None)
 
 
 def _derived_parameters(sm, derived, initial, fixed) -> tuple:
