@@ -79,4 +79,4 @@ def test_the_published_models_are_listed_with_their_structure_covariates_and_err
     listed = json.loads(capsys.readouterr().out)
     assert listed == {"theophylline_nlmixr2": {"published": True, "structure": "1cmt_oral",
                                                "citation": load_model("theophylline_nlmixr2").citation,
-                                               "covariates": [], "error": "additive"}}
+                                               "covariates": [], "error": "additive", "dosing": {}}}
