@@ -1,7 +1,8 @@
 """Shipped published models reproduce numbers documented for them by their paper or by a peer tool: posologyr's
 MAP estimates and dose answers (which it validates against NONMEM and Monolix), Monolix's MAP with
-inter-occasion variability, NONMEM's individual predictions from PsN's proseval, and a paper's own worked
-example. Each test names its source.
+inter-occasion variability, NONMEM's individual predictions from PsN's proseval, a paper's own worked
+example, and the typical-value concentrations and exposures that nlmixr2lib's vignette of the same model prints
+(rxode2-solved). Each test names its source.
 
 amikacin_burdet2015: posologyr's test suite (tests/testthat/test_rxui.R, 'mod_amikacin_Burdet2015', patient A:
 2000 mg over 0.5 h, levels 58 and 14 mg/L at 1 and 6 h, CLCREAT4H 50, TBW 62, PoverF 169) documents the MAP
