@@ -84,9 +84,9 @@ def _from_toml(path: Path) -> FittedPopulation:
         err = spec.get("error", {})
         effects, coef = [], {}
         for c in spec.get("covariate", []):
+            bounds = {b: float(c[b]) for b in ("lower", "upper") if c.get(b) is not None}
             e = CovariateEffect(c["parameter"].upper(), c["covariate"], c.get("kind", "power"), c.get("reference"),
-                                c.get("exponent"), float(c.get("level", 1.0)),
-                                *(None if c.get(b) is None else float(c[b]) for b in ("lower", "upper")))
+                                c.get("exponent"), float(c.get("level", 1.0)), **bounds)
             effects.append(e)
             if e.kind == "maturation":   # TM50 (covariate units) and the Hill coefficient
                 coef.update({e.theta_names[0]: float(c["tm50"]), e.theta_names[1]: float(c["hill"])})
