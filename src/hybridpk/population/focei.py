@@ -150,13 +150,12 @@ class Problem:
         each subject's copies sharing their step sizes (so that differences between points are smooth in
         ETA). Falls back to P separate calls when the grouped batch cannot be solved together."""
         n_points, n, k = points.shape
-        if not self.stencil:
-            return torch.stack([self.predict(theta, points[i]) for i in range(n_points)])
         batch, groups = self._copies(n_points)
         p = self.pm.parameters(theta, points.reshape(n_points * n, k), batch)
         try:
             f = simulate(self.pm.structural, p, batch, method=self.method, rtol=self.rtol, atol=self.atol,
-                         throw=False, rule=self.pm.covariate_rule, step_groups=groups).ipred
+                         throw=False, rule=self.pm.covariate_rule,
+                         step_groups=groups if self.stencil else None).ipred
         except SolverError:
             return torch.stack([self.predict(theta, points[i]) for i in range(n_points)])
         return self._transform(f.reshape(n_points, n, -1))
