@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from .focei import Problem
+from .psis import psis_log_weights
 
 __all__ = ["IndividualEstimates", "ImportanceSample", "map_estimate", "posterior_draws", "importance_resample"]
 
@@ -155,7 +156,8 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     mode or a tail the Laplace approximation misses is still reached. Each further round (``rounds`` in all)
     draws from a t fitted to the weighted sample so far (its mean and covariance), and every point is
     weighted against the mixture of all proposals used (the deterministic-mixture weights that make AMIS
-    consistent). The log weights are Pareto-smoothed (arviz.psislw) and ``n`` draws resampled from them.
+    consistent). The log weights are Pareto-smoothed (:func:`~hybridpk.population.psis.psis_log_weights`, ArviZ's
+    psislw) and ``n`` draws resampled from them.
     Returns an :class:`ImportanceSample`: (draws, effective sample size 1 / sum w^2 of the smoothed
     weights), with ``pareto_k``. Seeded.
 
@@ -164,8 +166,6 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     prior density is below e^-18 of its mode, so the posterior mass dropped is negligible unless the
     likelihood outweighs that, in which case the mode would lie there. The limit is never closer to ``mean``
     than 6 proposal SDs (a mode far out in the population keeps its neighbourhood)."""
-    import warnings
-
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     k = mean.shape[0]
@@ -217,14 +217,9 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     finite = torch.isfinite(logw)
     k_hat = float("nan")
     if int(finite.sum()) >= 10:
-        import arviz as az
-
-        with warnings.catch_warnings():   # arviz warns about k itself; the caller reports it
-            warnings.simplefilter("ignore")
-            smoothed, k_hat = az.psislw(logw[finite].numpy().copy(), reff=1.0)
+        smoothed, k_hat = psis_log_weights(logw[finite].numpy())
         logw = logw.clone()
-        logw[finite] = torch.from_numpy(np.asarray(smoothed, dtype=np.float64))
-        k_hat = float(np.asarray(k_hat))
+        logw[finite] = torch.from_numpy(smoothed)
     w = torch.softmax(logw, 0)
     ess = float(1.0 / (w * w).sum())
     idx = torch.multinomial(w, n, replacement=True, generator=gen)
