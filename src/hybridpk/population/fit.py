@@ -207,7 +207,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     seed : int  recorded in the result (FOCE-I itself is deterministic)
     omega, sigma : initial OMEGA variances (list, ETA order) and residual SDs ({"ADD": .., "PROP": ..})
     maxiter : outer iterations (BFGS); the search also stops, converged, when the OFV fell by less than 1e-4
-        over the last 10 iterations (:data:`STALL_OFV`, :data:`STALL_ITERATIONS`)
+        over the last 10 iterations (:data:`STALL_OFV`, :data:`STALL_ITERATIONS`), or when six evaluations in a
+        row landed within 1e-6 of the best OFV (its line search probing rounding: :data:`ROUNDING_EVALUATIONS`)
     progress : show the progress with the OFV (a bar on a terminal, a line per 10% of ``maxiter`` in a log)
     covariance : how the standard errors are computed: "sandwich" (R^-1 S R^-1, NONMEM's default; also
         ``True``), "R" (2 R^-1, NONMEM's MATRIX=R), "S" (4 S^-1, MATRIX=S), or False/"none" (no standard

@@ -146,9 +146,10 @@ class Problem:
         return torch.log(f.clamp(min=1e-30)) if self.pm.error.ltbs else f
 
     def predict_points(self, theta, points):
-        """Predictions (P, N, R) at P ETA points (P, N, K) in one solver call: P copies of every subject,
-        each subject's copies sharing their step sizes (so that differences between points are smooth in
-        ETA). Falls back to P separate calls when the grouped batch cannot be solved together."""
+        """Predictions (P, N, R) at P ETA points (P, N, K) in one solver call on P copies of every subject
+        (closed-form models: one call instead of P, the same numbers); ODE-solved models' copies of a subject
+        share their step sizes (so that differences between points are smooth in ETA). Falls back to P separate
+        calls when the grouped batch cannot be solved together."""
         n_points, n, k = points.shape
         batch, groups = self._copies(n_points)
         p = self.pm.parameters(theta, points.reshape(n_points * n, k), batch)
