@@ -50,7 +50,7 @@ def test_the_same_smoothed_weights_and_k_as_arviz(kind, n):
         assert np.exp(ours).sum() == pytest.approx(1.0, rel=1e-12)
 
 
-def test_a_tail_of_four_draws_is_not_smoothed():
+def test_a_tail_of_four_draws_or_fewer_is_not_smoothed():
     logw = np.linspace(-2.0, 0.0, 12)        # 12 draws: a tail of ceil(12/5) = 3 draws, no fit
     ours, k = psis_log_weights(logw)
     assert not np.isfinite(k)

@@ -25,7 +25,8 @@ def run_many(args, model, ds, question, arguments: dict) -> int:
         print(table.to_string(index=False, na_rep=""))
     refused = sum(not a.ok for a in answers)
     if refused:
-        print(f"{refused} of {len(answers)} patients refused (the reason is in the table); the others are answered")
+        rest = "the others are answered" if refused < len(answers) else "none is answered"
+        print(f"{refused} of {len(answers)} patients refused (the reason is in the table); {rest}")
     if args.out:
         patients = [{"ID": a.id, **(_as_dict(a.result) if a.ok else {"error": a.error})} for a in answers]
         text = json.dumps({"patients": patients, "summary": table.to_dict(orient="records"),
