@@ -20,3 +20,10 @@ print("saved on cuda, loaded with weights_only on", next(hyb.vae.parameters()).d
 PY
 timeout 60 "$PY" -m hybridpk predict /tmp/run_ehc_cuda data/ehc.csv --out "$out/pred.csv" 2>&1 | tail -5
 head -3 "$out/pred.csv"
+for dev in cpu cuda; do
+  t0=$(date +%s)
+  timeout 300 "$PY" -m hybridpk simulate data/theoph.csv --model 1cmt_oral --typical CL=2.8,V=31,KA=1.5 \
+      --omega CL=0.1,V=0.04,KA=0.3 --proportional 0.1 --n 200000 --chunk 50000 --device $dev --out "$out/sim_$dev.csv" | tail -1
+  echo "simulate --n 200000 on $dev: $(( $(date +%s) - t0 )) s" | tee -a "$out/simulate.log"
+done
+cmp "$out/sim_cpu.params.csv" "$out/sim_cuda.params.csv" && echo "same parameters on both devices" | tee -a "$out/simulate.log"

@@ -187,6 +187,9 @@ def _table(d: Path):
     if not torch.cuda.is_available():
         cases.append(("fit-device-cuda-absent", fit + ["--hybrid", "vae", "--device", "cuda", "--out", run],
                       "--device"))
+        cases.append(("simulate-device-cuda-absent", ["simulate", "theoph", "--model", "1cmt_oral", "--typical",
+                                                      "CL=3,V=30,KA=1.5", "--device", "cuda", "--out",
+                                                      str(d / "sim_cuda.csv")], "--device"))
     return cases
 
 

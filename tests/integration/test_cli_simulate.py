@@ -89,3 +89,33 @@ def test_simulate_a_virtual_population_in_chunks(tmp_path, capsys):
     assert main(["simulate", str(design), "--model", "1cmt_oral", "--typical", "CL=5,V=50,KA=1", "--chunk", "5",
                  "--out", str(tmp_path / "y.csv")]) != 0
     assert "--chunk applies to a virtual population" in capsys.readouterr().err
+
+
+def test_device_auto_simulates_where_a_gpu_would_and_gives_the_same_population(tmp_path, theoph_path, capsys):
+    """--device auto solves on a CUDA GPU when there is one, else the CPU; the draws stay on the CPU, so the
+    population is the device's solve of the same numbers. Here (no GPU in CI) auto is the CPU: the files equal
+    the default run's byte for byte, and the run's JSON says which device solved it."""
+    import torch
+
+    args = ["simulate", "theoph", "--model", "1cmt_oral", "--typical", "CL=2.8,V=31,KA=1.5", "--omega", "CL=0.1",
+            "--proportional", "0.1", "--n", "30", "--chunk", "7", "--seed", "2"]
+    assert main(args + ["--out", str(tmp_path / "a.csv")]) == 0
+    assert main(args + ["--device", "auto", "--out", str(tmp_path / "b.csv")]) == 0
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((tmp_path / "b.json").read_text())["device"] == expected
+    assert json.loads((tmp_path / "a.json").read_text())["device"] == "cpu"
+    if expected == "cpu":
+        for name in ("a.csv", "a.params.csv"):
+            assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("a", "b", 1)).read_bytes()
+    # --params mode takes the device too
+    ds = hp.read_nonmem(theoph_path)
+    params = pd.DataFrame({"ID": list(ds.ids), "CL": np.linspace(2, 4, 12), "V": 30.0, "KA": 1.5})
+    params.to_csv(tmp_path / "p.csv", index=False)
+    for dev, name in (("cpu", "c.csv"), ("auto", "d.csv")):
+        assert main(["simulate", str(theoph_path), "--model", "1cmt_oral", "--params", str(tmp_path / "p.csv"),
+                     "--device", dev, "--out", str(tmp_path / name)]) == 0
+    got = pd.read_csv(tmp_path / "d.csv")
+    b = ds.to_batch()
+    np.testing.assert_allclose(got.IPRED, hp.simulate("1cmt_oral", params, b).to_dataframe(b).IPRED, rtol=1e-12)
+    if expected == "cpu":
+        assert (tmp_path / "c.csv").read_bytes() == (tmp_path / "d.csv").read_bytes()

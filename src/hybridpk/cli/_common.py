@@ -52,18 +52,15 @@ def latent_dim_arg(text: str):
 
 
 def device_arg(text: str) -> str:
-    """--device: a torch device that exists on this machine (checked before any work starts)."""
-    import torch
+    """--device: a torch device that exists on this machine, or "auto" (a CUDA GPU when there is one, else the
+    CPU), checked before any work starts; returns the device's name ("auto" resolved)."""
+    from hybridpk.errors import HybridPKError
+    from hybridpk.solve.device import resolve_device
 
     try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: this torch build or machine has no CUDA GPU; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
-    return text
+        return str(resolve_device(text))
+    except HybridPKError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def figure_arg(text: str) -> str:

@@ -142,7 +142,9 @@ def add_parser(sub) -> None:
     p.add_argument("--training", choices=["joint", "staged"], default="joint",
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs (log form)")
-    p.add_argument("--device", default="cpu", type=device_arg, help="torch device for VAE training (cpu, cuda)")
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="torch device for VAE training: cpu, cuda, cuda:N, or auto (a CUDA GPU when "
+                        "there is one, else the CPU); the population fit (FOCE-I) runs on the CPU")
     p.add_argument("--distributed", action="store_true",
                    help="with --hybrid vae, under torchrun (torchrun --nproc_per_node=N -m hybridpk fit ... "
                         "--distributed): train the networks data-parallel over the N processes (gloo on the CPU, "

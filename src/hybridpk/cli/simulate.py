@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, nonnegative_float, out_file_arg, positive_int, resolve_data_path
+from ._common import ManualFormatter, device_arg, nonnegative_float, out_file_arg, positive_int, resolve_data_path
 
 HELP = """\
 Simulate concentrations on the dosing records and sampling times of DATA.
@@ -76,6 +76,10 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk", type=positive_int, default=10_000, metavar="K",
                    help="with --n: patients simulated and written at a time (default 10000)")
     p.add_argument("--method", choices=["auto", "closed_form", "ode"], default="auto", help="solver path")
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="where the model is solved: cpu, cuda, cuda:N, or auto (a CUDA GPU when there is "
+                        "one, else the CPU); in float64 on every device, the random draws on the CPU, so the same "
+                        "seed gives the same population anywhere")
     p.add_argument("--out", required=True, metavar="OUT.csv", type=out_file_arg, help="output file")
     p.set_defaults(handler=run)
 
@@ -100,7 +104,7 @@ def run(args) -> int:
             table = pd.read_csv(args.params)
         except (OSError, ValueError) as exc:
             raise HybridPKError(f"cannot read the parameter table {args.params}: {exc}") from None
-        batch = ds.to_batch()
+        batch = ds.to_batch().to(args.device)
         try:
             pred = simulate(args.model, table, batch, method=args.method)
         except HybridPKError as exc:
@@ -125,7 +129,8 @@ def run(args) -> int:
             cov[par.strip().upper()] = (name.strip(), float(ref), float(expo))
         except ValueError:
             raise HybridPKError(f"--covariate: expected P=COV:REF:EXP (e.g. CL=WT:70:0.75), got {item!r}") from None
-    options = dict(proportional=args.proportional, additive=args.additive, covariates=cov, method=args.method)
+    options = dict(proportional=args.proportional, additive=args.additive, covariates=cov, method=args.method,
+                   device=args.device)
     try:
         TableWriter(args.out)                       # Parquet needs pyarrow: refused before any work
     except ImportError as exc:
@@ -154,7 +159,8 @@ def run(args) -> int:
 
     atomic_write_text(side + ".json", json.dumps(run_metadata(
         seed=args.seed, model=args.model, typical=typical, omega=omega, proportional=args.proportional,
-        additive=args.additive, virtual_patients=args.n, chunk=args.chunk if args.n else None), indent=2))
+        additive=args.additive, virtual_patients=args.n, chunk=args.chunk if args.n else None,
+        device=args.device), indent=2))
     print(f"wrote {args.out} ({n_subjects} subjects, {n_obs} observations, seed {args.seed}), "
           f"{side}.params{suffix} and {side}.json")
     return 0

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ModelError
 from ..models import get_model
+from .device import resolve_device
 from .simulate import simulate
 
 __all__ = ["PopulationSimulation", "simulate_population", "simulate_population_chunks", "virtual_design",
@@ -34,7 +35,7 @@ class PopulationSimulation:
 def simulate_population(model, design, typical: dict, omega: dict | None = None, *, proportional: float = 0.0,
                         additive: float = 0.0, covariates: dict | None = None, seed: int = 0,
                         method: str = "auto", correlation: dict | None = None,
-                        stream: int | None = None) -> PopulationSimulation:
+                        stream: int | None = None, device="cpu") -> PopulationSimulation:
     """Simulate DV for every observation record of ``design`` (a Dataset).
 
     Parameters
@@ -50,6 +51,9 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
     correlation : dict  correlations between ETAs, e.g. {("CL", "V"): 0.6} (default: independent)
     stream : int  an independent random stream of the same seed (the chunks of
         :func:`simulate_population_chunks`); None: the seed's own stream
+    device : where the model is solved ("cpu", "cuda", "auto": :func:`~hybridpk.solve.device.resolve_device`);
+        the random draws are made on the CPU (numpy), so the same seed gives the same population on any device,
+        and the results come back to the CPU
     """
     model = get_model(model)
     omega = dict(omega or {})
@@ -88,7 +92,8 @@ def simulate_population(model, design, typical: dict, omega: dict | None = None,
             etas[f"ETA_{spec.name}"] = eta
             value = value * np.exp(eta)
         params[spec.name] = value
-    ds, ipred = observe(model, design, params, rng, proportional=proportional, additive=additive, method=method)
+    ds, ipred = observe(model, design, params, rng, proportional=proportional, additive=additive, method=method,
+                        device=device)
     par = pd.DataFrame({"ID": list(ids), **params})
     eta_df = pd.DataFrame({"ID": list(ids), **etas})
     return PopulationSimulation(dataset=ds, parameters=par, etas=eta_df, ipred=ipred, seed=seed)
@@ -126,15 +131,16 @@ def simulate_population_chunks(model, design, n: int, typical: dict, omega: dict
 
 
 def observe(model, design, params: dict, rng, *, proportional: float = 0.0, additive: float = 0.0,
-            method: str = "auto", decimals: int | None = None):
+            method: str = "auto", decimals: int | None = None, device="cpu"):
     """Simulate DV = IPRED (1 + proportional eps1) + additive eps2 at the observation records of ``design``
     for individual parameters ``params`` {name: (N,) array, natural scale}, drawing eps from ``rng`` (a numpy
-    Generator). Returns (Dataset with the simulated DV, noise-free ID/TIME/IPRED at every record)."""
+    Generator), the model solved on ``device`` (:func:`~hybridpk.solve.device.resolve_device`). Returns
+    (Dataset with the simulated DV, noise-free ID/TIME/IPRED at every record)."""
     from ..data.dataset import read_nonmem
 
-    batch = design.to_batch()
-    pred = simulate(model, {k: torch.tensor(np.asarray(v, dtype=float)) for k, v in params.items()}, batch,
-                    method=method)
+    batch = design.to_batch().to(resolve_device(device))
+    pred = simulate(model, {k: torch.as_tensor(np.asarray(v, dtype=float), device=batch.time.device)
+                            for k, v in params.items()}, batch, method=method)
     ipred = pred.to_dataframe(batch)
     conc = ipred["IPRED"].to_numpy()
     eps = rng.normal(size=(2, len(conc)))

@@ -1,0 +1,31 @@
+"""resolve_device: "auto" and the names torch knows, refused by name where this machine lacks the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridpk.errors import ModelError
+from hybridpk.solve import resolve_device
+
+
+def test_auto_is_a_gpu_when_there_is_one_else_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("AUTO") == torch.device("cuda")
+
+
+def test_named_devices_pass_and_missing_ones_are_refused_with_the_fix(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ModelError, match="'gpu0' is not a torch device"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match="no CUDA GPU; use cpu or auto"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ModelError, match="has 1 CUDA GPU"):
+        resolve_device("cuda:3")
