@@ -139,7 +139,7 @@ def observe(model, design, params: dict, rng, *, proportional: float = 0.0, addi
     from ..data.dataset import read_nonmem
 
     batch = design.to_batch().to(resolve_device(device))
-    pred = simulate(model, {k: torch.as_tensor(np.asarray(v, dtype=float), device=batch.time.device)
+    pred = simulate(model, {k: torch.tensor(np.asarray(v, dtype=float), device=batch.time.device)
                             for k, v in params.items()}, batch, method=method)
     ipred = pred.to_dataframe(batch)
     conc = ipred["IPRED"].to_numpy()
