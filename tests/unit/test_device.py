@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridpk.errors import ModelError
+from hybridpk.errors import HybridPKError
 from hybridpk.solve import resolve_device
 
 
@@ -20,12 +20,12 @@ def test_named_devices_pass_and_missing_ones_are_refused_with_the_fix(monkeypatc
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     assert resolve_device(None) == torch.device("cpu")
-    with pytest.raises(ModelError, match="'gpu0' is not a torch device"):
+    with pytest.raises(HybridPKError, match="'gpu0' is not a torch device"):
         resolve_device("gpu0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ModelError, match="no CUDA GPU; use cpu or auto"):
+    with pytest.raises(HybridPKError, match="no CUDA GPU; use cpu or auto"):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ModelError, match="has 1 CUDA GPU"):
+    with pytest.raises(HybridPKError, match="has 1 CUDA GPU"):
         resolve_device("cuda:3")

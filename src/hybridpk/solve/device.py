@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ModelError
+from ..errors import HybridPKError
 
 __all__ = ["resolve_device"]
 
 
 def resolve_device(device="cpu") -> torch.device:
     """The torch device named by ``device``: "auto" is the first CUDA GPU when this torch build and machine
-    have one, else the CPU; any other name must exist here (a ModelError names it and the fix). Everything
+    have one, else the CPU; any other name must exist here (a HybridPKError names it and the fix). Everything
     stays float64 on every device: the solvers and the estimation are checked against scipy at tolerances
     (1e-8 and below) that float32 cannot reach."""
     if isinstance(device, torch.device):
@@ -23,11 +23,11 @@ def resolve_device(device="cpu") -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ModelError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, auto)") from None
+        raise HybridPKError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r}: this torch build or machine has no CUDA GPU; use cpu or auto")
+        raise HybridPKError(f"device {device!r}: this torch build or machine has no CUDA GPU; use cpu or auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ModelError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        raise HybridPKError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelError(f"device {device!r}: MPS is not available here; use cpu or auto")
+        raise HybridPKError(f"device {device!r}: MPS is not available here; use cpu or auto")
     return dev
