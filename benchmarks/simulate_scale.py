@@ -6,6 +6,8 @@ peak resident memory is the child process's (getrusage RUSAGE_CHILDREN). Also ch
 number of rows and IDs, and the log-normal parameters' sample variance against OMEGA.
 
 Run:  python benchmarks/simulate_scale.py [--n 1000000] [--chunk 10000] [--format parquet|csv]
+      [--device cpu|cuda|auto]
+(--device is passed to the command: where each chunk is solved)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main():
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--chunk", type=int, default=10_000)
     ap.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         design = Path(tmp) / "one.csv"
@@ -37,7 +40,8 @@ def main():
         out = Path(tmp) / f"sim.{args.format}"
         cmd = [sys.executable, "-m", "hybridpk", "simulate", str(design), "--model", "1cmt_oral",
                "--typical", "CL=5,V=50,KA=1.2", "--omega", "CL=0.09,V=0.04,KA=0.09", "--proportional", "0.1",
-               "--additive", "0.05", "--n", str(args.n), "--chunk", str(args.chunk), "--seed", "1", "--out", str(out)]
+               "--additive", "0.05", "--n", str(args.n), "--chunk", str(args.chunk), "--seed", "1",
+               "--device", args.device, "--out", str(out)]
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True).returncode
         wall = time.perf_counter() - t0
@@ -47,7 +51,8 @@ def main():
         read = pd.read_parquet if args.format == "parquet" else pd.read_csv
         params = read(side)
         n_rows = len(read(out, columns=["ID"])) if args.format == "parquet" else sum(1 for _ in open(out)) - 1
-    print(f"{args.n} virtual patients x 10 samples, chunks of {args.chunk}, {args.format}: rc={rc}")
+    print(f"{args.n} virtual patients x 10 samples, chunks of {args.chunk}, {args.format}, "
+          f"device {args.device}: rc={rc}")
     print(f"  wall time {wall:.1f} s ({args.n / wall:,.0f} patients/s), peak memory {peak_mb:.0f} MB "
           f"({peak_mb / 2048:.2f}x the 2 GB budget), file {size_mb:.0f} MB")
     print(f"  rows {n_rows} (expected {11 * args.n}), IDs {params.ID.nunique()}; var(log CL/5) "
