@@ -29,3 +29,26 @@ def test_named_devices_pass_and_missing_ones_are_refused_with_the_fix(monkeypatc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(HybridPKError, match="has 1 CUDA GPU"):
         resolve_device("cuda:3")
+
+
+def test_training_takes_auto_as_the_command_line_does():
+    """TrainConfig(device="auto") trains where the CLI's --device auto would (here the CPU), with the same result
+    as device "cpu"."""
+    from hybridpk.population import build_model, fit_population
+    from hybridpk.residual import ODEBaseline, TrainConfig, train_vae
+    from hybridpk.solve.examples import simulate_ehc_population
+
+    ds, _ = simulate_ehc_population(20, seed=2)
+    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
+    fit = fit_population(pm, ds, progress=False, covariance=False)
+    est = fit.estimation.estimates
+    batch = est.problem.batch
+    ipred = fit.concentrations(batch, est.eta)
+    runs = {}
+    for device in ("cpu", "auto"):
+        cfg = TrainConfig(epochs=3, min_epochs=3, seed=1, progress=False, device=device, its_iterations=0)
+        runs[device] = train_vae(batch, ipred, pm.error, fit.sigma.sd_tensors(), cfg, baseline=ODEBaseline(fit),
+                                 eta0=est.eta)[1]
+    if not torch.cuda.is_available():
+        assert runs["auto"] == runs["cpu"]
+    assert len(runs["auto"]) == 3

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import HybridPKError
+from ..solve.device import resolve_device
 
 __all__ = ["Shard", "current_shard", "init_from_environment"]
 
@@ -80,7 +81,8 @@ def init_from_environment(device: str = "cpu") -> tuple[Shard, str]:
                             "--nproc_per_node=N -m hybridpk fit ... --distributed (one process per CPU core or GPU)")
     if not torch.distributed.is_available():
         raise HybridPKError("--distributed: this torch build has no torch.distributed")
-    cuda = torch.device(device).type == "cuda"
+    device = str(resolve_device(device))
+    cuda = device.startswith("cuda")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(device))

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import HybridPKError, Interrupted
 from ..io import atomic_write_bytes
 from ..progress import Progress
+from ..solve.device import resolve_device
 from .distributed import current_shard
 from .features import fit_scale, record_features
 from .forms import default_form, get_form
@@ -56,7 +57,8 @@ class TrainConfig:
     (:mod:`hybridpk.residual.distributed`): each rank takes its share of every minibatch, the gradients are
     summed over the ranks, rank 0 alone shows progress. Every rank holds the same state, so each writes the
     same checkpoint (``hybridpk fit --distributed`` gives the other ranks private copies of RUN: RUN's
-    checkpoints are rank 0's) and resumes from it.
+    checkpoints are rank 0's) and resumes from it. ``device``: where the networks train ("cpu", "cuda",
+    "cuda:N", or "auto": :func:`~hybridpk.solve.device.resolve_device`).
     """
 
     latent_dim: int = 2
@@ -157,7 +159,7 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     if joint and (eta0 is None or eta0.shape != (n, baseline.n_eta)):
         raise ValueError("joint training needs eta0 of shape (N subjects, number of ETAs)")
     model = _build_model(batch, ipred, tr_idx, cfg, baseline)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     sd = {k: v.detach().to(device) for k, v in sd.items()}
     data = _Split(batch, ipred, eta0, tr_idx, val_idx, device, joint)
