@@ -175,11 +175,19 @@ def next_level(p, t: float, rng) -> float:
     return c * (1 + 0.10 * rng.normal()) + 0.05 * rng.normal()
 
 
+
+def _sds(sd) -> str:
+    """Residual error SDs {kind: SD} as 'ADD 0.050, PROP 0.100' ('-' when there are none)."""
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(sd.items())) if sd else "-"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--learn-sigma", action="store_true",
+                    help="learn the residual error SDs in training (TrainConfig.learn_sigma)")
     ap.add_argument("--form", choices=("auto", "log", "input", "reservoir"), default="reservoir")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     args = ap.parse_args()
@@ -200,11 +208,14 @@ def main():
     t0 = time.perf_counter()
     ode = fit_population(pm, train, progress=False, covariance=False)
     t1 = time.perf_counter()
-    hyb = fit_hybrid(pm, train, population=ode, config=TrainConfig(form=args.form, epochs=args.epochs),
+    hyb = fit_hybrid(pm, train, population=ode, config=TrainConfig(form=args.form, epochs=args.epochs,
+                                                                    learn_sigma=args.learn_sigma),
                      seed=args.seed, progress=False)
     t2 = time.perf_counter()
     print(f"ODE-only FOCE-I fit {t1 - t0:.1f} s (OFV {ode.estimation.ofv:.1f}); hybrid training {t2 - t1:.1f} s "
           f"({len(hyb.history)} epochs, form {hyb.vae.form_name})")
+    print("SIGMA (SD): ODE-only fit " + _sds({r.kind: r.sd for r in ode.sigma.rows}) + "; in training "
+          + _sds(getattr(hyb.vae, "trained_sd", None)) + "; the hybrid's (ITS) " + _sds(hyb.sigma))
     epm = build_model("1cmt_oral_ehc", iiv=["CL", "V", "KA", "KGB"], error="combined",
                       fixed={k: EHC[k] for k in ("TMEAL", "MEALII", "TEMPT")})
     oracle = FittedPopulation.from_values(epm, EHC, dict(CL=0.09, V=0.04, KA=0.09, KGB=1.0),

@@ -63,11 +63,19 @@ def dense(ds):
     return ds.prediction_design(GRID, cmt=2)
 
 
+
+def _sds(sd) -> str:
+    """Residual error SDs {kind: SD} as 'ADD 0.050, PROP 0.100' ('-' when there are none)."""
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(sd.items())) if sd else "-"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--learn-sigma", action="store_true",
+                    help="learn the residual error SDs in training (TrainConfig.learn_sigma)")
     ap.add_argument("--latent-dim", type=int, default=2)
     ap.add_argument("--beta", type=float, default=TrainConfig.beta)
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
@@ -122,11 +130,13 @@ def main():
     if not args.no_hybrid:
         t1 = time.perf_counter()
         cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, joint=not args.staged, form=args.form,
-                          intervals=args.intervals)
+                          intervals=args.intervals, learn_sigma=args.learn_sigma)
         hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
         print(f"ODE-only fit {t_ode:.1f} s; hybrid training {time.perf_counter() - t1:.1f} s ({len(hyb.history)} "
               f"epochs, {'joint ETAs' if cfg.joint else 'staged'}); form {hyb.vae.form_name}, best held-out "
               f"-ELBO {hyb.vae.best_val:.4f}")
+        print("SIGMA (SD): ODE-only fit " + _sds({r.kind: r.sd for r in fit.sigma.rows}) + "; in training "
+              + _sds(getattr(hyb.vae, "trained_sd", None)) + "; the hybrid's (ITS) " + _sds(hyb.sigma))
         for c in hyb.candidates:
             if c.form == "none":      # the ODE model, the null candidate: nothing trained
                 print(f"  candidate none (ODE)    K={c.latent_dim}: {c.criterion} score {c.score:.4f}"

@@ -67,11 +67,19 @@ def dense(ds):
     return ds.prediction_design(GRID, cmt=0)
 
 
+
+def _sds(sd) -> str:
+    """Residual error SDs {kind: SD} as 'ADD 0.050, PROP 0.100' ('-' when there are none)."""
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(sd.items())) if sd else "-"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=150)
     ap.add_argument("--test", type=int, default=60)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--learn-sigma", action="store_true",
+                    help="learn the residual error SDs in training (TrainConfig.learn_sigma)")
     ap.add_argument("--staged", action="store_true", help="keep the ODE-only ETAs (no joint ETA estimation)")
     ap.add_argument("--form", choices=("auto", "log", "input", "reservoir", "elimination"), default=TrainConfig.form,
                     help="log: IPRED exp(r(t)); input: learnt input rate into the central compartment")
@@ -99,10 +107,12 @@ def main():
         base = map_curves(fit, test, bd)
         hyb_pred = alone = base
     else:
-        cfg = TrainConfig(joint=not args.staged, form=args.form)
+        cfg = TrainConfig(joint=not args.staged, form=args.form, learn_sigma=args.learn_sigma)
         hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
         print(f"linear fit + hybrid training {time.perf_counter() - t0:.1f} s ({len(hyb.history)} epochs, "
               f"{'joint ETAs' if cfg.joint else 'staged'})")
+        print("SIGMA (SD): ODE-only fit " + _sds({r.kind: r.sd for r in fit.sigma.rows}) + "; in training "
+              + _sds(getattr(hyb.vae, "trained_sd", None)) + "; the hybrid's (ITS) " + _sds(hyb.sigma))
         out = hyb.predict(test, design=dense(test))
         bd, base, hyb_pred, alone, weight = out.batch, out.ode, out.ipred, out.hybrid, out.estimates.weight
     true = hp.simulate("tmdd_qss", {k: torch.tensor(truth[k].to_numpy()) for k in TRUE}, bd).ipred

@@ -15,7 +15,8 @@ BATCH_SIZE = 8      # 19 training patients: minibatches of 8, 8 and 3 (shards of
 
 
 def train(distributed: bool, epochs: int, checkpoint: str | None = None):
-    """(the trained HybridVAE, its history) on 24 simulated EHC patients (seed 3)."""
+    """(the trained HybridVAE, its history) on 24 simulated EHC patients (seed 3), the residual error SDs learnt
+    too (their gradients are summed over the ranks like the networks')."""
     from hybridpk.population import build_model, fit_population
     from hybridpk.residual import ODEBaseline, TrainConfig, train_vae
     from hybridpk.residual.hybrid import _ode_only
@@ -28,7 +29,7 @@ def train(distributed: bool, epochs: int, checkpoint: str | None = None):
         fit = fit_population(pm, ds, progress=False, covariance=False)
     est, batch, ipred = _ode_only(fit, ds)
     cfg = TrainConfig(epochs=epochs, warmup_epochs=2, progress=False, batch_size=BATCH_SIZE, form="reservoir",
-                      checkpoint=checkpoint, checkpoint_every=1, distributed=distributed)
+                      checkpoint=checkpoint, checkpoint_every=1, distributed=distributed, learn_sigma=True)
     return train_vae(batch, ipred, pm.error, fit.sigma.sd_tensors(), cfg, baseline=ODEBaseline(fit), eta0=est.eta)
 
 

@@ -533,7 +533,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
             path = (str(where / f"vae_{c.form}_k{c.latent_dim}.pt") if ck is not None or len(cands) > 1
                     else base.checkpoint)
             return train_vae(batch, ipred, fit.model.error, sd, config_of(c, epochs=epochs, checkpoint=path),
-                             baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None)
+                             baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None,
+                             sigma_fixed=fit.model.sigma_fixed)
 
         model, hist, chosen = select(cands, train, base.epochs, base.screen_epochs, base.warmup_epochs,
                                      score=_kept(_predictive(fit, dataset, cands, config_of, base.form == "auto"),
@@ -544,7 +545,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     omega = sigma = None
     trained = tuple(float(v) for v in model.log_shift.detach())      # before the ITS's THETA step moves them
     if base.its_iterations > 0 and base.joint and fit.model.n_eta and chosen.form != "none":
-        matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, sd,
+        trained_sd = {k: torch.tensor(v, dtype=torch.float64) for k, v in getattr(model, "trained_sd", {}).items()}
+        matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, trained_sd or sd,
                                      iterations=base.its_iterations)
         omega = tuple(tuple(float(x) for x in row) for row in matrix.tolist())
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame(), omega=omega, sigma=sigma,

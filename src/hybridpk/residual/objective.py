@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["variance_floor", "gaussian_nll", "correction_penalty", "ode_only_objective", "neg_elbo"]
+__all__ = ["variance_floor", "gaussian_nll", "correction_penalty", "ode_only_objective", "neg_elbo", "free_sigma"]
+
+
+def free_sigma(error_model, sd: dict, fixed=()) -> list:
+    """The residual-error kinds whose SD the hybrid estimates (in training and in its ITS step): those of
+    ``error_model`` not in ``fixed`` (the model's FIX SIGMA) with a positive SD. None for log-transform-both-sides
+    and a general $ERROR, whose residual error the hybrid keeps as the population fit estimated it."""
+    if error_model.ltbs or error_model.kind == "general":
+        return []
+    return [k for k in error_model.names if k not in fixed and k in sd and float(sd[k]) > 0]
 
 
 def correction_penalty(r, mask, l2):

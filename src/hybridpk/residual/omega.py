@@ -24,14 +24,17 @@ the hybrid's OMEGA were then -0.043, -0.041, -0.018. The update keeps the
 model's structure: covariances only within its OMEGA blocks, FIX blocks at their values, and blocks tied by
 SAME (inter-occasion variability) share their average.
 
-SIGMA likewise: the ODE-only fit's residual error also absorbed the misfit (EHC seed 1: ADD 0.16 mg/L
-against the truth's 0.05). Its M-step maximises the residual-error likelihood of the observations at the
-MAP predictions f_ij, with each squared residual replaced by its expectation under the ETAs' conditional
+SIGMA likewise: the ODE-only fit's residual error also absorbed the misfit (EHC seed 1: ADD 0.16 mg/L against
+the truth's 0.05). With ``TrainConfig.learn_sigma`` training learns the SDs with the networks
+(:mod:`.training`), but as a joint MAP over the ETAs too, which does not discount the ETAs' degrees of freedom
+(on data the ODE describes it ends below FOCE-I's: tests/unit/test_hybrid_omega.py); the ITS step starts from
+them and corrects that. Its M-step maximises the residual-error likelihood of the observations at the MAP
+predictions f_ij, with each squared residual replaced by its expectation under the ETAs' conditional
 distribution, (y_ij - f_ij)^2 + J_ij C_i J_ij' (J_ij = df_ij/deta: the first-order term, as the FO/FOCE
-linearisation writes it). FIX residual-error parameters are kept; log-transform-both-sides and a general
-$ERROR keep the population fit's SIGMA. Measured on the EHC example (seed 1, reservoir form, the truth's
-OMEGA and SIGMA given to the hybrid): recirculating patients 1.08x the true-structure model (1.23x with the
-ODE-only OMEGA and SIGMA), the others 0.92x ODE-only.
+linearisation writes it). FIX residual-error parameters are kept; log-transform-both-sides and a general $ERROR
+keep the population fit's SIGMA. Measured on the EHC example (seed 1, reservoir form, the truth's OMEGA and
+SIGMA given to the hybrid): recirculating patients 1.08x the true-structure model (1.23x with the ODE-only
+OMEGA and SIGMA), the others 0.92x ODE-only.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 
 from .baseline import ODEBaseline
 from .inference import estimate_hybrid, joint_objective
+from .objective import free_sigma
 
 __all__ = ["with_omega", "conditional_covariance", "its_omega", "its_sigma"]
 
@@ -120,9 +124,7 @@ def its_sigma(pm, batch, pred, expected_sq, sd: dict, floor: float = 0.0) -> dic
     (see the module docstring); FIX parameters keep their ``sd`` value. Log-transform-both-sides and general
     error models return ``sd`` unchanged."""
     err = pm.error
-    if err.ltbs or err.kind == "general":
-        return dict(sd)
-    free = [k for k in err.names if k not in pm.sigma_fixed and float(sd[k]) > 0]
+    free = free_sigma(err, sd, pm.sigma_fixed)
     if not free:
         return dict(sd)
     obs = batch.is_obs
@@ -199,8 +201,9 @@ def its_omega(vae, population, batch, ipred0, eta0, error_model, sd, *, iteratio
               theta: bool = True):
     """The hybrid's OMEGA (K, K), its residual error SDs {kind: SD} and the history of both, by ``iterations``
     ITS steps on the patients of ``batch`` (the training patients: ``ipred0``/``eta0`` their ODE-only MAP
-    prediction and ETAs), from the population fit's OMEGA and SIGMA (see the module docstring;
-    ``sigma=False`` keeps the population's SIGMA). Models without ETAs, or a non-joint hybrid (whose ETAs are
+    prediction and ETAs), from the population fit's OMEGA and the residual error SDs ``sd`` (see the module
+    docstring; :func:`~hybridpk.residual.hybrid.fit_hybrid` gives the SDs learnt in training; ``sigma=False``
+    keeps ``sd``). Models without ETAs, or a non-joint hybrid (whose ETAs are
     the ODE-only ones), keep both."""
     omega = population.omega.tensor()
     sd = {k: float(v) for k, v in sd.items()}

@@ -1,14 +1,26 @@
-"""Training the hybrid's network: maximise the ELBO over minibatches of patients, each patient's ETAs
-re-estimated with z in joint mode; early stopping on held-out patients; atomic, tensors-only checkpoints
-that training resumes from exactly (an interrupted and resumed training ends with the same weights as an
-uninterrupted one: the checkpoint holds the optimisers, both random generators, the early-stopping state
-and the history, and is refused when it was written for other data or options).
+"""Training the hybrid's network: maximise the ELBO over minibatches of patients, each patient's ETAs re-estimated
+with z in joint mode (and optionally the residual error SDs); early stopping on held-out patients; atomic,
+tensors-only checkpoints that training resumes from exactly (an interrupted and resumed training ends with the
+same weights as an uninterrupted one: the checkpoint holds the optimisers, both random generators, the early-
+stopping state and the history, and is refused when it was written for other data or options).
 
 The ELBO is the residual-error likelihood of the population model at the hybrid prediction, minus
 beta KL(q(z | patient) || N(0, I)) with beta warmed up from 0, minus an L2 penalty on the correction that
 keeps it at zero where the ODE already fits. In joint mode (the default) every patient's ETAs are free
 parameters too, starting at the ODE-only MAP, with their OMEGA prior term -log p(ETA) in the objective, and
 log-shifts of the typical values are learnt with the networks. Gradient clipping, NaN guard, seeded.
+
+Training weighs the observations with the population fit's residual error (SIGMA), which holds the misfit the
+correction is there to carry (EHC dosing benchmark, seed 1: PROP 0.24 and ADD 0.11 against the truth's 0.10 and
+0.05). With ``learn_sigma`` the SDs are learnt with the networks instead, as log SDs from the population fit's,
+by maximum likelihood within the ELBO like the ETAs (a joint MAP: below FOCE-I's on data the ODE describes, as it
+does not discount the ETAs' degrees of freedom; the ITS step after training starts from them). It is not the
+default because it did not pay on the benchmarks (benchmarks/RESULTS-mipd_hybrid.txt, RESULTS-vae_ehc.txt,
+2026-12-06): it learns SDs near the truth (EHC seed 1: ADD 0.049, PROP 0.078 against 0.05, 0.10), but the
+penalties, tuned at the population fit's SIGMA, then regularise the correction less, and on vae_ehc.py seed 1 the
+recirculating patients' error went from 1.11x to 1.15x the true-structure model's and the others' from 0.92x to
+1.02x ODE-only. On mipd_hybrid.py recirculating patients in the AUC window were 48 / 48% on seeds 1 / 2 (at the
+population fit's SIGMA 48 / 42-46%) and the 90% PI coverage 87 / 96% (94 / 97%).
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from ..solve.device import resolve_device
 from .distributed import current_shard
 from .features import fit_scale, record_features
 from .forms import default_form, get_form
-from .objective import neg_elbo
+from .objective import free_sigma, neg_elbo
 from .vae import HybridVAE, scale_to_tensors
 
 __all__ = ["TrainConfig", "train_vae", "held_out_patients", "null_model"]
@@ -58,7 +70,10 @@ class TrainConfig:
     summed over the ranks, rank 0 alone shows progress. Every rank holds the same state, so each writes the
     same checkpoint (``hybridpk fit --distributed`` gives the other ranks private copies of RUN: RUN's
     checkpoints are rank 0's) and resumes from it. ``device``: where the networks train ("cpu", "cuda",
-    "cuda:N", or "auto": :func:`~hybridpk.solve.device.resolve_device`).
+    "cuda:N", or "auto": :func:`~hybridpk.solve.device.resolve_device`). ``learn_sigma``: learn the residual
+    error SDs with the networks (from the population fit's; FIX ones and those of log-transform-both-sides or a
+    general $ERROR stay: :func:`~hybridpk.residual.objective.free_sigma`; the module docstring says why it is
+    off by default); False: train at the population fit's.
     """
 
     latent_dim: int = 2
@@ -85,6 +100,7 @@ class TrainConfig:
     screen_epochs: int = 300
     its_iterations: int = 1
     distributed: bool = False
+    learn_sigma: bool = False
 
 
 class _Split:
@@ -101,6 +117,33 @@ class _Split:
             eta0 = eta0.detach().to(device)
             self.etr = nn.Parameter(eta0[tr_idx].clone())
             self.eva = nn.Parameter(eta0[val_idx].clone()) if self.n_val else None
+
+
+class _Sigma:
+    """The residual error SDs training uses: those of kinds ``free`` learnt as log SDs (a parameter of the
+    optimiser), the others fixed at ``sd``."""
+
+    def __init__(self, sd: dict, free, device):
+        self.fixed = {k: v.detach().to(device) for k, v in sd.items() if k not in free}
+        self.free = list(free)
+        self.log_sd = (nn.Parameter(torch.log(torch.stack([sd[k].detach().to(device, torch.float64)
+                                                             for k in self.free])))
+                       if self.free else None)
+
+    @property
+    def params(self) -> list:
+        return [self.log_sd] if self.log_sd is not None else []
+
+    def current(self, detach: bool = False) -> dict:
+        """{kind: 0-d tensor SD} (differentiable in the learnt ones unless ``detach``)."""
+        out = dict(self.fixed)
+        for j, k in enumerate(self.free):
+            out[k] = torch.exp(self.log_sd[j].detach() if detach else self.log_sd[j])
+        return out
+
+    def values(self) -> dict:
+        """{kind: SD} as floats."""
+        return {k: float(v) for k, v in self.current(detach=True).items()}
 
 
 def _split(n: int, cfg: TrainConfig, gen) -> tuple:
@@ -138,7 +181,8 @@ def null_model(batch, ipred, config: TrainConfig, baseline=None) -> HybridVAE:
     return model.eval()
 
 
-def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, baseline=None, eta0=None):
+def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, baseline=None, eta0=None,
+              sigma_fixed=()):
     """Train a HybridVAE on a population (``batch`` with the ODE-only individual prediction ``ipred`` (N, R)
     at every record). Joint mode: pass ``baseline`` (an ODEBaseline) and the ODE-only MAP ETAs ``eta0``
     (N, K): each patient's ETAs then start there and are estimated together with the networks (the held-out
@@ -146,8 +190,12 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     what the ODE cannot explain at its best individual fit rather than at the ODE-only fit, which the
     unexplained structure distorts.
 
-    Returns (model, history): the model back on the CPU (trained on ``cfg.device``); history lists (epoch,
-    train -ELBO per patient, validation -ELBO per patient).
+    ``sd``: the residual error SDs {kind: 0-d tensor} of the population fit, where training starts them
+    (``config.learn_sigma``; kinds in ``sigma_fixed``, the model's FIX SIGMA, stay).
+
+    Returns (model, history): the model back on the CPU (trained on ``cfg.device``), its ``trained_sd`` the
+    residual error SDs {kind: SD} of its kept (best held-out) state; history lists (epoch, train -ELBO per
+    patient, validation -ELBO per patient).
     """
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -161,13 +209,13 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     model = _build_model(batch, ipred, tr_idx, cfg, baseline)
     device = resolve_device(cfg.device)
     model.to(device)
-    sd = {k: v.detach().to(device) for k, v in sd.items()}
+    sigma = _Sigma(sd, free_sigma(error_model, sd, sigma_fixed) if cfg.learn_sigma else [], device)
     data = _Split(batch, ipred, eta0, tr_idx, val_idx, device, joint)
-    opt = torch.optim.Adam(list(model.parameters()) + ([data.etr] if joint else []), lr=cfg.lr)
+    opt = torch.optim.Adam(list(model.parameters()) + ([data.etr] if joint else []) + sigma.params, lr=cfg.lr)
     opt_val = torch.optim.Adam([data.eva], lr=cfg.lr) if (joint and n_val) else None
     key = _fingerprint(cfg, batch, ipred, eta0, baseline)
     shard = current_shard(cfg.distributed)
-    state = _resume(cfg, model, opt, opt_val, data, gen, device, key)
+    state = _resume(cfg, model, opt, opt_val, data, sigma, gen, device, key)
     history = state["history"]
     epoch = state["start"]   # the epoch running (0-based), for the message of an interrupt
     try:
@@ -175,14 +223,14 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
         with Progress(cfg.epochs, label, "epoch", enabled=cfg.progress and shard.main, initial=state["start"]) as bar:
             for epoch in range(state["start"], cfg.epochs if not state["stopped"] else state["start"]):
                 beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
-                train = _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline, shard)
-                val = _validate(model, opt_val, data, error_model, sd, cfg, baseline, train)
+                train = _train_epoch(model, opt, data, error_model, sigma, beta, cfg, gen, baseline, shard)
+                val = _validate(model, opt_val, data, error_model, sigma.current(detach=True), cfg, baseline, train)
                 history.append((epoch, train, val))
                 bar.update(1, train=f"{train:.3f}", val=f"{val:.3f}")
-                state["stopped"] = _track_best(state, model, epoch, val, cfg)
+                state["stopped"] = _track_best(state, model, sigma, epoch, val, cfg)
                 last = state["stopped"] or epoch == cfg.epochs - 1
                 if cfg.checkpoint and (epoch % max(1, cfg.checkpoint_every) == 0 or last):
-                    _save(cfg.checkpoint, model, opt, opt_val, data, epoch, state, gen, key)
+                    _save(cfg.checkpoint, model, opt, opt_val, data, sigma, epoch, state, gen, key)
                     state["saved"] = epoch
                 if state["stopped"]:
                     break
@@ -194,20 +242,21 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     model.best_val = state["best"]
+    model.trained_sd = dict(state["best_sd"]) if state["best_sd"] is not None else sigma.values()
     model.l2 = cfg.l2_correction     # the per-patient estimates' objective: the training's (beta-)ELBO
     model.prior_weight = cfg.beta
     model.to("cpu")   # trained on cfg.device; inference (per-patient MAP, predictions) runs with the data, on the CPU
     return model, history
 
 
-def _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline, shard=None) -> float:
+def _train_epoch(model, opt, data, error_model, sigma, beta, cfg, gen, baseline, shard=None) -> float:
     """One pass over the training patients in random minibatches; the mean -ELBO per patient. Distributed
     (``shard`` of several ranks): each rank computes its share of every minibatch's patients, with the noise
     drawn for the whole minibatch, and the losses and gradients are summed over the ranks."""
     shard = shard or current_shard(False)
     ntr = data.btr.n_subjects
     order = torch.randperm(ntr, generator=gen)
-    params = list(model.parameters()) + ([data.etr] if data.etr is not None else [])
+    params = list(model.parameters()) + ([data.etr] if data.etr is not None else []) + sigma.params
     model.train()
     total = 0.0
     for i in range(0, ntr, cfg.batch_size):
@@ -217,7 +266,8 @@ def _train_epoch(model, opt, data, error_model, sd, beta, cfg, gen, baseline, sh
         loss = None
         if len(mine):
             b = data.btr.select(mine)
-            loss, _, _ = neg_elbo(model, b, data.ptr[mine], b.is_obs, error_model, sd, beta, cfg.l2_correction,
+            loss, _, _ = neg_elbo(model, b, data.ptr[mine], b.is_obs, error_model, sigma.current(), beta,
+                                  cfg.l2_correction,
                                   None, baseline, data.etr[mine] if data.etr is not None else None, noise=noise)
             loss = loss.sum() / len(idx)
         value = shard.all_sum(torch.tensor(0.0 if loss is None else float(loss.detach()), dtype=torch.float64))
@@ -253,11 +303,13 @@ def _validate(model, opt_val, data, error_model, sd, cfg, baseline, train: float
         return float(neg_elbo(model, data.bva, data.pva, data.bva.is_obs, error_model, sd, cfg.beta, 0.0)[0].mean())
 
 
-def _track_best(state: dict, model, epoch: int, val: float, cfg) -> bool:
-    """Keep the best held-out state (after warm-up); True when training should stop early."""
+def _track_best(state: dict, model, sigma, epoch: int, val: float, cfg) -> bool:
+    """Keep the best held-out state (after warm-up): the networks and the residual error SDs; True when
+    training should stop early."""
     if epoch >= cfg.warmup_epochs and val < state["best"] - 1e-6:
         state["best"], state["bad"] = val, 0
         state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state["best_sd"] = sigma.values()
     elif epoch >= cfg.warmup_epochs:
         state["bad"] += 1
     return state["bad"] >= cfg.patience and epoch + 1 >= cfg.min_epochs
@@ -286,11 +338,12 @@ def _fingerprint(cfg, batch, ipred, eta0, baseline) -> str:
     return h.hexdigest()
 
 
-def _resume(cfg, model, opt, opt_val, data, gen, device, key: str) -> dict:
+def _resume(cfg, model, opt, opt_val, data, sigma, gen, device, key: str) -> dict:
     """Training state, from the checkpoint when ``cfg.checkpoint`` exists (loaded with weights_only): the
-    networks, optimisers, ETAs, both random generators, the early-stopping state and the history, so that
-    the resumed training computes what the uninterrupted one would have."""
-    state = {"start": 0, "best": math.inf, "best_state": None, "bad": 0, "stopped": False, "history": []}
+    networks, optimisers, ETAs, residual error SDs, both random generators, the early-stopping state and the
+    history, so that the resumed training computes what the uninterrupted one would have."""
+    state = {"start": 0, "best": math.inf, "best_state": None, "best_sd": None, "bad": 0, "stopped": False,
+             "history": []}
     if not (cfg.checkpoint and Path(cfg.checkpoint).is_file()):
         return state
     try:
@@ -311,6 +364,11 @@ def _resume(cfg, model, opt, opt_val, data, gen, device, key: str) -> dict:
             if data.n_val:
                 data.eva.copy_(ck["eta_val"])
                 opt_val.load_state_dict(ck["optimizer_val"])
+    if sigma.log_sd is not None:
+        with torch.no_grad():
+            sigma.log_sd.copy_(ck["log_sd"])
+    if "best_sd" in ck:
+        state["best_sd"] = dict(zip(sigma.free + list(sigma.fixed), ck["best_sd"].tolist()))
     state.update(start=int(ck["epoch"]) + 1, best=float(ck["best"]), best_state=ck.get("best_model"),
                  bad=int(ck["bad"]), stopped=bool(ck["stopped"]), saved=int(ck["epoch"]),
                  history=[(int(e), float(t), float(v)) for e, t, v in ck["history"].tolist()])
@@ -319,9 +377,14 @@ def _resume(cfg, model, opt, opt_val, data, gen, device, key: str) -> dict:
     return state
 
 
-def _save(path, model, opt, opt_val, data, epoch: int, state: dict, gen, key: str) -> None:
+def _save(path, model, opt, opt_val, data, sigma, epoch: int, state: dict, gen, key: str) -> None:
     """A checkpoint as tensors (and plain numbers and strings) only, written atomically."""
     extra = {"best_model": state["best_state"]} if state["best_state"] else {}
+    if sigma.log_sd is not None:
+        extra["log_sd"] = sigma.log_sd.detach().clone()
+    if state["best_sd"] is not None:
+        extra["best_sd"] = torch.tensor([state["best_sd"][k] for k in sigma.free + list(sigma.fixed)],
+                                        dtype=torch.float64)
     if data.etr is not None:
         extra["eta_train"] = data.etr.detach().clone()
         if data.n_val:
