@@ -226,6 +226,7 @@ def main():
     cover = {m: [] for m in models}
     secs = {m: [] for m in models}
     refused = {m: 0 for m in models}
+    by_median = {m: [] for m in models}   # diagnosis: true AUC24 had the dose put the posterior median at 50
     lrng = np.random.default_rng([args.seed, 0x7E57])
     for i, sid in enumerate(test.ids):
         p = test_truth.iloc[i]
@@ -250,6 +251,9 @@ def main():
                 auc = true_auc24(p, dose)
                 hits[name].append(WINDOW[0] <= auc <= WINDOW[1])
                 ratio[name].append(auc / 50.0)      # AUC24 is proportional to the dose (a linear model)
+                median = next(iter(rec.exposure.values()))["median"]
+                d_med = max(10.0, 10.0 * round(dose * 50.0 / median / 10.0))
+                by_median[name].append(auc * d_med / dose)
             fc = forecast(post.estimate, post.draws, [t_next], regimen=Regimen(24.0, 100.0, TAU, 1), seed=int(sid))
             row = fc.table.iloc[0]
             cover[name].append(row.PI90_LOW <= y_next <= row.PI90_HIGH)
@@ -270,6 +274,12 @@ def main():
             lr = lr[np.isfinite(lr)]
             parts.append(f"{name} {np.exp(lr.mean()):.3f} x/ {np.exp(lr.std()):.3f}")
         print(f"recommended / ideal dose, {group:<17} (geometric mean x/ geometric SD): " + "; ".join(parts))
+    for group, sel in (("recirculating", rec_mask), ("not recirculating", ~rec_mask)):
+        parts = []
+        for name in models:
+            a = np.asarray(by_median[name]) if len(by_median[name]) == len(rec_mask) else np.full(len(rec_mask), np.nan)
+            parts.append(f"{name} {100 * np.mean((a[sel] >= WINDOW[0]) & (a[sel] <= WINDOW[1])):.1f}%")
+        print(f"diagnosis, dose putting the posterior median AUC24 (not the MAP's) at 50, {group}: " + "; ".join(parts))
     for name in models:
         c = np.asarray(cover[name])
         print(f"{name:<8} 90% PI coverage of the next level: {100 * c.mean():.1f}% (recirculating "
