@@ -7,6 +7,7 @@ after EVID=4)."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -170,6 +171,25 @@ def test_pharmpys_moxo_example_is_read_as_written(moxo):
     ind = res.estimation.individual
     assert (ind["ETA_4"].abs() > 0).any() and (ind["ETA_5"].abs() > 0).any()
     assert np.isfinite(res.estimation.ofv)
+
+
+def test_the_hybrid_on_moxo_is_refused_by_name_before_the_population_fit(moxo, capsys):
+    """moxo's $PK reads the occasion (VISI), which changes within subjects: the hybrid takes one set of parameters
+    per subject, so ``fit moxo.mod --hybrid vae`` exits 2 naming VISI, before fitting anything (it once fitted
+    FOCE for 3.5 minutes first, then refused). The library's fit_hybrid refuses it alike."""
+    from hybridpk.cli import main
+    from hybridpk.errors import ModelError
+    from hybridpk.residual import fit_hybrid
+
+    out = moxo.parent / "run"
+    t0 = time.perf_counter()
+    assert main(["fit", str(moxo), "--hybrid", "vae", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "VISI" in err and "hybrid (VAE)" in err and "one set of parameters per subject" in err
+    assert time.perf_counter() - t0 < 60 and not (out / "checkpoint" / "foce.json").exists()
+    pm, ds = read_control_stream(moxo)
+    with pytest.raises(ModelError, match="VISI"):
+        fit_hybrid(pm, ds, progress=False)
 
 
 def test_iov_estimates_are_written_back_with_same_kept(tmp_path):

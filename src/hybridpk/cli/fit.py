@@ -233,7 +233,7 @@ def _run(args) -> int:
     if args.hybrid == "vae":   # before the population fit, not after it
         from hybridpk.residual.hybrid import require_hybrid_support
 
-        require_hybrid_support(pm)
+        require_hybrid_support(pm, ds)
     out = Path(args.out)
     ck = out / "checkpoint"
     if not args.resume and ck.exists():

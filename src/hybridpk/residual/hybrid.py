@@ -473,20 +473,23 @@ def _kept(score, folder: Path):
     return kept
 
 
-def require_hybrid_support(pm) -> None:
+def require_hybrid_support(pm, dataset=None) -> None:
     """Refuse a model the hybrid does not extend: a $PRED model (no compartments, no doses to drive a
-    correction) and a residual error model its training does not evaluate (a general $ERROR)."""
+    correction) and a residual error model its training does not evaluate (a general $ERROR); with ``dataset``
+    also a $PK that reads data items changing within its subjects (e.g. occasions of inter-occasion
+    variability), whose parameters change in time, which the hybrid does not follow. Called before the
+    population fit, so that a refused run costs no fit."""
     from ..errors import ModelError
 
     if getattr(pm.structural, "given_per_record", False):
         raise ModelError("the hybrid extends compartmental models; a $PRED model gives its predictions record by "
                          "record, with no doses or compartments for the correction to act on")
     if pm.error.kind == "general":
-        from ..errors import ModelError
-
         raise ModelError("the hybrid takes additive, proportional or combined residual errors; this model's $ERROR "
                          "has a residual SD that reads THETAs, ETAs or data items (NONMEM's general form), which the "
                          "hybrid's training does not evaluate yet")
+    if dataset is not None and pm.record_items:
+        pm.require_per_subject(dataset.to_batch(covariates=list(pm.covariates)), "the hybrid (VAE) model")
 
 
 def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
@@ -505,7 +508,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     :func:`train_vae`), so that an interrupted call repeated with the same arguments ends with the result of an
     uninterrupted one.
     """
-    require_hybrid_support(pm)
+    require_hybrid_support(pm, dataset)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fit = population or fit_population(pm, dataset, seed=seed, progress=progress,
                                        checkpoint=ck / "foce.json" if ck is not None else None)
