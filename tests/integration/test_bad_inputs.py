@@ -87,6 +87,9 @@ def _files(d: Path, pharmpy_examples: Path) -> None:
     shutil.copy(pharmpy_examples / "pheno.dta", d / "pheno.dta")
     (d / "pheno_saem.mod").write_text(mod.replace("$ESTIMATION METHOD=1 INTERACTION",
                                                      "$ESTIMATION METHOD=SAEM INTERACTION"))
+    sub = d / "sub"
+    sub.mkdir()
+    (sub / "pheno_moved.mod").write_text(mod)       # $DATA pheno.dta, read from sub/, where it is not
 
 
 def _table(d: Path):
@@ -157,6 +160,8 @@ def _table(d: Path):
         ("fit-depot-observed", ["fit", str(d / "depot_observed.csv"), "--model", "1cmt_oral", "--out", run],
          "compartment 1 (DEPOT)"),
         ("fit-control-stream-saem", ["fit", str(d / "pheno_saem.mod"), "--out", run], "METHOD=SAEM"),
+        ("fit-control-stream-data-missing", ["fit", str(d / "sub" / "pheno_moved.mod"), "--out", run],
+         "pheno_moved.mod line 2: the data file pheno.dta was not found"),
         ("fit-resume-other-options", ["fit", "theoph", "--model", "1cmt_oral", "--error", "additive", "--out",
                                       str(d / "resume_run"), "--resume", "--maxiter", "3"], "foce.json"),
         # data files

@@ -241,6 +241,23 @@ def _omega(rvs, params, text: str, path):
 _RECORD_ONLY = ("DV", "AMT", "EVID", "MDV", "CMT", "RATE", "II", "SS", "ADDL", "ID", "DVID", "BLQ", "LLOQ")
 
 
+def _missing_data(text: str, path) -> str:
+    """The message for a $DATA file that is not there: its line, the file named and where it was looked for
+    (relative to the control stream's folder, as pharmpy reads it)."""
+    where = _where(text, path, r"\$DATA")
+    named = ""
+    for line in text.splitlines():
+        found = re.match(r"\s*\$DATA\s+(\S+)", line.split(";", 1)[0], flags=re.I)
+        if found:
+            named = found.group(1).strip("'\"")
+            break
+    looked = (Path(path).resolve().parent / named).resolve() if named else None
+    return (f"{where}: the data file {named or '(none named)'} was not found"
+            + (f" (looked for {looked})" if looked is not None else "")
+            + "; a relative $DATA path is read from the control stream's folder: move the file there or give its "
+              "path in $DATA")
+
+
 def _line_of(text: str, path, name: str) -> str:
     """'FILE line N' of the first code line (comments stripped) in $PK/$PRED/$ERROR that mentions ``name``."""
     record = ""
@@ -495,6 +512,8 @@ def read_control_stream(path):
     if initial:
         raise ModelError(f"{_line_of(text, path, 'A_0')}: $PK sets an initial amount ({initial[0]}, NONMEM's A_0); "
                          "hybridpk starts every compartment at 0: give the amount as a dose record at time 0")
+    if m.dataset is None:
+        raise HybridPKError(_missing_data(text, path))
     data = m.dataset.copy()
     drops = [c.name for c in m.datainfo if c.drop]
     data = data.drop(columns=[c for c in drops if c in data.columns])
