@@ -10,8 +10,9 @@ __all__ = ["variance_floor", "gaussian_nll", "correction_penalty", "ode_only_obj
 
 def free_sigma(error_model, sd: dict, fixed=()) -> list:
     """The residual-error kinds whose SD the hybrid estimates (in training and in its ITS step): those of
-    ``error_model`` not in ``fixed`` (the model's FIX SIGMA) with a positive SD. None for log-transform-both-sides
-    and a general $ERROR, whose residual error the hybrid keeps as the population fit estimated it."""
+    ``error_model`` not in ``fixed`` (the model's FIX SIGMA) with a positive SD; none (an empty list) for
+    log-transform-both-sides and a general $ERROR, whose residual error the hybrid keeps as the population fit
+    estimated it."""
     if error_model.ltbs or error_model.kind == "general":
         return []
     return [k for k in error_model.names if k not in fixed and k in sd and float(sd[k]) > 0]

@@ -202,7 +202,7 @@ def its_omega(vae, population, batch, ipred0, eta0, error_model, sd, *, iteratio
     """The hybrid's OMEGA (K, K), its residual error SDs {kind: SD} and the history of both, by ``iterations``
     ITS steps on the patients of ``batch`` (the training patients: ``ipred0``/``eta0`` their ODE-only MAP
     prediction and ETAs), from the population fit's OMEGA and the residual error SDs ``sd`` (see the module
-    docstring; :func:`~hybridpk.residual.hybrid.fit_hybrid` gives the SDs learnt in training; ``sigma=False``
+    docstring; :func:`~hybridpk.residual.hybrid.fit_hybrid` gives those training ended with; ``sigma=False``
     keeps ``sd``). Models without ETAs, or a non-joint hybrid (whose ETAs are
     the ODE-only ones), keep both."""
     omega = population.omega.tensor()

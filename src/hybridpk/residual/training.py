@@ -267,8 +267,8 @@ def _train_epoch(model, opt, data, error_model, sigma, beta, cfg, gen, baseline,
         if len(mine):
             b = data.btr.select(mine)
             loss, _, _ = neg_elbo(model, b, data.ptr[mine], b.is_obs, error_model, sigma.current(), beta,
-                                  cfg.l2_correction,
-                                  None, baseline, data.etr[mine] if data.etr is not None else None, noise=noise)
+                                  cfg.l2_correction, None, baseline, data.etr[mine] if data.etr is not None else None,
+                                  noise=noise)
             loss = loss.sum() / len(idx)
         value = shard.all_sum(torch.tensor(0.0 if loss is None else float(loss.detach()), dtype=torch.float64))
         if not torch.isfinite(value):      # NaN guard: skip the step (every rank alike)
