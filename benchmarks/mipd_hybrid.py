@@ -176,11 +176,6 @@ def next_level(p, t: float, rng) -> float:
 
 
 
-def _sds(sd) -> str:
-    """Residual error SDs {kind: SD} as 'ADD 0.050, PROP 0.100' ('-' when there are none)."""
-    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(sd.items())) if sd else "-"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=200)
@@ -214,8 +209,10 @@ def main():
     t2 = time.perf_counter()
     print(f"ODE-only FOCE-I fit {t1 - t0:.1f} s (OFV {ode.estimation.ofv:.1f}); hybrid training {t2 - t1:.1f} s "
           f"({len(hyb.history)} epochs, form {hyb.vae.form_name})")
-    print("SIGMA (SD): ODE-only fit " + _sds({r.kind: r.sd for r in ode.sigma.rows}) + "; in training "
-          + _sds(getattr(hyb.vae, "trained_sd", None)) + "; the hybrid's (ITS) " + _sds(hyb.sigma))
+    sds = {"ODE-only fit": {r.kind: r.sd for r in ode.sigma.rows},
+           "in training": getattr(hyb.vae, "trained_sd", None) or {}, "the hybrid's (ITS)": hyb.sigma or {}}
+    print("SIGMA (SD): " + "; ".join(f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(d.items()))
+                                     for name, d in sds.items()))
     epm = build_model("1cmt_oral_ehc", iiv=["CL", "V", "KA", "KGB"], error="combined",
                       fixed={k: EHC[k] for k in ("TMEAL", "MEALII", "TEMPT")})
     oracle = FittedPopulation.from_values(epm, EHC, dict(CL=0.09, V=0.04, KA=0.09, KGB=1.0),

@@ -64,11 +64,6 @@ def dense(ds):
 
 
 
-def _sds(sd) -> str:
-    """Residual error SDs {kind: SD} as 'ADD 0.050, PROP 0.100' ('-' when there are none)."""
-    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(sd.items())) if sd else "-"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=200)
@@ -135,8 +130,10 @@ def main():
         print(f"ODE-only fit {t_ode:.1f} s; hybrid training {time.perf_counter() - t1:.1f} s ({len(hyb.history)} "
               f"epochs, {'joint ETAs' if cfg.joint else 'staged'}); form {hyb.vae.form_name}, best held-out "
               f"-ELBO {hyb.vae.best_val:.4f}")
-        print("SIGMA (SD): ODE-only fit " + _sds({r.kind: r.sd for r in fit.sigma.rows}) + "; in training "
-              + _sds(getattr(hyb.vae, "trained_sd", None)) + "; the hybrid's (ITS) " + _sds(hyb.sigma))
+        sds = {"ODE-only fit": {r.kind: r.sd for r in fit.sigma.rows},
+               "in training": getattr(hyb.vae, "trained_sd", None) or {}, "the hybrid's (ITS)": hyb.sigma or {}}
+        print("SIGMA (SD): " + "; ".join(f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(d.items()))
+                                         for name, d in sds.items()))
         for c in hyb.candidates:
             if c.form == "none":      # the ODE model, the null candidate: nothing trained
                 print(f"  candidate none (ODE)    K={c.latent_dim}: {c.criterion} score {c.score:.4f}"

@@ -68,11 +68,6 @@ def dense(ds):
 
 
 
-def _sds(sd) -> str:
-    """Residual error SDs {kind: SD} as 'ADD 0.050, PROP 0.100' ('-' when there are none)."""
-    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(sd.items())) if sd else "-"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=150)
@@ -111,8 +106,10 @@ def main():
         hyb = fit_hybrid(pm, train, population=fit, config=cfg, seed=args.seed, progress=False)
         print(f"linear fit + hybrid training {time.perf_counter() - t0:.1f} s ({len(hyb.history)} epochs, "
               f"{'joint ETAs' if cfg.joint else 'staged'})")
-        print("SIGMA (SD): ODE-only fit " + _sds({r.kind: r.sd for r in fit.sigma.rows}) + "; in training "
-              + _sds(getattr(hyb.vae, "trained_sd", None)) + "; the hybrid's (ITS) " + _sds(hyb.sigma))
+        sds = {"ODE-only fit": {r.kind: r.sd for r in fit.sigma.rows},
+               "in training": getattr(hyb.vae, "trained_sd", None) or {}, "the hybrid's (ITS)": hyb.sigma or {}}
+        print("SIGMA (SD): " + "; ".join(f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(d.items()))
+                                         for name, d in sds.items()))
         out = hyb.predict(test, design=dense(test))
         bd, base, hyb_pred, alone, weight = out.batch, out.ode, out.ipred, out.hybrid, out.estimates.weight
     true = hp.simulate("tmdd_qss", {k: torch.tensor(truth[k].to_numpy()) for k in TRUE}, bd).ipred

@@ -36,14 +36,13 @@ def test_training_takes_auto_as_the_command_line_does():
     as device "cpu"."""
     from hybridpk.population import build_model, fit_population
     from hybridpk.residual import ODEBaseline, TrainConfig, train_vae
+    from hybridpk.residual.hybrid import _ode_only
     from hybridpk.solve.examples import simulate_ehc_population
 
     ds, _ = simulate_ehc_population(20, seed=2)
     pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
     fit = fit_population(pm, ds, progress=False, covariance=False)
-    est = fit.estimation.estimates
-    batch = est.problem.batch
-    ipred = fit.concentrations(batch, est.eta)
+    est, batch, ipred = _ode_only(fit, ds)
     runs = {}
     for device in ("cpu", "auto"):
         cfg = TrainConfig(epochs=3, min_epochs=3, seed=1, progress=False, device=device, its_iterations=0)

@@ -111,15 +111,16 @@ def test_the_hybrids_omega_is_saved_and_is_the_prior_in_dosing(ode_world, tmp_pa
     assert plain.hybrid_population is fit
 
 
-def _train_from(ode_world, start: dict, **options):
-    """Joint training (log form, 200 short epochs) on ``ode_world`` with the residual error starting at ``start``."""
+def _train_from(ode_world, start: dict, sigma_fixed=(), epochs: int = 200, **options):
+    """Joint training (log form, short) on ``ode_world`` with the residual error starting at ``start``."""
     from hybridpk.residual.training import train_vae
 
     _, fit, _, est, batch, ipred = ode_world
-    cfg = TrainConfig(form="log", hidden=16, epochs=200, min_epochs=0, warmup_epochs=20, patience=1000,
+    cfg = TrainConfig(form="log", hidden=16, epochs=epochs, min_epochs=0, warmup_epochs=20, patience=1000,
                       batch_size=16, progress=False, seed=3, **options)
     sd = {k: torch.tensor(v, dtype=torch.float64) for k, v in start.items()}
-    model, _ = train_vae(batch, ipred, fit.model.error, sd, cfg, baseline=ODEBaseline(fit), eta0=est.eta)
+    model, _ = train_vae(batch, ipred, fit.model.error, sd, cfg, baseline=ODEBaseline(fit), eta0=est.eta,
+                         sigma_fixed=sigma_fixed)
     return model
 
 
@@ -153,9 +154,7 @@ def test_training_learns_the_residual_error_from_a_start_twice_too_large(ode_wor
     below FOCE-I's (here PROP 0.076 against 0.094): a joint MAP does not discount the ETAs' degrees of freedom,
     which the hybrid's ITS step after training does (its expected squared residual adds J C J'). With
     learn_sigma=False (the default) training keeps the start exactly; a FIX SD stays."""
-    from hybridpk.residual.training import train_vae
-
-    _, fit, _, est, batch, ipred = ode_world
+    _, fit, _, _, batch, ipred = ode_world
     start = {r.kind: 2 * r.sd for r in fit.sigma.rows}
     reference = _joint_map_sigma(ode_world)
     learnt = _train_from(ode_world, start, learn_sigma=True).trained_sd
@@ -170,9 +169,5 @@ def test_training_learns_the_residual_error_from_a_start_twice_too_large(ode_wor
     kept = _train_from(ode_world, start).trained_sd
     assert kept == pytest.approx(start, rel=1e-12)
     # a FIX residual error (here ADD) stays where it is given; the other is learnt
-    cfg = TrainConfig(form="log", hidden=16, epochs=60, min_epochs=0, warmup_epochs=20, patience=1000,
-                      batch_size=16, progress=False, seed=3, learn_sigma=True)
-    sd = {k: torch.tensor(v, dtype=torch.float64) for k, v in start.items()}
-    model, _ = train_vae(batch, ipred, fit.model.error, sd, cfg, baseline=ODEBaseline(fit), eta0=est.eta,
-                         sigma_fixed=("ADD",))
-    assert model.trained_sd["ADD"] == start["ADD"] and model.trained_sd["PROP"] < 0.9 * start["PROP"]
+    fixed = _train_from(ode_world, start, sigma_fixed=("ADD",), epochs=60, learn_sigma=True).trained_sd
+    assert fixed["ADD"] == start["ADD"] and fixed["PROP"] < 0.9 * start["PROP"]

@@ -241,19 +241,12 @@ def _omega(rvs, params, text: str, path):
 _RECORD_ONLY = ("DV", "AMT", "EVID", "MDV", "CMT", "RATE", "II", "SS", "ADDL", "ID", "DVID", "BLQ", "LLOQ")
 
 
-def _missing_data(text: str, path) -> str:
-    """The message for a $DATA file that is not there: its line, the file named and where it was looked for
-    (relative to the control stream's folder, as pharmpy reads it)."""
-    where = _where(text, path, r"\$DATA")
-    named = ""
-    for line in text.splitlines():
-        found = re.match(r"\s*\$DATA\s+(\S+)", line.split(";", 1)[0], flags=re.I)
-        if found:
-            named = found.group(1).strip("'\"")
-            break
-    looked = (Path(path).resolve().parent / named).resolve() if named else None
-    return (f"{where}: the data file {named or '(none named)'} was not found"
-            + (f" (looked for {looked})" if looked is not None else "")
+def _missing_data(text: str, path, looked) -> str:
+    """The message for a $DATA file that is not there: its line, and where pharmpy looked for it (``looked``:
+    its datainfo path, relative to the control stream's folder)."""
+    named = Path(looked).name if looked is not None else "(none named)"
+    return (f"{_where(text, path, r'[$]DATA')}: the data file {named} was not found"
+            + (f" (looked for {Path(looked).resolve()})" if looked is not None else "")
             + "; a relative $DATA path is read from the control stream's folder: move the file there or give its "
               "path in $DATA")
 
@@ -513,7 +506,7 @@ def read_control_stream(path):
         raise ModelError(f"{_line_of(text, path, 'A_0')}: $PK sets an initial amount ({initial[0]}, NONMEM's A_0); "
                          "hybridpk starts every compartment at 0: give the amount as a dose record at time 0")
     if m.dataset is None:
-        raise HybridPKError(_missing_data(text, path))
+        raise HybridPKError(_missing_data(text, path, getattr(m.datainfo, "path", None)))
     data = m.dataset.copy()
     drops = [c.name for c in m.datainfo if c.drop]
     data = data.drop(columns=[c for c in drops if c in data.columns])

@@ -548,8 +548,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     omega = sigma = None
     trained = tuple(float(v) for v in model.log_shift.detach())      # before the ITS's THETA step moves them
     if base.its_iterations > 0 and base.joint and fit.model.n_eta and chosen.form != "none":
-        trained_sd = {k: torch.tensor(v, dtype=torch.float64) for k, v in getattr(model, "trained_sd", {}).items()}
-        matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, trained_sd or sd,
+        trained_sd = {k: torch.tensor(v, dtype=torch.float64) for k, v in model.trained_sd.items()}   # train_vae's
+        matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, trained_sd,
                                      iterations=base.its_iterations)
         omega = tuple(tuple(float(x) for x in row) for row in matrix.tolist())
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame(), omega=omega, sigma=sigma,
