@@ -360,8 +360,18 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     theta, om, sd = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
     fitted = _tables(pm, pack, theta, om, sd, cov_nat)
     # the EBEs: the same code path as any later estimate (FOCE, FO: the modes of the method's conditional
-    # objective, as NONMEM reports them)
-    est = fitted.estimate(dataset) if estimation == "FOCE-I" else map_estimate(fitted, dataset, estimation)
+    # objective, as NONMEM reports them), searched from 0 and from the EBEs behind the OFV; the OFV is taken
+    # again where a patient's search from 0 found a better mode, so that the tables and the OFV agree
+    est = map_estimate(fitted, dataset, estimation, start=eta if conditional and k else None)
+    if conditional and k:
+        ofv, moved = _ofv_at_reported(prob, theta, om, sd, eta, est, ofv)
+        if moved:
+            warn.append(f"for {_subjects(dataset, moved)} the EBE searches after the estimation (from ETA = 0, "
+                        "from its last EBEs, and with the residual SDs widened first) found modes with a lower "
+                        f"objective than the EBEs of its last OFV; the OFV reported ({ofv:.4f}) and the tables "
+                        "are at those modes")
+    if not math.isfinite(ofv):
+        warn.append(_not_finite(prob, dataset, theta, om, sd, est.eta))
     diag = diagnostics(prob, fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors(), est.eta)
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
@@ -373,6 +383,43 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                         ebe_fallbacks=prob.fallback_steps, covariance=cov_method if cov_nat is not None else "none",
                         evaluation_only=evaluate)
     return fitted.with_estimation(record)
+
+
+def _ofv_at_reported(prob, theta, omega, sd, eta, est, ofv):
+    """(the OFV at the reported EBEs ``est.eta``, the indices of the patients whose reported mode has a lower
+    conditional objective than ``eta``, the estimation's last EBEs). Where there are none the OFV stays
+    ``ofv``, the estimation's own."""
+    with torch.no_grad():
+        before = torch.nan_to_num(prob.objective(theta, torch.linalg.inv(omega), sd, eta), nan=math.inf)
+    moved = torch.nonzero(est.objective < before - 1e-6 * (1 + est.objective.abs())).flatten().tolist()
+    if not moved:
+        return ofv, []
+    with torch.enable_grad():       # the OFV re-attaches the EBEs by one Newton step (autograd)
+        new = float(prob.ofv(theta, omega, sd, est.eta).detach())
+    return (new if math.isfinite(new) else math.inf), moved
+
+
+def _subjects(dataset, index, most: int = 5) -> str:
+    """'subject(s) ID, ID, ... (and n more)' for the patient indices ``index``."""
+    ids = [str(dataset.ids[i]) for i in index]
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return f"subject{'s' if len(ids) > 1 else ''} {', '.join(ids[:most])}{more}"
+
+
+def _not_finite(prob, dataset, theta, omega, sd, eta) -> str:
+    """The warning for an OFV that is not finite: the subjects whose contribution is not, with their
+    conditional objective at the EBEs."""
+    with torch.enable_grad():
+        per = prob.ofv(theta, omega, sd, eta, per_subject=True).detach()
+    with torch.no_grad():
+        obj = prob.objective(theta, torch.linalg.inv(omega), sd, eta)
+    bad = torch.nonzero(~torch.isfinite(per)).flatten().tolist()
+    if not bad:
+        return "the OFV is not finite"
+    worst = ", ".join(f"ID {dataset.ids[i]}: {float(obj[i]):.4g}" for i in bad[:5])
+    return (f"the OFV is not finite: the contribution of {_subjects(dataset, bad)} is not (-2 log posterior at "
+            f"their EBEs: {worst}); their EBE search did not reach a mode their observations allow at these "
+            "estimates (look at their records and residual-error model, or start from estimates nearer theirs)")
 
 
 def per_subject_gradients(ofv_i, x, mode: str = "auto") -> np.ndarray:

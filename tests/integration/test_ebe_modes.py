@@ -1,0 +1,88 @@
+"""EBEs on a posterior with more than one mode, on data not made here: pharmpy's moxonidine example (1-cmt oral with
+lag, BLOCK(2) IIV, IOV on CL and KA, FOCE) at the estimates of a FOCE fit of it by hybridpk (eaece95), where the
+proportional residual SD is 0.013 and FOCE's residual variance is taken at PRED, so that a patient's posterior
+is narrow valleys between flip-flop branches.
+
+Found: the EBEs and OFV of an evaluation there (MAXEVAL=0, the written final control stream) were not the
+modes: subject 906's search from ETA = 0 crawled to -2 log posterior 1.4e11 in its 100 Newton iterations (OFV not
+finite), 503 and 505 stopped at 1.3e5 and 6.9e4, where the fit's own EBEs are at about -200. And the tables a fit
+wrote (individual.csv) came from such a search from 0, not from the EBEs behind its OFV."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from hybridpk.population import fit_population
+from hybridpk.population.fit import Packing
+from hybridpk.population.focei import Problem
+from hybridpk.population.nonmem import read_control_stream
+
+SUBJECTS = (110, 503, 505, 606, 906)
+# the ETAs hybridpk's FOCE fit of moxo.mod ended with (its checkpoint at the estimates below), as the starts of the
+# reference searches: the modes a search from them reaches are the ones an evaluation from ETA = 0 must not miss
+FIT_EBES = {110: [-1.287, 0.5619, -2.1793, -0.0867, -0.1198, -0.3091, -0.0899],
+            503: [-1.4716, -0.4218, -2.7642, 0.2756, -0.3873, -0.1733, -0.3327],
+            505: [-1.0347, 0.2164, -2.7297, -0.0669, -0.0716, -0.3129, -0.1868],
+            606: [-1.7778, 0.2313, -0.4605, 0.0359, -0.2575, 0.4415, -0.5258],
+            906: [-1.1983, 0.3933, -1.9856, -0.3116, 0.1346, -0.3392, -0.0243]}
+FIT_ESTIMATES = [("23.1329", "91.3392"), ("123.604", "85.5141"), ("8.02595", "8.26232"), ("0.237773", "0.241517"),
+                 ("0.0751115", "0.517186"), ("0.0259926 0.144646", "0.278761 0.261031"), ("2.78268", "2.68827"),
+                 ("0.0234871", "0.0240132"), ("0.51776", "0.492091"), ("0.0764969", "0.000177275")]
+
+
+@pytest.fixture
+def moxo_at_fit(tmp_path, pharmpy_examples):
+    """moxo.mod with the fit's estimates and MAXEVAL=0, on the records of SUBJECTS."""
+    text = (pharmpy_examples / "moxo.mod").read_text().replace("moxo.csv", "five.csv")
+    text = text.replace("MAXEVAL=9999", "MAXEVAL=0")
+    for old, new in FIT_ESTIMATES:
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "moxo_fit.mod").write_text(text)
+    df = pd.read_csv(pharmpy_examples / "moxo.csv")
+    df[df.ID.isin(SUBJECTS)].to_csv(tmp_path / "five.csv", index=False)
+    return read_control_stream(tmp_path / "moxo_fit.mod")
+
+
+def test_an_evaluation_finds_the_modes_behind_a_fit_and_its_ofv_is_theirs(moxo_at_fit):
+    pm, ds = moxo_at_fit
+    assert ds.ids == SUBJECTS and pm.recipe["estimation"] == "FOCE" and pm.recipe["evaluate"]
+    res = fit_population(pm, ds, progress=False, covariance=False)
+    est = res.estimation
+    assert math.isfinite(est.ofv)
+
+    pack = Packing(pm)
+    theta, omega, sd = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
+    prob = Problem(pm, ds, estimation="FOCE")
+    oinv = torch.linalg.inv(omega)
+    start = torch.tensor([FIT_EBES[i] for i in SUBJECTS], dtype=torch.float64)
+    reference = prob.ebe(theta, oinv, sd, start, tol=1e-10)
+    with torch.no_grad():
+        ref_obj = prob.objective(theta, oinv, sd, reference)
+        reported = prob.objective(theta, oinv, sd, est.estimates.eta)
+    assert bool((ref_obj < 0).all())                # the fit's modes fit the data (about -200 each)
+    assert (reported <= ref_obj + 1e-6 * (1 + ref_obj.abs())).all(), (reported, ref_obj)
+    # the OFV is the one at the EBEs reported (the tables and the OFV agree)
+    assert est.ofv == pytest.approx(float(prob.ofv(theta, omega, sd, est.estimates.eta).detach()), abs=1e-6)
+    table = est.individual.set_index("ID").loc[list(SUBJECTS), [f"ETA_{k}" for k in range(1, 8)]].to_numpy()
+    torch.testing.assert_close(torch.tensor(table), est.estimates.eta, rtol=0, atol=1e-12)
+
+
+def test_subjects_whose_ofv_is_not_finite_are_named(moxo_at_fit):
+    """The warning of an OFV that is not finite names the subjects whose contribution is not and their -2 log
+    posterior (an evaluation there once reported a bare 'OFV inf')."""
+    from hybridpk.population.fit import _not_finite
+
+    pm, ds = moxo_at_fit
+    pack = Packing(pm)
+    theta, omega, sd = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
+    prob = Problem(pm, ds, estimation="FOCE")
+    eta = torch.tensor([FIT_EBES[i] for i in SUBJECTS], dtype=torch.float64)
+    eta[4, 2] = 800.0                      # KA = 8.3 exp(800): not finite
+    message = _not_finite(prob, ds, theta, omega, sd, eta)
+    assert message.startswith("the OFV is not finite: the contribution of subject 906 is not"), message
+    assert "ID 906:" in message and "110" not in message
