@@ -5,6 +5,7 @@ exact OFV gradients), covariance of the estimates, EBEs and diagnostics; returns
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import time
 import warnings
 
@@ -339,6 +340,23 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     if not converged and not evaluate:
         warn.append(f"the estimation did not converge ({message}; max |gradient| {np.abs(g).max():.3g})")
         warnings.warn(warn[-1], ConvergenceWarning, stacklevel=2)
+    # the EBEs: the same code path as any later estimate (FOCE, FO: the modes of the method's conditional
+    # objective, as NONMEM reports them), searched from 0 and from the EBEs behind the OFV; the OFV is taken
+    # again where a patient's search from 0 found a better mode, so that the tables and the OFV agree
+    theta, om, sd = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
+    est = map_estimate(_tables(pm, pack, theta, om, sd, None), dataset, estimation,
+                       start=eta if conditional and k else None)
+    if conditional and k:
+        ofv, moved = _ofv_at_reported(prob, theta, om, sd, eta, est, ofv)
+        if moved:
+            warn.append(f"for {_subjects(dataset, moved)} the EBE searches after the estimation (from ETA = 0, "
+                        "from its last EBEs, and with the residual SDs widened first) found modes with a lower "
+                        f"objective than the EBEs of its last OFV; the OFV reported ({ofv:.4f}) and the tables "
+                        "are at those modes")
+        state["eta"] = est.eta      # the covariance step's EBE searches start at the modes reported
+    if not math.isfinite(ofv):
+        warn.append(_not_finite(prob, dataset, theta, om, sd, est.eta))
+
     def subject_gradients(xv):
         """(N, P) gradients of each subject's OFV contribution at ``xv`` (the S matrix's ingredients)."""
         x = torch.tensor(xv, dtype=torch.float64)
@@ -357,21 +375,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     if prob.fallback_steps:
         warn.append(f"{prob.fallback_steps} EBE Newton steps met a singular Hessian (extreme ETAs or a tiny residual "
                     "variance during the search) and took a gradient step instead")
-    theta, om, sd = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
     fitted = _tables(pm, pack, theta, om, sd, cov_nat)
-    # the EBEs: the same code path as any later estimate (FOCE, FO: the modes of the method's conditional
-    # objective, as NONMEM reports them), searched from 0 and from the EBEs behind the OFV; the OFV is taken
-    # again where a patient's search from 0 found a better mode, so that the tables and the OFV agree
-    est = map_estimate(fitted, dataset, estimation, start=eta if conditional and k else None)
-    if conditional and k:
-        ofv, moved = _ofv_at_reported(prob, theta, om, sd, eta, est, ofv)
-        if moved:
-            warn.append(f"for {_subjects(dataset, moved)} the EBE searches after the estimation (from ETA = 0, "
-                        "from its last EBEs, and with the residual SDs widened first) found modes with a lower "
-                        f"objective than the EBEs of its last OFV; the OFV reported ({ofv:.4f}) and the tables "
-                        "are at those modes")
-    if not math.isfinite(ofv):
-        warn.append(_not_finite(prob, dataset, theta, om, sd, est.eta))
+    est = replace(est, model=fitted)
     diag = diagnostics(prob, fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors(), est.eta)
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
