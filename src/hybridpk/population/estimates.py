@@ -68,7 +68,8 @@ def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None) -> Indi
     ``start`` (N, K): ETAs to search from as well (a fit's last EBEs, as NONMEM's final EBEs continue its
     search); each patient keeps the mode of the two searches with the lower objective. A posterior with more
     than one mode (e.g. the flip-flop of KA and K in a 1-cmt oral model) can send the search from 0 to a worse
-    mode than the fit's, or not reach one in its iterations."""
+    mode than the fit's, or not reach one in its iterations. Patients whose mode still fits far worse than the
+    model allows are searched again (:func:`_search_misfits_again`)."""
     pm = model.model
     theta, omega, sd = model.theta.tensors(), model.omega.tensor(), model.sigma.sd_tensors()
     prob = Problem(pm, dataset, estimation=estimation)
