@@ -149,6 +149,26 @@ def test_safety_warnings_and_refusals():
         recommend_dose("vancomycin_goti2018", hp.read_nonmem(nocov), "auc24=400:600")
 
 
+def test_a_patient_whose_map_search_ended_away_from_a_mode_is_warned_about():
+    """The dose questions pass on the estimate's own report of a search that ended away from a mode (its Newton
+    decrement; pharmpy's moxo example has such patients at a fit's estimates, tests/integration/test_ebe_modes.py):
+    at a mode nothing is said; with the decrement of the estimate set above the bound, the warning names the
+    patient."""
+    from dataclasses import replace
+
+    from hybridpk.dosing import dosing_model, estimate_patient
+
+    model = dosing_model("vancomycin_goti2018")
+    ds = _vanco_patient()
+    est = model.estimate(ds)
+    assert est.source.decrement[0] < 1e-12
+    assert not any("EBE search" in w for w in estimate_patient(model, ds, n_samples=100, estimate=est).warnings)
+    off = replace(est, source=replace(est.source, decrement=np.array([0.5])))
+    warns = estimate_patient(model, ds, n_samples=100, estimate=off).warnings
+    assert any(w.startswith("the EBE search of 1 subject ended away from a mode") and f"{ds.ids[0]} (0.5)" in w
+               for w in warns), warns
+
+
 def test_posterior_draws_and_inference_data():
     from hybridpk.dosing import estimate_patient
 

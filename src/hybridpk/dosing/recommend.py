@@ -126,6 +126,9 @@ def estimate_patient(model, dataset, n_samples: int | None = None, seed: int = 0
     warns = filled + safety.check_patient(model, dataset.to_dataframe())
     est = model.estimate(dataset) if estimate is None else estimate
     warns += safety.check_levels(est)
+    search = getattr(est.source, "search_warning", None)
+    if search is not None and search():
+        warns.append(search())
     if hasattr(model, "latent_warnings"):
         warns += model.latent_warnings(est)
     n_point = est.eta.shape[1]

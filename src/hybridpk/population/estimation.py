@@ -51,7 +51,8 @@ class Estimation:
     ``individual`` DataFrame (ID, ETAs = EBEs, individual parameters); ``predictions`` DataFrame (ID, TIME,
     DV, MDV, PRED, IPRED, CWRES, IWRES for every record); counts, ``seed``, ``warnings`` and
     ``data_sha256`` (the fingerprint of the dataset it was fitted to); ``ebe_fallbacks`` EBE Newton steps
-    that met a singular Hessian and took a gradient step. ``evaluation_only``: NONMEM's MAXEVAL=0, nothing
+    that met a singular Hessian and took a gradient step; ``ebe_not_at_mode`` the IDs of the subjects whose EBE
+    search ended away from a mode (IndividualEstimates.not_at_mode). ``evaluation_only``: NONMEM's MAXEVAL=0, nothing
     estimated (the OFV and EBEs at the initial estimates). ``covariance`` how the standard errors were
     computed (a key of ``COVARIANCE_METHODS``). ``estimates``: the fitted patients' IndividualEstimates (in
     memory only; not saved).
@@ -76,6 +77,7 @@ class Estimation:
     ebe_fallbacks: int = 0
     covariance: str = "none"
     evaluation_only: bool = False
+    ebe_not_at_mode: tuple = ()
 
     def to_dict(self) -> dict:
         """The estimation part of summary.json."""
@@ -84,7 +86,7 @@ class Estimation:
                 "fit_seconds": round(self.seconds, 3), "shrinkage": self.shrinkage, "n_subjects": self.n_subjects,
                 "n_observations": self.n_observations, "seed": self.seed, "warnings": list(self.warnings),
                 "data_sha256": self.data_sha256, "ebe_fallbacks": self.ebe_fallbacks, "covariance": self.covariance,
-                "evaluation_only": self.evaluation_only,
+                "evaluation_only": self.evaluation_only, "ebe_not_at_mode": list(self.ebe_not_at_mode),
                 "methods": {**METHODS, "covariance": COVARIANCE_METHODS.get(self.covariance, self.covariance)}}
 
     def save(self, run: Path, tables: dict) -> None:
@@ -96,7 +98,8 @@ class Estimation:
         summary = {**{k: d[k] for k in ("ofv", "method", "evaluation_only", "converged", "message", "iterations",
                                           "function_evaluations", "fit_seconds")},
                    **tables, **{k: d[k] for k in ("shrinkage", "n_subjects", "n_observations", "seed", "warnings",
-                                                  "data_sha256", "ebe_fallbacks", "covariance", "methods")},
+                                                  "data_sha256", "ebe_fallbacks", "ebe_not_at_mode", "covariance",
+                                                  "methods")},
                    **run_metadata()}
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=_json_default))
 
@@ -116,7 +119,8 @@ class Estimation:
                        n_observations=int(s.get("n_observations", 0)), seed=int(s.get("seed", 0)),
                        warnings=tuple(s.get("warnings", ())), data_sha256=str(s.get("data_sha256", "")),
                        ebe_fallbacks=int(s.get("ebe_fallbacks", 0)), covariance=str(s.get("covariance", "none")),
-                       evaluation_only=bool(s.get("evaluation_only", False)))
+                       evaluation_only=bool(s.get("evaluation_only", False)),
+                       ebe_not_at_mode=tuple(s.get("ebe_not_at_mode", ())))
         except (KeyError, TypeError, ValueError) as exc:
             raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
 

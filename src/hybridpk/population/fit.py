@@ -358,6 +358,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         state["eta"] = est.eta      # the covariance step's EBE searches start at the modes reported
     if not math.isfinite(ofv):
         warn.append(_not_finite(prob, dataset, theta, om, sd, est.eta))
+    if est.search_warning():
+        warn.append(est.search_warning())
 
     def subject_gradients(xv):
         """(N, P) gradients of each subject's OFV contribution at ``xv`` (the S matrix's ingredients)."""
@@ -388,7 +390,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                         n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,
                         warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est,
                         ebe_fallbacks=prob.fallback_steps, covariance=cov_method if cov_nat is not None else "none",
-                        evaluation_only=evaluate)
+                        evaluation_only=evaluate,
+                        ebe_not_at_mode=tuple(dataset.ids[i] for i in est.not_at_mode()))
     return fitted.with_estimation(record)
 
 
