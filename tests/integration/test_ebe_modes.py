@@ -92,27 +92,23 @@ def test_subjects_whose_ofv_is_not_finite_are_named(moxo_at_fit):
     assert "ID 906:" in message and "110" not in message
 
 
-def test_searches_that_run_out_of_iterations_are_continued_and_those_still_off_a_mode_named(tmp_path,
-                                                                                           pharmpy_examples):
+def test_searches_that_run_out_of_iterations_are_continued_to_their_modes(tmp_path, pharmpy_examples):
     """At the fit's estimates the posteriors of subjects 804, 807 and 1202 are valleys with condition number
     about 1e13 (a tiny proportional SD, FOCE's variance at PRED, IIV of KA 2.7), along which Newton's steps
     crawl: from ETA = 0 their 100 iterations ended away from a mode (Newton decrements 0.11, 0.0037, 0.0022)
-    and, before searches were continued, were reported as EBEs without a word. Now 807's and 1202's searches
-    are continued to their modes; 804's still crawls after 500 iterations and is named, in the warning and in
-    summary.json's ebe_not_at_mode."""
+    and were reported as EBEs without a word. Now their searches are continued: 807 and 1202 by more Newton
+    iterations, 804 (which more iterations only crawl on with) by the homotopy in the residual SDs."""
     from hybridpk.population.estimates import DECREMENT_SEARCH_ON, map_estimate, newton_decrement
     from hybridpk.population.specfile import load_model
 
     subjects = (804, 807, 1202)
     pm, ds = _moxo_at_fit(tmp_path, pharmpy_examples, subjects)
     est = map_estimate(load_model(tmp_path / "moxo_fit.mod"), ds, "FOCE")
-    assert est.decrement[1] < DECREMENT_SEARCH_ON and est.decrement[2] < DECREMENT_SEARCH_ON, est.decrement
-    assert list(est.not_at_mode()) == [0]
-    warning = est.search_warning()
-    assert warning.startswith("the EBE search of 1 subject ended away from a mode") and "804 (" in warning
-    assert "807" not in warning and "1202" not in warning
-    # independently: Newton's method continued from the reported EBEs for 400 more iterations lowers 807's
-    # and 1202's -2 log posterior by no more than rounding (it did by 0.67 and 0.61 before), and 804's still falls
+    assert (est.decrement < DECREMENT_SEARCH_ON).all(), est.decrement
+    assert not len(est.not_at_mode()) and est.search_warning() is None
+    # independently: Newton's method continued from the reported EBEs for 400 more iterations lowers no
+    # subject's -2 log posterior by more than rounding (it lowered 807's and 1202's by 0.67 and 0.61, 804's by
+    # over 5, before), and the exact derivatives there give the decrement reported
     pack = Packing(pm)
     theta, omega, sd = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
     prob = Problem(pm, ds, estimation="FOCE")
@@ -120,7 +116,7 @@ def test_searches_that_run_out_of_iterations_are_continued_and_those_still_off_a
     on = prob.ebe(theta, oinv, sd, est.eta, tol=1e-10, max_iter=400)
     with torch.no_grad():
         before, after = prob.objective(theta, oinv, sd, est.eta), prob.objective(theta, oinv, sd, on)
-    assert (before[1:] - after[1:] <= 1e-6).all(), before - after
-    assert float(before[0] - after[0]) > 1e-3
+    assert (before - after <= 1e-6).all(), before - after
+    assert float(before[0]) < -249.0, before      # 804: the from-0 search stopped at -243.67
     obj, grad, hess = prob.exact_hessian(theta, oinv, sd, est.eta)
     torch.testing.assert_close(newton_decrement(grad, hess).numpy(), est.decrement, rtol=1e-6, atol=1e-12)

@@ -54,9 +54,10 @@ class IndividualEstimates:
             return None
         ids = [f"{self.dataset.ids[i]} ({self.decrement[i]:.2g})" for i in bad[:5]]
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        return (f"the EBE search of {len(bad)} subject{'s' if len(bad) > 1 else ''} ended away from a mode after "
-                f"{EXTRA_SEARCHES + 1} rounds of Newton iterations (in brackets their Newton decrement, the fall of -2 "
-                f"log posterior the next Newton step predicts; about 1e-18 at a mode): {', '.join(ids)}{more}. "
+        return (f"the EBE search of {len(bad)} subject{'s' if len(bad) > 1 else ''} ended away from a mode, after "
+                f"up to {EXTRA_SEARCHES + 1} rounds of Newton iterations and a homotopy in the residual SDs (in "
+                "brackets their Newton decrement, the fall of -2 log posterior the next Newton step predicts; about "
+                f"1e-18 at a mode): {', '.join(ids)}{more}. "
                 "Their ETAs, IPRED and OFV contributions are where the search stopped. Usual causes: a posterior "
                 "too narrow for double precision (a tiny residual variance, e.g. FOCE's variance at PRED) or a "
                 "kink in the model (ALAG, an IF on an ETA-dependent value)")
@@ -158,20 +159,16 @@ def _search_misfits_again(prob, dataset, theta, omega_inv, sd, eta):
     that a tiny residual variance hides, e.g. with FOCE's variance at PRED, or the other branch of a
     flip-flop); each patient keeps its best mode. Measured on pharmpy's moxonidine example at a FOCE fit's
     estimates: subject 906's search from 0 crawled to -2 log posterior 1.4e11 in its 100 iterations, the second
-    searches reached the fit's mode (-193.8); evaluated from ETA = 0 the OFV was not finite, with them it is
-    -8569.8 (the fit's own, at the modes it reports, -8562.9)."""
+    searches reached the fit's mode (-193.8); evaluated from ETA = 0 the OFV was not finite, with them (and
+    :func:`_search_on`) it is -8561.505, the fit's own -8561.502 (at the modes it reports)."""
     bad = _misfits(prob, theta, omega_inv, sd, eta)
     if not len(bad):
         return eta
-    sub = Problem(prob.pm, dataset.subset([dataset.ids[i] for i in bad.tolist()]), method=prob.method,
-                  rtol=prob.rtol, atol=prob.atol, estimation=prob.estimation)
+    sub = _subproblem(prob, dataset, bad)
     best = eta[bad]
     for schedule in WIDENED_SD:
-        again = torch.zeros_like(best)
-        for factor in schedule:
-            again = sub.ebe(theta, omega_inv, {k: v * factor for k, v in sd.items()}, again,
-                            tol=1e-10 if factor == 1.0 else 1e-6)
-        best = _lower_mode(sub, theta, omega_inv, sd, best, again)
+        best = _lower_mode(sub, theta, omega_inv, sd, best,
+                           _homotopy(sub, theta, omega_inv, sd, torch.zeros_like(best), schedule))
     out = eta.clone()
     out[bad] = best
     prob.fallback_steps += sub.fallback_steps
@@ -186,6 +183,9 @@ DECREMENT_WARN = 1e-3
 of a unit of OFV: below any difference a model comparison reads)."""
 EXTRA_SEARCHES = 4
 """Rounds of Newton iterations (each up to 100) that :func:`_search_on` adds, while the objective falls."""
+SEARCH_ON_SD = (100.0, 10.0, 3.0, 1.0)
+"""The homotopy :func:`_search_on` ends with for patients still away from a mode: factors of the residual SDs,
+each search from the last's mode, starting where the rounds stopped."""
 
 
 def newton_decrement(grad: torch.Tensor, hess: torch.Tensor) -> torch.Tensor:
@@ -208,28 +208,60 @@ def _derivatives(prob, theta, omega_inv, sd, eta):
 
 def _search_on(prob, dataset, theta, omega_inv, sd, eta):
     """(eta, obj, gradient, Hessian) after continuing the EBE search of the patients whose Newton decrement
-    is above :data:`DECREMENT_SEARCH_ON`, by up to :data:`EXTRA_SEARCHES` more rounds of Newton iterations, while
-    some of them still improve. Measured on pharmpy's moxonidine example at a FOCE fit's estimates (a posterior
-    with condition number 1e13): six patients ended their 100 iterations off a mode; continued, subjects 807
-    and 1202 reached theirs in three more rounds (-2 log posterior -246.001 -> -246.672, -221.736 -> -222.342);
-    804 was still crawling along its valley after eight (-243.67 -> -248.86)."""
-    obj, grad, hess = _derivatives(prob, theta, omega_inv, sd, eta)
+    is above :data:`DECREMENT_SEARCH_ON`: up to :data:`EXTRA_SEARCHES` more rounds of Newton iterations, while
+    some of them still improve; then, for those still above :data:`DECREMENT_WARN`, the homotopy
+    :data:`SEARCH_ON_SD` from where the rounds stopped (widened residual SDs widen the valley Newton's steps
+    crawl along). Each patient keeps its best point.
+
+    Measured on pharmpy's moxonidine example at a FOCE fit's estimates (a posterior with condition number
+    1e13): six patients ended their 100 iterations from ETA = 0 off a mode. The rounds took subjects 807 and
+    1202 to their modes (-2 log posterior -246.001 -> -246.672, -221.736 -> -222.342); 804 still crawled after
+    eight rounds (-243.67 -> -248.86, the ETA of KA from 2.17 to 0.40); the homotopy reached its mode
+    (-249.12, ETA of KA -0.15, Newton decrement 4e-19), which no number of rounds had."""
+    derivs = _derivatives(prob, theta, omega_inv, sd, eta)
     for _ in range(EXTRA_SEARCHES):
-        bad = torch.nonzero(newton_decrement(grad, hess) > DECREMENT_SEARCH_ON).flatten()
+        bad = torch.nonzero(newton_decrement(*derivs[1:]) > DECREMENT_SEARCH_ON).flatten()
         if not len(bad):
             break
-        sub = Problem(prob.pm, dataset.subset([dataset.ids[i] for i in bad.tolist()]), method=prob.method,
-                      rtol=prob.rtol, atol=prob.atol, estimation=prob.estimation)
-        again = _lower_mode(sub, theta, omega_inv, sd, eta[bad], sub.ebe(theta, omega_inv, sd, eta[bad], tol=1e-10))
-        prob.fallback_steps += sub.fallback_steps
-        if torch.equal(again, eta[bad]):       # no patient improved: a kink, or the precision's limit
+        eta, derivs, moved = _search_from(prob, dataset, theta, omega_inv, sd, eta, derivs, bad, (1.0,))
+        if not moved:           # no patient improved: a kink, or the precision's limit
             break
-        eta = eta.clone()
-        eta[bad] = again
-        o, g, h = _derivatives(sub, theta, omega_inv, sd, again)
-        obj, grad, hess = obj.clone(), grad.clone(), hess.clone()
-        obj[bad], grad[bad], hess[bad] = o, g, h
-    return eta, obj, grad, hess
+    bad = torch.nonzero(newton_decrement(*derivs[1:]) > DECREMENT_WARN).flatten()
+    if len(bad):
+        eta, derivs, _ = _search_from(prob, dataset, theta, omega_inv, sd, eta, derivs, bad, SEARCH_ON_SD)
+    return (eta, *derivs)
+
+
+def _search_from(prob, dataset, theta, omega_inv, sd, eta, derivs, bad, schedule):
+    """(eta, derivs, whether any patient moved) after the homotopy ``schedule`` (:func:`_homotopy`) from the
+    ETAs of the patients ``bad``, each keeping the better of its old and new point; ``derivs`` (obj, gradient,
+    Hessian: :func:`_derivatives`) updated where they moved."""
+    sub = _subproblem(prob, dataset, bad)
+    again = _lower_mode(sub, theta, omega_inv, sd, eta[bad], _homotopy(sub, theta, omega_inv, sd, eta[bad], schedule))
+    prob.fallback_steps += sub.fallback_steps
+    if torch.equal(again, eta[bad]):
+        return eta, derivs, False
+    eta = eta.clone()
+    eta[bad] = again
+    derivs = tuple(d.clone() for d in derivs)
+    for d, new in zip(derivs, _derivatives(sub, theta, omega_inv, sd, again)):
+        d[bad] = new
+    return eta, derivs, True
+
+
+def _homotopy(prob, theta, omega_inv, sd, eta, schedule):
+    """The ETAs reached by EBE searches from ``eta`` with the residual SDs multiplied by each factor of
+    ``schedule`` in turn, each from the last's end (to 1e-6 while widened, to 1e-10 at factor 1)."""
+    for factor in schedule:
+        eta = prob.ebe(theta, omega_inv, {k: v * factor for k, v in sd.items()}, eta,
+                       tol=1e-10 if factor == 1.0 else 1e-6)
+    return eta
+
+
+def _subproblem(prob, dataset, index):
+    """``prob`` on the patients ``index`` of ``dataset`` alone (the batched searches are per patient)."""
+    return Problem(prob.pm, dataset.subset([dataset.ids[i] for i in index.tolist()]), method=prob.method,
+                   rtol=prob.rtol, atol=prob.atol, estimation=prob.estimation)
 
 
 def _lower_mode(prob, theta, omega_inv, sd, a, b):
