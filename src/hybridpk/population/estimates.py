@@ -36,13 +36,11 @@ class IndividualEstimates:
     objective: torch.Tensor
     parameters: pd.DataFrame
     n_levels: np.ndarray
-    decrement: np.ndarray | None = None
+    decrement: np.ndarray
 
     def not_at_mode(self, limit: float | None = None) -> np.ndarray:
         """Indices of the patients whose reported ETAs are not at a mode of their posterior to ``limit``
         (default :data:`DECREMENT_WARN`): their Newton decrement is above it after every search."""
-        if self.decrement is None:
-            return np.zeros(0, dtype=int)
         return np.flatnonzero(self.decrement > (DECREMENT_WARN if limit is None else limit))
 
     def search_warning(self) -> str | None:
@@ -52,12 +50,11 @@ class IndividualEstimates:
         bad = self.not_at_mode()
         if not len(bad):
             return None
-        ids = [f"{self.dataset.ids[i]} ({self.decrement[i]:.2g})" for i in bad[:5]]
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        named = subjects_phrase(self.dataset, bad, [f"{self.decrement[i]:.2g}" for i in bad])
         return (f"the EBE search of {len(bad)} subject{'s' if len(bad) > 1 else ''} ended away from a mode, after "
                 f"up to {EXTRA_SEARCHES + 1} rounds of Newton iterations and a homotopy in the residual SDs (in "
                 "brackets their Newton decrement, the fall of -2 log posterior the next Newton step predicts; about "
-                f"1e-18 at a mode): {', '.join(ids)}{more}. "
+                f"1e-18 at a mode): {named}. "
                 "Their ETAs, IPRED and OFV contributions are where the search stopped. Usual causes: a posterior "
                 "too narrow for double precision (a tiny residual variance, e.g. FOCE's variance at PRED) or a "
                 "kink in the model (ALAG, an IF on an ETA-dependent value)")
@@ -79,13 +76,20 @@ class IndividualEstimates:
         part = slice(index, index + 1)
         return replace(self, dataset=sub, problem=one, eta=self.eta[part], cov=self.cov[part],
                        objective=self.objective[part], parameters=self.parameters.iloc[part].reset_index(drop=True),
-                       n_levels=self.n_levels[part],
-                       decrement=None if self.decrement is None else self.decrement[part])
+                       n_levels=self.n_levels[part], decrement=self.decrement[part])
 
     def posterior(self, index: int = 0, n: int = 1000, seed: int = 0):
         """(draws (n, K), effective sample size) from the posterior of patient ``index``; see
         :func:`posterior_draws`."""
         return posterior_draws(self, index, n, seed)
+
+
+def subjects_phrase(dataset, index, notes=None, most: int = 5) -> str:
+    """'subject(s) ID, ID, ... (and n more)' for the patient indices ``index`` of ``dataset``, each ID followed
+    by its note in brackets where ``notes`` (one per index) are given."""
+    ids = [str(dataset.ids[i]) + (f" ({notes[j]})" if notes is not None else "") for j, i in enumerate(index)]
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return f"subject{'s' if len(ids) > 1 else ''} {', '.join(ids[:most])}{more}"
 
 
 def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None) -> IndividualEstimates:

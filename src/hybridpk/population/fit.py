@@ -5,9 +5,9 @@ exact OFV gradients), covariance of the estimates, EBEs and diagnostics; returns
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,7 @@ from ..errors import HybridPKError, Interrupted
 from ..io import atomic_write_text
 from ..progress import Progress
 from .diagnostics import diagnostics
-from .estimates import map_estimate
+from .estimates import map_estimate, subjects_phrase
 from .estimation import COVARIANCE_METHODS, ConvergenceWarning, Estimation
 from .fitted import FittedPopulation
 from .focei import Problem
@@ -352,15 +352,15 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     if conditional and k:
         ofv, moved = _ofv_at_reported(prob, theta, om, sd, eta, est, ofv)
         if moved:
-            warn.append(f"for {_subjects(dataset, moved)} the EBE searches after the estimation (from ETA = 0, "
+            warn.append(f"for {subjects_phrase(dataset, moved)} the EBE searches after the estimation (from ETA = 0, "
                         "from its last EBEs, and with the residual SDs widened first) found modes with a lower "
                         f"objective than the EBEs of its last OFV; the OFV reported ({ofv:.4f}) and the tables "
                         "are at those modes")
         state["eta"] = est.eta      # the covariance step's EBE searches start at the modes reported
     if not math.isfinite(ofv):
         warn.append(_not_finite(prob, dataset, theta, om, sd, est.eta))
-    if est.search_warning():
-        warn.append(est.search_warning())
+    if searched := est.search_warning():
+        warn.append(searched)
 
     def subject_gradients(xv):
         """(N, P) gradients of each subject's OFV contribution at ``xv`` (the S matrix's ingredients)."""
@@ -410,13 +410,6 @@ def _ofv_at_reported(prob, theta, omega, sd, eta, est, ofv):
     return (new if math.isfinite(new) else math.inf), moved
 
 
-def _subjects(dataset, index, most: int = 5) -> str:
-    """'subject(s) ID, ID, ... (and n more)' for the patient indices ``index``."""
-    ids = [str(dataset.ids[i]) for i in index]
-    more = f" and {len(ids) - most} more" if len(ids) > most else ""
-    return f"subject{'s' if len(ids) > 1 else ''} {', '.join(ids[:most])}{more}"
-
-
 def _not_finite(prob, dataset, theta, omega, sd, eta) -> str:
     """The warning for an OFV that is not finite: the subjects whose contribution is not, with their
     conditional objective at the EBEs."""
@@ -428,7 +421,7 @@ def _not_finite(prob, dataset, theta, omega, sd, eta) -> str:
     if not bad:
         return "the OFV is not finite"
     worst = ", ".join(f"ID {dataset.ids[i]}: {float(obj[i]):.4g}" for i in bad[:5])
-    return (f"the OFV is not finite: the contribution of {_subjects(dataset, bad)} is not (-2 log posterior at "
+    return (f"the OFV is not finite: the contribution of {subjects_phrase(dataset, bad)} is not (-2 log posterior at "
             f"their EBEs: {worst}); their EBE search did not reach a mode their observations allow at these "
             "estimates (look at their records and residual-error model, or start from estimates nearer theirs)")
 
