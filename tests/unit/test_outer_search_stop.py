@@ -34,20 +34,24 @@ def one_cmt_oral(n: int, seed: int) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def two_fits():
+    """The general path's search (automatic differentiation; its OFV carries the rounding of the central-difference
+    g = df/deta) with and without the stop at rounding, and the analytic path's (the default for this model)."""
     ds = hp.read_nonmem(one_cmt_oral(100, 1))
     pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive")
-    stopped = fit_population(pm, ds, progress=False, covariance=False)
-    saved = fit_module.ROUNDING_EVALUATIONS
-    fit_module.ROUNDING_EVALUATIONS = 10 ** 9          # the search as it was: scipy's own ending only
+    analytic = fit_population(pm, ds, progress=False, covariance=False)
+    saved = fit_module.ROUNDING_EVALUATIONS, fit_module.analytic_problem
+    fit_module.analytic_problem = lambda *a: (None, "the general path's search is tested")
     try:
+        stopped = fit_population(pm, ds, progress=False, covariance=False)
+        fit_module.ROUNDING_EVALUATIONS = 10 ** 9          # the search as it was: scipy's own ending only
         full = fit_population(pm, ds, progress=False, covariance=False)
     finally:
-        fit_module.ROUNDING_EVALUATIONS = saved
-    return stopped, full
+        fit_module.ROUNDING_EVALUATIONS, fit_module.analytic_problem = saved
+    return stopped, full, analytic
 
 
 def test_the_search_stops_at_rounding_with_the_same_minimum(two_fits):
-    stopped, full = two_fits
+    stopped, full, _ = two_fits
     assert "at its minimum to rounding" in stopped.estimation.message
     assert stopped.estimation.converged
     assert "rounding" not in full.estimation.message
@@ -56,3 +60,12 @@ def test_the_search_stops_at_rounding_with_the_same_minimum(two_fits):
         assert stopped.theta[name].value == pytest.approx(full.theta[name].value, rel=1e-5)
     np.testing.assert_allclose(np.asarray(stopped.omega.matrix), np.asarray(full.omega.matrix), rtol=1e-4)
     assert stopped.estimation.evaluations < full.estimation.evaluations
+
+
+def test_the_analytic_paths_search_reaches_the_same_minimum(two_fits):
+    _, full, analytic = two_fits
+    assert analytic.estimation.derivatives == fit_module.ANALYTIC and analytic.estimation.converged
+    assert abs(analytic.estimation.ofv - full.estimation.ofv) < 1e-6
+    for name in analytic.theta.names:
+        assert analytic.theta[name].value == pytest.approx(full.theta[name].value, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(analytic.omega.matrix), np.asarray(full.omega.matrix), rtol=1e-4)

@@ -54,8 +54,9 @@ class Estimation:
     that met a singular Hessian and took a gradient step; ``ebe_not_at_mode`` the IDs of the subjects whose EBE
     search ended away from a mode (IndividualEstimates.not_at_mode). ``evaluation_only``: NONMEM's MAXEVAL=0, nothing
     estimated (the OFV and EBEs at the initial estimates). ``covariance`` how the standard errors were
-    computed (a key of ``COVARIANCE_METHODS``). ``estimates``: the fitted patients' IndividualEstimates (in
-    memory only; not saved).
+    computed (a key of ``COVARIANCE_METHODS``). ``derivatives``: how the OFV's gradients were computed, "analytic
+    ..." (:mod:`hybridpk.population.analytic_focei`) or "automatic (torch): <why not analytic>". ``estimates``: the
+    fitted patients' IndividualEstimates (in memory only; not saved).
     """
 
     method: str
@@ -78,6 +79,7 @@ class Estimation:
     covariance: str = "none"
     evaluation_only: bool = False
     ebe_not_at_mode: tuple = ()
+    derivatives: str = "automatic (torch)"
 
     def to_dict(self) -> dict:
         """The estimation part of summary.json."""
@@ -87,6 +89,7 @@ class Estimation:
                 "n_observations": self.n_observations, "seed": self.seed, "warnings": list(self.warnings),
                 "data_sha256": self.data_sha256, "ebe_fallbacks": self.ebe_fallbacks, "covariance": self.covariance,
                 "evaluation_only": self.evaluation_only, "ebe_not_at_mode": list(self.ebe_not_at_mode),
+                "derivatives": self.derivatives,
                 "methods": {**METHODS, "covariance": COVARIANCE_METHODS.get(self.covariance, self.covariance)}}
 
     def save(self, run: Path, tables: dict) -> None:
@@ -99,7 +102,7 @@ class Estimation:
                                           "function_evaluations", "fit_seconds")},
                    **tables, **{k: d[k] for k in ("shrinkage", "n_subjects", "n_observations", "seed", "warnings",
                                                   "data_sha256", "ebe_fallbacks", "ebe_not_at_mode", "covariance",
-                                                  "methods")},
+                                                  "derivatives", "methods")},
                    **run_metadata()}
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=_json_default))
 
@@ -120,7 +123,8 @@ class Estimation:
                        warnings=tuple(s.get("warnings", ())), data_sha256=str(s.get("data_sha256", "")),
                        ebe_fallbacks=int(s.get("ebe_fallbacks", 0)), covariance=str(s.get("covariance", "none")),
                        evaluation_only=bool(s.get("evaluation_only", False)),
-                       ebe_not_at_mode=tuple(s.get("ebe_not_at_mode", ())))
+                       ebe_not_at_mode=tuple(s.get("ebe_not_at_mode", ())),
+                       derivatives=str(s.get("derivatives", "automatic (torch)")))
         except (KeyError, TypeError, ValueError) as exc:
             raise HybridPKError(f"{path} is damaged ({type(exc).__name__}: {exc}); refit the model") from None
 

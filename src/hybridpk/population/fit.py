@@ -17,6 +17,7 @@ from scipy.optimize import minimize
 from ..errors import HybridPKError, Interrupted
 from ..io import atomic_write_text
 from ..progress import Progress
+from .analytic_focei import analytic_problem
 from .diagnostics import diagnostics
 from .estimates import map_estimate, subjects_phrase
 from .estimation import COVARIANCE_METHODS, ConvergenceWarning, Estimation
@@ -265,8 +266,21 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     bar = Progress(maxiter, estimation, "it", enabled=progress, initial=state["iter"])
     state["x"] = np.array(x0, dtype=float)       # the last iterate (TRUST_STEP)
     conditional = estimation != "FO"          # FO's OFV needs no EBEs
+    # the OFV and its gradient by the closed form's analytic derivatives where they cover the model and data (the
+    # same numbers as the general path's, checked on these data first), else by automatic differentiation
+    analytic, why = analytic_problem(pm, prob, theta0) if k else (None, "no ETAs")
+    derivatives = ANALYTIC if analytic is not None else f"automatic (torch): {why}"
 
     def evaluate_at(xv, need_grad=True):
+        if analytic is not None:
+            out = _analytic_at(analytic, pack, xv, state["eta"])
+            if out is not None:
+                state["evals"] += 1
+                ofv_i, g_i, eta = out
+                ofv = float(ofv_i.sum())
+                if not math.isfinite(ofv):
+                    return math.inf, np.zeros_like(xv), eta
+                return ofv, g_i.sum(0), eta
         x = torch.tensor(xv, dtype=torch.float64, requires_grad=need_grad)
         theta, om, sd = pack.unpack(x)
         with torch.no_grad():
@@ -364,6 +378,9 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 
     def subject_gradients(xv):
         """(N, P) gradients of each subject's OFV contribution at ``xv`` (the S matrix's ingredients)."""
+        out = _analytic_at(analytic, pack, xv, state["eta"]) if analytic is not None else None
+        if out is not None:
+            return out[1]
         x = torch.tensor(xv, dtype=torch.float64)
         theta, om, sd = pack.unpack(x)
         oinv = torch.linalg.inv(om) if k else om
@@ -377,6 +394,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
             warn.append(cov_warn)
             warnings.warn(cov_warn, ConvergenceWarning, stacklevel=2)
     warn += _boundary_warnings(pack, x_hat, n)
+    prob.fallback_steps += analytic.fallback_steps if analytic is not None else 0
     if prob.fallback_steps:
         warn.append(f"{prob.fallback_steps} EBE Newton steps met a singular Hessian (extreme ETAs or a tiny residual "
                     "variance during the search) and took a gradient step instead")
@@ -391,9 +409,37 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
                         n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,
                         warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est,
                         ebe_fallbacks=prob.fallback_steps, covariance=cov_method if cov_nat is not None else "none",
-                        evaluation_only=evaluate,
+                        evaluation_only=evaluate, derivatives=derivatives,
                         ebe_not_at_mode=tuple(dataset.ids[i] for i in est.not_at_mode()))
     return fitted.with_estimation(record)
+
+
+#: Estimation.derivatives of a fit whose OFV gradients came from the analytic path
+ANALYTIC = "analytic (closed form, numpy): hybridpk.population.analytic_focei"
+
+
+def _analytic_at(engine, pack, xv, eta0):
+    """(OFV_i (N,), their gradients (N, P) with respect to the estimation vector ``xv``, the EBEs (N, K) as a
+    tensor) by the analytic path, searching the EBEs from ``eta0``; None where the closed form meets its 0/0
+    (KA = CL/V for some subject: the general path takes that evaluation)."""
+    x = torch.tensor(xv, dtype=torch.float64)
+    theta, omega, sd = pack.unpack(x)
+    names, kinds = engine.theta_names, pack.sigma_names
+    try:
+        with np.errstate(all="ignore"):
+            ofv_i, eta, grads = engine.ofv({a: float(theta[a]) for a in names}, omega.numpy(),
+                                           {a: float(sd[a]) for a in kinds}, eta0.numpy())
+    except FloatingPointError:
+        return None
+
+    def natural(xt):
+        th, om, s = pack.unpack(xt)
+        return torch.cat([torch.stack([th[a] for a in names]), om.reshape(-1), torch.stack([s[a] for a in kinds])])
+
+    jac = torch.autograd.functional.jacobian(natural, x).numpy()                       # (natural, P)
+    g_nat = np.concatenate([grads["theta"], grads["omega"].reshape(len(ofv_i), -1),
+                            np.stack([grads["sd"][a] for a in kinds], 1)], 1)
+    return ofv_i, g_nat @ jac, torch.as_tensor(eta)
 
 
 def _ofv_at_reported(prob, theta, omega, sd, eta, est, ofv):

@@ -1,0 +1,389 @@
+"""FOCE-I of one-compartment oral models with analytic derivatives, in numpy: the same OFV and gradient as
+:mod:`hybridpk.population.focei`, at a fraction of the cost for the models it covers.
+
+The general path (:class:`~hybridpk.population.focei.Problem`) differentiates any model by automatic
+differentiation; at 1000 subjects its cost is torch's per-operation overhead, not arithmetic
+(benchmarks/fit_scale.py). NONMEM's ADVAN2 and nlmixr2's linear compartment solutions use the closed form's own
+derivatives instead; so does this module, for what it covers:
+
+- the structure 1cmt_oral (ADVAN2: KA, CL, V; F = 1, no lag) built by :func:`~hybridpk.population.build_model`,
+  without covariates, fixed or derived parameters, IOV or log-transform-both-sides;
+- log-normal IIV on any of KA, CL, V (PARAM = THETA exp(ETA)), any OMEGA (diagonal or blocks);
+- FOCE with interaction, additive, proportional or combined (ADD^2 + PROP^2 IPRED^2) error;
+- bolus doses into the depot (superposition over the doses; no infusions, steady state or resets);
+  observations without censoring (M3).
+
+Anything else takes the general path. Before it is used on a dataset, its predictions are checked against the
+general path's (:func:`analytic_problem`), so a convention it does not follow (e.g. which compartment a
+dose goes to) sends the fit to the general path instead of changing its numbers.
+
+Per subject, with phi = log(KA, CL, V) + P eta (P places the ETAs), f_j(phi) the prediction at observation j,
+V_j = ADD^2 + PROP^2 f_j^2 and r_j = y_j - f_j (Wang, J Pharmacokinet Pharmacodyn 2007;34:575-93):
+
+    obj(eta) = sum_j (r_j^2 / V_j + log V_j) + eta' OMEGA^-1 eta
+    M        = OMEGA^-1 + sum_j c_j g_j g_j',   c = 1/V + 1/2 V'^2 / V^2,   g = df/deta,   V' = dV/df
+    OFV_i    = obj(eta_i) + log|OMEGA| + log|M|          (eta_i: the mode of obj; NONMEM's OFV convention)
+
+The gradient of sum_i OFV_i with respect to THETA, OMEGA and the SDs is exact: the ETAs' dependence on the
+population parameters enters by implicit differentiation, d eta_i / dp = -H^-1 d(grad obj)/dp with H the exact
+Hessian of obj at eta_i; it needs second derivatives of f only (log|M| holds first derivatives of f). The
+general path gets the same number by one Newton step re-attached to the parameters and automatic
+differentiation (tests/integration/test_analytic_focei.py compares them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["AnalyticFOCEI", "analytic_problem", "analytic_reason"]
+
+#: the structures covered, with their parameters in the order of phi (log scale)
+STRUCTURES = {"1cmt_oral": ("KA", "CL", "V")}
+#: the error models covered (V = ADD^2 + PROP^2 f^2 with the SDs the kind has)
+ERRORS = ("additive", "proportional", "combined")
+#: the predictions must agree with the general path's to this (relative to max(1, |f|)) before it is used
+AGREEMENT = 1e-9
+#: KA within this relative distance of K = CL/V: the closed form's 0/0 (the general path handles the limit)
+NEAR_FLIP_FLOP = 1e-7
+
+
+def analytic_reason(pm, prob) -> str | None:
+    """Why the analytic path cannot fit ``pm`` on the data of ``prob`` (a focei.Problem), or None when it can
+    (still to be confirmed on the data by :func:`analytic_problem`)."""
+    recipe = pm.recipe or {}
+    if prob.estimation != "FOCE-I":
+        return f"estimation method {prob.estimation}"
+    if recipe.get("kind") != "build" or recipe.get("model") not in STRUCTURES:
+        return "structural model " + str(recipe.get("model", "from a control stream or spec"))
+    if (recipe.get("covariates") or recipe.get("derived") or recipe.get("iov") or recipe.get("fixed")
+            or pm.error.ltbs or pm.record_items):
+        return "covariates, fixed or derived parameters, IOV or log-transform-both-sides"
+    if pm.error.kind not in ERRORS:
+        return f"error model {pm.error.kind}"
+    if prob.method == "ode":
+        return "predictions by the ODE solver were asked for"
+    if pm.omega_fixed or pm.sigma_fixed or pm.omega_same:
+        return "fixed or SAME OMEGA/SIGMA"
+    b = prob.batch
+    m = b.dose_mask
+    if bool(prob.cens.any()):
+        return "censored observations (M3)"
+    if bool((m & ((b.dose_mode != 0) | (b.dose_ss != 0) | b.dose_reset.bool())).any()):
+        return "infusions, steady-state or reset doses"
+    if bool((m & (b.dose_cmt > 1)).any()):
+        return "doses into a compartment other than the depot"
+    return None
+
+
+def analytic_problem(pm, prob, theta0: dict):
+    """The :class:`AnalyticFOCEI` of ``prob`` when the analytic path covers it and its predictions agree with
+    the general path's at ``theta0`` ({name: tensor}) at ETA = 0 and at ETAs of +-0.5 (to :data:`AGREEMENT`),
+    else (None, the reason)."""
+    reason = analytic_reason(pm, prob)
+    if reason is not None:
+        return None, reason
+    import torch
+
+    engine = AnalyticFOCEI(pm, prob)
+    theta = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in theta0.items()}
+    k = pm.n_eta
+    rng = np.random.default_rng(0)
+    for eta in (np.zeros((engine.n, k)), rng.uniform(-0.5, 0.5, (engine.n, k))):
+        with torch.no_grad():
+            ref = prob.predict({a: torch.as_tensor(v, dtype=torch.float64) for a, v in theta.items()},
+                               torch.as_tensor(eta))
+        ref = ref.numpy()[engine.obs_index]
+        f = engine.predict(engine.phi(theta, eta))
+        bad = np.abs(f - ref)[engine.mask] > AGREEMENT * np.maximum(1.0, np.abs(ref[engine.mask]))
+        if bad.any() or not np.isfinite(f[engine.mask]).all():
+            return None, "its predictions differ from the general path's on these data"
+    return engine, None
+
+
+class AnalyticFOCEI:
+    """The FOCE-I objective of one problem (see the module docstring), on the observations of its batch."""
+
+    def __init__(self, pm, prob):
+        b = prob.batch
+        self.params = STRUCTURES[pm.recipe["model"]]
+        self.theta_names = tuple(self.params)
+        where = {name: i for i, name in enumerate(self.params)}
+        iiv = [e.removeprefix("ETA_") for e in pm.etas]
+        self.place = np.zeros((len(self.params), len(iiv)))        # P: phi = mu + P eta
+        for k, name in enumerate(iiv):
+            self.place[where[name], k] = 1.0
+        self.identity = self.place.shape == (3, 3) and bool((self.place == np.eye(3)).all())
+        self.kind = pm.error.kind
+        self.fallback_steps = 0      # EBE Newton steps that met a singular Hessian and took a gradient step
+        obs = prob.obs.numpy()
+        self.n = obs.shape[0]
+        counts = obs.sum(1)
+        j = int(counts.max()) if self.n else 0
+        # the observed records of each subject, packed to the left: (N, J) positions, mask and values
+        order = np.argsort(~obs, axis=1, kind="stable")[:, :j]
+        self.obs_index = (np.arange(self.n)[:, None], order)
+        self.mask = np.take_along_axis(obs, order, 1)
+        time = b.time.numpy()[self.obs_index]
+        self.y = np.where(self.mask, prob.y.numpy()[self.obs_index], 0.0)
+        dm = b.dose_mask.numpy()
+        td, amt = b.dose_time.numpy(), np.where(dm, b.dose_amt.numpy(), 0.0)
+        # time since each dose (N, J, D), 0 before it (the unit response and its derivatives vanish there)
+        self.tau = np.clip(time[:, :, None] - td[:, None, :], 0.0, None) * dm[:, None, :]
+        self.amt = amt[:, None, :]
+
+    # ------------------------------------------------------------------ the structure
+    def phi(self, theta: dict, eta):
+        """log(KA, CL, V) per subject (N, 3) for THETAs {name: value} and ETAs (N, K)."""
+        mu = np.log([theta[p] for p in self.params])
+        return mu[None, :] + eta @ self.place.T
+
+    def predict(self, phi):
+        """Concentrations (N, J) at the observations."""
+        ka, k, v = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2]), np.exp(phi[:, 2])
+        ka, k, v = ka[:, None, None], k[:, None, None], v[:, None, None]
+        unit = ka / (v * (ka - k)) * (np.exp(-k * self.tau) - np.exp(-ka * self.tau))
+        return (self.amt * unit).sum(-1)
+
+    def jet(self, phi):
+        """(f (N, J), G = df/dphi (N, J, 3), HF = d2f/dphi2 (N, J, 3, 3)) of the ADVAN2 closed form
+        f = sum_d AMT_d KA / (V (KA - K)) (exp(-K tau_d) - exp(-KA tau_d)), K = CL/V, by hand (superposition:
+        each dose's term and its derivatives add)."""
+        ka, k, v = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2]), np.exp(phi[:, 2])
+        ka, k, v = ka[:, None, None], k[:, None, None], v[:, None, None]
+        t = self.tau
+        ek, ea = np.exp(-k * t), np.exp(-ka * t)
+        d = ka - k
+        s = self.amt / v
+        b = ek - ea
+        r = ka / d
+        r_ka, r_k = -k / d ** 2, ka / d ** 2
+        r_kaka, r_kk, r_kak = 2 * k / d ** 3, 2 * ka / d ** 3, -(ka + k) / d ** 3
+        b_ka, b_k = t * ea, -t * ek
+        b_kaka, b_kk = -t * t * ea, t * t * ek
+
+        def total(x):
+            return (s * x).sum(-1)
+
+        f = total(r * b)
+        f_ka, f_k = total(r_ka * b + r * b_ka), total(r_k * b + r * b_k)
+        f_kaka = total(r_kaka * b + 2 * r_ka * b_ka + r * b_kaka)
+        f_kk = total(r_kk * b + 2 * r_k * b_k + r * b_kk)
+        f_kak = total(r_kak * b + r_ka * b_k + r_k * b_ka)
+        ka, k = ka[..., 0], k[..., 0]
+        # to log KA (a), log CL (c), log V (v): KA = e^a, K = e^(c - v), and f carries 1/V
+        g_a, g_c = ka * f_ka, k * f_k
+        g_v = -g_c - f
+        h_aa = g_a + ka * ka * f_kaka
+        h_cc = g_c + k * k * f_kk
+        h_ac = ka * k * f_kak
+        h_av = -h_ac - g_a
+        h_cv = -h_cc - g_c
+        h_vv = h_cc + 2 * g_c + f
+        g = np.stack([g_a, g_c, g_v], -1)
+        hf = np.stack([np.stack([h_aa, h_ac, h_av], -1), np.stack([h_ac, h_cc, h_cv], -1),
+                       np.stack([h_av, h_cv, h_vv], -1)], -1)
+        return f, g, hf
+
+    def near_flip_flop(self, phi) -> bool:
+        """Some subject's KA is within :data:`NEAR_FLIP_FLOP` of its K (the closed form's removable 0/0)."""
+        ka, k = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2])
+        return bool((np.abs(ka - k) <= NEAR_FLIP_FLOP * ka).any())
+
+    # ------------------------------------------------------------------ the residual error
+    def _sds(self, sd: dict):
+        return float(sd.get("ADD", 0.0)), float(sd.get("PROP", 0.0))
+
+    def _error_terms(self, f, a, b):
+        """V, V' = dV/df, V'' (N, J) with V = a^2 + b^2 f^2; unobserved entries get V = 1."""
+        v = np.where(self.mask, a * a + b * b * f * f, 1.0)
+        dv = np.where(self.mask, 2 * b * b * f, 0.0)
+        return v, dv, np.where(self.mask, 2 * b * b, 0.0)
+
+    def _objective(self, phi, eta, w, a, b):
+        f = self.predict(phi)
+        v, _, _ = self._error_terms(f, a, b)
+        r = self.y - f
+        data = np.where(self.mask, r * r / v + np.log(v), 0.0).sum(1)
+        return data + _quadratic(eta, w)
+
+    def _derivatives(self, phi, eta, w, a, b):
+        """Everything the Newton step and the OFV's gradient need at (phi, eta)."""
+        f, gphi, hphi = self.jet(phi)
+        v, dv, ddv = self._error_terms(f, a, b)
+        r = np.where(self.mask, self.y - f, 0.0)
+        m = self.mask
+        e1 = np.where(m, -2 * r / v - r * r * dv / v ** 2 + dv / v, 0.0)                  # de/df
+        e2 = np.where(m, 2 / v + 4 * r * dv / v ** 2 + 2 * r * r * dv ** 2 / v ** 3 - r * r * ddv / v ** 2
+                      + ddv / v - dv ** 2 / v ** 2, 0.0)                                      # d2e/df2
+        p = self.place
+        g = gphi @ p                                                                          # (N, J, K)
+        hf = hphi if self.identity else p.T @ hphi @ p                                        # (N, J, K, K)
+        obj = np.where(m, r * r / v + np.log(v), 0.0).sum(1) + _quadratic(eta, w)
+        grad = _weighted_sum(e1, g) + 2 * eta @ w
+        hess = _outer_sum(e2, g) + (e1[..., None, None] * hf).sum(1) + 2 * w
+        return dict(f=f, gphi=gphi, hphi=hphi, v=v, dv=dv, ddv=ddv, r=r, e1=e1, e2=e2, g=g, hf=hf, obj=obj,
+                    grad=grad, hess=hess)
+
+    # ------------------------------------------------------------------ EBEs
+    def ebe(self, theta: dict, omega, sd: dict, eta0, max_iter: int = 100, tol: float = 1e-9):
+        """Modes of obj_i from ``eta0`` (N, K): Newton with the exact Hessian (the first-order one, 2M, where it is
+        not positive definite), steps capped at 2 per ETA, per-subject backtracking; the stopping rules of
+        :meth:`hybridpk.population.focei.Problem.ebe`."""
+        return self._mode(theta, np.asarray(omega, dtype=float), sd, eta0, max_iter, tol)[0]
+
+    def _mode(self, theta, omega, sd, eta0, max_iter=100, tol=1e-9):
+        """(the EBEs, the derivatives at them when the search ended where it last took them, else None)."""
+        w = np.linalg.inv(omega)
+        a, b = self._sds(sd)
+        mu = self.phi(theta, np.zeros((1, self.place.shape[1])))
+        eta = np.array(eta0, dtype=float)
+        n = self.n
+        active = np.ones(n, bool)
+        steepest = np.zeros(n, bool)
+        stalled = np.zeros(n, int)
+        for _ in range(max_iter):
+            phi = mu + eta @ self.place.T
+            if self.near_flip_flop(phi):
+                raise FloatingPointError("KA = CL/V")
+            d = self._derivatives(phi, eta, w, a, b)
+            obj, grad, hess = d["obj"], d["grad"], d["hess"]
+            pd_ok = _positive_definite(hess)
+            if not pd_ok.all():
+                c = 1 / d["v"] + 0.5 * d["dv"] ** 2 / d["v"] ** 2
+                fo = 2 * (w + _outer_sum(np.where(self.mask, c, 0.0), d["g"]))
+                hess = np.where(pd_ok[:, None, None], hess, fo)
+            step, bad = _solve(hess, grad)
+            self.fallback_steps += bad
+            gs = np.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            gs = gs / np.maximum(np.abs(gs).max(1, keepdims=True), 1.0)
+            step = np.where(steepest[:, None], gs, step)
+            big = np.abs(step).max(1, keepdims=True)
+            step = np.where(big > 2.0, step * 2.0 / np.maximum(big, 1e-300), step)
+            active &= np.abs(step).max(1) >= tol
+            if not active.any():
+                return eta, d
+            eta, todo, new = self._backtrack(mu, eta, step, obj, active.copy(), w, a, b)
+            flat = active & ~todo & (obj - new <= 1e-12 * (1 + np.abs(obj)))
+            stalled = np.where(flat, stalled + 1, 0)
+            tiny = todo & (np.abs(step).max(1) < 1e-6)
+            active &= ~(todo & steepest) & ~tiny & (stalled < 3)
+            steepest = todo & ~steepest
+        return eta, None
+
+    def _backtrack(self, mu, eta, step, cur, todo, w, a, b, halvings: int = 30):
+        tol = 1e-12 * (1 + np.abs(cur))
+        alpha = np.ones(self.n)
+        value = cur.copy()
+        out = eta.copy()
+        size = np.abs(step).max(1)
+        trying = todo.copy()
+        for _ in range(halvings):
+            if not trying.any():
+                break
+            trial = eta - alpha[:, None] * step
+            with np.errstate(all="ignore"):
+                new = self._objective(mu + trial @ self.place.T, trial, w, a, b)
+            ok = trying & np.isfinite(new) & (new <= cur + tol)
+            out[ok], value[ok] = trial[ok], new[ok]
+            todo, trying = todo & ~ok, trying & ~ok
+            alpha = np.where(trying, alpha * 0.5, alpha)
+            trying &= alpha * size > 1e-12
+        return out, todo, value
+
+    # ------------------------------------------------------------------ OFV and its gradient
+    def ofv(self, theta: dict, omega, sd: dict, eta0):
+        """(OFV_i (N,), the EBEs (N, K), per-subject gradients: {"theta": (N, 3) by THETA in ``theta_names``,
+        "omega": (N, K, K) by OMEGA entry, "sd": {kind: (N,)}}) at the population values given (floats and a
+        (K, K) array), the EBE search starting at ``eta0``."""
+        omega = np.asarray(omega, dtype=float)
+        eta, d = self._mode(theta, omega, sd, eta0)
+        w = np.linalg.inv(omega)
+        a, b = self._sds(sd)
+        mu = self.phi(theta, np.zeros((1, self.place.shape[1])))
+        if d is None:
+            d = self._derivatives(mu + eta @ self.place.T, eta, w, a, b)
+        m = self.mask
+        v, dv, ddv, g, gphi, hphi, r = (d[k] for k in ("v", "dv", "ddv", "g", "gphi", "hphi", "r"))
+        c = np.where(m, 1 / v + 0.5 * dv ** 2 / v ** 2, 0.0)
+        dc = np.where(m, -dv / v ** 2 + dv * ddv / v ** 2 - dv ** 3 / v ** 3, 0.0)                # dc/df
+        big_m = w + _outer_sum(c, g)
+        _, logdet_m = np.linalg.slogdet(big_m)
+        _, logdet_o = np.linalg.slogdet(omega)
+        ofv_i = d["obj"] + logdet_o + logdet_m
+        m_inv = np.linalg.inv(big_m)
+        mg = g @ m_inv                                                            # M^-1 g_j (N, J, K)
+        q = (g * mg).sum(-1)                                                      # g' M^-1 g
+        pm_g = mg @ self.place.T                                                  # P M^-1 g_j
+        # d log|M| / dphi (N, 3) and / deta (N, K)
+        l_phi = _weighted_sum(dc * q, gphi) + 2 * _weighted_sum(c, (hphi @ pm_g[..., None])[..., 0])
+        l_eta = l_phi @ self.place
+        h_inv_l = _solve(d["hess"], l_eta)[0]                                     # H^-1 L (N, K)
+        e1, e2 = d["e1"], d["e2"]
+        # THETA (log scale mu): direct terms, then -C' H^-1 L with C = d(grad obj)/dmu (N, K, 3)
+        c_mu = (g * e2[..., None]).transpose(0, 2, 1) @ gphi + self.place.T @ (e1[..., None, None] * hphi).sum(1)
+        d_mu = _weighted_sum(e1, gphi) + l_phi - (c_mu * h_inv_l[..., None]).sum(1)
+        d_theta = d_mu / np.exp(mu)
+        # OMEGA entries (W = OMEGA^-1): -W eta eta' W + W - W M^-1 W + (u v' + v u'), u = W H^-1 L, v = W eta
+        we = eta @ w
+        u = h_inv_l @ w
+        d_omega = (-we[:, :, None] * we[:, None, :] + w - w @ m_inv @ w
+                   + u[:, :, None] * we[:, None, :] + we[:, :, None] * u[:, None, :])
+        # the SDs: V = a^2 + b^2 f^2
+        dsd = {}
+        for kind, dvar, ddvprime in (("ADD", 2 * a * np.ones_like(v), np.zeros_like(v)),
+                                     ("PROP", 2 * b * d["f"] ** 2, 4 * b * d["f"])):
+            if kind not in sd:
+                continue
+            dvar = np.where(m, dvar, 0.0)
+            ddvprime = np.where(m, ddvprime, 0.0)
+            de = (-r * r / v ** 2 + 1 / v) * dvar
+            dcs = (-1 / v ** 2 - dv ** 2 / v ** 3) * dvar + dv / v ** 2 * ddvprime
+            de1 = ((2 * r / v ** 2 + 2 * r * r * dv / v ** 3 - dv / v ** 2) * dvar
+                   + (-r * r / v ** 2 + 1 / v) * ddvprime)
+            direct = np.where(m, de + dcs * q, 0.0).sum(1)
+            implicit = (h_inv_l * _weighted_sum(np.where(m, de1, 0.0), g)).sum(1)
+            dsd[kind] = direct - implicit
+        return ofv_i, eta, {"theta": d_theta, "omega": d_omega, "sd": dsd}
+
+
+def _quadratic(x, a):
+    """x' a x per subject (x (N, K), a (K, K))."""
+    return ((x @ a) * x).sum(1)
+
+
+def _weighted_sum(w, x):
+    """sum_j w_j x_j per subject (w (N, J), x (N, J, P)) -> (N, P)."""
+    return (w[:, None, :] @ x)[:, 0]
+
+
+def _outer_sum(w, x):
+    """sum_j w_j x_j x_j' per subject (w (N, J), x (N, J, K)) -> (N, K, K)."""
+    return (x * w[..., None]).transpose(0, 2, 1) @ x
+
+
+def _positive_definite(a):
+    """(N,) whether each of the symmetric matrices a (N, K, K) is positive definite."""
+    try:
+        np.linalg.cholesky(a)
+        return np.ones(len(a), bool)
+    except np.linalg.LinAlgError:
+        return np.linalg.eigvalsh(a)[:, 0] > 0
+
+
+def _solve(a, b):
+    """(x with a x = b per subject (a (N, K, K), b (N, K)), how many subjects took a gradient step instead: a
+    singular or non-finite system, as :meth:`hybridpk.population.focei.Problem._direction` does)."""
+    try:
+        x = np.linalg.solve(a, b[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        x = np.full_like(b, np.nan)
+        for i in range(len(b)):
+            try:
+                x[i] = np.linalg.solve(a[i], b[i])
+            except np.linalg.LinAlgError:
+                pass
+    bad = ~np.isfinite(x).all(-1)
+    if bad.any():
+        g = np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
+        x = np.where(bad[:, None], g / np.maximum(np.abs(g).max(-1, keepdims=True), 1.0), x)
+    return x, int(bad.sum())

@@ -1,0 +1,164 @@
+"""The analytic path of FOCE-I (hybridpk.population.analytic_focei: the ADVAN2 closed form's own derivatives, in
+numpy) against the general path (automatic differentiation through the closed form, focei.Problem): the same
+EBEs, per-subject OFVs and gradients at parameter values away from the optimum, the same fit, and the general
+path wherever the analytic one does not cover the model or data."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hybridpk as hp
+import hybridpk.population.fit as fit_module
+from hybridpk.population import build_model, fit_population
+from hybridpk.population.analytic_focei import AnalyticFOCEI, analytic_problem, analytic_reason
+from hybridpk.population.fit import Packing, _analytic_at, per_subject_gradients
+from hybridpk.population.focei import Problem
+
+
+def _multiple_doses(tmp_path, seed: int = 4, n: int = 14):
+    """1-cmt oral, 100 mg at 0 h then every 12 h (ADDL=2 on some subjects, separate dose records on the others,
+    one subject with a second dose level), 6-9 samples each in 0.5-40 h, 10% proportional + 0.05 mg/L noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(1, n + 1):
+        ka, cl, v = 1.2 * math.exp(rng.normal(0, 0.3)), 3.0 * math.exp(rng.normal(0, 0.3)), 30 * math.exp(
+            rng.normal(0, 0.2))
+        amt = 150.0 if i == n else 100.0
+        if i % 2:
+            rows.append(dict(ID=i, TIME=0.0, AMT=amt, DV=0.0, EVID=1, MDV=1, ADDL=2, II=12.0))
+        else:
+            rows += [dict(ID=i, TIME=t, AMT=amt, DV=0.0, EVID=1, MDV=1, ADDL=0, II=0.0) for t in (0.0, 12.0, 24.0)]
+        times = np.sort(rng.uniform(0.5, 40.0, rng.integers(6, 10)))
+        k = cl / v
+        for t in times:
+            c = sum(amt * ka / (v * (ka - k)) * (math.exp(-k * (t - td)) - math.exp(-ka * (t - td)))
+                    for td in (0.0, 12.0, 24.0) if t > td)
+            rows.append(dict(ID=i, TIME=round(float(t), 3), AMT=0.0,
+                             DV=round(c * (1 + 0.1 * rng.normal()) + 0.05 * rng.normal(), 5), EVID=0, MDV=0, ADDL=0,
+                             II=0.0))
+    df = pd.DataFrame(rows).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False])
+    path = tmp_path / "md.csv"
+    df[["ID", "TIME", "AMT", "DV", "EVID", "MDV", "ADDL", "II"]].to_csv(path, index=False)
+    return hp.read_nonmem(path)
+
+
+CASES = [("additive", ["KA", "CL", "V"], False), ("proportional", ["CL", "V"], False),
+         ("combined", ["KA", "CL", "V"], True), ("combined", ["V", "KA"], False), ("proportional", ["CL"], False)]
+
+
+@pytest.mark.parametrize("error, iiv, block", CASES)
+def test_ofv_ebes_and_gradients_equal_the_general_paths(tmp_path, error, iiv, block):
+    """At two random points per model (every OFV term, EBE search and implicit-gradient term is away from its
+    optimum there): per-subject OFV, EBEs, gradients with respect to the estimation vector and the per-subject
+    gradients (the S matrix's) of the general path, whose g = df/deta is a central difference (hence the
+    1e-7-level tolerance, not 1e-12)."""
+    ds = _multiple_doses(tmp_path)
+    pm = build_model("1cmt_oral", iiv=iiv, error=error, omega_block=block)
+    prob, pack = Problem(pm, ds), Packing(pm)
+    rng = np.random.default_rng(len(iiv) + 10 * block)
+    for _ in range(2):
+        xv = pack.x0() + rng.normal(0.0, 0.25, len(pack.x0()))
+        x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)
+        theta, omega, sd = pack.unpack(x)
+        engine, why = analytic_problem(pm, prob, theta)
+        assert engine is not None, why
+        zero = torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64)
+        eta_t = prob.ebe(theta, torch.linalg.inv(omega).detach(), sd, zero)
+        ofv_t = prob.ofv(theta, omega, sd, eta_t, per_subject=True)
+        (grad_t,) = torch.autograd.grad(ofv_t.sum(), x)
+        subjects_t = per_subject_gradients(lambda xt: prob.ofv(*pack.unpack(xt), eta_t, per_subject=True), x)
+        ofv_a, grads_a, eta_a = _analytic_at(engine, pack, xv, zero)
+        np.testing.assert_allclose(eta_a.numpy(), eta_t.numpy(), atol=1e-8)
+        np.testing.assert_allclose(ofv_a, ofv_t.detach().numpy(), rtol=1e-9, atol=1e-7)
+        np.testing.assert_allclose(grads_a.sum(0), grad_t.numpy(), rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(grads_a, subjects_t, rtol=1e-6, atol=1e-5)
+
+
+def test_fit_equals_the_general_paths_fit(tmp_path, monkeypatch):
+    """The whole fit (combined error, one OMEGA block): the estimates, their standard errors and the OFV of the
+    analytic path equal those of the same fit with the general path forced; summary.json says which it was."""
+    ds = _multiple_doses(tmp_path, seed=7, n=24)
+    pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined", omega_block=[["CL", "V"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = fit_population(pm, ds, progress=False)
+        monkeypatch.setattr(fit_module, "analytic_problem", lambda *a: (None, "forced by the test"))
+        general = fit_population(pm, ds, progress=False)
+    assert fast.estimation.derivatives == fit_module.ANALYTIC
+    assert general.estimation.derivatives == "automatic (torch): forced by the test"
+    assert fast.estimation.converged and general.estimation.converged
+    assert abs(fast.estimation.ofv - general.estimation.ofv) < 1e-5
+    for a, b in zip(fast.theta, general.theta):
+        assert a.value == pytest.approx(b.value, rel=1e-4) and a.se == pytest.approx(b.se, rel=1e-3)
+    np.testing.assert_allclose(fast.omega.tensor().numpy(), general.omega.tensor().numpy(), rtol=1e-3, atol=1e-7)
+    for a, b in zip(fast.sigma, general.sigma):
+        assert a.sd == pytest.approx(b.sd, rel=1e-4)
+    fast.save(tmp_path / "run")
+    assert hp.load_run(tmp_path / "run").estimation.derivatives == fit_module.ANALYTIC
+
+
+def test_theophylline_fit_takes_the_analytic_path(theoph_path):
+    """The bundled theophylline data with the CLI's model: the analytic path, and nlmixr2's OFV as the
+    general path gives it (tests/integration/test_population_fit.py)."""
+    ds = hp.read_nonmem(theoph_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(build_model("1cmt_oral", error="additive"), ds, progress=False)
+    assert fit.estimation.derivatives == fit_module.ANALYTIC
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(covariates=["CL~WT"]), "covariates"),
+    (dict(estimation="FOCE"), "estimation method FOCE"),
+    (dict(model="2cmt_oral"), "structural model 2cmt_oral"),
+    (dict(error="combined1"), "error model combined1"),
+])
+def test_what_it_does_not_cover_takes_the_general_path(theoph_path, change, reason):
+    ds = hp.read_nonmem(theoph_path)
+    opts = dict(model="1cmt_oral", error="additive")
+    estimation = change.pop("estimation", "FOCE-I")
+    opts.update(change)
+    pm = build_model(opts.pop("model"), data=ds, **opts)
+    why = analytic_reason(pm, Problem(pm, ds, estimation=estimation))
+    assert why is not None and reason in why
+
+
+def test_infusions_take_the_general_path(tmp_path):
+    df = pd.DataFrame(dict(ID=[1, 1, 1, 2, 2, 2], TIME=[0, 1, 4, 0, 2, 6], AMT=[100, 0, 0, 100, 0, 0],
+                           RATE=[50, 0, 0, 50, 0, 0], DV=[0, 1.5, 1.2, 0, 2.0, 1.0], EVID=[1, 0, 0, 1, 0, 0],
+                           MDV=[1, 0, 0, 1, 0, 0]))
+    df.to_csv(tmp_path / "inf.csv", index=False)
+    ds = hp.read_nonmem(tmp_path / "inf.csv")
+    pm = build_model("1cmt_oral", error="additive")
+    assert "infusions" in analytic_reason(pm, Problem(pm, ds))
+
+
+def test_predictions_that_disagree_send_the_fit_to_the_general_path(tmp_path, monkeypatch):
+    """The guard before the analytic path is used: predictions off by 1e-6 relative are refused."""
+    ds = _multiple_doses(tmp_path)
+    pm = build_model("1cmt_oral", error="combined")
+    prob, pack = Problem(pm, ds), Packing(pm)
+    theta, _, _ = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
+    assert analytic_problem(pm, prob, theta)[0] is not None
+    original = AnalyticFOCEI.predict
+    monkeypatch.setattr(AnalyticFOCEI, "predict", lambda self, phi: original(self, phi) * (1 + 1e-6))
+    engine, why = analytic_problem(pm, prob, theta)
+    assert engine is None and "differ" in why
+
+
+def test_ka_equal_to_k_is_left_to_the_general_path(tmp_path):
+    """Where a subject's KA equals its CL/V the closed form is 0/0 (the general path takes the limit): the
+    analytic evaluation declines and the fit's evaluation goes to the general path."""
+    ds = _multiple_doses(tmp_path)
+    pm = build_model("1cmt_oral", error="additive", initial={"KA": 0.1, "CL": 3.0, "V": 30.0})
+    prob, pack = Problem(pm, ds), Packing(pm)
+    theta, _, _ = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
+    engine, _ = analytic_problem(pm, prob, {**theta, "KA": theta["KA"] * 1.01})
+    assert engine is not None
+    assert _analytic_at(engine, pack, pack.x0(), torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64)) is None
