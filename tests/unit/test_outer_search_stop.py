@@ -13,6 +13,7 @@ import pytest
 
 import hybridpk as hp
 from hybridpk.population import build_model, fit_population
+from hybridpk.population import analytic_focei
 from hybridpk.population import fit as fit_module
 
 TIMES = np.array([0.25, 0.5, 1, 2, 4, 6, 8, 12], dtype=float)
@@ -39,14 +40,14 @@ def two_fits():
     ds = hp.read_nonmem(one_cmt_oral(100, 1))
     pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive")
     analytic = fit_population(pm, ds, progress=False, covariance=False)
-    saved = fit_module.ROUNDING_EVALUATIONS, fit_module.analytic_problem
-    fit_module.analytic_problem = lambda *a: (None, "the general path's search is tested")
+    saved = fit_module.ROUNDING_EVALUATIONS, analytic_focei.analytic_problem
+    analytic_focei.analytic_problem = lambda *a: (None, "the general path's search is tested")
     try:
         stopped = fit_population(pm, ds, progress=False, covariance=False)
         fit_module.ROUNDING_EVALUATIONS = 10 ** 9          # the search as it was: scipy's own ending only
         full = fit_population(pm, ds, progress=False, covariance=False)
     finally:
-        fit_module.ROUNDING_EVALUATIONS, fit_module.analytic_problem = saved
+        fit_module.ROUNDING_EVALUATIONS, analytic_focei.analytic_problem = saved
     return stopped, full, analytic
 
 

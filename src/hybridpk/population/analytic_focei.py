@@ -225,15 +225,22 @@ class AnalyticFOCEI:
                     grad=grad, hess=hess)
 
     # ------------------------------------------------------------------ EBEs
-    def ebe(self, theta: dict, omega, sd: dict, eta0, max_iter: int = 100, tol: float = 1e-9):
-        """Modes of obj_i from ``eta0`` (N, K): Newton with the exact Hessian (the first-order one, 2M, where it is
-        not positive definite), steps capped at 2 per ETA, per-subject backtracking; the stopping rules of
-        :meth:`hybridpk.population.focei.Problem.ebe`."""
-        return self._mode(theta, np.asarray(omega, dtype=float), sd, eta0, max_iter, tol)[0]
+    def ebe(self, theta: dict, omega_inv, sd: dict, eta0, max_iter: int = 100, tol: float = 1e-9):
+        """Modes of obj_i from ``eta0`` (N, K) for OMEGA^-1 ``omega_inv``: Newton with the exact Hessian (the
+        first-order one, 2M, where it is not positive definite), steps capped at 2 per ETA, per-subject
+        backtracking; the stopping rules of :meth:`hybridpk.population.focei.Problem.ebe`. Raises
+        FloatingPointError where a subject's KA reaches its CL/V (:meth:`near_flip_flop`)."""
+        return self._mode(theta, np.asarray(omega_inv, dtype=float), sd, eta0, max_iter, tol)[0]
 
-    def _mode(self, theta, omega, sd, eta0, max_iter=100, tol=1e-9):
+    def derivatives(self, theta: dict, omega_inv, sd: dict, eta):
+        """(obj_i (N,), its gradient (N, K), its exact Hessian (N, K, K)) at ``eta``."""
+        eta = np.asarray(eta, dtype=float)
+        a, b = self._sds(sd)
+        d = self._derivatives(self.phi(theta, eta), eta, np.asarray(omega_inv, dtype=float), a, b)
+        return d["obj"], d["grad"], d["hess"]
+
+    def _mode(self, theta, w, sd, eta0, max_iter=100, tol=1e-9):
         """(the EBEs, the derivatives at them when the search ended where it last took them, else None)."""
-        w = np.linalg.inv(omega)
         a, b = self._sds(sd)
         mu = self.phi(theta, np.zeros((1, self.place.shape[1])))
         eta = np.array(eta0, dtype=float)
@@ -296,8 +303,8 @@ class AnalyticFOCEI:
         "omega": (N, K, K) by OMEGA entry, "sd": {kind: (N,)}}) at the population values given (floats and a
         (K, K) array), the EBE search starting at ``eta0``."""
         omega = np.asarray(omega, dtype=float)
-        eta, d = self._mode(theta, omega, sd, eta0)
         w = np.linalg.inv(omega)
+        eta, d = self._mode(theta, w, sd, eta0)
         a, b = self._sds(sd)
         mu = self.phi(theta, np.zeros((1, self.place.shape[1])))
         if d is None:

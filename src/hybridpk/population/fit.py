@@ -17,7 +17,6 @@ from scipy.optimize import minimize
 from ..errors import HybridPKError, Interrupted
 from ..io import atomic_write_text
 from ..progress import Progress
-from .analytic_focei import analytic_problem
 from .diagnostics import diagnostics
 from .estimates import map_estimate, subjects_phrase
 from .estimation import COVARIANCE_METHODS, ConvergenceWarning, Estimation
@@ -268,8 +267,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     conditional = estimation != "FO"          # FO's OFV needs no EBEs
     # the OFV and its gradient by the closed form's analytic derivatives where they cover the model and data (the
     # same numbers as the general path's, checked on these data first), else by automatic differentiation
-    analytic, why = analytic_problem(pm, prob, theta0) if k else (None, "no ETAs")
-    derivatives = ANALYTIC if analytic is not None else f"automatic (torch): {why}"
+    analytic = prob.analytic(theta0)
+    derivatives = ANALYTIC if analytic is not None else f"automatic (torch): {prob.analytic_reason}"
 
     def evaluate_at(xv, need_grad=True):
         if analytic is not None:

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import SolverError
 from ..solve import simulate
+from . import analytic_focei
 from ..solve.simulate import require_one_kind
 
 LOG2PI = math.log(2 * math.pi)
@@ -107,6 +109,7 @@ class Problem:
         self.rtol, self.atol = rtol, atol
         self.fallback_steps = 0   # EBE Newton steps that fell back to gradient steps (see _direction)
         self._stacked = {}        # number of stencil points -> (batch of that many copies, step groups)
+        self._analytic = None     # (engine or None, why not) once asked: see analytic()
         sm = pm.structural
         #: ETA derivatives by stencil (see the module docstring): models the adaptive ODE solver integrates
         self.stencil = method != "closed_form" and (not sm.piecewise_linear
@@ -306,12 +309,37 @@ class Problem:
         models: the stencil, :meth:`stencil_derivatives`)."""
         if self.stencil:
             return self.stencil_derivatives(theta, omega_inv, sd, eta.detach())
+        engine = self.analytic(theta) if self.pm.n_eta else None
+        if engine is not None:
+            th, s = self._floats(theta, sd)
+            with np.errstate(all="ignore"):
+                out = engine.derivatives(th, omega_inv.detach().numpy(), s, eta.detach().numpy())
+            if all(np.isfinite(o).all() for o in out[1:]):
+                return tuple(torch.as_tensor(o) for o in out)
         e = eta.detach().clone().requires_grad_(True)
         obj = self.objective(theta, omega_inv, sd, e)
         (grad,) = torch.autograd.grad(obj.sum(), e, create_graph=True)
         rows = [torch.autograd.grad(grad[:, j].sum(), e, retain_graph=True)[0] for j in range(eta.shape[1])]
         hess = torch.stack(rows, 1).detach()
         return obj.detach(), grad.detach(), 0.5 * (hess + hess.transpose(1, 2))
+
+    def analytic(self, theta):
+        """The analytic path of this problem (:mod:`hybridpk.population.analytic_focei`: the closed form's own
+        derivatives in numpy, the same numbers) when it covers the model and data, else None; decided once, its
+        predictions checked against this problem's at ``theta`` ({name: tensor}). ``analytic_reason`` says why
+        not."""
+        if self._analytic is None:
+            k = self.pm.n_eta
+            self._analytic = (analytic_focei.analytic_problem(self.pm, self, theta) if k else (None, "no ETAs"))
+        return self._analytic[0]
+
+    @property
+    def analytic_reason(self) -> str | None:
+        return None if self._analytic is None else self._analytic[1]
+
+    def _floats(self, theta, sd):
+        return ({a: float(v.detach()) if torch.is_tensor(v) else float(v) for a, v in theta.items()},
+                {a: float(v.detach()) if torch.is_tensor(v) else float(v) for a, v in sd.items()})
 
     def ebe(self, theta, omega_inv, sd, eta0, max_iter=100, tol=1e-9):
         """Modes of obj_i: Newton's method with the exact Hessian (the first-order Hessian where the exact one
@@ -328,6 +356,17 @@ class Problem:
         n, k = eta.shape
         if k == 0:
             return eta
+        engine = self.analytic(theta)
+        if engine is not None:          # the same search by the closed form's own derivatives
+            try:
+                th, s = self._floats(theta, sd)
+                with np.errstate(all="ignore"):
+                    found = engine.ebe(th, omega_inv.numpy(), s, eta.numpy(), max_iter, tol)
+                self.fallback_steps += engine.fallback_steps
+                engine.fallback_steps = 0
+                return torch.as_tensor(found)
+            except FloatingPointError:  # KA = CL/V for some subject: the general path takes the limit
+                pass
         active = torch.ones(n, dtype=torch.bool, device=eta.device)
         steepest = torch.zeros(n, dtype=torch.bool, device=eta.device)   # Newton failed last time: the gradient
         stalled = torch.zeros(n, dtype=torch.long, device=eta.device)    # accepted steps in a row without progress
