@@ -152,9 +152,13 @@ def _naive_pooled(prob, pack, x0):
     obs = prob.obs & (prob.batch.dv > 0)
     logy = torch.log(torch.where(obs, prob.batch.dv, torch.ones_like(prob.batch.dv)))
 
+    engine = prob.analytic(pack.unpack(torch.tensor(x0, dtype=torch.float64))[0])
+
     def fun(xt):
         x = torch.tensor(np.r_[xt, x0[nt:]], dtype=torch.float64, requires_grad=True)
         theta, _, _ = pack.unpack(x)
+        if engine is not None:
+            return _pooled_analytic(engine, theta, x, nt)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             f = prob.predict(theta, eta0) if not prob.pm.error.ltbs else torch.exp(prob.predict(theta, eta0))
@@ -172,6 +176,25 @@ def _naive_pooled(prob, pack, x0):
         return out
     except (HybridPKError, RuntimeError):
         return x0
+
+
+def _pooled_analytic(engine, theta, x, nt):
+    """The naive-pooled loss (sum of squared log residuals at ETA = 0) and its gradient in the first ``nt``
+    entries of ``x`` by the analytic path (the closed form's df/dlog(THETA))."""
+    names = engine.theta_names
+    th = torch.stack([theta[a] for a in names])
+    values = th.detach().numpy()
+    with np.errstate(all="ignore"):
+        f, g, _ = engine.jet(engine.phi(dict(zip(names, values)), np.zeros((engine.n, engine.place.shape[1]))))
+    obs = engine.mask & (engine.y > 0)
+    r = np.where(obs, np.log(np.where(obs, engine.y, 1.0)) - np.log(np.maximum(f, 1e-12)), 0.0)
+    loss = float((r * r).sum())
+    if not math.isfinite(loss):
+        return 1e30, np.zeros(nt)
+    slope = np.where(obs & (f > 1e-12), -2.0 * r / np.where(f > 1e-12, f, 1.0), 0.0)      # dloss/df
+    d_theta = (slope[..., None] * g).sum((0, 1)) / values
+    (gx,) = torch.autograd.grad((th * torch.as_tensor(d_theta)).sum(), x)
+    return loss, gx[:nt].numpy()
 
 
 #: the outer search also ends when the best OFV fell by less than STALL_OFV over STALL_ITERATIONS iterations: on a
@@ -275,11 +298,11 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
             out = _analytic_at(analytic, pack, xv, state["eta"])
             if out is not None:
                 state["evals"] += 1
-                ofv_i, g_i, eta = out
+                ofv_i, g, eta = out
                 ofv = float(ofv_i.sum())
                 if not math.isfinite(ofv):
                     return math.inf, np.zeros_like(xv), eta
-                return ofv, g_i.sum(0), eta
+                return ofv, g, eta
         x = torch.tensor(xv, dtype=torch.float64, requires_grad=need_grad)
         theta, om, sd = pack.unpack(x)
         with torch.no_grad():
@@ -377,7 +400,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 
     def subject_gradients(xv):
         """(N, P) gradients of each subject's OFV contribution at ``xv`` (the S matrix's ingredients)."""
-        out = _analytic_at(analytic, pack, xv, state["eta"]) if analytic is not None else None
+        out = _analytic_at(analytic, pack, xv, state["eta"], per_subject=True) if analytic is not None else None
         if out is not None:
             return out[1]
         x = torch.tensor(xv, dtype=torch.float64)
@@ -417,28 +440,32 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 ANALYTIC = "analytic (closed form, numpy): hybridpk.population.analytic_focei"
 
 
-def _analytic_at(engine, pack, xv, eta0):
-    """(OFV_i (N,), their gradients (N, P) with respect to the estimation vector ``xv``, the EBEs (N, K) as a
-    tensor) by the analytic path, searching the EBEs from ``eta0``; None where the closed form meets its 0/0
-    (KA = CL/V for some subject: the general path takes that evaluation)."""
-    x = torch.tensor(xv, dtype=torch.float64)
+def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False):
+    """(OFV_i (N,), the gradient (P,) of their sum with respect to the estimation vector ``xv`` or, with
+    ``per_subject``, each subject's (N, P), the EBEs (N, K) as a tensor) by the analytic path, searching the
+    EBEs from ``eta0``; None where the closed form meets its 0/0 (KA = CL/V for some subject: the general path
+    takes that evaluation). The gradients come on the natural scale (THETA, OMEGA's entries, SDs) and go to the
+    estimation vector's through the packing: one backward pass, or its Jacobian for per-subject gradients."""
+    x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)
     theta, omega, sd = pack.unpack(x)
     names, kinds = engine.theta_names, pack.sigma_names
     try:
         with np.errstate(all="ignore"):
-            ofv_i, eta, grads = engine.ofv({a: float(theta[a]) for a in names}, omega.numpy(),
-                                           {a: float(sd[a]) for a in kinds}, eta0.numpy())
+            ofv_i, eta, grads = engine.ofv({a: float(theta[a].detach()) for a in names}, omega.detach().numpy(),
+                                           {a: float(sd[a].detach()) for a in kinds}, eta0.numpy())
     except FloatingPointError:
         return None
-
-    def natural(xt):
-        th, om, s = pack.unpack(xt)
-        return torch.cat([torch.stack([th[a] for a in names]), om.reshape(-1), torch.stack([s[a] for a in kinds])])
-
-    jac = torch.autograd.functional.jacobian(natural, x).numpy()                       # (natural, P)
+    natural = torch.cat([torch.stack([theta[a] for a in names]), omega.reshape(-1),
+                         torch.stack([sd[a] for a in kinds])])
     g_nat = np.concatenate([grads["theta"], grads["omega"].reshape(len(ofv_i), -1),
-                            np.stack([grads["sd"][a] for a in kinds], 1)], 1)
-    return ofv_i, g_nat @ jac, torch.as_tensor(eta)
+                            np.stack([grads["sd"][a] for a in kinds], 1)], 1)                # (N, natural)
+    if per_subject:
+        jac = np.stack([torch.autograd.grad(natural[i], x, retain_graph=True)[0].numpy()
+                        for i in range(natural.shape[0])])
+        return ofv_i, g_nat @ jac, torch.as_tensor(eta)
+    # a scalar's gradient: autograd.grad with explicit grad_outputs imports sympy on first use (0.2 s)
+    (g,) = torch.autograd.grad((natural * torch.as_tensor(g_nat.sum(0))).sum(), x)
+    return ofv_i, g.numpy(), torch.as_tensor(eta)
 
 
 def _ofv_at_reported(prob, theta, omega, sd, eta, est, ofv):
