@@ -7,8 +7,11 @@ hybridpk: the command a user runs, ``hybridpk fit DATA --model 1cmt_oral --iiv K
 (FOCE-I with the sandwich standard errors, CWRES and the output tables), timed whole-process from the shell;
 "estimation" is the fit as summary.json's fit_seconds reports it (the FOCE-I search, standard errors, EBEs and
 diagnostics; not the import of Python packages nor reading and writing files).
-An in-process run of the same fit reports what the time goes to: outer (BFGS) iterations, OFV evaluations, EBE
-Newton steps, and the time in the structural model's predictions (``solve.simulate``) against the rest.
+This model and data take the analytic path of FOCE-I (hybridpk.population.analytic_focei: the closed form's own
+derivatives in numpy; summary.json's "derivatives" says so). Two in-process runs of the same fit report what
+the time goes to, with the analytic path and with it turned off (the general path: automatic differentiation,
+as every model it does not cover is fitted): the outer (BFGS) search, the covariance step, the reported EBEs and
+tables, OFV evaluations, EBE Newton steps, and the general path's time in the structural model's predictions.
 
 R nlme (when ``Rscript`` with nlme is installed; Debian: r-base-core r-cran-nlme): the same model as a
 closed-form nonlinear mixed-effects model (log-parameters, pdDiag random effects, method ML: Lindstrom-Bates,
@@ -87,31 +90,51 @@ def run_hybridpk(csv: str, out: str) -> dict:
                 evaluations=s["function_evaluations"], ofv=s["ofv"], **par)
 
 
-def profile_in_process(csv: str) -> dict:
-    """The same fit in this process, with the time in the structural model's predictions counted."""
+def profile_in_process(csv: str, general: bool = False) -> dict:
+    """The same fit in this process, timed by phase: the outer (BFGS) search with the naive-pooled start, the
+    covariance step, and the rest (the reported EBEs, tables, diagnostics); with the EBE Newton steps and the
+    time in the structural model's predictions (``solve.simulate``: the general path's). ``general``: with
+    the analytic path (hybridpk.population.analytic_focei) turned off, as fits of models it does not cover run."""
     import hybridpk as hp
-    from hybridpk.population import build_model, fit_population
-    from hybridpk.population import focei
+    from hybridpk.population import analytic_focei, build_model, fit_population, focei
+    from hybridpk.population import fit as fit_module
 
-    spent = {"solve": 0.0, "calls": 0}
-    original = focei.simulate
+    spent = {"solve": 0.0, "calls": 0, "newton": 0}
+    phases = {"search": 0.0, "covariance": 0.0}
+    patched = []
 
-    def timed(*a, **k):
-        t = time.perf_counter()
-        try:
+    def patch(module, name, wrapper):
+        original = getattr(module, name)
+        patched.append((module, name, original))
+        setattr(module, name, wrapper(original))
+
+    def timing(key, count=None):
+        def wrapper(original):
+            def timed(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return original(*a, **k)
+                finally:
+                    spent_or_phase = phases if key in phases else spent
+                    spent_or_phase[key] += time.perf_counter() - t
+                    if count:
+                        spent[count] += 1
+            return timed
+        return wrapper
+
+    def counting(original):
+        def counted(*a, **k):
+            spent["newton"] += 1
             return original(*a, **k)
-        finally:
-            spent["solve"] += time.perf_counter() - t
-            spent["calls"] += 1
+        return counted
 
-    newton = {"steps": 0}
-    ebe = focei.Problem._backtrack
-
-    def counted(self, theta, omega_inv, sd, eta, step, cur, todo, *a, **k):
-        newton["steps"] += 1
-        return ebe(self, theta, omega_inv, sd, eta, step, cur, todo, *a, **k)
-
-    focei.simulate, focei.Problem._backtrack = timed, counted
+    patch(focei, "simulate", timing("solve", "calls"))
+    patch(focei.Problem, "_backtrack", counting)
+    patch(analytic_focei.AnalyticFOCEI, "_backtrack", counting)
+    patch(fit_module, "minimize", timing("search"))
+    patch(fit_module, "_covariance", timing("covariance"))
+    if general:
+        patch(analytic_focei, "analytic_problem", lambda original: lambda *a: (None, "turned off"))
     try:
         ds = hp.read_nonmem(csv)
         pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive")
@@ -119,10 +142,13 @@ def profile_in_process(csv: str) -> dict:
         f = fit_population(pm, ds, progress=False)
         total = time.perf_counter() - t
     finally:
-        focei.simulate, focei.Problem._backtrack = original, ebe
+        for module, name, original in reversed(patched):
+            setattr(module, name, original)
     it = f.estimation.iterations
     return dict(total=total, per_iteration=total / max(it, 1), iterations=it, evaluations=f.estimation.evaluations,
-                newton_steps=newton["steps"], solve=spent["solve"], solve_calls=spent["calls"])
+                newton_steps=spent["newton"], solve=spent["solve"], solve_calls=spent["calls"],
+                search=phases["search"], covariance=phases["covariance"],
+                derivatives=f.estimation.derivatives.split(":")[0], ofv=f.estimation.ofv)
 
 
 def run_nlme(csv: str, start: dict) -> dict | None:
@@ -170,11 +196,14 @@ def main() -> None:
                   f"{h['iterations']} iterations, {h['evaluations']} OFV evaluations; KA {h['KA']:.4f} CL "
                   f"{h['CL']:.4f} V {h['V']:.3f} (max error {100 * err:.2f}%)")
             if not a.no_profile and n <= 10000:
-                p = profile_in_process(csv)
-                print(f"         in-process: {p['total']:.2f} s, {p['per_iteration']:.3f} s per outer iteration, "
-                      f"{p['evaluations']} OFV evaluations, {p['newton_steps']} EBE Newton steps; predictions "
-                      f"{p['solve']:.2f} s in {p['solve_calls']} calls ({100 * p['solve'] / p['total']:.0f}%), "
-                      f"elsewhere {p['total'] - p['solve']:.2f} s")
+                for general in (False, True):
+                    p = profile_in_process(csv, general)
+                    print(f"         in-process, {p['derivatives']} derivatives: {p['total']:.2f} s (search "
+                          f"{p['search']:.2f}, covariance {p['covariance']:.2f}, EBEs and tables "
+                          f"{p['total'] - p['search'] - p['covariance']:.2f}), {p['per_iteration']:.3f} s per outer "
+                          f"iteration, {p['evaluations']} OFV evaluations, {p['newton_steps']} EBE Newton steps, "
+                          f"OFV {p['ofv']:.4f}; general-path predictions {p['solve']:.2f} s in {p['solve_calls']} "
+                          "calls")
             r = run_nlme(csv, start)
             if r is None:
                 print("         R nlme: Rscript not found (Debian: apt install r-base-core r-cran-nlme); skipped")

@@ -75,8 +75,8 @@ def test_ofv_ebes_and_gradients_equal_the_general_paths(tmp_path, monkeypatch, e
         (grad_t,) = torch.autograd.grad(ofv_t.sum(), x)
         subjects_t = per_subject_gradients(lambda xt: prob.ofv(*pack.unpack(xt), eta_t, per_subject=True), x)
         assert prob.analytic(theta) is None           # the reference is the general path throughout
-        ofv_a, grad_a, eta_a = _analytic_at(engine, pack, xv, zero)
-        _, subjects_a, _ = _analytic_at(engine, pack, xv, zero, per_subject=True)
+        ofv_a, grad_a, eta_a, _ = _analytic_at(engine, pack, xv, zero)
+        _, subjects_a, _, _ = _analytic_at(engine, pack, xv, zero, per_subject=True)
         np.testing.assert_allclose(eta_a.numpy(), eta_t.numpy(), atol=1e-8)
         np.testing.assert_allclose(ofv_a, ofv_t.detach().numpy(), rtol=1e-9, atol=1e-7)
         np.testing.assert_allclose(grad_a, grad_t.numpy(), rtol=1e-6, atol=1e-5)

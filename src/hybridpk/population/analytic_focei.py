@@ -161,8 +161,8 @@ class AnalyticFOCEI:
         b_ka, b_k = t * ea, -t * ek
         b_kaka, b_kk = -t * t * ea, t * t * ek
 
-        def total(x):
-            return (s * x).sum(-1)
+        def total(x):            # the sum over the doses (one dose: a view)
+            return (s * x)[..., 0] if t.shape[-1] == 1 else (s * x).sum(-1)
 
         f = total(r * b)
         f_ka, f_k = total(r_ka * b + r * b_ka), total(r_k * b + r * b_k)
@@ -171,17 +171,17 @@ class AnalyticFOCEI:
         f_kak = total(r_kak * b + r_ka * b_k + r_k * b_ka)
         ka, k = ka[..., 0], k[..., 0]
         # to log KA (a), log CL (c), log V (v): KA = e^a, K = e^(c - v), and f carries 1/V
-        g_a, g_c = ka * f_ka, k * f_k
-        g_v = -g_c - f
-        h_aa = g_a + ka * ka * f_kaka
-        h_cc = g_c + k * k * f_kk
-        h_ac = ka * k * f_kak
-        h_av = -h_ac - g_a
-        h_cv = -h_cc - g_c
-        h_vv = h_cc + 2 * g_c + f
-        g = np.stack([g_a, g_c, g_v], -1)
-        hf = np.stack([np.stack([h_aa, h_ac, h_av], -1), np.stack([h_ac, h_cc, h_cv], -1),
-                       np.stack([h_av, h_cv, h_vv], -1)], -1)
+        g = np.empty(f.shape + (3,))
+        hf = np.empty(f.shape + (3, 3))
+        g_a = g[..., 0] = ka * f_ka
+        g_c = g[..., 1] = k * f_k
+        g[..., 2] = -g_c - f
+        h_ac = hf[..., 0, 1] = hf[..., 1, 0] = ka * k * f_kak
+        hf[..., 0, 0] = g_a + ka * ka * f_kaka
+        h_cc = hf[..., 1, 1] = g_c + k * k * f_kk
+        hf[..., 0, 2] = hf[..., 2, 0] = -h_ac - g_a
+        hf[..., 1, 2] = hf[..., 2, 1] = -h_cc - g_c
+        hf[..., 2, 2] = h_cc + 2 * g_c + f
         return f, g, hf
 
     def near_flip_flop(self, phi) -> bool:
@@ -216,11 +216,12 @@ class AnalyticFOCEI:
         e2 = np.where(m, 2 / v + 4 * r * dv / v ** 2 + 2 * r * r * dv ** 2 / v ** 3 - r * r * ddv / v ** 2
                       + ddv / v - dv ** 2 / v ** 2, 0.0)                                      # d2e/df2
         p = self.place
-        g = gphi @ p                                                                          # (N, J, K)
+        g = gphi if self.identity else gphi @ p                                               # (N, J, K)
         hf = hphi if self.identity else p.T @ hphi @ p                                        # (N, J, K, K)
         obj = np.where(m, r * r / v + np.log(v), 0.0).sum(1) + _quadratic(eta, w)
         grad = _weighted_sum(e1, g) + 2 * eta @ w
-        hess = _outer_sum(e2, g) + (e1[..., None, None] * hf).sum(1) + 2 * w
+        n, j, k = g.shape
+        hess = _outer_sum(e2, g) + _weighted_sum(e1, hf.reshape(n, j, k * k)).reshape(n, k, k) + 2 * w
         return dict(f=f, gphi=gphi, hphi=hphi, v=v, dv=dv, ddv=ddv, r=r, e1=e1, e2=e2, g=g, hf=hf, obj=obj,
                     grad=grad, hess=hess)
 
@@ -298,15 +299,22 @@ class AnalyticFOCEI:
         return out, todo, value
 
     # ------------------------------------------------------------------ OFV and its gradient
-    def ofv(self, theta: dict, omega, sd: dict, eta0):
+    def ofv(self, theta: dict, omega, sd: dict, eta0, guess=None):
         """(OFV_i (N,), the EBEs (N, K), per-subject gradients: {"theta": (N, 3) by THETA in ``theta_names``,
-        "omega": (N, K, K) by OMEGA entry, "sd": {kind: (N,)}}) at the population values given (floats and a
-        (K, K) array), the EBE search starting at ``eta0``."""
+        "omega": (N, K, K) by OMEGA entry, "sd": {kind: (N,)}}, the EBEs' sensitivities d eta_i / d(value): the
+        same keys, with a leading ETA axis: (N, K, 3), (N, K, K, K), {kind: (N, K)}) at the population values given
+        (floats and a (K, K) array), the EBE search starting per subject at ``eta0`` or, where its objective is
+        lower, at ``guess`` (e.g. a prediction from the sensitivities at nearby values)."""
         omega = np.asarray(omega, dtype=float)
         w = np.linalg.inv(omega)
-        eta, d = self._mode(theta, w, sd, eta0)
         a, b = self._sds(sd)
         mu = self.phi(theta, np.zeros((1, self.place.shape[1])))
+        if guess is not None:
+            with np.errstate(all="ignore"):
+                o0 = self._objective(mu + eta0 @ self.place.T, eta0, w, a, b)
+                o1 = self._objective(mu + guess @ self.place.T, guess, w, a, b)
+            eta0 = np.where((np.isfinite(o1) & ~(o1 >= o0))[:, None], guess, eta0)
+        eta, d = self._mode(theta, w, sd, eta0)
         if d is None:
             d = self._derivatives(mu + eta @ self.place.T, eta, w, a, b)
         m = self.mask
@@ -322,12 +330,14 @@ class AnalyticFOCEI:
         q = (g * mg).sum(-1)                                                      # g' M^-1 g
         pm_g = mg @ self.place.T                                                  # P M^-1 g_j
         # d log|M| / dphi (N, 3) and / deta (N, K)
-        l_phi = _weighted_sum(dc * q, gphi) + 2 * _weighted_sum(c, (hphi @ pm_g[..., None])[..., 0])
+        l_phi = _weighted_sum(dc * q, gphi) + 2 * _weighted_sum(c, np.einsum("njpq,njq->njp", hphi, pm_g))
         l_eta = l_phi @ self.place
         h_inv_l = _solve(d["hess"], l_eta)[0]                                     # H^-1 L (N, K)
         e1, e2 = d["e1"], d["e2"]
         # THETA (log scale mu): direct terms, then -C' H^-1 L with C = d(grad obj)/dmu (N, K, 3)
-        c_mu = (g * e2[..., None]).transpose(0, 2, 1) @ gphi + self.place.T @ (e1[..., None, None] * hphi).sum(1)
+        n, j = e1.shape
+        c_mu = ((g * e2[..., None]).transpose(0, 2, 1) @ gphi
+                + self.place.T @ _weighted_sum(e1, hphi.reshape(n, j, 9)).reshape(n, 3, 3))
         d_mu = _weighted_sum(e1, gphi) + l_phi - (c_mu * h_inv_l[..., None]).sum(1)
         d_theta = d_mu / np.exp(mu)
         # OMEGA entries (W = OMEGA^-1): -W eta eta' W + W - W M^-1 W + (u v' + v u'), u = W H^-1 L, v = W eta
@@ -336,7 +346,7 @@ class AnalyticFOCEI:
         d_omega = (-we[:, :, None] * we[:, None, :] + w - w @ m_inv @ w
                    + u[:, :, None] * we[:, None, :] + we[:, :, None] * u[:, None, :])
         # the SDs: V = a^2 + b^2 f^2
-        dsd = {}
+        dsd, dgrad_sd = {}, {}
         for kind, dvar, ddvprime in (("ADD", 2 * a * np.ones_like(v), np.zeros_like(v)),
                                      ("PROP", 2 * b * d["f"] ** 2, 4 * b * d["f"])):
             if kind not in sd:
@@ -348,9 +358,23 @@ class AnalyticFOCEI:
             de1 = ((2 * r / v ** 2 + 2 * r * r * dv / v ** 3 - dv / v ** 2) * dvar
                    + (-r * r / v ** 2 + 1 / v) * ddvprime)
             direct = np.where(m, de + dcs * q, 0.0).sum(1)
-            implicit = (h_inv_l * _weighted_sum(np.where(m, de1, 0.0), g)).sum(1)
-            dsd[kind] = direct - implicit
-        return ofv_i, eta, {"theta": d_theta, "omega": d_omega, "sd": dsd}
+            dgrad_sd[kind] = _weighted_sum(np.where(m, de1, 0.0), g)                 # d(grad obj)/dSD
+            dsd[kind] = direct - (h_inv_l * dgrad_sd[kind]).sum(1)
+        # the EBEs' sensitivities -H^-1 d(grad obj)/d(value); d(grad obj)/dOMEGA_ab = -(W_.a (W eta)_b + W_.b
+        # (W eta)_a)
+        n, k = eta.shape
+        dgrad_omega = -(w[None, :, :, None] * we[:, None, None, :] + w[None, :, None, :] * we[:, None, :, None])
+        kinds = list(dgrad_sd)
+        rhs = np.concatenate([c_mu / np.exp(mu)[:, None, :], dgrad_omega.reshape(n, k, k * k)]
+                             + [dgrad_sd[kind][..., None] for kind in kinds], -1)
+        try:                            # inv(H) @ rhs: 2.4x faster than solve for 3 x 3 blocks with 15 columns
+            sens = -(np.linalg.inv(d["hess"]) @ rhs)
+        except np.linalg.LinAlgError:   # a singular Hessian somewhere: no prediction for anyone (a start only)
+            sens = np.zeros_like(rhs)
+        sens = np.nan_to_num(sens, nan=0.0, posinf=0.0, neginf=0.0)
+        sensitivity = {"theta": sens[..., :3], "omega": sens[..., 3:3 + k * k].reshape(n, k, k, k),
+                       "sd": {kind: sens[..., 3 + k * k + j] for j, kind in enumerate(kinds)}}
+        return ofv_i, eta, {"theta": d_theta, "omega": d_omega, "sd": dsd}, sensitivity
 
 
 def _quadratic(x, a):

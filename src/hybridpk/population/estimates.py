@@ -92,7 +92,7 @@ def subjects_phrase(dataset, index, notes=None, most: int = 5) -> str:
     return f"subject{'s' if len(ids) > 1 else ''} {', '.join(ids[:most])}{more}"
 
 
-def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None) -> IndividualEstimates:
+def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None, problem=None) -> IndividualEstimates:
     """MAP ETAs of every patient of ``dataset`` under the FittedPopulation ``model``, in one batched call:
     Newton's method with the exact Hessian and per-patient line search, from ETA = 0, to |step| < 1e-10
     (the same EBE code as the FOCE-I fit), and their Laplace covariance from the exact Hessian.
@@ -104,10 +104,11 @@ def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None) -> Indi
     mode than the fit's, or not reach one in its iterations. Patients whose mode still fits far worse than the
     model allows are searched again (:func:`_search_misfits_again`), and patients whose search ran out of
     iterations away from a mode are searched on (:func:`_search_on`); those still away from one are named by
-    :meth:`IndividualEstimates.search_warning`."""
+    :meth:`IndividualEstimates.search_warning`. ``problem``: the focei.Problem of this model, ``dataset`` and
+    ``estimation`` (solver method "auto") when the caller has one (a fit's), to reuse instead of building it."""
     pm = model.model
     theta, omega, sd = model.theta.tensors(), model.omega.tensor(), model.sigma.sd_tensors()
-    prob = Problem(pm, dataset, estimation=estimation)
+    prob = problem if problem is not None else Problem(pm, dataset, estimation=estimation)
     prob.require_positive_variance(theta, sd)
     n, k = dataset.n_subjects, pm.n_eta
     zeros = torch.zeros(n, k, dtype=torch.float64)

@@ -294,11 +294,12 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     derivatives = ANALYTIC if analytic is not None else f"automatic (torch): {prob.analytic_reason}"
 
     def evaluate_at(xv, need_grad=True):
+        state.pop("candidate", None)
         if analytic is not None:
-            out = _analytic_at(analytic, pack, xv, state["eta"])
+            out = _analytic_at(analytic, pack, xv, state["eta"], predictor=state.get("predictor"))
             if out is not None:
                 state["evals"] += 1
-                ofv_i, g, eta = out
+                ofv_i, g, eta, state["candidate"] = out
                 ofv = float(ofv_i.sum())
                 if not math.isfinite(ofv):
                     return math.inf, np.zeros_like(xv), eta
@@ -326,6 +327,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         state["flat"] = state["flat"] + 1 if flat else 0
         if math.isfinite(ofv) and ofv < state["best"]:
             state["best"], state["eta"], state["x_best"] = ofv, eta, np.array(xv, dtype=float)
+            state["predictor"] = state.pop("candidate", None)     # the analytic path's EBE predictor there
         if state["flat"] >= ROUNDING_EVALUATIONS:
             raise _AtRounding
         return ofv, g
@@ -383,8 +385,11 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     # the OFV is taken again where a patient's reported mode is better than the one behind it, so that the
     # tables and the OFV agree
     theta, om, sd = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
+    searched_before = prob.fallback_steps      # the fit's count: the reported EBEs' searches are not the fit's
     est = map_estimate(_tables(pm, pack, theta, om, sd, None), dataset, estimation,
-                       start=eta if conditional and k and not evaluate else None)
+                       start=eta if conditional and k and not evaluate else None,
+                       problem=prob if method == "auto" else None)
+    prob.fallback_steps = searched_before
     if conditional and k:
         ofv, moved = _ofv_at_reported(prob, theta, om, sd, eta, est, ofv)
         if moved:
@@ -400,7 +405,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 
     def subject_gradients(xv):
         """(N, P) gradients of each subject's OFV contribution at ``xv`` (the S matrix's ingredients)."""
-        out = _analytic_at(analytic, pack, xv, state["eta"], per_subject=True) if analytic is not None else None
+        out = (_analytic_at(analytic, pack, xv, state["eta"], per_subject=True, predictor=state.get("predictor"))
+               if analytic is not None else None)
         if out is not None:
             return out[1]
         x = torch.tensor(xv, dtype=torch.float64)
@@ -440,32 +446,47 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 ANALYTIC = "analytic (closed form, numpy): hybridpk.population.analytic_focei"
 
 
-def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False):
+def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=None):
     """(OFV_i (N,), the gradient (P,) of their sum with respect to the estimation vector ``xv`` or, with
-    ``per_subject``, each subject's (N, P), the EBEs (N, K) as a tensor) by the analytic path, searching the
-    EBEs from ``eta0``; None where the closed form meets its 0/0 (KA = CL/V for some subject: the general path
-    takes that evaluation). The gradients come on the natural scale (THETA, OMEGA's entries, SDs) and go to the
-    estimation vector's through the packing: one backward pass, or its Jacobian for per-subject gradients."""
+    ``per_subject``, each subject's (N, P), the EBEs (N, K) as a tensor, the predictor of the EBEs near ``xv``)
+    by the analytic path; None where the closed form meets its 0/0 (KA = CL/V for some subject: the general
+    path takes that evaluation). The EBE search starts at ``eta0`` or, per subject where its objective is lower,
+    at the first-order prediction from ``predictor`` (an earlier call's: the EBEs move with the population values
+    by the implicit function's derivative; a better start, the same mode). The gradients come on the natural
+    scale (THETA, OMEGA's entries, SDs) and go to the estimation vector's through the packing: one backward pass,
+    or its Jacobian for per-subject gradients."""
     x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)
     theta, omega, sd = pack.unpack(x)
     names, kinds = engine.theta_names, pack.sigma_names
-    try:
-        with np.errstate(all="ignore"):
-            ofv_i, eta, grads = engine.ofv({a: float(theta[a].detach()) for a in names}, omega.detach().numpy(),
-                                           {a: float(sd[a].detach()) for a in kinds}, eta0.numpy())
-    except FloatingPointError:
-        return None
     natural = torch.cat([torch.stack([theta[a] for a in names]), omega.reshape(-1),
                          torch.stack([sd[a] for a in kinds])])
-    g_nat = np.concatenate([grads["theta"], grads["omega"].reshape(len(ofv_i), -1),
-                            np.stack([grads["sd"][a] for a in kinds], 1)], 1)                # (N, natural)
+    values = natural.detach().numpy()
+    guess = None
+    if predictor is not None:
+        base, eta_base, sens = predictor
+        guess = eta_base + sens @ (values - base)
+    try:
+        with np.errstate(all="ignore"):
+            ofv_i, eta, grads, sensitivity = engine.ofv(dict(zip(names, values[:len(names)])),
+                                                        omega.detach().numpy(), dict(zip(kinds, values[-len(kinds):])),
+                                                        eta0.numpy(), guess)
+    except FloatingPointError:
+        return None
+    n = len(ofv_i)
+
+    def flat(parts):       # natural-scale parts in the order of ``natural``
+        return np.concatenate([parts["theta"], parts["omega"].reshape(*parts["theta"].shape[:-1], -1),
+                               np.stack([parts["sd"][a] for a in kinds], -1)], -1)
+
+    g_nat, sens = flat(grads), flat(sensitivity)                                           # (N, nat), (N, K, nat)
+    predictor = (values, eta, sens)
     if per_subject:
         jac = np.stack([torch.autograd.grad(natural[i], x, retain_graph=True)[0].numpy()
                         for i in range(natural.shape[0])])
-        return ofv_i, g_nat @ jac, torch.as_tensor(eta)
+        return ofv_i, g_nat @ jac, torch.as_tensor(eta), predictor
     # a scalar's gradient: autograd.grad with explicit grad_outputs imports sympy on first use (0.2 s)
-    (g,) = torch.autograd.grad((natural * torch.as_tensor(g_nat.sum(0))).sum(), x)
-    return ofv_i, g.numpy(), torch.as_tensor(eta)
+    (g,) = torch.autograd.grad((natural * torch.as_tensor(g_nat.reshape(n, -1).sum(0))).sum(), x)
+    return ofv_i, g.numpy(), torch.as_tensor(eta), predictor
 
 
 def _ofv_at_reported(prob, theta, omega, sd, eta, est, ofv):
