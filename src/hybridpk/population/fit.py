@@ -464,7 +464,7 @@ def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=No
     guess = None
     if predictor is not None:
         base, eta_base, sens = predictor
-        guess = eta_base + sens @ (values - base)
+        guess = eta_base + sens() @ (values - base)
     try:
         with np.errstate(all="ignore"):
             ofv_i, eta, grads, sensitivity = engine.ofv(dict(zip(names, values[:len(names)])),
@@ -478,7 +478,14 @@ def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=No
         return np.concatenate([parts["theta"], parts["omega"].reshape(*parts["theta"].shape[:-1], -1),
                                np.stack([parts["sd"][a] for a in kinds], -1)], -1)
 
-    g_nat, sens = flat(grads), flat(sensitivity)                                           # (N, nat), (N, K, nat)
+    g_nat = flat(grads)                                                                   # (N, natural)
+    cache = []
+
+    def sens():            # (N, K, natural), computed once, when a later search starts from here
+        if not cache:
+            cache.append(flat(sensitivity()))
+        return cache[0]
+
     predictor = (values, eta, sens)
     if per_subject:
         jac = np.stack([torch.autograd.grad(natural[i], x, retain_graph=True)[0].numpy()
