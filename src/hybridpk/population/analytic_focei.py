@@ -151,24 +151,23 @@ class AnalyticFOCEI:
         ka, k, v = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2]), np.exp(phi[:, 2])
         ka, k, v = ka[:, None, None], k[:, None, None], v[:, None, None]
         t = self.tau
-        ek, ea = np.exp(-k * t), np.exp(-ka * t)
         d = ka - k
+        # f = sum_d r (E - A) with r = KA / (KA - K), E = AMT/V exp(-K tau), A = AMT/V exp(-KA tau)
         s = self.amt / v
-        b = ek - ea
-        r = ka / d
-        r_ka, r_k = -k / d ** 2, ka / d ** 2
+        e, a = s * np.exp(-k * t), s * np.exp(-ka * t)
+        te, ta = t * e, t * a
+        r, r_ka, r_k = ka / d, -k / d ** 2, ka / d ** 2
         r_kaka, r_kk, r_kak = 2 * k / d ** 3, 2 * ka / d ** 3, -(ka + k) / d ** 3
-        b_ka, b_k = t * ea, -t * ek
-        b_kaka, b_kk = -t * t * ea, t * t * ek
+        b = e - a
 
         def total(x):            # the sum over the doses (one dose: a view)
-            return (s * x)[..., 0] if t.shape[-1] == 1 else (s * x).sum(-1)
+            return x[..., 0] if t.shape[-1] == 1 else x.sum(-1)
 
         f = total(r * b)
-        f_ka, f_k = total(r_ka * b + r * b_ka), total(r_k * b + r * b_k)
-        f_kaka = total(r_kaka * b + 2 * r_ka * b_ka + r * b_kaka)
-        f_kk = total(r_kk * b + 2 * r_k * b_k + r * b_kk)
-        f_kak = total(r_kak * b + r_ka * b_k + r_k * b_ka)
+        f_ka, f_k = total(r_ka * b + r * ta), total(r_k * b - r * te)
+        f_kaka = total(r_kaka * b + (2 * r_ka - r * t) * ta)
+        f_kk = total(r_kk * b + (r * t - 2 * r_k) * te)
+        f_kak = total(r_kak * b + r_k * ta - r_ka * te)
         ka, k = ka[..., 0], k[..., 0]
         # to log KA (a), log CL (c), log V (v): KA = e^a, K = e^(c - v), and f carries 1/V
         g = np.empty(f.shape + (3,))

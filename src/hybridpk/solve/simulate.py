@@ -149,8 +149,10 @@ def require_one_kind(model, batch) -> None:
     if not bool(obs.any()):
         return
     cmt = torch.where(batch.cmt > 0, batch.cmt, torch.full_like(batch.cmt, model.obs_cmt))
-    pairs = torch.unique(torch.stack([cmt[obs], batch.dvid[obs]], -1), dim=0)
-    if pairs.shape[0] > torch.unique(pairs[:, 0]).numel():    # one compartment observed as several kinds
+    kinds, kind = torch.unique(batch.dvid[obs], return_inverse=True)
+    compartments, where = torch.unique(cmt[obs], return_inverse=True)
+    pairs = torch.unique(where * kinds.numel() + kind)            # (compartment, DVID) pairs seen (1-d: fast)
+    if pairs.numel() > compartments.numel():    # one compartment observed as several kinds
         kinds = torch.unique(batch.dvid[obs])
         minority = obs & (batch.dvid != torch.mode(batch.dvid[obs]).values)
         raise DatasetError(Violation(tuple(int(r) + 1 for r in batch.row[minority].tolist()), "DVID",
