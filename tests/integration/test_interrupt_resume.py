@@ -125,6 +125,28 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def test_a_foce_checkpoint_keeps_the_ebes_bit_for_bit_and_reads_the_earlier_format(tmp_path):
+    """Version 2 stores the EBEs as the base64 of their float64 bytes: read back, every bit is the same (subnormal,
+    huge and negative zero values included); a version-1 checkpoint (JSON numbers) still resumes."""
+    import json
+
+    eta = torch.tensor([[1e-310, -0.0, 1.0 / 3.0], [1e300, -2.5e-8, np.pi]], dtype=torch.float64)
+    ck = tmp_path / "foce.json"
+    fit_module._write_checkpoint(ck, "k" * 64, np.array([0.1, 1.0 / 7.0]), {"iter": 4, "eta": eta})
+    x, back, it = fit_module._read_checkpoint(ck, "k" * 64, (2, 3))
+    assert it == 4 and x.tolist() == [0.1, 1.0 / 7.0]
+    assert back.numpy().tobytes() == eta.numpy().tobytes()
+    ck.write_text(json.dumps({"format": "hybridpk-foce-checkpoint", "version": 1, "fingerprint": "k" * 64,
+                              "iteration": 3, "x": [0.5], "eta": eta.tolist()}))
+    x, back, it = fit_module._read_checkpoint(ck, "k" * 64, (2, 3))
+    assert it == 3 and back.numpy().tobytes() == eta.numpy().tobytes()
+    data = json.loads(ck.read_text())
+    data.update(version=2, eta_shape=[2, 3], eta_float64_base64="not base64!")
+    ck.write_text(json.dumps(data))
+    with pytest.raises(HybridPKError, match="damaged"):
+        fit_module._read_checkpoint(ck, "k" * 64, (2, 3))
+
+
 def test_ctrl_c_during_the_cli_training_keeps_the_population_fit_and_resume_gives_the_same_run(tmp_path):
     """The real command, interrupted by SIGINT during the VAE training: exit 130 with one line, the population
     fit usable in RUN; the same command with --resume ends with the weights of an uninterrupted run."""
