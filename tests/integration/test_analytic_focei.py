@@ -121,6 +121,7 @@ def test_theophylline_fit_takes_the_analytic_path(theoph_path):
     (dict(estimation="FOCE"), "estimation method FOCE"),
     (dict(model="2cmt_oral"), "structural model 2cmt_oral"),
     (dict(error="combined1"), "error model combined1"),
+    (dict(initial={"F": 0.8}), "F or ALAG"),
 ])
 def test_what_it_does_not_cover_takes_the_general_path(theoph_path, change, reason):
     ds = hp.read_nonmem(theoph_path)

@@ -60,6 +60,8 @@ def analytic_reason(pm, prob) -> str | None:
         return "covariates, fixed or derived parameters, IOV or log-transform-both-sides"
     if pm.error.kind not in ERRORS:
         return f"error model {pm.error.kind}"
+    if set(pm.theta_names) != set(STRUCTURES[recipe["model"]]):
+        return f"THETAs {', '.join(pm.theta_names)} (e.g. an estimated F or ALAG)"
     if prob.method == "ode":
         return "predictions by the ODE solver were asked for"
     if pm.omega_fixed or pm.sigma_fixed or pm.omega_same:
@@ -211,9 +213,12 @@ class AnalyticFOCEI:
         v, dv, ddv = self._error_terms(f, a, b)
         r = np.where(self.mask, self.y - f, 0.0)
         m = self.mask
-        e1 = np.where(m, -2 * r / v - r * r * dv / v ** 2 + dv / v, 0.0)                  # de/df
-        e2 = np.where(m, 2 / v + 4 * r * dv / v ** 2 + 2 * r * r * dv ** 2 / v ** 3 - r * r * ddv / v ** 2
-                      + ddv / v - dv ** 2 / v ** 2, 0.0)                                      # d2e/df2
+        if b == 0.0:        # additive: V does not depend on f
+            e1, e2 = np.where(m, -2 * r / v, 0.0), np.where(m, 2 / v, 0.0)
+        else:
+            e1 = np.where(m, -2 * r / v - r * r * dv / v ** 2 + dv / v, 0.0)                  # de/df
+            e2 = np.where(m, 2 / v + 4 * r * dv / v ** 2 + 2 * r * r * dv ** 2 / v ** 3 - r * r * ddv / v ** 2
+                          + ddv / v - dv ** 2 / v ** 2, 0.0)                                  # d2e/df2
         p = self.place
         g = gphi if self.identity else gphi @ p                                               # (N, J, K)
         hf = hphi if self.identity else p.T @ hphi @ p                                        # (N, J, K, K)
