@@ -7,8 +7,9 @@ differentiation; at 1000 subjects its cost is torch's per-operation overhead, no
 derivatives instead; so does this module, for what it covers:
 
 - the structure 1cmt_oral (ADVAN2: KA, CL, V; F = 1, no lag) built by :func:`~hybridpk.population.build_model`,
-  without covariates, fixed or derived parameters, IOV or log-transform-both-sides;
-- log-normal IIV on any of KA, CL, V (PARAM = THETA exp(ETA)), any OMEGA (diagonal or blocks);
+  with any of its covariate effects on covariates constant within each subject; no fixed or derived parameters,
+  IOV or log-transform-both-sides;
+- log-normal IIV on any of KA, CL, V (PARAM = TV(THETA, covariates) exp(ETA)), any OMEGA (diagonal or blocks);
 - FOCE with interaction, additive, proportional or combined (ADD^2 + PROP^2 IPRED^2) error;
 - bolus doses into the depot (superposition over the doses; no infusions, steady state or resets);
   observations without censoring (M3).
@@ -17,16 +18,19 @@ Anything else takes the general path. Before it is used on a dataset, its predic
 general path's (:func:`analytic_problem`), so a convention it does not follow (e.g. which compartment a
 dose goes to) sends the fit to the general path instead of changing its numbers.
 
-Per subject, with phi = log(KA, CL, V) + P eta (P places the ETAs), f_j(phi) the prediction at observation j,
+Per subject, with phi = phi0 + P eta (phi0 the subject's typical log(KA, CL, V): THETA and covariates act only
+through it; P places the ETAs), f_j(phi) the prediction at observation j,
 V_j = ADD^2 + PROP^2 f_j^2 and r_j = y_j - f_j (Wang, J Pharmacokinet Pharmacodyn 2007;34:575-93):
 
     obj(eta) = sum_j (r_j^2 / V_j + log V_j) + eta' OMEGA^-1 eta
     M        = OMEGA^-1 + sum_j c_j g_j g_j',   c = 1/V + 1/2 V'^2 / V^2,   g = df/deta,   V' = dV/df
     OFV_i    = obj(eta_i) + log|OMEGA| + log|M|          (eta_i: the mode of obj; NONMEM's OFV convention)
 
-The gradient of sum_i OFV_i with respect to THETA, OMEGA and the SDs is exact: the ETAs' dependence on the
-population parameters enters by implicit differentiation, d eta_i / dp = -H^-1 d(grad obj)/dp with H the exact
-Hessian of obj at eta_i; it needs second derivatives of f only (log|M| holds first derivatives of f). The
+The gradient of sum_i OFV_i with respect to phi0 (each subject's), OMEGA and the SDs is exact: the ETAs'
+dependence on them enters by implicit differentiation, d eta_i / dp = -H^-1 d(grad obj)/dp with H the exact
+Hessian of obj at eta_i; it needs second derivatives of f only (log|M| holds first derivatives of f). From phi0
+to THETA (covariate effects included) the chain rule runs by automatic differentiation of the model's small
+parameter map (hybridpk.population.fit._analytic_at). The
 general path gets the same number by one Newton step re-attached to the parameters and automatic
 differentiation (tests/integration/test_analytic_focei.py compares them).
 """
@@ -55,18 +59,21 @@ def analytic_reason(pm, prob) -> str | None:
         return f"estimation method {prob.estimation}"
     if recipe.get("kind") != "build" or recipe.get("model") not in STRUCTURES:
         return "structural model " + str(recipe.get("model", "from a control stream or spec"))
-    if (recipe.get("covariates") or recipe.get("derived") or recipe.get("iov") or recipe.get("fixed")
-            or pm.error.ltbs or pm.record_items):
-        return "covariates, fixed or derived parameters, IOV or log-transform-both-sides"
+    if recipe.get("derived") or recipe.get("iov") or recipe.get("fixed") or pm.error.ltbs:
+        return "fixed or derived parameters, IOV or log-transform-both-sides"
     if pm.error.kind not in ERRORS:
         return f"error model {pm.error.kind}"
-    if set(pm.theta_names) != set(STRUCTURES[recipe["model"]]):
-        return f"THETAs {', '.join(pm.theta_names)} (e.g. an estimated F or ALAG)"
+    extra = sorted({"F", "ALAG"} & set(pm.theta_names))
+    if extra:
+        return f"{' and '.join(extra)} estimated"
     if prob.method == "ode":
         return "predictions by the ODE solver were asked for"
     if pm.omega_fixed or pm.sigma_fixed or pm.omega_same:
         return "fixed or SAME OMEGA/SIGMA"
     b = prob.batch
+    varying = pm.varying_items(b) if pm.record_items else ()
+    if varying:
+        return f"covariates that change within a subject ({', '.join(varying)})"
     m = b.dose_mask
     if bool(prob.cens.any()):
         return "censored observations (M3)"
@@ -87,15 +94,17 @@ def analytic_problem(pm, prob, theta0: dict):
     import torch
 
     engine = AnalyticFOCEI(pm, prob)
-    theta = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in theta0.items()}
+    theta = {k: torch.as_tensor(float(v.detach()) if torch.is_tensor(v) else float(v), dtype=torch.float64)
+             for k, v in theta0.items()}
+    with torch.no_grad():
+        phi0 = engine.typical(theta).numpy()
     k = pm.n_eta
     rng = np.random.default_rng(0)
     for eta in (np.zeros((engine.n, k)), rng.uniform(-0.5, 0.5, (engine.n, k))):
         with torch.no_grad():
-            ref = prob.predict({a: torch.as_tensor(v, dtype=torch.float64) for a, v in theta.items()},
-                               torch.as_tensor(eta))
+            ref = prob.predict(theta, torch.as_tensor(eta))
         ref = ref.numpy()[engine.obs_index]
-        f = engine.predict(engine.phi(theta, eta))
+        f = engine.predict(phi0 + eta @ engine.place.T)
         bad = np.abs(f - ref)[engine.mask] > AGREEMENT * np.maximum(1.0, np.abs(ref[engine.mask]))
         if bad.any() or not np.isfinite(f[engine.mask]).all():
             return None, "its predictions differ from the general path's on these data"
@@ -108,7 +117,7 @@ class AnalyticFOCEI:
     def __init__(self, pm, prob):
         b = prob.batch
         self.params = STRUCTURES[pm.recipe["model"]]
-        self.theta_names = tuple(self.params)
+        self._pm, self._cov = pm, prob.cov
         where = {name: i for i, name in enumerate(self.params)}
         iiv = [e.removeprefix("ETA_") for e in pm.etas]
         self.place = np.zeros((len(self.params), len(iiv)))        # P: phi = mu + P eta
@@ -134,10 +143,14 @@ class AnalyticFOCEI:
         self.amt = amt[:, None, :]
 
     # ------------------------------------------------------------------ the structure
-    def phi(self, theta: dict, eta):
-        """log(KA, CL, V) per subject (N, 3) for THETAs {name: value} and ETAs (N, K)."""
-        mu = np.log([theta[p] for p in self.params])
-        return mu[None, :] + eta @ self.place.T
+    def typical(self, theta: dict):
+        """The subjects' typical log(KA, CL, V) (N, 3) tensor, phi0 = log of the individual parameters at ETA = 0
+        with their covariates, differentiable in the THETAs {name: 0-d tensor} (the model's own $PK-like map)."""
+        import torch
+
+        zero = torch.zeros(self.n, self.place.shape[1], dtype=torch.float64)
+        p = self._pm.individual(theta, zero, self._cov)
+        return torch.log(torch.stack([p[name].expand(self.n) for name in self.params], 1))
 
     def predict(self, phi):
         """Concentrations (N, J) at the observations."""
@@ -230,24 +243,25 @@ class AnalyticFOCEI:
                     grad=grad, hess=hess)
 
     # ------------------------------------------------------------------ EBEs
-    def ebe(self, theta: dict, omega_inv, sd: dict, eta0, max_iter: int = 100, tol: float = 1e-9):
-        """Modes of obj_i from ``eta0`` (N, K) for OMEGA^-1 ``omega_inv``: Newton with the exact Hessian (the
+    def ebe(self, phi0, omega_inv, sd: dict, eta0, max_iter: int = 100, tol: float = 1e-9):
+        """Modes of obj_i from ``eta0`` (N, K) for the subjects' typical log-parameters ``phi0`` (N, 3)
+        (:meth:`typical`) and OMEGA^-1 ``omega_inv``: Newton with the exact Hessian (the
         first-order one, 2M, where it is not positive definite), steps capped at 2 per ETA, per-subject
         backtracking; the stopping rules of :meth:`hybridpk.population.focei.Problem.ebe`. Raises
         FloatingPointError where a subject's KA reaches its CL/V (:meth:`near_flip_flop`)."""
-        return self._mode(theta, np.asarray(omega_inv, dtype=float), sd, eta0, max_iter, tol)[0]
+        return self._mode(phi0, np.asarray(omega_inv, dtype=float), sd, eta0, max_iter, tol)[0]
 
-    def derivatives(self, theta: dict, omega_inv, sd: dict, eta):
+    def derivatives(self, phi0, omega_inv, sd: dict, eta):
         """(obj_i (N,), its gradient (N, K), its exact Hessian (N, K, K)) at ``eta``."""
         eta = np.asarray(eta, dtype=float)
         a, b = self._sds(sd)
-        d = self._derivatives(self.phi(theta, eta), eta, np.asarray(omega_inv, dtype=float), a, b)
+        d = self._derivatives(phi0 + eta @ self.place.T, eta, np.asarray(omega_inv, dtype=float), a, b)
         return d["obj"], d["grad"], d["hess"]
 
-    def _mode(self, theta, w, sd, eta0, max_iter=100, tol=1e-9):
-        """(the EBEs, the derivatives at them when the search ended where it last took them, else None)."""
+    def _mode(self, mu, w, sd, eta0, max_iter=100, tol=1e-9):
+        """(the EBEs, the derivatives at them when the search ended where it last took them, else None), for the
+        typical log-parameters ``mu`` (N, 3)."""
         a, b = self._sds(sd)
-        mu = self.phi(theta, np.zeros((1, self.place.shape[1])))
         eta = np.array(eta0, dtype=float)
         n = self.n
         active = np.ones(n, bool)
@@ -305,22 +319,23 @@ class AnalyticFOCEI:
         return out, todo, value
 
     # ------------------------------------------------------------------ OFV and its gradient
-    def ofv(self, theta: dict, omega, sd: dict, eta0, guess=None):
-        """(OFV_i (N,), the EBEs (N, K), per-subject gradients: {"theta": (N, 3) by THETA in ``theta_names``,
-        "omega": (N, K, K) by OMEGA entry, "sd": {kind: (N,)}}, a function giving the EBEs' sensitivities
-        d eta_i / d(value): the same keys, with an ETA axis: (N, K, 3), (N, K, K, K), {kind: (N, K)}) at the values
-        given (floats and a (K, K) array), the EBE search starting per subject at ``eta0`` or, where its objective
-        is lower, at ``guess`` (e.g. a prediction from the sensitivities at nearby values)."""
+    def ofv(self, phi0, omega, sd: dict, eta0, guess=None):
+        """(OFV_i (N,), the EBEs (N, K), per-subject gradients: {"phi": (N, 3) by the subject's own typical
+        log-parameter (log KA, CL, V), "omega": (N, K, K) by OMEGA entry, "sd": {kind: (N,)}}, a function giving
+        the EBEs' sensitivities d eta_i / d(value): the same keys, with an ETA axis: (N, K, 3), (N, K, K, K),
+        {kind: (N, K)}) at the typical log-parameters ``phi0`` (N, 3) (:meth:`typical`: THETAs and covariates
+        reach the OFV only through them), OMEGA (K, K) and SDs {kind: float}, the EBE search starting per subject
+        at ``eta0`` or, where its objective is lower, at ``guess`` (e.g. a prediction from the sensitivities)."""
         omega = np.asarray(omega, dtype=float)
         w = np.linalg.inv(omega)
         a, b = self._sds(sd)
-        mu = self.phi(theta, np.zeros((1, self.place.shape[1])))
+        mu = np.asarray(phi0, dtype=float)
         if guess is not None:
             with np.errstate(all="ignore"):
                 o0 = self._objective(mu + eta0 @ self.place.T, eta0, w, a, b)
                 o1 = self._objective(mu + guess @ self.place.T, guess, w, a, b)
             eta0 = np.where((np.isfinite(o1) & ~(o1 >= o0))[:, None], guess, eta0)
-        eta, d = self._mode(theta, w, sd, eta0)
+        eta, d = self._mode(mu, w, sd, eta0)
         if d is None:
             d = self._derivatives(mu + eta @ self.place.T, eta, w, a, b)
         m = self.mask
@@ -341,12 +356,11 @@ class AnalyticFOCEI:
         h_inv = (d.get("hess_inv") or _inverse(d["hess"]))[0]
         h_inv_l = (h_inv @ l_eta[..., None])[..., 0]                               # H^-1 L (N, K)
         e1, e2 = d["e1"], d["e2"]
-        # THETA (log scale mu): direct terms, then -C' H^-1 L with C = d(grad obj)/dmu (N, K, 3)
+        # the subject's typical log-parameters mu: direct terms, then -C' H^-1 L with C = d(grad obj)/dmu (N, K, 3)
         n, j = e1.shape
         c_mu = ((g * e2[..., None]).transpose(0, 2, 1) @ gphi
                 + self.place.T @ _weighted_sum(e1, hphi.reshape(n, j, 9)).reshape(n, 3, 3))
         d_mu = _weighted_sum(e1, gphi) + l_phi - (c_mu * h_inv_l[..., None]).sum(1)
-        d_theta = d_mu / np.exp(mu)
         # OMEGA entries (W = OMEGA^-1): -W eta eta' W + W - W M^-1 W + (u v' + v u'), u = W H^-1 L, v = W eta
         we = eta @ w
         u = h_inv_l @ w
@@ -374,15 +388,15 @@ class AnalyticFOCEI:
             n, k = eta.shape
             dgrad_omega = -(w[None, :, :, None] * we[:, None, None, :] + w[None, :, None, :] * we[:, None, :, None])
             kinds = list(dgrad_sd)
-            rhs = np.concatenate([c_mu / np.exp(mu)[:, None, :], dgrad_omega.reshape(n, k, k * k)]
+            rhs = np.concatenate([c_mu, dgrad_omega.reshape(n, k, k * k)]
                                  + [dgrad_sd[kind][..., None] for kind in kinds], -1)
             with np.errstate(all="ignore"):
                 sens = -(h_inv @ rhs)
             sens = np.where(np.isfinite(sens).all((1, 2))[:, None, None], sens, 0.0)   # singular H: no prediction
-            return {"theta": sens[..., :3], "omega": sens[..., 3:3 + k * k].reshape(n, k, k, k),
+            return {"phi": sens[..., :3], "omega": sens[..., 3:3 + k * k].reshape(n, k, k, k),
                     "sd": {kind: sens[..., 3 + k * k + j] for j, kind in enumerate(kinds)}}
 
-        return ofv_i, eta, {"theta": d_theta, "omega": d_omega, "sd": dsd}, sensitivity
+        return ofv_i, eta, {"phi": d_mu, "omega": d_omega, "sd": dsd}, sensitivity
 
 
 def _quadratic(x, a):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -180,20 +181,19 @@ def _naive_pooled(prob, pack, x0):
 
 def _pooled_analytic(engine, theta, x, nt):
     """The naive-pooled loss (sum of squared log residuals at ETA = 0) and its gradient in the first ``nt``
-    entries of ``x`` by the analytic path (the closed form's df/dlog(THETA))."""
-    names = engine.theta_names
-    th = torch.stack([theta[a] for a in names])
-    values = th.detach().numpy()
+    entries of ``x`` by the analytic path (the closed form's df/dlog(KA, CL, V), through the subjects' typical
+    parameters)."""
+    phi0 = engine.typical(theta)
     with np.errstate(all="ignore"):
-        f, g, _ = engine.jet(engine.phi(dict(zip(names, values)), np.zeros((engine.n, engine.place.shape[1]))))
+        f, g, _ = engine.jet(phi0.detach().numpy())
     obs = engine.mask & (engine.y > 0)
     r = np.where(obs, np.log(np.where(obs, engine.y, 1.0)) - np.log(np.maximum(f, 1e-12)), 0.0)
     loss = float((r * r).sum())
     if not math.isfinite(loss):
         return 1e30, np.zeros(nt)
     slope = np.where(obs & (f > 1e-12), -2.0 * r / np.where(f > 1e-12, f, 1.0), 0.0)      # dloss/df
-    d_theta = (slope[..., None] * g).sum((0, 1)) / values
-    (gx,) = torch.autograd.grad((th * torch.as_tensor(d_theta)).sum(), x)
+    d_phi = (slope[..., None] * g).sum(1)                                                  # (N, 3)
+    (gx,) = torch.autograd.grad((phi0 * torch.as_tensor(d_phi)).sum(), x)
     return loss, gx[:nt].numpy()
 
 
@@ -256,6 +256,27 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     (OFV, convergence, shrinkage, EBEs as ``estimation.individual`` and ``estimation.estimates``, and
     PRED/IPRED/CWRES/IWRES as ``estimation.predictions``).
     """
+    with ExitStack() as scope:
+        return _fit(pm, dataset, seed=seed, omega=omega, sigma=sigma, maxiter=maxiter, progress=progress,
+                    covariance=covariance, pooled_start=pooled_start, method=method, checkpoint=checkpoint,
+                    estimation=estimation, evaluate=evaluate, scope=scope)
+
+
+@contextmanager
+def _one_torch_thread():
+    """torch on one thread for the block: the analytic path computes in numpy, and torch's idle OpenMP threads
+    spinning after its small operations took the cores from it (1000 subjects: 0.40 s against 0.34 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pooled_start, method, checkpoint,
+         estimation, evaluate, scope) -> FittedPopulation:
+    """The body of :func:`fit_population`; ``scope`` holds what must be undone when it returns (an ExitStack)."""
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     estimation = estimation or pm.recipe.get("estimation", "FOCE-I")
@@ -276,6 +297,12 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     x0 = pack.x0()
     theta0, _, sd0 = pack.unpack(torch.tensor(x0, dtype=torch.float64))
     prob.require_positive_variance(theta0, sd0)
+    # the OFV and its gradient by the closed form's analytic derivatives where they cover the model and data (the
+    # same numbers as the general path's, checked on these data first), else by automatic differentiation
+    analytic = prob.analytic(theta0)
+    derivatives = ANALYTIC if analytic is not None else f"automatic (torch): {prob.analytic_reason}"
+    if analytic is not None:
+        scope.enter_context(_one_torch_thread())
     n, k = dataset.n_subjects, pm.n_eta
     state = {"eta": torch.zeros(n, k, dtype=torch.float64), "best": math.inf, "evals": 0, "iter": 0, "flat": 0}
     key = _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation + ("/evaluate" if evaluate
@@ -288,10 +315,6 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     bar = Progress(maxiter, estimation, "it", enabled=progress, initial=state["iter"])
     state["x"] = np.array(x0, dtype=float)       # the last iterate (TRUST_STEP)
     conditional = estimation != "FO"          # FO's OFV needs no EBEs
-    # the OFV and its gradient by the closed form's analytic derivatives where they cover the model and data (the
-    # same numbers as the general path's, checked on these data first), else by automatic differentiation
-    analytic = prob.analytic(theta0)
-    derivatives = ANALYTIC if analytic is not None else f"automatic (torch): {prob.analytic_reason}"
 
     def evaluate_at(xv, need_grad=True):
         state.pop("candidate", None)
@@ -452,47 +475,56 @@ def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=No
     by the analytic path; None where the closed form meets its 0/0 (KA = CL/V for some subject: the general
     path takes that evaluation). The EBE search starts at ``eta0`` or, per subject where its objective is lower,
     at the first-order prediction from ``predictor`` (an earlier call's: the EBEs move with the population values
-    by the implicit function's derivative; a better start, the same mode). The gradients come on the natural
-    scale (THETA, OMEGA's entries, SDs) and go to the estimation vector's through the packing: one backward pass,
-    or its Jacobian for per-subject gradients."""
+    by the implicit function's derivative; a better start, the same mode). The gradients come by subject's typical
+    log-parameters (where THETA and covariates act), OMEGA's entries and the SDs, and go to the estimation
+    vector's through the model's parameter map and the packing by automatic differentiation of that small graph:
+    one backward pass, or the per-subject Jacobian (:func:`per_subject_gradients`) for the S matrix."""
     x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)
-    theta, omega, sd = pack.unpack(x)
-    names, kinds = engine.theta_names, pack.sigma_names
-    natural = torch.cat([torch.stack([theta[a] for a in names]), omega.reshape(-1),
-                         torch.stack([sd[a] for a in kinds])])
-    values = natural.detach().numpy()
+
+    def population(xt):     # (typical log-parameters (N, 3), OMEGA's entries and the SDs (R,))
+        theta, omega, sd = pack.unpack(xt)
+        return engine.typical(theta), torch.cat([omega.reshape(-1), torch.stack([sd[a] for a in kinds])])
+
+    kinds = pack.sigma_names
+    phi0, rest = population(x)
+    phi_values, rest_values = phi0.detach().numpy(), rest.detach().numpy()
+    k = eta0.shape[1]
     guess = None
     if predictor is not None:
-        base, eta_base, sens = predictor
-        guess = eta_base + sens() @ (values - base)
+        base_phi, base_rest, eta_base, sens = predictor
+        s_phi, s_rest = sens()
+        guess = (eta_base + (s_phi @ (phi_values - base_phi)[..., None])[..., 0]
+                 + s_rest @ (rest_values - base_rest))
     try:
         with np.errstate(all="ignore"):
-            ofv_i, eta, grads, sensitivity = engine.ofv(dict(zip(names, values[:len(names)])),
-                                                        omega.detach().numpy(), dict(zip(kinds, values[-len(kinds):])),
-                                                        eta0.numpy(), guess)
+            ofv_i, eta, grads, sensitivity = engine.ofv(phi_values, rest_values[:k * k].reshape(k, k),
+                                                        dict(zip(kinds, rest_values[k * k:])), eta0.numpy(), guess)
     except FloatingPointError:
         return None
-    n = len(ofv_i)
 
-    def flat(parts):       # natural-scale parts in the order of ``natural``
-        return np.concatenate([parts["theta"], parts["omega"].reshape(*parts["theta"].shape[:-1], -1),
+    def flat(parts):       # OMEGA's entries and the SDs, in the order of ``rest``
+        return np.concatenate([parts["omega"].reshape(*parts["phi"].shape[:-1], -1),
                                np.stack([parts["sd"][a] for a in kinds], -1)], -1)
 
-    g_nat = flat(grads)                                                                   # (N, natural)
+    g_phi, g_rest = torch.as_tensor(grads["phi"]), torch.as_tensor(flat(grads))
     cache = []
 
-    def sens():            # (N, K, natural), computed once, when a later search starts from here
+    def sens():            # ((N, K, 3), (N, K, R)), computed once, when a later search starts from here
         if not cache:
-            cache.append(flat(sensitivity()))
+            s = sensitivity()
+            cache.append((s["phi"], flat(s)))
         return cache[0]
 
-    predictor = (values, eta, sens)
+    predictor = (phi_values, rest_values, eta, sens)
+
+    def contributions(xt):  # each subject's first-order OFV change: its gradient is the subject's
+        p, r = population(xt)
+        return (p * g_phi).sum(1) + g_rest @ r
+
     if per_subject:
-        jac = np.stack([torch.autograd.grad(natural[i], x, retain_graph=True)[0].numpy()
-                        for i in range(natural.shape[0])])
-        return ofv_i, g_nat @ jac, torch.as_tensor(eta), predictor
+        return ofv_i, per_subject_gradients(contributions, x.detach()), torch.as_tensor(eta), predictor
     # a scalar's gradient: autograd.grad with explicit grad_outputs imports sympy on first use (0.2 s)
-    (g,) = torch.autograd.grad((natural * torch.as_tensor(g_nat.reshape(n, -1).sum(0))).sum(), x)
+    (g,) = torch.autograd.grad(((phi0 * g_phi).sum() + (g_rest.sum(0) * rest).sum()), x)
     return ofv_i, g.numpy(), torch.as_tensor(eta), predictor
 
 

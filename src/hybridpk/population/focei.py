@@ -311,9 +311,10 @@ class Problem:
             return self.stencil_derivatives(theta, omega_inv, sd, eta.detach())
         engine = self.analytic(theta) if self.pm.n_eta else None
         if engine is not None:
-            th, s = self._floats(theta, sd)
+            with torch.no_grad():
+                phi0 = engine.typical({k: v.detach() for k, v in theta.items()}).numpy()
             with np.errstate(all="ignore"):
-                out = engine.derivatives(th, omega_inv.detach().numpy(), s, eta.detach().numpy())
+                out = engine.derivatives(phi0, omega_inv.detach().numpy(), self._floats(sd), eta.detach().numpy())
             if all(np.isfinite(o).all() for o in out[1:]):
                 return tuple(torch.as_tensor(o) for o in out)
         e = eta.detach().clone().requires_grad_(True)
@@ -337,9 +338,9 @@ class Problem:
     def analytic_reason(self) -> str | None:
         return None if self._analytic is None else self._analytic[1]
 
-    def _floats(self, theta, sd):
-        return ({a: float(v.detach()) if torch.is_tensor(v) else float(v) for a, v in theta.items()},
-                {a: float(v.detach()) if torch.is_tensor(v) else float(v) for a, v in sd.items()})
+    @staticmethod
+    def _floats(values: dict) -> dict:
+        return {a: float(v.detach()) if torch.is_tensor(v) else float(v) for a, v in values.items()}
 
     def ebe(self, theta, omega_inv, sd, eta0, max_iter=100, tol=1e-9):
         """Modes of obj_i: Newton's method with the exact Hessian (the first-order Hessian where the exact one
@@ -359,9 +360,10 @@ class Problem:
         engine = self.analytic(theta)
         if engine is not None:          # the same search by the closed form's own derivatives
             try:
-                th, s = self._floats(theta, sd)
+                with torch.no_grad():
+                    phi0 = engine.typical(theta).numpy()
                 with np.errstate(all="ignore"):
-                    found = engine.ebe(th, omega_inv.numpy(), s, eta.numpy(), max_iter, tol)
+                    found = engine.ebe(phi0, omega_inv.numpy(), self._floats(sd), eta.numpy(), max_iter, tol)
                 self.fallback_steps += engine.fallback_steps
                 engine.fallback_steps = 0
                 return torch.as_tensor(found)
