@@ -30,9 +30,9 @@ The gradient of sum_i OFV_i with respect to phi0 (each subject's), OMEGA and the
 dependence on them enters by implicit differentiation, d eta_i / dp = -H^-1 d(grad obj)/dp with H the exact
 Hessian of obj at eta_i; it needs second derivatives of f only (log|M| holds first derivatives of f). From phi0
 to THETA (covariate effects included) the chain rule runs by automatic differentiation of the model's small
-parameter map (hybridpk.population.fit._analytic_at). The
-general path gets the same number by one Newton step re-attached to the parameters and automatic
-differentiation (tests/integration/test_analytic_focei.py compares them).
+parameter map (hybridpk.population.fit._analytic_at). The general path gets the same numbers by one Newton step
+re-attached to the parameters and automatic differentiation (tests/integration/test_analytic_focei.py compares
+them).
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def analytic_reason(pm, prob) -> str | None:
     if pm.omega_fixed or pm.sigma_fixed or pm.omega_same:
         return "fixed or SAME OMEGA/SIGMA"
     b = prob.batch
+    if b.time.device.type != "cpu":
+        return f"data on {b.time.device} (the analytic path computes on the CPU)"
     varying = pm.varying_items(b) if pm.record_items else ()
     if varying:
         return f"covariates that change within a subject ({', '.join(varying)})"
@@ -120,11 +122,10 @@ class AnalyticFOCEI:
         self._pm, self._cov = pm, prob.cov
         where = {name: i for i, name in enumerate(self.params)}
         iiv = [e.removeprefix("ETA_") for e in pm.etas]
-        self.place = np.zeros((len(self.params), len(iiv)))        # P: phi = mu + P eta
+        self.place = np.zeros((len(self.params), len(iiv)))        # P: phi = phi0 + P eta
         for k, name in enumerate(iiv):
             self.place[where[name], k] = 1.0
         self.identity = self.place.shape == (3, 3) and bool((self.place == np.eye(3)).all())
-        self.kind = pm.error.kind
         self.fallback_steps = 0      # EBE Newton steps that met a singular Hessian and took a gradient step
         obs = prob.obs.numpy()
         self.n = obs.shape[0]

@@ -265,7 +265,8 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
 @contextmanager
 def _one_torch_thread():
     """torch on one thread for the block: the analytic path computes in numpy, and torch's idle OpenMP threads
-    spinning after its small operations took the cores from it (1000 subjects: 0.40 s against 0.34 s)."""
+    spinning after its small operations took the cores from it (benchmarks/fit_scale.py's 1000 subjects, in
+    process: 0.39-0.44 s against 0.32-0.33 s)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

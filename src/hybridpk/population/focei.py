@@ -39,8 +39,8 @@ import torch
 
 from ..errors import SolverError
 from ..solve import simulate
-from . import analytic_focei
 from ..solve.simulate import require_one_kind
+from . import analytic_focei
 
 LOG2PI = math.log(2 * math.pi)
 
