@@ -95,6 +95,42 @@ def test_ofv_ebes_and_gradients_equal_the_general_paths(tmp_path, monkeypatch, e
         np.testing.assert_allclose(subjects_a, subjects_t, rtol=1e-6, atol=1e-5)
 
 
+def test_sparse_subjects_and_subjects_without_levels(tmp_path, monkeypatch):
+    """Data shaped as users shape them: columns in another order, one to three levels per subject, two subjects
+    with none (their EBEs are 0), a subject whose KA is close to its CL/V: the same EBEs, OFVs and gradients."""
+    rng = np.random.default_rng(12)
+    rows = []
+    for i in range(1, 23):
+        wt = float(rng.uniform(40, 120))
+        ka = 0.12 if i == 5 else 1.2 * math.exp(rng.normal(0, 0.4))
+        cl, v = 3 * (wt / 70) ** 0.75 * math.exp(rng.normal(0, 0.3)), 30 * math.exp(rng.normal(0, 0.2))
+        rows.append(dict(ID=i, TIME=0.0, AMT=500.0, DV=".", EVID=1, MDV=1, WT=wt))
+        for t in np.sort(rng.uniform(0.3, 48, 0 if i % 11 == 0 else int(rng.integers(1, 4)))):
+            k = cl / v
+            c = 500 * ka / (v * (ka - k)) * (math.exp(-k * t) - math.exp(-ka * t))
+            rows.append(dict(ID=i, TIME=round(float(t), 2), AMT=0.0, DV=round(c * math.exp(rng.normal(0, 0.15)), 4),
+                             EVID=0, MDV=0, WT=wt))
+    pd.DataFrame(rows)[["WT", "DV", "ID", "EVID", "AMT", "MDV", "TIME"]].to_csv(tmp_path / "sparse.csv", index=False)
+    ds = hp.read_nonmem(tmp_path / "sparse.csv")
+    pm = build_model("1cmt_oral", error="combined", covariates=["CL~WT"], data=ds)
+    monkeypatch.setattr(analytic_focei, "analytic_problem", lambda *a: (None, "the reference"))
+    prob, pack = Problem(pm, ds), Packing(pm)
+    x = torch.tensor(pack.x0(), dtype=torch.float64, requires_grad=True)
+    theta, omega, sd = pack.unpack(x)
+    engine, why = analytic_problem(pm, prob, theta)
+    assert engine is not None, why
+    zero = torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64)
+    eta_t = prob.ebe(theta, torch.linalg.inv(omega).detach(), sd, zero)
+    ofv_t = prob.ofv(theta, omega, sd, eta_t, per_subject=True)
+    (grad_t,) = torch.autograd.grad(ofv_t.sum(), x)
+    ofv_a, grad_a, eta_a, _ = _analytic_at(engine, pack, pack.x0(), zero)
+    none = [i for i, n in enumerate(engine.mask.sum(1)) if n == 0]
+    assert len(none) == 2 and np.abs(eta_a.numpy()[none]).max() == 0.0
+    np.testing.assert_allclose(eta_a.numpy(), eta_t.numpy(), atol=1e-8)
+    np.testing.assert_allclose(ofv_a, ofv_t.detach().numpy(), rtol=1e-9, atol=1e-7)
+    np.testing.assert_allclose(grad_a, grad_t.numpy(), rtol=1e-6, atol=1e-5)
+
+
 def test_fit_equals_the_general_paths_fit(tmp_path, monkeypatch):
     """The whole fit (combined error, one OMEGA block, a power and a categorical covariate effect): the estimates,
     their standard errors and the OFV of the analytic path equal those of the same fit with the general path
