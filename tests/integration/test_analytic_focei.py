@@ -52,29 +52,64 @@ def _multiple_doses(tmp_path, seed: int = 4, n: int = 14):
     return hp.read_nonmem(path)
 
 
+def _iv_doses(tmp_path, seed: int = 5, n: int = 16):
+    """1-cmt IV: 200 mg at 0 and 12 h as a bolus (RATE=0), a 1-h infusion (RATE=200) or a 0.5-h infusion given by
+    its duration (RATE=-2, DUR=0.5), by subject; 5-8 levels in 0.1-30 h, some during an infusion, and a level at
+    12 h on the record after the dose (it sees the dose) and on the one before it (a trough that does not)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(1, n + 1):
+        wt = round(float(rng.uniform(45, 110)), 1)
+        cl, v = 4.0 * (wt / 70) ** 0.75 * math.exp(rng.normal(0, 0.3)), 40 * math.exp(rng.normal(0, 0.2))
+        rate, dur = ((0.0, 0.0), (200.0, 0.0), (-2.0, 0.5))[i % 3]
+        times = sorted(set(np.round(rng.uniform(0.1, 30.0, rng.integers(5, 9)), 2).tolist()) - {12.0})
+        for td in (0.0, 12.0):
+            if td == 12.0 and i % 2:
+                rows.append(dict(ID=i, TIME=12.0, AMT=0.0, RATE=0.0, DUR=0.0, EVID=0, MDV=0, WT=wt))  # trough
+            rows.append(dict(ID=i, TIME=td, AMT=200.0, RATE=rate, DUR=dur, EVID=1, MDV=1, WT=wt))
+            if td == 12.0 and not i % 2:
+                rows.append(dict(ID=i, TIME=12.0, AMT=0.0, RATE=0.0, DUR=0.0, EVID=0, MDV=0, WT=wt))  # after it
+        rows += [dict(ID=i, TIME=t, AMT=0.0, RATE=0.0, DUR=0.0, EVID=0, MDV=0, WT=wt) for t in times]
+        for r in rows:
+            if r["ID"] == i and r["EVID"] == 0:
+                t = r["TIME"]
+                c = sum(200 / v * math.exp(-cl / v * (t - td)) for td in (0.0, 12.0) if t > td)
+                r["DV"] = round(max(c, 0.05) * math.exp(0.1 * rng.normal()), 4)
+            elif r["ID"] == i:
+                r["DV"] = 0.0
+    df = pd.DataFrame(rows).sort_values(["ID", "TIME"], kind="stable")
+    path = tmp_path / "iv.csv"
+    df[["ID", "TIME", "AMT", "RATE", "DUR", "DV", "EVID", "MDV", "WT"]].to_csv(path, index=False)
+    return hp.read_nonmem(path)
+
+
 CASES = [("additive", ["KA", "CL", "V"], False, ()), ("proportional", ["CL", "V"], False, ()),
          ("combined", ["KA", "CL", "V"], True, ()), ("combined", ["V", "KA"], False, ()),
          ("proportional", ["CL"], False, ()),
          ("combined", ["KA", "CL", "V"], [["CL", "V"]], ("CL~WT", "V~WT:linear", "CL~SEX:categorical:1")),
          ("proportional", ["KA", "CL"], False, ("CL~WT:maturation:60",)),
          ("additive", ["CL", "V"], False, ("KA~WT:exponential", "V~WT:power:70:1"))]
+CASES = [("1cmt_oral", *c) for c in CASES] + [
+    ("1cmt_iv", "combined", ["CL", "V"], True, ("CL~WT",)), ("1cmt_iv", "proportional", ["CL"], False, ()),
+    ("1cmt_iv", "additive", ["V", "CL"], False, ("V~WT:linear",))]
 
 
-@pytest.mark.parametrize("error, iiv, block, covariates", CASES)
-def test_ofv_ebes_and_gradients_equal_the_general_paths(tmp_path, monkeypatch, error, iiv, block, covariates):
+@pytest.mark.parametrize("model, error, iiv, block, covariates", CASES)
+def test_ofv_ebes_and_gradients_equal_the_general_paths(tmp_path, monkeypatch, model, error, iiv, block, covariates):
     """At two random points per model (every OFV term, EBE search and implicit-gradient term is away from its
     optimum there): per-subject OFV, EBEs, gradients with respect to the estimation vector and the per-subject
     gradients (the S matrix's) of the general path, whose g = df/deta is a central difference (hence the
     1e-7-level tolerance, not 1e-12)."""
     monkeypatch.setattr(analytic_focei, "analytic_problem", lambda *a: (None, "the reference"))
-    ds = _multiple_doses(tmp_path)
-    pm = build_model("1cmt_oral", iiv=iiv, error=error, omega_block=block, covariates=covariates, data=ds)
+    ds = _multiple_doses(tmp_path) if model == "1cmt_oral" else _iv_doses(tmp_path)
+    pm = build_model(model, iiv=iiv, error=error, omega_block=block, covariates=covariates, data=ds)
     prob, pack = Problem(pm, ds), Packing(pm)
     rng = np.random.default_rng(len(iiv) + 10 * bool(block) + 100 * len(covariates))
     # 0.25 on the log scale of KA, CL, V, OMEGA and the SDs; covariate coefficients 0.01 (a linear effect of 0.25
     # per kg would make V negative)
     scale = np.full(len(pack.x0()), 0.25)
     scale[[i for i, t in enumerate(pack.free) if t.name not in ("KA", "CL", "V")]] = 0.01
+    assert analytic_reason(pm, prob) is None
     for _ in range(2):
         xv = pack.x0() + rng.normal(0.0, 1.0, len(pack.x0())) * scale
         x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)

@@ -1,25 +1,28 @@
-"""FOCE-I of one-compartment oral models with analytic derivatives, in numpy: the same OFV and gradient as
+"""FOCE-I of one-compartment models with analytic derivatives, in numpy: the same OFV and gradient as
 :mod:`hybridpk.population.focei`, at a fraction of the cost for the models it covers.
 
 The general path (:class:`~hybridpk.population.focei.Problem`) differentiates any model by automatic
 differentiation; at 1000 subjects its cost is torch's per-operation overhead, not arithmetic
-(benchmarks/fit_scale.py). NONMEM's ADVAN2 and nlmixr2's linear compartment solutions use the closed form's own
-derivatives instead; so does this module, for what it covers:
+(benchmarks/fit_scale.py). NONMEM's ADVAN1/ADVAN2 and nlmixr2's linear compartment solutions use the closed
+form's own derivatives instead; so does this module, for what it covers:
 
-- the structure 1cmt_oral (ADVAN2: KA, CL, V; F = 1, no lag) built by :func:`~hybridpk.population.build_model`,
-  with any of its covariate effects on covariates constant within each subject; no fixed or derived parameters,
-  IOV or log-transform-both-sides;
-- log-normal IIV on any of KA, CL, V (PARAM = TV(THETA, covariates) exp(ETA)), any OMEGA (diagonal or blocks);
+- the structures 1cmt_oral (ADVAN2: KA, CL, V) and 1cmt_iv (ADVAN1: CL, V), F = 1 and no lag, built by
+  :func:`~hybridpk.population.build_model`, with any of its covariate effects on covariates constant within each
+  subject; no fixed or derived parameters, IOV or log-transform-both-sides;
+- log-normal IIV on any of the parameters (PARAM = TV(THETA, covariates) exp(ETA)), any OMEGA (diagonal or
+  blocks);
 - FOCE with interaction, additive, proportional or combined (ADD^2 + PROP^2 IPRED^2) error;
-- bolus doses into the depot (superposition over the doses; no infusions, steady state or resets);
-  observations without censoring (M3).
+- doses by superposition: oral boluses into the depot; IV boluses and infusions (RATE given, or RATE=-2 with
+  the duration in DUR) into the central compartment; no steady state, resets or modelled rates; a dose acts on
+  the records after it, and on a record at its time that comes after it in the data (as
+  :func:`hybridpk.solve._events.applies`); observations without censoring (M3).
 
 Anything else takes the general path. Before it is used on a dataset, its predictions are checked against the
 general path's (:func:`analytic_problem`), so a convention it does not follow (e.g. which compartment a
 dose goes to) sends the fit to the general path instead of changing its numbers.
 
-Per subject, with phi = phi0 + P eta (phi0 the subject's typical log(KA, CL, V): THETA and covariates act only
-through it; P places the ETAs), f_j(phi) the prediction at observation j,
+Per subject, with phi = phi0 + P eta (phi0 the subject's typical log-parameters, log(KA, CL, V) or log(CL, V):
+THETA and covariates act only through it; P places the ETAs), f_j(phi) the prediction at observation j,
 V_j = ADD^2 + PROP^2 f_j^2 and r_j = y_j - f_j (Wang, J Pharmacokinet Pharmacodyn 2007;34:575-93):
 
     obj(eta) = sum_j (r_j^2 / V_j + log V_j) + eta' OMEGA^-1 eta
@@ -42,7 +45,7 @@ import numpy as np
 __all__ = ["AnalyticFOCEI", "analytic_problem", "analytic_reason"]
 
 #: the structures covered, with their parameters in the order of phi (log scale)
-STRUCTURES = {"1cmt_oral": ("KA", "CL", "V")}
+STRUCTURES = {"1cmt_oral": ("KA", "CL", "V"), "1cmt_iv": ("CL", "V")}
 #: the error models covered (V = ADD^2 + PROP^2 f^2 with the SDs the kind has)
 ERRORS = ("additive", "proportional", "combined")
 #: the predictions must agree with the general path's to this (relative to max(1, |f|)) before it is used
@@ -79,10 +82,13 @@ def analytic_reason(pm, prob) -> str | None:
     m = b.dose_mask
     if bool(prob.cens.any()):
         return "censored observations (M3)"
-    if bool((m & ((b.dose_mode != 0) | (b.dose_ss != 0) | b.dose_reset.bool())).any()):
-        return "infusions, steady-state or reset doses"
+    oral = recipe["model"] == "1cmt_oral"
+    if bool((m & ((b.dose_ss != 0) | b.dose_reset.bool())).any()):
+        return "steady-state or reset doses"
+    if bool((m & ((b.dose_mode != 0) if oral else (b.dose_mode < 0))).any()):
+        return "infusions into the depot" if oral else "modelled infusion rates or durations (RATE=-1/-2)"
     if bool((m & (b.dose_cmt > 1)).any()):
-        return "doses into a compartment other than the depot"
+        return "doses into a compartment other than the " + ("depot" if oral else "central one")
     return None
 
 
@@ -125,7 +131,9 @@ class AnalyticFOCEI:
         self.place = np.zeros((len(self.params), len(iiv)))        # P: phi = phi0 + P eta
         for k, name in enumerate(iiv):
             self.place[where[name], k] = 1.0
-        self.identity = self.place.shape == (3, 3) and bool((self.place == np.eye(3)).all())
+        p = len(self.params)
+        self.identity = self.place.shape == (p, p) and bool((self.place == np.eye(p)).all())
+        self.oral = pm.recipe["model"] == "1cmt_oral"
         self.fallback_steps = 0      # EBE Newton steps that met a singular Hessian and took a gradient step
         obs = prob.obs.numpy()
         self.n = obs.shape[0]
@@ -139,14 +147,26 @@ class AnalyticFOCEI:
         self.y = np.where(self.mask, prob.y.numpy()[self.obs_index], 0.0)
         dm = b.dose_mask.numpy()
         td, amt = b.dose_time.numpy(), np.where(dm, b.dose_amt.numpy(), 0.0)
+        # a dose acts on a record after it in time, or at its time on a later record (solve/_events.applies)
+        row, dose_row = b.row.numpy()[self.obs_index].astype(float), b.dose_row.numpy().astype(float)
+        after = ((time[:, :, None] > td[:, None, :]) | ((time[:, :, None] == td[:, None, :])
+                                                         & (row[:, :, None] > dose_row[:, None, :] - 0.5)))
+        after &= dm[:, None, :]
         # time since each dose (N, J, D), 0 before it (the unit response and its derivatives vanish there)
-        self.tau = np.clip(time[:, :, None] - td[:, None, :], 0.0, None) * dm[:, None, :]
-        self.amt = amt[:, None, :]
+        self.tau = np.where(after, time[:, :, None] - td[:, None, :], 0.0)
+        self.amt = np.where(after, amt[:, None, :], 0.0)
+        # infusions (1cmt_iv): duration (N, 1, D) from the rate or the duration given; 0 for a bolus
+        mode = b.dose_mode.numpy()
+        rate, given = b.dose_rate.numpy(), b.dose_duration.numpy()
+        with np.errstate(all="ignore"):
+            duration = np.where(mode == 1, amt / np.where(mode == 1, rate, 1.0), np.where(mode == 2, given, 0.0))
+        self.duration = np.where(dm, duration, 0.0)[:, None, :]
 
     # ------------------------------------------------------------------ the structure
     def typical(self, theta: dict):
-        """The subjects' typical log(KA, CL, V) (N, 3) tensor, phi0 = log of the individual parameters at ETA = 0
-        with their covariates, differentiable in the THETAs {name: 0-d tensor} (the model's own $PK-like map)."""
+        """The subjects' typical log-parameters (N, P) tensor (``params``' order), phi0 = log of the individual
+        parameters at ETA = 0 with their covariates, differentiable in the THETAs {name: 0-d tensor} (the model's
+        own $PK-like map)."""
         import torch
 
         zero = torch.zeros(self.n, self.place.shape[1], dtype=torch.float64)
@@ -154,13 +174,21 @@ class AnalyticFOCEI:
         return torch.log(torch.stack([p[name].expand(self.n) for name in self.params], 1))
 
     def predict(self, phi):
-        """Concentrations (N, J) at the observations."""
+        """Concentrations (N, J) at the observations for log-parameters ``phi`` (N, P)."""
+        return self._predict_oral(phi) if self.oral else self.jet(phi, value_only=True)
+
+    def jet(self, phi, value_only: bool = False):
+        """(f (N, J), G = df/dphi (N, J, P), HF = d2f/dphi2 (N, J, P, P)) of the structure's closed form, by hand
+        (superposition: each dose's term and its derivatives add)."""
+        return self._jet_oral(phi) if self.oral else self._jet_iv(phi, value_only)
+
+    def _predict_oral(self, phi):
         ka, k, v = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2]), np.exp(phi[:, 2])
         ka, k, v = ka[:, None, None], k[:, None, None], v[:, None, None]
         unit = ka / (v * (ka - k)) * (np.exp(-k * self.tau) - np.exp(-ka * self.tau))
         return (self.amt * unit).sum(-1)
 
-    def jet(self, phi):
+    def _jet_oral(self, phi):
         """(f (N, J), G = df/dphi (N, J, 3), HF = d2f/dphi2 (N, J, 3, 3)) of the ADVAN2 closed form
         f = sum_d AMT_d KA / (V (KA - K)) (exp(-K tau_d) - exp(-KA tau_d)), K = CL/V, by hand (superposition:
         each dose's term and its derivatives add)."""
@@ -199,8 +227,48 @@ class AnalyticFOCEI:
         hf[..., 2, 2] = h_cc + 2 * g_c + f
         return f, g, hf
 
+    def _jet_iv(self, phi, value_only=False):
+        """ADVAN1, log(CL) = c and log(V) = v, K = CL/V: a bolus gives AMT/V exp(-K tau); an infusion of
+        duration T at rate AMT/T gives AMT/(T CL) h(K), h = exp(-K tau2) - exp(-K tau), tau2 = max(tau - T, 0),
+        during and after it alike. d/dc = K d/dK - (1 for the infusion's 1/CL), d/dv = -K d/dK - (1 for the
+        bolus's 1/V)."""
+        cl, k = np.exp(phi[:, 0])[:, None, None], np.exp(phi[:, 0] - phi[:, 1])[:, None, None]
+        v = np.exp(phi[:, 1])[:, None, None]
+        t, dur = self.tau, self.duration
+        bolus = dur <= 0
+        t2 = np.maximum(t - dur, 0.0)
+        e, e2 = np.exp(-k * t), np.exp(-k * t2)
+        with np.errstate(all="ignore"):
+            scale = np.where(bolus, self.amt / v, self.amt / (np.where(bolus, 1.0, dur) * cl))
+        # bolus: B = scale e; infusion: I = scale h; each with its K-derivatives (times K, K^2)
+        h = np.where(bolus, e, e2 - e)
+        kh1 = np.where(bolus, -k * t * e, k * (t * e - t2 * e2))                    # K h'
+        kh2 = np.where(bolus, (k * t) ** 2 * e, k * k * (t2 * t2 * e2 - t * t * e))  # K^2 h''
+
+        def total(x):
+            return x[..., 0] if t.shape[-1] == 1 else x.sum(-1)
+
+        f = total(scale * h)
+        if value_only:
+            return f
+        # bolus: f = A e^-v h(K); infusion: f = A' e^-c h(K)
+        own_c = np.where(bolus, 0.0, 1.0)            # the 1/CL of an infusion
+        own_v = np.where(bolus, 1.0, 0.0)            # the 1/V of a bolus
+        f_c = total(scale * (kh1 - own_c * h))
+        f_v = total(scale * (-kh1 - own_v * h))
+        f_cc = total(scale * (kh2 + kh1 - own_c * 2 * kh1 + own_c * h))
+        f_cv = total(scale * (-kh2 - kh1 + own_c * kh1 - own_v * kh1))
+        f_vv = total(scale * (kh2 + kh1 + own_v * 2 * kh1 + own_v * h))
+        g = np.stack([f_c, f_v], -1)
+        hf = np.empty(f.shape + (2, 2))
+        hf[..., 0, 0], hf[..., 1, 1] = f_cc, f_vv
+        hf[..., 0, 1] = hf[..., 1, 0] = f_cv
+        return f, g, hf
+
     def near_flip_flop(self, phi) -> bool:
-        """Some subject's KA is within :data:`NEAR_FLIP_FLOP` of its K (the closed form's removable 0/0)."""
+        """Some subject's KA is within :data:`NEAR_FLIP_FLOP` of its K (the oral closed form's removable 0/0)."""
+        if not self.oral:
+            return False
         ka, k = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2])
         return bool((np.abs(ka - k) <= NEAR_FLIP_FLOP * ka).any())
 
@@ -360,7 +428,7 @@ class AnalyticFOCEI:
         # the subject's typical log-parameters mu: direct terms, then -C' H^-1 L with C = d(grad obj)/dmu (N, K, 3)
         n, j = e1.shape
         c_mu = ((g * e2[..., None]).transpose(0, 2, 1) @ gphi
-                + self.place.T @ _weighted_sum(e1, hphi.reshape(n, j, 9)).reshape(n, 3, 3))
+                + self.place.T @ _weighted_sum(e1, hphi.reshape(n, j, -1)).reshape(hphi.shape[0], *hphi.shape[2:]))
         d_mu = _weighted_sum(e1, gphi) + l_phi - (c_mu * h_inv_l[..., None]).sum(1)
         # OMEGA entries (W = OMEGA^-1): -W eta eta' W + W - W M^-1 W + (u v' + v u'), u = W H^-1 L, v = W eta
         we = eta @ w
@@ -394,8 +462,9 @@ class AnalyticFOCEI:
             with np.errstate(all="ignore"):
                 sens = -(h_inv @ rhs)
             sens = np.where(np.isfinite(sens).all((1, 2))[:, None, None], sens, 0.0)   # singular H: no prediction
-            return {"phi": sens[..., :3], "omega": sens[..., 3:3 + k * k].reshape(n, k, k, k),
-                    "sd": {kind: sens[..., 3 + k * k + j] for j, kind in enumerate(kinds)}}
+            q = mu.shape[1]
+            return {"phi": sens[..., :q], "omega": sens[..., q:q + k * k].reshape(n, k, k, k),
+                    "sd": {kind: sens[..., q + k * k + j] for j, kind in enumerate(kinds)}}
 
         return ofv_i, eta, {"phi": d_mu, "omega": d_omega, "sd": dsd}, sensitivity
 
