@@ -111,23 +111,32 @@ def test_ofv_ebes_and_gradients_equal_the_general_paths(tmp_path, monkeypatch, m
     scale[[i for i, t in enumerate(pack.free) if t.name not in ("KA", "CL", "V")]] = 0.01
     assert analytic_reason(pm, prob) is None
     for _ in range(2):
-        xv = pack.x0() + rng.normal(0.0, 1.0, len(pack.x0())) * scale
-        x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)
-        theta, omega, sd = pack.unpack(x)
-        engine, why = analytic_problem(pm, prob, theta)
-        assert engine is not None, why
-        zero = torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64)
-        eta_t = prob.ebe(theta, torch.linalg.inv(omega).detach(), sd, zero)
-        ofv_t = prob.ofv(theta, omega, sd, eta_t, per_subject=True)
-        (grad_t,) = torch.autograd.grad(ofv_t.sum(), x)
+        _assert_both_paths_agree(pm, prob, pack, pack.x0() + rng.normal(0.0, 1.0, len(pack.x0())) * scale,
+                                 per_subject=True)
+
+
+def _assert_both_paths_agree(pm, prob, pack, xv, per_subject: bool = False):
+    """At the estimation vector ``xv``, from ETA = 0: the EBEs, per-subject OFVs, the OFV gradient and (with
+    ``per_subject``) the S matrix's per-subject gradients of the analytic path equal the general path's
+    (``prob``, on which the caller has turned the analytic path off)."""
+    x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)
+    theta, omega, sd = pack.unpack(x)
+    engine, why = analytic_problem(pm, prob, theta)
+    assert engine is not None, why
+    zero = torch.zeros(prob.batch.n_subjects, pm.n_eta, dtype=torch.float64)
+    eta_t = prob.ebe(theta, torch.linalg.inv(omega).detach(), sd, zero)
+    ofv_t = prob.ofv(theta, omega, sd, eta_t, per_subject=True)
+    (grad_t,) = torch.autograd.grad(ofv_t.sum(), x)
+    assert prob.analytic(theta) is None           # the reference is the general path throughout
+    ofv_a, grad_a, eta_a, _ = _analytic_at(engine, pack, xv, zero)
+    np.testing.assert_allclose(eta_a.numpy(), eta_t.numpy(), atol=1e-8)
+    np.testing.assert_allclose(ofv_a, ofv_t.detach().numpy(), rtol=1e-9, atol=1e-7)
+    np.testing.assert_allclose(grad_a, grad_t.numpy(), rtol=1e-6, atol=1e-5)
+    if per_subject:
         subjects_t = per_subject_gradients(lambda xt: prob.ofv(*pack.unpack(xt), eta_t, per_subject=True), x)
-        assert prob.analytic(theta) is None           # the reference is the general path throughout
-        ofv_a, grad_a, eta_a, _ = _analytic_at(engine, pack, xv, zero)
         _, subjects_a, _, _ = _analytic_at(engine, pack, xv, zero, per_subject=True)
-        np.testing.assert_allclose(eta_a.numpy(), eta_t.numpy(), atol=1e-8)
-        np.testing.assert_allclose(ofv_a, ofv_t.detach().numpy(), rtol=1e-9, atol=1e-7)
-        np.testing.assert_allclose(grad_a, grad_t.numpy(), rtol=1e-6, atol=1e-5)
         np.testing.assert_allclose(subjects_a, subjects_t, rtol=1e-6, atol=1e-5)
+    return engine, eta_a
 
 
 def test_sparse_subjects_and_subjects_without_levels(tmp_path, monkeypatch):
@@ -150,20 +159,9 @@ def test_sparse_subjects_and_subjects_without_levels(tmp_path, monkeypatch):
     pm = build_model("1cmt_oral", error="combined", covariates=["CL~WT"], data=ds)
     monkeypatch.setattr(analytic_focei, "analytic_problem", lambda *a: (None, "the reference"))
     prob, pack = Problem(pm, ds), Packing(pm)
-    x = torch.tensor(pack.x0(), dtype=torch.float64, requires_grad=True)
-    theta, omega, sd = pack.unpack(x)
-    engine, why = analytic_problem(pm, prob, theta)
-    assert engine is not None, why
-    zero = torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64)
-    eta_t = prob.ebe(theta, torch.linalg.inv(omega).detach(), sd, zero)
-    ofv_t = prob.ofv(theta, omega, sd, eta_t, per_subject=True)
-    (grad_t,) = torch.autograd.grad(ofv_t.sum(), x)
-    ofv_a, grad_a, eta_a, _ = _analytic_at(engine, pack, pack.x0(), zero)
+    engine, eta = _assert_both_paths_agree(pm, prob, pack, pack.x0())
     none = [i for i, n in enumerate(engine.mask.sum(1)) if n == 0]
-    assert len(none) == 2 and np.abs(eta_a.numpy()[none]).max() == 0.0
-    np.testing.assert_allclose(eta_a.numpy(), eta_t.numpy(), atol=1e-8)
-    np.testing.assert_allclose(ofv_a, ofv_t.detach().numpy(), rtol=1e-9, atol=1e-7)
-    np.testing.assert_allclose(grad_a, grad_t.numpy(), rtol=1e-6, atol=1e-5)
+    assert len(none) == 2 and np.abs(eta.numpy()[none]).max() == 0.0
 
 
 def test_fit_equals_the_general_paths_fit(tmp_path, monkeypatch):
