@@ -115,8 +115,7 @@ def profile_in_process(csv: str, general: bool = False) -> dict:
                 try:
                     return original(*a, **k)
                 finally:
-                    spent_or_phase = phases if key in phases else spent
-                    spent_or_phase[key] += time.perf_counter() - t
+                    (phases if key in phases else spent)[key] += time.perf_counter() - t
                     if count:
                         spent[count] += 1
             return timed

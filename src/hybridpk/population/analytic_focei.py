@@ -289,6 +289,10 @@ class AnalyticFOCEI:
         data = np.where(self.mask, r * r / v + np.log(v), 0.0).sum(1)
         return data + _quadratic(eta, w)
 
+    def _information_weight(self, d):
+        """c = 1/V + 1/2 V'^2 / V^2 (N, J): each level's weight in M = OMEGA^-1 + sum_j c_j g_j g_j'."""
+        return np.where(self.mask, 1 / d["v"] + 0.5 * d["dv"] ** 2 / d["v"] ** 2, 0.0)
+
     def _derivatives(self, phi, eta, w, a, b):
         """Everything the Newton step and the OFV's gradient need at (phi, eta)."""
         f, gphi, hphi = self.jet(phi)
@@ -308,12 +312,12 @@ class AnalyticFOCEI:
         grad = _weighted_sum(e1, g) + 2 * eta @ w
         n, j, k = g.shape
         hess = _outer_sum(e2, g) + _weighted_sum(e1, hf.reshape(n, j, k * k)).reshape(n, k, k) + 2 * w
-        return dict(f=f, gphi=gphi, hphi=hphi, v=v, dv=dv, ddv=ddv, r=r, e1=e1, e2=e2, g=g, hf=hf, obj=obj,
-                    grad=grad, hess=hess)
+        return dict(f=f, gphi=gphi, hphi=hphi, v=v, dv=dv, ddv=ddv, r=r, e1=e1, e2=e2, g=g, obj=obj, grad=grad,
+                    hess=hess)
 
     # ------------------------------------------------------------------ EBEs
     def ebe(self, phi0, omega_inv, sd: dict, eta0, max_iter: int = 100, tol: float = 1e-9):
-        """Modes of obj_i from ``eta0`` (N, K) for the subjects' typical log-parameters ``phi0`` (N, 3)
+        """Modes of obj_i from ``eta0`` (N, K) for the subjects' typical log-parameters ``phi0`` (N, P)
         (:meth:`typical`) and OMEGA^-1 ``omega_inv``: Newton with the exact Hessian (the
         first-order one, 2M, where it is not positive definite), steps capped at 2 per ETA, per-subject
         backtracking; the stopping rules of :meth:`hybridpk.population.focei.Problem.ebe`. Raises
@@ -329,7 +333,7 @@ class AnalyticFOCEI:
 
     def _mode(self, mu, w, sd, eta0, max_iter=100, tol=1e-9):
         """(the EBEs, the derivatives at them when the search ended where it last took them, else None), for the
-        typical log-parameters ``mu`` (N, 3)."""
+        typical log-parameters ``mu`` (N, P)."""
         a, b = self._sds(sd)
         eta = np.array(eta0, dtype=float)
         n = self.n
@@ -345,8 +349,7 @@ class AnalyticFOCEI:
             inverse = d["hess_inv"] = _inverse(hess)
             pd_ok = _positive_definite(hess, inverse[1])
             if not pd_ok.all():
-                c = 1 / d["v"] + 0.5 * d["dv"] ** 2 / d["v"] ** 2
-                fo = 2 * (w + _outer_sum(np.where(self.mask, c, 0.0), d["g"]))
+                fo = 2 * (w + _outer_sum(self._information_weight(d), d["g"]))
                 hess = np.where(pd_ok[:, None, None], hess, fo)
                 inverse = _inverse(hess)
             step, bad = _solve(hess, grad, inverse)
@@ -389,10 +392,10 @@ class AnalyticFOCEI:
 
     # ------------------------------------------------------------------ OFV and its gradient
     def ofv(self, phi0, omega, sd: dict, eta0, guess=None):
-        """(OFV_i (N,), the EBEs (N, K), per-subject gradients: {"phi": (N, 3) by the subject's own typical
-        log-parameter (log KA, CL, V), "omega": (N, K, K) by OMEGA entry, "sd": {kind: (N,)}}, a function giving
-        the EBEs' sensitivities d eta_i / d(value): the same keys, with an ETA axis: (N, K, 3), (N, K, K, K),
-        {kind: (N, K)}) at the typical log-parameters ``phi0`` (N, 3) (:meth:`typical`: THETAs and covariates
+        """(OFV_i (N,), the EBEs (N, K), per-subject gradients: {"phi": (N, P) by the subject's own typical
+        log-parameters (``params``), "omega": (N, K, K) by OMEGA entry, "sd": {kind: (N,)}}, a function giving
+        the EBEs' sensitivities d eta_i / d(value): the same keys, with an ETA axis: (N, K, P), (N, K, K, K),
+        {kind: (N, K)}) at the typical log-parameters ``phi0`` (N, P) (:meth:`typical`: THETAs and covariates
         reach the OFV only through them), OMEGA (K, K) and SDs {kind: float}, the EBE search starting per subject
         at ``eta0`` or, where its objective is lower, at ``guess`` (e.g. a prediction from the sensitivities)."""
         omega = np.asarray(omega, dtype=float)
@@ -409,7 +412,7 @@ class AnalyticFOCEI:
             d = self._derivatives(mu + eta @ self.place.T, eta, w, a, b)
         m = self.mask
         v, dv, ddv, g, gphi, hphi, r = (d[k] for k in ("v", "dv", "ddv", "g", "gphi", "hphi", "r"))
-        c = np.where(m, 1 / v + 0.5 * dv ** 2 / v ** 2, 0.0)
+        c = self._information_weight(d)
         dc = np.where(m, -dv / v ** 2 + dv * ddv / v ** 2 - dv ** 3 / v ** 3, 0.0)                # dc/df
         big_m = w + _outer_sum(c, g)
         m_inv, det_m = _inverse(big_m)

@@ -317,10 +317,17 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     state["x"] = np.array(x0, dtype=float)       # the last iterate (TRUST_STEP)
     conditional = estimation != "FO"          # FO's OFV needs no EBEs
 
+    def analytic_at(xv, per_subject=False):
+        """:func:`_analytic_at` from the best point's EBEs and their predictor; its EBE fallbacks are the fit's."""
+        before = analytic.fallback_steps
+        out = _analytic_at(analytic, pack, xv, state["eta"], per_subject, predictor=state.get("predictor"))
+        prob.fallback_steps += analytic.fallback_steps - before
+        return out
+
     def evaluate_at(xv, need_grad=True):
         state.pop("candidate", None)
         if analytic is not None:
-            out = _analytic_at(analytic, pack, xv, state["eta"], predictor=state.get("predictor"))
+            out = analytic_at(xv)
             if out is not None:
                 state["evals"] += 1
                 ofv_i, g, eta, state["candidate"] = out
@@ -429,8 +436,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
 
     def subject_gradients(xv):
         """(N, P) gradients of each subject's OFV contribution at ``xv`` (the S matrix's ingredients)."""
-        out = (_analytic_at(analytic, pack, xv, state["eta"], per_subject=True, predictor=state.get("predictor"))
-               if analytic is not None else None)
+        out = analytic_at(xv, per_subject=True) if analytic is not None else None
         if out is not None:
             return out[1]
         x = torch.tensor(xv, dtype=torch.float64)
@@ -446,7 +452,6 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
             warn.append(cov_warn)
             warnings.warn(cov_warn, ConvergenceWarning, stacklevel=2)
     warn += _boundary_warnings(pack, x_hat, n)
-    prob.fallback_steps += analytic.fallback_steps if analytic is not None else 0
     if prob.fallback_steps:
         warn.append(f"{prob.fallback_steps} EBE Newton steps met a singular Hessian (extreme ETAs or a tiny residual "
                     "variance during the search) and took a gradient step instead")

@@ -359,16 +359,17 @@ class Problem:
             return eta
         engine = self.analytic(theta)
         if engine is not None:          # the same search by the closed form's own derivatives
+            before = engine.fallback_steps
             try:
                 with torch.no_grad():
                     phi0 = engine.typical(theta).numpy()
                 with np.errstate(all="ignore"):
                     found = engine.ebe(phi0, omega_inv.numpy(), self._floats(sd), eta.numpy(), max_iter, tol)
-                self.fallback_steps += engine.fallback_steps
-                engine.fallback_steps = 0
                 return torch.as_tensor(found)
             except FloatingPointError:  # KA = CL/V for some subject: the general path takes the limit
                 pass
+            finally:                    # this search's fallbacks (the engine counts every caller's)
+                self.fallback_steps += engine.fallback_steps - before
         active = torch.ones(n, dtype=torch.bool, device=eta.device)
         steepest = torch.zeros(n, dtype=torch.bool, device=eta.device)   # Newton failed last time: the gradient
         stalled = torch.zeros(n, dtype=torch.long, device=eta.device)    # accepted steps in a row without progress
