@@ -1,4 +1,5 @@
-"""GPU check: the solver paths and VAE training run unchanged with --device cuda, agree with the CPU.
+"""GPU check: the solver paths, predictions, doses and VAE training run unchanged with --device cuda, agree
+with the CPU.
 
 Run (on a machine with a GPU):  PYTHONPATH=src python benchmarks/gpu_check.py
 (or bash benchmarks/gpu_run.sh OUTDIR: this check, then the README hybrid fit with --device cuda and a predict;
@@ -68,6 +69,7 @@ def main():
     ds, _ = simulate_ehc_population(200, seed=1)
     pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
     fit = fit_population(pm, ds, progress=False, covariance=False)
+    predictions_and_doses_agree(fit, ds, dev)
     est = fit.estimation.estimates
     batch = est.problem.batch
     ipred = fit.concentrations(batch, est.eta)
@@ -80,6 +82,33 @@ def main():
                                                        eta0=est.eta if joint else None))
             print(f"VAE ({mode}) 300 epochs on {device}: {t:.1f} s; final train -ELBO "
                   f"{hist[-1][1]:.4f}, val {hist[-1][2]:.4f}")
+
+
+def predictions_and_doses_agree(fit, ds, dev):
+    """predict / map / dose on ``dev`` against the CPU (model.to(dev), dosing_model(..., device=dev)): the
+    general FOCE-I path on the GPU, the analytic one on the CPU; the same draws (made on the CPU)."""
+    import pandas as pd
+
+    from hybridpk.dosing import dosing_model, estimate_patient, recommend_dose
+
+    (a, t_cpu), (g, t_dev) = (timed(lambda m=m: m.predict(ds).table) for m in (fit, fit.to(dev)))
+    rel = np.max(np.abs(g.IPRED - a.IPRED) / np.maximum(np.abs(a.IPRED), 1e-12))
+    eta = max(float(np.max(np.abs(g[c] - a[c]))) for c in fit.model.etas)
+    print(f"predict ({ds.n_subjects} patients) cpu {t_cpu:.2f} s, {dev} {t_dev:.2f} s: max relative IPRED difference "
+          f"{rel:.2e}, max ETA difference {eta:.2e}")
+    rows = [dict(ID=7, TIME=0.0, DV=0.0, AMT=1000.0, RATE=1000.0, ADDL=3, II=12.0, EVID=1, MDV=1)]
+    rows += [dict(ID=7, TIME=t, DV=v, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0)
+             for t, v in ((37.5, 28.0), (47.5, 11.0))]
+    patient = hp.read_nonmem(pd.DataFrame(rows).assign(CRCL=80.0, WT=80.0, DIAL=0))
+    answers = {}
+    for device in ("cpu", dev):
+        model = dosing_model("vancomycin_goti2018", device=device)
+        (rec, t) = timed(lambda: recommend_dose(model, patient, "auc24=400:600", seed=1))
+        post = estimate_patient(model, patient, seed=1)
+        answers[device] = (rec.dose, rec.interval, rec.exposure, post.parameters())
+        print(f"dose vancomycin_goti2018 on {device}: {rec.dose:g} mg every {rec.interval:g} h, "
+              f"{next(iter(rec.exposure.values()))}, {t:.2f} s")
+    print(f"dose cpu against {dev}: same regimen {answers['cpu'][:2] == answers[dev][:2]}")
 
 
 if __name__ == "__main__":

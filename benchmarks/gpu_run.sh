@@ -20,6 +20,22 @@ print("saved on cuda, loaded with weights_only on", next(hyb.vae.parameters()).d
 PY
 timeout 60 "$PY" -m hybridpk predict /tmp/run_ehc_cuda data/ehc.csv --out "$out/pred.csv" 2>&1 | tail -5
 head -3 "$out/pred.csv"
+# the hybrid's predictions and one patient's dose on each device (the same draws: the same answer)
+"$PY" -c "import pandas as pd; d = pd.read_csv('data/ehc.csv'); d[d.ID == d.ID.iloc[0]].to_csv('$out/one.csv', index=False)"
+for dev in cpu cuda; do
+  timeout 120 "$PY" -m hybridpk predict /tmp/run_ehc_cuda data/ehc.csv --device $dev --out "$out/pred_$dev.csv" | tail -1
+  timeout 120 "$PY" -m hybridpk dose /tmp/run_ehc_cuda "$out/one.csv" --target auc24=20:40 --dose-step 10 \
+      --device $dev --out "$out/dose_$dev.json" | tee "$out/dose_$dev.log" | head -3
+done
+"$PY" - "$out" <<'PY' 2>&1 | tee -a "$out/fit_cuda.log"
+import sys, json, numpy as np, pandas as pd
+out = sys.argv[1]
+a, g = pd.read_csv(f"{out}/pred_cpu.csv"), pd.read_csv(f"{out}/pred_cuda.csv")
+print("hybrid predict cpu against cuda: max relative IPRED difference",
+      f"{np.max(np.abs(g.IPRED - a.IPRED) / np.maximum(np.abs(a.IPRED), 1e-12)):.2e}")
+da, dg = (json.load(open(f"{out}/dose_{d}.json")) for d in ("cpu", "cuda"))
+print("hybrid dose cpu against cuda: same regimen", (da["dose_mg"], da["interval_h"]) == (dg["dose_mg"], dg["interval_h"]))
+PY
 for dev in cpu cuda; do
   t0=$(date +%s)
   timeout 300 "$PY" -m hybridpk simulate data/theoph.csv --model 1cmt_oral --typical CL=2.8,V=31,KA=1.5 \

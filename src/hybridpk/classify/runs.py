@@ -111,8 +111,8 @@ def classify_estimates(rc: RunClassifier, est, ids) -> pd.DataFrame:
     """The same from a hybrid's estimates ``est`` (a HybridEstimate: z and z_sd per patient) of the patients
     ``ids``."""
     k = est.z.shape[1]
-    table = pd.DataFrame({"ID": list(ids), **{f"Z{j + 1}": est.z[:, j].numpy() for j in range(k)},
-                          **{f"Z{j + 1}_SD": est.z_sd[:, j].numpy() for j in range(k)}})
+    table = pd.DataFrame({"ID": list(ids), **{f"Z{j + 1}": est.z[:, j].cpu().numpy() for j in range(k)},
+                          **{f"Z{j + 1}_SD": est.z_sd[:, j].cpu().numpy() for j in range(k)}})
     x, names = latent_features(table)
     if names != rc.features:
         raise HybridPKError(f"the classifier was trained on {', '.join(rc.features)}; this run gives "

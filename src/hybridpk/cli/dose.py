@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (ManualFormatter, figure_arg, finite_float, out_file_arg, positive_float, positive_int,
-                      resolve_data_path)
+from ._common import (DEVICE_HELP, ManualFormatter, device_arg, figure_arg, finite_float, out_file_arg,
+                      positive_float, positive_int, resolve_data_path)
 
 #: the target and dose step a dose recommendation takes when neither the command nor the model states one
 DEFAULT_TARGET, DEFAULT_DOSE_STEP = "auc24=400:600", 250.0
@@ -115,6 +115,7 @@ def add_parser(sub) -> None:
     p.add_argument("--draws", type=positive_int, metavar="N", help="posterior draws (default 1000; 250 for a hybrid); "
                    "the probability of target attainment reports its Monte-Carlo error")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
+    p.add_argument("--device", default="cpu", type=device_arg, help=DEVICE_HELP)
     p.add_argument("--out", metavar="REC.json", type=out_file_arg, help="write the recommendation here")
     p.add_argument("--plot", metavar="FIG.png", type=figure_arg, help="figure of the forecast under the recommended "
                    "regimen: MAP prediction, 90%% prediction interval, the levels, the doses and the target window")
@@ -138,6 +139,7 @@ def add_parser(sub) -> None:
                    "mg/L (e.g. an MIC: fT>MIC) over the --auc window (default: first dose to last record)")
     q.add_argument("--draws", type=positive_int, metavar="N", help="posterior draws (default 1000; 250 for a hybrid)")
     q.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
+    q.add_argument("--device", default="cpu", type=device_arg, help=DEVICE_HELP)
     q.set_defaults(handler=run_map)
 
 
@@ -164,7 +166,7 @@ def _load(args):
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.dosing import dosing_model
 
-    model = dosing_model(args.model)
+    model = dosing_model(args.model, device=args.device)
     ds = read_nonmem(resolve_data_path(args.patient))
     return model, ds
 
@@ -404,7 +406,7 @@ def run_map(args) -> int:
         print(f"  {name:<6} {v['map']:10.4g}   ({v['p05']:.4g}-{v['p95']:.4g})")
     n_eta = post.model.n_eta
     for j, name in enumerate(post.model.point_names[n_eta:], start=n_eta):   # a hybrid's latent z
-        d = post.draws[:, j].numpy()
+        d = post.draws[:, j].cpu().numpy()
         print(f"  {name:<6} {float(post.estimate.eta[0, j]):10.4g}   ({np.quantile(d, 0.05):.4g}-"
               f"{np.quantile(d, 0.95):.4g})  latent")
     if args.above is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, out_file_arg, resolve_data_path
+from ._common import DEVICE_HELP, ManualFormatter, device_arg, out_file_arg, resolve_data_path
 
 HELP = """\
 Predict concentrations with a model fitted by 'hybridpk fit' (the folder RUN).
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
     p.add_argument("data", metavar="DATA", help="dataset (CSV) or bundled dataset name")
     p.add_argument("--out", required=True, metavar="PRED.csv", type=out_file_arg, help="output file")
+    p.add_argument("--device", default="cpu", type=device_arg, help=DEVICE_HELP)
     p.set_defaults(handler=run)
 
 
@@ -33,7 +34,7 @@ def run(args) -> int:
     from hybridpk.io import atomic_write_text
     from hybridpk.residual import HybridFit, load_run
 
-    model = load_run(args.run)
+    model = load_run(args.run).to(args.device)
     ds = read_nonmem(resolve_data_path(args.data))
     pred = model.predict(ds)
     out = pred.table

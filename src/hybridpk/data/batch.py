@@ -145,7 +145,7 @@ class EventBatch:
         """The sub-batch of subjects at positions ``index`` (a list or 1-D tensor of ints)."""
         import torch
 
-        idx = torch.as_tensor(index, dtype=torch.long)
+        idx = torch.as_tensor(index, dtype=torch.long, device="cpu")
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)

@@ -37,7 +37,7 @@ def auc(model, dataset, start: float | None = None, end: float | None = None, *,
     est = post.estimate
     grid, weights = _quadrature(_breakpoints(est.batch, a, b, est))
     conc = _on_grid(post, grid)
-    values = (conc * torch.as_tensor(weights, dtype=conc.dtype)).sum(1).numpy()
+    values = (conc * torch.as_tensor(weights, dtype=conc.dtype, device=conc.device)).sum(1).cpu().numpy()
     draws = values[1:]
     return {"start_h": a, "end_h": b, "map": float(values[0]), "median": float(np.median(draws)),
             "p05": float(np.quantile(draws, 0.05)), "p95": float(np.quantile(draws, 0.95)),
@@ -78,14 +78,14 @@ def _breakpoints(batch, a: float, b: float, est=None) -> np.ndarray:
     record and a RATE-given infusion lasts F AMT / RATE (NONMEM's rule), at the MAP's F and ALAG, so that no
     quadrature piece straddles the kink where a lagged oral dose starts."""
     mask = batch.dose_mask[0]
-    t = batch.dose_time[0][mask].numpy()
-    dur = batch.dose_duration[0][mask].numpy()
-    rate = batch.dose_rate[0][mask].numpy()
-    amt = batch.dose_amt[0][mask].numpy()
+    t = batch.dose_time[0][mask].cpu().numpy()
+    dur = batch.dose_duration[0][mask].cpu().numpy()
+    rate = batch.dose_rate[0][mask].cpu().numpy()
+    amt = batch.dose_amt[0][mask].cpu().numpy()
     lag, f = np.zeros_like(t), np.ones_like(t)
     if est is not None:
         par = est.parameters.iloc[0]
-        cmt = batch.dose_cmt[0][mask].numpy()
+        cmt = batch.dose_cmt[0][mask].cpu().numpy()
         default = (cmt == 0) | (cmt == est.model.population.model.structural.dose_cmt)
         lag = np.where(default, float(par["ALAG"]) if "ALAG" in par else 0.0, 0.0)
         f = np.where(default, float(par["F"]) if "F" in par else 1.0, 1.0)
@@ -128,7 +128,7 @@ def time_above(model, dataset, level: float, start: float | None = None, end: fl
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     est = post.estimate
     grid = np.linspace(a, b, int(np.ceil((b - a) / 0.02)) + 1)
-    conc = _on_grid(post, grid).numpy() - level
+    conc = _on_grid(post, grid).cpu().numpy() - level
 
     def exact(t):
         one = est.batch.extend(None, [float(t)])

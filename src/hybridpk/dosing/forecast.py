@@ -49,6 +49,7 @@ def forecast(est, draws, times, regimen=None, seed: int = 0, level: float = 0.90
         noisy = noisy.clamp(min=0.0)  # no negative levels
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     pct = int(level * 100)
+    point, conc, noisy = point.cpu(), conc.cpu(), noisy.cpu()
     table = pd.DataFrame({"TIME": t, "IPRED_MAP": point.numpy(), "MEDIAN": conc.median(0).values.numpy(),
                           f"PI{pct}_LOW": torch.quantile(noisy, lo, 0).numpy(),
                           f"PI{pct}_HIGH": torch.quantile(noisy, hi, 0).numpy(),

@@ -82,7 +82,7 @@ def loading_dose(model, dataset, target, *, dose_step: float = 250.0, max_dose: 
         amount = None
         warns.append(f"no loading dose: the doses already given put the MAP {tgt.label} of the first interval at "
                      f"{float(first(at_map, 0.0)[0]):.3g}, at or above the target's middle {tgt.mid:g}")
-        values = first(post.draws, 0.0).numpy()
+        values = first(post.draws, 0.0).cpu().numpy()
         m_map = float(first(at_map, 0.0)[0])
     else:
         steps = {k * dose_step for k in (math.floor(raw / dose_step), math.ceil(raw / dose_step))}
@@ -91,7 +91,7 @@ def loading_dose(model, dataset, target, *, dose_step: float = 250.0, max_dose: 
         if raw > top:
             warns.append(f"the loading dose is capped at the maximum dose {top:g} mg (the MAP solution is "
                          f"{raw:.4g} mg)")
-        values = first(post.draws, amount).numpy()
+        values = first(post.draws, amount).cpu().numpy()
         m_map = float(first(at_map, amount)[0])
     pta = float(np.mean((values >= tgt.low) & (values <= tgt.high)))
     exposure = {f"{tgt.label} (first interval)": {
@@ -120,7 +120,7 @@ def _first_interval(est, points, tgt, reg: Regimen, follow: Regimen, amount: flo
     full = with_load.extend(follow, ())
     grid, weights = _quadrature(_breakpoints(full, reg.start, reg.start + 24.0, est))
     conc = est.concentrations(full.extend(None, grid).select([0] * s), points)[:, -len(grid):]
-    return (conc * torch.as_tensor(weights, dtype=conc.dtype)).sum(1)
+    return (conc * torch.as_tensor(weights, dtype=conc.dtype, device=conc.device)).sum(1)
 
 
 def _solve(metric, mid: float, scale: float) -> float:

@@ -53,8 +53,8 @@ class PatientEstimate:
         """(1, n_eta): 1 - posterior SD / prior SD of each ETA (near 1: the levels say little)."""
         k = self.model.n_eta
         post = torch.sqrt(torch.diagonal(self.cov[:, :k, :k], dim1=1, dim2=2))
-        prior = torch.sqrt(torch.diagonal(self.model.population.omega.tensor()))
-        return (1 - post / prior).numpy()
+        prior = torch.sqrt(torch.diagonal(self.model.population.omega.tensor(post.device)))
+        return (1 - post / prior).cpu().numpy()
 
     def posterior(self, index: int = 0, n: int = 1000, seed: int = 0):
         """(draws (n, P), effective sample size) from the patient's posterior (importance resampling)."""
@@ -104,6 +104,11 @@ class DosingModel:
         return self.population.model.n_eta
 
     @property
+    def device(self) -> str:
+        """The torch device this model computes on (:meth:`FittedPopulation.to`)."""
+        return self.population.device
+
+    @property
     def point_names(self) -> tuple:
         return tuple(self.population.model.etas)
 
@@ -111,8 +116,8 @@ class DosingModel:
         """Var(DV) (S, R) around the concentrations ``conc`` (S, R) of ``batch``'s subjects at ``points`` (S, P):
         the population model's residual error (a general $ERROR reads the points' ETAs)."""
         pop = self.population
-        return pop.model.residual_variance(pop.theta.tensors(), points[:, :self.n_eta], batch, conc,
-                                           pop.sigma.sd_tensors())
+        return pop.model.residual_variance(pop.theta.tensors(self.device), points[:, :self.n_eta], batch, conc,
+                                           pop.sigma.sd_tensors(self.device))
 
     def dose_compartment(self, cmt) -> int:
         """``cmt`` checked as the compartment of new doses (NONMEM numbering, 0: the model's dose compartment)."""
@@ -173,8 +178,8 @@ class PopulationDosing(DosingModel):
         return self.fitted.concentrations(batch, points)
 
     def prior_points(self, n: int, gen):
-        z = torch.randn(n, self.n_eta, generator=gen, dtype=torch.float64)
-        return z @ torch.linalg.cholesky(self.population.omega.tensor()).T
+        z = torch.randn(n, self.n_eta, generator=gen, dtype=torch.float64, device="cpu").to(self.device)
+        return z @ torch.linalg.cholesky(self.population.omega.tensor(self.device)).T
 
     @property
     def occasion(self) -> str | None:
@@ -222,14 +227,14 @@ class HybridDosing(DosingModel):
         # the ODE part with the hybrid's OMEGA: the prior of the patient's ETAs
         self.fitted, self.population = fitted, fitted.hybrid_population
         prior = fitted.coverage.latent_prior() if fitted.coverage is not None else None
-        k = fitted.latent_dim
+        k, dev = fitted.latent_dim, self.device
         if prior is not None:
-            cov = prior[1] + 1e-6 * torch.eye(k, dtype=torch.float64)
-            self.z_mean, self.z_cov = prior[0], cov
-            self.z_prior = (prior[0], torch.linalg.inv(cov))
+            cov = prior[1] + 1e-6 * torch.eye(k, dtype=torch.float64, device="cpu")
+            self.z_mean, self.z_cov = prior[0].to(dev), cov.to(dev)
+            self.z_prior = (self.z_mean, torch.linalg.inv(self.z_cov))
         else:   # the training's prior: N(0, I / prior_weight)
-            self.z_mean = torch.zeros(k, dtype=torch.float64)
-            self.z_cov = torch.eye(k, dtype=torch.float64) / fitted.vae.prior_weight
+            self.z_mean = torch.zeros(k, dtype=torch.float64, device=dev)
+            self.z_cov = torch.eye(k, dtype=torch.float64, device=dev) / fitted.vae.prior_weight
             self.z_prior = None
 
     def _objective(self, batch, points):
@@ -254,7 +259,7 @@ class HybridDosing(DosingModel):
             point = x if bool(torch.isfinite(objective(x)).all() and objective(x) <= objective(start)) else start
         cov = self._laplace(objective, point)
         params = hyb.individual_parameters(batch, point)
-        table = pd.DataFrame({"ID": list(dataset.ids)[:1], **{k: v.numpy() for k, v in params.items()}})
+        table = pd.DataFrame({"ID": list(dataset.ids)[:1], **{k: v.cpu().numpy() for k, v in params.items()}})
         return PatientEstimate(model=self, dataset=dataset, batch=batch, eta=point, cov=cov.unsqueeze(0),
                                parameters=table, n_levels=ode.n_levels[:1], obs=ode.problem.obs[:1],
                                y=ode.problem.y[:1], source=h, weight=float(h.weight[0]))
@@ -269,7 +274,8 @@ class HybridDosing(DosingModel):
         return (vecs / vals) @ vecs.T
 
     def _prior_precision(self):
-        oinv = torch.linalg.inv(self.population.omega.tensor()) if self.n_eta else torch.zeros(0, 0)
+        oinv = (torch.linalg.inv(self.population.omega.tensor(self.device)) if self.n_eta
+                else torch.zeros(0, 0, dtype=torch.float64, device=self.device))
         return torch.block_diag(oinv, torch.linalg.inv(self.z_cov))
 
     def posterior(self, est: PatientEstimate, n: int, seed: int):
@@ -281,21 +287,23 @@ class HybridDosing(DosingModel):
             return torch.cat(out)
 
         return importance_resample(est.eta[0], est.cov[0], log_post, n, seed, prior_cov=self._prior_cov(),
-                                   prior_mean=torch.cat([torch.zeros(self.n_eta, dtype=torch.float64), self.z_mean]))
+                                   prior_mean=torch.cat([torch.zeros(self.n_eta, dtype=torch.float64, device="cpu"),
+                                                         self.z_mean.cpu()]))
 
     def _prior_cov(self):
-        omega = self.population.omega.tensor() if self.n_eta else torch.zeros(0, 0, dtype=torch.float64)
-        return torch.block_diag(omega, self.z_cov)
+        omega = self.population.omega.tensor()       # on the CPU, where importance_resample draws
+        return torch.block_diag(omega, self.z_cov.cpu())
 
     def concentrations(self, batch, points, est=None):
         return self.fitted.concentrations(batch, points, weight=est.weight if est is not None else None)
 
     def prior_points(self, n: int, gen):
         k = self.fitted.latent_dim
-        eta = torch.randn(n, self.n_eta, generator=gen, dtype=torch.float64) @ \
+        eta = torch.randn(n, self.n_eta, generator=gen, dtype=torch.float64, device="cpu") @ \
             torch.linalg.cholesky(self.population.omega.tensor()).T
-        z = self.z_mean + torch.randn(n, k, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(self.z_cov).T
-        return torch.cat([eta, z], 1)
+        z = self.z_mean.cpu() + torch.randn(n, k, generator=gen, dtype=torch.float64, device="cpu") @ \
+            torch.linalg.cholesky(self.z_cov.cpu()).T
+        return torch.cat([eta, z], 1).to(self.device)
 
     def individual_parameters(self, est: PatientEstimate, points) -> dict:
         return self.fitted.individual_parameters(est.batch.select([0] * points.shape[0]), points)
@@ -333,18 +341,20 @@ class HybridDosing(DosingModel):
                                          int(given.sum()) + n_new if n_new else None)
 
 
-def dosing_model(model) -> DosingModel:
+def dosing_model(model, device=None) -> DosingModel:
     """The :class:`DosingModel` for ``model``: a FittedPopulation (a fit, or a published spec loaded by
-    ``load_model``), a HybridFit, a DosingModel, a run folder, or a spec name / .toml file."""
+    ``load_model``), a HybridFit, a DosingModel, a run folder, or a spec name / .toml file. ``device``: the
+    torch device its estimates, draws and forecasts compute on ("cpu", "cuda", "auto"; None: the model's own,
+    the CPU for a file)."""
     if isinstance(model, DosingModel):
-        return model
-    if isinstance(model, FittedPopulation):
-        return PopulationDosing(model)
+        return model if device is None else dosing_model(model.fitted, device)
+    if isinstance(model, (str, Path)):
+        model = load_run(model) if Path(model).is_dir() else load_model(model)
+    if device is not None:
+        model = model.to(device)
     if isinstance(model, HybridFit):
         return HybridDosing(model)
-    if isinstance(model, (str, Path)) and Path(model).is_dir():
-        return dosing_model(load_run(model))
-    return PopulationDosing(load_model(model))
+    return PopulationDosing(model)
 
 
 def patient_estimate(est) -> PatientEstimate:

@@ -51,7 +51,7 @@ class PatientPosterior:
         at_map = est.model.individual_parameters(est, est.eta[:1])
         out = {}
         for name in draws:
-            v = draws[name].numpy()
+            v = draws[name].cpu().numpy()
             out[name] = {"map": float(at_map[name].reshape(-1)[0]), "median": float(np.median(v)),
                          "p05": float(np.quantile(v, 0.05)), "p95": float(np.quantile(v, 0.95))}
         return out
@@ -64,7 +64,7 @@ class PatientPosterior:
             warnings.simplefilter("ignore", FutureWarning)
             import arviz as az
 
-        post = {name: self.draws[:, j].numpy()[None, :] for j, name in enumerate(self.model.point_names)}
+        post = {name: self.draws[:, j].cpu().numpy()[None, :] for j, name in enumerate(self.model.point_names)}
         return az.from_dict(posterior=post)
 
 
@@ -280,9 +280,9 @@ class _Exposures:
         """Candidate dicts for the given doses (mg)."""
         if self.linear:
             return [_candidate(self.tgt, d, self.tau, float(self.a_map[0] + self.b_map[0] * d),
-                               (self.a_s + self.b_s * d).numpy(), self.post.ess) for d in doses]
+                               (self.a_s + self.b_s * d).cpu().numpy(), self.post.ess) for d in doses]
         draws, _ = self._simulate(self.post.draws, list(doses))
-        return [_candidate(self.tgt, d, self.tau, self.map_value(d), draws[:, j].numpy(), self.post.ess)
+        return [_candidate(self.tgt, d, self.tau, self.map_value(d), draws[:, j].cpu().numpy(), self.post.ess)
                 for j, d in enumerate(doses)]
 
     def _bracket(self, limits) -> list:
@@ -543,7 +543,7 @@ def time_to_concentration(model, dataset, concentration: float, *, horizon: floa
 
     def conc_at(times):
         batch = est.batch.extend(None, times)
-        return est.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -len(times):].numpy()
+        return est.concentrations(batch.select([0] * draws.shape[0]), draws)[:, -len(times):].cpu().numpy()
 
     conc = conc_at(grid)
     times = np.array([_first_below(grid, row, level, after_peak=(method == "root")) for row in conc])

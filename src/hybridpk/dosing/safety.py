@@ -90,7 +90,7 @@ def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> lis
         full = est.concentrations(copies, points)
         f = full[:, obs]
         sdev = torch.sqrt(model.residual_variance(copies, points, full)[:, obs])
-        draws = f + sdev * torch.randn(f.shape, generator=gen, dtype=f.dtype)
+        draws = f + sdev * torch.randn(f.shape, generator=gen, dtype=f.dtype, device="cpu").to(f.device)
         hi = torch.quantile(draws, 0.9995, 0) * 1.2
         lo = torch.quantile(draws, 0.0005, 0) / 1.2
         y = est.y[0][obs]

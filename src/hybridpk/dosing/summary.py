@@ -32,8 +32,8 @@ def patient_summary(post) -> dict:
     n_eta = model.n_eta
     terms = _population_terms(est) if hasattr(est.source, "problem") else _hybrid_terms(est)
     records = est.batch
-    keep = (est.obs[0] | terms["censored"]).numpy()
-    times = records.time[0].numpy()[keep]
+    keep = (est.obs[0] | terms["censored"]).cpu().numpy()
+    times = records.time[0].cpu().numpy()[keep]
     observations = [{"TIME": float(t), "DV": float(dv), "IPRED": float(f), "VAR": float(v),
                      "IWRES": float(w), "CONTRIBUTION": float(c)}
                     for t, dv, f, v, w, c in zip(times, terms["y"][keep], terms["ipred"][keep], terms["var"][keep],
@@ -57,17 +57,19 @@ def _population_terms(est) -> dict:
     """The fit's own objective terms for the patient (its Problem: LTBS, M3, a general $ERROR)."""
     src, pop = est.source, est.model.population
     prob = src.problem
-    theta, sd, omega = pop.theta.tensors(), pop.sigma.sd_tensors(), pop.omega.tensor()
     eta = src.eta[:1]
+    dev = eta.device
+    theta, sd, omega = pop.theta.tensors(dev), pop.sigma.sd_tensors(dev), pop.omega.tensor(dev)
     with torch.no_grad():
         f = prob.predict(theta, eta)
         data, v = prob.residual_terms(f, prob.variance(theta, eta, f, sd))
         k = eta.shape[1]
-        oinv = torch.linalg.inv(omega) if k else torch.zeros(0, 0, dtype=torch.float64)
+        oinv = torch.linalg.inv(omega) if k else torch.zeros(0, 0, dtype=torch.float64, device=dev)
         prior = float(torch.einsum("nk,kl,nl->n", eta, oinv, eta)[0]) if k else 0.0
-        etc = torch.linalg.inv(prob.fo_hessian(theta, oinv, sd, eta))[0] if k else torch.zeros(0, 0)
-    return {"y": prob.y[0].numpy(), "ipred": f[0].numpy(), "var": v[0].numpy(),
-            "iwres": ((prob.y - f) / torch.sqrt(v))[0].numpy(), "data": data[0].numpy(),
+        etc = (torch.linalg.inv(prob.fo_hessian(theta, oinv, sd, eta))[0].cpu() if k
+               else torch.zeros(0, 0, dtype=torch.float64, device="cpu"))
+    return {"y": prob.y[0].cpu().numpy(), "ipred": f[0].cpu().numpy(), "var": v[0].cpu().numpy(),
+            "iwres": ((prob.y - f) / torch.sqrt(v))[0].cpu().numpy(), "data": data[0].cpu().numpy(),
             "censored": prob.cens[:1][0], "prior": prior, "ofv": float(data[0].sum()) + prior, "etc": etc,
             "definition": "-2 log posterior at the MAP without constants: sum over levels of (DV - IPRED)^2 / VAR "
                           "+ log VAR (+ M3 terms) + ETA' OMEGA^-1 ETA (NONMEM's individual OBJ)"}
@@ -87,8 +89,9 @@ def _hybrid_terms(est) -> dict:
         r = torch.where(obs, est.y - f, torch.zeros_like(f))
         data = torch.where(obs, r * r / vv + torch.log(vv), torch.zeros_like(vv))
         ofv = 2.0 * float(model._objective(est.batch, point)[0])
-    return {"y": est.y[0].numpy(), "ipred": f[0].numpy(), "var": v[0].numpy(), "iwres": (r / torch.sqrt(vv))[0].numpy(),
-            "data": data[0].numpy(), "censored": torch.zeros_like(obs[0]), "prior": ofv - float(data[0].sum()),
+    return {"y": est.y[0].cpu().numpy(), "ipred": f[0].cpu().numpy(), "var": v[0].cpu().numpy(),
+            "iwres": (r / torch.sqrt(vv))[0].cpu().numpy(), "data": data[0].cpu().numpy(),
+            "censored": torch.zeros_like(obs[0]), "prior": ofv - float(data[0].sum()),
             "ofv": ofv, "etc": None,
             "definition": "2 x the hybrid's joint objective -log p(DV, ETA, z) up to a constant (its per-level terms "
                           "as for a population model; the rest is the prior of ETA and z)"}

@@ -78,7 +78,7 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
     if not model.model.structural.linear:
         raise HybridPKError(f"dose optimisation needs a linear model; {model.model.structural.name} is not (yet)")
     s = eta.shape[0]
-    zero = torch.zeros(s, dtype=torch.float64)
+    zero = torch.zeros(s, dtype=torch.float64, device=eta.device)
     if target.metric == "auc24":
         last = patient.ahead_covariates()[0]      # the regimen ahead: the latest covariates (a new occasion)
         cov = {c: last[k].expand(s) for k, c in enumerate(patient.covariate_names)}
@@ -86,7 +86,7 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
         structural = model.model.structural
         default_route = cmt in (0, structural.dose_cmt)
         f = p.get("F") if default_route and structural.bioavailability else None   # F: the default route only
-        f = torch.ones(s, dtype=torch.float64) if f is None else f
+        f = torch.ones(s, dtype=torch.float64, device=eta.device) if f is None else f
         return zero, 24.0 * f / (interval * p["CL"])
     if target.metric in ("trough", "peak"):
         # steady state of a unit regimen; trough just before the next dose, peak at the end of the infusion
@@ -113,7 +113,7 @@ def metric_coefficients(model, patient, eta, target: Target, start: float, inter
         t0 = start + 24.0 * (target.time - 1)
         grid = np.linspace(t0, t0 + 24.0, 481)
         unit = Regimen(start, 1.0, interval, int(np.ceil((t0 + 24 - start) / interval)) + 1, duration, cmt)
-        tt = torch.as_tensor(grid)
+        tt = torch.as_tensor(grid, device=eta.device)
         conc0 = _at(model, patient.extend(None, grid, keep_records=False), eta, len(grid))
         conc1 = _at(model, patient.extend(unit, grid, keep_records=False, keep_doses=False, ahead=True), eta,
                     len(grid))
@@ -149,7 +149,7 @@ def metrics_by_simulation(conc, patient, target: Target, start: float, interval:
             grid = np.concatenate([last - (previous - j) * tau for j in range(previous)] + [last])
             c = _sim(conc, patient, Regimen(start, float(d), tau, n_doses, duration, cmt), grid, history=False)
             now = c[:, -97:]
-            tt = torch.as_tensor(last - last[0])
+            tt = torch.as_tensor(last - last[0], device=c.device)
             if target.metric == "auc24":
                 def m(x):
                     return torch.trapezoid(x, tt, dim=1) * 24.0 / tau
@@ -174,7 +174,7 @@ def metrics_by_simulation(conc, patient, target: Target, start: float, interval:
             grid = np.linspace(t0, t0 + 24.0, 481)
             n = int(np.ceil((t0 + 24 - start) / tau)) + 1
             c = _sim(conc, patient, Regimen(start, float(d), tau, n, duration, cmt), grid)
-            out.append(torch.trapezoid(c, torch.as_tensor(grid), dim=1))
+            out.append(torch.trapezoid(c, torch.as_tensor(grid, device=c.device), dim=1))
         else:
             t = [float(start + target.time)]
             n = int(np.ceil(target.time / tau)) + 1

@@ -38,24 +38,41 @@ def _fold(op, parts):
     return value
 
 
+def _number_or_tensor(fn, v):
+    """``fn`` (a torch function) of ``v``; for a Python number (a constant part of an expression) the value as a
+    Python number, computed in float64, so that it mixes with tensors on any device."""
+    if torch.is_tensor(v):
+        return fn(v)
+    dtype = torch.bool if isinstance(v, bool) else torch.float64
+    return fn(torch.tensor(v, dtype=dtype, device="cpu")).item()
+
+
 def _unary(fn, part):
-    return lambda env: fn(torch.as_tensor(part(env)))
+    return lambda env: _number_or_tensor(fn, part(env))
 
 
 def _power(base, exponent, sqrt: bool):
     if sqrt:
-        return lambda env: torch.sqrt(torch.as_tensor(base(env)))
+        return lambda env: _number_or_tensor(torch.sqrt, base(env))
     return lambda env: base(env) ** exponent(env)
 
 
 def _relation(fn, a, b):
-    return lambda env: torch.as_tensor(fn(a(env), b(env)))
+    return lambda env: fn(a(env), b(env))     # a bool tensor, or a Python bool of two constants
 
 
 def _logical(op, parts):
     def value(env):
-        return functools.reduce(op, (torch.as_tensor(p(env)) for p in parts))
+        return functools.reduce(op, (p(env) for p in parts))
     return value
+
+
+def _where(cond, a, b):
+    """torch.where with the branches as float64 tensors on the condition's device (a Python number is not
+    narrowed to float32)."""
+    def tensor(v):
+        return v if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=cond.device)
+    return torch.where(cond, tensor(a), tensor(b))
 
 
 def _piecewise(branches):
@@ -70,7 +87,7 @@ def _piecewise(branches):
             elif isinstance(c, bool):
                 result = v if c else result
             else:
-                result = torch.where(c, torch.as_tensor(v), torch.as_tensor(result))
+                result = _where(c, v, result)
         return result
     return value
 

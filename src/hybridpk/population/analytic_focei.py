@@ -102,15 +102,15 @@ def analytic_problem(pm, prob, theta0: dict):
     import torch
 
     engine = AnalyticFOCEI(pm, prob)
-    theta = {k: torch.as_tensor(float(v.detach()) if torch.is_tensor(v) else float(v), dtype=torch.float64)
-             for k, v in theta0.items()}
+    theta = {k: torch.as_tensor(float(v.detach()) if torch.is_tensor(v) else float(v), dtype=torch.float64,
+                                device="cpu") for k, v in theta0.items()}
     with torch.no_grad():
         phi0 = engine.typical(theta).numpy()
     k = pm.n_eta
     rng = np.random.default_rng(0)
     for eta in (np.zeros((engine.n, k)), rng.uniform(-0.5, 0.5, (engine.n, k))):
         with torch.no_grad():
-            ref = prob.predict(theta, torch.as_tensor(eta))
+            ref = prob.predict(theta, torch.as_tensor(eta, device="cpu"))
         ref = ref.numpy()[engine.obs_index]
         f = engine.predict(phi0 + eta @ engine.place.T)
         bad = np.abs(f - ref)[engine.mask] > AGREEMENT * np.maximum(1.0, np.abs(ref[engine.mask]))
@@ -169,7 +169,7 @@ class AnalyticFOCEI:
         own $PK-like map)."""
         import torch
 
-        zero = torch.zeros(self.n, self.place.shape[1], dtype=torch.float64)
+        zero = torch.zeros(self.n, self.place.shape[1], dtype=torch.float64, device="cpu")   # the engine's data
         p = self._pm.individual(theta, zero, self._cov)
         return torch.log(torch.stack([p[name].expand(self.n) for name in self.params], 1))
 

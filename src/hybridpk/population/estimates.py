@@ -62,8 +62,8 @@ class IndividualEstimates:
     def shrinkage(self) -> np.ndarray:
         """Per patient and ETA: 1 - posterior SD / prior SD (near 1: the data say little)."""
         post = torch.sqrt(torch.diagonal(self.cov, dim1=1, dim2=2))
-        prior = torch.sqrt(torch.diagonal(self.model.omega.tensor()))
-        return (1 - post / prior).numpy()
+        prior = torch.sqrt(torch.diagonal(self.model.omega.tensor(post.device)))
+        return (1 - post / prior).cpu().numpy()
 
     def patient(self, index: int) -> "IndividualEstimates":
         """The estimate of patient ``index`` alone (its records, MAP and covariance; a Problem of its own), as
@@ -107,11 +107,12 @@ def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None, problem
     :meth:`IndividualEstimates.search_warning`. ``problem``: the focei.Problem of this model, ``dataset`` and
     ``estimation`` (solver method "auto") when the caller has one (a fit's), to reuse instead of building it."""
     pm = model.model
-    theta, omega, sd = model.theta.tensors(), model.omega.tensor(), model.sigma.sd_tensors()
-    prob = problem if problem is not None else Problem(pm, dataset, estimation=estimation)
+    dev = model.device
+    theta, omega, sd = model.theta.tensors(dev), model.omega.tensor(dev), model.sigma.sd_tensors(dev)
+    prob = problem if problem is not None else Problem(pm, dataset, estimation=estimation, device=dev)
     prob.require_positive_variance(theta, sd)
     n, k = dataset.n_subjects, pm.n_eta
-    zeros = torch.zeros(n, k, dtype=torch.float64)
+    zeros = torch.zeros(n, k, dtype=torch.float64, device=dev)
     if k:
         oinv = torch.linalg.inv(omega)
         eta = prob.ebe(theta, oinv, sd, zeros, tol=1e-10)
@@ -120,19 +121,19 @@ def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None, problem
         eta = _search_misfits_again(prob, dataset, theta, oinv, sd, eta)
         eta, obj, grad, hess = _search_on(prob, dataset, theta, oinv, sd, eta)
         cov = 2.0 * torch.linalg.inv(hess)
-        decrement = newton_decrement(grad, hess).numpy()
+        decrement = newton_decrement(grad, hess).cpu().numpy()
     else:   # no IIV: the individual prediction is the population one
-        eta, cov = zeros, torch.zeros(n, 0, 0, dtype=torch.float64)
+        eta, cov = zeros, torch.zeros(n, 0, 0, dtype=torch.float64, device=dev)
         with torch.no_grad():
             obj = prob.objective(theta, omega, sd, eta)
         decrement = np.zeros(n)
     with torch.no_grad():
         ip = pm.parameters(theta, eta, prob.batch)
     # one row per patient: a parameter that changes between records is reported at the first record
-    params = pd.DataFrame({"ID": list(dataset.ids), **{k2: (v[:, 0] if v.dim() == 2 else v).numpy()
+    params = pd.DataFrame({"ID": list(dataset.ids), **{k2: (v[:, 0] if v.dim() == 2 else v).cpu().numpy()
                                                       for k2, v in ip.items()}})
     return IndividualEstimates(model=model, dataset=dataset, problem=prob, eta=eta, cov=cov, objective=obj.detach(),
-                               parameters=params, n_levels=prob.obs.sum(1).numpy(), decrement=decrement)
+                               parameters=params, n_levels=prob.obs.sum(1).cpu().numpy(), decrement=decrement)
 
 
 WIDENED_SD = ((10.0, 3.0, 1.0), (1e4, 1e3, 100.0, 10.0, 3.0, 1.0))
@@ -289,9 +290,10 @@ def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, see
     model = est.model
     pm = model.model
     prob = est.problem
-    oinv = torch.linalg.inv(model.omega.tensor())
-    sd = model.sigma.sd_tensors()
-    theta = model.theta.tensors()
+    dev = prob.y.device
+    oinv = torch.linalg.inv(model.omega.tensor(dev))
+    sd = model.sigma.sd_tensors(dev)
+    theta = model.theta.tensors(dev)
 
     def log_post(draws):
         m = draws.shape[0]
@@ -352,7 +354,12 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     reach ETAs whose parameters no solver integrates in reasonable time (KA e^10), and beyond 6 prior SDs the
     prior density is below e^-18 of its mode, so the posterior mass dropped is negligible unless the
     likelihood outweighs that, in which case the mode would lie there. The limit is never closer to ``mean``
-    than 6 proposal SDs (a mode far out in the population keeps its neighbourhood)."""
+    than 6 proposal SDs (a mode far out in the population keeps its neighbourhood).
+
+    The sampling itself (K-dimensional points, their weights) runs on the CPU, so a seed gives the same draws
+    on every device; ``log_post`` gets its points on ``mean``'s device, where the draws are returned."""
+    device = mean.device
+    mean, cov = mean.detach().cpu(), cov.detach().cpu()
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     k = mean.shape[0]
@@ -362,8 +369,8 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     base = torch.linalg.cholesky(cov * proposal_scale ** 2)
     if limit is not None:   # never closer to the mode than 6 proposal SDs (a patient far out in the population)
         reach = mean.abs() + 6 * proposal_scale * torch.sqrt(torch.diagonal(cov))
-        limit = torch.maximum(torch.as_tensor(limit, dtype=torch.float64), reach)
-    prior = torch.linalg.cholesky(torch.as_tensor(prior_cov, dtype=torch.float64)) \
+        limit = torch.maximum(torch.as_tensor(limit, dtype=torch.float64, device="cpu"), reach)
+    prior = torch.linalg.cholesky(torch.as_tensor(prior_cov, dtype=torch.float64, device="cpu")) \
         if prior_cov is not None and defensive > 0 else None
     # components: (share of all proposals, kind, centre, Cholesky factor)
     components, draws, logpost = [], [], []
@@ -373,9 +380,10 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
             new = [_t_draws(mean, base, m - n_prior, gen, rng)]
             components.append([m - n_prior, "t", mean, base])
             if n_prior:
-                centre = torch.zeros(k, dtype=torch.float64) if prior_mean is None else \
-                    torch.as_tensor(prior_mean, dtype=torch.float64)
-                new.append(centre + torch.randn(n_prior, k, generator=gen, dtype=torch.float64) @ prior.T)
+                centre = torch.zeros(k, dtype=torch.float64, device="cpu") if prior_mean is None else \
+                    torch.as_tensor(prior_mean, dtype=torch.float64, device="cpu")
+                new.append(centre + torch.randn(n_prior, k, generator=gen, dtype=torch.float64, device="cpu")
+                           @ prior.T)
                 components.append([n_prior, "normal", centre, prior])
             x = torch.cat(new)
         else:
@@ -386,17 +394,18 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
             centre = (w[:, None] * all_x).sum(0)
             dev = all_x - centre
             fitted = (w[:, None, None] * dev[:, :, None] * dev[:, None, :]).sum(0)
-            fitted = 0.5 * (fitted + fitted.T) + 1e-9 * torch.eye(k, dtype=torch.float64)
+            fitted = 0.5 * (fitted + fitted.T) + 1e-9 * torch.eye(k, dtype=torch.float64, device="cpu")
             chol, info = torch.linalg.cholesky_ex(fitted)
             if int(info) != 0:
                 break
             x = _t_draws(centre, chol, m, gen, rng)
             components.append([m, "t", centre, chol])
-        inside = torch.ones(x.shape[0], dtype=torch.bool) if limit is None else (x.abs() <= limit).all(-1)
-        lp = torch.full((x.shape[0],), -float("inf"), dtype=torch.float64)
+        inside = torch.ones(x.shape[0], dtype=torch.bool, device="cpu") if limit is None else \
+            (x.abs() <= limit).all(-1)
+        lp = torch.full((x.shape[0],), -float("inf"), dtype=torch.float64, device="cpu")
         with torch.no_grad():
             if bool(inside.any()):
-                lp[inside] = log_post(x[inside]).to(torch.float64)
+                lp[inside] = log_post(x[inside].to(device)).to("cpu", torch.float64)
         draws.append(x)
         logpost.append(torch.nan_to_num(lp, nan=-np.inf))
     x, lp = torch.cat(draws), torch.cat(logpost)
@@ -410,12 +419,12 @@ def importance_resample(mean, cov, log_post, n: int = 1000, seed: int = 0, propo
     w = torch.softmax(logw, 0)
     ess = float(1.0 / (w * w).sum())
     idx = torch.multinomial(w, n, replacement=True, generator=gen)
-    return ImportanceSample(x[idx], ess, k_hat, int(x.shape[0]), len(draws))
+    return ImportanceSample(x[idx].to(device), ess, k_hat, int(x.shape[0]), len(draws))
 
 
 def _t_draws(centre, chol, m: int, gen, rng, df: float = 5.0):
     """``m`` draws of a multivariate t (``df`` d.f.) with location ``centre`` and scale chol chol'."""
-    z = torch.randn(m, centre.shape[0], generator=gen, dtype=torch.float64)
+    z = torch.randn(m, centre.shape[0], generator=gen, dtype=torch.float64, device="cpu")
     g = torch.from_numpy(rng.chisquare(df, m))
     return centre + (z / torch.sqrt(g / df).unsqueeze(-1)) @ chol.T
 

@@ -44,6 +44,8 @@ class FittedPopulation:
     not on dialysis; the answer says so), ``dosing`` the regimen conventions a published model states (a
     spec's [dosing]: ``target`` e.g. "auc24=14.4:21.6", ``interval`` h, ``duration`` h of an infusion,
     ``dose_step`` and ``max_dose`` mg), which ``hybridpk dose`` takes when its flags are not given.
+    ``device`` the torch device its predictions, estimates and simulations compute on (:meth:`to`; not saved:
+    a run folder loads on the CPU).
     """
 
     model: PopulationModel = field(repr=False)
@@ -59,6 +61,15 @@ class FittedPopulation:
     notes: tuple = ()
     covariate_defaults: dict = field(default_factory=dict)
     dosing: dict = field(default_factory=dict)
+    device: str = field(default="cpu", repr=False, compare=False)
+
+    def to(self, device) -> "FittedPopulation":
+        """The same model computing on ``device`` ("cpu", "cuda", "cuda:1", "auto": see
+        :func:`hybridpk.solve.device.resolve_device`): a patient's records, the ETAs and every intermediate
+        stay there, in float64; tables and numbers come back to the CPU."""
+        from ..solve.device import resolve_device
+
+        return replace(self, device=str(resolve_device(device)))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -106,7 +117,7 @@ class FittedPopulation:
         {name: (N,) tensor}: the structural model's parameters, and with ``every`` the model's own ones too (a
         spec's parameters from which structural ones are computed, e.g. CLIN for VMAX = CLIN KM)."""
         fn = (self.model.every_parameter if every else None) or self.model.individual
-        return fn(self.theta.tensors(), eta, covariates)
+        return fn(self.theta.tensors(self.device), eta, covariates)
 
     def concentrations(self, batch, eta):
         """Concentrations (N, R) at every record of ``batch`` for ETAs ``eta`` (N, K) (covariates as the model
@@ -114,7 +125,7 @@ class FittedPopulation:
         from ..solve import simulate
 
         with torch.no_grad():
-            p = self.model.parameters(self.theta.tensors(), eta, batch)
+            p = self.model.parameters(self.theta.tensors(self.device), eta, batch)
             return simulate(self.model.structural, p, batch, throw=False, rule=self.model.covariate_rule).ipred
 
     # ------------------------------------------------------------------ the four verbs
@@ -129,8 +140,9 @@ class FittedPopulation:
         est = estimates or self.estimate(dataset)
         prob = est.problem
         with torch.no_grad():
-            pred = prob.predict(self.theta.tensors(), torch.zeros_like(est.eta))
-            ipred = prob.predict(self.theta.tensors(), est.eta)
+            theta = self.theta.tensors(self.device)
+            pred = prob.predict(theta, torch.zeros_like(est.eta))
+            ipred = prob.predict(theta, est.eta)
             if self.model.error.ltbs:   # log scale inside the fit; concentrations out
                 pred, ipred = torch.exp(pred), torch.exp(ipred)
         b = prob.batch
@@ -139,7 +151,7 @@ class FittedPopulation:
                               "MDV": df.MDV.to_numpy(), "PRED": b.to_rows(pred), "IPRED": b.to_rows(ipred)})
         idx = b.subject_of_rows()
         for j, name in enumerate(self.model.etas):
-            table[name] = est.eta[idx, j].numpy()
+            table[name] = est.eta[idx, j].cpu().numpy()
         return Predictions(table=table, batch=b, pred=pred, ipred=ipred, estimates=est)
 
     def simulate(self, dataset, n: int = 1, seed: int = 0) -> pd.DataFrame:

@@ -63,7 +63,8 @@ ESTIMATION_METHODS = ("FOCE-I", "FOCE", "FO", "LAPLACE-I", "LAPLACE")
 class Problem:
     """A population model bound to a dataset: predictions, objectives and EBEs for a parameter set."""
 
-    def __init__(self, pm, dataset, method="auto", rtol=1e-8, atol=1e-10, estimation: str = "FOCE-I"):
+    def __init__(self, pm, dataset, method="auto", rtol=1e-8, atol=1e-10, estimation: str = "FOCE-I",
+                 device="cpu"):
         if estimation not in ESTIMATION_METHODS:
             from ..errors import HybridPKError
 
@@ -82,7 +83,7 @@ class Problem:
         dataset.require_constant_covariates([c for c in pm.covariates if c not in pm.record_items],
                                             "the population model")
         pm.require_occasions(dataset)
-        self.batch = dataset.to_batch(covariates=list(pm.covariates))
+        self.batch = dataset.to_batch(covariates=list(pm.covariates), device=device)
         b = self.batch
         if not pm.reads_dvid:
             require_one_kind(pm.structural, b)
@@ -125,7 +126,7 @@ class Problem:
 
         with torch.no_grad():
             theta = {k: v.detach() for k, v in theta.items()}
-            zero = torch.zeros(self.batch.n_subjects, self.pm.n_eta, dtype=torch.float64)
+            zero = torch.zeros(self.batch.n_subjects, self.pm.n_eta, dtype=torch.float64, device=self.y.device)
             f = self.predict(theta, zero)
             v = self.pm.residual_variance(theta, zero, self.batch, f, {k: t.detach() for k, t in sd.items()})
         bad = self.obs & ~(v > 0)
@@ -167,8 +168,8 @@ class Problem:
     def _copies(self, n_points):
         """(batch of ``n_points`` copies of every subject, the copies' step groups: their subject)."""
         if n_points not in self._stacked:
-            idx = torch.arange(self.batch.n_subjects).repeat(n_points)
-            self._stacked[n_points] = (self.batch.select(idx), idx.to(self.batch.time.device))
+            idx = torch.arange(self.batch.n_subjects, device=self.batch.time.device).repeat(n_points)
+            self._stacked[n_points] = (self.batch.select(idx), idx)
         return self._stacked[n_points]
 
     def variance(self, theta, eta, f, sd):
@@ -316,7 +317,7 @@ class Problem:
             with np.errstate(all="ignore"):
                 out = engine.derivatives(phi0, omega_inv.detach().numpy(), self._floats(sd), eta.detach().numpy())
             if all(np.isfinite(o).all() for o in out[1:]):
-                return tuple(torch.as_tensor(o) for o in out)
+                return tuple(torch.as_tensor(o, device=eta.device) for o in out)
         e = eta.detach().clone().requires_grad_(True)
         obj = self.objective(theta, omega_inv, sd, e)
         (grad,) = torch.autograd.grad(obj.sum(), e, create_graph=True)
@@ -365,7 +366,7 @@ class Problem:
                     phi0 = engine.typical(theta).numpy()
                 with np.errstate(all="ignore"):
                     found = engine.ebe(phi0, omega_inv.numpy(), self._floats(sd), eta.numpy(), max_iter, tol)
-                return torch.as_tensor(found)
+                return torch.as_tensor(found, device=eta.device)
             except FloatingPointError:  # KA = CL/V for some subject: the general path takes the limit
                 pass
             finally:                    # this search's fallbacks (the engine counts every caller's)
@@ -422,8 +423,9 @@ class Problem:
                 ok = trying & torch.isfinite(new) & (new <= cur + tol)
                 first = torch.where(ok.any(0), ok.to(torch.int8).argmax(0), torch.zeros_like(alpha).long())
                 hit = ok.any(0)
-                eta = torch.where(hit.unsqueeze(-1), trials[first, torch.arange(eta.shape[0])], eta)
-                value = torch.where(hit, new[first, torch.arange(eta.shape[0])], value)
+                every = torch.arange(eta.shape[0], device=eta.device)
+                eta = torch.where(hit.unsqueeze(-1), trials[first, every], eta)
+                value = torch.where(hit, new[first, every], value)
                 todo, trying = todo & ~hit, trying & ~hit
                 alpha = torch.where(trying, alpha * 0.5 ** m, alpha)
                 trying = trying & (alpha * size > 1e-12)

@@ -11,31 +11,35 @@ __all__ = ["replicates", "eta_sampler", "simulate_replicates", "residual_noise"]
 def residual_noise(error_model, variance, conc, gen):
     """DV drawn around the concentrations ``conc`` (mg/L) with the residual error of variance ``variance``
     (same shape; :meth:`PopulationModel.residual_variance`, e.g. ADD^2 + (PROP C)^2 for NONMEM's
-    Y = F + F EPS(1) + EPS(2)): additive, or multiplicative C exp(SD EPS) for log-transform-both-sides."""
-    z = torch.randn(conc.shape, generator=gen, dtype=conc.dtype)
+    Y = F + F EPS(1) + EPS(2)): additive, or multiplicative C exp(SD EPS) for log-transform-both-sides. The
+    draws come from ``gen`` (a CPU generator) on any device: the same seed, the same DV."""
+    z = torch.randn(conc.shape, generator=gen, dtype=conc.dtype, device="cpu").to(conc.device)
     s = torch.sqrt(variance)
     return conc * torch.exp(s * z) if error_model.ltbs else conc + s * z
 
 
 def eta_sampler(fitted):
-    """A function (n, gen) -> ETAs (n, K) drawn from the fitted OMEGA."""
+    """A function (n, gen) -> ETAs (n, K) drawn from the fitted OMEGA (by the CPU generator ``gen``), on the
+    model's device."""
     omega = fitted.omega.tensor()
     chol = torch.linalg.cholesky(omega) if fitted.model.n_eta else omega
 
     def draw(n: int, gen):
-        return torch.randn(n, fitted.model.n_eta, generator=gen, dtype=torch.float64) @ chol.T
+        eta = torch.randn(n, fitted.model.n_eta, generator=gen, dtype=torch.float64, device="cpu") @ chol.T
+        return eta.to(fitted.device)
 
     return draw
 
 
-def replicates(dataset, covariates, error_model, sd: dict, n: int, seed: int, draw, variance=None) -> pd.DataFrame:
+def replicates(dataset, covariates, error_model, sd: dict, n: int, seed: int, draw, variance=None,
+               device="cpu") -> pd.DataFrame:
     """REP, ID, TIME, EVID, MDV, IPRED, DV and per-subject columns for every record of ``n`` replicates of
     ``dataset``'s design: ``draw(batch, gen)`` gives each replicate's concentrations (N, R) and its
     per-subject values {column: (N,)} (the ETAs, ...); DV adds the residual error at the observation records
     (0 elsewhere), of variance ``variance(batch, conc, per_subject)`` (default: the error model's at the
-    concentrations). Seeded (torch CPU generator)."""
+    concentrations). Seeded (torch CPU generator); computed on ``device``."""
     gen = torch.Generator().manual_seed(int(seed))
-    batch = dataset.to_batch(covariates=list(covariates))
+    batch = dataset.to_batch(covariates=list(covariates), device=device)
     df, idx, obs = dataset.to_dataframe(), batch.subject_of_rows(), batch.is_obs
     out = []
     for rep in range(1, int(n) + 1):
@@ -46,7 +50,7 @@ def replicates(dataset, covariates, error_model, sd: dict, n: int, seed: int, dr
                               "EVID": df.EVID.to_numpy(), "MDV": df.MDV.to_numpy(), "IPRED": batch.to_rows(conc),
                               "DV": batch.to_rows(dv)})
         for name, values in per_subject.items():
-            table[name] = values[idx].numpy()
+            table[name] = values[idx].cpu().numpy()
         out.append(table)
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
@@ -64,7 +68,7 @@ def simulate_replicates(fitted, dataset, n: int = 1, seed: int = 0) -> pd.DataFr
         return fitted.concentrations(batch, eta), {name: eta[:, j] for j, name in enumerate(pm.etas)}
 
     def variance(batch, conc, _):
-        return pm.residual_variance(fitted.theta.tensors(), drawn["eta"], batch, conc, sd)
+        return pm.residual_variance(fitted.theta.tensors(fitted.device), drawn["eta"], batch, conc, sd)
 
-    sd = fitted.sigma.sd_tensors()
-    return replicates(dataset, pm.covariates, pm.error, sd, n, seed, draw, variance)
+    sd = fitted.sigma.sd_tensors(fitted.device)
+    return replicates(dataset, pm.covariates, pm.error, sd, n, seed, draw, variance, device=fitted.device)

@@ -61,11 +61,11 @@ class ThetaTable(_Rows):
     def names(self) -> tuple:
         return tuple(r.name for r in self.rows)
 
-    def tensors(self) -> dict:
-        """{name: 0-d float64 tensor}: what the model's parameter map takes."""
+    def tensors(self, device="cpu") -> dict:
+        """{name: 0-d float64 tensor on ``device``}: what the model's parameter map takes."""
         import torch
 
-        return {r.name: torch.tensor(r.value, dtype=torch.float64) for r in self.rows}
+        return {r.name: torch.tensor(r.value, dtype=torch.float64, device=device) for r in self.rows}
 
     def to_dict(self) -> dict:
         """summary.json's "parameters": {name: {"estimate", "se", "rse", "fixed"}}."""
@@ -140,13 +140,13 @@ class OmegaTable:
         """Standard error of the (co)variance element (a, b)."""
         return self._se(self._index(a), self._index(b))
 
-    def tensor(self):
-        """OMEGA (K, K) float64."""
+    def tensor(self, device="cpu"):
+        """OMEGA (K, K) float64 on ``device``."""
         import torch
 
         if not self.etas:
-            return torch.zeros(0, 0, dtype=torch.float64)
-        return torch.tensor(self.matrix, dtype=torch.float64)
+            return torch.zeros(0, 0, dtype=torch.float64, device=device)
+        return torch.tensor(self.matrix, dtype=torch.float64, device=device)
 
     def to_dict(self) -> dict:
         """summary.json's "omega": {label: {"variance", "se", "cv_percent", "eta"}}."""
@@ -208,11 +208,11 @@ class SigmaTable(_Rows):
                 return r
         raise KeyError(f"no SIGMA named {key!r}; the model has {', '.join(r.label for r in self.rows)}")
 
-    def sd_tensors(self) -> dict:
-        """{kind: 0-d float64 tensor SD}: what the error model's likelihood takes."""
+    def sd_tensors(self, device="cpu") -> dict:
+        """{kind: 0-d float64 tensor SD on ``device``}: what the error model's likelihood takes."""
         import torch
 
-        return {r.kind: torch.tensor(r.sd, dtype=torch.float64) for r in self.rows}
+        return {r.kind: torch.tensor(r.sd, dtype=torch.float64, device=device) for r in self.rows}
 
     def to_dict(self) -> dict:
         """summary.json's "sigma": {label: {"estimate", "se", "scale", "sd", "variance", "kind"}}."""

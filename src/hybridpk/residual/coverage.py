@@ -59,11 +59,12 @@ class TrainingCoverage:
                    span_h=float(span.max()) if span.numel() else 0.0, max_doses=int(given.sum(1).max()),
                    z_norm2_q99=q99, z_mean=mean, z_cov=cov)
 
-    def latent_prior(self):
-        """(mean (K,), covariance (K, K)) tensors of the trained latent distribution, or None."""
+    def latent_prior(self, device="cpu"):
+        """(mean (K,), covariance (K, K)) tensors of the trained latent distribution on ``device``, or None."""
         if self.z_mean is None:
             return None
-        return torch.tensor(self.z_mean, dtype=torch.float64), torch.tensor(self.z_cov, dtype=torch.float64)
+        return (torch.tensor(self.z_mean, dtype=torch.float64, device=device),
+                torch.tensor(self.z_cov, dtype=torch.float64, device=device))
 
     def to_dict(self) -> dict:
         return asdict(self)

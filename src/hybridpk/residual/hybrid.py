@@ -74,6 +74,25 @@ class HybridFit:
     trained_log_shift: tuple | None = None
 
     @property
+    def device(self) -> str:
+        """The torch device this model computes on (:meth:`to`)."""
+        return self.population.device
+
+    def to(self, device) -> "HybridFit":
+        """The same hybrid computing on ``device`` (see :meth:`FittedPopulation.to`): its networks and every
+        estimate, prediction and simulation stay there; tables come back to the CPU."""
+        import copy
+
+        population = self.population.to(device)
+        target = torch.device(population.device)
+        tensors = list(self.vae.parameters()) + [v for v in self.vae.scale.values() if torch.is_tensor(v)]
+        if all(_same_device(t.device, target) for t in tensors):
+            return replace(self, population=population)
+        vae = copy.deepcopy(self.vae).to(target)         # the model itself stays where it is
+        vae.scale = {k: v.to(target) if torch.is_tensor(v) else v for k, v in vae.scale.items()}
+        return replace(self, population=population, vae=vae)
+
+    @property
     def hybrid_population(self) -> FittedPopulation:
         """The population fit with the hybrid's OMEGA and SIGMA (``omega``, ``sigma``): the ODE part of the
         hybrid and its residual error."""
@@ -104,7 +123,7 @@ class HybridFit:
         est, batch, ipred0 = ode_fit
         hp_ = self.hybrid_population
         h = estimate_hybrid(self.vae, batch, ipred0, est.eta, self.population.model.error,
-                            hp_.sigma.sd_tensors(), baseline=ODEBaseline(hp_),
+                            hp_.sigma.sd_tensors(self.device), baseline=ODEBaseline(hp_),
                             refine=refine)
         return h.with_ode(est, ipred0)
 
@@ -120,7 +139,8 @@ class HybridFit:
             raise HybridPKError("the prediction design must hold the same patients, in the same order, as the data")
         target = design if design is not None else dataset
         covariates = list(self.population.covariates)
-        batch = h.ode.problem.batch if design is None else design.to_batch(covariates=covariates)
+        batch = (h.ode.problem.batch if design is None
+                 else design.to_batch(covariates=covariates, device=self.device))
         curves = predict_with(self.vae, h, batch, ODEBaseline(self.hybrid_population))
         ipred, hyb, ode = curves.final, curves.hybrid, curves.ode
         pred = self.population.concentrations(batch, torch.zeros_like(h.eta_ode))
@@ -129,9 +149,9 @@ class HybridFit:
                               "MDV": df.MDV.to_numpy(), "PRED": batch.to_rows(pred), "IPRED_ODE": batch.to_rows(ode),
                               "IPRED_HYBRID": batch.to_rows(hyb), "IPRED": batch.to_rows(ipred)})
         idx = batch.subject_of_rows()
-        table["HYBRID_WEIGHT"] = h.weight[idx].numpy()
+        table["HYBRID_WEIGHT"] = h.weight[idx].cpu().numpy()
         for j in range(h.z.shape[1]):
-            table[f"Z{j + 1}"] = h.z[idx, j].numpy()
+            table[f"Z{j + 1}"] = h.z[idx, j].cpu().numpy()
         return Predictions(table=table, batch=batch, pred=pred, ipred=ipred, estimates=h, ode=ode, hybrid=hyb)
 
     # ------------------------------------------------------------------ points (ETAs, z) of one patient
@@ -162,7 +182,8 @@ class HybridFit:
                 if averaged:
                     hyb = weight * hyb + (1 - weight) * ode
                 out.append(hyb)
-        return torch.cat(out) if out else torch.zeros(0, batch.time.shape[1], dtype=torch.float64)
+        return torch.cat(out) if out else torch.zeros(0, batch.time.shape[1], dtype=torch.float64,
+                                                      device=batch.time.device)
 
     def objective(self, batch, points, z_prior=None):
         """-log p(y, ETAs, z) (S,) up to a constant of the observations in ``batch`` at ``points`` (S, n_eta + K):
@@ -171,7 +192,7 @@ class HybridFit:
         eta, z = self._split(points)
         return joint_objective(self.vae, ODEBaseline(self.hybrid_population), batch, eta, z,
                                self.population.model.error,
-                               self.hybrid_population.sigma.sd_tensors(), z_prior=z_prior)
+                               self.hybrid_population.sigma.sd_tensors(self.device), z_prior=z_prior)
 
     def individual_parameters(self, batch, points) -> dict:
         """The structural parameters {name: (S,)} of the ODE part at ``points`` (with the typical-value shifts
@@ -190,13 +211,15 @@ class HybridFit:
 
         def draw(batch, gen):
             eta = etas(batch.n_subjects, gen)
-            z = torch.randn(batch.n_subjects, self.latent_dim, generator=gen, dtype=torch.float64)
+            z = torch.randn(batch.n_subjects, self.latent_dim, generator=gen, dtype=torch.float64,
+                            device="cpu").to(batch.time.device)
             with torch.no_grad():
                 conc, _ = self.vae.predict_at(batch, z, base, eta, pop.concentrations(batch, eta))
             return conc, {**{name: eta[:, j] for j, name in enumerate(pm.etas)},
                           **{f"Z{j + 1}": z[:, j] for j in range(self.latent_dim)}}
 
-        return replicates(dataset, pm.covariates, pm.error, pop.sigma.sd_tensors(), n, seed, draw)
+        return replicates(dataset, pm.covariates, pm.error, pop.sigma.sd_tensors(self.device), n, seed, draw,
+                          device=self.device)
 
     # ------------------------------------------------------------------ persistence
     def summary(self) -> dict:
@@ -387,11 +410,18 @@ def _load_weights(path: Path) -> dict:
     return ck
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one ("cuda" is the current GPU, "cuda:N" the N-th)."""
+    index = (lambda d: torch.cuda.current_device() if d.index is None else d.index) if a.type == "cuda" else None
+    return a.type == b.type and (index is None or index(a) == index(b))
+
+
 def _ode_only(population: FittedPopulation, dataset):
     """(ODE-only IndividualEstimates, their batch, IPRED (N, R) at the MAP ETAs) for ``dataset``: the fit's own
-    EBEs when ``dataset`` is the data the population was fitted to, else a new estimate (the same code)."""
+    EBEs when ``dataset`` is the data the population was fitted to (and the model computes on the CPU, where
+    they are), else a new estimate (the same code)."""
     rec = population.estimation
-    est = rec.estimates if (rec is not None and rec.estimates is not None
+    est = rec.estimates if (rec is not None and rec.estimates is not None and population.device == "cpu"
                             and rec.data_sha256 == dataset.fingerprint()) else None
     est = est or population.estimate(dataset)
     b = est.problem.batch
@@ -417,11 +447,12 @@ def _per_patient(hybrid: HybridFit, dataset, ode_fit):
         return torch.sqrt(torch.where(obs, (batch.dv - pred) ** 2, torch.zeros_like(pred)).sum(1) / n)
 
     nll_o, nll_h = nll(out.ode), nll(out.hybrid)
-    cols = {**{f"Z{j + 1}": h.z[:, j].numpy() for j in range(h.z.shape[1])},
-            **{f"Z{j + 1}_SD": h.z_sd[:, j].numpy() for j in range(h.z.shape[1])},
-            "NLL_ODE": nll_o.numpy(), "NLL_HYBRID": nll_h.numpy(), "COMPLEXITY": (nll_o - nll_h).numpy(),
-            "HYBRID_WEIGHT": h.weight.numpy(), "RMSE_ODE": rmse(out.ode).numpy(),
-            "RMSE_HYBRID": rmse(out.ipred).numpy(), "REFINED": h.refined.numpy().astype(int)}
+    cols = {**{f"Z{j + 1}": h.z[:, j].cpu().numpy() for j in range(h.z.shape[1])},
+            **{f"Z{j + 1}_SD": h.z_sd[:, j].cpu().numpy() for j in range(h.z.shape[1])},
+            "NLL_ODE": nll_o.cpu().numpy(), "NLL_HYBRID": nll_h.cpu().numpy(),
+            "COMPLEXITY": (nll_o - nll_h).cpu().numpy(),
+            "HYBRID_WEIGHT": h.weight.cpu().numpy(), "RMSE_ODE": rmse(out.ode).cpu().numpy(),
+            "RMSE_HYBRID": rmse(out.ipred).cpu().numpy(), "REFINED": h.refined.cpu().numpy().astype(int)}
     return cols, h.refine_failure
 
 

@@ -103,7 +103,7 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
         return _objective(model, baseline, batch, ipred0, ee, zz, error_model, sd, l2)
 
     start = torch.cat([mu, eta0], 1) if joint else mu.clone()
-    x_final, refined, failure = start, torch.zeros(start.shape[0], dtype=torch.bool), ""
+    x_final, refined, failure = start, torch.zeros(start.shape[0], dtype=torch.bool, device=start.device), ""
     if refine:
         x, failure = guarded_lbfgs(objective, start, max_iter)
         with torch.no_grad():
@@ -129,7 +129,8 @@ def guarded_lbfgs(objective, start, max_iter: int):
     x = start.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
-    best_x, best_f = start.detach().clone(), torch.full((start.shape[0],), float("inf"), dtype=start.dtype)
+    best_x = start.detach().clone()
+    best_f = torch.full((start.shape[0],), float("inf"), dtype=start.dtype, device=start.device)
 
     def closure():
         opt.zero_grad()

@@ -54,7 +54,7 @@ __all__ = ["with_omega", "conditional_covariance", "its_omega", "its_sigma"]
 def with_omega(population, matrix, sd: dict | None = None):
     """``population`` (a FittedPopulation) with OMEGA ``matrix`` (K, K) and, when given, the residual error SDs
     ``sd`` {kind: SD}; no standard errors."""
-    m = torch.as_tensor(matrix, dtype=torch.float64)
+    m = torch.as_tensor(matrix, dtype=torch.float64, device="cpu")
     table = replace(population.omega, matrix=tuple(tuple(float(x) for x in row) for row in m.tolist()), se=None)
     out = replace(population, omega=table)
     if sd is not None:
