@@ -16,6 +16,7 @@ and takes ``.cpu()`` before ``.numpy()`` on these paths; benchmarks/gpu_check.py
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -32,8 +33,10 @@ from hybridpk.dosing import (auc, dosing_model, estimate_patient, forecast, inte
                              recommend_dose, time_above, time_to_concentration)
 from hybridpk.dosing.summary import patient_summary
 from hybridpk.population import FittedPopulation, build_model, fit_population, load_model
+from hybridpk.population.nonmem import read_control_stream
 from hybridpk.residual import TrainConfig, fit_hybrid
 from hybridpk.solve.examples import simulate_ehc_population
+from tests.integration.test_nonmem_des import ADVAN5, MM_DES, THEO_DES
 
 THEOPH = Path(__file__).parents[2] / "data" / "theoph.csv"
 PHARMPY = Path(__import__("pharmpy").__file__).parent / "internals" / "example_models"
@@ -94,6 +97,55 @@ def test_predict_and_simulate_stay_on_the_models_device(case, path, request):
     _same_table(got_sim, sim)
 
 
+@pytest.mark.parametrize("estimation, path", [("FOCE-I", "default"), ("FOCE-I", "general"), ("FOCE", "general"),
+                                              ("FO", "default"), ("LAPLACE-I", "general")])
+def test_a_population_fit_stays_on_its_device(estimation, path, request):
+    """fit_population(device=...): the search's every evaluation, the EBEs, the covariance step and the tables
+    (the analytic path of FOCE-I where it covers the model; the automatic-differentiation one a GPU takes)."""
+    if path == "general":
+        request.getfixturevalue("general_path")
+    pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined")
+    ds = hp.read_nonmem(THEOPH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = fit_population(pm, ds, progress=False, estimation=estimation)
+        with stray_tensors_on_meta():
+            got = fit_population(pm, ds, progress=False, estimation=estimation, device="cpu")
+    assert got.device == "cpu"
+    assert got.estimation.ofv == want.estimation.ofv
+    assert got.tables_to_dict() == want.tables_to_dict()
+    _same_table(got.estimation.predictions, want.estimation.predictions)
+    _same_table(got.estimation.individual, want.estimation.individual)
+
+
+def test_an_imported_control_stream_fits_on_its_device():
+    """pharmpy's pheno.mod fitted as its $ESTIMATION says (OFV 586.2761, NONMEM's 586.27605)."""
+    pm, ds = read_control_stream(PHARMPY / "pheno.mod")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = fit_population(pm, ds, progress=False)
+        with stray_tensors_on_meta():
+            got = fit_population(pm, ds, progress=False, device="cpu")
+    assert got.estimation.ofv == want.estimation.ofv == pytest.approx(586.27605, abs=1e-3)
+    assert got.tables_to_dict() == want.tables_to_dict()
+    _same_table(got.estimation.predictions, want.estimation.predictions)
+
+
+@pytest.mark.parametrize("text", [THEO_DES, MM_DES, ADVAN5], ids=["ADVAN13", "ADVAN13 Michaelis-Menten", "ADVAN5"])
+def test_a_control_stream_with_its_own_equations_predicts_on_its_device(tmp_path, text):
+    """$DES (ADVAN13: an IF block on T, a THETA in $DES, $ERROR on the amount) and the general linear ADVAN5
+    read from control streams: the statements evaluated on the data's device."""
+    shutil.copy(THEOPH, tmp_path / "theoph.csv")
+    (tmp_path / "theo_des.mod").write_text(text)
+    model = load_model(tmp_path / "theo_des.mod")
+    ds = hp.read_nonmem(THEOPH).subset([1, 2])
+    want = model.predict(ds).table
+    on_cpu = model.to("cpu")
+    with stray_tensors_on_meta():
+        got = on_cpu.predict(ds).table
+    _same_table(got, want)
+
+
 def _vanco_patient():
     rows = [dict(ID=7, TIME=0.0, DV=0.0, AMT=1000.0, RATE=1000.0, ADDL=3, II=12.0, EVID=1, MDV=1)]
     rows += [dict(ID=7, TIME=t, DV=v, AMT=0.0, RATE=0.0, ADDL=0, II=0.0, EVID=0, MDV=0)
@@ -144,6 +196,9 @@ def test_an_imported_control_stream_stays_on_the_models_device():
     assert got[1] == want[1]
 
 
+SMALL = TrainConfig(epochs=6, warmup_epochs=2, progress=False, form="reservoir")
+
+
 @pytest.fixture(scope="module")
 def small_hybrid():
     """A briefly trained reservoir hybrid on 30 EHC patients (its weights are real, not its quality)."""
@@ -152,13 +207,24 @@ def small_hybrid():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = fit_population(pm, ds, progress=False, covariance=False)
-        hyb = fit_hybrid(pm, ds, population=fit, config=TrainConfig(epochs=6, warmup_epochs=2, progress=False,
-                                                                    form="reservoir"), seed=3, progress=False)
-    return hyb, ds
+        hyb = fit_hybrid(pm, ds, population=fit, config=SMALL, seed=3, progress=False)
+    return hyb, ds, pm
+
+
+def test_a_hybrid_on_a_population_fitted_on_a_device(small_hybrid):
+    """fit_hybrid takes a population fitted on a device (its EBEs moved, not searched again): the same hybrid."""
+    hyb, ds, pm = small_hybrid
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with stray_tensors_on_meta():
+            fit = fit_population(pm, ds, progress=False, covariance=False, device="cpu")
+        got = fit_hybrid(pm, ds, population=fit, config=SMALL, seed=3, progress=False)
+    _same_table(got.individual, hyb.individual)
+    assert got.summary() == hyb.summary()
 
 
 def test_a_hybrid_predicts_simulates_and_doses_on_its_device(small_hybrid):
-    hyb, ds = small_hybrid
+    hyb, ds, _ = small_hybrid
     some = ds.subset(list(ds.ids[:3]))
     one = ds.subset(list(ds.ids[:1]))
 
@@ -180,15 +246,25 @@ def test_a_hybrid_predicts_simulates_and_doses_on_its_device(small_hybrid):
     assert got[2] == want[2]
 
 
-def test_device_option_on_predict_map_and_dose(tmp_path, capsys):
+def test_device_option_on_fit_predict_map_and_dose(tmp_path, capsys):
     """--device cpu and --device auto (the CPU on a machine without a GPU) give the default's output byte for
-    byte; a device this machine lacks is refused before any work, naming --device."""
+    byte (timings and versions aside); a device this machine lacks is refused before any work, naming
+    --device."""
     run = tmp_path / "run"
     assert main(["fit", str(THEOPH), "--model", "1cmt_oral", "--out", str(run), "--quiet",
                  "--no-covariance"]) == 0
+    devices = ["cpu"] + ([] if torch.cuda.is_available() else ["auto"])
+    for device in devices:
+        other = tmp_path / f"run-{device}"
+        assert main(["fit", str(THEOPH), "--model", "1cmt_oral", "--out", str(other), "--quiet", "--no-covariance",
+                     "--device", device]) == 0
+        for name in ("individual.csv", "predictions.csv", "model.json"):
+            assert (other / name).read_text() == (run / name).read_text(), name
+        summary = [{k: v for k, v in json.loads((r / "summary.json").read_text()).items()
+                    if k not in ("fit_seconds", "created", "versions", "command")} for r in (run, other)]
+        assert summary[0] == summary[1]
     patient = tmp_path / "patient.csv"
     hp.read_nonmem(THEOPH).subset([1]).to_dataframe().to_csv(patient, index=False)
-    devices = ["cpu"] + ([] if torch.cuda.is_available() else ["auto"])
     commands = {"predict": ["predict", str(run), str(THEOPH), "--out"],
                 "map": ["map", str(run), str(patient), "--out"],
                 "dose": ["dose", str(run), str(patient), "--target", "trough=3:6", "--out"]}
@@ -206,7 +282,8 @@ def test_device_option_on_predict_map_and_dose(tmp_path, capsys):
         assert all(o == outputs[0] for o in outputs[1:]), name
     capsys.readouterr()
     if not torch.cuda.is_available():
-        for command in (["predict", str(run), str(THEOPH), "--out", str(tmp_path / "x.csv")],
+        for command in (["fit", str(THEOPH), "--model", "1cmt_oral", "--out", str(tmp_path / "x")],
+                        ["predict", str(run), str(THEOPH), "--out", str(tmp_path / "x.csv")],
                         ["map", str(run), str(patient)], ["dose", str(run), str(patient)]):
             with pytest.raises(SystemExit) as exc:
                 main(command + ["--device", "cuda"])

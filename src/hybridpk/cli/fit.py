@@ -143,8 +143,11 @@ def add_parser(sub) -> None:
                    help="joint: re-estimate each patient's ETAs with z while training (default); staged: keep "
                         "the ODE-only ETAs (log form)")
     p.add_argument("--device", default="cpu", type=device_arg,
-                   help="torch device for VAE training: cpu, cuda, cuda:N, or auto (a CUDA GPU when "
-                        "there is one, else the CPU); the population fit (FOCE-I) runs on the CPU")
+                   help="torch device of the population fit and the VAE training: cpu, cuda, cuda:N, or auto (a "
+                        "CUDA GPU when there is one, else the CPU), in float64. On a GPU the fit takes FOCE-I's "
+                        "automatic-differentiation path (the analytic derivatives of one-compartment models are "
+                        "numpy code, on the CPU; summary.json's 'derivatives' says which path ran); the outer "
+                        "search and the hybrid's assembly run on the CPU")
     p.add_argument("--distributed", action="store_true",
                    help="with --hybrid vae, under torchrun (torchrun --nproc_per_node=N -m hybridpk fit ... "
                         "--distributed): train the networks data-parallel over the N processes (gloo on the CPU, "
@@ -363,7 +366,7 @@ def _population_stage(args, pm, ds, out, ck):
         result = fit_population(pm, ds, seed=args.seed, maxiter=args.maxiter, progress=not args.quiet,
                                 estimation=args.method, evaluate=True if args.evaluate else None,
                                 covariance="none" if args.no_covariance else args.covariance, pooled_start=args.pooled,
-                                checkpoint=ck / "foce.json")
+                                checkpoint=ck / "foce.json", device=args.device)
     result.save(out)
     if pm.recipe.get("kind") == "nonmem":     # the final estimates, to take back to NONMEM
         from pathlib import Path

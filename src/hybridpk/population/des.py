@@ -80,7 +80,8 @@ class StatementModel(CompartmentModel):
             return a[..., self.obs_cmt - 1] / p[self.volume_parameter]
         k = (torch.where(cmt > 0, cmt, torch.full_like(cmt, self.obs_cmt)) - 1).clamp(0, self.n_states - 1)
         amount = a.gather(-1, k.unsqueeze(-1)).squeeze(-1)
-        scales = torch.stack([torch.as_tensor(p[s], dtype=a.dtype).expand(a.shape[0]) for s in self.scales], -1)
+        scales = torch.stack([torch.as_tensor(p[s], dtype=a.dtype, device=a.device).expand(a.shape[0])
+                              for s in self.scales], -1)
         return amount / scales.gather(-1, k.unsqueeze(-1)).squeeze(-1)
 
     def switch_times(self, p: dict, t_end):
@@ -116,9 +117,10 @@ class LinearStatementModel(StatementModel):
         """A (N, S, S): column j is the derivative at the j-th unit amount (the system is linear)."""
         n = next(v for v in p.values() if torch.is_tensor(v)).shape[0]
         s = self.n_states
-        dtype = next(v for v in p.values() if torch.is_tensor(v)).dtype
-        units = torch.eye(s, dtype=dtype).unsqueeze(0).expand(n, s, s)            # (N, S, S): column j = e_j
-        cols = [self.rhs(t_mid, units[:, :, j], p, torch.zeros(n, s, dtype=dtype)) for j in range(s)]
+        like = next(v for v in p.values() if torch.is_tensor(v))
+        dtype, device = like.dtype, like.device
+        units = torch.eye(s, dtype=dtype, device=device).unsqueeze(0).expand(n, s, s)   # (N, S, S): column j = e_j
+        cols = [self.rhs(t_mid, units[:, :, j], p, torch.zeros(n, s, dtype=dtype, device=device)) for j in range(s)]
         return torch.stack(cols, -1)
 
 

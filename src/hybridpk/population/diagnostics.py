@@ -35,7 +35,7 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
             cov = torch.diag_embed(v_i)
         m = obs.to(ipred.dtype)
         mm = m.unsqueeze(-1) * m.unsqueeze(-2)
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype).expand_as(cov)
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
         cov = cov * mm + eye * (1 - m).unsqueeze(-1)
         resid = torch.where(obs, prob.y - mean, torch.zeros_like(mean))
         cwres = torch.where(obs, _inverse_sqrt(cov, resid), cwres)

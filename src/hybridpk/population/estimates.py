@@ -72,11 +72,26 @@ class IndividualEstimates:
 
         sub = self.dataset.subset([self.dataset.ids[index]])
         prob = self.problem
-        one = Problem(prob.pm, sub, method=prob.method, rtol=prob.rtol, atol=prob.atol, estimation=prob.estimation)
+        one = Problem(prob.pm, sub, method=prob.method, rtol=prob.rtol, atol=prob.atol, estimation=prob.estimation,
+                      device=prob.y.device)
         part = slice(index, index + 1)
         return replace(self, dataset=sub, problem=one, eta=self.eta[part], cov=self.cov[part],
                        objective=self.objective[part], parameters=self.parameters.iloc[part].reset_index(drop=True),
                        n_levels=self.n_levels[part], decrement=self.decrement[part])
+
+    def to(self, device) -> "IndividualEstimates":
+        """The same estimates on ``device`` (a torch device), with their model and a Problem there."""
+        from dataclasses import replace
+
+        from ..solve.device import same_device
+
+        prob = self.problem
+        if same_device(self.eta.device, device):
+            return self
+        moved = Problem(prob.pm, self.dataset, method=prob.method, rtol=prob.rtol, atol=prob.atol,
+                        estimation=prob.estimation, device=device)
+        return replace(self, model=self.model.to(device), problem=moved, eta=self.eta.to(device),
+                       cov=self.cov.to(device), objective=self.objective.to(device))
 
     def posterior(self, index: int = 0, n: int = 1000, seed: int = 0):
         """(draws (n, K), effective sample size) from the posterior of patient ``index``; see

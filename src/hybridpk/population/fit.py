@@ -116,7 +116,7 @@ class Packing:
         i = 0
         for t in self.pm.thetas:
             if t.fixed:
-                theta[t.name] = torch.tensor(t.init, dtype=x.dtype)
+                theta[t.name] = torch.tensor(t.init, dtype=x.dtype, device=x.device)
             else:
                 theta[t.name] = self._from_x(t, x[i])
                 i += 1
@@ -129,7 +129,7 @@ class Packing:
                 sd[name] = torch.exp(x[i + j])
                 j += 1
             else:
-                sd[name] = torch.tensor(float(self.sigma0[k]), dtype=x.dtype)
+                sd[name] = torch.tensor(float(self.sigma0[k]), dtype=x.dtype, device=x.device)
         return theta, omega, sd
 
     def natural(self, x):
@@ -149,14 +149,15 @@ def _naive_pooled(prob, pack, x0):
     nt = len(pack.free)
     if nt == 0:
         return x0
-    eta0 = torch.zeros(prob.batch.n_subjects, prob.pm.n_eta, dtype=torch.float64)
+    dev = prob.y.device
+    eta0 = torch.zeros(prob.batch.n_subjects, prob.pm.n_eta, dtype=torch.float64, device=dev)
     obs = prob.obs & (prob.batch.dv > 0)
     logy = torch.log(torch.where(obs, prob.batch.dv, torch.ones_like(prob.batch.dv)))
 
-    engine = prob.analytic(pack.unpack(torch.tensor(x0, dtype=torch.float64))[0])
+    engine = prob.analytic(pack.unpack(torch.tensor(x0, dtype=torch.float64, device=dev))[0])
 
     def fun(xt):
-        x = torch.tensor(np.r_[xt, x0[nt:]], dtype=torch.float64, requires_grad=True)
+        x = torch.tensor(np.r_[xt, x0[nt:]], dtype=torch.float64, device=dev, requires_grad=True)
         theta, _, _ = pack.unpack(x)
         if engine is not None:
             return _pooled_analytic(engine, theta, x, nt)
@@ -168,7 +169,7 @@ def _naive_pooled(prob, pack, x0):
         if not torch.isfinite(loss):
             return 1e30, np.zeros(nt)
         (g,) = torch.autograd.grad(loss, x)
-        return float(loss.detach()), g[:nt].numpy()
+        return float(loss.detach()), g[:nt].cpu().numpy()
 
     try:
         res = minimize(fun, x0[:nt], jac=True, method="L-BFGS-B", options={"maxiter": 200})
@@ -193,7 +194,7 @@ def _pooled_analytic(engine, theta, x, nt):
         return 1e30, np.zeros(nt)
     slope = np.where(obs & (f > 1e-12), -2.0 * r / np.where(f > 1e-12, f, 1.0), 0.0)      # dloss/df
     d_phi = (slope[..., None] * g).sum(1)                                                  # (N, 3)
-    (gx,) = torch.autograd.grad((phi0 * torch.as_tensor(d_phi)).sum(), x)
+    (gx,) = torch.autograd.grad((phi0 * torch.as_tensor(d_phi, device="cpu")).sum(), x)
     return loss, gx[:nt].numpy()
 
 
@@ -221,7 +222,7 @@ class _AtRounding(Exception):
 def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxiter: int = 300,
                    progress: bool = True, covariance=None, pooled_start: bool = True,
                    method: str = "auto", checkpoint=None, estimation: str | None = None,
-                   evaluate: bool | None = None) -> FittedPopulation:
+                   evaluate: bool | None = None, device="cpu") -> FittedPopulation:
     """Fit a population model by FOCE with interaction (or, ``estimation``, FOCE or FO).
 
     Parameters
@@ -251,6 +252,10 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         that warm-start the next one). When it exists the fit resumes from that iterate, with a new BFGS
         Hessian approximation: the estimates agree with an uninterrupted fit's to the convergence
         tolerance, not bit for bit. A checkpoint of other data, model or options is refused.
+    device : the torch device the fit computes on ("cpu", "cuda", "cuda:N", "auto"), in float64; the model it
+        returns computes there too (:meth:`FittedPopulation.to`). The analytic path of one-compartment models is
+        numpy code, so on a GPU the fit takes the automatic-differentiation path (summary.json's
+        "derivatives" says which); the outer search (scipy's BFGS) runs on the CPU either way.
 
     Returns the FittedPopulation (THETA/OMEGA/SIGMA tables with standard errors) with its Estimation record
     (OFV, convergence, shrinkage, EBEs as ``estimation.individual`` and ``estimation.estimates``, and
@@ -259,7 +264,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
     with ExitStack() as scope:
         return _fit(pm, dataset, seed=seed, omega=omega, sigma=sigma, maxiter=maxiter, progress=progress,
                     covariance=covariance, pooled_start=pooled_start, method=method, checkpoint=checkpoint,
-                    estimation=estimation, evaluate=evaluate, scope=scope)
+                    estimation=estimation, evaluate=evaluate, scope=scope, device=device)
 
 
 @contextmanager
@@ -276,7 +281,7 @@ def _one_torch_thread():
 
 
 def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pooled_start, method, checkpoint,
-         estimation, evaluate, scope) -> FittedPopulation:
+         estimation, evaluate, scope, device) -> FittedPopulation:
     """The body of :func:`fit_population`; ``scope`` holds what must be undone when it returns (an ExitStack)."""
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -289,14 +294,22 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     cov_method = "sandwich" if covariance is True else "none" if covariance is False else str(covariance)
     if cov_method not in COVARIANCE_METHODS:
         raise HybridPKError(f"covariance={covariance!r}: give one of {', '.join(COVARIANCE_METHODS)} (or True/False)")
-    prob = Problem(pm, dataset, method=method, estimation=estimation)
+    from ..solve.device import resolve_device
+
+    prob = Problem(pm, dataset, method=method, estimation=estimation, device=resolve_device(device))
+    dev = prob.y.device
+
+    def point(xv, requires_grad=False):
+        """The estimation vector as a tensor on the fit's device."""
+        return torch.tensor(xv, dtype=torch.float64, device=dev, requires_grad=requires_grad)
+
     if not bool(prob.obs.any()):
         raise HybridPKError(f"{dataset.source or 'the dataset'}: no observations (records with EVID=0 and MDV=0), "
                             "so there is nothing to fit: add the measured concentrations, or set MDV=0 on the "
                             "records that hold them")
     pack = Packing(pm, omega, sigma)
     x0 = pack.x0()
-    theta0, _, sd0 = pack.unpack(torch.tensor(x0, dtype=torch.float64))
+    theta0, _, sd0 = pack.unpack(point(x0))
     prob.require_positive_variance(theta0, sd0)
     # the OFV and its gradient by the closed form's analytic derivatives where they cover the model and data (the
     # same numbers as the general path's, checked on these data first), else by automatic differentiation
@@ -305,12 +318,14 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     if analytic is not None:
         scope.enter_context(_one_torch_thread())
     n, k = dataset.n_subjects, pm.n_eta
-    state = {"eta": torch.zeros(n, k, dtype=torch.float64), "best": math.inf, "evals": 0, "iter": 0, "flat": 0}
+    state = {"eta": torch.zeros(n, k, dtype=torch.float64, device=dev), "best": math.inf, "evals": 0, "iter": 0,
+             "flat": 0}
     key = _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation + ("/evaluate" if evaluate
                                                                                          else ""))
     resumed = _read_checkpoint(checkpoint, key, (n, k)) if checkpoint else None
     if resumed is not None:
         x0, state["eta"], state["iter"] = resumed
+        state["eta"] = state["eta"].to(dev)
     elif pooled_start:
         x0 = _naive_pooled(prob, pack, x0)
     bar = Progress(maxiter, estimation, "it", enabled=progress, initial=state["iter"])
@@ -335,7 +350,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
                 if not math.isfinite(ofv):
                     return math.inf, np.zeros_like(xv), eta
                 return ofv, g, eta
-        x = torch.tensor(xv, dtype=torch.float64, requires_grad=need_grad)
+        x = point(xv, need_grad)
         theta, om, sd = pack.unpack(x)
         with torch.no_grad():
             oinv = torch.linalg.inv(om) if k else om
@@ -346,7 +361,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
             return math.inf, np.zeros_like(xv), eta
         if need_grad:
             (g,) = torch.autograd.grad(ofv, x)
-            return float(ofv.detach()), g.numpy(), eta
+            return float(ofv.detach()), g.cpu().numpy(), eta
         return float(ofv.detach()), None, eta
 
     def fun(xv):
@@ -415,9 +430,9 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     # searches on: moxo's evaluation gives -8561.5045 so, -8561.5046 searching from them too, 56 s against 62 s);
     # the OFV is taken again where a patient's reported mode is better than the one behind it, so that the
     # tables and the OFV agree
-    theta, om, sd = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
+    theta, om, sd = pack.unpack(point(x_hat))
     searched_before = prob.fallback_steps      # the fit's count: the reported EBEs' searches are not the fit's
-    est = map_estimate(_tables(pm, pack, theta, om, sd, None), dataset, estimation,
+    est = map_estimate(_tables(pm, pack, theta, om, sd, None).to(dev), dataset, estimation,
                        start=eta if conditional and k and not evaluate else None,
                        problem=prob if method == "auto" else None)
     prob.fallback_steps = searched_before
@@ -439,7 +454,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
         out = analytic_at(xv, per_subject=True) if analytic is not None else None
         if out is not None:
             return out[1]
-        x = torch.tensor(xv, dtype=torch.float64)
+        x = point(xv)
         theta, om, sd = pack.unpack(x)
         oinv = torch.linalg.inv(om) if k else om
         eta = prob.ebe(theta, oinv, sd, state["eta"]) if conditional else state["eta"]
@@ -455,9 +470,10 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     if prob.fallback_steps:
         warn.append(f"{prob.fallback_steps} EBE Newton steps met a singular Hessian (extreme ETAs or a tiny residual "
                     "variance during the search) and took a gradient step instead")
-    fitted = _tables(pm, pack, theta, om, sd, cov_nat)
+    fitted = _tables(pm, pack, theta, om, sd, cov_nat).to(dev)
     est = replace(est, model=fitted)
-    diag = diagnostics(prob, fitted.theta.tensors(), fitted.omega.tensor(), fitted.sigma.sd_tensors(), est.eta)
+    diag = diagnostics(prob, fitted.theta.tensors(dev), fitted.omega.tensor(dev), fitted.sigma.sd_tensors(dev),
+                       est.eta)
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
                         seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"],
@@ -484,8 +500,9 @@ def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=No
     by the implicit function's derivative; a better start, the same mode). The gradients come by subject's typical
     log-parameters (where THETA and covariates act), OMEGA's entries and the SDs, and go to the estimation
     vector's through the model's parameter map and the packing by automatic differentiation of that small graph:
-    one backward pass, or the per-subject Jacobian (:func:`per_subject_gradients`) for the S matrix."""
-    x = torch.tensor(xv, dtype=torch.float64, requires_grad=True)
+    one backward pass, or the per-subject Jacobian (:func:`per_subject_gradients`) for the S matrix. On the CPU,
+    where the analytic path computes."""
+    x = torch.tensor(xv, dtype=torch.float64, device="cpu", requires_grad=True)
 
     def population(xt):     # (typical log-parameters (N, 3), OMEGA's entries and the SDs (R,))
         theta, omega, sd = pack.unpack(xt)
@@ -512,7 +529,7 @@ def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=No
         return np.concatenate([parts["omega"].reshape(*parts["phi"].shape[:-1], -1),
                                np.stack([parts["sd"][a] for a in kinds], -1)], -1)
 
-    g_phi, g_rest = torch.as_tensor(grads["phi"]), torch.as_tensor(flat(grads))
+    g_phi, g_rest = torch.as_tensor(grads["phi"], device="cpu"), torch.as_tensor(flat(grads), device="cpu")
     cache = []
 
     def sens():            # ((N, K, 3), (N, K, R)), computed once, when a later search starts from here
@@ -528,10 +545,10 @@ def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=No
         return (p * g_phi).sum(1) + g_rest @ r
 
     if per_subject:
-        return ofv_i, per_subject_gradients(contributions, x.detach()), torch.as_tensor(eta), predictor
+        return ofv_i, per_subject_gradients(contributions, x.detach()), torch.as_tensor(eta, device="cpu"), predictor
     # a scalar's gradient: autograd.grad with explicit grad_outputs imports sympy on first use (0.2 s)
     (g,) = torch.autograd.grad(((phi0 * g_phi).sum() + (g_rest.sum(0) * rest).sum()), x)
-    return ofv_i, g.numpy(), torch.as_tensor(eta), predictor
+    return ofv_i, g.numpy(), torch.as_tensor(eta, device="cpu"), predictor
 
 
 def _ofv_at_reported(prob, theta, omega, sd, eta, est, ofv):
@@ -580,17 +597,17 @@ def per_subject_gradients(ofv_i, x, mode: str = "auto") -> np.ndarray:
         w = torch.ones_like(out.detach()).requires_grad_(True)
         (v,) = torch.autograd.grad((w * out).sum(), xr, create_graph=True)
         cols = [torch.autograd.grad(v[j], w, retain_graph=True, allow_unused=True)[0] for j in range(v.shape[0])]
-        return torch.stack([torch.zeros_like(w) if c is None else c for c in cols], 1).detach().numpy()
+        return torch.stack([torch.zeros_like(w) if c is None else c for c in cols], 1).detach().cpu().numpy()
 
     def backward():
         xr = x.detach().clone().requires_grad_(True)
         out = ofv_i(xr)
         try:      # all N backward passes at once
-            (g,) = torch.autograd.grad(out, xr, torch.eye(out.shape[0], dtype=out.dtype), retain_graph=True,
-                                       is_grads_batched=True)
-            return g.detach().numpy()
+            (g,) = torch.autograd.grad(out, xr, torch.eye(out.shape[0], dtype=out.dtype, device=out.device),
+                                       retain_graph=True, is_grads_batched=True)
+            return g.detach().cpu().numpy()
         except (RuntimeError, NotImplementedError):   # an operation without a batching rule: one pass each
-            return np.stack([torch.autograd.grad(out[i], xr, retain_graph=True)[0].numpy()
+            return np.stack([torch.autograd.grad(out[i], xr, retain_graph=True)[0].cpu().numpy()
                              for i in range(out.shape[0])])
 
     if mode != "auto":
@@ -609,7 +626,7 @@ def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
     if n < 2 and pack.pm.n_eta:
         out.append(f"{n} subject: the between-subject variances (OMEGA) cannot be estimated from one subject, and "
                    "ETA shrinkage is undefined; fit several subjects, or a model without IIV")
-    _, om, _ = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
+    _, om, _ = pack.unpack(torch.tensor(x_hat, dtype=torch.float64, device="cpu"))
     low = [f"{e} ({float(om[j, j]):.2g})" for j, e in enumerate(pack.pm.etas)
            if float(om[j, j]) < 1e-6 and j not in pack.pm.omega_fixed]
     if low:
@@ -621,7 +638,7 @@ def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
         out.append(f"OMEGA implausibly large for {', '.join(high)} (a CV above {_cv(OMEGA_IMPLAUSIBLE):.0f}%): the "
                    "data do not determine this IIV, and the model is likely over-parameterised for them; simplify "
                    "it (fewer compartments or ETAs)")
-    theta, _, _ = pack.unpack(torch.tensor(x_hat, dtype=torch.float64))
+    theta, _, _ = pack.unpack(torch.tensor(x_hat, dtype=torch.float64, device="cpu"))
     specs = {p.name: p for p in pack.pm.structural.parameters}
     outside = [f"{t.name} = {float(theta[t.name]):.3g}{' ' + specs[t.name].unit if specs[t.name].unit else ''} "
                f"(plausible {specs[t.name].lower:g} to {specs[t.name].upper:g})"
@@ -668,7 +685,7 @@ def _write_checkpoint(path, key: str, x, state) -> None:
     import base64
     import json
 
-    eta = np.ascontiguousarray(state["eta"].numpy(), dtype="<f8")
+    eta = np.ascontiguousarray(state["eta"].cpu().numpy(), dtype="<f8")
     atomic_write_text(path, json.dumps({"format": _CHECKPOINT[0], "version": _CHECKPOINT[1], "fingerprint": key,
                                         "iteration": state["iter"], "x": [float(v) for v in x],
                                         "eta_shape": list(eta.shape),
@@ -680,7 +697,7 @@ def _checkpoint_eta(ck: dict):
     import base64
 
     if ck.get("version") == 1:
-        return torch.tensor(ck["eta"], dtype=torch.float64)
+        return torch.tensor(ck["eta"], dtype=torch.float64, device="cpu")
     raw = np.frombuffer(base64.b64decode(ck["eta_float64_base64"], validate=True), dtype="<f8")
     return torch.from_numpy(raw.reshape([int(n) for n in ck["eta_shape"]]).astype(np.float64))
 
@@ -749,7 +766,7 @@ def _individual_table(dataset, pm, est):
     """ID, the EBEs and the individual parameters at them."""
     ind = pd.DataFrame({"ID": list(dataset.ids)})
     for j, name in enumerate(pm.etas):
-        ind[name] = est.eta[:, j].numpy()
+        ind[name] = est.eta[:, j].cpu().numpy()
     for name in est.parameters.columns[1:]:
         ind[name] = est.parameters[name].to_numpy()
     return ind
@@ -807,6 +824,6 @@ def _covariance(evaluate, subject_gradients, pack, x_hat, method: str = "sandwic
             cov_x = r_inv @ s_mat @ r_inv
     except np.linalg.LinAlgError:
         return None, f"the {method} covariance matrix is singular; standard errors are not available"
-    x = torch.tensor(x_hat, dtype=torch.float64)
+    x = torch.tensor(x_hat, dtype=torch.float64, device="cpu")
     jac = torch.autograd.functional.jacobian(pack.natural, x).numpy()
     return jac @ cov_x @ jac.T, None

@@ -66,10 +66,12 @@ class FittedPopulation:
     def to(self, device) -> "FittedPopulation":
         """The same model computing on ``device`` ("cpu", "cuda", "cuda:1", "auto": see
         :func:`hybridpk.solve.device.resolve_device`): a patient's records, the ETAs and every intermediate
-        stay there, in float64; tables and numbers come back to the CPU."""
-        from ..solve.device import resolve_device
+        stay there, in float64; tables and numbers come back to the CPU. The model itself when it is there
+        already."""
+        from ..solve.device import resolve_device, same_device
 
-        return replace(self, device=str(resolve_device(device)))
+        device = resolve_device(device)
+        return self if same_device(self.device, device) else replace(self, device=str(device))
 
     # ------------------------------------------------------------------ construction
     @classmethod

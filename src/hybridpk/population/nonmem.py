@@ -564,8 +564,8 @@ def read_control_stream(path):
         env.update(cov)
         p = read(run_pk(env))
         n = eta.shape[0]
-        return {k: torch.as_tensor(v, dtype=eta.dtype).expand(n) if not torch.is_tensor(v) or v.dim() == 0 else v
-                for k, v in p.items()}
+        return {k: torch.as_tensor(v, dtype=eta.dtype, device=eta.device).expand(n)
+                if not torch.is_tensor(v) or v.dim() == 0 else v for k, v in p.items()}
 
     pm = PopulationModel(structural=structural, error=error, individual=individual, covariates=covs,
                          sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=items,
@@ -608,7 +608,7 @@ def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, com
         env = dict(theta)
         env.update({name: eta[:, k:k + 1] for k, name in enumerate(eta_names)})
         env.update(cov)
-        value = torch.as_tensor(of_prediction(env), dtype=eta.dtype)
+        value = torch.as_tensor(of_prediction(env), dtype=eta.dtype, device=eta.device)
         return {"IPRED": value if value.dim() else value.expand(eta.shape[0])}
 
     structural = PredModel("PRED", f"$PRED of {Path(path).name}")

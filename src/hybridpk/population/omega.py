@@ -79,7 +79,7 @@ class OmegaBlocks:
         """OMEGA (K, K) from the unconstrained parameters ``x`` (n_params,)."""
         k = self.k
         if not k:
-            return torch.zeros(0, 0, dtype=x.dtype)
+            return torch.zeros(0, 0, dtype=x.dtype, device=x.device)
         diag = x[:k]
         if not self.multi:
             return torch.diag(torch.exp(diag))

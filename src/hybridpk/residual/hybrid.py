@@ -21,6 +21,7 @@ from ..population.estimation import read_json
 from ..population.manifest import write_manifest
 from ..population.simulation import eta_sampler, replicates
 from ..solve import simulate
+from ..solve.device import same_device
 from .baseline import ODEBaseline
 from .coverage import TrainingCoverage
 from .inference import HybridEstimate, estimate_hybrid, joint_objective, predict_with
@@ -86,8 +87,8 @@ class HybridFit:
         population = self.population.to(device)
         target = torch.device(population.device)
         tensors = list(self.vae.parameters()) + [v for v in self.vae.scale.values() if torch.is_tensor(v)]
-        if all(_same_device(t.device, target) for t in tensors):
-            return replace(self, population=population)
+        if all(same_device(t.device, target) for t in tensors):
+            return self if population is self.population else replace(self, population=population)
         vae = copy.deepcopy(self.vae).to(target)         # the model itself stays where it is
         vae.scale = {k: v.to(target) if torch.is_tensor(v) else v for k, v in vae.scale.items()}
         return replace(self, population=population, vae=vae)
@@ -410,20 +411,14 @@ def _load_weights(path: Path) -> dict:
     return ck
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are one ("cuda" is the current GPU, "cuda:N" the N-th)."""
-    index = (lambda d: torch.cuda.current_device() if d.index is None else d.index) if a.type == "cuda" else None
-    return a.type == b.type and (index is None or index(a) == index(b))
-
-
 def _ode_only(population: FittedPopulation, dataset):
     """(ODE-only IndividualEstimates, their batch, IPRED (N, R) at the MAP ETAs) for ``dataset``: the fit's own
-    EBEs when ``dataset`` is the data the population was fitted to (and the model computes on the CPU, where
-    they are), else a new estimate (the same code)."""
+    EBEs when ``dataset`` is the data the population was fitted to (moved to the model's device), else a new
+    estimate (the same code)."""
     rec = population.estimation
-    est = rec.estimates if (rec is not None and rec.estimates is not None and population.device == "cpu"
+    est = rec.estimates if (rec is not None and rec.estimates is not None
                             and rec.data_sha256 == dataset.fingerprint()) else None
-    est = est or population.estimate(dataset)
+    est = est.to(population.device) if est is not None else population.estimate(dataset)
     b = est.problem.batch
     with torch.no_grad():
         p = population.individual_parameters(est.eta, est.problem.cov)
@@ -543,6 +538,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fit = population or fit_population(pm, dataset, seed=seed, progress=progress,
                                        checkpoint=ck / "foce.json" if ck is not None else None)
+    fit = fit.to("cpu")     # the hybrid is put together on the CPU; its networks train on config.device
     ode_fit = _ode_only(fit, dataset)
     est, batch, ipred = ode_fit
     base = config or TrainConfig()

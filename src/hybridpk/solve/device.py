@@ -6,7 +6,7 @@ import torch
 
 from ..errors import HybridPKError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "same_device"]
 
 
 def resolve_device(device="cpu") -> torch.device:
@@ -31,3 +31,14 @@ def resolve_device(device="cpu") -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise HybridPKError(f"device {device!r}: MPS is not available here; use cpu or auto")
     return dev
+
+
+def same_device(a, b) -> bool:
+    """Whether two torch devices (or names) are one: "cuda" is the current GPU, "cuda:N" the N-th."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
