@@ -56,7 +56,7 @@ DEVICE_HELP = ("where the patients' estimates, posterior draws and predictions a
                "cuda:N, or auto (a CUDA GPU when there is one, else the CPU). float64 on every device; the random "
                "draws are made on the CPU, so the same seed gives the same answer anywhere. On a GPU the estimates "
                "take the general (automatic-differentiation) path: the analytic FOCE-I derivatives of "
-               "one-compartment models are numpy code, on the CPU")
+               "1- and 2-compartment models are numpy code, on the CPU")
 
 
 def device_arg(text: str) -> str:

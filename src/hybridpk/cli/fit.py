@@ -145,7 +145,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", type=device_arg,
                    help="torch device of the population fit and the VAE training: cpu, cuda, cuda:N, or auto (a "
                         "CUDA GPU when there is one, else the CPU), in float64. On a GPU the fit takes FOCE-I's "
-                        "automatic-differentiation path (the analytic derivatives of one-compartment models are "
+                        "automatic-differentiation path (the analytic derivatives of 1- and 2-compartment models are "
                         "numpy code, on the CPU; summary.json's 'derivatives' says which path ran); the outer "
                         "search and the hybrid's assembly run on the CPU")
     p.add_argument("--distributed", action="store_true",

@@ -1,4 +1,4 @@
-"""FOCE-I of one-compartment models with analytic derivatives, in numpy: the same OFV and gradient as
+"""FOCE-I of one- and two-compartment models with analytic derivatives, in numpy: the same OFV and gradient as
 :mod:`hybridpk.population.focei`, at a fraction of the cost for the models it covers.
 
 The general path (:class:`~hybridpk.population.focei.Problem`) differentiates any model by automatic
@@ -6,7 +6,9 @@ differentiation; at 1000 subjects its cost is torch's per-operation overhead, no
 (benchmarks/fit_scale.py). NONMEM's ADVAN1/ADVAN2 and nlmixr2's linear compartment solutions use the closed
 form's own derivatives instead; so does this module, for what it covers:
 
-- the structures 1cmt_oral (ADVAN2: KA, CL, V) and 1cmt_iv (ADVAN1: CL, V), F = 1 and no lag, built by
+- the structures 1cmt_oral (ADVAN2: KA, CL, V) and 1cmt_iv (ADVAN1: CL, V), with their derivatives by hand, and
+  2cmt_oral (ADVAN4: KA, CL, V, Q, V2) and 2cmt_iv (ADVAN3: CL, V, Q, V2), with theirs by forward-mode jets
+  (:mod:`hybridpk.population.two_compartment_jets`); F = 1 and no lag, built by
   :func:`~hybridpk.population.build_model`, with any of its covariate effects on covariates constant within each
   subject; no fixed or derived parameters, IOV or log-transform-both-sides;
 - log-normal IIV on any of the parameters (PARAM = TV(THETA, covariates) exp(ETA)), any OMEGA (diagonal or
@@ -21,7 +23,7 @@ Anything else takes the general path. Before it is used on a dataset, its predic
 general path's (:func:`analytic_problem`), so a convention it does not follow (e.g. which compartment a
 dose goes to) sends the fit to the general path instead of changing its numbers.
 
-Per subject, with phi = phi0 + P eta (phi0 the subject's typical log-parameters, log(KA, CL, V) or log(CL, V):
+Per subject, with phi = phi0 + P eta (phi0 the subject's typical log-parameters, e.g. log(KA, CL, V):
 THETA and covariates act only through it; P places the ETAs), f_j(phi) the prediction at observation j,
 V_j = ADD^2 + PROP^2 f_j^2 and r_j = y_j - f_j (Wang, J Pharmacokinet Pharmacodyn 2007;34:575-93):
 
@@ -42,10 +44,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import two_compartment_jets
+
 __all__ = ["AnalyticFOCEI", "analytic_problem", "analytic_reason"]
 
 #: the structures covered, with their parameters in the order of phi (log scale)
-STRUCTURES = {"1cmt_oral": ("KA", "CL", "V"), "1cmt_iv": ("CL", "V")}
+STRUCTURES = {"1cmt_oral": ("KA", "CL", "V"), "1cmt_iv": ("CL", "V"), **two_compartment_jets.PARAMETERS}
 #: the error models covered (V = ADD^2 + PROP^2 f^2 with the SDs the kind has)
 ERRORS = ("additive", "proportional", "combined")
 #: the predictions must agree with the general path's to this (relative to max(1, |f|)) before it is used
@@ -82,7 +86,7 @@ def analytic_reason(pm, prob) -> str | None:
     m = b.dose_mask
     if bool(prob.cens.any()):
         return "censored observations (M3)"
-    oral = recipe["model"] == "1cmt_oral"
+    oral = recipe["model"].endswith("_oral")
     if bool((m & ((b.dose_ss != 0) | b.dose_reset.bool())).any()):
         return "steady-state or reset doses"
     if bool((m & ((b.dose_mode != 0) if oral else (b.dose_mode < 0))).any()):
@@ -133,7 +137,8 @@ class AnalyticFOCEI:
             self.place[where[name], k] = 1.0
         p = len(self.params)
         self.identity = self.place.shape == (p, p) and bool((self.place == np.eye(p)).all())
-        self.oral = pm.recipe["model"] == "1cmt_oral"
+        self.oral = pm.recipe["model"].endswith("_oral")
+        self.two = pm.recipe["model"].startswith("2cmt")
         self.fallback_steps = 0      # EBE Newton steps that met a singular Hessian and took a gradient step
         obs = prob.obs.numpy()
         self.n = obs.shape[0]
@@ -175,11 +180,16 @@ class AnalyticFOCEI:
 
     def predict(self, phi):
         """Concentrations (N, J) at the observations for log-parameters ``phi`` (N, P)."""
+        if self.two:
+            return two_compartment_jets.jet(phi, self.tau, self.amt, self.duration, self.oral, value_only=True)
         return self._predict_oral(phi) if self.oral else self.jet(phi, value_only=True)
 
     def jet(self, phi, value_only: bool = False):
         """(f (N, J), G = df/dphi (N, J, P), HF = d2f/dphi2 (N, J, P, P)) of the structure's closed form, by hand
-        (superposition: each dose's term and its derivatives add)."""
+        for one compartment, by forward-mode jets for two (:mod:`hybridpk.population.two_compartment_jets`);
+        superposition: each dose's term and its derivatives add."""
+        if self.two:
+            return two_compartment_jets.jet(phi, self.tau, self.amt, self.duration, self.oral, value_only)
         return self._jet_oral(phi) if self.oral else self._jet_iv(phi, value_only)
 
     def _predict_oral(self, phi):
@@ -266,7 +276,10 @@ class AnalyticFOCEI:
         return f, g, hf
 
     def near_flip_flop(self, phi) -> bool:
-        """Some subject's KA is within :data:`NEAR_FLIP_FLOP` of its K (the oral closed form's removable 0/0)."""
+        """Some subject's KA is within :data:`NEAR_FLIP_FLOP` of its K (the oral closed form's removable 0/0); for
+        two compartments, its exponents meet (:func:`two_compartment_jets.singular`)."""
+        if self.two:
+            return two_compartment_jets.singular(phi, self.oral)
         if not self.oral:
             return False
         ka, k = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2])
