@@ -170,14 +170,9 @@ def test_sparse_subjects_and_subjects_without_levels(tmp_path, monkeypatch):
     assert len(none) == 2 and np.abs(eta.numpy()[none]).max() == 0.0
 
 
-def test_fit_equals_the_general_paths_fit(tmp_path, monkeypatch):
-    """The whole fit (combined error, one OMEGA block, a power and a categorical covariate effect): the estimates,
-    their standard errors and the OFV of the analytic path equal those of the same fit with the general path
-    forced; summary.json says which it was. (40 subjects: with 24 the ADD SD runs to 0 and the S matrix is
-    singular, which both paths report alike.)"""
-    ds = _multiple_doses(tmp_path, seed=7, n=40)
-    pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined", omega_block=[["CL", "V"]],
-                     covariates=["CL~WT", "CL~SEX:categorical:1"], data=ds)
+def _fits_by_both_paths(pm, ds, monkeypatch):
+    """(the fit by the analytic path, the fit with the general path forced), both converged to the same OFV
+    (1e-5)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast = fit_population(pm, ds, progress=False)
@@ -187,6 +182,18 @@ def test_fit_equals_the_general_paths_fit(tmp_path, monkeypatch):
     assert general.estimation.derivatives == "automatic (torch): forced by the test"
     assert fast.estimation.converged and general.estimation.converged
     assert abs(fast.estimation.ofv - general.estimation.ofv) < 1e-5
+    return fast, general
+
+
+def test_fit_equals_the_general_paths_fit(tmp_path, monkeypatch):
+    """The whole fit (combined error, one OMEGA block, a power and a categorical covariate effect): the estimates,
+    their standard errors and the OFV of the analytic path equal those of the same fit with the general path
+    forced; summary.json says which it was. (40 subjects: with 24 the ADD SD runs to 0 and the S matrix is
+    singular, which both paths report alike.)"""
+    ds = _multiple_doses(tmp_path, seed=7, n=40)
+    pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined", omega_block=[["CL", "V"]],
+                     covariates=["CL~WT", "CL~SEX:categorical:1"], data=ds)
+    fast, general = _fits_by_both_paths(pm, ds, monkeypatch)
     for a, b in zip(fast.theta, general.theta):
         assert a.se is not None and b.se is not None
         assert a.value == pytest.approx(b.value, rel=1e-4) and a.se == pytest.approx(b.se, rel=1e-3)
@@ -236,14 +243,7 @@ def test_two_compartment_fit_equals_the_general_paths_fit(tmp_path, monkeypatch)
     standard errors and OFV equal the general path's, and recover the simulation's typical values."""
     ds = _two_compartment_iv(tmp_path)
     pm = build_model("2cmt_iv", iiv=["CL", "V", "Q", "V2"], error="combined", covariates=["CL~WT"], data=ds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fast = fit_population(pm, ds, progress=False)
-        monkeypatch.setattr(analytic_focei, "analytic_problem", lambda *a: (None, "forced by the test"))
-        general = fit_population(pm, ds, progress=False)
-    assert fast.estimation.derivatives == fit_module.ANALYTIC
-    assert fast.estimation.converged and general.estimation.converged
-    assert abs(fast.estimation.ofv - general.estimation.ofv) < 1e-5
+    fast, general = _fits_by_both_paths(pm, ds, monkeypatch)
     for a, b in zip(fast.theta, general.theta):
         assert a.value == pytest.approx(b.value, rel=1e-5) and a.se == pytest.approx(b.se, rel=1e-4)
     truth = dict(CL=4.0, V=20.0, Q=6.0, V2=40.0)

@@ -348,8 +348,10 @@ def dosing_model(model, device=None) -> DosingModel:
     the CPU for a file)."""
     if isinstance(model, DosingModel):
         return model if device is None else dosing_model(model.fitted, device)
-    if isinstance(model, (str, Path)):
-        model = load_run(model) if Path(model).is_dir() else load_model(model)
+    if isinstance(model, (str, Path)) and Path(model).is_dir():
+        model = load_run(model)
+    elif not isinstance(model, (FittedPopulation, HybridFit)):
+        model = load_model(model)       # a spec name or file (anything else is refused there, by name)
     if device is not None:
         model = model.to(device)
     if isinstance(model, HybridFit):
