@@ -121,6 +121,59 @@ def test_ofv_ebes_and_gradients_equal_the_general_paths(tmp_path, monkeypatch, m
                                  per_subject=True)
 
 
+def _steady_state_doses(tmp_path, oral: bool, seed: int = 6, n: int = 16):
+    """TDM-style records, by subject: a steady-state dose (SS=1, II 12 h) then one more; a steady-state 1-h
+    infusion (IV data; an oral SS=1 dose otherwise); a dose with a steady-state dose added 24 h later (SS=2, II
+    24 h); a dose, then a reset-and-dose (EVID 4) at 24 h. 4-7 levels in 0.5-40 h, one a trough on the record
+    before a dose at the same time. The levels are noisy values of a rough 1-cmt curve: both paths are
+    compared on the same data, whatever they are."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(1, n + 1):
+        wt = round(float(rng.uniform(45, 110)), 1)
+        kind = i % 4
+        doses = {0: [dict(TIME=0.0, SS=1, II=12.0, ADDL=1)],
+                 1: [dict(TIME=0.0, SS=1, II=12.0, RATE=0.0 if oral else 200.0)],
+                 2: [dict(TIME=0.0), dict(TIME=24.0, SS=2, II=24.0)],
+                 3: [dict(TIME=0.0), dict(TIME=24.0, EVID=4)]}[kind]
+        times = sorted(set(np.round(rng.uniform(0.5, 40.0, rng.integers(4, 8)), 1).tolist()) - {24.0})
+        if kind >= 2:
+            rows.append(dict(ID=i, TIME=24.0, AMT=0.0, EVID=0, MDV=0, WT=wt))       # the trough before the dose
+        for d in doses:
+            rows.append({"ID": i, "AMT": 200.0, "EVID": 1, "MDV": 1, "WT": wt, "SS": 0, "II": 0.0, "ADDL": 0,
+                         "RATE": 0.0, **d})
+        rows += [dict(ID=i, TIME=t, AMT=0.0, EVID=0, MDV=0, WT=wt) for t in times]
+    df = pd.DataFrame(rows).fillna({"SS": 0, "II": 0.0, "ADDL": 0, "RATE": 0.0})
+    df["DV"] = np.where(df.EVID == 0, np.round(200 / 35 * np.exp(-0.1 * (df.TIME % 12)) * (2 + rng.normal(0, 0.1,
+                                                                                                      len(df))), 4), 0)
+    df = df.sort_values(["ID", "TIME"], kind="stable")
+    df[["ID", "TIME", "AMT", "RATE", "SS", "II", "ADDL", "DV", "EVID", "MDV", "WT"]].to_csv(tmp_path / "ss.csv",
+                                                                                           index=False)
+    return hp.read_nonmem(tmp_path / "ss.csv")
+
+
+@pytest.mark.parametrize("model, error, iiv", [("1cmt_iv", "combined", ["CL", "V"]),
+                                               ("1cmt_oral", "proportional", ["KA", "CL", "V"]),
+                                               ("2cmt_iv", "additive", ["CL", "V", "V2"]),
+                                               ("2cmt_oral", "combined", ["KA", "CL", "Q"])])
+def test_steady_state_doses_and_resets_equal_the_general_paths(tmp_path, monkeypatch, model, error, iiv):
+    """Steady-state doses (SS=1 and 2, boluses and an infusion), a reset-and-dose (EVID 4) and a trough before a
+    dose, by jets (one compartment as well): the same EBEs, OFVs and gradients as the general path at two random
+    points."""
+    monkeypatch.setattr(analytic_focei, "analytic_problem", lambda *a: (None, "the reference"))
+    ds = _steady_state_doses(tmp_path, oral=model.endswith("_oral"))
+    pm = build_model(model, iiv=iiv, error=error, covariates=("CL~WT",), data=ds)
+    prob, pack = Problem(pm, ds), Packing(pm)
+    assert analytic_reason(pm, prob) is None
+    rng = np.random.default_rng(len(iiv))
+    scale = np.full(len(pack.x0()), 0.25)
+    scale[[i for i, t in enumerate(pack.free) if t.name not in STRUCTURAL]] = 0.01
+    for _ in range(2):
+        engine, _ = _assert_both_paths_agree(pm, prob, pack, pack.x0() + rng.normal(0.0, 1.0, len(pack.x0())) * scale,
+                                             per_subject=True)
+    assert engine.steady_state and not engine.by_hand
+
+
 def _assert_both_paths_agree(pm, prob, pack, xv, per_subject: bool = False):
     """At the estimation vector ``xv``, from ETA = 0: the EBEs, per-subject OFVs, the OFV gradient and (with
     ``per_subject``) the S matrix's per-subject gradients of the analytic path equal the general path's

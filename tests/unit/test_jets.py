@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hybridpk.population import two_compartment_jets
+from hybridpk.population import closed_form_jets
 from hybridpk.population.jets import variables
 
 
@@ -44,6 +44,7 @@ def test_two_compartment_singular_points():
     beta = k10 * k21 / alpha
     for ka in (alpha, beta):
         phi = np.log([[ka, cl, v, q, v2]])
-        assert two_compartment_jets.singular(phi, oral=True)
-        assert not two_compartment_jets.singular(np.log([[1.01 * ka, cl, v, q, v2]]), oral=True)
-    assert not two_compartment_jets.singular(np.log([[cl, v, q, v2]]), oral=False)
+        assert closed_form_jets.singular(phi, closed_form_jets.PARAMETERS["2cmt_oral"])
+        assert not closed_form_jets.singular(np.log([[1.01 * ka, cl, v, q, v2]]),
+                                             closed_form_jets.PARAMETERS["2cmt_oral"])
+    assert not closed_form_jets.singular(np.log([[cl, v, q, v2]]), closed_form_jets.PARAMETERS["2cmt_iv"])

@@ -8,16 +8,18 @@ form's own derivatives instead; so does this module, for what it covers:
 
 - the structures 1cmt_oral (ADVAN2: KA, CL, V) and 1cmt_iv (ADVAN1: CL, V), with their derivatives by hand, and
   2cmt_oral (ADVAN4: KA, CL, V, Q, V2) and 2cmt_iv (ADVAN3: CL, V, Q, V2), with theirs by forward-mode jets
-  (:mod:`hybridpk.population.two_compartment_jets`); F = 1 and no lag, built by
+  (:mod:`hybridpk.population.closed_form_jets`; so too one compartment with steady-state doses); F = 1 and no
+  lag, built by
   :func:`~hybridpk.population.build_model`, with any of its covariate effects on covariates constant within each
   subject; no fixed or derived parameters, IOV or log-transform-both-sides;
 - log-normal IIV on any of the parameters (PARAM = TV(THETA, covariates) exp(ETA)), any OMEGA (diagonal or
   blocks);
 - FOCE with interaction, additive, proportional or combined (ADD^2 + PROP^2 IPRED^2) error;
 - doses by superposition: oral boluses into the depot; IV boluses and infusions (RATE given, or RATE=-2 with
-  the duration in DUR) into the central compartment; no steady state, resets or modelled rates; a dose acts on
-  the records after it, and on a record at its time that comes after it in the data (as
-  :func:`hybridpk.solve._events.applies`); observations without censoring (M3).
+  the duration in DUR) into the central compartment; steady-state doses (SS=1 or 2 with II) and resets (EVID
+  3/4); no modelled rates. Which dose acts on which observation is decided by the solvers' own rules
+  (:mod:`hybridpk.solve._events`: a dose acts on the records after it, and on a record at its time that comes
+  after it in the data; a reset or an SS=1 dose ends every earlier one); observations without censoring (M3).
 
 Anything else takes the general path. Before it is used on a dataset, its predictions are checked against the
 general path's (:func:`analytic_problem`), so a convention it does not follow (e.g. which compartment a
@@ -44,12 +46,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import two_compartment_jets
+from . import closed_form_jets
 
 __all__ = ["AnalyticFOCEI", "analytic_problem", "analytic_reason"]
 
 #: the structures covered, with their parameters in the order of phi (log scale)
-STRUCTURES = {"1cmt_oral": ("KA", "CL", "V"), "1cmt_iv": ("CL", "V"), **two_compartment_jets.PARAMETERS}
+STRUCTURES = closed_form_jets.PARAMETERS
 #: the error models covered (V = ADD^2 + PROP^2 f^2 with the SDs the kind has)
 ERRORS = ("additive", "proportional", "combined")
 #: the predictions must agree with the general path's to this (relative to max(1, |f|)) before it is used
@@ -87,8 +89,6 @@ def analytic_reason(pm, prob) -> str | None:
     if bool(prob.cens.any()):
         return "censored observations (M3)"
     oral = recipe["model"].endswith("_oral")
-    if bool((m & ((b.dose_ss != 0) | b.dose_reset.bool())).any()):
-        return "steady-state or reset doses"
     if bool((m & ((b.dose_mode != 0) if oral else (b.dose_mode < 0))).any()):
         return "infusions into the depot" if oral else "modelled infusion rates or durations (RATE=-1/-2)"
     if bool((m & (b.dose_cmt > 1)).any()):
@@ -138,7 +138,6 @@ class AnalyticFOCEI:
         p = len(self.params)
         self.identity = self.place.shape == (p, p) and bool((self.place == np.eye(p)).all())
         self.oral = pm.recipe["model"].endswith("_oral")
-        self.two = pm.recipe["model"].startswith("2cmt")
         self.fallback_steps = 0      # EBE Newton steps that met a singular Hessian and took a gradient step
         obs = prob.obs.numpy()
         self.n = obs.shape[0]
@@ -150,22 +149,28 @@ class AnalyticFOCEI:
         self.mask = np.take_along_axis(obs, order, 1)
         time = b.time.numpy()[self.obs_index]
         self.y = np.where(self.mask, prob.y.numpy()[self.obs_index], 0.0)
-        dm = b.dose_mask.numpy()
-        td, amt = b.dose_time.numpy(), np.where(dm, b.dose_amt.numpy(), 0.0)
-        # a dose acts on a record after it in time, or at its time on a later record (solve/_events.applies)
-        row, dose_row = b.row.numpy()[self.obs_index].astype(float), b.dose_row.numpy().astype(float)
-        after = ((time[:, :, None] > td[:, None, :]) | ((time[:, :, None] == td[:, None, :])
-                                                         & (row[:, :, None] > dose_row[:, None, :] - 0.5)))
-        after &= dm[:, None, :]
+        # which dose acts on which observation: the solvers' own rules (solve/_events: a dose acts on the records
+        # after it in time, or at its time on a later record; a reset (EVID 3/4, SS=1) ends every earlier dose)
+        from ..solve._events import applies, applies_ss, dose_events
+
+        ev = dose_events(pm.structural, {}, b)         # F = 1 and no lag (analytic_reason)
+        key = b.row.to(b.time.dtype)
+        after = applies(ev, b.time, key).numpy()[self.obs_index]                     # (N, J, D)
+        steady = (ev.active & (ev.ss > 0)).numpy()
+        ss = (applies_ss(ev, b, b.time, key).numpy()[self.obs_index] & after) if steady.any() else \
+            np.zeros_like(after)
+        dm, td = ev.active.numpy(), ev.time.numpy()
+        amt = np.where(dm, ev.amt.numpy(), 0.0)
         # time since each dose (N, J, D), 0 before it (the unit response and its derivatives vanish there)
         self.tau = np.where(after, time[:, :, None] - td[:, None, :], 0.0)
         self.amt = np.where(after, amt[:, None, :], 0.0)
-        # infusions (1cmt_iv): duration (N, 1, D) from the rate or the duration given; 0 for a bolus
-        mode = b.dose_mode.numpy()
-        rate, given = b.dose_rate.numpy(), b.dose_duration.numpy()
-        with np.errstate(all="ignore"):
-            duration = np.where(mode == 1, amt / np.where(mode == 1, rate, 1.0), np.where(mode == 2, given, 0.0))
-        self.duration = np.where(dm, duration, 0.0)[:, None, :]
+        # infusions (IV models): duration (N, 1, D); 0 for a bolus
+        self.duration = np.where(dm, ev.duration.numpy(), 0.0)[:, None, :]
+        self.steady_state = bool(ss.any())
+        self.doses = closed_form_jets.Doses(self.tau, self.amt, self.duration, ss,
+                                            np.where(steady, ev.ii.numpy(), 1.0)[:, None, :])
+        # one compartment without steady state: the derivatives by hand; else by jets
+        self.by_hand = not pm.recipe["model"].startswith("2cmt") and not self.steady_state
 
     # ------------------------------------------------------------------ the structure
     def typical(self, theta: dict):
@@ -180,16 +185,16 @@ class AnalyticFOCEI:
 
     def predict(self, phi):
         """Concentrations (N, J) at the observations for log-parameters ``phi`` (N, P)."""
-        if self.two:
-            return two_compartment_jets.jet(phi, self.tau, self.amt, self.duration, self.oral, value_only=True)
+        if not self.by_hand:
+            return closed_form_jets.jet(phi, self.params, self.doses, value_only=True)
         return self._predict_oral(phi) if self.oral else self.jet(phi, value_only=True)
 
     def jet(self, phi, value_only: bool = False):
         """(f (N, J), G = df/dphi (N, J, P), HF = d2f/dphi2 (N, J, P, P)) of the structure's closed form, by hand
-        for one compartment, by forward-mode jets for two (:mod:`hybridpk.population.two_compartment_jets`);
-        superposition: each dose's term and its derivatives add."""
-        if self.two:
-            return two_compartment_jets.jet(phi, self.tau, self.amt, self.duration, self.oral, value_only)
+        for one compartment without steady-state doses, else by forward-mode jets
+        (:mod:`hybridpk.population.closed_form_jets`); superposition: each dose's term and its derivatives add."""
+        if not self.by_hand:
+            return closed_form_jets.jet(phi, self.params, self.doses, value_only)
         return self._jet_oral(phi) if self.oral else self._jet_iv(phi, value_only)
 
     def _predict_oral(self, phi):
@@ -277,9 +282,9 @@ class AnalyticFOCEI:
 
     def near_flip_flop(self, phi) -> bool:
         """Some subject's KA is within :data:`NEAR_FLIP_FLOP` of its K (the oral closed form's removable 0/0); for
-        two compartments, its exponents meet (:func:`two_compartment_jets.singular`)."""
-        if self.two:
-            return two_compartment_jets.singular(phi, self.oral)
+        two compartments, its exponents meet (:func:`closed_form_jets.singular`)."""
+        if not self.by_hand:
+            return closed_form_jets.singular(phi, self.params)
         if not self.oral:
             return False
         ka, k = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2])

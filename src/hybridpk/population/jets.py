@@ -4,7 +4,7 @@ carried through arithmetic and exp/sqrt (the chain rule written out once per ope
 The analytic FOCE-I path (:mod:`hybridpk.population.analytic_focei`) needs each closed form's value, first and
 second derivatives in the log-parameters at every observation of every subject. The one-compartment forms
 have them by hand; the two-compartment ones (their exponents are the roots of a quadratic) are written once as
-ordinary arithmetic on :class:`Jet` values (:mod:`hybridpk.population.two_compartment_jets`), which is exact to
+ordinary arithmetic on :class:`Jet` values (:mod:`hybridpk.population.closed_form_jets`), which is exact to
 rounding, like automatic differentiation, without a graph or per-operation overhead beyond numpy's.
 """
 
@@ -72,22 +72,23 @@ class Jet:
         return self.reciprocal() * other
 
     # ------------------------------------------------------------------ functions
-    def _apply(self, value, first, second) -> "Jet":
-        """f(self) from f, f' and f'' at the value: g = f' g, h = f' h + f'' g g'."""
+    def apply(self, value, first, second) -> "Jet":
+        """f(self) from f, f' and f'' at the value (arrays that broadcast with it, e.g. a function of one
+        variable tabulated at several points per subject): g = f' g, h = f' h + f'' g g'."""
         d1, d2 = first[..., None], second[..., None, None]
         return Jet(value, d1 * self.g, d1[..., None] * self.h + d2 * self.g[..., :, None] * self.g[..., None, :])
 
     def reciprocal(self) -> "Jet":
         r = 1.0 / self.v
-        return self._apply(r, -r * r, 2 * r * r * r)
+        return self.apply(r, -r * r, 2 * r * r * r)
 
     def exp(self) -> "Jet":
         e = np.exp(self.v)
-        return self._apply(e, e, e)
+        return self.apply(e, e, e)
 
     def sqrt(self) -> "Jet":
         s = np.sqrt(self.v)
-        return self._apply(s, 0.5 / s, -0.25 / (s * self.v))
+        return self.apply(s, 0.5 / s, -0.25 / (s * self.v))
 
 
 def variables(x) -> list[Jet]:

@@ -140,7 +140,7 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
                 inf = inf + (e(mu, x_ss_inf) - e_ss) / m * geo
             out = inf if out is None else torch.where(infusion.unsqueeze(-1), inf, out)
         if out is None:                 # no dose acts on any record (none given yet, or all after the records)
-            out = torch.zeros(s.shape + mu.shape[-1:], dtype=s.dtype)
+            out = torch.zeros(s.shape + mu.shape[-1:], dtype=s.dtype, device=s.device)
         return out
 
     amount = torch.where(infusion, ev.rate.unsqueeze(1).expand_as(s), ev.amt.unsqueeze(1).expand_as(s))

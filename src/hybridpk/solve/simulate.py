@@ -289,6 +289,6 @@ def _one_by_one(model, p, batch, rtol, atol, solver, return_amounts, rule="nonme
     ipred = torch.stack(rows_c)
     if return_amounts:
         s = model.n_states
-        amounts = torch.stack([a if a is not None else torch.full((r, s), float("nan"), dtype=ipred.dtype)
-                               for a in rows_a])
+        amounts = torch.stack([a if a is not None else torch.full((r, s), float("nan"), dtype=ipred.dtype,
+                                                                  device=ipred.device) for a in rows_a])
     return ipred, amounts, failures

@@ -1,0 +1,134 @@
+"""The one- and two-compartment closed forms (NONMEM's ADVAN1-4) with their first and second derivatives in the
+log-parameters, by second-order forward-mode arithmetic (:mod:`hybridpk.population.jets`), for the analytic
+FOCE-I path (:mod:`hybridpk.population.analytic_focei`): two compartments, and one compartment with
+steady-state doses (without those, one compartment has its derivatives by hand there).
+
+The central concentration after a unit bolus is sum_i c_i e^(-lambda_i t) (Gibaldi & Perrier,
+Pharmacokinetics, 2nd ed., 1982, ch. 1-3): one compartment c = 1/V, lambda = CL/V; two, with k10 = CL/V,
+k12 = Q/V, k21 = Q/V2, lambda = alpha > beta the roots of s^2 - (k10 + k12 + k21) s + k10 k21 (beta =
+k10 k21 / alpha, free of cancellation) and c = (alpha - k21) / ((alpha - beta) V), (k21 - beta) /
+((alpha - beta) V). Per exponential rate mu and unit amount, with s the time since the dose:
+
+- bolus: e^(-mu s);
+- infusion of duration T at unit rate: (e^(-mu t2) - e^(-mu s)) / mu, t2 = max(s - T, 0), during and after it;
+- first-order absorption convolves the bolus response with KA e^(-KA t): sum_i c_i KA / (KA - lambda_i)
+  (R(lambda_i) - R(KA)), R the response above;
+- a steady-state dose (SS, interval II) adds the doses before it, every II: the bolus response times
+  G = 1 / (1 - e^(-mu II)), and an infusion's (dose before the last: complete, T <= II) part
+  (e^(-mu (s - T + II)) - e^(-mu (s + II))) / mu G, as hybridpk.solve.closed_form computes them.
+
+Where two exponents meet (alpha = beta, or KA = a lambda: a removable 0/0 of these forms), the caller takes
+the general path (:func:`singular`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .jets import Jet, variables
+
+__all__ = ["PARAMETERS", "Doses", "jet", "singular", "time_function"]
+
+#: the structures' parameters in the order of the log-parameters phi
+PARAMETERS = {"1cmt_oral": ("KA", "CL", "V"), "1cmt_iv": ("CL", "V"),
+              "2cmt_oral": ("KA", "CL", "V", "Q", "V2"), "2cmt_iv": ("CL", "V", "Q", "V2")}
+#: relative distance below which two exponents count as equal (see :func:`singular`)
+NEAR = 1e-7
+
+
+class Doses:
+    """The doses acting at each observation, (N, J, D) arrays: ``tau`` the time since the dose and ``amt`` its
+    amount (0 where it does not act), ``duration`` (N, 1, D) its infusion's duration (0: a bolus), ``ss``
+    (N, J, D) where it is a steady-state dose, ``ii`` (N, 1, D) its interval (1 where not SS)."""
+
+    def __init__(self, tau, amt, duration, ss, ii):
+        self.tau, self.amt, self.duration, self.ss, self.ii = tau, amt, duration, ss, ii
+
+
+def _exponents(p, two: bool):
+    """[(lambda_i, c_i)] jets (N,) of the unit bolus response from the parameters' jets {name: jet}."""
+    cl, v = p["CL"], p["V"]
+    if not two:
+        return [(cl / v, 1.0 / v)]
+    k10, k12, k21 = cl / v, p["Q"] / v, p["Q"] / p["V2"]
+    s = k10 + k12 + k21
+    alpha = 0.5 * (s + (s * s - 4.0 * (k10 * k21)).sqrt())
+    beta = (k10 * k21) / alpha
+    return [(alpha, (alpha - k21) / ((alpha - beta) * v)), (beta, (k21 - beta) / ((alpha - beta) * v))]
+
+
+def _rates(phi, params):
+    """(KA or None, [lambda_i]) as arrays (N,) from the log-parameters (N, P)."""
+    p = {name: np.exp(phi[:, k]) for k, name in enumerate(params)}
+    k10 = p["CL"] / p["V"]
+    if "Q" not in p:
+        return p.get("KA"), [k10]
+    k12, k21 = p["Q"] / p["V"], p["Q"] / p["V2"]
+    s = k10 + k12 + k21
+    alpha = 0.5 * (s + np.sqrt(s * s - 4 * k10 * k21))
+    return p.get("KA"), [alpha, k10 * k21 / alpha]
+
+
+def singular(phi, params) -> bool:
+    """Some subject's exponents meet (alpha = beta, or KA = a lambda), to :data:`NEAR` relative."""
+    ka, lam = _rates(phi, params)
+    if len(lam) == 2 and (lam[0] - lam[1] <= NEAR * lam[0]).any():
+        return True
+    return ka is not None and any(bool((np.abs(ka - x) <= NEAR * ka).any()) for x in lam)
+
+
+def time_function(mu, doses: Doses):
+    """F(mu) = sum_d amount_d R_d(mu) (N, J) at the observations, with dF/dmu and d2F/dmu2, as a jet in the one
+    variable mu (N,), an exponential rate (R the response per unit amount or rate of the module docstring).
+    The per-dose work is done in this one variable and summed over the doses before the chain rule to the
+    log-parameters (:func:`jet`), so its cost does not grow with their number."""
+    d = doses
+    n = mu.shape[0]
+    m = variables(mu[:, None])[0].reshape(n, 1, 1)
+    bolus = d.duration <= 0
+    with np.errstate(all="ignore"):
+        amount = np.where(bolus, d.amt, d.amt / np.where(bolus, 1.0, d.duration))   # an infusion: its rate
+
+    def decay(t):
+        return (m * (-t)).exp()
+
+    es = decay(d.tau)
+    out = es * np.where(bolus, 1.0, 0.0)
+    if not bolus.all():
+        t2 = np.where(bolus, 0.0, np.maximum(d.tau - d.duration, 0.0))
+        out = out + (decay(t2) - es) / m * np.where(bolus, 0.0, 1.0)
+    if d.ss.any():
+        steady = d.ss.astype(float)
+        geo = 1.0 / (1.0 - (m * (-d.ii)).exp())
+        out = out + (es * (geo - 1.0)) * (steady * bolus)
+        if not bolus.all():
+            after_last = np.where(d.ss, d.tau - d.duration + d.ii, 0.0)    # the infusion before the last: complete
+            before_last = np.where(d.ss, d.tau + d.ii, 0.0)
+            out = out + ((decay(after_last) - decay(before_last)) / m * geo) * (steady * ~bolus)
+    return (out * amount).sum()
+
+
+def jet(phi, params, doses: Doses, value_only: bool = False):
+    """(f (N, J), df/dphi (N, J, P), d2f/dphi2 (N, J, P, P)) (or f alone) at the observations for the
+    log-parameters ``phi`` (N, P) of the structure whose parameters are ``params`` (:data:`PARAMETERS`): the
+    rates and coefficients as jets in phi (N,), each rate's :func:`time_function` composed with its jet."""
+    n = phi.shape[0]
+    logs = (variables(phi) if not value_only       # no derivatives: jets in no variables, plain arithmetic
+            else [Jet(phi[:, k], np.zeros((n, 0)), np.zeros((n, 0, 0))) for k in range(phi.shape[1])])
+    p = {name: x.exp() for name, x in zip(params, logs)}
+
+    def at_observations(mu):        # F(mu) (N, J) as a jet in phi
+        f = time_function(mu.v, doses)
+        return mu.reshape(n, 1).apply(f.v, f.g[..., 0], f.h[..., 0, 0])
+
+    terms = _exponents(p, "Q" in p)
+    ka = p.get("KA")
+    if ka is None:
+        parts = [c.reshape(n, 1) * at_observations(lam) for lam, c in terms]
+    else:
+        f_ka = at_observations(ka)
+        parts = [(c * ka / (ka - lam)).reshape(n, 1) * (at_observations(lam) - f_ka) for lam, c in terms]
+    total = sum(parts[1:], parts[0])
+    if value_only:
+        return total.v
+    return total.v, total.g, total.h
