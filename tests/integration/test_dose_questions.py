@@ -418,7 +418,9 @@ def test_the_estimate_in_full_against_an_independent_computation(tmp_path):
     hess = np.array([[second(i, j) for j in range(2)] for i in range(2)])
     observed = np.asarray(out["covariance"]["observed_information"])
     assert observed == pytest.approx(np.linalg.inv(hess / 2), rel=1e-5)
-    assert out["shrinkage"]["ETA_CL"] == pytest.approx(1 - math.sqrt(observed[0, 0] / 0.09), rel=1e-9)
+    # individual shrinkage: posterior variance over OMEGA (was 1 - posterior SD / prior SD, which is near 1 where
+    # the levels determine the ETA, the opposite of what shrinkage means and of what the warnings said)
+    assert out["shrinkage"]["ETA_CL"] == pytest.approx(observed[0, 0] / 0.09, rel=1e-9)
     assert len(out["forecast"]["TIME"]) == 241 and out["seed"] == 0
 
 

@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 
 import hybridpk as hp
 from hybridpk.cli import main
-from hybridpk.dosing import parse_target, recommend_dose
+from hybridpk.dosing import dosing_model, estimate_patient, parse_target, recommend_dose
 from hybridpk.errors import HybridPKError
 from hybridpk.population import FittedPopulation, build_model, load_model, model_specs
 from tests.reference.scipy_models import solve_reference
@@ -520,3 +520,23 @@ def test_time_to_concentration_counts_additional_doses(tmp_path):
         return sum(500.0 / 30.0 * math.exp(-0.1 * (t - 12.0 * k)) for k in range(21)) - 2.0
 
     assert out["map_time_h"] == pytest.approx(brentq(conc, 241.0, 400.0), abs=0.06)
+
+
+def test_the_barely_informed_warning_names_the_etas_the_levels_do_not_inform():
+    """'the levels barely inform X' names exactly the ETAs whose posterior SD (the Laplace covariance) is above
+    80% of the prior SD: with one level more of them than with six, and never CL once six levels trace the
+    elimination (it used to name the best-informed ETAs instead: 1 - posterior SD / prior SD was read as
+    shrinkage)."""
+    model = dosing_model("vancomycin_goti2018")
+    etas = model.population.model.etas
+    named = {}
+    for levels in (((47.5, 11.0),), ((37.5, 28.0), (38.5, 30.0), (40.0, 25.0), (42.0, 20.0), (44.0, 16.0),
+                                      (47.5, 11.0))):
+        post = estimate_patient(model, _vanco_patient(levels=levels), n_samples=100)
+        sd_ratio = np.sqrt(np.diag(post.estimate.cov[0].numpy()) / np.diag(model.population.omega.matrix))
+        warned = [w for w in post.warnings if w.startswith("the levels barely inform")]
+        expected = [e for e, r in zip(etas, sd_ratio) if r > 0.8]
+        assert warned == ([f"the levels barely inform {', '.join(expected)} (posterior SD > 80% of prior SD); the "
+                           "estimate is close to the population value"] if expected else [])
+        named[len(levels)] = set(expected)
+    assert named[6] < named[1] and "ETA_CL" not in named[6]

@@ -50,11 +50,11 @@ class PatientEstimate:
     weight: float | None = None
 
     def shrinkage(self) -> np.ndarray:
-        """(1, n_eta): 1 - posterior SD / prior SD of each ETA (near 1: the levels say little)."""
+        """(1, n_eta): the individual shrinkage of each ETA, posterior variance / prior variance (near 1: the
+        levels say little; see :meth:`IndividualEstimates.shrinkage`)."""
         k = self.model.n_eta
-        post = torch.sqrt(torch.diagonal(self.cov[:, :k, :k], dim1=1, dim2=2))
-        prior = torch.sqrt(torch.diagonal(self.model.population.omega.tensor(post.device)))
-        return (1 - post / prior).cpu().numpy()
+        post = torch.diagonal(self.cov[:, :k, :k], dim1=1, dim2=2)
+        return (post / torch.diagonal(self.model.population.omega.tensor(post.device))).cpu().numpy()
 
     def posterior(self, index: int = 0, n: int = 1000, seed: int = 0):
         """(draws (n, P), effective sample size) from the patient's posterior (importance resampling)."""

@@ -100,8 +100,8 @@ def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> lis
             warnings.append(f"{int(bad.sum())} level(s) (at t = {', '.join(f'{t:g}' for t in times)} h) are far "
                             "outside what the model predicts for this patient (beyond the 99.9% prior predictive "
                             "range); check sampling times, units and the dosing history")
-    shr = est.shrinkage()[0]
-    high = [name for name, s in zip(model.population.model.etas, shr) if s > 0.8]
+    shr = est.shrinkage()[0]          # posterior variance / prior variance
+    high = [name for name, s in zip(model.population.model.etas, shr) if s > 0.8 ** 2]
     if high:
         warnings.append(f"the levels barely inform {', '.join(high)} (posterior SD > 80% of prior SD); the "
                         "estimate is close to the population value")

@@ -4,6 +4,9 @@ Fields (full precision): the MAP point (ETAs, and a hybrid's z), the individual 
 credible intervals, the objective at the MAP and each level's contribution to it, shrinkage, the Laplace
 covariance in two forms, and the posterior sampling's effective sample size.
 
+* **Shrinkage** of each ETA: the posterior variance (observed information) over OMEGA's, near 1 where the
+  levels say little about it (Phoenix NLME's individual shrinkage; Xu et al., AAPS J 2012;14:927-936).
+
 * **OFV** (population models): -2 log posterior at the MAP without constants, as NONMEM's individual
   objective (the .phi file's OBJ): sum over levels of (DV - IPRED)^2 / VAR + log VAR (M3: -2 log P(below
   LLOQ)) plus ETA' OMEGA^-1 ETA. A hybrid reports its joint objective 2 x (-log p(DV, ETA, z)) up to a
@@ -45,6 +48,8 @@ def patient_summary(post) -> dict:
             "parameters": post.parameters(), "ofv": terms["ofv"], "ofv_prior_term": terms["prior"],
             "ofv_definition": terms["definition"], "observations": observations,
             "shrinkage": {n: float(s) for n, s in zip(names[:n_eta], shrink)},
+            "shrinkage_definition": "posterior variance (observed information) / OMEGA variance, per ETA: near 1, "
+                                    "the levels say little about it",
             "covariance": {"names": names, "observed_information": est.cov[0].tolist(),
                            "expected_information_etc": None if etc is None else etc.tolist()},
             "posterior": {"method": "adaptive importance sampling (AMIS) from the Laplace approximation with the prior "

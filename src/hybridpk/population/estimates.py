@@ -60,10 +60,12 @@ class IndividualEstimates:
                 "kink in the model (ALAG, an IF on an ETA-dependent value)")
 
     def shrinkage(self) -> np.ndarray:
-        """Per patient and ETA: 1 - posterior SD / prior SD (near 1: the data say little)."""
-        post = torch.sqrt(torch.diagonal(self.cov, dim1=1, dim2=2))
-        prior = torch.sqrt(torch.diagonal(self.model.omega.tensor(post.device)))
-        return (1 - post / prior).cpu().numpy()
+        """Individual shrinkage per patient and ETA: the posterior variance (the Laplace covariance's diagonal)
+        over the prior's (OMEGA), near 1 where the data say little about the ETA, near 0 where they determine
+        it (Phoenix NLME's individual shrinkage, from the relation of Xu et al., AAPS J 2012;14:927-936: the
+        population's variance-based ETA shrinkage is about the mean of this ratio)."""
+        post = torch.diagonal(self.cov, dim1=1, dim2=2)
+        return (post / torch.diagonal(self.model.omega.tensor(post.device))).cpu().numpy()
 
     def patient(self, index: int) -> "IndividualEstimates":
         """The estimate of patient ``index`` alone (its records, MAP and covariance; a Problem of its own), as
