@@ -52,11 +52,11 @@ def latent_dim_arg(text: str):
 
 
 #: the help of --device on the commands that estimate patients (predict, map, dose)
-DEVICE_HELP = ("where the patients' estimates, posterior draws and predictions are computed: cpu (default), cuda, "
-               "cuda:N, or auto (a CUDA GPU when there is one, else the CPU). float64 on every device; the random "
-               "draws are made on the CPU, so the same seed gives the same answer anywhere. On a GPU the estimates "
-               "take the general (automatic-differentiation) path: the analytic FOCE-I derivatives of "
-               "1- and 2-compartment models are numpy code, on the CPU")
+DEVICE_HELP = ("where the patients' estimates, posterior draws and predictions are computed: cpu, cuda, cuda:N, "
+               "or auto (a CUDA GPU when there is one, else the CPU). float64 on every device; the random draws are "
+               "made on the CPU, so the same seed gives the same answer anywhere. On a GPU the estimates take the "
+               "general (automatic-differentiation) path: the analytic FOCE-I derivatives of 1- and 2-compartment "
+               "models are numpy code, on the CPU. Default: %(default)s")
 
 
 def device_arg(text: str) -> str:
