@@ -56,8 +56,6 @@ STRUCTURES = closed_form_jets.PARAMETERS
 ERRORS = ("additive", "proportional", "combined")
 #: the predictions must agree with the general path's to this (relative to max(1, |f|)) before it is used
 AGREEMENT = 1e-9
-#: KA within this relative distance of K = CL/V: the closed form's 0/0 (the general path handles the limit)
-NEAR_FLIP_FLOP = 1e-7
 
 
 def analytic_reason(pm, prob) -> str | None:
@@ -169,8 +167,9 @@ class AnalyticFOCEI:
         self.steady_state = bool(ss.any())
         self.doses = closed_form_jets.Doses(self.tau, self.amt, self.duration, ss,
                                             np.where(steady, ev.ii.numpy(), 1.0)[:, None, :])
-        # one compartment without steady state: the derivatives by hand; else by jets
-        self.by_hand = not pm.recipe["model"].startswith("2cmt") and not self.steady_state
+        # 1cmt_oral without steady state: the derivatives by hand (half the jets' time at 1000 subjects,
+        # benchmarks/fit_scale.py); everything else by jets (1cmt_iv: the same time either way)
+        self.by_hand = pm.recipe["model"] == "1cmt_oral" and not self.steady_state
 
     # ------------------------------------------------------------------ the structure
     def typical(self, theta: dict):
@@ -185,17 +184,15 @@ class AnalyticFOCEI:
 
     def predict(self, phi):
         """Concentrations (N, J) at the observations for log-parameters ``phi`` (N, P)."""
-        if not self.by_hand:
-            return closed_form_jets.jet(phi, self.params, self.doses, value_only=True)
-        return self._predict_oral(phi) if self.oral else self.jet(phi, value_only=True)
+        if self.by_hand:
+            return self._predict_oral(phi)
+        return closed_form_jets.jet(phi, self.params, self.doses, value_only=True)
 
-    def jet(self, phi, value_only: bool = False):
+    def jet(self, phi):
         """(f (N, J), G = df/dphi (N, J, P), HF = d2f/dphi2 (N, J, P, P)) of the structure's closed form, by hand
-        for one compartment without steady-state doses, else by forward-mode jets
+        for 1cmt_oral without steady-state doses, else by forward-mode jets
         (:mod:`hybridpk.population.closed_form_jets`); superposition: each dose's term and its derivatives add."""
-        if not self.by_hand:
-            return closed_form_jets.jet(phi, self.params, self.doses, value_only)
-        return self._jet_oral(phi) if self.oral else self._jet_iv(phi, value_only)
+        return self._jet_oral(phi) if self.by_hand else closed_form_jets.jet(phi, self.params, self.doses)
 
     def _predict_oral(self, phi):
         ka, k, v = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2]), np.exp(phi[:, 2])
@@ -242,53 +239,10 @@ class AnalyticFOCEI:
         hf[..., 2, 2] = h_cc + 2 * g_c + f
         return f, g, hf
 
-    def _jet_iv(self, phi, value_only=False):
-        """ADVAN1, log(CL) = c and log(V) = v, K = CL/V: a bolus gives AMT/V exp(-K tau); an infusion of
-        duration T at rate AMT/T gives AMT/(T CL) h(K), h = exp(-K tau2) - exp(-K tau), tau2 = max(tau - T, 0),
-        during and after it alike. d/dc = K d/dK - (1 for the infusion's 1/CL), d/dv = -K d/dK - (1 for the
-        bolus's 1/V)."""
-        cl, k = np.exp(phi[:, 0])[:, None, None], np.exp(phi[:, 0] - phi[:, 1])[:, None, None]
-        v = np.exp(phi[:, 1])[:, None, None]
-        t, dur = self.tau, self.duration
-        bolus = dur <= 0
-        t2 = np.maximum(t - dur, 0.0)
-        e, e2 = np.exp(-k * t), np.exp(-k * t2)
-        with np.errstate(all="ignore"):
-            scale = np.where(bolus, self.amt / v, self.amt / (np.where(bolus, 1.0, dur) * cl))
-        # bolus: B = scale e; infusion: I = scale h; each with its K-derivatives (times K, K^2)
-        h = np.where(bolus, e, e2 - e)
-        kh1 = np.where(bolus, -k * t * e, k * (t * e - t2 * e2))                    # K h'
-        kh2 = np.where(bolus, (k * t) ** 2 * e, k * k * (t2 * t2 * e2 - t * t * e))  # K^2 h''
-
-        def total(x):
-            return x[..., 0] if t.shape[-1] == 1 else x.sum(-1)
-
-        f = total(scale * h)
-        if value_only:
-            return f
-        # bolus: f = A e^-v h(K); infusion: f = A' e^-c h(K)
-        own_c = np.where(bolus, 0.0, 1.0)            # the 1/CL of an infusion
-        own_v = np.where(bolus, 1.0, 0.0)            # the 1/V of a bolus
-        f_c = total(scale * (kh1 - own_c * h))
-        f_v = total(scale * (-kh1 - own_v * h))
-        f_cc = total(scale * (kh2 + kh1 - own_c * 2 * kh1 + own_c * h))
-        f_cv = total(scale * (-kh2 - kh1 + own_c * kh1 - own_v * kh1))
-        f_vv = total(scale * (kh2 + kh1 + own_v * 2 * kh1 + own_v * h))
-        g = np.stack([f_c, f_v], -1)
-        hf = np.empty(f.shape + (2, 2))
-        hf[..., 0, 0], hf[..., 1, 1] = f_cc, f_vv
-        hf[..., 0, 1] = hf[..., 1, 0] = f_cv
-        return f, g, hf
-
     def near_flip_flop(self, phi) -> bool:
-        """Some subject's KA is within :data:`NEAR_FLIP_FLOP` of its K (the oral closed form's removable 0/0); for
-        two compartments, its exponents meet (:func:`closed_form_jets.singular`)."""
-        if not self.by_hand:
-            return closed_form_jets.singular(phi, self.params)
-        if not self.oral:
-            return False
-        ka, k = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2])
-        return bool((np.abs(ka - k) <= NEAR_FLIP_FLOP * ka).any())
+        """Some subject's exponents meet, KA = CL/V for one compartment (the closed forms' removable 0/0:
+        :func:`closed_form_jets.singular`)."""
+        return closed_form_jets.singular(phi, self.params)
 
     # ------------------------------------------------------------------ the residual error
     def _sds(self, sd: dict):
@@ -440,13 +394,13 @@ class AnalyticFOCEI:
         mg = g @ m_inv                                                            # M^-1 g_j (N, J, K)
         q = (g * mg).sum(-1)                                                      # g' M^-1 g
         pm_g = mg if self.identity else mg @ self.place.T                        # P M^-1 g_j
-        # d log|M| / dphi (N, 3) and / deta (N, K)
+        # d log|M| / dphi (N, P) and / deta (N, K)
         l_phi = _weighted_sum(dc * q, gphi) + 2 * _weighted_sum(c, np.einsum("njpq,njq->njp", hphi, pm_g))
         l_eta = l_phi @ self.place
         h_inv = (d.get("hess_inv") or _inverse(d["hess"]))[0]
         h_inv_l = (h_inv @ l_eta[..., None])[..., 0]                               # H^-1 L (N, K)
         e1, e2 = d["e1"], d["e2"]
-        # the subject's typical log-parameters mu: direct terms, then -C' H^-1 L with C = d(grad obj)/dmu (N, K, 3)
+        # the subject's typical log-parameters mu: direct terms, then -C' H^-1 L with C = d(grad obj)/dmu (N, K, P)
         n, j = e1.shape
         c_mu = ((g * e2[..., None]).transpose(0, 2, 1) @ gphi
                 + self.place.T @ _weighted_sum(e1, hphi.reshape(n, j, -1)).reshape(hphi.shape[0], *hphi.shape[2:]))

@@ -57,23 +57,23 @@ def _exponents(p, two: bool):
     return [(alpha, (alpha - k21) / ((alpha - beta) * v)), (beta, (k21 - beta) / ((alpha - beta) * v))]
 
 
-def _rates(phi, params):
-    """(KA or None, [lambda_i]) as arrays (N,) from the log-parameters (N, P)."""
-    p = {name: np.exp(phi[:, k]) for k, name in enumerate(params)}
-    k10 = p["CL"] / p["V"]
-    if "Q" not in p:
-        return p.get("KA"), [k10]
-    k12, k21 = p["Q"] / p["V"], p["Q"] / p["V2"]
-    s = k10 + k12 + k21
-    alpha = 0.5 * (s + np.sqrt(s * s - 4 * k10 * k21))
-    return p.get("KA"), [alpha, k10 * k21 / alpha]
+def _parameters(phi, params, derivatives: bool = True) -> dict:
+    """{name: jet (N,)} of the parameters exp(phi) (phi (N, P) in ``params``' order), in the P variables phi, or
+    in none (plain values, no derivative arithmetic) without ``derivatives``."""
+    n = phi.shape[0]
+    logs = (variables(phi) if derivatives
+            else [Jet(phi[:, k], np.zeros((n, 0)), np.zeros((n, 0, 0))) for k in range(phi.shape[1])])
+    return {name: x.exp() for name, x in zip(params, logs)}
 
 
 def singular(phi, params) -> bool:
-    """Some subject's exponents meet (alpha = beta, or KA = a lambda), to :data:`NEAR` relative."""
-    ka, lam = _rates(phi, params)
+    """Some subject's exponents meet (alpha = beta, or KA = a lambda: KA = CL/V for one compartment), to
+    :data:`NEAR` relative."""
+    p = _parameters(phi, params, derivatives=False)
+    lam = [rate.v for rate, _ in _exponents(p, "Q" in p)]
     if len(lam) == 2 and (lam[0] - lam[1] <= NEAR * lam[0]).any():
         return True
+    ka = p["KA"].v if "KA" in p else None
     return ka is not None and any(bool((np.abs(ka - x) <= NEAR * ka).any()) for x in lam)
 
 
@@ -113,9 +113,7 @@ def jet(phi, params, doses: Doses, value_only: bool = False):
     log-parameters ``phi`` (N, P) of the structure whose parameters are ``params`` (:data:`PARAMETERS`): the
     rates and coefficients as jets in phi (N,), each rate's :func:`time_function` composed with its jet."""
     n = phi.shape[0]
-    logs = (variables(phi) if not value_only       # no derivatives: jets in no variables, plain arithmetic
-            else [Jet(phi[:, k], np.zeros((n, 0)), np.zeros((n, 0, 0))) for k in range(phi.shape[1])])
-    p = {name: x.exp() for name, x in zip(params, logs)}
+    p = _parameters(phi, params, derivatives=not value_only)
 
     def at_observations(mu):        # F(mu) (N, J) as a jet in phi
         f = time_function(mu.v, doses)

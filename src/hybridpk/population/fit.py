@@ -18,6 +18,7 @@ from scipy.optimize import minimize
 from ..errors import HybridPKError, Interrupted
 from ..io import atomic_write_text
 from ..progress import Progress
+from ..solve.device import resolve_device
 from .diagnostics import diagnostics
 from .estimates import map_estimate, subjects_phrase
 from .estimation import COVARIANCE_METHODS, ConvergenceWarning, Estimation
@@ -182,8 +183,8 @@ def _naive_pooled(prob, pack, x0):
 
 def _pooled_analytic(engine, theta, x, nt):
     """The naive-pooled loss (sum of squared log residuals at ETA = 0) and its gradient in the first ``nt``
-    entries of ``x`` by the analytic path (the closed form's df/dlog(KA, CL, V), through the subjects' typical
-    parameters)."""
+    entries of ``x`` by the analytic path (the closed form's derivatives in its log-parameters, through the
+    subjects' typical parameters)."""
     phi0 = engine.typical(theta)
     with np.errstate(all="ignore"):
         f, g, _ = engine.jet(phi0.detach().numpy())
@@ -193,7 +194,7 @@ def _pooled_analytic(engine, theta, x, nt):
     if not math.isfinite(loss):
         return 1e30, np.zeros(nt)
     slope = np.where(obs & (f > 1e-12), -2.0 * r / np.where(f > 1e-12, f, 1.0), 0.0)      # dloss/df
-    d_phi = (slope[..., None] * g).sum(1)                                                  # (N, 3)
+    d_phi = (slope[..., None] * g).sum(1)                                                  # (N, P)
     (gx,) = torch.autograd.grad((phi0 * torch.as_tensor(d_phi, device="cpu")).sum(), x)
     return loss, gx[:nt].numpy()
 
@@ -294,8 +295,6 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     cov_method = "sandwich" if covariance is True else "none" if covariance is False else str(covariance)
     if cov_method not in COVARIANCE_METHODS:
         raise HybridPKError(f"covariance={covariance!r}: give one of {', '.join(COVARIANCE_METHODS)} (or True/False)")
-    from ..solve.device import resolve_device
-
     prob = Problem(pm, dataset, method=method, estimation=estimation, device=resolve_device(device))
     dev = prob.y.device
 
@@ -504,7 +503,7 @@ def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=No
     where the analytic path computes."""
     x = torch.tensor(xv, dtype=torch.float64, device="cpu", requires_grad=True)
 
-    def population(xt):     # (typical log-parameters (N, 3), OMEGA's entries and the SDs (R,))
+    def population(xt):     # (typical log-parameters (N, P), OMEGA's entries and the SDs (R,))
         theta, omega, sd = pack.unpack(xt)
         return engine.typical(theta), torch.cat([omega.reshape(-1), torch.stack([sd[a] for a in kinds])])
 
@@ -532,7 +531,7 @@ def _analytic_at(engine, pack, xv, eta0, per_subject: bool = False, predictor=No
     g_phi, g_rest = torch.as_tensor(grads["phi"], device="cpu"), torch.as_tensor(flat(grads), device="cpu")
     cache = []
 
-    def sens():            # ((N, K, 3), (N, K, R)), computed once, when a later search starts from here
+    def sens():            # ((N, K, P), (N, K, R)), computed once, when a later search starts from here
         if not cache:
             s = sensitivity()
             cache.append((s["phi"], flat(s)))
