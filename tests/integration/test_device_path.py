@@ -39,7 +39,6 @@ from hybridpk.solve.examples import simulate_ehc_population
 from tests.integration.test_nonmem_des import ADVAN5, MM_DES, THEO_DES
 
 THEOPH = Path(__file__).parents[2] / "data" / "theoph.csv"
-PHARMPY = Path(__import__("pharmpy").__file__).parent / "internals" / "example_models"
 
 
 @contextmanager
@@ -118,9 +117,9 @@ def test_a_population_fit_stays_on_its_device(estimation, path, request):
     _same_table(got.estimation.individual, want.estimation.individual)
 
 
-def test_an_imported_control_stream_fits_on_its_device():
+def test_an_imported_control_stream_fits_on_its_device(pharmpy_examples):
     """pharmpy's pheno.mod fitted as its $ESTIMATION says (OFV 586.2761, NONMEM's 586.27605)."""
-    pm, ds = read_control_stream(PHARMPY / "pheno.mod")
+    pm, ds = read_control_stream(pharmpy_examples / "pheno.mod")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = fit_population(pm, ds, progress=False)
@@ -181,11 +180,11 @@ def test_every_dosing_answer_stays_on_the_models_device(path, request):
     assert got == want
 
 
-def test_an_imported_control_stream_stays_on_the_models_device():
+def test_an_imported_control_stream_stays_on_the_models_device(pharmpy_examples):
     """pharmpy's pheno.mod ($PK with IF blocks and data items): predictions of every subject, and one
     patient's dose."""
-    model = load_model(PHARMPY / "pheno.mod")
-    ds = hp.read_nonmem(PHARMPY / "pheno.dta")
+    model = load_model(pharmpy_examples / "pheno.mod")
+    ds = hp.read_nonmem(pharmpy_examples / "pheno.dta")
     one = ds.subset([1])
     want = (model.predict(ds).table, _plain(recommend_dose(model, one, "trough=1000:2000", n_samples=50).to_dict()))
     on_cpu, dosing = model.to("cpu"), dosing_model(model, device="cpu")
