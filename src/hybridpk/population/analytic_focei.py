@@ -6,10 +6,10 @@ differentiation; at 1000 subjects its cost is torch's per-operation overhead, no
 (benchmarks/fit_scale.py). NONMEM's ADVAN1/ADVAN2 and nlmixr2's linear compartment solutions use the closed
 form's own derivatives instead; so does this module, for what it covers:
 
-- the structures 1cmt_oral (ADVAN2: KA, CL, V) and 1cmt_iv (ADVAN1: CL, V), with their derivatives by hand, and
-  2cmt_oral (ADVAN4: KA, CL, V, Q, V2) and 2cmt_iv (ADVAN3: CL, V, Q, V2), with theirs by forward-mode jets
-  (:mod:`hybridpk.population.closed_form_jets`; so too one compartment with steady-state doses); F = 1 and no
-  lag, built by
+- the structures 1cmt_oral (ADVAN2: KA, CL, V), 1cmt_iv (ADVAN1: CL, V), 2cmt_oral (ADVAN4: KA, CL, V, Q, V2)
+  and 2cmt_iv (ADVAN3: CL, V, Q, V2), with their derivatives by forward-mode jets
+  (:mod:`hybridpk.population.closed_form_jets`), and by hand for 1cmt_oral without steady-state doses (the
+  common case, at half the jets' cost); F = 1 and no lag, built by
   :func:`~hybridpk.population.build_model`, with any of its covariate effects on covariates constant within each
   subject; no fixed or derived parameters, IOV or log-transform-both-sides;
 - log-normal IIV on any of the parameters (PARAM = TV(THETA, covariates) exp(ETA)), any OMEGA (diagonal or
