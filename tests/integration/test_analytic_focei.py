@@ -315,20 +315,21 @@ def test_theophylline_fit_takes_the_analytic_path(theoph_path):
 
 
 @pytest.mark.parametrize("change, reason", [
-    (dict(derived={"CL": "K * V"}), "derived parameters"),
+    (dict(method="ode"), "ODE solver"),
     (dict(estimation="FOCE"), "estimation method FOCE"),
     (dict(model="3cmt_oral"), "structural model 3cmt_oral"),
     (dict(error="combined1"), "error model combined1"),
-    (dict(initial={"F": 0.8}), "F estimated"),
+    (dict(initial={"F": 0.8}), "F in the model"),
 ])
 def test_what_it_does_not_cover_takes_the_general_path(theoph_path, change, reason):
     ds = hp.read_nonmem(theoph_path)
     opts = dict(model="1cmt_oral", error="additive")
-    estimation = change.pop("estimation", "FOCE-I")
+    estimation, method = change.pop("estimation", "FOCE-I"), change.pop("method", "auto")
     opts.update(change)
     pm = build_model(opts.pop("model"), data=ds, **opts)
-    why = analytic_reason(pm, Problem(pm, ds, estimation=estimation))
-    assert why is not None and reason in why
+    prob, pack = Problem(pm, ds, estimation=estimation, method=method), Packing(pm)
+    engine, why = analytic_problem(pm, prob, pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))[0])
+    assert engine is None and reason in why
 
 
 def test_infusions_take_the_general_path(tmp_path):
@@ -387,3 +388,124 @@ def test_map_estimates_equal_the_general_paths(tmp_path, monkeypatch):
     np.testing.assert_allclose(fast.objective.numpy(), general.objective.numpy(), rtol=1e-10, atol=1e-9)
     np.testing.assert_allclose(fast.cov.numpy(), general.cov.numpy(), rtol=1e-6, atol=1e-10)
     assert (fast.decrement < 1e-12).all()
+
+
+def test_derived_parameters_equal_the_general_paths(tmp_path, monkeypatch):
+    """A parameter computed from others (``CL = K * V``, IIV on K and V: log CL takes both ETAs) is log-affine in
+    the ETAs, so the analytic path takes it: the same EBEs, OFVs and gradients as the general path at two random
+    points."""
+    monkeypatch.setattr(analytic_focei, "analytic_problem", lambda *a: (None, "the reference"))
+    ds = _multiple_doses(tmp_path)
+    pm = build_model("1cmt_oral", derived={"CL": "K * V"}, initial={"K": 0.1}, error="combined", data=ds)
+    prob, pack = Problem(pm, ds), Packing(pm)
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        engine, _ = _assert_both_paths_agree(pm, prob, pack, pack.x0() + rng.normal(0.0, 0.25, len(pack.x0())),
+                                             per_subject=True)
+    cl = engine.params.index("CL")
+    assert sorted(engine.place[cl]) == [0.0, 1.0, 1.0]        # log CL = log K + log V: both ETAs
+
+
+#: a control stream written the way NONMEM users write them: a power covariate effect and an IF block on the
+#: subject's weight, MU referencing, a full OMEGA block, combined error in $ERROR (theophylline data, WT per subject)
+THEO_MU = """$PROBLEM theophylline, MU referencing
+$INPUT ID TIME DV AMT EVID MDV CMT WT
+$DATA theoph.csv IGNORE=@
+$SUBROUTINE ADVAN2 TRANS2
+$PK
+TVCL = THETA(2)*(WT/70)**THETA(4)
+IF (WT.GT.75) THEN
+  TVCL = TVCL*THETA(5)
+ENDIF
+MU_1 = LOG(THETA(1))
+MU_2 = LOG(TVCL)
+MU_3 = LOG(THETA(3))
+KA = EXP(MU_1 + ETA(1))
+CL = EXP(MU_2 + ETA(2))
+V = EXP(MU_3 + ETA(3))
+S2 = V
+$ERROR
+IPRED = F
+Y = IPRED + IPRED*EPS(1) + EPS(2)
+$THETA (0, 1.5) ; POP_KA
+$THETA (0, 2.8) ; POP_CL
+$THETA (0, 32) ; POP_V
+$THETA 0.75 ; CL_WT
+$THETA (0, 1, 3) ; CL_HEAVY
+$OMEGA BLOCK(2) 0.4 0.01 0.07
+$OMEGA 0.02
+$SIGMA 0.01
+$SIGMA 0.1
+$ESTIMATION METHOD=1 INTERACTION
+"""
+#: ADVAN2 TRANS1 (K from CL and V in $PK: log K takes two ETAs) and an ETA on V scaled by a constant
+THEO_K = THEO_MU.replace("ADVAN2 TRANS2", "ADVAN2 TRANS1").replace(
+    "V = EXP(MU_3 + ETA(3))", "V = EXP(MU_3 + 0.5*ETA(3))\nK = CL/V")
+
+
+def _control_stream(folder, theoph_path, text):
+    import shutil
+
+    from hybridpk.population.nonmem import read_control_stream
+
+    shutil.copy(theoph_path, folder / "theoph.csv")
+    (folder / "run.mod").write_text(text)
+    return read_control_stream(folder / "run.mod")
+
+
+@pytest.mark.parametrize("text", [THEO_MU, THEO_K, "pheno"], ids=["MU", "TRANS1", "pheno"])
+def test_imported_control_streams_equal_the_general_paths(tmp_path, theoph_path, pharmpy_examples, monkeypatch,
+                                                          text):
+    """An imported model whose $PK gives log-affine ETAs takes the analytic path (pharmpy's pheno.mod: ADVAN1 with
+    an IF block on APGR and proportional error; the MU-referenced and TRANS1 streams above): the same EBEs, OFVs
+    and gradients as the general path at two random points."""
+    from hybridpk.population.nonmem import read_control_stream
+
+    if text == "pheno":
+        pm, ds = read_control_stream(pharmpy_examples / "pheno.mod")
+    else:
+        pm, ds = _control_stream(tmp_path, theoph_path, text)
+    monkeypatch.setattr(analytic_focei, "analytic_problem", lambda *a: (None, "the reference"))
+    prob, pack = Problem(pm, ds), Packing(pm)
+    assert analytic_reason(pm, prob) is None
+    rng = np.random.default_rng(5)
+    scale = np.full(len(pack.x0()), 0.2)
+    scale[[i for i, t in enumerate(pack.free) if t.name in ("CL_WT", "COVAPGR")]] = 0.02
+    for _ in range(2):
+        engine, _ = _assert_both_paths_agree(pm, prob, pack, pack.x0() + rng.normal(0.0, 1.0, len(pack.x0())) * scale,
+                                             per_subject=True)
+    if text == THEO_K:
+        k_row = np.round(engine.place, 12)
+        assert k_row[engine.params.index("V")].tolist() == [0.0, 0.0, 0.5]
+
+
+def test_pheno_fit_takes_the_analytic_path_with_nonmems_result(pharmpy_examples, monkeypatch):
+    """pharmpy's pheno.mod fitted as the file says, by the analytic path: NONMEM's OFV (pheno.lst, 586.27605) and
+    the same estimates and standard errors as the fit with the general path forced."""
+    from hybridpk.population.nonmem import read_control_stream
+
+    pm, ds = read_control_stream(pharmpy_examples / "pheno.mod")
+    lst = (pharmpy_examples / "pheno.lst").read_text()
+    assert "586.27605" in lst
+    fast, general = _fits_by_both_paths(pm, ds, monkeypatch)
+    assert fast.estimation.ofv == pytest.approx(586.27605, abs=1e-3)
+    for a, b in zip(fast.theta, general.theta):
+        assert a.value == pytest.approx(b.value, rel=1e-6) and a.se == pytest.approx(b.se, rel=1e-5)
+    np.testing.assert_allclose(fast.omega.tensor().numpy(), general.omega.tensor().numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("old, new, reason", [
+    ("V = EXP(MU_3 + ETA(3))", "V = EXP(MU_3 + ETA(3)*THETA(4))", "exponent depends on a THETA"),
+    ("V = EXP(MU_3 + ETA(3))", "V = EXP(MU_3) + ETA(3)", "other than as exp(ETA)"),
+    ("V = EXP(MU_3 + ETA(3))", "V = EXP(MU_3 + ETA(3)*WT/70)", "other than as exp(ETA)"),
+    ("S2 = V", "S2 = V\nALAG1 = 0.1", "ALAG in the model"),
+])
+def test_imported_parameter_maps_it_does_not_cover_take_the_general_path(tmp_path, theoph_path, old, new, reason):
+    """$PK that is not log-affine in the ETAs with constant coefficients, or that has a lag time, is left to the
+    general path, which fits it as written."""
+    assert old in THEO_MU
+    pm, ds = _control_stream(tmp_path, theoph_path, THEO_MU.replace(old, new))
+    prob, pack = Problem(pm, ds), Packing(pm)
+    theta, _, _ = pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))
+    engine, why = analytic_problem(pm, prob, theta)
+    assert engine is None and reason in why

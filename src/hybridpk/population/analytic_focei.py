@@ -9,11 +9,12 @@ form's own derivatives instead; so does this module, for what it covers:
 - the structures 1cmt_oral (ADVAN2: KA, CL, V), 1cmt_iv (ADVAN1: CL, V), 2cmt_oral (ADVAN4: KA, CL, V, Q, V2)
   and 2cmt_iv (ADVAN3: CL, V, Q, V2), with their derivatives by forward-mode jets
   (:mod:`hybridpk.population.closed_form_jets`), and by hand for 1cmt_oral without steady-state doses (the
-  common case, at half the jets' cost); F = 1 and no lag, built by
-  :func:`~hybridpk.population.build_model`, with any of its covariate effects on covariates constant within each
-  subject; no fixed or derived parameters, IOV or log-transform-both-sides;
-- log-normal IIV on any of the parameters (PARAM = TV(THETA, covariates) exp(ETA)), any OMEGA (diagonal or
-  blocks);
+  common case, at half the jets' cost); F = 1 and no lag; built by :func:`~hybridpk.population.build_model`
+  (derived and fixed parameters included), a published spec or an imported control stream (ADVAN1-4, any
+  TRANS), with covariates (effects, IF blocks) constant within each subject; no IOV or log-transform-both-sides;
+- IIV log-affine in the ETAs, log PARAM = log TV(THETA, covariates) + sum_k P_pk ETA_k with one constant matrix
+  P (PARAM = TV exp(ETA), MU referencing, K = CL/V, an ETA scaled by a number), read from the model's own
+  parameter map and checked (:func:`eta_placement`); any OMEGA (diagonal or blocks);
 - FOCE with interaction, additive, proportional or combined (ADD^2 + PROP^2 IPRED^2) error;
 - doses by superposition: oral boluses into the depot; IV boluses and infusions (RATE given, or RATE=-2 with
   the duration in DUR) into the central compartment; steady-state doses (SS=1 or 2 with II) and resets (EVID
@@ -60,19 +61,16 @@ AGREEMENT = 1e-9
 
 def analytic_reason(pm, prob) -> str | None:
     """Why the analytic path cannot fit ``pm`` on the data of ``prob`` (a focei.Problem), or None when it can
-    (still to be confirmed on the data by :func:`analytic_problem`)."""
+    (still to be confirmed on the data by :func:`analytic_problem`: the parameter map, then the predictions)."""
     recipe = pm.recipe or {}
     if prob.estimation != "FOCE-I":
         return f"estimation method {prob.estimation}"
-    if recipe.get("kind") != "build" or recipe.get("model") not in STRUCTURES:
-        return "structural model " + str(recipe.get("model", "from a control stream or spec"))
-    if recipe.get("derived") or recipe.get("iov") or recipe.get("fixed") or pm.error.ltbs:
-        return "fixed or derived parameters, IOV or log-transform-both-sides"
+    if pm.structural.name not in STRUCTURES:
+        return f"structural model {pm.structural.name}"
+    if recipe.get("iov") or pm.error.ltbs:
+        return "IOV or log-transform-both-sides"
     if pm.error.kind not in ERRORS:
         return f"error model {pm.error.kind}"
-    extra = sorted({"F", "ALAG"} & set(pm.theta_names))
-    if extra:
-        return f"{' and '.join(extra)} estimated"
     if prob.method == "ode":
         return "predictions by the ODE solver were asked for"
     if pm.omega_fixed or pm.sigma_fixed or pm.omega_same:
@@ -86,7 +84,7 @@ def analytic_reason(pm, prob) -> str | None:
     m = b.dose_mask
     if bool(prob.cens.any()):
         return "censored observations (M3)"
-    oral = recipe["model"].endswith("_oral")
+    oral = pm.structural.name.endswith("_oral")
     if bool((m & ((b.dose_mode != 0) if oral else (b.dose_mode < 0))).any()):
         return "infusions into the depot" if oral else "modelled infusion rates or durations (RATE=-1/-2)"
     if bool((m & (b.dose_cmt > 1)).any()):
@@ -95,17 +93,21 @@ def analytic_reason(pm, prob) -> str | None:
 
 
 def analytic_problem(pm, prob, theta0: dict):
-    """The :class:`AnalyticFOCEI` of ``prob`` when the analytic path covers it and its predictions agree with
-    the general path's at ``theta0`` ({name: tensor}) at ETA = 0 and at ETAs of +-0.5 (to :data:`AGREEMENT`),
-    else (None, the reason)."""
+    """The :class:`AnalyticFOCEI` of ``prob`` when the analytic path covers it (:func:`analytic_reason`), the
+    model's parameters are log-affine in the ETAs (:func:`eta_placement`) and its predictions agree with the
+    general path's at ``theta0`` ({name: tensor}) at ETA = 0 and at ETAs of +-0.5 (to :data:`AGREEMENT`), else
+    (None, the reason)."""
     reason = analytic_reason(pm, prob)
     if reason is not None:
         return None, reason
     import torch
 
-    engine = AnalyticFOCEI(pm, prob)
     theta = {k: torch.as_tensor(float(v.detach()) if torch.is_tensor(v) else float(v), dtype=torch.float64,
                                 device="cpu") for k, v in theta0.items()}
+    place, reason = eta_placement(pm, prob, theta)
+    if reason is not None:
+        return None, reason
+    engine = AnalyticFOCEI(pm, prob, place)
     with torch.no_grad():
         phi0 = engine.typical(theta).numpy()
     k = pm.n_eta
@@ -121,21 +123,69 @@ def analytic_problem(pm, prob, theta0: dict):
     return engine, None
 
 
+def eta_placement(pm, prob, theta: dict):
+    """(P, None) when the structure's log-parameters are phi = phi0(THETA, covariates) + P ETA with one constant
+    matrix P (params x ETAs) for every subject and THETA: PARAM = TV exp(ETA) and its MU-referenced forms
+    (``CL = EXP(MU_1 + ETA(1))``), an ETA shared by parameters (``CL = K*V``) or scaled by a constant; else
+    (None, the reason). Read from the model's own parameter map (a control stream's $PK, a spec's or
+    :func:`~hybridpk.population.build_model`'s), as a difference per ETA at ``theta``, then checked at random
+    ETAs and at a THETA moved by 0.1% (an ETA whose coefficient is a THETA or a covariate is refused)."""
+    import torch
+
+    params = STRUCTURES[pm.structural.name]
+    n, k = prob.batch.n_subjects, pm.n_eta
+
+    def log_params(th, eta):
+        with torch.no_grad():
+            p = pm.individual(th, torch.as_tensor(eta, dtype=torch.float64, device="cpu"), prob.cov)
+        extra = sorted(set(p) - set(params))
+        if extra:
+            raise _NotCovered(f"{' and '.join(extra)} in the model (the analytic path has no bioavailability or "
+                              "lag time)" if set(extra) <= {"F", "ALAG"} else
+                              f"parameters other than the structure's ({', '.join(extra)})")
+        if set(params) - set(p) or any(p[name].dim() > 1 for name in params):
+            raise _NotCovered("parameters that change within a subject or are not the structure's own")
+        with np.errstate(all="ignore"):
+            return np.log(np.stack([np.broadcast_to(p[name].numpy(), (n,)) for name in params], 1))
+
+    def placement(th):
+        base = log_params(th, np.zeros((n, k)))
+        cols = np.stack([log_params(th, np.tile(np.eye(k)[j], (n, 1))) - base for j in range(k)], -1)  # (N, P, K)
+        return base, cols
+
+    try:
+        base, cols = placement(theta)
+        place = cols[0] if n else np.zeros((len(params), k))
+        place = np.where(np.abs(place - np.round(place)) < 1e-12, np.round(place), place)
+        if not (np.isfinite(cols).all() and np.abs(cols - place).max(initial=0.0) < 1e-10):
+            return None, "ETAs that enter the parameters other than as exp(ETA) with a constant exponent"
+        eta = np.random.default_rng(1).uniform(-0.5, 0.5, (n, k))
+        if not np.abs(log_params(theta, eta) - base - eta @ place.T).max(initial=0.0) < 1e-9:
+            return None, "ETAs that enter the parameters other than as exp(ETA) with a constant exponent"
+        moved = {name: v * 1.001 + 1e-4 for name, v in theta.items()}
+        _, cols2 = placement(moved)
+        if not (np.isfinite(cols2).all() and np.abs(cols2 - place).max(initial=0.0) < 1e-9):
+            return None, "an ETA whose exponent depends on a THETA"
+    except _NotCovered as exc:
+        return None, str(exc)
+    return place, None
+
+
+class _NotCovered(Exception):
+    """A parameter map the analytic path does not cover (the message says what)."""
+
+
 class AnalyticFOCEI:
     """The FOCE-I objective of one problem (see the module docstring), on the observations of its batch."""
 
-    def __init__(self, pm, prob):
+    def __init__(self, pm, prob, place):
         b = prob.batch
-        self.params = STRUCTURES[pm.recipe["model"]]
+        self.params = STRUCTURES[pm.structural.name]
         self._pm, self._cov = pm, prob.cov
-        where = {name: i for i, name in enumerate(self.params)}
-        iiv = [e.removeprefix("ETA_") for e in pm.etas]
-        self.place = np.zeros((len(self.params), len(iiv)))        # P: phi = phi0 + P eta
-        for k, name in enumerate(iiv):
-            self.place[where[name], k] = 1.0
+        self.place = np.asarray(place, dtype=float)        # P (params x ETAs): phi = phi0 + P eta (eta_placement)
         p = len(self.params)
         self.identity = self.place.shape == (p, p) and bool((self.place == np.eye(p)).all())
-        self.oral = pm.recipe["model"].endswith("_oral")
+        self.oral = pm.structural.name.endswith("_oral")
         self.fallback_steps = 0      # EBE Newton steps that met a singular Hessian and took a gradient step
         obs = prob.obs.numpy()
         self.n = obs.shape[0]
@@ -169,7 +219,7 @@ class AnalyticFOCEI:
                                             np.where(steady, ev.ii.numpy(), 1.0)[:, None, :])
         # 1cmt_oral without steady state: the derivatives by hand (half the jets' time at 1000 subjects,
         # benchmarks/fit_scale.py); everything else by jets (1cmt_iv: the same time either way)
-        self.by_hand = pm.recipe["model"] == "1cmt_oral" and not self.steady_state
+        self.by_hand = pm.structural.name == "1cmt_oral" and not self.steady_state
 
     # ------------------------------------------------------------------ the structure
     def typical(self, theta: dict):
