@@ -35,6 +35,33 @@ def test_jets_equal_autograd_on_every_operation():
         np.testing.assert_allclose(got.h[i], hess.numpy(), rtol=1e-11, atol=1e-13)
 
 
+def test_a_function_of_two_jets_and_where_equal_autograd():
+    """apply2 (a function of two inner jets, here g(u, w) = exp(-u w) with u = x0 x1 and w = sqrt(x1 + x2)) and
+    where (the jet kept where a condition holds, 0 elsewhere) at 50 random points: value, gradient and Hessian."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.2, 2.0, (50, 3))
+    a, b, c = variables(x)
+    u, w = a * b, (b + c).sqrt()
+    e = np.exp(-u.v * w.v)
+    grad = np.stack([-w.v * e, -u.v * e], -1)
+    hess = np.stack([np.stack([w.v * w.v * e, (u.v * w.v - 1) * e], -1),
+                     np.stack([(u.v * w.v - 1) * e, u.v * u.v * e], -1)], -2)
+    keep = x[:, 0] > 1.0
+    got = u.apply2(w, e, grad, hess).where(keep)
+
+    def reference(v):
+        return torch.exp(-(v[0] * v[1]) * torch.sqrt(v[1] + v[2]))
+
+    for i in range(len(x)):
+        xi = torch.tensor(x[i], dtype=torch.float64)
+        on = float(keep[i])
+        np.testing.assert_allclose(got.v[i], on * reference(xi).item(), rtol=1e-14)
+        np.testing.assert_allclose(got.g[i], on * torch.autograd.functional.jacobian(reference, xi).numpy(),
+                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got.h[i], on * torch.autograd.functional.hessian(reference, xi).numpy(),
+                                   rtol=1e-11, atol=1e-13)
+
+
 def test_two_compartment_singular_points():
     """KA at alpha or beta (ADVAN4's 0/0) is singular; 1% away it is not."""
     cl, v, q, v2 = 4.0, 20.0, 6.0, 40.0

@@ -9,9 +9,11 @@ form's own derivatives instead; so does this module, for what it covers:
 - the structures 1cmt_oral (ADVAN2: KA, CL, V), 1cmt_iv (ADVAN1: CL, V), 2cmt_oral (ADVAN4: KA, CL, V, Q, V2)
   and 2cmt_iv (ADVAN3: CL, V, Q, V2), with their derivatives by forward-mode jets
   (:mod:`hybridpk.population.closed_form_jets`), and by hand for 1cmt_oral without steady-state doses (the
-  common case, at half the jets' cost); F = 1 and no lag; built by :func:`~hybridpk.population.build_model`
-  (derived and fixed parameters included), a published spec or an imported control stream (ADVAN1-4, any
-  TRANS), with covariates (effects, IF blocks) constant within each subject; no IOV or log-transform-both-sides;
+  common case, at half the jets' cost); F = 1; a lag time ALAG (a log-parameter like the others, the doses'
+  times since their lagged time a jet in it) without steady-state doses; built by
+  :func:`~hybridpk.population.build_model` (derived and fixed parameters included), a published spec or an
+  imported control stream (ADVAN1-4, any TRANS), with covariates (effects, IF blocks) constant within each
+  subject; no IOV or log-transform-both-sides;
 - IIV log-affine in the ETAs, log PARAM = log TV(THETA, covariates) + sum_k P_pk ETA_k with one constant matrix
   P (PARAM = TV exp(ETA), MU referencing, K = CL/V, an ETA scaled by a number), read from the model's own
   parameter map and checked (:func:`eta_placement`); any OMEGA (diagonal or blocks);
@@ -104,10 +106,10 @@ def analytic_problem(pm, prob, theta0: dict):
 
     theta = {k: torch.as_tensor(float(v.detach()) if torch.is_tensor(v) else float(v), dtype=torch.float64,
                                 device="cpu") for k, v in theta0.items()}
-    place, reason = eta_placement(pm, prob, theta)
+    place, params, reason = eta_placement(pm, prob, theta)
     if reason is not None:
         return None, reason
-    engine = AnalyticFOCEI(pm, prob, place)
+    engine = AnalyticFOCEI(pm, prob, place, params)
     with torch.no_grad():
         phi0 = engine.typical(theta).numpy()
     k = pm.n_eta
@@ -124,24 +126,34 @@ def analytic_problem(pm, prob, theta0: dict):
 
 
 def eta_placement(pm, prob, theta: dict):
-    """(P, None) when the structure's log-parameters are phi = phi0(THETA, covariates) + P ETA with one constant
-    matrix P (params x ETAs) for every subject and THETA: PARAM = TV exp(ETA) and its MU-referenced forms
-    (``CL = EXP(MU_1 + ETA(1))``), an ETA shared by parameters (``CL = K*V``) or scaled by a constant; else
-    (None, the reason). Read from the model's own parameter map (a control stream's $PK, a spec's or
-    :func:`~hybridpk.population.build_model`'s), as a difference per ETA at ``theta``, then checked at random
-    ETAs and at a THETA moved by 0.1% (an ETA whose coefficient is a THETA or a covariate is refused)."""
+    """(P, the log-parameters' names, None) when the structure's log-parameters (and log ALAG, when the model has
+    a lag time) are phi = phi0(THETA, covariates) + P ETA with one constant matrix P (params x ETAs) for every
+    subject and THETA: PARAM = TV exp(ETA) and its MU-referenced forms (``CL = EXP(MU_1 + ETA(1))``), an ETA
+    shared by parameters (``CL = K*V``) or scaled by a constant; else (None, None, the reason). Read from the
+    model's own parameter map (a control stream's $PK, a spec's or :func:`~hybridpk.population.build_model`'s),
+    as a difference per ETA at ``theta``, then checked at random ETAs and at a THETA moved by 0.1% (an ETA whose
+    coefficient is a THETA or a covariate is refused)."""
     import torch
 
     params = STRUCTURES[pm.structural.name]
     n, k = prob.batch.n_subjects, pm.n_eta
+    with torch.no_grad():
+        first = pm.individual(theta, torch.zeros(n, k, dtype=torch.float64, device="cpu"), prob.cov)
+    if "ALAG" in first and pm.structural.lag == "ALAG":
+        if not bool((first["ALAG"] > 0).all()):
+            return None, None, "a lag time ALAG of 0 for some subjects"
+        b = prob.batch
+        if bool((b.dose_mask & (b.dose_ss > 0)).any()):
+            return None, None, "a lag time ALAG with steady-state doses"
+        params = params + ("ALAG",)
 
     def log_params(th, eta):
         with torch.no_grad():
             p = pm.individual(th, torch.as_tensor(eta, dtype=torch.float64, device="cpu"), prob.cov)
         extra = sorted(set(p) - set(params))
         if extra:
-            raise _NotCovered(f"{' and '.join(extra)} in the model (the analytic path has no bioavailability or "
-                              "lag time)" if set(extra) <= {"F", "ALAG"} else
+            raise _NotCovered(f"{' and '.join(extra)} in the model (the analytic path has no bioavailability)"
+                              if set(extra) <= {"F", "ALAG"} else
                               f"parameters other than the structure's ({', '.join(extra)})")
         if set(params) - set(p) or any(p[name].dim() > 1 for name in params):
             raise _NotCovered("parameters that change within a subject or are not the structure's own")
@@ -158,17 +170,17 @@ def eta_placement(pm, prob, theta: dict):
         place = cols[0] if n else np.zeros((len(params), k))
         place = np.where(np.abs(place - np.round(place)) < 1e-12, np.round(place), place)
         if not (np.isfinite(cols).all() and np.abs(cols - place).max(initial=0.0) < 1e-10):
-            return None, "ETAs that enter the parameters other than as exp(ETA) with a constant exponent"
+            return None, None, "ETAs that enter the parameters other than as exp(ETA) with a constant exponent"
         eta = np.random.default_rng(1).uniform(-0.5, 0.5, (n, k))
         if not np.abs(log_params(theta, eta) - base - eta @ place.T).max(initial=0.0) < 1e-9:
-            return None, "ETAs that enter the parameters other than as exp(ETA) with a constant exponent"
+            return None, None, "ETAs that enter the parameters other than as exp(ETA) with a constant exponent"
         moved = {name: v * 1.001 + 1e-4 for name, v in theta.items()}
         _, cols2 = placement(moved)
         if not (np.isfinite(cols2).all() and np.abs(cols2 - place).max(initial=0.0) < 1e-9):
-            return None, "an ETA whose exponent depends on a THETA"
+            return None, None, "an ETA whose exponent depends on a THETA"
     except _NotCovered as exc:
-        return None, str(exc)
-    return place, None
+        return None, None, str(exc)
+    return place, params, None
 
 
 class _NotCovered(Exception):
@@ -178,9 +190,9 @@ class _NotCovered(Exception):
 class AnalyticFOCEI:
     """The FOCE-I objective of one problem (see the module docstring), on the observations of its batch."""
 
-    def __init__(self, pm, prob, place):
+    def __init__(self, pm, prob, place, params=None):
         b = prob.batch
-        self.params = STRUCTURES[pm.structural.name]
+        self.params = tuple(params or STRUCTURES[pm.structural.name])     # with "ALAG" last for a lag time
         self._pm, self._cov = pm, prob.cov
         self.place = np.asarray(place, dtype=float)        # P (params x ETAs): phi = phi0 + P eta (eta_placement)
         p = len(self.params)
@@ -201,7 +213,7 @@ class AnalyticFOCEI:
         # after it in time, or at its time on a later record; a reset (EVID 3/4, SS=1) ends every earlier dose)
         from ..solve._events import applies, applies_ss, dose_events
 
-        ev = dose_events(pm.structural, {}, b)         # F = 1 and no lag (analytic_reason)
+        ev = dose_events(pm.structural, {}, b)         # F = 1 (eta_placement) and no lag (lagged doses: _doses)
         key = b.row.to(b.time.dtype)
         after = applies(ev, b.time, key).numpy()[self.obs_index]                     # (N, J, D)
         steady = (ev.active & (ev.ss > 0)).numpy()
@@ -217,9 +229,13 @@ class AnalyticFOCEI:
         self.steady_state = bool(ss.any())
         self.doses = closed_form_jets.Doses(self.tau, self.amt, self.duration, ss,
                                             np.where(steady, ev.ii.numpy(), 1.0)[:, None, :])
-        # 1cmt_oral without steady state: the derivatives by hand (half the jets' time at 1000 subjects,
+        # a lag time (eta_placement: no steady-state doses then): which dose acts where, and since when, depends
+        # on each subject's ALAG; recomputed from it by the same rules (_doses)
+        self.lag = self.params.index("ALAG") if "ALAG" in self.params else None
+        self._lag_data = (pm.structural, b, key, time, amt) if self.lag is not None else None
+        # 1cmt_oral without steady state or lag: the derivatives by hand (half the jets' time at 1000 subjects,
         # benchmarks/fit_scale.py); everything else by jets (1cmt_iv: the same time either way)
-        self.by_hand = pm.structural.name == "1cmt_oral" and not self.steady_state
+        self.by_hand = pm.structural.name == "1cmt_oral" and not self.steady_state and self.lag is None
 
     # ------------------------------------------------------------------ the structure
     def typical(self, theta: dict):
@@ -236,13 +252,31 @@ class AnalyticFOCEI:
         """Concentrations (N, J) at the observations for log-parameters ``phi`` (N, P)."""
         if self.by_hand:
             return self._predict_oral(phi)
-        return closed_form_jets.jet(phi, self.params, self.doses, value_only=True)
+        return closed_form_jets.jet(phi, self.params, self._doses(phi), value_only=True)
 
     def jet(self, phi):
         """(f (N, J), G = df/dphi (N, J, P), HF = d2f/dphi2 (N, J, P, P)) of the structure's closed form, by hand
-        for 1cmt_oral without steady-state doses, else by forward-mode jets
+        for 1cmt_oral without steady-state doses or lag, else by forward-mode jets
         (:mod:`hybridpk.population.closed_form_jets`); superposition: each dose's term and its derivatives add."""
-        return self._jet_oral(phi) if self.by_hand else closed_form_jets.jet(phi, self.params, self.doses)
+        return self._jet_oral(phi) if self.by_hand else closed_form_jets.jet(phi, self.params, self._doses(phi))
+
+    def _doses(self, phi):
+        """The doses acting at each observation for the log-parameters ``phi``: fixed, or with a lag time, those
+        of the subjects' ALAG = exp(phi[:, lag]) (a dose into the default compartment is given ALAG after its
+        record: it acts on the records after that time, by the solvers' rules, hybridpk.solve._events)."""
+        if self.lag is None:
+            return self.doses
+        import torch
+
+        from ..solve._events import applies, dose_events
+
+        structural, b, key, time, amt = self._lag_data
+        ev = dose_events(structural, {"ALAG": torch.as_tensor(np.exp(phi[:, self.lag]), device="cpu")}, b)
+        after = applies(ev, b.time, key).numpy()[self.obs_index]                               # (N, J, D)
+        lagged = after & ev.default_route.numpy()[:, None, :]
+        tau = np.where(after, time[:, :, None] - ev.time.numpy()[:, None, :], 0.0)
+        return closed_form_jets.Doses(tau, np.where(after, amt[:, None, :], 0.0), self.duration, self.doses.ss,
+                                      self.doses.ii, lagged)
 
     def _predict_oral(self, phi):
         ka, k, v = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2]), np.exp(phi[:, 2])

@@ -39,10 +39,13 @@ NEAR = 1e-7
 class Doses:
     """The doses acting at each observation, (N, J, D) arrays: ``tau`` the time since the dose and ``amt`` its
     amount (0 where it does not act), ``duration`` (N, 1, D) its infusion's duration (0: a bolus), ``ss``
-    (N, J, D) where it is a steady-state dose, ``ii`` (N, 1, D) its interval (1 where not SS)."""
+    (N, J, D) where it is a steady-state dose, ``ii`` (N, 1, D) its interval (1 where not SS). ``lagged``
+    (N, J, D): where an acting dose is delayed by the lag time ALAG (tau = time since the record - ALAG there;
+    None: no lag in the model)."""
 
-    def __init__(self, tau, amt, duration, ss, ii):
+    def __init__(self, tau, amt, duration, ss, ii, lagged=None):
         self.tau, self.amt, self.duration, self.ss, self.ii = tau, amt, duration, ss, ii
+        self.lagged = lagged
 
 
 def _exponents(p, two: bool):
@@ -79,12 +82,20 @@ def singular(phi, params) -> bool:
 
 def time_function(mu, doses: Doses):
     """F(mu) = sum_d amount_d R_d(mu) (N, J) at the observations, with dF/dmu and d2F/dmu2, as a jet in the one
-    variable mu (N,), an exponential rate (R the response per unit amount or rate of the module docstring).
-    The per-dose work is done in this one variable and summed over the doses before the chain rule to the
-    log-parameters (:func:`jet`), so its cost does not grow with their number."""
+    variable mu (N,), an exponential rate (R the response per unit amount or rate of the module docstring), or,
+    with lagged doses (``doses.lagged``), in the two variables (mu, ALAG): the lag shifts the lagged doses' time
+    since the dose (dtau/dALAG = -1 there). The per-dose work is done in these variables and summed over the
+    doses before the chain rule to the log-parameters (:func:`jet`), so its cost does not grow with their
+    number."""
     d = doses
     n = mu.shape[0]
-    m = variables(mu[:, None])[0].reshape(n, 1, 1)
+    lag = d.lagged is not None
+    if lag:                 # mu and ALAG as variables; tau a jet in ALAG
+        m = Jet(mu.reshape(n, 1, 1), np.array([1.0, 0.0]), np.zeros((2, 2)))
+        tau = Jet(d.tau, np.stack([np.zeros_like(d.tau), -d.lagged.astype(float)], -1), np.zeros((2, 2)))
+    else:
+        m = variables(mu[:, None])[0].reshape(n, 1, 1)
+        tau = d.tau
     bolus = d.duration <= 0
     with np.errstate(all="ignore"):
         amount = np.where(bolus, d.amt, d.amt / np.where(bolus, 1.0, d.duration))   # an infusion: its rate
@@ -92,12 +103,15 @@ def time_function(mu, doses: Doses):
     def decay(t):
         return (m * (-t)).exp()
 
-    es = decay(d.tau)
+    es = decay(tau)
     out = es * np.where(bolus, 1.0, 0.0)
     if not bolus.all():
-        t2 = np.where(bolus, 0.0, np.maximum(d.tau - d.duration, 0.0))
+        running = ~bolus & (d.tau > d.duration)      # infusions that have ended: time since the end
+        t2 = (tau - d.duration).where(running) if lag else np.where(running, d.tau - d.duration, 0.0)
         out = out + (decay(t2) - es) / m * np.where(bolus, 0.0, 1.0)
     if d.ss.any():
+        if lag:
+            raise ValueError("steady-state doses with a lag time are left to the general path")
         steady = d.ss.astype(float)
         geo = 1.0 / (1.0 - (m * (-d.ii)).exp())
         out = out + (es * (geo - 1.0)) * (steady * bolus)
@@ -110,13 +124,17 @@ def time_function(mu, doses: Doses):
 
 def jet(phi, params, doses: Doses, value_only: bool = False):
     """(f (N, J), df/dphi (N, J, P), d2f/dphi2 (N, J, P, P)) (or f alone) at the observations for the
-    log-parameters ``phi`` (N, P) of the structure whose parameters are ``params`` (:data:`PARAMETERS`): the
-    rates and coefficients as jets in phi (N,), each rate's :func:`time_function` composed with its jet."""
+    log-parameters ``phi`` (N, P) of the structure whose parameters are ``params`` (:data:`PARAMETERS`, then
+    "ALAG" when ``doses`` are lagged): the rates and coefficients as jets in phi (N,), each rate's
+    :func:`time_function` composed with its jet (and ALAG's)."""
     n = phi.shape[0]
     p = _parameters(phi, params, derivatives=not value_only)
+    lag = p["ALAG"].reshape(n, 1) if doses.lagged is not None else None
 
-    def at_observations(mu):        # F(mu) (N, J) as a jet in phi
+    def at_observations(mu):        # F(mu) (N, J) (F(mu, ALAG) with lagged doses) as a jet in phi
         f = time_function(mu.v, doses)
+        if lag is not None:
+            return mu.reshape(n, 1).apply2(lag, f.v, f.g, f.h)
         return mu.reshape(n, 1).apply(f.v, f.g[..., 0], f.h[..., 0, 0])
 
     terms = _exponents(p, "Q" in p)

@@ -78,6 +78,25 @@ class Jet:
         d1, d2 = first[..., None], second[..., None, None]
         return Jet(value, d1 * self.g, d1[..., None] * self.h + d2 * self.g[..., :, None] * self.g[..., None, :])
 
+    def apply2(self, other: "Jet", value, grad, hess) -> "Jet":
+        """f(self, other) from f, its gradient (..., 2) and Hessian (..., 2, 2) in its two arguments at their
+        values: g = f_1 g_x + f_2 g_y, h = f_1 h_x + f_2 h_y + f_11 g_x g_x' + f_12 (g_x g_y' + g_y g_x')
+        + f_22 g_y g_y'."""
+        x, y = self, other
+        f1, f2 = grad[..., 0, None], grad[..., 1, None]
+        xy = x.g[..., :, None] * y.g[..., None, :]
+        h = (f1[..., None] * x.h + f2[..., None] * y.h
+             + hess[..., 0, 0, None, None] * x.g[..., :, None] * x.g[..., None, :]
+             + hess[..., 0, 1, None, None] * (xy + np.swapaxes(xy, -1, -2))
+             + hess[..., 1, 1, None, None] * y.g[..., :, None] * y.g[..., None, :])
+        return Jet(value, f1 * x.g + f2 * y.g, h)
+
+    def where(self, condition) -> "Jet":
+        """The jet where ``condition`` (broadcasting with the value) holds, 0 (value and derivatives) elsewhere."""
+        c = np.asarray(condition)
+        return Jet(np.where(c, self.v, 0.0), np.where(c[..., None], self.g, 0.0),
+                   np.where(c[..., None, None], self.h, 0.0))
+
     def reciprocal(self) -> "Jet":
         r = 1.0 / self.v
         return self.apply(r, -r * r, 2 * r * r * r)
