@@ -319,7 +319,6 @@ def test_theophylline_fit_takes_the_analytic_path(theoph_path):
     (dict(estimation="FOCE"), "estimation method FOCE"),
     (dict(model="3cmt_oral"), "structural model 3cmt_oral"),
     (dict(error="combined1"), "error model combined1"),
-    (dict(initial={"F": 0.8}), "F in the model"),
 ])
 def test_what_it_does_not_cover_takes_the_general_path(theoph_path, change, reason):
     ds = hp.read_nonmem(theoph_path)
@@ -498,7 +497,7 @@ def test_pheno_fit_takes_the_analytic_path_with_nonmems_result(pharmpy_examples,
     ("V = EXP(MU_3 + ETA(3))", "V = EXP(MU_3 + ETA(3)*THETA(4))", "exponent depends on a THETA"),
     ("V = EXP(MU_3 + ETA(3))", "V = EXP(MU_3) + ETA(3)", "other than as exp(ETA)"),
     ("V = EXP(MU_3 + ETA(3))", "V = EXP(MU_3 + ETA(3)*WT/70)", "other than as exp(ETA)"),
-    ("S2 = V", "S2 = V\nF1 = 0.8", "F in the model"),
+    ("S2 = V", "S2 = V\nF1 = 0.0", "F of 0"),
     ("S2 = V", "S2 = V\nALAG1 = 0.0", "ALAG of 0"),
 ])
 def test_imported_parameter_maps_it_does_not_cover_take_the_general_path(tmp_path, theoph_path, old, new, reason):
@@ -553,3 +552,66 @@ def test_a_lag_time_with_steady_state_doses_takes_the_general_path(tmp_path):
     prob, pack = Problem(pm, ds), Packing(pm)
     engine, why = analytic_problem(pm, prob, pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))[0])
     assert engine is None and "steady-state" in why
+
+
+def _oral_and_iv(tmp_path, seed: int = 8, n: int = 24):
+    """An absolute-bioavailability design: 1-cmt, F 0.6, each subject an oral dose (CMT 1) at 0 h and an IV dose
+    into the central compartment (CMT 2) at 24 h, a bolus or a 1-h infusion (RATE) by subject; 8 levels in
+    0.5-48 h, 10% proportional + 0.02 mg/L noise; the levels by the closed form written here."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(1, n + 1):
+        ka, cl, v = (x * math.exp(rng.normal(0, 0.25)) for x in (1.0, 3.0, 30.0))
+        f, k, dur = 0.6 * math.exp(rng.normal(0, 0.1)), cl / v, (0.0, 1.0)[i % 2]
+        rows.append(dict(ID=i, TIME=0.0, AMT=200.0, RATE=0.0, CMT=1, DV=0.0, EVID=1, MDV=1))
+        rows.append(dict(ID=i, TIME=24.0, AMT=100.0, RATE=100.0 / dur if dur else 0.0, CMT=2, DV=0.0, EVID=1, MDV=1))
+        for t in np.unique(np.round(rng.uniform(0.5, 48.0, 8), 2)):
+            c = f * 200 * ka / (v * (ka - k)) * (math.exp(-k * t) - math.exp(-ka * t))
+            if t > 24:
+                s = t - 24
+                c += (100 / v * math.exp(-k * s) if dur == 0 else
+                      100 / dur / (v * k) * ((1 - math.exp(-k * min(s, dur))) * math.exp(-k * max(s - dur, 0.0))))
+            rows.append(dict(ID=i, TIME=float(t), AMT=0.0, RATE=0.0, CMT=2, DV=round(c * (1 + 0.1 * rng.normal())
+                                                                                       + 0.02 * rng.normal(), 5),
+                             EVID=0, MDV=0))
+    df = pd.DataFrame(rows).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable")
+    df.to_csv(tmp_path / "f.csv", index=False)
+    return hp.read_nonmem(tmp_path / "f.csv")
+
+
+@pytest.mark.parametrize("iiv, lag", [(["KA", "CL", "V", "F"], False), (["CL", "V"], True)])
+def test_oral_and_iv_doses_with_bioavailability_equal_the_general_paths(tmp_path, monkeypatch, iiv, lag):
+    """An oral structure with IV doses into the central compartment (boluses and infusions) and F estimated (with
+    IIV, or without and a lag time as well): the same EBEs, OFVs and gradients as the general path at two random
+    points; F scales the depot's doses only."""
+    monkeypatch.setattr(analytic_focei, "analytic_problem", lambda *a: (None, "the reference"))
+    ds = _oral_and_iv(tmp_path)
+    pm = build_model("1cmt_oral", iiv=iiv, error="combined", initial={"F": 0.5, **({"ALAG": 0.2} if lag else {})},
+                     data=ds)
+    prob, pack = Problem(pm, ds), Packing(pm)
+    rng = np.random.default_rng(len(iiv))
+    for _ in range(2):
+        engine, _ = _assert_both_paths_agree(pm, prob, pack, pack.x0() + rng.normal(0.0, 0.2, len(pack.x0())),
+                                             per_subject=True)
+    assert "F" in engine.params and engine.doses.central.any() and not engine.by_hand
+
+
+def test_absolute_bioavailability_fit_equals_the_general_paths_fit(tmp_path, monkeypatch):
+    """The whole fit of the oral + IV design (F without IIV): the analytic path's estimates, standard errors and OFV
+    equal the general path's, and F is recovered (0.6, within 15%)."""
+    ds = _oral_and_iv(tmp_path, n=30)
+    pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="combined", initial={"F": 0.5}, data=ds)
+    fast, general = _fits_by_both_paths(pm, ds, monkeypatch)
+    for a, b in zip(fast.theta, general.theta):
+        assert a.value == pytest.approx(b.value, rel=1e-4) and a.se == pytest.approx(b.se, rel=1e-3)
+    assert fast.theta["F"].value == pytest.approx(0.6, rel=0.15)
+
+
+def test_bioavailability_with_infusions_takes_the_general_path(tmp_path):
+    """F on IV doses given as infusions changes their duration or rate (NONMEM's rule, which the solvers
+    follow): left to the general path."""
+    ds = _iv_doses(tmp_path)
+    pm = build_model("1cmt_iv", iiv=["CL", "V"], error="combined", initial={"F": 0.8}, data=ds)
+    prob, pack = Problem(pm, ds), Packing(pm)
+    engine, why = analytic_problem(pm, prob, pack.unpack(torch.tensor(pack.x0(), dtype=torch.float64))[0])
+    assert engine is None and "F with infusions" in why

@@ -9,8 +9,9 @@ form's own derivatives instead; so does this module, for what it covers:
 - the structures 1cmt_oral (ADVAN2: KA, CL, V), 1cmt_iv (ADVAN1: CL, V), 2cmt_oral (ADVAN4: KA, CL, V, Q, V2)
   and 2cmt_iv (ADVAN3: CL, V, Q, V2), with their derivatives by forward-mode jets
   (:mod:`hybridpk.population.closed_form_jets`), and by hand for 1cmt_oral without steady-state doses (the
-  common case, at half the jets' cost); F = 1; a lag time ALAG (a log-parameter like the others, the doses'
-  times since their lagged time a jet in it) without steady-state doses; built by
+  common case, at half the jets' cost); a bioavailability F of the dose compartment's doses (not with
+  infusions) and a lag time ALAG (log-parameters like the others; the doses' times since their lagged time a jet
+  in it) without steady-state doses; built by
   :func:`~hybridpk.population.build_model` (derived and fixed parameters included), a published spec or an
   imported control stream (ADVAN1-4, any TRANS), with covariates (effects, IF blocks) constant within each
   subject; no IOV or log-transform-both-sides;
@@ -19,10 +20,11 @@ form's own derivatives instead; so does this module, for what it covers:
   parameter map and checked (:func:`eta_placement`); any OMEGA (diagonal or blocks);
 - FOCE with interaction, additive, proportional or combined (ADD^2 + PROP^2 IPRED^2) error;
 - doses by superposition: oral boluses into the depot; IV boluses and infusions (RATE given, or RATE=-2 with
-  the duration in DUR) into the central compartment; steady-state doses (SS=1 or 2 with II) and resets (EVID
-  3/4); no modelled rates. Which dose acts on which observation is decided by the solvers' own rules
-  (:mod:`hybridpk.solve._events`: a dose acts on the records after it, and on a record at its time that comes
-  after it in the data; a reset or an SS=1 dose ends every earlier one); observations without censoring (M3).
+  the duration in DUR) into the central compartment, of IV structures or beside the oral doses of oral ones;
+  steady-state doses (SS=1 or 2 with II) and resets (EVID 3/4); no modelled rates. Which dose acts on which
+  observation is decided by the solvers' own rules (:mod:`hybridpk.solve._events`: a dose acts on the records
+  after it, and on a record at its time that comes after it in the data; a reset or an SS=1 dose ends every
+  earlier one); observations without censoring (M3).
 
 Anything else takes the general path. Before it is used on a dataset, its predictions are checked against the
 general path's (:func:`analytic_problem`), so a convention it does not follow (e.g. which compartment a
@@ -87,10 +89,13 @@ def analytic_reason(pm, prob) -> str | None:
     if bool(prob.cens.any()):
         return "censored observations (M3)"
     oral = pm.structural.name.endswith("_oral")
-    if bool((m & ((b.dose_mode != 0) if oral else (b.dose_mode < 0))).any()):
-        return "infusions into the depot" if oral else "modelled infusion rates or durations (RATE=-1/-2)"
-    if bool((m & (b.dose_cmt > 1)).any()):
-        return "doses into a compartment other than the " + ("depot" if oral else "central one")
+    depot = m & (b.dose_cmt <= 1) if oral else m          # CMT 0: the model's dose compartment
+    if bool((m & (b.dose_mode < 0)).any()):
+        return "modelled infusion rates or durations (RATE=-1/-2)"
+    if oral and bool((depot & (b.dose_mode != 0)).any()):
+        return "infusions into the depot"
+    if bool((m & (b.dose_cmt > (2 if oral else 1))).any()):
+        return "doses into a compartment other than the " + ("depot or the central one" if oral else "central one")
     return None
 
 
@@ -146,15 +151,20 @@ def eta_placement(pm, prob, theta: dict):
         if bool((b.dose_mask & (b.dose_ss > 0)).any()):
             return None, None, "a lag time ALAG with steady-state doses"
         params = params + ("ALAG",)
+    if "F" in first and pm.structural.bioavailability == "F":
+        b = prob.batch
+        if not bool((first["F"] > 0).all()):
+            return None, None, "a bioavailability F of 0 for some subjects"
+        if not pm.structural.name.endswith("_oral") and bool((b.dose_mask & (b.dose_mode != 0)).any()):
+            return None, None, "a bioavailability F with infusions (F changes their duration or rate)"
+        params = params + ("F",)
 
     def log_params(th, eta):
         with torch.no_grad():
             p = pm.individual(th, torch.as_tensor(eta, dtype=torch.float64, device="cpu"), prob.cov)
         extra = sorted(set(p) - set(params))
         if extra:
-            raise _NotCovered(f"{' and '.join(extra)} in the model (the analytic path has no bioavailability)"
-                              if set(extra) <= {"F", "ALAG"} else
-                              f"parameters other than the structure's ({', '.join(extra)})")
+            raise _NotCovered(f"parameters other than the structure's ({', '.join(extra)})")
         if set(params) - set(p) or any(p[name].dim() > 1 for name in params):
             raise _NotCovered("parameters that change within a subject or are not the structure's own")
         with np.errstate(all="ignore"):
@@ -227,15 +237,22 @@ class AnalyticFOCEI:
         # infusions (IV models): duration (N, 1, D); 0 for a bolus
         self.duration = np.where(dm, ev.duration.numpy(), 0.0)[:, None, :]
         self.steady_state = bool(ss.any())
+        # oral structures: the doses straight into the central compartment (CMT 2, an IV dose), which skip the
+        # depot's absorption, its F and ALAG (ev.default_route: the depot)
+        self._central = (~ev.default_route.numpy() & dm)[:, None, :] if pm.structural.name.endswith("_oral") \
+            else None
+        if self._central is not None and not self._central.any():
+            self._central = None
         self.doses = closed_form_jets.Doses(self.tau, self.amt, self.duration, ss,
-                                            np.where(steady, ev.ii.numpy(), 1.0)[:, None, :])
+                                            np.where(steady, ev.ii.numpy(), 1.0)[:, None, :], central=self._central)
         # a lag time (eta_placement: no steady-state doses then): which dose acts where, and since when, depends
         # on each subject's ALAG; recomputed from it by the same rules (_doses)
         self.lag = self.params.index("ALAG") if "ALAG" in self.params else None
         self._lag_data = (pm.structural, b, key, time, amt) if self.lag is not None else None
         # 1cmt_oral without steady state or lag: the derivatives by hand (half the jets' time at 1000 subjects,
         # benchmarks/fit_scale.py); everything else by jets (1cmt_iv: the same time either way)
-        self.by_hand = pm.structural.name == "1cmt_oral" and not self.steady_state and self.lag is None
+        self.by_hand = (pm.structural.name == "1cmt_oral" and not self.steady_state and self.lag is None
+                        and "F" not in self.params and self._central is None)
 
     # ------------------------------------------------------------------ the structure
     def typical(self, theta: dict):
@@ -276,7 +293,7 @@ class AnalyticFOCEI:
         lagged = after & ev.default_route.numpy()[:, None, :]
         tau = np.where(after, time[:, :, None] - ev.time.numpy()[:, None, :], 0.0)
         return closed_form_jets.Doses(tau, np.where(after, amt[:, None, :], 0.0), self.duration, self.doses.ss,
-                                      self.doses.ii, lagged)
+                                      self.doses.ii, lagged, central=self._central)
 
     def _predict_oral(self, phi):
         ka, k, v = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2]), np.exp(phi[:, 2])

@@ -41,11 +41,17 @@ class Doses:
     amount (0 where it does not act), ``duration`` (N, 1, D) its infusion's duration (0: a bolus), ``ss``
     (N, J, D) where it is a steady-state dose, ``ii`` (N, 1, D) its interval (1 where not SS). ``lagged``
     (N, J, D): where an acting dose is delayed by the lag time ALAG (tau = time since the record - ALAG there;
-    None: no lag in the model)."""
+    None: no lag in the model). ``central`` (N, 1, D): for an oral structure, the doses given straight into the
+    central compartment (an IV bolus or infusion: no absorption, F or lag; None: none)."""
 
-    def __init__(self, tau, amt, duration, ss, ii, lagged=None):
+    def __init__(self, tau, amt, duration, ss, ii, lagged=None, central=None):
         self.tau, self.amt, self.duration, self.ss, self.ii = tau, amt, duration, ss, ii
-        self.lagged = lagged
+        self.lagged, self.central = lagged, central
+
+    def only(self, which) -> "Doses":
+        """These doses with the amounts of those not in ``which`` (N, 1, D) set to 0."""
+        lagged = None if self.lagged is None else self.lagged & which
+        return Doses(self.tau, np.where(which, self.amt, 0.0), self.duration, self.ss, self.ii, lagged)
 
 
 def _exponents(p, two: bool):
@@ -125,25 +131,33 @@ def time_function(mu, doses: Doses):
 def jet(phi, params, doses: Doses, value_only: bool = False):
     """(f (N, J), df/dphi (N, J, P), d2f/dphi2 (N, J, P, P)) (or f alone) at the observations for the
     log-parameters ``phi`` (N, P) of the structure whose parameters are ``params`` (:data:`PARAMETERS`, then
-    "ALAG" when ``doses`` are lagged): the rates and coefficients as jets in phi (N,), each rate's
-    :func:`time_function` composed with its jet (and ALAG's)."""
+    "ALAG" when ``doses`` are lagged, "F" when the model has a bioavailability): the rates and coefficients as
+    jets in phi (N,), each rate's :func:`time_function` composed with its jet (and ALAG's); the doses into the
+    dose compartment times F, and, for an oral structure, those straight into the central compartment by the IV
+    response."""
     n = phi.shape[0]
     p = _parameters(phi, params, derivatives=not value_only)
     lag = p["ALAG"].reshape(n, 1) if doses.lagged is not None else None
 
-    def at_observations(mu):        # F(mu) (N, J) (F(mu, ALAG) with lagged doses) as a jet in phi
-        f = time_function(mu.v, doses)
-        if lag is not None:
+    def at_observations(mu, given):  # F(mu) (N, J) (F(mu, ALAG) with lagged doses) as a jet in phi
+        f = time_function(mu.v, given)
+        if given.lagged is not None:
             return mu.reshape(n, 1).apply2(lag, f.v, f.g, f.h)
         return mu.reshape(n, 1).apply(f.v, f.g[..., 0], f.h[..., 0, 0])
 
     terms = _exponents(p, "Q" in p)
     ka = p.get("KA")
     if ka is None:
-        parts = [c.reshape(n, 1) * at_observations(lam) for lam, c in terms]
+        parts = [c.reshape(n, 1) * at_observations(lam, doses) for lam, c in terms]
     else:
-        f_ka = at_observations(ka)
-        parts = [(c * ka / (ka - lam)).reshape(n, 1) * (at_observations(lam) - f_ka) for lam, c in terms]
+        oral = doses if doses.central is None else doses.only(~doses.central)
+        f_ka = at_observations(ka, oral)
+        parts = [(c * ka / (ka - lam)).reshape(n, 1) * (at_observations(lam, oral) - f_ka) for lam, c in terms]
+    if "F" in p:                    # the bioavailability of the doses into the dose compartment
+        parts = [p["F"].reshape(n, 1) * part for part in parts]
+    if ka is not None and doses.central is not None:
+        iv = doses.only(doses.central)
+        parts += [c.reshape(n, 1) * at_observations(lam, iv) for lam, c in terms]
     total = sum(parts[1:], parts[0])
     if value_only:
         return total.v
