@@ -11,7 +11,7 @@ form's own derivatives instead; so does this module, for what it covers:
   (:mod:`hybridpk.population.closed_form_jets`), and by hand for 1cmt_oral without steady-state doses (the
   common case, at half the jets' cost); a bioavailability F of the dose compartment's doses (not with
   infusions) and a lag time ALAG (log-parameters like the others; the doses' times since their lagged time a jet
-  in it) without steady-state doses; built by
+  in it; a steady-state bolus's earlier doses act from its record on) without steady-state infusions; built by
   :func:`~hybridpk.population.build_model` (derived and fixed parameters included), a published spec or an
   imported control stream (ADVAN1-4, any TRANS), with covariates (effects, IF blocks) constant within each
   subject; no IOV or log-transform-both-sides;
@@ -148,8 +148,8 @@ def eta_placement(pm, prob, theta: dict):
         if not bool((first["ALAG"] > 0).all()):
             return None, None, "a lag time ALAG of 0 for some subjects"
         b = prob.batch
-        if bool((b.dose_mask & (b.dose_ss > 0)).any()):
-            return None, None, "a lag time ALAG with steady-state doses"
+        if bool((b.dose_mask & (b.dose_ss > 0) & (b.dose_mode != 0)).any()):
+            return None, None, "a lag time ALAG with steady-state infusions"
         params = params + ("ALAG",)
     if "F" in first and pm.structural.bioavailability == "F":
         b = prob.batch
@@ -245,10 +245,13 @@ class AnalyticFOCEI:
             self._central = None
         self.doses = closed_form_jets.Doses(self.tau, self.amt, self.duration, ss,
                                             np.where(steady, ev.ii.numpy(), 1.0)[:, None, :], central=self._central)
-        # a lag time (eta_placement: no steady-state doses then): which dose acts where, and since when, depends
+        # a lag time (eta_placement: no steady-state infusions then): which dose acts where, and since when, depends
         # on each subject's ALAG; recomputed from it by the same rules (_doses)
         self.lag = self.params.index("ALAG") if "ALAG" in self.params else None
-        self._lag_data = (pm.structural, b, key, time, amt) if self.lag is not None else None
+        # (with its steady-state doses' earlier doses, which act from the SS dose's record on, whatever the lag)
+        self._lag_data = ((pm.structural, b, key, time, amt,
+                           applies_ss(ev, b, b.time, key).numpy()[self.obs_index] if steady.any() else
+                           np.zeros_like(after)) if self.lag is not None else None)
         # 1cmt_oral without steady state or lag: the derivatives by hand (half the jets' time at 1000 subjects,
         # benchmarks/fit_scale.py); everything else by jets (1cmt_iv: the same time either way)
         self.by_hand = (pm.structural.name == "1cmt_oral" and not self.steady_state and self.lag is None
@@ -287,13 +290,14 @@ class AnalyticFOCEI:
 
         from ..solve._events import applies, dose_events
 
-        structural, b, key, time, amt = self._lag_data
+        structural, b, key, time, amt, ss = self._lag_data
         ev = dose_events(structural, {"ALAG": torch.as_tensor(np.exp(phi[:, self.lag]), device="cpu")}, b)
         after = applies(ev, b.time, key).numpy()[self.obs_index]                               # (N, J, D)
-        lagged = after & ev.default_route.numpy()[:, None, :]
-        tau = np.where(after, time[:, :, None] - ev.time.numpy()[:, None, :], 0.0)
-        return closed_form_jets.Doses(tau, np.where(after, amt[:, None, :], 0.0), self.duration, self.doses.ss,
-                                      self.doses.ii, lagged, central=self._central)
+        given = after | ss
+        lagged = given & ev.default_route.numpy()[:, None, :]
+        tau = np.where(given, time[:, :, None] - ev.time.numpy()[:, None, :], 0.0)
+        return closed_form_jets.Doses(tau, np.where(given, amt[:, None, :], 0.0), self.duration, ss, self.doses.ii,
+                                      lagged, central=self._central, acts=after)
 
     def _predict_oral(self, phi):
         ka, k, v = np.exp(phi[:, 0]), np.exp(phi[:, 1] - phi[:, 2]), np.exp(phi[:, 2])

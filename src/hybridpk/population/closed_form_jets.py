@@ -42,16 +42,19 @@ class Doses:
     (N, J, D) where it is a steady-state dose, ``ii`` (N, 1, D) its interval (1 where not SS). ``lagged``
     (N, J, D): where an acting dose is delayed by the lag time ALAG (tau = time since the record - ALAG there;
     None: no lag in the model). ``central`` (N, 1, D): for an oral structure, the doses given straight into the
-    central compartment (an IV bolus or infusion: no absorption, F or lag; None: none)."""
+    central compartment (an IV bolus or infusion: no absorption, F or lag; None: none). With a lag, ``acts``
+    (N, J, D): where the dose itself has been given (its lagged time passed); a steady-state dose's earlier
+    doses act from its record on (``ss``), where ``tau`` may be negative, down to -ALAG."""
 
-    def __init__(self, tau, amt, duration, ss, ii, lagged=None, central=None):
+    def __init__(self, tau, amt, duration, ss, ii, lagged=None, central=None, acts=None):
         self.tau, self.amt, self.duration, self.ss, self.ii = tau, amt, duration, ss, ii
-        self.lagged, self.central = lagged, central
+        self.lagged, self.central, self.acts = lagged, central, acts
 
     def only(self, which) -> "Doses":
         """These doses with the amounts of those not in ``which`` (N, 1, D) set to 0."""
         lagged = None if self.lagged is None else self.lagged & which
-        return Doses(self.tau, np.where(which, self.amt, 0.0), self.duration, self.ss, self.ii, lagged)
+        return Doses(self.tau, np.where(which, self.amt, 0.0), self.duration, self.ss, self.ii, lagged,
+                     acts=self.acts)
 
 
 def _exponents(p, two: bool):
@@ -110,14 +113,18 @@ def time_function(mu, doses: Doses):
         return (m * (-t)).exp()
 
     es = decay(tau)
-    out = es * np.where(bolus, 1.0, 0.0)
+    out = es * np.where(bolus if d.acts is None else bolus & d.acts, 1.0, 0.0)
     if not bolus.all():
         running = ~bolus & (d.tau > d.duration)      # infusions that have ended: time since the end
         t2 = (tau - d.duration).where(running) if lag else np.where(running, d.tau - d.duration, 0.0)
         out = out + (decay(t2) - es) / m * np.where(bolus, 0.0, 1.0)
-    if d.ss.any():
-        if lag:
-            raise ValueError("steady-state doses with a lag time are left to the general path")
+    if d.ss.any() and lag:
+        # the doses before a lagged steady-state bolus, every II: sum_k>=1 e^(-mu (tau + k II)), from its record on
+        if (d.ss & ~bolus).any():
+            raise ValueError("steady-state infusions with a lag time are left to the general path")
+        geo = 1.0 / (1.0 - (m * (-d.ii)).exp())
+        out = out + (decay(tau + d.ii) * geo) * d.ss.astype(float)
+    elif d.ss.any():
         steady = d.ss.astype(float)
         geo = 1.0 / (1.0 - (m * (-d.ii)).exp())
         out = out + (es * (geo - 1.0)) * (steady * bolus)
