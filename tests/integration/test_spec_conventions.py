@@ -52,7 +52,10 @@ def test_a_model_without_a_target_gets_the_default_with_a_note(tmp_path, capsys)
     assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv")]) == 0
     assert "note: target auc24=400:600 is hybridpk's default" in capsys.readouterr().out
     assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv"), "--target", "trough=1:4"]) == 0
-    assert "note:" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: target" not in out and "note: dose step 250" in out
+    # a trough at 24 h for a drug with a half-life of an hour is reached only by an absurd dose: it is named
+    assert "times the largest dose in the patient's record (1000 mg)" in out
 
 
 @pytest.mark.parametrize("table, message", [

@@ -279,6 +279,8 @@ def _conventions(args, model) -> None:
               f"{model.name} states none, so give --target for another drug")
     if args.dose_step is None:
         args.dose_step = DEFAULT_DOSE_STEP
+        print(f"note: dose step {DEFAULT_DOSE_STEP:g} (doses are multiples of it) is hybridpk's default; "
+              f"{model.name} states none, so give --dose-step for a drug dosed in other amounts")
 
 
 def _question(args):

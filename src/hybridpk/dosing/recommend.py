@@ -380,6 +380,7 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
         cands += exposures[tau].candidates(limits)
     choice = _choose(tgt, cands, post.warnings)
     warns = list(post.warnings) + model.route_warnings(cmt) + safety.check_dose(choice["dose_mg"], limits.max_dose)
+    warns += safety.check_dose_against_record(choice["dose_mg"], df)
     warns += _regimen_warnings(post, exposures[choice["interval_h"]], tgt, choice, limits.start, limits.n_doses)
     regimen = Regimen(limits.start, choice["dose_mg"], choice["interval_h"], limits.n_doses, limits.duration, cmt)
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, choice),

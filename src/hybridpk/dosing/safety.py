@@ -108,6 +108,30 @@ def check_levels(est, index: int = 0, n_draws: int = 2000, seed: int = 0) -> lis
     return warnings
 
 
+#: a recommended dose more than this many times the largest dose in the patient's record (or less than the
+#: smallest divided by it) is named: the levels were measured under the record's doses, and a target reached only
+#: far from them usually means an interval or target that does not suit the drug (e.g. a trough target at 24 h for
+#: a drug with a half-life of an hour: meropenem gets 1.1e7 mg every 24 h)
+RECORD_FACTOR = 5.0
+
+
+def check_dose_against_record(dose: float, df: pd.DataFrame) -> list[str]:
+    """A warning when the recommended ``dose`` (mg) is more than :data:`RECORD_FACTOR` times the largest dose of
+    the patient's record ``df`` (EVID 1/4 records with AMT > 0), or below the smallest divided by it."""
+    given = df.AMT[df.EVID.isin([1, 4]) & (df.AMT > 0)] if "AMT" in df else df.iloc[:0, 0]
+    if given.empty or not np.isfinite(dose) or dose <= 0:
+        return []
+    high, low = float(given.max()), float(given.min())
+    if dose > RECORD_FACTOR * high:
+        return [f"the recommended dose ({dose:g} mg) is {dose / high:.3g} times the largest dose in the patient's "
+                f"record ({high:g} mg), far from the doses the levels were measured under; check the target, the "
+                "interval and that such doses lie in the model's range"]
+    if dose < low / RECORD_FACTOR:
+        return [f"the recommended dose ({dose:g} mg) is {low / dose:.3g} times smaller than the smallest dose in the "
+                f"patient's record ({low:g} mg); check the target and the interval"]
+    return []
+
+
 def check_dose(dose: float, max_dose: float | None) -> list[str]:
     """Warnings about the recommended dose itself (capped, or no positive dose)."""
     out = []

@@ -1,0 +1,32 @@
+"""The recommended dose against the patient's own record (hybridpk.dosing.safety.check_dose_against_record)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from hybridpk.dosing.safety import RECORD_FACTOR, check_dose_against_record
+
+
+def _record(*amounts):
+    rows = [dict(ID=1, TIME=12.0 * i, AMT=a, EVID=1, DV=0.0) for i, a in enumerate(amounts)]
+    return pd.DataFrame(rows + [dict(ID=1, TIME=30.0, AMT=0.0, EVID=0, DV=10.0)])
+
+
+def test_a_dose_far_above_the_largest_recorded_one_is_named():
+    df = _record(1000.0, 1000.0)
+    assert check_dose_against_record(RECORD_FACTOR * 1000.0, df) == []
+    (warning,) = check_dose_against_record(RECORD_FACTOR * 1000.0 + 250.0, df)
+    assert "5.25 times the largest dose in the patient's record (1000 mg)" in warning
+
+
+def test_a_dose_far_below_the_smallest_recorded_one_is_named_and_a_loading_dose_is_not_the_reference():
+    df = _record(25.0, 3.5, 3.5)            # pheno's neonate: a loading dose, then maintenance
+    assert check_dose_against_record(1.0, df) == []                         # 3.5 times below the smallest
+    (warning,) = check_dose_against_record(0.5, df)
+    assert "7 times smaller than the smallest dose in the patient's record (3.5 mg)" in warning
+
+
+def test_no_dose_in_the_record_or_no_dose_recommended_gives_no_warning():
+    df = _record()
+    assert check_dose_against_record(1e6, df) == []
+    assert check_dose_against_record(0.0, _record(100.0)) == []
