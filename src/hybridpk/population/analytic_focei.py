@@ -131,10 +131,11 @@ def analytic_problem(pm, prob, theta0: dict):
 
 
 def eta_placement(pm, prob, theta: dict):
-    """(P, the log-parameters' names, None) when the structure's log-parameters (and log ALAG, when the model has
-    a lag time) are phi = phi0(THETA, covariates) + P ETA with one constant matrix P (params x ETAs) for every
-    subject and THETA: PARAM = TV exp(ETA) and its MU-referenced forms (``CL = EXP(MU_1 + ETA(1))``), an ETA
-    shared by parameters (``CL = K*V``) or scaled by a constant; else (None, None, the reason). Read from the
+    """(P, the log-parameters' names, None) when the structure's log-parameters (and log ALAG and log F, when the
+    model has a lag time or a bioavailability) are phi = phi0(THETA, covariates) + P ETA with one constant matrix
+    P (params x ETAs) for every subject and THETA: PARAM = TV exp(ETA) and its MU-referenced forms
+    (``CL = EXP(MU_1 + ETA(1))``), an ETA shared by parameters (``CL = K*V``) or scaled by a constant; else
+    (None, None, the reason). Read from the
     model's own parameter map (a control stream's $PK, a spec's or :func:`~hybridpk.population.build_model`'s),
     as a difference per ETA at ``theta``, then checked at random ETAs and at a THETA moved by 0.1% (an ETA whose
     coefficient is a THETA or a covariate is refused)."""
