@@ -51,11 +51,15 @@ def test_a_model_without_a_target_gets_the_default_with_a_note(tmp_path, capsys)
     pd.DataFrame(rows).assign(WT=60.0, CRCL=90.0).to_csv(tmp_path / "p.csv", index=False)
     assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv")]) == 0
     assert "note: target auc24=400:600 is hybridpk's default" in capsys.readouterr().out
-    assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv"), "--target", "trough=1:4"]) == 0
+    assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv"), "--target", "trough=1:4", "--out",
+                 str(tmp_path / "rec.json")]) == 0
     out = capsys.readouterr().out
     assert "note: target" not in out and "note: dose step 250" in out
-    # a trough at 24 h for a drug with a half-life of an hour is reached only by an absurd dose: it is named
-    assert "times the largest dose in the patient's record (1000 mg)" in out
+    # a trough at 24 h for a drug with a half-life of an hour is reached only by an absurd dose (1.1e7 mg every
+    # 24 h was recommended): the regimen needing the least drug per day is taken instead
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["interval_h"] == 8.0 and rec["dose_mg"] <= 5000.0
+    assert "times the largest dose" not in out
 
 
 @pytest.mark.parametrize("table, message", [

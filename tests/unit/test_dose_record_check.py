@@ -1,4 +1,5 @@
-"""The recommended dose against the patient's own record (hybridpk.dosing.safety.check_dose_against_record)."""
+"""The recommended dose against the patient's own record (hybridpk.dosing.safety.check_dose_against_record), and the
+choice among regimens in the window by their daily dose (hybridpk.dosing.recommend._choose)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,16 @@ def test_no_dose_in_the_record_or_no_dose_recommended_gives_no_warning():
     df = _record()
     assert check_dose_against_record(1e6, df) == []
     assert check_dose_against_record(0.0, _record(100.0)) == []
+
+
+def test_a_regimen_needing_more_than_twice_the_least_daily_drug_in_the_window_is_not_chosen():
+    from hybridpk.dosing.recommend import _choose
+    from hybridpk.dosing.targets import parse_target
+
+    tgt = parse_target("trough=1:4")
+    cands = [dict(dose_mg=3000.0, interval_h=8.0, map_exposure=1.5),      # 9000 mg a day, 1.5 (off the middle)
+             dict(dose_mg=1.1e7, interval_h=24.0, map_exposure=2.5),      # exactly the middle, 1.1e7 mg a day
+             dict(dose_mg=9000.0, interval_h=12.0, map_exposure=2.0)]     # 18000 mg a day: within twice 9000
+    assert _choose(tgt, cands)["interval_h"] == 12.0
+    cands[2]["dose_mg"] = 9100.0                                           # 18200 mg a day: more than twice
+    assert _choose(tgt, cands)["interval_h"] == 8.0

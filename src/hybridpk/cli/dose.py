@@ -32,9 +32,11 @@ The patient's parameters are estimated by MAP (Bayesian, with the model as prior
 approximation with the prior as a defensive component (a second mode is not missed), Pareto-smoothed; a
 warning says when the sampling is poorly resolved (effective sample size < 100 or Pareto k > 0.7). The
 regimen is chosen on the MAP prediction, so the sampling seed does not change it: among whole multiples of
---dose-step up to --max-dose, the one whose MAP exposure lies in the target window closest to its middle
-(ties: the smaller daily dose). If no allowed regimen reaches the window, the command says so and names the
-nearest one; it never recommends 0 mg, more than --max-dose or infusions longer than the interval.
+--dose-step up to --max-dose, the one whose MAP exposure lies in the target window closest to its middle,
+among those needing at most twice the smallest daily dose that reaches the window (so that a trough target is
+not met by a huge dose at a long interval); ties: the smaller daily dose. If no allowed regimen reaches the
+window, the command says so and names the nearest one; it never recommends 0 mg, more than --max-dose or
+infusions longer than the interval; a dose more than 5 times the largest in the patient's record is named.
 Targets: auc24=LOW:HIGH (mg*h/L over 24 h at steady state), auc24@D=LOW:HIGH (over day D of the new
 regimen, history included), trough=LOW:HIGH and
 peak=LOW:HIGH (mg/L, steady state), conc@T=LOW:HIGH (mg/L, T h after the first new dose).

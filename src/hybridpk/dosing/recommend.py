@@ -169,12 +169,22 @@ def _allowed_doses(raw: float, limits) -> list:
     return sorted({lo, min(lo + step, top)})
 
 
+#: a regimen in the target window that needs more than this times the daily dose of another regimen in the
+#: window is not chosen (a trough target with a long interval for a drug with a short half-life: meropenem
+#: reached a trough of 1-4 mg/L with 1.1e7 mg every 24 h, or about 3 g a day every 8 h)
+DAILY_DOSE_RATIO = 2.0
+
+
 def _choose(tgt, cands: list, warnings=()) -> dict:
-    """The candidate whose MAP exposure lies in the window closest to its middle (relative); ties: the smaller
+    """The candidate whose MAP exposure lies in the window closest to its middle (relative), among those whose
+    daily dose is at most :data:`DAILY_DOSE_RATIO` times the smallest daily dose in the window; ties: the smaller
     daily dose, then the order of the candidates (the intervals as given, smaller dose first). Deterministic:
     the posterior draws do not decide. No candidate in the window: HybridPKError naming the nearest allowed
     regimen and its exposure, and the patient's ``warnings``."""
     inside = [c for c in cands if tgt.low <= c["map_exposure"] <= tgt.high]
+    if inside:
+        least = min(c["dose_mg"] * 24 / c["interval_h"] for c in inside)
+        inside = [c for c in inside if c["dose_mg"] * 24 / c["interval_h"] <= DAILY_DOSE_RATIO * least]
     if not inside:
         def distance(c):
             return max(tgt.low - c["map_exposure"], c["map_exposure"] - tgt.high)
@@ -359,11 +369,12 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
 
     The choice is deterministic (the sampling seed does not change it): for each interval, the allowed doses
     next to the one that puts the MAP exposure at the middle of the window, then the regimen whose MAP
-    exposure lies in the window closest to its middle; ties: the smaller daily dose, then the order of
-    ``intervals``. The probability of target attainment over the posterior draws is reported with its
-    Monte-Carlo error. Invalid limits, or no allowed regimen whose MAP exposure is in the window, raise
-    HybridPKError (the latter naming the nearest allowed regimen): a recommendation is never 0 mg, never
-    above the maximum, and never overlaps infusions.
+    exposure lies in the window closest to its middle, among those needing at most twice the smallest daily dose
+    in the window (:data:`DAILY_DOSE_RATIO`); ties: the smaller daily dose, then the order of ``intervals``.
+    The probability of target attainment over the posterior draws is reported with its Monte-Carlo error.
+    Invalid limits, or no allowed regimen whose MAP exposure is in the window, raise HybridPKError (the latter
+    naming the nearest allowed regimen): a recommendation is never 0 mg, never above the maximum, and never
+    overlaps infusions.
     """
     model = dosing_model(model)
     duration = model.default_duration if duration is None else duration
