@@ -62,6 +62,50 @@ def test_a_function_of_two_jets_and_where_equal_autograd():
                                    rtol=1e-11, atol=1e-13)
 
 
+def test_cos_and_arccos_equal_autograd():
+    """cos(arccos(x0 x1 / 4) / 3 + x2) (the trigonometric roots of the three-compartment cubic) at 50 random
+    points: value, gradient and Hessian."""
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0.2, 1.8, (50, 3))
+    a, b, c = variables(x)
+    got = ((a * b * 0.25).arccos() * (1.0 / 3.0) + c).cos()
+
+    def reference(v):
+        return torch.cos(torch.arccos(v[0] * v[1] * 0.25) / 3.0 + v[2])
+
+    for i in range(len(x)):
+        xi = torch.tensor(x[i], dtype=torch.float64)
+        np.testing.assert_allclose(got.v[i], reference(xi).item(), rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(got.g[i], torch.autograd.functional.jacobian(reference, xi).numpy(),
+                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got.h[i], torch.autograd.functional.hessian(reference, xi).numpy(),
+                                   rtol=1e-10, atol=1e-13)
+
+
+def test_three_compartment_rates_and_coefficients_equal_the_eigenvalue_solution():
+    """ADVAN11's rates by the trigonometric cubic and their coefficients equal hybridpk.solve.closed_form's
+    (eigenvalues of the symmetrised rate matrix) at random parameters; rates that meet are singular."""
+    from hybridpk.solve.closed_form import disposition
+
+    rng = np.random.default_rng(0)
+    names = closed_form_jets.PARAMETERS["3cmt_iv"]
+    phi = np.log(np.array([[4.0, 20.0, 6.0, 40.0, 2.0, 80.0]]) * np.exp(rng.normal(0, 0.3, (20, 6))))
+    terms = closed_form_jets._exponents(closed_form_jets._parameters(phi, names), True)
+    lam, coef = np.stack([r.v for r, _ in terms], 1), np.stack([c.v for _, c in terms], 1)
+    p = {k: torch.tensor(np.exp(phi[:, i])) for i, k in enumerate(names)}
+    v = p["V"]
+    lam_t, coef_t = disposition(v, p["CL"] / v, [(p["Q"] / v, p["Q"] / p["V2"]), (p["Q3"] / v, p["Q3"] / p["V3"])])
+    order = np.argsort(lam, 1)
+    np.testing.assert_allclose(np.take_along_axis(lam, order, 1), lam_t.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.take_along_axis(coef, order, 1), coef_t.numpy(), rtol=1e-10, atol=1e-15)
+    assert not closed_form_jets.singular(phi, names)
+    # ADVAN12 with KA at the middle rate is singular (KA / (KA - lambda)); 1% away it is not
+    oral = closed_form_jets.PARAMETERS["3cmt_oral"]
+    middle = np.sort(lam[0])[1]
+    assert closed_form_jets.singular(np.log([[middle, *np.exp(phi[0])]]), oral)
+    assert not closed_form_jets.singular(np.log([[1.01 * middle, *np.exp(phi[0])]]), oral)
+
+
 def test_two_compartment_singular_points():
     """KA at alpha or beta (ADVAN4's 0/0) is singular; 1% away it is not."""
     cl, v, q, v2 = 4.0, 20.0, 6.0, 40.0

@@ -6,14 +6,15 @@ differentiation; at 1000 subjects its cost is torch's per-operation overhead, no
 (benchmarks/fit_scale.py). NONMEM's ADVAN1/ADVAN2 and nlmixr2's linear compartment solutions use the closed
 form's own derivatives instead; so does this module, for what it covers:
 
-- the structures 1cmt_oral (ADVAN2: KA, CL, V), 1cmt_iv (ADVAN1: CL, V), 2cmt_oral (ADVAN4: KA, CL, V, Q, V2)
-  and 2cmt_iv (ADVAN3: CL, V, Q, V2), with their derivatives by forward-mode jets
-  (:mod:`hybridpk.population.closed_form_jets`), and by hand for 1cmt_oral without steady-state doses (the
-  common case, at half the jets' cost); a bioavailability F of the dose compartment's doses (not with
+- the structures 1cmt_oral (ADVAN2: KA, CL, V), 1cmt_iv (ADVAN1: CL, V), 2cmt_oral (ADVAN4: KA, CL, V, Q, V2),
+  2cmt_iv (ADVAN3: CL, V, Q, V2), 3cmt_oral (ADVAN12: KA, CL, V, Q, V2, Q3, V3) and 3cmt_iv (ADVAN11), with
+  their derivatives by forward-mode jets (:mod:`hybridpk.population.closed_form_jets`), and by hand for
+  1cmt_oral without steady-state doses, lag, F or IV doses (the common case, at half the jets' cost); a
+  bioavailability F of the dose compartment's doses (not with
   infusions) and a lag time ALAG (log-parameters like the others; the doses' times since their lagged time a jet
   in it; a steady-state bolus's earlier doses act from its record on) without steady-state infusions; built by
   :func:`~hybridpk.population.build_model` (derived and fixed parameters included), a published spec or an
-  imported control stream (ADVAN1-4, any TRANS), with covariates (effects, IF blocks) constant within each
+  imported control stream (ADVAN1-4, 11, 12, any TRANS), with covariates (effects, IF blocks) constant within each
   subject; no IOV or log-transform-both-sides;
 - IIV log-affine in the ETAs, log PARAM = log TV(THETA, covariates) + sum_k P_pk ETA_k with one constant matrix
   P (PARAM = TV exp(ETA), MU referencing, K = CL/V, an ETA scaled by a number), read from the model's own

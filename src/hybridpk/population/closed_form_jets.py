@@ -1,7 +1,8 @@
-"""The one- and two-compartment closed forms (NONMEM's ADVAN1-4) with their first and second derivatives in the
-log-parameters, by second-order forward-mode arithmetic (:mod:`hybridpk.population.jets`), for the analytic
-FOCE-I path (:mod:`hybridpk.population.analytic_focei`): two compartments, and one compartment with
-steady-state doses (without those, one compartment has its derivatives by hand there).
+"""The one-, two- and three-compartment closed forms (NONMEM's ADVAN1-4, 11, 12) with their first and second
+derivatives in the log-parameters, by second-order forward-mode arithmetic (:mod:`hybridpk.population.jets`), for
+the analytic FOCE-I path (:mod:`hybridpk.population.analytic_focei`): two and three compartments, and one
+compartment with steady-state doses, a lag, F or IV doses beside oral ones (without those, one compartment has
+its derivatives by hand there). Three compartments: :func:`_three_exponents`.
 
 The central concentration after a unit bolus is sum_i c_i e^(-lambda_i t) (Gibaldi & Perrier,
 Pharmacokinetics, 2nd ed., 1982, ch. 1-3): one compartment c = 1/V, lambda = CL/V; two, with k10 = CL/V,
@@ -31,7 +32,8 @@ __all__ = ["PARAMETERS", "Doses", "jet", "singular", "time_function"]
 
 #: the structures' parameters in the order of the log-parameters phi
 PARAMETERS = {"1cmt_oral": ("KA", "CL", "V"), "1cmt_iv": ("CL", "V"),
-              "2cmt_oral": ("KA", "CL", "V", "Q", "V2"), "2cmt_iv": ("CL", "V", "Q", "V2")}
+              "2cmt_oral": ("KA", "CL", "V", "Q", "V2"), "2cmt_iv": ("CL", "V", "Q", "V2"),
+              "3cmt_oral": ("KA", "CL", "V", "Q", "V2", "Q3", "V3"), "3cmt_iv": ("CL", "V", "Q", "V2", "Q3", "V3")}
 #: relative distance below which two exponents count as equal (see :func:`singular`)
 NEAR = 1e-7
 
@@ -60,6 +62,8 @@ class Doses:
 def _exponents(p, two: bool):
     """[(lambda_i, c_i)] jets (N,) of the unit bolus response from the parameters' jets {name: jet}."""
     cl, v = p["CL"], p["V"]
+    if "Q3" in p:
+        return _three_exponents(p)
     if not two:
         return [(cl / v, 1.0 / v)]
     k10, k12, k21 = cl / v, p["Q"] / v, p["Q"] / p["V2"]
@@ -67,6 +71,31 @@ def _exponents(p, two: bool):
     alpha = 0.5 * (s + (s * s - 4.0 * (k10 * k21)).sqrt())
     beta = (k10 * k21) / alpha
     return [(alpha, (alpha - k21) / ((alpha - beta) * v)), (beta, (k21 - beta) / ((alpha - beta) * v))]
+
+
+def _three_exponents(p):
+    """Three compartments (ADVAN11/12): the rates are the roots of l^3 - a2 l^2 + a1 l - a0 (a2 = k10 + k12 + k13 +
+    k21 + k31, a1 = k10 k21 + k10 k31 + k12 k31 + k13 k21 + k21 k31, a0 = k10 k21 k31), by the trigonometric
+    solution of the depressed cubic (three real roots), as NONMEM's ADVAN11 computes them; c_i = (k21 - l_i)
+    (k31 - l_i) / (V prod_j!=i (l_j - l_i))."""
+    cl, v = p["CL"], p["V"]
+    k10, k12, k21, k13, k31 = cl / v, p["Q"] / v, p["Q"] / p["V2"], p["Q3"] / v, p["Q3"] / p["V3"]
+    a2 = k10 + k12 + k13 + k21 + k31
+    a1 = k10 * k21 + k10 * k31 + k12 * k31 + k13 * k21 + k21 * k31
+    a0 = k10 * k21 * k31
+    q = a1 - a2 * a2 * (1.0 / 3.0)                       # depressed cubic t^3 + q t + r, l = t + a2/3
+    r = a1 * a2 * (1.0 / 3.0) - a0 - a2 * a2 * a2 * (2.0 / 27.0)
+    m = (q * (-1.0 / 3.0)).sqrt()
+    angle = ((r * 1.5) / (q * m)).arccos() * (1.0 / 3.0)   # cos(3 theta) = (3 r / (2 q)) sqrt(-3 / q)
+    rates = [(angle - 2.0 * np.pi * j / 3.0).cos() * (2.0 * m) + a2 * (1.0 / 3.0) for j in range(3)]
+    out = []
+    for i, lam in enumerate(rates):
+        den = v
+        for j, other in enumerate(rates):
+            if j != i:
+                den = den * (other - lam)
+        out.append((lam, (k21 - lam) * (k31 - lam) / den))
+    return out
 
 
 def _parameters(phi, params, derivatives: bool = True) -> dict:
@@ -82,9 +111,14 @@ def singular(phi, params) -> bool:
     """Some subject's exponents meet (alpha = beta, or KA = a lambda: KA = CL/V for one compartment), to
     :data:`NEAR` relative."""
     p = _parameters(phi, params, derivatives=False)
-    lam = [rate.v for rate, _ in _exponents(p, "Q" in p)]
-    if len(lam) == 2 and (lam[0] - lam[1] <= NEAR * lam[0]).any():
+    with np.errstate(all="ignore"):
+        lam = [rate.v for rate, _ in _exponents(p, "Q" in p)]
+    if not all(np.isfinite(x).all() for x in lam):
         return True
+    for i in range(len(lam)):
+        for j in range(i + 1, len(lam)):
+            if (np.abs(lam[i] - lam[j]) <= NEAR * np.maximum(lam[i], lam[j])).any():
+                return True
     ka = p["KA"].v if "KA" in p else None
     return ka is not None and any(bool((np.abs(ka - x) <= NEAR * ka).any()) for x in lam)
 

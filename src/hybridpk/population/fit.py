@@ -254,7 +254,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         Hessian approximation: the estimates agree with an uninterrupted fit's to the convergence
         tolerance, not bit for bit. A checkpoint of other data, model or options is refused.
     device : the torch device the fit computes on ("cpu", "cuda", "cuda:N", "auto"), in float64; the model it
-        returns computes there too (:meth:`FittedPopulation.to`). The analytic path of 1- and 2-compartment models is
+        returns computes there too (:meth:`FittedPopulation.to`). The analytic path of 1- to 3-compartment models is
         numpy code, so on a GPU the fit takes the automatic-differentiation path (summary.json's
         "derivatives" says which); the outer search (scipy's BFGS) runs on the CPU either way.
 

@@ -105,6 +105,15 @@ class Jet:
         e = np.exp(self.v)
         return self.apply(e, e, e)
 
+    def cos(self) -> "Jet":
+        c, sn = np.cos(self.v), np.sin(self.v)
+        return self.apply(c, -sn, -c)
+
+    def arccos(self) -> "Jet":
+        """acos, for |value| < 1."""
+        w = 1.0 - self.v * self.v
+        return self.apply(np.arccos(self.v), -1.0 / np.sqrt(w), -self.v / w ** 1.5)
+
     def sqrt(self) -> "Jet":
         s = np.sqrt(self.v)
         return self.apply(s, 0.5 / s, -0.25 / (s * self.v))
