@@ -35,7 +35,7 @@ from hybridpk.dosing.summary import patient_summary
 from hybridpk.population import FittedPopulation, build_model, fit_population, load_model
 from hybridpk.population.nonmem import read_control_stream
 from hybridpk.residual import TrainConfig, fit_hybrid
-from hybridpk.solve.examples import simulate_ehc_population
+from tests.integration.ehc import fitted_ehc_population
 from tests.integration.test_nonmem_des import ADVAN5, MM_DES, THEO_DES
 
 THEOPH = Path(__file__).parents[2] / "data" / "theoph.csv"
@@ -201,11 +201,9 @@ SMALL = TrainConfig(epochs=6, warmup_epochs=2, progress=False, form="reservoir")
 @pytest.fixture(scope="module")
 def small_hybrid():
     """A briefly trained reservoir hybrid on 30 EHC patients (its weights are real, not its quality)."""
-    ds, _ = simulate_ehc_population(30, seed=2)
-    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
+    ds, _, pm, fit = fitted_ehc_population(30, seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = fit_population(pm, ds, progress=False, covariance=False)
         hyb = fit_hybrid(pm, ds, population=fit, config=SMALL, seed=3, progress=False)
     return hyb, ds, pm
 

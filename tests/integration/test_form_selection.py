@@ -5,28 +5,22 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 
 from hybridpk.cli import main
-from hybridpk.population import build_model, fit_population
 from hybridpk.residual import TrainConfig, fit_hybrid, load_run
 from hybridpk.residual.predictive import predictive_score
 from hybridpk.residual.selection import candidates
 from hybridpk.residual.training import held_out_patients
-from hybridpk.solve.examples import simulate_ehc_population
+from tests.integration.ehc import fitted_ehc_population
 
 
 @pytest.fixture(scope="module")
 def ehc_fit():
-    ds, _ = simulate_ehc_population(30, seed=4)
-    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fit = fit_population(pm, ds, progress=False, covariance=False)
+    ds, _, pm, fit = fitted_ehc_population(30, seed=4)
     return ds, pm, fit
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -11,21 +10,16 @@ import pytest
 import torch
 
 from hybridpk.cli import main
-from hybridpk.population import build_model, fit_population
 from hybridpk.errors import HybridPKError
 from hybridpk.residual import HybridFit, ODEBaseline, TrainConfig, estimate_hybrid, fit_hybrid, load_run, train_vae
 from hybridpk.residual.hybrid import _ode_only
 from hybridpk.solve.examples import simulate_ehc_population
+from tests.integration.ehc import fitted_ehc_population
 
 
 @pytest.fixture(scope="module")
 def ehc_small():
-    ds, truth = simulate_ehc_population(80, seed=3)
-    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fit = fit_population(pm, ds, progress=False, covariance=False)
-    return ds, truth, pm, fit
+    return fitted_ehc_population(80, seed=3)
 
 
 def test_same_seed_same_result(ehc_small):

@@ -5,7 +5,6 @@ regimen lies outside the training design."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -18,20 +17,16 @@ from hybridpk.data import Regimen
 from hybridpk.dosing import estimate_patient, forecast, recommend_dose
 from hybridpk.dosing.model import HybridDosing, PopulationDosing, dosing_model
 from hybridpk.dosing.targets import metric_coefficients, metrics_by_simulation, parse_target
-from hybridpk.population import build_model, fit_population
+from hybridpk.population import build_model
 from hybridpk.residual import HybridFit, TrainConfig, fit_hybrid
 from hybridpk.residual.hybrid import _ode_only
-from hybridpk.solve.examples import simulate_ehc_population
+from tests.integration.ehc import fitted_ehc_population
 from tests.reference.hybrids import zero_correction_vae
 
 
 @pytest.fixture(scope="module")
 def ehc_fit():
-    ds, truth = simulate_ehc_population(60, seed=4)
-    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fit = fit_population(pm, ds, progress=False, covariance=False)
+    ds, _, pm, fit = fitted_ehc_population(60, seed=4)
     return ds, pm, fit
 
 

@@ -21,15 +21,12 @@ from hybridpk.population import build_model, fit_population
 from hybridpk.residual import ODEBaseline, TrainConfig, train_vae
 from hybridpk.residual.hybrid import _ode_only
 from hybridpk.solve.examples import simulate_ehc_population
+from tests.integration.ehc import fitted_ehc_population
 
 
 @pytest.fixture(scope="module")
 def ehc():
-    ds, _ = simulate_ehc_population(40, seed=11)
-    pm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fit = fit_population(pm, ds, progress=False, covariance=False)
+    ds, _, pm, fit = fitted_ehc_population(40, seed=11)
     return ds, pm, fit
 
 

@@ -60,6 +60,10 @@ def test_a_model_without_a_target_gets_the_default_with_a_note(tmp_path, capsys)
     rec = json.loads((tmp_path / "rec.json").read_text())
     assert rec["interval_h"] == 8.0 and rec["dose_mg"] <= 5000.0
     assert "times the largest dose" not in out
+    # with the 24-h interval asked for, the absurd dose is the answer, and it is named
+    assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv"), "--target", "trough=1:4",
+                 "--interval", "24"]) == 0
+    assert "times the largest dose in the patient's record (1000 mg)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("table, message", [

@@ -90,10 +90,9 @@ def analytic_reason(pm, prob) -> str | None:
     if bool(prob.cens.any()):
         return "censored observations (M3)"
     oral = pm.structural.name.endswith("_oral")
-    depot = m & (b.dose_cmt <= 1) if oral else m          # CMT 0: the model's dose compartment
     if bool((m & (b.dose_mode < 0)).any()):
         return "modelled infusion rates or durations (RATE=-1/-2)"
-    if oral and bool((depot & (b.dose_mode != 0)).any()):
+    if oral and bool((m & (b.dose_cmt <= 1) & (b.dose_mode != 0)).any()):     # CMT 0: the dose compartment
         return "infusions into the depot"
     if bool((m & (b.dose_cmt > (2 if oral else 1))).any()):
         return "doses into a compartment other than the " + ("depot or the central one" if oral else "central one")
