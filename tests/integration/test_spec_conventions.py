@@ -54,7 +54,8 @@ def test_a_model_without_a_target_gets_the_default_with_a_note(tmp_path, capsys)
     assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv"), "--target", "trough=1:4", "--out",
                  str(tmp_path / "rec.json")]) == 0
     out = capsys.readouterr().out
-    assert "note: target" not in out and "note: dose step 250" in out
+    assert "note: target" not in out and "the dose step is 250 mg (doses are multiples of it), taken from the " \
+        "patient's record: a round quarter of the median dose 1000 mg" in out
     # a trough at 24 h for a drug with a half-life of an hour is reached only by an absurd dose (1.1e7 mg every
     # 24 h was recommended): the regimen needing the least drug per day is taken instead
     rec = json.loads((tmp_path / "rec.json").read_text())
@@ -64,6 +65,25 @@ def test_a_model_without_a_target_gets_the_default_with_a_note(tmp_path, capsys)
     assert main(["dose", "meropenem_abulfathi2021", str(tmp_path / "p.csv"), "--target", "trough=1:4",
                  "--interval", "24"]) == 0
     assert "times the largest dose in the patient's record (1000 mg)" in capsys.readouterr().out
+
+
+def test_a_model_without_a_dose_step_takes_it_from_the_patients_record(tmp_path, capsys, pharmpy_examples):
+    """pharmpy's pheno.mod (no [dosing]) and its first neonate (25 mg, then 3.5 mg every 12 h): the 250-mg step of
+    a vancomycin regimen left no dose in the window ("widen the limits"); the record's doses give 0.5 mg steps."""
+    data = pd.read_csv(pharmpy_examples / "pheno.dta", sep=r"\s+")
+    data[(data.ID == 1) & (data.TIME <= 120.5)].to_csv(tmp_path / "p.csv", index=False)
+    assert main(["dose", str(pharmpy_examples / "pheno.mod"), str(tmp_path / "p.csv"), "--target", "trough=15:25",
+                 "--out", str(tmp_path / "rec.json")]) == 0
+    out = capsys.readouterr().out
+    assert "pheno states no dose step, so the dose step is 0.5 mg" in out and "median dose 3.5 mg" in out
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["dose_step_mg"] == 0.5 and rec["dose_mg"] % 0.5 == 0 and 0 < rec["dose_mg"] <= 17.5
+    assert 15 <= rec["predicted_exposure"]["trough"]["map"] <= 25
+    # a stated step is kept, and the answer then is a multiple of it
+    assert main(["dose", str(pharmpy_examples / "pheno.mod"), str(tmp_path / "p.csv"), "--target", "trough=15:25",
+                 "--dose-step", "0.1", "--out", str(tmp_path / "rec1.json")]) == 0
+    assert "no dose step" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "rec1.json").read_text())["dose_step_mg"] == 0.1
 
 
 @pytest.mark.parametrize("table, message", [

@@ -44,3 +44,17 @@ def test_a_regimen_needing_more_than_twice_the_least_daily_drug_in_the_window_is
     assert _choose(tgt, cands)["interval_h"] == 12.0
     cands[2]["dose_mg"] = 9100.0                                           # 18200 mg a day: more than twice
     assert _choose(tgt, cands)["interval_h"] == 8.0
+
+
+def test_the_default_dose_step_is_a_round_quarter_of_the_median_recorded_dose_or_less():
+    from hybridpk.dosing.constraints import FALLBACK_DOSE_STEP, check_limits, record_dose_step
+
+    cases = {(1000.0,): 250.0, (1000.0, 1250.0, 1250.0): 250.0, (500.0,): 100.0, (100.0,): 25.0, (10.0,): 2.5,
+             (8.0,): 2.0, (40.0,): 10.0, (3.5,): 0.5, (25.0, 3.5, 3.5): 0.5, (0.3,): 0.05, (12000.0,): 2500.0}
+    for amounts, step in cases.items():
+        assert record_dose_step(_record(*amounts)) == step, amounts
+    assert record_dose_step(_record()) is None
+    limits = dict(intervals=[12.0], duration=0.0, max_dose=None, start=36.0, n_doses=10)
+    assert check_limits(_record(25.0, 3.5, 3.5), dose_step=None, **limits).dose_step == 0.5
+    assert check_limits(_record(), dose_step=None, **limits).dose_step == FALLBACK_DOSE_STEP
+    assert check_limits(_record(3.5), dose_step=1.0, **limits).dose_step == 1.0     # a given step is kept

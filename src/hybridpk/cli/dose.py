@@ -5,8 +5,8 @@ from __future__ import annotations
 from ._common import (DEVICE_HELP, ManualFormatter, device_arg, figure_arg, finite_float, out_file_arg,
                       positive_float, positive_int, resolve_data_path)
 
-#: the target and dose step a dose recommendation takes when neither the command nor the model states one
-DEFAULT_TARGET, DEFAULT_DOSE_STEP = "auc24=400:600", 250.0
+#: the target a dose recommendation takes when neither the command nor the model states one
+DEFAULT_TARGET = "auc24=400:600"
 
 DOSE_HELP = """\
 Recommend a dose (and interval) for a patient, or for each patient of a list, from a population model and a
@@ -25,7 +25,10 @@ model needs (e.g. CRCL, WT). A spec may declare defaults for optional covariates
 DIAL = 0, not on dialysis); the answer then says which value it took. A spec may also state its drug's
 regimen ([dosing]: target, interval, infusion duration, dose step; busulfan_longboyle2015: Css 600-900
 ng/mL, i.e. auc24=14.4:21.6, 2-h infusions every 6 h, steps of 0.1 mg), taken for the flags not given and
-printed; a model that states no target gets auc24=400:600 (a vancomycin window), with a note saying so.
+printed; a model that states no target gets auc24=400:600 (a vancomycin window), with a note saying so, and
+one that states no dose step takes it from the patient's record (the largest of 1, 2, 2.5 or 5 x 10^k mg
+that is at most a quarter of the median dose given: 1000 mg gives 250, 3.5 mg gives 0.5; 250 for a record
+without a dose), also with a note.
 
 The patient's parameters are estimated by MAP (Bayesian, with the model as prior); 1000 posterior draws
 (250 for a hybrid; --draws N) give the uncertainty: adaptive importance sampling from the Laplace
@@ -99,8 +102,8 @@ def add_parser(sub) -> None:
     p.add_argument("--cmt", type=int, default=0, metavar="N", help="compartment of the new doses (NONMEM numbering; "
                    "default 0: the model's dose compartment), e.g. the central compartment for IV doses with a "
                    "model fitted on oral data (F then does not apply)")
-    p.add_argument("--dose-step", type=float, help=f"dose rounding step (mg; default: the model's stated step, else "
-                   f"{DEFAULT_DOSE_STEP:g})")
+    p.add_argument("--dose-step", type=float, help="dose rounding step (mg; default: the model's stated step, else a "
+                   "round quarter of the median dose in the patient's record or less, e.g. 250 for 1000-mg doses)")
     p.add_argument("--max-dose", type=float, help="maximum single dose (mg)")
     p.add_argument("--start", type=float, help="time of the first new dose (h)")
     p.add_argument("--dose", type=positive_float, metavar="MG", help="fix the dose (mg) and solve for the interval "
@@ -188,7 +191,7 @@ def run_dose(args) -> int:
         raise HybridPKError("give MODEL_OR_RUN and PATIENT.csv (or --list)")
     _check_question(args)
     model, ds = _load(args)
-    _conventions(args, model)
+    _conventions(args, model, ds)
     if ds.n_subjects > 1:
         if args.plot:
             raise HybridPKError(f"--plot is for one patient; the file has {ds.n_subjects} (IDs "
@@ -252,7 +255,7 @@ def _plot_recommendation(args, model, ds, rec, post, metric: str, exp: dict) -> 
     print(f"wrote {args.plot}")
 
 
-def _conventions(args, model) -> None:
+def _conventions(args, model, ds) -> None:
     """Fill the flags not given from the regimen conventions the model states (a published spec's [dosing]:
     target, interval, infusion duration, dose step, maximum dose), then from hybridpk's defaults, and say
     which were taken: a vancomycin AUC window is never applied to another drug without a word."""
@@ -279,10 +282,23 @@ def _conventions(args, model) -> None:
         args.target = DEFAULT_TARGET
         print(f"note: target {DEFAULT_TARGET} is hybridpk's default (a vancomycin AUC24 window, mg*h/L); "
               f"{model.name} states none, so give --target for another drug")
-    if args.dose_step is None:
-        args.dose_step = DEFAULT_DOSE_STEP
-        print(f"note: dose step {DEFAULT_DOSE_STEP:g} (doses are multiples of it) is hybridpk's default; "
-              f"{model.name} states none, so give --dose-step for a drug dosed in other amounts")
+    if args.dose_step is None and args.dose is None:
+        print(f"note: {model.name} states no dose step, so " + _record_step_note(ds) + "; give --dose-step to choose")
+
+
+def _record_step_note(ds) -> str:
+    """How the dose step is taken from the patient's record (or each patient's, for a day's list)."""
+    from hybridpk.dosing.constraints import FALLBACK_DOSE_STEP, median_record_dose, record_dose_step
+
+    df = ds.to_dataframe()
+    if ds.n_subjects > 1:
+        return ("each patient's dose step is a round quarter of the median dose in the patient's record, or less "
+                f"({FALLBACK_DOSE_STEP:g} mg for a record without a dose)")
+    step = record_dose_step(df)
+    if step is None:
+        return f"the dose step is {FALLBACK_DOSE_STEP:g} mg (the patient's record has no dose to take it from)"
+    return (f"the dose step is {step:g} mg (doses are multiples of it), taken from the patient's record: a round "
+            f"quarter of the median dose {median_record_dose(df):g} mg, or less")
 
 
 def _question(args):

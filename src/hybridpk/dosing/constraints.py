@@ -14,10 +14,38 @@ import pandas as pd
 
 from ..errors import HybridPKError
 
-__all__ = ["Limits", "check_limits", "START_HORIZON_H"]
+__all__ = ["Limits", "check_limits", "record_dose_step", "median_record_dose", "START_HORIZON_H", "FALLBACK_DOSE_STEP"]
 
 #: how far after the patient's last record a new regimen may start (h)
 START_HORIZON_H = 168.0
+
+#: the dose step (mg) taken when neither the caller, the model nor the patient's record gives one (a record
+#: without a dose: a priori dosing)
+FALLBACK_DOSE_STEP = 250.0
+
+#: the "round" dose steps, times a power of ten, that :func:`record_dose_step` chooses from
+_ROUND_STEPS = (1.0, 2.0, 2.5, 5.0)
+
+
+def median_record_dose(df: pd.DataFrame) -> float | None:
+    """The median AMT (mg) of the dose records (EVID 1 or 4, AMT > 0) in ``df``; None when there is none."""
+    amt = df.loc[df.EVID.isin([1, 4]) & (df.AMT > 0), "AMT"].astype(float)
+    amt = amt[amt.map(math.isfinite)]
+    return None if amt.empty else float(amt.median())
+
+
+def record_dose_step(df: pd.DataFrame) -> float | None:
+    """The dose step (mg) that suits the doses in a patient's record: the largest of 1, 2, 2.5 or 5 times a
+    power of ten that is at most a quarter of the median dose (AMT of the dose records, EVID 1 or 4, AMT > 0),
+    so that the recommended dose can move in steps of 25% or finer around what the patient has been given
+    (1000 mg: 250; 500 mg: 100; 100 mg: 25; a neonate's 3.5 mg of phenobarbital: 0.5). The median, not the
+    largest, so that a loading dose does not set it. None when the record holds no dose."""
+    median = median_record_dose(df)
+    if median is None:
+        return None
+    quarter = median / 4.0
+    power = 10.0 ** math.floor(math.log10(quarter))
+    return max(k * power for k in _ROUND_STEPS if k * power <= quarter * (1 + 1e-12))
 
 
 @dataclass(frozen=True)
@@ -48,8 +76,12 @@ def _number(x) -> float | None:
 
 
 def check_limits(df: pd.DataFrame, *, intervals, duration, dose_step, max_dose, start, n_doses) -> Limits:
-    """Limits for the patient whose records are ``df``, or a HybridPKError listing every invalid one."""
+    """Limits for the patient whose records are ``df``, or a HybridPKError listing every invalid one.
+    ``dose_step`` None: :func:`record_dose_step` of ``df`` (:data:`FALLBACK_DOSE_STEP` for a record without a
+    dose)."""
     problems = []
+    if dose_step is None:
+        dose_step = record_dose_step(df) or FALLBACK_DOSE_STEP
 
     def bad(name, flag, value, allowed):
         problems.append(f"{name} ({flag}) = {value!r}: {allowed}")

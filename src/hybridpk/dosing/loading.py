@@ -54,13 +54,14 @@ class LoadingDose:
                 "records": self.records.to_dict(orient="records")}
 
 
-def loading_dose(model, dataset, target, *, dose_step: float = 250.0, max_dose: float | None = None,
+def loading_dose(model, dataset, target, *, dose_step: float | None = None, max_dose: float | None = None,
                  n_samples: int | None = None, seed: int = 0, posterior=None, **maintenance) -> LoadingDose:
     """The loading dose (mg) that puts the first interval's ``target`` (auc24, trough or peak) at the middle
     of its window, ahead of the maintenance regimen :func:`recommend_dose` chooses with the same arguments
     (``maintenance``: interval, intervals, duration, start, n_doses, cmt). The loading dose is a whole
-    number of ``dose_step`` (mg), at most ``max_dose``, given as the maintenance doses are (same duration and
-    compartment). ``posterior``: the patient's PatientPosterior when already computed."""
+    number of ``dose_step`` (mg; None: the maintenance's, from the patient's record as :func:`recommend_dose`
+    takes it), at most ``max_dose``, given as the maintenance doses are (same duration and compartment).
+    ``posterior``: the patient's PatientPosterior when already computed."""
     tgt = parse_target(target) if isinstance(target, str) else target
     if tgt.metric not in ("auc24", "trough", "peak"):
         raise HybridPKError(f"target {tgt.label}: a loading dose is computed for a steady-state target (auc24, "
@@ -68,7 +69,7 @@ def loading_dose(model, dataset, target, *, dose_step: float = 250.0, max_dose: 
     post = posterior or estimate_patient(model, dataset, n_samples, seed)
     rec = recommend_dose(post.model, dataset, tgt, dose_step=dose_step, max_dose=max_dose, posterior=post,
                          **maintenance)
-    reg = rec.regimen
+    reg, dose_step = rec.regimen, rec.dose_step_mg
     follow = Regimen(reg.start + reg.interval, reg.dose, reg.interval, reg.n_doses, reg.duration, reg.cmt)
 
     def first(points, amount: float):

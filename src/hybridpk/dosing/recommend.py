@@ -84,6 +84,7 @@ class Recommendation:
     candidates: list = field(default_factory=list, repr=False)
     pta_mc_se: float | None = None
     estimate: dict | None = field(default=None, repr=False)
+    dose_step_mg: float | None = None
 
     @property
     def dose(self) -> float:
@@ -107,8 +108,8 @@ class Recommendation:
                 "probability_of_target_attainment": self.pta,
                 "probability_of_target_attainment_mc_se": self.pta_mc_se, "predicted_exposure": self.exposure,
                 "map_parameters": self.map_parameters, "warnings": list(self.warnings),
-                "records": self.records.to_dict(orient="records"), "candidates": self.candidates,
-                "patient_estimate": self.estimate}
+                "dose_step_mg": self.dose_step_mg, "records": self.records.to_dict(orient="records"),
+                "candidates": self.candidates, "patient_estimate": self.estimate}
 
 
 def estimate_patient(model, dataset, n_samples: int | None = None, seed: int = 0,
@@ -345,7 +346,7 @@ def _exposure(tgt, choice) -> dict:
 
 
 def recommend_dose(model, dataset, target, *, interval: float | None = None, intervals=(8.0, 12.0, 24.0),
-                   duration: float | None = None, dose_step: float = 250.0, max_dose: float | None = None,
+                   duration: float | None = None, dose_step: float | None = None, max_dose: float | None = None,
                    start: float | None = None, n_doses: int = 10, n_samples: int | None = None, seed: int = 0,
                    posterior: PatientPosterior | None = None, cmt: int = 0) -> Recommendation:
     """The dose (and interval) that puts ``target`` in its window for this patient.
@@ -359,7 +360,10 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     interval : dosing interval (h); if None the best of ``intervals``
     duration : infusion duration (h); 0 for bolus/oral; at most the interval (no overlapping infusions);
         None: the model's route (0 for an oral or bolus model, else 1 h; ``DosingModel.default_duration``)
-    dose_step : doses are whole multiples of this (mg); max_dose : cap per dose (mg, at least one step)
+    dose_step : doses are whole multiples of this (mg); None: a round step of at most a quarter of the median
+        dose in the patient's record (:func:`~hybridpk.dosing.constraints.record_dose_step`: 1000 mg gives 250,
+        3.5 mg gives 0.5; 250 for a record without a dose); the step taken is ``dose_step_mg``
+    max_dose : cap per dose (mg, at least one step)
     start : time of the first new dose (h; default: last dose + its interval, or last record); within or
         up to 168 h after the patient's records
     posterior : the patient's PatientPosterior when already computed (``estimate_patient``)
@@ -397,7 +401,7 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     return Recommendation(model=model.name, regimen=regimen, target=str(target), exposure=_exposure(tgt, choice),
                           pta=choice["pta"], map_parameters=post.parameters(), warnings=tuple(warns),
                           records=regimen.records(df.ID.iloc[0]), candidates=cands, pta_mc_se=choice["pta_mc_se"],
-                          estimate=patient_summary(post))
+                          estimate=patient_summary(post), dose_step_mg=limits.dose_step)
 
 
 def _regimen_warnings(post, exposure, tgt, choice, start: float, n_doses: int) -> list[str]:
