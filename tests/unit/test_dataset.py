@@ -37,6 +37,18 @@ def test_pheno_without_sidecar_treats_extra_numeric_columns_as_covariates(pharmp
     assert (ds.n_subjects, ds.n_observations, ds.n_doses) == (59, 155, 589)
 
 
+def test_a_nonmem_table_file_is_read_past_its_title_and_several_tables_are_refused(pharmpy_examples, tmp_path):
+    """pheno_linear.dta is NONMEM $TABLE output: a "TABLE NO.  1" title line, then the header. It was refused
+    ("line 3 has 17 fields but the header has 3"); the title is not data."""
+    ds = hp.read_nonmem(pharmpy_examples / "pheno_linear.dta")
+    assert (ds.n_subjects, ds.n_observations, ds.n_doses) == (59, 155, 589)
+    assert {"OPRED", "WGT", "APGR"} <= set(ds.covariates)
+    text = (pharmpy_examples / "pheno_linear.dta").read_text()
+    (tmp_path / "sim.tab").write_text(text + text)         # two subproblems' tables
+    with pytest.raises(DatasetError, match=r"NONMEM table file holding 2 tables .*lines 1, 747\)"):
+        hp.read_nonmem(tmp_path / "sim.tab")
+
+
 def test_moxo_steady_state_doses(pharmpy_examples):
     ds = hp.read_nonmem(pharmpy_examples / "moxo.csv")
     s = ds.summary()

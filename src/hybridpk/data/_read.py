@@ -46,10 +46,25 @@ def read_table(path: Path, separator: str | None = None, names: list[str] | None
     return parse_text(text, source, separator, names)
 
 
+def _without_table_title(numbered: list, source: str) -> list:
+    """A NONMEM table file ($TABLE output, e.g. sdtab1) opens with a title line, "TABLE NO.  1", before its
+    header: that line is not data and is skipped. A file holding several tables (one per subproblem, each with
+    its title and header) is refused: which table to read is the user's choice."""
+    titles = [n for n, ln in numbered if ln.lstrip().upper().startswith("TABLE NO.")]
+    if not titles:
+        return numbered
+    if len(titles) > 1 or titles[0] != numbered[0][0]:
+        raise DatasetError(f"this is a NONMEM table file holding {len(titles)} tables (\"TABLE NO.\" on lines "
+                           f"{', '.join(map(str, titles[:5]))}{', ...' if len(titles) > 5 else ''}); keep one table "
+                           "(its header line and records) in the file", source)
+    return numbered[1:]
+
+
 def parse_text(text: str, source: str, separator: str | None = None, names: list[str] | None = None):
     lines = text.splitlines()
     # data lines: not blank, not a comment (# or @ as NONMEM's IGNORE=# / IGNORE=@ header lines aside)
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")]
+    numbered = _without_table_title(numbered, source)
     if not numbered:
         raise DatasetError("the file has no records (only blank or comment lines)", source)
     first = numbered[0][1]
