@@ -38,6 +38,71 @@ def resolve_data_path(arg: str):
     return path  # read_nonmem reports the missing file clearly
 
 
+#: the file of a run folder where 'hybridpk fit' records the dataset it read (report, vpc, covariates and compare
+#: read it again when --data is not given)
+RUN_DATA = "data.json"
+
+#: the help of --data on the commands that take a run's own dataset by default
+RUN_DATA_HELP = ("the dataset the run was fitted to: a NONMEM-style file, a bundled dataset name, or a control stream "
+                 "(.mod: its $DATA, read as the control stream reads it); default: the one 'hybridpk fit' read, "
+                 "recorded in RUN/data.json, refused if it has changed since")
+
+
+def read_dataset_arg(arg: str):
+    """The Dataset a DATA argument names: a NONMEM control stream (.mod/.ctl: its $DATA, read as the stream
+    reads it: IGNORE, DROP, its column names), a file, or a bundled dataset's name."""
+    if str(arg).lower().endswith((".mod", ".ctl")):
+        from hybridpk.population.nonmem import read_control_stream
+
+        return read_control_stream(arg)[1]
+    from hybridpk.data.dataset import read_nonmem
+
+    return read_nonmem(resolve_data_path(arg))
+
+
+def record_run_data(run_dir, source: str, ds) -> None:
+    """Write RUN/data.json: the dataset's source as 'hybridpk fit' was given it (an absolute path, or a bundled
+    dataset's name) and its fingerprint (SHA-256 of the records, :meth:`Dataset.fingerprint`)."""
+    import json
+    from pathlib import Path
+
+    from hybridpk.io import atomic_write_text
+
+    path = Path(source)
+    entry = str(path.resolve()) if path.exists() else str(source)
+    atomic_write_text(Path(run_dir) / RUN_DATA, json.dumps({"source": entry, "data_sha256": ds.fingerprint()},
+                                                           indent=2))
+
+
+def run_dataset(run_dir, data_arg: str | None):
+    """The dataset a command on a run reads: ``data_arg`` (--data) when given, else the one RUN/data.json
+    records, read again from its source and refused by name if it is gone or has changed since the fit."""
+    import json
+    from pathlib import Path
+
+    from hybridpk.errors import HybridPKError
+
+    if data_arg:
+        return read_dataset_arg(data_arg)
+    path = Path(run_dir) / RUN_DATA
+    if not path.is_file():
+        raise HybridPKError(f"{run_dir} does not record the dataset it was fitted to (no {RUN_DATA}: a run written by "
+                            "the library or an earlier version of hybridpk); give --data")
+    try:
+        entry = json.loads(path.read_text())
+        source, digest = str(entry["source"]), str(entry["data_sha256"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise HybridPKError(f"{path} is damaged; give --data") from None
+    if not Path(source).exists() and resolve_data_path(source) == Path(source):
+        raise HybridPKError(f"{run_dir} was fitted to {source}, which is no longer there; give --data")
+    ds = read_dataset_arg(source)
+    if ds.fingerprint() != digest:
+        raise HybridPKError(f"{source} has changed since {run_dir} was fitted to it (its records' SHA-256 differs); "
+                            "give --data with the dataset the run was fitted to")
+    print(f"data: {source} (the dataset {run_dir} was fitted to)")
+    return ds
+
+
 def latent_dim_arg(text: str):
     """--latent-dim: "auto" or a whole number >= 1."""
     if text == "auto":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, out_file_arg, resolve_data_path
+from ._common import ManualFormatter, out_file_arg, run_dataset
 
 HELP = """\
 Rank candidate runs fitted to the same data (e.g. 1-cmt, 2-cmt, 1-cmt + VAE, a mechanistic EHC model) by how
@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
                        epilog="example:\n  hybridpk compare runs/ehc_1cmt runs/ehc_2cmt runs/ehc_vae --data ehc "
                               "--folds 5 --out compare.csv\n")
     p.add_argument("runs", metavar="RUN", nargs="+", help="run folders written by 'hybridpk fit'")
-    p.add_argument("--data", required=True, metavar="DATA", help="the dataset the runs were fitted to")
+    p.add_argument("--data", metavar="DATA", help="the dataset the runs were fitted to: a NONMEM-style file, a "
+                   "bundled dataset name, or a control stream (.mod: its $DATA); default: the one 'hybridpk fit' "
+                   "read for the first RUN (RUN/data.json), refused if it has changed since")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds over patients (0: none; default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and of the refits")
     p.add_argument("--out", metavar="TABLE.csv", type=out_file_arg, help="write the comparison table")
@@ -41,7 +43,6 @@ def run(args) -> int:
     import pandas as pd
 
     from hybridpk.classify import compare_runs
-    from hybridpk.data.dataset import read_nonmem
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text
     from hybridpk.residual import load_run
@@ -52,7 +53,7 @@ def run(args) -> int:
     if len(set(names)) != len(names):
         names = [str(r) for r in args.runs]
     runs = {name: load_run(r) for name, r in zip(names, args.runs)}
-    ds = read_nonmem(resolve_data_path(args.data))
+    ds = run_dataset(args.runs[0], args.data)
     result = compare_runs(runs, ds, folds=args.folds, seed=args.seed, progress=print)
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(result.table.round(4).to_string(index=False))

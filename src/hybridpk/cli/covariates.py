@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, out_folder_arg, resolve_data_path
+from ._common import RUN_DATA_HELP, ManualFormatter, out_folder_arg, run_dataset
 
 HELP = """\
 Which covariates explain what the model leaves unexplained, and which of them belong in the model.
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                        epilog="example:\n  hybridpk covariates runs/mydrug --data data.csv --candidates WT,CRCL,AGE "
                               "--out covs\n")
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
-    p.add_argument("--data", required=True, metavar="DATA", help="the dataset the run was fitted to")
+    p.add_argument("--data", metavar="DATA", help=RUN_DATA_HELP)
     p.add_argument("--candidates", help="covariates to try, comma-separated (default: every covariate column)")
     p.add_argument("--parameters", help="parameters to attach them to (default: those with IIV)")
     p.add_argument("--forms", default="power", help="forms tried for a continuous covariate, comma-separated: power, "
@@ -47,7 +47,6 @@ def run(args) -> int:
     import pandas as pd
 
     from hybridpk.classify import patient_covariates, screen_covariates, stepwise_covariates
-    from hybridpk.data.dataset import read_nonmem
     from hybridpk.diagnostics import covariate_relations_figure
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text
@@ -57,9 +56,10 @@ def run(args) -> int:
     pop = model.population if isinstance(model, HybridFit) else model
     if pop.estimation is None:
         raise HybridPKError(f"{args.run} holds no fit (a published model?): search covariates on a fitted run")
-    ds = read_nonmem(resolve_data_path(args.data))
+    ds = run_dataset(args.run, args.data)
     if pop.estimation.data_sha256 and pop.estimation.data_sha256 != ds.fingerprint():
-        raise HybridPKError(f"{args.data} is not the dataset {args.run} was fitted to (its fingerprint differs)")
+        raise HybridPKError(f"{args.data or 'the recorded dataset'} is not the dataset {args.run} was fitted to (its "
+                            "fingerprint differs)")
     names = [c.strip() for c in args.candidates.split(",")] if args.candidates else list(ds.covariates)
     if not names:
         raise HybridPKError("the data have no covariate columns; name them with --candidates")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import (ManualFormatter, device_arg, latent_dim_arg, out_folder_arg, positive_int,
+from ._common import (ManualFormatter, device_arg, latent_dim_arg, out_folder_arg, positive_int, record_run_data,
                       resolve_data_path)
 
 HELP = """\
@@ -38,6 +38,8 @@ The OFV is -2 log-likelihood without the constant, as NONMEM reports it. RUN/ re
   model.json        the fitted model as plain data, for 'hybridpk predict' and 'hybridpk dose'
   NAME_final.mod    (a control stream NAME.mod) the same control stream with the final estimates as initial
                     estimates, to continue or check the run in NONMEM
+  data.json         where the data were read (DATA.csv, a bundled name, or MODEL.mod) and their fingerprint:
+                    report, vpc, covariates and compare read them again when --data is not given
 
 With --hybrid vae, a VAE then learns per patient what the ODE misses: an encoder reads each patient's
 samples into a latent z, and a correction (the hybrid term; --hybrid-form says how it enters) adds what the
@@ -244,6 +246,7 @@ def _run(args) -> int:
     done = "no finished stage is saved yet"
     try:
         result, resumed = _population_stage(args, pm, ds, out, ck)
+        record_run_data(out, str(args.source), ds)
         if args.hybrid == "vae":
             done = f"the population fit is saved in {out}"
         hybrid = _hybrid_stage(args, pm, ds, result, ck) if args.hybrid == "vae" else None

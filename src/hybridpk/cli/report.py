@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, out_folder_arg, resolve_data_path
+from ._common import RUN_DATA_HELP, ManualFormatter, out_folder_arg, run_dataset
 
 HELP = """\
 Write DIR/report.html: one self-contained file (figures embedded; opens offline) with the run's metadata
@@ -11,7 +11,7 @@ error, shrinkage, and the diagnostics: DV vs PRED and IPRED (linear and log axes
 the QQ plot of CWRES, the ETAs against their OMEGA, a VPC (--vpc N simulations, default 200; 0: none),
 individual fits (levels, PRED and IPRED on a fine grid;
 for a hybrid also the ODE-only part) and, for a hybrid, the latent space coloured by P_COMPLEX. The PNGs and
-report.json are written beside it. DATA must be the dataset the run was fitted to.
+report.json are written beside it. DATA is the dataset the run was fitted to (default: the one the fit read).
 """
 
 
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
                        formatter_class=ManualFormatter,
                        epilog="example:\n  hybridpk report runs/theoph --data theoph --out runs/theoph/report\n")
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
-    p.add_argument("--data", required=True, metavar="DATA", help="the dataset the run was fitted to")
+    p.add_argument("--data", metavar="DATA", help=RUN_DATA_HELP)
     p.add_argument("--vpc", type=int, default=200, metavar="N", help="replicates of the VPC (0: no VPC)")
     p.add_argument("--seed", type=int, default=0, help="seed of the VPC's simulations")
     p.add_argument("--out", required=True, metavar="DIR", type=out_folder_arg, help="output folder")
@@ -28,14 +28,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from hybridpk.data.dataset import read_nonmem
     from hybridpk.report import write_report
 
     from hybridpk.errors import HybridPKError
 
     if args.vpc != 0 and args.vpc < 20:
         raise HybridPKError(f"--vpc {args.vpc}: give 0 (no VPC) or at least 20 replicates")
-    path = write_report(args.run, read_nonmem(resolve_data_path(args.data)), args.out, vpc_replicates=args.vpc,
+    path = write_report(args.run, run_dataset(args.run, args.data), args.out, vpc_replicates=args.vpc,
                         seed=args.seed)
     print(f"wrote {path} (open it in a browser; the figures are embedded)")
     return 0

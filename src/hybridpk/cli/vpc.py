@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, figure_arg, positive_int, resolve_data_path
+from ._common import RUN_DATA_HELP, ManualFormatter, figure_arg, positive_int, run_dataset
 
 HELP = """\
 Simulate the study design N times from the fitted model (new ETAs from OMEGA; for a hybrid also z from its
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
                        formatter_class=ManualFormatter,
                        epilog="example:\n  hybridpk vpc runs/theoph --data theoph --n 500 --pc --out vpc.png\n")
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
-    p.add_argument("--data", required=True, metavar="DATA", help="the dataset (its design and observations)")
+    p.add_argument("--data", metavar="DATA", help="the dataset (its design and observations); " + RUN_DATA_HELP)
     p.add_argument("--n", type=positive_int, default=500, help="replicates (default 500)")
     p.add_argument("--bins", type=positive_int, default=8, help="time bins with equal numbers of observations")
     p.add_argument("--pc", action="store_true", help="prediction-corrected VPC")
@@ -33,7 +33,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from hybridpk.data.dataset import read_nonmem
     from hybridpk.diagnostics import axis_units, plot_vpc, vpc
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text
@@ -42,7 +41,7 @@ def run(args) -> int:
     if args.n < 20:
         raise HybridPKError(f"--n {args.n}: a VPC needs at least 20 replicates (500 is usual)")
     model = load_run(args.run)
-    ds = read_nonmem(resolve_data_path(args.data))
+    ds = run_dataset(args.run, args.data)
     result = vpc(model, ds, n=args.n, bins=args.bins, pc=args.pc, seed=args.seed, stratify=args.stratify,
                  progress=print)
     t_unit, c_unit = axis_units(ds)
