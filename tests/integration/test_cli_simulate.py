@@ -119,3 +119,60 @@ def test_device_auto_simulates_where_a_gpu_would_and_gives_the_same_population(t
     np.testing.assert_allclose(got.IPRED, hp.simulate("1cmt_oral", params, b).to_dataframe(b).IPRED, rtol=1e-12)
     if expected == "cpu":
         assert (tmp_path / "c.csv").read_bytes() == (tmp_path / "d.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def pheno_run(tmp_path_factory, pharmpy_examples):
+    """pharmpy's pheno.mod fitted by 'hybridpk fit' (WGT and APGR covariates, proportional error)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("simfit")
+    for f in ("pheno.mod", "pheno.dta"):
+        shutil.copy(pharmpy_examples / f, d / f)
+    assert main(["fit", str(d / "pheno.mod"), "--out", str(d / "run"), "--quiet", "--no-covariance"]) == 0
+    return d
+
+
+def test_simulate_from_a_fitted_run_uses_its_own_estimates(pheno_run, capsys):
+    """--model RUN: the design of DATA with DV from the run's THETA/OMEGA/SIGMA (NONMEM's $SIMULATION at the final
+    estimates): the same as the library's FittedPopulation.simulate; the ETAs drawn over 5000 virtual patients have
+    the run's OMEGA as their variance; seeded, and the chunks do not change the per-patient design."""
+    from hybridpk.residual import load_run
+
+    d = pheno_run
+    fitted = load_run(d / "run")
+    design = hp.read_nonmem(d / "pheno.dta")
+    assert main(["simulate", str(d / "pheno.dta"), "--model", str(d / "run"), "--out", str(d / "s.csv")]) == 0
+    assert "simulated from" in capsys.readouterr().out
+    sim, drawn = pd.read_csv(d / "s.csv"), pd.read_csv(d / "s.params.csv")
+    ref = design.to_dataframe()
+    assert list(sim.columns) == list(ref.columns) and np.allclose(sim.TIME, ref.TIME) and np.allclose(sim.AMT, ref.AMT)
+    obs = ref.MDV.to_numpy() == 0
+    assert (sim.DV[obs] != ref.DV[obs]).all() and (sim.DV[~obs] == 0).all()
+    seed = int(np.random.SeedSequence([0, 0]).generate_state(1)[0])
+    lib = fitted.simulate(design, n=1, seed=seed)
+    assert np.allclose(sim.DV, lib.DV, rtol=1e-12) and list(drawn.columns) == ["ID", "ETA_CL", "ETA_VC"]
+    assert main(["simulate", str(d / "pheno.dta"), "--model", str(d / "run"), "--out", str(d / "s1.csv")]) == 0
+    assert pd.read_csv(d / "s1.csv").equals(sim)                                   # same seed, same data
+    assert main(["simulate", str(d / "pheno.dta"), "--model", str(d / "run"), "--seed", "4", "--n", "5000",
+                 "--chunk", "2000", "--out", str(d / "v.csv")]) == 0
+    big, etas = pd.read_csv(d / "v.csv"), pd.read_csv(d / "v.params.csv")
+    assert big.ID.nunique() == 5000 and len(etas) == 5000 and list(etas.ID) == list(range(1, 5001))
+    omega = {e.eta: e.variance for e in fitted.omega}
+    for name in ("ETA_CL", "ETA_VC"):            # SE of a variance from 5000 draws: 2%
+        assert etas[name].var() == pytest.approx(omega[name], rel=0.08)
+        assert abs(etas[name].mean()) < 4 * np.sqrt(omega[name] / 5000)
+
+
+def test_simulate_from_a_fitted_model_refuses_what_it_cannot_honour(pheno_run, theoph_path, capsys):
+    d = pheno_run
+    assert main(["simulate", str(d / "pheno.dta"), "--model", str(d / "run"), "--typical", "CL=1", "--proportional",
+                 "0.1", "--out", str(d / "x.csv")]) == 2
+    assert "simulated from its own THETA, OMEGA and SIGMA; drop --typical, --proportional" in capsys.readouterr().err
+    assert main(["simulate", str(theoph_path), "--model", str(d / "run"), "--out", str(d / "x.csv")]) == 2
+    assert "uses covariate(s) WGT, APGR, which the dataset lacks (it has WT)" in capsys.readouterr().err
+    assert main(["simulate", str(theoph_path), "--model", "1cmt_oral", "--out", str(d / "x.csv")]) == 2
+    assert "give --params (individual mode) or --typical (population mode)" in capsys.readouterr().err
+    # a control stream at its estimates is a fitted model too
+    assert main(["simulate", str(d / "pheno.dta"), "--model", str(d / "pheno.mod"), "--out", str(d / "m.csv")]) == 0
+    assert len(pd.read_csv(d / "m.csv")) == len(hp.read_nonmem(d / "pheno.dta").to_dataframe())

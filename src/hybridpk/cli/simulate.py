@@ -17,6 +17,14 @@ and DV is simulated with residual error (--proportional, --additive SDs). OUT.cs
 NONMEM-style dataset (the design of DATA with the simulated DV); OUT.params.csv holds the true
 individual parameters. The same --seed gives the same dataset.
 
+Fitted mode (--model RUN, a run folder of 'hybridpk fit', or a fitted model: a published spec name, a
+.toml spec, a NONMEM control stream at its estimates): the population is simulated from the model's own
+THETA, OMEGA and SIGMA (as NONMEM's $SIMULATION with the final estimates): new ETAs from OMEGA (and, for a
+hybrid, z from its latent prior, through its correction), the covariates of DATA, and DV with the model's
+residual error. OUT.csv is the design of DATA with the simulated DV; OUT.params.csv holds each subject's
+drawn ETAs (and z). --typical, --omega, --covariate and the residual SDs belong to the other modes and are
+refused here.
+
 Virtual populations (--n N): N patients on the design of DATA (its subjects cycled: one template patient
 repeated, or several with their own covariates and dosing), IDs 1..N, simulated and written --chunk
 patients at a time, so that memory stays bounded (10^6 patients with 10 samples each: about 1 GB peak,
@@ -28,6 +36,7 @@ the same population.
 EPILOG = """\
 examples:
   hybridpk simulate theoph --model 1cmt_oral --params params.csv --out ipred.csv
+  hybridpk simulate theoph --model runs/theoph --seed 3 --out sim.csv        (from a fit's estimates)
   hybridpk simulate design.csv --model 2cmt_iv --typical CL=5,V=20,Q=8,V2=60 \\
       --omega CL=0.09,V=0.04 --covariate CL=WT:70:0.75 --proportional 0.1 --seed 7 --out sim.csv
   hybridpk simulate one_patient.csv --model 1cmt_oral --typical CL=5,V=50,KA=1.2 \\
@@ -61,8 +70,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("simulate", help="simulate concentrations or a population on a dosing design",
                        description=HELP, epilog=EPILOG, formatter_class=ManualFormatter)
     p.add_argument("data", metavar="DATA", help="dataset (CSV) or bundled dataset name giving doses and times")
-    p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'hybridpk models')")
-    mode = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--model", required=True, metavar="NAME|RUN", help="model name (see 'hybridpk models'), or a "
+                   "fitted model to simulate from its own estimates: a run folder, a published spec, a .toml spec or "
+                   "a NONMEM control stream")
+    mode = p.add_mutually_exclusive_group()
     mode.add_argument("--params", metavar="PARAMS.csv", help="individual parameters, one row per ID")
     mode.add_argument("--typical", metavar="P=V,...", help="typical values, e.g. CL=5,V=50")
     p.add_argument("--omega", metavar="P=VAR,...", help="IIV variances of log-normal ETAs, e.g. CL=0.09")
@@ -96,6 +107,13 @@ def run(args) -> int:
     from hybridpk.solve import simulate, simulate_population, simulate_population_chunks
 
     ds = read_nonmem(resolve_data_path(args.data))
+    fitted = _fitted_model(args.model)
+    if fitted is not None:
+        return _run_fitted(args, fitted, ds)
+    if not (args.params or args.typical):
+        raise HybridPKError(f"--model {args.model}: give --params (individual mode) or --typical (population mode) for "
+                            "a structural model, or name a fitted model (a run folder, a spec) to simulate from its "
+                            "estimates")
     if args.params and args.n is not None:
         raise HybridPKError("--n simulates a virtual population (population mode, --typical); with --params each "
                             "subject of DATA has its own parameters")
@@ -163,6 +181,74 @@ def run(args) -> int:
         device=args.device), indent=2))
     print(f"wrote {args.out} ({n_subjects} subjects, {n_obs} observations, seed {args.seed}), "
           f"{side}.params{suffix} and {side}.json")
+    return 0
+
+
+def _fitted_model(name: str):
+    """The fitted model ``name`` names (a run folder, a published spec name, a .toml spec or a control stream),
+    or None for a structural model's name."""
+    from pathlib import Path
+
+    from hybridpk.population import load_model, model_specs
+
+    path = Path(name)
+    if path.is_dir():
+        from hybridpk.residual import load_run
+
+        return load_run(path)
+    if path.suffix.lower() in (".toml", ".mod", ".ctl") or name in model_specs():
+        return load_model(name)
+    return None
+
+
+def _run_fitted(args, fitted, ds) -> int:
+    """Fitted mode: the design of DATA (or --n virtual patients on it, --chunk at a time) simulated from the
+    fitted model's own THETA, OMEGA and SIGMA (``fitted.simulate``); chunk k draws from seed (SEED, k)."""
+    import json
+
+    import numpy as np
+
+    from hybridpk.errors import HybridPKError
+    from hybridpk.io import TableWriter, atomic_write_text, run_metadata
+    from hybridpk.progress import Progress
+    from hybridpk.solve.population_sim import virtual_design
+
+    given = [flag for flag, on in (("--params", args.params), ("--typical", args.typical), ("--omega", args.omega),
+                                   ("--covariate", args.covariate), ("--proportional", args.proportional),
+                                   ("--additive", args.additive), ("--method", args.method != "auto")) if on]
+    if given:
+        raise HybridPKError(f"--model {args.model} is a fitted model: it is simulated from its own THETA, OMEGA and "
+                            f"SIGMA; drop {', '.join(given)}")
+    if args.n is None and args.chunk != 10_000:
+        raise HybridPKError("--chunk applies to a virtual population: give --n as well")
+    try:
+        TableWriter(args.out)
+    except ImportError as exc:
+        raise HybridPKError(str(exc)) from None
+    fitted = fitted.to(args.device)
+    total = ds.n_subjects if args.n is None else args.n
+    parts = [(0, ds)] if args.n is None else [(k, virtual_design(ds, start, min(args.chunk, args.n - start)))
+                                              for k, start in enumerate(range(0, args.n, args.chunk))]
+    side = _stem(args.out)
+    suffix = ".parquet" if str(args.out).lower().endswith((".parquet", ".pq")) else ".csv"
+    n_obs = 0
+    with TableWriter(args.out) as data_out, TableWriter(side + ".params" + suffix) as params_out, \
+            Progress(total, "simulate", "patient", enabled=args.n is not None) as bar:
+        for k, part in parts:
+            seed = int(np.random.SeedSequence([int(args.seed) & 0xFFFFFFFF, k]).generate_state(1)[0])
+            table = fitted.simulate(part, n=1, seed=seed)
+            records = part.to_dataframe().copy()
+            records["DV"] = table["DV"].to_numpy()
+            data_out.write(records)
+            drawn = [c for c in table.columns if c not in ("REP", "ID", "TIME", "EVID", "MDV", "IPRED", "DV")]
+            params_out.write(table.groupby("ID", sort=False)[drawn].first().reset_index())
+            n_obs += part.n_observations
+            bar.update(part.n_subjects)
+    atomic_write_text(side + ".json", json.dumps(run_metadata(
+        seed=args.seed, model=str(args.model), fitted_model=getattr(fitted, "name", None), virtual_patients=args.n,
+        chunk=args.chunk if args.n else None, device=args.device), indent=2))
+    print(f"wrote {args.out} ({total} subjects, {n_obs} observations, simulated from {args.model}'s estimates, seed "
+          f"{args.seed}), {side}.params{suffix} and {side}.json")
     return 0
 
 

@@ -240,6 +240,7 @@ class EventBatch:
         f = ds.to_dataframe()
         ids = ds.ids
         cov_names = tuple(ds.covariates if covariates is None else covariates)
+        ds.require_covariates(cov_names)
         pos = {k: i for i, k in enumerate(ids)}
         subj = np.array([pos[k] for k in f["ID"]])
         n = len(ids)

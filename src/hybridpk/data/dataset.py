@@ -264,6 +264,14 @@ class Dataset:
         lines = tuple(int(self._line_numbers[i]) for i in idx) if self._line_numbers is not None else ()
         return Violation(rows, column, message, lines)
 
+    def require_covariates(self, covariates) -> None:
+        """Raise a DatasetError naming the covariates of ``covariates`` (a model's) that the dataset has no
+        column for."""
+        missing = [c for c in covariates if c not in self._frame.columns]
+        if missing:
+            raise DatasetError(f"the model uses covariate(s) {', '.join(missing)}, which the dataset lacks "
+                               f"(it has {', '.join(self.covariates) or 'none'})", self.source)
+
     def require_constant_covariates(self, covariates, user: str = "the model") -> None:
         """Raise a DatasetError listing, per covariate of ``covariates`` that changes within a subject, the
         records where it differs from the subject's first value: ``user`` takes one value per subject (the

@@ -74,12 +74,7 @@ class Problem:
         self.interaction = estimation in ("FOCE-I", "LAPLACE-I")
         self.laplace = estimation.startswith("LAPLACE")
         self.pm = pm
-        missing = [c for c in pm.covariates if c not in dataset.to_dataframe().columns]
-        if missing:
-            from ..errors import DatasetError
-
-            raise DatasetError(f"the model uses covariate(s) {', '.join(missing)}, which the dataset lacks "
-                               f"(it has {', '.join(dataset.covariates) or 'none'})", dataset.source)
+        dataset.require_covariates(pm.covariates)
         dataset.require_constant_covariates([c for c in pm.covariates if c not in pm.record_items],
                                             "the population model")
         pm.require_occasions(dataset)
