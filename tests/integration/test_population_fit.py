@@ -235,6 +235,44 @@ def test_m3_censored_observation_contributes_log_probability():
     assert float(data[0, 1]) == pytest.approx((2.0 - float(f[0, 1])) ** 2 / 0.04 + math.log(0.04), rel=1e-10)
 
 
+def test_m3_with_the_limit_in_dv_has_finite_gradients_and_fits():
+    """CENS=1 (or BLQ=1) with the limit in DV and no LLOQ column (NONMEM users' M3 coding): the other records have no
+    limit (NaN), which made the OFV's gradient NaN through torch.where's unselected branch, and the fit stopped at
+    its start. The M3 term equals the normal CDF's; a fit converges, the same with BLQ as with CENS."""
+    from scipy.stats import norm
+
+    rows = []
+    for i, (cl, v) in enumerate([(3.0, 40.0), (4.0, 35.0), (2.5, 45.0), (3.5, 30.0)]):
+        for t in (1.0, 4.0, 8.0, 24.0):
+            c = 100 / v * math.exp(-cl / v * t)
+            cens = int(c < 0.5)
+            rows.append(dict(ID=i + 1, TIME=t, DV=0.5 if cens else round(c * (1 + 0.05 * ((-1) ** int(t))), 4),
+                             AMT=0.0, CENS=cens))
+        rows.append(dict(ID=i + 1, TIME=0.0, DV=0.0, AMT=100.0, CENS=0))
+    df = pd.DataFrame(rows).sort_values(["ID", "TIME"], kind="stable")
+    assert df.CENS.sum() >= 2
+    ds = hp.read_nonmem(df)
+    pm = build_model("1cmt_iv", iiv=["CL"], error="additive", data=ds)
+    prob = Problem(pm, ds)
+    theta = {"CL": torch.tensor(3.0, dtype=torch.float64, requires_grad=True),
+             "V": torch.tensor(40.0, dtype=torch.float64)}
+    sd = {"ADD": torch.tensor(0.2, dtype=torch.float64, requires_grad=True)}
+    eta = torch.zeros(4, 1, dtype=torch.float64)
+    f = prob.predict(theta, eta)
+    data, _ = prob.residual_terms(f, prob.variance(theta, eta, f, sd))
+    cens = prob.cens
+    expected = -2 * norm.logcdf((0.5 - f[cens].detach().numpy()) / 0.2)
+    assert data[cens].detach().numpy() == pytest.approx(expected, rel=1e-10)
+    data.sum().backward()
+    assert torch.isfinite(theta["CL"].grad) and torch.isfinite(sd["ADD"].grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fits = [fit_population(pm, hp.read_nonmem(d), progress=False, covariance=False)
+                for d in (df, df.rename(columns={"CENS": "BLQ"}))]
+    assert all(r.estimation.converged and math.isfinite(r.estimation.ofv) for r in fits)
+    assert fits[0].estimation.ofv == pytest.approx(fits[1].estimation.ofv, abs=1e-8)
+
+
 def test_block_omega_recovers_correlation():
     design = hp.make_design(150, [dict(TIME=0, AMT=300, CMT=1)], [0.5, 1, 2, 3, 5, 8, 12, 24], jitter=0.25, seed=5)
     sim = hp.simulate_population("1cmt_oral", design, dict(CL=3.0, V=30.0, KA=1.2), dict(CL=0.09, V=0.09),

@@ -118,6 +118,10 @@ def test_censoring_roles():
     df2 = df.drop(columns="LLOQ").assign(CENS=[0, 0, 1], DV=[0, 5.0, 0.2])
     b2 = hp.read_nonmem(df2).to_batch()
     assert b2.cens[0].tolist() == [0, 0, 1] and b2.lloq[0, 2].item() == 0.2
+    # BLQ=1 with the limit in DV and no LLOQ column: the limit is DV, as with CENS (was NaN: the M3 term and the
+    # fit's OFV were NaN)
+    b3 = hp.read_nonmem(df.drop(columns="LLOQ").assign(BLQ=[0, 0, 1], DV=[0, 5.0, 0.2])).to_batch()
+    assert b3.cens[0].tolist() == [0, 0, 1] and b3.lloq[0, 2].item() == 0.2
 
 
 def test_sidecar_json_and_toml(tmp_path):
@@ -207,3 +211,19 @@ def test_a_zero_amount_dose_record_is_accepted_and_changes_nothing(model, rate):
     with_zero = simulate(sm, p, hp.read_nonmem(df).to_batch()).ipred[0, 2:]
     without = simulate(sm, p, hp.read_nonmem(df.drop(index=1)).to_batch()).ipred[0, 1:]
     torch.testing.assert_close(with_zero, without, rtol=1e-10, atol=1e-12)
+
+
+def test_levels_below_a_limit_and_clock_times_get_the_fix_users_apply(tmp_path):
+    """Data as clinics export them: '<0.5' in DV, clock times with a DATE column. Each is named with its fix, not
+    as a bare "non-numeric value"; any other text keeps the general message."""
+    (tmp_path / "blq.csv").write_text("id,time,amt,dv\n1,0,100,.\n1,1,.,2.1\n1,4,.,<0.5\n1,6,.,abc\n")
+    with pytest.raises(DatasetError) as exc:
+        hp.read_nonmem(tmp_path / "blq.csv")
+    text = str(exc.value)
+    assert "row 3 (file line 4), column dv: '<0.5' in DV is a level below the limit of quantification" in text
+    assert "CENS=1" in text and "MDV=1" in text
+    assert "row 4 (file line 5), column dv: non-numeric value ('abc') in DV column" in text
+    (tmp_path / "clock.csv").write_text("ID,DATE,TIME,AMT,DV\n1,2024-01-01,08:00,100,.\n1,2024-01-01,09:30,.,2.1\n")
+    with pytest.raises(DatasetError, match=r"'08:00', '09:30' in TIME are clock times; .* elapsed hours \(with the "
+                                           r"DATE column\)"), pytest.warns(DatasetWarning, match="DATE hold text"):
+        hp.read_nonmem(tmp_path / "clock.csv")

@@ -36,7 +36,7 @@ the same population.
 EPILOG = """\
 examples:
   hybridpk simulate theoph --model 1cmt_oral --params params.csv --out ipred.csv
-  hybridpk simulate theoph --model runs/theoph --seed 3 --out sim.csv        (from a fit's estimates)
+  hybridpk simulate theoph --model runs/theoph --seed 3 --out sim.csv      # from the fit's own estimates
   hybridpk simulate design.csv --model 2cmt_iv --typical CL=5,V=20,Q=8,V2=60 \\
       --omega CL=0.09,V=0.04 --covariate CL=WT:70:0.75 --proportional 0.1 --seed 7 --out sim.csv
   hybridpk simulate one_patient.csv --model 1cmt_oral --typical CL=5,V=50,KA=1.2 \\

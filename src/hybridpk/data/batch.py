@@ -266,6 +266,8 @@ class EventBatch:
                 lloq = np.where(cens == 1, f["DV"].to_numpy(dtype=float), np.nan)
         elif "BLQ" in f:
             cens = col("BLQ", 0)
+            if "LLOQ" not in f:     # the limit in DV, as with CENS (Beal's M3 as NONMEM users code it)
+                lloq = np.where(cens == 1, f["DV"].to_numpy(dtype=float), np.nan)
         elif "LLOQ" in f:
             cens = np.where(f["DV"].to_numpy(dtype=float) < lloq, 1.0, 0.0)
         else:

@@ -189,8 +189,10 @@ class Problem:
         r = torch.where(self.obs, self.y - f, torch.zeros_like(f))
         data = torch.where(self.obs, r * r / v + torch.log(v), torch.zeros_like(v))
         if bool(self.cens.any()):  # M3: probability of being below LLOQ
-            z = (self.batch.lloq - f) / torch.sqrt(v)
-            lp = torch.special.log_ndtr(torch.where(self.cens, z, torch.zeros_like(z)))
+            # the limit where censored, else f itself: a NaN limit elsewhere (no LLOQ on that record) would
+            # make the gradient NaN through torch.where's unselected branch
+            z = (torch.where(self.cens, self.batch.lloq, f) - f) / torch.sqrt(v)
+            lp = torch.special.log_ndtr(z)
             data = data + torch.where(self.cens, -2.0 * lp, torch.zeros_like(v))
         return data, v
 
