@@ -191,3 +191,33 @@ def test_nonlinear_structural_model_is_dosed_by_simulation():
     assert auc(rec.dose) == pytest.approx(rec.exposure["auc24"]["map"], rel=0.01)
     assert abs(auc(rec.dose) - 175) <= abs(auc(rec.dose + 25) - 175) + 1e-9
     assert auc(rec.dose + 25) > auc(rec.dose)       # nonlinear: more than proportional near saturation
+
+
+def test_censored_levels_are_refused_by_the_hybrid_not_read_as_measured(hybrid_run, ehc_fit, tmp_path, capsys):
+    """A BLQ level (CENS=1, the limit in DV): the population model takes it by M3, the hybrid's likelihood has no
+    M3 and would read 0.05 mg/L as a measured level. Its estimate (map, dose, predict) and its training refuse it
+    by name; with MDV=1 on that record the patient is answered."""
+    from hybridpk.errors import ModelError
+
+    hyb, run = hybrid_run
+    ds, pm, _ = ehc_fit
+    df = ds.to_dataframe()
+    patient = df[df.ID == df.ID.iloc[0]].copy()
+    patient["CENS"] = 0
+    last = patient.index[patient.MDV == 0][-1]
+    patient.loc[last, ["DV", "CENS"]] = [0.05, 1]
+    with pytest.raises(ModelError, match=r"1 censored observation\(s\) .* the hybrid's estimate would read as levels "
+                                         r"measured at the limit; set MDV=1"):
+        hyb.estimate(hp.read_nonmem(patient))
+    patient.to_csv(tmp_path / "p.csv", index=False)
+    assert main(["map", str(run), str(tmp_path / "p.csv")]) == 2
+    assert "censored observation" in capsys.readouterr().err
+    patient.loc[last, "MDV"] = 1
+    hyb.estimate(hp.read_nonmem(patient))
+    train = df.assign(CENS=0)
+    train.loc[train.index[train.MDV == 0][-1], ["DV", "CENS"]] = [0.05, 1]
+    train.to_csv(tmp_path / "train.csv", index=False)
+    assert main(["fit", str(tmp_path / "train.csv"), "--model", "1cmt_oral", "--hybrid", "vae", "--out",
+                 str(tmp_path / "run")]) == 2
+    assert "the hybrid's training would read as levels measured at the limit" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "summary.json").exists()           # refused before the population fit

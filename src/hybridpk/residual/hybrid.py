@@ -117,7 +117,9 @@ class HybridFit:
     # ------------------------------------------------------------------ estimates and predictions
     def estimate(self, dataset, refine: bool = True) -> HybridEstimate:
         """Each patient of ``dataset`` from its own observations: the ODE-only MAP ETAs, then the encoder's z
-        refined to the joint MAP of z and (for joint models) the ETAs."""
+        refined to the joint MAP of z and (for joint models) the ETAs. Censored observations are refused
+        (:func:`require_uncensored`)."""
+        require_uncensored(dataset, "estimate", "use the run's ODE model alone")
         return self._estimate_from(_ode_only(self.population, dataset), refine)
 
     def _estimate_from(self, ode_fit, refine: bool = True) -> HybridEstimate:
@@ -503,7 +505,8 @@ def require_hybrid_support(pm, dataset=None) -> None:
     """Refuse a model the hybrid does not extend: a $PRED model (no compartments, no doses to drive a
     correction) and a residual error model its training does not evaluate (a general $ERROR); with ``dataset``
     also a $PK that reads data items changing within its subjects (e.g. occasions of inter-occasion
-    variability), whose parameters change in time, which the hybrid does not follow. Called before the
+    variability), whose parameters change in time, which the hybrid does not follow, and censored observations
+    (M3), which its training does not evaluate. Called before the
     population fit, so that a refused run costs no fit."""
     from ..errors import ModelError
 
@@ -516,6 +519,20 @@ def require_hybrid_support(pm, dataset=None) -> None:
                          "hybrid's training does not evaluate yet")
     if dataset is not None and pm.record_items:
         pm.require_per_subject(dataset.to_batch(covariates=list(pm.covariates)), "the hybrid (VAE) model")
+    if dataset is not None:
+        require_uncensored(dataset, "training", "fit without --hybrid")
+
+
+def require_uncensored(dataset, use: str, other: str) -> None:
+    """Refuse censored observations (BLQ, CENS, below an LLOQ column) for the hybrid's ``use``: the population
+    fit takes them by M3, the hybrid's likelihood would read them as levels measured at the limit."""
+    from ..errors import ModelError
+
+    censored = dataset.summary()["censored_observations"]
+    if censored:
+        raise ModelError(f"the data have {censored} censored observation(s) (BLQ, CENS or below an LLOQ column), which "
+                         f"the population model takes by M3 but the hybrid's {use} would read as levels measured at "
+                         f"the limit; set MDV=1 on them to leave them out, or {other}")
 
 
 def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
