@@ -273,6 +273,39 @@ def test_m3_with_the_limit_in_dv_has_finite_gradients_and_fits():
     assert fits[0].estimation.ofv == pytest.approx(fits[1].estimation.ofv, abs=1e-8)
 
 
+@pytest.mark.parametrize("ltbs", [False, True])
+def test_the_posterior_draws_take_a_censored_level_into_account(ltbs):
+    """A patient with one measured level and one below the limit (CENS=1, the limit in DV): the posterior that
+    dosing samples (posterior_draws: importance draws) has the mean of ETA_CL that quadrature over ETA_CL gives with
+    the M3 term. It left the censored level out, while the MAP had it. With log-transform-both-sides the limit is
+    on the log scale, as the predictions are."""
+    from scipy.stats import norm
+
+    from hybridpk.population import ErrorModel, FittedPopulation, posterior_draws
+
+    df = pd.DataFrame({"ID": [1, 1, 1], "TIME": [0.0, 2.0, 24.0], "DV": [0.0, 2.3, 0.5], "AMT": [100.0, 0, 0],
+                       "CENS": [0, 0, 1]})
+    ds = hp.read_nonmem(df)
+    error = ErrorModel("additive", add=0.2, ltbs=ltbs)
+    pm = build_model("1cmt_iv", iiv=["CL"], error=error, data=ds)
+    sd = 0.15 if ltbs else 0.2
+    model = FittedPopulation.from_values(pm, {"CL": 3.0, "V": 40.0}, {"CL": 0.3}, {"ADD": sd})
+    draws = posterior_draws(model.estimate(ds), 0, n=4000, seed=1).draws[:, 0].numpy()
+
+    eta = np.linspace(-3.5, 3.5, 20001)
+    conc = [100 / 40 * np.exp(-3.0 * np.exp(eta) / 40 * t) for t in (2.0, 24.0)]
+    f2, f24, y2, lim = (np.log(conc[0]), np.log(conc[1]), math.log(2.3), math.log(0.5)) if ltbs else \
+        (conc[0], conc[1], 2.3, 0.5)
+    log_post = -0.5 * ((y2 - f2) ** 2 / sd ** 2 + eta ** 2 / 0.3) + norm.logcdf((lim - f24) / sd)
+    w = np.exp(log_post - log_post.max())
+    mean = float((w * eta).sum() / w.sum())
+    sd_post = math.sqrt(float((w * (eta - mean) ** 2).sum() / w.sum()))
+    without = -0.5 * ((y2 - f2) ** 2 / sd ** 2 + eta ** 2 / 0.3)
+    w0 = np.exp(without - without.max())
+    assert abs(float((w0 * eta).sum() / w0.sum()) - mean) > 0.1 * sd_post      # the censored level matters here
+    assert draws.mean() == pytest.approx(mean, abs=4 * sd_post / math.sqrt(1000))
+
+
 def test_block_omega_recovers_correlation():
     design = hp.make_design(150, [dict(TIME=0, AMT=300, CMT=1)], [0.5, 1, 2, 3, 5, 8, 12, 24], jitter=0.25, seed=5)
     sim = hp.simulate_population("1cmt_oral", design, dict(CL=3.0, V=30.0, KA=1.2), dict(CL=0.09, V=0.09),

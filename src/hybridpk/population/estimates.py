@@ -317,11 +317,8 @@ def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, see
         f = model.concentrations(prob.batch.select([index] * m), draws)
         if pm.error.ltbs:   # the likelihood is on the log scale (prob.y holds log DV)
             f = torch.log(f.clamp(min=1e-30))
-        obs = prob.obs[[index] * m]
         v = pm.residual_variance(theta, draws, prob.batch.select([index] * m), f, sd)
-        v = torch.where(obs, v, torch.ones_like(v))
-        r = torch.where(obs, prob.y[[index] * m] - f, torch.zeros_like(f))
-        data = torch.where(obs, r * r / v + torch.log(v), torch.zeros_like(v)).sum(1)
+        data = prob.residual_terms(f, v, rows=[index] * m)[0].sum(1)      # with the M3 terms of censored levels
         return -0.5 * (data + torch.einsum("nk,kl,nl->n", draws, oinv, draws))
 
     limit = PRIOR_SD_LIMIT * torch.sqrt(torch.diagonal(model.omega.tensor()))
