@@ -96,14 +96,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import json
 
     import pandas as pd
 
     from hybridpk.data.dataset import read_nonmem
     from hybridpk.errors import HybridPKError
-    from hybridpk.io import TableWriter, atomic_write_text
-    from hybridpk.progress import Progress
+    from hybridpk.io import atomic_write_text
     from hybridpk.solve import simulate, simulate_population, simulate_population_chunks
 
     ds = read_nonmem(resolve_data_path(args.data))
@@ -149,37 +147,54 @@ def run(args) -> int:
             raise HybridPKError(f"--covariate: expected P=COV:REF:EXP (e.g. CL=WT:70:0.75), got {item!r}") from None
     options = dict(proportional=args.proportional, additive=args.additive, covariates=cov, method=args.method,
                    device=args.device)
+    _check_output(args)
+    if args.n is None:
+        sims = (simulate_population(args.model, ds, typical, omega, seed=args.seed, **options) for _ in (0,))
+    else:
+        sims = simulate_population_chunks(args.model, ds, args.n, typical, omega, chunk=args.chunk, seed=args.seed,
+                                          **options)
+    chunks = ((sim.dataset.to_dataframe(), sim.parameters, sim.dataset.n_subjects, sim.dataset.n_observations)
+              for sim in sims)
+    return _write_population(args, chunks, ds.n_subjects if args.n is None else args.n, "", typical=typical,
+                             omega=omega, proportional=args.proportional, additive=args.additive)
+
+
+def _check_output(args) -> None:
+    """Refuse, before any work, an OUT that cannot be written (Parquet without pyarrow) and --chunk without --n."""
+    from hybridpk.errors import HybridPKError
+    from hybridpk.io import TableWriter
+
     try:
-        TableWriter(args.out)                       # Parquet needs pyarrow: refused before any work
+        TableWriter(args.out)
     except ImportError as exc:
         raise HybridPKError(str(exc)) from None
+    if args.n is None and args.chunk != 10_000:
+        raise HybridPKError("--chunk applies to a virtual population: give --n as well")
+
+
+def _write_population(args, chunks, total: int, note: str, **metadata) -> int:
+    """Write each chunk of a simulated population (records, per-patient values, subjects, observations;
+    ``chunks`` computes them as they are written) to OUT and OUT.params, then the run's metadata to OUT.json."""
+    import json
+
+    from hybridpk.io import TableWriter, atomic_write_text, run_metadata
+    from hybridpk.progress import Progress
+
     side = _stem(args.out)
     suffix = ".parquet" if str(args.out).lower().endswith((".parquet", ".pq")) else ".csv"
-    if args.n is None:
-        if args.chunk != 10_000:
-            raise HybridPKError("--chunk applies to a virtual population: give --n as well")
-        chunks = [simulate_population(args.model, ds, typical, omega, seed=args.seed, **options)]
-        total = ds.n_subjects
-    else:
-        chunks = simulate_population_chunks(args.model, ds, args.n, typical, omega, chunk=args.chunk,
-                                            seed=args.seed, **options)
-        total = args.n
     n_subjects = n_obs = 0
     with TableWriter(args.out) as data_out, TableWriter(side + ".params" + suffix) as params_out, \
             Progress(total, "simulate", "patient", enabled=args.n is not None) as bar:
-        for sim in chunks:
-            data_out.write(sim.dataset.to_dataframe())
-            params_out.write(sim.parameters)
-            n_subjects += sim.dataset.n_subjects
-            n_obs += sim.dataset.n_observations
-            bar.update(sim.dataset.n_subjects)
-    from hybridpk.io import run_metadata
-
+        for records, per_patient, subjects, observations in chunks:
+            data_out.write(records)
+            params_out.write(per_patient)
+            n_subjects += subjects
+            n_obs += observations
+            bar.update(subjects)
     atomic_write_text(side + ".json", json.dumps(run_metadata(
-        seed=args.seed, model=args.model, typical=typical, omega=omega, proportional=args.proportional,
-        additive=args.additive, virtual_patients=args.n, chunk=args.chunk if args.n else None,
-        device=args.device), indent=2))
-    print(f"wrote {args.out} ({n_subjects} subjects, {n_obs} observations, seed {args.seed}), "
+        seed=args.seed, model=str(args.model), **metadata, virtual_patients=args.n,
+        chunk=args.chunk if args.n else None, device=args.device), indent=2))
+    print(f"wrote {args.out} ({n_subjects} subjects, {n_obs} observations{note}, seed {args.seed}), "
           f"{side}.params{suffix} and {side}.json")
     return 0
 
@@ -204,13 +219,9 @@ def _fitted_model(name: str):
 def _run_fitted(args, fitted, ds) -> int:
     """Fitted mode: the design of DATA (or --n virtual patients on it, --chunk at a time) simulated from the
     fitted model's own THETA, OMEGA and SIGMA (``fitted.simulate``); chunk k draws from seed (SEED, k)."""
-    import json
-
     import numpy as np
 
     from hybridpk.errors import HybridPKError
-    from hybridpk.io import TableWriter, atomic_write_text, run_metadata
-    from hybridpk.progress import Progress
     from hybridpk.solve.population_sim import virtual_design
 
     given = [flag for flag, on in (("--params", args.params), ("--typical", args.typical), ("--omega", args.omega),
@@ -219,37 +230,23 @@ def _run_fitted(args, fitted, ds) -> int:
     if given:
         raise HybridPKError(f"--model {args.model} is a fitted model: it is simulated from its own THETA, OMEGA and "
                             f"SIGMA; drop {', '.join(given)}")
-    if args.n is None and args.chunk != 10_000:
-        raise HybridPKError("--chunk applies to a virtual population: give --n as well")
-    try:
-        TableWriter(args.out)
-    except ImportError as exc:
-        raise HybridPKError(str(exc)) from None
+    _check_output(args)
     fitted = fitted.to(args.device)
-    total = ds.n_subjects if args.n is None else args.n
-    parts = [(0, ds)] if args.n is None else [(k, virtual_design(ds, start, min(args.chunk, args.n - start)))
-                                              for k, start in enumerate(range(0, args.n, args.chunk))]
-    side = _stem(args.out)
-    suffix = ".parquet" if str(args.out).lower().endswith((".parquet", ".pq")) else ".csv"
-    n_obs = 0
-    with TableWriter(args.out) as data_out, TableWriter(side + ".params" + suffix) as params_out, \
-            Progress(total, "simulate", "patient", enabled=args.n is not None) as bar:
-        for k, part in parts:
+    parts = [ds] if args.n is None else [virtual_design(ds, start, min(args.chunk, args.n - start))
+                                         for start in range(0, args.n, args.chunk)]
+
+    def chunks():
+        for k, part in enumerate(parts):
             seed = int(np.random.SeedSequence([int(args.seed) & 0xFFFFFFFF, k]).generate_state(1)[0])
             table = fitted.simulate(part, n=1, seed=seed)
-            records = part.to_dataframe().copy()
+            records = part.to_dataframe()
             records["DV"] = table["DV"].to_numpy()
-            data_out.write(records)
             drawn = [c for c in table.columns if c not in ("REP", "ID", "TIME", "EVID", "MDV", "IPRED", "DV")]
-            params_out.write(table.groupby("ID", sort=False)[drawn].first().reset_index())
-            n_obs += part.n_observations
-            bar.update(part.n_subjects)
-    atomic_write_text(side + ".json", json.dumps(run_metadata(
-        seed=args.seed, model=str(args.model), fitted_model=getattr(fitted, "name", None), virtual_patients=args.n,
-        chunk=args.chunk if args.n else None, device=args.device), indent=2))
-    print(f"wrote {args.out} ({total} subjects, {n_obs} observations, simulated from {args.model}'s estimates, seed "
-          f"{args.seed}), {side}.params{suffix} and {side}.json")
-    return 0
+            yield (records, table.groupby("ID", sort=False)[drawn].first().reset_index(), part.n_subjects,
+                   part.n_observations)
+
+    return _write_population(args, chunks(), ds.n_subjects if args.n is None else args.n,
+                             f", simulated from {args.model}'s estimates", fitted_model=getattr(fitted, "name", None))
 
 
 def _stem(path) -> str:
