@@ -14,7 +14,8 @@ import pandas as pd
 
 from ..errors import HybridPKError
 
-__all__ = ["Limits", "check_limits", "record_dose_step", "median_record_dose", "START_HORIZON_H", "FALLBACK_DOSE_STEP"]
+__all__ = ["Limits", "check_limits", "record_doses", "record_dose_step", "median_record_dose", "START_HORIZON_H",
+           "FALLBACK_DOSE_STEP"]
 
 #: how far after the patient's last record a new regimen may start (h)
 START_HORIZON_H = 168.0
@@ -27,10 +28,15 @@ FALLBACK_DOSE_STEP = 250.0
 _ROUND_STEPS = (1.0, 2.0, 2.5, 5.0)
 
 
+def record_doses(df: pd.DataFrame) -> pd.Series:
+    """The amounts (mg) of the doses in a patient's record ``df``: AMT of its dose records (EVID 1 or 4) with
+    AMT > 0."""
+    return df.loc[df.EVID.isin([1, 4]) & (df.AMT > 0), "AMT"].astype(float)
+
+
 def median_record_dose(df: pd.DataFrame) -> float | None:
-    """The median AMT (mg) of the dose records (EVID 1 or 4, AMT > 0) in ``df``; None when there is none."""
-    amt = df.loc[df.EVID.isin([1, 4]) & (df.AMT > 0), "AMT"].astype(float)
-    amt = amt[amt.map(math.isfinite)]
+    """The median of :func:`record_doses` (mg); None when the record holds no dose."""
+    amt = record_doses(df)
     return None if amt.empty else float(amt.median())
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import HybridPKError
+from .constraints import record_doses
 
 
 def with_covariate_defaults(model, dataset):
@@ -118,7 +119,7 @@ RECORD_FACTOR = 5.0
 def check_dose_against_record(dose: float, df: pd.DataFrame) -> list[str]:
     """A warning when the recommended ``dose`` (mg) is more than :data:`RECORD_FACTOR` times the largest dose of
     the patient's record ``df`` (EVID 1/4 records with AMT > 0), or below the smallest divided by it."""
-    given = df.AMT[df.EVID.isin([1, 4]) & (df.AMT > 0)]
+    given = record_doses(df)
     if given.empty or not np.isfinite(dose) or dose <= 0:
         return []
     high, low = float(given.max()), float(given.min())
