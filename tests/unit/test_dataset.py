@@ -213,9 +213,9 @@ def test_a_zero_amount_dose_record_is_accepted_and_changes_nothing(model, rate):
     torch.testing.assert_close(with_zero, without, rtol=1e-10, atol=1e-12)
 
 
-def test_levels_below_a_limit_and_clock_times_get_the_fix_users_apply(tmp_path):
-    """Data as clinics export them: '<0.5' in DV, clock times with a DATE column. Each is named with its fix, not
-    as a bare "non-numeric value"; any other text keeps the general message."""
+def test_levels_below_a_limit_get_the_fix_users_apply(tmp_path):
+    """Data as clinics export them: '<0.5' in DV is named with its fix, not as a bare "non-numeric value"; any
+    other text keeps the general message. (Dates and clock times: tests/unit/test_clock_times.py.)"""
     (tmp_path / "blq.csv").write_text("id,time,amt,dv\n1,0,100,.\n1,1,.,2.1\n1,4,.,<0.5\n1,6,.,abc\n")
     with pytest.raises(DatasetError) as exc:
         hp.read_nonmem(tmp_path / "blq.csv")
@@ -223,7 +223,3 @@ def test_levels_below_a_limit_and_clock_times_get_the_fix_users_apply(tmp_path):
     assert "row 3 (file line 4), column dv: '<0.5' in DV is a level below the limit of quantification" in text
     assert "CENS=1" in text and "MDV=1" in text
     assert "row 4 (file line 5), column dv: non-numeric value ('abc') in DV column" in text
-    (tmp_path / "clock.csv").write_text("ID,DATE,TIME,AMT,DV\n1,2024-01-01,08:00,100,.\n1,2024-01-01,09:30,.,2.1\n")
-    with pytest.raises(DatasetError, match=r"'08:00', '09:30' in TIME are clock times; .* elapsed hours \(with the "
-                                           r"DATE column\)"), pytest.warns(DatasetWarning, match="DATE hold text"):
-        hp.read_nonmem(tmp_path / "clock.csv")

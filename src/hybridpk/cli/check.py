@@ -56,6 +56,11 @@ def format_summary(s: dict) -> str:
         f"time-varying   {tv}",
         f"time span      {lo:g} to {hi:g} {tu}",
     ]
+    if s.get("time_translation"):
+        origin = s.get("time_origin") or {}
+        first = next(iter(origin.items()), None)
+        lines.append(f"time           {s['time_translation']}"
+                     + (f"; subject {first[0]} starts {first[1]}" if first else ""))
     if s["reset_records"]:
         lines.insert(6, f"resets         {s['reset_records']} (EVID 3/4)")
     return "\n".join(lines)

@@ -219,14 +219,14 @@ def run_dose(args) -> int:
         rec = recommend_dose(model, ds, args.target, interval=args.interval, duration=args.duration,
                              dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed,
                              cmt=args.cmt, n_samples=args.draws, posterior=post)
-    out = {**rec.to_dict(), **run_metadata(seed=args.seed)}
+    out = {**rec.to_dict(), **_clock(ds, start_clock=rec.start), **run_metadata(seed=args.seed)}
     text = json.dumps(out, indent=2, default=float)
     if args.out:
         atomic_write_text(args.out, text)
     metric, exp = next(iter(rec.exposure.items()))
     print(f"{model.name}: {rec.dose:g} mg every {rec.interval:.4g} h"
           + (f" as {rec.duration:g}-h infusions" if rec.duration > 0 else " (bolus or oral doses)")
-          + (f" into compartment {rec.regimen.cmt}" if rec.regimen.cmt else "") + f", from t = {rec.start:g} h")
+          + (f" into compartment {rec.regimen.cmt}" if rec.regimen.cmt else "") + f", from {_at(ds, rec.start)}")
     se = f" (Monte-Carlo SE {rec.pta_mc_se:.1%})" if rec.pta_mc_se is not None else ""
     print(f"  predicted {metric}: MAP {exp['map']:.1f}; posterior median {exp['median']:.1f}, 90% interval "
           f"{exp['p05']:.1f}-{exp['p95']:.1f}; target {exp['target'][0]:g}-{exp['target'][1]:g}")
@@ -238,6 +238,20 @@ def run_dose(args) -> int:
     if args.plot:
         _plot_recommendation(args, model, ds, rec, post, metric, exp)
     return 0
+
+
+def _at(ds, hours: float) -> str:
+    """'t = 120.5 h', with the date and time when the patient's record had them ('t = 120.5 h, 2026-12-09
+    08:00')."""
+    when = ds.clock_time(ds.ids[0], hours)
+    return f"t = {hours:g} h" + (f", {when}" if when else "")
+
+
+def _clock(ds, **hours) -> dict:
+    """{name: "YYYY-MM-DD hh:mm"} of the times given (h), for REC.json, when the patient's record had calendar
+    dates (hybridpk.data._clock); empty otherwise."""
+    out = {name: ds.clock_time(ds.ids[0], h) for name, h in hours.items() if h is not None}
+    return {name: when for name, when in out.items() if when is not None}
 
 
 def _plot_recommendation(args, model, ds, rec, post, metric: str, exp: dict) -> None:
@@ -363,10 +377,10 @@ def _loading(args, model, ds) -> int:
     how = f" as {m.duration:g}-h infusions" if m.duration > 0 else " (bolus or oral doses)"
     if out.dose_mg is None:
         print(f"{model.name}: no loading dose; maintenance {m.dose:g} mg every {m.interval:g} h{how}, from "
-              f"t = {m.start + m.interval:g} h")
+              f"{_at(ds, m.start + m.interval)}")
     else:
-        print(f"{model.name}: loading dose {out.dose_mg:g} mg at t = {m.start:g} h, then {m.dose:g} mg every "
-              f"{m.interval:g} h{how} from t = {m.start + m.interval:g} h")
+        print(f"{model.name}: loading dose {out.dose_mg:g} mg at {_at(ds, m.start)}, then {m.dose:g} mg every "
+              f"{m.interval:g} h{how} from {_at(ds, m.start + m.interval)}")
     label, e = next(iter(out.exposure.items()))
     print(f"  {label}: MAP {e['map']:.1f}; posterior median {e['median']:.1f}, 90% interval {e['p05']:.1f}-"
           f"{e['p95']:.1f}; target {e['target'][0]:g}-{e['target'][1]:g}; probability in the window "
@@ -377,8 +391,10 @@ def _loading(args, model, ds) -> int:
     for w in out.warnings:
         print(f"warning: {w}")
     if args.out:
-        atomic_write_text(args.out, json.dumps({**out.to_dict(), **run_metadata(seed=args.seed)}, indent=2,
-                                               default=float))
+        clock = _clock(ds, loading_clock=m.start if out.dose_mg is not None else None,
+                       maintenance_clock=m.start + m.interval)
+        atomic_write_text(args.out, json.dumps({**out.to_dict(), **clock, **run_metadata(seed=args.seed)},
+                                               indent=2, default=float))
         print(f"wrote {args.out}")
     return 0
 
@@ -397,9 +413,11 @@ def _time_below(args, model, ds) -> int:
     else:
         p05 = "-" if out["p05_h"] is None else f"{out['p05_h']:.2f}"
         p95 = "beyond 168 h" if out["p95_h"] is None else f"{out['p95_h']:.2f}"
+        when = ds.clock_time(ds.ids[0], out["map_time_h"])
         print(f"{model.name}: the concentration falls to {args.time_below:g} mg/L at t = {out['map_time_h']:.2f} h "
-              f"(MAP; {out['map_time_after_last_dose_h']:.2f} h after the last dose at {out['last_dose_h']:g} h), "
-              f"90% interval {p05} to {p95} h")
+              + (f"({when}; " if when else "(") + f"MAP; {out['map_time_after_last_dose_h']:.2f} h after the last "
+              f"dose at {out['last_dose_h']:g} h), 90% interval {p05} to {p95} h")
+        out = {**out, **_clock(ds, map_time_clock=out["map_time_h"])}
     for w in out["warnings"]:
         print(f"warning: {w}")
     if args.out:

@@ -56,7 +56,7 @@ def convert(raw: pd.DataFrame, spec: ColumnSpec, rows: Rows, violations: list[Vi
         if bad.any():
             if used:
                 what = role_of.get(col, "covariate")
-                violations += _non_numeric(raw[col], bad, col, what, rows, raw.columns)
+                violations += _non_numeric(raw[col], bad, col, what, rows)
             else:
                 text_columns.append(col)
                 continue
@@ -64,30 +64,23 @@ def convert(raw: pd.DataFrame, spec: ColumnSpec, rows: Rows, violations: list[Vi
     return numeric, text_columns
 
 
-#: a level written as below a limit ("<0.5", "< 2", "BLQ<0.1"), and a clock time ("08:30", "8:30:15")
+#: a level written as below a limit ("<0.5", "< 2", "BLQ<0.1")
 _BELOW_LIMIT = r"^(?:BLQ|BQL|LLOQ)?\s*<\s*[0-9.]+\s*$"
-_CLOCK = r"^\d{1,2}:\d{2}(?::\d{2})?$"
 
 
-def _non_numeric(column: pd.Series, bad: np.ndarray, name: str, what: str, rows: Rows, columns) -> list:
-    """Violations for the non-numeric cells ``bad`` of a used column: levels written below a limit ("<0.5") and
-    clock times ("08:30") get the fix NONMEM users apply; anything else the general message."""
+def _non_numeric(column: pd.Series, bad: np.ndarray, name: str, what: str, rows: Rows) -> list:
+    """Violations for the non-numeric cells ``bad`` of a used column: levels written below a limit ("<0.5") get
+    the fix NONMEM users apply, anything else the general message (dates and clock times in TIME never come
+    here: the reader translates them first, hybridpk.data._clock)."""
     text = column.astype(str).str.strip()
     out = []
     below = bad & text.str.match(_BELOW_LIMIT, case=False).to_numpy() if what == "DV" else np.zeros_like(bad)
-    clock = bad & text.str.match(_CLOCK).to_numpy() if what == "TIME" else np.zeros_like(bad)
     if below.any():
         ex = ", ".join(repr(v) for v in text[below].unique()[:3])
         out.append(rows.violation(below, name, f"{ex} in DV is a level below the limit of quantification: put the "
                                   "limit in DV with CENS=1 (NONMEM's M3 convention), or BLQ=1 with the limit in an "
                                   "LLOQ column, to fit it as censored; or set MDV=1 to leave it out"))
-    if clock.any():
-        ex = ", ".join(repr(v) for v in text[clock].unique()[:3])
-        dated = [c for c in columns if str(c).upper() in ("DATE", "DAT1", "DAT2", "DAT3")]
-        out.append(rows.violation(clock, name, f"{ex} in TIME are clock times; hybridpk reads TIME as hours since a "
-                                  "reference (e.g. the first dose): convert date and clock time to elapsed hours"
-                                  + (f" (with the {dated[0]} column)" if dated else "")))
-    rest = bad & ~below & ~clock
+    rest = bad & ~below
     if rest.any():
         ex = ", ".join(repr(v) for v in column[rest].astype(str).unique()[:3])
         out.append(rows.violation(rest, name, f"non-numeric value ({ex}) in {what} column; expected a number ('.' or "

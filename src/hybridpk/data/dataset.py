@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DatasetError, DatasetWarning, Violation
-from . import _columns, _read
+from . import _clock, _columns, _read
 from ._checks import Rows, check_records, convert
 
 __all__ = ["Dataset", "read_nonmem"]
@@ -83,6 +83,7 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
 
 def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path) -> "Dataset":
     rows = Rows(len(raw), lines)
+    raw, clock = _translate_time(raw, spec, rows, label)
     violations: list[Violation] = []
     numeric, text_columns = convert(raw, spec, rows, violations)
     role_names = dict(spec.roles)
@@ -158,7 +159,31 @@ def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path) -> "D
     return Dataset(_frame=frame, covariates=tuple(cov_names), categorical=tuple(c for c in spec.categorical
                                                                                  if c in cov_names),
                    units=MappingProxyType(units), source=label, roles_present=tuple(sorted(has)),
-                   other_columns=tuple(others), _row_numbers=row_numbers, _line_numbers=line_numbers)
+                   other_columns=tuple(others), _row_numbers=row_numbers, _line_numbers=line_numbers,
+                   time_note=clock.note if clock else None,
+                   time_origin=MappingProxyType({frame["ID"].iloc[i].item(): stamp
+                                                 for i, stamp in (clock.origins.items() if clock else ())}))
+
+
+def _translate_time(raw: pd.DataFrame, spec, rows, label: str):
+    """(records, the Translation or None): dates and clock times made hours since each subject's first record,
+    as NM-TRAN does (:mod:`hybridpk.data._clock`); the date column is dropped once read."""
+    time_column, id_column = spec.roles.get("TIME"), spec.roles.get("ID")
+    if time_column is None or id_column is None:
+        return raw, None
+    taken = set(spec.roles.values()) | set(spec.covariates or ()) | set(spec.ignored)
+    try:
+        date_col = _clock.date_column(raw.columns, taken)
+        if not _clock.needs_translation(raw, time_column, date_col):
+            return raw, None
+        clock = _clock.translate(raw, time_column, id_column, date_col, rows)
+    except DatasetError as exc:
+        raise DatasetError(exc.violations, label) from None
+    raw = raw.copy()
+    raw[time_column] = clock.times
+    if date_col is not None:
+        raw = raw.drop(columns=[date_col])
+    return raw, clock
 
 
 def _int_like_all(x: pd.Series) -> np.ndarray:
@@ -184,6 +209,11 @@ class Dataset:
     other_columns: tuple = ()
     _row_numbers: np.ndarray | None = field(default=None, repr=False)
     _line_numbers: np.ndarray | None = field(default=None, repr=False)
+    #: what the reader did to TIME when the data had dates or clock times (NM-TRAN's time translation), else None
+    time_note: str | None = None
+    #: {ID: its first record's date and time "YYYY-MM-DD hh:mm"}, TIME 0 of each subject, when the records had
+    #: calendar dates (hybridpk.data._clock); empty otherwise
+    time_origin: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     # ----------------------------------------------------------------- views
     @property
@@ -255,6 +285,17 @@ class Dataset:
             if (f.groupby("ID", sort=False)[c].nunique() > 1).any():
                 out.append(c)
         return tuple(out)
+
+    def clock_time(self, subject, hours: float) -> str | None:
+        """The date and time ("YYYY-MM-DD hh:mm") ``hours`` after ``subject``'s TIME 0, when its records had
+        calendar dates (:attr:`time_origin`); None otherwise. Naive local time, as the records were written."""
+        origin = self.time_origin.get(subject)
+        if origin is None or hours is None or not np.isfinite(hours):
+            return None
+        import datetime as dt
+
+        when = dt.datetime.fromisoformat(origin) + dt.timedelta(hours=float(hours))
+        return when.strftime("%Y-%m-%d %H:%M")
 
     def violation(self, positions, column: str, message: str) -> Violation:
         """A Violation naming the records at ``positions`` (0-based, in this dataset) by their data rows and
@@ -358,6 +399,8 @@ class Dataset:
             "covariates": list(self.covariates),
             "time_varying_covariates": list(self.time_varying_covariates()),
             "time_span": (float(f["TIME"].min()), float(f["TIME"].max())),
+            "time_translation": self.time_note,
+            "time_origin": dict(self.time_origin),
             "units": dict(self.units),
         }
 
@@ -376,7 +419,8 @@ class Dataset:
                        categorical=self.categorical, units=self.units, source=self.source,
                        roles_present=self.roles_present, other_columns=self.other_columns,
                        _row_numbers=None if self._row_numbers is None else self._row_numbers[keep],
-                       _line_numbers=None if self._line_numbers is None else self._line_numbers[keep])
+                       _line_numbers=None if self._line_numbers is None else self._line_numbers[keep],
+                       time_note=self.time_note, time_origin=self.time_origin)
 
     def prediction_design(self, times, cmt: int = 0) -> "Dataset":
         """Every subject's dose records plus EVID=2 records at ``times`` (h), the same for all subjects, with each

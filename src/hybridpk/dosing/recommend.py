@@ -566,7 +566,8 @@ def time_to_concentration(model, dataset, concentration: float, *, horizon: floa
     if method == "root" and np.isfinite(times[0]):
         times[0] = _refine_map_root(est, grid, conc[0], level, times[0])
     post_t = np.where(np.isfinite(times[1:]), times[1:], np.inf)   # not reached: beyond the horizon
-    q05, q95 = np.quantile(post_t, 0.05), np.quantile(post_t, 0.95)
+    with np.errstate(invalid="ignore"):     # inf - inf between two draws beyond the horizon: NaN, reported as None
+        q05, q95 = np.quantile(post_t, 0.05), np.quantile(post_t, 0.95)
     found = not np.isnan(times[0])
     return {"concentration": level, "method": method, "map_time_h": float(times[0]) if found else None,
             "map_time_after_last_dose_h": float(times[0] - t_last) if found else None, "last_dose_h": t_last,
