@@ -150,3 +150,28 @@ def test_dose_says_the_date_and_time_of_a_recommendation(tmp_path, pharmpy_examp
     when = t0 + dt.timedelta(hours=by_clock["start_h"])
     assert by_clock["start_clock"] == f"{when:%Y-%m-%d %H:%M}" and "start_clock" not in by_hours
     assert f"from t = {by_clock['start_h']:g} h, {when:%Y-%m-%d %H:%M}\n" in out
+
+
+def test_dose_start_as_a_date_and_time(tmp_path, pharmpy_examples, capsys):
+    """--start as a date and time: each patient of a day's list starts at the hours its own record places that
+    instant at (three pheno neonates whose records begin on different days); a record in hours is refused, so is
+    text that is neither."""
+    import json
+
+    raw = pd.read_csv(pharmpy_examples / "pheno.dta", sep=r"\s+", skiprows=1, header=None,
+                      names="ID TIME AMT WGT APGR DV FA1 FA2".split())
+    three = raw[raw.ID.isin([1, 2, 3])].copy()
+    t0 = {1: dt.datetime(2026, 12, 4, 7, 30), 2: dt.datetime(2026, 12, 5, 9, 0), 3: dt.datetime(2026, 12, 3, 22, 15)}
+    three["TIME"] = [f"{t0[i] + dt.timedelta(hours=h):%Y-%m-%d %H:%M}" for i, h in zip(three.ID, three.TIME)]
+    three.to_csv(tmp_path / "three.csv", index=False)
+    model = str(pharmpy_examples / "pheno.mod")
+    assert main(["dose", model, str(tmp_path / "three.csv"), "--start", "2026-12-12 08:00",
+                 "--out", str(tmp_path / "day.json")]) == 0
+    starts = {p["ID"]: p["start_h"] for p in json.loads((tmp_path / "day.json").read_text())["patients"]}
+    assert starts == {i: (dt.datetime(2026, 12, 12, 8) - t0[i]).total_seconds() / 3600 for i in (1, 2, 3)}
+    raw[raw.ID == 1].to_csv(tmp_path / "hours.csv", index=False)
+    assert main(["dose", model, str(tmp_path / "hours.csv"), "--start", "2026-12-12 08:00"]) == 2
+    assert main(["dose", model, str(tmp_path / "three.csv"), "--start", "tomorrow"]) == 2
+    err = capsys.readouterr().err
+    assert "the record of patient 1 has no calendar dates to place it" in err
+    assert "--start 'tomorrow': give hours (e.g. 120) or a date and time" in err

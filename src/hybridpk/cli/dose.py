@@ -105,7 +105,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dose-step", type=float, help="dose rounding step (mg; default: the model's stated step, else a "
                    "round quarter of the median dose in the patient's record or less, e.g. 250 for 1000-mg doses)")
     p.add_argument("--max-dose", type=float, help="maximum single dose (mg)")
-    p.add_argument("--start", type=float, help="time of the first new dose (h)")
+    p.add_argument("--start", metavar="H|DATE TIME", help="time of the first new dose: hours on the record's TIME "
+                   "scale, or a date and time ('2026-12-09 08:00') when the record has dates and clock times "
+                   "(default: the last dose plus its interval)")
     p.add_argument("--dose", type=positive_float, metavar="MG", help="fix the dose (mg) and solve for the interval "
                    "that puts the steady-state target (auc24, trough, peak) at the middle of its window")
     p.add_argument("--interval-step", type=positive_float, metavar="H", help="with --dose: round the interval to a "
@@ -173,7 +175,42 @@ def _load(args):
 
     model = dosing_model(args.model, device=args.device)
     ds = read_nonmem(resolve_data_path(args.patient))
+    if hasattr(args, "start"):
+        args.start = _start_hours(args.start, ds)
     return model, ds
+
+
+def _start_hours(start, ds):
+    """--start as hours on the record's TIME scale: a number as given; a date and time ("2026-12-09 08:00",
+    ISO 8601) as the hours since the patient's first record, which the record's own dates and clock times
+    place (hybridpk.data._clock); with several patients, a {ID: hours} for each. None stays None."""
+    import datetime as dt
+    import math
+
+    from hybridpk.errors import HybridPKError
+
+    if start is None or isinstance(start, (int, float)):
+        return start
+    try:
+        hours = float(start)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(hours):
+            raise HybridPKError(f"--start {start}: give a finite time (h) or a date and time")
+        return hours
+    try:
+        when = dt.datetime.fromisoformat(start.strip())
+    except ValueError:
+        raise HybridPKError(f"--start {start!r}: give hours (e.g. 120) or a date and time (e.g. '2026-12-09 08:00')")
+    missing = [pid for pid in ds.ids if pid not in ds.time_origin]
+    if missing:
+        raise HybridPKError(f"--start {start!r} is a date and time, but the record of patient "
+                            f"{', '.join(map(str, missing[:5]))} has no calendar dates to place it (its TIME is "
+                            "hours); give --start in hours on that scale")
+    hours = {pid: (when - dt.datetime.fromisoformat(ds.time_origin[pid])).total_seconds() / 3600.0
+             for pid in ds.ids}
+    return hours[ds.ids[0]] if len(hours) == 1 else hours
 
 
 def run_dose(args) -> int:
@@ -324,12 +361,19 @@ def _question(args):
                                        "method": "grid" if args.posologyr_grid else "root"}
     common = {"target": args.target, "duration": args.duration, "start": args.start, "cmt": args.cmt}
     if args.loading:
-        return loading_dose, {**common, "interval": args.interval, "dose_step": args.dose_step,
-                              "max_dose": args.max_dose}
-    if args.dose is not None:
-        return interval_for_dose, {**common, "dose": args.dose, "interval_step": args.interval_step}
-    return recommend_dose, {**common, "interval": args.interval, "dose_step": args.dose_step,
-                            "max_dose": args.max_dose}
+        question, arguments = loading_dose, {**common, "interval": args.interval, "dose_step": args.dose_step,
+                                             "max_dose": args.max_dose}
+    elif args.dose is not None:
+        question, arguments = interval_for_dose, {**common, "dose": args.dose, "interval_step": args.interval_step}
+    else:
+        question, arguments = recommend_dose, {**common, "interval": args.interval, "dose_step": args.dose_step,
+                                               "max_dose": args.max_dose}
+    if isinstance(args.start, dict):     # a date and time: each patient's own hours (_start_hours)
+        starts, ask = args.start, question
+
+        def question(model, patient, **kw):
+            return ask(model, patient, **{**kw, "start": starts[patient.ids[0]]})
+    return question, arguments
 
 
 def _check_question(args) -> None:
