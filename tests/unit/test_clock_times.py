@@ -95,28 +95,41 @@ def test_what_cannot_be_read_one_way_is_refused(tmp_path, text, message):
         _read(tmp_path, text)
 
 
-def test_pheno_with_dates_and_clock_times_reads_as_pheno(tmp_path, pharmpy_examples):
+def _pheno_with_dates(tmp_path, pharmpy_examples, name: str, date_format: str = "%m/%d/%Y", data_options: str = ""):
     """pharmpy's pheno.mod with its data rewritten as NONMEM users write clinical records: ``$INPUT ID DATE=DROP
     TIME ...``, dates (month/day/year, across a year's end) and clock times, each subject starting on another
-    day. The control stream and the file alone both read to pheno's own records (its TIME starts at 0 for every
-    subject), so a fit of it is pheno's fit."""
+    day; the control stream's path."""
     mod = (pharmpy_examples / "pheno.mod").read_text()
     raw = pd.read_csv(pharmpy_examples / "pheno.dta", sep=r"\s+", skiprows=1, header=None,
                       names="ID TIME AMT WGT APGR DV FA1 FA2".split())
     lines = ["ID DATE TIME AMT WGT APGR DV FA1 FA2"]
     for r in raw.itertuples():
         w = dt.datetime(2023, 12, 30, 21, 40) + dt.timedelta(days=r.ID % 3, minutes=round(r.TIME * 60))
-        lines.append(f"{r.ID} {w:%m/%d/%Y} {w.hour}:{w.minute:02d} {r.AMT:g} {r.WGT:g} {r.APGR:g} {r.DV:g} "
-                     f"{r.FA1} {r.FA2}")
-    (tmp_path / "pheno_date.dta").write_text("\n".join(lines) + "\n")
+        lines.append(f"{r.ID} {w.strftime(date_format)} {w.hour}:{w.minute:02d} {r.AMT:g} {r.WGT:g} {r.APGR:g} "
+                     f"{r.DV:g} {r.FA1} {r.FA2}")
+    (tmp_path / f"{name}.dta").write_text("\n".join(lines) + "\n")
     assert "$DATA pheno.dta IGNORE=@" in mod and "$INPUT ID TIME" in mod
-    (tmp_path / "pheno_date.mod").write_text(mod.replace("$DATA pheno.dta", "$DATA pheno_date.dta")
-                                             .replace("$INPUT ID TIME", "$INPUT ID DATE=DROP TIME"))
+    (tmp_path / f"{name}.mod").write_text(mod.replace("$DATA pheno.dta IGNORE=@", f"$DATA {name}.dta IGNORE=@"
+                                                      f"{data_options}")
+                                          .replace("$INPUT ID TIME", "$INPUT ID DATE=DROP TIME"))
+    return tmp_path / f"{name}.mod"
+
+
+def test_pheno_with_dates_and_clock_times_reads_as_pheno(tmp_path, pharmpy_examples):
+    """The control stream and its data file alone both read to pheno's own records (its TIME starts at 0 for every
+    subject), so a fit of it is pheno's fit. Two-digit years (23, 24) read so with $DATA LAST20=24 (both 20nn)
+    and are refused with LAST20=23 (2023 to 1924: time goes back); LAST20 that is not a year is refused."""
     _, pheno = hp.read_control_stream(pharmpy_examples / "pheno.mod")
-    _, dated = hp.read_control_stream(tmp_path / "pheno_date.mod")
+    _, dated = hp.read_control_stream(_pheno_with_dates(tmp_path, pharmpy_examples, "pheno_date"))
     assert dated == pheno
     assert dated.time_origin[1] == "2023-12-31 21:40" and dated.time_origin[2] == "2024-01-01 21:40"
     assert main(["check", str(tmp_path / "pheno_date.dta")]) == 0
+    _, short = hp.read_control_stream(_pheno_with_dates(tmp_path, pharmpy_examples, "p24", "%m/%d/%y", " LAST20=24"))
+    assert short == pheno and short.time_origin == dated.time_origin
+    with pytest.raises(DatasetError, match="TIME decreases within a subject"):
+        hp.read_control_stream(_pheno_with_dates(tmp_path, pharmpy_examples, "p23", "%m/%d/%y", " LAST20=23"))
+    with pytest.raises(hp.ModelError, match=r"pbad.mod line 2: LAST20=X: give a two-digit year"):
+        hp.read_control_stream(_pheno_with_dates(tmp_path, pharmpy_examples, "pbad", "%m/%d/%y", " LAST20=X"))
 
 
 def test_check_says_what_was_translated(tmp_path, capsys):

@@ -85,9 +85,11 @@ def needs_translation(raw: pd.DataFrame, time_column: str, date_col: str | None)
     return bool(_text(col).str.contains(":", regex=False).any())
 
 
-def translate(raw: pd.DataFrame, time_column: str, id_column: str, date_col: str | None, rows) -> Translation:
+def translate(raw: pd.DataFrame, time_column: str, id_column: str, date_col: str | None, rows,
+              last20: int = LAST20) -> Translation:
     """Elapsed hours from the dates and clock times of ``raw`` (see the module docstring); ``rows`` names the
-    records in messages (hybridpk.data._checks.Rows). Raises DatasetError listing every record it cannot read."""
+    records in messages (hybridpk.data._checks.Rows); ``last20``: the last two-digit year read as 20nn (a control
+    stream's $DATA LAST20). Raises DatasetError listing every record it cannot read."""
     time_text = _text(raw[time_column])
     missing_time = time_text.isin(_MISSING).to_numpy()
     subject = pd.factorize(_text(raw[id_column]))[0]
@@ -104,7 +106,7 @@ def translate(raw: pd.DataFrame, time_column: str, id_column: str, date_col: str
         seconds = _clock_seconds(time_text, missing_time | iso, time_column, date_col, rows, violations)
         if date_col is not None:
             day, calendar = _days(_text(raw[date_col]), DATE_LABELS[date_col.upper()], subject, date_col, rows,
-                                  violations)
+                                  violations, last20)
             source = f"the dates in {date_col} and the clock times in {time_column}"
         else:
             day, calendar = np.zeros(len(raw)), np.zeros(len(raw), dtype=bool)
@@ -171,7 +173,7 @@ def _clock_seconds(text, skip, column, date_col, rows, violations) -> np.ndarray
     return out
 
 
-def _days(text, order: str, subject, column, rows, violations):
+def _days(text, order: str, subject, column, rows, violations, last20: int = LAST20):
     """(day number of each record, whether each record's date is a calendar date with its year) from a date
     column of component ``order`` ('mdy', ...); see the module docstring. A subject's dates are written alike
     (NONMEM's own example has subjects with and without the year)."""
@@ -215,7 +217,7 @@ def _days(text, order: str, subject, column, rows, violations):
             bad[i] = True
             continue
         if n == 3 and digits["y"] <= 2:
-            value["y"] += 2000 if value["y"] <= LAST20 else 1900
+            value["y"] += 2000 if value["y"] <= last20 else 1900
         try:
             day[i] = _dt.date(value.get("y", 2000), value["m"], value["d"]).toordinal()
         except ValueError:

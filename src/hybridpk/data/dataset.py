@@ -21,7 +21,7 @@ _DEFAULTS = {"AMT": 0.0, "CMT": 0.0, "RATE": 0.0, "DUR": 0.0, "ADDL": 0.0, "II":
              "LLOQ": np.nan, "BLQ": 0.0, "CENS": 0.0, "DVID": 0.0}
 
 
-def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=None) -> "Dataset":
+def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=None, last20: int = 50) -> "Dataset":
     """Read a NONMEM-style dataset and validate it.
 
     Parameters
@@ -41,6 +41,10 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
         Column names for a file without a header row.
     separator : str, optional
         Field separator (default: detected from the first line).
+    last20 : int
+        With dates and clock times (a DATE, DAT1, DAT2 or DAT3 column, or hh:mm in TIME; see
+        :mod:`hybridpk.data._clock`, NM-TRAN's time translation): one- and two-digit years up to it are 20nn,
+        the others 19nn (NM-TRAN's $DATA LAST20).
 
     Returns
     -------
@@ -78,12 +82,12 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
         header, body, lines = _read.read_table(path, sep, names)
         raw = pd.DataFrame(body, columns=header, dtype=object)
     spec = _columns.resolve_columns(list(raw.columns), sidecar, covariates, label)
-    return _build(raw, spec, lines, label, path, sidecar_path)
+    return _build(raw, spec, lines, label, path, sidecar_path, last20)
 
 
-def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path) -> "Dataset":
+def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path, last20: int = 50) -> "Dataset":
     rows = Rows(len(raw), lines)
-    raw, clock = _translate_time(raw, spec, rows, label)
+    raw, clock = _translate_time(raw, spec, rows, label, last20)
     violations: list[Violation] = []
     numeric, text_columns = convert(raw, spec, rows, violations)
     role_names = dict(spec.roles)
@@ -165,7 +169,7 @@ def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path) -> "D
                                                  for i, stamp in (clock.origins.items() if clock else ())}))
 
 
-def _translate_time(raw: pd.DataFrame, spec, rows, label: str):
+def _translate_time(raw: pd.DataFrame, spec, rows, label: str, last20: int):
     """(records, the Translation or None): dates and clock times made hours since each subject's first record,
     as NM-TRAN does (:mod:`hybridpk.data._clock`); the date column is dropped once read."""
     time_column, id_column = spec.roles.get("TIME"), spec.roles.get("ID")
@@ -176,7 +180,7 @@ def _translate_time(raw: pd.DataFrame, spec, rows, label: str):
         date_col = _clock.date_column(raw.columns, taken)
         if not _clock.needs_translation(raw, time_column, date_col):
             return raw, None
-        clock = _clock.translate(raw, time_column, id_column, date_col, rows)
+        clock = _clock.translate(raw, time_column, id_column, date_col, rows, last20)
     except DatasetError as exc:
         raise DatasetError(exc.violations, label) from None
     raw = raw.copy()

@@ -251,6 +251,24 @@ def _missing_data(text: str, path, looked) -> str:
               "path in $DATA")
 
 
+def _last20(text: str, path) -> int:
+    """$DATA's LAST20=n (0-99: the last two-digit year read as 20nn when dates are translated), else 50."""
+    record = ""
+    for i, line in enumerate(text.splitlines(), 1):
+        head = re.match(r"\s*\$(\w+)", line)
+        if head:
+            record = head.group(1).upper()
+        found = re.search(r"\bLAST20\s*=\s*(\S+)", line.split(";", 1)[0], flags=re.I) if record in (
+            "DATA", "INFILE") else None
+        if found:
+            value = found.group(1)
+            if not (value.isdigit() and 0 <= int(value) <= 99):
+                raise ModelError(f"{Path(path).name} line {i}: LAST20={value}: give a two-digit year, 0 to 99 (the "
+                                 "last one read as 20nn)")
+            return int(value)
+    return 50
+
+
 def _line_of(text: str, path, name: str) -> str:
     """'FILE line N' of the first code line (comments stripped) in $PK/$PRED/$ERROR that mentions ``name``."""
     record = ""
@@ -544,7 +562,7 @@ def read_control_stream(path):
                                                   text, path)
         covs += tuple(c for c in error_items if c not in covs)
         items += tuple(c for c in error_items if c not in items)      # read at every record
-    ds = read_nonmem(data, covariates=list(covs))
+    ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path))
     run_pk = compile_statements(statements)
     if written:   # F = A(CMT)/S<CMT> on every record, unless $ERROR writes the prediction on one amount
         structural.observes_compartments = factor == 1 and not _error_reads_amounts(m)
@@ -601,7 +619,7 @@ def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, com
                                                   set(data.columns), text, path)
         covs += tuple(c for c in error_items if c not in covs)
         record_items += tuple(c for c in error_items if c not in record_items)
-    ds = read_nonmem(data, covariates=list(covs))
+    ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path))
     of_prediction = compile_expression(prediction)
 
     def individual(theta, eta, cov):
