@@ -188,3 +188,19 @@ def test_dose_start_as_a_date_and_time(tmp_path, pharmpy_examples, capsys):
     err = capsys.readouterr().err
     assert "the record of patient 1 has no calendar dates to place it" in err
     assert "--start 'tomorrow': give hours (e.g. 120) or a date and time" in err
+
+
+def test_fit_of_pheno_with_dates_is_nonmems_fit(tmp_path, pharmpy_examples, capsys):
+    """`hybridpk fit` of pheno with dates and clock times reaches NONMEM's OFV of pheno (pheno_real.ext:
+    586.27605), says that TIME was translated, and RUN/data.json holds every subject's first date and time."""
+    import json
+
+    mod = _pheno_with_dates(tmp_path, pharmpy_examples, "pheno_date")
+    assert main(["fit", str(mod), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ofv"] == pytest.approx(586.27605, abs=2e-3)
+    assert "  TIME is the hours since each subject's first record, from the dates in DATE and the clock times" in out
+    record = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert record["time_origin"]["1"] == "2023-12-31 21:40" and len(record["time_origin"]) == 59
+    assert "NM-TRAN's time translation" in record["time_translation"]

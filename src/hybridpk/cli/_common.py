@@ -62,7 +62,8 @@ def read_dataset_arg(arg: str):
 
 def record_run_data(run_dir, source: str, ds) -> None:
     """Write RUN/data.json: the dataset's source as 'hybridpk fit' was given it (an absolute path, or a bundled
-    dataset's name) and its fingerprint (SHA-256 of the records, :meth:`Dataset.fingerprint`)."""
+    dataset's name), its fingerprint (SHA-256 of the records, :meth:`Dataset.fingerprint`) and, when its dates and
+    clock times were translated to hours, what was done and each subject's TIME 0 as a date and time."""
     import json
     from pathlib import Path
 
@@ -70,8 +71,10 @@ def record_run_data(run_dir, source: str, ds) -> None:
 
     path = Path(source)
     entry = str(path.resolve()) if path.exists() else str(source)
-    atomic_write_text(Path(run_dir) / RUN_DATA, json.dumps({"source": entry, "data_sha256": ds.fingerprint()},
-                                                           indent=2))
+    record = {"source": entry, "data_sha256": ds.fingerprint()}
+    if ds.time_note:
+        record.update(time_translation=ds.time_note, time_origin={str(k): v for k, v in ds.time_origin.items()})
+    atomic_write_text(Path(run_dir) / RUN_DATA, json.dumps(record, indent=2))
 
 
 def run_dataset(run_dir, data_arg: str | None):

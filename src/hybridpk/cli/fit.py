@@ -487,6 +487,8 @@ def report(result, ds) -> str:
     if e.covariance in labels:
         lines.append(f"  standard errors (RSE) from {labels[e.covariance]}; CWRES as NONMEM's FOCE-I $TABLE "
                      "(see summary.json 'methods')")
+    if ds.time_note:
+        lines.append(f"  {ds.time_note} (RUN/data.json holds each subject's first date and time)")
     for t in result.theta:
         rse = f"{t.rse:.1f}%" if t.rse is not None else "-"
         lines.append(f"  {t.name:<12} {t.value:12.5g}   RSE {rse}")
