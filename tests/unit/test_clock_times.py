@@ -89,6 +89,12 @@ def test_iso_date_times_and_one_day_clock_times(tmp_path):
      r"row 2 \(file line 3\), column TIME: TIME mixes ISO date-times"),
     ("ID,DATE,DAT1,TIME,AMT,DV\n1,01/02/2024,02/01/2024,08:00,100,.\n",
      r"two date columns \(DATE, DAT1\)"),
+    ("ID,DATE,TIME,AMT,DV\n1,01.12.2026,08:00,100,.\n1,02.12.2026,08:00,.,2.0\n",
+     r"rows 1, 2 \(file lines 2, 3\), column DATE: '01.12.2026', '02.12.2026': dates with dots, the day.month.year "
+     r"convention, under the label DATE, .* label the column DAT1"),
+    ("ID,TIME,AMT,DV\n1,12/1/2026 8:00,100,.\n1,12/1/2026 9:30,.,2.0\n",
+     r"rows 1, 2 .*column TIME: '12/1/2026 8:00', '12/1/2026 9:30': a date and a clock time in TIME; write the date "
+     r"in a DATE column"),
 ])
 def test_what_cannot_be_read_one_way_is_refused(tmp_path, text, message):
     with pytest.raises(DatasetError, match=message):

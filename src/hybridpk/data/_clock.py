@@ -159,6 +159,13 @@ def _clock_seconds(text, skip, column, date_col, rows, violations) -> np.ndarray
             out[i] = h * 3600.0
         else:
             bad[i] = True
+    dated = bad & text.str.contains(r"\d[/.-]\d.*\s\d", regex=True).to_numpy()    # "12/1/2026 8:00"
+    if dated.any():
+        ex = ", ".join(repr(v) for v in pd.unique(text[dated])[:3])
+        violations.append(rows.violation(dated, column, f"{ex}: a date and a clock time in {column}; write the date "
+                                         f"in a DATE column (month/day/year; DAT1: day/month/year) and the clock "
+                                         f"time in {column}, or write {column} as ISO date-times (2026-12-01 08:00)"))
+    bad &= ~dated
     if bad.any():
         ex = ", ".join(repr(v) for v in pd.unique(text[bad])[:3])
         violations.append(rows.violation(bad, column, f"{ex} is not a clock time: write hh:mm (00:00 to 23:59) or "
@@ -189,6 +196,13 @@ def _days(text, order: str, subject, column, rows, violations, last20: int = LAS
         violations.append(rows.violation(mixed, column, "a subject's dates written with different numbers of "
                                          "components (a day number, day and month, or a full date); write them "
                                          "alike"))
+        return np.zeros(len(text)), np.zeros(len(text), dtype=bool)
+    dotted = np.array([order == "mdy" and bool(re.fullmatch(r"\d{1,2}\.\d{1,2}\.\d{1,4}", s)) for s in text])
+    if dotted.any():             # 01.12.2026: the day.month.year convention, which DATE would read as Jan 12
+        ex = ", ".join(repr(v) for v in pd.unique(text[dotted])[:3])
+        violations.append(rows.violation(dotted, column, f"{ex}: dates with dots, the day.month.year convention, "
+                                         f"under the label {column}, which NONMEM reads as month/day/year; label the "
+                                         f"column DAT1 for day.month.year, or write month/day/year with / or -"))
         return np.zeros(len(text)), np.zeros(len(text), dtype=bool)
     day = np.zeros(len(text))
     month_of = np.zeros(len(text), dtype=int)
