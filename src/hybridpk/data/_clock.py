@@ -18,8 +18,10 @@ Two more forms are read because clinical exports write them: an ISO 8601 date-ti
 (``2026-12-01 08:00``, ``2026-12-01T08:00:00``) without a date column, and clock times without a date within
 one day. What cannot be read one way only is refused, naming the records: a clock time that goes back without a
 date (the next day, or a reset?), dates without a year that cross the end of February (is there a 29th?), a
-date whose year is where the label does not put it (``2026-12-01`` under ``DATE``: label it ``DAT2``), a TIME of
-24 or more beside a date column (already elapsed hours? then the date column must go).
+date whose year is where the label does not put it (``2026-12-01`` under ``DATE``: label it ``DAT2``), dates
+with dots under ``DATE`` (``01.12.2026``: the day.month.year convention, which ``DATE`` reads as January 12:
+label it ``DAT1``), a date and clock time together in TIME other than ISO (``12/1/2026 8:00``), a TIME of 24 or
+more beside a date column (already elapsed hours? then the date column must go).
 
 The date column is then dropped from the records, as NONMEM's DATE=DROP does, so that a dataset written back has
 no date beside its elapsed TIME to be translated twice.
