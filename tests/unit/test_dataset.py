@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -223,3 +224,42 @@ def test_levels_below_a_limit_get_the_fix_users_apply(tmp_path):
     assert "row 3 (file line 4), column dv: '<0.5' in DV is a level below the limit of quantification" in text
     assert "CENS=1" in text and "MDV=1" in text
     assert "row 4 (file line 5), column dv: non-numeric value ('abc') in DV column" in text
+
+
+def test_a_header_written_after_hash_is_the_header(tmp_path):
+    """Files written for NONMEM's default IGNORE=# put '#' before the header ("#ID,TIME,..."): it is the header,
+    not a comment (the first record was read as the header). A comment line of words before a real header stays a
+    comment; a record after '#' stays out."""
+    plain = "ID,TIME,AMT,DV\n1,0,100,.\n1,1,.,2.0\n1,4,.,1.0\n"
+    (tmp_path / "plain.csv").write_text(plain)
+    (tmp_path / "hash.csv").write_text("#" + plain.replace("1,1,.,2.0\n", "1,1,.,2.0\n#1,2,.,99\n"))
+    (tmp_path / "note.csv").write_text("# study ABC export\n" + plain)
+    (tmp_path / "spaced.csv").write_text("# ID TIME AMT DV\n1 0 100 .\n1 1 . 2.0\n1 4 . 1.0\n")
+    ref = hp.read_nonmem(tmp_path / "plain.csv").to_dataframe()
+    for name in ("hash.csv", "note.csv", "spaced.csv"):
+        pd.testing.assert_frame_equal(hp.read_nonmem(tmp_path / name).to_dataframe(), ref)
+
+
+def test_records_marked_in_the_comment_column_c_are_left_out(tmp_path, capsys):
+    """NONMEM datasets' comment column C: records marked "C" are left out (NM-TRAN's IGNORE=C), the column with
+    them, and `check` says which lines; a first column C with other values is an ordinary column."""
+    from hybridpk.cli import main
+
+    (tmp_path / "c.csv").write_text("C,ID,TIME,AMT,DV,WT\n.,1,0,100,.,70\nC,1,0.5,.,99,70\n,1,1,.,2.0,70\n"
+                                    ".,1,4,.,1.0,70\nC,2,0,100,.,80\n")
+    ds = hp.read_nonmem(tmp_path / "c.csv")
+    f = ds.to_dataframe()
+    assert "C" not in f.columns and f.DV.tolist()[1:] == [2.0, 1.0] and ds.ids == (1,)
+    assert ds.commented_lines == (3, 6) and ds.covariates == ("WT",)
+    assert main(["check", str(tmp_path / "c.csv")]) == 0
+    assert ("commented out  2 records marked C in the comment column C, left out as NM-TRAN's IGNORE=C does "
+            "(lines 3, 6)") in capsys.readouterr().out
+    frame = pd.DataFrame({"C": [".", "C", "."], "ID": [1, 1, 1], "TIME": [0, 1, 2], "AMT": [100, 0, 0],
+                          "DV": [np.nan, 99, 2.0]})
+    assert hp.read_nonmem(frame).commented_lines == (2,)
+    (tmp_path / "code.csv").write_text("C,ID,TIME,AMT,DV\nA,1,0,100,.\nB,1,1,.,2.0\n")
+    with pytest.warns(DatasetWarning, match="column\\(s\\) C hold text"):
+        assert len(hp.read_nonmem(tmp_path / "code.csv")) == 2
+    (tmp_path / "all.csv").write_text("C,ID,TIME,AMT,DV\nC,1,0,100,.\nC,1,1,.,2.0\n")
+    with pytest.raises(DatasetError, match="every record is marked C"):
+        hp.read_nonmem(tmp_path / "all.csv")

@@ -56,6 +56,12 @@ def format_summary(s: dict) -> str:
         f"time-varying   {tv}",
         f"time span      {lo:g} to {hi:g} {tu}",
     ]
+    if s.get("commented_out"):
+        where = s["commented_out"]
+        plural = "s" if len(where) > 1 else ""
+        lines.append(f"commented out  {len(where)} record{plural} marked C in the comment column C, left out as "
+                     f"NM-TRAN's IGNORE=C does (line{plural} {', '.join(map(str, where[:10]))}"
+                     f"{', ...' if len(where) > 10 else ''})")
     if s.get("time_translation"):
         origin = s.get("time_origin") or {}
         first = next(iter(origin.items()), None)

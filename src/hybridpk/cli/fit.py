@@ -489,6 +489,9 @@ def report(result, ds) -> str:
                      "(see summary.json 'methods')")
     if ds.time_note:
         lines.append(f"  {ds.time_note} (RUN/data.json holds each subject's first date and time)")
+    if ds.commented_lines:
+        lines.append(f"  {len(ds.commented_lines)} records marked C in the comment column C left out (NM-TRAN's "
+                     "IGNORE=C; `hybridpk check` lists their lines)")
     for t in result.theta:
         rse = f"{t.rse:.1f}%" if t.rse is not None else "-"
         lines.append(f"  {t.name:<12} {t.value:12.5g}   RSE {rse}")

@@ -22,6 +22,12 @@ def _is_number(token: str) -> bool:
     return bool(_NUMBER.match(token.strip()))
 
 
+def _looks_like_header(line: str) -> bool:
+    """A line of names (the first is not a number): a header, not a record."""
+    first = re.split(r"[,;\t ]+", line.strip())[0]
+    return bool(first) and not _is_number(first)
+
+
 def read_table(path: Path, separator: str | None = None, names: list[str] | None = None):
     """Read ``path`` into (header, rows of str, file line numbers). Raises DatasetError on a non-table."""
     source = str(path)
@@ -60,10 +66,31 @@ def _without_table_title(numbered: list, source: str) -> list:
     return numbered[1:]
 
 
+def _commented_header(lines: list[str]):
+    """(line number, header) when the first non-blank line is a header written after '#' ("#ID,TIME,DV,..."), as
+    files written for NONMEM's default IGNORE=# have it (NM-TRAN skips the line, so the header must not be read
+    as data): names, not numbers, at least two of them. None otherwise (a comment)."""
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        if not ln.lstrip().startswith("#"):
+            return None
+        head = ln.lstrip()[1:].strip()
+        tokens = [t for t in re.split(r"[,;\t ]+", head) if t]
+        if len(tokens) >= 2 and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", t) for t in tokens):
+            return i + 1, head
+        return None
+    return None
+
+
 def parse_text(text: str, source: str, separator: str | None = None, names: list[str] | None = None):
     lines = text.splitlines()
-    # data lines: not blank, not a comment (# or @ as NONMEM's IGNORE=# / IGNORE=@ header lines aside)
+    # data lines: not blank, not a comment (# or @ as NONMEM's IGNORE=# / IGNORE=@ header lines aside); a header
+    # written after '#' is the header
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")]
+    header_line = _commented_header(lines) if names is None else None
+    if header_line is not None and numbered and not _looks_like_header(numbered[0][1]):
+        numbered.insert(0, header_line)
     numbered = _without_table_title(numbered, source)
     if not numbered:
         raise DatasetError("the file has no records (only blank or comment lines)", source)

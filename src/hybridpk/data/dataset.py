@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -81,8 +81,34 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
         sep = separator or (sidecar.get("separator") if sidecar else None)
         header, body, lines = _read.read_table(path, sep, names)
         raw = pd.DataFrame(body, columns=header, dtype=object)
+    raw, lines, commented = _without_commented_records(raw, lines, label)
     spec = _columns.resolve_columns(list(raw.columns), sidecar, covariates, label)
-    return _build(raw, spec, lines, label, path, sidecar_path, last20)
+    ds = _build(raw, spec, lines, label, path, sidecar_path, last20)
+    return replace(ds, commented_lines=commented) if commented else ds
+
+
+#: the values of NONMEM's comment column C: "C" marks a record left out, "." or nothing one that is read
+_COMMENT_MARKS = {"C", "c"}
+_READ_MARKS = {"", ".", "0"}
+
+
+def _without_commented_records(raw: pd.DataFrame, lines, label: str):
+    """(records, their file lines, the lines (or 1-based rows) of the records left out) without the records a
+    first column named C marks with "C" -- NONMEM datasets' comment column, which NM-TRAN's IGNORE=C (or
+    IGNORE=@) skips -- and without that column. A first column C holding anything but "C", "." or nothing is an
+    ordinary column."""
+    if raw.shape[1] == 0 or str(raw.columns[0]).strip().upper() != "C":
+        return raw, lines, ()
+    marks = raw.iloc[:, 0].astype(object).where(raw.iloc[:, 0].notna(), "").astype(str).str.strip()
+    if not marks.isin(_COMMENT_MARKS | _READ_MARKS).all():
+        return raw, lines, ()
+    out = marks.isin(_COMMENT_MARKS).to_numpy()
+    where = tuple(int(lines[i]) if lines is not None else int(i) + 1 for i in np.flatnonzero(out))
+    kept = raw.loc[~out].drop(columns=raw.columns[0]).reset_index(drop=True)
+    if kept.empty:
+        raise DatasetError("every record is marked C in the comment column C (left out, as NM-TRAN's IGNORE=C "
+                           "does): there is nothing to read", label)
+    return kept, [n for n, o in zip(lines, out) if not o] if lines is not None else None, where
 
 
 def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path, last20: int = 50) -> "Dataset":
@@ -218,6 +244,9 @@ class Dataset:
     #: {ID: its first record's date and time "YYYY-MM-DD hh:mm"}, TIME 0 of each subject, when the records had
     #: calendar dates (hybridpk.data._clock); empty otherwise
     time_origin: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    #: the file lines (data rows for a DataFrame) of the records a comment column C marked "C" and the reader left
+    #: out, as NM-TRAN's IGNORE=C does
+    commented_lines: tuple = ()
 
     # ----------------------------------------------------------------- views
     @property
@@ -403,6 +432,7 @@ class Dataset:
             "covariates": list(self.covariates),
             "time_varying_covariates": list(self.time_varying_covariates()),
             "time_span": (float(f["TIME"].min()), float(f["TIME"].max())),
+            "commented_out": list(self.commented_lines),
             "time_translation": self.time_note,
             "time_origin": dict(self.time_origin),
             "units": dict(self.units),
@@ -424,7 +454,7 @@ class Dataset:
                        roles_present=self.roles_present, other_columns=self.other_columns,
                        _row_numbers=None if self._row_numbers is None else self._row_numbers[keep],
                        _line_numbers=None if self._line_numbers is None else self._line_numbers[keep],
-                       time_note=self.time_note, time_origin=self.time_origin)
+                       time_note=self.time_note, time_origin=self.time_origin, commented_lines=self.commented_lines)
 
     def prediction_design(self, times, cmt: int = 0) -> "Dataset":
         """Every subject's dose records plus EVID=2 records at ``times`` (h), the same for all subjects, with each
