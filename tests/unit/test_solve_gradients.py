@@ -94,3 +94,57 @@ def test_gradcheck_nonlinear(name):
 def test_gradcheck_steady_state(method):
     regs = {1: [dict(TIME=0.0, AMT=100.0, CMT=1, SS=1, II=12.0, RATE=50.0)]}
     _check("2cmt_iv", method, regs, [0.5, 3.0, 11.0], ["CL", "V", "Q", "V2"])
+
+
+def test_closed_form_exponential_of_a_depot_and_central_compartment():
+    """The 1-cmt oral system's exp(A dt) in closed form (solve.ode._expm) against torch's matrix exponential,
+    with KA = K exactly and 1e-9 apart (the divided difference's 0/0), and its first and second derivatives
+    finite (gradgradcheck) where KA = K."""
+    from hybridpk.solve.ode import _expm
+
+    ka = torch.tensor([1.3, 0.5, 0.5, 0.5 + 1e-9, 2e-7, 4.0], dtype=torch.float64)
+    k = torch.tensor([0.1, 0.5, 0.5 - 1e-9, 0.5, 1e-7, 0.02], dtype=torch.float64)
+    dt = torch.tensor([2.0, 3.0, 7.0, 0.5, 5.0, 30.0], dtype=torch.float64)
+    a = torch.zeros(6, 2, 2, dtype=torch.float64)
+    a[:, 0, 0], a[:, 1, 0], a[:, 1, 1] = -ka * dt, ka * dt, -k * dt
+    torch.testing.assert_close(_expm(a), torch.linalg.matrix_exp(a), rtol=1e-12, atol=1e-14)
+
+    def e21(ka_, k_):
+        m = torch.zeros(1, 2, 2, dtype=torch.float64)
+        m[0, 0, 0], m[0, 1, 0], m[0, 1, 1] = -ka_ * 2.0, ka_ * 2.0, -k_ * 2.0
+        return _expm(m)[0, 1, 0]
+
+    at = (torch.tensor(0.5, dtype=torch.float64, requires_grad=True),
+          torch.tensor(0.5, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradgradcheck(e21, at)
+
+
+@pytest.mark.parametrize("name,names", [("1cmt_oral", ["CL", "V", "KA"]), ("2cmt_iv", ["CL", "V", "Q", "V2"])])
+def test_second_derivatives_through_a_steady_state_dose(name, names):
+    """The exact (matrix-exponential) path with a steady-state dose: the Hessian of a weighted sum of predictions
+    by double backpropagation against central differences of the gradient. The EBE search's Newton steps use
+    such Hessians; the steady state by a Newton iteration re-attached at its last step gave first derivatives
+    only (EBE searches on steady-state data converged linearly: quinidine, 49 iterations against 7)."""
+    model = get_model(name)
+    dose = dict(TIME=0.0, AMT=100.0, CMT=1, SS=1, II=12.0) | ({} if model.obs_cmt == 2 else dict(RATE=50.0))
+    b = dataset(model, {1: [dose, dict(TIME=24.0, AMT=100.0, CMT=1)]}, [0.5, 3.0, 11.0, 26.0]).to_batch()
+    base = PARAMS[name]
+    w = torch.linspace(0.5, 1.5, int(b.is_obs.sum()), dtype=torch.float64)
+
+    def loss(th):
+        p = dict(base)
+        p.update({k: th[i].expand(1) for i, k in enumerate(names)})
+        return (simulate(model, p, b, method="ode", solver="expm").ipred[b.is_obs] * w).sum()
+
+    def grad(th, create_graph=False):
+        th = th if th.requires_grad else th.clone().requires_grad_(True)
+        return torch.autograd.grad(loss(th), th, create_graph=create_graph)[0]
+
+    theta = torch.tensor([base[k] for k in names], dtype=torch.float64, requires_grad=True)
+    g = grad(theta, create_graph=True)
+    hess = torch.stack([torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(len(names))])
+    eps = 1e-5 * theta.detach()
+    numeric = torch.stack([(grad(theta.detach() + eps[i] * torch.eye(len(names))[i])
+                            - grad(theta.detach() - eps[i] * torch.eye(len(names))[i])) / (2 * eps[i])
+                           for i in range(len(names))])
+    torch.testing.assert_close(hess, numeric, rtol=1e-5, atol=1e-9)

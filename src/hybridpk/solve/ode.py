@@ -54,14 +54,34 @@ def _matrix_exp_step(model, p, a, rate, dt, t_mid):
     mat = model.system_matrix(p, t_mid) * dt.view(n, 1, 1)
     if s == 1:   # one compartment: e^x a + rate dt (e^x - 1)/x, x = A dt, without a matrix exponential
         x = mat[:, 0, :]
-        small = x.abs() < 1e-6
-        xs = torch.where(small, torch.ones_like(x), x)
-        phi = torch.where(small, 1 + x / 2 + x * x / 6, torch.expm1(xs) / xs)
-        return torch.exp(x) * a + rate * dt.unsqueeze(-1) * phi
+        return torch.exp(x) * a + rate * dt.unsqueeze(-1) * _phi1(x)
+    if not bool((rate != 0).any()):    # no input: e^(A dt) a
+        return (_expm(mat) @ a.unsqueeze(-1)).squeeze(-1)
     top = torch.cat([mat, (rate * dt.unsqueeze(-1)).unsqueeze(-1)], -1)                  # (N, S, S+1)
     aug = torch.cat([top, torch.zeros(n, 1, s + 1, dtype=a.dtype, device=a.device)], -2)  # (N, S+1, S+1)
     e = torch.linalg.matrix_exp(aug)
     return (e[:, :s, :s] @ a.unsqueeze(-1)).squeeze(-1) + e[:, :s, s]
+
+
+def _expm(mat):
+    """exp(mat) of (N, S, S) matrices: a depot and a central compartment (1-cmt oral: [[x, 0], [c, y]]) in closed
+    form, [[e^x, 0], [c (e^x - e^y)/(x - y), e^y]] with the divided difference as c e^y phi1(x - y) (exact at
+    x = y), which is cheap to differentiate twice (the EBE search's Hessians), unlike torch's matrix exponential;
+    other matrices by ``torch.linalg.matrix_exp``."""
+    n, s, _ = mat.shape
+    if s == 2 and not bool((mat[:, 0, 1] != 0).any()):
+        x, c, y = mat[:, 0, 0], mat[:, 1, 0], mat[:, 1, 1]
+        ex, ey = torch.exp(x), torch.exp(y)
+        return torch.stack([torch.stack([ex, torch.zeros_like(ex)], -1),
+                            torch.stack([c * ey * _phi1(x - y), ey], -1)], -2)
+    return torch.linalg.matrix_exp(mat)
+
+
+def _phi1(x):
+    """(e^x - 1)/x, 1 at x = 0 (a Taylor polynomial near 0, so that no branch is 0/0 for autograd)."""
+    small = x.abs() < 1e-6
+    xs = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, 1 + x / 2 + x * x / 6, torch.expm1(xs) / xs)
 
 
 def _integrate(model, p, a, rate, t0, t1, ctx, rtol, atol, method, max_steps):
@@ -96,9 +116,9 @@ def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
     """State at the (un-lagged) time of a steady-state dose record, for subjects ``sel``: the regimen has been
     given every II forever, the last past dose ``II - lag`` h ago.
 
-    The trough is the fixed point x = Phi(x) of the dose-cycle map Phi, found by Newton's method with a
-    finite-difference Jacobian (exact in one step for linear models). The last Newton step is taken with the
-    iterate and the Jacobian detached, so its gradient is the implicit-function gradient
+    The trough is the fixed point x = Phi(x) of the dose-cycle map Phi: for a linear model in closed form
+    (:func:`_linear_steady_state`), else by Newton's method with a finite-difference Jacobian. The last Newton
+    step is taken with the iterate and the Jacobian detached, so its gradient is the implicit-function gradient
     (I - J)^-1 dPhi/dtheta rather than a derivative of the iterations."""
     n, s = x0.shape
     onehot = torch.nn.functional.one_hot(cmt, s).to(x0.dtype)
@@ -107,6 +127,37 @@ def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
 
     def phi(x):
         return _cycle(model, p, x, onehot, amt, rate, dur, ii, sel, ctx, tol)
+
+    if getattr(model, "linear", False) and model.piecewise_linear:
+        x = _linear_steady_state(model, p, x0, phi, ii, sel, eye)
+    else:
+        x = _fixed_point(phi, x0, eye, selm, tol)
+    # trough (just before a lagged dose) -> state ``lag`` h earlier = ``II - lag`` h after the previous dose
+    if bool((lag[sel] > 0).any()):
+        before = _cycle(model, p, x, onehot, amt, rate, dur, ii - lag, sel, ctx, tol)
+        x = torch.where((sel & (lag > 0)).unsqueeze(-1), before, x)
+    return x
+
+
+def _linear_steady_state(model, p, x0, phi, ii, sel, eye):
+    """The steady-state trough of a linear model (one system matrix A for all time): the cycle map is affine,
+    Phi(x) = E x + Phi(0) with E = exp(A II), so the trough is (I - E)^-1 Phi(0); subjects not in ``sel`` keep
+    ``x0``.
+    Exact, differentiable to any order through ``torch.linalg`` (the Newton iteration of :func:`_fixed_point`
+    re-attaches only its last step, which leaves second derivatives inexact: EBE searches on steady-state data
+    then converged linearly), and one cycle and one matrix exponential instead of about ten cycles."""
+    n, s = x0.shape
+    a = model.system_matrix(p, None) * torch.where(sel, ii, torch.zeros_like(ii)).view(n, 1, 1)
+    e = torch.where(sel.view(n, 1, 1), _expm(a), torch.zeros_like(eye))
+    b = phi(torch.zeros_like(x0))                            # the state one cycle after a dose into x = 0
+    x = torch.linalg.solve(eye - e, b.unsqueeze(-1)).squeeze(-1)
+    return torch.where(sel.unsqueeze(-1), x, x0)
+
+
+def _fixed_point(phi, x0, eye, selm, tol):
+    """The fixed point x = Phi(x) by Newton's method with a finite-difference Jacobian, its last step
+    re-attached (see :func:`_steady_state`)."""
+    n, s = x0.shape
 
     def jacobian(x):
         fx = phi(x)
@@ -127,12 +178,7 @@ def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
             if (step.abs() / (x.abs() + tol[1])).max() < 1e-11:
                 break
         jac, _ = jacobian(x)
-    x = x - torch.linalg.solve(eye - jac, (x - phi(x)).unsqueeze(-1)).squeeze(-1)
-    # trough (just before a lagged dose) -> state ``lag`` h earlier = ``II - lag`` h after the previous dose
-    if bool((lag[sel] > 0).any()):
-        before = _cycle(model, p, x, onehot, amt, rate, dur, ii - lag, sel, ctx, tol)
-        x = torch.where((sel & (lag > 0)).unsqueeze(-1), before, x)
-    return x
+    return x - torch.linalg.solve(eye - jac, (x - phi(x)).unsqueeze(-1)).squeeze(-1)
 
 
 def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=100_000,
