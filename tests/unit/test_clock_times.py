@@ -210,3 +210,11 @@ def test_fit_of_pheno_with_dates_is_nonmems_fit(tmp_path, pharmpy_examples, caps
     record = json.loads((tmp_path / "run" / "data.json").read_text())
     assert record["time_origin"]["1"] == "2023-12-31 21:40" and len(record["time_origin"]) == 59
     assert "NM-TRAN's time translation" in record["time_translation"]
+
+
+def test_day_numbers_held_as_numbers():
+    """A DataFrame whose DATE holds day numbers as floats (pandas' 3.0) reads them as day numbers, not as day 3,
+    month 0."""
+    frame = pd.DataFrame({"ID": [1, 1, 1], "DATE": [1.0, 1.0, 2.0], "TIME": ["8:00", "9:30", "7:00"],
+                          "AMT": [100, 0, 0], "DV": [np.nan, 2.0, 1.0]})
+    assert hp.read_nonmem(frame).to_dataframe().TIME.tolist() == [0.0, 1.5, 23.0]

@@ -107,8 +107,8 @@ def translate(raw: pd.DataFrame, time_column: str, id_column: str, date_col: str
                                              "time (hh:mm) alone"))
         seconds = _clock_seconds(time_text, missing_time | iso, time_column, date_col, rows, violations)
         if date_col is not None:
-            day, calendar = _days(_text(raw[date_col]), DATE_LABELS[date_col.upper()], subject, date_col, rows,
-                                  violations, last20)
+            day, calendar = _days(_date_text(raw[date_col]), DATE_LABELS[date_col.upper()], subject, date_col,
+                                  rows, violations, last20)
             source = f"the dates in {date_col} and the clock times in {time_column}"
         else:
             day, calendar = np.zeros(len(raw)), np.zeros(len(raw), dtype=bool)
@@ -135,6 +135,16 @@ def translate(raw: pd.DataFrame, time_column: str, id_column: str, date_col: str
 
 def _text(col: pd.Series) -> pd.Series:
     return col.astype(object).where(col.notna(), "").astype(str).str.strip()
+
+
+def _date_text(col: pd.Series) -> pd.Series:
+    """The date column as text; day numbers held as numbers (a DataFrame's 3.0) written as whole numbers."""
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        values = col.to_numpy(dtype=float)
+        whole = np.isfinite(values) & (values == np.round(values))
+        return pd.Series([str(int(v)) if w else ("" if np.isnan(v) else repr(v)) for v, w in zip(values, whole)],
+                         index=col.index)
+    return _text(col)
 
 
 def _clock_seconds(text, skip, column, date_col, rows, violations) -> np.ndarray:
