@@ -141,14 +141,20 @@ def _where(text: str, path, record: str) -> str:
     return Path(path).name
 
 
-def _where_fix(text: str, path) -> str:
-    """'FILE line N' of the first FIX inside an $OMEGA or $SIGMA record."""
+def _code_lines(text: str):
+    """(line number, the record it belongs to in upper case ("PK", "DATA", ...), its code without the comment)
+    of every line of a control stream."""
     record = ""
     for i, line in enumerate(text.splitlines(), 1):
         head = re.match(r"\s*\$(\w+)", line)
         if head:
             record = head.group(1).upper()
-        code = line.split(";", 1)[0]
+        yield i, record, line.split(";", 1)[0]
+
+
+def _where_fix(text: str, path) -> str:
+    """'FILE line N' of the first FIX inside an $OMEGA or $SIGMA record."""
+    for i, record, code in _code_lines(text):
         if record.startswith(("OMEGA", "SIGMA")) and re.search(r"\bFIX", code, flags=re.I):
             return f"{Path(path).name} line {i}"
     return _where(text, path, _OMEGA_OR_SIGMA)
@@ -253,13 +259,8 @@ def _missing_data(text: str, path, looked) -> str:
 
 def _last20(text: str, path) -> int:
     """$DATA's LAST20=n (0-99: the last two-digit year read as 20nn when dates are translated), else 50."""
-    record = ""
-    for i, line in enumerate(text.splitlines(), 1):
-        head = re.match(r"\s*\$(\w+)", line)
-        if head:
-            record = head.group(1).upper()
-        found = re.search(r"\bLAST20\s*=\s*(\S+)", line.split(";", 1)[0], flags=re.I) if record in (
-            "DATA", "INFILE") else None
+    for i, record, code in _code_lines(text):
+        found = re.search(r"\bLAST20\s*=\s*(\S+)", code, flags=re.I) if record in ("DATA", "INFILE") else None
         if found:
             value = found.group(1)
             if not (value.isdigit() and 0 <= int(value) <= 99):
@@ -271,13 +272,8 @@ def _last20(text: str, path) -> int:
 
 def _line_of(text: str, path, name: str) -> str:
     """'FILE line N' of the first code line (comments stripped) in $PK/$PRED/$ERROR that mentions ``name``."""
-    record = ""
-    for i, line in enumerate(text.splitlines(), 1):
-        head = re.match(r"\s*\$(\w+)", line)
-        if head:
-            record = head.group(1).upper()
-        if record.startswith(("PK", "PRED", "ERR")) and re.search(rf"\b{re.escape(name)}\b",
-                                                                 line.split(";", 1)[0], flags=re.I):
+    for i, record, code in _code_lines(text):
+        if record.startswith(("PK", "PRED", "ERR")) and re.search(rf"\b{re.escape(name)}\b", code, flags=re.I):
             return f"{Path(path).name} line {i}"
     return Path(path).name
 
