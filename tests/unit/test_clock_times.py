@@ -169,6 +169,11 @@ def test_dose_says_the_date_and_time_of_a_recommendation(tmp_path, pharmpy_examp
     when = t0 + dt.timedelta(hours=by_clock["start_h"])
     assert by_clock["start_clock"] == f"{when:%Y-%m-%d %H:%M}" and "start_clock" not in by_hours
     assert f"from t = {by_clock['start_h']:g} h, {when:%Y-%m-%d %H:%M}\n" in out
+    from hybridpk.dosing import dosing_model, estimate_patient, forecast, plot_forecast
+
+    post = estimate_patient(dosing_model(model), hp.read_nonmem(tmp_path / "clock.csv"), n_samples=50, seed=0)
+    fig = plot_forecast(forecast(post.estimate, post.draws, np.linspace(0.0, 130.0, 27), seed=0), post.estimate)
+    assert fig.axes[0].get_xlabel() == "time (h since 2026-12-04 07:30)"
 
 
 def test_dose_start_as_a_date_and_time(tmp_path, pharmpy_examples, capsys):

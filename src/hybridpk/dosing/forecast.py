@@ -102,7 +102,9 @@ def plot_forecast(fc: Forecast, est, path=None, title: str = "", target=None, re
             ax.plot([], [], " ", label=f"target {tg.label} {tg.low:g}-{tg.high:g} {c_unit}*{t_unit}")
     if note:
         ax.text(0.01, 0.98, note, transform=ax.transAxes, va="top", fontsize=8)
-    ax.set(xlabel=f"time ({t_unit})", ylabel=f"concentration ({c_unit})", title=title)
+    origin = est.dataset.time_origin.get(est.dataset.ids[0]) if est.dataset.n_subjects == 1 else None
+    ax.set(xlabel=f"time ({t_unit}{' since ' + origin if origin else ''})", ylabel=f"concentration ({c_unit})",
+           title=title)
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     if path is not None:
