@@ -263,3 +263,29 @@ def test_records_marked_in_the_comment_column_c_are_left_out(tmp_path, capsys):
     (tmp_path / "all.csv").write_text("C,ID,TIME,AMT,DV\nC,1,0,100,.\nC,1,1,.,2.0\n")
     with pytest.raises(DatasetError, match="every record is marked C"):
         hp.read_nonmem(tmp_path / "all.csv")
+
+
+def test_decimal_commas_of_european_spreadsheets(tmp_path, capsys):
+    """A ';'-separated export whose numbers have decimal commas (0,5) reads them as decimal points, dotted dates
+    beside them included, and `check` says so; a file that mixes commas and points names the comma with its fix,
+    once (not again as a missing value)."""
+    from hybridpk.cli import main
+
+    (tmp_path / "eu.csv").write_text("ID;DAT1;TIME;AMT;DV;WT\n1;01.12.2026;08:00;100;.;70,5\n"
+                                     "1;01.12.2026;09:30;.;2,5;70,5\n1;02.12.2026;08:00;.;1,25;70,5\n")
+    ds = hp.read_nonmem(tmp_path / "eu.csv")
+    f = ds.to_dataframe()
+    assert ds.decimal_comma and f.TIME.tolist() == [0.0, 1.5, 24.0] and f.DV.tolist()[1:] == [2.5, 1.25]
+    assert f.WT.tolist() == [70.5] * 3 and ds.covariates == ("WT",)
+    assert main(["check", str(tmp_path / "eu.csv")]) == 0
+    assert "numbers        written with decimal commas (0,5), read as 0.5" in capsys.readouterr().out
+    (tmp_path / "mix.csv").write_text("ID;TIME;AMT;DV\n1;0;100;.\n1;0.5;.;2,1\n1;1,5;.;1.0\n")
+    with pytest.raises(DatasetError) as exc:
+        hp.read_nonmem(tmp_path / "mix.csv")
+    text = str(exc.value)
+    assert "2 problems" in text and "missing TIME" not in text and "without a DV value" not in text
+    assert "row 2 (file line 3), column DV: '2,1' in DV is written with a decimal comma" in text
+    assert "row 3 (file line 4), column TIME: '1,5' in TIME is written with a decimal comma" in text
+    (tmp_path / "comma.csv").write_text('ID,TIME,AMT,DV\n1,0,100,.\n1,1,.,"2,1"\n')
+    with pytest.raises(DatasetError, match="'2,1' in DV is written with a decimal comma"):
+        hp.read_nonmem(tmp_path / "comma.csv")

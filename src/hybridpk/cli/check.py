@@ -56,6 +56,9 @@ def format_summary(s: dict) -> str:
         f"time-varying   {tv}",
         f"time span      {lo:g} to {hi:g} {tu}",
     ]
+    if s.get("decimal_comma"):
+        lines.append("numbers        written with decimal commas (0,5), read as 0.5: the file is not comma-separated "
+                     "and no number in it has a decimal point")
     if s.get("commented_out"):
         where = s["commented_out"]
         plural = "s" if len(where) > 1 else ""

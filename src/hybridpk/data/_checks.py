@@ -46,10 +46,12 @@ def to_numeric(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def convert(raw: pd.DataFrame, spec: ColumnSpec, rows: Rows, violations: list[Violation]):
-    """Numeric columns for every role and candidate covariate; text columns that are not used are returned aside."""
+    """(numeric columns for every role and candidate covariate, the text columns that are not used, {role: the
+    cells reported as not numbers}); the last keep check_records from reporting those cells again as missing."""
     role_of = {col: role for role, col in spec.roles.items()}
     numeric: dict[str, np.ndarray] = {}
     text_columns: list[str] = []
+    unreadable: dict[str, np.ndarray] = {}      # role -> cells already reported as not numbers
     for col in raw.columns:
         values, bad = to_numeric(raw[col])
         used = col in role_of or (spec.covariates is not None and col in spec.covariates)
@@ -57,11 +59,12 @@ def convert(raw: pd.DataFrame, spec: ColumnSpec, rows: Rows, violations: list[Vi
             if used:
                 what = role_of.get(col, "covariate")
                 violations += _non_numeric(raw[col], bad, col, what, rows)
+                unreadable[what] = bad
             else:
                 text_columns.append(col)
                 continue
         numeric[col] = values
-    return numeric, text_columns
+    return numeric, text_columns, unreadable
 
 
 #: a level written as below a limit ("<0.5", "< 2", "BLQ<0.1")
@@ -80,7 +83,14 @@ def _non_numeric(column: pd.Series, bad: np.ndarray, name: str, what: str, rows:
         out.append(rows.violation(below, name, f"{ex} in DV is a level below the limit of quantification: put the "
                                   "limit in DV with CENS=1 (NONMEM's M3 convention), or BLQ=1 with the limit in an "
                                   "LLOQ column, to fit it as censored; or set MDV=1 to leave it out"))
-    rest = bad & ~below
+    comma = bad & text.str.match(r"^[+-]?\d*,\d+$").to_numpy()
+    if comma.any():
+        ex = ", ".join(repr(v) for v in text[comma].unique()[:3])
+        out.append(rows.violation(comma, name, f"{ex} in {what} is written with a decimal comma, and other numbers "
+                                  "in the file with decimal points (or the file is comma-separated): write every "
+                                  "number one way (decimal commas are read in a file separated by ; or tabs whose "
+                                  "numbers all have them)"))
+    rest = bad & ~below & ~comma
     if rest.any():
         ex = ", ".join(repr(v) for v in column[rest].astype(str).unique()[:3])
         out.append(rows.violation(rest, name, f"non-numeric value ({ex}) in {what} column; expected a number ('.' or "
@@ -94,10 +104,16 @@ def _int_like(x: np.ndarray) -> np.ndarray:
 
 
 def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, has: set[str],
-                  violations: list[Violation]) -> None:
-    """Record-level NONMEM rules on canonical arrays ``t`` (keys are roles); ``names`` maps role -> column."""
+                  violations: list[Violation], unreadable: dict | None = None) -> None:
+    """Record-level NONMEM rules on canonical arrays ``t`` (keys are roles); ``names`` maps role -> column;
+    ``unreadable`` {role: mask}: cells already reported as not numbers, not reported again as missing."""
     ID, TIME, DV, AMT, EVID, MDV = (t[k] for k in ("ID", "TIME", "DV", "AMT", "EVID", "MDV"))
     add = violations.append
+    unreadable = unreadable or {}
+
+    def nan(role):
+        """Missing values of ``role`` that were not reported as unreadable."""
+        return np.isnan(t[role]) & ~unreadable.get(role, np.zeros(len(t[role]), dtype=bool))
 
     def v(mask, role, msg):
         if np.any(mask):
@@ -107,8 +123,8 @@ def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, h
         if role in has:
             v(np.isinf(t[role]), role, f"infinite value in {role}; a NONMEM data item must be a finite number "
               "('.' or empty for missing)")
-    v(np.isnan(ID), "ID", "missing subject ID; every record needs an ID")
-    v(np.isnan(TIME), "TIME", "missing TIME; every record needs a time (h)")
+    v(nan("ID"), "ID", "missing subject ID; every record needs an ID")
+    v(nan("TIME"), "TIME", "missing TIME; every record needs a time (h)")
     v(~np.isfinite(TIME) & ~np.isnan(TIME), "TIME", "TIME must be finite")
     if "EVID" in has:
         ok = np.isin(EVID, [0, 1, 2, 3, 4])
@@ -127,7 +143,7 @@ def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, h
           "put the observation on its own row with AMT=0 (or add EVID/MDV columns)")
     if "EVID" in has:
         v((EVID == 0) & (AMT > 0), "AMT", "observation row (EVID=0) with AMT > 0; set EVID=1 for a dose")
-    v(is_obs & np.isnan(DV), "DV", "observation (MDV=0) without a DV value; set MDV=1 if there is no observation")
+    v(is_obs & nan("DV"), "DV", "observation (MDV=0) without a DV value; set MDV=1 if there is no observation")
 
     RATE, II, ADDL, SS = t["RATE"], t["II"], t["ADDL"], t["SS"]
     if "RATE" in has:

@@ -29,7 +29,8 @@ def _looks_like_header(line: str) -> bool:
 
 
 def read_table(path: Path, separator: str | None = None, names: list[str] | None = None):
-    """Read ``path`` into (header, rows of str, file line numbers). Raises DatasetError on a non-table."""
+    """Read ``path`` into (header, rows of str, file line numbers, whether its numbers were written with decimal
+    commas and are now with points). Raises DatasetError on a non-table."""
     source = str(path)
     if not path.exists():
         raise DatasetError(f"file {path} does not exist", source)
@@ -141,10 +142,26 @@ def parse_text(text: str, source: str, separator: str | None = None, names: list
                 continue
         rows.append(fields)
         linenos.append(lineno)
+    decimal_comma = separator != "," and _decimal_commas(rows)
+    if decimal_comma:
+        rows = [[_DECIMAL_COMMA.sub(r"\1.\2", f) for f in r] for r in rows]
     if bad:
         viol = [Violation((), "", f"line {ln} has {n} fields but the header has {len(header)}; "
                           "check the separator and quoting") for ln, n in bad[:20]]
         if len(bad) > 20:
             viol.append(Violation((), "", f"... and {len(bad) - 20} more lines with the wrong number of fields"))
         raise DatasetError(viol, source)
-    return header, rows, linenos
+    return header, rows, linenos, decimal_comma
+
+
+#: a number written with a decimal comma ("0,5", "-12,25", ",5"), as spreadsheets in most of Europe export them
+_DECIMAL_COMMA = re.compile(r"^([+-]?\d*),(\d+(?:[eE][+-]?\d+)?)$")
+_DECIMAL_POINT = re.compile(r"^[+-]?\d*\.\d+(?:[eE][+-]?\d+)?$")      # a whole field: not a date 01.12.2026
+
+
+def _decimal_commas(rows) -> bool:
+    """True when the records write their decimals with commas: some field is a number with a decimal comma and
+    none is a number with a decimal point (a file that mixes them is left as it is; its commas are then refused
+    as non-numeric values). Only asked for a file whose separator is not the comma."""
+    fields = [f for r in rows for f in r]
+    return any(_DECIMAL_COMMA.match(f) for f in fields) and not any(_DECIMAL_POINT.match(f) for f in fields)

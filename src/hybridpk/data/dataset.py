@@ -63,6 +63,7 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
     >>> ds.n_subjects, ds.n_observations, ds.n_doses
     (12, 132, 12)
     """
+    decimal_comma = False
     if isinstance(source, pd.DataFrame):
         label = "<DataFrame>"
         if source.shape[0] == 0:
@@ -79,12 +80,12 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
             columns = _columns.find_sidecar(path)
         sidecar, sidecar_path = _columns.load_sidecar(columns)
         sep = separator or (sidecar.get("separator") if sidecar else None)
-        header, body, lines = _read.read_table(path, sep, names)
+        header, body, lines, decimal_comma = _read.read_table(path, sep, names)
         raw = pd.DataFrame(body, columns=header, dtype=object)
     raw, lines, commented = _without_commented_records(raw, lines, label)
     spec = _columns.resolve_columns(list(raw.columns), sidecar, covariates, label)
     ds = _build(raw, spec, lines, label, path, sidecar_path, last20)
-    return replace(ds, commented_lines=commented) if commented else ds
+    return replace(ds, commented_lines=commented, decimal_comma=decimal_comma) if commented or decimal_comma else ds
 
 
 #: the values of NONMEM's comment column C: "C" marks a record left out, "." or nothing one that is read
@@ -115,7 +116,7 @@ def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path, last2
     rows = Rows(len(raw), lines)
     raw, clock = _translate_time(raw, spec, rows, label, last20)
     violations: list[Violation] = []
-    numeric, text_columns = convert(raw, spec, rows, violations)
+    numeric, text_columns, unreadable = convert(raw, spec, rows, violations)
     role_names = dict(spec.roles)
     has = set(role_names)
     n = len(raw)
@@ -138,7 +139,7 @@ def _build(raw: pd.DataFrame, spec, lines, label: str, path, sidecar_path, last2
     if "MDV" not in has:
         t["MDV"] = np.where(t["EVID"] == 0, 0.0, 1.0)
         # a missing DV on an observation row is an observation we cannot use: keep the row, flag the error
-    check_records(t, role_names, rows, has, violations)
+    check_records(t, role_names, rows, has, violations, unreadable)
 
     # covariates: declared, or every numeric column without a role
     if spec.covariates is not None:
@@ -247,6 +248,8 @@ class Dataset:
     #: the file lines (data rows for a DataFrame) of the records a comment column C marked "C" and the reader left
     #: out, as NM-TRAN's IGNORE=C does
     commented_lines: tuple = ()
+    #: the file wrote its numbers with decimal commas ("0,5" in a ';'-separated file), read as decimal points
+    decimal_comma: bool = False
 
     # ----------------------------------------------------------------- views
     @property
@@ -433,6 +436,7 @@ class Dataset:
             "time_varying_covariates": list(self.time_varying_covariates()),
             "time_span": (float(f["TIME"].min()), float(f["TIME"].max())),
             "commented_out": list(self.commented_lines),
+            "decimal_comma": self.decimal_comma,
             "time_translation": self.time_note,
             "time_origin": dict(self.time_origin),
             "units": dict(self.units),
@@ -454,7 +458,8 @@ class Dataset:
                        roles_present=self.roles_present, other_columns=self.other_columns,
                        _row_numbers=None if self._row_numbers is None else self._row_numbers[keep],
                        _line_numbers=None if self._line_numbers is None else self._line_numbers[keep],
-                       time_note=self.time_note, time_origin=self.time_origin, commented_lines=self.commented_lines)
+                       time_note=self.time_note, time_origin=self.time_origin, commented_lines=self.commented_lines,
+                       decimal_comma=self.decimal_comma)
 
     def prediction_design(self, times, cmt: int = 0) -> "Dataset":
         """Every subject's dose records plus EVID=2 records at ``times`` (h), the same for all subjects, with each
