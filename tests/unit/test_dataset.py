@@ -289,3 +289,46 @@ def test_decimal_commas_of_european_spreadsheets(tmp_path, capsys):
     (tmp_path / "comma.csv").write_text('ID,TIME,AMT,DV\n1,0,100,.\n1,1,.,"2,1"\n')
     with pytest.raises(DatasetError, match="'2,1' in DV is written with a decimal comma"):
         hp.read_nonmem(tmp_path / "comma.csv")
+
+
+def test_units_in_the_header(tmp_path):
+    """Spreadsheet headers with units ("TIME (min)", "AMT [ug]", "WT(kg)") name the columns and state their units;
+    a sidecar's unit wins over the header's; names that would then clash are left as written."""
+    (tmp_path / "u.csv").write_text("ID,TIME (min),AMT [ug],DV (ng/mL),WT(kg)\n1,0,100,.,70\n1,1,.,2.0,70\n")
+    ds = hp.read_nonmem(tmp_path / "u.csv")
+    assert list(ds.to_dataframe().columns)[:4] == ["ID", "TIME", "DV", "AMT"] and ds.covariates == ("WT",)
+    assert dict(ds.units) == {"TIME": "min", "DV": "ng/mL", "AMT": "ug", "WT": "kg"}
+    assert ds.axis_units == ("min", "ng/mL")
+    (tmp_path / "u.columns.json").write_text(json.dumps({"columns": {"DV": {"role": "DV", "unit": "ug/L"}}}))
+    assert hp.read_nonmem(tmp_path / "u.csv").units["DV"] == "ug/L"
+    (tmp_path / "twice.csv").write_text("ID,TIME,DV,WT (kg),WT (lb)\n1,0,1.0,70,154\n")
+    twice = hp.read_nonmem(tmp_path / "twice.csv")
+    assert twice.covariates == ("WT (kg)", "WT (lb)") and "WT" not in twice.units
+
+
+def test_data_in_other_units_than_the_model_are_refused(tmp_path):
+    """A published model works in h, mg and mg/L: a patient record stating the same scale otherwise (ug/mL, hr)
+    is estimated; one in ng/mL or minutes is refused naming both units, for the estimate (map, dose, predict)
+    and for simulation. The unit arithmetic: same scale, different scale, unknown units."""
+    from hybridpk.data._units import same_unit
+
+    assert same_unit("ug/mL", "mg/L", "concentration") and same_unit("ng/mL", "ug/L", "concentration")
+    assert not same_unit("ng/mL", "mg/L", "concentration") and same_unit("hr", "h", "time")
+    assert not same_unit("min", "h", "time") and same_unit("mcg", "ug", "amount")
+    assert same_unit("mmol/L", "mmol/l", "concentration") and not same_unit("mmol/L", "mg/L", "concentration")
+    model = hp.load_model("phenobarbital_grasela1985")
+    body = "1,0,25,1.4,7,0,.\n1,2,0,1.4,7,0,17.3\n"
+    for header, ok in [("ID,TIME,AMT,WGT,APGR,APGRLOW,DV (ug/mL)", True),
+                       ("ID,TIME (hr),AMT,WGT,APGR,APGRLOW,DV", True),
+                       ("ID,TIME,AMT,WGT,APGR,APGRLOW,DV (ng/mL)", False),
+                       ("ID,TIME (min),AMT,WGT,APGR,APGRLOW,DV", False)]:
+        (tmp_path / "p.csv").write_text(header + "\n" + body)
+        ds = hp.read_nonmem(tmp_path / "p.csv", covariates=["WGT", "APGRLOW"])
+        if ok:
+            assert model.estimate(ds).eta.shape == (1, model.model.n_eta)
+            continue
+        unit = "ng/mL" if "ng" in header else "min"
+        for call in (lambda: model.estimate(ds), lambda: model.simulate(ds)):
+            with pytest.raises(DatasetError, match=rf"in {unit}, but phenobarbital_grasela1985 works in "
+                                                   r"(mg/L|h): convert the data"):
+                call()

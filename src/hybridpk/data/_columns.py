@@ -109,11 +109,13 @@ def find_sidecar(path: Path) -> Path | None:
     return None
 
 
-def resolve_columns(header: list[str], sidecar: dict, covariates, source: str | None) -> ColumnSpec:
-    """Assign roles to the columns of ``header``; report every ambiguity at once."""
+def resolve_columns(header: list[str], sidecar: dict, covariates, source: str | None,
+                    units: dict | None = None) -> ColumnSpec:
+    """Assign roles to the columns of ``header``; report every ambiguity at once. ``units`` {column: unit}: units
+    the file states (its header's "TIME (h)"), which a sidecar's override and which override the defaults."""
     violations: list[Violation] = []
     roles: dict[str, str] = {}
-    units: dict[str, str] = {}
+    units = dict(units or {})
     declared_cov: list[str] = []
     ignored: list[str] = []
     categorical: list[str] = []

@@ -83,7 +83,8 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
         header, body, lines, decimal_comma = _read.read_table(path, sep, names)
         raw = pd.DataFrame(body, columns=header, dtype=object)
     raw, lines, commented = _without_commented_records(raw, lines, label)
-    spec = _columns.resolve_columns(list(raw.columns), sidecar, covariates, label)
+    raw, header_units = _units_in_header(raw)
+    spec = _columns.resolve_columns(list(raw.columns), sidecar, covariates, label, header_units)
     ds = _build(raw, spec, lines, label, path, sidecar_path, last20)
     return replace(ds, commented_lines=commented, decimal_comma=decimal_comma) if commented or decimal_comma else ds
 
@@ -91,6 +92,24 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
 #: the values of NONMEM's comment column C: "C" marks a record left out, "." or nothing one that is read
 _COMMENT_MARKS = {"C", "c"}
 _READ_MARKS = {"", ".", "0"}
+
+
+#: a column name with its unit, as spreadsheets head them: "TIME (h)", "DV [mg/L]", "WT(kg)"
+_NAME_AND_UNIT = r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*[(\[]\s*([^()\[\]]+?)\s*[)\]]\s*$"
+
+
+def _units_in_header(raw: pd.DataFrame):
+    """(records with the columns named without their units, {name: unit}) for headers such as "TIME (h)" or
+    "DV [mg/L]"; the units label figures and tables as a sidecar's would. Left as they are when two columns
+    would get the same name."""
+    import re
+
+    found = {c: re.match(_NAME_AND_UNIT, str(c)) for c in raw.columns}
+    names = [m.group(1) if m else c for c, m in found.items()]
+    if not any(found.values()) or len({n.upper() for n in names}) < len(names):
+        return raw, {}
+    units = {m.group(1): m.group(2) for m in found.values() if m}
+    return raw.set_axis(names, axis=1), units
 
 
 def _without_commented_records(raw: pd.DataFrame, lines, label: str):
@@ -321,6 +340,22 @@ class Dataset:
             if (f.groupby("ID", sort=False)[c].nunique() > 1).any():
                 out.append(c)
         return tuple(out)
+
+    def require_units(self, units: dict, user: str) -> None:
+        """Refuse, naming both, when the units this dataset states (a sidecar's or its header's, "DV (ng/mL)")
+        differ from ``units`` {"time": .., "amount": .., "concentration": ..} that ``user`` (a model) works in:
+        its numbers would be read on the wrong scale. Units that are the same quantity written differently
+        (ug/mL and mg/L, hr and h) agree; a unit that cannot be compared is refused unless written alike."""
+        from ._units import same_unit
+
+        clashes = []
+        for role, kind in (("TIME", "time"), ("AMT", "amount"), ("DV", "concentration")):
+            ours, theirs = self.units.get(role), units.get(kind)
+            if ours and theirs and not same_unit(ours, theirs, kind):
+                clashes.append(f"{role} in {ours}, but {user} works in {theirs}")
+        if clashes:
+            raise DatasetError("; ".join(clashes) + ": convert the data to the model's units (hybridpk does not "
+                               "rescale them), or correct the unit the file or its sidecar states", self.source)
 
     def clock_time(self, subject, hours: float) -> str | None:
         """The date and time ("YYYY-MM-DD hh:mm") ``hours`` after ``subject``'s TIME 0, when its records had

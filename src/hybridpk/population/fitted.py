@@ -134,6 +134,7 @@ class FittedPopulation:
     def estimate(self, dataset) -> IndividualEstimates:
         """MAP ETAs (EBEs) of every patient of ``dataset`` from its own observations, with their Laplace
         covariance (the fit's EBEs come from this same call)."""
+        dataset.require_units(self.units, self.name or "the model")
         return map_estimate(self, dataset)
 
     def predict(self, dataset, estimates: IndividualEstimates | None = None) -> Predictions:
@@ -162,6 +163,7 @@ class FittedPopulation:
         row per replicate and record: REP (1..n), ID, TIME, EVID, MDV, IPRED, DV (mg/L) and the ETAs."""
         from .simulation import simulate_replicates
 
+        dataset.require_units(self.units, self.name or "the model")
         return simulate_replicates(self, dataset, n, seed)
 
     # ------------------------------------------------------------------ persistence
