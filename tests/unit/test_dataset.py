@@ -332,3 +332,7 @@ def test_data_in_other_units_than_the_model_are_refused(tmp_path):
             with pytest.raises(DatasetError, match=rf"in {unit}, but phenobarbital_grasela1985 works in "
                                                    r"(mg/L|h): convert the data"):
                 call()
+    from hybridpk.cli import main
+
+    assert main(["fit", str(tmp_path / "p.csv"), "--model", "phenobarbital_grasela1985", "--out",
+                 str(tmp_path / "run")]) == 2 and not (tmp_path / "run" / "summary.json").exists()

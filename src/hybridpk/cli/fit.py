@@ -417,6 +417,7 @@ def _model_and_data(args):
         ds = read_nonmem(resolve_data_path(src))
         spec = _published_spec(args)
         if spec is not None:
+            ds.require_units(spec.units, spec.name)    # its estimates are on its units' scale
             args.pooled = False
             return spec.starting_model(), ds
         init = {}
