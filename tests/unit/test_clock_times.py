@@ -196,7 +196,9 @@ def test_dose_start_as_a_date_and_time(tmp_path, pharmpy_examples, capsys):
     raw[raw.ID == 1].to_csv(tmp_path / "hours.csv", index=False)
     assert main(["dose", model, str(tmp_path / "hours.csv"), "--start", "2026-12-12 08:00"]) == 2
     assert main(["dose", model, str(tmp_path / "three.csv"), "--start", "tomorrow"]) == 2
+    assert main(["dose", model, str(tmp_path / "three.csv"), "--start", "2026-12-12T08:00+01:00"]) == 2
     err = capsys.readouterr().err
+    assert "give the date and time without a time zone" in err
     assert "the record of patient 1 has no calendar dates to place it" in err
     assert "--start 'tomorrow': give hours (e.g. 120) or a date and time" in err
 

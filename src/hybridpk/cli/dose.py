@@ -202,7 +202,11 @@ def _start_hours(start, ds):
     try:
         when = dt.datetime.fromisoformat(start.strip())
     except ValueError:
-        raise HybridPKError(f"--start {start!r}: give hours (e.g. 120) or a date and time (e.g. '2026-12-09 08:00')")
+        raise HybridPKError(f"--start {start!r}: give hours (e.g. 120) or a date and time (e.g. '2026-12-09 08:00')"
+                            ) from None
+    if when.tzinfo is not None:
+        raise HybridPKError(f"--start {start!r}: give the date and time without a time zone, as the record's own "
+                            "dates and clock times are written")
     missing = [pid for pid in ds.ids if pid not in ds.time_origin]
     if missing:
         raise HybridPKError(f"--start {start!r} is a date and time, but the record of patient "
