@@ -232,8 +232,9 @@ def _run_fitted(args, fitted, ds) -> int:
                             f"SIGMA; drop {', '.join(given)}")
     _check_output(args)
     fitted = fitted.to(args.device)
-    parts = [ds] if args.n is None else [virtual_design(ds, start, min(args.chunk, args.n - start))
-                                         for start in range(0, args.n, args.chunk)]
+    # one chunk's design at a time, as it is simulated and written (the memory of one chunk, whatever --n)
+    parts = iter([ds]) if args.n is None else (virtual_design(ds, start, min(args.chunk, args.n - start))
+                                               for start in range(0, args.n, args.chunk))
 
     def chunks():
         for k, part in enumerate(parts):

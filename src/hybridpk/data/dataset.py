@@ -310,6 +310,19 @@ class Dataset:
         return int(self.observation_mask.sum())
 
     @property
+    def n_censored_observations(self) -> int:
+        """Observations below a limit of quantification, as the batch reads them for M3: CENS != 0, else BLQ != 0,
+        else DV below an LLOQ column."""
+        f, obs = self._frame, self.observation_mask
+        if "CENS" in f:
+            return int((f["CENS"][obs] != 0).sum())
+        if "BLQ" in f:
+            return int((f["BLQ"][obs] != 0).sum())
+        if "LLOQ" in f:
+            return int((f["DV"][obs] < f["LLOQ"][obs]).sum())
+        return 0
+
+    @property
     def dose_mask(self) -> np.ndarray:
         """True for dose records (EVID 1 or 4)."""
         return self._frame["EVID"].isin([1, 4]).to_numpy()
@@ -446,13 +459,7 @@ class Dataset:
                 routes[f"{'default CMT' if c == 0 else f'CMT {c}'} {k}"] = int(n)
         ss = int((f["SS"] > 0).sum()) if "SS" in f else 0
         per_subject = f[obs].groupby("ID", sort=False).size()
-        censored = 0
-        if "CENS" in f:
-            censored = int((f["CENS"][obs] != 0).sum())
-        elif "BLQ" in f:
-            censored = int((f["BLQ"][obs] != 0).sum())
-        elif "LLOQ" in f:
-            censored = int((f["DV"][obs] < f["LLOQ"][obs]).sum())
+        censored = self.n_censored_observations
         return {
             "source": self.source,
             "records": int(len(f)),
@@ -488,13 +495,9 @@ class Dataset:
         keep = self._frame["ID"].isin(list(ids)).to_numpy()
         if not keep.any():
             raise DatasetError(f"none of the IDs {list(ids)[:5]} is in the dataset", self.source)
-        return Dataset(_frame=self._frame[keep].reset_index(drop=True), covariates=self.covariates,
-                       categorical=self.categorical, units=self.units, source=self.source,
-                       roles_present=self.roles_present, other_columns=self.other_columns,
+        return replace(self, _frame=self._frame[keep].reset_index(drop=True),
                        _row_numbers=None if self._row_numbers is None else self._row_numbers[keep],
-                       _line_numbers=None if self._line_numbers is None else self._line_numbers[keep],
-                       time_note=self.time_note, time_origin=self.time_origin, commented_lines=self.commented_lines,
-                       decimal_comma=self.decimal_comma)
+                       _line_numbers=None if self._line_numbers is None else self._line_numbers[keep])
 
     def prediction_design(self, times, cmt: int = 0) -> "Dataset":
         """Every subject's dose records plus EVID=2 records at ``times`` (h), the same for all subjects, with each

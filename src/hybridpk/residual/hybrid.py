@@ -528,7 +528,7 @@ def require_uncensored(dataset, use: str, other: str) -> None:
     fit takes them by M3, the hybrid's likelihood would read them as levels measured at the limit."""
     from ..errors import ModelError
 
-    censored = dataset.summary()["censored_observations"]
+    censored = dataset.n_censored_observations
     if censored:
         raise ModelError(f"the data have {censored} censored observation(s) (BLQ, CENS or below an LLOQ column), which "
                          f"the population model takes by M3 but the hybrid's {use} would read as levels measured at "
