@@ -34,12 +34,29 @@ def test_width_divides_the_most_frequent_dosing_interval():
     b = batch_of(regimen(6, samples=[1.0, 30.0, 83.75]))
     assert aligned_width(b, 83.75 / 48) == pytest.approx(12.0 / 7, rel=1e-12)     # 1.745 h -> 12/7 h
     assert aligned_width(b, 4.5) == pytest.approx(4.0, rel=1e-12)                  # nearest whole fraction
-    assert aligned_width(b, 30.0) == pytest.approx(12.0, rel=1e-12)                # never wider than one interval
+    assert aligned_width(b, 13.0) == pytest.approx(12.0, rel=1e-12)                # the nearest: one interval
+    assert aligned_width(b, 30.0) == pytest.approx(24.0, rel=1e-12)                # wider: whole intervals
     single = batch_of(regimen(1, samples=[1.0, 24.0]))
     assert aligned_width(single, 0.5) == 0.5                                         # no repeated doses: unchanged
     rows = regimen(4, tau=8.0, samples=[1.0]) + [dict(r, ID=2) for r in regimen(6, samples=[2.0])] \
         + [dict(r, ID=3) for r in regimen(6, samples=[3.0])]
     assert aligned_width(batch_of(rows), 1.75) == pytest.approx(12.0 / 7, rel=1e-12)  # 12 h is the commonest gap
+
+
+def test_grid_of_a_long_record_keeps_about_its_number_of_intervals():
+    """Months of TDM records (R's nlme::Quinidine: up to 8095 h at 6-h dosing) get cells of whole dosing
+    intervals, about ``intervals`` of them over the span (at most 1.5 times as many: the nearest multiple), not
+    one per dosing interval (1350 there)."""
+    from hybridpk.residual.features import input_grid
+
+    b = batch_of(regimen(240, tau=6.0, samples=[2.0, 700.0, 1439.0]))               # 60 days every 6 h
+    for intervals in (48, 96):
+        scale = fit_scale(b, torch.ones_like(b.time), n_fourier=6, intervals=intervals)
+        dt = scale["input_dt"]
+        assert dt / 6.0 == pytest.approx(round(dt / 6.0), abs=1e-12) and dt > 6.0    # whole dosing intervals
+        assert input_grid(b, dt).shape[1] <= 1.5 * intervals + 1                      # (the nearest multiple)
+    short = batch_of(regimen(6, samples=[1.0, 30.0, 83.75]))                          # a few days: unchanged
+    assert fit_scale(short, torch.ones_like(short.time), intervals=48)["input_dt"] == pytest.approx(12.0 / 7)
 
 
 def test_time_since_first_dose_is_held_beyond_the_training_span():
