@@ -5,6 +5,7 @@ regimen lies outside the training design."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -137,6 +138,36 @@ def test_hybrid_run_is_dosed_with_its_correction_and_warns_outside_its_design(eh
     c = loaded.concentrations(b, post.estimate.eta)[0, -len(grid):]
     auc = float(torch.trapezoid(c, torch.as_tensor(grid))) * 2.0
     assert auc == pytest.approx(rec.exposure["auc24"]["map"], rel=0.01)
+
+
+def test_a_long_record_is_estimated_in_chunks_of_bounded_memory(ehc_fit, hybrid_run, monkeypatch):
+    """Posterior draws of a patient whose record spans days, for a hybrid trained on one day (a fine grid: the
+    reservoir's arrays grow with the intervals squared), are evaluated a few at a time: 250 at once took over
+    24 GB for a 30-day record."""
+    ds, _, _ = ehc_fit
+    hyb, run = hybrid_run
+    short = _patient(ds, sid=2, doses=1)
+    assert hyb.chunk_size(short.to_batch()) == 100
+    df = short.to_dataframe()
+    long = hp.read_nonmem(pd.concat([df[df.EVID == 1].assign(ADDL=15, II=12.0),
+                                     df[df.EVID == 0].assign(ADDL=0, II=0.0, TIME=df[df.EVID == 0].TIME + 180.0)])
+                          .reset_index(drop=True))
+    model = dosing_model(run)
+    est = model.estimate(long)
+    step = hyb.chunk_size(est.batch, most=250)
+    intervals = math.ceil(float(est.batch.time.max()) / hyb.vae.scale["input_dt"])
+    one = hyb.vae.form.cells(est.batch.time.shape[1], intervals, est.batch.dose_time.shape[1], hyb.vae.scale)
+    assert 1 <= step < 250 and step * one <= 2e7
+    sizes = []
+    objective = HybridDosing._objective
+
+    def recorded(self, batch, points):
+        sizes.append(points.shape[0])
+        return objective(self, batch, points)
+
+    monkeypatch.setattr(HybridDosing, "_objective", recorded)
+    draws, *_ = model.posterior(est, 250, seed=1)
+    assert draws.shape == (250, 5) and 0 < max(sizes) <= step
 
 
 def test_latent_outside_training_is_warned(ehc_fit):

@@ -279,10 +279,12 @@ class HybridDosing(DosingModel):
         return torch.block_diag(oinv, torch.linalg.inv(self.z_cov))
 
     def posterior(self, est: PatientEstimate, n: int, seed: int):
+        step = self.fitted.chunk_size(est.batch, most=250)      # fewer at once for a long record at a fine grid
+
         def log_post(draws):
             out = []
-            for i in range(0, draws.shape[0], 250):
-                d = draws[i:i + 250]
+            for i in range(0, draws.shape[0], step):
+                d = draws[i:i + step]
                 out.append(-self._objective(est.batch.select([0] * d.shape[0]), d))
             return torch.cat(out)
 

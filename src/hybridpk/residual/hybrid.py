@@ -166,13 +166,9 @@ class HybridFit:
         """Hybrid concentrations (S, R) mg/L at every record of ``batch`` (S subjects, e.g. one patient
         repeated) for ``points`` (S, n_eta + K): each row the ETAs, then z (``point_names``). For the log form
         the prediction is averaged with ODE-only with ``weight`` (the patient's HYBRID_WEIGHT; None: the
-        hybrid alone). Evaluated ``chunk`` rows at a time (default: up to 100, fewer when records x grid
-        intervals are many: the grid forms' memory grows with both)."""
+        hybrid alone). Evaluated ``chunk`` rows at a time (default: :meth:`chunk_size`)."""
         base, pop = ODEBaseline(self.hybrid_population), self.population
-        if chunk is None:
-            span = float((batch.time.max() - batch.time.min()).clamp(min=1.0))
-            cells = batch.time.shape[1] * max(1.0, span / float(self.vae.scale.get("input_dt", span)))
-            chunk = int(max(1, min(100, 2e7 // cells)))
+        chunk = chunk or self.chunk_size(batch)
         out = []
         with torch.no_grad():
             for i in range(0, points.shape[0], chunk):
@@ -187,6 +183,17 @@ class HybridFit:
                 out.append(hyb)
         return torch.cat(out) if out else torch.zeros(0, batch.time.shape[1], dtype=torch.float64,
                                                       device=batch.time.device)
+
+    def chunk_size(self, batch, cells: float = 2e7, most: int = 100) -> int:
+        """How many subjects of ``batch`` to predict together: up to ``most``, fewer when the form's arrays per
+        subject are large (:meth:`~hybridpk.residual.forms.CorrectionForm.cells`, about ``cells`` numbers at
+        once): the grid forms' grow with the records, doses and the grid's intervals, the reservoir's and
+        elimination's with the intervals squared. A long record at a fine grid (30 days of doses every 12 h for
+        a hybrid trained on one day: 1900 intervals) had posterior draws take over 24 GB."""
+        span = float((batch.time.max() - batch.time.min()).clamp(min=1.0))
+        intervals = math.ceil(span / float(self.vae.scale.get("input_dt", span)))
+        one = self.vae.form.cells(batch.time.shape[1], intervals, batch.dose_time.shape[1], self.vae.scale)
+        return int(max(1, min(most, cells // max(one, 1))))
 
     def objective(self, batch, points, z_prior=None):
         """-log p(y, ETAs, z) (S,) up to a constant of the observations in ``batch`` at ``points`` (S, n_eta + K):

@@ -35,6 +35,12 @@ class CorrectionForm(nn.Module):
     def __init__(self, n_features: int, latent_dim: int, hidden: int):
         super().__init__()
 
+    def cells(self, records: int, intervals: int, doses: int, scale: dict) -> int:
+        """About how many numbers one subject's prediction holds at once, with ``records`` records, ``intervals``
+        grid intervals and ``doses`` doses (what the callers size their batches by): a form without a time grid,
+        the closed form's records x doses."""
+        return records * max(doses, 1)
+
     def forward(self, batch, ipred, z, scale: dict, params=None, structural=None):
         """(hybrid concentration (N, R) mg/L, the correction r (N, R) in log space) at every record of
         ``batch``, for latent ``z`` (N, K), the ODE prediction ``ipred`` (N, R), the normalising constants
@@ -78,6 +84,12 @@ class StructuralGridForm(CorrectionForm):
     grid, scale)`` -> the hybrid concentration (N, R) mg/L."""
 
     structural = True
+
+    def cells(self, records: int, intervals: int, doses: int, scale: dict) -> int:
+        """The closed form at the records and at the intervals' fill points, by dose, plus the response of every
+        record to every interval and the coupling of the intervals among themselves (intervals squared)."""
+        points = int(scale.get("fill_points", 1))
+        return (intervals * points + records) * max(doses, 1) + records * intervals + intervals * intervals
 
     def forward(self, batch, ipred, z, scale, params=None, structural=None):
         require_structure(self, params, structural)

@@ -25,6 +25,9 @@ class InputForm(CorrectionForm):
         # a rate on a time grid: the record features without log IPRED
         self.decoder = CorrectionDecoder(n_features - 1, latent_dim, hidden)
 
+    def cells(self, records: int, intervals: int, doses: int, scale: dict) -> int:
+        return records * (intervals + max(doses, 1))      # every record's response to every interval and dose
+
     def forward(self, batch, ipred, z, scale, params=None, structural=None):
         require_structure(self, params, structural)
         g = grid_inputs(batch, scale)
