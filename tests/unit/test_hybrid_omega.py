@@ -58,6 +58,34 @@ def test_the_conditional_covariance_is_the_inverse_hessian_of_each_patient(ode_w
         torch.testing.assert_close(cov[i], torch.linalg.inv(hess), rtol=1e-8, atol=1e-12)
 
 
+def test_an_indefinite_hessian_gives_no_covariance_beyond_the_floor(ode_world, monkeypatch):
+    """Away from a mode the Hessian may be indefinite (-2 I here); C_i's eigenvalues are then 1 / floor, where
+    they were 1e10 (nlme's Indometh: the hybrid's OMEGA 5e7, its proportional SD 2e4), and a positive curvature
+    however small is kept; ITS floors at the prior's smallest precision, 1 / the largest eigenvalue of OMEGA."""
+    import hybridpk.residual.omega as omega_module
+
+    _, fit, vae, est, batch, ipred = ode_world
+    base, sd = ODEBaseline(fit), fit.sigma.sd_tensors()
+    monkeypatch.setattr(omega_module, "joint_objective", lambda *a, **k: -(a[3] ** 2).sum(1))
+    z = torch.zeros(est.eta.shape[0], vae.latent_dim, dtype=torch.float64)
+    cov = conditional_covariance(vae, base, batch, est.eta, z, fit.model.error, sd, floor=25.0)
+    torch.testing.assert_close(cov, torch.eye(3, dtype=torch.float64).expand_as(cov) / 25.0)
+    monkeypatch.setattr(omega_module, "joint_objective", lambda *a, **k: 1e-3 * (a[3] ** 2).sum(1))
+    cov = conditional_covariance(vae, base, batch, est.eta, z, fit.model.error, sd, floor=25.0)
+    torch.testing.assert_close(cov, torch.eye(3, dtype=torch.float64).expand_as(cov) * 500.0)   # a mode: kept
+    floors = []
+    real = omega_module.conditional_covariance
+
+    def recorded(*a, floor=1e-10):
+        floors.append(floor)
+        return real(*a, floor=floor)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(omega_module, "conditional_covariance", recorded)
+    its_omega(vae, fit, batch, ipred, est.eta, fit.model.error, sd, iterations=1)
+    assert floors == [pytest.approx(1.0 / float(torch.linalg.eigvalsh(fit.omega.tensor()).max()), rel=1e-12)]
+
+
 def test_on_data_the_ode_describes_the_hybrids_omega_is_the_focei_one(ode_world):
     """With no correction the hybrid is the ODE model: ITS from the FOCE-I OMEGA stays within 10% of it
     (each variance), and from a prior 4 times too wide it comes back within 15%."""
