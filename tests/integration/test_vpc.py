@@ -83,6 +83,64 @@ def test_the_vpc_command(tmp_path, capsys):
                  str(tmp_path / "w.png")]) == 2
 
 
+def test_time_after_dose_by_hand():
+    """TAD from the dose records: ADDL doses count (6 h after the one at 24 h: 30 -> 6), a dose at a sample's time
+    counts when its record comes first (the trough written before the 48-h dose is 24 h after the one at 24 h;
+    the sample written after the 60-h dose 0 h), a steady-state dose is the last of its regimen, and a sample
+    before any dose has none (NaN). Dose records' own TAD: from the dose before them."""
+    import pandas as pd
+
+    rows = [dict(ID=1, TIME=0.0, AMT=100.0, DV=0.0, EVID=1, MDV=1, ADDL=2, II=12.0, SS=0),
+            dict(ID=1, TIME=6.0, AMT=0.0, DV=1.0, EVID=0, MDV=0, ADDL=0, II=0.0, SS=0),
+            dict(ID=1, TIME=30.0, AMT=0.0, DV=1.0, EVID=0, MDV=0, ADDL=0, II=0.0, SS=0),
+            dict(ID=1, TIME=48.0, AMT=0.0, DV=1.0, EVID=0, MDV=0, ADDL=0, II=0.0, SS=0),
+            dict(ID=1, TIME=48.0, AMT=100.0, DV=0.0, EVID=1, MDV=1, ADDL=0, II=0.0, SS=0),
+            dict(ID=1, TIME=60.0, AMT=100.0, DV=0.0, EVID=1, MDV=1, ADDL=0, II=0.0, SS=0),
+            dict(ID=1, TIME=60.0, AMT=0.0, DV=1.0, EVID=0, MDV=0, ADDL=0, II=0.0, SS=0),
+            dict(ID=2, TIME=0.0, AMT=0.0, DV=1.0, EVID=0, MDV=0, ADDL=0, II=0.0, SS=0),
+            dict(ID=2, TIME=10.0, AMT=100.0, DV=0.0, EVID=1, MDV=1, ADDL=0, II=12.0, SS=1),
+            dict(ID=2, TIME=13.0, AMT=0.0, DV=1.0, EVID=0, MDV=0, ADDL=0, II=0.0, SS=0)]
+    b = hp.read_nonmem(pd.DataFrame(rows)).to_batch()
+    tad = b.to_rows(b.time_after_dose())
+    expect = [0.0, 6.0, 6.0, 24.0, 0.0, 0.0, 0.0, np.nan, 0.0, 3.0]
+    np.testing.assert_allclose(tad, expect, equal_nan=True)
+
+
+def test_a_vpc_by_time_after_dose_bins_tdm_samples_by_their_place_in_the_interval(tmp_path, capsys):
+    """Repeated doses and samples at irregular times (TDM-like): binned by TAD every bin lies within one dosing
+    interval, the correct model is inside its bands, the samples drawn before the first dose (written before
+    its record) are left out; the command writes a TAD column and says how many were left out."""
+    import pandas as pd
+
+    from hybridpk.cli import main
+
+    rng = np.random.default_rng(7)
+    times = [0.0] + sorted(np.round(rng.uniform(1.0, 72.0, 7), 2).tolist())
+    design = hp.make_design(60, [dict(TIME=0.0, AMT=300.0, ADDL=5, II=12.0)], times, seed=7)
+    sim = hp.simulate_population("1cmt_iv", design, dict(CL=3.0, V=10.0), dict(CL=0.09, V=0.04), proportional=0.1,
+                                 additive=0.02, seed=7).dataset.to_dataframe()
+    pre = (sim.EVID == 0) & (sim.TIME == 0.0)          # the samples at 0 h drawn before the first dose
+    df = sim.assign(DV=sim.DV.where(~pre, 0.0), ORDER=np.where(pre, 0, 1)).sort_values(
+        ["ID", "TIME", "ORDER"], kind="stable").drop(columns="ORDER").reset_index(drop=True)
+    ds = hp.read_nonmem(df)
+    before = int(pre.sum())
+    fit = _fit("1cmt_iv", hp.read_nonmem(sim))       # (fitted without them: DV 0 at a prediction of 0 would take
+    #                                                   the additive SD to 0, an unbounded likelihood)
+    result = vpc(fit, ds, n=200, bins=6, seed=1, idv="TAD")
+    assert result.idv == "TAD" and "TAD" in result.table and result.left_out == before
+    assert (result.observed.TAD >= 0).all() and (result.observed.TAD <= 12.0).all()
+    assert result.table.TAD.is_monotonic_increasing and result.fraction_inside >= 0.75
+    by_time = vpc(fit, ds, n=200, bins=6, seed=1)
+    assert by_time.table.TIME.max() > 12.0 and by_time.left_out == 0
+    assert plot_vpc(result).axes[0].get_xlabel().startswith("time after dose")
+    fit.save(tmp_path / "run")
+    df.to_csv(tmp_path / "d.csv", index=False)
+    assert main(["vpc", str(tmp_path / "run"), "--data", str(tmp_path / "d.csv"), "--n", "50", "--idv", "TAD",
+                 "--out", str(tmp_path / "v.png")]) == 0
+    assert "TAD" in pd.read_csv(tmp_path / "v.csv").columns
+    assert f"left out: {before} observation(s) before any dose" in capsys.readouterr().out
+
+
 def test_npde_are_standard_normal_under_the_right_model_and_not_under_the_wrong_one():
     """Brendel et al. 2006: under the model the NPDE are N(0, 1) (Kolmogorov-Smirnov, mean, variance); the
     1-cmt model on 2-cmt data is rejected."""

@@ -10,7 +10,10 @@ latent prior; residual error), bin the observations by time, and compare the obs
 percentiles of each bin with the simulated percentiles' 90% intervals (shaded). Observed lines leaving their
 bands in adjacent bins point to model misspecification. --pc corrects every observed and simulated value
 by its record's population prediction (Bergstrand et al. 2011): use it when doses or covariates differ
-within a bin. Writes the figure and, beside it, the numbers as CSV (same name, .csv).
+within a bin. --idv TAD bins by the time after the most recent dose instead of the time since the start
+(PsN vpc's -idv=TAD): for TDM records over days or weeks, where doses and samples fall at irregular times,
+bins of TIME mix peaks and troughs; observations before any dose are left out (the count is printed).
+Writes the figure and, beside it, the numbers as CSV (same name, .csv).
 """
 
 
@@ -21,8 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
     p.add_argument("--data", metavar="DATA", help="the dataset (its design and observations); " + RUN_DATA_HELP)
     p.add_argument("--n", type=positive_int, default=500, help="replicates (default 500)")
-    p.add_argument("--bins", type=positive_int, default=8, help="time bins with equal numbers of observations")
+    p.add_argument("--bins", type=positive_int, default=8,
+                   help="bins (of TIME, or TAD with --idv TAD) with equal numbers of observations")
     p.add_argument("--pc", action="store_true", help="prediction-corrected VPC")
+    p.add_argument("--idv", choices=("TIME", "TAD"), default="TIME",
+                   help="bin and draw by TIME (default) or by TAD, the time after the most recent dose (ADDL doses "
+                        "included; a dose at a sample's time counts when its record comes first)")
     p.add_argument("--stratify", metavar="COL", help="one panel per value of this column")
     p.add_argument("--log", action="store_true", help="log concentration axis")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulations")
@@ -43,7 +50,9 @@ def run(args) -> int:
     model = load_run(args.run)
     ds = run_dataset(args.run, args.data)
     result = vpc(model, ds, n=args.n, bins=args.bins, pc=args.pc, seed=args.seed, stratify=args.stratify,
-                 progress=print)
+                 progress=print, idv=args.idv)
+    if result.left_out:
+        print(f"left out: {result.left_out} observation(s) before any dose (no time after dose)")
     t_unit, c_unit = axis_units(ds)
     plot_vpc(result, time_unit=t_unit, conc_unit=c_unit, log=args.log).savefig(args.out, dpi=100)
     table = Path(args.out).with_suffix(".csv")

@@ -114,6 +114,20 @@ class EventBatch:
         cov[..., c] = torch.where(within, occ, cov[..., c])
         return cov
 
+    def time_after_dose(self):
+        """(N, R) hours from the most recent dose to each record (TAD, as NONMEM users compute it in their data or
+        $PK): from the dose records' times (ALAG not applied), ADDL doses included, a steady-state dose being the
+        last of its regimen; a dose at a record's time counts for it when the dose's record comes first in the data
+        (the solvers' order, hybridpk.solve._events: a trough written before its dose is at the end of the
+        previous interval). NaN before a subject's first dose."""
+        import torch
+
+        td, kd = self.dose_time.unsqueeze(1), self.dose_row.unsqueeze(1)
+        tr, kr = self.time.unsqueeze(2), self.row.unsqueeze(2)
+        given = self.dose_mask.unsqueeze(1) & ((tr > td) | ((tr == td) & (kr >= kd)))     # a dose record: 0
+        since = torch.where(given, tr - td, torch.full_like(tr - td, float("inf"))).min(-1).values
+        return torch.where(torch.isfinite(since), since, torch.full_like(since, float("nan")))
+
     def to_rows(self, x) -> np.ndarray:
         """A per-record tensor (N, R) as a numpy array in the Dataset's record order (padding dropped)."""
         m = self.record_mask.cpu()

@@ -2,7 +2,9 @@
 
 The fitted model (for a hybrid: ETAs from OMEGA and z from its latent prior) simulates ``n`` replicates of the
 study design (doses, sampling times, covariates, with residual error). Observations are binned by time
-(``bins`` bins with equal numbers of observations, or given edges). In each bin the observed 5th, 50th and
+(``bins`` bins with equal numbers of observations, or given edges), or by the time after the most recent dose
+(``idv="TAD"``, PsN vpc's ``-idv=TAD``: for TDM records over weeks, whose doses and samples fall at irregular
+times, binning by time since the start mixes peaks and troughs). In each bin the observed 5th, 50th and
 95th percentiles are compared with the distribution of the same percentiles over the replicates, summarised
 by its ``level`` interval (the shaded bands of the plot). An observed percentile outside its band in several
 adjacent bins is model misspecification (Holford 2005; Karlsson and Holford, PAGE 2008).
@@ -29,10 +31,11 @@ PERCENTILES = (5, 50, 95)
 
 @dataclass(frozen=True)
 class VPCResult:
-    """``table``: one row per bin (and stratum): TIME (median time of the bin's observations), N, and per
-    percentile p (5, 50, 95) OBS_Pp, SIM_Pp_LOW / SIM_Pp_MEDIAN / SIM_Pp_HIGH (the ``level`` interval of the
-    simulated percentile) and INSIDE_Pp; ``observed`` the observations used (TIME, DV, BIN; pcDV if
-    prediction-corrected); ``n`` replicates, ``pc``, ``level``, ``seed``."""
+    """``table``: one row per bin (and stratum): ``idv`` (TIME or TAD: the median of the bin's observations), N,
+    and per percentile p (5, 50, 95) OBS_Pp, SIM_Pp_LOW / SIM_Pp_MEDIAN / SIM_Pp_HIGH (the ``level`` interval of
+    the simulated percentile) and INSIDE_Pp; ``observed`` the observations used (TIME, TAD with ``idv`` TAD,
+    DV, BIN; pcDV if prediction-corrected); ``n`` replicates, ``pc``, ``level``, ``seed``; ``left_out``: the
+    observations before any dose (no time after dose) with ``idv`` TAD."""
 
     table: pd.DataFrame
     observed: pd.DataFrame = field(repr=False)
@@ -40,6 +43,8 @@ class VPCResult:
     pc: bool
     level: float
     seed: int
+    idv: str = "TIME"
+    left_out: int = 0
 
     @property
     def fraction_inside(self) -> float:
@@ -69,19 +74,31 @@ def _bin_edges(times, bins) -> np.ndarray:
 
 
 def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0.90, seed: int = 0,
-        stratify: str | None = None, progress=None) -> VPCResult:
+        stratify: str | None = None, progress=None, idv: str = "TIME") -> VPCResult:
     """The VPC (or, ``pc``, the pcVPC) of ``model`` (a FittedPopulation or HybridFit) on ``dataset``'s design
-    and observations (see the module docstring). ``stratify``: a covariate column; one set of bins per value."""
+    and observations (see the module docstring). ``stratify``: a covariate column; one set of bins per value.
+    ``idv``: what the observations are binned and drawn by, "TIME" or "TAD" (the time after the most recent
+    dose, :meth:`~hybridpk.data.batch.EventBatch.time_after_dose`; observations before any dose are left out)."""
     from ..errors import HybridPKError
 
     if n < 20:
         raise HybridPKError(f"n = {n}: a VPC needs at least 20 replicates (500 is usual)")
+    if idv not in ("TIME", "TAD"):
+        raise HybridPKError(f"idv {idv!r}: bin by TIME or by TAD (the time after the most recent dose)")
     df = dataset.to_dataframe()
     obs_mask = ((df.EVID == 0) & (df.MDV == 0)).to_numpy()
     if not obs_mask.any():
         raise HybridPKError("the dataset has no observations to check")
     if stratify is not None and stratify not in df.columns:
         raise HybridPKError(f"--stratify {stratify}: not a column of the data ({', '.join(df.columns)})")
+    left_out = 0
+    if idv == "TAD":            # observations before any dose have no time after dose: left out
+        batch = dataset.to_batch()
+        df = df.assign(TAD=np.asarray(batch.to_rows(batch.time_after_dose()), float))
+        after = obs_mask & np.isfinite(df.TAD.to_numpy())
+        if not after.any():
+            raise HybridPKError("no observation comes after a dose: there is no time after dose to bin by (use TIME)")
+        left_out, obs_mask = int(obs_mask.sum() - after.sum()), after
     sims = model.simulate(dataset, n=n, seed=seed)
     if progress:
         progress(f"simulated {n} replicates")
@@ -89,13 +106,14 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
     if len(sims) != n * len(df) or not np.array_equal(first.TIME.to_numpy(float), df.TIME.to_numpy(float)):
         raise RuntimeError("simulated replicates are not in the dataset's record order")
     sim_dv = sims.DV.to_numpy(float).reshape(n, len(df))[:, obs_mask]         # (n, observations)
-    obs = df.loc[obs_mask, ["ID", "TIME", "DV"]].reset_index(drop=True)
+    obs = df.loc[obs_mask, ["ID", "TIME"] + (["TAD"] if idv == "TAD" else []) + ["DV"]].reset_index(drop=True)
     obs["STRATUM"] = df.loc[obs_mask, stratify].to_numpy() if stratify else 0
     obs["BIN"] = -1
     for s in obs.STRATUM.unique():
         m = (obs.STRATUM == s).to_numpy()
-        edges = _bin_edges(obs.TIME[m].to_numpy(float), bins)
-        obs.loc[m, "BIN"] = np.clip(np.digitize(obs.TIME[m], edges[1:-1]), 0, len(edges) - 2)
+        x = obs[idv][m].to_numpy(float)
+        edges = _bin_edges(x, bins)
+        obs.loc[m, "BIN"] = np.clip(np.digitize(x, edges[1:-1]), 0, len(edges) - 2)
     y_obs, y_sim = obs.DV.to_numpy(float), sim_dv
     if pc:
         pred = _population_predictions(model, dataset)[obs_mask]
@@ -111,7 +129,7 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
         if keep.sum() < 2:
             continue
         idx = idx[keep]
-        row = {"STRATUM": s, "BIN": int(b), "TIME": float(np.median(obs.TIME[idx])), "N": int(idx.size)}
+        row = {"STRATUM": s, "BIN": int(b), idv: float(np.median(obs[idv][idx])), "N": int(idx.size)}
         sim_pct = np.nanpercentile(y_sim[:, idx], PERCENTILES, axis=1)          # (3, n)
         for k, p in enumerate(PERCENTILES):
             o = float(np.percentile(y_obs[idx], p))
@@ -122,7 +140,7 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
     table = pd.DataFrame(rows)
     if not stratify:
         table = table.drop(columns="STRATUM")
-    return VPCResult(table, obs, int(n), bool(pc), float(level), int(seed))
+    return VPCResult(table, obs, int(n), bool(pc), float(level), int(seed), idv, left_out)
 
 
 def _population_predictions(model, dataset) -> np.ndarray:
@@ -147,16 +165,17 @@ def plot_vpc(result: VPCResult, time_unit: str = "h", conc_unit: str = "mg/L", l
     for ax, s in zip(axes, strata):
         part = t if s is None else t[t.STRATUM == s]
         o = result.observed if s is None else result.observed[result.observed.STRATUM == s]
-        ax.plot(o.TIME, o[ycol], "o", color="0.5", ms=2.5, alpha=0.6, label="observations")
+        x = result.idv
+        ax.plot(o[x], o[ycol], "o", color="0.5", ms=2.5, alpha=0.6, label="observations")
         for p, colour in zip(PERCENTILES, ("tab:blue", "tab:red", "tab:blue")):
             what = "P5 and P95" if p == 5 else "P50"
-            ax.fill_between(part.TIME, part[f"SIM_P{p}_LOW"], part[f"SIM_P{p}_HIGH"], color=colour, alpha=0.2,
+            ax.fill_between(part[x], part[f"SIM_P{p}_LOW"], part[f"SIM_P{p}_HIGH"], color=colour, alpha=0.2,
                             label=f"simulated {what} ({result.level:.0%} interval)" if p != 95 else None)
-            ax.plot(part.TIME, part[f"OBS_P{p}"], "-", color=colour, lw=1.5,
+            ax.plot(part[x], part[f"OBS_P{p}"], "-", color=colour, lw=1.5,
                     label=f"observed {what}" if p != 95 else None)
         if log:
             ax.set_yscale("log")
-        ax.set_xlabel(f"TIME ({time_unit})")
+        ax.set_xlabel(f"time after dose ({time_unit})" if x == "TAD" else f"TIME ({time_unit})")
         ax.set_ylabel(("prediction-corrected " if result.pc else "") + f"DV ({conc_unit})")
         ax.set_title(("pcVPC" if result.pc else "VPC") + (f" ({s})" if s is not None else "")
                      + f", {result.n} replicates")
