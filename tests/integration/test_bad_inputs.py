@@ -79,6 +79,8 @@ def _files(d: Path, pharmpy_examples: Path) -> None:
     theoph.assign(TIME=theoph.TIME.where(theoph.index != 5, -1.0)).to_csv(d / "negative_time.csv", index=False)
     theoph.drop(columns="TIME").to_csv(d / "no_time.csv", index=False)
     theoph.assign(DVID=np.where(theoph.index % 3 == 0, 2, 1)).to_csv(d / "two_dvids.csv", index=False)
+    at_dose = (theoph.EVID == 0) & (theoph.TIME == 0)          # every level at the dose's time written as 0
+    theoph.assign(DV=theoph.DV.where(~at_dose, 0.0)).to_csv(d / "zeros_at_dose.csv", index=False)
     theoph.assign(CMT=np.where((theoph.EVID == 0) & (theoph.index % 3 == 0), 1, theoph.CMT)).to_csv(
         d / "depot_observed.csv", index=False)
     (d / "binary.csv").write_bytes(bytes(range(256)) * 4)
@@ -155,6 +157,8 @@ def _table(d: Path):
         ("fit-occasion-without-iov", fit + ["--occasion", "VISIT", "--out", run], "--iov"),
         ("fit-proportional-predose", ["fit", "theoph", "--model", "1cmt_oral", "--error", "proportional", "--out",
                                       run], "--error combined"),
+        ("fit-combined-zeros-where-predicted-zero", ["fit", str(d / "zeros_at_dose.csv"), "--model", "1cmt_oral",
+                                                     "--out", run], "grow without bound as ADD goes to 0"),
         ("fit-two-kinds-of-observation", ["fit", str(d / "two_dvids.csv"), "--model", "1cmt_oral", "--out", run],
          "DVID 1, 2"),
         ("fit-depot-observed", ["fit", str(d / "depot_observed.csv"), "--model", "1cmt_oral", "--out", run],
