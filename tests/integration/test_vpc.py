@@ -138,7 +138,14 @@ def test_a_vpc_by_time_after_dose_bins_tdm_samples_by_their_place_in_the_interva
     assert main(["vpc", str(tmp_path / "run"), "--data", str(tmp_path / "d.csv"), "--n", "50", "--idv", "TAD",
                  "--out", str(tmp_path / "v.png")]) == 0
     assert "TAD" in pd.read_csv(tmp_path / "v.csv").columns
-    assert f"left out: {before} observation(s) before any dose" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"TAD: computed from the dose records; left out: {before} observation(s)" in out
+    own = df.assign(TAD=np.where(df.EVID == 0, 1.0, 0.0))              # the data's own TAD column is the one used
+    own.to_csv(tmp_path / "own.csv", index=False)
+    assert main(["vpc", str(tmp_path / "run"), "--data", str(tmp_path / "own.csv"), "--n", "50", "--idv", "TAD",
+                 "--out", str(tmp_path / "o.png")]) == 0
+    assert "TAD: the data's TAD column" in capsys.readouterr().out
+    assert set(pd.read_csv(tmp_path / "o.csv").TAD) == {1.0}
 
 
 def test_npde_are_standard_normal_under_the_right_model_and_not_under_the_wrong_one():

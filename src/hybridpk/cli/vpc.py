@@ -12,7 +12,8 @@ bands in adjacent bins point to model misspecification. --pc corrects every obse
 by its record's population prediction (Bergstrand et al. 2011): use it when doses or covariates differ
 within a bin. --idv TAD bins by the time after the most recent dose instead of the time since the start
 (PsN vpc's -idv=TAD): for TDM records over days or weeks, where doses and samples fall at irregular times,
-bins of TIME mix peaks and troughs; observations before any dose are left out (the count is printed).
+bins of TIME mix peaks and troughs. TAD is the data's TAD column when it has one, else computed from the dose
+records; observations without one (before any dose) are left out, and the count is printed.
 Writes the figure and, beside it, the numbers as CSV (same name, .csv).
 """
 
@@ -51,8 +52,9 @@ def run(args) -> int:
     ds = run_dataset(args.run, args.data)
     result = vpc(model, ds, n=args.n, bins=args.bins, pc=args.pc, seed=args.seed, stratify=args.stratify,
                  progress=print, idv=args.idv)
-    if result.left_out:
-        print(f"left out: {result.left_out} observation(s) before any dose (no time after dose)")
+    if result.idv == "TAD":
+        print(f"TAD: {result.tad_source}" + (f"; left out: {result.left_out} observation(s) without one (before any "
+                                              "dose)" if result.left_out else ""))
     t_unit, c_unit = axis_units(ds)
     plot_vpc(result, time_unit=t_unit, conc_unit=c_unit, log=args.log).savefig(args.out, dpi=100)
     table = Path(args.out).with_suffix(".csv")

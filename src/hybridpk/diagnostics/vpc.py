@@ -35,7 +35,8 @@ class VPCResult:
     and per percentile p (5, 50, 95) OBS_Pp, SIM_Pp_LOW / SIM_Pp_MEDIAN / SIM_Pp_HIGH (the ``level`` interval of
     the simulated percentile) and INSIDE_Pp; ``observed`` the observations used (TIME, TAD with ``idv`` TAD,
     DV, BIN; pcDV if prediction-corrected); ``n`` replicates, ``pc``, ``level``, ``seed``; ``left_out``: the
-    observations before any dose (no time after dose) with ``idv`` TAD."""
+    observations before any dose (no time after dose) with ``idv`` TAD; ``tad_source``: where TAD came from
+    (the data's TAD column when it has one, else computed from the dose records)."""
 
     table: pd.DataFrame
     observed: pd.DataFrame = field(repr=False)
@@ -45,6 +46,7 @@ class VPCResult:
     seed: int
     idv: str = "TIME"
     left_out: int = 0
+    tad_source: str = ""
 
     @property
     def fraction_inside(self) -> float:
@@ -78,7 +80,9 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
     """The VPC (or, ``pc``, the pcVPC) of ``model`` (a FittedPopulation or HybridFit) on ``dataset``'s design
     and observations (see the module docstring). ``stratify``: a covariate column; one set of bins per value.
     ``idv``: what the observations are binned and drawn by, "TIME" or "TAD" (the time after the most recent
-    dose, :meth:`~hybridpk.data.batch.EventBatch.time_after_dose`; observations before any dose are left out)."""
+    dose: the data's TAD column when it has one, as PsN's vpc reads it, else
+    :meth:`~hybridpk.data.batch.EventBatch.time_after_dose`; observations without one, before any dose, are left
+    out)."""
     from ..errors import HybridPKError
 
     if n < 20:
@@ -91,11 +95,15 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
         raise HybridPKError("the dataset has no observations to check")
     if stratify is not None and stratify not in df.columns:
         raise HybridPKError(f"--stratify {stratify}: not a column of the data ({', '.join(df.columns)})")
-    left_out = 0
+    left_out, tad_source = 0, "computed from the dose records"
     if idv == "TAD":            # observations before any dose have no time after dose: left out
-        batch = dataset.to_batch()
-        df = df.assign(TAD=np.asarray(batch.to_rows(batch.time_after_dose()), float))
-        after = obs_mask & np.isfinite(df.TAD.to_numpy())
+        if "TAD" in df.columns:     # the data's own (PsN's -idv=TAD reads it so)
+            tad_source = "the data's TAD column"
+            df = df.assign(TAD=pd.to_numeric(df.TAD, errors="coerce"))
+        else:
+            batch = dataset.to_batch()
+            df = df.assign(TAD=np.asarray(batch.to_rows(batch.time_after_dose()), float))
+        after = obs_mask & np.isfinite(df.TAD.to_numpy(float))
         if not after.any():
             raise HybridPKError("no observation comes after a dose: there is no time after dose to bin by (use TIME)")
         left_out, obs_mask = int(obs_mask.sum() - after.sum()), after
@@ -140,7 +148,8 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
     table = pd.DataFrame(rows)
     if not stratify:
         table = table.drop(columns="STRATUM")
-    return VPCResult(table, obs, int(n), bool(pc), float(level), int(seed), idv, left_out)
+    return VPCResult(table, obs, int(n), bool(pc), float(level), int(seed), idv, left_out,
+                     tad_source if idv == "TAD" else "")
 
 
 def _population_predictions(model, dataset) -> np.ndarray:
