@@ -207,13 +207,12 @@ def _start_hours(start, ds):
     if when.tzinfo is not None:
         raise HybridPKError(f"--start {start!r}: give the date and time without a time zone, as the record's own "
                             "dates and clock times are written")
-    missing = [pid for pid in ds.ids if pid not in ds.time_origin]
+    hours = {pid: ds.hours_at(pid, when) for pid in ds.ids}
+    missing = [pid for pid, h in hours.items() if h is None]
     if missing:
         raise HybridPKError(f"--start {start!r} is a date and time, but the record of patient "
                             f"{', '.join(map(str, missing[:5]))} has no calendar dates to place it (its TIME is "
                             "hours); give --start in hours on that scale")
-    hours = {pid: (when - dt.datetime.fromisoformat(ds.time_origin[pid])).total_seconds() / 3600.0
-             for pid in ds.ids}
     return hours[ds.ids[0]] if len(hours) == 1 else hours
 
 

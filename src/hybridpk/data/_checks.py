@@ -12,7 +12,8 @@ import pandas as pd
 from ..errors import Violation
 from ._columns import ColumnSpec
 
-_MISSING = {"", ".", "nan", "NaN", "NA", "na", "null", "NULL", "None"}
+#: how a missing value is written
+MISSING = {"", ".", "nan", "NaN", "NA", "na", "null", "NULL", "None"}
 
 
 class Rows:
@@ -30,13 +31,23 @@ class Rows:
         return Violation(rows, column, message, lines)
 
 
+def as_text(series: pd.Series) -> pd.Series:
+    """The cells as stripped text, "" where missing."""
+    return series.astype(object).where(series.notna(), "").astype(str).str.strip()
+
+
+def examples(text: pd.Series, mask, k: int = 3) -> str:
+    """Up to ``k`` distinct values of ``text`` where ``mask`` holds, quoted, for a message."""
+    return ", ".join(repr(v) for v in pd.unique(text[mask])[:k])
+
+
 def to_numeric(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Numeric values (NaN where missing) and a mask of cells that are present but not numbers."""
     if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
         values = series.to_numpy(dtype=float, na_value=np.nan)
         return values, np.zeros(len(values), dtype=bool)
-    text = series.astype(object).where(series.notna(), "").astype(str).str.strip()
-    missing = text.isin(_MISSING).to_numpy()
+    text = as_text(series)
+    missing = text.isin(MISSING).to_numpy()
     # Fortran exponents (1.0D+02) appear in NONMEM tables
     cleaned = text.str.replace(r"(?<=\d)[dD](?=[+-]?\d)", "e", regex=True)
     values = pd.to_numeric(cleaned.where(~missing, None), errors="coerce").to_numpy(dtype=float, na_value=np.nan).copy()
@@ -79,13 +90,13 @@ def _non_numeric(column: pd.Series, bad: np.ndarray, name: str, what: str, rows:
     out = []
     below = bad & text.str.match(_BELOW_LIMIT, case=False).to_numpy() if what == "DV" else np.zeros_like(bad)
     if below.any():
-        ex = ", ".join(repr(v) for v in text[below].unique()[:3])
+        ex = examples(text, below)
         out.append(rows.violation(below, name, f"{ex} in DV is a level below the limit of quantification: put the "
                                   "limit in DV with CENS=1 (NONMEM's M3 convention), or BLQ=1 with the limit in an "
                                   "LLOQ column, to fit it as censored; or set MDV=1 to leave it out"))
     comma = bad & text.str.match(r"^[+-]?\d*,\d+$").to_numpy()
     if comma.any():
-        ex = ", ".join(repr(v) for v in text[comma].unique()[:3])
+        ex = examples(text, comma)
         out.append(rows.violation(comma, name, f"{ex} in {what} is written with a decimal comma, and other numbers "
                                   "in the file with decimal points (or the file is comma-separated): write every "
                                   "number one way (decimal commas are read in a file separated by ; or tabs whose "

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DatasetError, Violation
+from ._checks import MISSING, as_text, examples
 
 #: NONMEM's labels of the date data item and the order of their components (y: year, m: month, d: day)
 DATE_LABELS = {"DATE": "mdy", "DAT1": "dmy", "DAT2": "ymd", "DAT3": "ydm"}
@@ -47,7 +48,6 @@ LAST20 = 50
 _CLOCK = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d*)?))?$")
 _HOURS = re.compile(r"^\+?(\d+\.?\d*|\.\d+)$")
 _ISO = re.compile(r"^(\d{4})-(\d{1,2})-(\d{1,2})[T ](\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d*)?))?$")
-_MISSING = {"", ".", "nan", "NaN", "NA", "na", "null", "NULL", "None"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def needs_translation(raw: pd.DataFrame, time_column: str, date_col: str | None)
     col = raw[time_column]
     if pd.api.types.is_numeric_dtype(col.dtype):
         return False
-    return bool(_text(col).str.contains(":", regex=False).any())
+    return bool(as_text(col).str.contains(":", regex=False).any())
 
 
 def translate(raw: pd.DataFrame, time_column: str, id_column: str, date_col: str | None, rows,
@@ -92,9 +92,9 @@ def translate(raw: pd.DataFrame, time_column: str, id_column: str, date_col: str
     """Elapsed hours from the dates and clock times of ``raw`` (see the module docstring); ``rows`` names the
     records in messages (hybridpk.data._checks.Rows); ``last20``: the last two-digit year read as 20nn (a control
     stream's $DATA LAST20). Raises DatasetError listing every record it cannot read."""
-    time_text = _text(raw[time_column])
-    missing_time = time_text.isin(_MISSING).to_numpy()
-    subject = pd.factorize(_text(raw[id_column]))[0]
+    time_text = as_text(raw[time_column])
+    missing_time = time_text.isin(MISSING).to_numpy()
+    subject = pd.factorize(as_text(raw[id_column]))[0]
     violations: list[Violation] = []
     iso = time_text.str.match(_ISO).to_numpy() & ~missing_time
     if iso.any() and date_col is None:
@@ -133,10 +133,6 @@ def translate(raw: pd.DataFrame, time_column: str, id_column: str, date_col: str
     return Translation(times=hours, date_column=date_col, origins=origins, note=note)
 
 
-def _text(col: pd.Series) -> pd.Series:
-    return col.astype(object).where(col.notna(), "").astype(str).str.strip()
-
-
 def _date_text(col: pd.Series) -> pd.Series:
     """The date column as text; day numbers held as numbers (a DataFrame's 3.0) written as whole numbers."""
     if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
@@ -144,7 +140,7 @@ def _date_text(col: pd.Series) -> pd.Series:
         whole = np.isfinite(values) & (values == np.round(values))
         return pd.Series([str(int(v)) if w else ("" if np.isnan(v) else repr(v)) for v, w in zip(values, whole)],
                          index=col.index)
-    return _text(col)
+    return as_text(col)
 
 
 def _clock_seconds(text, skip, column, date_col, rows, violations) -> np.ndarray:
@@ -158,11 +154,8 @@ def _clock_seconds(text, skip, column, date_col, rows, violations) -> np.ndarray
             continue
         m = _CLOCK.match(s)
         if m:
-            h, mi, sec = int(m.group(1)), int(m.group(2)), float(m.group(3) or 0.0)
-            if h > 23 or mi > 59 or sec >= 60:
-                bad[i] = True
-                continue
-            out[i] = h * 3600.0 + mi * 60.0 + sec
+            out[i] = _seconds(*m.groups())
+            bad[i] = np.isnan(out[i])
         elif _HOURS.match(s):
             h = float(s)
             if h >= 24:
@@ -173,13 +166,13 @@ def _clock_seconds(text, skip, column, date_col, rows, violations) -> np.ndarray
             bad[i] = True
     dated = bad & text.str.contains(r"\d[/.-]\d.*\s\d", regex=True).to_numpy()    # "12/1/2026 8:00"
     if dated.any():
-        ex = ", ".join(repr(v) for v in pd.unique(text[dated])[:3])
+        ex = examples(text, dated)
         violations.append(rows.violation(dated, column, f"{ex}: a date and a clock time in {column}; write the date "
                                          f"in a DATE column (month/day/year; DAT1: day/month/year) and the clock "
                                          f"time in {column}, or write {column} as ISO date-times (2026-12-01 08:00)"))
     bad &= ~dated
     if bad.any():
-        ex = ", ".join(repr(v) for v in pd.unique(text[bad])[:3])
+        ex = examples(text, bad)
         violations.append(rows.violation(bad, column, f"{ex} is not a clock time: write hh:mm (00:00 to 23:59) or "
                                          "hours since midnight"))
     if late.any():
@@ -196,7 +189,7 @@ def _days(text, order: str, subject, column, rows, violations, last20: int = LAS
     """(day number of each record, whether each record's date is a calendar date with its year) from a date
     column of component ``order`` ('mdy', ...); see the module docstring. A subject's dates are written alike
     (NONMEM's own example has subjects with and without the year)."""
-    parts = [re.split(r"[^0-9]+", s.lstrip("+-")) if s not in _MISSING else [] for s in text]
+    parts = [re.split(r"[^0-9]+", s.lstrip("+-")) if s not in MISSING else [] for s in text]
     counts = pd.Series([len(p) for p in parts])
     missing = (counts == 0).to_numpy()
     if missing.any():
@@ -211,7 +204,7 @@ def _days(text, order: str, subject, column, rows, violations, last20: int = LAS
         return np.zeros(len(text)), np.zeros(len(text), dtype=bool)
     dotted = np.array([order == "mdy" and bool(re.fullmatch(r"\d{1,2}\.\d{1,2}\.\d{1,4}", s)) for s in text])
     if dotted.any():             # 01.12.2026: the day.month.year convention, which DATE would read as Jan 12
-        ex = ", ".join(repr(v) for v in pd.unique(text[dotted])[:3])
+        ex = examples(text, dotted)
         violations.append(rows.violation(dotted, column, f"{ex}: dates with dots, the day.month.year convention, "
                                          f"under the label {column}, which NONMEM reads as month/day/year; label the "
                                          f"column DAT1 for day.month.year, or write month/day/year with / or -"))
@@ -261,11 +254,11 @@ def _days(text, order: str, subject, column, rows, violations, last20: int = LAS
         label = {"mdy": "month/day/year", "dmy": "day/month/year", "ymd": "year/month/day",
                  "ydm": "year/day/month"}[order]
         other = "DAT2" if order in ("mdy", "dmy") else "DATE or DAT1"
-        ex = ", ".join(repr(v) for v in pd.unique(text[year_place])[:3])
+        ex = examples(text, year_place)
         violations.append(rows.violation(year_place, column, f"{ex}: a four-digit year where the label {column} "
                                          f"reads {label} (NONMEM's date data item); label the column {other}"))
     if bad.any():
-        ex = ", ".join(repr(v) for v in pd.unique(text[bad])[:3])
+        ex = examples(text, bad)
         violations.append(rows.violation(bad, column, f"{ex} is not a date of the form the label {column} names "
                                          "(DATE: month/day/year, DAT1: day/month/year, DAT2: year/month/day, "
                                          "DAT3: year/day/month; or a day number)"))
@@ -288,14 +281,18 @@ def _iso_times(text, iso, missing, column, rows, violations):
         except ValueError:
             bad[i] = True
             continue
-        if int(h) > 23 or int(mi) > 59 or float(sec or 0) >= 60:
-            bad[i] = True
-            continue
-        seconds[i] = int(h) * 3600.0 + int(mi) * 60.0 + float(sec or 0.0)
+        seconds[i] = _seconds(h, mi, sec)
+        bad[i] = np.isnan(seconds[i])
     if bad.any():
-        ex = ", ".join(repr(v) for v in pd.unique(text[bad])[:3])
+        ex = examples(text, bad)
         violations.append(rows.violation(bad, column, f"{ex} is not a valid date and time"))
     return day, seconds, np.ones(len(text), dtype=bool)
+
+
+def _seconds(hours: str, minutes: str, seconds: str | None) -> float:
+    """Seconds since midnight of a clock time's matched fields; NaN when it is not one (25:00, 08:61)."""
+    h, mi, sec = int(hours), int(minutes), float(seconds or 0.0)
+    return h * 3600.0 + mi * 60.0 + sec if h <= 23 and mi <= 59 and sec < 60 else float("nan")
 
 
 def _goes_back(seconds, subject) -> np.ndarray:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..errors import DatasetError, DatasetWarning, Violation
 from . import _clock, _columns, _read
-from ._checks import Rows, check_records, convert
+from ._checks import Rows, as_text, check_records, convert
 
 __all__ = ["Dataset", "read_nonmem"]
 
@@ -119,7 +119,7 @@ def _without_commented_records(raw: pd.DataFrame, lines, label: str):
     ordinary column."""
     if raw.shape[1] == 0 or str(raw.columns[0]).strip().upper() != "C":
         return raw, lines, ()
-    marks = raw.iloc[:, 0].astype(object).where(raw.iloc[:, 0].notna(), "").astype(str).str.strip()
+    marks = as_text(raw.iloc[:, 0])
     if not marks.isin(_COMMENT_MARKS | _READ_MARKS).all():
         return raw, lines, ()
     out = marks.isin(_COMMENT_MARKS).to_numpy()
@@ -380,6 +380,16 @@ class Dataset:
 
         when = dt.datetime.fromisoformat(origin) + dt.timedelta(hours=float(hours))
         return when.strftime("%Y-%m-%d %H:%M")
+
+    def hours_at(self, subject, when) -> float | None:
+        """The inverse of :meth:`clock_time`: the hours on ``subject``'s TIME scale of the naive date and time
+        ``when`` (a datetime), when its records had calendar dates; None otherwise."""
+        origin = self.time_origin.get(subject)
+        if origin is None:
+            return None
+        import datetime as dt
+
+        return (when - dt.datetime.fromisoformat(origin)).total_seconds() / 3600.0
 
     def violation(self, positions, column: str, message: str) -> Violation:
         """A Violation naming the records at ``positions`` (0-based, in this dataset) by their data rows and

@@ -95,12 +95,13 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
         raise HybridPKError("the dataset has no observations to check")
     if stratify is not None and stratify not in df.columns:
         raise HybridPKError(f"--stratify {stratify}: not a column of the data ({', '.join(df.columns)})")
-    left_out, tad_source = 0, "computed from the dose records"
+    left_out, tad_source = 0, ""
     if idv == "TAD":            # observations before any dose have no time after dose: left out
         if "TAD" in df.columns:     # the data's own (PsN's -idv=TAD reads it so)
             tad_source = "the data's TAD column"
             df = df.assign(TAD=pd.to_numeric(df.TAD, errors="coerce"))
         else:
+            tad_source = "computed from the dose records"
             batch = dataset.to_batch()
             df = df.assign(TAD=np.asarray(batch.to_rows(batch.time_after_dose()), float))
         after = obs_mask & np.isfinite(df.TAD.to_numpy(float))
@@ -148,8 +149,7 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
     table = pd.DataFrame(rows)
     if not stratify:
         table = table.drop(columns="STRATUM")
-    return VPCResult(table, obs, int(n), bool(pc), float(level), int(seed), idv, left_out,
-                     tad_source if idv == "TAD" else "")
+    return VPCResult(table, obs, int(n), bool(pc), float(level), int(seed), idv, left_out, tad_source)
 
 
 def _population_predictions(model, dataset) -> np.ndarray:

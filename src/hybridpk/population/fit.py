@@ -309,9 +309,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     pack = Packing(pm, omega, sigma)
     x0 = pack.x0()
     theta0, _, sd0 = pack.unpack(point(x0))
-    prob.require_positive_variance(theta0, sd0)
-    if not evaluate:
-        prob.require_bounded_likelihood(theta0)
+    prob.require_positive_variance(theta0, sd0, estimating=not evaluate)
     # the OFV and its gradient by the closed form's analytic derivatives where they cover the model and data (the
     # same numbers as the general path's, checked on these data first), else by automatic differentiation
     analytic = prob.analytic(theta0)

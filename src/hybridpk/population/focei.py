@@ -113,10 +113,18 @@ class Problem:
         self.stencil = method != "closed_form" and (not sm.piecewise_linear
                                                     or bool(getattr(sm, "dose_as_input", False)))
 
-    def require_positive_variance(self, theta, sd) -> None:
+    def require_positive_variance(self, theta, sd, estimating: bool = False) -> None:
         """Refuse observations the error model gives no likelihood: a zero residual variance, as a proportional
         error model has wherever the model predicts 0 (before the first dose, at the time of an oral dose or
-        the start of an infusion). NONMEM stops on them too."""
+        the start of an infusion). NONMEM stops on them too.
+
+        ``estimating`` (a fit that estimates SIGMA): also refuse a combined error model whose likelihood has no
+        maximum. Where the model predicts 0 its variance is ADD^2 alone, and when every level there is 0 too
+        (pre-dose samples written as 0), those levels are fitted exactly at any ADD, so the likelihood grows
+        without bound as ADD -> 0 and the fit ends at ADD near 0 with the other estimates biased (60 pre-dose zeros
+        beside 420 levels: ADD 1.3e-4, CL 4.59 against 2.84 without them, truth 3). One such level that is not 0
+        (theophylline's 0.74 mg/L at 0 h) bounds it; a fixed ADD, or an estimate of one patient under the
+        model's SIGMA, is not concerned."""
         if self.pm.error.ltbs or not bool(self.obs.any()):
             return
         from ..errors import DatasetError
@@ -133,23 +141,9 @@ class Problem:
                        "level has no likelihood: add an additive part to the error model (--error combined) or set "
                        "MDV=1 on these records (e.g. pre-dose samples)")
             raise DatasetError([self.dataset.violation(self.batch.row[bad].tolist(), "DV", message)], self.source)
-
-    def require_bounded_likelihood(self, theta) -> None:
-        """Refuse to estimate a combined error model whose likelihood has no maximum: where the model predicts 0
-        its variance is ADD^2 alone, and when every level there is 0 too (pre-dose samples written as 0), those
-        levels are fitted exactly at any ADD, so the likelihood grows without bound as ADD -> 0 and the fit ends at
-        ADD near 0 with the other estimates biased (60 pre-dose zeros beside 420 levels: ADD 1.3e-4, CL 4.59 against
-        2.84 without them, truth 3). One such level that is not 0 (theophylline's 0.74 mg/L at 0 h) bounds it; a
-        fixed ADD, or an estimate of one patient under the model's SIGMA, is not concerned."""
         combined = self.pm.error.kind in ("combined", "combined1")
-        if not combined or "ADD" in self.pm.sigma_fixed or not bool(self.obs.any()):
+        if not (estimating and combined) or "ADD" in self.pm.sigma_fixed:
             return
-        from ..errors import DatasetError
-
-        with torch.no_grad():
-            theta = {k: v.detach() for k, v in theta.items()}
-            zero = torch.zeros(self.batch.n_subjects, self.pm.n_eta, dtype=torch.float64, device=self.y.device)
-            f = self.predict(theta, zero)
         at_zero = self.obs & (f == 0)
         if bool(at_zero.any()) and not bool((at_zero & (self.y != 0)).any()):
             message = ("DV 0 where the model predicts 0 (before the first dose, or at the time of an oral dose or the "
