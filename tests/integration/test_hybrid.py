@@ -50,6 +50,26 @@ def test_checkpoint_is_tensors_only_and_training_resumes(ehc_small, tmp_path):
     assert hist[:41] == first
 
 
+def test_joint_training_with_an_omega_at_its_boundary(ehc_small):
+    # nlme's Indometh (6 subjects, 2-cmt IV) fits ETA variances of 1e-10 and 1e-15. Adam moved the joint ETAs by
+    # about its learning rate per step whatever their variance, so such an ETA's prior term reached 1e9 within
+    # ten epochs; whitened (u = ETA on the prior's scale) they move in steps of their own size.
+    from dataclasses import replace
+
+    from hybridpk.residual.omega import with_omega
+
+    ds, _, pm, fit = ehc_small
+    omega = fit.omega.tensor().clone()
+    omega[1, 1] = 1e-15
+    tiny = replace(with_omega(fit, omega), estimation=None)      # the ODE-only EBEs under that OMEGA
+    est, batch, ipred = _ode_only(tiny, ds)
+    base = ODEBaseline(tiny)
+    cfg = TrainConfig(epochs=10, warmup_epochs=5, progress=False, joint=True, form="log")
+    _, hist = train_vae(batch, ipred, pm.error, tiny.sigma.sd_tensors(), cfg, baseline=base, eta0=est.eta)
+    train = [h[1] for h in hist]
+    assert max(train) < train[0] + 5.0, train            # -ELBO per patient never jumps
+
+
 def test_joint_checkpoint_resumes_with_the_etas(ehc_small, tmp_path):
     ds, _, pm, fit = ehc_small
     est, batch, ipred = _ode_only(fit, ds)
@@ -61,9 +81,11 @@ def test_joint_checkpoint_resumes_with_the_etas(ehc_small, tmp_path):
     saved = torch.load(ck, weights_only=True)
     # the split train_vae makes (seeded): the saved ETAs started at the ODE-only MAP and have moved
     perm = torch.randperm(ds.n_subjects, generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = len(saved["eta_val"])
-    assert saved["eta_train"].shape == (ds.n_subjects - n_val, 3)
-    for got, start in ((saved["eta_train"], est.eta[perm[n_val:]]), (saved["eta_val"], est.eta[perm[:n_val]])):
+    n_val = len(saved["u_val"])
+    assert saved["u_train"].shape == (ds.n_subjects - n_val, 3)
+    # the checkpoint holds them whitened (u ~ N(0, I) under OMEGA)
+    eta_train, eta_val = base.unwhiten(saved["u_train"]), base.unwhiten(saved["u_val"])
+    for got, start in ((eta_train, est.eta[perm[n_val:]]), (eta_val, est.eta[perm[:n_val]])):
         moved = (got - start).abs().max(1).values
         assert float(moved.max()) > 1e-3 and float(moved.max()) < 1.0
     assert model.log_shift.shape == (3,)

@@ -254,8 +254,9 @@ class HybridDosing(DosingModel):
         def objective(p):
             return self._objective(batch.select([0] * p.shape[0]), p)
 
-        x, _ = guarded_lbfgs(objective, start, 100)
+        x, _ = guarded_lbfgs(lambda w: objective(hyb.unwhiten(w)), hyb.whiten(start), 100)   # ETAs whitened
         with torch.no_grad():
+            x = hyb.unwhiten(x)
             point = x if bool(torch.isfinite(objective(x)).all() and objective(x) <= objective(start)) else start
         cov = self._laplace(objective, point)
         params = hyb.individual_parameters(batch, point)

@@ -13,7 +13,9 @@ class ODEBaseline:
 
     def __init__(self, population):
         self.population = population
-        self.omega_inv = torch.linalg.inv(population.omega.tensor())
+        omega = population.omega.tensor()
+        self.omega_inv = torch.linalg.inv(omega)
+        self._to_eta, self._to_u = _whitening(omega)
         pm = population.model
         #: structural parameters whose typical value is an estimated THETA (those joint training may shift)
         self.names = [n for n in pm.structural.parameter_names if n in pm.theta_names]
@@ -58,7 +60,29 @@ class ODEBaseline:
                  for k, v in p.items()}
         return p
 
+    def whiten(self, eta):
+        """The ETAs (N, K) on the scale of the prior: u = eta V L^-1/2 with OMEGA = V L V' (u ~ N(0, I)), the
+        coordinates the hybrid's per-patient searches move in. An ETA whose variance is 1e-15 (an OMEGA at
+        its boundary, e.g. from a fit to six subjects) then takes steps of its own size: Adam's steps of
+        about its learning rate in ETA itself gave that ETA a prior penalty of 1e8 and wrecked training."""
+        return eta @ self._to_u.to(eta.device, eta.dtype)
+
+    def unwhiten(self, u):
+        """The ETAs (N, K) of whitened coordinates ``u`` (N, K): eta = u (V L^1/2)', so that eta ~ N(0, OMEGA)
+        when u ~ N(0, I) (the inverse of :meth:`whiten`)."""
+        return u @ self._to_eta.to(u.device, u.dtype).T
+
     def eta_penalty(self, eta):
         """-log p(eta) up to a constant: 0.5 eta' OMEGA^-1 eta per patient (N,)."""
         oinv = self.omega_inv.to(eta.device, eta.dtype)
         return 0.5 * torch.einsum("ni,ij,nj->n", eta, oinv, eta)
+
+
+def _whitening(omega):
+    """(A, B) with A A' = OMEGA and B = A'^-1 (K, K), from OMEGA's eigendecomposition (works for a block OMEGA
+    near singular, where a Cholesky factor may not exist in floating point)."""
+    if omega.numel() == 0:
+        return omega, omega
+    vals, vecs = torch.linalg.eigh(0.5 * (omega + omega.T))
+    vals = vals.clamp(min=torch.finfo(vals.dtype).tiny)
+    return vecs * vals.sqrt(), vecs / vals.sqrt()

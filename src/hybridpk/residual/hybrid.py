@@ -162,6 +162,18 @@ class HybridFit:
         k = self.population.model.n_eta
         return points[:, :k], points[:, k:]
 
+    def whiten(self, points):
+        """``points`` (S, n_eta + K) with the ETAs whitened (:meth:`ODEBaseline.whiten
+        <hybridpk.residual.baseline.ODEBaseline.whiten>` under the hybrid's OMEGA), the coordinates a
+        per-patient search moves in; :meth:`unwhiten` is its inverse."""
+        eta, z = self._split(points)
+        return torch.cat([ODEBaseline(self.hybrid_population).whiten(eta), z], 1)
+
+    def unwhiten(self, points):
+        """The points (ETAs, z) of whitened coordinates (the inverse of :meth:`whiten`)."""
+        u, z = self._split(points)
+        return torch.cat([ODEBaseline(self.hybrid_population).unwhiten(u), z], 1)
+
     def concentrations(self, batch, points, weight=None, chunk: int | None = None):
         """Hybrid concentrations (S, R) mg/L at every record of ``batch`` (S subjects, e.g. one patient
         repeated) for ``points`` (S, n_eta + K): each row the ETAs, then z (``point_names``). For the log form

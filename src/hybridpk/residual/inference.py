@@ -85,7 +85,7 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
     """Estimates for every patient of ``batch`` from its observations. ``ipred0``/``eta0``: the ODE-only MAP
     prediction (N, R) and ETAs (N, n_eta); ``baseline`` the ODEBaseline (needed for joint models); ``l2``
     the correction penalty (default: the training's). With ``refine`` the encoder's guess starts a MAP over
-    z (and the ETAs, for joint models) of each patient (L-BFGS; patients are independent, so their
+    z (and the ETAs, whitened, for joint models) of each patient (L-BFGS; patients are independent, so their
     objectives are summed; a patient keeps the encoder's guess where the refinement did not lower its
     objective). The optimiser is guarded (:func:`guarded_lbfgs`): a failure keeps each patient's best point and is
     reported in ``refine_failure``, never raised."""
@@ -95,14 +95,14 @@ def estimate_hybrid(model, batch, ipred0, eta0, error_model, sd, *, baseline=Non
     joint = baseline is not None and model.joint
     k = mu.shape[1]
 
-    def split(v):
-        return (v[:, :k], v[:, k:]) if joint else (v, eta0)
+    def split(v):      # the search moves the ETAs whitened (ODEBaseline.whiten: on the prior's scale)
+        return (v[:, :k], baseline.unwhiten(v[:, k:])) if joint else (v, eta0)
 
     def objective(v):
         zz, ee = split(v)
         return _objective(model, baseline, batch, ipred0, ee, zz, error_model, sd, l2)
 
-    start = torch.cat([mu, eta0], 1) if joint else mu.clone()
+    start = torch.cat([mu, baseline.whiten(eta0)], 1) if joint else mu.clone()
     x_final, refined, failure = start, torch.zeros(start.shape[0], dtype=torch.bool, device=start.device), ""
     if refine:
         x, failure = guarded_lbfgs(objective, start, max_iter)

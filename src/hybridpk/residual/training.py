@@ -105,18 +105,31 @@ class TrainConfig:
 
 class _Split:
     """The training and held-out patients, moved to the training device, with their ETAs (joint mode: free
-    parameters starting at the ODE-only MAP)."""
+    parameters starting at the ODE-only MAP, held whitened (``baseline.whiten``: on the prior's scale, so
+    that the optimiser's steps suit an ETA of variance 1e-15 as well as one of 0.1); ``eta_train`` and
+    ``eta_val`` give the ETAs themselves)."""
 
-    def __init__(self, batch, ipred, eta0, tr_idx, val_idx, device, joint: bool):
+    def __init__(self, batch, ipred, eta0, tr_idx, val_idx, device, baseline=None):
         self.n_val = len(val_idx)
         self.btr, self.ptr = batch.select(tr_idx).to(device), ipred[tr_idx].to(device)
         self.bva = batch.select(val_idx).to(device) if self.n_val else None
         self.pva = ipred[val_idx].to(device) if self.n_val else None
+        self.baseline = baseline
         self.etr = self.eva = None
-        if joint:
-            eta0 = eta0.detach().to(device)
-            self.etr = nn.Parameter(eta0[tr_idx].clone())
-            self.eva = nn.Parameter(eta0[val_idx].clone()) if self.n_val else None
+        if baseline is not None:
+            u0 = baseline.whiten(eta0.detach()).to(device)
+            self.etr = nn.Parameter(u0[tr_idx].clone())
+            self.eva = nn.Parameter(u0[val_idx].clone()) if self.n_val else None
+
+    def eta_train(self, rows=None):
+        """The training patients' ETAs (all, or those at ``rows``); None without joint ETAs."""
+        if self.etr is None:
+            return None
+        return self.baseline.unwhiten(self.etr if rows is None else self.etr[rows])
+
+    def eta_val(self):
+        """The held-out patients' ETAs; None without joint ETAs or held-out patients."""
+        return None if self.eva is None else self.baseline.unwhiten(self.eva)
 
 
 class _Sigma:
@@ -210,7 +223,7 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     device = resolve_device(cfg.device)
     model.to(device)
     sigma = _Sigma(sd, free_sigma(error_model, sd, sigma_fixed) if cfg.learn_sigma else [], device)
-    data = _Split(batch, ipred, eta0, tr_idx, val_idx, device, joint)
+    data = _Split(batch, ipred, eta0, tr_idx, val_idx, device, baseline)
     opt = torch.optim.Adam(list(model.parameters()) + ([data.etr] if joint else []) + sigma.params, lr=cfg.lr)
     opt_val = torch.optim.Adam([data.eva], lr=cfg.lr) if (joint and n_val) else None
     key = _fingerprint(cfg, batch, ipred, eta0, baseline)
@@ -267,7 +280,7 @@ def _train_epoch(model, opt, data, error_model, sigma, beta, cfg, gen, baseline,
         if len(mine):
             b = data.btr.select(mine)
             loss, _, _ = neg_elbo(model, b, data.ptr[mine], b.is_obs, error_model, sigma.current(), beta,
-                                  cfg.l2_correction, None, baseline, data.etr[mine] if data.etr is not None else None,
+                                  cfg.l2_correction, None, baseline, data.eta_train(mine),
                                   noise=noise)
             loss = loss.sum() / len(idx)
         value = shard.all_sum(torch.tensor(0.0 if loss is None else float(loss.detach()), dtype=torch.float64))
@@ -289,7 +302,7 @@ def _validate(model, opt_val, data, error_model, sd, cfg, baseline, train: float
     model.eval()
     if opt_val is not None:
         vloss = neg_elbo(model, data.bva, data.pva, data.bva.is_obs, error_model, sd, cfg.beta, 0.0, None,
-                         baseline, data.eva)[0]
+                         baseline, data.eta_val())[0]
         val = float(vloss.detach().mean())
         opt_val.zero_grad()
         (grad,) = torch.autograd.grad(vloss.sum(), [data.eva])
@@ -322,7 +335,8 @@ _RESUMABLE_OPTIONS = ("epochs", "min_epochs", "patience", "device", "checkpoint"
 
 def _fingerprint(cfg, batch, ipred, eta0, baseline) -> str:
     """SHA-256 of what the training computes from: the options (but ``_RESUMABLE_OPTIONS``), the records, the
-    ODE-only predictions, the starting ETAs and the baseline's population values."""
+    ODE-only predictions, the starting ETAs and the baseline's population values (and how the joint ETAs are
+    held: whitened since stop 47, so a checkpoint that held them as they are is not resumed)."""
     import hashlib
     import json
     from dataclasses import asdict
@@ -333,6 +347,7 @@ def _fingerprint(cfg, batch, ipred, eta0, baseline) -> str:
     if baseline is not None:
         pop = baseline.population
         tensors += [torch.as_tensor(t.value) for t in pop.theta] + [pop.omega.tensor()]
+        h.update(b"joint ETAs whitened")
     for t in tensors:
         h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -353,16 +368,16 @@ def _resume(cfg, model, opt, opt_val, data, sigma, gen, device, key: str) -> dic
         raise HybridPKError(f"{cfg.checkpoint} is not a hybridpk training checkpoint ({type(exc).__name__}); "
                             "delete it to train from the start") from None
     if found != key:
-        raise HybridPKError(f"{cfg.checkpoint} was written by a training of other data or options (only the "
-                            f"number of epochs, early stopping and device may change on resume); delete it to "
-                            "train from the start")
+        raise HybridPKError(f"{cfg.checkpoint} was written by a training of other data or options, or by another "
+                            "version of hybridpk (only the number of epochs, early stopping and device may change "
+                            "on resume); delete it to train from the start")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     if data.etr is not None:
         with torch.no_grad():
-            data.etr.copy_(ck["eta_train"])
+            data.etr.copy_(ck["u_train"])
             if data.n_val:
-                data.eva.copy_(ck["eta_val"])
+                data.eva.copy_(ck["u_val"])
                 opt_val.load_state_dict(ck["optimizer_val"])
     if sigma.log_sd is not None:
         with torch.no_grad():
@@ -386,9 +401,9 @@ def _save(path, model, opt, opt_val, data, sigma, epoch: int, state: dict, gen, 
         extra["best_sd"] = torch.tensor([state["best_sd"][k] for k in sigma.free + list(sigma.fixed)],
                                         dtype=torch.float64)
     if data.etr is not None:
-        extra["eta_train"] = data.etr.detach().clone()
+        extra["u_train"] = data.etr.detach().clone()      # whitened ETAs (_Split)
         if data.n_val:
-            extra.update(eta_val=data.eva.detach().clone(), optimizer_val=opt_val.state_dict())
+            extra.update(u_val=data.eva.detach().clone(), optimizer_val=opt_val.state_dict())
     buf = io.BytesIO()
     history = torch.tensor(state["history"], dtype=torch.float64).reshape(-1, 3)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": torch.tensor(epoch),
