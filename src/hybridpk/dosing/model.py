@@ -87,8 +87,8 @@ class DosingModel:
     @property
     def default_duration(self) -> float:
         """The duration (h) of a new dose when the caller does not say: 0 (bolus or oral dose) for a model
-        whose route is oral or bolus (a spec's ``route``; a fit of a model that doses into a depot), else a
-        1-h infusion."""
+        whose route is oral or bolus (a spec's ``route``; a fit of a model that doses into a depot, or of one
+        to data dosed by bolus only: :func:`~hybridpk.population.fitted.route_of`), else a 1-h infusion."""
         return 0.0 if self.population.route in ("oral", "bolus") else 1.0
 
     @property

@@ -22,7 +22,7 @@ from ..solve.device import resolve_device
 from .diagnostics import diagnostics
 from .estimates import map_estimate, subjects_phrase
 from .estimation import COVARIANCE_METHODS, ConvergenceWarning, Estimation
-from .fitted import FittedPopulation
+from .fitted import FittedPopulation, route_of
 from .focei import Problem
 from .omega import OmegaBlocks
 from .tables import OmegaTable, SigmaEstimate, SigmaTable, ThetaEstimate, ThetaTable
@@ -431,7 +431,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     # tables and the OFV agree
     theta, om, sd = pack.unpack(point(x_hat))
     searched_before = prob.fallback_steps      # the fit's count: the reported EBEs' searches are not the fit's
-    est = map_estimate(_tables(pm, pack, theta, om, sd, None).to(dev), dataset, estimation,
+    est = map_estimate(_tables(pm, pack, theta, om, sd, None, dataset).to(dev), dataset, estimation,
                        start=eta if conditional and k and not evaluate else None,
                        problem=prob if method == "auto" else None)
     prob.fallback_steps = searched_before
@@ -469,7 +469,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     if prob.fallback_steps:
         warn.append(f"{prob.fallback_steps} EBE Newton steps met a singular Hessian (extreme ETAs or a tiny residual "
                     "variance during the search) and took a gradient step instead")
-    fitted = _tables(pm, pack, theta, om, sd, cov_nat).to(dev)
+    fitted = _tables(pm, pack, theta, om, sd, cov_nat, dataset).to(dev)
     est = replace(est, model=fitted)
     diag = diagnostics(prob, fitted.theta.tensors(dev), fitted.omega.tensor(dev), fitted.sigma.sd_tensors(dev),
                        est.eta)
@@ -725,10 +725,10 @@ def _read_checkpoint(path, key: str, shape):
     return x, eta, it
 
 
-def _tables(pm, pack, theta, omega, sd, cov_natural) -> FittedPopulation:
+def _tables(pm, pack, theta, omega, sd, cov_natural, dataset=None) -> FittedPopulation:
     """The estimates as typed tables, with standard errors from the covariance of the estimates on their
     natural scale (order of ``Packing.natural``: free THETAs, OMEGA diagonal, residual SDs, OMEGA
-    covariances)."""
+    covariances); the route of dosing as ``dataset`` dosed the model (:func:`~.fitted.route_of`)."""
     se = np.sqrt(np.clip(np.diag(cov_natural), 0, None)) if cov_natural is not None else None
     i = 0
     rows = []
@@ -755,10 +755,8 @@ def _tables(pm, pack, theta, omega, sd, cov_natural) -> FittedPopulation:
     matrix = tuple(tuple(float(v) for v in row) for row in omega.tolist())
     om = OmegaTable(tuple(pm.etas), tuple(pm.omega_labels or pm.etas), matrix,
                     tuple(tuple(row) for row in om_se) if se is not None else None, pack.omega.blocks)
-    sm = pm.structural   # doses into a depot: oral (dosing then defaults to oral doses, not infusions)
     return FittedPopulation(model=pm, theta=ThetaTable(tuple(rows)), omega=om, sigma=SigmaTable(tuple(sig)),
-                            name="fit", citation="hybridpk fit",
-                            route="oral" if sm.dose_cmt != sm.obs_cmt else "infusion")
+                            name="fit", citation="hybridpk fit", route=route_of(pm.structural, dataset))
 
 
 def _individual_table(dataset, pm, est):

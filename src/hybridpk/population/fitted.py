@@ -32,6 +32,21 @@ __all__ = ["FittedPopulation", "MODEL_FORMAT"]
 MODEL_FORMAT = ("hybridpk-population-model", 2)
 
 
+def route_of(structural, dataset=None) -> str:
+    """How a fit's data dosed the model, the route its dose recommendations default to: "oral" for a model
+    that doses into a depot; otherwise "bolus" when every dose record of ``dataset`` is a bolus (RATE 0, no
+    DUR), "infusion" when one is an infusion or no data are given. (A fit of a 2-cmt IV model to nlme's
+    Indometh, boluses only, had ``hybridpk dose`` recommend 1-h infusions.)"""
+    if structural.dose_cmt != structural.obs_cmt:
+        return "oral"
+    if dataset is None:
+        return "infusion"
+    doses = dataset.doses()
+    doses = doses[doses["AMT"] > 0]
+    infused = (doses["RATE"] != 0) | (doses["DUR"] > 0)
+    return "infusion" if bool(infused.any()) or not len(doses) else "bolus"
+
+
 @dataclass(frozen=True)
 class FittedPopulation:
     """A population model with fixed population values.

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HybridPKError, ModelError
-from .fitted import FittedPopulation
+from .fitted import FittedPopulation, route_of
 from .spec import CovariateEffect, ErrorModel, build_model
 
 __all__ = ["load_model", "model_specs", "write_spec"]
@@ -188,7 +188,7 @@ def from_control_stream(path) -> FittedPopulation:
              else [list(row) for row in init])
     df = ds.to_dataframe()
     ranges = {c: (float(df[c].min()), float(df[c].max())) for c in pm.covariates}
-    route = "oral" if pm.structural.dose_cmt != pm.structural.obs_cmt else "infusion"
+    route = route_of(pm.structural, ds)
     return FittedPopulation.from_values(pm, theta, omega if pm.n_eta else {}, pm.error.init_values(),
                                         name=path.stem, route=route, ranges=ranges,
                                         citation=f"NONMEM control stream {path.name} at its initial estimates")
