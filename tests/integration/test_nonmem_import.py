@@ -211,3 +211,94 @@ def test_a_pred_model_is_refused_where_it_cannot_answer(pharmpy_examples, tmp_pa
     assert main(["fit", str(tmp_path / "pheno_linear.mod"), "--hybrid", "vae", "--out", str(tmp_path / "run"),
                  "--quiet"]) == 2
     assert "$PRED" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+# Wiczling/theopd (GitHub, model/nonmem/basic): R's Theoph as a bbr project lays it out (the 0-h level before the
+# dose record, no EVID column: NONMEM takes a record with MDV=1 and AMT > 0 as a dose; a quoted header skipped by
+# IGNORE="), fitted there by NONMEM 7 (FOCE-I, $COV MATRIX=R); its 1.ext and 2.ext final rows and standard errors.
+THEOPD = """$PROBLEM 1-CMT Linear Model with 1st-Order Absorption
+
+$INPUT ID BW DOSE TIME DV AMT MDV CMT NUM
+
+$DATA ../nonmemdata.csv
+      IGNORE="
+
+$SUBROUTINE ADVAN2 TRANS2
+
+$PK
+TVCL = THETA(1)           ; Typical Value of Clearance
+CL   = TVCL * EXP(ETA(1)) ; Individual Clearance (L/h)
+
+TVV = THETA(2)          ; Typical Value of Volume
+V   = TVV * EXP(ETA(2)) ; Individual value of Volume (L)
+
+TVKA = THETA(3)           ; Typical Value of absorption rate
+KA   = TVKA * EXP(ETA(3)) ; Individual value of Ka (1/h)
+
+F1 = 1 ; Bioavailability
+S2 = V ;
+
+$ERROR (OBSERVATION ONLY)
+IPRED = F
+{y}
+
+$THETA
+(0, 1)   ; [L/day] CL/F
+(0, 20)  ; [L] V/F
+(0, 1)   ; [1/h] KA
+
+$OMEGA
+0.1      ;[P] CL/F
+0.1      ;[P] V/F
+0.1      ;[P] KA
+
+$SIGMA
+{sigma}
+
+$EST MAXEVAL=9999 METHOD=1 INTER SIGL=6 NSIG=3 PRINT=1 MSFO=./1.msf
+$COV PRINT=E MATRIX=R
+"""
+
+THEOPD_RUNS = {   # (Y, $SIGMA): (OFV, THETA 1-3, their SEs, OMEGA diagonal, SIGMA diagonal) of the .ext files
+    "additive": (("Y=IPRED + EPS(1) ; Additive Error", "1       ;[P] additive"),
+                 (116.80342577, (2.75098, 31.8125, 1.59038), (0.229763, 1.48329, 0.305153),
+                  (0.0690912, 0.0191687, 0.402446), (0.482255,))),
+    "combined": (("Y=IPRED*(1+EPS(2)) + EPS(1) ; additive+proportional error", "1      ;[P] add\n0.1    ;[P] prop"),
+                 (104.32208771, (2.78574, 31.9987, 1.47968), (0.215217, 1.45403, 0.282108),
+                  (0.0645786, 0.0158248, 0.390667), (0.0759065, 0.0179197))),
+}
+
+
+@pytest.mark.parametrize("error", sorted(THEOPD_RUNS))
+def test_theophylline_reproduces_a_published_nonmem_run(tmp_path, theoph_path, error):
+    import csv
+    import warnings
+
+    (y, sigma), (ofv, theta, theta_se, omega, sigmas) = THEOPD_RUNS[error]
+    df = pd.read_csv(theoph_path)
+    rows = []
+    for _, s in df.groupby("ID", sort=False):
+        dose = s[s.EVID == 1].iloc[0]
+        for k, (_, r) in enumerate(s[s.EVID == 0].iterrows()):
+            rows.append([r.ID, r.WT, round(dose.AMT / r.WT, 2), r.TIME, r.DV, 0, 0, 2])
+            if k == 0:   # the dose record after the 0-h level, as that project's data have it
+                rows.append([r.ID, r.WT, round(dose.AMT / r.WT, 2), 0, 0, dose.AMT, 1, 1])
+    data = pd.DataFrame(rows, columns=["Subject", "Wt", "Dose", "Time", "conc", "AMT", "MDV", "CMT"])
+    data["NUM"] = range(1, len(data) + 1)
+    data.to_csv(tmp_path / "nonmemdata.csv", index=False, quoting=csv.QUOTE_NONNUMERIC)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "1.ctl").write_text(THEOPD.format(y=y, sigma=sigma))
+    pm, ds = read_control_stream(tmp_path / "run" / "1.ctl")
+    assert ds.n_subjects == 12 and ds.n_observations == 132
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit_population(pm, ds, progress=False)
+    assert res.estimation.ofv == pytest.approx(ofv, abs=0.01)
+    for t, value, se in zip(res.theta, theta, theta_se):
+        assert t.value == pytest.approx(value, rel=2e-3)
+        assert t.se == pytest.approx(se, rel=2e-2)
+    assert len(res.omega) == 3 and len(res.sigma.rows) == len(sigmas)
+    for entry, value in zip(res.omega, omega):
+        assert entry.variance == pytest.approx(value, rel=1e-2)
+    for row, value in zip(res.sigma.rows, sigmas):
+        assert row.variance == pytest.approx(value, rel=1e-2)

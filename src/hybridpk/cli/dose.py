@@ -98,8 +98,8 @@ def add_parser(sub) -> None:
     p.add_argument("--interval", type=float, help="dosing interval (h); default: the model's stated interval, else "
                    "the best of 8, 12, 24")
     p.add_argument("--duration", type=float, help="infusion duration (h); 0 for bolus/oral (default: 0 for a model "
-                   "whose route is oral or bolus: a fit of an oral model, or of an IV model to data dosed by bolus only; "
-                   "else 1)")
+                   "whose route is oral or bolus: a fit of an oral model, or of an IV model to data dosed by bolus "
+                   "only; else 1)")
     p.add_argument("--cmt", type=int, default=0, metavar="N", help="compartment of the new doses (NONMEM numbering; "
                    "default 0: the model's dose compartment), e.g. the central compartment for IV doses with a "
                    "model fitted on oral data (F then does not apply)")
