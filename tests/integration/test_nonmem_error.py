@@ -223,3 +223,52 @@ Y = IPRED + W*EPS(1)
     with pytest.raises(DatasetError, match="DVID 1, 2"):
         Problem(pm_c, ds_c).require_positive_variance(
             {t.name: torch.tensor(t.init, dtype=torch.float64) for t in pm_c.thetas}, {"PROP": torch.tensor(0.1)})
+
+
+#: the additive part fixed at 0 (a proportional error written in the W form): W = 0 at every dose record, where
+#: F = 0, so H = SQRT(...) has an infinite derivative there
+W_PROPORTIONAL = """$PROBLEM proportional error in the W form
+$INPUT ID TIME DV AMT EVID MDV CMT
+$DATA sim.csv IGNORE=@
+$SUBROUTINE ADVAN2 TRANS2
+$PK
+KA = THETA(1)*EXP(ETA(1))
+CL = THETA(2)*EXP(ETA(2))
+V = THETA(3)*EXP(ETA(3))
+S2 = V
+$ERROR
+IPRED = F
+PROP = THETA(4)
+ADD = THETA(5)
+W = SQRT(PROP**2*IPRED**2 + ADD**2)
+Y = F + W*EPS(1)
+$THETA (0, 1.2) (0, 4) (0, 35) (0, 0.15) 0 FIX
+$OMEGA 0.1 0.1 0.1
+$SIGMA 1 FIX
+$ESTIMATION METHOD=1 INTERACTION
+"""
+
+
+def test_a_w_form_with_its_additive_part_fixed_at_0_fits_as_the_proportional_model(tmp_path):
+    # UserZetsu/nonmem's test_model.mod (GitHub) writes its error so; every ETA gradient was NaN (the dose records'
+    # infinite derivative times their zero weight), the EBEs stayed at 0 and the fit stopped after 0 iterations
+    # with OFV 4214.7 where NONMEM reports 697.57 at the initial estimates.
+    design = hp.make_design(24, [dict(TIME=0, AMT=100, CMT=1)], [0.5, 1, 2, 4, 6, 8, 12, 24], seed=3)
+    sim = hp.simulate_population("1cmt_oral", design, dict(KA=1.0, CL=3.0, V=30.0),
+                                 dict(KA=0.09, CL=0.09, V=0.04), proportional=0.1, seed=3)
+    df = sim.dataset.to_dataframe()[["ID", "TIME", "DV", "AMT", "EVID", "MDV", "CMT"]]
+    df.to_csv(tmp_path / "sim.csv", index=False)
+    (tmp_path / "run.mod").write_text(W_PROPORTIONAL)
+    pm, ds = read_control_stream(tmp_path / "run.mod")
+    assert pm.error.kind == "general"
+    values = {t.name: t.init for t in pm.thetas}
+    a = _ofv(pm, ds, values, [0.1, 0.1, 0.1], {"EPS1": 1.0})
+    native = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="proportional")
+    b = _ofv(native, sim.dataset, {"KA": 1.2, "CL": 4.0, "V": 35.0}, [0.1, 0.1, 0.1], {"PROP": 0.15})
+    assert a == pytest.approx(b, rel=1e-9)
+    ours = hp.fit_population(pm, ds, progress=False, covariance=False)
+    ref = hp.fit_population(native, sim.dataset, progress=False, covariance=False)
+    assert ours.estimation.converged
+    assert ours.estimation.ofv == pytest.approx(ref.estimation.ofv, abs=1e-3)
+    prop = [t for t in ours.theta if t.name == pm.thetas[3].name][0]
+    assert prop.value == pytest.approx(ref.sigma["PROP"].sd, rel=1e-2)

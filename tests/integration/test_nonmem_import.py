@@ -216,54 +216,35 @@ def test_a_pred_model_is_refused_where_it_cannot_answer(pharmpy_examples, tmp_pa
 # Wiczling/theopd (GitHub, model/nonmem/basic): R's Theoph as a bbr project lays it out (the 0-h level before the
 # dose record, no EVID column: NONMEM takes a record with MDV=1 and AMT > 0 as a dose; a quoted header skipped by
 # IGNORE="), fitted there by NONMEM 7 (FOCE-I, $COV MATRIX=R); its 1.ext and 2.ext final rows and standard errors.
-THEOPD = """$PROBLEM 1-CMT Linear Model with 1st-Order Absorption
-
+THEOPD = """$PROBLEM theophylline, one compartment, first-order absorption
 $INPUT ID BW DOSE TIME DV AMT MDV CMT NUM
-
 $DATA ../nonmemdata.csv
       IGNORE="
-
 $SUBROUTINE ADVAN2 TRANS2
-
 $PK
-TVCL = THETA(1)           ; Typical Value of Clearance
-CL   = TVCL * EXP(ETA(1)) ; Individual Clearance (L/h)
-
-TVV = THETA(2)          ; Typical Value of Volume
-V   = TVV * EXP(ETA(2)) ; Individual value of Volume (L)
-
-TVKA = THETA(3)           ; Typical Value of absorption rate
-KA   = TVKA * EXP(ETA(3)) ; Individual value of Ka (1/h)
-
-F1 = 1 ; Bioavailability
-S2 = V ;
-
+TCL = THETA(1)
+CL  = TCL*EXP(ETA(1))   ; clearance, L/h
+TV  = THETA(2)
+V   = TV*EXP(ETA(2))    ; volume, L
+TKA = THETA(3)
+KA  = TKA*EXP(ETA(3))   ; absorption rate constant, 1/h
+F1  = 1
+S2  = V
 $ERROR (OBSERVATION ONLY)
 IPRED = F
 {y}
-
-$THETA
-(0, 1)   ; [L/day] CL/F
-(0, 20)  ; [L] V/F
-(0, 1)   ; [1/h] KA
-
-$OMEGA
-0.1      ;[P] CL/F
-0.1      ;[P] V/F
-0.1      ;[P] KA
-
-$SIGMA
-{sigma}
-
-$EST MAXEVAL=9999 METHOD=1 INTER SIGL=6 NSIG=3 PRINT=1 MSFO=./1.msf
-$COV PRINT=E MATRIX=R
+$THETA (0, 1) (0, 20) (0, 1)
+$OMEGA 0.1 0.1 0.1
+$SIGMA {sigma}
+$ESTIMATION METHOD=1 INTER MAXEVAL=9999 SIGL=6 NSIG=3
+$COVARIANCE MATRIX=R
 """
 
 THEOPD_RUNS = {   # (Y, $SIGMA): (OFV, THETA 1-3, their SEs, OMEGA diagonal, SIGMA diagonal) of the .ext files
-    "additive": (("Y=IPRED + EPS(1) ; Additive Error", "1       ;[P] additive"),
+    "additive": (("Y = IPRED + EPS(1)", "1"),
                  (116.80342577, (2.75098, 31.8125, 1.59038), (0.229763, 1.48329, 0.305153),
                   (0.0690912, 0.0191687, 0.402446), (0.482255,))),
-    "combined": (("Y=IPRED*(1+EPS(2)) + EPS(1) ; additive+proportional error", "1      ;[P] add\n0.1    ;[P] prop"),
+    "combined": (("Y = IPRED*(1 + EPS(2)) + EPS(1)", "1 0.1"),
                  (104.32208771, (2.78574, 31.9987, 1.47968), (0.215217, 1.45403, 0.282108),
                   (0.0645786, 0.0158248, 0.390667), (0.0759065, 0.0179197))),
 }
