@@ -482,7 +482,10 @@ def test_imported_control_streams_equal_the_general_paths(tmp_path, theoph_path,
 
 def test_pheno_fit_takes_the_analytic_path_with_nonmems_result(pharmpy_examples, monkeypatch):
     """pharmpy's pheno.mod fitted as the file says, by the analytic path: NONMEM's OFV (pheno.lst, 586.27605) and
-    the same estimates and standard errors as the fit with the general path forced."""
+    the same estimates and standard errors as the fit with the general path forced. The same estimate: within a
+    relative 1e-6, or, for a THETA the data determine loosely, within 1e-5 of its SE, a step that moves the OFV by
+    about 1e-10, below the 1e-6 rounding at which the general path's search stops (on an AMD EPYC the two
+    searches end 4.2e-6 SE apart on COVAPGR, whose SE is 53% of it: a relative 2.2e-6, OFVs 1.4e-9 apart)."""
     from hybridpk.population.nonmem import read_control_stream
 
     pm, ds = read_control_stream(pharmpy_examples / "pheno.mod")
@@ -491,7 +494,7 @@ def test_pheno_fit_takes_the_analytic_path_with_nonmems_result(pharmpy_examples,
     fast, general = _fits_by_both_paths(pm, ds, monkeypatch)
     assert fast.estimation.ofv == pytest.approx(586.27605, abs=1e-3)
     for a, b in zip(fast.theta, general.theta):
-        assert a.value == pytest.approx(b.value, rel=1e-6) and a.se == pytest.approx(b.se, rel=1e-5)
+        assert abs(a.value - b.value) <= max(1e-6 * abs(b.value), 1e-5 * b.se) and a.se == pytest.approx(b.se, rel=1e-5)
     np.testing.assert_allclose(fast.omega.tensor().numpy(), general.omega.tensor().numpy(), rtol=1e-5)
 
 
