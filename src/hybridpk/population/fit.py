@@ -214,6 +214,16 @@ TRUST_STEP = 2.0
 #: to 1e-9). Seen on 100 subjects: the OFV settled to 1e-9 after 23 evaluations, and the line search spent 45
 #: more within 1.5e-9 of it before scipy gave up.
 ROUNDING_EVALUATIONS, ROUNDING_OFV = 6, 1e-6
+#: when BFGS stops on a failed line search ("precision loss", or the stop at rounding where the gradient is not
+#: small) far from a minimum, the search restarts from its best point with a fresh (identity) Hessian
+#: approximation, at most this many times and only while a restart lowers the OFV: an update from curvature
+#: measured far away can point where no step lowers the OFV. metrumresearchgroup/bbr's example model (ADVAN2,
+#: started at V 10 where NONMEM ends at 465) stopped so after 4 iterations at OFV 4805.5; NONMEM reaches 2636.85
+#: from the same start.
+RESTARTS = 5
+#: max |dOFV/dx| (estimation scale) below which a point where the search ended counts as a minimum: at the minima
+#: the rounding stop ends on it is 1e-4 to 1e-3; where the line search only failed to go on, 1e2 to 1e3
+GRADIENT_AT_MINIMUM = 1e-2
 
 
 class _AtRounding(Exception):
@@ -390,19 +400,40 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
         if len(trace) > STALL_ITERATIONS and trace[-STALL_ITERATIONS - 1] - trace[-1] < STALL_OFV:
             raise StopIteration     # scipy ends the search at this iterate
 
-    at_rounding = False
+    def search(start):
+        return minimize(fun, start, jac=True, method="BFGS", callback=cb,
+                        options={"maxiter": max(1, maxiter - state["iter"]), "gtol": 1e-4, "xrtol": 1e-7})
+
+    def stuck(res, at_rounding) -> bool:
+        """The search ended on a failed line search, or its line search probed the best OFV's rounding where
+        the gradient is not small (not a minimum: the rounding stop's false alarm), so a restart may go on."""
+        if at_rounding:
+            return float(np.abs(evaluate_at(state["x_best"])[1]).max()) >= GRADIENT_AT_MINIMUM
+        return res is not None and not res.success and "precision loss" in str(res.message)
+
+    res, at_rounding, restarts, start = None, False, 0, x0
     try:
-        res = None if evaluate else minimize(fun, x0, jac=True, method="BFGS", callback=cb,
-                                             options={"maxiter": max(1, maxiter - state["iter"]), "gtol": 1e-4,
-                                                      "xrtol": 1e-7})
+        while not evaluate:
+            before = state["best"]
+            try:
+                found, rounding = search(start), False
+            except _AtRounding:
+                found, rounding = None, True
+            if restarts and not state["best"] < before - STALL_OFV:
+                break               # the restart found nothing lower: keep the search that ended there
+            res, at_rounding = found, rounding
+            if (restarts >= RESTARTS or state["iter"] >= maxiter or not math.isfinite(state["best"])
+                    or not stuck(res, at_rounding)):
+                break
+            restarts += 1
+            start = state["x"] = state["x_best"]          # the trust region is centred on the restart
+            state["flat"] = 0
     except KeyboardInterrupt:
         saved = state.get("saved", resumed[2] if resumed is not None else None)
         where = (f"the checkpoint {checkpoint} holds iteration {saved}" if saved is not None
                  else "no checkpoint was written yet" if checkpoint else "no checkpoint file was asked for")
         raise Interrupted(f"the {estimation} fit was interrupted after {state['iter']} outer iterations; "
                           f"{where}") from None
-    except _AtRounding:
-        res, at_rounding = None, True
     finally:
         bar.close()
     x_hat = x0 if evaluate else state["x_best"] if at_rounding else res.x
@@ -411,14 +442,19 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
         converged, message = False, ("evaluation only (MAXEVAL=0): the OFV and EBEs at the initial estimates, "
                                      "nothing estimated")
     elif at_rounding:
-        converged = True
+        converged = float(np.abs(g).max()) < GRADIENT_AT_MINIMUM
         message = (f"the OFV is at its minimum to rounding: {ROUNDING_EVALUATIONS} evaluations in a row changed it "
-                   f"by less than {ROUNDING_OFV:g}")
+                   f"by less than {ROUNDING_OFV:g}" if converged else
+                   f"the line search found no lower OFV near the best point ({ROUNDING_EVALUATIONS} evaluations in a "
+                   f"row within {ROUNDING_OFV:g} of it), where the gradient is not small")
     else:
         stalled = "StopIteration" in str(res.message)
-        converged = bool(res.success) or stalled or float(np.abs(g).max()) < 1e-2
+        converged = bool(res.success) or stalled or float(np.abs(g).max()) < GRADIENT_AT_MINIMUM
         message = (f"the OFV fell by less than {STALL_OFV:g} over the last {STALL_ITERATIONS} iterations"
                    if stalled else str(res.message))
+    if restarts:
+        message += (f" (BFGS restarted {restarts} time{'s' if restarts > 1 else ''} from its best point after a "
+                    "failed line search)")
     warn = []
     if not converged and not evaluate:
         warn.append(f"the estimation did not converge ({message}; max |gradient| {np.abs(g).max():.3g})")

@@ -321,6 +321,22 @@ def _definitions(statements) -> dict:
     return defs
 
 
+def _central_scale_alias(statements, scale_name: str, text: str, path):
+    """``statements`` with NONMEM's SC, the scale of the central compartment (S1 of ADVAN1 and 3, S2 of ADVAN2 and
+    4; NONMEM help, "SC"), written as that S (metrumresearchgroup/bbr's example model writes SC = V); a stream that
+    sets both is refused."""
+    import sympy
+
+    names = {n for n, _ in statements}
+    if "SC" not in names:
+        return statements
+    if scale_name in names:
+        raise ModelError(f"{_line_of(text, path, 'SC')}: $PK sets both SC and {scale_name}, the scale of the same "
+                         f"(central) compartment; keep one")
+    rename = {sympy.Symbol("SC"): sympy.Symbol(scale_name)}
+    return [(scale_name if n == "SC" else n, e.subs(rename)) for n, e in statements]
+
+
 def _check_scale(defs: dict, written: dict, advan: int, trans: int, text: str, path) -> None:
     """hybridpk predicts A/V with V the central volume of the kinetics; NONMEM's F is A/S (S1 or S2; default
     1). With TRANS1, 5 and 6 the scale is the volume (F = A/S exactly). With TRANS2-4 the scale must equal
@@ -547,6 +563,8 @@ def read_control_stream(path):
 
         def read(env):
             return _structural(env, advan, trans, oral)
+    if not written:
+        statements = _central_scale_alias(statements, scale_name, text, path)
     defs = _definitions(statements)
     if not written:
         _check_scale(defs, dict(statements), advan, trans, text, path)
