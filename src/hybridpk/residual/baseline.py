@@ -64,7 +64,7 @@ class ODEBaseline:
         """The ETAs (N, K) on the scale of the prior: u = eta V L^-1/2 with OMEGA = V L V' (u ~ N(0, I)), the
         coordinates the hybrid's per-patient searches move in. An ETA whose variance is 1e-15 (an OMEGA at
         its boundary, e.g. from a fit to six subjects) then takes steps of its own size: Adam's steps of
-        about its learning rate in ETA itself gave that ETA a prior penalty of 1e8 and wrecked training."""
+        about its learning rate in ETA itself gave that ETA a prior penalty of 1e9 and wrecked training."""
         return eta @ self._to_u.to(eta.device, eta.dtype)
 
     def unwhiten(self, u):
