@@ -227,16 +227,7 @@ Y = IPRED + W*EPS(1)
 
 #: the additive part fixed at 0 (a proportional error written in the W form): W = 0 at every dose record, where
 #: F = 0, so H = SQRT(...) has an infinite derivative there
-W_PROPORTIONAL = """$PROBLEM proportional error in the W form
-$INPUT ID TIME DV AMT EVID MDV CMT
-$DATA sim.csv IGNORE=@
-$SUBROUTINE ADVAN2 TRANS2
-$PK
-KA = THETA(1)*EXP(ETA(1))
-CL = THETA(2)*EXP(ETA(2))
-V = THETA(3)*EXP(ETA(3))
-S2 = V
-$ERROR
+W_PROPORTIONAL = HEAD.replace("theoph.csv", "sim.csv") + """$ERROR
 IPRED = F
 PROP = THETA(4)
 ADD = THETA(5)
@@ -256,7 +247,7 @@ def test_a_w_form_with_its_additive_part_fixed_at_0_fits_as_the_proportional_mod
     design = hp.make_design(24, [dict(TIME=0, AMT=100, CMT=1)], [0.5, 1, 2, 4, 6, 8, 12, 24], seed=3)
     sim = hp.simulate_population("1cmt_oral", design, dict(KA=1.0, CL=3.0, V=30.0),
                                  dict(KA=0.09, CL=0.09, V=0.04), proportional=0.1, seed=3)
-    df = sim.dataset.to_dataframe()[["ID", "TIME", "DV", "AMT", "EVID", "MDV", "CMT"]]
+    df = sim.dataset.to_dataframe()[["ID", "TIME", "DV", "AMT", "EVID", "MDV", "CMT"]].assign(WT=70.0)
     df.to_csv(tmp_path / "sim.csv", index=False)
     (tmp_path / "run.mod").write_text(W_PROPORTIONAL)
     pm, ds = read_control_stream(tmp_path / "run.mod")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -37,8 +38,6 @@ def test_a_depot_model_is_oral_and_no_data_is_infusion():
 
 
 def test_a_fit_records_it():
-    import numpy as np
-
     rows = []
     for i, cl in enumerate((2.0, 2.6, 3.1, 3.9, 4.4, 5.2)):
         rows.append(dict(ID=i + 1, TIME=0.0, AMT=100.0, DV=0.0, EVID=1, MDV=1))

@@ -254,9 +254,10 @@ class HybridDosing(DosingModel):
         def objective(p):
             return self._objective(batch.select([0] * p.shape[0]), p)
 
-        x, _ = guarded_lbfgs(lambda w: objective(hyb.unwhiten(w)), hyb.whiten(start), 100)   # ETAs whitened
+        to_whitened, from_whitened = hyb.whitening()             # the search moves the ETAs whitened
+        x, _ = guarded_lbfgs(lambda w: objective(from_whitened(w)), to_whitened(start), 100)
         with torch.no_grad():
-            x = hyb.unwhiten(x)
+            x = from_whitened(x)
             point = x if bool(torch.isfinite(objective(x)).all() and objective(x) <= objective(start)) else start
         cov = self._laplace(objective, point)
         params = hyb.individual_parameters(batch, point)

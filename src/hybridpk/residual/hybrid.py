@@ -162,17 +162,21 @@ class HybridFit:
         k = self.population.model.n_eta
         return points[:, :k], points[:, k:]
 
-    def whiten(self, points):
-        """``points`` (S, n_eta + K) with the ETAs whitened (:meth:`ODEBaseline.whiten
-        <hybridpk.residual.baseline.ODEBaseline.whiten>` under the hybrid's OMEGA), the coordinates a
-        per-patient search moves in; :meth:`unwhiten` is its inverse."""
-        eta, z = self._split(points)
-        return torch.cat([ODEBaseline(self.hybrid_population).whiten(eta), z], 1)
+    def whitening(self):
+        """(to_whitened, from_whitened): functions of points (S, n_eta + K) that whiten their ETAs
+        (:meth:`ODEBaseline.whiten <hybridpk.residual.baseline.ODEBaseline.whiten>` under the hybrid's OMEGA;
+        z as it is), the coordinates a per-patient search moves in, and back; one OMEGA factorisation for both."""
+        base = ODEBaseline(self.hybrid_population)
 
-    def unwhiten(self, points):
-        """The points (ETAs, z) of whitened coordinates (the inverse of :meth:`whiten`)."""
-        u, z = self._split(points)
-        return torch.cat([ODEBaseline(self.hybrid_population).unwhiten(u), z], 1)
+        def to_whitened(points):
+            eta, z = self._split(points)
+            return torch.cat([base.whiten(eta), z], 1)
+
+        def from_whitened(points):
+            u, z = self._split(points)
+            return torch.cat([base.unwhiten(u), z], 1)
+
+        return to_whitened, from_whitened
 
     def concentrations(self, batch, points, weight=None, chunk: int | None = None):
         """Hybrid concentrations (S, R) mg/L at every record of ``batch`` (S subjects, e.g. one patient
