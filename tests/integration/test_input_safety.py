@@ -49,6 +49,20 @@ def test_an_optional_covariate_takes_the_specs_documented_default():
         recommend_dose("vancomycin_goti2018", no_crcl, "auc24=400:600", interval=12, n_samples=300)
 
 
+def test_a_covariate_column_named_in_another_case_is_read_under_the_models_name():
+    """A control stream's $DATA names its columns by $INPUT, so its header may say wt where $PK reads WT
+    (metrumresearchgroup/bbr's acop data): such a column is read as the model's covariate and the answer says
+    so; two candidates (wt beside Wt) are refused by the reader."""
+    upper = recommend_dose("vancomycin_goti2018", _vanco(True), "auc24=400:600", interval=12, n_samples=300)
+    lower = hp.read_nonmem(_vanco(True).to_dataframe().rename(columns={"CRCL": "crcl", "WT": "wt"}))
+    got = recommend_dose("vancomycin_goti2018", lower, "auc24=400:600", interval=12, n_samples=300)
+    assert (got.dose, got.interval, got.exposure, got.pta) == (upper.dose, upper.interval, upper.exposure, upper.pta)
+    assert any("column wt read as the model's covariate WT" in w for w in got.warnings)
+    assert not any("differ only in case" in w for w in upper.warnings)
+    with pytest.raises(hp.DatasetError, match="differ only in case"):      # which one would be WT: refused
+        hp.read_nonmem(_vanco(True).to_dataframe().rename(columns={"WT": "wt"}).assign(Wt=60.0))
+
+
 @pytest.mark.parametrize("column", ["CMT", "DVID", "ADDL", "EVID", "MDV"])
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), 1e300, 2.5])
 def test_integer_data_items_that_are_not_whole_numbers_are_refused(column, value):

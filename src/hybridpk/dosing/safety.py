@@ -10,19 +10,28 @@ from .constraints import record_doses
 
 
 def with_covariate_defaults(model, dataset):
-    """(``dataset`` with the model's covariate defaults filled in for the covariates its file lacks, warnings
-    saying which were taken). The model's ``covariate_defaults`` (a published spec's [defaults], e.g. DIAL =
-    0) are the only values ever filled in; any other missing covariate is refused by :func:`check_patient`."""
+    """(``dataset`` with the model's covariates as the model names them, warnings saying what was taken). A
+    covariate whose column differs from the model's name only in case is read under the model's name (a
+    control stream names its columns in $INPUT, so its $DATA's header may say wt where $PK reads WT:
+    metrumresearchgroup/bbr's acop data). The model's ``covariate_defaults`` (a published spec's [defaults],
+    e.g. DIAL = 0) are filled in for the covariates the file lacks, the only values ever filled in; any other
+    missing covariate is refused by :func:`check_patient`."""
     from ..data.dataset import read_nonmem
 
     defaults = getattr(model.population, "covariate_defaults", {}) or {}
     df = dataset.to_dataframe()
+    by_case = {str(col).upper(): col for col in df.columns}    # unique: the reader refuses wt beside Wt
+    renamed = {by_case[c.upper()]: c for c in model.covariates if c not in df.columns and c.upper() in by_case}
+    df = df.rename(columns=renamed)
     missing = {c: v for c, v in defaults.items() if c in model.covariates and c not in df.columns}
-    if not missing:
+    if not missing and not renamed:
         return dataset, []
-    filled = read_nonmem(df.assign(**missing), covariates=list(dataset.covariates) + list(missing))
-    return filled, [f"{c} is not in the patient file: taken as {v:g}, the model's default (give the column if "
-                    "that is not right)" for c, v in missing.items()]
+    covariates = [renamed.get(c, c) for c in dataset.covariates] + list(missing)
+    filled = read_nonmem(df.assign(**missing), covariates=covariates)
+    return filled, ([f"column {old} read as the model's covariate {new} (the names differ only in case)"
+                     for old, new in renamed.items()]
+                    + [f"{c} is not in the patient file: taken as {v:g}, the model's default (give the column if "
+                       "that is not right)" for c, v in missing.items()])
 
 
 def check_patient(model, df: pd.DataFrame) -> list[str]:
