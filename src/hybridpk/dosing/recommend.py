@@ -45,14 +45,16 @@ class PatientPosterior:
 
     def parameters(self) -> dict:
         """Per individual parameter: MAP value, posterior median and 5%/95% quantiles (natural scale), for the
-        regimen ahead (covariates of the patient's last record)."""
+        regimen ahead (covariates of the patient's last record), under the names the model reports them
+        (an imported control stream's: PopulationModel.parameter_labels)."""
         est, samples = self.estimate, self.draws
         draws = est.model.individual_parameters(est, samples)
         at_map = est.model.individual_parameters(est, est.eta[:1])
+        label = est.model.population.model.label
         out = {}
         for name in draws:
             v = draws[name].cpu().numpy()
-            out[name] = {"map": float(at_map[name].reshape(-1)[0]), "median": float(np.median(v)),
+            out[label(name)] = {"map": float(at_map[name].reshape(-1)[0]), "median": float(np.median(v)),
                          "p05": float(np.quantile(v, 0.05)), "p95": float(np.quantile(v, 0.95))}
         return out
 

@@ -801,7 +801,7 @@ def _individual_table(dataset, pm, est):
     for j, name in enumerate(pm.etas):
         ind[name] = est.eta[:, j].cpu().numpy()
     for name in est.parameters.columns[1:]:
-        ind[name] = est.parameters[name].to_numpy()
+        ind[pm.label(name)] = est.parameters[name].to_numpy()
     return ind
 
 

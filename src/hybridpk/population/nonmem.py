@@ -12,8 +12,9 @@ NONMEM's sum_k SIGMA(k) (dY/dEPS(k))^2 at EPS = 0: additive, proportional or com
 are 1 or the prediction, else the general form, whose derivatives may read THETAs, ETAs and data items (THETA
 SDs with $SIGMA 1 FIX, ETA on EPS). $ESTIMATION selects FOCE-I, FOCE, FO or Laplace, MAXEVAL=0 evaluation, and
 $COVARIANCE the standard errors. Whatever would be carried out otherwise than written is refused with the
-construct and its line. Parameter names are pharmpy's (e.g. POP_CL, IIV_CL, SIGMA). Requires
-``hybridpk[nonmem]``.
+construct and its line. Parameter names are pharmpy's (e.g. POP_CL, IIV_CL, SIGMA); individual parameters are
+reported under the stream's names for its ADVAN (ADVAN4's V2 is the central volume). Lower case is read as
+NM-TRAN reads it (:func:`nmtran_case`). Requires ``hybridpk[nonmem]``.
 """
 
 from __future__ import annotations
@@ -40,12 +41,91 @@ _SUPPORTED = "ADVAN1-4, 11, 12, the general linear ADVAN5/7 and $DES with ADVAN6
 
 
 def _pharmpy():
+    """pharmpy's NONMEM parser: parse(code, path) -> Model, reading $DATA relative to ``path``."""
     try:
-        from pharmpy.modeling import read_model
+        from pharmpy.model.external.nonmem import parse_model
     except ImportError:
         raise HybridPKError("reading NONMEM control streams needs pharmpy-core: pip install 'hybridpk[nonmem]'") \
             from None
-    return read_model
+    return parse_model
+
+
+#: a quoted string (kept as written; an unclosed one runs to the end of the code) or a file-name option
+_PROTECTED = re.compile(r"""('[^']*'?|"[^"]*"?)|\b((?:FILE|MSFO|MSFI)\s*=\s*)(\S+)""", re.I)
+#: records whose first word is a file name
+_FILE_RECORDS = ("DAT", "MSF", "INC")
+
+
+def _split_comment(line: str) -> tuple[str, str]:
+    """(code, comment) of a control-stream line: the comment starts at the first ';' outside quotes."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ";":
+            return line[:i], line[i:]
+    return line, ""
+
+
+def _upper_code(code: str) -> str:
+    """``code`` in upper case but for quoted strings and the file names of FILE=, MSFO= and MSFI=."""
+    out, pos = [], 0
+    for m in _PROTECTED.finditer(code):
+        out.append(code[pos:m.start()].upper())
+        out.append(m.group(1) if m.group(1) else m.group(2).upper() + m.group(3))
+        pos = m.end()
+    return "".join(out) + code[pos:].upper()
+
+
+def nmtran_case(text: str) -> str:
+    """A control stream as NM-TRAN reads it: NONMEM 7.2 and later accept lower case in records, options and
+    abbreviated code and read it as upper case (so ``$data run.csv ignore=@`` and ``cl=theta(1)*exp(eta(1))``
+    are ``$DATA run.csv IGNORE=@`` and ``CL=THETA(1)*EXP(ETA(1))``; NONMEM 7.5 runs such streams). Kept as written:
+    comments (THETA labels), quoted strings, the $PROBLEM title and file names (the first word of $DATA, $MSFI
+    and $INCLUDE; FILE=, MSFO=). No line moves, so the line numbers in messages are the user's."""
+    lines, record, file_due = [], "", False
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        code, comment = _split_comment(body)
+        head = re.match(r"(\s*\$)(\w+)", code)
+        rest_at = 0
+        if head:
+            record = head.group(2).upper()
+            file_due = record.startswith(_FILE_RECORDS)
+            rest_at = head.end()
+        if record.startswith("PROB"):
+            code = code[:rest_at].upper() + code[rest_at:]
+        elif file_due and code[rest_at:].strip():
+            word = re.match(r"\s*\S+", code[rest_at:])
+            cut = rest_at + word.end()
+            code = code[:rest_at].upper() + code[rest_at:cut] + _upper_code(code[cut:])
+            file_due = False
+        else:
+            code = _upper_code(code)
+        if record.startswith(("THE", "OME", "SIG")):     # (value)xn repeats a value n times; pharmpy reads 'x'
+            code = re.sub(r"\)(\s*)X(\s*\d)", r")\1x\2", code)
+        lines.append(code + comment + line[len(body):])
+    return "".join(lines)
+
+
+def _stream_text(path: Path) -> str:
+    """The control stream at ``path`` in NM-TRAN's case (UTF-8, else Latin-1 as pharmpy reads it)."""
+    raw = path.read_bytes()
+    try:
+        return nmtran_case(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return nmtran_case(raw.decode("latin-1"))
+
+
+def _parse_stream(text: str, path: Path):
+    """pharmpy's model of the control stream ``text`` read from ``path`` ($DATA is relative to it)."""
+    parse = _pharmpy()
+    try:
+        return parse(text, path)
+    except Exception as exc:  # pharmpy's parser errors are not ours to enumerate
+        raise HybridPKError(f"pharmpy could not read {path}: {exc}") from None
 
 
 #: NONMEM's $PK names per ADVAN and TRANS (NONMEM help, "ADVAN1" ... "ADVAN12" and "TRANS1" ... "TRANS6"):
@@ -131,6 +211,17 @@ def _structural(env, advan, trans, oral):
     if g("ALAG1") is not None:
         p["ALAG"] = g("ALAG1")
     return p
+
+
+def _stream_names(advan: int) -> dict:
+    """{hybridpk's structural parameter: NONMEM's name for it under ADVANn} where they differ: the clearance and
+    volume names of TRANS4 (TRANS2 for ADVAN1/2) and the dose compartment's F1 and ALAG1 (ADVAN4's V2 is the
+    central volume, hybridpk's V; its V3 the peripheral one, hybridpk's V2)."""
+    cl, central, pairs = _PHYSIOLOGICAL[advan]
+    ours = {"CL": cl, "V": central, "F": "F1", "ALAG": "ALAG1"}
+    for (q, v), (our_q, our_v) in zip(pairs, (("Q", "V2"), ("Q3", "V3"))):
+        ours.update({our_q: q, our_v: v})
+    return {k: v for k, v in ours.items() if k != v}
 
 
 def _where(text: str, path, record: str) -> str:
@@ -489,11 +580,10 @@ def read_control_stream(path):
 
     from ..data.dataset import read_nonmem
 
-    read_model = _pharmpy()
     path = Path(path)
     if not path.is_file():
         raise HybridPKError(f"control stream {path} not found")
-    text = path.read_text()
+    text = _stream_text(path)
     sub = re.search(r"ADVAN(\d+)", text)
     tr = re.search(r"TRANS(\d+)", text)
     pred = not sub and re.search(r"^\s*\$PRED\b", text, flags=re.M | re.I) is not None
@@ -510,11 +600,7 @@ def read_control_stream(path):
                          f"(ADVAN{advan} takes TRANS{', TRANS'.join(str(t) for t in _TRANS[advan])})")
     oral = advan in (2, 4, 12)
     comps = _model_record(text, path) if written else None
-    try:
-        m = read_model(str(path))
-    except Exception as exc:  # pharmpy's parser errors are not ours to enumerate
-        raise HybridPKError(f"pharmpy could not read {path}: {exc}") from None
-
+    m = _parse_stream(text, path)
     estimation, evaluation_only = _check_estimation(m, text, path)
     rvs = m.random_variables
     eta_names = list(rvs.etas.names)
@@ -601,7 +687,8 @@ def read_control_stream(path):
 
     pm = PopulationModel(structural=structural, error=error, individual=individual, covariates=covs,
                          sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=items,
-                         error_inputs=error_inputs, **common)
+                         error_inputs=error_inputs, parameter_labels={} if written else _stream_names(advan),
+                         **common)
     return pm, ds
 
 
@@ -778,13 +865,13 @@ def write_control_stream(fitted, path) -> Path:
         raise ModelError("only a model imported from a NONMEM control stream can be written back as one; this "
                          f"model was built by hybridpk ({pm.recipe.get('kind', 'unknown')})")
     _pharmpy()
-    from pharmpy.modeling import read_model, set_initial_estimates, write_model
+    from pharmpy.modeling import set_initial_estimates, write_model
 
     source = Path(pm.recipe["control_stream"])
     if not source.is_file():
         raise HybridPKError(f"the control stream {source} the model was imported from is gone; it is needed to write "
                             "the final estimates back")
-    m = read_model(str(source))
+    m = _parse_stream(_stream_text(source), source)
     inits = {t.name: float(t.value) for t in fitted.theta if not t.fixed}
     matrix = m.random_variables.etas.covariance_matrix
     omega = fitted.omega.matrix

@@ -225,7 +225,9 @@ class PopulationModel:
     tuple of rows). How the estimates are reported:
     ``omega_labels`` (default: the ETA names; NONMEM imports: pharmpy's OMEGA names such as IIV_CL),
     ``sigma_labels`` {"ADD" | "PROP": name} (default: the kinds; NONMEM imports: the $SIGMA names) and
-    ``sigma_scale`` "sd" (hybridpk's ADD/PROP) or "variance" (NONMEM's $SIGMA); ``omega_blocks`` the groups
+    ``sigma_scale`` "sd" (hybridpk's ADD/PROP) or "variance" (NONMEM's $SIGMA); ``parameter_labels``
+    {structural parameter: the name it is reported under} (NONMEM imports: the control stream's names, so that
+    ADVAN4's central volume, hybridpk's V, is reported as V2 and its peripheral one as V3); ``omega_blocks`` the groups
     of correlated ETAs (indices; ETAs in no group have a variance only). NONMEM's FIX and SAME:
     ``omega_fixed`` ETA indices whose OMEGA (their whole block, as NONMEM fixes it) stays at ``omega_init``;
     ``omega_same`` pairs (block, source block) of equal size whose OMEGA is the source's (``$OMEGA BLOCK(n)
@@ -261,6 +263,11 @@ class PopulationModel:
     #: ``individual`` with the model's own parameters kept beside the structure's (a spec's new parameters,
     #: e.g. busulfan's CLIN, from which VMAX = CLIN KM is computed): what a patient's estimate reports
     every_parameter: Callable | None = field(default=None, repr=False)
+    parameter_labels: dict = field(default_factory=dict)
+
+    def label(self, name: str) -> str:
+        """The name the structural parameter ``name`` is reported under (see ``parameter_labels``)."""
+        return self.parameter_labels.get(name, name)
 
     @property
     def reads_dvid(self) -> bool:

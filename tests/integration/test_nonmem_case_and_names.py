@@ -1,0 +1,102 @@
+"""Control streams as users write them, read as NM-TRAN reads them: lower case (NONMEM 7.2 and later accept it;
+a published NONMEM 7.5 run with ``$DATA dat3.csv ignore=@`` was refused by pharmpy's parser), and the names the
+stream gives its parameters (ADVAN4's central volume is V2, which hybridpk's structural model calls V: the
+individual table and a patient's MAP said "V2" for the peripheral volume)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import warnings
+
+import pandas as pd
+import pytest
+
+import hybridpk as hp
+from hybridpk.population import fit_population
+from hybridpk.population.nonmem import nmtran_case, read_control_stream
+
+
+def test_nmtran_case_keeps_what_nmtran_keeps():
+    text = ("$prob my Run ; a title\n"
+            "$data ../Data/Run1.csv ignore=@ ignore=(SEX.EQ.'m') ; Comment\n"
+            "$input id time dv amt wt=drop\n"
+            "$pk\n"
+            "cl = theta(1)*exp(eta(1)) ; cl; Label\n"
+            "\"  verbatim Fortran\n"
+            "$omega (0.09 fix)x2 block(2) 0.1 0.01 0.1\n"
+            "$est method=1 inter msfo=./Run.msf\n"
+            "$table id cl file=sdTab1 noprint\n"
+            "$data\n  Other.csv ignore=#\n")
+    assert nmtran_case(text).splitlines() == [
+        "$PROB my Run ; a title",
+        "$DATA ../Data/Run1.csv IGNORE=@ IGNORE=(SEX.EQ.'m') ; Comment",
+        "$INPUT ID TIME DV AMT WT=DROP",
+        "$PK",
+        "CL = THETA(1)*EXP(ETA(1)) ; cl; Label",
+        "\"  verbatim Fortran",
+        "$OMEGA (0.09 FIX)x2 BLOCK(2) 0.1 0.01 0.1",
+        "$EST METHOD=1 INTER MSFO=./Run.msf",
+        "$TABLE ID CL FILE=sdTab1 NOPRINT",
+        "$DATA",
+        "  Other.csv IGNORE=#"]
+    assert nmtran_case("$THETA (0,1)X3\r\n$SIGMA 1\r\n") == "$THETA (0,1)x3\r\n$SIGMA 1\r\n"   # line ends kept
+
+
+def test_a_lower_case_pheno_fits_to_nonmems_published_run(pharmpy_examples, tmp_path):
+    """pharmpy's pheno.mod written in lower case (its $DATA file name as it is): read as the upper-case stream
+    (same data, same model) and fitted to NONMEM's final OFV (pheno.ext) within 0.01, as the upper-case one."""
+    shutil.copy(pharmpy_examples / "pheno.dta", tmp_path)
+    (tmp_path / "pheno.mod").write_text((pharmpy_examples / "pheno.mod").read_text().lower())
+    pm, ds = read_control_stream(tmp_path / "pheno.mod")
+    upper_pm, upper_ds = read_control_stream(pharmpy_examples / "pheno.mod")
+    assert ds.n_subjects == upper_ds.n_subjects == 59 and ds.n_observations == upper_ds.n_observations == 155
+    assert [t.init for t in pm.thetas] == [t.init for t in upper_pm.thetas]
+    assert pm.etas == upper_pm.etas == ("ETA_CL", "ETA_VC")         # $ABBREV REPLACE eta_cl=eta(1)
+    assert [t.name for t in pm.thetas] == ["pop_cl", "pop_vc", "covapgr"]       # labels: the comments as written
+    ext = pd.read_csv(pharmpy_examples / "pheno.ext", sep=r"\s+", skiprows=1).set_index("ITERATION")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit_population(pm, ds, progress=False)
+    assert res.estimation.ofv == pytest.approx(ext.loc[-1000000000, "OBJ"], abs=0.01)
+
+
+ADVAN4 = """$PROBLEM theophylline, two compartments
+$INPUT ID TIME DV AMT EVID MDV CMT WT
+$DATA theoph.csv IGNORE=@
+$SUBROUTINE ADVAN4 TRANS4
+$PK
+KA = THETA(1)*EXP(ETA(1))
+CL = THETA(2)*EXP(ETA(2))
+V2 = THETA(3)*EXP(ETA(3))
+Q  = THETA(4)
+V3 = THETA(5)
+S2 = V2
+$ERROR
+Y = F + EPS(1)
+$THETA (0, 1.5) (0, 2.8) (0, 30) (0, 1) (0, 8)
+$OMEGA 0.4 0.07 0.02
+$SIGMA 0.5
+$ESTIMATION METHOD=1 INTERACTION MAXEVAL=0
+"""
+
+
+def test_parameters_are_reported_under_the_control_streams_names(tmp_path, theoph_path):
+    """ADVAN4 TRANS4 names the central volume V2 and the peripheral one V3: the individual table and a patient's
+    MAP report them so, with the values the $PK formulas give at the EBEs."""
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    (tmp_path / "run.mod").write_text(ADVAN4)
+    pm, ds = read_control_stream(tmp_path / "run.mod")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit_population(pm, ds, progress=False)
+    ind = res.estimation.individual
+    assert {"KA", "CL", "V2", "Q", "V3"} <= set(ind.columns) and "V" not in ind.columns
+    eta = ind["ETA_3"].to_numpy()
+    assert ind["V2"].to_numpy() == pytest.approx(30.0 * pd.Series(eta).map(math.exp).to_numpy(), rel=1e-12)
+    assert ind["V3"].to_numpy() == pytest.approx([8.0] * ds.n_subjects, rel=1e-12)
+    post = hp.estimate_patient(res, ds.subset([ds.ids[0]]))
+    shown = post.parameters()
+    assert set(shown) == {"KA", "CL", "V2", "Q", "V3"}
+    assert shown["V2"]["map"] == pytest.approx(30.0 * math.exp(float(post.estimate.eta[0, 2])), rel=1e-9)
+    assert shown["V3"]["map"] == pytest.approx(8.0, rel=1e-12)
