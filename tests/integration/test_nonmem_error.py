@@ -168,7 +168,7 @@ def test_a_general_error_model_doses_simulates_and_refuses_the_hybrid_up_front(t
     assert main(["fit", str(tmp_path / "run.mod"), "--hybrid", "vae", "--out", str(tmp_path / "run"),
                  "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "hybrid takes additive, proportional or combined" in err and not (tmp_path / "run").exists()
+    assert "SD reads ETAs" in err and not (tmp_path / "run").exists()
     with pytest.raises(ModelError, match="hybrid"):
         hp.fit_hybrid(pm, ds)
 

@@ -148,7 +148,7 @@ def _score(model, dataset, ids) -> tuple:
     """(-2LL per observation without the constant, RMSE mg/L) of the patients ``ids``, each half of a patient's
     levels predicted from the other half."""
     from ..residual import HybridFit
-    from ..residual.objective import gaussian_nll
+    from ..residual.objective import gaussian_nll, hybrid_error
     from ..residual.predictive import _observations_of, split_halves
 
     a, b, full = split_halves(dataset, ids)
@@ -158,17 +158,17 @@ def _score(model, dataset, ids) -> tuple:
     for given, scored in ((a, b), (b, a)):
         if isinstance(model, HybridFit):
             out = model.predict(given, design=full)
-            batch, pred = out.batch, out.ipred
-            floor = model.vae.variance_floor(pop.model.error, sd)
+            batch, pred, error = out.batch, out.ipred, model.error
+            floor = model.vae.variance_floor(error, sd)
         else:
             est = model.estimate(given)
             batch = full.to_batch(covariates=list(pop.covariates))
             with torch.no_grad():
                 pred = model.concentrations(batch, est.eta)
-            floor = 0.0
+            error, floor = hybrid_error(pop, 0.0, est.eta), 0.0
         mask = _observations_of(scored, batch)
         with torch.no_grad():
-            total += float(2 * gaussian_nll(batch, pred, mask, pop.model.error, sd, floor).sum())
+            total += float(2 * gaussian_nll(batch, pred, mask, error, sd, floor).sum())
         sq += float(torch.where(mask, (batch.dv - pred) ** 2, torch.zeros_like(pred)).sum())
         count += int(mask.sum())
     return total / max(count, 1), float(np.sqrt(sq / max(count, 1)))

@@ -25,7 +25,7 @@ from ..solve.device import same_device
 from .baseline import ODEBaseline
 from .coverage import TrainingCoverage
 from .inference import HybridEstimate, estimate_hybrid, joint_objective, predict_with
-from .objective import gaussian_nll
+from .objective import gaussian_nll, hybrid_error
 from .omega import its_omega, with_omega
 from .selection import Candidate, candidates, select
 from .training import TrainConfig, null_model, train_vae
@@ -106,6 +106,12 @@ class HybridFit:
         return self.vae.latent_dim
 
     @property
+    def error(self):
+        """The residual-error model of the hybrid's likelihood (:func:`~hybridpk.residual.objective.hybrid_error`:
+        a general $ERROR bound to the population fit's THETAs)."""
+        return hybrid_error(self.population, self.vae.scale["c0"])
+
+    @property
     def point_names(self) -> tuple:
         """Names of the columns of a point (one patient's unknowns): the ETAs, then Z1..ZK."""
         return tuple(self.population.model.etas) + tuple(f"Z{j + 1}" for j in range(self.latent_dim))
@@ -125,7 +131,7 @@ class HybridFit:
     def _estimate_from(self, ode_fit, refine: bool = True) -> HybridEstimate:
         est, batch, ipred0 = ode_fit
         hp_ = self.hybrid_population
-        h = estimate_hybrid(self.vae, batch, ipred0, est.eta, self.population.model.error,
+        h = estimate_hybrid(self.vae, batch, ipred0, est.eta, self.error,
                             hp_.sigma.sd_tensors(self.device), baseline=ODEBaseline(hp_),
                             refine=refine)
         return h.with_ode(est, ipred0)
@@ -216,8 +222,7 @@ class HybridFit:
         :func:`~hybridpk.residual.inference.joint_objective` (``z_prior``: (mean, precision) of z in place of
         the training's prior), differentiable in ``points``."""
         eta, z = self._split(points)
-        return joint_objective(self.vae, ODEBaseline(self.hybrid_population), batch, eta, z,
-                               self.population.model.error,
+        return joint_objective(self.vae, ODEBaseline(self.hybrid_population), batch, eta, z, self.error,
                                self.hybrid_population.sigma.sd_tensors(self.device), z_prior=z_prior)
 
     def individual_parameters(self, batch, points) -> dict:
@@ -234,9 +239,10 @@ class HybridFit:
         records. One row per replicate and record: REP, ID, TIME, EVID, MDV, IPRED, DV (mg/L), ETAs, Z1..."""
         pop, pm = self.hybrid_population, self.population.model
         etas, base = eta_sampler(pop), ODEBaseline(pop)
+        drawn = {}
 
         def draw(batch, gen):
-            eta = etas(batch.n_subjects, gen)
+            drawn["eta"] = eta = etas(batch.n_subjects, gen)
             z = torch.randn(batch.n_subjects, self.latent_dim, generator=gen, dtype=torch.float64,
                             device="cpu").to(batch.time.device)
             with torch.no_grad():
@@ -244,8 +250,13 @@ class HybridFit:
             return conc, {**{name: eta[:, j] for j, name in enumerate(pm.etas)},
                           **{f"Z{j + 1}": z[:, j] for j in range(self.latent_dim)}}
 
-        return replicates(dataset, pm.covariates, pm.error, pop.sigma.sd_tensors(self.device), n, seed, draw,
-                          device=self.device)
+        sd = pop.sigma.sd_tensors(self.device)
+
+        def variance(batch, conc, per_subject):     # a general $ERROR reads THETAs and data items
+            return pm.residual_variance(pop.theta.tensors(self.device), drawn["eta"], batch, conc, sd)
+
+        return replicates(dataset, pm.covariates, pm.error, sd, n, seed, draw,
+                          variance if pm.error.kind == "general" else None, device=self.device)
 
     # ------------------------------------------------------------------ persistence
     def summary(self) -> dict:
@@ -460,7 +471,7 @@ def _per_patient(hybrid: HybridFit, dataset, ode_fit):
     obs, sd = batch.is_obs, pop.sigma.sd_tensors()
 
     def nll(pred):   # -2 log-likelihood
-        return 2 * gaussian_nll(batch, pred, obs, pop.model.error, sd, hybrid.vae.variance_floor(pop.model.error, sd))
+        return 2 * gaussian_nll(batch, pred, obs, hybrid.error, sd, hybrid.vae.variance_floor(hybrid.error, sd))
 
     def rmse(pred):
         n = obs.sum(1).clamp(min=1)
@@ -526,7 +537,8 @@ def _kept(score, folder: Path):
 
 def require_hybrid_support(pm, dataset=None) -> None:
     """Refuse a model the hybrid does not extend: a $PRED model (no compartments, no doses to drive a
-    correction) and a residual error model its training does not evaluate (a general $ERROR); with ``dataset``
+    correction) and a residual error whose SD reads ETAs (a general $ERROR's H; one written with THETAs and
+    data items is evaluated: :class:`~hybridpk.residual.objective.BoundError`); with ``dataset``
     also a $PK that reads data items changing within its subjects (e.g. occasions of inter-occasion
     variability), whose parameters change in time, which the hybrid does not follow, and censored observations
     (M3), which its training does not evaluate. Called before the
@@ -536,10 +548,10 @@ def require_hybrid_support(pm, dataset=None) -> None:
     if getattr(pm.structural, "given_per_record", False):
         raise ModelError("the hybrid extends compartmental models; a $PRED model gives its predictions record by "
                          "record, with no doses or compartments for the correction to act on")
-    if pm.error.kind == "general":
-        raise ModelError("the hybrid takes additive, proportional or combined residual errors; this model's $ERROR "
-                         "has a residual SD that reads THETAs, ETAs or data items (NONMEM's general form), which the "
-                         "hybrid's training does not evaluate yet")
+    if pm.error.kind == "general" and set(pm.error.h.reads) & set(pm.etas):
+        raise ModelError("the residual error's SD reads ETAs (e.g. W*EXP(ETA(k)) in $ERROR), which the hybrid's "
+                         "likelihood does not follow as the ETAs move in training; the hybrid takes residual SDs "
+                         "written with THETAs and data items (W = SQRT(THETA(5)**2 + (THETA(6)*IPRED)**2))")
     if dataset is not None and pm.record_items:
         pm.require_per_subject(dataset.to_batch(covariates=list(pm.covariates)), "the hybrid (VAE) model")
     if dataset is not None:
@@ -602,7 +614,7 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
             # several candidates resume from their own checkpoints (the screening's winner continues from it)
             path = (str(where / f"vae_{c.form}_k{c.latent_dim}.pt") if ck is not None or len(cands) > 1
                     else base.checkpoint)
-            return train_vae(batch, ipred, fit.model.error, sd, config_of(c, epochs=epochs, checkpoint=path),
+            return train_vae(batch, ipred, hybrid_error(fit, 0.0), sd, config_of(c, epochs=epochs, checkpoint=path),
                              baseline=baseline if base.joint else None, eta0=est.eta if base.joint else None,
                              sigma_fixed=fit.model.sigma_fixed)
 
@@ -616,8 +628,8 @@ def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = Non
     trained = tuple(float(v) for v in model.log_shift.detach())      # before the ITS's THETA step moves them
     if base.its_iterations > 0 and base.joint and fit.model.n_eta and chosen.form != "none":
         trained_sd = {k: torch.tensor(v, dtype=torch.float64) for k, v in model.trained_sd.items()}   # train_vae's
-        matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, fit.model.error, trained_sd,
-                                     iterations=base.its_iterations)
+        matrix, sigma, _ = its_omega(model, fit, batch, ipred, est.eta, hybrid_error(fit, model.scale["c0"]),
+                                     trained_sd, iterations=base.its_iterations)
         omega = tuple(tuple(float(x) for x in row) for row in matrix.tolist())
     draft = HybridFit(population=fit, vae=model, config=cfg, individual=pd.DataFrame(), omega=omega, sigma=sigma,
                       trained_log_shift=trained)

@@ -3,9 +3,67 @@ penalty that keeps the correction at zero where the ODE fits, and the negative E
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-__all__ = ["variance_floor", "gaussian_nll", "correction_penalty", "ode_only_objective", "neg_elbo", "free_sigma"]
+__all__ = ["variance_floor", "gaussian_nll", "correction_penalty", "ode_only_objective", "neg_elbo", "free_sigma",
+           "BoundError", "hybrid_error"]
+
+
+@dataclass(frozen=True)
+class BoundError:
+    """A general $ERROR (NONMEM's residual SD written with THETAs and data items, e.g. W = THETA(11) F 0.05,
+    Y = F + W EPS(1) with $SIGMA 1 FIX) bound to the population fit's THETAs, so that the hybrid's likelihood can
+    evaluate its variance sum_k SIGMA(k) H_k^2 at a batch's records with F the hybrid prediction. Its THETAs and
+    SIGMA stay as the population fit estimated them (:func:`free_sigma`). The floor: H is evaluated at
+    max(F, ``c0``) at the observations (for a proportional W, the (PROP c0)^2 of :func:`variance_floor`) and at
+    F = 1 elsewhere (a SQRT in W has an infinite derivative at F = 0, and its product with a masked record's zero
+    weight is NaN, as in the population fit)."""
+
+    model: object          # the general ErrorModel
+    theta: dict            # {name: 0-d tensor}, the population fit's THETAs
+    inputs: Callable       # PopulationModel.error_inputs: (theta, eta, batch) -> the environment of H
+    n_eta: int
+    c0: float
+    eta: torch.Tensor | None = None     # the patients' ETAs (N, K), for an H that reads them
+    kind: str = "general"
+    ltbs: bool = False
+
+    @property
+    def names(self) -> tuple:
+        return self.model.names
+
+    def variance_at(self, batch, f, sd: dict, mask):
+        """Var(DV) (N, R) at the predictions ``f`` (N, R) of ``batch``'s records."""
+        theta = {k: v.to(f.device) for k, v in self.theta.items()}
+        eta = (self.eta.to(f.device) if self.eta is not None
+               else torch.zeros(f.shape[0], self.n_eta, dtype=f.dtype, device=f.device))
+        at = torch.where(mask, f.clamp(min=self.c0), torch.ones_like(f))
+        return self.model.variance(at, sd, self.inputs(theta, eta, batch))
+
+
+def hybrid_error(population, c0: float, eta=None):
+    """The residual-error model a likelihood over the patients of a batch takes for the FittedPopulation
+    ``population``: its ErrorModel, or for a general $ERROR a :class:`BoundError` (``c0`` the VAE's small
+    concentration, mg/L; ``eta`` (N, K) the patients' ETAs, required when H reads ETAs, which the hybrid's
+    training does not move with H: such a model is refused for the hybrid)."""
+    from ..errors import ModelError
+
+    pm = population.model
+    if pm.error.kind != "general":
+        return pm.error
+    if eta is None and set(pm.error.h.reads) & set(pm.etas):
+        raise ModelError("the residual error's SD reads ETAs (e.g. W*EXP(ETA(k))); the hybrid's likelihood takes "
+                         "residual SDs written with THETAs and data items only")
+    return BoundError(pm.error, population.theta.tensors("cpu"), pm.error_inputs, pm.n_eta, float(c0), eta)
+
+
+def _variance(error_model, batch, pred, sd, mask):
+    if isinstance(error_model, BoundError):
+        return error_model.variance_at(batch, pred, sd, mask)
+    return error_model.variance(pred, sd)
 
 
 def free_sigma(error_model, sd: dict, fixed=()) -> list:
@@ -38,7 +96,7 @@ def gaussian_nll(batch, pred, mask, error_model, sd, floor=0.0):
     """-log-likelihood (up to a constant) of the observations in ``mask`` under the residual-error model at
     the prediction ``pred`` (N, R), per patient (N,); residual variances below ``floor`` are raised to it
     (see :func:`variance_floor`)."""
-    v = torch.where(mask, torch.clamp(error_model.variance(pred, sd), min=floor), torch.ones_like(pred))
+    v = torch.where(mask, torch.clamp(_variance(error_model, batch, pred, sd, mask), min=floor), torch.ones_like(pred))
     return torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
 
 

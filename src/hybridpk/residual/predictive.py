@@ -42,12 +42,13 @@ def predictive_score(hybrid, dataset, ids, halves=None) -> float:
     a, b, full = halves if halves is not None else split_halves(dataset, ids)
     pop = hybrid.population
     sd = pop.sigma.sd_tensors()
-    floor = hybrid.vae.variance_floor(pop.model.error, sd)
+    error = hybrid.error
+    floor = hybrid.vae.variance_floor(error, sd)
     total, count = 0.0, 0
     for given, scored in ((a, b), (b, a)):
         out = hybrid.predict(given, design=full)
         mask = _observations_of(scored, out.batch)
-        total += float(2 * gaussian_nll(out.batch, out.ipred, mask, pop.model.error, sd, floor).sum())
+        total += float(2 * gaussian_nll(out.batch, out.ipred, mask, error, sd, floor).sum())
         count += int(mask.sum())
     return total / max(count, 1)
 

@@ -40,7 +40,7 @@ from ..solve.device import resolve_device
 from .distributed import current_shard
 from .features import fit_scale, record_features
 from .forms import default_form, get_form
-from .objective import free_sigma, neg_elbo
+from .objective import BoundError, free_sigma, neg_elbo
 from .vae import HybridVAE, scale_to_tensors
 
 __all__ = ["TrainConfig", "train_vae", "held_out_patients", "null_model"]
@@ -220,6 +220,8 @@ def train_vae(batch, ipred, error_model, sd, config: TrainConfig | None = None, 
     if joint and (eta0 is None or eta0.shape != (n, baseline.n_eta)):
         raise ValueError("joint training needs eta0 of shape (N subjects, number of ETAs)")
     model = _build_model(batch, ipred, tr_idx, cfg, baseline)
+    if isinstance(error_model, BoundError):      # a general $ERROR's floor at the model's small concentration
+        error_model = replace(error_model, c0=model.scale["c0"])
     device = resolve_device(cfg.device)
     model.to(device)
     sigma = _Sigma(sd, free_sigma(error_model, sd, sigma_fixed) if cfg.learn_sigma else [], device)
