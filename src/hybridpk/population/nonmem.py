@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HybridPKError, ModelError
+from ..io import atomic_write_text
 from ..models import get_model
 from ._sympy_torch import compile_expression, compile_statements
 from .des import TIME_SYMBOL, LinearStatementModel, PredModel, StatementModel, is_linear
@@ -119,11 +120,29 @@ def _stream_text(path: Path) -> str:
         return nmtran_case(raw.decode("latin-1"))
 
 
+#: marks the $TABLE and $SCATTER lines set aside from pharmpy (see :func:`_parse_stream`)
+_SET_ASIDE = ";hybridpk-set-aside;"
+
+
+def _set_aside_tables(text: str) -> str:
+    """``text`` with its $TABLE and $SCATTER records made comments (marked, line for line): hybridpk writes its
+    own tables, and pharmpy's option parser misreads valid ones (NONMEM's NPD item as an abbreviation of NPDTYPE:
+    ``$TABLE ... NPD NPDE`` was refused with "invalid literal for int(): 'NPDE'")."""
+    out, aside = [], False
+    for line in text.splitlines(keepends=True):
+        head = re.match(r"\s*\$(\w+)", line)
+        if head:
+            aside = head.group(1).upper().startswith(("TAB", "SCAT"))
+        out.append(_SET_ASIDE + line if aside else line)
+    return "".join(out)
+
+
 def _parse_stream(text: str, path: Path):
-    """pharmpy's model of the control stream ``text`` read from ``path`` ($DATA is relative to it)."""
+    """pharmpy's model of the control stream ``text`` read from ``path`` ($DATA is relative to it), its $TABLE
+    records set aside (:func:`_set_aside_tables`; :func:`write_control_stream` puts them back)."""
     parse = _pharmpy()
     try:
-        return parse(text, path)
+        return parse(_set_aside_tables(text), path)
     except Exception as exc:  # pharmpy's parser errors are not ours to enumerate
         raise HybridPKError(f"pharmpy could not read {path}: {exc}") from None
 
@@ -886,4 +905,5 @@ def write_control_stream(fitted, path) -> Path:
     m = set_initial_estimates(m, inits)
     out = Path(path)
     write_model(m, str(out), force=True)
+    atomic_write_text(out, out.read_text().replace(_SET_ASIDE, ""))     # the $TABLE records as written
     return out

@@ -1,7 +1,8 @@
 """Control streams as users write them, read as NM-TRAN reads them: lower case (NONMEM 7.2 and later accept it;
-a published NONMEM 7.5 run with ``$DATA dat3.csv ignore=@`` was refused by pharmpy's parser), and the names the
-stream gives its parameters (ADVAN4's central volume is V2, which hybridpk's structural model calls V: the
-individual table and a patient's MAP said "V2" for the peripheral volume)."""
+a published NONMEM 7.5 run with ``$DATA dat3.csv ignore=@`` was refused by pharmpy's parser), $TABLE records
+with NONMEM's NPD item (Bauer's 2019 CPT:PSP tutorial run 402 was refused), and the names the stream gives its
+parameters (ADVAN4's central volume is V2, which hybridpk's structural model calls V: the individual table and a
+patient's MAP said "V2" for the peripheral volume)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 import hybridpk as hp
 from hybridpk.population import fit_population
-from hybridpk.population.nonmem import nmtran_case, read_control_stream
+from hybridpk.population.nonmem import nmtran_case, read_control_stream, write_control_stream
 
 
 def test_nmtran_case_keeps_what_nmtran_keeps():
@@ -59,6 +60,29 @@ def test_a_lower_case_pheno_fits_to_nonmems_published_run(pharmpy_examples, tmp_
         warnings.simplefilter("ignore")
         res = fit_population(pm, ds, progress=False)
     assert res.estimation.ofv == pytest.approx(ext.loc[-1000000000, "OBJ"], abs=0.01)
+
+
+TABLE = """$TABLE ID TIME DV IPRE=CIPRED CWRES IRES=CIRES IWRE=CIWRES NPD NPDE ESAMPLE=1000
+          NOPRINT FILE=run.tab FORMAT=s1PE12.5
+"""
+
+
+def test_table_records_are_left_to_nonmem_and_written_back_as_they_are(pharmpy_examples, tmp_path):
+    """A $TABLE with NPD (which pharmpy's option parser takes for an abbreviation of NPDTYPE) no longer stops the
+    import; the fit is pheno's as published (pheno.ext's final OFV within 0.01) and the final control stream
+    keeps the $TABLE records as written."""
+    shutil.copy(pharmpy_examples / "pheno.dta", tmp_path)
+    text = (pharmpy_examples / "pheno.mod").read_text()
+    (tmp_path / "pheno.mod").write_text(text + TABLE)
+    pm, ds = read_control_stream(tmp_path / "pheno.mod")
+    ext = pd.read_csv(pharmpy_examples / "pheno.ext", sep=r"\s+", skiprows=1).set_index("ITERATION")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit_population(pm, ds, progress=False)
+    assert res.estimation.ofv == pytest.approx(ext.loc[-1000000000, "OBJ"], abs=0.01)
+    written = write_control_stream(res, tmp_path / "pheno_final.mod").read_text()
+    assert written.rstrip().endswith(TABLE.rstrip().upper().replace("FILE=RUN.TAB", "FILE=run.tab"))
+    assert "hybridpk" not in written.lower()
 
 
 ADVAN4 = """$PROBLEM theophylline, two compartments
