@@ -124,3 +124,20 @@ def test_parameters_are_reported_under_the_control_streams_names(tmp_path, theop
     assert set(shown) == {"KA", "CL", "V2", "Q", "V3"}
     assert shown["V2"]["map"] == pytest.approx(30.0 * math.exp(float(post.estimate.eta[0, 2])), rel=1e-9)
     assert shown["V3"]["map"] == pytest.approx(8.0, rel=1e-12)
+
+
+def test_the_printout_shows_a_blocks_covariances(pharmpy_examples, tmp_path, capsys):
+    """A $OMEGA BLOCK(2): the fit's printout gives the covariance with its correlation, as NONMEM prints the
+    whole block (it gave the two variances only; the covariance was in summary.json alone)."""
+    from hybridpk.cli import main
+
+    shutil.copy(pharmpy_examples / "pheno.dta", tmp_path)
+    text = (pharmpy_examples / "pheno.mod").read_text().replace(
+        "$OMEGA  0.0309626 ; IIV_CL\n$OMEGA  0.031128 ; IIV_VC",
+        "$OMEGA BLOCK(2) 0.0309626 ; IIV_CL\n 0.005 0.031128 ; IIV_VC").replace("MAXEVALS=99999", "MAXEVAL=0")
+    (tmp_path / "pheno.mod").write_text(text)
+    assert main(["fit", str(tmp_path / "pheno.mod"), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("COV(ETA_CL,ETA_VC)"))
+    assert float(line.split()[1]) == pytest.approx(0.005)
+    assert f"correlation {0.005 / math.sqrt(0.0309626 * 0.031128):.2f}" in line

@@ -501,6 +501,9 @@ def report(result, ds) -> str:
         cv = f"{o.cv_percent:.1f}%" if o.cv_percent is not None else "not finite"
         lines.append(f"  {o.label:<12} {o.variance:12.5g}   (CV {cv}, shrinkage "
                      + (f"{shr:.1f}%)" if shr == shr else "undefined)"))
+    for pair, c in result.omega.covariances_to_dict().items():      # a block's covariances, as NONMEM prints them
+        rse = f", RSE {100 * c['se'] / abs(c['covariance']):.1f}%" if c["se"] is not None and c["covariance"] else ""
+        lines.append(f"  {'COV(' + pair + ')':<12} {c['covariance']:12.5g}   (correlation {c['correlation']:.2f}{rse})")
     for s in result.sigma:
         lines.append(f"  {s.label:<12} {s.value:12.5g}   ({'SD' if s.scale == 'sd' else 'variance'})")
     lines += [f"warning: {w}" for w in e.warnings]
