@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import hybridpk as hp
+from hybridpk.errors import ModelError
 from hybridpk.population import fit_population
 from hybridpk.population.nonmem import nmtran_case, read_control_stream, write_control_stream
 
@@ -141,3 +142,44 @@ def test_the_printout_shows_a_blocks_covariances(pharmpy_examples, tmp_path, cap
     line = next(x for x in out.splitlines() if x.strip().startswith("COV(ETA_CL,ETA_VC)"))
     assert float(line.split()[1]) == pytest.approx(0.005)
     assert f"correlation {0.005 / math.sqrt(0.0309626 * 0.031128):.2f}" in line
+
+
+THEO_LOG = """$PROBLEM theophylline on the log scale
+$INPUT ID TIME DV AMT EVID MDV CMT WT
+$DATA theoph.csv IGNORE=@
+$SUBROUTINE ADVAN2 TRANS2
+$PK
+KA = THETA(1)*EXP(ETA(1))
+CL = THETA(2)*EXP(ETA(2))
+V = THETA(3)*EXP(ETA(3))
+S2 = V
+$ERROR
+IPRED = LOG(ABS(F) + 1E-30)
+{error}
+$THETA (0, 1.5) (0, 2.8) (0, 32) (0, 0.2)
+$OMEGA 0.4 0.07 0.02
+$SIGMA 1 FIX
+"""
+M3_FLAG = """LLOQ = -1
+IF (DV.LT.LLOQ) THEN
+  F_FLAG = 1
+  Y = PHI((LLOQ - IPRED)/THETA(4))
+ELSE
+  F_FLAG = 0
+  Y = IPRED + THETA(4)*EPS(1)
+ENDIF"""
+
+
+@pytest.mark.parametrize("error, construct", [
+    ("Y = IPRED + THETA(4)*EPS(1)", "line 11: the prediction (Y at EPS = 0) is a logarithm of F"),
+    (M3_FLAG, "line 14: $ERROR sets F_FLAG"),
+])
+def test_log_scale_and_likelihood_errors_are_refused_by_name(tmp_path, theoph_path, error, construct):
+    """Bauer's 2019 tutorial writes BLQ records by M3 as NONMEM users do (IPRED = LOG(F), Y = PHI(...) with
+    F_FLAG = 1): refused with the construct, its line and what to do instead (it read "the prediction is
+    Piecewise(...)")."""
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    (tmp_path / "run.mod").write_text(THEO_LOG.format(error=error))
+    with pytest.raises(ModelError) as info:
+        read_control_stream(tmp_path / "run.mod")
+    assert construct in str(info.value) and "Piecewise" not in str(info.value)

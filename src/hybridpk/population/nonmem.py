@@ -486,6 +486,11 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
     where = _where(text, path, r"\$ERR")
     after = [(str(st.symbol), sympy.sympify(st.expression)) for st in m.statements.after_odes
              if hasattr(st, "symbol")]
+    if any(name == "F_FLAG" for name, _ in after):
+        raise ModelError(f"{_line_of(text, path, 'F_FLAG')}: $ERROR sets F_FLAG, NONMEM's flag for a Y that is a "
+                         "likelihood (e.g. Beal's M3 for records below the LLOQ: Y = PHI((LLOQ - IPRED)/SD) where "
+                         "F_FLAG = 1), which hybridpk does not import; it takes such records by M3 itself: write "
+                         "$ERROR without the F_FLAG branch and mark the records in a BLQ or CENS column (with LLOQ)")
     env = dict(defs)
     fsym = sympy.Symbol("F")
     scale = sympy.Symbol(scale_name)
@@ -508,6 +513,12 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
     zero = {sympy.Symbol(e): 0 for e in eps_names}
     prediction = sympy.simplify(y.subs(zero))
     factor = sympy.simplify(prediction / fsym)
+    if prediction.has(sympy.log) and fsym in prediction.free_symbols:
+        at = next((f"{Path(path).name} line {i}" for i, record, code in _code_lines(text)
+                   if record.startswith("ERR") and re.search(r"\bLOG\s*\(", code, flags=re.I)), where)
+        raise ModelError(f"{at}: the prediction (Y at EPS = 0) is a logarithm of F ({prediction}): a log-"
+                         "transform-both-sides model with DV in log units, which hybridpk does not import yet; fit it "
+                         "with 'hybridpk fit DATA --model ... --ltbs' on DV in concentration units (EXP of the log DV)")
     if fsym in factor.free_symbols or (factor != 1 and not any_scale) or prediction == 0:
         raise ModelError(f"{where}: the prediction (Y at EPS = 0) is {prediction}, not F; "
                          "hybridpk fits Y = F + error (transformations such as LOG(F) are not imported yet)")
