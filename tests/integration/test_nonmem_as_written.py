@@ -183,3 +183,51 @@ def test_log_scale_and_likelihood_errors_are_refused_by_name(tmp_path, theoph_pa
     with pytest.raises(ModelError) as info:
         read_control_stream(tmp_path / "run.mod")
     assert construct in str(info.value) and "Piecewise" not in str(info.value)
+
+
+DES_LOWER = """$prob theophylline, written as nlmixr2's NONMEM runs are
+$input id time dv amt evid mdv cmt wt
+$data theoph.csv ignore=@
+$subr advan13 tol=9
+$model
+   comp=gut
+   comp=central
+$pk
+\tpop_ka = theta(1)
+\tpop_cl = theta(2)
+\tpop_v  = theta(3)
+    ka = pop_ka*exp(eta(1))
+    cl = pop_cl*exp(eta(2))
+    v  = pop_v*exp(eta(3))
+$des
+    gut    = a(1)
+    center = a(2)
+    dadt(1) = -ka*gut
+    dadt(2) =  ka*gut - cl/v*center
+$error
+    conc = a(2)/v
+    ipred = conc
+    y = ipred + eps(1)
+$theta (0, 1.5) (0, 2.8) (0, 32)
+$omega 0.4 0.07 0.02
+$sigma 0.5
+$est method=1 interaction
+"""
+
+
+def test_a_des_model_without_defobs_observes_the_compartment_its_error_reads(tmp_path, theoph_path):
+    """$MODEL without DEFOBS and $ERROR on A(2)/V (nlmixr2's warfarin runs, NONMEM 7): the prediction is the
+    central compartment's, as the ADVAN2 model's (OFV at the initial estimates to 1e-6). hybridpk took the
+    first compartment (the gut) for the observed one and gave OFV 17712 where NONMEM gives 558.48; the
+    stream is in lower case, as those runs are."""
+    from tests.integration.test_nonmem_constructs import _ofv_at_inits
+    from tests.integration.test_nonmem_import import THEO_TRANS2
+
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    (tmp_path / "des.mod").write_text(DES_LOWER)
+    (tmp_path / "advan2.mod").write_text(THEO_TRANS2)
+    pm, ds = read_control_stream(tmp_path / "des.mod")
+    assert pm.structural.obs_cmt == 2
+    ours = _ofv_at_inits(pm, ds)
+    reference = _ofv_at_inits(*read_control_stream(tmp_path / "advan2.mod"))
+    assert ours == pytest.approx(reference, abs=1e-6)

@@ -790,6 +790,18 @@ def _error_inputs(error, theta_names, eta_names, columns: set, text: str, path):
     return items, inputs
 
 
+def _error_amounts(m) -> list:
+    """The compartments (names, sorted) whose amounts $ERROR reads other than through F (IPRED = A(2)/V)."""
+    import sympy
+
+    read = set()
+    for st in m.statements.after_odes:
+        if hasattr(st, "symbol") and str(st.symbol) != "F":
+            read |= {str(f.func)[2:] for f in sympy.sympify(st.expression).atoms(sympy.core.function.AppliedUndef)
+                     if str(f.func).startswith("A_")}
+    return sorted(read)
+
+
 def _error_reads_amounts(m) -> bool:
     """Whether $ERROR writes the prediction on a compartment's amount (IPRED = A(2)/V) rather than on F."""
     import sympy
@@ -855,7 +867,10 @@ def _written_system(m, statements, comps, advan: int, text: str, path):
         reads |= {s.name for s in expr.free_symbols}
     inputs = sorted(reads - des_names - {TIME_SYMBOL})
     dose = next((i for i, (_, a) in enumerate(comps, 1) if "DEFDOSE" in a), 1)
-    obs = next((i for i, (_, a) in enumerate(comps, 1) if "DEFOBS" in a), 1)
+    obs = next((i for i, (_, a) in enumerate(comps, 1) if "DEFOBS" in a), None)
+    if obs is None:     # no DEFOBS: the compartment whose amount $ERROR reads (IPRED = A(2)/V), else the first
+        read = _error_amounts(m)
+        obs = names.index(read[0]) + 1 if len(read) == 1 and read[0] in names else 1
     assigned = {name for name, _ in pk}
     for name in sorted(assigned):
         hit = re.fullmatch(r"(F|ALAG|R|D)(\d+)", name)
