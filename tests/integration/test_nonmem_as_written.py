@@ -231,3 +231,34 @@ def test_a_des_model_without_defobs_observes_the_compartment_its_error_reads(tmp
     ours = _ofv_at_inits(pm, ds)
     reference = _ofv_at_inits(*read_control_stream(tmp_path / "advan2.mod"))
     assert ours == pytest.approx(reference, abs=1e-6)
+
+
+def test_replicate_levels_at_one_time_are_observations_and_a_repeated_record_is_named(tmp_path, theoph_path):
+    """Two assays of one sample (same ID and TIME, different DV; nlmixr2's warfarin data, subject 9, which
+    NONMEM fits) were refused as duplicates: both are now observations, with the OFV of the same levels a
+    nanosecond apart. A record entered twice (same DV too) is still refused, naming the control stream's
+    data file (the message said '<DataFrame>')."""
+    from tests.integration.test_nonmem_constructs import _ofv_at_inits
+    from tests.integration.test_nonmem_import import THEO_TRANS2
+
+    df = pd.read_csv(theoph_path)
+    first = df.index[(df.ID == 1) & (df.MDV == 0) & (df.TIME > 0)][0]
+    replicate = df.loc[[first]].assign(DV=df.loc[first, "DV"] * 1.2)
+    together = pd.concat([df.loc[:first], replicate, df.loc[first + 1:]], ignore_index=True)
+    apart = together.copy()
+    apart.loc[first + 1, "TIME"] += 1e-9
+    ofvs = []
+    for name, data in (("together", together), ("apart", apart)):
+        folder = tmp_path / name
+        folder.mkdir()
+        data.to_csv(folder / "theoph.csv", index=False)
+        (folder / "run.mod").write_text(THEO_TRANS2)
+        pm, ds = read_control_stream(folder / "run.mod")
+        assert ds.n_observations == int((df.MDV == 0).sum()) + 1
+        ofvs.append(_ofv_at_inits(pm, ds))
+    assert ofvs[0] == pytest.approx(ofvs[1], abs=1e-6)
+    twice = pd.concat([df.loc[:first], df.loc[[first]], df.loc[first + 1:]], ignore_index=True)
+    twice.to_csv(tmp_path / "theoph.csv", index=False)
+    (tmp_path / "run.mod").write_text(THEO_TRANS2)
+    with pytest.raises(hp.errors.DatasetError, match=r"(?s)theoph\.csv \(\$DATA of run\.mod.*duplicated observation"):
+        read_control_stream(tmp_path / "run.mod")

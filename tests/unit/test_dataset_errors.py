@@ -27,7 +27,7 @@ CASES = [
     ("evid_out_of_range", H + "1,0,0,100,1,1\n1,1,5,0,5,0\n", "EVID", (2,), "EVID must be"),
     ("ss_without_ii", "ID,TIME,DV,AMT,SS,II\n1,0,0,100,1,0\n1,1,5,0,0,0\n", "II", (1,), "SS without II"),
     ("addl_without_ii", "ID,TIME,DV,AMT,ADDL,II\n1,0,0,100,3,0\n1,1,5,0,0,0\n", "II", (1,), "ADDL without II"),
-    ("duplicate_observation", H + "1,0,0,100,1,1\n1,1,5,0,0,0\n1,1,6,0,0,0\n", "DV", (2, 3), "duplicate obs"),
+    ("duplicate_observation", H + "1,0,0,100,1,1\n1,1,5,0,0,0\n1,1,5,0,0,0\n", "DV", (2, 3), "duplicated obs"),
     ("nan_in_covariate", "ID,TIME,DV,AMT,WT\n1,0,0,100,70\n1,1,5,0,.\n", "WT", (2,), "missing value (NaN)"),
     ("mdv_out_of_range", H + "1,0,0,100,1,1\n1,1,5,0,0,3\n", "MDV", (2,), "MDV must be"),
     ("observation_without_dv", H + "1,0,0,100,1,1\n1,1,,0,0,0\n", "DV", (2,), "without a DV"),

@@ -208,10 +208,12 @@ def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, h
         if back.any():
             add(rows.violation(back, names["TIME"], "TIME decreases within a subject; records must be in time "
                                "order (only a reset record, EVID 3/4, may start the clock again)"))
-    # duplicate observations
-    keys = pd.DataFrame({"ID": ID, "TIME": TIME, "CMT": t["CMT"], "DVID": t["DVID"]})[is_obs]
+    # duplicated observation rows (same ID, TIME, CMT, DVID and DV: a record entered twice). Replicate levels at
+    # one time (two assays of one sample: different DVs) are observations, fitted each, as NONMEM fits them
+    # (nlmixr2's warfarin data, subject 9).
+    keys = pd.DataFrame({"ID": ID, "TIME": TIME, "CMT": t["CMT"], "DVID": t["DVID"], "DV": DV})[is_obs]
     dup = keys.duplicated(keep=False).to_numpy()
     if dup.any():
         idx = np.flatnonzero(is_obs)[dup]
-        add(rows.violation(idx, names["DV"], "duplicate observation (same ID, TIME and CMT); keep one, or "
-                           "distinguish them with DVID"))
+        add(rows.violation(idx, names["DV"], "duplicated observation (same ID, TIME, CMT and DV: a record entered "
+                           "twice); keep one (replicate levels with different DVs are taken as they are)"))

@@ -21,7 +21,8 @@ _DEFAULTS = {"AMT": 0.0, "CMT": 0.0, "RATE": 0.0, "DUR": 0.0, "ADDL": 0.0, "II":
              "LLOQ": np.nan, "BLQ": 0.0, "CENS": 0.0, "DVID": 0.0}
 
 
-def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=None, last20: int = 50) -> "Dataset":
+def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=None, last20: int = 50,
+                label: str = "<DataFrame>") -> "Dataset":
     """Read a NONMEM-style dataset and validate it.
 
     Parameters
@@ -45,6 +46,8 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
         With dates and clock times (a DATE, DAT1, DAT2 or DAT3 column, or hh:mm in TIME; see
         :mod:`hybridpk.data._clock`, NM-TRAN's time translation): one- and two-digit years up to it are 20nn,
         the others 19nn (NM-TRAN's $DATA LAST20).
+    label : str
+        How messages name a DataFrame ``source`` (default "<DataFrame>").
 
     Returns
     -------
@@ -64,8 +67,7 @@ def read_nonmem(source, columns=None, covariates=None, *, names=None, separator=
     (12, 132, 12)
     """
     decimal_comma = False
-    if isinstance(source, pd.DataFrame):
-        label = "<DataFrame>"
+    if isinstance(source, pd.DataFrame):        # ``label`` names it in messages
         if source.shape[0] == 0:
             raise DatasetError("the DataFrame has no rows", label)
         raw = source.reset_index(drop=True).copy()

@@ -663,7 +663,8 @@ def read_control_stream(path):
                   omega_labels=tuple(omega_names), sigma_scale="variance", recipe=recipe, omega_fixed=omega_fixed,
                   omega_same=same)
     if pred:
-        return _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path)
+        return _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path,
+                           _data_label(m, path))
     scanned = statements
     if written:     # the equations are the control stream's own; their data items are read per record too
         pk, structural, read = _written_system(m, statements, comps, advan, text, path)
@@ -692,7 +693,7 @@ def read_control_stream(path):
                                                   text, path)
         covs += tuple(c for c in error_items if c not in covs)
         items += tuple(c for c in error_items if c not in items)      # read at every record
-    ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path))
+    ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path), label=_data_label(m, path))
     run_pk = compile_statements(statements)
     if written:   # F = A(CMT)/S<CMT> on every record, unless $ERROR writes the prediction on one amount
         structural.observes_compartments = factor == 1 and not _error_reads_amounts(m)
@@ -722,7 +723,7 @@ def read_control_stream(path):
     return pm, ds
 
 
-def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path):
+def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path, label):
     """(PopulationModel, Dataset) of a $PRED control stream: the prediction Y at EPS = 0, computed at every
     record from its data items, THETAs and ETAs (:class:`PredModel`), and the error model of Y."""
     import sympy
@@ -750,7 +751,7 @@ def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, com
                                                   set(data.columns), text, path)
         covs += tuple(c for c in error_items if c not in covs)
         record_items += tuple(c for c in error_items if c not in record_items)
-    ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path))
+    ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path), label=label)
     of_prediction = compile_expression(prediction)
 
     def individual(theta, eta, cov):
@@ -788,6 +789,14 @@ def _error_inputs(error, theta_names, eta_names, columns: set, text: str, path):
         return env
 
     return items, inputs
+
+
+def _data_label(m, path) -> str:
+    """How dataset messages name the records of a control stream's $DATA (row numbers count the records
+    NONMEM reads, after IGNORE and ACCEPT)."""
+    data = getattr(m.datainfo, "path", None)
+    name = Path(str(data)).name if data is not None else "the data"
+    return f"{name} ($DATA of {Path(path).name}; rows are the records kept after IGNORE/ACCEPT)"
 
 
 def _error_amounts(m) -> list:
