@@ -219,7 +219,7 @@ def test_a_des_model_without_defobs_observes_the_compartment_its_error_reads(tmp
     """$MODEL without DEFOBS and $ERROR on A(2)/V (nlmixr2's warfarin runs, NONMEM 7): the prediction is the
     central compartment's, as the ADVAN2 model's (OFV at the initial estimates to 1e-6). hybridpk took the
     first compartment (the gut) for the observed one and gave OFV 17712 where NONMEM gives 558.48; the
-    stream is in lower case, as those runs are."""
+    stream is in lower case, as those runs are. A patient's MAP reports the $PK parameters, not the scales."""
     from tests.integration.test_nonmem_constructs import _ofv_at_inits
     from tests.integration.test_nonmem_import import THEO_TRANS2
 
@@ -231,6 +231,8 @@ def test_a_des_model_without_defobs_observes_the_compartment_its_error_reads(tmp
     ours = _ofv_at_inits(pm, ds)
     reference = _ofv_at_inits(*read_control_stream(tmp_path / "advan2.mod"))
     assert ours == pytest.approx(reference, abs=1e-6)
+    shown = hp.estimate_patient(hp.load_model(tmp_path / "des.mod"), ds.subset([ds.ids[0]])).parameters()
+    assert set(shown) == {"KA", "CL", "V"}         # not the scales S1, S2 that divide amounts
 
 
 def test_replicate_levels_at_one_time_are_observations_and_a_repeated_record_is_named(tmp_path, theoph_path):

@@ -50,11 +50,11 @@ class PatientPosterior:
         est, samples = self.estimate, self.draws
         draws = est.model.individual_parameters(est, samples)
         at_map = est.model.individual_parameters(est, est.eta[:1])
-        label = est.model.population.model.label
+        pm = est.model.population.model
         out = {}
-        for name in draws:
+        for name in (n for n in draws if pm.reports(n)):
             v = draws[name].cpu().numpy()
-            out[label(name)] = {"map": float(at_map[name].reshape(-1)[0]), "median": float(np.median(v)),
+            out[pm.label(name)] = {"map": float(at_map[name].reshape(-1)[0]), "median": float(np.median(v)),
                          "p05": float(np.quantile(v, 0.05)), "p95": float(np.quantile(v, 0.95))}
         return out
 

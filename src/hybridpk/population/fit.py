@@ -801,7 +801,8 @@ def _individual_table(dataset, pm, est):
     for j, name in enumerate(pm.etas):
         ind[name] = est.eta[:, j].cpu().numpy()
     for name in est.parameters.columns[1:]:
-        ind[pm.label(name)] = est.parameters[name].to_numpy()
+        if pm.reports(name):
+            ind[pm.label(name)] = est.parameters[name].to_numpy()
     return ind
 
 

@@ -269,6 +269,11 @@ class PopulationModel:
         """The name the structural parameter ``name`` is reported under (see ``parameter_labels``)."""
         return self.parameter_labels.get(name, name)
 
+    def reports(self, name: str) -> bool:
+        """Whether an individual parameter is reported (individual.csv, a patient's MAP): all but the scales
+        S1..Sn of a control stream's own equations ($DES), which divide amounts into concentrations."""
+        return name not in getattr(self.structural, "scales", ())
+
     @property
     def reads_dvid(self) -> bool:
         """Whether the error model tells observation kinds (DVID) apart (a general $ERROR reading DVID)."""
