@@ -264,3 +264,20 @@ def test_replicate_levels_at_one_time_are_observations_and_a_repeated_record_is_
     (tmp_path / "run.mod").write_text(THEO_TRANS2)
     with pytest.raises(hp.errors.DatasetError, match=r"(?s)theoph\.csv \(\$DATA of run\.mod.*duplicated observation"):
         read_control_stream(tmp_path / "run.mod")
+
+
+def test_a_w_form_on_an_amount_reads_no_eta_and_the_hybrid_takes_it(tmp_path, theoph_path):
+    """W = SQRT(IPRED**2*RESCV**2 + RESADD**2) with IPRED = A(2)/V (nlmixr2's warfarin run006): written in the
+    prediction, W reads the THETAs only (V's ETA cancels), so the hybrid extends the model (it was refused: 'the
+    residual error's SD reads ETAs')."""
+    from hybridpk.residual.hybrid import require_hybrid_support
+
+    text = DES_LOWER.replace("    y = ipred + eps(1)", "    w = sqrt(ipred*ipred*theta(4)**2 + theta(5)**2)\n"
+                                                       "    y = ipred + w*eps(1)")
+    text = text.replace("$theta (0, 1.5) (0, 2.8) (0, 32)", "$theta (0, 1.5) (0, 2.8) 3.4657 (0, 0.1) (0, 0.3)")
+    text = text.replace("$sigma 0.5", "$sigma 1 fix").replace("v  = pop_v*exp(eta(3))", "v  = exp(pop_v + eta(3))")
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    (tmp_path / "des.mod").write_text(text)
+    pm, ds = read_control_stream(tmp_path / "des.mod")
+    assert pm.error.kind == "general" and not set(pm.error.h.reads) & set(pm.etas)
+    require_hybrid_support(pm, ds)

@@ -55,7 +55,7 @@ class PatientPosterior:
         for name in (n for n in draws if pm.reports(n)):
             v = draws[name].cpu().numpy()
             out[pm.label(name)] = {"map": float(at_map[name].reshape(-1)[0]), "median": float(np.median(v)),
-                         "p05": float(np.quantile(v, 0.05)), "p95": float(np.quantile(v, 0.95))}
+                                   "p05": float(np.quantile(v, 0.05)), "p95": float(np.quantile(v, 0.95))}
         return out
 
     def to_inference_data(self):

@@ -568,7 +568,10 @@ def _general_error(derivatives, fsym, factor, eps_names, sigma_names, params, te
     where = _where(text, path, r"\$ERR")
     pred = sympy.Symbol("F")
     eps = [e for e in eps_names if e in derivatives]
-    hs = [derivatives[e].xreplace({fsym: pred / factor}) if factor != 1 else derivatives[e] for e in eps]
+    # H in the prediction: an IPRED = A(2)/V written on the amount gives F V / V, simplified to F (else H would
+    # read V's ETAs, which it does not)
+    hs = [sympy.simplify(derivatives[e].xreplace({fsym: pred / factor})) if factor != 1 else derivatives[e]
+          for e in eps]
     for e, h in zip(eps, hs):
         if h.has(sympy.core.function.AppliedUndef):
             raise ModelError(f"{where}: the residual error of {e} reads a compartment amount other than through F "
