@@ -281,3 +281,48 @@ def test_a_w_form_on_an_amount_reads_no_eta_and_the_hybrid_takes_it(tmp_path, th
     pm, ds = read_control_stream(tmp_path / "des.mod")
     assert pm.error.kind == "general" and not set(pm.error.h.reads) & set(pm.etas)
     require_hybrid_support(pm, ds)
+
+
+CONTROL5 = """$PROBLEM theophylline as NONMEM's own CONTROL5 example codes it
+$INPUT ID DOSE=AMT TIME CP=DV WT
+$DATA THEOPP
+$SUBROUTINES ADVAN2
+$PK
+   CALLFL=1                   ; the weight is on the dose record only ('.' elsewhere)
+   KA=THETA(1)+ETA(1)
+   K=THETA(2)+ETA(2)
+   CL=THETA(3)*WT+ETA(3)
+   SC=CL/K/WT                 ; doses in mg/kg
+$ERROR
+   Y=F+EPS(1)
+$THETA (.1,3,5) (.008,.08,.5) (.004,.04,.9)
+$OMEGA BLOCK(3) 6 .005 .0002 .3 .006 .4
+$SIGMA .4
+$ESTIMATION MAXEVAL=450 PRINT=5
+"""
+
+
+def test_nonmems_control5_example_with_its_synonyms_and_callfl(tmp_path, theoph_path):
+    """NONMEM's CONTROL5 (the theophylline data of R's Theoph, which we bundle, in NONMEM's THEOPP layout: no
+    header, whitespace, '.' for nulls, the weight on the dose record only, doses in mg/kg): $INPUT synonyms
+    DOSE=AMT and CP=DV (refused: 'required column DV is missing'), CALLFL=1 (the $PK once per subject, so WT is
+    the dose record's; per record it would be 0), additive ETAs, TRANS1 with SC, a BLOCK(3) and FO (no METHOD).
+    NONMEM 7's published run (nonmem2rx's CONTROL5_dolabbr.ext): OFV 104.561066, THETA 2.77387 / 0.0781286 /
+    0.0363073, SIGMA 0.387501."""
+    df = pd.read_csv(theoph_path)
+    lines = []
+    for i, g in df.groupby("ID", sort=False):
+        dose = g[g.AMT > 0].iloc[0]
+        lines.append(f"{i:5d} {dose.AMT / dose.WT:8.2f} {0.0:8.2f} {'.':>8} {dose.WT:8.1f}")
+        lines += [f"{i:5d} {'.':>8} {r.TIME:8.2f} {r.DV:8.2f} {'.':>8}" for _, r in g[g.AMT == 0].iterrows()]
+    (tmp_path / "THEOPP").write_text("\n".join(lines) + "\n")
+    (tmp_path / "control5.mod").write_text(CONTROL5)
+    pm, ds = read_control_stream(tmp_path / "control5.mod")
+    assert ds.n_subjects == 12 and ds.n_observations == 132 and pm.recipe["estimation"] == "FO"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit_population(pm, ds, progress=False)
+    assert res.estimation.ofv == pytest.approx(104.561066, abs=0.01)
+    for t, ref in zip(res.theta, (2.77387, 0.0781286, 0.0363073)):
+        assert t.value == pytest.approx(ref, rel=2e-3)
+    assert res.sigma.rows[0].variance == pytest.approx(0.387501, rel=2e-3)

@@ -659,6 +659,8 @@ def read_control_stream(path):
     data = m.dataset.copy()
     drops = [c.name for c in m.datainfo if c.drop]
     data = data.drop(columns=[c for c in drops if c in data.columns])
+    data = _reserved_synonyms(data, m.datainfo)
+    statements, once = _call_flag(statements, text, path)
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
               "estimation": estimation, "covariance": _covariance_step(text),
               **({"evaluate": True} if evaluation_only else {})}
@@ -674,6 +676,13 @@ def read_control_stream(path):
         scanned = statements + [(f"DADT({i})", d) for i, d in enumerate(structural.derivative_expressions, 1)]
     items = _data_items(scanned, set(data.columns), set(params.names) | set(eta_names), text, path)
     covs = tuple(c for c in items if c != "TIME")
+    if once:        # CALLFL=1: $PK once per subject, with its first record's data items
+        if "TIME" in items:
+            raise ModelError(f"{_line_of(text, path, 'CALLFL')}: CALLFL=1 (the $PK once per subject) with a $PK "
+                             "that reads TIME is not supported; remove CALLFL=1 or the TIME")
+        items = ()
+        for c in covs:      # the values $PK sees: each subject's first record's
+            data[c] = data.groupby("ID", sort=False)[c].transform("first")
     if written:
         statements = pk
         scale_name = structural.volume_parameter
@@ -792,6 +801,35 @@ def _error_inputs(error, theta_names, eta_names, columns: set, text: str, path):
         return env
 
     return items, inputs
+
+
+#: pharmpy's data types of NONMEM's reserved data items (a $INPUT synonym such as DOSE=AMT or CP=DV)
+_RESERVED = {"id": "ID", "dv": "DV", "idv": "TIME", "dose": "AMT", "rate": "RATE", "additional": "ADDL", "ii": "II",
+             "ss": "SS", "event": "EVID", "mdv": "MDV", "compartment": "CMT"}
+
+
+def _reserved_synonyms(data, datainfo):
+    """``data`` with each reserved data item that $INPUT gives a synonym (``DOSE=AMT``, ``CP=DV``: NONMEM's
+    AMT and DV) also under its reserved name, so that the dataset reader knows its role; the label stays for
+    the abbreviated code."""
+    for column in datainfo:
+        reserved = _RESERVED.get(column.type)
+        if reserved and column.name != reserved and column.name in data.columns and reserved not in data.columns:
+            data[reserved] = data[column.name]
+    return data
+
+
+def _call_flag(statements, text: str, path):
+    """($PK statements without CALLFL, whether $PK is called once per subject). NONMEM's CALLFL (help "CALLFL"):
+    1 calls $PK once per individual, at its first event record (NONMEM's CONTROL5 reads WT there, '.' on the
+    other records); 0, -1 and -2 at every event record, as hybridpk evaluates $PK; others are refused."""
+    flags = [float(expr) for name, expr in statements if name == "CALLFL" and expr.is_number]
+    rest = [(name, expr) for name, expr in statements if name != "CALLFL"]
+    unread = len(flags) != sum(1 for name, _ in statements if name == "CALLFL")
+    if unread or any(f not in (1, 0, -1, -2) for f in flags):
+        raise ModelError(f"{_line_of(text, path, 'CALLFL')}: CALLFL other than 1 (once per subject) or 0, -1, -2 "
+                         "(every record) is not supported")
+    return rest, bool(flags) and flags[-1] == 1
 
 
 def _data_label(m, path) -> str:
