@@ -17,6 +17,7 @@ import hybridpk as hp
 from hybridpk.errors import ModelError
 from hybridpk.population import fit_population
 from hybridpk.population.nonmem import nmtran_case, read_control_stream, write_control_stream
+from tests.integration.test_nonmem_error import HEAD
 
 
 def test_nmtran_case_keeps_what_nmtran_keeps():
@@ -144,16 +145,7 @@ def test_the_printout_shows_a_blocks_covariances(pharmpy_examples, tmp_path, cap
     assert f"correlation {0.005 / math.sqrt(0.0309626 * 0.031128):.2f}" in line
 
 
-THEO_LOG = """$PROBLEM theophylline on the log scale
-$INPUT ID TIME DV AMT EVID MDV CMT WT
-$DATA theoph.csv IGNORE=@
-$SUBROUTINE ADVAN2 TRANS2
-$PK
-KA = THETA(1)*EXP(ETA(1))
-CL = THETA(2)*EXP(ETA(2))
-V = THETA(3)*EXP(ETA(3))
-S2 = V
-$ERROR
+THEO_LOG = HEAD + """$ERROR
 IPRED = LOG(ABS(F) + 1E-30)
 {error}
 $THETA (0, 1.5) (0, 2.8) (0, 32) (0, 0.2)
