@@ -1,8 +1,10 @@
-"""Control streams as users write them, read as NM-TRAN reads them: lower case (NONMEM 7.2 and later accept it;
-a published NONMEM 7.5 run with ``$DATA dat3.csv ignore=@`` was refused by pharmpy's parser), $TABLE records
-with NONMEM's NPD item (Bauer's 2019 CPT:PSP tutorial run 402 was refused), and the names the stream gives its
-parameters (ADVAN4's central volume is V2, which hybridpk's structural model calls V: the individual table and a
-patient's MAP said "V2" for the peripheral volume)."""
+"""Control streams as users write them, read as NM-TRAN reads them, each found on a published NONMEM run: lower
+case (NONMEM 7.2 and later accept it; a NONMEM 7.5 run with ``$DATA dat3.csv ignore=@`` was refused by
+pharmpy's parser), $TABLE records with NONMEM's NPD item (Bauer's 2019 CPT:PSP tutorial run 402 was refused), the
+names the stream gives its parameters (ADVAN4's central volume is V2, which hybridpk's structural model calls V),
+an OMEGA block's covariances in the printout, log-scale and F_FLAG likelihood $ERROR refused by name, $DES models
+without DEFOBS (nlmixr2's warfarin runs were observed in the gut), replicate levels at one time, a W form on an
+amount, and NONMEM's CONTROL5 ($INPUT synonyms, CALLFL=1)."""
 
 from __future__ import annotations
 
