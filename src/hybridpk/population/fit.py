@@ -407,8 +407,9 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     def stuck(res, at_rounding) -> bool:
         """The search ended on a failed line search, or its line search probed the best OFV's rounding where
         the gradient is not small (not a minimum: the rounding stop's false alarm), so a restart may go on."""
-        if at_rounding:
-            return float(np.abs(evaluate_at(state["x_best"])[1]).max()) >= GRADIENT_AT_MINIMUM
+        if at_rounding:     # kept: where no restart follows, the fit's final evaluation is this one
+            state["at_best"] = (state["x_best"].copy(), evaluate_at(state["x_best"]))
+            return float(np.abs(state["at_best"][1][1]).max()) >= GRADIENT_AT_MINIMUM
         return res is not None and not res.success and "precision loss" in str(res.message)
 
     res, at_rounding, restarts, start = None, False, 0, x0
@@ -437,7 +438,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     finally:
         bar.close()
     x_hat = x0 if evaluate else state["x_best"] if at_rounding else res.x
-    ofv, g, eta = evaluate_at(x_hat)
+    known = state.pop("at_best", None)
+    ofv, g, eta = known[1] if known is not None and np.array_equal(known[0], x_hat) else evaluate_at(x_hat)
     if evaluate:
         converged, message = False, ("evaluation only (MAXEVAL=0): the OFV and EBEs at the initial estimates, "
                                      "nothing estimated")

@@ -189,32 +189,21 @@ class Problem:
             self._stacked[n_points] = (self.batch.select(idx), idx)
         return self._stacked[n_points]
 
-    def _at_records(self, f):
-        """``f`` where the likelihood reads the variance (observations, censored levels), 1 elsewhere, for a
-        general $ERROR: its H is evaluated at every record, and at a dose record's F = 0 an H such as
-        SQRT(PROP**2*IPRED**2 + ADD**2) with ADD 0 has an infinite derivative, whose product with the zero
-        weight of that record made every ETA gradient NaN (the EBE search then stopped at 0). NONMEM never
-        differentiates there. The other error models are left as they are."""
-        if self.pm.error.kind != "general":
-            return f
-        return torch.where(self.obs | self.cens, f, torch.ones_like(f))
-
     def variance(self, theta, eta, f, sd):
         """The residual variance the estimation method uses (N, R), or (P, N, R) for P ETA points (P, N, K):
         with interaction (FOCE-I, LAPLACE-I) at the prediction ``f`` and its ETAs; without (FOCE, LAPLACE) at
         ETA = 0, the population prediction f(theta, 0) (Wang 2007)."""
-        pm = self.pm
+        pm, records = self.pm, self.obs | self.cens
         if not self.interaction:
             zero = torch.zeros(self.batch.n_subjects, pm.n_eta, dtype=f.dtype, device=f.device)
-            return pm.residual_variance(theta, zero, self.batch, self._at_records(self.predict(theta, zero)),
-                                        sd).expand_as(f)
-        f = self._at_records(f)
+            return pm.residual_variance(theta, zero, self.batch, self.predict(theta, zero), sd,
+                                        records).expand_as(f)
         if f.dim() == 3:
             n_points, n, r = f.shape
             batch = self._copies(n_points)[0] if pm.error.kind == "general" else None
             return pm.residual_variance(theta, eta.reshape(n_points * n, -1), batch, f.reshape(n_points * n, r),
-                                        sd).reshape(f.shape)
-        return pm.residual_variance(theta, eta, self.batch, f, sd)
+                                        sd, records.repeat(n_points, 1)).reshape(f.shape)
+        return pm.residual_variance(theta, eta, self.batch, f, sd, records)
 
     def residual_terms(self, f, v, rows=None):
         """(-2 log-likelihood terms of each record without the constant (N, R), the residual variances) at the
@@ -546,7 +535,7 @@ class Problem:
         zero = torch.zeros(n, k, dtype=self.y.dtype, device=self.y.device)
         f0 = self.predict(theta, zero)
         m = self.obs.to(f0.dtype)
-        v = torch.where(self.obs, self.pm.residual_variance(theta, zero, self.batch, self._at_records(f0), sd),
+        v = torch.where(self.obs, self.pm.residual_variance(theta, zero, self.batch, f0, sd, self.obs | self.cens),
                         torch.ones_like(f0))
         r = torch.where(self.obs, self.y - f0, torch.zeros_like(f0))
         cov = torch.diag_embed(v)

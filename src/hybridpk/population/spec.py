@@ -279,11 +279,18 @@ class PopulationModel:
         """Whether the error model tells observation kinds (DVID) apart (a general $ERROR reading DVID)."""
         return self.error.kind == "general" and "DVID" in self.error.h.reads
 
-    def residual_variance(self, theta, eta, batch, f, sd):
+    def residual_variance(self, theta, eta, batch, f, sd, records=None):
         """Var(DV) (N, R) at the predictions ``f`` (N, R) of ``batch``'s subjects with ETAs ``eta`` (N, K): the
-        error model's variance, evaluated with the THETAs, ETAs and data items a general $ERROR reads."""
+        error model's variance, evaluated with the THETAs, ETAs and data items a general $ERROR reads.
+        ``records`` (N, R), where a likelihood reads the variance (observations, censored levels): a general
+        $ERROR's H is evaluated at F = 1 elsewhere. It is evaluated at every record, and at a dose record's F = 0
+        an H such as SQRT(PROP**2*IPRED**2 + ADD**2) with ADD 0 has an infinite derivative, whose product with
+        that record's zero weight made every ETA gradient NaN (the EBE search then stopped at 0); NONMEM never
+        differentiates there."""
         if self.error.kind != "general":
             return self.error.variance(f, sd)
+        if records is not None:
+            f = torch.where(records, f, torch.ones_like(f))
         return self.error.variance(f, sd, self.error_inputs(theta, eta, batch))
 
     def __post_init__(self):

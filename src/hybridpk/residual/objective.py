@@ -4,7 +4,6 @@ penalty that keeps the correction at zero where the ODE fits, and the negative E
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -16,16 +15,13 @@ __all__ = ["variance_floor", "gaussian_nll", "correction_penalty", "ode_only_obj
 class BoundError:
     """A general $ERROR (NONMEM's residual SD written with THETAs and data items, e.g. W = THETA(11) F 0.05,
     Y = F + W EPS(1) with $SIGMA 1 FIX) bound to the population fit's THETAs, so that the hybrid's likelihood can
-    evaluate its variance sum_k SIGMA(k) H_k^2 at a batch's records with F the hybrid prediction. Its THETAs and
-    SIGMA stay as the population fit estimated them (:func:`free_sigma`). The floor: H is evaluated at
-    max(F, ``c0``) at the observations (for a proportional W, the (PROP c0)^2 of :func:`variance_floor`) and at
-    F = 1 elsewhere (a SQRT in W has an infinite derivative at F = 0, and its product with a masked record's zero
-    weight is NaN, as in the population fit)."""
+    evaluate its variance sum_k SIGMA(k) H_k^2 at a batch's records with F the hybrid prediction
+    (:meth:`PopulationModel.residual_variance`). Its THETAs and SIGMA stay as the population fit estimated them
+    (:func:`free_sigma`). The floor: H is evaluated at max(F, ``c0``) at the observations (for a proportional W,
+    the (PROP c0)^2 of :func:`variance_floor`)."""
 
-    model: object          # the general ErrorModel
+    pm: object             # the PopulationModel
     theta: dict            # {name: 0-d tensor}, the population fit's THETAs
-    inputs: Callable       # PopulationModel.error_inputs: (theta, eta, batch) -> the environment of H
-    n_eta: int
     c0: float
     eta: torch.Tensor | None = None     # the patients' ETAs (N, K), for an H that reads them
     kind: str = "general"
@@ -33,15 +29,14 @@ class BoundError:
 
     @property
     def names(self) -> tuple:
-        return self.model.names
+        return self.pm.error.names
 
     def variance_at(self, batch, f, sd: dict, mask):
-        """Var(DV) (N, R) at the predictions ``f`` (N, R) of ``batch``'s records."""
+        """Var(DV) (N, R) at the predictions ``f`` (N, R) of ``batch``'s records (``mask``: the observations)."""
         theta = {k: v.to(f.device) for k, v in self.theta.items()}
         eta = (self.eta.to(f.device) if self.eta is not None
-               else torch.zeros(f.shape[0], self.n_eta, dtype=f.dtype, device=f.device))
-        at = torch.where(mask, f.clamp(min=self.c0), torch.ones_like(f))
-        return self.model.variance(at, sd, self.inputs(theta, eta, batch))
+               else torch.zeros(f.shape[0], self.pm.n_eta, dtype=f.dtype, device=f.device))
+        return self.pm.residual_variance(theta, eta, batch, f.clamp(min=self.c0), sd, mask)
 
 
 def hybrid_error(population, c0: float, eta=None):
@@ -57,7 +52,7 @@ def hybrid_error(population, c0: float, eta=None):
     if eta is None and set(pm.error.h.reads) & set(pm.etas):
         raise ModelError("the residual error's SD reads ETAs (e.g. W*EXP(ETA(k))); the hybrid's likelihood takes "
                          "residual SDs written with THETAs and data items only")
-    return BoundError(pm.error, population.theta.tensors("cpu"), pm.error_inputs, pm.n_eta, float(c0), eta)
+    return BoundError(pm, population.theta.tensors("cpu"), float(c0), eta)
 
 
 def _variance(error_model, batch, pred, sd, mask):
