@@ -2,7 +2,7 @@
 case (NONMEM 7.2 and later accept it; a NONMEM 7.5 run with ``$DATA dat3.csv ignore=@`` was refused by
 pharmpy's parser), $TABLE records with NONMEM's NPD item (Bauer's 2019 CPT:PSP tutorial run 402 was refused), the
 names the stream gives its parameters (ADVAN4's central volume is V2, which hybridpk's structural model calls V),
-an OMEGA block's covariances in the printout, log-scale and F_FLAG likelihood $ERROR refused by name, $DES models
+an OMEGA block's covariances in the printout, F_FLAG likelihood $ERROR refused by name, $DES models
 without DEFOBS (nlmixr2's warfarin runs were observed in the gut), replicate levels at one time, a W form on an
 amount, and NONMEM's CONTROL5 ($INPUT synonyms, CALLFL=1)."""
 
@@ -165,13 +165,12 @@ ENDIF"""
 
 
 @pytest.mark.parametrize("error, construct", [
-    ("Y = IPRED + THETA(4)*EPS(1)", "line 11: the prediction (Y at EPS = 0) is a logarithm of F"),
     (M3_FLAG, "line 14: $ERROR sets F_FLAG"),
 ])
-def test_log_scale_and_likelihood_errors_are_refused_by_name(tmp_path, theoph_path, error, construct):
+def test_likelihood_errors_are_refused_by_name(tmp_path, theoph_path, error, construct):
     """Bauer's 2019 tutorial writes BLQ records by M3 as NONMEM users do (IPRED = LOG(F), Y = PHI(...) with
     F_FLAG = 1): refused with the construct, its line and what to do instead (it read "the prediction is
-    Piecewise(...)")."""
+    Piecewise(...)"). Its log-scale prediction without F_FLAG is imported now (test_nonmem_ltbs)."""
     shutil.copy(theoph_path, tmp_path / "theoph.csv")
     (tmp_path / "run.mod").write_text(THEO_LOG.format(error=error))
     with pytest.raises(ModelError) as info:

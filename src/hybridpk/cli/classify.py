@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, out_file_arg, resolve_data_path
+from ._common import ManualFormatter, out_file_arg, read_dataset_arg, resolve_data_path
 
 HELP = """\
 Which patients need the complex model: a classifier on the latent space of a hybrid run (fitted with
@@ -43,7 +43,6 @@ def run(args) -> int:
     import pandas as pd
 
     from hybridpk.classify import classify_patients, load_classifier, save_classifier, train_classifier
-    from hybridpk.data.dataset import read_nonmem
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text
     from hybridpk.residual import HybridFit, load_run
@@ -62,7 +61,7 @@ def run(args) -> int:
         print(f"trained the classifier on {len(rc.table)} patients and saved it with the run")
     _print_report(rc, model)
     if args.data:
-        ds = read_nonmem(resolve_data_path(args.data))
+        ds = read_dataset_arg(args.data)
         table = classify_patients(model, rc, ds)
         with pd.option_context("display.max_rows", None, "display.width", 200):
             print(table[["ID", "P_COMPLEX", "COMPLEX"]].round(4).to_string(index=False))

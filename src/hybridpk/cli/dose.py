@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (DEVICE_HELP, ManualFormatter, device_arg, figure_arg, finite_float, out_file_arg,
-                      positive_float, positive_int, resolve_data_path)
+                      positive_float, positive_int, read_dataset_arg)
 
 #: the target a dose recommendation takes when neither the command nor the model states one
 DEFAULT_TARGET = "auc24=400:600"
@@ -171,11 +171,10 @@ def auc_window_arg(text: str):
 
 
 def _load(args):
-    from hybridpk.data.dataset import read_nonmem
     from hybridpk.dosing import dosing_model
 
     model = dosing_model(args.model, device=args.device)
-    ds = read_nonmem(resolve_data_path(args.patient))
+    ds = read_dataset_arg(args.patient)
     if hasattr(args, "start"):
         args.start = _start_hours(args.start, ds)
     return model, ds

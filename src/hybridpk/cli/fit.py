@@ -490,6 +490,9 @@ def report(result, ds) -> str:
                      "(see summary.json 'methods')")
     if ds.time_note:
         lines.append(f"  {ds.time_note} (RUN/data.json holds each subject's first date and time)")
+    if ds.dv_log:
+        lines.append("  DV: the control stream fits LOG(F) to DV in log units; its DV were read as EXP(DV), and the "
+                     "tables give DV, PRED and IPRED as concentrations (IWRES and CWRES on the log scale)")
     if ds.commented_lines:
         lines.append(f"  {len(ds.commented_lines)} records marked C in the comment column C left out (NM-TRAN's "
                      "IGNORE=C; `hybridpk check` lists their lines)")

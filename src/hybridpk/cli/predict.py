@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import DEVICE_HELP, ManualFormatter, device_arg, out_file_arg, resolve_data_path
+from ._common import DEVICE_HELP, ManualFormatter, device_arg, out_file_arg, read_dataset_arg
 
 HELP = """\
 Predict concentrations with a model fitted by 'hybridpk fit' (the folder RUN).
@@ -23,19 +23,19 @@ def add_parser(sub) -> None:
                        epilog="example:\n  hybridpk predict runs/theoph new_patients.csv --out pred.csv\n",
                        formatter_class=ManualFormatter)
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
-    p.add_argument("data", metavar="DATA", help="dataset (CSV) or bundled dataset name")
+    p.add_argument("data", metavar="DATA", help="dataset (CSV), bundled dataset name, or a "
+                   "control stream (.mod/.ctl: its $DATA, read as the stream reads it)")
     p.add_argument("--out", required=True, metavar="PRED.csv", type=out_file_arg, help="output file")
     p.add_argument("--device", default="cpu", type=device_arg, help=DEVICE_HELP)
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from hybridpk.data.dataset import read_nonmem
     from hybridpk.io import atomic_write_text
     from hybridpk.residual import HybridFit, load_run
 
     model = load_run(args.run).to(args.device)
-    ds = read_nonmem(resolve_data_path(args.data))
+    ds = read_dataset_arg(args.data)
     pred = model.predict(ds)
     out = pred.table
     if isinstance(model, HybridFit):

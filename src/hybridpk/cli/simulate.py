@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, device_arg, nonnegative_float, out_file_arg, positive_int, resolve_data_path
+from ._common import ManualFormatter, device_arg, nonnegative_float, out_file_arg, positive_int, read_dataset_arg
 
 HELP = """\
 Simulate concentrations on the dosing records and sampling times of DATA.
@@ -69,7 +69,8 @@ def _is_number(text) -> bool:
 def add_parser(sub) -> None:
     p = sub.add_parser("simulate", help="simulate concentrations or a population on a dosing design",
                        description=HELP, epilog=EPILOG, formatter_class=ManualFormatter)
-    p.add_argument("data", metavar="DATA", help="dataset (CSV) or bundled dataset name giving doses and times")
+    p.add_argument("data", metavar="DATA", help="dataset (CSV), bundled dataset name or control "
+                   "stream (its $DATA) giving doses and times")
     p.add_argument("--model", required=True, metavar="NAME|RUN", help="model name (see 'hybridpk models'), or a "
                    "fitted model to simulate from its own estimates: a run folder, a published spec, a .toml spec or "
                    "a NONMEM control stream")
@@ -99,12 +100,11 @@ def run(args) -> int:
 
     import pandas as pd
 
-    from hybridpk.data.dataset import read_nonmem
     from hybridpk.errors import HybridPKError
     from hybridpk.io import atomic_write_text
     from hybridpk.solve import simulate, simulate_population, simulate_population_chunks
 
-    ds = read_nonmem(resolve_data_path(args.data))
+    ds = read_dataset_arg(args.data)
     fitted = _fitted_model(args.model)
     if fitted is not None:
         return _run_fitted(args, fitted, ds)

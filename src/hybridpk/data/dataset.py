@@ -271,6 +271,8 @@ class Dataset:
     commented_lines: tuple = ()
     #: the file wrote its numbers with decimal commas ("0,5" in a ';'-separated file), read as decimal points
     decimal_comma: bool = False
+    #: the file's DV were log concentrations, read as EXP(DV) on the observations (:meth:`dv_from_log`)
+    dv_log: bool = False
 
     # ----------------------------------------------------------------- views
     @property
@@ -493,8 +495,39 @@ class Dataset:
             "decimal_comma": self.decimal_comma,
             "time_translation": self.time_note,
             "time_origin": dict(self.time_origin),
+            "dv_log": self.dv_log,
             "units": dict(self.units),
         }
+
+    def with_records(self, frame: pd.DataFrame, covariates=None) -> "Dataset":
+        """A dataset of ``frame`` (this dataset's records, changed: some MDV set, covariates filled in), read and
+        checked as any, named as this one and with DV on this one's scale (``dv_log`` kept)."""
+        out = read_nonmem(frame, covariates=list(self.covariates if covariates is None else covariates),
+                          label=self.source)
+        return replace(out, dv_log=self.dv_log) if self.dv_log else out
+
+    def dv_from_log(self) -> "Dataset":
+        """The dataset with its observations' DV read as log concentrations: DV = EXP(DV) (mg/L when the logs are
+        of mg/L), marked ``dv_log``. A control stream that fits Y = LOG(F) + EPS to DV in log units (NONMEM's
+        log-transform-both-sides) reads its data so, and hybridpk's log-transform-both-sides fit takes log(DV)
+        back, the stream's DV. Refused: a limit of quantification (LLOQ, BLQ or CENS: in which units?) and DV
+        whose EXP a float cannot hold (beyond +-700)."""
+        if self.dv_log:
+            return self
+        f, obs = self._frame, self.observation_mask
+        limits = [c for c in ("LLOQ", "BLQ", "CENS") if c in self.roles_present]
+        if limits:
+            raise DatasetError(f"the DV are log concentrations (a control stream's Y = LOG(F) + ...) and the data "
+                               f"have a {limits[0]} column, whose limits hybridpk cannot place on that scale; give "
+                               "DV and LLOQ in concentrations and fit with log-transform-both-sides (--ltbs)",
+                               self.source)
+        out = np.flatnonzero(obs & (f["DV"].abs() > 700).to_numpy())
+        if out.size:
+            raise DatasetError([self.violation(out, "DV", "DV in log units beyond +-700 (EXP(DV) overflows or "
+                                               "is 0); are these DV log concentrations?")], self.source)
+        frame = f.copy()
+        frame.loc[obs, "DV"] = np.exp(frame.loc[obs, "DV"].to_numpy(dtype=float))
+        return replace(self, _frame=frame, dv_log=True)
 
     def to_batch(self, dtype=None, device=None, covariates=None):
         """Padded tensors for the solver: see :class:`hybridpk.data.batch.EventBatch`."""

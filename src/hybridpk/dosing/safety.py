@@ -16,8 +16,6 @@ def with_covariate_defaults(model, dataset):
     metrumresearchgroup/bbr's acop data). The model's ``covariate_defaults`` (a published spec's [defaults],
     e.g. DIAL = 0) are filled in for the covariates the file lacks, the only values ever filled in; any other
     missing covariate is refused by :func:`check_patient`."""
-    from ..data.dataset import read_nonmem
-
     defaults = getattr(model.population, "covariate_defaults", {}) or {}
     df = dataset.to_dataframe()
     by_case = {str(col).upper(): col for col in df.columns}    # unique: the reader refuses wt beside Wt
@@ -27,7 +25,7 @@ def with_covariate_defaults(model, dataset):
     if not missing and not renamed:
         return dataset, []
     covariates = [renamed.get(c, c) for c in dataset.covariates] + list(missing)
-    filled = read_nonmem(df.assign(**missing), covariates=covariates)
+    filled = dataset.with_records(df.assign(**missing), covariates=covariates)
     return filled, ([f"column {old} read as the model's covariate {new} (the names differ only in case)"
                      for old, new in renamed.items()]
                     + [f"{c} is not in the patient file: taken as {v:g}, the model's default (give the column if "

@@ -89,7 +89,7 @@ def _hybrid_terms(est) -> dict:
         v = model.residual_variance(est.batch, point, f)
         obs = est.obs
         if model.population.model.error.ltbs:
-            f = torch.log(f.clamp(min=1e-30))
+            f = model.population.model.error.log_scale(f)
         vv = torch.where(obs, v, torch.ones_like(v))
         r = torch.where(obs, est.y - f, torch.zeros_like(f))
         data = torch.where(obs, r * r / vv + torch.log(vv), torch.zeros_like(vv))

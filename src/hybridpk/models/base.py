@@ -90,6 +90,9 @@ class CompartmentModel:
     #: models whose records may observe any compartment (CMT on the record; NONMEM's F = A(CMT)/S<CMT>) set
     #: this and take ``cmt`` in :meth:`observe`; the others observe ``obs_cmt`` only
     observes_compartments: bool = False
+    #: whether an observation's CMT means a compartment to the model (NONMEM's $PRED has none: CMT is a data item
+    #: like any other there)
+    reads_cmt: bool = True
 
     def observe(self, a, p: dict, cmt=None):
         """Concentration in the observed compartment (amount/L) from amounts ``a`` (..., S); ``cmt`` (N,) the

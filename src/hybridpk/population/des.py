@@ -177,6 +177,7 @@ class PredModel(CompartmentModel):
     given_per_record = True
     prediction_parameter = "IPRED"
     compartments = ("PRED",)
+    reads_cmt = False
     bioavailability = None
     lag = None
 

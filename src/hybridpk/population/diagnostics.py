@@ -36,7 +36,7 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
         m = obs.to(ipred.dtype)
         mm = m.unsqueeze(-1) * m.unsqueeze(-2)
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
-        cov = cov * mm + eye * (1 - m).unsqueeze(-1)
+        cov = torch.where(mm > 0, cov, torch.zeros_like(cov)) + eye * (1 - m).unsqueeze(-1)   # NaN off obs: 0
         resid = torch.where(obs, prob.y - mean, torch.zeros_like(mean))
         cwres = torch.where(obs, _inverse_sqrt(cov, resid), cwres)
         eta_shr = {}

@@ -316,7 +316,7 @@ def posterior_draws(est: IndividualEstimates, index: int = 0, n: int = 1000, see
         m = draws.shape[0]
         f = model.concentrations(prob.batch.select([index] * m), draws)
         if pm.error.ltbs:   # the likelihood is on the log scale (prob.y holds log DV)
-            f = torch.log(f.clamp(min=1e-30))
+            f = pm.error.log_scale(f)
         v = pm.residual_variance(theta, draws, prob.batch.select([index] * m), f, sd)
         data = prob.residual_terms(f, v, rows=[index] * m)[0].sum(1)      # with the M3 terms of censored levels
         return -0.5 * (data + torch.einsum("nk,kl,nl->n", draws, oinv, draws))

@@ -148,7 +148,7 @@ class Packing:
 def _naive_pooled(prob, pack, x0):
     """Typical values by least squares on log concentrations with ETA = 0 (a robust starting point)."""
     nt = len(pack.free)
-    if nt == 0:
+    if nt == 0 or getattr(prob.pm.structural, "given_per_record", False):   # $PRED: Y need not be a concentration
         return x0
     dev = prob.y.device
     eta0 = torch.zeros(prob.batch.n_subjects, prob.pm.n_eta, dtype=torch.float64, device=dev)

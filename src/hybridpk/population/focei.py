@@ -78,6 +78,7 @@ class Problem:
         dataset.require_constant_covariates([c for c in pm.covariates if c not in pm.record_items],
                                             "the population model")
         pm.require_occasions(dataset)
+        pm.require_dv_scale(dataset)
         self.batch = dataset.to_batch(covariates=list(pm.covariates), device=device)
         b = self.batch
         if not pm.reads_dvid:
@@ -155,8 +156,16 @@ class Problem:
             raise DatasetError([self.dataset.violation(self.batch.row[at_zero].tolist(), "DV", message)], self.source)
 
     # ------------------------------------------------------------------ predictions
+    def _records(self, idx=None):
+        """A $PRED's records with a level (see :meth:`PopulationModel.parameters`), else None; ``idx``: of the
+        subjects a stacked batch copies."""
+        if not getattr(self.pm.structural, "given_per_record", False):
+            return None
+        records = self.obs | self.cens
+        return records if idx is None else records[idx]
+
     def predict(self, theta, eta):
-        p = self.pm.parameters(theta, eta, self.batch)
+        p = self.pm.parameters(theta, eta, self.batch, self._records())
         # throw=False: a trial point with impossible parameters gives NaN for those subjects (rejected by the
         # line searches) instead of stopping the fit
         f = simulate(self.pm.structural, p, self.batch, method=self.method, rtol=self.rtol, atol=self.atol,
@@ -164,7 +173,13 @@ class Problem:
         return self._transform(f)
 
     def _transform(self, f):
-        return torch.log(f.clamp(min=1e-30)) if self.pm.error.ltbs else f
+        """Predictions on the likelihood's scale (log with log-transform-both-sides). A $PRED's prediction that is
+        not finite on a record without a level (LOG(0) on a dose record) is read as 0 there, as NONMEM leaves
+        such a record out of the OFV; a NaN would spread through the ETA derivatives."""
+        f = self.pm.error.log_scale(f) if self.pm.error.ltbs else f
+        if getattr(self.pm.structural, "given_per_record", False):
+            f = torch.where((self.obs | self.cens) | torch.isfinite(f), f, torch.zeros_like(f))
+        return f
 
     def predict_points(self, theta, points):
         """Predictions (P, N, R) at P ETA points (P, N, K) in one solver call on P copies of every subject
@@ -173,7 +188,7 @@ class Problem:
         calls when the grouped batch cannot be solved together."""
         n_points, n, k = points.shape
         batch, groups = self._copies(n_points)
-        p = self.pm.parameters(theta, points.reshape(n_points * n, k), batch)
+        p = self.pm.parameters(theta, points.reshape(n_points * n, k), batch, self._records(groups))
         try:
             f = simulate(self.pm.structural, p, batch, method=self.method, rtol=self.rtol, atol=self.atol,
                          throw=False, rule=self.pm.covariate_rule,

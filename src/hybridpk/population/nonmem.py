@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -512,17 +513,52 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
     y = env["Y"].subs({scale: defs.get(str(scale), sympy.Integer(1))})
     zero = {sympy.Symbol(e): 0 for e in eps_names}
     prediction = sympy.simplify(y.subs(zero))
-    factor = sympy.simplify(prediction / fsym)
-    if prediction.has(sympy.log) and fsym in prediction.free_symbols:
+    if prediction.has(sympy.log) and fsym in prediction.free_symbols:    # log-transform-both-sides
         at = next((f"{Path(path).name} line {i}" for i, record, code in _code_lines(text)
                    if record.startswith("ERR") and re.search(r"\bLOG\s*\(", code, flags=re.I)), where)
-        raise ModelError(f"{at}: the prediction (Y at EPS = 0) is a logarithm of F ({prediction}): a log-"
-                         "transform-both-sides model with DV in log units, which hybridpk does not import yet; fit it "
-                         "with 'hybridpk fit DATA --model ... --ltbs' on DV in concentration units (EXP of the log DV)")
+        return _log_error(y, prediction, fsym, eps_names, sigma_names, params, any_scale, at, text, path)
+    factor = sympy.simplify(prediction / fsym)
     if fsym in factor.free_symbols or (factor != 1 and not any_scale) or prediction == 0:
         raise ModelError(f"{where}: the prediction (Y at EPS = 0) is {prediction}, not F; "
-                         "hybridpk fits Y = F + error (transformations such as LOG(F) are not imported yet)")
+                         "hybridpk fits Y = F + error, or LOG(F) + error (log-transform-both-sides)")
     return _classify_error(y, prediction, fsym, factor, eps_names, sigma_names, params, where, text, path)
+
+
+def _log_error(y, prediction, fsym, eps_names, sigma_names, params, any_scale, at, text, path):
+    """The error model of a log-transform-both-sides $ERROR (DV in log units): Y = LOG(F) + error, as NONMEM
+    users write it (IPRED = LOG(F) under a guard: IF (F.GT.0) IPRED = LOG(F) after IPRED = LOG(0.0025), or
+    LOG(ABS(F) + 1E-30); Y = IPRED + EPS(1), or IPRED + W*EPS(1) with W = THETA(k) and $SIGMA 1 FIX). Read as
+    hybridpk's log-transform-both-sides with ``log_dv`` (the data's DV are read as EXP(DV), so that the fit's
+    log(DV) is the stream's DV) and the stream's guard (``ErrorModel.log_guard``): the likelihood of the stream's
+    DV, which is NONMEM's OFV. The prediction inside the log must be F (times a factor of $PK variables when
+    ``any_scale``) plus a constant >= 0; conditions on F must hold wherever F > 0 (guards); the error terms may not
+    read F. AMT is 0 on every record with a level (the data check refuses AMT on an observation record), so that
+    DDMoRe's IPRED = LOG(F + FLAG) with FLAG = 1 where AMT.NE.0 is LOG(F) there."""
+    import sympy
+
+    on_levels = {sympy.Symbol("AMT"): 0}
+    y, prediction = y.subs(on_levels), prediction.subs(on_levels)
+    positive = sympy.Symbol("F_POSITIVE", positive=True)
+    inner = sympy.simplify(sympy.exp(prediction.subs(fsym, positive)))
+    factor = sympy.simplify(sympy.diff(inner, positive))
+    offset = sympy.simplify(inner - factor * positive)
+    if (positive in factor.free_symbols or offset.free_symbols or not offset.is_nonnegative
+            or factor.has(sympy.Piecewise) or (factor != 1 and not any_scale)):
+        raise ModelError(f"{at}: the prediction (Y at EPS = 0) is {prediction}; hybridpk imports log-transform-"
+                         "both-sides written LOG(F) (guarded where F is 0, or LOG(F + c) with a constant c)")
+    at_zero = prediction.subs(fsym, 0)
+    guard = (float(offset), float(sympy.exp(at_zero))) if at_zero.is_real and at_zero.is_finite else ()
+    error_terms = sympy.simplify(y - prediction)
+    if fsym in error_terms.free_symbols:
+        raise ModelError(f"{at}: the residual SD reads the prediction on the log scale ({error_terms}); hybridpk "
+                         "imports Y = LOG(F) + EPS or + W*EPS with a W of THETAs")
+    logf = sympy.Symbol("LOG_F")
+    error, kinds, sigma_fixed, _ = _classify_error(logf + error_terms, logf, logf, sympy.Integer(1), eps_names,
+                                                   sigma_names, params, at, text, path)
+    if "PROP" in kinds:
+        raise ModelError(f"{at}: an EPS proportional to LOG(F) is not an error model of log-transform-both-sides; "
+                         "write Y = LOG(F) + EPS(1)")
+    return replace(error, ltbs=True, log_dv=True, log_guard=guard), kinds, sigma_fixed, factor
 
 
 def _classify_error(y, prediction, fsym, factor, eps_names, sigma_names, params, where, text, path):
@@ -706,6 +742,8 @@ def read_control_stream(path):
         covs += tuple(c for c in error_items if c not in covs)
         items += tuple(c for c in error_items if c not in items)      # read at every record
     ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path), label=_data_label(m, path))
+    if error.log_dv:        # Y = LOG(F) + ...: the stream's DV are log concentrations
+        ds = ds.dv_from_log()
     run_pk = compile_statements(statements)
     if written:   # F = A(CMT)/S<CMT> on every record, unless $ERROR writes the prediction on one amount
         structural.observes_compartments = factor == 1 and not _error_reads_amounts(m)

@@ -44,6 +44,12 @@ class ErrorModel:
     "combined2"), or (ADD + PROP * IPRED)^2 (combined1: the SDs add, as Monolix and posologyr define
     "combined1"); ``ltbs`` fits log(DV) with an additive error on the log scale.
 
+    ``log_dv``: a control stream's log-transform-both-sides model (Y = LOG(F) + EPS, DV in log units in its data):
+    the data's DV are log concentrations, read through the stream as EXP(DV) (:meth:`Dataset.dv_from_log`), so
+    that the fit's log(DV) is the stream's DV. ``log_guard`` = (offset, value) gives the stream's own log-scale
+    prediction, LOG(F + offset) where F > 0 and LOG(value) elsewhere (IF (F.GT.0) IPRED = LOG(F) after
+    IPRED = LOG(0.0025); LOG(ABS(F) + 1E-30)); empty: log(max(F, 1e-30)).
+
     "general" is NONMEM's definition for any $ERROR (NONMEM Users Guide I, "the residual variance"): with
     H_k = dY/dEPS(k) at EPS = 0, Var = sum_k SIGMA(k) H_k^2 (independent EPS). ``eps`` names the EPS (the
     residual parameters' kinds, e.g. "EPS1"), ``sd_init`` their initial SDs (sqrt SIGMA), and ``h`` computes the
@@ -56,6 +62,8 @@ class ErrorModel:
     add: float = 0.5
     prop: float = 0.1
     ltbs: bool = False
+    log_dv: bool = False
+    log_guard: tuple = ()
     eps: tuple = ()
     sd_init: tuple = ()
     h: Callable | None = field(default=None, repr=False, compare=False)
@@ -65,6 +73,8 @@ class ErrorModel:
             raise ModelError(f"error model must be additive, proportional, combined or combined1, not {self.kind!r}")
         if self.kind == "combined1" and self.ltbs:
             raise ModelError("combined1 (SD = ADD + PROP IPRED) has no log-transform-both-sides form; use additive")
+        if (self.log_dv or self.log_guard) and not self.ltbs:
+            raise ModelError("DV in log units and a guarded LOG(F) belong to log-transform-both-sides (ltbs=True)")
         if self.kind == "general" and (self.h is None or len(self.eps) != len(self.sd_init) or not self.eps):
             raise ModelError("a general error model needs its EPS, their initial SDs and H")
 
@@ -79,6 +89,14 @@ class ErrorModel:
         if self.kind == "general":
             return dict(zip(self.eps, self.sd_init))
         return {"ADD": self.add, "PROP": self.prop}
+
+    def log_scale(self, f):
+        """The log-scale prediction of log-transform-both-sides from the concentration ``f``: log(f) floored at
+        1e-30, or the control stream's guarded LOG(F) (``log_guard``)."""
+        if not self.log_guard:
+            return torch.log(f.clamp(min=1e-30))
+        offset, value = self.log_guard
+        return torch.log(torch.where(f > 0, f + offset, torch.full_like(f, value)))
 
     def variance(self, f, sd: dict, env: dict | None = None):
         """Residual variance (same shape as f) from SDs {"ADD": ..., "PROP": ...} (tensors); a general model
@@ -326,7 +344,7 @@ class PopulationModel:
     def n_eta(self) -> int:
         return len(self.etas)
 
-    def parameters(self, theta, eta, batch) -> dict:
+    def parameters(self, theta, eta, batch, records=None) -> dict:
         """Individual parameters for the solver at the records of ``batch``: {name: (N,) tensor}, or (N, R)
         for a parameter whose value changes between a subject's records.
 
@@ -334,14 +352,27 @@ class PopulationModel:
         record's data items (``batch.cov`` and TIME); the solver then applies each record's values over the
         interval that the record ends (see :func:`hybridpk.solve.simulate`). Parameters that come out equal
         at every record of every subject are returned per subject (the closed form applies). Other models
-        take each subject's baseline covariates."""
+        take each subject's baseline covariates.
+
+        ``records`` (N, R), for a $PRED (whose one parameter is the prediction): the records whose values are
+        differentiated (those with a level); the others are evaluated without derivatives, so that a value that is
+        not finite there (LOG(0) on a dose record) gives no NaN derivative."""
         if not self.record_items:
             return self.individual(theta, eta, batch.baseline_covariates())
         mask = batch.record_mask
         items = {c: batch.cov[..., k] for k, c in enumerate(batch.covariate_names)}
         items["TIME"] = batch.time
         items = {c: torch.where(mask, v, v[:, :1]) for c, v in items.items()}    # padding: the first record's
-        p = self.individual(theta, eta, items)
+        if records is not None and not bool(records[mask].all()):
+            first = records.to(torch.int8).argmax(1, keepdim=True)          # a subject's first such record
+            safe = {c: torch.where(records, v, v.gather(1, first)) for c, v in items.items()}
+            with torch.no_grad():
+                elsewhere = self.individual(theta, eta, items)
+            p = self.individual(theta, eta, safe)
+            p = {k: torch.where(records, torch.as_tensor(v).expand(records.shape),
+                                torch.as_tensor(elsewhere[k]).expand(records.shape)) for k, v in p.items()}
+        else:
+            p = self.individual(theta, eta, items)
         out = {}
         for k, v in p.items():
             v = torch.as_tensor(v, dtype=batch.time.dtype, device=batch.time.device)
@@ -357,6 +388,19 @@ class PopulationModel:
         """An IOV model's occasion column holds whole numbers 1..occasions (else refused, naming the row)."""
         if self.recipe.get("iov"):
             _occasion_count(self.recipe["iov"], self.recipe["occasion"], self.recipe["occasions"], dataset)
+
+    def require_dv_scale(self, dataset) -> None:
+        """A model whose control stream fits LOG(F) to DV in log units (``error.log_dv``) takes its observations
+        read through that stream (DV = EXP(DV), :meth:`Dataset.dv_from_log`); other data are refused, since their
+        DV could be either."""
+        if self.error.log_dv and not dataset.dv_log and dataset.n_observations:
+            from ..errors import DatasetError
+
+            stream = self.recipe.get("control_stream", "its control stream")
+            raise DatasetError(f"the model's control stream ({stream}) fits LOG(F) to DV in log units; give the "
+                               "data through a control stream (that one, or a copy whose $DATA names these data), "
+                               "which reads its DV as log concentrations: a data file alone does not say whether its "
+                               "DV are logs", dataset.source)
 
     def varying_items(self, batch) -> tuple:
         """The ``record_items`` that change within some subject of ``batch`` (TIME always does)."""

@@ -25,7 +25,10 @@ class BoundError:
     c0: float
     eta: torch.Tensor | None = None     # the patients' ETAs (N, K), for an H that reads them
     kind: str = "general"
-    ltbs: bool = False
+
+    @property
+    def ltbs(self) -> bool:
+        return self.pm.error.ltbs
 
     @property
     def names(self) -> tuple:
@@ -90,9 +93,19 @@ def variance_floor(error_model, sd: dict, c0: float):
 def gaussian_nll(batch, pred, mask, error_model, sd, floor=0.0):
     """-log-likelihood (up to a constant) of the observations in ``mask`` under the residual-error model at
     the prediction ``pred`` (N, R), per patient (N,); residual variances below ``floor`` are raised to it
-    (see :func:`variance_floor`)."""
+    (see :func:`variance_floor`). Log-transform-both-sides: of log(DV) at the log prediction (the population
+    fit's, :meth:`ErrorModel.log_scale`), as the population fit's likelihood is."""
     v = torch.where(mask, torch.clamp(_variance(error_model, batch, pred, sd, mask), min=floor), torch.ones_like(pred))
-    return torch.where(mask, 0.5 * ((batch.dv - pred) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+    y, f = _on_likelihood_scale(error_model, batch.dv, pred, mask)
+    return torch.where(mask, 0.5 * ((y - f) ** 2 / v + torch.log(v)), torch.zeros_like(v)).sum(1)
+
+
+def _on_likelihood_scale(error_model, dv, pred, mask):
+    """(DV, prediction) on the scale of the residual error: logs for log-transform-both-sides."""
+    error = error_model.pm.error if isinstance(error_model, BoundError) else error_model
+    if not error.ltbs:
+        return dv, pred
+    return torch.log(torch.where(mask, dv, torch.ones_like(dv))), error.log_scale(pred)
 
 
 def ode_only_objective(batch, ipred, mask, error_model, sd, baseline=None, eta=None, floor=0.0):

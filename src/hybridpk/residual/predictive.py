@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from ..data.dataset import read_nonmem
 from .objective import gaussian_nll
 
 __all__ = ["predictive_score", "split_halves"]
@@ -31,8 +30,8 @@ def split_halves(dataset, ids) -> tuple:
     for keep in (1, 0):
         part = df.copy()
         part.loc[obs & (rank % 2 != keep), "MDV"] = 1
-        halves.append(read_nonmem(part, covariates=list(dataset.covariates)))
-    return halves[0], halves[1], read_nonmem(df, covariates=list(dataset.covariates))
+        halves.append(dataset.with_records(part))
+    return halves[0], halves[1], dataset.with_records(df)
 
 
 def predictive_score(hybrid, dataset, ids, halves=None) -> float:

@@ -118,6 +118,8 @@ def require_observable(model, batch) -> None:
     model). (Several kinds of observation in one compartment: :func:`require_one_kind`.)"""
     from ..errors import DatasetError, Violation
 
+    if not model.reads_cmt:
+        return
     obs = batch.is_obs & batch.record_mask
     if model.observes_compartments:
         other = obs & ((batch.cmt < 0) | (batch.cmt > model.n_states))
@@ -221,7 +223,8 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
         raise ModelError(f"rule={rule!r}: give 'nonmem' or 'locf'")
     if solver == "auto":
         solver = "expm" if model.piecewise_linear else "dp5"
-    bad = _bad_parameters(model, p, batch.record_mask)
+    # $PRED's "parameter" is the prediction itself: a LOG(0) on a record without an observation is NONMEM's too
+    bad = {} if getattr(model, "given_per_record", False) else _bad_parameters(model, p, batch.record_mask)
     if bad:  # keep the batch healthy: solve failed subjects with typical values, report them
         idx = torch.tensor(sorted(bad), device=batch.time.device)
         fixed = {}
@@ -254,7 +257,10 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
             failures.update(more)
     ipred = ipred * batch.record_mask
     ok = torch.ones(batch.n_subjects, dtype=torch.bool, device=batch.time.device)
-    nonfinite = ~torch.isfinite(ipred.detach()).all(1)
+    finite = torch.isfinite(ipred.detach())
+    if getattr(model, "given_per_record", False):    # $PRED: what counts is the prediction at the observations
+        finite = finite | ~batch.is_obs
+    nonfinite = ~finite.all(1)
     for i in torch.nonzero(nonfinite).flatten().tolist():
         failures.setdefault(batch.ids[i], "the solution is not finite (NaN/inf); check the parameters")
     if failures:
