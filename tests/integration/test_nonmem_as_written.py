@@ -4,7 +4,7 @@ pharmpy's parser), $TABLE records with NONMEM's NPD item (Bauer's 2019 CPT:PSP t
 names the stream gives its parameters (ADVAN4's central volume is V2, which hybridpk's structural model calls V),
 an OMEGA block's covariances in the printout, F_FLAG likelihood $ERROR refused by name, $DES models
 without DEFOBS (nlmixr2's warfarin runs were observed in the gut), replicate levels at one time, a W form on an
-amount, and NONMEM's CONTROL5 ($INPUT synonyms, CALLFL=1)."""
+amount, NONMEM's CONTROL5 ($INPUT synonyms, CALLFL=1), and initial amounts A_0 of $DES models."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import warnings
 
 import pandas as pd
 import pytest
+import torch
 
 import hybridpk as hp
 from hybridpk.errors import ModelError
 from hybridpk.population import fit_population
+from hybridpk.population.focei import Problem
 from hybridpk.population.nonmem import nmtran_case, read_control_stream, write_control_stream
 from tests.integration.test_nonmem_error import HEAD
 
@@ -319,3 +321,64 @@ def test_nonmems_control5_example_with_its_synonyms_and_callfl(tmp_path, theoph_
     for t, ref in zip(res.theta, (2.77387, 0.0781286, 0.0363073)):
         assert t.value == pytest.approx(ref, rel=2e-3)
     assert res.sigma.rows[0].variance == pytest.approx(0.387501, rel=2e-3)
+
+
+A0_DES = """$PROBLEM theophylline, the dose as an initial amount
+$INPUT ID TIME DV AMT EVID MDV CMT WT DOSE
+$DATA {data} IGNORE=@
+$SUBROUTINE ADVAN13 TOL=9
+$MODEL COMP=(DEPOT DEFDOSE) COMP=(CENTRAL DEFOBS) COMP=(RESP)
+$PK
+KA = THETA(1)*EXP(ETA(1))
+CL = THETA(2)*EXP(ETA(2))
+V = THETA(3)*EXP(ETA(3))
+KIN = THETA(4)
+KOUT = THETA(5)
+{initial}
+A_0(3) = KIN/KOUT
+S2 = V
+$DES
+DADT(1) = -KA*A(1)
+DADT(2) = KA*A(1) - CL/V*A(2)
+DADT(3) = KIN - KOUT*A(3)
+$ERROR
+Y = F + EPS(1)
+$THETA (0, 1.5) (0, 2.8) (0, 32) (0, 10) (0, 0.5)
+$OMEGA 0.4 0.07 0.02
+$SIGMA 0.5
+$ESTIMATION METHOD=1 INTERACTION MAXEVAL=0
+"""
+
+
+def test_initial_amounts_of_a_des_model_are_its_state_at_the_start(tmp_path, theoph_path):
+    """NONMEM's A_0(n) in $PK (a turnover's baseline KIN/KOUT, an amount present at the start): the $DES model's
+    state at each subject's first record (it was refused for every model). Theophylline's dose given as A_0(1)
+    from a data item, its dose records made records without an event, gives the predictions of the dose records
+    (1e-7, at ETAs away from 0); the response compartment starts at KIN/KOUT = 20 (four subjects). An ADVAN's
+    A_0 stays refused, with its line."""
+    df = pd.read_csv(theoph_path)
+    df = df[df.ID <= 4].assign(DOSE=df.groupby("ID").AMT.transform("max"))
+    df.to_csv(tmp_path / "dosed.csv", index=False)
+    df.assign(AMT=0.0, EVID=df.EVID.where(df.EVID != 1, 2)).to_csv(tmp_path / "initial.csv", index=False)
+    (tmp_path / "dosed.mod").write_text(A0_DES.format(data="dosed.csv", initial=""))
+    (tmp_path / "initial.mod").write_text(A0_DES.format(data="initial.csv", initial="A_0(1) = DOSE"))
+    preds = {}
+    for name in ("dosed", "initial"):
+        pm, ds = read_control_stream(tmp_path / f"{name}.mod")
+        prob = Problem(pm, ds)
+        theta = {t.name: torch.tensor(t.init, dtype=torch.float64) for t in pm.thetas}
+        eta = torch.tensor([[0.3, -0.2, 0.1]] * ds.n_subjects, dtype=torch.float64)
+        preds[name] = prob.predict(theta, eta)[prob.obs]
+    assert ds.n_doses == 0 and pm.structural.initial == (1, 3)
+    assert float(preds["dosed"].max()) > 5.0
+    torch.testing.assert_close(preds["initial"], preds["dosed"], rtol=1e-7, atol=1e-9)
+    batch = ds.to_batch(covariates=list(pm.covariates))
+    p = pm.parameters(theta, torch.zeros(ds.n_subjects, 3, dtype=torch.float64), batch)
+    start = pm.structural.initial_state(p, batch.time)
+    assert start[:, 2].tolist() == pytest.approx([20.0] * ds.n_subjects)
+    assert start[:, 0].tolist() == pytest.approx(df.groupby("ID", sort=False).DOSE.first().tolist())
+    (tmp_path / "advan.mod").write_text(HEAD + "A_0(1) = 320\n$ERROR\nY = F + EPS(1)\n$THETA (0, 1.5) (0, 2.8) "
+                                        "(0, 32)\n$OMEGA 0.4 0.07 0.02\n$SIGMA 0.5\n")
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    with pytest.raises(ModelError, match=r"advan.mod line 10: \$PK sets an initial amount"):
+        read_control_stream(tmp_path / "advan.mod")

@@ -60,11 +60,12 @@ $ESTIMATION METHOD=1 INTERACTION
 """
 
 
-def _log_data(theoph_path, folder):
+def _log_data(theoph_path, folder, predose: bool = False):
     """theophylline with DV logged (LNDV) and the dose per subject (DOSE, for $PRED); the levels at the dose time
-    (LOG of a prediction of 0) are records without a level (EVID 2), as a NONMEM user leaves them out."""
+    (LOG of a prediction of 0) are records without a level (EVID 2), as a NONMEM user leaves them out
+    (``predose``: those above 0 are kept, for a model whose guard gives LOG(F) a value there)."""
     df = pd.read_csv(theoph_path)
-    at_dose = (df.EVID == 0) & (df.TIME == 0)
+    at_dose = (df.EVID == 0) & (df.TIME == 0) & ((df.DV <= 0) | (not predose))
     df.loc[at_dose, ["EVID", "MDV"]] = [2, 1]
     df["LNDV"] = np.where(df.MDV == 0, np.log(df.DV.where(df.DV > 0, 1.0)), 0.0)
     df["DOSE"] = df.groupby("ID").AMT.transform("max")
@@ -121,6 +122,23 @@ def test_a_log_scale_stream_fits_as_the_pred_stream_and_the_native_ltbs_fit(tmp_
     obs = table.MDV == 0
     assert table.DV[obs].to_numpy() == pytest.approx(levels.to_dataframe().DV[obs].to_numpy(), rel=1e-12)
     assert table.IPRED[~obs & (table.TIME == 0)].to_numpy() == pytest.approx(0.0025, rel=1e-12)   # the guard
+
+
+def test_levels_before_the_dose_take_the_guards_value_as_in_nonmem(tmp_path, theoph_path):
+    """Three pre-dose levels (0.74, 0.15 and 0.13 mg/L at 0 h) kept as observations: NONMEM fits them at the
+    guard's IPRED = LOG(0.0025), as the guarded $PRED stream computes it; hybridpk refused them ("an observation
+    at or before the first dose ... cannot be log-transformed") and, on the $PRED stream, the untaken LOG(0) of
+    its IF made every gradient NaN (the fit stayed at its start, "NOT converged"). Both reach one optimum."""
+    _log_data(theoph_path, tmp_path, predose=True)
+    guarded_pred = PRED.replace("IPRED = LOG(CONC)", "IPRED = LOG(0.0025)\nIF (CONC.GT.0) IPRED = LOG(CONC)")
+    (tmp_path / "pred.mod").write_text(guarded_pred)
+    (tmp_path / "run.mod").write_text(ADVAN2.format(error=ERRORS["guarded"]))
+    stream, _, ds = _fit(tmp_path / "run.mod", covariance=False)
+    pred, _, _ = _fit(tmp_path / "pred.mod", covariance=False)
+    assert ds.n_observations == 123
+    assert stream.estimation.converged and pred.estimation.converged
+    assert pred.estimation.ofv == pytest.approx(stream.estimation.ofv, abs=1e-3)
+    assert [t.value for t in pred.theta] == pytest.approx([t.value for t in stream.theta], rel=1e-3)
 
 
 def test_log_scale_constructs_and_data_that_cannot_be_read_so_are_refused(tmp_path, theoph_path):

@@ -92,6 +92,33 @@ def _piecewise(branches):
     return value
 
 
+def _guarded(value, taken):
+    """The branch ``value`` of a Piecewise with the arguments of its logarithms and of its powers that are not
+    whole numbers >= 0 (divisions, square roots) replaced by 1 where the branch is not ``taken``. NM-TRAN computes
+    only the branch an IF takes; evaluated for every record at once, an untaken LOG(0) (IF (F.GT.0) IPRED =
+    LOG(F)) is -inf, the same where discards it, but its derivative 0 * inf is NaN and would make every gradient
+    NaN (a $PRED fit stayed at its start)."""
+    import sympy
+
+    if taken == sympy.true:
+        return value
+
+    def safe(arg):
+        return sympy.Piecewise((arg, taken), (1, True))
+
+    def guard(e):      # conditions (relations, And/Or/Not) are left as they are
+        if not e.args or isinstance(e, sympy.logic.boolalg.Boolean):
+            return e
+        args = [guard(a) for a in e.args]
+        if isinstance(e, sympy.log):
+            return sympy.log(safe(args[0]), evaluate=False)
+        if isinstance(e, sympy.Pow) and not (e.exp.is_Integer and e.exp >= 0) and e.base.free_symbols:
+            return sympy.Pow(safe(args[0]), args[1], evaluate=False)
+        return e.func(*args) if args != list(e.args) else e
+
+    return guard(value)
+
+
 @functools.lru_cache(maxsize=4096)
 def compile_expression(expr):
     """A function env -> value of sympy ``expr`` (symbols and applied functions such as pharmpy's amounts
@@ -110,7 +137,12 @@ def compile_expression(expr):
     if expr in (sympy.false, sympy.S.false):
         return _constant(False)
     if isinstance(expr, sympy.Piecewise):
-        return _piecewise([(compile_expression(v), compile_expression(c)) for v, c in expr.args])
+        branches, before = [], []
+        for v, c in expr.args:
+            taken = sympy.And(c, *[sympy.Not(b) for b in before])
+            branches.append((compile_expression(_guarded(v, taken)), compile_expression(c)))
+            before.append(c)
+        return _piecewise(branches)
     parts = [compile_expression(a) for a in expr.args]
     if isinstance(expr, sympy.Add):
         return _fold(operator.add, parts)

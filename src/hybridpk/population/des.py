@@ -46,12 +46,15 @@ class StatementModel(CompartmentModel):
         ``S<obs>`` they are the model's parameters (values per subject or per record)
     statements : ((name, sympy expression)) the $DES assignments, in order
     derivatives : sympy expressions of dA/dt, one per compartment
+    initial : the compartments (1-based) whose amount at the start (each subject's first record, and after a
+        reset, with the first record's $PK values) is the parameter ``A_0(n)``, NONMEM's initial amount set in
+        $PK; the others start at 0
     """
 
     linear = False
 
     def __init__(self, name, description, compartments, amounts, dose_cmt, obs_cmt, inputs, statements,
-                 derivatives):
+                 derivatives, initial=()):
         self.name, self.description = name, description
         self.compartments = tuple(compartments)
         self.amounts = tuple(amounts)
@@ -59,9 +62,12 @@ class StatementModel(CompartmentModel):
         self.volume_parameter = f"S{obs_cmt}"
         self.inputs = tuple(inputs)
         self.scales = tuple(f"S{k}" for k in range(1, len(self.compartments) + 1))
+        self.initial = tuple(initial)
         self.parameters = tuple(_input(n) for n in self.inputs) + (F, ALAG) + tuple(
             Parameter(s, "L", 0.0, math.inf, f"scale of compartment {k} (F = A/S; NONMEM's default 1)", 1.0)
-            for k, s in enumerate(self.scales, 1))
+            for k, s in enumerate(self.scales, 1)) + tuple(
+            Parameter(f"A_0({k})", "", -math.inf, math.inf, f"amount in compartment {k} at the start (NONMEM's "
+                      "A_0)", 0.0) for k in self.initial)
         self.derivative_expressions = tuple(derivatives)
         thresholds, on_segment = _time_thresholds(statements, derivatives)
         self._statements = compile_statements([(n, e.xreplace(on_segment)) for n, e in statements])
@@ -74,6 +80,13 @@ class StatementModel(CompartmentModel):
 
     def _has_default(self, name: str) -> bool:
         return name in ("F", "ALAG") or name in self.scales
+
+    def initial_state(self, p: dict, like):
+        """Amounts at the start and after a reset (N, S): NONMEM's A_0(n) where $PK sets it, else 0."""
+        x = like.new_zeros(like.shape[0], self.n_states)
+        for k in self.initial:
+            x[:, k - 1] = torch.as_tensor(p[f"A_0({k})"], dtype=x.dtype, device=x.device).expand(x.shape[0])
+        return x
 
     def observe(self, a, p, cmt=None):
         if cmt is None:

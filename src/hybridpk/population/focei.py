@@ -93,11 +93,15 @@ class Problem:
             from ..errors import DatasetError, Violation
 
             first = torch.where(b.dose_mask, b.dose_time, torch.full_like(b.dose_time, float("inf"))).min(1).values
+            # before the first dose the prediction is 0, unless the model starts from initial amounts (A_0) or the
+            # control stream's guard gives LOG(F) a value there (IPRED = LOG(0.0025) where F is 0, as NONMEM fits)
+            predicts_zero = not (pm.error.log_guard or getattr(pm.structural, "initial", ()))
+            early = self.obs & (b.dv > 0) & (b.time <= first.unsqueeze(1)) & predicts_zero
             problems = []
             for bad, msg in ((self.obs & (b.dv <= 0), "log-transform-both-sides needs DV > 0 on observations; set "
                               "MDV=1 on these records or mark them as below LLOQ (BLQ/CENS)"),
-                             (self.obs & (b.dv > 0) & (b.time <= first.unsqueeze(1)), "an observation at or before "
-                              "the first dose, where the model predicts 0, cannot be log-transformed; set MDV=1")):
+                             (early, "an observation at or before the first dose, where the model predicts 0, cannot "
+                              "be log-transformed; set MDV=1")):
                 if bool(bad.any()):
                     problems.append(Violation(tuple(int(r) + 1 for r in b.row[bad].tolist()), "DV", msg))
             if problems:

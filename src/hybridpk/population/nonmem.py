@@ -686,10 +686,7 @@ def read_control_stream(path):
                    for p in params if p.name not in special)
 
     statements = [(str(s.symbol), sympy.sympify(s.expression)) for s in m.statements.before_odes]
-    initial = [name for name, _ in statements if "(" in name]
-    if initial:
-        raise ModelError(f"{_line_of(text, path, 'A_0')}: $PK sets an initial amount ({initial[0]}, NONMEM's A_0); "
-                         "hybridpk starts every compartment at 0: give the amount as a dose record at time 0")
+    statements = _initial_amounts(statements, written, advan, text, path)
     if m.dataset is None:
         raise HybridPKError(_missing_data(text, path, getattr(m.datainfo, "path", None)))
     data = m.dataset.copy()
@@ -922,6 +919,27 @@ def _model_record(text: str, path) -> list[tuple[str, set]]:
     return comps
 
 
+def _initial_amounts(statements, written: bool, advan: int, text: str, path):
+    """$PK statements with NONMEM's initial amounts A_0(n) (pharmpy's A_<COMPARTMENT>(0)) named A0_<COMPARTMENT>
+    for a model whose equations the stream writes ($DES, ADVAN5/7: its initial state, see :class:`StatementModel`);
+    refused for the other ADVANs, whose solutions start from 0."""
+    out = []
+    for name, expr in statements:
+        hit = re.fullmatch(r"A_(\w+)\(0\)", name)
+        if hit is None:
+            if "(" in name:
+                raise ModelError(f"{_line_of(text, path, name.split('(')[0])}: $PK assigns {name}, which hybridpk "
+                                 "does not read")
+            out.append((name, expr))
+            continue
+        if not written:
+            raise ModelError(f"{_line_of(text, path, 'A_0')}: $PK sets an initial amount (A_0, {name}); hybridpk "
+                             f"starts ADVAN{advan}'s compartments at 0: give the amount as a dose record at the first "
+                             "time (or write the model with $DES, whose A_0 is read)")
+        out.append((f"A0_{hit.group(1)}", expr))
+    return out
+
+
 def _written_system(m, statements, comps, advan: int, text: str, path):
     """For ADVAN5-8, 13, 14: ($PK statements, the :class:`StatementModel` of the control stream's own equations,
     a function $PK variables -> its parameters). $DES assignments (those that read T or an amount, directly or
@@ -969,11 +987,14 @@ def _written_system(m, statements, comps, advan: int, text: str, path):
     linear = advan in _LINEAR_ADVANS or is_linear(derivatives, des, amounts)
     cls = LinearStatementModel if linear else StatementModel
     how = "general linear" if advan in _LINEAR_ADVANS else "$DES"
+    initial = {names.index(name[3:]) + 1: name for name in sorted(assigned) if name[3:] in names
+               and name.startswith("A0_")}
     structural = cls(f"ADVAN{advan}", f"{how} model of {Path(path).name}: {', '.join(names)}", names, amounts,
-                     dose, obs, inputs, des, derivatives)
+                     dose, obs, inputs, des, derivatives, initial=tuple(sorted(initial)))
 
     def read(env):
         p = {name: env[name] for name in inputs}
+        p.update({f"A_0({k})": env[name] for k, name in initial.items()})
         p.update({s: env[s] if env.get(s) is not None else 1.0 for s in structural.scales})
         for ours, theirs in (("F", f"F{dose}"), ("ALAG", f"ALAG{dose}")):
             if env.get(theirs) is not None:
