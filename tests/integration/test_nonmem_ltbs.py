@@ -191,3 +191,18 @@ def test_the_hybrid_scores_a_log_scale_model_on_the_log_scale(tmp_path, theoph_p
     got = hyb.individual.set_index("ID").NLL_ODE.loc[expected.index]
     assert got.to_numpy() == pytest.approx(expected.to_numpy(), rel=1e-8, abs=1e-8)
     assert np.isfinite(hyb.individual.NLL_HYBRID).all()
+
+
+def test_a_pred_stream_with_a_subject_without_levels_fits(tmp_path, theoph_path):
+    """A subject whose records are all without a level (subject 12's levels made EVID 2): its $PRED values, all
+    taken without derivatives, gave NaN derivatives from LOG(0) at its dose record all the same, and the fit
+    stayed at its start."""
+    _log_data(theoph_path, tmp_path)
+    df = pd.read_csv(tmp_path / "theoph_log.csv")
+    df.loc[(df.ID == 12) & (df.EVID == 0), ["EVID", "MDV"]] = [2, 1]
+    df.to_csv(tmp_path / "theoph_log.csv", index=False)
+    (tmp_path / "pred.mod").write_text(PRED)
+    start, _, _ = _fit(tmp_path / "pred.mod", evaluate=True, covariance=False)
+    res, _, ds = _fit(tmp_path / "pred.mod", covariance=False)
+    assert ds.n_subjects == 12 and res.estimation.converged
+    assert res.estimation.ofv < start.estimation.ofv - 10.0

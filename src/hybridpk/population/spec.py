@@ -363,9 +363,12 @@ class PopulationModel:
         items = {c: batch.cov[..., k] for k, c in enumerate(batch.covariate_names)}
         items["TIME"] = batch.time
         items = {c: torch.where(mask, v, v[:, :1]) for c, v in items.items()}    # padding: the first record's
-        if records is not None and not bool(records[mask].all()):
+        if records is not None and bool(records.any()) and not bool(records[mask].all()):
             first = records.to(torch.int8).argmax(1, keepdim=True)          # a subject's first such record
-            safe = {c: torch.where(records, v, v.gather(1, first)) for c, v in items.items()}
+            has = records.any(1, keepdim=True)
+            s0, r0 = (int(i) for i in torch.nonzero(records)[0])            # for a subject without one: any
+            safe = {c: torch.where(records, v, torch.where(has, v.gather(1, first), v[s0, r0])) for c, v in
+                    items.items()}
             with torch.no_grad():
                 elsewhere = self.individual(theta, eta, items)
             p = self.individual(theta, eta, safe)
