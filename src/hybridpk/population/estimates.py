@@ -279,7 +279,7 @@ LAG_START_SD = 2.0
 an ETA of the lag time."""
 
 
-def lag_etas(prob, theta) -> list:
+def _lag_etas(prob, theta) -> list:
     """The ETAs (indices) that move the absorption lag time ALAG of ``prob``'s model (at the THETAs ``theta``)."""
     pm = prob.pm
     if "ALAG" not in {p.name for p in pm.structural.parameters} or not pm.n_eta:
@@ -308,7 +308,7 @@ def _search_lag_modes(prob, theta, omega, omega_inv, sd, eta):
     ETA on ALAG1) evaluated at NONMEM's final estimates: subject 13's search from 0 ended at -2 log posterior 35.62
     (ETA_KA -1.57, ETA_ALAG 0.58) where NONMEM's mode (-0.45, 1.25) has 1.63; the OFV was 260.01, NONMEM's
     225.93 (with these searches 225.25: subject 9 has a lower mode than the one NONMEM reports)."""
-    for k in lag_etas(prob, theta):
+    for k in _lag_etas(prob, theta):
         for sign in (1.0, -1.0):
             start = eta.clone()
             start[:, k] = sign * LAG_START_SD * torch.sqrt(omega[k, k])
