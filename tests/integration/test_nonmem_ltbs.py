@@ -206,3 +206,31 @@ def test_a_pred_stream_with_a_subject_without_levels_fits(tmp_path, theoph_path)
     res, _, ds = _fit(tmp_path / "pred.mod", covariance=False)
     assert ds.n_subjects == 12 and res.estimation.converged
     assert res.estimation.ofv < start.estimation.ofv - 10.0
+
+
+def test_a_patient_file_states_the_scale_of_its_dv(tmp_path, theoph_path):
+    """`hybridpk map STREAM PATIENT.csv` with the log-DV stream as prior: a data file's DV could be logs or
+    concentrations, so it is refused unless --dv says which; --dv conc on the measured levels and --dv log on the
+    stream's log DV give the MAP of the stream's own data (the patient read through the stream)."""
+    import json
+
+    from hybridpk.cli import main
+
+    _log_data(theoph_path, tmp_path)
+    (tmp_path / "run.mod").write_text(ADVAN2.format(error=ERRORS["guarded"]))
+    df = pd.read_csv(tmp_path / "theoph_log.csv")
+    df = df[df.ID == 1]
+    df.drop(columns=["LNDV"]).to_csv(tmp_path / "levels.csv", index=False)
+    df.assign(DV=df.LNDV.where(df.MDV == 0, 0.0)).drop(columns=["LNDV"]).to_csv(tmp_path / "logs.csv", index=False)
+    maps = {}
+    for name, args in (("stream", ["run.mod"]), ("conc", ["levels.csv", "--dv", "conc"]),
+                       ("log", ["logs.csv", "--dv", "log"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["map", str(tmp_path / "run.mod"), *[str(tmp_path / a) if a.endswith((".csv", ".mod")) else a
+                                                        for a in args], "--out", str(out)]) == 0
+        written = json.loads(out.read_text())
+        maps[name] = next(p["map"] for p in written["patients"] if p["ID"] == 1) if "patients" in written \
+            else written["map"]
+    for name in ("conc", "log"):
+        assert maps[name] == pytest.approx(maps["stream"], rel=1e-6, abs=1e-9)
+    assert main(["map", str(tmp_path / "run.mod"), str(tmp_path / "levels.csv")]) == 2

@@ -60,6 +60,22 @@ def read_dataset_arg(arg: str):
     return read_nonmem(resolve_data_path(arg))
 
 
+#: the help of --dv on the commands that read a patient's or new patients' levels
+DV_HELP = ("the scale of the data file's DV, asked for by a model whose control stream fits LOG(F) to log DV "
+           "(log-transform-both-sides with DV in log units): 'log' (the stream's own scale: read as EXP(DV)) or "
+           "'conc' (concentrations, as measured); a control stream given as the data reads its own $DATA and needs "
+           "neither")
+
+
+def dv_scale_arg(ds, scale: str | None):
+    """``ds`` with its DV scale as --dv states it (None: as read)."""
+    if scale == "log":
+        return ds.dv_from_log()
+    if scale == "conc":
+        return ds.dv_stated_concentrations()
+    return ds
+
+
 def record_run_data(run_dir, source: str, ds) -> None:
     """Write RUN/data.json: the dataset's source as 'hybridpk fit' was given it (an absolute path, or a bundled
     dataset's name), its fingerprint (SHA-256 of the records, :meth:`Dataset.fingerprint`) and, when its dates and

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (DEVICE_HELP, ManualFormatter, device_arg, figure_arg, finite_float, out_file_arg,
-                      positive_float, positive_int, read_dataset_arg)
+from ._common import (DEVICE_HELP, DV_HELP, ManualFormatter, device_arg, dv_scale_arg, figure_arg, finite_float,
+                      out_file_arg, positive_float, positive_int, read_dataset_arg)
 
 #: the target a dose recommendation takes when neither the command nor the model states one
 DEFAULT_TARGET = "auc24=400:600"
@@ -123,6 +123,7 @@ def add_parser(sub) -> None:
     p.add_argument("--draws", type=positive_int, metavar="N", help="posterior draws (default 1000; 250 for a hybrid); "
                    "the probability of target attainment reports its Monte-Carlo error")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
+    p.add_argument("--dv", choices=["log", "conc"], help=DV_HELP)
     p.add_argument("--device", default="cpu", type=device_arg, help=DEVICE_HELP)
     p.add_argument("--out", metavar="REC.json", type=out_file_arg, help="write the recommendation here")
     p.add_argument("--plot", metavar="FIG.png", type=figure_arg, help="figure of the forecast under the recommended "
@@ -147,6 +148,7 @@ def add_parser(sub) -> None:
                    "mg/L (e.g. an MIC: fT>MIC) over the --auc window (default: first dose to last record)")
     q.add_argument("--draws", type=positive_int, metavar="N", help="posterior draws (default 1000; 250 for a hybrid)")
     q.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
+    q.add_argument("--dv", choices=["log", "conc"], help=DV_HELP)
     q.add_argument("--device", default="cpu", type=device_arg, help=DEVICE_HELP)
     q.set_defaults(handler=run_map)
 
@@ -174,7 +176,7 @@ def _load(args):
     from hybridpk.dosing import dosing_model
 
     model = dosing_model(args.model, device=args.device)
-    ds = read_dataset_arg(args.patient)
+    ds = dv_scale_arg(read_dataset_arg(args.patient), args.dv)
     if hasattr(args, "start"):
         args.start = _start_hours(args.start, ds)
     return model, ds

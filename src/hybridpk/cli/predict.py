@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import DEVICE_HELP, ManualFormatter, device_arg, out_file_arg, read_dataset_arg
+from ._common import DEVICE_HELP, DV_HELP, ManualFormatter, device_arg, dv_scale_arg, out_file_arg, read_dataset_arg
 
 HELP = """\
 Predict concentrations with a model fitted by 'hybridpk fit' (the folder RUN).
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("data", metavar="DATA", help="dataset (CSV), bundled dataset name, or a "
                    "control stream (.mod/.ctl: its $DATA, read as the stream reads it)")
     p.add_argument("--out", required=True, metavar="PRED.csv", type=out_file_arg, help="output file")
+    p.add_argument("--dv", choices=["log", "conc"], help=DV_HELP)
     p.add_argument("--device", default="cpu", type=device_arg, help=DEVICE_HELP)
     p.set_defaults(handler=run)
 
@@ -35,7 +36,7 @@ def run(args) -> int:
     from hybridpk.residual import HybridFit, load_run
 
     model = load_run(args.run).to(args.device)
-    ds = read_dataset_arg(args.data)
+    ds = dv_scale_arg(read_dataset_arg(args.data), args.dv)
     pred = model.predict(ds)
     out = pred.table
     if isinstance(model, HybridFit):

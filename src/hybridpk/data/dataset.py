@@ -273,6 +273,8 @@ class Dataset:
     decimal_comma: bool = False
     #: the file's DV were log concentrations, read as EXP(DV) on the observations (:meth:`dv_from_log`)
     dv_log: bool = False
+    #: the user stated that the DV are concentrations (:meth:`dv_stated_concentrations`)
+    dv_stated: bool = False
 
     # ----------------------------------------------------------------- views
     @property
@@ -504,7 +506,12 @@ class Dataset:
         checked as any, named as this one and with DV on this one's scale (``dv_log`` kept)."""
         out = read_nonmem(frame, covariates=list(self.covariates if covariates is None else covariates),
                           label=self.source)
-        return replace(out, dv_log=self.dv_log) if self.dv_log else out
+        return replace(out, dv_log=self.dv_log, dv_stated=self.dv_stated)
+
+    def dv_stated_concentrations(self) -> "Dataset":
+        """The dataset as it is, with its DV stated to be concentrations (``hybridpk map/dose/predict --dv conc``):
+        a model whose control stream fits LOG(F) to log DV takes them (it refuses DV of unknown scale)."""
+        return replace(self, dv_stated=True)
 
     def dv_from_log(self) -> "Dataset":
         """The dataset with its observations' DV read as log concentrations: DV = EXP(DV) (mg/L when the logs are

@@ -394,16 +394,16 @@ class PopulationModel:
 
     def require_dv_scale(self, dataset) -> None:
         """A model whose control stream fits LOG(F) to DV in log units (``error.log_dv``) takes its observations
-        read through that stream (DV = EXP(DV), :meth:`Dataset.dv_from_log`); other data are refused, since their
-        DV could be either."""
-        if self.error.log_dv and not dataset.dv_log and dataset.n_observations:
+        read through that stream (DV = EXP(DV), :meth:`Dataset.dv_from_log`) or stated to be concentrations
+        (:meth:`Dataset.dv_stated_concentrations`); other data are refused, since their DV could be either."""
+        if self.error.log_dv and not (dataset.dv_log or dataset.dv_stated) and dataset.n_observations:
             from ..errors import DatasetError
 
             stream = self.recipe.get("control_stream", "its control stream")
-            raise DatasetError(f"the model's control stream ({stream}) fits LOG(F) to DV in log units; give the "
-                               "data through a control stream (that one, or a copy whose $DATA names these data), "
-                               "which reads its DV as log concentrations: a data file alone does not say whether its "
-                               "DV are logs", dataset.source)
+            raise DatasetError(f"the model's control stream ({stream}) fits LOG(F) to DV in log units, and a data "
+                               "file does not say whether its DV are logs: state it (--dv log or --dv conc; "
+                               "Dataset.dv_from_log() or .dv_stated_concentrations()), or give the data through a "
+                               "control stream, which reads its DV as log concentrations", dataset.source)
 
     def varying_items(self, batch) -> tuple:
         """The ``record_items`` that change within some subject of ``batch`` (TIME always does)."""
