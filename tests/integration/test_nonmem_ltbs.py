@@ -208,7 +208,7 @@ def test_a_pred_stream_with_a_subject_without_levels_fits(tmp_path, theoph_path)
     assert res.estimation.ofv < start.estimation.ofv - 10.0
 
 
-def test_a_patient_file_states_the_scale_of_its_dv(tmp_path, theoph_path):
+def test_a_patient_file_states_the_scale_of_its_dv(tmp_path, theoph_path, capsys):
     """`hybridpk map STREAM PATIENT.csv` with the log-DV stream as prior: a data file's DV could be logs or
     concentrations, so it is refused unless --dv says which; --dv conc on the measured levels and --dv log on the
     stream's log DV give the MAP of the stream's own data (the patient read through the stream)."""
@@ -234,3 +234,9 @@ def test_a_patient_file_states_the_scale_of_its_dv(tmp_path, theoph_path):
     for name in ("conc", "log"):
         assert maps[name] == pytest.approx(maps["stream"], rel=1e-6, abs=1e-9)
     assert main(["map", str(tmp_path / "run.mod"), str(tmp_path / "levels.csv")]) == 2
+    pd.read_csv(tmp_path / "theoph_log.csv").drop(columns=["LNDV"]).to_csv(tmp_path / "ward.csv", index=False)
+    capsys.readouterr()
+    assert main(["map", str(tmp_path / "run.mod"), str(tmp_path / "ward.csv")]) == 0     # a day's list
+    printed = capsys.readouterr().out
+    assert "12 of 12 patients refused" in printed and "state it (--dv log or --dv conc" in printed
+    assert "\\n" not in printed           # each refusal on one line of the table (it printed '\\n')

@@ -16,7 +16,7 @@ def run_many(args, model, ds, question, arguments: dict) -> int:
 
     print(f"{model.name}: {ds.n_subjects} patients")
     answers = for_each_patient(question, model, ds, seed=args.seed, n_samples=args.draws, **arguments)
-    table = pd.DataFrame([{"ID": a.id, **(_row(a.result) if a.ok else {"answer": f"refused: {a.error}"})}
+    table = pd.DataFrame([{"ID": a.id, **(_row(a.result) if a.ok else {"answer": f"refused: {_one_line(a.error)}"})}
                           for a in answers])
     if "warnings" in table:
         table["warnings"] = _counts(table["warnings"])
@@ -100,7 +100,7 @@ def run_many_map(args, model, ds) -> int:
     rows, full, tables = [], [], []
     for pid, post in estimate_patients(model, ds, n_samples=args.draws, seed=args.seed).items():
         if isinstance(post, HybridPKError):
-            rows.append({"ID": pid, "error": str(post)})
+            rows.append({"ID": pid, "error": _one_line(str(post))})
             full.append({"ID": pid, "error": str(post)})
             continue
         one = ds.subset([pid])
@@ -141,3 +141,9 @@ def run_many_map(args, model, ds) -> int:
         atomic_write_text(args.out, pd.concat(tables, ignore_index=True).to_csv(index=False) if tables else "")
         print(f"wrote {args.out}")
     return 0
+
+
+def _one_line(message: str) -> str:
+    """A refusal's message on one line of the table (a dataset error lists its problems on lines of their own,
+    which the table printed as '\\n'); --out keeps it as it is."""
+    return " ".join(message.split())
