@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-__all__ = ["replicates", "eta_sampler", "simulate_replicates", "residual_noise"]
+__all__ = ["replicates", "eta_sampler", "simulate_replicates", "residual_noise", "model_variance"]
 
 
 def residual_noise(error_model, variance, conc, gen):
@@ -61,14 +61,21 @@ def simulate_replicates(fitted, dataset, n: int = 1, seed: int = 0) -> pd.DataFr
     pm = fitted.model
     etas = eta_sampler(fitted)
 
-    drawn = {}
-
     def draw(batch, gen):
-        drawn["eta"] = eta = etas(batch.n_subjects, gen)
+        eta = etas(batch.n_subjects, gen)
         return fitted.concentrations(batch, eta), {name: eta[:, j] for j, name in enumerate(pm.etas)}
 
-    def variance(batch, conc, _):
-        return pm.residual_variance(fitted.theta.tensors(fitted.device), drawn["eta"], batch, conc, sd)
-
     sd = fitted.sigma.sd_tensors(fitted.device)
-    return replicates(dataset, pm.covariates, pm.error, sd, n, seed, draw, variance, device=fitted.device)
+    return replicates(dataset, pm.covariates, pm.error, sd, n, seed, draw,
+                      model_variance(pm, fitted.theta.tensors(fitted.device), sd), device=fitted.device)
+
+
+def model_variance(pm, theta: dict, sd: dict):
+    """A ``variance`` for :func:`replicates`: the PopulationModel ``pm``'s residual variance at the THETAs
+    ``theta`` and each replicate's ETAs, read back from its per-subject columns (named as ``pm.etas``), for a
+    $ERROR whose SD reads THETAs, ETAs or data items."""
+    def variance(batch, conc, per_subject):
+        eta = (torch.stack([per_subject[name] for name in pm.etas], 1) if pm.etas
+               else conc.new_zeros(conc.shape[0], 0))
+        return pm.residual_variance(theta, eta, batch, conc, sd)
+    return variance

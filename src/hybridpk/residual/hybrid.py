@@ -3,6 +3,7 @@ interface as the population model (estimate, predict, simulate, save); fitting i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -19,7 +20,7 @@ from ..io import atomic_write_bytes, atomic_write_text
 from ..population import FittedPopulation, Predictions, fit_population
 from ..population.estimation import read_json
 from ..population.manifest import write_manifest
-from ..population.simulation import eta_sampler, replicates
+from ..population.simulation import eta_sampler, model_variance, replicates
 from ..solve import simulate
 from ..solve.device import same_device
 from .baseline import ODEBaseline
@@ -105,10 +106,11 @@ class HybridFit:
     def latent_dim(self) -> int:
         return self.vae.latent_dim
 
-    @property
+    @functools.cached_property
     def error(self):
         """The residual-error model of the hybrid's likelihood (:func:`~hybridpk.residual.objective.hybrid_error`:
-        a general $ERROR bound to the population fit's THETAs)."""
+        a general $ERROR bound to the population fit's THETAs), built once (the dosing posterior evaluates it
+        at every draw)."""
         return hybrid_error(self.population, self.vae.scale["c0"])
 
     @property
@@ -239,10 +241,9 @@ class HybridFit:
         records. One row per replicate and record: REP, ID, TIME, EVID, MDV, IPRED, DV (mg/L), ETAs, Z1..."""
         pop, pm = self.hybrid_population, self.population.model
         etas, base = eta_sampler(pop), ODEBaseline(pop)
-        drawn = {}
 
         def draw(batch, gen):
-            drawn["eta"] = eta = etas(batch.n_subjects, gen)
+            eta = etas(batch.n_subjects, gen)
             z = torch.randn(batch.n_subjects, self.latent_dim, generator=gen, dtype=torch.float64,
                             device="cpu").to(batch.time.device)
             with torch.no_grad():
@@ -251,12 +252,8 @@ class HybridFit:
                           **{f"Z{j + 1}": z[:, j] for j in range(self.latent_dim)}}
 
         sd = pop.sigma.sd_tensors(self.device)
-
-        def variance(batch, conc, per_subject):     # a general $ERROR reads THETAs and data items
-            return pm.residual_variance(pop.theta.tensors(self.device), drawn["eta"], batch, conc, sd)
-
         return replicates(dataset, pm.covariates, pm.error, sd, n, seed, draw,
-                          variance if pm.error.kind == "general" else None, device=self.device)
+                          model_variance(pm, pop.theta.tensors(self.device), sd), device=self.device)
 
     # ------------------------------------------------------------------ persistence
     def summary(self) -> dict:
