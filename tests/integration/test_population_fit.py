@@ -273,6 +273,46 @@ def test_m3_with_the_limit_in_dv_has_finite_gradients_and_fits():
     assert fits[0].estimation.ofv == pytest.approx(fits[1].estimation.ofv, abs=1e-8)
 
 
+def test_a_level_above_the_upper_limit_contributes_the_upper_tail():
+    """CENS = -1 marks a level above the upper limit of quantification, the limit in DV (nlmixr2's and Monolix's
+    coding; the data check accepted it): its term is -2 log P(above the ULOQ), also beside a CENS = 1 level whose
+    limit is in an LLOQ column. It had no limit (NaN), so every fit with such a level ended at OFV = inf. A
+    population with a third of its levels above the ULOQ is fitted near its truth."""
+    from scipy.stats import norm
+
+    df = pd.DataFrame({"ID": [1, 1, 1, 1], "TIME": [0, 0.5, 4, 24], "DV": [0, 2.0, 1.5, 0.05],
+                       "AMT": [100, 0, 0, 0], "CENS": [0, -1, 0, 1], "LLOQ": [0.1, 0.1, 0.1, 0.1]})
+    ds = hp.read_nonmem(df)
+    pm = build_model("1cmt_iv", iiv=[], error="additive", data=ds)
+    prob = Problem(pm, ds)
+    theta = {"CL": torch.tensor(3.0, dtype=torch.float64), "V": torch.tensor(40.0, dtype=torch.float64)}
+    eta = torch.zeros(1, 0, dtype=torch.float64)
+    f = prob.predict(theta, eta)
+    data, _ = prob.residual_terms(f, prob.variance(theta, eta, f, {"ADD": torch.tensor(0.2, dtype=torch.float64)}))
+    fs = f[0].numpy()
+    np.testing.assert_allclose(data[0, 1:].numpy(), [-2 * norm.logsf((2.0 - fs[1]) / 0.2),
+                                                     (1.5 - fs[2]) ** 2 / 0.04 + math.log(0.04),
+                                                     -2 * norm.logcdf((0.1 - fs[3]) / 0.2)], rtol=1e-10)
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(1, 31):
+        cl = 3.0 * math.exp(rng.normal(0, 0.3))
+        rows.append(dict(ID=i, TIME=0.0, DV=0.0, AMT=100.0, CENS=0))
+        for t in (1.0, 2.0, 4.0, 8.0, 12.0, 24.0):
+            c = 100 / 30 * math.exp(-cl / 30 * t) * math.exp(rng.normal(0, 0.1))
+            rows.append(dict(ID=i, TIME=t, DV=min(c, 2.5), AMT=0.0, CENS=-int(c > 2.5)))
+    pop = pd.DataFrame(rows)
+    assert 40 < (pop.CENS == -1).sum() < 80
+    ds = hp.read_nonmem(pop)
+    pm = build_model("1cmt_iv", iiv=["CL"], error="proportional", data=ds)
+    fit = fit_population(pm, ds, progress=False, covariance=False)
+    assert fit.estimation.converged and math.isfinite(fit.estimation.ofv)
+    assert fit.theta["CL"].value == pytest.approx(3.0, rel=0.15)
+    assert fit.theta["V"].value == pytest.approx(30.0, rel=0.05)
+    assert fit.sigma["PROP"].value == pytest.approx(0.1, rel=0.25)
+
+
 @pytest.mark.parametrize("ltbs", [False, True])
 def test_the_posterior_draws_take_a_censored_level_into_account(ltbs):
     """A patient with one measured level and one below the limit (CENS=1, the limit in DV): the posterior that

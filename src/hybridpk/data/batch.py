@@ -23,7 +23,8 @@ class EventBatch:
 
     Record tensors, shape (N, R): ``time`` (h), ``dv``, ``evid``, ``mdv``, ``cmt``, ``is_obs`` (EVID 0 and
     MDV 0), ``record_mask`` (False on padding), ``row`` (0-based position in the Dataset, -1 on padding),
-    ``lloq`` (NaN when none), ``cens`` (1 below LLOQ, -1 above, 0 otherwise), ``dvid``.
+    ``lloq`` (the censoring limit: the LLOQ, or the ULOQ of a level above it; NaN when none), ``cens`` (1 below
+    LLOQ, -1 above the ULOQ, 0 otherwise), ``dvid``.
 
     Covariates: ``cov`` (N, R, C) at each record, ``cov_baseline`` (N, C) at the first record.
 
@@ -274,10 +275,10 @@ class EventBatch:
         mdv = f["MDV"].to_numpy()
         is_obs = (evid == 0) & (mdv == 0)
         lloq = col("LLOQ", np.nan)
-        if "CENS" in f:
+        if "CENS" in f:     # 1: below the limit, -1: above it (the limit in DV; a level above an ULOQ in DV)
             cens = col("CENS", 0)
-            if "LLOQ" not in f:
-                lloq = np.where(cens == 1, f["DV"].to_numpy(dtype=float), np.nan)
+            dv_limit = f["DV"].to_numpy(dtype=float)
+            lloq = np.where(cens == -1, dv_limit, lloq if "LLOQ" in f else np.where(cens == 1, dv_limit, np.nan))
         elif "BLQ" in f:
             cens = col("BLQ", 0)
             if "LLOQ" not in f:     # the limit in DV, as with CENS (Beal's M3 as NONMEM users code it)

@@ -86,6 +86,7 @@ class Problem:
         self.cov = b.baseline_covariates()
         self.obs = b.is_obs & (b.cens == 0)
         self.cens = b.is_obs & (b.cens != 0)
+        self.above = b.is_obs & (b.cens < 0)
         self.y = b.dv
         # the censoring limits on the scale of the predictions (log with log-transform-both-sides)
         self.lloq = torch.log(b.lloq) if pm.error.ltbs else b.lloq
@@ -228,17 +229,19 @@ class Problem:
         """(-2 log-likelihood terms of each record without the constant (N, R), the residual variances) at the
         predictions ``f`` with residual variances ``v`` (:meth:`variance`); ``rows``: the patients (indices into
         this problem's, repeats allowed) that the rows of ``f`` and ``v`` belong to (default: all, in order).
-        A censored level (M3) contributes -2 log P(below its limit) (Beal 2001), the limit on the scale of ``f``
-        (its log with log-transform-both-sides)."""
+        A censored level (M3) contributes -2 log P(below its limit) (Beal 2001), or -2 log P(above it) for a level
+        above an upper limit (CENS = -1, as nlmixr2 and Monolix mark it), the limit on the scale of ``f`` (its log
+        with log-transform-both-sides)."""
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         obs, cens, y = pick(self.obs), pick(self.cens), pick(self.y)
         v = torch.where(obs | cens, v, torch.ones_like(v))
         r = torch.where(obs, y - f, torch.zeros_like(f))
         data = torch.where(obs, r * r / v + torch.log(v), torch.zeros_like(v))
-        if bool(cens.any()):  # M3: probability of being below LLOQ
+        if bool(cens.any()):  # M3: probability of being below LLOQ (above the ULOQ)
             # the limit where censored, else f itself: a NaN limit elsewhere (no LLOQ on that record) would
             # make the gradient NaN through torch.where's unselected branch
             z = (torch.where(cens, pick(self.lloq), f) - f) / torch.sqrt(v)
+            z = torch.where(pick(self.above), -z, z)
             data = data + torch.where(cens, -2.0 * torch.special.log_ndtr(z), torch.zeros_like(v))
         return data, v
 
