@@ -149,37 +149,6 @@ def test_the_printout_shows_a_blocks_covariances(pharmpy_examples, tmp_path, cap
     assert f"correlation {0.005 / math.sqrt(0.0309626 * 0.031128):.2f}" in line
 
 
-THEO_LOG = HEAD + """$ERROR
-IPRED = LOG(ABS(F) + 1E-30)
-{error}
-$THETA (0, 1.5) (0, 2.8) (0, 32) (0, 0.2)
-$OMEGA 0.4 0.07 0.02
-$SIGMA 1 FIX
-"""
-M3_FLAG = """LLOQ = -1
-IF (DV.LT.LLOQ) THEN
-  F_FLAG = 1
-  Y = PHI((LLOQ - IPRED)/THETA(4))
-ELSE
-  F_FLAG = 0
-  Y = IPRED + THETA(4)*EPS(1)
-ENDIF"""
-
-
-@pytest.mark.parametrize("error, construct", [
-    (M3_FLAG, "line 14: $ERROR sets F_FLAG"),
-])
-def test_likelihood_errors_are_refused_by_name(tmp_path, theoph_path, error, construct):
-    """Bauer's 2019 tutorial writes BLQ records by M3 as NONMEM users do (IPRED = LOG(F), Y = PHI(...) with
-    F_FLAG = 1): refused with the construct, its line and what to do instead (it read "the prediction is
-    Piecewise(...)"). Its log-scale prediction without F_FLAG is imported now (test_nonmem_ltbs)."""
-    shutil.copy(theoph_path, tmp_path / "theoph.csv")
-    (tmp_path / "run.mod").write_text(THEO_LOG.format(error=error))
-    with pytest.raises(ModelError) as info:
-        read_control_stream(tmp_path / "run.mod")
-    assert construct in str(info.value) and "Piecewise" not in str(info.value)
-
-
 DES_LOWER = """$prob theophylline, written as nlmixr2's NONMEM runs are
 $input id time dv amt evid mdv cmt wt
 $data theoph.csv ignore=@

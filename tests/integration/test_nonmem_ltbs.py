@@ -143,7 +143,8 @@ def test_levels_before_the_dose_take_the_guards_value_as_in_nonmem(tmp_path, the
 
 def test_log_scale_constructs_and_data_that_cannot_be_read_so_are_refused(tmp_path, theoph_path):
     """An SD that reads the log prediction, data that do not say their DV are logs, and a limit of
-    quantification whose scale is unknown: refused by name."""
+    quantification whose scale is unknown (an LLOQ column) are refused by name; a BLQ level's limit in DV is in DV's
+    units (it was refused too, before M3 streams on log DV were read)."""
     _log_data(theoph_path, tmp_path)
     sd_on_f = ("IPRED = LOG(F)\nW = SQRT(THETA(4)**2 + THETA(4)**2/F**2)\nY = IPRED + W*EPS(1)")
     (tmp_path / "sd.mod").write_text(ADVAN2.format(error=sd_on_f))
@@ -153,9 +154,15 @@ def test_log_scale_constructs_and_data_that_cannot_be_read_so_are_refused(tmp_pa
     pm, ds = read_control_stream(tmp_path / "run.mod")
     with pytest.raises(DatasetError, match="fits LOG\\(F\\) to DV in log units"):
         fit_population(pm, hp.read_nonmem(tmp_path / "theoph_log.csv"), progress=False)
+    with_lloq = pd.read_csv(tmp_path / "theoph_log.csv").assign(LLOQ=0.1)
+    with pytest.raises(DatasetError, match="an LLOQ column, whose limits hybridpk cannot place on that scale"):
+        hp.read_nonmem(with_lloq).dv_from_log()
+    # a BLQ (or CENS) level with its limit in DV has the limit in DV's units: log(2 mg/L) becomes 2 mg/L
     with_blq = pd.read_csv(tmp_path / "theoph_log.csv").assign(BLQ=0)
-    with pytest.raises(DatasetError, match="a BLQ column, whose limits hybridpk cannot place on that scale"):
-        hp.read_nonmem(with_blq).dv_from_log()
+    last = with_blq.index[(with_blq.MDV == 0)][-1]
+    with_blq.loc[last, ["BLQ", "LNDV"]] = [1, math.log(2.0)]
+    batch = hp.read_nonmem(with_blq.drop(columns="DV").rename(columns={"LNDV": "DV"})).dv_from_log().to_batch()
+    assert float(batch.lloq[batch.cens == 1]) == pytest.approx(2.0, rel=1e-12)
 
 
 def test_a_pred_stream_ignores_the_cmt_column(tmp_path, theoph_path):

@@ -21,9 +21,13 @@ pharmpy-core (pip install 'hybridpk[nonmem]') and parameter names are pharmpy's 
 at every record with that record's data items (covariates, TIME, occasion flags), as NONMEM does: a record's
 values hold over the interval it ends. $OMEGA BLOCK(n), SAME (inter-occasion variability), FIX and THETA
 bounds are honoured; $ERROR may be written on F, IPRED or the amounts A(n), with any residual variance NONMEM
-defines (THETA SDs with $SIGMA 1 FIX, ETA on EPS, an SD read from DVID or another data item). What hybridpk
-cannot do as written (e.g. SAEM, a $SIGMA block, a variable carried over from the previous record, A_0) is
-refused with the construct and its line, never replaced.
+defines (THETA SDs with $SIGMA 1 FIX, ETA on EPS, an SD read from DVID or another data item), on the log scale
+(Y = LOG(F) + ..., DV in log units), and with Beal's M3 written as NONMEM users write it (F_FLAG = 1 and
+Y = PHI((LLOQ - IPRED)/W) where a level is below the limit; 1 - PHI(...) above an upper one): those levels are
+censored at the limit the code gives. A BLQ, LLOQ, CENS or DUR column of its data is a data item, read only where
+the code reads it. $ESTIMATION MCETA=n adds EBE searches from n random ETAs for the EBEs reported. What hybridpk
+cannot do as written (e.g. SAEM, a $SIGMA block, a variable carried over from the previous record, A_0 with an
+ADVAN, M4) is refused with the construct and its line, never replaced.
 With a covariate that changes within a subject, a model built from options follows it record by record by the
 same rule (--time-varying locf carries each record's value forward instead). --iov CL gives a built model
 inter-occasion variability: each occasion of the --occasion column (OCC: 1, 2, ... per record) has its own ETA

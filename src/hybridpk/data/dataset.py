@@ -517,15 +517,15 @@ class Dataset:
         """The dataset with its observations' DV read as log concentrations: DV = EXP(DV) (mg/L when the logs are
         of mg/L), marked ``dv_log``. A control stream that fits Y = LOG(F) + EPS to DV in log units (NONMEM's
         log-transform-both-sides) reads its data so, and hybridpk's log-transform-both-sides fit takes log(DV)
-        back, the stream's DV. Refused: a limit of quantification (LLOQ, BLQ or CENS: in which units?) and DV
-        whose EXP a float cannot hold (beyond +-700)."""
+        back, the stream's DV. A censored level (CENS or BLQ) with its limit in DV has it in log units too, and
+        so in concentrations after. Refused: an LLOQ column (in which units?) and DV whose EXP a float cannot hold
+        (beyond +-700)."""
         if self.dv_log:
             return self
         f, obs = self._frame, self.observation_mask
-        limits = [c for c in ("LLOQ", "BLQ", "CENS") if c in self.roles_present]
-        if limits:
-            raise DatasetError(f"the DV are log concentrations (a control stream's Y = LOG(F) + ...) and the data "
-                               f"have a {limits[0]} column, whose limits hybridpk cannot place on that scale; give "
+        if "LLOQ" in self.roles_present:
+            raise DatasetError("the DV are log concentrations (a control stream's Y = LOG(F) + ...) and the data "
+                               "have an LLOQ column, whose limits hybridpk cannot place on that scale; give "
                                "DV and LLOQ in concentrations and fit with log-transform-both-sides (--ltbs)",
                                self.source)
         out = np.flatnonzero(obs & (f["DV"].abs() > 700).to_numpy())

@@ -121,7 +121,8 @@ def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None, problem
     mode than the fit's, or not reach one in its iterations. Patients whose mode still fits far worse than the
     model allows are searched again (:func:`_search_misfits_again`), an ETA of the lag time is searched from
     either side as well (:func:`_search_lag_modes`), and patients whose search ran out of
-    iterations away from a mode are searched on (:func:`_search_on`); those still away from one are named by
+    iterations away from a mode are searched on (:func:`_search_on`), with the model's MCETA (a control stream's
+    $ESTIMATION MCETA=n) from random starts too (:func:`search_random_starts`); those still away from one are named by
     :meth:`IndividualEstimates.search_warning`. ``problem``: the focei.Problem of this model, ``dataset`` and
     ``estimation`` (solver method "auto") when the caller has one (a fit's), to reuse instead of building it."""
     pm = model.model
@@ -138,6 +139,7 @@ def map_estimate(model, dataset, estimation: str = "FOCE-I", start=None, problem
             eta = _lower_mode(prob, theta, oinv, sd, eta, prob.ebe(theta, oinv, sd, start, tol=1e-10))
         eta = _search_misfits_again(prob, dataset, theta, oinv, sd, eta)
         eta = _search_lag_modes(prob, theta, omega, oinv, sd, eta)
+        eta = search_random_starts(prob, theta, omega, oinv, sd, eta, int(pm.recipe.get("mceta", 0)))
         eta, obj, grad, hess = _search_on(prob, dataset, theta, oinv, sd, eta)
         cov = 2.0 * torch.linalg.inv(hess)
         decrement = newton_decrement(grad, hess).cpu().numpy()
@@ -313,6 +315,34 @@ def _search_lag_modes(prob, theta, omega, omega_inv, sd, eta):
             start = eta.clone()
             start[:, k] = sign * LAG_START_SD * torch.sqrt(omega[k, k])
             eta = _lower_mode(prob, theta, omega_inv, sd, eta, prob.ebe(theta, omega_inv, sd, start, tol=1e-10))
+    return eta
+
+
+MCETA_SEED = 20070101
+"""The seed of the random starting ETAs of :func:`search_random_starts` (the same draws every time: an
+evaluation is reproducible)."""
+
+
+def search_random_starts(prob, theta, omega, omega_inv, sd, eta, n: int):
+    """Per patient, the lowest of the mode ``eta`` and the modes EBE searches reach from each of ``n`` draws of ETA
+    from N(0, OMEGA) (seeded: :data:`MCETA_SEED`). NONMEM's $ESTIMATION MCETA=n (help $ESTIMATION, "MCETA"): the
+    conditional search starts from the best, by the conditional objective, of ETA = 0, the previous ETAs and n
+    random ETAs drawn with variance OMEGA; searching from every draw reaches more of the modes. Which modes random
+    starts reach is chance, here as in NONMEM: Bauer's 2019 tutorial (M3 on the log scale, Laplace, MCETA=10) at
+    its initial estimates gives OFV 646.76 from ETA = 0 (seven subjects at worse modes, by up to 13 units) and
+    629.37 with these draws; at the lowest modes 200 random searches find it is 617.5646, NONMEM's 617.564634.
+    Used for the EBEs a run reports (an evaluation's OFV, a fit's final OFV and tables, map and dose); the
+    estimation's own searches start from the last EBEs as without MCETA."""
+    if n <= 0 or not eta.shape[1]:
+        return eta
+    values, vectors = torch.linalg.eigh(omega)
+    root = vectors * torch.sqrt(values.clamp(min=0.0))       # OMEGA = root root' (also with a variance 0 FIX)
+    gen = torch.Generator(device="cpu").manual_seed(MCETA_SEED)
+    # a patient's n draws in a row: the same for it whichever patients follow
+    draws = (torch.randn(*eta.shape[:1], n, eta.shape[1], generator=gen, dtype=eta.dtype).to(eta.device)
+             @ root.T).transpose(0, 1)
+    for start in draws:
+        eta = _lower_mode(prob, theta, omega_inv, sd, eta, prob.ebe(theta, omega_inv, sd, start, tol=1e-10))
     return eta
 
 

@@ -476,9 +476,11 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     if conditional and k:
         ofv, moved = _ofv_at_reported(prob, theta, om, sd, eta, est, ofv)
         if moved:
+            mceta = int(pm.recipe.get("mceta", 0))
             warn.append(f"for {subjects_phrase(dataset, moved)} the EBE searches after the estimation (from ETA = 0, "
-                        "from its last EBEs, from either side on a lag time's ETA, and with the residual SDs widened "
-                        "first) found modes with a lower "
+                        "from its last EBEs, from either side on a lag time's ETA, "
+                        + (f"from {mceta} random ETAs (MCETA={mceta}), " if mceta else "")
+                        + "and with the residual SDs widened first) found modes with a lower "
                         f"objective than the EBEs of its last OFV; the OFV reported ({ofv:.4f}) and the tables "
                         "are at those modes")
         state["eta"] = est.eta      # the covariance step's EBE searches start at the modes reported

@@ -31,6 +31,8 @@ from ..io import atomic_write_text
 from ..models import get_model
 from ._sympy_torch import compile_expression, compile_statements
 from .des import TIME_SYMBOL, LinearStatementModel, PredModel, StatementModel, is_linear
+from .nonmem_m3 import RESERVED as M3_RESERVED
+from .nonmem_m3 import read_censoring
 from .spec import ErrorModel, PopulationModel, Theta
 
 # records named in messages (regular expressions for _where)
@@ -271,6 +273,15 @@ def _where_fix(text: str, path) -> str:
     return _where(text, path, _OMEGA_OR_SIGMA)
 
 
+def _mceta(m) -> int:
+    """$ESTIMATION MCETA=n: the number of random starting ETAs of each conditional search (0 without it)."""
+    for step in m.execution_steps:
+        value = {str(k).upper(): v for k, v in (step.tool_options or {}).items()}.get("MCETA")
+        if value is not None:
+            return int(float(value))
+    return 0
+
+
 def _check_estimation(m, text: str, path) -> tuple[str, bool]:
     """(the estimation method the control stream asks for, whether it asks for evaluation only): "FOCE-I",
     "FOCE", "FO", "LAPLACE-I" or "LAPLACE" (NONMEM's METHOD=1 INTERACTION, METHOD=1, METHOD=0, METHOD=1 LAPLACE
@@ -389,15 +400,20 @@ def _line_of(text: str, path, name: str) -> str:
     return Path(path).name
 
 
-def _data_items(statements, columns: set, names: set, text: str, path) -> tuple:
+def _data_items(statements, columns: set, names: set, text: str, path, censoring=None) -> tuple:
     """The data items (dataset columns and TIME) that $PK reads, evaluated at every record as NONMEM does.
     Refused by name and line: items that are not covariates of the records yet (AMT, EVID, CMT ...) and a
-    variable read before it is assigned in the record (NONMEM would carry the previous record's value)."""
+    variable read before it is assigned in the record (NONMEM would carry the previous record's value). With
+    ``censoring`` (a $PRED's M3), the items its F_FLAG reads (DV, MDV ...) and Y, F_FLAG and MDVRES assigned in its
+    IF blocks are the censoring's (:mod:`.nonmem_m3`), not the prediction's."""
     import sympy
 
     assigned, used = set(), []
+    exempt = set(censoring.reads) | set(M3_RESERVED) if censoring is not None else set()
     for name, expr in statements:
         partial = [pw for pw in expr.atoms(sympy.Piecewise) if pw.args[-1][1] != sympy.true]
+        if censoring is not None and name in ("Y", "F_FLAG", "MDVRES"):
+            partial = []
         if partial:
             cond = partial[0].args[0][1]
             raise ModelError(f"{_line_of(text, path, name)}: {name} is assigned only under IF ({cond}) "
@@ -408,13 +424,15 @@ def _data_items(statements, columns: set, names: set, text: str, path) -> tuple:
             if v in assigned or v in names:
                 continue
             if v in columns or v == "TIME":
+                if v in exempt:
+                    continue
                 if v in _RECORD_ONLY:
                     raise ModelError(f"{_line_of(text, path, v)}: $PK reads the data item {v}; hybridpk evaluates "
                                      "$PK at every record with covariates and TIME, not yet with "
                                      f"{', '.join(_RECORD_ONLY[:9])}")
                 if v not in used:
                     used.append(v)
-            elif v != "t":
+            elif v != "t" and v not in exempt:
                 raise ModelError(f"{_line_of(text, path, v)}: $PK reads {v} before assigning it in the record; "
                                  "NONMEM would carry over its value from the previous record, which hybridpk does "
                                  f"not do: assign {v} on every record (e.g. {v} = 0 first)")
@@ -474,24 +492,21 @@ def _check_scale(defs: dict, written: dict, advan: int, trans: int, text: str, p
 
 
 def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str, text: str, path,
-                 any_scale: bool = False):
-    """(ErrorModel, {"ADD"|"PROP": $SIGMA name}, fixed kinds, factor) from $ERROR, written on F, IPRED or the
+                 any_scale: bool = False, data=None):
+    """(ErrorModel, {"ADD"|"PROP": $SIGMA name}, fixed kinds, factor, censoring) from $ERROR, written on F, IPRED or the
     amount in the observed compartment (A(n) = F * S), with $PK variables substituted: the prediction Y at
     EPS = 0 must be F (times a ``factor`` of $PK variables when ``any_scale``: e.g. IPRED = A(2)/V without S2,
     for a model that divides the amount by any scale), and dY/dEPS (at EPS = 0) 1 (additive) or the
     prediction (proportional), identically. A guard that replaces the prediction where it is 0
     (IF (IPRED.EQ.0) ...) is read as its general branch: hybridpk refuses observations where the model predicts
-    0 under a proportional error (:meth:`Problem.require_positive_variance`)."""
+    0 under a proportional error (:meth:`Problem.require_positive_variance`). A $ERROR that sets F_FLAG (Beal's
+    M3 written in the stream) gives the records it censors in ``censoring`` (:mod:`.nonmem_m3`, read on ``data``,
+    the stream's data items) and its error model where F_FLAG = 0; else ``censoring`` is None."""
     import sympy
 
     where = _where(text, path, r"\$ERR")
     after = [(str(st.symbol), sympy.sympify(st.expression)) for st in m.statements.after_odes
              if hasattr(st, "symbol")]
-    if any(name == "F_FLAG" for name, _ in after):
-        raise ModelError(f"{_line_of(text, path, 'F_FLAG')}: $ERROR sets F_FLAG, NONMEM's flag for a Y that is a "
-                         "likelihood (e.g. Beal's M3 for records below the LLOQ: Y = PHI((LLOQ - IPRED)/SD) where "
-                         "F_FLAG = 1), which hybridpk does not import; it takes such records by M3 itself: write "
-                         "$ERROR without the F_FLAG branch and mark the records in a BLQ or CENS column (with LLOQ)")
     env = dict(defs)
     fsym = sympy.Symbol("F")
     scale = sympy.Symbol(scale_name)
@@ -511,17 +526,24 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
     if "Y" not in env:
         raise ModelError(f"{where}: $ERROR does not define Y")
     y = env["Y"].subs({scale: defs.get(str(scale), sympy.Integer(1))})
+    censoring = None
+    if "F_FLAG" in env:     # Y is a likelihood where F_FLAG = 1 (M3): those records are censored
+        censoring = read_censoring(env["F_FLAG"], y, data, eps_names, sigma_names, params,
+                                   _line_of(text, path, "F_FLAG"))
+        y = censoring.y
     zero = {sympy.Symbol(e): 0 for e in eps_names}
     prediction = sympy.simplify(y.subs(zero))
     if prediction.has(sympy.log) and fsym in prediction.free_symbols:    # log-transform-both-sides
         at = next((f"{Path(path).name} line {i}" for i, record, code in _code_lines(text)
                    if record.startswith("ERR") and re.search(r"\bLOG\s*\(", code, flags=re.I)), where)
-        return _log_error(y, prediction, fsym, eps_names, sigma_names, params, any_scale, at, text, path)
+        return (*_log_error(y, prediction, fsym, eps_names, sigma_names, params, any_scale, at, text, path),
+                censoring)
     factor = sympy.simplify(prediction / fsym)
     if fsym in factor.free_symbols or (factor != 1 and not any_scale) or prediction == 0:
         raise ModelError(f"{where}: the prediction (Y at EPS = 0) is {prediction}, not F; "
                          "hybridpk fits Y = F + error, or LOG(F) + error (log-transform-both-sides)")
-    return _classify_error(y, prediction, fsym, factor, eps_names, sigma_names, params, where, text, path)
+    return (*_classify_error(y, prediction, fsym, factor, eps_names, sigma_names, params, where, text, path),
+            censoring)
 
 
 def _log_error(y, prediction, fsym, eps_names, sigma_names, params, any_scale, at, text, path):
@@ -696,6 +718,7 @@ def read_control_stream(path):
     statements, once = _call_flag(statements, text, path)
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
               "estimation": estimation, "covariance": _covariance_step(text),
+              **({"mceta": _mceta(m)} if _mceta(m) else {}),
               **({"evaluate": True} if evaluation_only else {})}
     common = dict(thetas=thetas, etas=tuple(eta_names), omega_init=omega_init, omega_blocks=blocks,
                   omega_labels=tuple(omega_names), sigma_scale="variance", recipe=recipe, omega_fixed=omega_fixed,
@@ -730,14 +753,15 @@ def read_control_stream(path):
     defs = _definitions(statements)
     if not written:
         _check_scale(defs, dict(statements), advan, trans, text, path)
-    error, kinds, sigma_fixed, factor = _error_model(m, defs, params, eps_names, sigma_names, scale_name, text,
-                                                     path, any_scale=written)
+    error, kinds, sigma_fixed, factor, censoring = _error_model(m, defs, params, eps_names, sigma_names, scale_name,
+                                                                text, path, any_scale=written, data=data)
     error_inputs = None
     if error.kind == "general":
         error_items, error_inputs = _error_inputs(error, [t.name for t in thetas], eta_names, set(data.columns),
                                                   text, path)
         covs += tuple(c for c in error_items if c not in covs)
         items += tuple(c for c in error_items if c not in items)      # read at every record
+    data = _censored(_data_items_only(data, covs), censoring)
     ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path), label=_data_label(m, path))
     if error.log_dv:        # Y = LOG(F) + ...: the stream's DV are log concentrations
         ds = ds.dv_from_log()
@@ -778,14 +802,19 @@ def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, com
     from ..data.dataset import read_nonmem
 
     where = _where(text, path, r"\$PRED")
-    items = _data_items(statements, set(data.columns), set(params.names) | set(eta_names) | set(eps_names), text,
-                        path)
     defs = _definitions(statements)
     if "Y" not in defs:
         raise ModelError(f"{where}: $PRED does not define Y")
     y = defs["Y"]
     if y.has(sympy.core.function.AppliedUndef):
         raise ModelError(f"{where}: Y reads a compartment amount; $PRED has no compartments")
+    censoring = None
+    if "F_FLAG" in defs:    # Beal's M3 (Y a likelihood where F_FLAG = 1): those levels are censored
+        censoring = read_censoring(defs["F_FLAG"], y, data, eps_names, sigma_names, params,
+                                   _line_of(text, path, "F_FLAG"))
+        y = censoring.y
+    items = _data_items(statements, set(data.columns), set(params.names) | set(eta_names) | set(eps_names), text,
+                        path, censoring)
     prediction = sympy.simplify(y.subs({sympy.Symbol(e): 0 for e in eps_names}))
     error, kinds, sigma_fixed, _ = _classify_error(y, prediction, sympy.Symbol("F"), sympy.Integer(1), eps_names,
                                                    sigma_names, params, where, text, path)
@@ -798,6 +827,7 @@ def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, com
                                                   set(data.columns), text, path)
         covs += tuple(c for c in error_items if c not in covs)
         record_items += tuple(c for c in error_items if c not in record_items)
+    data = _censored(_data_items_only(data, covs), censoring)
     ds = read_nonmem(data, covariates=list(covs), last20=_last20(text, path), label=label)
     of_prediction = compile_expression(prediction)
 
@@ -813,6 +843,29 @@ def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, com
                          sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=record_items,
                          error_inputs=error_inputs, **common)
     return pm, ds
+
+
+def _data_items_only(data, covariates):
+    """``data`` without the columns hybridpk would give a role NONMEM does not know (BLQ/BQL, LLOQ/LOQ, CENS,
+    DUR/D), unless $PK reads them: in a control stream's data they are the stream's data items, which NONMEM
+    reads only where the code does (a BLQ column would otherwise censor levels the stream fits)."""
+    from ..data._columns import ALIASES
+
+    roles = {alias for role in ("BLQ", "LLOQ", "CENS", "DUR") for alias in ALIASES[role]}
+    drop = [c for c in data.columns if str(c).upper() in roles and c not in covariates]
+    return data.drop(columns=drop) if drop else data
+
+
+def _censored(data, censoring):
+    """``data`` with the levels the stream's M3 censors marked CENS = 1 (below) or -1 (above), the limit in DV (the
+    limit's units are DV's: log units where the stream's DV are logs); the DV these records had are not read."""
+    if censoring is None:
+        return data
+    data = data.copy()
+    rows = censoring.cens != 0
+    data["CENS"] = censoring.cens.astype(int)
+    data.loc[rows, "DV"] = censoring.limit[rows]
+    return data
 
 
 def _error_inputs(error, theta_names, eta_names, columns: set, text: str, path):

@@ -1,0 +1,204 @@
+"""Censored levels as a control stream's $ERROR writes them (Beal's M3 as NONMEM users code it), read as hybridpk's
+M3: the records where F_FLAG = 1 and Y is the likelihood of a level below the limit, PHI((LLOQ - IPRED)/W) (or above
+an upper limit, 1 - PHI((ULOQ - IPRED)/W)), are censored at that limit; elsewhere (F_FLAG = 0) Y = IPRED + W*EPS is
+the error model. NONMEM's F_FLAG (help "F_FLAG"): 0, Y is a prediction; 1, Y is a likelihood, and the record's
+-2LL term is -2 log Y, which is hybridpk's M3 term when Y is the normal CDF at the limit with IPRED and the residual
+SD W of the F_FLAG = 0 branch (Beal 2001; Ahn et al. 2008). Both are checked here, so the fit is NONMEM's OFV.
+
+The condition of F_FLAG must read data items only (DV, MDV, a BLQ or LLOQ column ...; NPDE_MODE and COMACT are 0
+in estimation), as it decides which records are censored; the limit may read data items too (an LLOQ column), and
+is computed for each censored record from Y: L = a W + IPRED, with a the argument of PHI, must not depend on the
+parameters. Anything else in Y where F_FLAG = 1 (M4's ratio, a -2LL with F_FLAG = 2, a Y that reads other terms)
+is refused with its line, not approximated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelError
+
+_M3_ONLY = ("hybridpk reads Beal's M3, Y = PHI((LLOQ - IPRED)/W) (or 1 - PHI((ULOQ - IPRED)/W) above an upper "
+            "limit); M4's ratio of probabilities and other likelihoods are not imported")
+
+#: NONMEM's reserved variables that an M3 $ERROR reads, at their values during estimation
+RESERVED = {"NPDE_MODE": 0, "COMACT": 0}
+
+
+@dataclass(frozen=True)
+class StreamCensoring:
+    """The censored records of a control stream's data (rows as in its $DATA after IGNORE).
+
+    Attributes
+    ----------
+    y : sympy expression
+        Y on the records with F_FLAG = 0 (the error model).
+    cens : numpy.ndarray
+        Per row: 1 (below the limit), -1 (above it) or 0.
+    limit : numpy.ndarray
+        Per row: the limit, in the units of the stream's DV (NaN where not censored).
+    reads : tuple of str
+        The data items F_FLAG's condition reads (DV, MDV, a BLQ column ...).
+    """
+
+    y: object
+    cens: np.ndarray
+    limit: np.ndarray
+    reads: tuple = ()
+
+    @property
+    def n_below(self) -> int:
+        return int((self.cens == 1).sum())
+
+    @property
+    def n_above(self) -> int:
+        return int((self.cens == -1).sum())
+
+
+def observation_rows(data) -> np.ndarray:
+    """The rows NONMEM reads a level on: EVID = 0 and MDV = 0 (inferred from AMT when the data have neither)."""
+    n = len(data)
+    amt = data["AMT"].to_numpy(dtype=float) if "AMT" in data else np.zeros(n)
+    mdv = data["MDV"].to_numpy(dtype=float) if "MDV" in data else None
+    if "EVID" in data:
+        evid = data["EVID"].to_numpy(dtype=float)
+    else:
+        evid = np.where(amt > 0, 1.0, np.where(mdv == 1, 2.0, 0.0) if mdv is not None else 0.0)
+    if mdv is None:
+        mdv = np.where(evid == 0, 0.0, 1.0)
+    return (evid == 0) & (mdv == 0)
+
+
+def read_censoring(fflag, y, data, eps_names, sigma_names, params, at: str) -> StreamCensoring:
+    """The censoring that ``fflag`` (F_FLAG's value) and ``y`` (Y's), both with the $PK and $ERROR variables
+    substituted, give each row of ``data`` (a DataFrame of the stream's data items); ``at`` names the $ERROR's
+    line in messages."""
+    import sympy
+
+    reserved = {sympy.Symbol(k): v for k, v in RESERVED.items()}
+    fflag, y = sympy.sympify(fflag).subs(reserved), sympy.sympify(y).subs(reserved)
+    columns = {sympy.Symbol(c): c for c in data.columns}
+    leaves = _condition_leaves(fflag)
+    reads = set().union(*(leaf.free_symbols for leaf in leaves)) if leaves else set()
+    other = sorted(s.name for s in reads if s not in columns)
+    if other:
+        raise ModelError(f"{at}: F_FLAG's condition reads {other[0]}, which is not a data item; hybridpk censors the "
+                         "records F_FLAG = 1 marks by their data (DV below an LLOQ, a BLQ column)")
+    obs = observation_rows(data)
+    truth = np.column_stack([_evaluate(leaf, columns, data) for leaf in leaves]) if leaves else \
+        np.zeros((len(data), 0), dtype=bool)
+    cens, limit = np.zeros(len(data)), np.full(len(data), np.nan)
+    y_obs, censored = None, []
+    for key in sorted({tuple(row) for row in truth[obs]}):
+        rows = np.flatnonzero(obs & (truth == np.array(key, dtype=bool)).all(1))
+        values = dict(zip(leaves, (sympy.true if k else sympy.false for k in key)))
+        flag, y_here = fflag.xreplace(values), y.xreplace(values)
+        flag = 0 if flag == sympy.nan else flag
+        if not flag.is_number or float(flag) not in (0.0, 1.0):
+            raise ModelError(f"{at}: F_FLAG = {flag} on some levels; hybridpk reads F_FLAG = 0 (Y is a prediction) "
+                             "and F_FLAG = 1 (Y is the likelihood of a censored level: M3)")
+        if float(flag) == 0.0:
+            if y_obs is not None and sympy.simplify(y_obs - y_here) != 0:
+                raise ModelError(f"{at}: Y differs between records with F_FLAG = 0 ({y_obs} and {y_here}) by the "
+                                 "data items F_FLAG reads; hybridpk reads one error model for the levels it fits")
+            y_obs = y_here
+        else:
+            censored.append((rows, y_here))
+    if y_obs is None:
+        raise ModelError(f"{at}: F_FLAG is 1 on every level; there is no level to fit Y = IPRED + error on")
+    for rows, y_cens in censored:
+        cens[rows], limit[rows] = _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names, params, at)
+    return StreamCensoring(y=y_obs, cens=cens, limit=limit, reads=tuple(sorted(columns[s] for s in reads)))
+
+
+def _condition_leaves(fflag) -> list:
+    """The atoms (relations, tests) of the conditions of F_FLAG's IF branches, outermost first."""
+    import sympy
+
+    found = []
+
+    def leaves(cond):
+        if isinstance(cond, (sympy.And, sympy.Or, sympy.Not, sympy.Xor)):
+            for a in cond.args:
+                leaves(a)
+        elif cond not in (sympy.true, sympy.false) and cond not in found:
+            found.append(cond)
+
+    def chain(expr):
+        if isinstance(expr, sympy.Piecewise):
+            for value, cond in expr.args:
+                leaves(cond)
+                chain(value)
+
+    chain(fflag)
+    return found
+
+
+def _evaluate(expr, columns: dict, data, extra=None):
+    """``expr`` at every row of ``data`` (its data items from the columns; ``extra``: {symbol: value})."""
+    import sympy
+    from scipy.special import ndtr
+
+    symbols = sorted(expr.free_symbols, key=lambda s: s.name)
+    extra = extra or {}
+    fn = sympy.lambdify(symbols, expr, modules=[{"PHI": ndtr}, "numpy"])
+    args = [extra[s] if s in extra else data[columns[s]].to_numpy(dtype=float) for s in symbols]
+    return np.broadcast_to(np.asarray(fn(*args)), (len(data),)).copy()
+
+
+def _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names, params, at: str):
+    """(cens, limit) of the censored ``rows``: Y = PHI(a) (+ a constant below 1e-6, e.g. 1E-30 against PHI = 0) or
+    1 - PHI(a), with a = (L - IPRED)/W (below L for PHI, above for 1 - PHI) or (IPRED - L)/W (the other way), IPRED and
+    W = sqrt(sum SIGMA_k (dY/dEPS_k)^2) from the F_FLAG = 0 branch at EPS = 0; L must not depend on the parameters."""
+    import sympy
+
+    phis = [f for f in y_cens.atoms(sympy.Function) if type(f).__name__ == "PHI"]
+    if len(phis) != 1:
+        raise ModelError(f"{at}: where F_FLAG = 1, Y is {y_cens}; {_M3_ONLY}")
+    phi = phis[0]
+    tail = None
+    for sign, rest in ((1, y_cens - phi), (-1, y_cens - (1 - phi))):
+        rest = sympy.simplify(rest)
+        if rest.is_number and abs(float(rest)) <= 1e-6:
+            tail = sign
+    if tail is None:
+        raise ModelError(f"{at}: where F_FLAG = 1, Y is {y_cens}, not PHI(...) or 1 - PHI(...); {_M3_ONLY}")
+    zero = {sympy.Symbol(e): 0 for e in eps_names}
+    prediction = y_obs.subs(zero)
+    variance = sum(sympy.Symbol(s) * sympy.diff(y_obs, sympy.Symbol(e)).subs(zero) ** 2
+                   for e, s in zip(eps_names, sigma_names))
+    a, sd = phi.args[0], sympy.sqrt(variance)
+    sub = data.iloc[rows]
+    rng = np.random.default_rng(0)
+    for direction, limit_expr in ((1, a * sd + prediction), (-1, prediction - a * sd)):
+        points = [_evaluate(limit_expr, columns, sub, _random_values(limit_expr, columns, params, sigma_names, rng))
+                  for _ in range(3)]
+        if all(np.allclose(p, points[0], rtol=1e-8, atol=1e-10) for p in points[1:]) and \
+                np.isfinite(points[0]).all():
+            # PHI((L - IPRED)/W) is below L; PHI((IPRED - L)/W) above; 1 - PHI the other way round
+            return (1 if direction * tail > 0 else -1), points[0]
+    raise ModelError(f"{at}: where F_FLAG = 1, Y = {y_cens}: its PHI does not read (LIMIT - IPRED)/W with the IPRED "
+                     f"and the residual SD W (sqrt of the EPS variances) of Y where F_FLAG = 0 ({y_obs}); write the "
+                     "M3 term with the same IPRED and W")
+
+
+def _random_values(expr, columns: dict, params, sigma_names, rng) -> dict:
+    """Values of the parameters (and the prediction F) ``expr`` reads, near their initial estimates: a test of
+    whether the limit depends on them."""
+    values = {}
+    for s in expr.free_symbols:
+        if s in columns:
+            continue
+        name = s.name
+        if name == "F":
+            values[s] = float(rng.uniform(0.5, 5.0))
+        elif name in params.names:     # a FIX one at its value ($SIGMA 1 FIX of W*EPS(1))
+            init = float(params[name].init)
+            values[s] = init if params[name].fix else \
+                init * float(np.exp(rng.normal(0, 0.1))) if init != 0 else float(rng.normal(0, 0.1))
+        elif name.startswith("ETA"):
+            values[s] = float(rng.normal(0, 0.1))
+        else:
+            values[s] = float(rng.uniform(0.5, 2.0))
+    return values
