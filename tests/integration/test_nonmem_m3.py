@@ -125,12 +125,16 @@ def test_m3_in_a_pred_stream(tmp_path, theoph_path):
 
 def test_the_ahn_form_reads_a_blq_item_and_an_lloq_column(tmp_path, theoph_path):
     """IF (BLQ.EQ.1) with the limit in an LLOQ data column and a combined W: the levels BLQ marks are censored at
-    their LLOQ (their DV, as measured, is not read), and the OFV at the initial estimates is the native M3's."""
+    their LLOQ (their DV, as measured, is not read), and the OFV at the initial estimates is the native M3's. The
+    limit is the column's value exactly: it was a sum at random parameter values, so the dataset's SHA-256 varied
+    with Python's hash seed and 'hybridpk report RUN' refused the run's own control stream as changed."""
     native, below = _data(theoph_path, tmp_path)
     (tmp_path / "ahn.mod").write_text(STREAM.format(dv="DV", extra="BLQ LLOQ", data="theoph_blq.csv", error=AHN,
                                                     sd="(0, 0.3) (0, 0.1)", sigma="1 FIX", method="LAPLACE"))
     fit, pm, ds = _evaluate(tmp_path / "ahn.mod")
     assert ds.n_censored_observations == int(below.sum())
+    frame = ds.to_dataframe()       # the limit exactly, whatever the process (it was computed at random points)
+    assert (frame.DV[frame.CENS == 1] == LLOQ).all()
     ref = _native(native, ErrorModel("combined", add=0.3, prop=0.1), {"ADD": 0.3, "PROP": 0.1}, "LAPLACE-I")
     assert fit.estimation.ofv == pytest.approx(ref.estimation.ofv, abs=1e-6)
 
@@ -287,3 +291,20 @@ def test_mceta_finds_the_modes_a_search_from_zero_misses(tmp_path):
         starts = rng.multivariate_normal(np.zeros(4), 2 * OMEGA0, size=30)
         best = min(minimize(_objective, x0, args=(levels[k + 1], omega_inv), method="BFGS").fun for x0 in starts)
         assert after[k] == pytest.approx(best, abs=1e-4)
+
+
+def test_the_censored_data_are_the_same_in_every_process(tmp_path):
+    """The limits are computed exactly: the dataset read from an M3 stream has one SHA-256 whatever Python's hash
+    seed (it varied in the last digit of the limits, and 'hybridpk report RUN' then refused the run's own control
+    stream as changed since the fit)."""
+    import os
+    import subprocess
+    import sys
+
+    _two_cmt_data(tmp_path, n=12, seed=4)
+    (tmp_path / "m.mod").write_text(TWO_CMT.format(mceta=""))
+    script = ("from hybridpk.population.nonmem import read_control_stream; "
+              f"print(read_control_stream({str(tmp_path / 'm.mod')!r})[1].fingerprint())")
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "3")}
+    assert len(digests) == 1

@@ -172,22 +172,28 @@ def _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names, params, 
     sub = data.iloc[rows]
     rng = np.random.default_rng(0)
     for direction, limit_expr in ((1, a * sd + prediction), (-1, prediction - a * sd)):
-        points = [_evaluate(limit_expr, columns, sub, _random_values(limit_expr, columns, params, sigma_names, rng))
-                  for _ in range(3)]
-        if all(np.allclose(p, points[0], rtol=1e-8, atol=1e-10) for p in points[1:]) and \
-                np.isfinite(points[0]).all():
+        exact = sympy.simplify(limit_expr)
+        if exact.free_symbols <= set(columns):      # the limit itself (LLOQ, LOG(2), a column): no rounding
+            limit = _evaluate(exact, columns, sub)
+            constant = True
+        else:       # not simplified away: the limit must not move with the parameters
+            points = [_evaluate(limit_expr, columns, sub, _random_values(limit_expr, columns, params, rng))
+                      for _ in range(3)]
+            limit = points[0]
+            constant = all(np.allclose(p, limit, rtol=1e-8, atol=1e-10) for p in points[1:])
+        if constant and np.isfinite(limit).all():
             # PHI((L - IPRED)/W) is below L; PHI((IPRED - L)/W) above; 1 - PHI the other way round
-            return (1 if direction * tail > 0 else -1), points[0]
+            return (1 if direction * tail > 0 else -1), limit
     raise ModelError(f"{at}: where F_FLAG = 1, Y = {y_cens}: its PHI does not read (LIMIT - IPRED)/W with the IPRED "
                      f"and the residual SD W (sqrt of the EPS variances) of Y where F_FLAG = 0 ({y_obs}); write the "
                      "M3 term with the same IPRED and W")
 
 
-def _random_values(expr, columns: dict, params, sigma_names, rng) -> dict:
+def _random_values(expr, columns: dict, params, rng) -> dict:
     """Values of the parameters (and the prediction F) ``expr`` reads, near their initial estimates: a test of
     whether the limit depends on them."""
     values = {}
-    for s in expr.free_symbols:
+    for s in sorted(expr.free_symbols, key=lambda x: x.name):
         if s in columns:
             continue
         name = s.name
