@@ -59,6 +59,11 @@ def run(args) -> int:
     plot_vpc(result, time_unit=t_unit, conc_unit=c_unit, log=args.log).savefig(args.out, dpi=100)
     table = Path(args.out).with_suffix(".csv")
     atomic_write_text(table, result.table.to_csv(index=False))
+    for kind in result.censored:
+        inside = result.table[f"INSIDE_{kind}"]
+        print(f"censored levels ({'below the LLOQ' if kind == 'BLQ' else 'above the ULOQ'}): the observed fraction is "
+              f"inside its simulated 90% band in {int(inside.sum())} of {len(inside)} bins (Bergstrand and Karlsson "
+              "2009: observed and simulated levels censored alike; percentiles among censored levels not drawn)")
     print(f"{'pcVPC' if args.pc else 'VPC'}: {result.fraction_inside:.0%} of the observed percentiles (bins x "
           f"5/50/95th) inside their simulated 90% bands; wrote {args.out} and {table}")
     return 0

@@ -14,6 +14,15 @@ simulated value Y_ij is normalised by the typical prediction of its record, pcY_
 (PRED_bin - lb) / (PRED_ij - lb), with PRED_bin the median PRED of the bin and lb the lower bound of the data
 (0 for concentrations), which removes the variability that dosing and covariates put within a bin. Records
 whose PRED is at or below the bound (before the first dose) are left out of the prediction-corrected VPC.
+
+Censored levels (M3 data: BLQ, CENS, a control stream's F_FLAG) are handled as Bergstrand and Karlsson recommend
+(AAPS J 2009; 11:371, the censored VPC, PsN vpc's -lloq): the simulated levels are censored at the same limit as
+the observed ones (one LLOQ for every record when the data's limits agree, else each record's own), a percentile
+that falls among censored values is not drawn (NaN in the table; in the comparison it is below every level, so
+an observed percentile below the LLOQ is inside its band exactly when the band reaches below the LLOQ too), and
+the fraction of levels below the LLOQ (above an ULOQ) per bin is checked against its simulated interval
+(OBS_BLQ, SIM_BLQ_LOW / MEDIAN / HIGH, INSIDE_BLQ; OBS_ALQ ... likewise above). Without this the observed lower
+percentiles sat at the LLOQ, where the censored levels hold it, while the simulated ones fell below it.
 """
 
 from __future__ import annotations
@@ -53,6 +62,11 @@ class VPCResult:
         """The fraction of (bin, percentile) pairs whose observed percentile lies in its simulated band."""
         cols = [f"INSIDE_P{p}" for p in PERCENTILES]
         return float(self.table[cols].to_numpy().mean())
+
+    @property
+    def censored(self) -> tuple:
+        """The censored fractions the table checks: ("BLQ",), ("ALQ",), both or none."""
+        return tuple(k for k in ("BLQ", "ALQ") if f"INSIDE_{k}" in self.table)
 
 
 def prediction_correct(y, pred, bins, lower: float = 0.0) -> np.ndarray:
@@ -124,32 +138,79 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
         edges = _bin_edges(x, bins)
         obs.loc[m, "BIN"] = np.clip(np.digitize(x, edges[1:-1]), 0, len(edges) - 2)
     y_obs, y_sim = obs.DV.to_numpy(float), sim_dv
+    below, above, lloq, uloq, kinds = _censoring(dataset, obs_mask)
+    if kinds:       # censored levels: observed and simulated alike, -inf below the LLOQ and +inf above the ULOQ
+        y_obs = np.where(below, -np.inf, np.where(above, np.inf, y_obs))
+        y_sim = np.where(y_sim < lloq, -np.inf, np.where(y_sim > uloq, np.inf, y_sim))
     if pc:
         pred = _population_predictions(model, dataset)[obs_mask]
         key = obs.STRATUM.astype(str) + ":" + obs.BIN.astype(str)
         y_obs = prediction_correct(y_obs, pred, key)
-        y_sim = np.vstack([prediction_correct(row, pred, key) for row in sim_dv])
+        y_sim = np.vstack([prediction_correct(row, pred, key) for row in y_sim])
         obs["pcDV"] = y_obs
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     rows = []
     for (s, b), part in obs.groupby(["STRATUM", "BIN"], sort=True):
         idx = part.index.to_numpy()
-        keep = np.isfinite(y_obs[idx])
+        keep = ~np.isnan(y_obs[idx])        # NaN: left out of the pcVPC; +-inf: censored, kept
         if keep.sum() < 2:
             continue
         idx = idx[keep]
         row = {"STRATUM": s, "BIN": int(b), idv: float(np.median(obs[idv][idx])), "N": int(idx.size)}
-        sim_pct = np.nanpercentile(y_sim[:, idx], PERCENTILES, axis=1)          # (3, n)
+        sim_pct = _percentiles(y_sim[:, idx], PERCENTILES, axis=1)          # (3, n)
         for k, p in enumerate(PERCENTILES):
-            o = float(np.percentile(y_obs[idx], p))
-            band = np.quantile(sim_pct[k], [lo, 0.5, hi])
-            row.update({f"OBS_P{p}": o, f"SIM_P{p}_LOW": band[0], f"SIM_P{p}_MEDIAN": band[1],
-                        f"SIM_P{p}_HIGH": band[2], f"INSIDE_P{p}": bool(band[0] <= o <= band[2])})
+            o = float(_percentiles(y_obs[idx], [p])[0])
+            band = _percentiles(sim_pct[k], [100 * lo, 50, 100 * hi])
+            row.update({f"OBS_P{p}": _drawn(o), f"SIM_P{p}_LOW": _drawn(band[0]),
+                        f"SIM_P{p}_MEDIAN": _drawn(band[1]), f"SIM_P{p}_HIGH": _drawn(band[2]),
+                        f"INSIDE_P{p}": bool(band[0] <= o <= band[2])})
+        for kind in kinds:      # the fraction of levels below the LLOQ (above the ULOQ): observed against simulated
+            tail = np.isneginf if kind == "BLQ" else np.isposinf
+            o = float(tail(y_obs[idx]).mean())
+            band = np.quantile(tail(y_sim[:, idx]).mean(1), [lo, 0.5, hi])
+            row.update({f"OBS_{kind}": o, f"SIM_{kind}_LOW": band[0], f"SIM_{kind}_MEDIAN": band[1],
+                        f"SIM_{kind}_HIGH": band[2], f"INSIDE_{kind}": bool(band[0] <= o <= band[2])})
         rows.append(row)
     table = pd.DataFrame(rows)
     if not stratify:
         table = table.drop(columns="STRATUM")
     return VPCResult(table, obs, int(n), bool(pc), float(level), int(seed), idv, left_out, tad_source)
+
+
+def _censoring(dataset, obs_mask):
+    """(below, above, LLOQ, ULOQ, kinds) per observation of ``obs_mask``: whether the observed level is censored
+    below (above) its limit, the limits the simulated levels are censored at (NaN: none), and the ``kinds`` ("BLQ",
+    "ALQ") present. Where every level censored below has one limit (the usual single LLOQ) it is every record's;
+    else a record's own (an LLOQ column), NaN where it has none; the same above."""
+    n = int(obs_mask.sum())
+    if not dataset.n_censored_observations:
+        return np.zeros(n, bool), np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan), ()
+    batch = dataset.to_batch()
+    cens = batch.to_rows(batch.cens)[obs_mask]
+    limit = batch.to_rows(batch.lloq).astype(float)[obs_mask]
+    flags, limits = [], []
+    for sign in (1, -1):
+        mine = cens == sign
+        own = np.where(cens == -sign, np.nan, limit)       # a level above the ULOQ has no LLOQ, and the reverse
+        values = np.unique(own[mine])
+        flags.append(mine)
+        limits.append(np.full(n, values[0]) if values.size == 1 else own)
+    kinds = tuple(k for k, f in zip(("BLQ", "ALQ"), flags) if f.any())
+    return flags[0], flags[1], limits[0], limits[1], kinds
+
+
+def _percentiles(values, q, axis=None) -> np.ndarray:
+    """np.percentile of values that may hold -inf / +inf (censored levels): a percentile that interpolates with a
+    censored value is censored itself (-inf / +inf)."""
+    big = np.finfo(float).max / 4
+    v = np.clip(np.asarray(values, float), -big, big)
+    out = np.percentile(v, q, axis=axis)
+    return np.where(out <= -big / 1e6, -np.inf, np.where(out >= big / 1e6, np.inf, out))
+
+
+def _drawn(x: float) -> float:
+    """A percentile as the table and plot show it: NaN where it is censored (not drawn)."""
+    return float(x) if np.isfinite(x) else float("nan")
 
 
 def _population_predictions(model, dataset) -> np.ndarray:
