@@ -308,3 +308,19 @@ def test_the_censored_data_are_the_same_in_every_process(tmp_path):
     digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "3")}
     assert len(digests) == 1
+
+
+def test_m3_written_with_a_flag_item_in_arithmetic(tmp_path, theoph_path):
+    """F_FLAG = BLQ with Y = (1 - BLQ)*(IPRED + W*EPS(1)) + BLQ*PHI((LLOQ - IPRED)/W), M3 as some users write it
+    without IF: the same censored levels and OFV as the IF form (it was refused: 'F_FLAG = BLQ on some levels')."""
+    _data(theoph_path, tmp_path)
+    arithmetic = ("IPRED = F\nW = SQRT(THETA(4)**2 + THETA(5)**2*IPRED**2)\nF_FLAG = BLQ\n"
+                  "Y = (1 - BLQ)*(IPRED + W*EPS(1)) + BLQ*PHI((LLOQ - IPRED)/W)")
+    fits = []
+    for name, error in (("if.mod", AHN), ("arithmetic.mod", arithmetic)):
+        (tmp_path / name).write_text(STREAM.format(dv="DV", extra="BLQ LLOQ", data="theoph_blq.csv", error=error,
+                                                   sd="(0, 0.3) (0, 0.1)", sigma="1 FIX", method="LAPLACE"))
+        fits.append(_evaluate(tmp_path / name))
+    (a, _, ds_a), (b, _, ds_b) = fits
+    assert ds_b.n_censored_observations == ds_a.n_censored_observations > 0
+    assert b.estimation.ofv == pytest.approx(a.estimation.ofv, abs=1e-8)

@@ -90,10 +90,7 @@ def read_censoring(fflag, y, data, eps_names, sigma_names, params, at: str) -> S
         np.zeros((len(data), 0), dtype=bool)
     cens, limit = np.zeros(len(data)), np.full(len(data), np.nan)
     y_obs, censored = None, []
-    for key in sorted({tuple(row) for row in truth[obs]}):
-        rows = np.flatnonzero(obs & (truth == np.array(key, dtype=bool)).all(1))
-        values = dict(zip(leaves, (sympy.true if k else sympy.false for k in key)))
-        flag, y_here = fflag.xreplace(values), y.xreplace(values)
+    for rows, flag, y_here in _groups(fflag, y, leaves, truth, obs, data, columns, at):
         flag = 0 if flag == sympy.nan else flag
         if not flag.is_number or float(flag) not in (0.0, 1.0):
             raise ModelError(f"{at}: F_FLAG = {flag} on some levels; hybridpk reads F_FLAG = 0 (Y is a prediction) "
@@ -109,7 +106,37 @@ def read_censoring(fflag, y, data, eps_names, sigma_names, params, at: str) -> S
         raise ModelError(f"{at}: F_FLAG is 1 on every level; there is no level to fit Y = IPRED + error on")
     for rows, y_cens in censored:
         cens[rows], limit[rows] = _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names, params, at)
+    reads |= {s for s in fflag.free_symbols if s in columns}
     return StreamCensoring(y=y_obs, cens=cens, limit=limit, reads=tuple(sorted(columns[s] for s in reads)))
+
+
+#: at most this many distinct values of the data items F_FLAG is written with (F_FLAG = BLQ: two)
+MAX_FLAG_VALUES = 50
+
+
+def _groups(fflag, y, leaves, truth, obs, data, columns, at: str):
+    """(rows, F_FLAG, Y) for each group of levels alike for F_FLAG: the truth values of its IF conditions, then the
+    values of data items it is written with (F_FLAG = BLQ, Y = (1 - BLQ)*(IPRED + W*EPS(1)) + BLQ*PHI(...)),
+    those substituted in F_FLAG and Y."""
+    import sympy
+
+    for key in sorted({tuple(row) for row in truth[obs]}):
+        rows = np.flatnonzero(obs & (truth == np.array(key, dtype=bool)).all(1))
+        values = dict(zip(leaves, (sympy.true if k else sympy.false for k in key)))
+        flag, y_here = fflag.xreplace(values), y.xreplace(values)
+        items = sorted((s for s in flag.free_symbols if s in columns), key=lambda s: s.name)
+        if not items:
+            yield rows, flag, y_here
+            continue
+        at_rows = np.column_stack([data[columns[s]].to_numpy(dtype=float)[rows] for s in items])
+        distinct = np.unique(at_rows, axis=0)
+        if len(distinct) > MAX_FLAG_VALUES:
+            raise ModelError(f"{at}: F_FLAG = {flag} takes the values of {', '.join(s.name for s in items)} "
+                             f"({len(distinct)} of them); hybridpk reads F_FLAG set to 0 or 1 by IF conditions on "
+                             "data items, or equal to a 0/1 data item")
+        for value in distinct:
+            sub = dict(zip(items, (sympy.Float(v) if v != int(v) else sympy.Integer(int(v)) for v in value)))
+            yield rows[(at_rows == value).all(1)], flag.subs(sub), sympy.simplify(y_here.subs(sub))
 
 
 def _condition_leaves(fflag) -> list:

@@ -562,9 +562,10 @@ def require_uncensored(dataset, use: str, other: str) -> None:
 
     censored = dataset.n_censored_observations
     if censored:
-        raise ModelError(f"the data have {censored} censored observation(s) (BLQ, CENS or below an LLOQ column), which "
-                         f"the population model takes by M3 but the hybrid's {use} would read as levels measured at "
-                         f"the limit; set MDV=1 on them to leave them out, or {other}")
+        raise ModelError(f"the data have {censored} censored observation(s) (BLQ, CENS, below an LLOQ column, or where "
+                         f"a control stream's F_FLAG is 1), which the population model takes by M3 but the hybrid's "
+                         f"{use} would read as levels measured at the limit; set MDV=1 on them to leave them out, or "
+                         f"{other}")
 
 
 def fit_hybrid(pm, dataset, *, latent_dim=None, config: TrainConfig | None = None, seed: int = 0,
