@@ -47,14 +47,6 @@ class StreamCensoring:
     limit: np.ndarray
     reads: tuple = ()
 
-    @property
-    def n_below(self) -> int:
-        return int((self.cens == 1).sum())
-
-    @property
-    def n_above(self) -> int:
-        return int((self.cens == -1).sum())
-
 
 def observation_rows(data) -> np.ndarray:
     """The rows NONMEM reads a level on: EVID = 0 and MDV = 0 (inferred from AMT when the data have neither)."""
@@ -195,7 +187,8 @@ def _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names, params, 
     prediction = y_obs.subs(zero)
     variance = sum(sympy.Symbol(s) * sympy.diff(y_obs, sympy.Symbol(e)).subs(zero) ** 2
                    for e, s in zip(eps_names, sigma_names))
-    a, sd = phi.args[0], sympy.sqrt(variance)
+    fixed = {sympy.Symbol(p.name): sympy.nsimplify(float(p.init)) for p in params if p.fix}   # $SIGMA 1 FIX
+    a, sd = phi.args[0], sympy.sqrt(variance.subs(fixed))
     sub = data.iloc[rows]
     rng = np.random.default_rng(0)
     for direction, limit_expr in ((1, a * sd + prediction), (-1, prediction - a * sd)):
