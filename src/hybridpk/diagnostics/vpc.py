@@ -200,11 +200,11 @@ def _censoring(dataset, obs_mask):
 
 
 def _percentiles(values, q, axis=None) -> np.ndarray:
-    """np.percentile of values that may hold -inf / +inf (censored levels): a percentile that interpolates with a
+    """np.nanpercentile of values that may hold -inf / +inf (censored levels): a percentile that interpolates with a
     censored value is censored itself (-inf / +inf)."""
     big = np.finfo(float).max / 4
     v = np.clip(np.asarray(values, float), -big, big)
-    out = np.percentile(v, q, axis=axis)
+    out = np.nanpercentile(v, q, axis=axis)
     return np.where(out <= -big / 1e6, -np.inf, np.where(out >= big / 1e6, np.inf, out))
 
 
