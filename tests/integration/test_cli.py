@@ -63,6 +63,16 @@ def test_check_pheno_and_moxo_json(capsys, pharmpy_examples):
     assert (s["subjects"], s["observations"], s["doses"], s["steady_state_doses"]) == (73, 1006, 142, 69)
 
 
+def test_check_reads_a_control_streams_data_as_the_stream_does(capsys, pharmpy_examples):
+    """check STREAM.mod: its $DATA read as the stream reads it (it read the control stream's text as a CSV and
+    listed 'line N has 1 fields'); --covariates with a stream is refused (its $INPUT and code say what is read)."""
+    assert main(["check", str(pharmpy_examples / "pheno.mod"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["subjects"], s["observations"], s["doses"]) == (59, 155, 589)
+    assert main(["check", str(pharmpy_examples / "pheno.mod"), "--covariates", "WGT"]) == 2
+    assert "--columns and --covariates are for data files" in capsys.readouterr().err
+
+
 def test_demo_runs_and_the_hybrid_beats_ode_only_where_it_should(capsys, tmp_path):
     """The README's main job: theophylline vs nlmixr2, and the hybrid on the bundled EHC example, scored
     against the true curves: clearly better for recirculating patients, no worse for the others."""

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from ._common import ManualFormatter, resolve_data_path
+from ._common import ManualFormatter, read_dataset_arg, resolve_data_path
 
 HELP = """\
 Validate a NONMEM-style dataset and print a summary.
 
-Reads DATA (a CSV file, or the name of a bundled dataset such as 'theoph') through the same code path
-every other command uses, checks it against NONMEM's conventions and prints the number of subjects,
-observations, doses (ADDL expanded), routes, covariates and the time span.
+Reads DATA (a CSV file, the name of a bundled dataset such as 'theoph', or a NONMEM control stream .mod/.ctl,
+whose $DATA is read as the stream reads it: IGNORE, DROP, its $INPUT names, censoring by its F_FLAG) through the
+same code path every other command uses, checks it against NONMEM's conventions and prints the number of
+subjects, observations (and how many are censored), doses (ADDL expanded), routes, covariates and the time span.
 
 If anything is wrong, every problem is printed, each with its row number(s) (1-based data rows and
 the file line), the column and what was expected; the exit status is then 2.
@@ -23,13 +24,15 @@ examples:
   hybridpk check mydata.csv
   hybridpk check mydata.csv --columns mydata.columns.json --covariates WT,CRCL
   hybridpk check theoph --json
+  hybridpk check run1.mod            the dataset of a control stream, as the stream reads it
 """
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="validate a dataset and print a summary", description=HELP,
                        epilog=EPILOG, formatter_class=ManualFormatter)
-    p.add_argument("data", nargs="+", metavar="DATA", help="dataset file(s) or bundled dataset name(s)")
+    p.add_argument("data", nargs="+", metavar="DATA", help="dataset file(s), bundled dataset name(s) or NONMEM "
+                   "control stream(s) (.mod/.ctl: their $DATA)")
     p.add_argument("--columns", metavar="SIDECAR", help="column sidecar (JSON/TOML) declaring roles and units")
     p.add_argument("--covariates", metavar="A,B", help="comma-separated covariate columns "
                    "(default: sidecar, else every numeric column without a role)")
@@ -80,16 +83,20 @@ def run(args) -> int:
     import warnings
 
     from hybridpk.data.dataset import read_nonmem
-    from hybridpk.errors import DatasetError, DatasetWarning
+    from hybridpk.errors import DatasetError, DatasetWarning, HybridPKError
 
     covariates = [c.strip() for c in args.covariates.split(",") if c.strip()] if args.covariates else None
     status = 0
     for i, item in enumerate(args.data):
-        path = resolve_data_path(item)
+        stream = str(item).lower().endswith((".mod", ".ctl"))
+        if stream and (args.columns or covariates):
+            raise HybridPKError(f"{item}: a control stream's $INPUT names its columns and its code the data items it "
+                                "reads; --columns and --covariates are for data files")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DatasetWarning)
             try:
-                ds = read_nonmem(path, columns=args.columns, covariates=covariates)
+                ds = read_dataset_arg(item) if stream else \
+                    read_nonmem(resolve_data_path(item), columns=args.columns, covariates=covariates)
             except DatasetError as exc:
                 import sys
 
