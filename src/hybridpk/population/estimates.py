@@ -310,11 +310,19 @@ def _search_lag_modes(prob, theta, omega, omega_inv, sd, eta):
     ETA on ALAG1) evaluated at NONMEM's final estimates: subject 13's search from 0 ended at -2 log posterior 35.62
     (ETA_KA -1.57, ETA_ALAG 0.58) where NONMEM's mode (-0.45, 1.25) has 1.63; the OFV was 260.01, NONMEM's
     225.93 (with these searches 225.25: subject 9 has a lower mode than the one NONMEM reports)."""
+    starts = []
     for k in _lag_etas(prob, theta):
         for sign in (1.0, -1.0):
             start = eta.clone()
             start[:, k] = sign * LAG_START_SD * torch.sqrt(omega[k, k])
-            eta = _lower_mode(prob, theta, omega_inv, sd, eta, prob.ebe(theta, omega_inv, sd, start, tol=1e-10))
+            starts.append(start)
+    return _lowest_from(prob, theta, omega_inv, sd, eta, starts)
+
+
+def _lowest_from(prob, theta, omega_inv, sd, eta, starts):
+    """Per patient, the lowest of the mode ``eta`` and the modes EBE searches reach from each of ``starts``."""
+    for start in starts:
+        eta = _lower_mode(prob, theta, omega_inv, sd, eta, prob.ebe(theta, omega_inv, sd, start, tol=1e-10))
     return eta
 
 
@@ -341,9 +349,7 @@ def search_random_starts(prob, theta, omega, omega_inv, sd, eta, n: int):
     # a patient's n draws in a row: the same for it whichever patients follow
     draws = (torch.randn(*eta.shape[:1], n, eta.shape[1], generator=gen, dtype=eta.dtype).to(eta.device)
              @ root.T).transpose(0, 1)
-    for start in draws:
-        eta = _lower_mode(prob, theta, omega_inv, sd, eta, prob.ebe(theta, omega_inv, sd, start, tol=1e-10))
-    return eta
+    return _lowest_from(prob, theta, omega_inv, sd, eta, draws)
 
 
 def _homotopy(prob, theta, omega_inv, sd, eta, schedule):

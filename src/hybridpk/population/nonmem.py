@@ -716,9 +716,10 @@ def read_control_stream(path):
     data = data.drop(columns=[c for c in drops if c in data.columns])
     data = _reserved_synonyms(data, m.datainfo)
     statements, once = _call_flag(statements, text, path)
+    mceta = _mceta(m)
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
               "estimation": estimation, "covariance": _covariance_step(text),
-              **({"mceta": _mceta(m)} if _mceta(m) else {}),
+              **({"mceta": mceta} if mceta else {}),
               **({"evaluate": True} if evaluation_only else {})}
     common = dict(thetas=thetas, etas=tuple(eta_names), omega_init=omega_init, omega_blocks=blocks,
                   omega_labels=tuple(omega_names), sigma_scale="variance", recipe=recipe, omega_fixed=omega_fixed,
