@@ -176,3 +176,43 @@ def test_simulate_from_a_fitted_model_refuses_what_it_cannot_honour(pheno_run, t
     # a control stream at its estimates is a fitted model too
     assert main(["simulate", str(d / "pheno.dta"), "--model", str(d / "pheno.mod"), "--out", str(d / "m.csv")]) == 0
     assert len(pd.read_csv(d / "m.csv")) == len(hp.read_nonmem(d / "pheno.dta").to_dataframe())
+
+
+def test_simulated_levels_are_censored_as_the_data_are_not_by_their_old_marks(tmp_path, theoph_path, capsys):
+    """Simulating on data with censored levels (CENS = 1, the limit 2 mg/L in DV): every simulated level below 2
+    mg/L is CENS = 1 at 2 mg/L, every other one is kept as simulated with CENS = 0, in population and in fitted
+    mode. The data's CENS marks were copied onto the new levels: a simulated 7 mg/L marked censored, which a fit
+    of the simulated dataset read as a level below a limit of 7 mg/L."""
+    df = pd.read_csv(theoph_path)
+    obs = ((df.EVID == 0) & (df.MDV == 0)).to_numpy()
+    below = obs & (df.DV < 2.0).to_numpy()
+    df.assign(CENS=below.astype(int), DV=np.where(below, 2.0, df.DV)).to_csv(tmp_path / "cens.csv", index=False)
+    run = tmp_path / "run"
+    assert main(["fit", str(tmp_path / "cens.csv"), "--model", "1cmt_oral", "--out", str(run), "--quiet"]) == 0
+    population = ["--model", "1cmt_oral", "--typical", "CL=2.8,V=32,KA=1.5", "--omega", "CL=0.5,V=0.5",
+                  "--proportional", "0.1"]
+    for mode in (["--model", str(run)], population):
+        out = tmp_path / "sim.csv"
+        capsys.readouterr()
+        assert main(["simulate", str(tmp_path / "cens.csv"), *mode, "--seed", "2", "--out", str(out)]) == 0
+        sim = pd.read_csv(out)
+        cens = sim.CENS.to_numpy()[obs]
+        level = sim.DV.to_numpy()[obs]
+        assert 0 < (cens == 1).sum() < obs.sum() and (cens == 1).tolist() != below[obs].tolist()
+        assert (level[cens == 1] == 2.0).all() and (level[cens == 0] >= 2.0).all()
+        assert f"{int((cens == 1).sum())} censored at the data's limits" in capsys.readouterr().out
+        assert hp.read_nonmem(out).n_censored_observations == (cens == 1).sum()
+
+
+def test_simulated_records_follow_a_blq_column_and_each_records_lloq():
+    """Dataset.simulated_records: with a BLQ and an LLOQ column of two limits, each record's own LLOQ censors its
+    simulated level (BLQ follows CENS); with one limit for every censored level, it is every record's."""
+    base = dict(ID=[1] * 5, TIME=[0, 1, 2, 3, 4], AMT=[100, 0, 0, 0, 0], EVID=[1, 0, 0, 0, 0])
+    two = hp.read_nonmem(pd.DataFrame(dict(base, DV=[0, 5, 0.5, 0.05, 0.05], BLQ=[0, 0, 0, 1, 1],
+                                           LLOQ=[0, 1, 1, 0.1, 0.1])))
+    rec = two.simulated_records(np.array([0, 0.8, 3.0, 0.05, 0.5]))
+    assert rec.CENS.tolist() == [0, 1, 0, 1, 0] and rec.BLQ.tolist() == [0, 1, 0, 1, 0]
+    assert rec.DV.tolist() == [0, 1.0, 3.0, 0.1, 0.5]
+    one = hp.read_nonmem(pd.DataFrame(dict(base, DV=[0, 5, 0.2, 0.2, 9], CENS=[0, 0, 1, 1, -1])))
+    rec = one.simulated_records(np.array([7, 0.1, 3.0, 0.3, 12.0]))
+    assert rec.CENS.tolist() == [0, 1, 0, 0, -1] and rec.DV.tolist() == [0, 0.2, 3.0, 0.3, 9.0]

@@ -324,3 +324,109 @@ def test_m3_written_with_a_flag_item_in_arithmetic(tmp_path, theoph_path):
     (a, _, ds_a), (b, _, ds_b) = fits
     assert ds_b.n_censored_observations == ds_a.n_censored_observations > 0
     assert b.estimation.ofv == pytest.approx(a.estimation.ofv, abs=1e-8)
+
+
+def _patient(theoph_path, folder):
+    """(the theophylline subject with the most levels below 2 mg/L, its records as a patient file in the stream's
+    units: DV in log units, no censoring marks)."""
+    _data(theoph_path, folder)
+    df = pd.read_csv(folder / "theoph_log.csv")
+    below = (df.EVID == 0) & (df.MDV == 0) & (df.LNDV < math.log(LLOQ))
+    pid = int(below.groupby(df.ID).sum().idxmax())
+    one = df[df.ID == pid].assign(DV=lambda d: d.LNDV)[["ID", "TIME", "DV", "AMT", "EVID", "MDV", "CMT"]]
+    return pid, one, below[df.ID == pid].to_numpy()
+
+
+def test_a_patients_levels_are_censored_as_the_stream_censors_them(tmp_path, theoph_path):
+    """A patient's levels read for MAP (a file, not the stream's $DATA) are censored where the stream's F_FLAG
+    censors them: the MAP and its objective are those of the same records read through the stream. They were
+    fitted as measured (a level below the LLOQ at its value). Also with DV in concentrations (--dv conc: the rule
+    is read on their LOG) and for a patient whose every level is censored."""
+    pid, one, below = _patient(theoph_path, tmp_path)
+    assert 2 <= below.sum() < (one.MDV == 0).sum()
+    (tmp_path / "m3.mod").write_text(STREAM.format(dv="DV=DROP", extra="LNDV=DV DOSE", data="theoph_log.csv",
+                                                   error=BAUER, sd="(0, 0.3)", sigma="1 FIX", method=""))
+    fit, _, ds = _evaluate(tmp_path / "m3.mod")
+    ref = fit.estimate(ds.subset([pid]))
+    as_logs = hp.read_nonmem(one).dv_from_log()
+    as_conc = hp.read_nonmem(one.assign(DV=np.where(one.MDV == 0, np.exp(one.DV), 0.0))).dv_stated_concentrations()
+    for patient in (as_logs, as_conc):
+        est = fit.estimate(patient)
+        np.testing.assert_allclose(est.eta.numpy(), ref.eta.numpy(), rtol=0, atol=1e-8)
+        assert float(est.objective[0]) == pytest.approx(float(ref.objective[0]), abs=1e-8)
+    read = fit.model.read_levels(as_logs, strict=True).to_dataframe()
+    assert (read.CENS.to_numpy() != 0).tolist() == below.tolist()
+    np.testing.assert_allclose(read.DV[read.CENS == 1], LLOQ, rtol=1e-12)
+    only = hp.read_nonmem(one[(one.MDV == 1).to_numpy() | below]).dv_from_log()
+    assert fit.model.read_levels(only).n_censored_observations == below.sum() == only.n_observations
+    assert np.isfinite(fit.estimate(only).objective.numpy()).all()
+
+
+def test_map_censors_a_patients_levels_and_refuses_marks_the_stream_would_not_read(tmp_path, theoph_path, capsys):
+    """hybridpk map with a control stream's M3 model and a patient file: the levels the stream would censor are
+    censored (EST.json lists them with CENS and their limit), the MAP is the one through the stream's own data; a
+    BLQ mark on a level the stream fits as measured, and a patient file without the BLQ item an Ahn-form stream
+    reads, are refused by name."""
+    from hybridpk.cli import main
+
+    pid, one, below = _patient(theoph_path, tmp_path)
+    (tmp_path / "m3.mod").write_text(STREAM.format(dv="DV=DROP", extra="LNDV=DV DOSE", data="theoph_log.csv",
+                                                   error=BAUER, sd="(0, 0.3)", sigma="1 FIX", method=""))
+    one.to_csv(tmp_path / "patient.csv", index=False)
+    out = tmp_path / "est.json"
+    assert main(["map", str(tmp_path / "m3.mod"), str(tmp_path / "patient.csv"), "--dv", "log", "--out",
+                 str(out)]) == 0
+    assert f"{int(below.sum())} censored" in capsys.readouterr().out
+    import json
+
+    levels = json.loads(out.read_text())["observations"]
+    assert [lv.get("CENS", 0) for lv in levels] == [1 if b else 0 for b, mdv in zip(below, one.MDV) if mdv == 0]
+    assert all(lv["DV"] == pytest.approx(math.log(LLOQ)) and lv["IWRES"] is None for lv in levels if "CENS" in lv)
+    fit, _, ds = _evaluate(tmp_path / "m3.mod")
+    ref = fit.estimate(ds.subset([pid]))
+    np.testing.assert_allclose(list(json.loads(out.read_text())["map"].values()), ref.eta[0].numpy(), atol=1e-6)
+
+    marked = one.assign(BLQ=0)
+    first = int(np.flatnonzero((one.MDV == 0).to_numpy() & ~below)[0])
+    marked.iloc[first, marked.columns.get_loc("BLQ")] = 1
+    marked.to_csv(tmp_path / "marked.csv", index=False)
+    assert main(["map", str(tmp_path / "m3.mod"), str(tmp_path / "marked.csv"), "--dv", "log"]) == 2
+    err = capsys.readouterr().err
+    assert "BLQ" in err and "fits these levels as measured" in err and f"row {first + 1}" in err
+
+    (tmp_path / "ahn.mod").write_text(STREAM.format(dv="DV", extra="BLQ LLOQ", data="theoph_blq.csv", error=AHN,
+                                                    sd="(0, 0.3) (0, 0.1)", sigma="1 FIX", method=""))
+    conc = one.assign(DV=np.where(one.MDV == 0, np.exp(one.DV), 0.0), LLOQ=LLOQ)
+    conc.to_csv(tmp_path / "conc.csv", index=False)
+    assert main(["map", str(tmp_path / "ahn.mod"), str(tmp_path / "conc.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "reads the data item BLQ" in err and "no BLQ column" in err
+    conc.assign(BLQ=below.astype(int)).to_csv(tmp_path / "conc.csv", index=False)
+    assert main(["map", str(tmp_path / "ahn.mod"), str(tmp_path / "conc.csv")]) == 0
+    assert f"{int(below.sum())} censored" in capsys.readouterr().out
+
+
+def test_a_vpc_of_other_data_censors_them_as_the_stream_does(tmp_path, theoph_path, capsys):
+    """hybridpk vpc RUN --data FILE of a run fitted from an M3 stream: with --dv log, the same VPC (censored
+    fractions included) as on the run's own $DATA; without it, refused, as the file does not say whether its DV are
+    logs (the VPC compared log levels with simulated concentrations: no observed percentile inside its band)."""
+    from hybridpk.cli import main
+
+    _data(theoph_path, tmp_path)
+    (tmp_path / "m3.mod").write_text(STREAM.format(dv="DV=DROP", extra="LNDV=DV DOSE", data="theoph_log.csv",
+                                                   error=BAUER, sd="(0, 0.3)", sigma="1 FIX", method=""))
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["fit", str(tmp_path / "m3.mod"), "--out", str(run), "--quiet"]) == 0
+    df = pd.read_csv(tmp_path / "theoph_log.csv")
+    df.assign(DV=df.LNDV).drop(columns=["LNDV", "DOSE"]).to_csv(tmp_path / "levels.csv", index=False)
+    assert main(["vpc", str(run), "--n", "40", "--out", str(tmp_path / "own.png")]) == 0
+    assert main(["vpc", str(run), "--data", str(tmp_path / "levels.csv"), "--dv", "log", "--n", "40", "--out",
+                 str(tmp_path / "file.png")]) == 0
+    own, other = pd.read_csv(tmp_path / "own.csv"), pd.read_csv(tmp_path / "file.csv")
+    assert own.OBS_BLQ.sum() > 0
+    pd.testing.assert_frame_equal(own, other, check_exact=False, rtol=1e-9)
+    capsys.readouterr()
+    assert main(["vpc", str(run), "--data", str(tmp_path / "levels.csv"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "does not say whether its DV are logs" in capsys.readouterr().err

@@ -76,6 +76,17 @@ def dv_scale_arg(ds, scale: str | None):
     return ds
 
 
+def model_dataset(arg: str, scale: str | None, model):
+    """A patient's or new patients' records for ``model`` (a fitted population, a hybrid or a dosing model): DATA
+    read (:func:`read_dataset_arg`), on the DV scale --dv states, and, when the model's control stream censors levels
+    (Beal's M3 written with F_FLAG), with the levels the stream would censor censored; levels the file marks
+    censored that the stream would fit as measured are refused by row (:meth:`PopulationModel.read_levels`)."""
+    ds = dv_scale_arg(read_dataset_arg(arg), scale)
+    if str(arg).lower().endswith((".mod", ".ctl")):
+        return ds       # read by its own stream
+    return getattr(model, "population", model).model.read_levels(ds, strict=True)
+
+
 def record_run_data(run_dir, source: str, ds) -> None:
     """Write RUN/data.json: the dataset's source as 'hybridpk fit' was given it (an absolute path, or a bundled
     dataset's name), its fingerprint (SHA-256 of the records, :meth:`Dataset.fingerprint`) and, when its dates and
@@ -102,7 +113,8 @@ def run_dataset(run_dir, data_arg: str | None):
     from hybridpk.errors import HybridPKError
 
     if data_arg:
-        return read_dataset_arg(data_arg)
+        ds = read_dataset_arg(data_arg)
+        return ds if str(data_arg).lower().endswith((".mod", ".ctl")) else _levels_as_stream(run_dir, ds)
     path = Path(run_dir) / RUN_DATA
     if not path.is_file():
         raise HybridPKError(f"{run_dir} does not record the dataset it was fitted to (no {RUN_DATA}: a run written by "
@@ -120,6 +132,24 @@ def run_dataset(run_dir, data_arg: str | None):
                             "give --data with the dataset the run was fitted to")
     print(f"data: {source} (the dataset {run_dir} was fitted to)")
     return ds
+
+
+def _levels_as_stream(run_dir, ds):
+    """``ds`` (a data file given as --data) with its levels censored as the run's control stream censors levels,
+    when the run was fitted from one that writes Beal's M3 (:func:`model_dataset`); else as it is."""
+    import json
+    from pathlib import Path
+
+    try:
+        kind = json.loads((Path(run_dir) / "model.json").read_text())["model"]["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ds       # the command's own loading of the run says what is wrong with it
+    if kind != "nonmem":
+        return ds
+    from hybridpk.residual import load_run
+
+    model = load_run(run_dir)
+    return getattr(model, "population", model).model.read_levels(ds, strict=True)
 
 
 def latent_dim_arg(text: str):

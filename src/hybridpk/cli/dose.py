@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (DEVICE_HELP, DV_HELP, ManualFormatter, device_arg, dv_scale_arg, figure_arg, finite_float,
-                      out_file_arg, positive_float, positive_int, read_dataset_arg)
+from ._common import (DEVICE_HELP, DV_HELP, ManualFormatter, device_arg, figure_arg, finite_float, model_dataset,
+                      out_file_arg, positive_float, positive_int)
 
 #: the target a dose recommendation takes when neither the command nor the model states one
 DEFAULT_TARGET = "auc24=400:600"
@@ -15,7 +15,8 @@ few drug levels.
 MODEL_OR_RUN is a published model spec shipped with hybridpk (e.g. vancomycin_goti2018; list them with
 'hybridpk dose --list'), a spec file (.toml), a NONMEM control stream (.mod/.ctl: its $THETA/$OMEGA/$SIGMA,
 so put a run's final estimates there; its $DATA file must be present, and its covariate ranges become the
-population patients are checked against), or a run folder written by 'hybridpk fit', a hybrid one
+population patients are checked against; a stream that censors levels with F_FLAG, Beal's M3, censors the
+patient's levels by the same rule), or a run folder written by 'hybridpk fit', a hybrid one
 included (--hybrid vae: the patient's posterior is then over the ETAs and the latent z jointly, and
 exposures come from the hybrid prediction, simulated dose by dose). PATIENT.csv is a
 NONMEM-style file for one patient, or for a day's list of patients (one answer per ID, a summary table;
@@ -176,7 +177,7 @@ def _load(args):
     from hybridpk.dosing import dosing_model
 
     model = dosing_model(args.model, device=args.device)
-    ds = dv_scale_arg(read_dataset_arg(args.patient), args.dv)
+    ds = model_dataset(args.patient, args.dv, model)
     if hasattr(args, "start"):
         args.start = _start_hours(args.start, ds)
     return model, ds
@@ -488,7 +489,9 @@ def run_map(args) -> int:
 
         return run_many_map(args, model, ds)
     post = estimate_patient(model, ds, n_samples=args.draws, seed=args.seed)
-    print(f"{model.name}: MAP estimates ({int(post.estimate.n_levels[0])} level(s); 90% credible intervals)")
+    censored = f", {ds.n_censored_observations} censored" if ds.n_censored_observations else ""
+    print(f"{model.name}: MAP estimates ({int(post.estimate.n_levels[0])} level(s){censored}; 90% credible "
+          "intervals)")
     for name, v in post.parameters().items():
         print(f"  {name:<6} {v['map']:10.4g}   ({v['p05']:.4g}-{v['p95']:.4g})")
     n_eta = post.model.n_eta

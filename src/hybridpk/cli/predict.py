@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import DEVICE_HELP, DV_HELP, ManualFormatter, device_arg, dv_scale_arg, out_file_arg, read_dataset_arg
+from ._common import DEVICE_HELP, DV_HELP, ManualFormatter, device_arg, model_dataset, out_file_arg
 
 HELP = """\
 Predict concentrations with a model fitted by 'hybridpk fit' (the folder RUN).
@@ -36,7 +36,7 @@ def run(args) -> int:
     from hybridpk.residual import HybridFit, load_run
 
     model = load_run(args.run).to(args.device)
-    ds = dv_scale_arg(read_dataset_arg(args.data), args.dv)
+    ds = model_dataset(args.data, args.dv, model)
     pred = model.predict(ds)
     out = pred.table
     if isinstance(model, HybridFit):

@@ -31,6 +31,11 @@ patients at a time, so that memory stays bounded (10^6 patients with 10 samples 
 a minute or two on 2 cores). OUT may end in .parquet (needs pyarrow: pip install 'hybridpk[parquet]'),
 then OUT.params.parquet too; files appear only when the run completes. The same --seed and --chunk give
 the same population.
+
+Data with censored levels (CENS, BLQ or an LLOQ column; a control stream's M3): the simulated levels are
+censored as the data's are, at the limits the data state (one LLOQ for all when every censored level has the
+same; else each record's own): below it CENS = 1 with the limit as DV, as a lab reports them, so that the
+simulated dataset can be fitted as the real one. DV are concentrations (a log-DV stream's levels too).
 """
 
 EPILOG = """\
@@ -182,7 +187,7 @@ def _write_population(args, chunks, total: int, note: str, **metadata) -> int:
 
     side = _stem(args.out)
     suffix = ".parquet" if str(args.out).lower().endswith((".parquet", ".pq")) else ".csv"
-    n_subjects = n_obs = 0
+    n_subjects = n_obs = n_censored = 0
     with TableWriter(args.out) as data_out, TableWriter(side + ".params" + suffix) as params_out, \
             Progress(total, "simulate", "patient", enabled=args.n is not None) as bar:
         for records, per_patient, subjects, observations in chunks:
@@ -190,7 +195,10 @@ def _write_population(args, chunks, total: int, note: str, **metadata) -> int:
             params_out.write(per_patient)
             n_subjects += subjects
             n_obs += observations
+            n_censored += int((records["CENS"] != 0).sum()) if "CENS" in records else 0
             bar.update(subjects)
+    if n_censored:
+        note += f"; {n_censored} censored at the data's limits (CENS, the limit in DV)"
     atomic_write_text(side + ".json", json.dumps(run_metadata(
         seed=args.seed, model=str(args.model), **metadata, virtual_patients=args.n,
         chunk=args.chunk if args.n else None, device=args.device), indent=2))
@@ -240,8 +248,7 @@ def _run_fitted(args, fitted, ds) -> int:
         for k, part in enumerate(parts):
             seed = int(np.random.SeedSequence([int(args.seed) & 0xFFFFFFFF, k]).generate_state(1)[0])
             table = fitted.simulate(part, n=1, seed=seed)
-            records = part.to_dataframe()
-            records["DV"] = table["DV"].to_numpy()
+            records = part.simulated_records(table["DV"].to_numpy())     # censored as the data's levels are
             drawn = [c for c in table.columns if c not in ("REP", "ID", "TIME", "EVID", "MDV", "IPRED", "DV")]
             yield (records, table.groupby("ID", sort=False)[drawn].first().reset_index(), part.n_subjects,
                    part.n_observations)

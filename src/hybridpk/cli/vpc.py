@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import RUN_DATA_HELP, ManualFormatter, figure_arg, positive_int, run_dataset
+from ._common import DV_HELP, RUN_DATA_HELP, ManualFormatter, figure_arg, model_dataset, positive_int, run_dataset
 
 HELP = """\
 Simulate the study design N times from the fitted model (new ETAs from OMEGA; for a hybrid also z from its
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
                        epilog="example:\n  hybridpk vpc runs/theoph --data theoph --n 500 --pc --out vpc.png\n")
     p.add_argument("run", metavar="RUN", help="run folder written by 'hybridpk fit'")
     p.add_argument("--data", metavar="DATA", help="the dataset (its design and observations); " + RUN_DATA_HELP)
+    p.add_argument("--dv", choices=["log", "conc"], help="with --data: " + DV_HELP)
     p.add_argument("--n", type=positive_int, default=500, help="replicates (default 500)")
     p.add_argument("--bins", type=positive_int, default=8,
                    help="bins (of TIME, or TAD with --idv TAD) with equal numbers of observations")
@@ -49,7 +50,10 @@ def run(args) -> int:
     if args.n < 20:
         raise HybridPKError(f"--n {args.n}: a VPC needs at least 20 replicates (500 is usual)")
     model = load_run(args.run)
-    ds = run_dataset(args.run, args.data)
+    if args.dv and not args.data:
+        raise HybridPKError("--dv states the scale of the DV of a file given as --data; the run's own dataset is "
+                            "read as it was fitted")
+    ds = model_dataset(args.data, args.dv, model) if args.data else run_dataset(args.run, None)
     result = vpc(model, ds, n=args.n, bins=args.bins, pc=args.pc, seed=args.seed, stratify=args.stratify,
                  progress=print, idv=args.idv)
     if result.idv == "TAD":

@@ -274,20 +274,7 @@ class EventBatch:
         evid = f["EVID"].to_numpy()
         mdv = f["MDV"].to_numpy()
         is_obs = (evid == 0) & (mdv == 0)
-        lloq = col("LLOQ", np.nan)
-        if "CENS" in f:     # 1: below the limit, -1: above it (the limit in DV; a level above an ULOQ in DV)
-            cens = col("CENS", 0)
-            dv_limit = f["DV"].to_numpy(dtype=float)
-            lloq = np.where(cens == -1, dv_limit, lloq if "LLOQ" in f else np.where(cens == 1, dv_limit, np.nan))
-        elif "BLQ" in f:
-            cens = col("BLQ", 0)
-            if "LLOQ" not in f:     # the limit in DV, as with CENS (Beal's M3 as NONMEM users code it)
-                lloq = np.where(cens == 1, f["DV"].to_numpy(dtype=float), np.nan)
-        elif "LLOQ" in f:
-            cens = np.where(f["DV"].to_numpy(dtype=float) < lloq, 1.0, 0.0)
-        else:
-            cens = np.zeros(len(f))
-        cens = np.where(is_obs, cens, 0.0)
+        cens, lloq = ds.censoring()
         dv = f["DV"].to_numpy(dtype=float)
         dv = np.where(np.isnan(dv), 0.0, dv)
         c = len(cov_names)

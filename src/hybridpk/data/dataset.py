@@ -317,16 +317,70 @@ class Dataset:
 
     @property
     def n_censored_observations(self) -> int:
-        """Observations below a limit of quantification, as the batch reads them for M3: CENS != 0, else BLQ != 0,
-        else DV below an LLOQ column."""
+        """Observations below a limit of quantification (or above one), as the batch reads them for M3: CENS != 0,
+        else BLQ != 0, else DV below an LLOQ column (:meth:`censoring`)."""
+        return int((self.censoring()[0] != 0).sum())
+
+    def censoring(self) -> tuple:
+        """(CENS, limit) per record (numpy), as hybridpk reads censored levels (Beal's M3): CENS 1 where the level
+        is below its limit, -1 above it, 0 elsewhere (and on records without a level); the limit where censored
+        (NaN where there is none). From a CENS column (the limit in DV, or below it an LLOQ column's), else a BLQ
+        column (its LLOQ column's, else the limit in DV), else DV below an LLOQ column."""
         f, obs = self._frame, self.observation_mask
-        if "CENS" in f:
-            return int((f["CENS"][obs] != 0).sum())
-        if "BLQ" in f:
-            return int((f["BLQ"][obs] != 0).sum())
-        if "LLOQ" in f:
-            return int((f["DV"][obs] < f["LLOQ"][obs]).sum())
-        return 0
+        n = len(f)
+        dv = f["DV"].to_numpy(dtype=float)
+        lloq = f["LLOQ"].to_numpy(dtype=float) if "LLOQ" in f else np.full(n, np.nan)
+        if "CENS" in f:     # 1: below the limit, -1: above it (the limit in DV; a level above an ULOQ in DV)
+            cens = f["CENS"].to_numpy(dtype=float)
+            limit = np.where(cens == -1, dv, lloq if "LLOQ" in f else np.where(cens == 1, dv, np.nan))
+        elif "BLQ" in f:
+            cens = f["BLQ"].to_numpy(dtype=float)
+            limit = lloq if "LLOQ" in f else np.where(cens == 1, dv, np.nan)   # the limit in DV, as with CENS
+        elif "LLOQ" in f:
+            cens, limit = np.where(dv < lloq, 1.0, 0.0), lloq
+        else:
+            cens, limit = np.zeros(n), np.full(n, np.nan)
+        return np.where(obs, cens, 0.0), limit
+
+    def simulated_records(self, dv) -> pd.DataFrame:
+        """The records with simulated levels ``dv`` (per record) at the observations (DV 0 at the other records),
+        censored as these data's levels are: a simulated level below the LLOQ the data state
+        (:meth:`censoring_limits`) is marked CENS = 1 with the limit as DV, one above an ULOQ CENS = -1 (a BLQ column
+        follows CENS = 1). The data's own marks belonged to their measured levels and are replaced; data without
+        censored levels keep every simulated level."""
+        records = self._frame.copy()
+        obs = self.observation_mask
+        dv = np.asarray(dv, dtype=float)
+        records.loc[obs, "DV"] = dv[obs]
+        records.loc[~obs, "DV"] = 0.0
+        if not self.n_censored_observations:
+            return records
+        lloq, uloq = self.censoring_limits()
+        below, above = obs & (dv < lloq), obs & (dv > uloq)
+        records["CENS"] = np.where(below, 1, np.where(above, -1, 0))
+        records.loc[below, "DV"] = lloq[below]
+        records.loc[above, "DV"] = uloq[above]
+        if "BLQ" in records:
+            records["BLQ"] = below.astype(int)
+        return records
+
+    def censoring_limits(self) -> tuple:
+        """(LLOQ, ULOQ) per record (NaN: none) that any level of these data would be censored at: each record's own
+        LLOQ where the data have an LLOQ column; else, where every level censored below has one limit (the usual
+        single LLOQ, in DV), it is every record's, and otherwise a censored record's own (NaN elsewhere); the same
+        above. How the VPC censors simulated levels (Bergstrand and Karlsson 2009) and a simulated dataset is
+        censored as the data are."""
+        cens, limit = self.censoring()
+        out = []
+        for sign in (1, -1):
+            own = np.where(cens == -sign, np.nan, limit)       # a level above the ULOQ has no LLOQ, and the reverse
+            values = np.unique(own[cens == sign])
+            if sign == 1 and "LLOQ" in self._frame:
+                out.append(self._frame["LLOQ"].to_numpy(dtype=float))
+            else:
+                out.append(np.full(len(cens), values[0]) if values.size == 1 else
+                           own if values.size else np.full(len(cens), np.nan))
+        return out[0], out[1]
 
     @property
     def dose_mask(self) -> np.ndarray:

@@ -103,6 +103,9 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
         raise HybridPKError(f"n = {n}: a VPC needs at least 20 replicates (500 is usual)")
     if idv not in ("TIME", "TAD"):
         raise HybridPKError(f"idv {idv!r}: bin by TIME or by TAD (the time after the most recent dose)")
+    pm = getattr(model, "population", model).model
+    pm.require_dv_scale(dataset)        # a log-DV control stream's model: DV of a stated scale only
+    dataset = pm.read_levels(dataset)   # levels its M3 censors (F_FLAG), censored
     df = dataset.to_dataframe()
     obs_mask = ((df.EVID == 0) & (df.MDV == 0)).to_numpy()
     if not obs_mask.any():
@@ -179,24 +182,13 @@ def vpc(model, dataset, n: int = 500, bins=8, pc: bool = False, level: float = 0
 
 def _censoring(dataset, obs_mask):
     """(below, above, LLOQ, ULOQ, kinds) per observation of ``obs_mask``: whether the observed level is censored
-    below (above) its limit, the limits the simulated levels are censored at (NaN: none), and the ``kinds`` ("BLQ",
-    "ALQ") present. Where every level censored below has one limit (the usual single LLOQ) it is every record's;
-    else a record's own (an LLOQ column), NaN where it has none; the same above."""
-    n = int(obs_mask.sum())
-    if not dataset.n_censored_observations:
-        return np.zeros(n, bool), np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan), ()
-    batch = dataset.to_batch()
-    cens = batch.to_rows(batch.cens)[obs_mask]
-    limit = batch.to_rows(batch.lloq).astype(float)[obs_mask]
-    flags, limits = [], []
-    for sign in (1, -1):
-        mine = cens == sign
-        own = np.where(cens == -sign, np.nan, limit)       # a level above the ULOQ has no LLOQ, and the reverse
-        values = np.unique(own[mine])
-        flags.append(mine)
-        limits.append(np.full(n, values[0]) if values.size == 1 else own)
+    below (above) its limit, the limits the simulated levels are censored at (NaN: none;
+    :meth:`~hybridpk.data.Dataset.censoring_limits`), and the ``kinds`` ("BLQ", "ALQ") present."""
+    cens = dataset.censoring()[0][obs_mask]
+    lloq, uloq = (limit[obs_mask] for limit in dataset.censoring_limits())
+    flags = (cens == 1, cens == -1)
     kinds = tuple(k for k, f in zip(("BLQ", "ALQ"), flags) if f.any())
-    return flags[0], flags[1], limits[0], limits[1], kinds
+    return flags[0], flags[1], lloq, uloq, kinds
 
 
 def _percentiles(values, q, axis=None) -> np.ndarray:

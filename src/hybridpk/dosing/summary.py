@@ -9,7 +9,8 @@ covariance in two forms, and the posterior sampling's effective sample size.
 
 * **OFV** (population models): -2 log posterior at the MAP without constants, as NONMEM's individual
   objective (the .phi file's OBJ): sum over levels of (DV - IPRED)^2 / VAR + log VAR (M3: -2 log P(below
-  LLOQ)) plus ETA' OMEGA^-1 ETA. A hybrid reports its joint objective 2 x (-log p(DV, ETA, z)) up to a
+  LLOQ)) plus ETA' OMEGA^-1 ETA. A censored level is listed with its limit as DV, CENS 1 (below the LLOQ) or -1
+  (above an ULOQ) and no IWRES. A hybrid reports its joint objective 2 x (-log p(DV, ETA, z)) up to a
   constant, with the same per-level terms.
 * **Observed-information covariance**: the inverse of half the exact Hessian of the OFV at the MAP (the
   Laplace approximation the posterior sampler starts from).
@@ -35,12 +36,14 @@ def patient_summary(post) -> dict:
     n_eta = model.n_eta
     terms = _population_terms(est) if hasattr(est.source, "problem") else _hybrid_terms(est)
     records = est.batch
-    keep = (est.obs[0] | terms["censored"]).cpu().numpy()
+    keep = (est.obs[0] | (terms["censored"] != 0)).cpu().numpy()
     times = records.time[0].cpu().numpy()[keep]
+    censored = terms["censored"].cpu().numpy()[keep]
     observations = [{"TIME": float(t), "DV": float(dv), "IPRED": float(f), "VAR": float(v),
-                     "IWRES": float(w), "CONTRIBUTION": float(c)}
-                    for t, dv, f, v, w, c in zip(times, terms["y"][keep], terms["ipred"][keep], terms["var"][keep],
-                                                 terms["iwres"][keep], terms["data"][keep])]
+                     "IWRES": None if c_ else float(w), "CONTRIBUTION": float(c), **({"CENS": c_} if c_ else {})}
+                    for t, dv, f, v, w, c, c_ in zip(times, terms["y"][keep], terms["ipred"][keep],
+                                                     terms["var"][keep], terms["iwres"][keep], terms["data"][keep],
+                                                     (int(x) for x in censored))]
     shrink = est.shrinkage()[0] if n_eta else np.zeros(0)
     etc = terms.get("etc")
     return {"model": model.name, "point_names": names,
@@ -73,9 +76,11 @@ def _population_terms(est) -> dict:
         prior = float(torch.einsum("nk,kl,nl->n", eta, oinv, eta)[0]) if k else 0.0
         etc = (torch.linalg.inv(prob.fo_hessian(theta, oinv, sd, eta))[0].cpu() if k
                else torch.zeros(0, 0, dtype=torch.float64, device="cpu"))
-    return {"y": prob.y[0].cpu().numpy(), "ipred": f[0].cpu().numpy(), "var": v[0].cpu().numpy(),
+    cens = torch.where(prob.above, -1, torch.where(prob.cens, 1, 0))[0]      # 1 below the limit, -1 above it
+    y = torch.where(prob.cens, prob.lloq, prob.y)[0]        # a censored level: its limit
+    return {"y": y.cpu().numpy(), "ipred": f[0].cpu().numpy(), "var": v[0].cpu().numpy(),
             "iwres": ((prob.y - f) / torch.sqrt(v))[0].cpu().numpy(), "data": data[0].cpu().numpy(),
-            "censored": prob.cens[:1][0], "prior": prior, "ofv": float(data[0].sum()) + prior, "etc": etc,
+            "censored": cens, "prior": prior, "ofv": float(data[0].sum()) + prior, "etc": etc,
             "definition": "-2 log posterior at the MAP without constants: sum over levels of (DV - IPRED)^2 / VAR "
                           "+ log VAR (+ M3 terms) + ETA' OMEGA^-1 ETA (NONMEM's individual OBJ)"}
 
@@ -96,7 +101,7 @@ def _hybrid_terms(est) -> dict:
         ofv = 2.0 * float(model._objective(est.batch, point)[0])
     return {"y": est.y[0].cpu().numpy(), "ipred": f[0].cpu().numpy(), "var": v[0].cpu().numpy(),
             "iwres": (r / torch.sqrt(vv))[0].cpu().numpy(), "data": data[0].cpu().numpy(),
-            "censored": torch.zeros_like(obs[0]), "prior": ofv - float(data[0].sum()),
+            "censored": torch.zeros_like(obs[0], dtype=torch.long), "prior": ofv - float(data[0].sum()),
             "ofv": ofv, "etc": None,
             "definition": "2 x the hybrid's joint objective -log p(DV, ETA, z) up to a constant (its per-level terms "
                           "as for a population model; the rest is the prior of ETA and z)"}

@@ -148,13 +148,15 @@ class FittedPopulation:
     # ------------------------------------------------------------------ the four verbs
     def estimate(self, dataset) -> IndividualEstimates:
         """MAP ETAs (EBEs) of every patient of ``dataset`` from its own observations, with their Laplace
-        covariance (the fit's EBEs come from this same call)."""
+        covariance (the fit's EBEs come from this same call). A control stream's M3 censors the levels it would
+        censor in its own $DATA (:meth:`PopulationModel.read_levels`)."""
         dataset.require_units(self.units, self.name or "the model")
-        return map_estimate(self, dataset)
+        return map_estimate(self, self.model.read_levels(dataset))
 
     def predict(self, dataset, estimates: IndividualEstimates | None = None) -> Predictions:
         """PRED (ETA = 0) and IPRED (MAP ETAs from each patient's observations; a patient without
-        observations keeps ETA = 0) at every record of ``dataset``, in mg/L, with the ETAs."""
+        observations keeps ETA = 0) at every record of ``dataset``, in mg/L, with the ETAs; with censored levels
+        (M3) also CENS (1 below the limit, -1 above it; their DV is the limit)."""
         est = estimates or self.estimate(dataset)
         prob = est.problem
         with torch.no_grad():
@@ -167,6 +169,8 @@ class FittedPopulation:
         df = dataset.to_dataframe()
         table = pd.DataFrame({"ID": df.ID.to_numpy(), "TIME": df.TIME.to_numpy(), "DV": df.DV.to_numpy(),
                               "MDV": df.MDV.to_numpy(), "PRED": b.to_rows(pred), "IPRED": b.to_rows(ipred)})
+        if bool(prob.cens.any()):   # M3: 1 below the limit, -1 above it (DV is the limit there)
+            table.insert(4, "CENS", b.to_rows(torch.where(prob.above, -1, prob.cens.long())))
         idx = b.subject_of_rows()
         for j, name in enumerate(self.model.etas):
             table[name] = est.eta[idx, j].cpu().numpy()

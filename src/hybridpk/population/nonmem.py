@@ -726,7 +726,7 @@ def read_control_stream(path):
                   omega_same=same)
     if pred:
         return _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path,
-                           _data_label(m, path))
+                           _data_label(m, path), m.datainfo)
     scanned = statements
     if written:     # the equations are the control stream's own; their data items are read per record too
         pk, structural, read = _written_system(m, statements, comps, advan, text, path)
@@ -791,11 +791,11 @@ def read_control_stream(path):
     pm = PopulationModel(structural=structural, error=error, individual=individual, covariates=covs,
                          sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=items,
                          error_inputs=error_inputs, parameter_labels={} if written else _stream_names(advan),
-                         **common)
+                         censoring_rule=_rule(censoring, error, m.datainfo), **common)
     return pm, ds
 
 
-def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path, label):
+def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path, label, datainfo):
     """(PopulationModel, Dataset) of a $PRED control stream: the prediction Y at EPS = 0, computed at every
     record from its data items, THETAs and ETAs (:class:`PredModel`), and the error model of Y."""
     import sympy
@@ -842,7 +842,7 @@ def _pred_model(statements, data, params, eta_names, eps_names, sigma_names, com
     structural = PredModel("PRED", f"$PRED of {Path(path).name}")
     pm = PopulationModel(structural=structural, error=error, individual=individual, covariates=covs,
                          sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=record_items,
-                         error_inputs=error_inputs, **common)
+                         error_inputs=error_inputs, censoring_rule=_rule(censoring, error, datainfo), **common)
     return pm, ds
 
 
@@ -867,6 +867,15 @@ def _censored(data, censoring):
     data["CENS"] = censoring.cens.astype(int)
     data.loc[rows, "DV"] = censoring.limit[rows]
     return data
+
+
+def _rule(censoring, error, datainfo):
+    """The stream's M3 as a rule for other data (a patient's levels), on the stream's DV scale and with its $INPUT
+    synonyms of reserved data items; None without M3."""
+    if censoring is None:
+        return None
+    synonyms = {c.name: _RESERVED[c.type] for c in datainfo if c.type in _RESERVED and c.name != _RESERVED[c.type]}
+    return censoring.rule.for_stream(error.log_dv, synonyms)
 
 
 def _error_inputs(error, theta_names, eta_names, columns: set, text: str, path):

@@ -13,11 +13,11 @@ is refused with its line, not approximated."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import DatasetError, ModelError
 
 _M3_ONLY = ("hybridpk reads Beal's M3, Y = PHI((LLOQ - IPRED)/W) (or 1 - PHI((ULOQ - IPRED)/W) above an upper "
             "limit); M4's ratio of probabilities and other likelihoods are not imported")
@@ -40,12 +40,15 @@ class StreamCensoring:
         Per row: the limit, in the units of the stream's DV (NaN where not censored).
     reads : tuple of str
         The data items F_FLAG's condition reads (DV, MDV, a BLQ column ...).
+    rule : CensoringRule
+        The same censoring for other data (a patient's levels).
     """
 
     y: object
     cens: np.ndarray
     limit: np.ndarray
     reads: tuple = ()
+    rule: "CensoringRule | None" = field(default=None, repr=False)
 
 
 def observation_rows(data) -> np.ndarray:
@@ -62,13 +65,15 @@ def observation_rows(data) -> np.ndarray:
     return (evid == 0) & (mdv == 0)
 
 
-def read_censoring(fflag, y, data, eps_names, sigma_names, params, at: str) -> StreamCensoring:
+def read_censoring(fflag, y, data, eps_names, sigma_names, params, at: str, y_obs=None) -> StreamCensoring:
     """The censoring that ``fflag`` (F_FLAG's value) and ``y`` (Y's), both with the $PK and $ERROR variables
     substituted, give each row of ``data`` (a DataFrame of the stream's data items); ``at`` names the $ERROR's
-    line in messages."""
+    line in messages. ``y_obs``: Y where F_FLAG = 0 when it is known (read on the stream's own $DATA), for data
+    whose every level may be censored (a patient's)."""
     import sympy
 
     reserved = {sympy.Symbol(k): v for k, v in RESERVED.items()}
+    written = (fflag, y)
     fflag, y = sympy.sympify(fflag).subs(reserved), sympy.sympify(y).subs(reserved)
     columns = {sympy.Symbol(c): c for c in data.columns}
     leaves = _condition_leaves(fflag)
@@ -81,7 +86,7 @@ def read_censoring(fflag, y, data, eps_names, sigma_names, params, at: str) -> S
     truth = np.column_stack([_evaluate(leaf, columns, data) for leaf in leaves]) if leaves else \
         np.zeros((len(data), 0), dtype=bool)
     cens, limit = np.zeros(len(data)), np.full(len(data), np.nan)
-    y_obs, censored = None, []
+    censored = []
     for rows, flag, y_here in _groups(fflag, y, leaves, truth, obs, data, columns, at):
         flag = 0 if flag == sympy.nan else flag
         if not flag.is_number or float(flag) not in (0.0, 1.0):
@@ -96,10 +101,101 @@ def read_censoring(fflag, y, data, eps_names, sigma_names, params, at: str) -> S
             censored.append((rows, y_here))
     if y_obs is None:
         raise ModelError(f"{at}: F_FLAG is 1 on every level; there is no level to fit Y = IPRED + error on")
+    limit_reads = set()
     for rows, y_cens in censored:
-        cens[rows], limit[rows] = _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names, params, at)
+        cens[rows], limit[rows], items = _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names,
+                                                 params, at)
+        limit_reads |= items
     reads |= {s for s in fflag.free_symbols if s in columns}
-    return StreamCensoring(y=y_obs, cens=cens, limit=limit, reads=tuple(sorted(columns[s] for s in reads)))
+    reads = tuple(sorted(columns[s] for s in reads))
+    rule = CensoringRule(*written, y_obs, tuple(eps_names), tuple(sigma_names), params, at,
+                         tuple(sorted(set(reads) | {columns[s] for s in limit_reads})))
+    return StreamCensoring(y=y_obs, cens=cens, limit=limit, reads=reads, rule=rule)
+
+
+@dataclass(frozen=True)
+class CensoringRule:
+    """A control stream's M3 (F_FLAG and Y as written, and Y where F_FLAG = 0) as a rule for data other than the
+    stream's own $DATA: a patient's levels read for MAP, dosing or prediction are censored where the stream would
+    censor them had they been in its $DATA (:meth:`censor`). ``reads``: the data items F_FLAG and the limits read
+    (DV, MDV, a BLQ or LLOQ column ...); ``log_dv``: the stream's DV are log concentrations (the rule is evaluated
+    on LOG of a dataset's DV, its limits are EXP'd)."""
+
+    fflag: object
+    y: object
+    y_obs: object
+    eps_names: tuple
+    sigma_names: tuple
+    params: object = field(repr=False)
+    at: str = ""
+    reads: tuple = ()
+    log_dv: bool = False
+    synonyms: tuple = ()
+
+    def for_stream(self, log_dv: bool, synonyms: dict) -> "CensoringRule":
+        """The rule with the stream's DV scale and its $INPUT synonyms of reserved items ({"LNDV": "DV"}:
+        ``LNDV=DV`` in $INPUT), by which F_FLAG may read them."""
+        return replace(self, log_dv=bool(log_dv), synonyms=tuple(sorted(synonyms.items())))
+
+    def censor(self, dataset, strict: bool = False):
+        """``dataset`` with the levels this rule censors and the dataset does not (no CENS, BLQ or LLOQ marks
+        them) marked CENS = 1 (below) or -1 (above), at the rule's limit (in the dataset's DV units; an LLOQ
+        column takes it too). ``strict`` (a patient file as read, before any such marks were set): levels the
+        dataset marks censored and the rule does not are refused by row, as the stream would fit them as
+        measured. A dataset whose DV scale a log-DV stream cannot tell is returned as it is (the model refuses
+        it: :meth:`PopulationModel.require_dv_scale`)."""
+        obs = dataset.observation_mask
+        if not obs.any() or (self.log_dv and not (dataset.dv_log or dataset.dv_stated)):
+            return dataset
+        records = dataset.to_dataframe()
+        frame = self._stream_items(records, obs, dataset.source)
+        found = read_censoring(self.fflag, self.y, frame, self.eps_names, self.sigma_names, self.params, self.at,
+                               y_obs=self.y_obs)
+        rule = (found.cens != 0) & obs
+        marks = dataset.censoring()[0]
+        marked = marks != 0
+        if strict and (marked & ~rule).any():
+            rows = np.flatnonzero(marked & ~rule)
+            column = next(c for c in ("CENS", "BLQ", "LLOQ") if c in records)
+            raise DatasetError([dataset.violation(rows, column, f"marked censored, but the control stream's M3 "
+                                                  f"({self.at}) fits these levels as measured (its F_FLAG reads "
+                                                  f"{', '.join(self.reads) or 'no data item'}); code them as the "
+                                                  "stream's $DATA does")], dataset.source)
+        new = rule & ~marked
+        if not new.any():
+            return dataset
+        limit = np.exp(found.limit) if self.log_dv else found.limit
+        cens = marks.copy()
+        cens[new] = found.cens[new]
+        records["CENS"] = cens.astype(int)
+        records.loc[new, "DV"] = limit[new]
+        if "LLOQ" in records:
+            below = new & (found.cens == 1)
+            records.loc[below, "LLOQ"] = limit[below]
+        return dataset.with_records(records)
+
+    def _stream_items(self, records, obs, source):
+        """The records with the data items the rule reads by the stream's names (a BQL column read as BLQ ...) and
+        DV on the stream's scale."""
+        from ..data._columns import ALIASES
+
+        frame = records.copy()
+        if self.log_dv:
+            with np.errstate(divide="ignore"):
+                frame.loc[obs, "DV"] = np.log(records.loc[obs, "DV"].to_numpy(dtype=float))
+        for name, reserved in self.synonyms:    # the stream's LNDV (LNDV=DV) is the data's DV
+            if name in self.reads and reserved in frame:
+                frame[name] = frame[reserved]
+        for name in self.reads:
+            if name in frame:
+                continue
+            role = next((r for r, names in ALIASES.items() if name.upper() in names and r in frame), None)
+            if role is None:
+                raise DatasetError(f"the control stream's M3 ({self.at}) reads the data item {name} to tell which "
+                                   f"levels are censored, and the data have no {name} column; add it as the "
+                                   "stream's $DATA has it", source)
+            frame[name] = frame[role]
+        return frame
 
 
 #: at most this many distinct values of the data items F_FLAG is written with (F_FLAG = BLQ: two)
@@ -167,9 +263,10 @@ def _evaluate(expr, columns: dict, data, extra=None):
 
 
 def _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names, params, at: str):
-    """(cens, limit) of the censored ``rows``: Y = PHI(a) (+ a constant below 1e-6, e.g. 1E-30 against PHI = 0) or
-    1 - PHI(a), with a = (L - IPRED)/W (below L for PHI, above for 1 - PHI) or (IPRED - L)/W (the other way), IPRED and
-    W = sqrt(sum SIGMA_k (dY/dEPS_k)^2) from the F_FLAG = 0 branch at EPS = 0; L must not depend on the parameters."""
+    """(cens, limit, the data items the limit reads) of the censored ``rows``: Y = PHI(a) (+ a constant below 1e-6,
+    e.g. 1E-30 against PHI = 0) or 1 - PHI(a), with a = (L - IPRED)/W (below L for PHI, above for 1 - PHI) or
+    (IPRED - L)/W (the other way), IPRED and W = sqrt(sum SIGMA_k (dY/dEPS_k)^2) from the F_FLAG = 0 branch at
+    EPS = 0; L must not depend on the parameters."""
     import sympy
 
     phis = [f for f in y_cens.atoms(sympy.Function) if type(f).__name__ == "PHI"]
@@ -203,7 +300,7 @@ def _limits(y_cens, y_obs, rows, data, columns, eps_names, sigma_names, params, 
             constant = all(np.allclose(p, limit, rtol=1e-8, atol=1e-10) for p in points[1:])
         if constant and np.isfinite(limit).all():
             # PHI((L - IPRED)/W) is below L; PHI((IPRED - L)/W) above; 1 - PHI the other way round
-            return (1 if direction * tail > 0 else -1), limit
+            return (1 if direction * tail > 0 else -1), limit, {s for s in exact.free_symbols if s in columns}
     raise ModelError(f"{at}: where F_FLAG = 1, Y = {y_cens}: its PHI does not read (LIMIT - IPRED)/W with the IPRED "
                      f"and the residual SD W (sqrt of the EPS variances) of Y where F_FLAG = 0 ({y_obs}); write the "
                      "M3 term with the same IPRED and W")

@@ -282,6 +282,8 @@ class PopulationModel:
     #: e.g. busulfan's CLIN, from which VMAX = CLIN KM is computed): what a patient's estimate reports
     every_parameter: Callable | None = field(default=None, repr=False)
     parameter_labels: dict = field(default_factory=dict)
+    #: a control stream's M3 (F_FLAG) as a rule for data other than its own $DATA (:meth:`read_levels`)
+    censoring_rule: object | None = field(default=None, repr=False)
 
     def label(self, name: str) -> str:
         """The name the structural parameter ``name`` is reported under (see ``parameter_labels``)."""
@@ -391,6 +393,14 @@ class PopulationModel:
         """An IOV model's occasion column holds whole numbers 1..occasions (else refused, naming the row)."""
         if self.recipe.get("iov"):
             _occasion_count(self.recipe["iov"], self.recipe["occasion"], self.recipe["occasions"], dataset)
+
+    def read_levels(self, dataset, strict: bool = False):
+        """``dataset`` with its levels censored as the model's control stream censors levels (Beal's M3 written
+        with F_FLAG: :class:`~hybridpk.population.nonmem_m3.CensoringRule`), for data other than the stream's own
+        $DATA: a patient's levels below the stream's LLOQ are censored there, not fitted as measured. ``strict``
+        (a data file as read): levels the file marks censored (CENS, BLQ, an LLOQ column) that the stream would fit
+        as measured are refused by row. Other models: ``dataset`` as it is."""
+        return dataset if self.censoring_rule is None else self.censoring_rule.censor(dataset, strict=strict)
 
     def require_dv_scale(self, dataset) -> None:
         """A model whose control stream fits LOG(F) to DV in log units (``error.log_dv``) takes its observations

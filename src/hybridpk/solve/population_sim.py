@@ -147,10 +147,7 @@ def observe(model, design, params: dict, rng, *, proportional: float = 0.0, addi
     dv = conc * (1 + proportional * eps[0]) + additive * eps[1]
     if decimals is not None:
         dv = np.round(dv, decimals)
-    obs = design.observation_mask
-    out = design.to_dataframe().copy()
-    out.loc[obs, "DV"] = dv[obs]
-    out.loc[~obs & design.dose_mask, "DV"] = 0.0
+    out = design.simulated_records(dv)      # censored as the design's levels are
     return read_nonmem(out, covariates=list(design.covariates)), ipred
 
 
