@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,48 @@ OMEGAS = "$OMEGA  0.0309626 ; IIV_CL\n$OMEGA  0.031128 ; IIV_VC"
 def pheno_dir(tmp_path, pharmpy_examples):
     shutil.copy(pharmpy_examples / "pheno.dta", tmp_path)
     return tmp_path, (pharmpy_examples / "pheno.mod").read_text()
+
+
+def test_a_scale_that_converts_units_predicts_nonmems_f(tmp_path, theoph_path, capsys):
+    """S2 = V/1000 (doses in mg, levels in ng/mL; refused before): NONMEM's F = A/S2 with the kinetics of CL and V.
+    A fit of theophylline's levels x 1000 under it gives the THETAs, OMEGA and SIGMA (proportional) of the levels in
+    mg/L under S2 = V, and its OFV is theirs + 2 n log(1000), the -2 log-likelihood of the same residuals in units
+    1000 times smaller. The individual CL and V are reported as what they are (CL/1000, V/1000: hybridpk's A/V is
+    F), and a dose search without a target is refused, as hybridpk's default is in mg*h/L."""
+    from hybridpk.cli import main
+
+    df = pd.read_csv(theoph_path)
+    df.loc[(df.EVID == 0) & (df.TIME == 0), ["EVID", "MDV"]] = [2, 1]     # pre-dose: no proportional likelihood
+    df.to_csv(tmp_path / "theoph.csv", index=False)
+    df.assign(DV=df.DV * 1000).to_csv(tmp_path / "theoph_ng.csv", index=False)
+    mg = THEO_TRANS2.replace("Y = F + EPS(1)", "Y = F + F*EPS(1)").replace("$SIGMA 0.5", "$SIGMA 0.04")
+    ng = mg.replace("S2 = V", "S2 = V/1000 ; mg and ng/mL").replace("theoph.csv", "theoph_ng.csv")
+    fits = []
+    for name, text in (("mg.mod", mg), ("ng.mod", ng)):
+        (tmp_path / name).write_text(text)
+        pm, ds = read_control_stream(tmp_path / name)
+        prob = Problem(pm, ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits.append((pm, ds, fit_population(pm, ds, progress=False, covariance=False)))
+    (pm_mg, ds_mg, a), (pm_ng, ds_ng, b) = fits
+    n_obs = int(prob.obs.sum())
+    assert pm_ng.parameter_labels["V"] == "V/1000" and pm_ng.parameter_labels["CL"] == "CL/1000"
+    assert "V" not in pm_mg.parameter_labels and pm_ng.concentration_scale.startswith("S2 = V/1000")
+    assert b.estimation.ofv == pytest.approx(a.estimation.ofv + 2 * n_obs * math.log(1000), abs=1e-4)
+    for name in a.theta.names:
+        assert b.theta[name].value == pytest.approx(a.theta[name].value, rel=1e-4)
+    np.testing.assert_allclose(b.omega.matrix, a.omega.matrix, rtol=1e-3)
+    assert b.sigma["PROP"].value == pytest.approx(a.sigma["PROP"].value, rel=1e-4)
+    ind_mg, ind_ng = a.estimate(ds_mg).parameters, b.estimate(ds_ng).parameters
+    np.testing.assert_allclose(ind_ng.CL * 1000, ind_mg.CL, rtol=1e-3)
+    np.testing.assert_allclose(ind_ng.V * 1000, ind_mg.V, rtol=1e-3)
+    b.save(tmp_path / "run")
+    one = df[df.ID == df.ID.iloc[0]].assign(DV=lambda d: d.DV * 1000)
+    one.to_csv(tmp_path / "one.csv", index=False)
+    capsys.readouterr()
+    assert main(["dose", str(tmp_path / "run"), str(tmp_path / "one.csv")]) == 2
+    assert "give --target in the units of its levels" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("old, new, construct", [
@@ -422,7 +465,6 @@ def test_trans1_without_a_scale_predicts_amounts_as_nonmem_does(tmp_path, theoph
 
 
 @pytest.mark.parametrize("old, new, construct", [
-    ("S2 = V", "S2 = V/1000", "S2 = V/1000"),                 # a unit conversion in the scale
     ("S2 = V", "V2 = V", "no S2"),                            # TRANS2 without a scale: F is the amount
     ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (AMT.GT.0) KA = 2*KA", "data item AMT"),
     ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (WT.GT.100) KOLD = 2\nKX = KOLD",

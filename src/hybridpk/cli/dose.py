@@ -336,6 +336,11 @@ def _conventions(args, model, ds) -> None:
                                                               if k != "target" else f"target {stated[k]}"
                                                               for k in taken) + " (the flags override)")
     if args.target is None:
+        scaled = getattr(model, "concentration_scale", "")
+        if scaled:
+            raise HybridPKError(f"{model.name} predicts levels in other units than amount/L ({scaled}), and hybridpk's "
+                                f"default target {DEFAULT_TARGET} is in mg*h/L: give --target in the units of its "
+                                "levels")
         args.target = DEFAULT_TARGET
         print(f"note: target {DEFAULT_TARGET} is hybridpk's default (a vancomycin AUC24 window, mg*h/L); "
               f"{model.name} states none, so give --target for another drug")
@@ -515,7 +520,8 @@ def run_map(args) -> int:
         from hybridpk.dosing import auc
 
         a = auc(model, ds, *args.auc, posterior=post)
-        print(f"  AUC {a['start_h']:g}-{a['end_h']:g} h of the doses given: MAP {a['map']:.4g} mg*h/L; posterior "
+        unit = "mg*h/L" if not model.concentration_scale else f"h x the levels' units ({model.concentration_scale})"
+        print(f"  AUC {a['start_h']:g}-{a['end_h']:g} h of the doses given: MAP {a['map']:.4g} {unit}; posterior "
               f"median {a['median']:.4g}, 90% interval {a['p05']:.4g}-{a['p95']:.4g}")
     df = ds.to_dataframe()
     until = args.until or float(df.TIME.max()) + 24.0

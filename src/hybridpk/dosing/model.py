@@ -85,6 +85,12 @@ class DosingModel:
         return tuple(self.population.notes)
 
     @property
+    def concentration_scale(self) -> str:
+        """How the model's levels differ from amount/L, when they do (a control stream's S2 = V/1000: levels in
+        ng/mL for doses in mg); "" otherwise (:attr:`PopulationModel.concentration_scale`)."""
+        return self.population.model.concentration_scale
+
+    @property
     def default_duration(self) -> float:
         """The duration (h) of a new dose when the caller does not say: 0 (bolus or oral dose) for a model
         whose route is oral or bolus (a spec's ``route``; a fit of a model that doses into a depot, or of one

@@ -212,13 +212,13 @@ def _micro_constants(g, advan, trans):
 
 def _structural(env, advan, trans, oral):
     """hybridpk's parameters (CL, V, Q, V2, Q3, V3, KA, F, ALAG) from the $PK variables as NONMEM's ADVANn
-    TRANSm reads them. The central volume is the kinetic one (TRANS2-4) or, with micro-constants (TRANS1, 5,
-    6), the scale S1/S2 (NONMEM's default 1: F is then the amount). The prediction is A/V: that it equals
-    NONMEM's F = A/S is checked on the statements when the control stream is read."""
+    TRANSm reads them: its rate constants (K, K12, K21 ...: from CL/V, Q/V ... with TRANS2-4) with the scale S1/S2
+    as the central volume, so that hybridpk's A/V is NONMEM's F = A/S (NONMEM's default S = 1 with TRANS1, 5 and 6:
+    F is then the amount). Where S is the kinetic volume (S2 = V) these are the $PK's CL, V ...; where it is not
+    (S2 = V/1000), each clearance and volume is scaled by S/V, reported as such (:func:`_scale_labels`)."""
     g = env.get
-    vol, k10, micro = _micro_constants(g, advan, trans)
-    if vol is None:
-        vol = g(_central_scale(advan), 1.0)
+    _, k10, micro = _micro_constants(g, advan, trans)
+    vol = g(_central_scale(advan), 1.0)     # F = A/S: the kinetics' rate constants with S as the central volume
     p = {"V": vol, "CL": k10 * vol}
     for j, (kcp, kpc) in enumerate(micro):
         q = kcp * vol
@@ -466,29 +466,38 @@ def _central_scale_alias(statements, scale_name: str, text: str, path):
     return [(scale_name if n == "SC" else n, e.subs(rename)) for n, e in statements]
 
 
-def _check_scale(defs: dict, written: dict, advan: int, trans: int, text: str, path) -> None:
-    """hybridpk predicts A/V with V the central volume of the kinetics; NONMEM's F is A/S (S1 or S2; default
-    1). With TRANS1, 5 and 6 the scale is the volume (F = A/S exactly). With TRANS2-4 the scale must equal
-    the kinetic central volume, identically, or the prediction would differ: refused otherwise."""
+def _scale_labels(defs: dict, written: dict, advan: int, trans: int, text: str, path) -> dict:
+    """How the structural parameters are reported when the central scale S (S1 or S2) is not the kinetic central
+    volume V (TRANS2-4; S2 = V/1000 for doses in mg and levels in ng/mL): NONMEM's F = A/S is predicted with the
+    kinetics of the $PK's CL, V (Q, peripheral V) as hybridpk's parameters scaled alike, V' = S and each clearance
+    and volume times S/V (:func:`_structural`), reported as what they are ("V/1000", "CL/1000"; "CL*S2/V" when
+    S/V is not a number). {} when S = V identically (and with TRANS1, 5, 6, whose volume is S). Without S
+    (NONMEM's default 1: F is the amount) the stream is refused: levels fitted as amounts are a units slip far
+    more often than intended."""
     import sympy
 
     if trans in (1, 5, 6):
-        return
+        return {}
     scale_name = _central_scale(advan)
     _, v_name, _ = _PHYSIOLOGICAL[advan]
     if trans in (2, 3) or (advan == 3 and "V1" not in defs):
         v_name = "V" if advan in (1, 2, 3) else v_name
-    scale = defs.get(scale_name, sympy.Integer(1))
     vol = defs.get(v_name)
-    if vol is None or sympy.simplify(vol / scale - 1) != 0:
-        what = (f"{scale_name} = {written[scale_name]}" if scale_name in defs else
-                f"no {scale_name} (NONMEM's default 1: F is the amount)")
-        raise ModelError(f"{_line_of(text, path, scale_name) if scale_name in defs else Path(path).name}: {what}, "
-                         f"but the central volume is {v_name}"
-                         f"{' = ' + str(written[v_name]) if v_name in written else ''}"
-                         f"; hybridpk predicts the concentration A/{v_name} "
-                         f"and supports {scale_name} equal to {v_name} only: write {scale_name} = {v_name} and give "
-                         "doses and DV in consistent units")
+    if scale_name not in defs or vol is None:
+        raise ModelError(f"{Path(path).name}: no {scale_name} (NONMEM's default 1: F is the amount), but the central "
+                         f"volume is {v_name}{' = ' + str(written[v_name]) if v_name in written else ''}; write "
+                         f"{scale_name} = {v_name} (or {v_name}/1000 for doses in mg and levels in ng/mL)")
+    ratio = sympy.simplify(defs[scale_name] / vol)
+    if ratio == 1:
+        return {}
+    if ratio.is_number:
+        inverse = sympy.nsimplify(1 / ratio)
+        suffix = f"/{inverse}" if inverse.is_Integer else f"*{sympy.nsimplify(ratio)}"
+    else:
+        suffix = f"*{scale_name}/{v_name}"
+    names = {"V": "V", "CL": "CL", "Q": "Q", "V2": "V2", "Q3": "Q3", "V3": "V3"}
+    names.update({k: v for k, v in _stream_names(advan).items() if k in names})
+    return {ours: f"{theirs}{suffix}" for ours, theirs in names.items()}
 
 
 def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str, text: str, path,
@@ -752,8 +761,7 @@ def read_control_stream(path):
     if not written:
         statements = _central_scale_alias(statements, scale_name, text, path)
     defs = _definitions(statements)
-    if not written:
-        _check_scale(defs, dict(statements), advan, trans, text, path)
+    scaled = {} if written else _scale_labels(defs, dict(statements), advan, trans, text, path)
     error, kinds, sigma_fixed, factor, censoring = _error_model(m, defs, params, eps_names, sigma_names, scale_name,
                                                                 text, path, any_scale=written, data=data)
     error_inputs = None
@@ -790,7 +798,10 @@ def read_control_stream(path):
 
     pm = PopulationModel(structural=structural, error=error, individual=individual, covariates=covs,
                          sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=items,
-                         error_inputs=error_inputs, parameter_labels={} if written else _stream_names(advan),
+                         error_inputs=error_inputs,
+                         parameter_labels={} if written else {**_stream_names(advan), **scaled},
+                         concentration_scale=(f"{scale_name} = {dict(statements)[scale_name]}: F = A/{scale_name}"
+                                              if scaled else ""),
                          censoring_rule=_rule(censoring, error, m.datainfo), **common)
     return pm, ds
 

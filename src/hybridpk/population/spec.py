@@ -284,6 +284,9 @@ class PopulationModel:
     parameter_labels: dict = field(default_factory=dict)
     #: a control stream's M3 (F_FLAG) as a rule for data other than its own $DATA (:meth:`read_levels`)
     censoring_rule: object | None = field(default=None, repr=False)
+    #: how the predicted levels differ from amount/L, when they do: a control stream's central scale that is not its
+    #: volume ("S2 = V/1000: F = A/S2", levels in ng/mL for doses in mg); "" for amount/L
+    concentration_scale: str = ""
 
     def label(self, name: str) -> str:
         """The name the structural parameter ``name`` is reported under (see ``parameter_labels``)."""
