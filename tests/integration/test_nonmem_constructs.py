@@ -23,7 +23,7 @@ import hybridpk as hp
 from hybridpk.errors import DatasetError, ModelError
 from hybridpk.population import build_model, fit_population
 from hybridpk.population.focei import Problem
-from hybridpk.population.nonmem import read_control_stream
+from hybridpk.population.nonmem import read_control_stream, write_control_stream
 from tests.integration.test_nonmem_import import THEO_TRANS2
 
 OMEGAS = "$OMEGA  0.0309626 ; IIV_CL\n$OMEGA  0.031128 ; IIV_VC"
@@ -75,6 +75,88 @@ def test_a_scale_that_converts_units_predicts_nonmems_f(tmp_path, theoph_path, c
     capsys.readouterr()
     assert main(["dose", str(tmp_path / "run"), str(tmp_path / "one.csv")]) == 2
     assert "give --target in the units of its levels" in capsys.readouterr().err
+
+
+TAD_FOR_TABLES = """IF (AMT.GT.0) THEN
+TDOS = TIME
+TAD = 0.0
+ENDIF
+IF (AMT.EQ.0) TAD = TIME - TDOS
+WTKG = WT
+"""
+
+
+def test_a_time_after_dose_computed_for_tables_is_not_the_model(tmp_path, theoph_path):
+    """$PK computing a time after dose for $TABLE, as NONMEM users write it (IF (AMT.GT.0) TDOS = TIME; TAD = TIME -
+    TDOS: the value carried from the dose record): no prediction reads it, so the stream is the model without it
+    (same OFV at the initial estimates). It was refused ('TDOS is assigned only under IF'). Where $ERROR reads TAD,
+    it is the model, and is still refused by name."""
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    with_tad = THEO_TRANS2.replace("$PK\n", "$PK\n" + TAD_FOR_TABLES) + "$TABLE ID TIME TAD WTKG NOPRINT FILE=sdtab\n"
+    ofvs = []
+    for name, text in (("plain.mod", THEO_TRANS2), ("tad.mod", with_tad)):
+        (tmp_path / name).write_text(text)
+        pm, ds = read_control_stream(tmp_path / name)
+        assert "TAD" not in pm.covariates and "AMT" not in pm.record_items
+        ofvs.append(_ofv_at_inits(pm, ds))
+    assert ofvs[1] == ofvs[0]
+    (tmp_path / "read.mod").write_text(with_tad.replace("Y = F + EPS(1)", "W = 1\nIF (TAD.LT.1) W = 2\n"
+                                                                          "Y = F + W*EPS(1)"))
+    with pytest.raises(ModelError, match=r"read.mod line \d+: TDOS is assigned only under IF"):
+        read_control_stream(tmp_path / "read.mod")
+
+
+def test_labels_of_abbr_replace_are_the_numbered_parameters(tmp_path, theoph_path):
+    """$ABBR REPLACE ETA(CL)=ETA(2) (and THETA, EPS labels; NONMEM 7.4) with the code written on the labels: the
+    OFV of the numbered stream at the initial estimates (it was refused: '$PK reads ETA(KA) before assigning it'),
+    and the final stream written back keeps the $ABBR records as written (pharmpy rewrote them as ETA_KA=ETA(1)
+    and dropped the THETA and EPS labels, which NM-TRAN refuses): read again, it gives the fit's OFV. A list of
+    labels (ETA(CL,V)=ETA(2,3)) is refused with its line."""
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    abbr = "".join(f"$ABBR REPLACE {k}({label})={k}({n})\n" for k, label, n in
+                   (("ETA", "KA", 1), ("ETA", "CL", 2), ("ETA", "V", 3), ("THETA", "CL", 2), ("EPS", "ADD", 1)))
+    labelled = (THEO_TRANS2.replace("$PK\n", abbr + "$PK\n").replace("ETA(1))", "ETA(KA))")
+                .replace("THETA(2)*EXP(ETA(2))", "THETA(CL)*EXP(ETA(CL))").replace("ETA(3))", "ETA(V))")
+                .replace("Y = F + EPS(1)", "Y = F + EPS(ADD)"))
+    assert "ETA(CL)" in labelled and "EPS(ADD)" in labelled
+    (tmp_path / "plain.mod").write_text(THEO_TRANS2)
+    (tmp_path / "abbr.mod").write_text(labelled)
+    assert _ofv_at_inits(*read_control_stream(tmp_path / "abbr.mod")) == \
+        _ofv_at_inits(*read_control_stream(tmp_path / "plain.mod"))
+    pm, ds = read_control_stream(tmp_path / "abbr.mod")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(pm, ds, progress=False, covariance=False)
+    final = write_control_stream(fit, tmp_path / "final.mod")
+    text = final.read_text()
+    assert "$ABBR REPLACE THETA(CL)=THETA(2)" in text and "$ABBR REPLACE ETA(KA)=ETA(1)" in text
+    again = text.replace("$ESTIMATION METHOD=1 INTERACTION", "$ESTIMATION METHOD=1 INTERACTION MAXEVAL=0")
+    (tmp_path / "again.mod").write_text(again)
+    pm2, ds2 = read_control_stream(tmp_path / "again.mod")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        at_final = fit_population(pm2, ds2, progress=False, covariance=False)
+    assert at_final.estimation.ofv == pytest.approx(fit.estimation.ofv, abs=1e-6)
+    (tmp_path / "list.mod").write_text(labelled.replace("ETA(CL)=ETA(2)", "ETA(CL,V)=ETA(2,3)"))
+    with pytest.raises(ModelError, match=r"list.mod line \d+: \$ABBR REPLACE ETA\(CL,V\)=ETA\(2,3\)"):
+        read_control_stream(tmp_path / "list.mod")
+
+
+def test_code_for_the_simulation_step_is_not_the_model_and_not_simulated(tmp_path, theoph_path):
+    """IF (ICALL.EQ.4) ... (NONMEM's simulation step; ICALL = 2 while it estimates): the fit is the stream's without
+    it (same OFV at the initial estimates; it was refused: 'the prediction is Piecewise((0, Eq(ICALL, 4) ...), not
+    F'), and hybridpk's simulations, which would not run that code, are refused by its line."""
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    (tmp_path / "plain.mod").write_text(THEO_TRANS2)
+    (tmp_path / "sim.mod").write_text(THEO_TRANS2.replace("Y = F + EPS(1)", "Y = F + EPS(1)\n"
+                                                                           "IF (ICALL.EQ.4.AND.Y.LT.0) Y = 0"))
+    pm, ds = read_control_stream(tmp_path / "sim.mod")
+    assert _ofv_at_inits(pm, ds) == _ofv_at_inits(*read_control_stream(tmp_path / "plain.mod"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(pm, ds, progress=False, covariance=False, evaluate=True)
+    with pytest.raises(ModelError, match=r"sim.mod line 12: .*simulation step \(ICALL.EQ.4\)"):
+        fit.simulate(ds)
 
 
 @pytest.mark.parametrize("old, new, construct", [
@@ -467,7 +549,7 @@ def test_trans1_without_a_scale_predicts_amounts_as_nonmem_does(tmp_path, theoph
 @pytest.mark.parametrize("old, new, construct", [
     ("S2 = V", "V2 = V", "no S2"),                            # TRANS2 without a scale: F is the amount
     ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (AMT.GT.0) KA = 2*KA", "data item AMT"),
-    ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (WT.GT.100) KOLD = 2\nKX = KOLD",
+    ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))\nIF (WT.GT.100) KOLD = 2\nKA = KA*KOLD",
      "KOLD is assigned only under IF"),
     ("KA = THETA(1)*EXP(ETA(1))", "KA = THETA(1)*EXP(ETA(1))*KOLD", "reads KOLD before assigning"),
     ("Y = F + EPS(1)", "IPRED = A(1)/V\nY = IPRED + EPS(1)", "amount A_DEPOT"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..errors import HybridPKError
+from ..errors import HybridPKError, ModelError
 from ..io import atomic_write_text
 from .estimates import IndividualEstimates, map_estimate
 from .estimation import Estimation, read_json
@@ -182,8 +182,19 @@ class FittedPopulation:
         row per replicate and record: REP (1..n), ID, TIME, EVID, MDV, IPRED, DV (mg/L) and the ETAs."""
         from .simulation import simulate_replicates
 
+        self.require_simulation()
         dataset.require_units(self.units, self.name or "the model")
         return simulate_replicates(self, dataset, n, seed)
+
+    def require_simulation(self) -> None:
+        """Refuse to simulate a control stream that writes code for NONMEM's simulation step (IF (ICALL.EQ.4) ...:
+        a truncation of simulated levels, a simulated event), which hybridpk's simulations (simulate, VPC, NPDE)
+        would not run; its fit, predictions and dosing read the code NONMEM estimates with (ICALL = 2)."""
+        where = self.model.recipe.get("simulation_code")
+        if where:
+            raise ModelError(f"{where}: the control stream has code for NONMEM's simulation step (ICALL.EQ.4), which "
+                             "hybridpk's simulations do not run (they draw the levels from the error model NONMEM "
+                             "estimates with); simulate in NONMEM, or remove that code to simulate here")
 
     # ------------------------------------------------------------------ persistence
     def tables_to_dict(self) -> dict:

@@ -400,6 +400,83 @@ def _line_of(text: str, path, name: str) -> str:
     return Path(path).name
 
 
+def _abbreviated(m, text: str, path):
+    """pharmpy's model with the labels of $ABBR REPLACE read in the code (NONMEM 7.4: $ABBR REPLACE ETA(CL)=ETA(1),
+    then CL = TVCL*EXP(ETA(CL))): NM-TRAN puts the number for the label before anything else; pharmpy names the
+    random variable (THETA, EPS) by the label but leaves ETA(CL) in the code a symbol of its own, which hybridpk
+    refused as read before it is assigned (a label written as a name, ETA_CL=ETA(1), is pharmpy's name already).
+    One label per THETA, ETA or EPS; other forms are refused by line."""
+    from pharmpy.basic import Expr
+
+    abbr = m.internals.control_stream.abbreviated
+    replace = abbr.replace
+    if not replace:
+        return m
+    named = abbr.translate_to_pharmpy_names()       # {"ETA(1)": "ETA_CL"}
+    known = set(m.random_variables.names) | set(m.parameters.names)
+    subs = {}
+    for label, number in replace.items():
+        lab = re.fullmatch(r"(THETA|ETA|EPS)\((\w+)\)|\w+", label.strip(), flags=re.I)   # ETA(CL), or ETA_CL
+        num = re.fullmatch(r"(THETA|ETA|EPS)\((\d+)\)", number.strip(), flags=re.I)
+        at = next((f"{Path(path).name} line {i}" for i, record, code in _code_lines(text)
+                   if record.startswith("ABB") and label.strip().upper() in code.upper().replace(" ", "")),
+                  _where(text, path, r"\$ABB"))
+        if not lab or not num or (lab.group(1) and lab.group(1).upper() != num.group(1).upper()):
+            raise ModelError(f"{at}: $ABBR REPLACE {label}={number}: hybridpk reads one label for one THETA, ETA or "
+                             "EPS (ETA(CL)=ETA(1)); write each on its own")
+        target = named.get(number)
+        if target not in known:
+            target = f"{num.group(1).upper()}_{num.group(2)}"
+        if target not in known:
+            raise ModelError(f"{at}: $ABBR REPLACE {label}={number}: {number} is not in the model")
+        if label.strip() != target:
+            subs[Expr.symbol(label.strip())] = Expr.symbol(target)
+    return m.replace(statements=m.statements.subs(subs)) if subs else m
+
+
+#: NONMEM's ICALL while it estimates, predicts and computes tables (help "ICALL": 2, a normal call; 4 while it
+#: simulates): code under IF (ICALL.EQ.4) is the simulation step's, not the model's
+ESTIMATION_CALL = {"ICALL": 2}
+
+
+def _simulation_code(text: str, path) -> str:
+    """'FILE line N' of code that NONMEM runs only when it simulates (ICALL.EQ.4, ICALL==4), else ''."""
+    for i, record, code in _code_lines(text):
+        if record.startswith(("PK", "ERR", "PRED", "DES")) and re.search(r"ICALL\s*(\.EQ\.|==)\s*4\b", code,
+                                                                            flags=re.I):
+            return f"{Path(path).name} line {i}"
+    return ""
+
+
+#: $PK variables PREDPP reads (NONMEM help "Reserved variables", PREDPP's basic and additional PK parameters): their
+#: assignments are the model, whatever else reads them
+_PREDPP_NAMES = re.compile(r"(S\d+|SC|F\d+|FO|R\d+|D\d+|ALAG\d+|TLAG\d*|KA|K|K\d+|K\d+T\d+|CL|V|V\d+|VSS|Q|Q\d+|AOB|"
+                           r"ALPHA|BETA|VM|KM|CALLFL|MTIME|MTDIFF|MNEXT|MPAST|MNOW|Y|F_FLAG|MDVRES|.*\(.*\))",
+                           re.IGNORECASE)
+
+
+def _live(statements, text: str, pred: bool) -> list:
+    """The $PK (or $PRED) statements the model reads: those assigning what PREDPP reads (CL, V, S2, F1, ALAG1, A_0 ...;
+    Y in a $PRED), anything $ERROR, $DES or $AES mention, and what these read in turn. The others are left out: a
+    time after dose computed for $TABLE (IF (AMT.GT.0) TDOS = TIME ... TAD = TIME - TDOS, whose value NONMEM carries
+    from record to record and hybridpk would refuse) changes no prediction; hybridpk writes its own tables."""
+    import sympy
+
+    mentioned = set()
+    if not pred:
+        for _, record, code in _code_lines(text):
+            if record.startswith(("ERR", "DES", "AES")):
+                mentioned |= {w.upper() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code)}
+    needed, kept = set(mentioned), []
+    for name, expr in reversed(statements):
+        if name.upper() in needed or _PREDPP_NAMES.fullmatch(name):
+            kept.append((name, expr))
+            needed |= {sym.name.upper() for sym in expr.free_symbols}
+            if isinstance(expr, sympy.Piecewise):     # a name kept under IF keeps its earlier assignments too
+                needed.add(name.upper())
+    return kept[::-1]
+
+
 def _data_items(statements, columns: set, names: set, text: str, path, censoring=None) -> tuple:
     """The data items (dataset columns and TIME) that $PK reads, evaluated at every record as NONMEM does.
     Refused by name and line: items that are not covariates of the records yet (AMT, EVID, CMT ...) and a
@@ -514,7 +591,7 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
     import sympy
 
     where = _where(text, path, r"\$ERR")
-    after = [(str(st.symbol), sympy.sympify(st.expression)) for st in m.statements.after_odes
+    after = [(str(st.symbol), sympy.sympify(st.expression).subs(ESTIMATION_CALL)) for st in m.statements.after_odes
              if hasattr(st, "symbol")]
     env = dict(defs)
     fsym = sympy.Symbol("F")
@@ -700,7 +777,7 @@ def read_control_stream(path):
                          f"(ADVAN{advan} takes TRANS{', TRANS'.join(str(t) for t in _TRANS[advan])})")
     oral = advan in (2, 4, 12)
     comps = _model_record(text, path) if written else None
-    m = _parse_stream(text, path)
+    m = _abbreviated(_parse_stream(text, path), text, path)
     estimation, evaluation_only = _check_estimation(m, text, path)
     rvs = m.random_variables
     eta_names = list(rvs.etas.names)
@@ -716,7 +793,8 @@ def read_control_stream(path):
                          upper=float(p.upper) if p.upper is not None else math.inf, fixed=bool(p.fix))
                    for p in params if p.name not in special)
 
-    statements = [(str(s.symbol), sympy.sympify(s.expression)) for s in m.statements.before_odes]
+    statements = _live([(str(s.symbol), sympy.sympify(s.expression).subs(ESTIMATION_CALL))
+                        for s in m.statements.before_odes], text, pred)
     statements = _initial_amounts(statements, written, advan, text, path)
     if m.dataset is None:
         raise HybridPKError(_missing_data(text, path, getattr(m.datainfo, "path", None)))
@@ -726,8 +804,10 @@ def read_control_stream(path):
     data = _reserved_synonyms(data, m.datainfo)
     statements, once = _call_flag(statements, text, path)
     mceta = _mceta(m)
+    simulation = _simulation_code(text, path)
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
               "estimation": estimation, "covariance": _covariance_step(text),
+              **({"simulation_code": simulation} if simulation else {}),
               **({"mceta": mceta} if mceta else {}),
               **({"evaluate": True} if evaluation_only else {})}
     common = dict(thetas=thetas, etas=tuple(eta_names), omega_init=omega_init, omega_blocks=blocks,
@@ -1114,5 +1194,19 @@ def write_control_stream(fitted, path) -> Path:
     m = set_initial_estimates(m, inits)
     out = Path(path)
     write_model(m, str(out), force=True)
-    atomic_write_text(out, out.read_text().replace(_SET_ASIDE, ""))     # the $TABLE records as written
+    written = _abbreviations_as_written(out.read_text().replace(_SET_ASIDE, ""), _stream_text(source))
+    atomic_write_text(out, written)     # the $TABLE and $ABBR records as written
     return out
+
+
+def _abbreviations_as_written(written: str, original: str) -> str:
+    """``written`` (pharmpy's) with the $ABBR records of ``original`` in place of its own: pharmpy rewrites
+    $ABBR REPLACE ETA(CL)=ETA(1) as ETA_CL=ETA(1) and drops THETA and EPS labels, which NM-TRAN then refuses."""
+    mine = [line for line in original.splitlines() if re.match(r"\s*\$ABB", line, flags=re.I)]
+    if not mine:
+        return written
+    lines = written.splitlines()
+    at = next((i for i, line in enumerate(lines) if re.match(r"\s*\$(ABB|PK|PRED)", line, flags=re.I)), len(lines))
+    kept = [line for line in lines if not re.match(r"\s*\$ABB", line, flags=re.I)]
+    at -= sum(1 for line in lines[:at] if re.match(r"\s*\$ABB", line, flags=re.I))
+    return "\n".join(kept[:at] + mine + kept[at:]) + ("\n" if written.endswith("\n") else "")

@@ -63,7 +63,12 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
     if dataset.covariates:
         figures["eta_covariates"] = eta_covariate_figure(est.individual, patient_covariates(dataset),
                                                          dict(dataset.units))
-    if vpc_replicates:
+    notes = {}
+    simulation = pop.model.recipe.get("simulation_code")
+    if vpc_replicates and simulation:       # a stream's simulation-step code hybridpk would not run: not drawn
+        notes["VPC and NPDE"] = (f"not drawn: {simulation} has code for NONMEM's simulation step (ICALL.EQ.4), which "
+                                 "hybridpk's simulations do not run")
+    elif vpc_replicates:
         from ..diagnostics import npde, plot_npde, plot_vpc, vpc
 
         figures["vpc"] = plot_vpc(vpc(model, dataset, n=vpc_replicates, seed=seed), time_unit=t_unit,
@@ -93,7 +98,7 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
     summary = {"OFV": est.ofv, "parameters": p, "AIC": est.ofv + 2 * p if not isinstance(model, HybridFit) else None,
                "BIC": est.ofv + p * np.log(max(n_obs, 1)) if not isinstance(model, HybridFit) else None,
                "subjects": est.n_subjects, "observations": n_obs, "method": est.method,
-               "converged": est.converged, "data_sha256": est.data_sha256}
+               "converged": est.converged, "data_sha256": est.data_sha256, **notes}
     meta = run_metadata(seed=est.seed)
     page = _html(model, pop, summary, meta, images, isinstance(model, HybridFit))
     path = out / "report.html"

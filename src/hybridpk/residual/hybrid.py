@@ -239,6 +239,7 @@ class HybridFit:
         """``n`` replicates of the design of ``dataset`` from the generative model: ETAs from OMEGA, z from
         the latent prior N(0, I), the hybrid prediction, and DV with the residual error at the observation
         records. One row per replicate and record: REP, ID, TIME, EVID, MDV, IPRED, DV (mg/L), ETAs, Z1..."""
+        self.population.require_simulation()
         pop, pm = self.hybrid_population, self.population.model
         etas, base = eta_sampler(pop), ODEBaseline(pop)
 
