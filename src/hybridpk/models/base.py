@@ -126,7 +126,7 @@ class CompartmentModel:
         """Validate a parameter mapping: every name present, nothing unknown; returns it with defaults."""
         names = set(self.parameter_names)
         missing = [k for k in self.parameter_names if k not in params and not self._has_default(k)]
-        unknown = [k for k in params if k not in names]
+        unknown = [k for k in params if k not in names and k not in ("D", "R")]   # D, R: of the doses (solve._events)
         if missing or unknown:
             msg = [f"model {self.name} needs parameters {', '.join(self.parameter_names)}"]
             if missing:

@@ -232,6 +232,9 @@ def _structural(env, advan, trans, oral):
         p["F"] = g("F1")
     if g("ALAG1") is not None:
         p["ALAG"] = g("ALAG1")
+    for ours, theirs in (("D", "D1"), ("R", "R1")):     # RATE = -2 (-1): the doses' duration (rate), modelled
+        if g(theirs) is not None:
+            p[ours] = g(theirs)
     return p
 
 
@@ -240,7 +243,7 @@ def _stream_names(advan: int) -> dict:
     volume names of TRANS4 (TRANS2 for ADVAN1/2) and the dose compartment's F1 and ALAG1 (ADVAN4's V2 is the
     central volume, hybridpk's V; its V3 the peripheral one, hybridpk's V2)."""
     cl, central, pairs = _PHYSIOLOGICAL[advan]
-    ours = {"CL": cl, "V": central, "F": "F1", "ALAG": "ALAG1"}
+    ours = {"CL": cl, "V": central, "F": "F1", "ALAG": "ALAG1", "D": "D1", "R": "R1"}
     for (q, v), (our_q, our_v) in zip(pairs, (("Q", "V2"), ("Q3", "V3"))):
         ours.update({our_q: q, our_v: v})
     return {k: v for k, v in ours.items() if k != v}

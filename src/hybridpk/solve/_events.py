@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.batch import BOLUS, DURATION_GIVEN, RATE_GIVEN
+from ..data.batch import BOLUS, DURATION_GIVEN, DURATION_MODELLED, RATE_GIVEN, RATE_MODELLED
 from ..errors import ModelError
+
+#: parameters of the doses with RATE = -2 (D: their duration, h) and RATE = -1 (R: their rate, amount/h) into the
+#: default dose compartment, as NONMEM's D1 and R1 (help "RATE"): modelled zero-order input, e.g. zero-order
+#: absorption; they act as F and ALAG do, on the doses only, and are not parameters of the kinetics
+DOSE_PARAMETERS = ("D", "R")
 
 
 @dataclass
@@ -44,8 +49,11 @@ def _describe_rows(batch, mask) -> str:
     return ", ".join(str(r) for r in rows)
 
 
-def dose_events(model, p: dict, batch) -> DoseEvents:
-    """Apply the model's bioavailability and lag to the batch's doses and resolve infusions."""
+def dose_events(model, p: dict, batch, modelled: bool = False) -> DoseEvents:
+    """Apply the model's bioavailability and lag to the batch's doses and resolve infusions. ``modelled`` (the
+    closed forms, whose infusion terms are differentiable in the duration): doses with RATE = -2 (-1) into the
+    default dose compartment take their duration (rate) from the parameter D (R); the ODE paths, whose segments
+    are cut at the infusions' ends, refuse them."""
     n_states = model.n_states
     cmt = batch.dose_cmt
     active = batch.dose_mask
@@ -56,11 +64,16 @@ def dose_events(model, p: dict, batch) -> DoseEvents:
     idx = torch.where(cmt == 0, torch.full_like(cmt, model.dose_cmt), cmt) - 1
     default = idx == (model.dose_cmt - 1)
     mode = batch.dose_mode
-    unsupported = active & ~torch.isin(mode, torch.tensor([BOLUS, RATE_GIVEN, DURATION_GIVEN], device=mode.device))
+    dpar, rpar = (p.get(k) if modelled else None for k in DOSE_PARAMETERS)
+    allowed = [BOLUS, RATE_GIVEN, DURATION_GIVEN] + ([DURATION_MODELLED] if dpar is not None else []) + \
+        ([RATE_MODELLED] if rpar is not None else [])
+    unsupported = active & (~torch.isin(mode, torch.tensor(allowed, device=mode.device)) | ((mode < 0) & ~default))
     if unsupported.any():
-        raise ModelError("RATE=-1/-2 (modelled rate or duration) without a DUR column is not supported by "
-                         f"model {model.name}; give the rate or the duration in the data (rows "
-                         f"{_describe_rows(batch, unsupported)})")
+        raise ModelError("RATE=-1/-2 (modelled rate or duration) without a DUR column needs the rate R or the "
+                         "duration D of the doses into the dose compartment (a control stream's R1/D1) and a model "
+                         f"solved in closed form; model {model.name} has "
+                         f"{'neither' if dpar is None and rpar is None else 'them, but not for these doses'}: give "
+                         f"the rate or the duration in the data (rows {_describe_rows(batch, unsupported)})")
     ones = torch.ones_like(batch.dose_amt)
     fpar = p.get("F") if model.bioavailability else None
     lag = p.get("ALAG") if model.lag else None
@@ -74,8 +87,16 @@ def dose_events(model, p: dict, batch) -> DoseEvents:
     dur_given = mode == DURATION_GIVEN
     safe_rate = torch.where(rate_given, batch.dose_rate, ones)
     safe_dur = torch.where(dur_given, batch.dose_duration, ones)
-    duration = torch.where(rate_given, amt / safe_rate, torch.where(dur_given, batch.dose_duration, 0 * ones))
-    rate = torch.where(rate_given, batch.dose_rate, torch.where(dur_given, amt / safe_dur, 0 * ones))
+    if dpar is not None or rpar is not None:    # the modelled duration (rate) of doses into the dose compartment
+        dur_modelled, rate_modelled = active & (mode == DURATION_MODELLED), active & (mode == RATE_MODELLED)
+        if dpar is not None:
+            dur_given = dur_given | dur_modelled
+            safe_dur = torch.where(dur_modelled, _per_dose(dpar) * ones, safe_dur)
+        if rpar is not None:
+            rate_given = rate_given | rate_modelled
+            safe_rate = torch.where(rate_modelled, _per_dose(rpar) * ones, safe_rate)
+    duration = torch.where(rate_given, amt / safe_rate, torch.where(dur_given, safe_dur, 0 * ones))
+    rate = torch.where(rate_given, safe_rate, torch.where(dur_given, amt / safe_dur, 0 * ones))
     ss = batch.dose_ss
     ii = batch.dose_ii
     too_long = active & (ss > 0) & (duration + shift > ii)

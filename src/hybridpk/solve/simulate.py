@@ -12,6 +12,7 @@ import torch
 from ..errors import ModelError, SolverError
 from ..models import get_model
 from . import closed_form, ode
+from ._events import DOSE_PARAMETERS
 
 __all__ = ["Prediction", "simulate", "as_parameters"]
 
@@ -65,7 +66,7 @@ def as_parameters(model, params, batch) -> dict:
         table = table.loc[list(batch.ids)]
         params = {c.upper(): table[c].to_numpy(dtype=float) for c in table.columns}
     out = {}
-    names = set(model.parameter_names)
+    names = set(model.parameter_names) | set(DOSE_PARAMETERS)    # D, R: of doses with RATE = -2/-1 (_events)
     for k, v in params.items():
         if k not in names:
             continue
@@ -227,7 +228,7 @@ def simulate(model, params, batch, *, method: str = "auto", rtol: float = 1e-8, 
     bad = {} if getattr(model, "given_per_record", False) else _bad_parameters(model, p, batch.record_mask)
     if bad:  # keep the batch healthy: solve failed subjects with typical values, report them
         idx = torch.tensor(sorted(bad), device=batch.time.device)
-        fixed = {}
+        fixed = dict(p)     # D and R (of the doses) as they are
         for spec in model.parameters:
             v = p[spec.name].clone()
             v[idx] = spec.typical if spec.name not in ("F", "ALAG") else (1.0 if spec.name == "F" else 0.0)

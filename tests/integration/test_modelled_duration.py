@@ -1,0 +1,127 @@
+"""Doses with RATE = -2 (-1) and their duration (rate) a parameter: NONMEM's D1 (R1), e.g. zero-order absorption.
+They were refused by every model ('RATE=-1/-2 ... without a DUR column is not supported'). The closed forms take
+the duration from the parameter D (R), of the doses into the dose compartment, as F and ALAG; a control stream's
+D1/R1 is that parameter. Checked against the zero-order input's own solution and its derivative in D, against
+the same doses with the duration given in the data, and by a fit that recovers D."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hybridpk as hp
+from hybridpk.errors import ModelError
+from hybridpk.population import build_model, fit_population
+from hybridpk.population.nonmem import read_control_stream
+from hybridpk.solve import simulate
+
+TIMES = [0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0]
+
+
+def _records(rate=-2.0, dur=None, n=1):
+    rows = []
+    for i in range(1, n + 1):
+        rows.append(dict(ID=i, TIME=0.0, AMT=100.0, RATE=rate, DV=0.0, EVID=1, MDV=1,
+                         **({"DUR": dur} if dur is not None else {})))
+        rows += [dict(ID=i, TIME=t, AMT=0.0, RATE=0.0, DV=1.0, EVID=0, MDV=0, **({"DUR": 0.0} if dur is not None
+                                                                                 else {})) for t in TIMES]
+    return pd.DataFrame(rows)
+
+
+def _zero_order(t, dose, d, cl, v):
+    """The 1-compartment concentration after a zero-order input of ``dose`` over ``d`` h (its own solution)."""
+    k = cl / v
+    during = dose / d / cl * (1 - np.exp(-k * np.minimum(t, d)))
+    return np.where(t <= d, during, during * np.exp(-k * (t - d)))
+
+
+def test_the_duration_parameter_gives_the_zero_order_solution_and_its_derivative():
+    """1cmt_iv, 100 mg with RATE = -2 and D = 2.3 h (no level at its end, where the solution has a kink in D): the
+    zero-order input's solution to 1e-12, the derivative in D (autograd through the closed form) the central
+    difference of that solution, and the same as the duration given in a DUR
+    column; an ODE solve and a model without D refuse the doses, as before."""
+    batch = hp.read_nonmem(_records()).to_batch()
+    d = torch.tensor([2.3], dtype=torch.float64, requires_grad=True)
+    p = {"CL": torch.tensor([3.0], dtype=torch.float64), "V": torch.tensor([30.0], dtype=torch.float64), "D": d}
+    c = simulate("1cmt_iv", p, batch).ipred[0, 1:]
+    t = np.array(TIMES)
+    np.testing.assert_allclose(c.detach().numpy(), _zero_order(t, 100.0, 2.3, 3.0, 30.0), rtol=1e-12)
+    grad = torch.autograd.grad(c.sum(), d)[0].item()
+    h = 1e-6
+    fd = (_zero_order(t, 100.0, 2.3 + h, 3.0, 30.0) - _zero_order(t, 100.0, 2.3 - h, 3.0, 30.0)).sum() / (2 * h)
+    assert grad == pytest.approx(fd, rel=1e-6)
+    given = hp.read_nonmem(_records(dur=2.3)).to_batch()
+    c_given = simulate("1cmt_iv", {"CL": 3.0, "V": 30.0}, given).ipred[0, 1:]
+    torch.testing.assert_close(c.detach(), c_given, rtol=1e-12, atol=0)
+    with pytest.raises(ModelError, match="needs the rate R or the duration D"):
+        simulate("1cmt_iv", {"CL": 3.0, "V": 30.0}, batch)
+    with pytest.raises(ModelError, match="needs the rate R or the duration D"):
+        simulate("1cmt_iv", {"CL": 3.0, "V": 30.0, "D": 2.3}, batch, method="ode")
+
+
+STREAM = """$PROBLEM zero-order input, its duration a THETA
+$INPUT ID TIME AMT RATE DV EVID MDV
+$DATA {data} IGNORE=@
+$SUBROUTINE ADVAN1 TRANS2
+$PK
+CL = THETA(1)*EXP(ETA(1))
+V = THETA(2)*EXP(ETA(2))
+D1 = THETA(3)*EXP(ETA(3))
+S1 = V
+$ERROR
+Y = F + F*EPS(1)
+$THETA (0, 3) (0, 30) (0, {d})
+$OMEGA 0.09 0.04 0.04
+$SIGMA 0.01
+$ESTIMATION METHOD=1 INTERACTION {maxeval}
+"""
+
+
+def _simulated(folder, n=24, seed=3, d=2.0):
+    rng = np.random.default_rng(seed)
+    df = _records(n=n)
+    for i in range(1, n + 1):
+        cl, v, dd = 3.0 * math.exp(rng.normal(0, 0.3)), 30.0 * math.exp(rng.normal(0, 0.2)), d
+        rows = (df.ID == i) & (df.EVID == 0)
+        c = _zero_order(df.TIME[rows].to_numpy(), 100.0, dd, cl, v)
+        df.loc[rows, "DV"] = np.round(c * (1 + 0.1 * rng.normal(size=c.size)), 5)
+    df.to_csv(folder / "zero.csv", index=False)
+    return df
+
+
+def test_a_control_streams_d1_is_the_duration_and_is_estimated(tmp_path):
+    """ADVAN1 with D1 = THETA(3) and RATE = -2 on 24 simulated patients (zero-order input over 2 h): the fit from
+    D1 = 1.5 h recovers the duration (within 10%) and CL, and reports the individual duration as D1; at the initial
+    estimates the stream's OFV is the native model's with the same duration given in a DUR column."""
+    df = _simulated(tmp_path)
+    (tmp_path / "zero.mod").write_text(STREAM.format(data="zero.csv", d=1.5, maxeval="")
+                                       .replace("D1 = THETA(3)*EXP(ETA(3))", "D1 = THETA(3)")
+                                       .replace("$OMEGA 0.09 0.04 0.04", "$OMEGA 0.09 0.04"))
+    pm, ds = read_control_stream(tmp_path / "zero.mod")
+    assert pm.label("D") == "D1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(pm, ds, progress=False, covariance=False)
+    assert np.isfinite(fit.estimation.ofv)
+    assert fit.theta["THETA_3"].value == pytest.approx(2.0, rel=0.1)
+    assert fit.theta["THETA_1"].value == pytest.approx(3.0, rel=0.15)
+    assert "D" in fit.estimate(ds).parameters.columns
+    # the same records with the duration in the data: the OFV at D's value with no IIV on it
+    (tmp_path / "fixed.mod").write_text(STREAM.format(data="zero.csv", d=2.0, maxeval="MAXEVAL=0")
+                                        .replace("D1 = THETA(3)*EXP(ETA(3))", "D1 = THETA(3)")
+                                        .replace("$OMEGA 0.09 0.04 0.04", "$OMEGA 0.09 0.04"))
+    pm1, ds1 = read_control_stream(tmp_path / "fixed.mod")
+    native = hp.read_nonmem(df.assign(RATE=np.where(df.EVID == 1, -2.0, 0.0),
+                                      DUR=np.where(df.EVID == 1, 2.0, 0.0)))
+    pm2 = build_model("1cmt_iv", iiv=["CL", "V"], error="proportional", initial={"CL": 3.0, "V": 30.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = fit_population(pm1, ds1, progress=False, covariance=False, evaluate=True)
+        b = fit_population(pm2, native, progress=False, covariance=False, evaluate=True, omega=[0.09, 0.04],
+                           sigma={"PROP": 0.1}, pooled_start=False)
+    assert a.estimation.ofv == pytest.approx(b.estimation.ofv, abs=1e-6)
