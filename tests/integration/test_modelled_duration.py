@@ -97,7 +97,8 @@ def _simulated(folder, n=24, seed=3, d=2.0):
 def test_a_control_streams_d1_is_the_duration_and_is_estimated(tmp_path):
     """ADVAN1 with D1 = THETA(3) and RATE = -2 on 24 simulated patients (zero-order input over 2 h): the fit from
     D1 = 1.5 h recovers the duration (within 10%) and CL, and reports the individual duration as D1; at the initial
-    estimates the stream's OFV is the native model's with the same duration given in a DUR column."""
+    estimates the stream's OFV is the native model's with the same duration given in a DUR column. A dose
+    recommendation, whose new doses would be bolus or of a stated duration, is refused."""
     df = _simulated(tmp_path)
     (tmp_path / "zero.mod").write_text(STREAM.format(data="zero.csv", d=1.5, maxeval="")
                                        .replace("D1 = THETA(3)*EXP(ETA(3))", "D1 = THETA(3)")
@@ -111,6 +112,12 @@ def test_a_control_streams_d1_is_the_duration_and_is_estimated(tmp_path):
     assert fit.theta["THETA_3"].value == pytest.approx(2.0, rel=0.1)
     assert fit.theta["THETA_1"].value == pytest.approx(3.0, rel=0.15)
     assert "D" in fit.estimate(ds).parameters.columns
+    # a dose recommendation would give new doses another input than the model's own: refused by name
+    from hybridpk.dosing import recommend_dose
+
+    one = ds.subset([ds.ids[0]])
+    with pytest.raises(hp.HybridPKError, match=r"modelled duration \(D1\)"):
+        recommend_dose(fit, one, "auc24=30:60")
     # the same records with the duration in the data: the OFV at D's value with no IIV on it
     (tmp_path / "fixed.mod").write_text(STREAM.format(data="zero.csv", d=2.0, maxeval="MAXEVAL=0")
                                         .replace("D1 = THETA(3)*EXP(ETA(3))", "D1 = THETA(3)")

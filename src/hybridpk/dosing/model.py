@@ -84,6 +84,17 @@ class DosingModel:
     def notes(self) -> tuple:
         return tuple(self.population.notes)
 
+    def require_given_input(self) -> None:
+        """Refuse to recommend doses for a model whose doses take a modelled duration or rate (a control stream's
+        D1/R1 with RATE = -2/-1: zero-order absorption): the doses hybridpk recommends are given as bolus or with a
+        stated duration, so their exposure would not be the model's. MAP estimates read such records."""
+        modelled = self.population.model.recipe.get("modelled_input")
+        if modelled:
+            raise HybridPKError(f"{self.name} gives its doses a modelled {' and '.join(modelled)} (RATE = -2/-1); "
+                                "hybridpk recommends doses given as bolus or over a stated duration, which this model "
+                                "would not absorb as it absorbs its own: not supported ('hybridpk map' estimates the "
+                                "patient from such records)")
+
     @property
     def concentration_scale(self) -> str:
         """How the model's levels differ from amount/L, when they do (a control stream's S2 = V/1000: levels in

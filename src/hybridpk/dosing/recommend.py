@@ -383,6 +383,7 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     overlaps infusions.
     """
     model = dosing_model(model)
+    model.require_given_input()
     duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
     cmt = model.dose_compartment(cmt)
@@ -441,6 +442,7 @@ def interval_for_dose(model, dataset, dose: float, target, *, duration: float | 
     interval is never shorter than the infusion; ``cmt`` as in :func:`recommend_dose`. No interval in the
     range reaching the middle: HybridPKError naming the metric at both ends of the range."""
     model = dosing_model(model)
+    model.require_given_input()
     duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
     if tgt.metric not in ("auc24", "trough", "peak"):

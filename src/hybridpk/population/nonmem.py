@@ -845,6 +845,9 @@ def read_control_stream(path):
         statements = _central_scale_alias(statements, scale_name, text, path)
     defs = _definitions(statements)
     scaled = {} if written else _scale_labels(defs, dict(statements), advan, trans, text, path)
+    modelled = [f"{what} ({name})" for name, what in (("D1", "duration"), ("R1", "rate")) if name in defs]
+    if modelled and not written:
+        common["recipe"] = {**common["recipe"], "modelled_input": modelled}
     error, kinds, sigma_fixed, factor, censoring = _error_model(m, defs, params, eps_names, sigma_names, scale_name,
                                                                 text, path, any_scale=written, data=data)
     error_inputs = None
