@@ -159,6 +159,25 @@ def test_code_for_the_simulation_step_is_not_the_model_and_not_simulated(tmp_pat
         fit.simulate(ds)
 
 
+def test_a_theta_named_in_its_comment_like_a_pk_variable_is_labelled_so(tmp_path, theoph_path, capsys):
+    """$THETA (0, 2.8) ; CL beside CL = THETA(2)*EXP(ETA(2)): pharmpy cannot name the THETA CL (the $PK variable
+    has that name) and calls it THETA_2; the fit's printout and summary.json label it CL. It was shown as THETA_2
+    only."""
+    import json
+
+    from hybridpk.cli import main
+
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    (tmp_path / "run.mod").write_text(THEO_TRANS2.replace("; POP_CL", "; CL").replace(
+        "$ESTIMATION METHOD=1 INTERACTION", "$ESTIMATION METHOD=1 INTERACTION MAXEVAL=0"))
+    pm, _ = read_control_stream(tmp_path / "run.mod")
+    assert [t.label for t in pm.thetas] == ["", "CL", ""] and pm.thetas[1].name == "THETA_2"
+    assert main(["fit", str(tmp_path / "run.mod"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "THETA_2 (CL)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["parameters"]["THETA_2"]["label"] == "CL"
+
+
 @pytest.mark.parametrize("old, new, construct", [
     ("METHOD=1 INTERACTION", "METHOD=0 INTER", "METHOD=0 INTERACTION"),
     ("METHOD=1 INTERACTION MAXEVALS=99999", "METHOD=0 MAXEVALS=99999\n$ESTIMATION METHOD=1 INTER", "2 $ESTIMATION"),

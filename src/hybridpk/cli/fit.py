@@ -502,7 +502,7 @@ def report(result, ds) -> str:
                      "IGNORE=C; `hybridpk check` lists their lines)")
     for t in result.theta:
         rse = f"{t.rse:.1f}%" if t.rse is not None else "-"
-        lines.append(f"  {t.name:<12} {t.value:12.5g}   RSE {rse}")
+        lines.append(f"  {t.shown:<12} {t.value:12.5g}   RSE {rse}")
     for o in result.omega:
         shr = e.shrinkage["eta"].get(o.eta, float("nan"))
         cv = f"{o.cv_percent:.1f}%" if o.cv_percent is not None else "not finite"

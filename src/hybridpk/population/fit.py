@@ -778,7 +778,7 @@ def _tables(pm, pack, theta, omega, sd, cov_natural, dataset=None) -> FittedPopu
         if not t.fixed:
             s = float(se[i]) if se is not None else None
             i += 1
-        rows.append(ThetaEstimate(t.name, float(theta[t.name]), s, t.fixed, t.unit))
+        rows.append(ThetaEstimate(t.name, float(theta[t.name]), s, t.fixed, t.unit, t.label))
     k = pm.n_eta
     om_se = [[None] * k for _ in range(k)]
     fixed = set(pm.omega_fixed)            # FIX: no standard error (NONMEM prints none)

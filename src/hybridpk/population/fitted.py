@@ -95,7 +95,7 @@ class FittedPopulation:
         variances as {parameter or ETA name: variance} (diagonal) or a (K, K) matrix, ``sd`` the residual
         SDs {"ADD": mg/L, "PROP": fraction}; ``info``: name, citation, ranges, route, units, notes,
         covariate_defaults, dosing."""
-        th = ThetaTable(tuple(ThetaEstimate(t.name, float(theta[t.name]), fixed=t.fixed, unit=t.unit)
+        th = ThetaTable(tuple(ThetaEstimate(t.name, float(theta[t.name]), fixed=t.fixed, unit=t.unit, label=t.label)
                               for t in pm.thetas))
         if isinstance(omega, dict):
             var = [float(omega[e] if e in omega else omega[e.removeprefix("ETA_")]) for e in pm.etas]

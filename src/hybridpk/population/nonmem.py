@@ -403,6 +403,13 @@ def _line_of(text: str, path, name: str) -> str:
     return Path(path).name
 
 
+def _theta_labels(m) -> dict:
+    """{THETA_n: the name its $THETA comment gives} for the THETAs pharmpy could not name so (the comment is a
+    $PK variable's name: ``$THETA (0, 14.9) ; CL``)."""
+    names = [n for r in m.internals.control_stream.get_records("THETA") for n in (r.comment_names or [])]
+    return {f"THETA_{i}": n for i, n in enumerate(names, 1) if n and f"THETA_{i}" in m.parameters.names}
+
+
 def _abbreviated(m, text: str, path):
     """pharmpy's model with the labels of $ABBR REPLACE read in the code (NONMEM 7.4: $ABBR REPLACE ETA(CL)=ETA(1),
     then CL = TVCL*EXP(ETA(CL))): NM-TRAN puts the number for the label before anything else; pharmpy names the
@@ -792,8 +799,10 @@ def read_control_stream(path):
         raise ModelError(f"{_where(text, path, _SIGMA)}: a $SIGMA BLOCK (correlated EPS) is not supported; "
                          "hybridpk estimates independent EPS (one $SIGMA per EPS)")
     special = set(rvs.etas.parameter_names) | set(rvs.epsilons.parameter_names)
+    labels = _theta_labels(m)
     thetas = tuple(Theta(p.name, float(p.init), lower=float(p.lower) if p.lower is not None else -math.inf,
-                         upper=float(p.upper) if p.upper is not None else math.inf, fixed=bool(p.fix))
+                         upper=float(p.upper) if p.upper is not None else math.inf, fixed=bool(p.fix),
+                         label=labels.get(p.name, ""))
                    for p in params if p.name not in special)
 
     statements = _live([(str(s.symbol), sympy.sympify(s.expression).subs(ESTIMATION_CALL))

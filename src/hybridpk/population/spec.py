@@ -33,6 +33,7 @@ class Theta:
     upper: float = math.inf
     fixed: bool = False
     unit: str = ""
+    label: str = ""     # a control stream's comment name where pharmpy's name is THETA_n (see ThetaEstimate)
 
 
 @dataclass(frozen=True)

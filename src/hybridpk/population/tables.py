@@ -22,13 +22,20 @@ def _rse(value: float, se: float | None) -> float | None:
 @dataclass(frozen=True)
 class ThetaEstimate:
     """One THETA: ``value`` on the natural scale (``unit``), its standard error ``se`` (None when not
-    computed), ``fixed`` (FIX: not estimated)."""
+    computed), ``fixed`` (FIX: not estimated), ``label``: what a control stream's comment calls it where its name
+    cannot (``$THETA (0, 14.9) ; CL`` beside a $PK variable CL: THETA_1, labelled CL)."""
 
     name: str
     value: float
     se: float | None = None
     fixed: bool = False
     unit: str = ""
+    label: str = ""
+
+    @property
+    def shown(self) -> str:
+        """The name with its label, as the printouts show it: "THETA_1 (CL)"."""
+        return f"{self.name} ({self.label})" if self.label and self.label != self.name else self.name
 
     @property
     def rse(self) -> float | None:
@@ -69,7 +76,8 @@ class ThetaTable(_Rows):
 
     def to_dict(self) -> dict:
         """summary.json's "parameters": {name: {"estimate", "se", "rse", "fixed"}}."""
-        return {r.name: {"estimate": r.value, "se": r.se, "rse": r.rse, "fixed": r.fixed} for r in self.rows}
+        return {r.name: {"estimate": r.value, "se": r.se, "rse": r.rse, "fixed": r.fixed,
+                         **({"label": r.label} if r.label else {})} for r in self.rows}
 
 
 @dataclass(frozen=True)

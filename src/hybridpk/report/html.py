@@ -153,7 +153,7 @@ def _hybrid_variability(model) -> str:
 
 
 def _html(model, pop, summary, meta, images, hybrid: bool) -> str:
-    theta = [(r.name, r.value, r.se, r.rse, "FIX" if r.fixed else "") for r in pop.theta.rows]
+    theta = [(r.shown, r.value, r.se, r.rse, "FIX" if r.fixed else "") for r in pop.theta.rows]
     omega = [(e.label, e.variance, e.cv_percent, e.se) for e in pop.omega]
     sigma = [(s.label, s.value, s.scale, s.se) for s in pop.sigma.rows]
     shr = pop.estimation.shrinkage
