@@ -96,7 +96,8 @@ def _simulated(folder, n=24, seed=3, d=2.0):
 
 def test_a_control_streams_d1_is_the_duration_and_is_estimated(tmp_path):
     """ADVAN1 with D1 = THETA(3) and RATE = -2 on 24 simulated patients (zero-order input over 2 h): the fit from
-    D1 = 1.5 h recovers the duration (within 10%) and CL, and reports the individual duration as D1; at the initial
+    D1 = 1.5 h recovers the duration (within 10%) and CL, and reports the individual duration as D1; the native
+    1cmt_iv with D a THETA (--init D=1.5) gives the same fit; at the initial
     estimates the stream's OFV is the native model's with the same duration given in a DUR column. A dose
     recommendation, whose new doses would be bolus or of a stated duration, is refused."""
     df = _simulated(tmp_path)
@@ -118,6 +119,14 @@ def test_a_control_streams_d1_is_the_duration_and_is_estimated(tmp_path):
     one = ds.subset([ds.ids[0]])
     with pytest.raises(hp.HybridPKError, match=r"modelled duration \(D1\)"):
         recommend_dose(fit, one, "auc24=30:60")
+    # the native model with the duration a THETA (hybridpk fit --init D=1.5): the stream's fit
+    native_d = build_model("1cmt_iv", iiv=["CL", "V"], error="proportional", initial={"CL": 3.0, "V": 30.0, "D": 1.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = fit_population(native_d, hp.read_nonmem(tmp_path / "zero.csv"), progress=False, covariance=False,
+                              omega=[0.09, 0.04], sigma={"PROP": 0.1})
+    assert ours.estimation.ofv == pytest.approx(fit.estimation.ofv, abs=1e-5)
+    assert ours.theta["D"].value == pytest.approx(fit.theta["THETA_3"].value, rel=1e-4)
     # the same records with the duration in the data: the OFV at D's value with no IIV on it
     (tmp_path / "fixed.mod").write_text(STREAM.format(data="zero.csv", d=2.0, maxeval="MAXEVAL=0")
                                         .replace("D1 = THETA(3)*EXP(ETA(3))", "D1 = THETA(3)")
@@ -132,3 +141,26 @@ def test_a_control_streams_d1_is_the_duration_and_is_estimated(tmp_path):
         b = fit_population(pm2, native, progress=False, covariance=False, evaluate=True, omega=[0.09, 0.04],
                            sigma={"PROP": 0.1}, pooled_start=False)
     assert a.estimation.ofv == pytest.approx(b.estimation.ofv, abs=1e-6)
+
+
+@pytest.mark.parametrize("model, initial", [("1cmt_oral", {"ALAG": 0.2}), ("1cmt_iv", {"D": 1.5})])
+def test_a_run_that_estimates_an_optional_parameter_loads_again(tmp_path, theoph_path, model, initial):
+    """A fit that estimates ALAG, F, D or R (given an initial value, --init ALAG=0.2) is saved and loaded with them:
+    it could not be loaded ('the THETA/OMEGA tables do not match the model'), so predict, map, dose and report
+    refused every such run."""
+    from hybridpk.population import FittedPopulation
+
+    if model == "1cmt_oral":
+        ds = hp.read_nonmem(theoph_path)
+    else:
+        _simulated(tmp_path)
+        ds = hp.read_nonmem(tmp_path / "zero.csv")
+    pm = build_model(model, iiv=["CL", "V"], initial=initial, error="combined")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_population(pm, ds, progress=False, covariance=False, maxiter=5)
+    fit.save(tmp_path / "run")
+    back = FittedPopulation.load(tmp_path / "run")
+    name = next(iter(initial))
+    assert back.theta[name].value == fit.theta[name].value
+    np.testing.assert_allclose(back.predict(ds).table.IPRED, fit.predict(ds).table.IPRED, rtol=1e-12)

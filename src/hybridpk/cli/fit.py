@@ -121,7 +121,9 @@ def add_parser(sub) -> None:
                         "samples); combined1: SD = ADD + PROP IPRED (Monolix/posologyr)")
     p.add_argument("--ltbs", action="store_true",
                    help="log-transform both sides: fit log(DV) with an additive error on the log scale")
-    p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30")
+    p.add_argument("--init", metavar="P=V,...", help="initial typical values, e.g. CL=3,V=30; also estimates F, "
+                                                     "ALAG, and D (h) or R (mg/h), the duration or rate of doses "
+                                                     "with RATE = -2 or -1 (zero-order input, as NONMEM's D1/R1)")
     p.add_argument("--omega-block", nargs="?", const="all", metavar="P,P[;P,P]",
                    help="estimate covariances between ETAs: alone, one block over all ETAs; with parameters, "
                         "blocks of them, e.g. CL,V (the others keep a variance only) or CL,V;KA,ALAG")

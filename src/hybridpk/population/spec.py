@@ -17,6 +17,8 @@ import torch
 
 from ..errors import ModelError
 from ..models import get_model
+from ..models.base import D as DOSE_D
+from ..models.base import R as DOSE_R
 from .omega import normalise_blocks
 
 __all__ = ["Theta", "ErrorModel", "PopulationModel", "CovariateEffect", "build_model", "parse_covariate",
@@ -491,6 +493,9 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     est = [p for p in sm.parameters if p.name not in ("F", "ALAG") and p.name not in fixed and p.name not in derived]
     est += extra
     initial = {k.upper(): v for k, v in (initial or {}).items()}
+    dosing = {p.name: p for p in (DOSE_D, DOSE_R)} if sm.linear else {}    # RATE = -2/-1 doses: D, R if given
+    extra += [dosing[k] for k in list(initial) + list(fixed) if k in dosing and dosing[k] not in extra]
+    est += [p for p in extra if p.name in dosing and p.name not in fixed and p not in est]
     names = list(sm.parameter_names) + [p.name for p in extra]
     unknown = [k for k in list(initial) + list(iiv or []) + list(iov or []) if k.upper() not in names]
     if unknown:
@@ -582,7 +587,8 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     def individual(theta, eta, cov):
         out = every_parameter(theta, eta, cov)
         for p in extra:
-            del out[p.name]
+            if p.name not in dosing:        # D and R go to the solver with the doses
+                del out[p.name]
         return out
 
     omega = tuple(0.09 for _ in iiv) + tuple(0.04 for _ in etas[len(iiv):])
@@ -590,8 +596,11 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     err = error if isinstance(error, ErrorModel) else ErrorModel(kind)
     blocks = _omega_blocks(omega_block, list(iiv))
     same = tuple(((i,), (idx[0],)) for idx in iov_index.values() for i in idx[1:])   # one IOV variance each
+    # F, ALAG, D and R are estimated when given an initial value: the rebuilt model (model_from_recipe) needs them
+    optional = {k: float(v) for k, v in initial.items() if k in ("F", "ALAG", *dosing) and k not in fixed}
     recipe = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
               "fixed": fixed, "time_varying": time_varying, "omega_block": [[iiv[i] for i in b] for b in blocks],
+              **({"estimated_optional": optional} if optional else {}),
               **({"derived": {k: text for k, (text, _, _) in derived.items()}} if derived else {}),
               **({"iov": iov, "occasion": occasion, "occasions": occasions} if iov else {}),
               "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
@@ -693,6 +702,7 @@ def model_from_recipe(recipe: dict) -> PopulationModel:
             effects = [CovariateEffect(**e) for e in recipe.get("covariates", [])]
             error = ErrorModel(recipe["error"], ltbs=bool(recipe.get("ltbs", False)))
             return build_model(recipe["model"], iiv=recipe["iiv"], covariates=effects, error=error,
+                               initial=recipe.get("estimated_optional"),
                                fixed=recipe.get("fixed") or {}, omega_block=recipe.get("omega_block", False),
                                time_varying=recipe.get("time_varying", "nonmem"), derived=recipe.get("derived"),
                                iov=recipe.get("iov"), occasion=recipe.get("occasion", "OCC"),

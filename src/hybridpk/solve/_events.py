@@ -70,8 +70,8 @@ def dose_events(model, p: dict, batch, modelled: bool = False) -> DoseEvents:
     unsupported = active & (~torch.isin(mode, torch.tensor(allowed, device=mode.device)) | ((mode < 0) & ~default))
     if unsupported.any():
         raise ModelError("RATE=-1/-2 (modelled rate or duration) without a DUR column needs the rate R or the "
-                         "duration D of the doses into the dose compartment (a control stream's R1/D1) and a model "
-                         f"solved in closed form; model {model.name} has "
+                         "duration D of the doses into the dose compartment (a control stream's R1/D1; hybridpk fit "
+                         f"--init D=2) and a model solved in closed form; model {model.name} has "
                          f"{'neither' if dpar is None and rpar is None else 'them, but not for these doses'}: give "
                          f"the rate or the duration in the data (rows {_describe_rows(batch, unsupported)})")
     ones = torch.ones_like(batch.dose_amt)
