@@ -104,17 +104,18 @@ def record_run_data(run_dir, source: str, ds) -> None:
     atomic_write_text(Path(run_dir) / RUN_DATA, json.dumps(record, indent=2))
 
 
-def run_dataset(run_dir, data_arg: str | None):
+def run_dataset(run_dir, data_arg: str | None, model=None):
     """The dataset a command on a run reads: ``data_arg`` (--data) when given, else the one RUN/data.json
-    records, read again from its source and refused by name if it is gone or has changed since the fit."""
+    records, read again from its source and refused by name if it is gone or has changed since the fit. A --data
+    file is read for ``model`` (the run, loaded by the command) as :func:`model_dataset` reads it: levels its
+    control stream's M3 censors, censored."""
     import json
     from pathlib import Path
 
     from hybridpk.errors import HybridPKError
 
     if data_arg:
-        ds = read_dataset_arg(data_arg)
-        return ds if str(data_arg).lower().endswith((".mod", ".ctl")) else _levels_as_stream(run_dir, ds)
+        return read_dataset_arg(data_arg) if model is None else model_dataset(data_arg, None, model)
     path = Path(run_dir) / RUN_DATA
     if not path.is_file():
         raise HybridPKError(f"{run_dir} does not record the dataset it was fitted to (no {RUN_DATA}: a run written by "
@@ -132,24 +133,6 @@ def run_dataset(run_dir, data_arg: str | None):
                             "give --data with the dataset the run was fitted to")
     print(f"data: {source} (the dataset {run_dir} was fitted to)")
     return ds
-
-
-def _levels_as_stream(run_dir, ds):
-    """``ds`` (a data file given as --data) with its levels censored as the run's control stream censors levels,
-    when the run was fitted from one that writes Beal's M3 (:func:`model_dataset`); else as it is."""
-    import json
-    from pathlib import Path
-
-    try:
-        kind = json.loads((Path(run_dir) / "model.json").read_text())["model"]["kind"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ds       # the command's own loading of the run says what is wrong with it
-    if kind != "nonmem":
-        return ds
-    from hybridpk.residual import load_run
-
-    model = load_run(run_dir)
-    return getattr(model, "population", model).model.read_levels(ds, strict=True)
 
 
 def latent_dim_arg(text: str):

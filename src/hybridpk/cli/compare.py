@@ -53,7 +53,7 @@ def run(args) -> int:
     if len(set(names)) != len(names):
         names = [str(r) for r in args.runs]
     runs = {name: load_run(r) for name, r in zip(names, args.runs)}
-    ds = run_dataset(args.runs[0], args.data)
+    ds = run_dataset(args.runs[0], args.data, runs[names[0]])
     result = compare_runs(runs, ds, folds=args.folds, seed=args.seed, progress=print)
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(result.table.round(4).to_string(index=False))

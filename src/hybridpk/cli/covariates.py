@@ -56,7 +56,7 @@ def run(args) -> int:
     pop = model.population if isinstance(model, HybridFit) else model
     if pop.estimation is None:
         raise HybridPKError(f"{args.run} holds no fit (a published model?): search covariates on a fitted run")
-    ds = run_dataset(args.run, args.data)
+    ds = run_dataset(args.run, args.data, model)
     if pop.estimation.data_sha256 and pop.estimation.data_sha256 != ds.fingerprint():
         raise HybridPKError(f"{args.data or 'the recorded dataset'} is not the dataset {args.run} was fitted to (its "
                             "fingerprint differs)")

@@ -336,9 +336,9 @@ def _conventions(args, model, ds) -> None:
                                                               if k != "target" else f"target {stated[k]}"
                                                               for k in taken) + " (the flags override)")
     if args.target is None:
-        scaled = getattr(model, "concentration_scale", "")
-        if scaled:
-            raise HybridPKError(f"{model.name} predicts levels in other units than amount/L ({scaled}), and hybridpk's "
+        if model.concentration_scale:
+            raise HybridPKError(f"{model.name} predicts levels in other units than amount/L "
+                                f"({model.concentration_scale}), and hybridpk's "
                                 f"default target {DEFAULT_TARGET} is in mg*h/L: give --target in the units of its "
                                 "levels")
         args.target = DEFAULT_TARGET

@@ -371,16 +371,14 @@ class Dataset:
         above. How the VPC censors simulated levels (Bergstrand and Karlsson 2009) and a simulated dataset is
         censored as the data are."""
         cens, limit = self.censoring()
-        out = []
-        for sign in (1, -1):
+
+        def limits(sign):
             own = np.where(cens == -sign, np.nan, limit)       # a level above the ULOQ has no LLOQ, and the reverse
             values = np.unique(own[cens == sign])
-            if sign == 1 and "LLOQ" in self._frame:
-                out.append(self._frame["LLOQ"].to_numpy(dtype=float))
-            else:
-                out.append(np.full(len(cens), values[0]) if values.size == 1 else
-                           own if values.size else np.full(len(cens), np.nan))
-        return out[0], out[1]
+            return np.full(len(cens), values[0] if values.size == 1 else np.nan) if values.size <= 1 else own
+
+        lloq = self._frame["LLOQ"].to_numpy(dtype=float) if "LLOQ" in self._frame else limits(1)
+        return lloq, limits(-1)
 
     @property
     def dose_mask(self) -> np.ndarray:

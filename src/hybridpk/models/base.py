@@ -126,7 +126,7 @@ class CompartmentModel:
         """Validate a parameter mapping: every name present, nothing unknown; returns it with defaults."""
         names = set(self.parameter_names)
         missing = [k for k in self.parameter_names if k not in params and not self._has_default(k)]
-        unknown = [k for k in params if k not in names and k not in ("D", "R")]   # D, R: of the doses (solve._events)
+        unknown = [k for k in params if k not in names and k not in DOSE_PARAMETERS]   # of the doses (solve._events)
         if missing or unknown:
             msg = [f"model {self.name} needs parameters {', '.join(self.parameter_names)}"]
             if missing:
@@ -164,9 +164,11 @@ V3 = Parameter("V3", "L", 1e-3, 1e5, "peripheral volume 2", 150.0)
 KA = Parameter("KA", "1/h", 1e-4, 100.0, "first-order absorption rate constant", 1.0)
 ALAG = Parameter("ALAG", "h", 0.0, 48.0, "absorption lag time (doses into the default dose compartment)", 0.0)
 F = Parameter("F", "-", 0.0, 1.0, "bioavailability (doses into the default dose compartment)", 1.0)
-#: the doses' own parameters with RATE = -2 (-1) (NONMEM's D1, R1; :data:`hybridpk.solve._events.DOSE_PARAMETERS`):
-#: of the doses into the default dose compartment, for the models solved in closed form
+#: the doses' own parameters with RATE = -2 (-1) (NONMEM's D1, R1, help "RATE"): the duration (rate) of the doses
+#: into the default dose compartment, zero-order input, for the models solved in closed form (solve._events); like
+#: F and ALAG they act on the doses only
 D = Parameter("D", "h", 1e-3, 1e3, "duration of the doses with RATE = -2 (modelled zero-order input)", 1.0)
 R = Parameter("R", "mg/h", 1e-6, 1e6, "rate of the doses with RATE = -1 (modelled zero-order input)", 10.0)
+DOSE_PARAMETERS = (D.name, R.name)
 VMAX = Parameter("VMAX", "mg/h", 1e-4, 1e5, "maximum elimination rate (Michaelis-Menten)", 10.0)
 KM = Parameter("KM", "mg/L", 1e-6, 1e4, "concentration at half-maximal elimination", 2.0)

@@ -428,20 +428,25 @@ def _abbreviated(m, text: str, path):
     for label, number in replace.items():
         lab = re.fullmatch(r"(THETA|ETA|EPS)\((\w+)\)|\w+", label.strip(), flags=re.I)   # ETA(CL), or ETA_CL
         num = re.fullmatch(r"(THETA|ETA|EPS)\((\d+)\)", number.strip(), flags=re.I)
-        at = next((f"{Path(path).name} line {i}" for i, record, code in _code_lines(text)
-                   if record.startswith("ABB") and label.strip().upper() in code.upper().replace(" ", "")),
-                  _where(text, path, r"\$ABB"))
         if not lab or not num or (lab.group(1) and lab.group(1).upper() != num.group(1).upper()):
-            raise ModelError(f"{at}: $ABBR REPLACE {label}={number}: hybridpk reads one label for one THETA, ETA or "
-                             "EPS (ETA(CL)=ETA(1)); write each on its own")
+            raise ModelError(f"{_abbr_line(text, path, label)}: $ABBR REPLACE {label}={number}: hybridpk reads one "
+                             "label for one THETA, ETA or EPS (ETA(CL)=ETA(1)); write each on its own")
         target = named.get(number)
         if target not in known:
             target = f"{num.group(1).upper()}_{num.group(2)}"
         if target not in known:
-            raise ModelError(f"{at}: $ABBR REPLACE {label}={number}: {number} is not in the model")
+            raise ModelError(f"{_abbr_line(text, path, label)}: $ABBR REPLACE {label}={number}: {number} is not in "
+                             "the model")
         if label.strip() != target:
             subs[Expr.symbol(label.strip())] = Expr.symbol(target)
     return m.replace(statements=m.statements.subs(subs)) if subs else m
+
+
+def _abbr_line(text: str, path, label: str) -> str:
+    """'FILE line N' of the $ABBR REPLACE of ``label``."""
+    return next((f"{Path(path).name} line {i}" for i, record, code in _code_lines(text)
+                 if record.startswith("ABB") and label.strip().upper() in code.upper().replace(" ", "")),
+                _where(text, path, r"\$ABB"))
 
 
 #: NONMEM's ICALL while it estimates, predicts and computes tables (help "ICALL": 2, a normal call; 4 while it
@@ -570,7 +575,9 @@ def _scale_labels(defs: dict, written: dict, advan: int, trans: int, text: str, 
     if trans in (2, 3) or (advan == 3 and "V1" not in defs):
         v_name = "V" if advan in (1, 2, 3) else v_name
     vol = defs.get(v_name)
-    if scale_name not in defs or vol is None:
+    if vol is None:
+        return {}       # the ADVAN's own check names what $PK lacks (_micro_constants)
+    if scale_name not in defs:
         raise ModelError(f"{Path(path).name}: no {scale_name} (NONMEM's default 1: F is the amount), but the central "
                          f"volume is {v_name}{' = ' + str(written[v_name]) if v_name in written else ''}; write "
                          f"{scale_name} = {v_name} (or {v_name}/1000 for doses in mg and levels in ng/mL)")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..diagnostics import axis_units, cwres_qq, eta_covariate_figure, eta_figure, gof_figure, individual_fits
-from ..errors import HybridPKError
+from ..errors import HybridPKError, ModelError
 from ..io import atomic_write_bytes, atomic_write_text, run_metadata
 
 __all__ = ["write_report", "FIGURES", "HYBRID_FIGURES"]
@@ -64,11 +64,12 @@ def write_report(run_dir, dataset, out_dir, max_pages: int = 5, vpc_replicates: 
         figures["eta_covariates"] = eta_covariate_figure(est.individual, patient_covariates(dataset),
                                                          dict(dataset.units))
     notes = {}
-    simulation = pop.model.recipe.get("simulation_code")
-    if vpc_replicates and simulation:       # a stream's simulation-step code hybridpk would not run: not drawn
-        notes["VPC and NPDE"] = (f"not drawn: {simulation} has code for NONMEM's simulation step (ICALL.EQ.4), which "
-                                 "hybridpk's simulations do not run")
-    elif vpc_replicates:
+    try:
+        pop.require_simulation()
+    except ModelError as exc:               # a stream's simulation-step code hybridpk would not run: not drawn
+        notes["VPC and NPDE"] = f"not drawn: {exc}"
+        vpc_replicates = 0
+    if vpc_replicates:
         from ..diagnostics import npde, plot_npde, plot_vpc, vpc
 
         figures["vpc"] = plot_vpc(vpc(model, dataset, n=vpc_replicates, seed=seed), time_unit=t_unit,

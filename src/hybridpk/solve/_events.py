@@ -14,11 +14,7 @@ import torch
 
 from ..data.batch import BOLUS, DURATION_GIVEN, DURATION_MODELLED, RATE_GIVEN, RATE_MODELLED
 from ..errors import ModelError
-
-#: parameters of the doses with RATE = -2 (D: their duration, h) and RATE = -1 (R: their rate, amount/h) into the
-#: default dose compartment, as NONMEM's D1 and R1 (help "RATE"): modelled zero-order input, e.g. zero-order
-#: absorption; they act as F and ALAG do, on the doses only, and are not parameters of the kinetics
-DOSE_PARAMETERS = ("D", "R")
+from ..models.base import DOSE_PARAMETERS   # D (h) and R (amount/h) of doses with RATE = -2/-1, NONMEM's D1/R1
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 
 from ..errors import ModelError, SolverError
 from ..models import get_model
+from ..models.base import DOSE_PARAMETERS
 from . import closed_form, ode
-from ._events import DOSE_PARAMETERS
 
 __all__ = ["Prediction", "simulate", "as_parameters"]
 
