@@ -124,7 +124,8 @@ class StatementModel(CompartmentModel):
 
 
 class LinearStatementModel(StatementModel):
-    """A :class:`StatementModel` linear in the amounts with coefficients constant in time: solved exactly."""
+    """A :class:`StatementModel` linear in the amounts with coefficients constant between switch times (IFs on T,
+    model event times): each segment is solved exactly by a matrix exponential."""
 
     def system_matrix(self, p: dict, t_mid):
         """A (N, S, S): column j is the derivative at the j-th unit amount (the system is linear)."""
@@ -157,18 +158,40 @@ def _time_thresholds(statements, derivatives):
     return found, relations
 
 
+#: the most IF-on-T conditions whose branches :func:`is_linear` checks one by one (2^k combinations)
+_MAX_SWITCHES = 6
+
+
 def is_linear(derivatives, statements, amounts) -> bool:
     """True when every derivative, with the $DES assignments substituted, is linear in the amounts with
-    coefficients free of T and of the amounts."""
+    coefficients free of T and of the amounts between the switch times: each IF on time (T.GE.X with X from $PK,
+    MPAST(n) of a model event time; see :func:`_time_thresholds`) is taken true and false in turn, and each
+    combination must be linear with constant coefficients (a gallbladder that empties from MTIME(1) to MTIME(2))."""
+    import itertools
+
     import sympy
 
-    defs = {}
-    for name, expr in statements:
-        defs[sympy.Symbol(name)] = expr.subs(defs)
+    _, relations = _time_thresholds(statements, derivatives)     # the switches the solver steps to
+    if len(relations) > _MAX_SWITCHES:
+        return False
+    for branch in itertools.product((sympy.true, sympy.false), repeat=len(relations)):
+        fixed = dict(zip(relations, branch))
+        defs = {}
+        for name, expr in statements:
+            defs[sympy.Symbol(name)] = expr.xreplace(fixed).subs(defs)
+        if not _linear_with_constant_coefficients([d.xreplace(fixed).subs(defs) for d in derivatives], amounts):
+            return False
+    return True
+
+
+def _linear_with_constant_coefficients(derivatives, amounts) -> bool:
+    """True when the derivatives ($DES assignments substituted) are linear in the amounts with coefficients free
+    of T, of the amounts and of IFs."""
+    import sympy
+
     t = sympy.Symbol(TIME_SYMBOL)
     syms = [sympy.Symbol(f"_amount_{i}") for i in range(len(amounts))]
     for d in derivatives:
-        d = d.subs(defs)
         d = d.subs({fn: syms[amounts.index(str(fn.func))] for fn in d.atoms(sympy.core.function.AppliedUndef)
                     if str(fn.func) in amounts})
         if t in d.free_symbols or d.has(sympy.Piecewise):

@@ -1,6 +1,7 @@
 """Import a NONMEM control stream through pharmpy-core, and write the final estimates back
 (:func:`write_control_stream`). Structures: ADVAN1-4, 11, 12 with the TRANS NONMEM allows; $DES with ADVAN6, 8,
-13 or 14 and the general linear ADVAN5/7 (:mod:`.des`); $PRED (the prediction written at every record).
+13 or 14 and the general linear ADVAN5/7 (:mod:`.des`), with model event times (MTIME, MPAST) in those; $PRED
+(the prediction written at every record).
 
 The $PK statements are evaluated as they are (THETA/ETA/data-item arithmetic and IF blocks) at every record
 with that record's data items, as NONMEM does (a record's values hold over the interval it ends; see
@@ -814,6 +815,7 @@ def read_control_stream(path):
 
     statements = _live([(str(s.symbol), sympy.sympify(s.expression).subs(ESTIMATION_CALL))
                         for s in m.statements.before_odes], text, pred)
+    statements, events = _model_event_times(statements, written, advan, text, path)
     statements = _initial_amounts(statements, written, advan, text, path)
     if m.dataset is None:
         raise HybridPKError(_missing_data(text, path, getattr(m.datainfo, "path", None)))
@@ -837,7 +839,7 @@ def read_control_stream(path):
                            _data_label(m, path), m.datainfo)
     scanned = statements
     if written:     # the equations are the control stream's own; their data items are read per record too
-        pk, structural, read = _written_system(m, statements, comps, advan, text, path)
+        pk, structural, read = _written_system(m, statements, comps, advan, text, path, events)
         scanned = statements + [(f"DADT({i})", d) for i, d in enumerate(structural.derivative_expressions, 1)]
     items = _data_items(scanned, set(data.columns), set(params.names) | set(eta_names), text, path)
     covs = tuple(c for c in items if c != "TIME")
@@ -1116,10 +1118,78 @@ def _initial_amounts(statements, written: bool, advan: int, text: str, path):
     return out
 
 
-def _written_system(m, statements, comps, advan: int, text: str, path):
+#: NONMEM's model event times and their flags (help "MTIME"): $PK sets MTIME(n); $PK, $DES and $ERROR read MPAST(n),
+#: MNOW and MNEXT
+_EVENT_NAMES = re.compile(r"(MTIME|MPAST)\((\d+)\)|MNOW|MNEXT|MTDIFF", re.IGNORECASE)
+
+
+def _model_event_times(statements, written: bool, advan: int, text: str, path):
+    """($PK statements, a substitution for the $DES equations) with NONMEM's model event times carried out (NONMEM
+    help "MTIME": PREDPP stops the integration at each MTIME(n) set in $PK; MPAST(n) is 0 before it and 1 from it
+    on, so a rate or parameter written on MPAST switches there, as a gallbladder emptying at a meal is usually
+    written: ``MTIME(1) = THETA(6)``, ``MTIME(2) = MTIME(1) + 0.5`` and in $DES ``GB = MPAST(1) - MPAST(2)``).
+
+    MTIME(n) becomes the $PK variable MTIME_n and every MPAST(n) the switch T >= MTIME_n on the integration's time,
+    so that what reads it moves into $DES and the solver steps to MTIME_n (:meth:`StatementModel.switch_times`).
+    MTDIFF (NONMEM's flag that MTIME changes between subjects) is not needed. Refused with their line: model event
+    times with an ADVAN whose equations the stream does not write (hybridpk's closed forms do not switch inside
+    an interval); MTIME reading TIME; MNOW, MNEXT, and MPAST in $ERROR (a flag at the record's own time)."""
+    import sympy
+
+    def line(name: str) -> str:
+        for i, record, code in _code_lines(text):
+            if record.startswith(("PK", "DES", "ERR", "PRED")) and re.search(rf"\b{re.escape(name)}", code, re.I):
+                return f"{Path(path).name} line {i}"
+        return Path(path).name
+
+    used = {hit.group(0).upper() for _, record, code in _code_lines(text) if record.startswith(("PK", "DES", "ERR"))
+            for hit in _EVENT_NAMES.finditer(code)}
+    if not used:
+        return statements, {}
+    if not written:
+        first = sorted(used, key=lambda u: not u.startswith("MTIME"))[0]
+        raise ModelError(f"{line(first.split('(')[0])}: {first} (a model event time) with ADVAN{advan}: hybridpk "
+                         "switches at model event times in models whose equations the control stream writes "
+                         "($DES with ADVAN6 or 13, or ADVAN5/7), not in ADVAN1-4, 11, 12's closed forms; write "
+                         "the model with $DES")
+    for name in ("MNOW", "MNEXT"):
+        if name in used:
+            raise ModelError(f"{line(name)}: {name} (the model event at the current time) is not supported; "
+                             "hybridpk reads MTIME(n) and MPAST(n)")
+    for _, record, code in _code_lines(text):
+        hit = re.search(r"MPAST\(\d+\)|MTIME\(\d+\)", code, re.I) if record.startswith("ERR") else None
+        if hit:
+            raise ModelError(f"{line(hit.group(0).split('(')[0] + '(')}: $ERROR reads {hit.group(0).upper()}; "
+                             "hybridpk switches at model event times in $PK and $DES only")
+    t = sympy.Symbol(TIME_SYMBOL)
+    subs, out, defs = {}, [], {}
+    for name, expr in statements:
+        expr = expr.xreplace(subs)
+        hit = re.fullmatch(r"MTIME\((\d+)\)", name, re.I)
+        if name.upper() == "MTDIFF":
+            continue
+        if hit:
+            ours = sympy.Symbol(f"MTIME_{hit.group(1)}")
+            reads = {s.name for s in expr.xreplace(defs).free_symbols}
+            if reads & {"TIME", TIME_SYMBOL}:
+                raise ModelError(f"{line('MTIME')}: {name} reads TIME; hybridpk takes model event times that are "
+                                 "fixed for a subject (THETAs, ETAs, covariates)")
+            subs[sympy.Symbol(name)] = ours
+            subs[sympy.Symbol(f"MPAST({hit.group(1)})")] = sympy.Piecewise((1, t >= ours), (0, True))
+            name = ours.name
+        defs[sympy.Symbol(name)] = expr
+        out.append((name, expr))
+    left = sorted({s.name for _, e in out for s in e.free_symbols if _EVENT_NAMES.fullmatch(s.name)})
+    if left:
+        raise ModelError(f"{line(left[0].split('(')[0])}: {left[0]} is read but its MTIME is not set in $PK")
+    return out, subs
+
+
+def _written_system(m, statements, comps, advan: int, text: str, path, events=None):
     """For ADVAN5-8, 13, 14: ($PK statements, the :class:`StatementModel` of the control stream's own equations,
     a function $PK variables -> its parameters). $DES assignments (those that read T or an amount, directly or
-    through another $DES variable) move into the model's right-hand side. ``comps``: :func:`_model_record`."""
+    through another $DES variable) move into the model's right-hand side. ``comps``: :func:`_model_record`;
+    ``events``: the substitution of :func:`_model_event_times` for MTIME(n) and MPAST(n) in the equations."""
     import sympy
 
     names = [c for c, _ in comps]
@@ -1130,20 +1200,23 @@ def _written_system(m, statements, comps, advan: int, text: str, path):
         raise ModelError(f"{_where(text, path, r'[$]MOD')}: pharmpy reads compartments "
                          f"{', '.join(sorted(k[2:] for k in amount_of))} but $MODEL names {', '.join(names)}")
     amounts = [f"A_{n}" for n in names]
-    eqs = [sympy.sympify(eq) for eq in ode.eqs]
+    eqs = [sympy.sympify(eq).xreplace(events or {}) for eq in ode.eqs]
     derivative = {str(eq.lhs.args[0].func): eq.rhs for eq in eqs}
     derivatives = [derivative[a] for a in amounts]
-    # the $DES part: statements that depend on T or the amounts
+    # the $DES part: statements that depend on T or the amounts, or on such a variable, and every assignment of
+    # such a variable (GB = 0 before IF (T.GE.TGB) GB = 1)
     t = sympy.Symbol(TIME_SYMBOL)
-    des_names, pk, des = set(), [], []
-    for name, expr in statements:
-        reads = {s.name for s in expr.free_symbols}
-        reads |= {str(f.func) for f in expr.atoms(sympy.core.function.AppliedUndef)}
-        if t in expr.free_symbols or reads & (des_names | set(amounts)):
-            des_names.add(name)
-            des.append((name, expr))
-        else:
-            pk.append((name, expr))
+    des_names, grew = set(), True
+    while grew:
+        grew = False
+        for name, expr in statements:
+            reads = {s.name for s in expr.free_symbols}
+            reads |= {str(f.func) for f in expr.atoms(sympy.core.function.AppliedUndef)}
+            if name not in des_names and (t in expr.free_symbols or reads & (des_names | set(amounts))):
+                des_names.add(name)
+                grew = True
+    pk = [(name, expr) for name, expr in statements if name not in des_names]
+    des = [(name, expr) for name, expr in statements if name in des_names]
     reads = set()
     for expr in [e for _, e in des] + derivatives:
         reads |= {s.name for s in expr.free_symbols}
