@@ -10,6 +10,7 @@ import math
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ import hybridpk as hp
 from hybridpk.errors import ModelError
 from hybridpk.population import build_model
 from hybridpk.population.focei import Problem
+from hybridpk.population.nonmem import read_control_stream
 from tests.integration.test_nonmem_des import HEAD, _lsoda, _predictions, _read, _thetas
 from tests.integration.test_nonmem_import import THEO_TRANS2, _ofv
 
@@ -191,3 +193,33 @@ def test_event_times_with_a_closed_form_advan_are_refused_with_their_line(tmp_pa
         _read(tmp_path, theoph_path, text)
     line = re.search(r"run.mod line (\d+)", str(err.value))
     assert line and "MTIME" in text.splitlines()[int(line.group(1)) - 1], str(err.value)
+
+
+def test_an_event_time_that_changes_between_records_is_refused(tmp_path, theoph_path):
+    """The IF takes its branch on a whole segment between switches: a switch time read from a data item that
+    changes within a subject would be crossed inside a segment (the OFV was silently wrong by 1800 units on an
+    EHC dataset whose meal time changed by 0.01 h). One constant within each subject is stepped to."""
+    df = pd.read_csv(theoph_path)
+    for name, value in (("const", np.where(df.ID > 6, 1.2, 1.3)), ("varying", np.where(df.TIME < 5, 1.2, 1.3))):
+        df.assign(TM=value).to_csv(tmp_path / f"{name}.csv", index=False)
+    text = KA_SWITCH.replace("MTIME(1) = THETA(4)", "MTIME(1) = TM + 0*THETA(4)").replace(
+        "$INPUT ID TIME DV AMT EVID MDV CMT WT", "$INPUT ID TIME DV AMT EVID MDV CMT WT TM")
+    values = [1.5, 2.8, 32.0, 1.2, 0.3]
+    (tmp_path / "run.mod").write_text(text.replace("theoph.csv", "const.csv"))
+    pm, ds = read_control_stream(tmp_path / "run.mod")
+    ipred, _ = _predictions(pm, ds, values)
+    ka1, cl, v, _, ka2 = values
+    for i, (_, rows) in enumerate(ds.to_dataframe().groupby("ID", sort=False)):
+        tm = float(rows.TM.iloc[0])
+        rec = rows.reset_index(drop=True)
+        times = sorted({float(t) for t in rec.TIME})
+        ref = dict(zip(times, _lsoda(lambda t, a: [-(ka2 if t > tm else ka1) * a[0],
+                                                   (ka2 if t > tm else ka1) * a[0] - cl / v * a[1]],
+                                     2, float(rows.AMT.max()), times, split=[tm])[:, 1] / v))
+        obs = (rec.MDV == 0).to_numpy()
+        np.testing.assert_allclose(ipred[i, :len(rec)].numpy()[obs], [ref[float(t)] for t in rec.TIME[obs]],
+                                   rtol=1e-6)
+    (tmp_path / "run.mod").write_text(text.replace("theoph.csv", "varying.csv"))
+    pm, ds = read_control_stream(tmp_path / "run.mod")
+    with pytest.raises(ModelError, match="the switch time MTIME_1 .* changes between a subject's records"):
+        _predictions(pm, ds, values)

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ..errors import ModelError
 from ..models.base import ALAG, F, CompartmentModel, Parameter
 from ._sympy_torch import compile_expression, compile_statements
 
@@ -73,6 +74,7 @@ class StatementModel(CompartmentModel):
         self._statements = compile_statements([(n, e.xreplace(on_segment)) for n, e in statements])
         self._derivatives = [compile_expression(d.xreplace(on_segment)) for d in derivatives]
         self._thresholds = [compile_expression(x) for x in thresholds]
+        self._threshold_text = [str(x) for x in thresholds]
 
     #: an observation record predicts A(CMT)/S<CMT> (CMT 0: the DEFOBS compartment), unless the importer finds
     #: the prediction written on one compartment's amount
@@ -98,17 +100,21 @@ class StatementModel(CompartmentModel):
         return amount / scales.gather(-1, k.unsqueeze(-1)).squeeze(-1)
 
     def switch_times(self, p: dict, t_end):
-        """The times at which an IF on T in $DES switches (``T.GT.12``, ``T.GE.TLAG`` with TLAG from $PK), so that
-        the solver steps to them instead of across the jump (NONMEM needs MTIME for this). Thresholds that
-        change between records are left to the step-size control."""
+        """The times at which an IF on T in $DES switches (``T.GT.12``, ``T.GE.TLAG`` with TLAG from $PK, a model
+        event time MTIME(n)), so that the solver steps to them instead of across the jump. The IF takes its branch
+        on each segment between switches as a whole, so a switch time that changes between a subject's records
+        (one reading a data item that changes in time) is refused: it would be crossed inside a segment."""
         if not self._thresholds:
             return None
         env = dict(p)
         like = t_end
         values = [torch.as_tensor(fn(env), dtype=like.dtype, device=like.device) for fn in self._thresholds]
-        values = [v for v in values if v.dim() <= 1]
-        if not values:
-            return None
+        varying = [text for text, v in zip(self._threshold_text, values) if v.dim() > 1]
+        if varying:
+            raise ModelError(f"{self.name}: the switch time {varying[0]} of an IF on T (or a model event time "
+                             "MTIME) changes between a subject's records (it reads a data item that changes in "
+                             "time); hybridpk steps to switch times fixed for each subject: compute it from "
+                             "THETAs, ETAs and covariates that are constant within a subject")
         return torch.stack([v.expand(like.shape[0]) if v.dim() == 0 else v for v in values], -1)
 
     def rhs(self, t, a, p, rate, ctx=None):
