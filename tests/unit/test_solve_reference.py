@@ -181,6 +181,20 @@ def test_failed_subject_is_reported_not_poisoning_batch():
     torch.testing.assert_close(pred.ipred[[0, 2]], good.ipred)
 
 
+def test_a_meal_interval_below_its_bound_is_solved_at_the_bound():
+    """An estimation's trial point with MEALII -> 0 (the meal times are estimated) stopped a fit with
+    'OverflowError: cannot convert float infinity to integer' (unboundedly many meals): MEALII below its lower
+    bound acts as the bound, in the switch times and in the emptying alike."""
+    model = get_model("1cmt_oral_ehc")
+    b = dataset(model, regimens(model)).to_batch()
+    p = {k: torch.full((3,), v, dtype=torch.float64) for k, v in PARAMS["1cmt_oral_ehc"].items()}
+    at_bound = dict(p, MEALII=torch.full((3,), 0.5, dtype=torch.float64))
+    p["MEALII"][1] = 1e-300
+    got = simulate(model, p, b, rtol=1e-10, atol=1e-12).ipred
+    want = simulate(model, at_bound, b, rtol=1e-10, atol=1e-12).ipred
+    torch.testing.assert_close(got[1], want[1])
+
+
 @pytest.mark.parametrize("name", [m for m in PARAMS if get_model(m).piecewise_linear])
 def test_system_matrix_agrees_with_rhs(name):
     """The matrix the exact (expm) solver steps with is the right-hand side the ODE solvers integrate,

@@ -161,8 +161,8 @@ class TMDDQSS(_TMDD):
 class OneCmtOralEHC(CompartmentModel):
     """Enterohepatic recirculation: drug moves from the central compartment into the gallbladder (KGB) and
     is released into the gut at meals (every MEALII h from TMEAL, for TEMPT h, rate KEMPT), where it is
-    reabsorbed (KA). Meal times are parameters; the solver treats meal starts/ends as discontinuities.
-    Gradients do not flow through the meal times themselves (TMEAL, MEALII, TEMPT). The system is linear
+    reabsorbed (KA). Meal times are parameters; the solver steps to meal starts/ends as discontinuities, and
+    the solution is differentiated through them (TMEAL, MEALII, TEMPT can be estimated). The system is linear
     between meal switches, so it is solved exactly by matrix exponentials (``system_matrix``)."""
 
     name = "1cmt_oral_ehc"
@@ -171,17 +171,25 @@ class OneCmtOralEHC(CompartmentModel):
     compartments = ("GUT", "CENTRAL", "GALLBLADDER")
     obs_cmt = 2
 
+    @staticmethod
+    def interval(p):
+        """MEALII (N,) h, at least its lower bound: an estimation's trial point below it (MEALII -> 0) would ask
+        for unboundedly many meals."""
+        return p["MEALII"].clamp(min=MEALII.lower)
+
     def emptying(self, t, p):
         """1 while the gallbladder empties (within TEMPT h after a meal), else 0; t (N,) in h."""
         since = t - p["TMEAL"]
-        phase = torch.remainder(since, p["MEALII"])
+        phase = torch.remainder(since, self.interval(p))
         return ((since >= 0) & (phase < p["TEMPT"])).to(t.dtype)
 
     def switch_times(self, p, t_end):
-        n_meals = int(torch.ceil(((t_end - p["TMEAL"]).clamp(min=0) / p["MEALII"]).max()).item()) + 1
+        ii = self.interval(p)
+        meals = torch.nan_to_num(((t_end - p["TMEAL"]).clamp(min=0) / ii).detach(), nan=0.0, posinf=0.0)
+        n_meals = int(torch.ceil(meals.max()).item()) + 1
         k = torch.arange(n_meals, dtype=p["TMEAL"].dtype, device=p["TMEAL"].device)
-        starts = p["TMEAL"].unsqueeze(-1) + k * p["MEALII"].unsqueeze(-1)
-        return torch.cat([starts, starts + p["TEMPT"].unsqueeze(-1)], -1).detach()
+        starts = p["TMEAL"].unsqueeze(-1) + k * ii.unsqueeze(-1)
+        return torch.cat([starts, starts + p["TEMPT"].unsqueeze(-1)], -1)
 
     def system_matrix(self, p, t_mid):
         on = self.emptying(t_mid, p)

@@ -78,6 +78,11 @@ def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000, grou
             at = live & (target <= t)
             if not bool(at.any()):
                 break
+            if times.requires_grad:     # a segment of length 0 between parameter-dependent times: no step, but
+                # the derivative the solution has in its length at 0 (the right-hand side)
+                gap = torch.where(at, target - t, torch.zeros_like(t))
+                y = y + gap.unsqueeze(-1) * f(t, y, t, ptr.clamp(max=e - 1))
+                t = torch.where(at, target, t)
             y = apply_event(y, ptr.clamp(max=e - 1), at)
             ptr = ptr + at.long()
         live = ptr < n_valid

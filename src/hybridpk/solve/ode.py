@@ -87,7 +87,12 @@ def _phi1(x):
 def _integrate(model, p, a, rate, t0, t1, ctx, rtol, atol, method, max_steps):
     dt = t1 - t0
     if not bool((dt > 0).any()):
-        return a
+        if not dt.requires_grad:
+            return a
+        # a segment of length 0 whose ends are parameters (a switch time at a dose's time): the same amounts,
+        # and the derivative the exact solution has in its length at 0, the right-hand side
+        ctx.segment_mid = t0
+        return a + dt.unsqueeze(-1) * model.rhs(t0, a, p, rate, ctx)
     ctx.segment_mid = t0 + 0.5 * dt
     if method == "expm":
         return _matrix_exp_step(model, p, a, rate, dt.clamp(min=0), ctx.segment_mid)
