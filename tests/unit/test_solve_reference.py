@@ -181,6 +181,39 @@ def test_failed_subject_is_reported_not_poisoning_batch():
     torch.testing.assert_close(pred.ipred[[0, 2]], good.ipred)
 
 
+def _ehc_levels(doses, start, solver="expm", rtol=1e-10):
+    model = get_model("1cmt_oral_ehc")
+    b = dataset(model, {1: doses}, [start + x for x in (0.5, 2.0, 6.0, 11.9)]).to_batch()
+    return simulate(model, PARAMS["1cmt_oral_ehc"], b, rtol=rtol, atol=rtol * 1e-2, solver=solver).ipred[b.is_obs]
+
+
+@pytest.mark.parametrize("t0", [0.0, 3.0, 5.0])
+def test_ehc_steady_state_has_had_its_meals(t0):
+    """A steady-state dose (SS=1, II 12 h) of the EHC model equals 41 doses given explicitly every 12 h, and one
+    in the first hours (the meals of its past cycles before time 0) equals one 480 h later. Before, the cycles
+    were integrated in their own time 0..II as one segment: the gallbladder never emptied and levels reached 5e9."""
+    ss_late = _ehc_levels([dict(TIME=t0 + 480.0, AMT=100.0, CMT=1, SS=1, II=12.0)], t0 + 480.0)
+    explicit = _ehc_levels([dict(TIME=t0, AMT=100.0, CMT=1, ADDL=40, II=12.0)], t0 + 480.0)
+    torch.testing.assert_close(ss_late, explicit, rtol=1e-7, atol=1e-9)
+    ss_early = _ehc_levels([dict(TIME=t0, AMT=100.0, CMT=1, SS=1, II=12.0)], t0)
+    torch.testing.assert_close(ss_early, ss_late, rtol=1e-7, atol=1e-9)
+
+
+def test_ehc_steady_state_by_dormand_prince_equals_the_exact_path():
+    ss = [dict(TIME=3.0, AMT=100.0, CMT=1, SS=1, II=12.0)]
+    torch.testing.assert_close(_ehc_levels(ss, 3.0, solver="dp5", rtol=1e-8), _ehc_levels(ss, 3.0), rtol=1e-6,
+                               atol=1e-8)
+
+
+def test_a_steady_state_dose_through_a_transit_chain_is_refused():
+    """Its steady state was computed as a bolus into the dose compartment, without the chain: 0.90 against 1.10
+    mg/L half an hour after the dose (61 doses given explicitly), and another value again at time 0."""
+    model = get_model("1cmt_oral_transit")
+    b = dataset(model, {1: [dict(TIME=0.0, AMT=100.0, CMT=model.dose_cmt, SS=1, II=12.0)]}, [1.0]).to_batch()
+    with pytest.raises(hp.ModelError, match="steady-state dose .* through its transit chain .*ADDL"):
+        simulate(model, PARAMS["1cmt_oral_transit"], b)
+
+
 def test_a_meal_interval_below_its_bound_is_solved_at_the_bound():
     """An estimation's trial point with MEALII -> 0 (the meal times are estimated) stopped a fit with
     'OverflowError: cannot convert float infinity to integer' (unboundedly many meals): MEALII below its lower

@@ -117,8 +117,9 @@ class CompartmentModel:
         """True when the model gives ``system_matrix`` (exact matrix-exponential solution)."""
         return type(self).system_matrix is not CompartmentModel.system_matrix
 
-    def switch_times(self, p: dict, t_end):
-        """Times (N, K) at which the right-hand side changes abruptly (e.g. meals), or None."""
+    def switch_times(self, p: dict, t_end, t_start=None):
+        """Times (N, K) at which the right-hand side changes abruptly (e.g. meals) up to ``t_end`` (N,) h (from
+        ``t_start`` (N,) h where given, which may be before 0: a steady-state dose's past cycles), or None."""
         return None
 
     # ---------------------------------------------------------------- checks

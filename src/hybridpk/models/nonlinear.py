@@ -178,18 +178,27 @@ class OneCmtOralEHC(CompartmentModel):
         return p["MEALII"].clamp(min=MEALII.lower)
 
     def emptying(self, t, p):
-        """1 while the gallbladder empties (within TEMPT h after a meal), else 0; t (N,) in h."""
+        """1 while the gallbladder empties (within TEMPT h after a meal), else 0; t (N,) in h. Meals are every
+        MEALII h from TMEAL on, and before time 0 (no record lies there: a steady-state dose's past cycles) every
+        MEALII h in the same phase, so that a regimen at steady state has had its meals."""
         since = t - p["TMEAL"]
         phase = torch.remainder(since, self.interval(p))
-        return ((since >= 0) & (phase < p["TEMPT"])).to(t.dtype)
+        return (((since >= 0) | (t < 0)) & (phase < p["TEMPT"])).to(t.dtype)
 
-    def switch_times(self, p, t_end):
+    def switch_times(self, p, t_end, t_start=None):
         ii = self.interval(p)
-        meals = torch.nan_to_num(((t_end - p["TMEAL"]).clamp(min=0) / ii).detach(), nan=0.0, posinf=0.0)
-        n_meals = int(torch.ceil(meals.max()).item()) + 1
-        k = torch.arange(n_meals, dtype=p["TMEAL"].dtype, device=p["TMEAL"].device)
+
+        def count(span):
+            return int(torch.ceil(torch.nan_to_num((span.clamp(min=0) / ii).detach(), nan=0.0, posinf=0.0)
+                                  .max()).item()) + 1
+
+        k = torch.arange(count(t_end - p["TMEAL"]), dtype=ii.dtype, device=ii.device)
+        past = t_start is not None and bool((t_start < 0).any())
+        if past:        # the meals before 0 (see emptying), and 0, where the schedule changes
+            k = torch.cat([-torch.arange(count(p["TMEAL"] - t_start), 0, -1, dtype=ii.dtype, device=ii.device), k])
         starts = p["TMEAL"].unsqueeze(-1) + k * ii.unsqueeze(-1)
-        return torch.cat([starts, starts + p["TEMPT"].unsqueeze(-1)], -1)
+        times = [starts, starts + p["TEMPT"].unsqueeze(-1)] + ([torch.zeros_like(starts[:, :1])] if past else [])
+        return torch.cat(times, -1)
 
     def system_matrix(self, p, t_mid):
         on = self.emptying(t_mid, p)

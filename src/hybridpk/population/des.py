@@ -99,7 +99,7 @@ class StatementModel(CompartmentModel):
                               for s in self.scales], -1)
         return amount / scales.gather(-1, k.unsqueeze(-1)).squeeze(-1)
 
-    def switch_times(self, p: dict, t_end):
+    def switch_times(self, p: dict, t_end, t_start=None):
         """The times at which an IF on T in $DES switches (``T.GT.12``, ``T.GE.TLAG`` with TLAG from $PK, a model
         event time MTIME(n)), so that the solver steps to them instead of across the jump. The IF takes its branch
         on each segment between switches as a whole, so a switch time that changes between a subject's records

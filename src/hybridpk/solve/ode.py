@@ -104,8 +104,9 @@ def _integrate(model, p, a, rate, t0, t1, ctx, rtol, atol, method, max_steps):
     return odeint(func, a, grid, rtol=rtol, atol=atol, method=method, options=options)[-1]
 
 
-def _cycle(model, p, x, onehot, amt, rate, dur, length, sel, ctx, tol):
-    """One dose (bolus, or infusion for ``dur`` h) then integration to ``length`` h after it."""
+def _cycle(model, p, x, onehot, amt, rate, dur, length, sel, ctx, tol, start):
+    """One dose (bolus, or infusion for ``dur`` h) at the times ``start`` (N,) h, then integration to ``length``
+    h after it (split at the model's switch times, see :func:`_integrate_split`)."""
     n = x.shape[0]
     zero_t = torch.zeros(n, dtype=x.dtype, device=x.device)
     selm = sel.to(x.dtype).unsqueeze(-1)
@@ -113,13 +114,31 @@ def _cycle(model, p, x, onehot, amt, rate, dur, length, sel, ctx, tol):
     x = x + onehot * torch.where(is_inf, 0 * amt, amt).unsqueeze(-1) * selm
     r_on = onehot * torch.where(is_inf, rate, 0 * rate).unsqueeze(-1) * selm
     t_mid = torch.where(sel & is_inf, torch.minimum(dur, length), zero_t)
-    x = _integrate(model, p, x, r_on, zero_t, t_mid, ctx, *tol)
-    return _integrate(model, p, x, torch.zeros_like(r_on), t_mid, torch.where(sel, length, zero_t), ctx, *tol)
+    t_end = torch.where(sel, length, zero_t)
+    x = _integrate_split(model, p, x, r_on, start, start + t_mid, ctx, tol)
+    return _integrate_split(model, p, x, torch.zeros_like(r_on), start + t_mid, start + t_end, ctx, tol)
 
 
-def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
+def _integrate_split(model, p, a, rate, t0, t1, ctx, tol):
+    """:func:`_integrate` from ``t0`` to ``t1`` (N,) h in pieces that end at the model's switch times between
+    them (meals, IFs on T, model event times), as the event table does between records."""
+    switch = model.switch_times(p, t1, t0)
+    if switch is None:
+        return _integrate(model, p, a, rate, t0, t1, ctx, *tol)
+    t = t0
+    for k in torch.argsort(switch.detach(), dim=1).T:
+        tk = torch.minimum(torch.maximum(switch.gather(1, k.unsqueeze(1)).squeeze(1), t), t1)
+        a = _integrate(model, p, a, rate, t, tk, ctx, *tol)
+        t = tk
+    return _integrate(model, p, a, rate, t, t1, ctx, *tol)
+
+
+def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag, dose_time):
     """State at the (un-lagged) time of a steady-state dose record, for subjects ``sel``: the regimen has been
-    given every II forever, the last past dose ``II - lag`` h ago.
+    given every II forever, the last past dose ``II - lag`` h ago. ``dose_time`` (N,): the record's TIME; the
+    cycles are integrated in the data's time, so that a model that switches in time (meals, IFs on T, model event
+    times) takes the switches of the interval before the dose (the cycle ending at its lagged time), its steady
+    state if that interval repeated.
 
     The trough is the fixed point x = Phi(x) of the dose-cycle map Phi: for a linear model in closed form
     (:func:`_linear_steady_state`), else by Newton's method with a finite-difference Jacobian. The last Newton
@@ -130,8 +149,10 @@ def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
     eye = torch.eye(s, dtype=x0.dtype, device=x0.device).expand(n, s, s)
     selm = sel.unsqueeze(-1).unsqueeze(-1)
 
+    start = dose_time + lag - ii         # the previous dose of the cycle that ends at the (lagged) dose
+
     def phi(x):
-        return _cycle(model, p, x, onehot, amt, rate, dur, ii, sel, ctx, tol)
+        return _cycle(model, p, x, onehot, amt, rate, dur, ii, sel, ctx, tol, start)
 
     if getattr(model, "linear", False) and model.piecewise_linear:
         x = _linear_steady_state(model, p, x0, phi, ii, sel, eye)
@@ -139,7 +160,7 @@ def _steady_state(model, p, x0, cmt, amt, rate, dur, ii, sel, ctx, tol, lag):
         x = _fixed_point(phi, x0, eye, selm, tol)
     # trough (just before a lagged dose) -> state ``lag`` h earlier = ``II - lag`` h after the previous dose
     if bool((lag[sel] > 0).any()):
-        before = _cycle(model, p, x, onehot, amt, rate, dur, ii - lag, sel, ctx, tol)
+        before = _cycle(model, p, x, onehot, amt, rate, dur, ii - lag, sel, ctx, tol, start)
         x = torch.where((sel & (lag > 0)).unsqueeze(-1), before, x)
     return x
 
@@ -232,6 +253,10 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
     t_end = torch.where(batch.record_mask, batch.time, torch.full_like(batch.time, -float("inf"))).max(-1).values
     switch = model.switch_times(p, t_end)
     ss_on = ev.active & (ev.ss > 0)
+    if transit and bool((ss_on & via_chain).any()):
+        raise ModelError(f"model {model.name}: a steady-state dose (SS=1/2) through its transit chain is not "
+                         "supported (its steady state would be computed as a bolus into the dose compartment, "
+                         "without the chain); give the past doses explicitly (ADDL with II)")
     parts_t = [batch.time, ev.time, ev.time, ev.time + ev.duration, ev.reset_time, batch.dose_time]
     parts_k = [rec_key, ev.key, ev.key, ev.key, ev.reset_key, ev.key - 0.1]
     parts_kind = [RECORD, BOLUS, INF_START, INF_END, RESET, SS_START]
@@ -294,7 +319,7 @@ def solve(model, p: dict, batch, rtol=1e-8, atol=1e-10, method="dp5", max_steps=
             xss = _steady_state(model, p_at(dose_rec[ar, didx]) if varying else p, x0,
                                 ev.cmt[ar, didx].clamp(min=0), ev.amt[ar, didx],
                                 ev.rate[ar, didx], ev.duration[ar, didx], ev.ii[ar, didx], ss_here, ctx, tol,
-                                lag)
+                                lag, batch.dose_time[ar, didx])
             add2 = ss_here & (ev.ss[ar, didx] == 2)
             a = torch.where(add2.unsqueeze(-1), a + xss - x0, torch.where(ss_here.unsqueeze(-1), xss, a))
         zero = torch.zeros(n, dtype=dtype, device=device)
