@@ -19,7 +19,7 @@ from hybridpk.errors import ModelError
 from hybridpk.population import build_model
 from hybridpk.population.focei import Problem
 from hybridpk.population.nonmem import read_control_stream
-from tests.integration.test_nonmem_des import HEAD, _lsoda, _predictions, _read, _thetas
+from tests.integration.test_nonmem_des import HEAD, THEO_DES, _lsoda, _predictions, _read, _thetas
 from tests.integration.test_nonmem_import import THEO_TRANS2, _ofv
 
 #: gallbladder (compartment 3) filled from the central compartment, emptied into the gut from MTIME(1) for 0.5 h
@@ -56,30 +56,10 @@ $ESTIMATION METHOD=1 INTERACTION
 """
 
 #: absorption that changes at MTIME(1), written in $PK on MPAST(1)
-KA_SWITCH = HEAD + """$SUBROUTINE ADVAN13 TOL=9
-$MODEL COMP=(DEPOT DEFDOSE) COMP=(CENTRAL DEFOBS)
-$PK
-MTIME(1) = THETA(4)
-KA = (THETA(1)*(1 - MPAST(1)) + THETA(5)*MPAST(1))*EXP(ETA(1))
-CL = THETA(2)*EXP(ETA(2))
-V = THETA(3)*EXP(ETA(3))
-S2 = V
-$DES
-DADT(1) = -KA*A(1)
-DADT(2) = KA*A(1) - CL/V*A(2)
-$ERROR
-Y = F + EPS(1)
-$THETA (0, 1.5) ; POP_KA
-$THETA (0, 2.8) ; POP_CL
-$THETA (0, 32) ; POP_V
-$THETA (0, 1.2) ; POP_TKA
-$THETA (0, 0.3) ; POP_KA2
-$OMEGA 0.4
-$OMEGA 0.07
-$OMEGA 0.02
-$SIGMA 0.5
-$ESTIMATION METHOD=1 INTERACTION
-"""
+KA_SWITCH = THEO_DES.replace(
+    "KA = THETA(1)*EXP(ETA(1))",
+    "MTIME(1) = THETA(4)\nKA = (THETA(1)*(1 - MPAST(1)) + THETA(5)*MPAST(1))*EXP(ETA(1))").replace(
+    "$THETA (0, 32) ; POP_V\n", "$THETA (0, 32) ; POP_V\n$THETA (0, 1.2) ; POP_TKA\n$THETA (0, 0.3) ; POP_KA2\n")
 
 OM, SD = [0.4, 0.07, 0.02], {"ADD": math.sqrt(0.5)}
 
