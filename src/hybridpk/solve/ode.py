@@ -123,7 +123,9 @@ def _integrate_split(model, p, a, rate, t0, t1, ctx, tol):
     """:func:`_integrate` from ``t0`` to ``t1`` (N,) h in pieces that end at the model's switch times between
     them (meals, IFs on T, model event times), as the event table does between records."""
     switch = model.switch_times(p, t1, t0)
-    if switch is None:
+    if switch is not None:      # only those inside the window: the others would be pieces of length 0
+        switch = switch[:, ((switch > t0.unsqueeze(-1)) & (switch < t1.unsqueeze(-1))).any(0)]
+    if switch is None or switch.shape[1] == 0:
         return _integrate(model, p, a, rate, t0, t1, ctx, *tol)
     t = t0
     for k in torch.argsort(switch.detach(), dim=1).T:
