@@ -1,8 +1,9 @@
 """Doses with RATE = -2 (-1) and their duration (rate) a parameter: NONMEM's D1 (R1), e.g. zero-order absorption.
-They were refused by every model ('RATE=-1/-2 ... without a DUR column is not supported'). The closed forms take
-the duration from the parameter D (R), of the doses into the dose compartment, as F and ALAG; a control stream's
-D1/R1 is that parameter. Checked against the zero-order input's own solution and its derivative in D, against
-the same doses with the duration given in the data, and by a fit that recovers D."""
+They were refused by every model ('RATE=-1/-2 ... without a DUR column is not supported'). The models take the
+duration from the parameter D (R), of the doses into the dose compartment, as F and ALAG; a control stream's D1/R1
+is that parameter (the ODE solvers: tests/integration/test_modelled_input_ode.py). Checked against the zero-order
+input's own solution and its derivative in D, against the same doses with the duration given in the data, and by a
+fit that recovers D."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_the_duration_parameter_gives_the_zero_order_solution_and_its_derivative
     """1cmt_iv, 100 mg with RATE = -2 and D = 2.3 h (no level at its end, where the solution has a kink in D): the
     zero-order input's solution to 1e-12, the derivative in D (autograd through the closed form) the central
     difference of that solution, and the same as the duration given in a DUR
-    column; an ODE solve and a model without D refuse the doses, as before."""
+    column; the ODE solvers give the same solution and derivative; a model without D refuses the doses."""
     batch = hp.read_nonmem(_records()).to_batch()
     d = torch.tensor([2.3], dtype=torch.float64, requires_grad=True)
     p = {"CL": torch.tensor([3.0], dtype=torch.float64), "V": torch.tensor([30.0], dtype=torch.float64), "D": d}
@@ -60,8 +61,11 @@ def test_the_duration_parameter_gives_the_zero_order_solution_and_its_derivative
     torch.testing.assert_close(c.detach(), c_given, rtol=1e-12, atol=0)
     with pytest.raises(ModelError, match="needs the rate R or the duration D"):
         simulate("1cmt_iv", {"CL": 3.0, "V": 30.0}, batch)
-    with pytest.raises(ModelError, match="needs the rate R or the duration D"):
-        simulate("1cmt_iv", {"CL": 3.0, "V": 30.0, "D": 2.3}, batch, method="ode")
+    for solver, tol in (("expm", 1e-12), ("dp5", 1e-7)):
+        d_ode = d.detach().clone().requires_grad_()
+        c_ode = simulate("1cmt_iv", {**p, "D": d_ode}, batch, method="ode", solver=solver).ipred[0, 1:]
+        np.testing.assert_allclose(c_ode.detach().numpy(), c.detach().numpy(), rtol=tol)
+        assert torch.autograd.grad(c_ode.sum(), d_ode)[0].item() == pytest.approx(fd, rel=1e-6)
 
 
 STREAM = """$PROBLEM zero-order input, its duration a THETA

@@ -232,7 +232,7 @@ def test_a_des_model_fits_like_advan2(tmp_path, theoph_path):
     ("$MODEL COMP=(DEPOT DEFDOSE) COMP=(CENTRAL DEFOBS)\n", "", "no \\$MODEL", None),
     ("COMP=(CENTRAL DEFOBS)", "COMP=(CENTRAL DEFOBS INITIALOFF)", "INITIALOFF", "INITIALOFF"),
     ("S2 = V", "S2 = V\nF2 = 0.5", "F2", "F2"),
-    ("S2 = V", "S2 = V\nD1 = 2", "D1", "D1"),
+    ("S2 = V", "S2 = V\nD2 = 2", "D2", "D2"),
     ("$SUBROUTINE ADVAN13 TOL=9", "$SUBROUTINE ADVAN9 TOL=9", "ADVAN9 is not supported", "ADVAN9"),
 ])
 def test_what_a_des_model_cannot_do_is_refused_with_its_line(tmp_path, theoph_path, old, new, construct, keyword):

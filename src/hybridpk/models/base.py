@@ -166,8 +166,8 @@ KA = Parameter("KA", "1/h", 1e-4, 100.0, "first-order absorption rate constant",
 ALAG = Parameter("ALAG", "h", 0.0, 48.0, "absorption lag time (doses into the default dose compartment)", 0.0)
 F = Parameter("F", "-", 0.0, 1.0, "bioavailability (doses into the default dose compartment)", 1.0)
 #: the doses' own parameters with RATE = -2 (-1) (NONMEM's D1, R1, help "RATE"): the duration (rate) of the doses
-#: into the default dose compartment, zero-order input, for the models solved in closed form (solve._events); like
-#: F and ALAG they act on the doses only
+#: into the default dose compartment, zero-order input, for every model (solve._events: the closed forms and the ODE
+#: solvers); like F and ALAG they act on the doses only
 D = Parameter("D", "h", 1e-3, 1e3, "duration of the doses with RATE = -2 (modelled zero-order input)", 1.0)
 R = Parameter("R", "mg/h", 1e-6, 1e6, "rate of the doses with RATE = -1 (modelled zero-order input)", 10.0)
 DOSE_PARAMETERS = (D.name, R.name)

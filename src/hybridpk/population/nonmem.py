@@ -863,8 +863,10 @@ def read_control_stream(path):
         statements = _central_scale_alias(statements, scale_name, text, path)
     defs = _definitions(statements)
     scaled = {} if written else _scale_labels(defs, dict(statements), advan, trans, text, path)
-    modelled = [f"{what} ({name})" for name, what in (("D1", "duration"), ("R1", "rate")) if name in defs]
-    if modelled and not written:
+    dose = structural.dose_cmt
+    modelled = [f"{what} ({name}{dose})" for name, what in (("D", "duration"), ("R", "rate"))
+                if f"{name}{dose}" in defs]
+    if modelled:
         common["recipe"] = {**common["recipe"], "modelled_input": modelled}
     error, kinds, sigma_fixed, factor, censoring = _error_model(m, defs, params, eps_names, sigma_names, scale_name,
                                                                 text, path, any_scale=written, data=data)
@@ -903,7 +905,8 @@ def read_control_stream(path):
     pm = PopulationModel(structural=structural, error=error, individual=individual, covariates=covs,
                          sigma_labels=dict(kinds), sigma_fixed=sigma_fixed, record_items=items,
                          error_inputs=error_inputs,
-                         parameter_labels={} if written else {**_stream_names(advan), **scaled},
+                         parameter_labels=({k: f"{k}{dose}" for k in ("F", "ALAG", "D", "R")} if written
+                                           else {**_stream_names(advan), **scaled}),
                          concentration_scale=(f"{scale_name} = {dict(statements)[scale_name]}: F = A/{scale_name}"
                                               if scaled else ""),
                          censoring_rule=_rule(censoring, error, m.datainfo), **common)
@@ -1229,10 +1232,10 @@ def _written_system(m, statements, comps, advan: int, text: str, path, events=No
     assigned = {name for name, _ in pk}
     for name in sorted(assigned):
         hit = re.fullmatch(r"(F|ALAG|R|D)(\d+)", name)
-        if hit and (hit.group(1) in ("R", "D") or int(hit.group(2)) != dose):
+        if hit and int(hit.group(2)) != dose:
             raise ModelError(f"{_line_of(text, path, name)}: {name} (for doses into compartment {hit.group(2)}) is not "
-                             f"supported; hybridpk applies F{dose} and ALAG{dose} to doses into the default dose "
-                             f"compartment {dose} ({names[dose - 1]})")
+                             f"supported; hybridpk applies F{dose}, ALAG{dose}, D{dose} and R{dose} to doses into the "
+                             f"default dose compartment {dose} ({names[dose - 1]})")
     linear = advan in _LINEAR_ADVANS or is_linear(derivatives, des, amounts)
     cls = LinearStatementModel if linear else StatementModel
     how = "general linear" if advan in _LINEAR_ADVANS else "$DES"
@@ -1245,7 +1248,7 @@ def _written_system(m, statements, comps, advan: int, text: str, path, events=No
         p = {name: env[name] for name in inputs}
         p.update({f"A_0({k})": env[name] for k, name in initial.items()})
         p.update({s: env[s] if env.get(s) is not None else 1.0 for s in structural.scales})
-        for ours, theirs in (("F", f"F{dose}"), ("ALAG", f"ALAG{dose}")):
+        for ours, theirs in (("F", f"F{dose}"), ("ALAG", f"ALAG{dose}"), ("D", f"D{dose}"), ("R", f"R{dose}")):
             if env.get(theirs) is not None:
                 p[ours] = env[theirs]
         return p

@@ -45,11 +45,11 @@ def _describe_rows(batch, mask) -> str:
     return ", ".join(str(r) for r in rows)
 
 
-def dose_events(model, p: dict, batch, modelled: bool = False) -> DoseEvents:
-    """Apply the model's bioavailability and lag to the batch's doses and resolve infusions. ``modelled`` (the
-    closed forms, whose infusion terms are differentiable in the duration): doses with RATE = -2 (-1) into the
-    default dose compartment take their duration (rate) from the parameter D (R); the ODE paths, whose segments
-    are cut at the infusions' ends, refuse them."""
+def dose_events(model, p: dict, batch) -> DoseEvents:
+    """Apply the model's bioavailability and lag to the batch's doses and resolve infusions. Doses with RATE = -2
+    (-1) into the default dose compartment take their duration (rate) from the parameter D (R) when ``p`` has it
+    (NONMEM's D1, R1): the closed forms' infusion terms are differentiable in the duration, and the ODE paths'
+    segments end at the infusions' ends, which carry their derivative in D (R) through the solver."""
     n_states = model.n_states
     cmt = batch.dose_cmt
     active = batch.dose_mask
@@ -60,14 +60,14 @@ def dose_events(model, p: dict, batch, modelled: bool = False) -> DoseEvents:
     idx = torch.where(cmt == 0, torch.full_like(cmt, model.dose_cmt), cmt) - 1
     default = idx == (model.dose_cmt - 1)
     mode = batch.dose_mode
-    dpar, rpar = (p.get(k) if modelled else None for k in DOSE_PARAMETERS)
+    dpar, rpar = (p.get(k) for k in DOSE_PARAMETERS)
     allowed = [BOLUS, RATE_GIVEN, DURATION_GIVEN] + ([DURATION_MODELLED] if dpar is not None else []) + \
         ([RATE_MODELLED] if rpar is not None else [])
     unsupported = active & (~torch.isin(mode, torch.tensor(allowed, device=mode.device)) | ((mode < 0) & ~default))
     if unsupported.any():
         raise ModelError("RATE=-1/-2 (modelled rate or duration) without a DUR column needs the rate R or the "
                          "duration D of the doses into the dose compartment (a control stream's R1/D1; hybridpk fit "
-                         f"--init D=2) and a model solved in closed form; model {model.name} has "
+                         f"--init D=2); model {model.name} has "
                          f"{'neither' if dpar is None and rpar is None else 'them, but not for these doses'}: give "
                          f"the rate or the duration in the data (rows {_describe_rows(batch, unsupported)})")
     ones = torch.ones_like(batch.dose_amt)

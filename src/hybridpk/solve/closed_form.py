@@ -82,7 +82,7 @@ def concentration(model, p: dict, batch, rec_time=None, rec_key=None):
         dose_rec = record_of_doses(batch)
         p_dose = {k: v.gather(1, dose_rec) for k, v in p.items()}
     v, k10, pairs, ka = model.mammillary(p)
-    ev = dose_events(model, p_dose if per_record else p, batch, modelled=True)
+    ev = dose_events(model, p_dose if per_record else p, batch)
     central = model.obs_cmt - 1
     depot = 0 if ka is not None else -1
     other = ev.active & (ev.cmt != central) & (ev.cmt != depot)
