@@ -103,7 +103,7 @@ def test_a_control_streams_d1_is_the_duration_and_is_estimated(tmp_path):
     D1 = 1.5 h recovers the duration (within 10%) and CL, and reports the individual duration as D1; the native
     1cmt_iv with D a THETA (--init D=1.5) gives the same fit; at the initial
     estimates the stream's OFV is the native model's with the same duration given in a DUR column. A dose
-    recommendation, whose new doses would be bolus or of a stated duration, is refused."""
+    recommendation gives its doses the model's duration (RATE = -2); with a modelled rate it is refused."""
     df = _simulated(tmp_path)
     (tmp_path / "zero.mod").write_text(STREAM.format(data="zero.csv", d=1.5, maxeval="")
                                        .replace("D1 = THETA(3)*EXP(ETA(3))", "D1 = THETA(3)")
@@ -117,12 +117,28 @@ def test_a_control_streams_d1_is_the_duration_and_is_estimated(tmp_path):
     assert fit.theta["THETA_3"].value == pytest.approx(2.0, rel=0.1)
     assert fit.theta["THETA_1"].value == pytest.approx(3.0, rel=0.15)
     assert "D" in fit.estimate(ds).parameters.columns
-    # a dose recommendation would give new doses another input than the model's own: refused by name
+    # a dose recommendation gives the new doses the model's own duration (RATE = -2): its MAP steady-state trough is
+    # the zero-order input's own solution summed over 400 past doses at the patient's MAP CL, V and D1
     from hybridpk.dosing import recommend_dose
 
     one = ds.subset([ds.ids[0]])
-    with pytest.raises(hp.HybridPKError, match=r"modelled duration \(D1\)"):
-        recommend_dose(fit, one, "auc24=30:60")
+    rec = recommend_dose(fit, one, "trough=0.5:1.5", interval=12)
+    assert (rec.records.RATE == -2).all() and rec.to_dict()["infusion_duration_h"] is None
+    m = {k: v["map"] for k, v in rec.map_parameters.items()}
+    trough = sum(_zero_order(np.array([12.0 * k]), rec.dose, m["D1"], m["CL"], m["V"])[0] for k in range(1, 401))
+    assert rec.exposure["trough"]["map"] == pytest.approx(trough, rel=1e-6)
+    assert abs(m["D1"] - 2.0) < 0.5
+    # a modelled rate (R1, RATE = -1): a dose lasts AMT/R1 h, its levels are not proportional to it: refused
+    df.assign(RATE=np.where(df.EVID == 1, -1.0, 0.0)).to_csv(tmp_path / "rate.csv", index=False)
+    (tmp_path / "rate.mod").write_text(STREAM.format(data="rate.csv", d=50.0, maxeval="MAXEVAL=0")
+                                       .replace("D1 = THETA(3)*EXP(ETA(3))", "R1 = THETA(3)")
+                                       .replace("$OMEGA 0.09 0.04 0.04", "$OMEGA 0.09 0.04"))
+    pm_r, ds_r = read_control_stream(tmp_path / "rate.mod")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        at_r = fit_population(pm_r, ds_r, progress=False, covariance=False, evaluate=True)
+    with pytest.raises(hp.HybridPKError, match=r"modelled rate \(R1\)"):
+        recommend_dose(at_r, ds_r.subset([ds_r.ids[0]]), "auc24=30:60")
     # the native model with the duration a THETA (hybridpk fit --init D=1.5): the stream's fit
     native_d = build_model("1cmt_iv", iiv=["CL", "V"], error="proportional", initial={"CL": 3.0, "V": 30.0, "D": 1.5})
     with warnings.catch_warnings():

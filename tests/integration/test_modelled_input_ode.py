@@ -145,6 +145,19 @@ def test_a_des_with_d1_fits_as_advan2_with_d1(tmp_path, theoph_path):
     assert "D" in des.estimate(ds).parameters.columns and des.model.label("D") == "D1"
 
 
+def test_a_native_ode_model_takes_the_duration_as_a_theta(tmp_path, theoph_path):
+    """hybridpk fit DATA --model 1cmt_oral_mm --init D=1.5 (the duration was taken by the closed forms only): D is a
+    THETA, the run says its doses take a modelled duration, and its predictions are the $DES stream's with D1."""
+    pm, ds = _read(tmp_path, theoph_path, MM_DES)
+    native = hp.build_model("1cmt_oral_mm", iiv=["KA", "VMAX", "V", "D"], error="additive",
+                            initial={"KA": 1.5, "VMAX": 6 * 2.8, "KM": 6.0, "V": 32.0, "D": 1.5})
+    assert "D" in [t.name for t in native.thetas] and native.recipe["modelled_input"] == ["duration (D)"]
+    ours, _, _ = _ipred(native, ds, [{"KA": 1.5, "VMAX": 6 * 2.8, "KM": 6.0, "V": 32.0, "D": 1.5}[t.name]
+                                     for t in native.thetas])
+    theirs, prob, _ = _ipred(pm, ds, VALUES)
+    torch.testing.assert_close(ours[prob.obs], theirs[prob.obs], rtol=1e-6, atol=1e-9)
+
+
 def _steady_state_batch(ss: bool):
     times = [24.0 * 20 + t for t in (0.5, 1.0, 2.0, 3.0, 6.0, 11.0)] if not ss else [0.5, 1.0, 2.0, 3.0, 6.0, 11.0]
     dose = dict(ID=1, TIME=0.0, AMT=200.0, RATE=-2.0, EVID=1, MDV=1, DV=0.0, II=12.0)

@@ -10,6 +10,7 @@ import torch
 
 import hybridpk as hp
 from hybridpk.data import Regimen
+from hybridpk.data.regimen import MODEL_DURATION
 
 PARAMS = {"CL": torch.tensor([4.5], dtype=torch.float64), "V": torch.tensor([58.0], dtype=torch.float64),
           "Q": torch.tensor([6.5], dtype=torch.float64), "V2": torch.tensor([38.0], dtype=torch.float64)}
@@ -22,7 +23,7 @@ def _patient():
     return pd.DataFrame(rows)
 
 
-def _through_the_reader(history: pd.DataFrame, regimen, times):
+def _through_the_reader(history: pd.DataFrame, regimen, times, params=PARAMS):
     """The old way: the regimen's record and EVID=2 rows appended to the data, sorted, read back."""
     parts = [history.assign(_o=0)]
     if regimen is not None:
@@ -34,7 +35,7 @@ def _through_the_reader(history: pd.DataFrame, regimen, times):
     ds = hp.read_nonmem(df.reset_index(drop=True))
     b = ds.to_batch()
     is_new = (b.evid[0] == 2)
-    return hp.simulate("2cmt_iv", PARAMS, b).ipred[0][is_new]
+    return hp.simulate("2cmt_iv", params, b).ipred[0][is_new]
 
 
 @pytest.mark.parametrize("regimen", [None, Regimen(48.0, 750.0, 12.0, 6, 1.0), Regimen(48.0, 500.0, 8.0, 4, 0.0),
@@ -61,3 +62,17 @@ def test_regimen_alone_at_steady_state_and_its_record():
     c_ss = hp.simulate("2cmt_iv", PARAMS, alone).ipred[0, 0]
     many = patient.extend(Regimen(0.0, 1.0, 12.0, 40, 1.0), [40 * 12.0], keep_records=False, keep_doses=False)
     assert float(hp.simulate("2cmt_iv", PARAMS, many).ipred[0, -1]) == pytest.approx(float(c_ss), rel=1e-6)
+
+
+def test_a_regimen_of_the_models_own_duration_is_given_as_rate_minus_two():
+    """Regimen(..., duration=MODEL_DURATION): records with RATE = -2 (NONMEM: the model's D1 sets the duration); the
+    extended batch gives what its records read back give, and with D = 2.5 h what a stated 2.5-h infusion gives."""
+    reg = Regimen(48.0, 750.0, 12.0, 6, MODEL_DURATION)
+    assert reg.model_duration and reg.records(7).RATE.tolist() == [-2.0] and "model's own duration" in reg.how
+    params = {**PARAMS, "D": torch.tensor([2.5], dtype=torch.float64)}
+    times = np.linspace(0.0, 96.0, 193)
+    ext = hp.read_nonmem(_patient()).to_batch().extend(reg, times)
+    got = hp.simulate("2cmt_iv", params, ext).ipred[0, -len(times):]
+    torch.testing.assert_close(got, _through_the_reader(_patient(), reg, times, params), rtol=1e-13, atol=1e-12)
+    stated = _through_the_reader(_patient(), Regimen(48.0, 750.0, 12.0, 6, 2.5), times)
+    torch.testing.assert_close(got, stated, rtol=1e-12, atol=1e-12)

@@ -60,7 +60,8 @@ def _row(result) -> dict:
 
     if isinstance(result, Recommendation):
         (metric, e), = result.exposure.items()
-        how = f" ({result.duration:g}-h infusion)" if result.duration > 0 else ""
+        how = f" ({result.duration:g}-h infusion)" if result.duration > 0 else (
+            " (the model's duration D)" if result.regimen.model_duration else "")
         return {"answer": f"{result.dose:g} mg every {result.interval:.4g} h{how}", "metric": metric,
                 "MAP": round(e["map"], 4), "p05": round(e["p05"], 4), "p95": round(e["p95"], 4),
                 "PTA": round(result.pta, 3), "warnings": len(result.warnings)}

@@ -98,9 +98,10 @@ def add_parser(sub) -> None:
                    f"published spec's [dosing]; else {DEFAULT_TARGET})")
     p.add_argument("--interval", type=float, help="dosing interval (h); default: the model's stated interval, else "
                    "the best of 8, 12, 24")
-    p.add_argument("--duration", type=float, help="infusion duration (h); 0 for bolus/oral (default: 0 for a model "
-                   "whose route is oral or bolus: a fit of an oral model, or of an IV model to data dosed by bolus "
-                   "only; else 1)")
+    p.add_argument("--duration", type=float, help="infusion duration (h); 0 for bolus/oral (default: the model's "
+                   "own duration for a model whose doses take one, a control stream's D1 with RATE = -2; 0 for a "
+                   "model whose route is oral or bolus: a fit of an oral model, or of an IV model to data dosed by "
+                   "bolus only; else 1)")
     p.add_argument("--cmt", type=int, default=0, metavar="N", help="compartment of the new doses (NONMEM numbering; "
                    "default 0: the model's dose compartment), e.g. the central compartment for IV doses with a "
                    "model fitted on oral data (F then does not apply)")
@@ -268,7 +269,7 @@ def run_dose(args) -> int:
         atomic_write_text(args.out, text)
     metric, exp = next(iter(rec.exposure.items()))
     print(f"{model.name}: {rec.dose:g} mg every {rec.interval:.4g} h"
-          + (f" as {rec.duration:g}-h infusions" if rec.duration > 0 else " (bolus or oral doses)")
+          + rec.regimen.how
           + (f" into compartment {rec.regimen.cmt}" if rec.regimen.cmt else "") + f", from {_at(ds, rec.start)}")
     se = f" (Monte-Carlo SE {rec.pta_mc_se:.1%})" if rec.pta_mc_se is not None else ""
     print(f"  predicted {metric}: MAP {exp['map']:.1f}; posterior median {exp['median']:.1f}, 90% interval "
@@ -429,7 +430,7 @@ def _loading(args, model, ds) -> int:
                        dose_step=args.dose_step, max_dose=args.max_dose, start=args.start, seed=args.seed,
                        n_samples=args.draws)
     m = out.maintenance
-    how = f" as {m.duration:g}-h infusions" if m.duration > 0 else " (bolus or oral doses)"
+    how = m.regimen.how
     if out.dose_mg is None:
         print(f"{model.name}: no loading dose; maintenance {m.dose:g} mg every {m.interval:g} h{how}, from "
               f"{_at(ds, m.start + m.interval)}")

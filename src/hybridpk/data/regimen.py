@@ -1,7 +1,8 @@
 """A dosing regimen as dose records: what dosing recommends, what a forecast continues, what a batch extends.
 
 A :class:`Regimen` is ``n_doses`` doses of ``dose`` mg every ``interval`` h from ``start`` h, given as
-``duration``-h infusions (0: bolus or oral) into compartment ``cmt`` (0: the model's default), optionally at
+``duration``-h infusions (0: bolus or oral; :data:`MODEL_DURATION`: as the model gives its own doses, the duration
+its parameter D sets, NONMEM's RATE = -2 with D1) into compartment ``cmt`` (0: the model's default), optionally at
 steady state (SS=1: the system is reset and starts at steady state of the regimen). It is written out as one
 NONMEM dose record with ADDL (:meth:`Regimen.records`) and added to a patient's padded tensors without going
 back through the CSV reader (:meth:`hybridpk.data.batch.EventBatch.extend`).
@@ -14,13 +15,18 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["Regimen"]
+__all__ = ["MODEL_DURATION", "Regimen"]
+
+#: a Regimen's ``duration`` for doses whose duration the model sets (its parameter D: a control stream's D1), as the
+#: data item RATE = -2 says of a dose record (NONMEM help "RATE"); the regimen's records carry RATE = -2
+MODEL_DURATION = -2.0
 
 
 @dataclass(frozen=True)
 class Regimen:
     """``n_doses`` doses of ``dose`` (mg) every ``interval`` (h) from ``start`` (h), as ``duration``-h
-    infusions (0: bolus/oral), into ``cmt`` (0: model default); ``steady_state``: NONMEM SS=1."""
+    infusions (0: bolus/oral; :data:`MODEL_DURATION`: the model's own duration D), into ``cmt`` (0: model
+    default); ``steady_state``: NONMEM SS=1."""
 
     start: float
     dose: float
@@ -31,9 +37,23 @@ class Regimen:
     steady_state: bool = False
 
     @property
+    def model_duration(self) -> bool:
+        """True when the doses take the model's own duration (RATE = -2, :data:`MODEL_DURATION`)."""
+        return self.duration == MODEL_DURATION
+
+    @property
     def rate(self) -> float:
-        """Infusion rate (mg/h) as NONMEM's RATE data item; 0 for a bolus."""
+        """Infusion rate (mg/h) as NONMEM's RATE data item; 0 for a bolus, -2 for the model's own duration."""
+        if self.model_duration:
+            return MODEL_DURATION
         return self.dose / self.duration if self.duration > 0 else 0.0
+
+    @property
+    def how(self) -> str:
+        """How the doses are given, for a sentence: ' as 1-h infusions', ' (bolus or oral doses)' ..."""
+        if self.model_duration:
+            return " (each over the model's own duration D: RATE = -2)"
+        return f" as {self.duration:g}-h infusions" if self.duration > 0 else " (bolus or oral doses)"
 
     def records(self, patient_id) -> pd.DataFrame:
         """The regimen as one NONMEM dose record (ADDL = n_doses - 1), ready to append to a patient's data."""
@@ -45,7 +65,7 @@ class Regimen:
     def dose_events(self) -> dict:
         """Every administration as arrays (D,), as ``EventBatch.from_dataset`` derives them from the record:
         time (h), amount, rate (amount/h), duration (h), rate mode, SS flag, II (h), compartment."""
-        from .batch import BOLUS, RATE_GIVEN
+        from .batch import BOLUS, DURATION_MODELLED, RATE_GIVEN
 
         k = np.arange(self.n_doses)
         amt = np.full(self.n_doses, float(self.dose))
@@ -53,7 +73,7 @@ class Regimen:
         given = rate > 0
         return {"time": float(self.start) + k * float(self.interval), "amt": amt,
                 "rate": np.maximum(rate, 0.0), "duration": np.where(given, amt / np.where(given, rate, 1.0), 0.0),
-                "mode": np.where(given, RATE_GIVEN, BOLUS),
+                "mode": np.where(given, RATE_GIVEN, DURATION_MODELLED if self.model_duration else BOLUS),
                 # ADDL doses are plain doses: only the record's own dose carries SS
                 "ss": np.where(k == 0, int(self.steady_state), 0), "ii": np.full(self.n_doses, float(self.interval)),
                 "cmt": np.full(self.n_doses, int(self.cmt))}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..data.regimen import MODEL_DURATION
 from ..errors import HybridPKError
 
 __all__ = ["Limits", "check_limits", "record_doses", "record_dose_step", "median_record_dose", "START_HORIZON_H",
@@ -57,8 +58,8 @@ def record_dose_step(df: pd.DataFrame) -> float | None:
 @dataclass(frozen=True)
 class Limits:
     """Valid limits of one recommendation: candidate ``intervals`` (h), infusion ``duration`` (h, 0: bolus or
-    oral), ``dose_step`` (mg), ``max_dose`` (mg, a whole number of steps; None: no cap), ``start`` (h),
-    ``n_doses`` of the recommended regimen."""
+    oral, MODEL_DURATION: the model's own), ``dose_step`` (mg), ``max_dose`` (mg, a whole number of steps; None:
+    no cap), ``start`` (h), ``n_doses`` of the recommended regimen."""
 
     intervals: tuple
     duration: float
@@ -109,7 +110,9 @@ def check_limits(df: pd.DataFrame, *, intervals, duration, dose_step, max_dose, 
         else:
             taus.append(t)
     dur = _number(duration)
-    if dur is None or dur < 0:
+    if dur == MODEL_DURATION:       # the model's own duration (D1, RATE = -2): its steady state checks D1 < II
+        pass
+    elif dur is None or dur < 0:
         bad("duration", "--duration", duration, "the infusion duration must be a number >= 0 (h; 0 for a bolus or "
             "oral dose)")
     elif taus and dur > min(taus):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.regimen import MODEL_DURATION
 from ..errors import HybridPKError
 from ..population import FittedPopulation, load_model
 from ..population.estimates import IndividualEstimates, importance_resample, posterior_draws
@@ -85,15 +86,32 @@ class DosingModel:
         return tuple(self.population.notes)
 
     def require_given_input(self) -> None:
-        """Refuse to recommend doses for a model whose doses take a modelled duration or rate (a control stream's
-        D1/R1 with RATE = -2/-1: zero-order absorption): the doses hybridpk recommends are given as bolus or with a
-        stated duration, so their exposure would not be the model's. MAP estimates read such records."""
-        modelled = self.population.model.recipe.get("modelled_input")
+        """Refuse to recommend doses for a model whose doses take a modelled rate (a control stream's R1 with
+        RATE = -1, hybridpk's R): a dose then lasts AMT/R1 h, so its levels are not proportional to the dose, which
+        the dose search assumes of a linear model. MAP estimates read such records. A modelled duration (D1 with
+        RATE = -2) is given to the new doses (:meth:`new_dose_duration`)."""
+        modelled = [m for m in self.population.model.recipe.get("modelled_input", ()) if m.startswith("rate")]
         if modelled:
-            raise HybridPKError(f"{self.name} gives its doses a modelled {' and '.join(modelled)} (RATE = -2/-1); "
-                                "hybridpk recommends doses given as bolus or over a stated duration, which this model "
-                                "would not absorb as it absorbs its own: not supported ('hybridpk map' estimates the "
-                                "patient from such records)")
+            raise HybridPKError(f"{self.name} gives its doses a modelled {' and '.join(modelled)} (RATE = -1): a "
+                                "dose then lasts AMT/rate h, and hybridpk's dose search takes levels proportional "
+                                "to the dose: not supported ('hybridpk map' estimates the patient from such "
+                                "records)")
+
+    @property
+    def model_duration(self) -> bool:
+        """Whether the model's doses into its dose compartment take a modelled duration (D1 with RATE = -2)."""
+        return any(m.startswith("duration") for m in self.population.model.recipe.get("modelled_input", ()))
+
+    def new_dose_duration(self, duration: float | None, cmt: int) -> float:
+        """The duration (h) of new doses: the caller's; else, for doses into the dose compartment of a model whose
+        doses take a modelled duration (a control stream's D1 with RATE = -2, zero-order absorption), the model's
+        own (:data:`~hybridpk.data.regimen.MODEL_DURATION`: the new records carry RATE = -2, as NONMEM gives
+        them); else :attr:`default_duration`."""
+        if duration is not None:
+            return duration
+        if self.model_duration and cmt in (0, self.population.model.structural.dose_cmt):
+            return MODEL_DURATION
+        return self.default_duration
 
     @property
     def concentration_scale(self) -> str:

@@ -106,7 +106,8 @@ class Recommendation:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "dose_mg": self.dose, "interval_h": self.interval,
-                "infusion_duration_h": self.duration, "start_h": self.start, "target": self.target,
+                "infusion_duration_h": None if self.regimen.model_duration else self.duration,
+                "given": self.regimen.how.strip(" ()"), "start_h": self.start, "target": self.target,
                 "probability_of_target_attainment": self.pta,
                 "probability_of_target_attainment_mc_se": self.pta_mc_se, "predicted_exposure": self.exposure,
                 "map_parameters": self.map_parameters, "warnings": list(self.warnings),
@@ -361,7 +362,8 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
         'conc@36=10:15' (mg/L, 36 h after the first new dose)
     interval : dosing interval (h); if None the best of ``intervals``
     duration : infusion duration (h); 0 for bolus/oral; at most the interval (no overlapping infusions);
-        None: the model's route (0 for an oral or bolus model, else 1 h; ``DosingModel.default_duration``)
+        None: the model's own duration for a model whose doses take one (D1 with RATE = -2), else the model's
+        route (0 for an oral or bolus model, else 1 h; ``DosingModel.new_dose_duration``)
     dose_step : doses are whole multiples of this (mg); None: a round step of at most a quarter of the median
         dose in the patient's record (:func:`~hybridpk.dosing.constraints.record_dose_step`: 1000 mg gives 250,
         3.5 mg gives 0.5; 250 for a record without a dose); the step taken is ``dose_step_mg``
@@ -384,9 +386,9 @@ def recommend_dose(model, dataset, target, *, interval: float | None = None, int
     """
     model = dosing_model(model)
     model.require_given_input()
-    duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
     cmt = model.dose_compartment(cmt)
+    duration = model.new_dose_duration(duration, cmt)
     df = dataset.to_dataframe()
     limits = check_limits(df, intervals=[interval] if interval is not None else list(intervals), duration=duration,
                           dose_step=dose_step, max_dose=max_dose, start=_default_start(df) if start is None else start,
@@ -443,13 +445,13 @@ def interval_for_dose(model, dataset, dose: float, target, *, duration: float | 
     range reaching the middle: HybridPKError naming the metric at both ends of the range."""
     model = dosing_model(model)
     model.require_given_input()
-    duration = model.default_duration if duration is None else duration
     tgt = parse_target(target) if isinstance(target, str) else target
     if tgt.metric not in ("auc24", "trough", "peak"):
         raise HybridPKError(f"target {tgt.label}: the interval for a dose is solved for a steady-state target "
                             "(auc24, trough or peak); for conc@T or auc24@DAY give --interval and ask for the dose")
     d = _number_check(dose)
     cmt = model.dose_compartment(cmt)
+    duration = model.new_dose_duration(duration, cmt)
     lo, hi = _interval_range(interval_range, duration, interval_step)
     df = dataset.to_dataframe()
     limits = check_limits(df, intervals=[lo], duration=duration, dose_step=d, max_dose=None,

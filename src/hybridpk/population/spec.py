@@ -493,11 +493,12 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     est = [p for p in sm.parameters if p.name not in ("F", "ALAG") and p.name not in fixed and p.name not in derived]
     est += extra
     initial = {k.upper(): v for k, v in (initial or {}).items()}
-    dosing = {p.name: p for p in (DOSE_D, DOSE_R)} if sm.linear else {}    # RATE = -2/-1 doses: D, R if given
+    dosing = {p.name: p for p in (DOSE_D, DOSE_R)}          # RATE = -2/-1 doses: D, R if given (solve._events)
     extra += [dosing[k] for k in list(initial) + list(fixed) if k in dosing and dosing[k] not in extra]
     est += [p for p in extra if p.name in dosing and p.name not in fixed and p not in est]
     names = list(sm.parameter_names) + [p.name for p in extra]
-    unknown = [k for k in list(initial) + list(iiv or []) + list(iov or []) if k.upper() not in names]
+    asked = list(initial) + list(iiv or []) + list(iov or [])
+    unknown = list(dict.fromkeys(k for k in asked if k.upper() not in names))
     if unknown:
         raise ModelError(f"model {sm.name} has no parameter(s) {', '.join(unknown)}; it has "
                          f"{', '.join(names)}")
@@ -598,9 +599,11 @@ def build_model(model, *, iiv=None, covariates=(), error="proportional", initial
     same = tuple(((i,), (idx[0],)) for idx in iov_index.values() for i in idx[1:])   # one IOV variance each
     # F, ALAG, D and R are estimated when given an initial value: the rebuilt model (model_from_recipe) needs them
     optional = {k: float(v) for k, v in initial.items() if k in ("F", "ALAG", *dosing) and k not in fixed}
+    modelled = [f"{'duration' if p.name == 'D' else 'rate'} ({p.name})" for p in extra if p.name in dosing]
     recipe = {"kind": "build", "model": sm.name, "iiv": list(iiv), "error": err.kind, "ltbs": bool(err.ltbs),
               "fixed": fixed, "time_varying": time_varying, "omega_block": [[iiv[i] for i in b] for b in blocks],
               **({"estimated_optional": optional} if optional else {}),
+              **({"modelled_input": modelled} if modelled else {}),
               **({"derived": {k: text for k, (text, _, _) in derived.items()}} if derived else {}),
               **({"iov": iov, "occasion": occasion, "occasions": occasions} if iov else {}),
               "covariates": [{"parameter": e.parameter, "covariate": e.covariate, "kind": e.kind,
