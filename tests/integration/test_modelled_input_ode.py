@@ -80,11 +80,13 @@ def _ipred(pm, ds, values, theta_grad=None):
     return prob.predict(theta, torch.zeros(ds.n_subjects, pm.n_eta, dtype=torch.float64)), prob, theta
 
 
-def test_zero_order_input_into_a_linear_des_gives_advan2s_ofv(tmp_path, theoph_path):
-    """The linear $DES (matrix exponentials) with D1 and ADVAN2's closed form with D1: the same OFV with EBEs."""
-    pm, ds = _read(tmp_path, theoph_path, SEQ_DES)
+@pytest.mark.parametrize("extra", ["", "\nALAG1 = 0.3\nF1 = 0.8"], ids=["D1", "D1-ALAG1-F1"])
+def test_zero_order_input_into_a_linear_des_gives_advan2s_ofv(tmp_path, theoph_path, extra):
+    """The linear $DES (matrix exponentials) with D1 and ADVAN2's closed form with D1: the same OFV with EBEs; with a
+    lag and a bioavailability too (NONMEM: F1 scales the amount, the input lasts D1 h from the lagged dose time)."""
+    pm, ds = _read(tmp_path, theoph_path, SEQ_DES.replace(D1, D1 + extra))
     assert pm.structural.piecewise_linear and pm.label("D") == "D1"
-    ref_pm, ref_ds = _read(tmp_path, theoph_path, SEQ_ADVAN2)
+    ref_pm, ref_ds = _read(tmp_path, theoph_path, SEQ_ADVAN2.replace(D1, D1 + extra))
     theta = dict(zip(["POP_KA", "POP_CL", "POP_V", "POP_D1"], VALUES))
     a, b = _ofv(pm, ds, theta, OM, SD), _ofv(ref_pm, ref_ds, theta, OM, SD)
     assert np.isfinite(a) and a == pytest.approx(b, rel=1e-8)
