@@ -8,7 +8,6 @@ integrated in pieces that end where the input stops, the derivative in the THETA
 from __future__ import annotations
 
 import math
-import shutil
 import warnings
 
 import numpy as np
@@ -20,14 +19,13 @@ from scipy.integrate import solve_ivp
 import hybridpk as hp
 from hybridpk.errors import ModelError
 from hybridpk.population.focei import Problem
-from hybridpk.population.nonmem import read_control_stream
 from hybridpk.solve import simulate
-from tests.integration.test_nonmem_des import THEO_DES, _thetas
+from tests.integration.test_nonmem_des import HEAD, THEO_DES, _thetas
+from tests.integration.test_nonmem_des import _read as _read_stream
 from tests.integration.test_nonmem_import import THEO_TRANS2, _ofv
 
 #: theophylline with a RATE column: every dose RATE = -2 (or -1), its duration (rate) a THETA
-HEAD = "$INPUT ID TIME DV AMT EVID MDV CMT WT\n$DATA theoph.csv IGNORE=@"
-INPUT = "$INPUT ID TIME DV AMT EVID MDV CMT WT RATE\n$DATA theoph_rate.csv IGNORE=@"
+INPUT = HEAD.replace("CMT WT", "CMT WT RATE").replace("theoph.csv", "theoph_rate.csv")
 D1 = "S2 = V\nD1 = THETA(4)*EXP(ETA(4))"
 D1_THETA = "$THETA (0, 32) ; POP_V\n$THETA (0, 1.5) ; POP_D1\n"
 D1_OMEGA = "$OMEGA 0.02\n$OMEGA 0.1\n"
@@ -40,6 +38,7 @@ SEQ_ADVAN2 = THEO_TRANS2.replace(HEAD, INPUT).replace("S2 = V", D1).replace("$TH
 
 #: the same input with Michaelis-Menten elimination: no closed form, Dormand-Prince
 MM_DES = SEQ_DES.replace("DADT(2) = KA*A(1) - CL/V*A(2)", "C = A(2)/V\nDADT(2) = KA*A(1) - CL*6*C/(6 + C)")
+assert all(INPUT in text and D1 in text for text in (SEQ_DES, SEQ_ADVAN2, MM_DES))    # the streams read RATE
 
 VALUES = [1.5, 2.8, 32.0, 1.5]
 OM, SD = [0.4, 0.07, 0.02, 0.1], {"ADD": math.sqrt(0.5)}
@@ -49,9 +48,7 @@ def _read(tmp_path, theoph_path, text, rate=-2.0):
     df = pd.read_csv(theoph_path)
     df["RATE"] = np.where(df.EVID == 1, rate, 0.0)
     df.to_csv(tmp_path / "theoph_rate.csv", index=False)
-    shutil.copy(theoph_path, tmp_path / "theoph.csv")
-    (tmp_path / "run.mod").write_text(text)
-    return read_control_stream(tmp_path / "run.mod")
+    return _read_stream(tmp_path, theoph_path, text)
 
 
 def _lsoda_ipred(ds, rhs, v, duration_of):

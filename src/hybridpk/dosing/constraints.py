@@ -110,9 +110,7 @@ def check_limits(df: pd.DataFrame, *, intervals, duration, dose_step, max_dose, 
         else:
             taus.append(t)
     dur = _number(duration)
-    if dur == MODEL_DURATION:       # the model's own duration (D1, RATE = -2): its steady state checks D1 < II
-        pass
-    elif dur is None or dur < 0:
+    if dur is None or (dur < 0 and dur != MODEL_DURATION):    # MODEL_DURATION: the model's D1 (RATE = -2)
         bad("duration", "--duration", duration, "the infusion duration must be a number >= 0 (h; 0 for a bolus or "
             "oral dose)")
     elif taus and dur > min(taus):
