@@ -5,6 +5,7 @@ discrete solution, computed the slow way), and the per-subject stopping of the E
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -80,6 +81,45 @@ def test_copies_of_a_subject_take_the_same_steps():
     e = eta.clone().requires_grad_(True)
     (ad,) = torch.autograd.grad(prob.predict(td, e)[prob.obs].sum(), e)
     assert float(fd[prob.obs].sum()) == pytest.approx(float(ad[:, 1].sum()), rel=1e-7)
+
+
+def _zero_order(t, dose, d, cl, v):
+    """1-compartment concentration after ``dose`` given over ``d`` h (the zero-order input's own solution)."""
+    k = cl / v
+    during = dose / d / cl * (1 - np.exp(-k * np.minimum(t, d)))
+    return np.where(t <= d, during, during * np.exp(-k * (t - d)))
+
+
+def _lagged_oral(t, dose, lag, cl, v, ka=1.3):
+    """1-compartment first-order absorption of ``dose`` given at 0 with a lag of ``lag`` h (its own solution)."""
+    k, s = cl / v, np.clip(t - lag, 0.0, None)
+    return dose * ka / (v * (ka - k)) * (np.exp(-k * s) - np.exp(-ka * s))
+
+
+@pytest.mark.parametrize("model, name, value, exact, rate", [
+    ("1cmt_iv", "D", 2.3, _zero_order, -2.0), ("1cmt_oral", "ALAG", 0.4, _lagged_oral, 0.0)])
+def test_copies_whose_event_times_differ_take_the_same_steps(model, name, value, exact, rate):
+    """Three copies of a subject at a modelled duration (a lag) of value - h, value, value + h (h = 1e-4), solved as
+    one step group by Dormand-Prince (rtol 1e-8): the second difference of their levels is the exact solution's to
+    1e-5 of its largest value. The copies take the same steps in their segments' own time (the _dp5 module); in
+    absolute time they took different numbers of steps before the moved event, and the second difference was off
+    by 7e-4 (lag) to 5e-3 (duration)."""
+    times = [0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0]
+    rows = [dict(ID=1, TIME=0.0, AMT=100.0, RATE=rate, DV=0.0, EVID=1, MDV=1)]
+    rows += [dict(ID=1, TIME=t, AMT=0.0, RATE=0.0, DV=1.0, EVID=0, MDV=0) for t in times]
+    batch = hp.read_nonmem(pd.DataFrame(rows)).to_batch().select(torch.zeros(3, dtype=torch.long))
+    h = 1e-4
+    values = torch.tensor([value - h, value, value + h], dtype=torch.float64)
+    p = {"CL": torch.full((3,), 3.0, dtype=torch.float64), "V": torch.full((3,), 30.0, dtype=torch.float64),
+         "KA": torch.full((3,), 1.3, dtype=torch.float64), name: values}
+    if model == "1cmt_iv":
+        del p["KA"]
+    c = hp.simulate(model, p, batch, method="ode", solver="dp5",
+                    step_groups=torch.zeros(3, dtype=torch.long)).ipred[:, 1:].numpy()
+    ref = np.array([exact(np.array(times), 100.0, x, 3.0, 30.0) for x in values.tolist()])
+    np.testing.assert_allclose(c, ref, rtol=1e-7, atol=1e-9)
+    second, second_ref = c[2] - 2 * c[1] + c[0], ref[2] - 2 * ref[1] + ref[0]
+    assert np.abs(second - second_ref).max() < 1e-5 * np.abs(second_ref).max()
 
 
 @pytest.mark.slow

@@ -7,10 +7,19 @@ control is per subject: max over states of |err| / (atol + rtol max(|y|, |y_new|
 of torchode (per-sample step control) applied to dosing events; all subjects still advance in one
 vectorised loop, and gradients flow by backpropagation through the accepted steps.
 
+Steps are taken in each segment's own time: between two events t = t0 + s L with s in [0, 1], and a step is a
+fraction of the segment's length L. A subject's steps are the same as in absolute time (the size carries over
+into the next segment as h / L); what changes is that an event time that depends on the parameters (a lag, a
+modelled duration) stretches the segment's steps instead of moving where the last one is clipped, and its
+derivative flows through every step of the segment.
+
 Step groups: subjects given the same group number share their step-size decisions (the error ratio that
-accepts or rejects a step is the largest in the group). Copies of one subject at nearby parameter values (a
-finite-difference stencil) then take the same steps, so their solutions are the same smooth function of the
-parameters and differences between them are free of the solver's step-selection noise.
+accepts or rejects a step is the largest in the group, and a segment starts with the group's smallest step).
+Copies of one subject at nearby parameter values (a finite-difference stencil) then take the same steps in
+their segments' time, so their solutions are the same smooth function of the parameters, the event times
+included, and differences between them are free of the solver's step-selection noise. (In absolute time,
+copies whose event times differ took different numbers of steps before an event: their second differences
+carried noise of order rtol / h^2, and the EBE search on such a model converged only linearly.)
 """
 
 from __future__ import annotations
@@ -67,9 +76,14 @@ def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000, grou
     ptr = torch.zeros(n, dtype=torch.long, device=dev)
     t = times[:, 0].clone()
     span = (times.gather(1, (n_valid - 1).clamp(min=0).unsqueeze(1)).squeeze(1) - t).clamp(min=1e-3)
-    h = (1e-3 * span).detach()
+    h = (1e-3 * span).detach()              # the next step's size (h), until a segment starts
     ar = torch.arange(n, device=dev)
     n_groups = int(groups.max()) + 1 if groups is not None else 0
+    # the current segment (from one event to the next) in its own time: t = t0 + s L, s in [0, 1]
+    t0, length = t, torch.ones_like(t)
+    s = torch.zeros_like(t.detach())
+    hs = torch.ones_like(s)                 # step size in the segment's time (fraction of L)
+    fresh = torch.ones(n, dtype=torch.bool, device=dev)
     for _ in range(max_steps):
         # apply every event the subjects are sitting on
         while True:
@@ -85,14 +99,27 @@ def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000, grou
                 t = torch.where(at, target, t)
             y = apply_event(y, ptr.clamp(max=e - 1), at)
             ptr = ptr + at.long()
+            fresh = fresh | at
         live = ptr < n_valid
         if not bool(live.any()):
             return y
         target = times[ar, ptr.clamp(max=e - 1)]
-        gap = torch.where(live, target - t, torch.zeros_like(t))
-        clipped = h >= gap
-        step = torch.where(clipped, gap, h)
-        mid = 0.5 * (t + target)
+        start = fresh & live
+        if bool(start.any()):           # a new segment: the step size carries over, in the new segment's time
+            new_len = torch.where(start, target - t, length)
+            hs = torch.where(start, h / new_len.detach(), hs)
+            if groups is not None:      # a group's copies step alike in their own segments (module docstring)
+                shared = torch.full((n_groups,), float("inf"), dtype=hs.dtype, device=dev).scatter_reduce(
+                    0, groups, torch.where(start, hs, torch.full_like(hs, float("inf"))), "amin")
+                hs = torch.where(start, shared[groups], hs)
+            t0 = torch.where(start, t, t0)
+            length = new_len
+            s = torch.where(start, torch.zeros_like(s), s)
+            fresh = fresh & ~start
+        clipped = hs >= 1.0 - s
+        ds = torch.where(clipped, 1.0 - s, hs)
+        step = torch.where(live, ds * length, torch.zeros_like(length))
+        mid = t0 + 0.5 * length
         j = ptr.clamp(max=e - 1)
         y_new, err = dp5_step(lambda tt, yy: f(tt, yy, mid, j), t, y, step)
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
@@ -104,13 +131,15 @@ def march(f, y, times, n_valid, apply_event, rtol, atol, max_steps=200_000, grou
             ratio = torch.where(torch.isfinite(ratio), shared[groups], ratio)
         ok = live & (ratio <= 1.0)
         y = torch.where(ok.unsqueeze(-1), y_new, y)
-        t = torch.where(ok, torch.where(clipped, target, t + step), t)
+        s = torch.where(ok, torch.where(clipped, torch.ones_like(s), s + ds), s)
+        t = torch.where(ok, torch.where(clipped, target, t0 + s * length), t)
         factor = torch.clamp(0.9 * ratio.clamp(min=1e-10) ** -0.2, 0.2, 10.0)
-        h_new = step * factor
+        hs_new = ds * factor
         # a step shortened to land on an event should not shrink the next one. Step sizes are decisions,
         # not functions of the parameters: detached, so that gradients follow the solution (and the event
-        # times, through the clipped steps) and do not leak through the step-size controller.
-        h = torch.where(live, torch.where(ok & clipped, torch.maximum(h, h_new), h_new), h).detach()
+        # times, through the segments' lengths) and do not leak through the step-size controller.
+        hs = torch.where(live, torch.where(ok & clipped, torch.maximum(hs, hs_new), hs_new), hs).detach()
+        h = (hs * length).detach()
         if bool((live & (h <= 1e-12 * (t.abs() + 1.0))).any()):
             bad = torch.nonzero(live & (h <= 1e-12 * (t.abs() + 1.0))).flatten().tolist()
             raise RuntimeError(f"step size underflow for subject position(s) {bad[:10]} (stiff or extreme "
