@@ -316,6 +316,86 @@ def test_an_imported_block_has_the_ofv_of_the_native_block_model(tmp_path, theop
     assert a == pytest.approx(b, abs=1e-6)
 
 
+def _banded_population(folder):
+    """60 simulated patients (1cmt_oral, additive error) whose ETAs of KA and CL correlate (0.4), CL and V (0.5),
+    KA and V not, written for THEO_TRANS2's $INPUT."""
+    design = hp.make_design(60, [dict(TIME=0, AMT=320, CMT=1)], [0.25, 0.5, 1, 2, 3.5, 5, 7, 9, 12, 24], jitter=0.1,
+                            seed=1)
+    sim = hp.simulate_population("1cmt_oral", design, {"KA": 1.5, "CL": 2.8, "V": 32.0},
+                                 {"KA": 0.16, "CL": 0.09, "V": 0.04}, additive=0.3, seed=1,
+                                 correlation={("KA", "CL"): 0.4, ("CL", "V"): 0.5})
+    df = sim.dataset.to_dataframe().assign(WT=70.0)
+    df["CMT"] = np.where(df.EVID == 1, 1, 2)
+    df[["ID", "TIME", "DV", "AMT", "EVID", "MDV", "CMT", "WT"]].to_csv(folder / "theoph.csv", index=False)
+
+
+BAND = "$OMEGA BLOCK(3) 0.2 0.01 0.1 0 0.02 0.05"
+
+
+def test_a_banded_omega_block_holds_its_zero_covariance_at_0(tmp_path, capsys):
+    """$OMEGA BLOCK(3) with the covariance of ETA(1) and ETA(3) given as 0: NONMEM holds it at 0 (a banded OMEGA,
+    nmusers 2001); pharmpy reads it as a covariance to estimate from 0, and hybridpk fitted the full block (OFV
+    -178.008 here instead of -177.480). Now it stays exactly 0, and the fit is the band's optimum, checked without
+    hybridpk's parametrisation: the OFV (EBEs searched again) has central differences in each estimated element of
+    OMEGA, with THETA and SIGMA at the fit, below 1e-4 (scaled by the element's sqrt(w_ii w_jj)), but not in the held
+    one; and the OFV lies between the full block's and the blocks without the covariance of ETA(2) and ETA(3)."""
+    _banded_population(tmp_path)
+    fits = {}
+    for name, omega in [("band", BAND), ("full", BAND.replace(" 0 ", " 0.01 ")),
+                        ("apart", "$OMEGA 0.2\n$OMEGA BLOCK(2) 0.1 0.02 0.05")]:
+        (tmp_path / f"{name}.mod").write_text(THEO_TRANS2.replace("$OMEGA 0.4\n$OMEGA 0.07\n$OMEGA 0.02", omega)
+                                              .replace("$SIGMA 0.5", "$SIGMA 0.1"))
+        pm, ds = read_control_stream(tmp_path / f"{name}.mod")
+        fits[name] = fit_population(pm, ds, progress=False, covariance=False)
+    pm, ds = read_control_stream(tmp_path / "band.mod")
+    assert pm.omega_zeros == ((2, 0),)
+    band = fits["band"]
+    omega = torch.tensor(band.omega.matrix, dtype=torch.float64)
+    assert float(omega[2, 0]) == 0.0 and float(omega[1, 0]) > 0.01 and float(omega[2, 1]) > 0.005
+    assert fits["full"].estimation.ofv < band.estimation.ofv - 0.1 < fits["apart"].estimation.ofv - 1.0
+    prob = Problem(pm, ds)
+    theta = {t.name: torch.tensor(t.value, dtype=torch.float64) for t in band.theta}
+    sd = {r.kind: torch.tensor(r.sd, dtype=torch.float64) for r in band.sigma.rows}
+
+    def ofv(om):
+        eta = prob.ebe(theta, torch.linalg.inv(om), sd, torch.zeros(ds.n_subjects, 3, dtype=torch.float64))
+        return float(prob.ofv(theta, om, sd, eta).detach())
+
+    assert ofv(omega) == pytest.approx(band.estimation.ofv, abs=1e-6)
+    slopes = {}
+    for r, c in [(0, 0), (1, 1), (2, 2), (1, 0), (2, 1), (2, 0)]:
+        scale = float(omega[r, r] * omega[c, c]) ** 0.5
+        step = torch.zeros(3, 3, dtype=torch.float64)
+        step[r, c] = step[c, r] = 1e-4 * scale
+        slopes[r, c] = (ofv(omega + step) - ofv(omega - step)) / 2e-4
+    assert max(abs(v) for k, v in slopes.items() if k != (2, 0)) < 1e-4
+    assert abs(slopes[2, 0]) > 1.0                     # the zero is held, not found
+    # the command: the printout says which covariance is held, the saved run reads back with it
+    from hybridpk.cli import main
+
+    assert main(["fit", str(tmp_path / "band.mod"), "--out", str(tmp_path / "run")]) == 0
+    assert "COV(ETA_1,ETA_3)            0   (held at 0: a banded block" in capsys.readouterr().out
+    run = hp.load_run(tmp_path / "run")
+    assert run.model.omega_zeros == ((2, 0),) and run.omega.matrix[2][0] == 0.0
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["estimated", "FIX"])
+def test_a_zero_after_an_estimated_covariance_is_refused_by_its_line(tmp_path, theoph_path, fixed):
+    """A 0 that does not lead its row (ETA(3) with ETA(1) estimated, with ETA(2) held at 0) has no banded Cholesky
+    factor: refused, by the block's line and the pair; the same block FIX (every element held) is read as written."""
+    shutil.copy(theoph_path, tmp_path / "theoph.csv")
+    block = "$OMEGA BLOCK(3) 0.4 0.01 0.07 0.01 0 0.02" + (" FIX" if fixed else "")
+    text = THEO_TRANS2.replace("$OMEGA 0.4\n$OMEGA 0.07\n$OMEGA 0.02", block)
+    (tmp_path / "run.mod").write_text(text)
+    if fixed:
+        pm, _ = read_control_stream(tmp_path / "run.mod")
+        assert pm.omega_init[2][1] == 0.0 and pm.omega_fixed == (0, 1, 2) and pm.omega_zeros == ()
+        return
+    line = text.splitlines().index(block) + 1
+    with pytest.raises(ModelError, match=rf"run.mod line {line}: .*BLOCK\(3\).* ETA\(2\) and ETA\(3\) as 0.*band"):
+        read_control_stream(tmp_path / "run.mod")
+
+
 def test_a_partial_omega_block_is_estimated_as_written(tmp_path, theoph_path):
     """$OMEGA BLOCK(2) on KA, CL beside a diagonal $OMEGA on V: the block's covariance is estimated and V's
     ETA stays uncorrelated; the same OFV as the native model with the same blocks."""

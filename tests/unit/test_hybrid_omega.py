@@ -109,13 +109,13 @@ def test_the_update_keeps_the_structure_of_omega():
     s = s + s.T
     current = torch.eye(5, dtype=torch.float64) * 7.0
     pm = SimpleNamespace(blocks=((0, 1), (2,), (3,), (4,)), omega_same=(((3,), (2,)), ((4,), (3,))),
-                         omega_fixed=())
+                         omega_fixed=(), omega_zeros=())
     out = _project(pm, current, s)
     assert out[0, 1] == s[0, 1] and out[0, 2] == 0 and out[2, 3] == 0
     tied = (s[2, 2] + s[3, 3] + s[4, 4]) / 3
     assert out[2, 2] == out[3, 3] == out[4, 4] == tied
-    fixed = _project(SimpleNamespace(blocks=((0, 1), (2,), (3,), (4,)), omega_same=(), omega_fixed=(0, 1)),
-                     current, s)
+    fixed = _project(SimpleNamespace(blocks=((0, 1), (2,), (3,), (4,)), omega_same=(), omega_fixed=(0, 1),
+                                     omega_zeros=()), current, s)
     assert torch.equal(fixed[:2, :2], current[:2, :2]) and fixed[4, 4] == s[4, 4]
 
 

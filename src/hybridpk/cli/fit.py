@@ -510,7 +510,13 @@ def report(result, ds) -> str:
         cv = f"{o.cv_percent:.1f}%" if o.cv_percent is not None else "not finite"
         lines.append(f"  {o.label:<12} {o.variance:12.5g}   (CV {cv}, shrinkage "
                      + (f"{shr:.1f}%)" if shr == shr else "undefined)"))
+    etas = result.omega.etas
+    held = {f"{etas[c]},{etas[r]}" for r, c in getattr(result.model, "omega_zeros", ())}
     for pair, c in result.omega.covariances_to_dict().items():      # a block's covariances, as NONMEM prints them
+        if pair in held:
+            lines.append(f"  {'COV(' + pair + ')':<12} {0:12.5g}   (held at 0: a banded block, as NONMEM holds a 0 "
+                         "given in $OMEGA BLOCK)")
+            continue
         rse = f", RSE {100 * c['se'] / abs(c['covariance']):.1f}%" if c["se"] is not None and c["covariance"] else ""
         lines.append(f"  {'COV(' + pair + ')':<12} {c['covariance']:12.5g}   (correlation {c['correlation']:.2f}{rse})")
     for s in result.sigma:

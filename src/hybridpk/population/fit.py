@@ -41,7 +41,7 @@ class Packing:
         self.pm = pm
         self.free = [t for t in pm.thetas if not t.fixed]
         self.omega0 = np.array(omega if omega is not None else pm.omega_init, dtype=float)
-        self.omega = OmegaBlocks(pm.blocks, pm.n_eta)
+        self.omega = OmegaBlocks(pm.blocks, pm.n_eta, pm.omega_zeros)
         s0 = pm.error.init_values()
         if sigma:
             s0.update(sigma)
@@ -713,6 +713,7 @@ def _fit_fingerprint(pm, dataset, omega, sigma, method, pooled_start, estimation
             "sigma": {**pm.error.init_values(), **(sigma or {})}, "etas": list(pm.etas),
             "blocks": [list(b) for b in pm.blocks], "fixed": [list(pm.omega_fixed), list(pm.sigma_fixed)],
             "same": [[list(b), list(c)] for b, c in pm.omega_same], "method": method,
+            "zeros": sorted([int(r), int(c)] for r, c in pm.omega_zeros),
             "pooled_start": bool(pooled_start),
             "estimation": estimation}
     return hashlib.sha256((json.dumps(spec, sort_keys=True, default=str) + dataset.fingerprint()).encode()).hexdigest()

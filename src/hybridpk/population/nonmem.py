@@ -34,6 +34,7 @@ from ._sympy_torch import compile_expression, compile_statements
 from .des import TIME_SYMBOL, LinearStatementModel, PredModel, StatementModel, is_linear
 from .nonmem_m3 import RESERVED as M3_RESERVED
 from .nonmem_m3 import read_censoring
+from .omega import band_zeros_problem
 from .spec import ErrorModel, PopulationModel, Theta
 
 # records named in messages (regular expressions for _where)
@@ -329,14 +330,16 @@ def _omega(rvs, params, text: str, path):
     """The OMEGA of the control stream as its $OMEGA records define it: (labels (each ETA's variance name),
     initial OMEGA (variances, or the full (K, K) matrix when there are blocks), blocks (groups of correlated
     ETA indices), SAME pairs (block, the block it repeats: ``$OMEGA BLOCK(n) SAME``, inter-occasion
-    variability), fixed ETA indices (FIX, which NONMEM applies to a whole block))."""
+    variability), fixed ETA indices (FIX, which NONMEM applies to a whole block), covariances held at 0 (pairs of
+    ETA indices: a banded block, :func:`_band_zeros`))."""
     import sympy
 
     etas = rvs.etas
     names = list(etas.names)
     labels = [None] * len(names)
-    blocks, same, fixed = [], [], []
+    blocks, same, fixed, zeros = [], [], [], []
     first_of = {}     # the block that first used a set of OMEGA parameters (SAME repeats them)
+    n_multi = 0       # blocks of several ETAs so far, SAME ones not counted
     for dist in etas:
         b = tuple(names.index(n) for n in dist.names)
         pars = tuple(dist.parameter_names)
@@ -346,9 +349,9 @@ def _omega(rvs, params, text: str, path):
             labels[e] = diag[i]
         if len(b) > 1:
             blocks.append(b)
-            if any(var[i, j] == 0 for i in range(len(b)) for j in range(len(b))):
-                raise ModelError(f"{_where(text, path, _BLOCK)}: an OMEGA block with some covariances fixed at 0 "
-                                 "is not supported")
+            n_multi += pars not in first_of
+            if not any(params[n].fix for n in pars):    # a FIX block keeps its zeros as every other value
+                zeros += _band_zeros(var, params, b, names, n_multi, text, path)
         if pars in first_of:
             same.append((b, first_of[pars]))
             continue
@@ -361,12 +364,44 @@ def _omega(rvs, params, text: str, path):
                                  "variance")
             fixed += list(b)
     if not blocks and not same:
-        return labels, tuple(float(params[n].init) for n in labels), (), (), tuple(fixed)
+        return labels, tuple(float(params[n].init) for n in labels), (), (), tuple(fixed), ()
     matrix = etas.covariance_matrix
     k = len(names)
     init = matrix.subs({sympy.Symbol(p.name): p.init for p in params})
     return (labels, tuple(tuple(float(init[i, j]) for j in range(k)) for i in range(k)), tuple(blocks),
-            tuple(same), tuple(fixed))
+            tuple(same), tuple(fixed), tuple(zeros))
+
+
+def _band_zeros(var, params, block, names, number, text: str, path) -> list:
+    """The covariances of an estimated $OMEGA BLOCK given as 0, as pairs of ETA indices (row, column): NONMEM holds
+    them at 0 (a banded OMEGA, e.g. ETA(1) with ETA(2) and ETA(2) with ETA(3) but not ETA(1) with ETA(3); nmusers,
+    D. Mould, 2001-03-23 "Re: Rounding errors"), whereas pharmpy reads them as covariances to estimate from 0.
+    Zeros that do not lead their row (a covariance held at 0 after an estimated one) are refused with the block's
+    line: their Cholesky factor is not banded. ``number``: the block's place among the multi-ETA blocks."""
+    local = [(i, j) for i in range(len(block)) for j in range(i)
+             if var[i, j] == 0 or (str(var[i, j]) in params and float(params[str(var[i, j])].init) == 0.0)]
+    out = [(block[i], block[j]) for i, j in local]
+    if band_zeros_problem([tuple(block)], out):
+        i, j = next((i, j) for i, j in local if any((i, e) not in local for e in range(j)))   # after an estimated
+        first, second = (re.sub(r"^ETA_(\d+)$", r"ETA(\1)", names[block[e]]) for e in (j, i))
+        raise ModelError(f"{_nth_block_line(text, path, number)}: $OMEGA BLOCK({len(block)}) gives the covariance "
+                         f"of {first} and {second} as 0 (held at 0 by NONMEM) after a covariance of the same row that "
+                         "is estimated; hybridpk holds covariances at 0 only at the start of a row (a band, e.g. "
+                         "BLOCK(3) v11 c21 v22 0 c32 v33). Order the ETAs so that the zeros lead their rows, give "
+                         "that covariance a starting value other than 0 to estimate it, or split the block")
+    return out
+
+
+def _nth_block_line(text: str, path, number: int) -> str:
+    """'FILE line N' of the ``number``-th $OMEGA BLOCK(n) record (n > 1) that is not SAME (1-based)."""
+    seen = 0
+    for i, record, code in _code_lines(text):
+        if record.startswith("OME") and re.search(r"\$OME\w*\s+BLOCK\s*\(\s*([2-9]|\d\d+)", code, flags=re.I) \
+                and not re.search(r"\bSAME\b", code, flags=re.I):
+            seen += 1
+            if seen == number:
+                return f"{Path(path).name} line {i}"
+    return _where(text, path, _BLOCK)
 
 
 #: data items $PK may not read yet (they are not per-record covariates of the batch)
@@ -800,7 +835,7 @@ def read_control_stream(path):
     rvs = m.random_variables
     eta_names = list(rvs.etas.names)
     params = m.parameters
-    omega_names, omega_init, blocks, same, omega_fixed = _omega(rvs, params, text, path)
+    omega_names, omega_init, blocks, same, omega_fixed, omega_zeros = _omega(rvs, params, text, path)
     eps_names = list(rvs.epsilons.names)
     sigma_names = list(rvs.epsilons.variance_parameters)
     if set(rvs.epsilons.parameter_names) != set(sigma_names):
@@ -833,7 +868,7 @@ def read_control_stream(path):
               **({"evaluate": True} if evaluation_only else {})}
     common = dict(thetas=thetas, etas=tuple(eta_names), omega_init=omega_init, omega_blocks=blocks,
                   omega_labels=tuple(omega_names), sigma_scale="variance", recipe=recipe, omega_fixed=omega_fixed,
-                  omega_same=same)
+                  omega_same=same, omega_zeros=omega_zeros)
     if pred:
         return _pred_model(statements, data, params, eta_names, eps_names, sigma_names, common, text, path,
                            _data_label(m, path), m.datainfo)

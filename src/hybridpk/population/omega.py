@@ -5,6 +5,12 @@ alone), as NONMEM's ``$OMEGA BLOCK(n)`` records and diagonal ``$OMEGA`` records 
 works on an unconstrained vector: first one entry per ETA (in ETA order: log of the variance for an ETA
 alone, log of the Cholesky factor's diagonal for one in a block), then, block by block, the strictly lower
 triangle of each block's Cholesky factor (row by row). Every OMEGA it gives is positive definite.
+
+A banded block (NONMEM's ``$OMEGA BLOCK(n)`` with covariances given as 0, which NONMEM holds at 0; nmusers,
+D. Mould, 2001-03-23 "Re: Rounding errors") has ``zeros``: pairs of ETA indices (row > column) whose covariance is
+0. Each row's zeros must lead it (the columns of the block before its first estimated covariance): then the
+Cholesky factor has its zeros in the same places, so those entries are left out of the parameters, and the
+covariances are exactly 0 for every parameter value (each term of their sum has a zero factor).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["normalise_blocks", "OmegaBlocks"]
+__all__ = ["normalise_blocks", "band_zeros_problem", "OmegaBlocks"]
 
 
 def normalise_blocks(blocks, k: int) -> tuple:
@@ -24,25 +30,48 @@ def normalise_blocks(blocks, k: int) -> tuple:
     return tuple(sorted(out, key=lambda b: b[0]))
 
 
-class OmegaBlocks:
-    """The parametrisation of an OMEGA with the block structure ``blocks`` (a partition of range(k))."""
+def band_zeros_problem(blocks, zeros) -> str | None:
+    """Why the covariances ``zeros`` (pairs of ETA indices) cannot be held at 0 in ``blocks``, or None: each pair
+    must lie in one block, and each row's zeros must lead it (see the module docstring)."""
+    where = {e: (b, i) for b in blocks for i, e in enumerate(b)}
+    pairs = {(max(r, c), min(r, c)) for r, c in zeros}
+    for r, c in sorted(pairs):
+        if r == c or r not in where or c not in where or where[r][0] != where[c][0]:
+            return f"the covariance of ETA indices {c} and {r} is not inside one OMEGA block"
+    for b in blocks:
+        for i in range(1, len(b)):
+            held = [(b[i], b[j]) in pairs for j in range(i)]
+            if any(held) and held != sorted(held, reverse=True):
+                return (f"the zeros in row {i + 1} of the block of ETA indices {list(b)} do not lead the row (a "
+                        "band: the covariances held at 0 must come before the estimated ones)")
+    return None
 
-    def __init__(self, blocks, k: int):
+
+class OmegaBlocks:
+    """The parametrisation of an OMEGA with the block structure ``blocks`` (a partition of range(k)) and the
+    covariances ``zeros`` held at 0 (see the module docstring)."""
+
+    def __init__(self, blocks, k: int, zeros=()):
         self.k = k
         self.blocks = normalise_blocks(blocks, k)
         self.multi = [b for b in self.blocks if len(b) > 1]
+        problem = band_zeros_problem(self.blocks, zeros)
+        if problem:
+            raise ValueError(problem)
+        self.zeros = {(max(r, c), min(r, c)) for r, c in zeros}
+
+    def _lower(self, b) -> list:
+        """Positions (i, j) in block ``b`` (i > j, row by row) of its Cholesky factor's estimated entries."""
+        r, c = np.tril_indices(len(b), -1)
+        return [(int(i), int(j)) for i, j in zip(r, c) if (b[i], b[j]) not in self.zeros]
 
     @property
     def n_params(self) -> int:
-        return self.k + sum(len(b) * (len(b) - 1) // 2 for b in self.multi)
+        return self.k + sum(len(self._lower(b)) for b in self.multi)
 
     def offdiagonal(self) -> list:
         """(row, column) of the estimated covariances, in the order of the parameters (row > column)."""
-        out = []
-        for b in self.multi:
-            r, c = np.tril_indices(len(b), -1)
-            out += [(b[i], b[j]) for i, j in zip(r, c)]
-        return out
+        return [(b[i], b[j]) for b in self.multi for i, j in self._lower(b)]
 
     def param_indices(self, block) -> list:
         """Positions in the unconstrained vector of the parameters of ``block`` (one of ``blocks``): its ETAs'
@@ -52,7 +81,7 @@ class OmegaBlocks:
         out = list(block)
         i = self.k
         for b in self.multi:
-            n_off = len(b) * (len(b) - 1) // 2
+            n_off = len(self._lower(b))
             if b == block:
                 out += list(range(i, i + n_off))
             i += n_off
@@ -69,7 +98,7 @@ class OmegaBlocks:
                 chol = np.linalg.cholesky(matrix[np.ix_(b, b)])
             else:
                 chol = np.diag(np.sqrt(np.diag(matrix)[list(b)]))
-            for i, j in zip(*np.tril_indices(len(b), -1)):
+            for i, j in self._lower(b):
                 off.append(float(chol[i, j]))
             for i, e in enumerate(b):
                 diag[e] = float(np.log(chol[i, i]))
@@ -90,9 +119,10 @@ class OmegaBlocks:
             omega = omega.index_put((idx, idx), torch.exp(diag[idx]))
         i = k
         for b in self.multi:
-            m = len(b)
-            n_off = m * (m - 1) // 2
-            rows, cols = torch.tril_indices(m, m, offset=-1)
+            lower = self._lower(b)
+            n_off = len(lower)
+            rows = torch.tensor([i for i, _ in lower], dtype=torch.long, device=x.device)
+            cols = torch.tensor([j for _, j in lower], dtype=torch.long, device=x.device)
             bi = torch.tensor(b, device=x.device)
             chol = torch.diag(torch.exp(diag[bi])).index_put((rows, cols), x[i:i + n_off])
             i += n_off

@@ -19,7 +19,7 @@ from ..errors import ModelError
 from ..models import get_model
 from ..models.base import D as DOSE_D
 from ..models.base import R as DOSE_R
-from .omega import normalise_blocks
+from .omega import band_zeros_problem, normalise_blocks
 
 __all__ = ["Theta", "ErrorModel", "PopulationModel", "CovariateEffect", "build_model", "parse_covariate",
            "model_from_recipe"]
@@ -252,7 +252,9 @@ class PopulationModel:
     of correlated ETAs (indices; ETAs in no group have a variance only). NONMEM's FIX and SAME:
     ``omega_fixed`` ETA indices whose OMEGA (their whole block, as NONMEM fixes it) stays at ``omega_init``;
     ``omega_same`` pairs (block, source block) of equal size whose OMEGA is the source's (``$OMEGA BLOCK(n)
-    SAME``: one variance for every occasion's ETA, inter-occasion variability); ``sigma_fixed`` residual error
+    SAME``: one variance for every occasion's ETA, inter-occasion variability); ``omega_zeros`` pairs of ETA indices
+    whose covariance is held at 0 inside a block (a banded ``$OMEGA BLOCK(n)`` with covariances given as 0, see
+    :mod:`hybridpk.population.omega`); ``sigma_fixed`` residual error
     parameters ("ADD", "PROP") held at their initial values. ``record_items``: data items (covariate columns,
     TIME) that ``individual`` reads at every record, as NONMEM evaluates $PK (see :meth:`parameters`), and
     ``covariate_rule`` which record's values hold between two records ("nonmem": the later one's; "locf": the
@@ -276,6 +278,7 @@ class PopulationModel:
     recipe: dict = field(default_factory=dict, repr=False)
     omega_fixed: tuple = ()
     omega_same: tuple = ()
+    omega_zeros: tuple = ()
     sigma_fixed: tuple = ()
     record_items: tuple = ()
     covariate_rule: str = "nonmem"
@@ -330,6 +333,15 @@ class PopulationModel:
         for b, src in self.omega_same:
             if tuple(b) not in blocks or tuple(src) not in blocks or len(b) != len(src):
                 raise ModelError(f"OMEGA SAME: ETAs {b} must form a block of the size of the block {src} they copy")
+        problem = band_zeros_problem(blocks, self.omega_zeros)
+        if problem:
+            raise ModelError(f"OMEGA covariances held at 0: {problem}")
+        zeros = {(max(r, c), min(r, c)) for r, c in self.omega_zeros}
+        for b, src in self.omega_same:
+            pattern = [[(b[i], b[j]) in zeros for j in range(i)] for i in range(len(b))]
+            if pattern != [[(src[i], src[j]) in zeros for j in range(i)] for i in range(len(src))]:
+                raise ModelError(f"OMEGA SAME: the block of ETAs {b} must hold the covariances of its source {src} "
+                                 "at 0 in the same places")
         unknown = [k for k in self.sigma_fixed if k not in self.error.names]
         if unknown:
             raise ModelError(f"fixed residual error parameter(s) {unknown} not in the {self.error.kind} error model")

@@ -89,13 +89,15 @@ def conditional_covariance(vae, baseline, batch, eta, z, error_model, sd, floor:
 
 
 def _project(pm, current, s):
-    """The update ``s`` (K, K) with the structure of ``pm``'s OMEGA: zero between blocks, FIX blocks kept at
-    ``current``, blocks tied by SAME set to their average."""
+    """The update ``s`` (K, K) with the structure of ``pm``'s OMEGA: zero between blocks and where a banded block
+    holds a covariance at 0, FIX blocks kept at ``current``, blocks tied by SAME set to their average."""
     k = s.shape[0]
     mask = torch.zeros(k, k, dtype=torch.bool)
     for block in pm.blocks:
         idx = torch.tensor(block)
         mask[idx.unsqueeze(1), idx.unsqueeze(0)] = True
+    for r, c in pm.omega_zeros:
+        mask[r, c] = mask[c, r] = False
     out = torch.where(mask, s, torch.zeros_like(s))
     parent = {tuple(b): tuple(src) for b, src in pm.omega_same}
     tied: dict = {}
@@ -109,6 +111,13 @@ def _project(pm, current, s):
         for g in group:
             gi = torch.tensor(g)
             out[gi.unsqueeze(1), gi.unsqueeze(0)] = avg
+    if pm.omega_zeros:   # zeros put into a positive definite matrix may leave it indefinite: the covariances
+        # shrunk toward 0 until it is not (the diagonal alone is positive definite)
+        diagonal = torch.diag(torch.diagonal(out))
+        for _ in range(60):
+            if bool(torch.linalg.cholesky_ex(0.5 * (out + out.T)).info == 0):
+                break
+            out = diagonal + 0.5 * (out - diagonal)
     fixed = list(pm.omega_fixed)
     if fixed:
         fi = torch.tensor(fixed)
