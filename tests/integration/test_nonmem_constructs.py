@@ -282,6 +282,35 @@ def test_maxeval_0_evaluates_the_ofv_and_ebes_at_the_initial_estimates_as_nonmem
     assert s["ofv"] == pytest.approx(PHENO_OFV_AT_INITS, abs=1e-4) and s["iterations"] == 0
 
 
+PRIOR = ("$PRIOR NWPRI\n$THETAP (0.0047 FIX) (1.0 FIX) (0.1 FIX)\n$THETAPV BLOCK(3) FIX 0.01 0 0.01 0 0 0.01\n"
+         "$OMEGAP 0.03 FIX 0.03 FIX\n$OMEGAPD (10 FIX) (10 FIX)\n")
+
+
+@pytest.mark.parametrize("before_est, option, named", [
+    (PRIOR, "", r"\$PRIOR \(a prior on THETA"),
+    ("$MIX\nNSPOP=2\nP(1)=0.5\nP(2)=0.5\n", "", r"\$MIX \(a mixture model"),
+    ("$LEVEL ID=(1[2])\n", "", r"\$LEVEL \(nested levels"),
+    ("", " CENT", r"\$ESTIMATION CENT \(the centered FOCE"),
+    ("", " LAPLACE LIKELIHOOD", r"\$ESTIMATION LIKELIHOOD \(Y as the likelihood"),
+    ("", " -2LL", r"\$ESTIMATION -2LL \(Y as -2 log likelihood")],
+    ids=["PRIOR", "MIX", "LEVEL", "CENTERING", "LIKELIHOOD", "-2LL"])
+def test_records_that_change_the_ofv_are_refused_by_line(pheno_dir, before_est, option, named):
+    """pharmpy reads $PRIOR NWPRI (with $THETAP ...), $MIX and $LEVEL, and $ESTIMATION CENTERING or LIKELIHOOD, and
+    hybridpk fitted pheno without them (its own FOCE-I, Y as a prediction): a prior, a mixture, nested random effects
+    and the likelihood as Y were left out without a word. Each is refused by its line."""
+    folder, text = pheno_dir
+    text = text.replace("$ESTIMATION METHOD=1 INTERACTION", before_est + "$ESTIMATION METHOD=1 INTERACTION" + option)
+    (folder / "run.mod").write_text(text)
+    marker = before_est.splitlines()[0] if before_est else "$ESTIMATION"
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if s.startswith(marker))
+    with pytest.raises(ModelError, match=rf"run.mod line {line}: {named}.* is not supported"):
+        read_control_stream(folder / "run.mod")
+    without = text.replace(before_est + "$ESTIMATION METHOD=1 INTERACTION" + option,
+                           "$ESTIMATION METHOD=1 INTERACTION NOCENTERING")
+    (folder / "run.mod").write_text(without)
+    read_control_stream(folder / "run.mod")          # the same stream without them (NOCENTERING: the default)
+
+
 def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):
     folder, text = pheno_dir
     block = "$OMEGA BLOCK(2) 0.0309626 ; IIV_CL\n 0.005 0.031128 ; IIV_VC"

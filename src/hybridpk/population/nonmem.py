@@ -315,6 +315,51 @@ def _check_estimation(m, text: str, path) -> tuple[str, bool]:
     return "FOCE-I", False
 
 
+#: records that change the model or its OFV and that hybridpk does not carry out (read as written, each would be
+#: left out without a word): {record name: what it asks for}
+_UNSUPPORTED_RECORDS = {
+    "PRIOR": "a prior on THETA, OMEGA and SIGMA (NWPRI, TNPRI), a term of the OFV",
+    "THETAP": "a prior's THETA means (for $PRIOR NWPRI)", "THETAPV": "a prior's THETA variances (for $PRIOR NWPRI)",
+    "OMEGAP": "a prior's OMEGA (for $PRIOR NWPRI)", "OMEGAPD": "a prior's OMEGA degrees of freedom (for $PRIOR NWPRI)",
+    "SIGMAP": "a prior's SIGMA (for $PRIOR NWPRI)", "SIGMAPD": "a prior's SIGMA degrees of freedom (for $PRIOR NWPRI)",
+    "MIX": "a mixture model (subpopulations with their own parameters)",
+    "LEVEL": "nested levels of random effects",
+}
+#: $ESTIMATION options that change the OFV and that hybridpk does not carry out, by their full names (NONMEM also
+#: takes any initial substring of 3 or more letters)
+_UNSUPPORTED_OPTIONS = {
+    "CENTERING": "the centered FOCE approximation (ETAs centred on their mean)",
+    "LIKELIHOOD": "Y as the likelihood of each record, not a prediction (categorical or count data)",
+    "-2LOGLIKELIHOOD": "Y as -2 log likelihood of each record, not a prediction",
+}
+
+
+def _refuse_unsupported_records(text: str, path) -> None:
+    """Refuse, by line, a record or $ESTIMATION option of :data:`_UNSUPPORTED_RECORDS` and
+    :data:`_UNSUPPORTED_OPTIONS` (NONMEM Users Guide IV, III.A: a record or option name may be abbreviated to its
+    first 3 or more letters; the prior records by their full names, as $THETAP begins like $THETA)."""
+    for i, record, code in _code_lines(text):
+        head = re.match(r"\s*\$(\w+)", code)
+        if head:
+            word = head.group(1).upper()
+            for name, what in _UNSUPPORTED_RECORDS.items():
+                if word == name or (name in ("PRIOR", "MIX", "LEVEL") and len(word) >= 3 and name.startswith(word)):
+                    raise ModelError(f"{Path(path).name} line {i}: ${name} ({what}) is not supported; hybridpk "
+                                     f"would fit the model without it. Remove the record (and the records that go "
+                                     f"with it) to fit the model as the rest of the control stream writes it")
+        if not record.startswith("EST"):
+            continue
+        for token in re.split(r"[\s,=()]+", code.upper()):
+            for name, what in _UNSUPPORTED_OPTIONS.items():
+                if len(token) >= 3 and name.startswith(token) and not (name == "-2LOGLIKELIHOOD" and token == "-2L"):
+                    raise ModelError(f"{Path(path).name} line {i}: $ESTIMATION {token} ({what}) is not supported; "
+                                     "hybridpk would fit the model without it")
+            if token == "-2LL":
+                raise ModelError(f"{Path(path).name} line {i}: $ESTIMATION -2LL "
+                                 f"({_UNSUPPORTED_OPTIONS['-2LOGLIKELIHOOD']}) is not supported; hybridpk would fit "
+                                 "the model without it")
+
+
 def _covariance_step(text: str) -> str:
     """How $COVARIANCE asks for the standard errors: "sandwich" (NONMEM's default), "R" (MATRIX=R), "S"
     (MATRIX=S), or "none" without a $COVARIANCE record (NONMEM computes none then)."""
@@ -829,6 +874,7 @@ def read_control_stream(path):
         raise ModelError(f"{_where(text, path, r'[$]SUB')}: ADVAN{advan} TRANS{trans} is not a NONMEM combination "
                          f"(ADVAN{advan} takes TRANS{', TRANS'.join(str(t) for t in _TRANS[advan])})")
     oral = advan in (2, 4, 12)
+    _refuse_unsupported_records(text, path)
     comps = _model_record(text, path) if written else None
     m = _abbreviated(_parse_stream(text, path), text, path)
     estimation, evaluation_only = _check_estimation(m, text, path)
