@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import hybridpk as hp
-from hybridpk.errors import DatasetError, ModelError
+from hybridpk.errors import DatasetError, HybridPKError, ModelError
 from hybridpk.population import build_model, fit_population
 from hybridpk.population.focei import Problem
 from hybridpk.population.nonmem import read_control_stream, write_control_stream
@@ -309,6 +309,20 @@ def test_records_that_change_the_ofv_are_refused_by_line(pheno_dir, before_est, 
                            "$ESTIMATION METHOD=1 INTERACTION NOCENTERING")
     (folder / "run.mod").write_text(without)
     read_control_stream(folder / "run.mod")          # the same stream without them (NOCENTERING: the default)
+
+
+@pytest.mark.parametrize("omega", ["$OMEGA BLOCK(2) VALUES(0.031,0.005)", "$OMEGA IIV_CL=0.031 IIV_VC=0.031"],
+                         ids=["VALUES", "labels"])
+def test_nonmem_74_forms_pharmpy_cannot_read_are_named_by_line(pheno_dir, omega):
+    """NONMEM 7.4's BLOCK(n) VALUES(diag,odiag) and label=value, which pharmpy's parser does not read: the error said
+    "at line 1 col 13" (within the record); it names the control stream's line and how to write the record."""
+    folder, text = pheno_dir
+    text = text.replace(OMEGAS, omega)
+    (folder / "run.mod").write_text(text)
+    line = text.splitlines().index(omega) + 1
+    with pytest.raises(HybridPKError, match=rf"pharmpy could not read run.mod line {line}: (.|\n)*as NONMEM 7.3 "
+                                            r"writes them: write a label as a comment"):
+        read_control_stream(folder / "run.mod")
 
 
 def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):

@@ -149,7 +149,30 @@ def _parse_stream(text: str, path: Path):
     try:
         return parse(_set_aside_tables(text), path)
     except Exception as exc:  # pharmpy's parser errors are not ours to enumerate
-        raise HybridPKError(f"pharmpy could not read {path}: {exc}") from None
+        raise HybridPKError(f"pharmpy could not read {_where_parse_failed(text, path, str(exc))}: {exc}"
+                            + _nm74_hint(text)) from None
+
+
+def _where_parse_failed(text: str, path, message: str) -> str:
+    """'FILE line N' of the line that pharmpy's parser error ``message`` quotes (its line and column count within
+    one record: "at line 1 col 13"), else the file's name."""
+    quoted = [ln.strip() for ln in message.splitlines()[1:3] if ln.strip() and not ln.strip().startswith("^")]
+    for i, line in enumerate(text.splitlines(), 1):
+        if quoted and quoted[0] in line.split(";", 1)[0]:
+            return f"{Path(path).name} line {i}"
+    return str(path)
+
+
+def _nm74_hint(text: str) -> str:
+    """A hint when $THETA/$OMEGA/$SIGMA use NONMEM 7.4's forms that pharmpy does not read: labels (CL=(0, 2.8)),
+    BLOCK(n) VALUES(diag,odiag) and NAMES(...)."""
+    for _, record, code in _code_lines(text):
+        if record.startswith(("THE", "OME", "SIG")) and re.search(r"\bVALUES\s*\(|\bNAMES\s*\(|\b[A-Z_]\w*\s*=",
+                                                                  code, flags=re.I):
+            return ("; hybridpk reads $THETA, $OMEGA and $SIGMA as NONMEM 7.3 writes them: write a label as a comment "
+                    "after its value ($THETA (0, 2.8) ; CL) and BLOCK(n) VALUES(diag,odiag) as the block's values "
+                    "(BLOCK(2) 0.1 0.01 0.1)")
+    return ""
 
 
 #: NONMEM's $PK names per ADVAN and TRANS (NONMEM help, "ADVAN1" ... "ADVAN12" and "TRANS1" ... "TRANS6"):
