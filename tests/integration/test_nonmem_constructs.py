@@ -325,6 +325,32 @@ def test_nonmem_74_forms_pharmpy_cannot_read_are_named_by_line(pheno_dir, omega)
         read_control_stream(folder / "run.mod")
 
 
+CARRIED = "IF (AMT.GT.0) TDOS = TIME\nTAD = TIME - TDOS\n"
+
+
+@pytest.mark.parametrize("where, old, new", [
+    ("$ERROR", "Y = F + F*EPS(1)", CARRIED + "W = F\nIF (TAD.GT.1000) W = 2*F\nY = F + W*EPS(1)"),
+    ("$ERROR", "Y = F + F*EPS(1)", CARRIED + "Y = F + F*(1 + 0.001*TAD)*EPS(1)"),
+    ("$PK", "CL = TVCL*EXP(ETA_CL)", CARRIED + "CL = TVCL*EXP(ETA_CL)*(1 + 0.001*TAD)"),
+    ("table", "Y = F + F*EPS(1)", CARRIED + "Y = F + F*EPS(1)")],
+    ids=["ERROR-IF", "ERROR", "PK", "table-only"])
+def test_a_value_carried_from_an_earlier_record_is_refused_where_the_model_reads_it(pheno_dir, where, old, new):
+    """IF (AMT.GT.0) TDOS = TIME (no ELSE): NONMEM carries TDOS from the last dose record; pharmpy writes it as
+    forward(TIME, AMT > 0). Y reading it through an IF stopped the import with sympy's TypeError ('Invalid comparison
+    of non-real'), without the IF with 'reads a compartment amount', and $PK with 'reads the data item AMT'. Now each
+    is refused by TDOS's line; a TAD that only a $TABLE would read changes no prediction and is read."""
+    folder, text = pheno_dir
+    text = text.replace(old, new)
+    (folder / "run.mod").write_text(text)
+    if where == "table":
+        read_control_stream(folder / "run.mod")
+        return
+    line = text.splitlines().index("IF (AMT.GT.0) TDOS = TIME") + 1
+    with pytest.raises(ModelError, match=rf"run.mod line {line}: TDOS is assigned under an IF without ELSE.*"
+                                         rf"and {'Y' if where == '$ERROR' else 'the model'} reads it"):
+        read_control_stream(folder / "run.mod")
+
+
 def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):
     folder, text = pheno_dir
     block = "$OMEGA BLOCK(2) 0.0309626 ; IIV_CL\n 0.005 0.031128 ; IIV_VC"

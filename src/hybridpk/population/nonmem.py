@@ -596,6 +596,21 @@ def _live(statements, text: str, pred: bool) -> list:
     return kept[::-1]
 
 
+def _carried(expr) -> bool:
+    """Whether ``expr`` holds pharmpy's forward(value, condition): a variable assigned under an IF without ELSE,
+    whose value NONMEM carries from the last record where the condition held (IF (AMT.GT.0) TDOS = TIME)."""
+    import sympy
+
+    return any(str(fn.func) == "forward" for fn in expr.atoms(sympy.Function))
+
+
+def _carried_message(text: str, path, name: str, reader: str) -> str:
+    return (f"{_line_of(text, path, name)}: {name} is assigned under an IF without ELSE, so NONMEM carries its value "
+            f"from the last record where the condition held (e.g. the time of the last dose), and {reader} reads it; "
+            "hybridpk evaluates $PK and $ERROR record by record without that memory. Give the value as a data column "
+            "(e.g. TAD, computed when the dataset is built) or assign it on every record")
+
+
 def _data_items(statements, columns: set, names: set, text: str, path, censoring=None) -> tuple:
     """The data items (dataset columns and TIME) that $PK reads, evaluated at every record as NONMEM does.
     Refused by name and line: items that are not covariates of the records yet (AMT, EVID, CMT ...) and a
@@ -729,9 +744,15 @@ def _error_model(m, defs: dict, params, eps_names, sigma_names, scale_name: str,
         if other:
             raise ModelError(f"{where}: $ERROR reads the amount {other[0]} of a compartment other than the observed "
                              "one; hybridpk observes the central compartment")
+        if _carried(expr):     # kept from an earlier record: a stand-in, refused below if Y reads it
+            env[name] = sympy.Symbol(f"_carried_{name}", real=True)
+            continue
         env[name] = _unguard(expr.subs({sympy.Symbol(k): v for k, v in env.items() if k != "F"}), fsym)
     if "Y" not in env:
         raise ModelError(f"{where}: $ERROR does not define Y")
+    for sym in env["Y"].free_symbols:
+        if sym.name.startswith("_carried_"):
+            raise ModelError(_carried_message(text, path, sym.name[len("_carried_"):], "Y"))
     y = env["Y"].subs({scale: defs.get(str(scale), sympy.Integer(1))})
     censoring = None
     if "F_FLAG" in env:     # Y is a likelihood where F_FLAG = 1 (M3): those records are censored
@@ -919,6 +940,9 @@ def read_control_stream(path):
 
     statements = _live([(str(s.symbol), sympy.sympify(s.expression).subs(ESTIMATION_CALL))
                         for s in m.statements.before_odes], text, pred)
+    for name, expr in statements:
+        if _carried(expr):
+            raise ModelError(_carried_message(text, path, name, "the model"))
     statements, events = _model_event_times(statements, written, advan, text, path)
     statements = _initial_amounts(statements, written, advan, text, path)
     if m.dataset is None:
