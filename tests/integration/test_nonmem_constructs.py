@@ -351,6 +351,31 @@ def test_a_value_carried_from_an_earlier_record_is_refused_where_the_model_reads
         read_control_stream(folder / "run.mod")
 
 
+def test_a_value_at_each_subjects_first_record_is_read_as_a_baseline_covariate(pheno_dir):
+    """IF (NEWIND.NE.2) WT0 = WGT (NONMEM's idiom for a baseline covariate: NEWIND is 2 except at an individual's
+    first record, and WT0 keeps the value; pharmpy: first(WGT, ID)) was refused ('$PK reads the data item ID'). With
+    pheno's weight growing 1% a day, the stream is the model reading a baseline column computed here with pandas (the
+    same OFV at the initial estimates, MAXEVAL=0, with its EBEs), not the model reading the weight at every record."""
+    folder, text = pheno_dir
+    df = pd.read_csv(folder / "pheno.dta", sep=r"\s+")
+    df["WGT"] = df["WGT"] * (1 + 0.01 * df["TIME"] / 24)
+    df["WT0"] = df.groupby("ID", sort=False)["WGT"].transform("first")
+    df.to_csv(folder / "grow.csv", index=False)
+    text = text.replace("$DATA pheno.dta IGNORE=@", "$DATA grow.csv IGNORE=@").replace(
+        "$INPUT ID TIME AMT WGT APGR DV FA1 FA2", "$INPUT ID TIME AMT WGT APGR DV FA1 FA2 WT0").replace(
+        "MAXEVALS=99999", "MAXEVAL=0")
+    newind = text.replace("TVCL = THETA(1)*WGT", "IF (NEWIND.NE.2) WTB = WGT\nTVCL = THETA(1)*WTB")
+    column = text.replace("TVCL = THETA(1)*WGT", "TVCL = THETA(1)*WT0")
+    ofv = {}
+    for name, stream in (("newind", newind), ("column", column), ("every record", text)):
+        (folder / "run.mod").write_text(stream)
+        pm, ds = read_control_stream(folder / "run.mod")
+        assert "FIRST_WGT" in pm.covariates if name == "newind" else True
+        ofv[name] = fit_population(pm, ds, progress=False, covariance=False).estimation.ofv
+    assert ofv["newind"] == pytest.approx(ofv["column"], abs=1e-8)
+    assert abs(ofv["newind"] - ofv["every record"]) > 1.0
+
+
 def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):
     folder, text = pheno_dir
     block = "$OMEGA BLOCK(2) 0.0309626 ; IIV_CL\n 0.005 0.031128 ; IIV_VC"

@@ -596,6 +596,36 @@ def _live(statements, text: str, pred: bool) -> list:
     return kept[::-1]
 
 
+def _first_of_subject(statements, data, text: str, path):
+    """(statements, data) with each value taken at a subject's first record made a data column: IF (NEWIND.NE.2)
+    WT0 = WGT (NONMEM's NEWIND is 0 or 1 at an individual's first record, 2 at the others, and WT0 keeps its value;
+    pharmpy writes first(WGT, ID)) reads the column FIRST_WGT, each subject's first record's WGT on every record
+    (the records as $DATA's IGNORE/ACCEPT leave them, dose records included, as NONMEM counts them), a covariate
+    constant within the subject. Only data items are taken so."""
+    import sympy
+
+    out, made = [], set()
+    for name, expr in statements:
+        subs = {}
+        for fn in expr.atoms(sympy.Function):
+            if str(fn.func) != "first":
+                continue
+            value, by = fn.args
+            if str(by) != "ID" or not isinstance(value, sympy.Symbol) or value.name not in data.columns:
+                raise ModelError(f"{_line_of(text, path, name)}: {name} keeps the value of {value} at each subject's "
+                                 "first record (NEWIND); hybridpk takes such values of data items only (a column of "
+                                 "$INPUT, e.g. IF (NEWIND.NE.2) WT0 = WT)")
+            column = f"FIRST_{value.name}"
+            while column in data.columns and column not in made:
+                column += "_"
+            if column not in made:
+                data[column] = data.groupby("ID", sort=False)[value.name].transform("first")
+                made.add(column)
+            subs[fn] = sympy.Symbol(column)
+        out.append((name, expr.xreplace(subs) if subs else expr))
+    return out, data
+
+
 def _carried(expr) -> bool:
     """Whether ``expr`` holds pharmpy's forward(value, condition): a variable assigned under an IF without ELSE,
     whose value NONMEM carries from the last record where the condition held (IF (AMT.GT.0) TDOS = TIME)."""
@@ -951,6 +981,7 @@ def read_control_stream(path):
     drops = [c.name for c in m.datainfo if c.drop]
     data = data.drop(columns=[c for c in drops if c in data.columns])
     data = _reserved_synonyms(data, m.datainfo)
+    statements, data = _first_of_subject(statements, data, text, path)
     statements, once = _call_flag(statements, text, path)
     mceta = _mceta(m)
     simulation = _simulation_code(text, path)
