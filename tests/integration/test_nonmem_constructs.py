@@ -374,6 +374,8 @@ def test_a_value_at_each_subjects_first_record_is_read_as_a_baseline_covariate(p
         ofv[name] = fit_population(pm, ds, progress=False, covariance=False).estimation.ofv
     assert ofv["newind"] == pytest.approx(ofv["column"], abs=1e-8)
     assert abs(ofv["newind"] - ofv["every record"]) > 1.0
+    with pytest.raises(DatasetError, match="FIRST_WGT is each subject's first record's WGT"):
+        ds.require_covariates(["FIRST_WGT"])      # new data for the fitted stream: says what the column is
 
 
 def test_a_full_omega_block_is_estimated_as_a_block(pheno_dir):

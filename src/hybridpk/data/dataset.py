@@ -462,8 +462,11 @@ class Dataset:
         column for."""
         missing = [c for c in covariates if c not in self._frame.columns]
         if missing:
+            first = [c for c in missing if c.startswith("FIRST_") and c[len("FIRST_"):] in self._frame.columns]
+            hint = "".join(f"; {c} is each subject's first record's {c[len('FIRST_'):]} (a control stream's IF "
+                           f"(NEWIND.NE.2) ... = {c[len('FIRST_'):]}): add it as a column" for c in first)
             raise DatasetError(f"the model uses covariate(s) {', '.join(missing)}, which the dataset lacks "
-                               f"(it has {', '.join(self.covariates) or 'none'})", self.source)
+                               f"(it has {', '.join(self.covariates) or 'none'}){hint}", self.source)
 
     def require_constant_covariates(self, covariates, user: str = "the model") -> None:
         """Raise a DatasetError listing, per covariate of ``covariates`` that changes within a subject, the
