@@ -157,9 +157,10 @@ def _where_parse_failed(text: str, path, message: str) -> str:
     """'FILE line N' of the line that pharmpy's parser error ``message`` quotes (its line and column count within
     one record: "at line 1 col 13"), else the file's name."""
     quoted = [ln.strip() for ln in message.splitlines()[1:3] if ln.strip() and not ln.strip().startswith("^")]
-    for i, line in enumerate(text.splitlines(), 1):
-        if quoted and quoted[0] in line.split(";", 1)[0]:
-            return f"{Path(path).name} line {i}"
+    if quoted and len(quoted[0]) >= 6:     # shorter (a bare number) could be found on another line
+        for i, line in enumerate(text.splitlines(), 1):
+            if quoted[0] in line.split(";", 1)[0]:
+                return f"{Path(path).name} line {i}"
     return str(path)
 
 
