@@ -325,6 +325,21 @@ def test_nonmem_74_forms_pharmpy_cannot_read_are_named_by_line(pheno_dir, omega)
         read_control_stream(folder / "run.mod")
 
 
+@pytest.mark.parametrize("option, named", [("RECORDS=100", "RECORDS"), ("TRANSLATE=(TIME/24)", "TRANSLATE"),
+                                            ("CHECKOUT", "CHECKOUT"), ("REC=100", "REC")])
+def test_data_options_that_change_the_records_are_refused_by_line(pheno_dir, option, named):
+    """$DATA RECORDS=n (only the first n records), TRANSLATE=(TIME/24) (hours read as days) and CHECKOUT (no
+    estimation): pharmpy reads past them, and hybridpk fitted all 744 records in hours. Refused by line; a data file
+    whose name begins like an option is still read."""
+    folder, text = pheno_dir
+    (folder / "run.mod").write_text(text.replace("$DATA pheno.dta IGNORE=@", f"$DATA pheno.dta IGNORE=@ {option}"))
+    with pytest.raises(ModelError, match=rf"run.mod line 2: \$DATA {named} \(.*\) is not supported"):
+        read_control_stream(folder / "run.mod")
+    shutil.copy(folder / "pheno.dta", folder / "checkout.dta")
+    (folder / "run.mod").write_text(text.replace("$DATA pheno.dta", "$DATA checkout.dta"))
+    assert read_control_stream(folder / "run.mod")[1].n_subjects == 59
+
+
 CARRIED = "IF (AMT.GT.0) TDOS = TIME\nTAD = TIME - TDOS\n"
 
 

@@ -357,11 +357,19 @@ _UNSUPPORTED_OPTIONS = {
     "-2LOGLIKELIHOOD": "Y as -2 log likelihood of each record, not a prediction",
 }
 
+#: $DATA options that change which records are read or what they mean, and that pharmpy reads past: {name: what}
+_UNSUPPORTED_DATA_OPTIONS = {
+    "RECORDS": "only the first records of the file are read",
+    "TRANSLATE": "data items rescaled as they are read (e.g. TIME/24: hours to days)",
+    "CHECKOUT": "a check of the data, without estimation",
+}
+
 
 def _refuse_unsupported_records(text: str, path) -> None:
-    """Refuse, by line, a record or $ESTIMATION option of :data:`_UNSUPPORTED_RECORDS` and
-    :data:`_UNSUPPORTED_OPTIONS` (NONMEM Users Guide IV, III.A: a record or option name may be abbreviated to its
-    first 3 or more letters; the prior records by their full names, as $THETAP begins like $THETA)."""
+    """Refuse, by line, a record, $ESTIMATION option or $DATA option of :data:`_UNSUPPORTED_RECORDS`,
+    :data:`_UNSUPPORTED_OPTIONS` and :data:`_UNSUPPORTED_DATA_OPTIONS` (NONMEM Users Guide IV, III.A: a record or
+    option name may be abbreviated to its first 3 or more letters; the prior records by their full names, as $THETAP
+    begins like $THETA)."""
     for i, record, code in _code_lines(text):
         head = re.match(r"\s*\$(\w+)", code)
         if head:
@@ -371,6 +379,12 @@ def _refuse_unsupported_records(text: str, path) -> None:
                     raise ModelError(f"{Path(path).name} line {i}: ${name} ({what}) is not supported; hybridpk "
                                      f"would fit the model without it. Remove the record (and the records that go "
                                      f"with it) to fit the model as the rest of the control stream writes it")
+        if record.startswith(("DAT", "INF")):
+            for option in re.findall(r"(?<![\w./\\-])([A-Z]{3,})(?![\w./])(\s*=)?", code.upper()):
+                for name, what in _UNSUPPORTED_DATA_OPTIONS.items():
+                    if name.startswith(option[0]) and bool(option[1]) == (name != "CHECKOUT"):
+                        raise ModelError(f"{Path(path).name} line {i}: $DATA {option[0]} ({what}) is not supported; "
+                                         "hybridpk would read the data without it")
         if not record.startswith("EST"):
             continue
         for token in re.split(r"[\s,=()]+", code.upper()):
