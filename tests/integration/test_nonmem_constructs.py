@@ -340,6 +340,18 @@ def test_data_options_that_change_the_records_are_refused_by_line(pheno_dir, opt
     assert read_control_stream(folder / "run.mod")[1].n_subjects == 59
 
 
+def test_a_simulation_only_stream_is_not_fitted(pheno_dir):
+    """$SIMULATION (12345) ONLYSIM: NONMEM simulates and does not estimate; hybridpk fitted it. Reading it is fine
+    (its model), fitting it is refused by the $SIMULATION line."""
+    folder, text = pheno_dir
+    text = text.replace("$ESTIMATION", "$SIMULATION (12345) ONLYSIM\n$ESTIMATION")
+    (folder / "run.mod").write_text(text)
+    pm, ds = read_control_stream(folder / "run.mod")
+    line = text.splitlines().index("$SIMULATION (12345) ONLYSIM") + 1
+    with pytest.raises(ModelError, match=rf"run.mod line {line}: \$SIMULATION ONLYSIMULATION asks NONMEM to simulate"):
+        fit_population(pm, ds, progress=False)
+
+
 CARRIED = "IF (AMT.GT.0) TDOS = TIME\nTAD = TIME - TDOS\n"
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from scipy.optimize import minimize
 
-from ..errors import HybridPKError, Interrupted
+from ..errors import HybridPKError, Interrupted, ModelError
 from ..io import atomic_write_text
 from ..progress import Progress
 from ..solve.device import resolve_device
@@ -294,6 +294,11 @@ def _one_torch_thread():
 def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pooled_start, method, checkpoint,
          estimation, evaluate, scope, device) -> FittedPopulation:
     """The body of :func:`fit_population`; ``scope`` holds what must be undone when it returns (an ExitStack)."""
+    if pm.recipe.get("only_simulation"):
+        raise ModelError(f"{pm.recipe['only_simulation']}: $SIMULATION ONLYSIMULATION asks NONMEM to simulate without "
+                         "estimating; to simulate at the stream's values here, remove ONLYSIMULATION, evaluate them "
+                         "($ESTIMATION MAXEVAL=0, or `hybridpk fit --evaluate`) and give that run to "
+                         "`hybridpk simulate --model RUN`; to fit, remove ONLYSIMULATION")
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     estimation = estimation or pm.recipe.get("estimation", "FOCE-I")

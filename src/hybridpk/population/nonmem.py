@@ -573,6 +573,16 @@ def _abbr_line(text: str, path, label: str) -> str:
 ESTIMATION_CALL = {"ICALL": 2}
 
 
+def _only_simulation(text: str, path) -> str:
+    """'FILE line N' of a $SIMULATION record with ONLYSIMULATION (any abbreviation of 3 or more letters): NONMEM then
+    simulates and does not estimate; else ''."""
+    for i, record, code in _code_lines(text):
+        if record.startswith("SIM") and any(len(w) >= 3 and "ONLYSIMULATION".startswith(w)
+                                             for w in re.split(r"[\s,=()]+", code.upper())):
+            return f"{Path(path).name} line {i}"
+    return ""
+
+
 def _simulation_code(text: str, path) -> str:
     """'FILE line N' of code that NONMEM runs only when it simulates (ICALL.EQ.4, ICALL==4), else ''."""
     for i, record, code in _code_lines(text):
@@ -1003,6 +1013,7 @@ def read_control_stream(path):
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
               "estimation": estimation, "covariance": _covariance_step(text),
               **({"simulation_code": simulation} if simulation else {}),
+              **({"only_simulation": _only_simulation(text, path)} if _only_simulation(text, path) else {}),
               **({"mceta": mceta} if mceta else {}),
               **({"evaluate": True} if evaluation_only else {})}
     common = dict(thetas=thetas, etas=tuple(eta_names), omega_init=omega_init, omega_blocks=blocks,
