@@ -1010,10 +1010,11 @@ def read_control_stream(path):
     statements, once = _call_flag(statements, text, path)
     mceta = _mceta(m)
     simulation = _simulation_code(text, path)
+    only_simulation = _only_simulation(text, path)
     recipe = {"kind": "nonmem", "control_stream": str(path.resolve()), "advan": advan, "trans": trans,
               "estimation": estimation, "covariance": _covariance_step(text),
               **({"simulation_code": simulation} if simulation else {}),
-              **({"only_simulation": _only_simulation(text, path)} if _only_simulation(text, path) else {}),
+              **({"only_simulation": only_simulation} if only_simulation else {}),
               **({"mceta": mceta} if mceta else {}),
               **({"evaluate": True} if evaluation_only else {})}
     common = dict(thetas=thetas, etas=tuple(eta_names), omega_init=omega_init, omega_blocks=blocks,
