@@ -511,7 +511,7 @@ def report(result, ds) -> str:
         lines.append(f"  {o.label:<12} {o.variance:12.5g}   (CV {cv}, shrinkage "
                      + (f"{shr:.1f}%)" if shr == shr else "undefined)"))
     etas = result.omega.etas
-    held = {f"{etas[c]},{etas[r]}" for r, c in getattr(result.model, "omega_zeros", ())}
+    held = {f"{etas[c]},{etas[r]}" for r, c in result.model.omega_zeros}
     for pair, c in result.omega.covariances_to_dict().items():      # a block's covariances, as NONMEM prints them
         if pair in held:
             lines.append(f"  {'COV(' + pair + ')':<12} {0:12.5g}   (held at 0: a banded block, as NONMEM holds a 0 "

@@ -16,6 +16,10 @@ from ._checks import Rows, as_text, check_records, convert
 
 __all__ = ["Dataset", "read_nonmem"]
 
+#: the prefix of a column that holds each subject's first record's value of a data item on every record (a control
+#: stream's IF (NEWIND.NE.2) WT0 = WT reads FIRST_WT; hybridpk.population.nonmem makes it)
+FIRST_RECORD = "FIRST_"
+
 # fill values of optional roles when the column is absent (NONMEM defaults)
 _DEFAULTS = {"AMT": 0.0, "CMT": 0.0, "RATE": 0.0, "DUR": 0.0, "ADDL": 0.0, "II": 0.0, "SS": 0.0,
              "LLOQ": np.nan, "BLQ": 0.0, "CENS": 0.0, "DVID": 0.0}
@@ -462,9 +466,9 @@ class Dataset:
         column for."""
         missing = [c for c in covariates if c not in self._frame.columns]
         if missing:
-            first = [c for c in missing if c.startswith("FIRST_") and c[len("FIRST_"):] in self._frame.columns]
-            hint = "".join(f"; {c} is each subject's first record's {c[len('FIRST_'):]} (a control stream's IF "
-                           f"(NEWIND.NE.2) ... = {c[len('FIRST_'):]}): add it as a column" for c in first)
+            first = {c: c[len(FIRST_RECORD):] for c in missing if c.startswith(FIRST_RECORD)}
+            hint = "".join(f"; {c} is each subject's first record's {item} (a control stream's IF (NEWIND.NE.2) ... = "
+                           f"{item}): add it as a column" for c, item in first.items() if item in self._frame.columns)
             raise DatasetError(f"the model uses covariate(s) {', '.join(missing)}, which the dataset lacks "
                                f"(it has {', '.join(self.covariates) or 'none'}){hint}", self.source)
 

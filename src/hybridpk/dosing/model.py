@@ -90,7 +90,7 @@ class DosingModel:
         RATE = -1, hybridpk's R): a dose then lasts AMT/R1 h, so its levels are not proportional to the dose, which
         the dose search assumes of a linear model. MAP estimates read such records. A modelled duration (D1 with
         RATE = -2) is given to the new doses (:meth:`new_dose_duration`)."""
-        modelled = [m for m in self.population.model.recipe.get("modelled_input", ()) if m.startswith("rate")]
+        modelled = self._modelled_input("rate")
         if modelled:
             raise HybridPKError(f"{self.name} gives its doses a modelled {' and '.join(modelled)} (RATE = -1): a "
                                 "dose then lasts AMT/rate h, and hybridpk's dose search takes levels proportional "
@@ -100,7 +100,12 @@ class DosingModel:
     @property
     def model_duration(self) -> bool:
         """Whether the model's doses into its dose compartment take a modelled duration (D1 with RATE = -2)."""
-        return any(m.startswith("duration") for m in self.population.model.recipe.get("modelled_input", ()))
+        return bool(self._modelled_input("duration"))
+
+    def _modelled_input(self, kind: str) -> list:
+        """The recipe's modelled inputs of ``kind`` ("duration" or "rate"), as both importers write them:
+        'duration (D1)', 'rate (R)' (:func:`hybridpk.population.spec.build_model`, the control-stream reader)."""
+        return [m for m in self.population.model.recipe.get("modelled_input", ()) if m.startswith(kind)]
 
     def new_dose_duration(self, duration: float | None, cmt: int) -> float:
         """The duration (h) of new doses: the caller's; else, for doses into the dose compartment of a model whose

@@ -349,14 +349,15 @@ _UNSUPPORTED_RECORDS = {
     "MIX": "a mixture model (subpopulations with their own parameters)",
     "LEVEL": "nested levels of random effects",
 }
-#: $ESTIMATION options that change the OFV and that hybridpk does not carry out, by their full names (NONMEM also
-#: takes any initial substring of 3 or more letters)
+#: the prior's records, recognised by their full names only ($THETAP begins like $THETA)
+_FULL_NAMES_ONLY = ("THETAP", "THETAPV", "OMEGAP", "OMEGAPD", "SIGMAP", "SIGMAPD")
+#: $ESTIMATION options that change the OFV and that hybridpk does not carry out
 _UNSUPPORTED_OPTIONS = {
     "CENTERING": "the centered FOCE approximation (ETAs centred on their mean)",
     "LIKELIHOOD": "Y as the likelihood of each record, not a prediction (categorical or count data)",
     "-2LOGLIKELIHOOD": "Y as -2 log likelihood of each record, not a prediction",
+    "-2LL": "Y as -2 log likelihood of each record, not a prediction",
 }
-
 #: $DATA options that change which records are read or what they mean, and that pharmpy reads past: {name: what}
 _UNSUPPORTED_DATA_OPTIONS = {
     "RECORDS": "only the first records of the file are read",
@@ -365,37 +366,42 @@ _UNSUPPORTED_DATA_OPTIONS = {
 }
 
 
+def _abbreviates(word: str, name: str) -> bool:
+    """Whether ``word`` names the record or option ``name``: NONMEM takes any initial substring of 3 or more
+    letters (NONMEM Users Guide IV, III.A)."""
+    return len(word) >= 3 and name.startswith(word)
+
+
+def _words(code: str) -> list:
+    """The upper-case words of a record's code, split at blanks, commas, '=' and parentheses."""
+    return [w for w in re.split(r"[\s,=()]+", code.upper()) if w]
+
+
 def _refuse_unsupported_records(text: str, path) -> None:
     """Refuse, by line, a record, $ESTIMATION option or $DATA option of :data:`_UNSUPPORTED_RECORDS`,
-    :data:`_UNSUPPORTED_OPTIONS` and :data:`_UNSUPPORTED_DATA_OPTIONS` (NONMEM Users Guide IV, III.A: a record or
-    option name may be abbreviated to its first 3 or more letters; the prior records by their full names, as $THETAP
-    begins like $THETA)."""
+    :data:`_UNSUPPORTED_OPTIONS` and :data:`_UNSUPPORTED_DATA_OPTIONS`, by their names or abbreviations
+    (:func:`_abbreviates`; the prior's records by their full names)."""
+    where = Path(path).name
     for i, record, code in _code_lines(text):
         head = re.match(r"\s*\$(\w+)", code)
-        if head:
-            word = head.group(1).upper()
-            for name, what in _UNSUPPORTED_RECORDS.items():
-                if word == name or (name in ("PRIOR", "MIX", "LEVEL") and len(word) >= 3 and name.startswith(word)):
-                    raise ModelError(f"{Path(path).name} line {i}: ${name} ({what}) is not supported; hybridpk "
-                                     f"would fit the model without it. Remove the record (and the records that go "
-                                     f"with it) to fit the model as the rest of the control stream writes it")
+        word = head.group(1).upper() if head else ""
+        for name, what in _UNSUPPORTED_RECORDS.items():
+            if word and (word == name or (name not in _FULL_NAMES_ONLY and _abbreviates(word, name))):
+                raise ModelError(f"{where} line {i}: ${name} ({what}) is not supported; hybridpk would fit the model "
+                                 "without it. Remove the record (and the records that go with it) to fit the model "
+                                 "as the rest of the control stream writes it")
         if record.startswith(("DAT", "INF")):
-            for option in re.findall(r"(?<![\w./\\-])([A-Z]{3,})(?![\w./])(\s*=)?", code.upper()):
+            for option, equals in re.findall(r"(?<![\w./\\-])([A-Z]{3,})(?![\w./])(\s*=)?", code.upper()):
                 for name, what in _UNSUPPORTED_DATA_OPTIONS.items():
-                    if name.startswith(option[0]) and bool(option[1]) == (name != "CHECKOUT"):
-                        raise ModelError(f"{Path(path).name} line {i}: $DATA {option[0]} ({what}) is not supported; "
-                                         "hybridpk would read the data without it")
-        if not record.startswith("EST"):
-            continue
-        for token in re.split(r"[\s,=()]+", code.upper()):
-            for name, what in _UNSUPPORTED_OPTIONS.items():
-                if len(token) >= 3 and name.startswith(token) and not (name == "-2LOGLIKELIHOOD" and token == "-2L"):
-                    raise ModelError(f"{Path(path).name} line {i}: $ESTIMATION {token} ({what}) is not supported; "
-                                     "hybridpk would fit the model without it")
-            if token == "-2LL":
-                raise ModelError(f"{Path(path).name} line {i}: $ESTIMATION -2LL "
-                                 f"({_UNSUPPORTED_OPTIONS['-2LOGLIKELIHOOD']}) is not supported; hybridpk would fit "
-                                 "the model without it")
+                    if name.startswith(option) and bool(equals) == (name != "CHECKOUT"):
+                        raise ModelError(f"{where} line {i}: $DATA {option} ({what}) is not supported; hybridpk "
+                                         "would read the data without it")
+        if record.startswith("EST"):
+            for token in _words(code):
+                for name, what in _UNSUPPORTED_OPTIONS.items():
+                    if _abbreviates(token, name):
+                        raise ModelError(f"{where} line {i}: $ESTIMATION {token} ({what}) is not supported; "
+                                         "hybridpk would fit the model without it")
 
 
 def _covariance_step(text: str) -> str:
@@ -577,8 +583,7 @@ def _only_simulation(text: str, path) -> str:
     """'FILE line N' of a $SIMULATION record with ONLYSIMULATION (any abbreviation of 3 or more letters): NONMEM then
     simulates and does not estimate; else ''."""
     for i, record, code in _code_lines(text):
-        if record.startswith("SIM") and any(len(w) >= 3 and "ONLYSIMULATION".startswith(w)
-                                             for w in re.split(r"[\s,=()]+", code.upper())):
+        if record.startswith("SIM") and any(_abbreviates(w, "ONLYSIMULATION") for w in _words(code)):
             return f"{Path(path).name} line {i}"
     return ""
 
@@ -629,6 +634,8 @@ def _first_of_subject(statements, data, text: str, path):
     constant within the subject. Only data items are taken so."""
     import sympy
 
+    from ..data.dataset import FIRST_RECORD
+
     out, made = [], set()
     for name, expr in statements:
         subs = {}
@@ -640,7 +647,7 @@ def _first_of_subject(statements, data, text: str, path):
                 raise ModelError(f"{_line_of(text, path, name)}: {name} keeps the value of {value} at each subject's "
                                  "first record (NEWIND); hybridpk takes such values of data items only (a column of "
                                  "$INPUT, e.g. IF (NEWIND.NE.2) WT0 = WT)")
-            column = f"FIRST_{value.name}"
+            column = f"{FIRST_RECORD}{value.name}"
             while column in data.columns and column not in made:
                 column += "_"
             if column not in made:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["normalise_blocks", "band_zeros_problem", "OmegaBlocks"]
+__all__ = ["normalise_blocks", "lower_pairs", "band_zeros_problem", "OmegaBlocks"]
 
 
 def normalise_blocks(blocks, k: int) -> tuple:
@@ -30,11 +30,16 @@ def normalise_blocks(blocks, k: int) -> tuple:
     return tuple(sorted(out, key=lambda b: b[0]))
 
 
+def lower_pairs(zeros) -> set:
+    """The pairs of ETA indices ``zeros`` as (row, column) below the diagonal."""
+    return {(max(r, c), min(r, c)) for r, c in zeros}
+
+
 def band_zeros_problem(blocks, zeros) -> str | None:
     """Why the covariances ``zeros`` (pairs of ETA indices) cannot be held at 0 in ``blocks``, or None: each pair
     must lie in one block, and each row's zeros must lead it (see the module docstring)."""
     where = {e: (b, i) for b in blocks for i, e in enumerate(b)}
-    pairs = {(max(r, c), min(r, c)) for r, c in zeros}
+    pairs = lower_pairs(zeros)
     for r, c in sorted(pairs):
         if r == c or r not in where or c not in where or where[r][0] != where[c][0]:
             return f"the covariance of ETA indices {c} and {r} is not inside one OMEGA block"
@@ -58,12 +63,14 @@ class OmegaBlocks:
         problem = band_zeros_problem(self.blocks, zeros)
         if problem:
             raise ValueError(problem)
-        self.zeros = {(max(r, c), min(r, c)) for r, c in zeros}
+        self.zeros = lower_pairs(zeros)
+        #: per block of several ETAs, the positions (i, j) (i > j, row by row) of its Cholesky factor's estimated
+        #: entries
+        self._lower_of = {b: [(int(i), int(j)) for i, j in zip(*np.tril_indices(len(b), -1))
+                              if (b[i], b[j]) not in self.zeros] for b in self.multi}
 
     def _lower(self, b) -> list:
-        """Positions (i, j) in block ``b`` (i > j, row by row) of its Cholesky factor's estimated entries."""
-        r, c = np.tril_indices(len(b), -1)
-        return [(int(i), int(j)) for i, j in zip(r, c) if (b[i], b[j]) not in self.zeros]
+        return self._lower_of[b]
 
     @property
     def n_params(self) -> int:

@@ -19,7 +19,7 @@ from ..errors import ModelError
 from ..models import get_model
 from ..models.base import D as DOSE_D
 from ..models.base import R as DOSE_R
-from .omega import band_zeros_problem, normalise_blocks
+from .omega import band_zeros_problem, lower_pairs, normalise_blocks
 
 __all__ = ["Theta", "ErrorModel", "PopulationModel", "CovariateEffect", "build_model", "parse_covariate",
            "model_from_recipe"]
@@ -336,7 +336,7 @@ class PopulationModel:
         problem = band_zeros_problem(blocks, self.omega_zeros)
         if problem:
             raise ModelError(f"OMEGA covariances held at 0: {problem}")
-        zeros = {(max(r, c), min(r, c)) for r, c in self.omega_zeros}
+        zeros = lower_pairs(self.omega_zeros)
         for b, src in self.omega_same:
             pattern = [[(b[i], b[j]) in zeros for j in range(i)] for i in range(len(b))]
             if pattern != [[(src[i], src[j]) in zeros for j in range(i)] for i in range(len(src))]:
