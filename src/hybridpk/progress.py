@@ -2,14 +2,20 @@
 
 On a terminal (stderr is a TTY) a tqdm bar is redrawn in place. Anywhere else (a log file, a pipe, CI) a
 redrawn bar would write thousands of carriage-return updates, so one line is written each time another
-10% of the total is done, with the current values (e.g. the OFV), plus one closing line.
+10% of the total is done, with the current values (e.g. the OFV), plus one closing line; and where 10% takes long
+(a fit with NONMEM's MAXEVAL=9999 that stops by convergence, at iteration 300 after 20 minutes), a line at least
+every :data:`QUIET_SECONDS`, so that a log shows the fit is alive and where its OFV is.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 __all__ = ["Progress"]
+
+#: in a log, the longest time between two lines while steps are being done (s)
+QUIET_SECONDS = 60.0
 
 
 class Progress:
@@ -17,7 +23,7 @@ class Progress:
     (or use it as a context manager). ``enabled=False`` makes every call a no-op."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", *, enabled: bool = True, initial: int = 0,
-                 stream=None):
+                 stream=None, clock=time.monotonic):
         self.total, self.desc, self.unit = max(int(total), 1), desc, unit
         self.done = int(initial)
         self.enabled = bool(enabled)
@@ -25,6 +31,8 @@ class Progress:
         self._postfix: dict = {}
         self._bar = None
         self._next_decile = self._decile(self.done) + 1
+        self._clock = clock
+        self._last_line = clock()
         if self.enabled and _is_terminal(self.stream):
             from tqdm.auto import tqdm
 
@@ -47,6 +55,8 @@ class Progress:
         if self._decile(self.done) >= self._next_decile:
             self._next_decile = self._decile(self.done) + 1
             self._line(f"{min(100, 100 * self.done // self.total)}%")
+        elif self._clock() - self._last_line >= QUIET_SECONDS:
+            self._line(f"{100 * self.done // self.total}%")
 
     def close(self) -> None:
         if not self.enabled:
@@ -62,6 +72,7 @@ class Progress:
         values = " ".join(f"{k}={v}" for k, v in self._postfix.items())
         print(f"{self.desc}: {what} ({self.done}/{self.total} {self.unit}){' ' + values if values else ''}",
               file=self.stream, flush=True)
+        self._last_line = self._clock()
 
     def __enter__(self):
         return self

@@ -33,3 +33,18 @@ def test_an_early_stop_says_where_it_stopped_and_disabled_writes_nothing():
     with Progress(10, "x", stream=quiet, enabled=False) as bar:
         bar.update(5)
     assert quiet.getvalue() == ""
+
+
+def test_a_log_gets_a_line_a_minute_where_ten_percent_takes_longer():
+    """A fit asked for NONMEM's MAXEVAL=9999 reaches 10% only after 1000 iterations: its log still shows, once
+    a minute, how far it is and its OFV (here one iteration every 25 s of a clock under the test's control)."""
+    now = [0.0]
+    out = io.StringIO()
+    with Progress(9999, "FOCE", "it", stream=out, clock=lambda: now[0]) as bar:
+        for i in range(12):
+            now[0] += 25.0
+            bar.update(1, OFV=f"{-100.0 - i:.4f}")
+    lines = lines_of(out.getvalue())
+    assert lines[:4] == ["FOCE: 0% (3/9999 it) OFV=-102.0000", "FOCE: 0% (6/9999 it) OFV=-105.0000",
+                         "FOCE: 0% (9/9999 it) OFV=-108.0000", "FOCE: 0% (12/9999 it) OFV=-111.0000"]
+    assert lines[4:] == ["FOCE: done (12/9999 it) OFV=-111.0000"]
