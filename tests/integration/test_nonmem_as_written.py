@@ -149,6 +149,26 @@ def test_the_printout_shows_a_blocks_covariances(pharmpy_examples, tmp_path, cap
     assert f"correlation {0.005 / math.sqrt(0.0309626 * 0.031128):.2f}" in line
 
 
+def test_the_printout_gives_etabar_and_its_p_value_beside_each_omega(pharmpy_examples, tmp_path, capsys):
+    """Each OMEGA line of the printout ends with NONMEM's ETABAR and P VAL of that ETA, as summary.json holds them
+    (the numbers themselves are checked against pheno.lst in test_population_fit)."""
+    import json
+
+    from hybridpk.cli import main
+
+    shutil.copy(pharmpy_examples / "pheno.dta", tmp_path)
+    text = (pharmpy_examples / "pheno.mod").read_text().replace("MAXEVALS=99999", "MAXEVAL=0")
+    (tmp_path / "pheno.mod").write_text(text)
+    assert main(["fit", str(tmp_path / "pheno.mod"), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    bars = json.loads((tmp_path / "run" / "summary.json").read_text())["etabar"]
+    assert set(bars) == {"ETA_CL", "ETA_VC"}
+    for label, eta in (("IIV_CL", "ETA_CL"), ("IIV_VC", "ETA_VC")):
+        line = next(x for x in out.splitlines() if x.strip().startswith(label))
+        assert line.endswith(f"ETABAR {bars[eta]['etabar']:.3g} (P {bars[eta]['p']:.3f}))"), line
+        assert bars[eta]["n"] == 59 and 0 < bars[eta]["p"] <= 1
+
+
 DES_LOWER = """$prob theophylline, written as nlmixr2's NONMEM runs are
 $input id time dv amt evid mdv cmt wt
 $data theoph.csv ignore=@

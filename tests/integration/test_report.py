@@ -55,6 +55,7 @@ def test_the_report_embeds_every_figure(theoph, tmp_path, capsys):
     meta = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert meta["summary"]["AIC"] == pytest.approx(fit.estimation.ofv + 2 * 8)   # 3 THETA, 3 OMEGA, ADD, PROP
     assert meta["metadata"]["versions"]["hybridpk"] and "RSE %" in page and "CL" in page
+    assert "<th>ETABAR</th>" in page and "<th>P VAL</th>" in page       # the run's saved ETABAR table
     ds.to_dataframe().to_csv(tmp_path / "d.csv", index=False)
     assert main(["report", str(run), "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r2")]) == 0
     assert "report.html" in capsys.readouterr().out

@@ -479,6 +479,14 @@ def _published_spec(args):
     return spec
 
 
+def _etabar(bar) -> str:
+    """", ETABAR -0.012 (P 0.49)" as NONMEM's .lst gives it (nothing for a run saved without it)."""
+    if not bar or bar["p"] is None:
+        return ""
+    p = "P < 0.001" if bar["p"] < 1e-3 else f"P {bar['p']:.3f}"
+    return f", ETABAR {bar['etabar']:.3g} ({p})"
+
+
 def report(result, ds) -> str:
     """The estimates as printed after a fit: OFV and convergence, THETA with RSE, OMEGA with CV and
     shrinkage, SIGMA on its stated scale, warnings."""
@@ -509,7 +517,7 @@ def report(result, ds) -> str:
         shr = e.shrinkage["eta"].get(o.eta, float("nan"))
         cv = f"{o.cv_percent:.1f}%" if o.cv_percent is not None else "not finite"
         lines.append(f"  {o.label:<12} {o.variance:12.5g}   (CV {cv}, shrinkage "
-                     + (f"{shr:.1f}%)" if shr == shr else "undefined)"))
+                     + (f"{shr:.1f}%" if shr == shr else "undefined") + _etabar(e.etabar.get(o.eta)) + ")")
     etas = result.omega.etas
     held = {f"{etas[c]},{etas[r]}" for r, c in result.model.omega_zeros}
     for pair, c in result.omega.covariances_to_dict().items():      # a block's covariances, as NONMEM prints them

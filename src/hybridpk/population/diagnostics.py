@@ -1,4 +1,4 @@
-"""Per-record and per-subject diagnostics of a FOCE-I fit: PRED, IPRED, IWRES, CWRES, shrinkage.
+"""Per-record and per-subject diagnostics of a FOCE-I fit: PRED, IPRED, IWRES, CWRES, shrinkage, ETABAR.
 
 CWRES are the conditional weighted residuals of Hooker, Staatz and Karlsson (Pharm Res 2007;24:2187-97) as
 NONMEM's $TABLE writes them for a FOCE-I run: the model linearised at each subject's EBE (population mean
@@ -6,15 +6,29 @@ IPRED - G ETA, covariance G OMEGA G' + the residual variance at IPRED, i.e. with
 residual vector weighted by the symmetric inverse square root of that covariance (not a Cholesky factor:
 the two differ record by record). Checked against NONMEM's pheno.tab (pharmpy's example) at NONMEM's
 estimates: max |difference| 5e-5.
+
+Shrinkage and ETABAR are NONMEM's, as its .lst prints them (checked against pharmpy's pheno.lst):
+
+- ETASHRINKSD = 100 (1 - SD(EBE) / sqrt(OMEGA)), the SD with divisor N over every subject (NONMEM's default
+  ETASTYPE=0), and EPSSHRINKSD = 100 (1 - sqrt(mean(IWRES^2))) over every observation (Savic & Karlsson, AAPS J
+  2009;11:558-69), as NONMEM 7.5.1 prints them in pheno.lst (7.5.0 divided the ETAs' SD by N - 1: pharmpy's
+  pheno_linear.lst);
+- ETABAR, "the arithmetic mean of the ETA-estimates", its SE = SD(EBE) / sqrt(N) (the same SD) and the P value "for
+  the null hypothesis that the true mean is 0", two-sided from the normal distribution (NONMEM help, ETABAR). A
+  small P value says the EBEs are not centred on the typical value: a misspecified model, or an estimation whose
+  typical value went where the data are not (e.g. FOCE without INTERACTION taking the residual variance at PRED).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 
 def diagnostics(prob, theta, omega, sd, eta) -> dict:
-    """Tensors (N, R) PRED, IPRED, IWRES, CWRES (NaN off observations) and shrinkage (%)."""
+    """Tensors (N, R) PRED, IPRED, IWRES, CWRES (NaN off observations), shrinkage (%) and ETABAR (see the
+    module's docstring)."""
     with torch.no_grad():
         n, k = eta.shape
         zero = torch.zeros_like(eta)
@@ -39,14 +53,27 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
         cov = torch.where(mm > 0, cov, torch.zeros_like(cov)) + eye * (1 - m).unsqueeze(-1)   # NaN off obs: 0
         resid = torch.where(obs, prob.y - mean, torch.zeros_like(mean))
         cwres = torch.where(obs, _inverse_sqrt(cov, resid), cwres)
-        eta_shr = {}
-        for j, name in enumerate(prob.pm.etas):
-            eta_shr[name] = float(100 * (1 - eta[:, j].std() / torch.sqrt(omega[j, j])))
-        eps_shr = float(100 * (1 - iwres[obs].std()))
+        eta_shr = {name: float(100 * (1 - eta[:, j].std(correction=0) / torch.sqrt(omega[j, j]))) if n > 1
+                   else float("nan") for j, name in enumerate(prob.pm.etas)}      # one subject: undefined
+        eps_shr = float(100 * (1 - iwres[obs].pow(2).mean().sqrt()))
+        etabar = {name: _etabar(eta[:, j]) for j, name in enumerate(prob.pm.etas)}
     if prob.pm.error.ltbs:   # fitted on the log scale; PRED/IPRED are reported as concentrations
         pred, ipred = torch.exp(pred), torch.exp(ipred)
     return {"pred": pred, "ipred": ipred, "iwres": iwres, "cwres": cwres,
-            "shrinkage": {"eta": eta_shr, "epsilon": eps_shr}}
+            "shrinkage": {"eta": eta_shr, "epsilon": eps_shr}, "etabar": etabar}
+
+
+def _etabar(eta) -> dict:
+    """NONMEM's ETABAR, SE, N and P VAL of one ETA's EBEs (N,); SE and P are None for one subject (no spread)
+    and P is 1 for an ETA whose EBEs are all 0 (one the data do not inform)."""
+    n = int(eta.numel())
+    mean = float(eta.mean())
+    se = float(eta.std(correction=0)) / math.sqrt(n) if n > 1 else None
+    if se is None:
+        p = None
+    else:
+        p = math.erfc(abs(mean) / (se * math.sqrt(2.0))) if se > 0 else (1.0 if mean == 0 else 0.0)
+    return {"etabar": mean, "se": se, "n": n, "p": p}
 
 
 def _inverse_sqrt(cov, resid):

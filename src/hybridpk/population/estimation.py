@@ -38,7 +38,11 @@ METHODS = {
              "linearised at the EBE, residual variance at IPRED (with interaction), weighted by the symmetric "
              "inverse square root of each subject's covariance",
     "IWRES": "(DV - IPRED) / SD of the residual error at IPRED",
-    "shrinkage": "ETA: 100 (1 - SD(EBE) / sqrt(OMEGA)); epsilon: 100 (1 - SD(IWRES)) (Savic & Karlsson 2009)",
+    "shrinkage": "ETA: 100 (1 - SD(EBE) / sqrt(OMEGA)), SD with divisor N over every subject; epsilon: "
+                 "100 (1 - sqrt(mean(IWRES^2))) over every observation; as NONMEM 7.5.1's ETASHRINKSD and "
+                 "EPSSHRINKSD (Savic & Karlsson 2009)",
+    "etabar": "NONMEM's ETABAR: the mean of each ETA's EBEs, its SE = SD(EBE) / sqrt(N) (divisor N) and the two-sided "
+              "normal P value of the null hypothesis that the true mean is 0",
 }
 
 
@@ -48,15 +52,16 @@ class Estimation:
 
     ``method`` "FOCE-I"; ``ofv`` -2 log-likelihood without the constant (NONMEM's OFV); ``converged``,
     ``message``, ``iterations``, ``evaluations``, ``seconds``; ``shrinkage`` {"eta": {ETA: %}, "epsilon": %};
-    ``individual`` DataFrame (ID, ETAs = EBEs, individual parameters); ``predictions`` DataFrame (ID, TIME,
-    DV, MDV, PRED, IPRED, CWRES, IWRES for every record); counts, ``seed``, ``warnings`` and
-    ``data_sha256`` (the fingerprint of the dataset it was fitted to); ``ebe_fallbacks`` EBE Newton steps
-    that met a singular Hessian and took a gradient step; ``ebe_not_at_mode`` the IDs of the subjects whose EBE
-    search ended away from a mode (IndividualEstimates.not_at_mode). ``evaluation_only``: NONMEM's MAXEVAL=0, nothing
-    estimated (the OFV and EBEs at the initial estimates). ``covariance`` how the standard errors were
-    computed (a key of ``COVARIANCE_METHODS``). ``derivatives``: how the OFV's gradients were computed, "analytic
-    ..." (:mod:`hybridpk.population.analytic_focei`) or "automatic (torch): <why not analytic>". ``estimates``: the
-    fitted patients' IndividualEstimates (in memory only; not saved).
+    ``etabar`` {ETA: {"etabar", "se", "n", "p"}} (NONMEM's ETABAR, SE, N and P VAL; see
+    :mod:`hybridpk.population.diagnostics`); ``individual`` DataFrame (ID, ETAs = EBEs, individual parameters);
+    ``predictions`` DataFrame (ID, TIME, DV, MDV, PRED, IPRED, CWRES, IWRES for every record); counts, ``seed``,
+    ``warnings`` and ``data_sha256`` (the fingerprint of the dataset it was fitted to); ``ebe_fallbacks`` EBE
+    Newton steps that met a singular Hessian and took a gradient step; ``ebe_not_at_mode`` the IDs of the subjects
+    whose EBE search ended away from a mode (IndividualEstimates.not_at_mode). ``evaluation_only``: NONMEM's
+    MAXEVAL=0, nothing estimated (the OFV and EBEs at the initial estimates). ``covariance`` how the standard
+    errors were computed (a key of ``COVARIANCE_METHODS``). ``derivatives``: how the OFV's gradients were
+    computed, "analytic ..." (:mod:`hybridpk.population.analytic_focei`) or "automatic (torch): <why not
+    analytic>". ``estimates``: the fitted patients' IndividualEstimates (in memory only; not saved).
     """
 
     method: str
@@ -80,13 +85,15 @@ class Estimation:
     evaluation_only: bool = False
     ebe_not_at_mode: tuple = ()
     derivatives: str = "automatic (torch)"
+    etabar: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The estimation part of summary.json."""
         return {"ofv": self.ofv, "method": self.method, "converged": self.converged, "message": self.message,
                 "iterations": self.iterations, "function_evaluations": self.evaluations,
-                "fit_seconds": round(self.seconds, 3), "shrinkage": self.shrinkage, "n_subjects": self.n_subjects,
-                "n_observations": self.n_observations, "seed": self.seed, "warnings": list(self.warnings),
+                "fit_seconds": round(self.seconds, 3), "shrinkage": self.shrinkage, "etabar": self.etabar,
+                "n_subjects": self.n_subjects, "n_observations": self.n_observations, "seed": self.seed,
+                "warnings": list(self.warnings),
                 "data_sha256": self.data_sha256, "ebe_fallbacks": self.ebe_fallbacks, "covariance": self.covariance,
                 "evaluation_only": self.evaluation_only, "ebe_not_at_mode": list(self.ebe_not_at_mode),
                 "derivatives": self.derivatives,
@@ -100,9 +107,9 @@ class Estimation:
         d = self.to_dict()
         summary = {**{k: d[k] for k in ("ofv", "method", "evaluation_only", "converged", "message", "iterations",
                                           "function_evaluations", "fit_seconds")},
-                   **tables, **{k: d[k] for k in ("shrinkage", "n_subjects", "n_observations", "seed", "warnings",
-                                                  "data_sha256", "ebe_fallbacks", "ebe_not_at_mode", "covariance",
-                                                  "derivatives", "methods")},
+                   **tables, **{k: d[k] for k in ("shrinkage", "etabar", "n_subjects", "n_observations", "seed",
+                                                  "warnings", "data_sha256", "ebe_fallbacks", "ebe_not_at_mode",
+                                                  "covariance", "derivatives", "methods")},
                    **run_metadata()}
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=_json_default))
 
@@ -117,7 +124,8 @@ class Estimation:
             return cls(method=s["method"], ofv=float(s["ofv"]), converged=bool(s["converged"]),
                        message=str(s.get("message", "")), iterations=int(s.get("iterations", 0)),
                        evaluations=int(s.get("function_evaluations", 0)), seconds=float(s.get("fit_seconds", 0.0)),
-                       shrinkage=s.get("shrinkage", {}), individual=_read_csv(run / "individual.csv"),
+                       shrinkage=s.get("shrinkage", {}), etabar=s.get("etabar", {}),
+                       individual=_read_csv(run / "individual.csv"),
                        predictions=_read_csv(run / "predictions.csv"), n_subjects=int(s.get("n_subjects", 0)),
                        n_observations=int(s.get("n_observations", 0)), seed=int(s.get("seed", 0)),
                        warnings=tuple(s.get("warnings", ())), data_sha256=str(s.get("data_sha256", "")),

@@ -521,7 +521,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
                        est.eta)
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
-                        seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"],
+                        seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"], etabar=diag["etabar"],
                         individual=_individual_table(dataset, pm, est), predictions=_prediction_table(dataset, prob,
                                                                                                       diag),
                         n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,

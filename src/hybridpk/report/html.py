@@ -3,9 +3,10 @@
 The file embeds every figure (PNG, base64) and holds: the run's metadata (model, estimation method, data
 fingerprint, versions, seed), the OFV with AIC and BIC (ODE-only runs; :mod:`hybridpk.classify.compare`
 says why a hybrid has none), THETA with RSE, OMEGA as variance and CV%, the residual error, ETA shrinkage,
-and the figures of :mod:`hybridpk.diagnostics` (goodness of fit, CWRES QQ, ETAs, ETAs against covariates, a VPC,
-NPDE, individual fits; for a hybrid also its training curves and the latent space coloured by P_COMPLEX when the
-run has its classifier), with the units the dataset declares. The PNGs are written beside it.
+NONMEM's ETABAR table, and the figures of :mod:`hybridpk.diagnostics` (goodness of fit, CWRES QQ, ETAs, ETAs
+against covariates, a VPC, NPDE, individual fits; for a hybrid also its training curves and the latent space
+coloured by P_COMPLEX when the run has its classifier), with the units the dataset declares.
+The PNGs are written beside it.
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def _html(model, pop, summary, meta, images, hybrid: bool) -> str:
              _hybrid_variability(model) if hybrid else "",
              _table([(k, v) for k, v in shr.get("eta", {}).items()] + [("epsilon", shr.get("epsilon"))],
                     ["shrinkage", "%"]),
+             _table([(k, b["etabar"], b["se"], b["n"], b["p"]) for k, b in pop.estimation.etabar.items()],
+                    ["ETA", "ETABAR", "SE", "N", "P VAL"]) if pop.estimation.etabar else "",
              "<h2>Diagnostics</h2>"]
     for name, data in images.items():
         parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}'
