@@ -519,6 +519,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     est = replace(est, model=fitted)
     diag = diagnostics(prob, fitted.theta.tensors(dev), fitted.omega.tensor(dev), fitted.sigma.sd_tensors(dev),
                        est.eta)
+    warn += _variance_at_pred_warnings(prob, fitted.theta.tensors(dev), fitted.sigma.sd_tensors(dev), est.eta,
+                                       diag["etabar"])
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
                         seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"], etabar=diag["etabar"],
@@ -661,6 +663,43 @@ def per_subject_gradients(ofv_i, x, mode: str = "auto") -> np.ndarray:
         return weights()
     except (RuntimeError, NotImplementedError):
         return backward()
+
+
+#: FOCE/LAPLACE without INTERACTION: a residual variance at PRED under this fraction of the one at IPRED ...
+VARIANCE_AT_PRED_SMALL = 0.01
+#: ... at this fraction of the observations or more is warned about (:func:`_variance_at_pred_warnings`)
+VARIANCE_AT_PRED_SHARE = 0.05
+
+
+def _variance_at_pred_warnings(prob, theta, sd, eta, etabar: dict) -> list[str]:
+    """FOCE or LAPLACE without INTERACTION take the residual variance at ETA = 0, the population prediction PRED
+    (NONMEM's convention; Wang 2007). Where it scales with the prediction (proportional error) and PRED is far
+    below IPRED, an observation's variance is a small part of what its individual prediction carries, so it
+    weighs that much more; moving PRED away from the data then lowers the OFV without end (the EBEs follow, so
+    ETABAR moves away from 0). pharmpy's moxo.mod (METHOD=1, proportional error) went that way: at the
+    estimates of its control stream 0.3% of the observations have PRED under a tenth of IPRED, and its fit
+    reached OFV -8561 from -2868 with 48% of them there and ETABAR(CL) -1.23, and went on falling. A warning
+    when :data:`VARIANCE_AT_PRED_SHARE` or more of the observations have a variance at PRED under
+    :data:`VARIANCE_AT_PRED_SMALL` of the one at IPRED."""
+    if prob.interaction or prob.estimation == "FO" or not prob.pm.n_eta:
+        return []
+    with torch.no_grad():
+        ipred = prob.predict(theta, eta)
+        at_pred = prob.variance(theta, eta, ipred, sd)[prob.obs]
+        at_ipred = prob.pm.residual_variance(theta, eta, prob.batch, ipred, sd, prob.obs | prob.cens)[prob.obs]
+        small = at_pred < VARIANCE_AT_PRED_SMALL * at_ipred
+    share = float(small.double().mean()) if small.numel() else 0.0
+    if share < VARIANCE_AT_PRED_SHARE:
+        return []
+    far = sorted(((abs(b["etabar"]), e) for e, b in etabar.items() if b.get("p") is not None and b["p"] < 1e-3),
+                 reverse=True)
+    moved = (f"; ETABAR of {', '.join(e for _, e in far[:3])} far from 0 (P < 0.001)" if far else "")
+    return [f"{prob.estimation} without INTERACTION takes the residual variance at PRED (ETA = 0): at "
+            f"{int(small.sum())} of {small.numel()} observations ({100 * share:.0f}%) it is under "
+            f"{100 * VARIANCE_AT_PRED_SMALL:.0f}% of the variance at IPRED (for a proportional error: PRED under a "
+            f"tenth of IPRED), so these observations weigh 100 times more than their individual predictions "
+            f"warrant, and the OFV falls as PRED moves away from the data{moved}. These estimates are not to be "
+            "trusted: fit with INTERACTION ($ESTIMATION METHOD=1 INTERACTION, or --method FOCE-I)"]
 
 
 def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
