@@ -76,8 +76,9 @@ def _lst_row(lst: str, label: str) -> list[float]:
 def test_pheno_etabar_and_shrinkage_are_nonmems(pheno, pharmpy_examples):
     """At NONMEM's estimates and EBEs, ETABAR, its SE, N and P VAL and ETASHRINKSD and EPSSHRINKSD are the rows of
     pheno.lst (NONMEM 7.5.1): the ETAs' SD with divisor N (N - 1 gave shrinkage 47.13% and 12.84% where NONMEM
-    prints 47.58% and 13.58%), the IWRES' root mean square (their SD gave 21.32% where NONMEM prints 21.20%) and a
-    two-sided normal P value."""
+    prints 47.58% and 13.58%), the IWRES' root mean square (their SD gave 21.32% where NONMEM prints 21.20%), a
+    two-sided normal P value, and EBVSHRINKSD from the first-order conditional covariances (the exact Hessian's
+    gave 47.54% and 13.87% where NONMEM prints 47.74% and 13.69%)."""
     from hybridpk.population.diagnostics import diagnostics
 
     pm, ds, ext = pheno
@@ -95,6 +96,8 @@ def test_pheno_etabar_and_shrinkage_are_nonmems(pheno, pharmpy_examples):
     np.testing.assert_allclose([diag["shrinkage"]["eta"][e] for e in pm.etas], _lst_row(lst, "ETASHRINKSD(%)"),
                                atol=1e-3)
     assert diag["shrinkage"]["epsilon"] == pytest.approx(_lst_row(lst, "EPSSHRINKSD(%)")[0], abs=1e-3)
+    np.testing.assert_allclose([diag["shrinkage"]["ebv"][e] for e in pm.etas], _lst_row(lst, "EBVSHRINKSD(%)"),
+                               atol=1e-3)
 
 
 def test_pheno_fit_matches_nonmem(pheno):

@@ -13,8 +13,12 @@ Shrinkage and ETABAR are NONMEM's, as its .lst prints them (checked against phar
   ETASTYPE=0), and EPSSHRINKSD = 100 (1 - sqrt(mean(IWRES^2))) over every observation (Savic & Karlsson, AAPS J
   2009;11:558-69), as NONMEM 7.5.1 prints them in pheno.lst (7.5.0 divided the ETAs' SD by N - 1: pharmpy's
   pheno_linear.lst);
-- ETABAR, "the arithmetic mean of the ETA-estimates", its SE = SD(EBE) / sqrt(N) (the same SD) and the P value "for
-  the null hypothesis that the true mean is 0", two-sided from the normal distribution (NONMEM help, ETABAR). A
+- EBVSHRINKSD = 100 (1 - sqrt(1 - mean(ETC_ii / OMEGA_ii))), ETC each subject's conditional covariance of the
+  ETAs as NONMEM's .phi gives it: the inverse of half the first-order Hessian of its objective, OMEGA^-1 +
+  sum_j (g g'/V + 1/2 h h'/V^2) (checked: within 5e-6 of pheno.phi's ETC; the exact Hessian's inverse is up to 47%
+  off), or of the exact one for LAPLACE;
+- ETABAR, "the arithmetic mean of the ETA-estimates", its SE = SD(EBE) / sqrt(N) (the same SD) and the P value
+  "for the null hypothesis that the true mean is 0", two-sided from the normal distribution (NONMEM help, ETABAR). A
   small P value says the EBEs are not centred on the typical value: a misspecified model, or an estimation whose
   typical value went where the data are not (e.g. FOCE without INTERACTION taking the residual variance at PRED).
 """
@@ -57,22 +61,32 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
                    else float("nan") for j, name in enumerate(prob.pm.etas)}      # one subject: undefined
         eps_shr = float(100 * (1 - iwres[obs].pow(2).mean().sqrt()))
         etabar = {name: _etabar(eta[:, j]) for j, name in enumerate(prob.pm.etas)}
+        ebv = _ebv_shrinkage(prob, theta, omega, sd, eta) if k else {}
     if prob.pm.error.ltbs:   # fitted on the log scale; PRED/IPRED are reported as concentrations
         pred, ipred = torch.exp(pred), torch.exp(ipred)
     return {"pred": pred, "ipred": ipred, "iwres": iwres, "cwres": cwres,
-            "shrinkage": {"eta": eta_shr, "epsilon": eps_shr}, "etabar": etabar}
+            "shrinkage": {"eta": eta_shr, "epsilon": eps_shr, "ebv": ebv}, "etabar": etabar}
+
+
+def _ebv_shrinkage(prob, theta, omega, sd, eta) -> dict:
+    """NONMEM's EBVSHRINKSD (%) of each ETA, from the subjects' conditional covariances (ETC; module docstring)."""
+    oinv = torch.linalg.inv(omega)
+    if prob.laplace:
+        info = prob.exact_hessian(theta, oinv, sd, eta)[2] / 2
+    else:
+        info = prob.fo_hessian(theta, oinv, sd, eta)
+    ratio = torch.diagonal(torch.linalg.inv(info), dim1=1, dim2=2).mean(0) / torch.diagonal(omega)
+    return {name: float(100 * (1 - torch.sqrt((1 - ratio[j]).clamp(min=0)))) for j, name in enumerate(prob.pm.etas)}
 
 
 def _etabar(eta) -> dict:
     """NONMEM's ETABAR, SE, N and P VAL of one ETA's EBEs (N,); SE and P are None for one subject (no spread)
     and P is 1 for an ETA whose EBEs are all 0 (one the data do not inform)."""
-    n = int(eta.numel())
-    mean = float(eta.mean())
-    se = float(eta.std(correction=0)) / math.sqrt(n) if n > 1 else None
-    if se is None:
-        p = None
-    else:
-        p = math.erfc(abs(mean) / (se * math.sqrt(2.0))) if se > 0 else (1.0 if mean == 0 else 0.0)
+    n, mean = int(eta.numel()), float(eta.mean())
+    if n < 2:
+        return {"etabar": mean, "se": None, "n": n, "p": None}
+    se = float(eta.std(correction=0)) / math.sqrt(n)
+    p = math.erfc(abs(mean) / (se * math.sqrt(2.0))) if se > 0 else (1.0 if mean == 0 else 0.0)
     return {"etabar": mean, "se": se, "n": n, "p": p}
 
 

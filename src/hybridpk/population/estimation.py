@@ -39,8 +39,9 @@ METHODS = {
              "inverse square root of each subject's covariance",
     "IWRES": "(DV - IPRED) / SD of the residual error at IPRED",
     "shrinkage": "ETA: 100 (1 - SD(EBE) / sqrt(OMEGA)), SD with divisor N over every subject; epsilon: "
-                 "100 (1 - sqrt(mean(IWRES^2))) over every observation; as NONMEM 7.5.1's ETASHRINKSD and "
-                 "EPSSHRINKSD (Savic & Karlsson 2009)",
+                 "100 (1 - sqrt(mean(IWRES^2))) over every observation; ebv: 100 (1 - sqrt(1 - mean(ETC_ii / "
+                 "OMEGA_ii))), ETC the inverse of half the first-order Hessian of each subject's objective; as "
+                 "NONMEM 7.5.1's ETASHRINKSD, EPSSHRINKSD and EBVSHRINKSD (Savic & Karlsson 2009)",
     "etabar": "NONMEM's ETABAR: the mean of each ETA's EBEs, its SE = SD(EBE) / sqrt(N) (divisor N) and the two-sided "
               "normal P value of the null hypothesis that the true mean is 0",
 }
@@ -51,8 +52,8 @@ class Estimation:
     """How a population model was estimated and what came out besides the parameter tables.
 
     ``method`` "FOCE-I"; ``ofv`` -2 log-likelihood without the constant (NONMEM's OFV); ``converged``,
-    ``message``, ``iterations``, ``evaluations``, ``seconds``; ``shrinkage`` {"eta": {ETA: %}, "epsilon": %};
-    ``etabar`` {ETA: {"etabar", "se", "n", "p"}} (NONMEM's ETABAR, SE, N and P VAL; see
+    ``message``, ``iterations``, ``evaluations``, ``seconds``; ``shrinkage`` {"eta": {ETA: %}, "epsilon": %,
+    "ebv": {ETA: %}}; ``etabar`` {ETA: {"etabar", "se", "n", "p"}} (NONMEM's ETABAR, SE, N and P VAL; see
     :mod:`hybridpk.population.diagnostics`); ``individual`` DataFrame (ID, ETAs = EBEs, individual parameters);
     ``predictions`` DataFrame (ID, TIME, DV, MDV, PRED, IPRED, CWRES, IWRES for every record); counts, ``seed``,
     ``warnings`` and ``data_sha256`` (the fingerprint of the dataset it was fitted to); ``ebe_fallbacks`` EBE

@@ -168,8 +168,8 @@ def _html(model, pop, summary, meta, images, hybrid: bool) -> str:
              "<h2>Estimates</h2>", _table(theta, ["THETA", "estimate", "SE", "RSE %", ""]),
              _table(omega, ["OMEGA", "variance", "CV %", "SE"]), _table(sigma, ["SIGMA", "value", "scale", "SE"]),
              _hybrid_variability(model) if hybrid else "",
-             _table([(k, v) for k, v in shr.get("eta", {}).items()] + [("epsilon", shr.get("epsilon"))],
-                    ["shrinkage", "%"]),
+             _table([(k, v, shr.get("ebv", {}).get(k)) for k, v in shr.get("eta", {}).items()]
+                    + [("epsilon", shr.get("epsilon"), None)], ["shrinkage", "ETA SD %", "EBV SD %"]),
              _table([(k, b["etabar"], b["se"], b["n"], b["p"]) for k, b in pop.estimation.etabar.items()],
                     ["ETA", "ETABAR", "SE", "N", "P VAL"]) if pop.estimation.etabar else "",
              "<h2>Diagnostics</h2>"]
