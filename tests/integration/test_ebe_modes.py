@@ -163,8 +163,8 @@ def test_a_long_lag_time_is_found_from_a_search_that_starts_at_a_short_one():
 
 
 def test_a_foce_fit_whose_pred_left_the_data_is_warned_about(moxo_at_fit, tmp_path, pharmpy_examples):
-    """FOCE without INTERACTION takes the residual variance at PRED. At the estimates a FOCE fit of moxo.mod
-    reached (typical CL 91 L/h against the stream's 23, proportional SD 1.3%), PRED is under a tenth of IPRED at
+    """FOCE without INTERACTION takes the residual variance at PRED. At the estimates a FOCE fit of moxo.mod (its
+    data simulated without residual error) reached (typical CL 91 L/h against the stream's 23, proportional SD 1.3%), PRED is under a tenth of IPRED at
     48% of the observations (0.3% at the stream's estimates), so they weigh over 100 times what their individual
     predictions carry, and the fit's OFV went on falling (-2868 at the stream's estimates, -8561 there, -10110
     seven iterations on from the stream's estimates). An evaluation there (on five of its subjects) says so,
@@ -179,3 +179,35 @@ def test_a_foce_fit_whose_pred_left_the_data_is_warned_about(moxo_at_fit, tmp_pa
     pm_own, ds_own = read_control_stream(tmp_path / "moxo_own.mod")
     own = fit_population(pm_own, ds_own, progress=False, covariance=False).estimation
     assert not [w for w in own.warnings if "residual variance at PRED" in w], own.warnings
+
+
+# the estimates of a FOCE-I fit of moxo.mod with INTERACTION (OFV -11676.88, 18 iterations): the proportional SD
+# went to 0.025%, the DV's rounding, as moxo.csv was simulated without residual error
+INTERACTION_FIT = [("23.1329", "30.09698"), ("123.604", "115.1948"), ("8.02595", "3.857204"),
+                   ("0.237773", "0.2377027"), ("0.0751115", "0.004272677"),
+                   ("0.0259926 0.144646", "0.01488512 0.0519273"), ("2.78268", "0.8741868"),
+                   ("0.0234871", "0.02168442"), ("0.51776", "0.05172532"), ("0.0764969", "6.1019e-08")]
+
+
+def test_data_fitted_as_if_measured_without_error_are_named(tmp_path, pharmpy_examples):
+    """moxo.csv was simulated without residual error: fitted with INTERACTION, its IPRED are within 1e-5 of DV
+    for half the observations and the proportional SD goes to 0.025%. An evaluation at those estimates (on five
+    of its subjects) says the data fit as if measured without error; one at the stream's own estimates (SD 28%)
+    does not."""
+    df = pd.read_csv(pharmpy_examples / "moxo.csv")
+    df[df.ID.isin(SUBJECTS)].to_csv(tmp_path / "five.csv", index=False)
+    text = (pharmpy_examples / "moxo.mod").read_text().replace("moxo.csv", "five.csv")
+    text = text.replace("METHOD=1 MAXEVAL=9999", "METHOD=1 INTERACTION MAXEVAL=0")
+    said = {}
+    for name, values in (("fit", INTERACTION_FIT), ("own", [])):
+        stream = text
+        for old, new in values:
+            assert old in stream
+            stream = stream.replace(old, new)
+        (tmp_path / f"{name}.mod").write_text(stream)
+        pm, ds = read_control_stream(tmp_path / f"{name}.mod")
+        assert pm.recipe["estimation"] == "FOCE-I"
+        est = fit_population(pm, ds, progress=False, covariance=False).estimation
+        said[name] = [w for w in est.warnings if "as if measured without error" in w]
+    assert len(said["fit"]) == 1 and "the DV's rounding" in said["fit"][0], said
+    assert said["own"] == []

@@ -521,6 +521,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
                        est.eta)
     warn += _variance_at_pred_warnings(prob, fitted.theta.tensors(dev), fitted.sigma.sd_tensors(dev), est.eta,
                                        diag["etabar"])
+    warn += _noise_free_warnings(prob, fitted.theta.tensors(dev), fitted.sigma.sd_tensors(dev), est.eta)
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
                         seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"], etabar=diag["etabar"],
@@ -675,11 +676,13 @@ def _variance_at_pred_warnings(prob, theta, sd, eta, etabar: dict) -> list[str]:
     """FOCE or LAPLACE without INTERACTION take the residual variance at ETA = 0, the population prediction PRED
     (NONMEM's convention; Wang 2007). Where it scales with the prediction (proportional error) and PRED is far
     below IPRED, an observation's variance is a small part of what its individual prediction carries, so it
-    weighs that much more; moving PRED away from the data then lowers the OFV without end (the EBEs follow, so
-    ETABAR moves away from 0). pharmpy's moxo.mod (METHOD=1, proportional error) went that way: at the
-    estimates of its control stream 0.3% of the observations have PRED under a tenth of IPRED, and its fit
-    reached OFV -8561 from -2868 with 48% of them there and ETABAR(CL) -1.23, and went on falling. A warning
-    when :data:`VARIANCE_AT_PRED_SHARE` or more of the observations have a variance at PRED under
+    weighs that much more in the estimates, and a fit can lower its OFV by moving PRED away from the data (the
+    EBEs follow, so ETABAR moves away from 0). pharmpy's moxo.mod (METHOD=1, proportional error, its data
+    simulated without residual error) went that way: at the estimates of its control stream 0.3% of the
+    observations have PRED under a tenth of IPRED; its fit passed OFV -8561 (from -2868) with 48% of them there,
+    typical CL 91 L/h against 23 and ETABAR(CL) -1.23, and went on falling. (With 15% proportional noise added to
+    its DV the same stream converges in 21 iterations, CL 24.6 L/h, without this warning.) A warning when
+    :data:`VARIANCE_AT_PRED_SHARE` or more of the observations have a variance at PRED under
     :data:`VARIANCE_AT_PRED_SMALL` of the one at IPRED."""
     if prob.interaction or prob.estimation == "FO" or not prob.pm.n_eta:
         return []
@@ -698,8 +701,35 @@ def _variance_at_pred_warnings(prob, theta, sd, eta, etabar: dict) -> list[str]:
             f"{int(small.sum())} of {small.numel()} observations ({100 * share:.0f}%) it is under "
             f"{100 * VARIANCE_AT_PRED_SMALL:.0f}% of the variance at IPRED (for a proportional error: PRED under a "
             f"tenth of IPRED), so these observations weigh 100 times more than their individual predictions "
-            f"warrant, and the OFV falls as PRED moves away from the data{moved}. These estimates are not to be "
-            "trusted: fit with INTERACTION ($ESTIMATION METHOD=1 INTERACTION, or --method FOCE-I)"]
+            f"warrant, and the fit can lower its OFV by moving PRED away from the data{moved}. These estimates are "
+            "not to be trusted: fit with INTERACTION ($ESTIMATION METHOD=1 INTERACTION, or --method FOCE-I)"]
+
+
+#: a residual SD under this fraction of the individual predictions (median over the observations) is no assay's
+NOISE_FREE = 1e-3
+
+
+def _noise_free_warnings(prob, theta, sd, eta) -> list[str]:
+    """Data that the individual predictions fit as if measured without error (simulated without EPS, DV computed
+    from a model) have no maximum-likelihood SIGMA: the likelihood grows as SIGMA falls, down to the DV's
+    rounding. pharmpy's moxo.csv is such data: fitted with INTERACTION its proportional SD went to 0.025% (IPRED
+    within 1e-5 of DV for half the observations, DV written with 5 decimals), with negative shrinkage and an
+    OMEGA correlation of 1.00. A warning when the residual SD at IPRED is under :data:`NOISE_FREE` of IPRED (on
+    the log scale: under NOISE_FREE) for the median observation."""
+    with torch.no_grad():
+        ipred = prob.predict(theta, eta)
+        v = prob.pm.residual_variance(theta, eta, prob.batch, ipred, sd, prob.obs | prob.cens)[prob.obs]
+        if not v.numel():
+            return []
+        scale = 1.0 if prob.pm.error.ltbs else ipred[prob.obs].abs()
+        relative = float((v.sqrt() / scale).median())
+    if not relative < NOISE_FREE:
+        return []
+    return [f"the residual SD is {100 * relative:.2g}% of the individual predictions (median observation): the "
+            "data fit as if measured without error (simulated without EPS, or DV computed from a model), where the "
+            "likelihood grows as SIGMA falls, down to the DV's rounding; SIGMA, the OFV, the standard errors and "
+            "the ETA diagnostics (shrinkage, ETABAR) are not those of measured data. Simulate the data with "
+            "residual error, or fix SIGMA at the assay's"]
 
 
 def _boundary_warnings(pack, x_hat, n: int) -> list[str]:
