@@ -164,11 +164,12 @@ def test_a_long_lag_time_is_found_from_a_search_that_starts_at_a_short_one():
 
 def test_a_foce_fit_whose_pred_left_the_data_is_warned_about(moxo_at_fit, tmp_path, pharmpy_examples):
     """FOCE without INTERACTION takes the residual variance at PRED. At the estimates a FOCE fit of moxo.mod (its
-    data simulated without residual error) reached (typical CL 91 L/h against the stream's 23, proportional SD 1.3%), PRED is under a tenth of IPRED at
-    48% of the observations (0.3% at the stream's estimates), so they weigh over 100 times what their individual
-    predictions carry, and the fit's OFV went on falling (-2868 at the stream's estimates, -8561 there, -10110
-    seven iterations on from the stream's estimates). An evaluation there (on five of its subjects) says so,
-    naming INTERACTION as the remedy; one at the stream's own estimates does not."""
+    data simulated without residual error) reached (typical CL 91 L/h against the stream's 23, proportional SD
+    1.3%), PRED is under a tenth of IPRED at 48% of the observations (0.3% at the stream's estimates), so they
+    weigh over 100 times what their individual predictions carry, and the fit's OFV went on falling (-2868 at
+    the stream's estimates, -8561 there, -10146 eight iterations on from the stream's estimates). An evaluation
+    there (on five of its subjects) says so, naming INTERACTION as the remedy; one at the stream's own estimates
+    does not."""
     pm, ds = moxo_at_fit
     far = fit_population(pm, ds, progress=False, covariance=False).estimation
     said = [w for w in far.warnings if "without INTERACTION takes the residual variance at PRED" in w]

@@ -61,7 +61,7 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
                    else float("nan") for j, name in enumerate(prob.pm.etas)}      # one subject: undefined
         eps_shr = float(100 * (1 - iwres[obs].pow(2).mean().sqrt()))
         etabar = {name: _etabar(eta[:, j]) for j, name in enumerate(prob.pm.etas)}
-        ebv = _ebv_shrinkage(prob, theta, omega, sd, eta) if k else {}
+    ebv = _ebv_shrinkage(prob, theta, omega, sd, eta) if k else {}
     if prob.pm.error.ltbs:   # fitted on the log scale; PRED/IPRED are reported as concentrations
         pred, ipred = torch.exp(pred), torch.exp(ipred)
     return {"pred": pred, "ipred": ipred, "iwres": iwres, "cwres": cwres,
@@ -69,13 +69,19 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
 
 
 def _ebv_shrinkage(prob, theta, omega, sd, eta) -> dict:
-    """NONMEM's EBVSHRINKSD (%) of each ETA, from the subjects' conditional covariances (ETC; module docstring)."""
+    """NONMEM's EBVSHRINKSD (%) of each ETA, from the subjects' conditional covariances (ETC; module docstring);
+    NaN where a subject's Hessian is singular."""
+    theta, sd = {a: v.detach() for a, v in theta.items()}, {a: v.detach() for a, v in sd.items()}
+    omega, eta = omega.detach(), eta.detach()
     oinv = torch.linalg.inv(omega)
-    if prob.laplace:
+    if prob.laplace:        # its own graph, by double backward
         info = prob.exact_hessian(theta, oinv, sd, eta)[2] / 2
     else:
-        info = prob.fo_hessian(theta, oinv, sd, eta)
-    ratio = torch.diagonal(torch.linalg.inv(info), dim1=1, dim2=2).mean(0) / torch.diagonal(omega)
+        with torch.no_grad():
+            info = prob.fo_hessian(theta, oinv, sd, eta)
+    etc, bad = torch.linalg.inv_ex(info.detach())
+    etc = torch.where((bad != 0)[:, None, None], torch.full_like(etc, float("nan")), etc)
+    ratio = torch.diagonal(etc, dim1=1, dim2=2).mean(0) / torch.diagonal(omega)
     return {name: float(100 * (1 - torch.sqrt((1 - ratio[j]).clamp(min=0)))) for j, name in enumerate(prob.pm.etas)}
 
 

@@ -519,9 +519,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     est = replace(est, model=fitted)
     diag = diagnostics(prob, fitted.theta.tensors(dev), fitted.omega.tensor(dev), fitted.sigma.sd_tensors(dev),
                        est.eta)
-    warn += _variance_at_pred_warnings(prob, fitted.theta.tensors(dev), fitted.sigma.sd_tensors(dev), est.eta,
-                                       diag["etabar"])
-    warn += _noise_free_warnings(prob, fitted.theta.tensors(dev), fitted.sigma.sd_tensors(dev), est.eta)
+    warn += _residual_error_warnings(prob, fitted.theta.tensors(dev), fitted.sigma.sd_tensors(dev), est.eta,
+                                     diag["etabar"])
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
                         seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"], etabar=diag["etabar"],
@@ -670,9 +669,26 @@ def per_subject_gradients(ofv_i, x, mode: str = "auto") -> np.ndarray:
 VARIANCE_AT_PRED_SMALL = 0.01
 #: ... at this fraction of the observations or more is warned about (:func:`_variance_at_pred_warnings`)
 VARIANCE_AT_PRED_SHARE = 0.05
+#: a residual SD under this fraction of the individual predictions (median over the observations) is no assay's
+NOISE_FREE = 1e-3
 
 
-def _variance_at_pred_warnings(prob, theta, sd, eta, etabar: dict) -> list[str]:
+def _residual_error_warnings(prob, theta, sd, eta, etabar: dict) -> list[str]:
+    """What the fitted residual error says about the estimates: :func:`_variance_at_pred_warnings` and
+    :func:`_noise_free_warnings`, from the residual variances at the observations."""
+    with torch.no_grad():
+        ipred = prob.predict(theta, eta)
+        at_ipred = prob.pm.residual_variance(theta, eta, prob.batch, ipred, sd, prob.obs | prob.cens)[prob.obs]
+        if not at_ipred.numel():
+            return []
+        without_interaction = not prob.interaction and prob.estimation != "FO" and prob.pm.n_eta
+        at_pred = prob.variance(theta, eta, ipred, sd)[prob.obs] if without_interaction else None
+        relative_sd = at_ipred.sqrt() / (1.0 if prob.pm.error.ltbs else ipred[prob.obs].abs())
+    return (_variance_at_pred_warnings(prob.estimation, at_pred, at_ipred, etabar)
+            + _noise_free_warnings(float(relative_sd.median())))
+
+
+def _variance_at_pred_warnings(estimation: str, at_pred, at_ipred, etabar: dict) -> list[str]:
     """FOCE or LAPLACE without INTERACTION take the residual variance at ETA = 0, the population prediction PRED
     (NONMEM's convention; Wang 2007). Where it scales with the prediction (proportional error) and PRED is far
     below IPRED, an observation's variance is a small part of what its individual prediction carries, so it
@@ -682,22 +698,18 @@ def _variance_at_pred_warnings(prob, theta, sd, eta, etabar: dict) -> list[str]:
     observations have PRED under a tenth of IPRED; its fit passed OFV -8561 (from -2868) with 48% of them there,
     typical CL 91 L/h against 23 and ETABAR(CL) -1.23, and went on falling. (With 15% proportional noise added to
     its DV the same stream converges in 21 iterations, CL 24.6 L/h, without this warning.) A warning when
-    :data:`VARIANCE_AT_PRED_SHARE` or more of the observations have a variance at PRED under
-    :data:`VARIANCE_AT_PRED_SMALL` of the one at IPRED."""
-    if prob.interaction or prob.estimation == "FO" or not prob.pm.n_eta:
+    :data:`VARIANCE_AT_PRED_SHARE` or more of the observations have a variance at PRED (``at_pred``; None with
+    interaction) under :data:`VARIANCE_AT_PRED_SMALL` of the one at IPRED (``at_ipred``)."""
+    if at_pred is None:
         return []
-    with torch.no_grad():
-        ipred = prob.predict(theta, eta)
-        at_pred = prob.variance(theta, eta, ipred, sd)[prob.obs]
-        at_ipred = prob.pm.residual_variance(theta, eta, prob.batch, ipred, sd, prob.obs | prob.cens)[prob.obs]
-        small = at_pred < VARIANCE_AT_PRED_SMALL * at_ipred
-    share = float(small.double().mean()) if small.numel() else 0.0
+    small = at_pred < VARIANCE_AT_PRED_SMALL * at_ipred
+    share = float(small.double().mean())
     if share < VARIANCE_AT_PRED_SHARE:
         return []
     far = sorted(((abs(b["etabar"]), e) for e, b in etabar.items() if b.get("p") is not None and b["p"] < 1e-3),
                  reverse=True)
     moved = (f"; ETABAR of {', '.join(e for _, e in far[:3])} far from 0 (P < 0.001)" if far else "")
-    return [f"{prob.estimation} without INTERACTION takes the residual variance at PRED (ETA = 0): at "
+    return [f"{estimation} without INTERACTION takes the residual variance at PRED (ETA = 0): at "
             f"{int(small.sum())} of {small.numel()} observations ({100 * share:.0f}%) it is under "
             f"{100 * VARIANCE_AT_PRED_SMALL:.0f}% of the variance at IPRED (for a proportional error: PRED under a "
             f"tenth of IPRED), so these observations weigh 100 times more than their individual predictions "
@@ -705,27 +717,16 @@ def _variance_at_pred_warnings(prob, theta, sd, eta, etabar: dict) -> list[str]:
             "not to be trusted: fit with INTERACTION ($ESTIMATION METHOD=1 INTERACTION, or --method FOCE-I)"]
 
 
-#: a residual SD under this fraction of the individual predictions (median over the observations) is no assay's
-NOISE_FREE = 1e-3
-
-
-def _noise_free_warnings(prob, theta, sd, eta) -> list[str]:
+def _noise_free_warnings(relative_sd: float) -> list[str]:
     """Data that the individual predictions fit as if measured without error (simulated without EPS, DV computed
     from a model) have no maximum-likelihood SIGMA: the likelihood grows as SIGMA falls, down to the DV's
     rounding. pharmpy's moxo.csv is such data: fitted with INTERACTION its proportional SD went to 0.025% (IPRED
     within 1e-5 of DV for half the observations, DV written with 5 decimals), with negative shrinkage and an
-    OMEGA correlation of 1.00. A warning when the residual SD at IPRED is under :data:`NOISE_FREE` of IPRED (on
-    the log scale: under NOISE_FREE) for the median observation."""
-    with torch.no_grad():
-        ipred = prob.predict(theta, eta)
-        v = prob.pm.residual_variance(theta, eta, prob.batch, ipred, sd, prob.obs | prob.cens)[prob.obs]
-        if not v.numel():
-            return []
-        scale = 1.0 if prob.pm.error.ltbs else ipred[prob.obs].abs()
-        relative = float((v.sqrt() / scale).median())
-    if not relative < NOISE_FREE:
+    OMEGA correlation of 1.00. A warning when the residual SD at IPRED over IPRED (on the log scale: the SD) of
+    the median observation, ``relative_sd``, is under :data:`NOISE_FREE`."""
+    if not relative_sd < NOISE_FREE:
         return []
-    return [f"the residual SD is {100 * relative:.2g}% of the individual predictions (median observation): the "
+    return [f"the residual SD is {100 * relative_sd:.2g}% of the individual predictions (median observation): the "
             "data fit as if measured without error (simulated without EPS, or DV computed from a model), where the "
             "likelihood grows as SIGMA falls, down to the DV's rounding; SIGMA, the OFV, the standard errors and "
             "the ETA diagnostics (shrinkage, ETABAR) are not those of measured data. Simulate the data with "
