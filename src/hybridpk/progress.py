@@ -3,8 +3,8 @@
 On a terminal (stderr is a TTY) a tqdm bar is redrawn in place. Anywhere else (a log file, a pipe, CI) a
 redrawn bar would write thousands of carriage-return updates, so one line is written each time another
 10% of the total is done, with the current values (e.g. the OFV), plus one closing line; and where 10% takes long
-(a fit with NONMEM's MAXEVAL=9999 that stops by convergence, at iteration 300 after 20 minutes), a line at least
-every :data:`QUIET_SECONDS`, so that a log shows the fit is alive and where its OFV is.
+(pharmpy's moxo.mod: an iteration a minute, so 10% of 300 iterations took half an hour), a line at least every
+:data:`QUIET_SECONDS`, so that a log shows the fit is alive and where its OFV is.
 """
 
 from __future__ import annotations

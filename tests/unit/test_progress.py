@@ -36,8 +36,8 @@ def test_an_early_stop_says_where_it_stopped_and_disabled_writes_nothing():
 
 
 def test_a_log_gets_a_line_a_minute_where_ten_percent_takes_longer():
-    """A fit asked for NONMEM's MAXEVAL=9999 reaches 10% only after 1000 iterations: its log still shows, once
-    a minute, how far it is and its OFV (here one iteration every 25 s of a clock under the test's control)."""
+    """A fit of up to 9999 iterations reaches 10% only after 1000 of them: its log still shows, once a minute, how
+    far it is and its OFV (here one iteration every 25 s of a clock under the test's control)."""
     now = [0.0]
     out = io.StringIO()
     with Progress(9999, "FOCE", "it", stream=out, clock=lambda: now[0]) as bar:
