@@ -548,9 +548,9 @@ def test_individual_shrinkage_averages_to_nonmems_variance_shrinkage(pharmpy_exa
     relation is approximate, hence 0.03."""
     from hybridpk.population.nonmem import read_control_stream
 
-    lst = (pharmpy_examples / "pheno.lst").read_text()
-    nonmem = [float(v) / 100 for v in next(line for line in lst.splitlines()
-                                           if line.strip().startswith("ETASHRINKVR(%)")).split()[1:]]
+    from tests.reference.nonmem import read_lst_row
+
+    nonmem = [v / 100 for v in read_lst_row((pharmpy_examples / "pheno.lst").read_text(), "ETASHRINKVR(%)")]
     model = load_model(pharmpy_examples / "pheno.mod")
     _, ds = read_control_stream(pharmpy_examples / "pheno.mod")
     mean = model.estimate(ds).shrinkage().mean(0)

@@ -16,7 +16,7 @@ from hybridpk.cli import main
 from hybridpk.population import build_model, fit_population
 from hybridpk.population.focei import Problem
 from hybridpk.population.nonmem import read_control_stream
-from tests.reference.nonmem import read_ext, read_phi
+from tests.reference.nonmem import read_ext, read_lst_row, read_phi
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,6 @@ def test_pheno_cwres_match_nonmems_table(pheno, pharmpy_examples):
     np.testing.assert_allclose(ours, tab.CWRES[obs], atol=2e-4)
 
 
-def _lst_row(lst: str, label: str) -> list[float]:
-    """The numbers of the row of NONMEM's .lst that starts with ``label`` (e.g. "ETABAR:")."""
-    return [float(v) for v in next(line for line in lst.splitlines() if line.strip().startswith(label))
-            .split()[len(label.split()):]]
-
-
 def test_pheno_etabar_and_shrinkage_are_nonmems(pheno, pharmpy_examples):
     """At NONMEM's estimates and EBEs, ETABAR, its SE, N and P VAL and ETASHRINKSD and EPSSHRINKSD are the rows of
     pheno.lst (NONMEM 7.5.1): the ETAs' SD with divisor N (N - 1 gave shrinkage 47.13% and 12.84% where NONMEM
@@ -89,14 +83,14 @@ def test_pheno_etabar_and_shrinkage_are_nonmems(pheno, pharmpy_examples):
     lst = (pharmpy_examples / "pheno.lst").read_text()
     bars = [diag["etabar"][e] for e in pm.etas]
     # measured: ETABAR 1e-7 off, SE and P VAL to the 5 digits printed, shrinkage to 1e-3 points
-    np.testing.assert_allclose([b["etabar"] for b in bars], _lst_row(lst, "ETABAR:"), atol=1e-6)
-    np.testing.assert_allclose([b["se"] for b in bars], _lst_row(lst, "SE:"), rtol=1e-4)
-    assert [b["n"] for b in bars] == [int(v) for v in _lst_row(lst, "N:")]
-    np.testing.assert_allclose([b["p"] for b in bars], _lst_row(lst, "P VAL.:"), atol=2e-5)
-    np.testing.assert_allclose([diag["shrinkage"]["eta"][e] for e in pm.etas], _lst_row(lst, "ETASHRINKSD(%)"),
+    np.testing.assert_allclose([b["etabar"] for b in bars], read_lst_row(lst, "ETABAR:"), atol=1e-6)
+    np.testing.assert_allclose([b["se"] for b in bars], read_lst_row(lst, "SE:"), rtol=1e-4)
+    assert [b["n"] for b in bars] == [int(v) for v in read_lst_row(lst, "N:")]
+    np.testing.assert_allclose([b["p"] for b in bars], read_lst_row(lst, "P VAL.:"), atol=2e-5)
+    np.testing.assert_allclose([diag["shrinkage"]["eta"][e] for e in pm.etas], read_lst_row(lst, "ETASHRINKSD(%)"),
                                atol=1e-3)
-    assert diag["shrinkage"]["epsilon"] == pytest.approx(_lst_row(lst, "EPSSHRINKSD(%)")[0], abs=1e-3)
-    np.testing.assert_allclose([diag["shrinkage"]["ebv"][e] for e in pm.etas], _lst_row(lst, "EBVSHRINKSD(%)"),
+    assert diag["shrinkage"]["epsilon"] == pytest.approx(read_lst_row(lst, "EPSSHRINKSD(%)")[0], abs=1e-3)
+    np.testing.assert_allclose([diag["shrinkage"]["ebv"][e] for e in pm.etas], read_lst_row(lst, "EBVSHRINKSD(%)"),
                                atol=1e-3)
 
 

@@ -31,8 +31,9 @@ import torch
 
 
 def diagnostics(prob, theta, omega, sd, eta) -> dict:
-    """Tensors (N, R) PRED, IPRED, IWRES, CWRES (NaN off observations), shrinkage (%) and ETABAR (see the
-    module's docstring)."""
+    """Tensors (N, R) PRED, IPRED, IWRES, CWRES (NaN off observations), the residual variance at IPRED
+    ("variance") and, for FOCE and LAPLACE without INTERACTION, the one their objective takes at PRED
+    ("variance_at_pred"; else None), shrinkage (%) and ETABAR (see the module's docstring)."""
     with torch.no_grad():
         n, k = eta.shape
         zero = torch.zeros_like(eta)
@@ -61,10 +62,12 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
                    else float("nan") for j, name in enumerate(prob.pm.etas)}      # one subject: undefined
         eps_shr = float(100 * (1 - iwres[obs].pow(2).mean().sqrt()))
         etabar = {name: _etabar(eta[:, j]) for j, name in enumerate(prob.pm.etas)}
+        without_interaction = k and not prob.interaction and prob.estimation != "FO"
+        v_pred = prob.pm.residual_variance(theta, zero, prob.batch, pred, sd) if without_interaction else None
     ebv = _ebv_shrinkage(prob, theta, omega, sd, eta) if k else {}
     if prob.pm.error.ltbs:   # fitted on the log scale; PRED/IPRED are reported as concentrations
         pred, ipred = torch.exp(pred), torch.exp(ipred)
-    return {"pred": pred, "ipred": ipred, "iwres": iwres, "cwres": cwres,
+    return {"pred": pred, "ipred": ipred, "iwres": iwres, "cwres": cwres, "variance": v_i, "variance_at_pred": v_pred,
             "shrinkage": {"eta": eta_shr, "epsilon": eps_shr, "ebv": ebv}, "etabar": etabar}
 
 
@@ -79,7 +82,7 @@ def _ebv_shrinkage(prob, theta, omega, sd, eta) -> dict:
     else:
         with torch.no_grad():
             info = prob.fo_hessian(theta, oinv, sd, eta)
-    etc, bad = torch.linalg.inv_ex(info.detach())
+    etc, bad = torch.linalg.inv_ex(info)
     etc = torch.where((bad != 0)[:, None, None], torch.full_like(etc, float("nan")), etc)
     ratio = torch.diagonal(etc, dim1=1, dim2=2).mean(0) / torch.diagonal(omega)
     return {name: float(100 * (1 - torch.sqrt((1 - ratio[j]).clamp(min=0)))) for j, name in enumerate(prob.pm.etas)}

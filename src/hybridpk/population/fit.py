@@ -519,8 +519,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     est = replace(est, model=fitted)
     diag = diagnostics(prob, fitted.theta.tensors(dev), fitted.omega.tensor(dev), fitted.sigma.sd_tensors(dev),
                        est.eta)
-    warn += _residual_error_warnings(prob, fitted.theta.tensors(dev), fitted.sigma.sd_tensors(dev), est.eta,
-                                     diag["etabar"])
+    warn += _residual_error_warnings(prob, diag)
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
                         seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"], etabar=diag["etabar"],
@@ -673,18 +672,18 @@ VARIANCE_AT_PRED_SHARE = 0.05
 NOISE_FREE = 1e-3
 
 
-def _residual_error_warnings(prob, theta, sd, eta, etabar: dict) -> list[str]:
+def _residual_error_warnings(prob, diag: dict) -> list[str]:
     """What the fitted residual error says about the estimates: :func:`_variance_at_pred_warnings` and
-    :func:`_noise_free_warnings`, from the residual variances at the observations."""
-    with torch.no_grad():
-        ipred = prob.predict(theta, eta)
-        at_ipred = prob.pm.residual_variance(theta, eta, prob.batch, ipred, sd, prob.obs | prob.cens)[prob.obs]
-        if not at_ipred.numel():
-            return []
-        without_interaction = not prob.interaction and prob.estimation != "FO" and prob.pm.n_eta
-        at_pred = prob.variance(theta, eta, ipred, sd)[prob.obs] if without_interaction else None
-        relative_sd = at_ipred.sqrt() / (1.0 if prob.pm.error.ltbs else ipred[prob.obs].abs())
-    return (_variance_at_pred_warnings(prob.estimation, at_pred, at_ipred, etabar)
+    :func:`_noise_free_warnings`, from the residual variances at the observations that
+    :func:`~hybridpk.population.diagnostics.diagnostics` computed (``diag``)."""
+    obs = prob.obs
+    at_ipred = diag["variance"][obs]
+    if not at_ipred.numel():
+        return []
+    at_pred = None if diag["variance_at_pred"] is None else diag["variance_at_pred"][obs]
+    # IPRED as a concentration (diagnostics returns it so); with log-transform-both-sides the SD is relative
+    relative_sd = at_ipred.sqrt() / (1.0 if prob.pm.error.ltbs else diag["ipred"][obs].abs())
+    return (_variance_at_pred_warnings(prob.estimation, at_pred, at_ipred, diag["etabar"])
             + _noise_free_warnings(float(relative_sd.median())))
 
 
