@@ -69,16 +69,13 @@ class OmegaBlocks:
         self._lower_of = {b: [(int(i), int(j)) for i, j in zip(*np.tril_indices(len(b), -1))
                               if (b[i], b[j]) not in self.zeros] for b in self.multi}
 
-    def _lower(self, b) -> list:
-        return self._lower_of[b]
-
     @property
     def n_params(self) -> int:
-        return self.k + sum(len(self._lower(b)) for b in self.multi)
+        return self.k + sum(len(self._lower_of[b]) for b in self.multi)
 
     def offdiagonal(self) -> list:
         """(row, column) of the estimated covariances, in the order of the parameters (row > column)."""
-        return [(b[i], b[j]) for b in self.multi for i, j in self._lower(b)]
+        return [(b[i], b[j]) for b in self.multi for i, j in self._lower_of[b]]
 
     def param_indices(self, block) -> list:
         """Positions in the unconstrained vector of the parameters of ``block`` (one of ``blocks``): its ETAs'
@@ -88,7 +85,7 @@ class OmegaBlocks:
         out = list(block)
         i = self.k
         for b in self.multi:
-            n_off = len(self._lower(b))
+            n_off = len(self._lower_of[b])
             if b == block:
                 out += list(range(i, i + n_off))
             i += n_off
@@ -105,7 +102,7 @@ class OmegaBlocks:
                 chol = np.linalg.cholesky(matrix[np.ix_(b, b)])
             else:
                 chol = np.diag(np.sqrt(np.diag(matrix)[list(b)]))
-            for i, j in self._lower(b):
+            for i, j in self._lower_of[b]:
                 off.append(float(chol[i, j]))
             for i, e in enumerate(b):
                 diag[e] = float(np.log(chol[i, i]))
@@ -126,7 +123,7 @@ class OmegaBlocks:
             omega = omega.index_put((idx, idx), torch.exp(diag[idx]))
         i = k
         for b in self.multi:
-            lower = self._lower(b)
+            lower = self._lower_of[b]
             n_off = len(lower)
             rows = torch.tensor([i for i, _ in lower], dtype=torch.long, device=x.device)
             cols = torch.tensor([j for _, j in lower], dtype=torch.long, device=x.device)
