@@ -496,3 +496,20 @@ def test_a_micro_constant_parameterisation_is_fitted_saved_and_loaded(tmp_path):
     k_i, v_i = res.theta["K"].value * np.exp(eta[:, 0]), res.theta["V"].value * np.exp(eta[:, 1])
     np.testing.assert_allclose(est.parameters.CL, k_i * v_i, rtol=1e-10)     # ETA_V acts on CL and V
     np.testing.assert_allclose(est.parameters.V, v_i, rtol=1e-10)
+
+
+def test_individual_table_has_nonmems_phi_columns(pheno, pharmpy_examples):
+    """individual.csv holds what NONMEM's .phi adds to the EBEs: ETC(i,j) (ETC_i_j) and each subject's OBJ, which
+    sum to the OFV for every estimation method. After hybridpk's own fit of pheno (estimates within 1e-4 of
+    NONMEM's), against pheno.phi; measured: ETC within 6e-5 (relative), OBJ within 5.5e-4."""
+    pm, ds, _ = pheno
+    res = fit_population(pm, ds, progress=False, pooled_start=False)
+    ind, phi = res.estimation.individual, read_phi(pharmpy_examples / "pheno.phi")
+    assert list(ind.columns[-4:]) == ["ETC_1_1", "ETC_2_1", "ETC_2_2", "OBJ"]
+    for ours, nonmem in (("ETC_1_1", "ETC(1,1)"), ("ETC_2_1", "ETC(2,1)"), ("ETC_2_2", "ETC(2,2)")):
+        np.testing.assert_allclose(ind[ours], phi[nonmem], rtol=2e-4, err_msg=ours)
+    np.testing.assert_allclose(ind.OBJ, phi["OBJ"], atol=2e-3)
+    assert ind.OBJ.sum() == pytest.approx(res.estimation.ofv, abs=1e-6)
+    for method in ("FO", "FOCE", "LAPLACE"):
+        fit = fit_population(pm, ds, progress=False, estimation=method)
+        assert fit.estimation.individual.OBJ.sum() == pytest.approx(fit.estimation.ofv, abs=1e-6), method

@@ -33,7 +33,9 @@ import torch
 def diagnostics(prob, theta, omega, sd, eta) -> dict:
     """Tensors (N, R) PRED, IPRED, IWRES, CWRES (NaN off observations), the residual variance at IPRED
     ("variance") and, for FOCE and LAPLACE without INTERACTION, the one their objective takes at PRED
-    ("variance_at_pred"; else None), shrinkage (%) and ETABAR (see the module's docstring)."""
+    ("variance_at_pred"; else None), shrinkage (%) and ETABAR (see the module's docstring), and per subject as
+    NONMEM's .phi: "obj" (N,) its contribution to the OFV (they sum to it) and "etc" (N, K, K) the conditional
+    covariance of its ETAs (None without ETAs)."""
     with torch.no_grad():
         n, k = eta.shape
         zero = torch.zeros_like(eta)
@@ -64,16 +66,21 @@ def diagnostics(prob, theta, omega, sd, eta) -> dict:
         etabar = {name: _etabar(eta[:, j]) for j, name in enumerate(prob.pm.etas)}
         without_interaction = k and not prob.interaction and prob.estimation != "FO"
         v_pred = prob.pm.residual_variance(theta, zero, prob.batch, pred, sd) if without_interaction else None
-    ebv = _ebv_shrinkage(prob, theta, omega, sd, eta) if k else {}
+    etc = conditional_covariance(prob, theta, omega, sd, eta) if k else None
+    ebv = _ebv_shrinkage(etc, omega, prob.pm.etas) if k else {}
+    with torch.enable_grad():       # FOCE re-attaches the EBEs by a Newton step (autograd)
+        obj = prob.ofv({a: v.detach() for a, v in theta.items()}, omega.detach(),
+                       {a: v.detach() for a, v in sd.items()}, eta.detach(), per_subject=True).detach()
     if prob.pm.error.ltbs:   # fitted on the log scale; PRED/IPRED are reported as concentrations
         pred, ipred = torch.exp(pred), torch.exp(ipred)
     return {"pred": pred, "ipred": ipred, "iwres": iwres, "cwres": cwres, "variance": v_i, "variance_at_pred": v_pred,
-            "shrinkage": {"eta": eta_shr, "epsilon": eps_shr, "ebv": ebv}, "etabar": etabar}
+            "shrinkage": {"eta": eta_shr, "epsilon": eps_shr, "ebv": ebv}, "etabar": etabar, "obj": obj, "etc": etc}
 
 
-def _ebv_shrinkage(prob, theta, omega, sd, eta) -> dict:
-    """NONMEM's EBVSHRINKSD (%) of each ETA, from the subjects' conditional covariances (ETC; module docstring);
-    NaN where a subject's Hessian is singular."""
+def conditional_covariance(prob, theta, omega, sd, eta):
+    """Each subject's conditional covariance of its ETAs (N, K, K), NONMEM's ETC (module docstring): the inverse
+    of half the first-order Hessian of its objective at ``eta``, or of the exact one for LAPLACE; NaN where that
+    Hessian is singular."""
     theta, sd = {a: v.detach() for a, v in theta.items()}, {a: v.detach() for a, v in sd.items()}
     omega, eta = omega.detach(), eta.detach()
     oinv = torch.linalg.inv(omega)
@@ -83,9 +90,14 @@ def _ebv_shrinkage(prob, theta, omega, sd, eta) -> dict:
         with torch.no_grad():
             info = prob.fo_hessian(theta, oinv, sd, eta)
     etc, bad = torch.linalg.inv_ex(info)
-    etc = torch.where((bad != 0)[:, None, None], torch.full_like(etc, float("nan")), etc)
-    ratio = torch.diagonal(etc, dim1=1, dim2=2).mean(0) / torch.diagonal(omega)
-    return {name: float(100 * (1 - torch.sqrt((1 - ratio[j]).clamp(min=0)))) for j, name in enumerate(prob.pm.etas)}
+    return torch.where((bad != 0)[:, None, None], torch.full_like(etc, float("nan")), etc)
+
+
+def _ebv_shrinkage(etc, omega, names) -> dict:
+    """NONMEM's EBVSHRINKSD (%) of each ETA (``names``), from the subjects' conditional covariances ``etc`` (N, K, K);
+    NaN where a subject's is."""
+    ratio = torch.diagonal(etc, dim1=1, dim2=2).mean(0) / torch.diagonal(omega.detach())
+    return {name: float(100 * (1 - torch.sqrt((1 - ratio[j]).clamp(min=0)))) for j, name in enumerate(names)}
 
 
 def _etabar(eta) -> dict:

@@ -523,8 +523,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     record = Estimation(method=estimation, ofv=float(ofv), converged=converged, message=message,
                         iterations=state["iter"], evaluations=state["evals"],
                         seconds=time.perf_counter() - t_start, shrinkage=diag["shrinkage"], etabar=diag["etabar"],
-                        individual=_individual_table(dataset, pm, est), predictions=_prediction_table(dataset, prob,
-                                                                                                      diag),
+                        individual=_individual_table(dataset, pm, est, diag),
+                        predictions=_prediction_table(dataset, prob, diag),
                         n_subjects=dataset.n_subjects, n_observations=dataset.n_observations, seed=seed,
                         warnings=tuple(warn), data_sha256=dataset.fingerprint(), estimates=est,
                         ebe_fallbacks=prob.fallback_steps, covariance=cov_method if cov_nat is not None else "none",
@@ -875,14 +875,22 @@ def _tables(pm, pack, theta, omega, sd, cov_natural, dataset=None) -> FittedPopu
                             name="fit", citation="hybridpk fit", route=route_of(pm.structural, dataset))
 
 
-def _individual_table(dataset, pm, est):
-    """ID, the EBEs and the individual parameters at them."""
+def _individual_table(dataset, pm, est, diag):
+    """ID, the EBEs and the individual parameters at them, then what NONMEM's .phi adds: ETC_i_j, the conditional
+    covariance of ETAs i and j (1-based, in the order of the ETA columns; the lower triangle row by row, as .phi's
+    ETC(i,j)), and OBJ, the subject's contribution to the OFV."""
     ind = pd.DataFrame({"ID": list(dataset.ids)})
     for j, name in enumerate(pm.etas):
         ind[name] = est.eta[:, j].cpu().numpy()
     for name in est.parameters.columns[1:]:
         if pm.reports(name):
             ind[pm.label(name)] = est.parameters[name].to_numpy()
+    if diag["etc"] is not None:
+        etc = diag["etc"].cpu().numpy()
+        for i in range(etc.shape[1]):
+            for j in range(i + 1):
+                ind[f"ETC_{i + 1}_{j + 1}"] = etc[:, i, j]
+    ind["OBJ"] = diag["obj"].cpu().numpy()
     return ind
 
 
