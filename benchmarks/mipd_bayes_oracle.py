@@ -37,17 +37,13 @@ import torch
 import hybridpk as hp
 from hybridpk.population import FittedPopulation, build_model
 from hybridpk.solve.examples import EHC_TYPICAL as EHC
-from mipd_hybrid import WINDOW, benchmark_data, recommend, true_auc24, true_oracle
-
-OMEGA = dict(CL=0.09, V=0.04, KA=0.09)        # the truth's IIV (variances of log CL, V, KA)
-SIGMA = {"ADD": 0.05, "PROP": 0.10}
+from mipd_hybrid import TRUE_OMEGA as OMEGA, TRUE_SIGMA as SIGMA, WINDOW, benchmark_data, recommend, true_auc24, \
+    true_oracle
 
 
 def components():
     """The true population's two components as fitted models: (recirculating, not recirculating)."""
-    epm = build_model("1cmt_oral_ehc", iiv=["CL", "V", "KA", "KGB"], error="combined",
-                      fixed={k: EHC[k] for k in ("TMEAL", "MEALII", "TEMPT")})
-    recirc = FittedPopulation.from_values(epm, EHC, dict(OMEGA, KGB=0.09), SIGMA, name="true EHC, recirculating")
+    recirc = true_oracle(0.09, name="true EHC, recirculating")     # the truth's 30% IIV of KGB
     opm = build_model("1cmt_oral", iiv=["CL", "V", "KA"], error="combined")
     other = FittedPopulation.from_values(opm, {k: EHC[k] for k in ("CL", "V", "KA")}, OMEGA, SIGMA,
                                          name="true EHC, not recirculating")

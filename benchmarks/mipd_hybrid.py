@@ -190,13 +190,17 @@ def benchmark_data(seed: int, n_train: int = 200, n_test: int = 100):
     return train_truth, train, test_truth, test
 
 
-def true_oracle():
-    """The benchmark's oracle: the true structure (1cmt_oral_ehc) at the true population values, KGB's
-    variance 1 (as the ceiling of benchmarks/vae_ehc.py)."""
+#: the truth's IIV (variances of log CL, V, KA) and residual error SDs
+TRUE_OMEGA = dict(CL=0.09, V=0.04, KA=0.09)
+TRUE_SIGMA = {"ADD": 0.05, "PROP": 0.10}
+
+
+def true_oracle(kgb_variance: float = 1.0, name: str = "true EHC"):
+    """The true structure (1cmt_oral_ehc) at the true population values, with ``kgb_variance`` the variance of
+    log KGB: the benchmark's oracle takes 1 (as the ceiling of benchmarks/vae_ehc.py)."""
     epm = build_model("1cmt_oral_ehc", iiv=["CL", "V", "KA", "KGB"], error="combined",
                       fixed={k: EHC[k] for k in ("TMEAL", "MEALII", "TEMPT")})
-    return FittedPopulation.from_values(epm, EHC, dict(CL=0.09, V=0.04, KA=0.09, KGB=1.0),
-                                        {"ADD": 0.05, "PROP": 0.10}, name="true EHC")
+    return FittedPopulation.from_values(epm, EHC, dict(TRUE_OMEGA, KGB=kgb_variance), TRUE_SIGMA, name=name)
 
 
 def recommend(model, pat, sid, post=None):
