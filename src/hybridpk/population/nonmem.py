@@ -150,18 +150,46 @@ def _parse_stream(text: str, path: Path):
         return parse(_set_aside_tables(text), path)
     except Exception as exc:  # pharmpy's parser errors are not ours to enumerate
         raise HybridPKError(f"pharmpy could not read {_where_parse_failed(text, path, str(exc))}: {exc}"
-                            + _nm74_hint(text)) from None
+                            + _nm74_hint(text) + _option_hint(text)) from None
 
 
 def _where_parse_failed(text: str, path, message: str) -> str:
-    """'FILE line N' of the line that pharmpy's parser error ``message`` quotes (its line and column count within
-    one record: "at line 1 col 13"), else the file's name."""
+    """'FILE line N' of the line that pharmpy's parser error ``message`` points at, else the file's name. Its line
+    and column count within one record ("at line 1 col 13"): the line is found by the text the message quotes,
+    or by the unexpected token at that line and column of exactly one record ("Unexpected token Token('NUMERIC',
+    '0.176') at line 1, column 5": on the record's first line the column counts from after its name)."""
+    lines = text.splitlines()
     quoted = [ln.strip() for ln in message.splitlines()[1:3] if ln.strip() and not ln.strip().startswith("^")]
     if quoted and len(quoted[0]) >= 6:     # shorter (a bare number) could be found on another line
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(lines, 1):
             if quoted[0] in line.split(";", 1)[0]:
                 return f"{Path(path).name} line {i}"
+    token = re.search(r"Token\('\w+', '([^']*)'\) at line (\d+), column (\d+)", message)
+    if token and token.group(1):
+        value, row, col = token.group(1), int(token.group(2)) - 1, int(token.group(3)) - 1
+        heads = {i: m.end() for i, line in enumerate(lines) if (m := re.match(r"\s*\$\w+", line))}
+        # on a record's first line the column counts from after the record's name
+        hits = [h + row for h, name in heads.items() if h + row < len(lines)
+                and lines[h + row][col + (name if row == 0 else 0):].startswith(value)]
+        if len(hits) == 1:
+            return f"{Path(path).name} line {hits[0] + 1}"
     return str(path)
+
+
+#: an option written before a single value of a $OMEGA or $SIGMA record outside parentheses ($OMEGA SD 0.176)
+_OPTION_BEFORE_VALUE = re.compile(r"^\s*\$\w+\s+(DIAGONAL\s*\(\s*\d+\s*\)\s+)?(SD|STANDARD|VARIANCE|CORRELATION|"
+                                  r"COVARIANCE|CHOLESKY|FIXED|FIX)\s+[-+.\d]", re.I)
+
+
+def _option_hint(text: str) -> str:
+    """A hint when a $OMEGA or $SIGMA record writes an option before a single value outside parentheses, which
+    NONMEM's help does not list (its forms: "init options", "(init options)", "(options init)") and pharmpy
+    does not read."""
+    for _, record, code in _code_lines(text):
+        if record.startswith(("OME", "SIG")) and _OPTION_BEFORE_VALUE.search(code):
+            return ("; NONMEM writes an option of one $OMEGA or $SIGMA value after it or inside its parentheses: "
+                    "$OMEGA 0.176 SD or $OMEGA (SD 0.176), not $OMEGA SD 0.176 (NONMEM help, $OMEGA)")
+    return ""
 
 
 def _nm74_hint(text: str) -> str:
