@@ -328,16 +328,17 @@ def test_nonmem_74_forms_pharmpy_cannot_read_are_named_by_line(pheno_dir, omega)
 @pytest.mark.parametrize("omega", ["$OMEGA  0.0309626 ; IIV_CL\n$OMEGA SD 0.176 ; IIV_VC",
                                    "$OMEGA DIAGONAL(2) STANDARD 0.176 0.176"], ids=["second record", "DIAGONAL"])
 def test_an_option_before_a_value_is_named_by_line_with_nonmems_forms(pheno_dir, omega):
-    """$OMEGA SD 0.176 (an option before a single value, outside parentheses: not among the forms of NONMEM's help,
-    "init options", "(init options)", "(options init)") is refused by pharmpy's parser with a token at a line and
-    column of the record ("at line 1, column 5"). The error names the control stream's line (the second of two
-    $OMEGA records: the column counts from after the record's name) and the forms NONMEM reads; those read."""
+    """$OMEGA SD 0.176 (an option before a single value, outside parentheses; the forms of NONMEM's help are "init
+    options", "(init options)", "(options init)") is refused by pharmpy's parser with a token at a line and column
+    of the record ("at line 1, column 5"). The error names the control stream's line (the second of two $OMEGA
+    records: the column counts from after the record's name) and the forms that are read; those read."""
     folder, text = pheno_dir
     bad = text.replace(OMEGAS, omega)
     (folder / "run.mod").write_text(bad)
     line = bad.splitlines().index(omega.splitlines()[-1]) + 1
-    with pytest.raises(HybridPKError, match=rf"pharmpy could not read run.mod line {line}: (.|\n)*after it or inside "
-                                            r"its parentheses: \$OMEGA 0.176 SD or \$OMEGA \(SD 0.176\)"):
+    with pytest.raises(HybridPKError, match=rf"pharmpy could not read run.mod line {line}: (.|\n)*written after it or "
+                                            r"inside its parentheses, as NONMEM's help lists them: \$OMEGA 0.176 SD or "
+                                            r"\$OMEGA \(SD 0.176\)"):
         read_control_stream(folder / "run.mod")
     for good in ("0.176 SD", "(SD 0.176)"):
         (folder / "run.mod").write_text(text.replace(OMEGAS, f"$OMEGA  0.0309626 ; IIV_CL\n$OMEGA {good}"))

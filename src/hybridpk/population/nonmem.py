@@ -183,12 +183,13 @@ _OPTION_BEFORE_VALUE = re.compile(r"^\s*\$\w+\s+(DIAGONAL\s*\(\s*\d+\s*\)\s+)?(S
 
 def _option_hint(text: str) -> str:
     """A hint when a $OMEGA or $SIGMA record writes an option before a single value outside parentheses, which
-    NONMEM's help does not list (its forms: "init options", "(init options)", "(options init)") and pharmpy
-    does not read."""
+    pharmpy's parser does not read: the forms of one value that NONMEM's help lists ("init options", "(init
+    options)", "(options init)") say the same and are read."""
     for _, record, code in _code_lines(text):
         if record.startswith(("OME", "SIG")) and _OPTION_BEFORE_VALUE.search(code):
-            return ("; NONMEM writes an option of one $OMEGA or $SIGMA value after it or inside its parentheses: "
-                    "$OMEGA 0.176 SD or $OMEGA (SD 0.176), not $OMEGA SD 0.176 (NONMEM help, $OMEGA)")
+            return ("; pharmpy reads an option of one $OMEGA or $SIGMA value written after it or inside its "
+                    "parentheses, as NONMEM's help lists them: $OMEGA 0.176 SD or $OMEGA (SD 0.176), not "
+                    "$OMEGA SD 0.176")
     return ""
 
 
