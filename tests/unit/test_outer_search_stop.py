@@ -37,13 +37,13 @@ def one_cmt_oral(n: int, seed: int) -> pd.DataFrame:
 def two_fits():
     """The general path's search (automatic differentiation; its OFV carries the rounding of the central-difference
     g = df/deta) with and without the stop at rounding, and the analytic path's (the default for this model), on
-    the first of seeds 1-4 whose search reaches the stop. Where BFGS's line search ends in rounding depends on the
+    the first of seeds 1-12 whose search reaches the stop. Where BFGS's line search ends in rounding depends on the
     machine's floating point: on the Intel machines of stop 38 seed 1 did (after 23 evaluations the line search
     spent 45 more within 1.5e-9), on an AMD EPYC BFGS ends seed 1 itself after 27 evaluations and seed 3 reaches
-    the stop."""
+    the stop, and on the AMD EPYC of stop 57 scipy ends seeds 1-4 itself and seeds 5, 7 and 9 reach the stop."""
     pm = build_model("1cmt_oral", iiv=["KA", "CL", "V"], error="additive")
     saved = fit_module.ROUNDING_EVALUATIONS, analytic_focei.analytic_problem
-    for seed in (1, 2, 3, 4):
+    for seed in range(1, 13):
         ds = hp.read_nonmem(one_cmt_oral(100, seed))
         analytic_focei.analytic_problem = lambda *a: (None, "the general path's search is tested")
         try:
@@ -56,7 +56,7 @@ def two_fits():
             fit_module.ROUNDING_EVALUATIONS, analytic_focei.analytic_problem = saved
         analytic = fit_population(pm, ds, progress=False, covariance=False)
         return stopped, full, analytic
-    pytest.fail("no search of seeds 1-4 reached the stop at rounding")
+    pytest.fail("no search of seeds 1-12 reached the stop at rounding")
 
 
 def test_the_search_stops_at_rounding_with_the_same_minimum(two_fits):
