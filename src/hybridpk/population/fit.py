@@ -45,6 +45,7 @@ class Packing:
         s0 = pm.error.init_values()
         if sigma:
             s0.update(sigma)
+        self.sigma_given = frozenset(sigma or ())       # SD starts the caller gave (not the model's defaults)
         self.sigma_names = pm.error.names
         self.sigma0 = np.array([s0[k] for k in self.sigma_names], dtype=float)
         # OMEGA parameters: ("x", position in x) estimated, ("fixed", value), ("same", source parameter)
@@ -146,7 +147,8 @@ class Packing:
 
 
 def _naive_pooled(prob, pack, x0):
-    """Typical values by least squares on log concentrations with ETA = 0 (a robust starting point)."""
+    """Typical values by least squares on log concentrations with ETA = 0 (a robust starting point), and the
+    additive SD's start in the data's units (:func:`_additive_start`)."""
     nt = len(pack.free)
     if nt == 0 or getattr(prob.pm.structural, "given_per_record", False):   # $PRED: Y need not be a concentration
         return x0
@@ -176,9 +178,34 @@ def _naive_pooled(prob, pack, x0):
         res = minimize(fun, x0[:nt], jac=True, method="L-BFGS-B", options={"maxiter": 200})
         out = x0.copy()
         out[:nt] = res.x
-        return out
+        return _additive_start(prob, pack, out)
     except (HybridPKError, RuntimeError):
-        return x0
+        return _additive_start(prob, pack, x0)
+
+
+def _additive_start(prob, pack, x):
+    """``x`` with the start of the additive residual SD (ADD, in DV units) moved to the data's concentration
+    units, where the model's own start evidently presumes others: the model library's 0.5 is meant for levels
+    in mg/L, about ten times it. When a tenth of the median positive level is more than about 30-fold from the
+    start (10^1.5), the start is multiplied by the power of 1000 nearest that ratio: levels in ug/L (ng/mL) or
+    g/L given with the library's start. From ADD 0.5 with theophylline's levels in ug/L, the outer search met
+    variances 1e6-fold too small at the pre-dose levels and ended at another minimum (OFV 1934.48, ETA_V at 0)
+    than the same data in mg/L (104.3221 + 2 n log 1000 = 1927.9695, which it now reaches). Only the start
+    moves: ADD is estimated as before. Not for SD starts the caller gave (``sigma``), log-transform-both-sides
+    (ADD on the log scale) or a general $ERROR."""
+    err = prob.pm.error
+    if err.ltbs or err.kind not in ("additive", "combined", "combined1") or "ADD" in pack.sigma_given:
+        return x
+    j = pack.sigma_names.index("ADD")
+    levels = prob.batch.dv[prob.obs & (prob.batch.dv > 0)]
+    if j not in pack.sigma_free or not levels.numel():
+        return x
+    k = round(math.log10(0.1 * float(levels.median()) / pack.sigma0[j]) / 3)
+    if k == 0:
+        return x
+    out = np.array(x, dtype=float)
+    out[len(pack.free) + len(pack.omega_free) + pack.sigma_free.index(j)] = math.log(pack.sigma0[j] * 1000.0 ** k)
+    return out
 
 
 def _pooled_analytic(engine, theta, x, nt):
@@ -226,6 +253,20 @@ RESTARTS = 5
 GRADIENT_AT_MINIMUM = 1e-2
 
 
+def _beyond_trust(xv, x_iterate, ofv_iterate: float, far: float):
+    """The value and gradient the outer search sees at a trial point ``far`` beyond TRUST_STEP from the last
+    iterate (not evaluated): the iterate's OFV plus 1000 (1 + far), rising outward, so that no line search can
+    take it for a decrease. (It once took the best OFV, which a line search's earlier trial can have lowered
+    below the iterate's, with a zero gradient: scipy's BFGS then accepted the point and ended 'successfully'
+    with a zero gradient at an OFV above the iterate's: a fit of theophylline with DV in ug/L stopped so after
+    3 iterations at OFV 328482, where its minimum is 1928.)"""
+    step = np.asarray(xv, dtype=float) - x_iterate
+    j = int(np.argmax(np.abs(step)))
+    grad = np.zeros_like(step)
+    grad[j] = 1e3 * np.sign(step[j])
+    return ofv_iterate + 1e3 * (1.0 + far), grad
+
+
 class _AtRounding(Exception):
     """Raised from the objective when the search is probing the OFV's rounding (see ROUNDING_EVALUATIONS)."""
 
@@ -251,7 +292,7 @@ def fit_population(pm, dataset, *, seed: int = 0, omega=None, sigma=None, maxite
         errors); see :data:`hybridpk.population.estimation.COVARIANCE_METHODS`. None (default): as the model asks
         (an imported control stream's $COVARIANCE: MATRIX=R or S, the sandwich, or none without the record), else
         the sandwich
-    pooled_start : start typical values from a naive pooled fit
+    pooled_start : start typical values from a naive pooled fit (and the additive SD in the data's units)
     method : solver path of the predictions: "auto" (closed form for linear models), "closed_form" or "ode"
     estimation : "FOCE-I" (NONMEM's METHOD=1 INTERACTION), "FOCE" (METHOD=1: the residual variance at eta = 0)
         or "FO" (METHOD=0: the model linearised at eta = 0; the EBEs reported are POSTHOC modes), with the
@@ -343,7 +384,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     elif pooled_start:
         x0 = _naive_pooled(prob, pack, x0)
     bar = Progress(maxiter, estimation, "it", enabled=progress, initial=state["iter"])
-    state["x"] = np.array(x0, dtype=float)       # the last iterate (TRUST_STEP)
+    state["x"] = np.array(x0, dtype=float)       # the last iterate (TRUST_STEP) and its OFV
+    state["at_x"], state["seen"] = math.inf, {}   # seen: the OFVs evaluated since that iterate, by point
     conditional = estimation != "FO"          # FO's OFV needs no EBEs
 
     def analytic_at(xv, per_subject=False):
@@ -380,9 +422,12 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
 
     def fun(xv):
         far = float(np.abs(xv - state["x"]).max()) - TRUST_STEP
-        if far > 0 and math.isfinite(state["best"]):
-            return state["best"] + 1e3 * (1.0 + far), np.zeros_like(xv)
+        if far > 0 and math.isfinite(state["at_x"]):
+            return _beyond_trust(xv, state["x"], state["at_x"], far)
         ofv, g, eta = evaluate_at(xv)
+        state["seen"][np.asarray(xv, dtype=float).tobytes()] = ofv
+        if not math.isfinite(state["at_x"]) and np.array_equal(xv, state["x"]):
+            state["at_x"] = ofv               # the search's first evaluation: at its start
         flat = math.isfinite(ofv) and abs(ofv - state["best"]) <= ROUNDING_OFV
         state["flat"] = state["flat"] + 1 if flat else 0
         if math.isfinite(ofv) and ofv < state["best"]:
@@ -397,6 +442,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     def cb(xk):
         state["iter"] += 1
         state["x"] = np.array(xk, dtype=float)
+        state["at_x"] = state["seen"].get(state["x"].tobytes(), state["best"])
+        state["seen"].clear()
         bar.update(1, OFV=f"{state['best']:.4f}")
         if checkpoint:
             _write_checkpoint(checkpoint, key, xk, state)
@@ -433,6 +480,7 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
                 break
             restarts += 1
             start = state["x"] = state["x_best"]          # the trust region is centred on the restart
+            state["at_x"] = state["best"]
             state["flat"] = 0
     except KeyboardInterrupt:
         saved = state.get("saved", resumed[2] if resumed is not None else None)
