@@ -37,6 +37,8 @@ CASES = [
     ("obs_row_with_amt", H + "1,0,0,100,0,0\n", "AMT", (1,), "observation row (EVID=0) with AMT"),
     ("missing_id", H + "1,0,0,100,1,1\n,1,5,0,0,0\n", "ID", (2,), "missing subject ID"),
     ("ss_out_of_range", "ID,TIME,DV,AMT,SS,II\n1,0,0,100,4,12\n1,1,5,0,0,0\n", "SS", (1,), "SS must be"),
+    ("text_ids", H + "PT-1,0,0,100,1,1\nPT-1,1,5,0,0,0\nPT-2,0,0,100,1,1\nPT-2,1,5,0,0,0\n", "ID", (1, 2, 3, 4),
+     "number the subjects (1, 2, ...)"),
     ("non_numeric_covariate_declared", "ID,TIME,DV,AMT,WT\n1,0,0,100,70\n1,1,5,0,heavy\n", "WT", (2,),
      "non-numeric value"),
 ]
@@ -78,6 +80,15 @@ def test_malformed_record(tmp_path, capsys, name, content, column, rows, text):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert column in err and "Traceback" not in err
+
+
+def test_text_ids_are_the_one_problem_reported(tmp_path):
+    """Subjects named by text: the ID column is the problem, not the levels of two subjects at one time with one
+    value, which read as one subject's record entered twice while the IDs were not numbers."""
+    path = _write(tmp_path, "text_ids", H + "PT-1,0,0,100,1,1\nPT-1,1,5,0,0,0\nPT-2,0,0,100,1,1\nPT-2,1,5,0,0,0\n")
+    with pytest.raises(DatasetError) as exc:
+        hp.read_nonmem(path)
+    assert [v.column for v in exc.value.violations] == ["ID"], str(exc.value)
 
 
 @pytest.mark.parametrize("name,content,text", FILE_CASES, ids=[c[0] for c in FILE_CASES])

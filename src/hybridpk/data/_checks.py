@@ -104,8 +104,9 @@ def _non_numeric(column: pd.Series, bad: np.ndarray, name: str, what: str, rows:
     rest = bad & ~below & ~comma
     if rest.any():
         ex = ", ".join(repr(v) for v in column[rest].astype(str).unique()[:3])
-        out.append(rows.violation(rest, name, f"non-numeric value ({ex}) in {what} column; expected a number ('.' or "
-                                  "empty for missing)"))
+        fix = ("NONMEM's ID is a number: number the subjects (1, 2, ...) and keep their own IDs in a column of "
+               "their own" if what == "ID" else "expected a number ('.' or empty for missing)")
+        out.append(rows.violation(rest, name, f"non-numeric value ({ex}) in {what} column; {fix}"))
     return out
 
 
@@ -211,9 +212,10 @@ def check_records(t: dict[str, np.ndarray], names: dict[str, str], rows: Rows, h
     # duplicated observation rows (same ID, TIME, CMT, DVID and DV: a record entered twice). Replicate levels at
     # one time (two assays of one sample: different DVs) are observations, fitted each, as NONMEM fits them
     # (nlmixr2's warfarin data, subject 9).
-    keys = pd.DataFrame({"ID": ID, "TIME": TIME, "CMT": t["CMT"], "DVID": t["DVID"], "DV": DV})[is_obs]
+    # (rows whose ID is not a number are left out: they are reported as such, and would all read as one subject)
+    keys = pd.DataFrame({"ID": ID, "TIME": TIME, "CMT": t["CMT"], "DVID": t["DVID"], "DV": DV})[is_obs & ok_id]
     dup = keys.duplicated(keep=False).to_numpy()
     if dup.any():
-        idx = np.flatnonzero(is_obs)[dup]
+        idx = np.flatnonzero(is_obs & ok_id)[dup]
         add(rows.violation(idx, names["DV"], "duplicated observation (same ID, TIME, CMT and DV: a record entered "
                            "twice); keep one (replicate levels with different DVs are taken as they are)"))
