@@ -84,10 +84,7 @@ def test_without_the_restart_it_stops_far_away_and_says_so(stream, monkeypatch):
         stopped = fit_population(pm, ds, progress=False, covariance=False)
     assert not stopped.estimation.converged                                 # not the rounding stop's "converged"
     assert stopped.estimation.ofv > restarted.estimation.ofv + 100          # far from the minimum
-    # why it stopped: the line search probed the OFV's rounding where the gradient is large, or (since the trust
-    # region's trial points read as a rise, population.fit._beyond_trust) it found no lower point at all
-    assert ("gradient is not small" in stopped.estimation.message
-            or "precision loss" in stopped.estimation.message), stopped.estimation.message
+    assert "gradient is not small" in stopped.estimation.message
 
 
 def test_a_stop_at_rounding_where_the_gradient_is_large_is_not_convergence(monkeypatch):

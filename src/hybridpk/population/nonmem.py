@@ -169,8 +169,8 @@ def _where_parse_failed(text: str, path, message: str) -> str:
         value, row, col = token.group(1), int(token.group(2)) - 1, int(token.group(3)) - 1
         heads = {i: m.end() for i, line in enumerate(lines) if (m := re.match(r"\s*\$\w+", line))}
         # on a record's first line the column counts from after the record's name
-        hits = [h + row for h, name in heads.items() if h + row < len(lines)
-                and lines[h + row][col + (name if row == 0 else 0):].startswith(value)]
+        hits = [h + row for h, after_name in heads.items() if h + row < len(lines)
+                and lines[h + row][col + (after_name if row == 0 else 0):].startswith(value)]
         if len(hits) == 1:
             return f"{Path(path).name} line {hits[0] + 1}"
     return str(path)
