@@ -61,9 +61,16 @@ def stream(tmp_path_factory):
     return read_control_stream(folder / "m.ctl")
 
 
-def test_a_search_started_far_away_restarts_and_reaches_the_minimum(stream):
+@pytest.fixture(scope="module")
+def restarted(stream):
+    """The fit from the stream's start, as NONMEM starts (with the restarts)."""
     pm, ds = stream
-    ours = fit_population(pm, ds, progress=False, covariance=False)          # the stream's start, as NONMEM
+    return fit_population(pm, ds, progress=False, covariance=False)
+
+
+def test_a_search_started_far_away_restarts_and_reaches_the_minimum(stream, restarted):
+    pm, ds = stream
+    ours = restarted
     ref = fit_population(pm, ds, progress=False, covariance=False, pooled_start=True)
     assert ours.estimation.converged and "restarted" in ours.estimation.message
     assert ours.estimation.ofv == pytest.approx(ref.estimation.ofv, abs=1e-2)
@@ -73,11 +80,10 @@ def test_a_search_started_far_away_restarts_and_reaches_the_minimum(stream):
     assert 45 < cl < 65 and 380 < v < 560                                  # the truth: 55 and 465
 
 
-def test_without_the_restart_it_stops_far_away_and_says_so(stream, monkeypatch):
+def test_without_the_restart_it_stops_far_away_and_says_so(stream, restarted, monkeypatch):
     import warnings
 
     pm, ds = stream
-    restarted = fit_population(pm, ds, progress=False, covariance=False)  # with the restarts: at the minimum
     monkeypatch.setattr(fit_module, "RESTARTS", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -13,6 +13,8 @@ from hybridpk.cli import main
 from hybridpk.errors import DatasetError
 
 H = "ID,TIME,DV,AMT,EVID,MDV\n"
+# two subjects named by text, with equal levels at one time
+TEXT_IDS = H + "PT-1,0,0,100,1,1\nPT-1,1,5,0,0,0\nPT-2,0,0,100,1,1\nPT-2,1,5,0,0,0\n"
 
 # (case id, file content, expected column, expected 1-based data rows, text the message must contain)
 CASES = [
@@ -37,8 +39,7 @@ CASES = [
     ("obs_row_with_amt", H + "1,0,0,100,0,0\n", "AMT", (1,), "observation row (EVID=0) with AMT"),
     ("missing_id", H + "1,0,0,100,1,1\n,1,5,0,0,0\n", "ID", (2,), "missing subject ID"),
     ("ss_out_of_range", "ID,TIME,DV,AMT,SS,II\n1,0,0,100,4,12\n1,1,5,0,0,0\n", "SS", (1,), "SS must be"),
-    ("text_ids", H + "PT-1,0,0,100,1,1\nPT-1,1,5,0,0,0\nPT-2,0,0,100,1,1\nPT-2,1,5,0,0,0\n", "ID", (1, 2, 3, 4),
-     "number the subjects (1, 2, ...)"),
+    ("text_ids", TEXT_IDS, "ID", (1, 2, 3, 4), "number the subjects (1, 2, ...)"),
     ("non_numeric_covariate_declared", "ID,TIME,DV,AMT,WT\n1,0,0,100,70\n1,1,5,0,heavy\n", "WT", (2,),
      "non-numeric value"),
 ]
@@ -85,7 +86,7 @@ def test_malformed_record(tmp_path, capsys, name, content, column, rows, text):
 def test_text_ids_are_the_one_problem_reported(tmp_path):
     """Subjects named by text: the ID column is the problem, not the levels of two subjects at one time with one
     value, which read as one subject's record entered twice while the IDs were not numbers."""
-    path = _write(tmp_path, "text_ids", H + "PT-1,0,0,100,1,1\nPT-1,1,5,0,0,0\nPT-2,0,0,100,1,1\nPT-2,1,5,0,0,0\n")
+    path = _write(tmp_path, "text_ids", TEXT_IDS)
     with pytest.raises(DatasetError) as exc:
         hp.read_nonmem(path)
     assert [v.column for v in exc.value.violations] == ["ID"], str(exc.value)

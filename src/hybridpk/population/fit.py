@@ -383,8 +383,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     elif pooled_start:
         x0 = _naive_pooled(prob, pack, x0)
     bar = Progress(maxiter, estimation, "it", enabled=progress, initial=state["iter"])
-    state["x"] = np.array(x0, dtype=float)       # the last iterate (TRUST_STEP) and its OFV
-    state["at_x"], state["seen"] = math.inf, {}   # seen: the OFVs evaluated since that iterate, by point
+    state["x"] = np.array(x0, dtype=float)       # the last iterate (TRUST_STEP)
+    state["seen"] = {}      # the OFVs evaluated since that iterate (and its own), by point
     conditional = estimation != "FO"          # FO's OFV needs no EBEs
 
     def analytic_at(xv, per_subject=False):
@@ -421,12 +421,11 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
 
     def fun(xv):
         far = float(np.abs(xv - state["x"]).max()) - TRUST_STEP
-        if far > 0 and math.isfinite(state["at_x"]):
-            return _beyond_trust(xv, state["at_x"], far)
+        at_x = state["seen"].get(state["x"].tobytes(), state["best"])       # the last iterate's OFV
+        if far > 0 and math.isfinite(at_x):
+            return _beyond_trust(xv, at_x, far)
         ofv, g, eta = evaluate_at(xv)
         state["seen"][np.asarray(xv, dtype=float).tobytes()] = ofv
-        if not math.isfinite(state["at_x"]) and np.array_equal(xv, state["x"]):
-            state["at_x"] = ofv               # the search's first evaluation: at its start
         flat = math.isfinite(ofv) and abs(ofv - state["best"]) <= ROUNDING_OFV
         state["flat"] = state["flat"] + 1 if flat else 0
         if math.isfinite(ofv) and ofv < state["best"]:
@@ -441,8 +440,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     def cb(xk):
         state["iter"] += 1
         state["x"] = np.array(xk, dtype=float)
-        state["at_x"] = state["seen"].get(state["x"].tobytes(), state["best"])
-        state["seen"].clear()
+        key = state["x"].tobytes()
+        state["seen"] = {key: state["seen"][key]} if key in state["seen"] else {}
         bar.update(1, OFV=f"{state['best']:.4f}")
         if checkpoint:
             _write_checkpoint(checkpoint, key, xk, state)
@@ -479,7 +478,6 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
                 break
             restarts += 1
             start = state["x"] = state["x_best"]          # the trust region is centred on the restart
-            state["at_x"] = state["best"]
             state["flat"] = 0
     except KeyboardInterrupt:
         saved = state.get("saved", resumed[2] if resumed is not None else None)
