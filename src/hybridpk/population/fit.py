@@ -440,8 +440,8 @@ def _fit(pm, dataset, *, seed, omega, sigma, maxiter, progress, covariance, pool
     def cb(xk):
         state["iter"] += 1
         state["x"] = np.array(xk, dtype=float)
-        key = state["x"].tobytes()
-        state["seen"] = {key: state["seen"][key]} if key in state["seen"] else {}
+        here = state["x"].tobytes()
+        state["seen"] = {here: state["seen"][here]} if here in state["seen"] else {}
         bar.update(1, OFV=f"{state['best']:.4f}")
         if checkpoint:
             _write_checkpoint(checkpoint, key, xk, state)
